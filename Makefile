@@ -1,0 +1,51 @@
+# One command per task. `make demo` and `make test` set everything up first
+# (Debian packages when run as root, the virtualenv, the npm toolchain) and are
+# safe to run again.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STATE_DIR ?= .demo
+NODES ?= 5
+THRESHOLD ?= 3
+
+.PHONY: setup system-deps venv npm test demo lint proto contracts clean
+
+setup: system-deps venv npm
+
+system-deps:
+	@deploy/install-system-deps.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+npm: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: setup
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/kmsctl cluster up --reset --detach --nodes $(NODES) --threshold $(THRESHOLD) --state-dir $(STATE_DIR)
+	@$(BIN)/kmsctl demo --state-dir $(STATE_DIR); rc=$$?; \
+	  $(BIN)/kmsctl cluster down --state-dir $(STATE_DIR); exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m medkms.proto.generate --check
+	$(BIN)/python -m medkms.contracts.build --check
+
+# Regenerate derived files after editing their sources.
+proto: venv
+	$(BIN)/python -m medkms.proto.generate
+
+contracts: setup
+	$(BIN)/python -m medkms.contracts.build
+
+clean:
+	rm -rf $(VENV) node_modules $(STATE_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""The one error hierarchy of medkms.
+
+Every error carries a message that is safe to show to a caller (no secrets, no
+stack traces) and the gRPC status it maps to, by name, so that this module
+imports nothing from grpc. Adapters translate their technology's exceptions
+into these (``raise HsmUnavailable(...) from e``); the gRPC layer
+(``medkms.proto.status``) is the only place that turns them into statuses.
+"""
+
+from __future__ import annotations
+
+
+class KmsError(Exception):
+    """Base class. ``str(e)`` is safe to send to a caller."""
+
+    grpc_status = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(KmsError, ValueError):
+    """The caller sent something malformed: wrong size, bad encoding, unknown value."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(KmsError):
+    """The caller could not be identified (bad or missing signature)."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class AccessDenied(KmsError, PermissionError):
+    """The caller is identified, but the registry does not allow the request."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class NotFound(KmsError, LookupError):
+    """A named object (record, patient, kfrag) does not exist."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class PreconditionFailed(KmsError):
+    """The system is not in a state where the request can be served."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(KmsError):
+    """A rate or size limit was hit."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(KmsError):
+    """A dependency (chain, HSM, nodes) cannot be reached; retrying later may help."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class HsmUnavailable(Unavailable):
+    """The PKCS#11 token cannot be opened or used."""
+
+
+class ChainUnavailable(Unavailable):
+    """The chain's JSON-RPC endpoint cannot be reached or answered nonsense."""
+
+
+class ChainRejected(KmsError):
+    """The registry contract reverted a transaction or call (e.g. ``NotPatient``)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        #: the contract's custom error name, e.g. "GrantNotFound", when known
+        self.reason = reason
+
+
+class IntegrityError(KmsError):
+    """Data failed a cryptographic check (bad tag, hash mismatch, bad cfrag)."""
+
+    grpc_status = "DATA_LOSS"
+
+
+class InsufficientFragments(Unavailable):
+    """Fewer than the threshold of valid capsule fragments could be collected."""

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages medkms needs (SoftHSM2, Python 3.11, Node.js).
+# As root it installs what is missing; otherwise it names what is missing.
+set -euo pipefail
+
+missing=()
+command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+{ command -v python3.11 >/dev/null || command -v python3 >/dev/null; } || missing+=(python3 python3-venv python3-dev)
+command -v python3.11 >/dev/null || python3 -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null \
+  || missing+=(python3 python3-venv)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing system packages: ${missing[*]}" >&2
+  echo "install them (e.g. sudo apt-get install ${missing[*]}) and run again" >&2
+  exit 1
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,36 @@
+from medkms.proto.kms.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetClusterInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeEndpoint(_message.Message):
+    __slots__ = ("node_id", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ClusterInfo(_message.Message):
+    __slots__ = ("threshold", "nodes")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    threshold: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeEndpoint]
+    def __init__(self, threshold: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ...) -> None: ...
+
+class CoordinatorReencryptResponse(_message.Message):
+    __slots__ = ("fragments", "threshold")
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    fragments: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleFragment]
+    threshold: int
+    def __init__(self, fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,51 @@
+from medkms.proto.kms.v1 import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetNodeInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "software_version", "signing_public_key", "signing_algorithm", "registry_address", "chain_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    software_version: str
+    signing_public_key: bytes
+    signing_algorithm: str
+    registry_address: bytes
+    chain_id: int
+    def __init__(self, node_id: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., signing_algorithm: _Optional[str] = ..., registry_address: _Optional[bytes] = ..., chain_id: _Optional[int] = ...) -> None: ...
+
+class EnrollKeyFragmentRequest(_message.Message):
+    __slots__ = ("patient", "grantee", "kfrag")
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    GRANTEE_FIELD_NUMBER: _ClassVar[int]
+    KFRAG_FIELD_NUMBER: _ClassVar[int]
+    patient: bytes
+    grantee: bytes
+    kfrag: bytes
+    def __init__(self, patient: _Optional[bytes] = ..., grantee: _Optional[bytes] = ..., kfrag: _Optional[bytes] = ...) -> None: ...
+
+class EnrollKeyFragmentResponse(_message.Message):
+    __slots__ = ("node_id", "kfrag_sha256")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    KFRAG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    kfrag_sha256: bytes
+    def __init__(self, node_id: _Optional[str] = ..., kfrag_sha256: _Optional[bytes] = ...) -> None: ...
+
+class ReencryptResponse(_message.Message):
+    __slots__ = ("fragment",)
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    fragment: _common_pb2.CapsuleFragment
+    def __init__(self, fragment: _Optional[_Union[_common_pb2.CapsuleFragment, _Mapping]] = ...) -> None: ...
