@@ -89,3 +89,27 @@ class IntegrityError(KmsError):
 
 class InsufficientFragments(Unavailable):
     """Fewer than the threshold of valid capsule fragments could be collected."""
+
+
+_BY_STATUS: dict[str, type[KmsError]] = {
+    cls.grpc_status: cls
+    for cls in (
+        InvalidRequest,
+        Unauthenticated,
+        AccessDenied,
+        NotFound,
+        PreconditionFailed,
+        ResourceExhausted,
+        Unavailable,
+        IntegrityError,
+    )
+}
+_BY_STATUS["DEADLINE_EXCEEDED"] = Unavailable
+
+
+def error_for_status(status: str, message: str) -> KmsError:
+    """The error class that stands for a gRPC status name, e.g. from a remote node."""
+    error = _BY_STATUS.get(status, KmsError)(message)
+    if error.grpc_status != status and status != "DEADLINE_EXCEEDED":
+        error.grpc_status = status
+    return error

@@ -31,7 +31,9 @@ class RecordType(IntEnum):
             return cls[name.strip().upper().replace("-", "_")]
         except KeyError:
             known = ", ".join(t.label for t in cls)
-            raise InvalidRequest(f"unknown record type {name!r}; expected one of: {known}") from None
+            raise InvalidRequest(
+                f"unknown record type {name!r}; expected one of: {known}"
+            ) from None
 
 
 # FHIR R4 resource types that may carry each record type.

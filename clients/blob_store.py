@@ -1,0 +1,62 @@
+"""Content-addressed blob store on local disk.
+
+Blobs are written atomically (temp file, fsync, rename) under their CID and
+checked against it on every read, so a corrupted or swapped file is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from medkms.core.cid import cid_for, digest_of
+from medkms.core.errors import IntegrityError, NotFound
+
+STORAGE_SCHEME = "blob:"
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, cid: str) -> Path:
+        digest_of(cid)  # validates the name before it touches the file system
+        return self.root / cid
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; return its storage URI (``blob:<cid>``)."""
+        cid = cid_for(data)
+        path = self._path(cid)
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return STORAGE_SCHEME + cid
+
+    def get(self, uri: str) -> bytes:
+        cid = _cid_of(uri)
+        try:
+            data = self._path(cid).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {cid} is not in the store (it may have been erased)") from None
+        if hashlib.sha256(data).digest() != digest_of(cid):
+            raise IntegrityError(f"blob {cid} does not match its content address")
+        return data
+
+    def delete(self, uri: str) -> bool:
+        try:
+            self._path(_cid_of(uri)).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def _cid_of(uri: str) -> str:
+    if not uri.startswith(STORAGE_SCHEME):
+        raise NotFound(f"storage URI {uri[:80]!r} is not in this blob store")
+    return uri[len(STORAGE_SCHEME) :]

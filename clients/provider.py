@@ -1,0 +1,121 @@
+"""The grantee's side of the SDK: read a record the patient shared.
+
+The provider trusts neither the coordinator nor the blob store: the blob must
+hash to the content hash on-chain, the capsule must be the anchored one, and
+every capsule fragment is verified against the patient's registered keys
+before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+
+import grpc
+import umbral_pre as umbral
+
+from medkms.clients.blob_store import LocalBlobStore
+from medkms.clients.identity import Identity
+from medkms.clients.records import open_envelope, parse_envelope
+from medkms.contracts.registry import RegistryClient
+from medkms.core.errors import IntegrityError, InvalidRequest, NotFound, PreconditionFailed
+from medkms.core.registry_types import PatientInfo
+from medkms.core.requests import address_bytes, parse_purpose
+from medkms.core.umbral_codec import capsule_hash, load_cfrag, load_public_key
+from medkms.proto import rpc
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2_grpc, record_pb2
+
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        identity: Identity,
+        registry: RegistryClient,
+        blobs: LocalBlobStore,
+        coordinator_address: str,
+    ) -> None:
+        self.identity = identity
+        self._registry = registry
+        self._blobs = blobs
+        self._channel = grpc.insecure_channel(coordinator_address, options=rpc.CHANNEL_OPTIONS)
+        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ProviderClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
+        """The record's plaintext FHIR JSON, if the patient's grant allows it."""
+        parse_purpose(purpose_of_use)
+        if len(record_id) != 32:
+            raise InvalidRequest("record_id must be 32 bytes")
+        record = self._registry.get_record(record_id)
+        if record is None:
+            raise NotFound(f"record 0x{record_id.hex()} is not in the registry")
+        blob = self._blobs.get(record.storage_uri)
+        if not hmac.compare_digest(hashlib.sha256(blob).digest(), record.content_hash):
+            raise IntegrityError("stored record does not match the content hash on-chain")
+        envelope = parse_envelope(blob)
+        if envelope.record_id != record_id:
+            raise IntegrityError("stored envelope names a different record")
+        if not hmac.compare_digest(capsule_hash(envelope.capsule), record.capsule_hash):
+            raise IntegrityError("stored capsule is not the one anchored on-chain")
+        patient = self._registry.get_patient(record.patient)
+        if patient is None:
+            raise PreconditionFailed("the record's patient is not registered")
+        dek = self._open_dek(record_id, patient, envelope, purpose_of_use)
+        return open_envelope(envelope, dek)
+
+    def _open_dek(
+        self,
+        record_id: bytes,
+        patient: PatientInfo,
+        envelope: record_pb2.RecordEnvelope,
+        purpose_of_use: str,
+    ) -> bytes:
+        """Collect capsule fragments through the coordinator and decapsulate the DEK."""
+        capsule = umbral.Capsule.from_bytes(envelope.capsule)
+        request = common_pb2.ReencryptionRequest(
+            request_id=uuid.uuid4().hex,
+            patient=address_bytes(patient.address),
+            record_id=record_id,
+            capsule=bytes(capsule),
+            requester=address_bytes(self.identity.address),
+            requester_umbral_key=self.identity.umbral_public_key(),
+            purpose_of_use=purpose_of_use,
+        )
+        try:
+            response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e) from None
+        delegating_key = load_public_key(patient.umbral_public_key)
+        verifying_key = load_public_key(patient.verifying_key)
+        secret_key = self.identity.umbral_secret_key()
+        verified = []
+        for fragment in response.fragments:
+            try:
+                cfrag = load_cfrag(fragment.cfrag)
+                verified.append(
+                    cfrag.verify(capsule, verifying_key, delegating_key, secret_key.public_key())
+                )
+            except (InvalidRequest, umbral.VerificationError):
+                continue  # a bad fragment is dropped; decryption needs only the threshold
+        try:
+            return bytes(
+                umbral.decrypt_reencrypted(
+                    secret_key, delegating_key, capsule, verified, envelope.encrypted_dek
+                )
+            )
+        except ValueError:
+            raise IntegrityError(
+                f"could not open the record's key with {len(verified)} valid capsule fragments "
+                "from the coordinator"
+            ) from None

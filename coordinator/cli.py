@@ -1,0 +1,33 @@
+"""`kms-coordinator serve --config coordinator.toml`: run the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from medkms.coordinator.server import serve
+from medkms.coordinator.settings import CoordinatorSettings
+from medkms.core import logs
+from medkms.core.errors import KmsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kms-coordinator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("serve", help="run the gRPC server until SIGTERM")
+    cmd.add_argument("--config", type=Path, required=True, help="coordinator TOML file")
+    args = parser.parse_args(argv)
+    try:
+        settings = CoordinatorSettings.from_toml(args.config)
+        logs.configure("kms-coordinator", settings.log_level)
+        asyncio.run(serve(settings))
+    except KmsError as e:
+        print(f"kms-coordinator: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The coordinator's gRPC server (asyncio): Coordinator service, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+
+from medkms.contracts.registry import RegistryClient
+from medkms.coordinator.service import CoordinatorService
+from medkms.coordinator.settings import CoordinatorSettings
+from medkms.core.endpoints import parse_host_port
+from medkms.core.errors import KmsError
+from medkms.proto import rpc
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
+
+log = structlog.get_logger("medkms.coordinator")
+
+SERVICE_NAME = "kms.v1.Coordinator"
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
+    service = CoordinatorService(settings, registry)
+    service.open_channels()
+    server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
+    methods = [
+        rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
+        rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
+    ]
+    server.add_generic_rpc_handlers([rpc.aio_service_handler(SERVICE_NAME, methods)])
+    health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])
+    host, port = parse_host_port(settings.listen, "listen")
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise KmsError(f"cannot listen on {settings.listen}")
+    await server.start()
+    log.info(
+        "coordinator_started",
+        listen=settings.listen,
+        threshold=settings.threshold,
+        nodes=[n.node_id for n in settings.nodes],
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    await service.close()
+    log.info("coordinator_stopped")

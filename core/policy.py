@@ -1,0 +1,68 @@
+"""The access decision a node makes for each re-encryption request.
+
+Pure: given the validated request, the registry state read at one block and the
+node's wall clock, say whether the request is allowed and why not. Expiry is
+judged against both the block's time and the wall clock, so neither a stalled
+chain nor a skewed clock extends a grant.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from medkms.core.errors import AccessDenied, KmsError, NotFound
+from medkms.core.record_types import from_mask
+from medkms.core.registry_types import AccessState
+from medkms.core.requests import ReencryptionQuery
+from medkms.core.umbral_codec import capsule_hash
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    #: short machine-readable reason, e.g. "granted", "grant_revoked"
+    code: str
+    #: a sentence for the caller and the audit log
+    reason: str
+    block_number: int
+
+    def error(self) -> KmsError:
+        """The error to answer a denied request with."""
+        if self.code == "record_unknown":
+            return NotFound(self.reason)
+        return AccessDenied(self.reason)
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Decision:
+    def deny(code: str, reason: str) -> Decision:
+        return Decision(False, code, reason, state.block_number)
+
+    record, grant = state.record, state.grant
+    if record is None:
+        return deny("record_unknown", f"record 0x{query.record_id.hex()} is not in the registry")
+    if record.patient != query.patient:
+        return deny("patient_mismatch", "record belongs to a different patient")
+    if not record.active:
+        return deny("record_inactive", "record has been deactivated by the patient")
+    if not hmac.compare_digest(capsule_hash(query.capsule_bytes), record.capsule_hash):
+        return deny("capsule_mismatch", "capsule is not the one anchored for this record")
+    if grant is None:
+        return deny("no_grant", "patient has not granted access to this requester")
+    if not grant.active:
+        return deny("grant_revoked", "grant has been revoked by the patient")
+    now = max(state.block_timestamp, wall_clock)
+    if now >= grant.expires_at:
+        return deny("grant_expired", f"grant expired at {_iso(grant.expires_at)}")
+    if record.record_type not in from_mask(grant.allowed_types_mask):
+        return deny(
+            "type_not_allowed", f"grant does not cover record type {record.record_type.label}"
+        )
+    if not hmac.compare_digest(grant.grantee_umbral_key, query.requester_umbral_key):
+        return deny("receiving_key_mismatch", "requester_umbral_key is not the key in the grant")
+    return Decision(True, "granted", "grant is active and covers this record", state.block_number)

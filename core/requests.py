@@ -1,0 +1,144 @@
+"""Validation of incoming requests into typed, checked values.
+
+Every entry point (node, coordinator) builds these from the wire message before
+doing anything else, so each field is checked once, here, with a message a
+person can act on.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import umbral_pre as umbral
+from eth_utils import to_checksum_address
+
+from medkms.core.errors import InvalidRequest
+from medkms.core.umbral_codec import load_capsule, load_kfrag, load_public_key
+
+ADDRESS_SIZE = 20
+RECORD_ID_SIZE = 32
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+# HL7 v3 ActReason purpose-of-use codes accepted for re-encryption requests.
+PURPOSES_OF_USE: dict[str, str] = {
+    "TREAT": "treatment",
+    "ETREAT": "emergency treatment",
+    "CAREMGT": "care management",
+    "PATRQT": "patient requested",
+    "HPAYMT": "healthcare payment",
+    "HOPERAT": "healthcare operations",
+    "PUBHLTH": "public health",
+    "HRESCH": "healthcare research",
+}
+
+
+def parse_address(data: bytes, field: str) -> str:
+    """A 20-byte Ethereum address, returned as an EIP-55 checksum string."""
+    if len(data) != ADDRESS_SIZE:
+        raise InvalidRequest(
+            f"{field} must be a {ADDRESS_SIZE}-byte address, got {len(data)} bytes"
+        )
+    if data == bytes(ADDRESS_SIZE):
+        raise InvalidRequest(f"{field} must not be the zero address")
+    return str(to_checksum_address(data))
+
+
+def address_bytes(address: str) -> bytes:
+    """The 20 raw bytes of a 0x-prefixed address, as the wire carries them."""
+    return bytes.fromhex(address.removeprefix("0x"))
+
+
+def parse_record_id(data: bytes) -> bytes:
+    if len(data) != RECORD_ID_SIZE:
+        raise InvalidRequest(f"record_id must be {RECORD_ID_SIZE} bytes, got {len(data)}")
+    if data == bytes(RECORD_ID_SIZE):
+        raise InvalidRequest("record_id must not be all zeros")
+    return data
+
+
+def parse_request_id(value: str) -> str:
+    """The caller's request id, or a fresh one when the caller sent none."""
+    if not value:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.match(value):
+        raise InvalidRequest("request_id must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def parse_purpose(value: str) -> str:
+    if value not in PURPOSES_OF_USE:
+        known = ", ".join(PURPOSES_OF_USE)
+        shown = value if len(value) <= 16 else value[:16] + "..."
+        raise InvalidRequest(f"purpose_of_use {shown!r} is not one of: {known}")
+    return value
+
+
+class ReencryptionRequestFields(Protocol):
+    request_id: str
+    patient: bytes
+    record_id: bytes
+    capsule: bytes
+    requester: bytes
+    requester_umbral_key: bytes
+    purpose_of_use: str
+
+
+@dataclass(frozen=True)
+class ReencryptionQuery:
+    """A validated re-encryption request (not yet authorised)."""
+
+    request_id: str
+    patient: str
+    record_id: bytes
+    capsule_bytes: bytes
+    capsule: umbral.Capsule
+    requester: str
+    requester_umbral_key: bytes
+    receiving_key: umbral.PublicKey
+    purpose_of_use: str
+
+    @classmethod
+    def parse(cls, msg: ReencryptionRequestFields) -> ReencryptionQuery:
+        return cls(
+            request_id=parse_request_id(msg.request_id),
+            patient=parse_address(msg.patient, "patient"),
+            record_id=parse_record_id(msg.record_id),
+            capsule_bytes=bytes(msg.capsule),
+            capsule=load_capsule(msg.capsule),
+            requester=parse_address(msg.requester, "requester"),
+            requester_umbral_key=bytes(msg.requester_umbral_key),
+            receiving_key=load_public_key(msg.requester_umbral_key, "requester_umbral_key"),
+            purpose_of_use=parse_purpose(msg.purpose_of_use),
+        )
+
+
+class EnrollmentFields(Protocol):
+    patient: bytes
+    grantee: bytes
+    kfrag: bytes
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A validated kfrag enrollment; the kfrag itself is not verified yet."""
+
+    patient: str
+    grantee: str
+    kfrag_bytes: bytes
+    kfrag: umbral.KeyFrag
+
+    @classmethod
+    def parse(cls, msg: EnrollmentFields) -> Enrollment:
+        patient = parse_address(msg.patient, "patient")
+        grantee = parse_address(msg.grantee, "grantee")
+        if patient == grantee:
+            raise InvalidRequest("grantee must differ from patient")
+        return cls(
+            patient=patient,
+            grantee=grantee,
+            kfrag_bytes=bytes(msg.kfrag),
+            kfrag=load_kfrag(msg.kfrag),
+        )

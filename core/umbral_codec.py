@@ -1,0 +1,61 @@
+"""Parsing of Umbral objects from untrusted bytes, with sizes checked first.
+
+umbral-pre raises bare ValueErrors with serde messages; callers get an
+``InvalidRequest`` naming the field instead. Sizes are those of umbral-pre
+0.11's MessagePack serialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import umbral_pre as umbral
+
+from medkms.core.errors import InvalidRequest
+
+PUBLIC_KEY_SIZE = 33
+CAPSULE_SIZE = 105
+KFRAG_SIZE = 310
+CFRAG_SIZE = 381
+
+
+def _check_size(field: str, data: bytes, size: int) -> None:
+    if len(data) != size:
+        raise InvalidRequest(f"{field} must be {size} bytes, got {len(data)}")
+
+
+def load_public_key(data: bytes, field: str = "umbral public key") -> umbral.PublicKey:
+    _check_size(field, data, PUBLIC_KEY_SIZE)
+    try:
+        return umbral.PublicKey.from_compressed_bytes(data)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not a compressed secp256k1 point") from None
+
+
+def load_capsule(data: bytes, field: str = "capsule") -> umbral.Capsule:
+    _check_size(field, data, CAPSULE_SIZE)
+    try:
+        return umbral.Capsule.from_bytes(data)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not a valid Umbral capsule") from None
+
+
+def load_kfrag(data: bytes, field: str = "kfrag") -> umbral.KeyFrag:
+    _check_size(field, data, KFRAG_SIZE)
+    try:
+        return umbral.KeyFrag.from_bytes(data)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not a valid Umbral key fragment") from None
+
+
+def load_cfrag(data: bytes, field: str = "cfrag") -> umbral.CapsuleFrag:
+    _check_size(field, data, CFRAG_SIZE)
+    try:
+        return umbral.CapsuleFrag.from_bytes(data)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not a valid Umbral capsule fragment") from None
+
+
+def capsule_hash(capsule_bytes: bytes) -> bytes:
+    """The 32-byte hash of a capsule as anchored in the registry (SHA-256)."""
+    return hashlib.sha256(capsule_bytes).digest()

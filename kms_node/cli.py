@@ -1,0 +1,74 @@
+"""`kms-node`: set up a node's HSM token, then serve.
+
+    kms-node init  --config node.toml   # token + keys inside it; prints public info as JSON
+    kms-node serve --config node.toml   # gRPC + /metrics until SIGTERM
+
+PINs are read from the files the config names, never from arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medkms.core import logs
+from medkms.core.errors import KmsError
+from medkms.node import hsm
+from medkms.node.server import serve
+from medkms.node.settings import NodeSettings
+
+
+def init(settings: NodeSettings) -> dict[str, str]:
+    """Create (or open) the token and the node's keys; return its public identity."""
+    if settings.softhsm_conf is not None:
+        if settings.softhsm_token_dir is None:
+            raise KmsError("softhsm_token_dir is required with softhsm_conf")
+        hsm.init_softhsm_token(
+            softhsm_conf=settings.softhsm_conf,
+            token_dir=settings.softhsm_token_dir,
+            module_path=settings.hsm_module,
+            token_label=settings.hsm_token_label,
+            so_pin=settings.so_pin(),
+            user_pin=settings.user_pin(),
+        )
+    keystore = hsm.Pkcs11KeyStore.provision(
+        settings.hsm_module,
+        settings.hsm_token_label,
+        settings.user_pin(),
+        softhsm_conf=settings.softhsm_conf,
+    )
+    try:
+        public_key = keystore.signing_public_key()
+    finally:
+        keystore.close()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return {"node_id": settings.node_id, "signing_public_key": public_key.hex()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kms-node", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("init", "create or open the node's token and keys"),
+        ("serve", "run the gRPC server"),
+    ]:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", type=Path, required=True, help="node TOML file")
+    args = parser.parse_args(argv)
+    try:
+        settings = NodeSettings.from_toml(args.config)
+        logs.configure(f"kms-node/{settings.node_id}", settings.log_level)
+        if args.command == "init":
+            print(json.dumps(init(settings), indent=2))
+        else:
+            serve(settings)
+    except KmsError as e:
+        print(f"kms-node: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The node's Prometheus metrics, declared once with constant names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "kms_node_requests_total",
+    "RPCs handled by this node, by method and outcome (granted, denied, invalid, error...)",
+    ["method", "outcome"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "kms_node_request_duration_seconds",
+    "Time spent serving an RPC, by method",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+KFRAGS_STORED = Gauge(
+    "kms_node_kfrags_stored",
+    "Key fragments currently held (wrapped) by this node",
+    registry=REGISTRY,
+)
+
+
+def serve(host: str, port: int) -> None:
+    """Expose /metrics over HTTP in a background thread."""
+    start_http_server(port, addr=host, registry=REGISTRY)

@@ -1,0 +1,110 @@
+"""The node's gRPC server: the KmsNode service, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import structlog
+
+from medkms.contracts.registry import RegistryClient
+from medkms.core.endpoints import parse_host_port
+from medkms.core.errors import KmsError
+from medkms.node import metrics
+from medkms.node.hsm import Pkcs11KeyStore
+from medkms.node.kfrag_store import KfragStore
+from medkms.node.service import NodeService
+from medkms.node.settings import NodeSettings
+from medkms.proto import rpc
+from medkms.proto.kms.v1 import common_pb2, node_pb2
+
+log = structlog.get_logger("medkms.node")
+
+SERVICE_NAME = "kms.v1.KmsNode"
+
+
+def _observe(method: str, outcome: str, seconds: float) -> None:
+    metrics.REQUESTS.labels(method=method, outcome=outcome).inc()
+    metrics.REQUEST_SECONDS.labels(method=method).observe(seconds)
+
+
+def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> grpc.Server:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=rpc.CHANNEL_OPTIONS,
+    )
+
+    def node_info(_msg: node_pb2.GetNodeInfoRequest, _ctx: object) -> node_pb2.NodeInfo:
+        return service.node_info()
+
+    def enroll(
+        msg: node_pb2.EnrollKeyFragmentRequest, _ctx: object
+    ) -> node_pb2.EnrollKeyFragmentResponse:
+        response = service.enroll(msg)
+        metrics.KFRAGS_STORED.set(kfrags.count())
+        return response
+
+    def reencrypt(msg: common_pb2.ReencryptionRequest, _ctx: object) -> node_pb2.ReencryptResponse:
+        return service.reencrypt(msg)
+
+    methods = [
+        rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, node_info),
+        rpc.Method("EnrollKeyFragment", node_pb2.EnrollKeyFragmentRequest, enroll),
+        rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
+    ]
+    server.add_generic_rpc_handlers([rpc.service_handler(SERVICE_NAME, methods, _observe)])
+    return server
+
+
+def serve(settings: NodeSettings) -> None:
+    """Open the HSM and stores, start the servers, block until SIGTERM/SIGINT."""
+    keystore = Pkcs11KeyStore.open(
+        settings.hsm_module,
+        settings.hsm_token_label,
+        settings.user_pin(),
+        softhsm_conf=settings.softhsm_conf,
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    kfrags = KfragStore(settings.kfrag_db)
+    registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
+    service = NodeService(
+        node_id=settings.node_id,
+        keystore=keystore,
+        kfrags=kfrags,
+        registry=registry,
+        registry_address=registry.address,
+        chain_id=registry.chain_id(),
+    )
+    server = build_server(service, kfrags, settings.max_workers)
+    health = rpc.add_health_and_reflection(server, [SERVICE_NAME])
+    host, port = parse_host_port(settings.listen, "listen")
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise KmsError(f"cannot listen on {settings.listen}")
+    if settings.metrics_listen:
+        metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
+    metrics.KFRAGS_STORED.set(kfrags.count())
+    server.start()
+    log.info(
+        "node_started",
+        node_id=settings.node_id,
+        listen=settings.listen,
+        metrics=settings.metrics_listen,
+        registry=registry.address,
+    )
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("node_stopping", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    health.enter_graceful_shutdown()
+    server.stop(grace=2).wait()
+    kfrags.close()
+    keystore.close()
+    log.info("node_stopped", node_id=settings.node_id)

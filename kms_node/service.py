@@ -1,0 +1,159 @@
+"""What a node does for each RPC, independent of gRPC plumbing.
+
+Enrollment: a kfrag is accepted only if it verifies against the patient's keys
+registered on-chain and the receiving key of the patient's active grant; it is
+then stored wrapped by the HSM's key-encryption key, bound (AAD) to this node,
+the patient, the grantee and that receiving key.
+
+Re-encryption: the request is validated, the registry state is read at one
+block, the policy judges it; only if allowed is the kfrag unwrapped, used once
+and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+import umbral_pre as umbral
+
+from medkms.core.errors import PreconditionFailed, Unauthenticated
+from medkms.core.policy import judge
+from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo
+from medkms.core.requests import Enrollment, ReencryptionQuery
+from medkms.core.umbral_codec import load_public_key
+from medkms.node.keystore import KeyStore
+from medkms.node.kfrag_store import KfragStore, StoredKfrag
+from medkms.proto.kms.v1 import common_pb2, node_pb2
+
+log = structlog.get_logger("medkms.node")
+
+SOFTWARE_VERSION = "0.1.0"
+SIGNING_ALGORITHM = "ecdsa-p256-sha256"
+_AAD_LABEL = b"medkms/kfrag/v1"
+
+
+class RegistryReader(Protocol):
+    """The registry reads a node needs (see medkms.contracts.registry)."""
+
+    def get_patient(self, address: str) -> PatientInfo | None: ...
+    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None: ...
+    def access_state(self, record_id: bytes, grantee: str) -> AccessState: ...
+
+
+def kfrag_aad(node_id: str, patient: str, grantee: str, receiving_key: bytes) -> bytes:
+    """Associated data binding a wrapped kfrag to its node and policy."""
+    parts = [_AAD_LABEL, node_id.encode(), bytes.fromhex(patient[2:]), bytes.fromhex(grantee[2:])]
+    parts.append(receiving_key)
+    return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
+class NodeService:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        keystore: KeyStore,
+        kfrags: KfragStore,
+        registry: RegistryReader,
+        registry_address: str,
+        chain_id: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_id = node_id
+        self._keystore = keystore
+        self._kfrags = kfrags
+        self._registry = registry
+        self._registry_address = registry_address
+        self._chain_id = chain_id
+        self._clock = clock
+        self._signing_public_key = keystore.signing_public_key()
+
+    def node_info(self) -> node_pb2.NodeInfo:
+        return node_pb2.NodeInfo(
+            node_id=self.node_id,
+            software_version=SOFTWARE_VERSION,
+            signing_public_key=self._signing_public_key,
+            signing_algorithm=SIGNING_ALGORITHM,
+            registry_address=bytes.fromhex(self._registry_address[2:]),
+            chain_id=self._chain_id,
+        )
+
+    def enroll(self, msg: node_pb2.EnrollKeyFragmentRequest) -> node_pb2.EnrollKeyFragmentResponse:
+        enrollment = Enrollment.parse(msg)
+        patient = self._registry.get_patient(enrollment.patient)
+        if patient is None:
+            raise PreconditionFailed("patient is not registered in the registry")
+        grant = self._registry.get_grant(enrollment.patient, enrollment.grantee)
+        if grant is None or not grant.active:
+            raise PreconditionFailed(
+                "no active grant from this patient to this grantee; write the grant first"
+            )
+        try:
+            enrollment.kfrag.verify(
+                load_public_key(patient.verifying_key, "patient verifying key"),
+                load_public_key(patient.umbral_public_key, "patient umbral key"),
+                load_public_key(grant.grantee_umbral_key, "grantee umbral key"),
+            )
+        except umbral.VerificationError:
+            raise Unauthenticated(
+                "kfrag does not verify against the patient's registered keys "
+                "and the grant's receiving key"
+            ) from None
+        digest = hashlib.sha256(enrollment.kfrag_bytes).digest()
+        aad = kfrag_aad(
+            self.node_id, enrollment.patient, enrollment.grantee, grant.grantee_umbral_key
+        )
+        self._kfrags.put(
+            StoredKfrag(
+                patient=enrollment.patient,
+                grantee=enrollment.grantee,
+                wrapped=self._keystore.wrap(enrollment.kfrag_bytes, aad),
+                kfrag_sha256=digest,
+                receiving_key=grant.grantee_umbral_key,
+                created_at=int(self._clock()),
+            )
+        )
+        log.info(
+            "kfrag_enrolled",
+            patient=enrollment.patient,
+            grantee=enrollment.grantee,
+            kfrag_sha256=digest.hex(),
+        )
+        return node_pb2.EnrollKeyFragmentResponse(node_id=self.node_id, kfrag_sha256=digest)
+
+    def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
+        query = ReencryptionQuery.parse(msg)
+        bound = log.bind(
+            request_id=query.request_id,
+            patient=query.patient,
+            requester=query.requester,
+            record_id=query.record_id.hex(),
+            purpose_of_use=query.purpose_of_use,
+        )
+        state = self._registry.access_state(query.record_id, query.requester)
+        decision = judge(query, state, int(self._clock()))
+        if not decision.allowed:
+            bound.info("reencrypt_denied", reason=decision.code, block_number=decision.block_number)
+            raise decision.error()
+        stored = self._kfrags.get(query.patient, query.requester)
+        if stored is None or stored.receiving_key != query.requester_umbral_key:
+            bound.info("reencrypt_denied", reason="no_kfrag", block_number=decision.block_number)
+            raise PreconditionFailed("this node holds no key fragment for this grant")
+        aad = kfrag_aad(self.node_id, stored.patient, stored.grantee, stored.receiving_key)
+        # The kfrag was verified at enrollment and is authenticated by AES-GCM
+        # since, so re-verifying it here would only cost time.
+        kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
+        cfrag = bytes(umbral.reencrypt(query.capsule, kfrag.skip_verification()))
+        del kfrag
+        bound.info(
+            "reencrypt_granted",
+            block_number=decision.block_number,
+            cfrag_sha256=hashlib.sha256(cfrag).hexdigest(),
+        )
+        return node_pb2.ReencryptResponse(
+            fragment=common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=cfrag)
+        )

@@ -1,0 +1,106 @@
+"""The node's configuration: one typed object, read once at start-up from TOML.
+
+Secrets (the token PINs) are never in the file: it names files that hold them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from medkms.core.endpoints import parse_host_port
+from medkms.core.errors import InvalidRequest
+
+DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str
+    #: gRPC listen address, HOST:PORT
+    listen: str
+    #: Prometheus /metrics listen address, HOST:PORT, or "" for none
+    metrics_listen: str
+    chain_rpc_url: str
+    registry_address: str
+    #: directory for the kfrag database
+    data_dir: Path
+    hsm_module: str
+    hsm_token_label: str
+    #: file holding the token's user PIN (mode 0600)
+    hsm_pin_file: Path
+    #: file holding the token's security-officer PIN; only `kms-node init` reads it
+    hsm_so_pin_file: Path | None = None
+    #: private SoftHSM2 configuration and token directory; None for a hardware token
+    softhsm_conf: Path | None = None
+    softhsm_token_dir: Path | None = None
+    max_workers: int = 8
+    log_level: str = "info"
+
+    @property
+    def kfrag_db(self) -> Path:
+        return self.data_dir / "kfrags.sqlite"
+
+    def user_pin(self) -> str:
+        return _read_secret(self.hsm_pin_file, "hsm_pin_file")
+
+    def so_pin(self) -> str:
+        if self.hsm_so_pin_file is None:
+            raise InvalidRequest("hsm_so_pin_file is required to initialise a token")
+        return _read_secret(self.hsm_so_pin_file, "hsm_so_pin_file")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> NodeSettings:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidRequest(f"cannot read node config {path}: {e}") from None
+        base = path.parent
+
+        def rel(value: object) -> Path:
+            p = Path(str(value))
+            return p if p.is_absolute() else base / p
+
+        try:
+            settings = cls(
+                node_id=str(raw["node_id"]),
+                listen=str(raw["listen"]),
+                metrics_listen=str(raw.get("metrics_listen", "")),
+                chain_rpc_url=str(raw["chain_rpc_url"]),
+                registry_address=str(raw["registry_address"]),
+                data_dir=rel(raw["data_dir"]),
+                hsm_module=str(raw.get("hsm_module", DEFAULT_SOFTHSM_MODULE)),
+                hsm_token_label=str(raw["hsm_token_label"]),
+                hsm_pin_file=rel(raw["hsm_pin_file"]),
+                hsm_so_pin_file=rel(raw["hsm_so_pin_file"]) if "hsm_so_pin_file" in raw else None,
+                softhsm_conf=rel(raw["softhsm_conf"]) if "softhsm_conf" in raw else None,
+                softhsm_token_dir=(
+                    rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
+                ),
+                max_workers=int(raw.get("max_workers", 8)),
+                log_level=str(raw.get("log_level", "info")),
+            )
+        except KeyError as e:
+            raise InvalidRequest(f"node config {path} is missing {e.args[0]!r}") from None
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 1 <= len(self.node_id.encode()) <= 32:
+            raise InvalidRequest("node_id must be 1-32 bytes")
+        parse_host_port(self.listen, "listen")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "metrics_listen")
+        if self.max_workers < 1:
+            raise InvalidRequest("max_workers must be at least 1")
+
+
+def _read_secret(path: Path, field: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        raise InvalidRequest(f"cannot read {field} {path}: {e.strerror}") from None
+    if not value:
+        raise InvalidRequest(f"{field} {path} is empty")
+    return value

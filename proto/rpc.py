@@ -1,0 +1,169 @@
+"""gRPC glue shared by every service and client.
+
+- Servers register their methods through :func:`service_handler` (threaded
+  server) or :func:`aio_service_handler` (asyncio server). Requests arrive as
+  raw bytes and are parsed here, so a garbage payload is answered with
+  ``INVALID_ARGUMENT`` rather than gRPC's generic deserialisation failure.
+- :class:`medkms.core.errors.KmsError` becomes the status it names, with its
+  safe message; anything else becomes ``INTERNAL`` with no details (the
+  traceback goes to the server's log only). This is the one place where errors
+  turn into statuses.
+- Clients turn a failed call back into a ``KmsError`` with :func:`error_from_rpc`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError, Message
+
+from medkms.core import errors
+
+log = structlog.get_logger("medkms.rpc")
+
+INTERNAL_MESSAGE = "internal error; the server's log has the details"
+
+
+def status_of(error: errors.KmsError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.grpc_status]
+
+
+def error_from_rpc(error: grpc.RpcError, peer: str = "") -> errors.KmsError:
+    """The KmsError a failed call stands for, its message prefixed by ``peer``."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else "") or code.name
+    return errors.error_for_status(code.name, f"{peer}: {details}" if peer else details)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One unary RPC: its name, request message type and implementation."""
+
+    name: str
+    request_type: type[Message]
+    handler: Callable[[Any, Any], Any]
+
+
+def _parse(method: Method, raw: bytes) -> Message | str:
+    try:
+        return method.request_type.FromString(raw)
+    except (DecodeError, RuntimeError, ValueError):
+        return f"request is not a valid {method.request_type.DESCRIPTOR.full_name} message"
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+#: called once per RPC with (method name, outcome, seconds); outcome is "ok" or
+#: the lower-case status name, e.g. "permission_denied"
+Observer = Callable[[str, str, float], None]
+
+
+def _ignore(_method: str, _outcome: str, _seconds: float) -> None:
+    return None
+
+
+def service_handler(
+    service: str, methods: list[Method], observe: Observer = _ignore
+) -> grpc.GenericRpcHandler:
+    """Handlers for a threaded ``grpc.server``."""
+
+    def wrap(method: Method) -> grpc.RpcMethodHandler:
+        def behaviour(raw: bytes, context: grpc.ServicerContext) -> Message:
+            start = time.perf_counter()
+            request = _parse(method, raw)
+            if isinstance(request, str):
+                observe(method.name, "invalid_argument", time.perf_counter() - start)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
+            try:
+                response: Message = method.handler(request, context)
+            except errors.KmsError as e:
+                observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
+                context.abort(status_of(e), e.message)
+            except Exception:
+                observe(method.name, "internal", time.perf_counter() - start)
+                log.exception("rpc_failed", service=service, method=method.name)
+                context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            observe(method.name, "ok", time.perf_counter() - start)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
+
+    return grpc.method_handlers_generic_handler(service, {m.name: wrap(m) for m in methods})
+
+
+def aio_service_handler(
+    service: str, methods: list[Method], observe: Observer = _ignore
+) -> grpc.GenericRpcHandler:
+    """Handlers for a ``grpc.aio`` server; each handler is a coroutine function."""
+
+    def wrap(method: Method) -> grpc.RpcMethodHandler:
+        async def behaviour(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+            start = time.perf_counter()
+            request = _parse(method, raw)
+            if isinstance(request, str):
+                observe(method.name, "invalid_argument", time.perf_counter() - start)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
+            handler: Callable[[Any, Any], Awaitable[Message]] = method.handler
+            try:
+                response = await handler(request, context)
+            except errors.KmsError as e:
+                observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
+                await context.abort(status_of(e), e.message)
+            except Exception:
+                observe(method.name, "internal", time.perf_counter() - start)
+                log.exception("rpc_failed", service=service, method=method.name)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            observe(method.name, "ok", time.perf_counter() - start)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
+
+    return grpc.method_handlers_generic_handler(service, {m.name: wrap(m) for m in methods})
+
+
+def add_health_and_reflection(server: grpc.Server, services: list[str]) -> Any:
+    """Standard health checking and server reflection on a threaded server.
+
+    Returns the health servicer so the caller can flip to NOT_SERVING on shutdown.
+    """
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *services]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+async def aio_add_health_and_reflection(server: grpc.aio.Server, services: list[str]) -> Any:
+    """The same for a ``grpc.aio`` server."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *services]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+#: Default channel/server options: bounded message sizes on every hop.
+MAX_MESSAGE_BYTES = 256 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
