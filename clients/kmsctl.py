@@ -1,0 +1,221 @@
+"""`kmsctl`: run a local cluster and drive the patient, provider and demo flows.
+
+    kmsctl cluster up [--nodes N] [--threshold M] [--state-dir DIR] [--detach] [--reset]
+    kmsctl cluster status|down [--state-dir DIR]
+    kmsctl demo [--state-dir DIR]
+    kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
+    kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
+
+Identities are the demo accounts of the cluster's state directory
+(``accounts/NAME.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from medkms.clients.patient import PatientClient
+from medkms.clients.provider import ProviderClient
+from medkms.core import logs
+from medkms.core.errors import InvalidRequest, KmsError
+from medkms.core.record_types import RecordType
+from medkms.deploy.local_cluster import LocalCluster
+
+DEFAULT_STATE_DIR = Path(".state")
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    return LocalCluster.open(args.state_dir)
+
+
+def _record_id(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise InvalidRequest("record id must be 32 bytes of hex") from None
+    if len(raw) != 32:
+        raise InvalidRequest("record id must be 32 bytes of hex")
+    return raw
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> None:
+    cluster = LocalCluster.up(
+        args.state_dir, nodes=args.nodes, threshold=args.threshold, reset=args.reset
+    )
+    print(f"cluster up: {args.nodes} nodes, threshold {args.threshold}")
+    print(f"  chain        {cluster.rpc_url}  registry {cluster.registry_address}")
+    print(f"  coordinator  {cluster.coordinator_address}")
+    for node in cluster.nodes:
+        print(f"  {node.node_id:<12} {node.address}  metrics {node.metrics_url}")
+    print(f"  state        {cluster.state_dir / 'cluster.json'}")
+    if args.detach:
+        return
+    print("press Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    cluster.down()
+    print("cluster down")
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> None:
+    stopped = _cluster(args).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    print(json.dumps({"running": cluster.running(), **cluster.data}, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from medkms.deploy import demo
+
+    demo.run(_cluster(args))
+
+
+def cmd_patient(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    client = PatientClient(cluster.identity(args.as_), cluster.registry(), cluster.blob_store())
+    if args.action == "register":
+        client.register()
+        print(f"registered {client.identity.address}")
+    elif args.action == "store":
+        stored = client.store_record(args.file.read_bytes(), RecordType.parse(args.type))
+        print(
+            json.dumps(
+                {
+                    "record_id": "0x" + stored.record_id.hex(),
+                    "record_type": stored.record_type.label,
+                    "storage_uri": stored.storage_uri,
+                    "content_hash": stored.content_hash.hex(),
+                },
+                indent=2,
+            )
+        )
+    elif args.action == "grant":
+        grantee = cluster.identity(args.grantee)
+        receipt = client.grant(
+            grantee.address,
+            grantee.umbral_public_key(),
+            [RecordType.parse(t) for t in args.types.split(",")],
+            duration_s=args.duration,
+            threshold=args.threshold or cluster.threshold,
+        )
+        print(
+            json.dumps(
+                {
+                    "grantee": receipt.grantee,
+                    "expires_at": receipt.expires_at,
+                    "enrolled": sorted(receipt.enrolled),
+                    "failed": receipt.failed,
+                },
+                indent=2,
+            )
+        )
+    elif args.action == "revoke":
+        client.revoke(cluster.identity(args.grantee).address)
+        print("revoked")
+    elif args.action == "deactivate":
+        client.deactivate(_record_id(args.record_id))
+        print("deactivated")
+
+
+def cmd_provider_read(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    with ProviderClient(
+        cluster.identity(args.as_),
+        cluster.registry(),
+        cluster.blob_store(),
+        cluster.coordinator_address,
+    ) as provider:
+        plaintext = provider.read_record(_record_id(args.record_id), args.purpose)
+    if args.out:
+        args.out.write_bytes(plaintext)
+    else:
+        sys.stdout.write(plaintext.decode() + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsctl", description=__doc__.splitlines()[0])
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="the local cluster's state directory (default: .state)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cluster = sub.add_parser("cluster", help="the local cluster").add_subparsers(
+        dest="action", required=True
+    )
+    up = cluster.add_parser("up", parents=[state], help="start anvil, nodes and coordinator")
+    up.add_argument("--nodes", type=int, default=5)
+    up.add_argument("--threshold", type=int, default=3)
+    up.add_argument("--detach", action="store_true", help="return once everything serves")
+    up.add_argument("--reset", action="store_true", help="wipe a stopped cluster's state first")
+    up.set_defaults(func=cmd_cluster_up)
+    cluster.add_parser("down", parents=[state], help="stop it").set_defaults(func=cmd_cluster_down)
+    cluster.add_parser(
+        "status", parents=[state], help="show cluster.json and what runs"
+    ).set_defaults(func=cmd_cluster_status)
+
+    sub.add_parser("demo", parents=[state], help="run the patient -> doctor scenario").set_defaults(
+        func=cmd_demo
+    )
+
+    patient = sub.add_parser("patient", help="patient flows").add_subparsers(
+        dest="action", required=True
+    )
+    who = argparse.ArgumentParser(add_help=False, parents=[state])
+    who.add_argument("--as", dest="as_", default="patient", help="identity name")
+    patient.add_parser("register", parents=[who])
+    store = patient.add_parser("store", parents=[who], help="store a FHIR JSON record")
+    store.add_argument("file", type=Path)
+    store.add_argument("--type", required=True, help=", ".join(t.label for t in RecordType))
+    grant = patient.add_parser("grant", parents=[who])
+    grant.add_argument("grantee", help="identity name of the grantee, e.g. doctor")
+    grant.add_argument("--types", required=True, help="comma-separated record types")
+    grant.add_argument("--duration", type=int, default=3600, help="seconds (default 3600)")
+    grant.add_argument("--threshold", type=int, default=0, help="default: the cluster's")
+    revoke = patient.add_parser("revoke", parents=[who])
+    revoke.add_argument("grantee")
+    deactivate = patient.add_parser("deactivate", parents=[who])
+    deactivate.add_argument("record_id")
+    for action in patient.choices.values():
+        action.set_defaults(func=cmd_patient)
+
+    provider = sub.add_parser("provider", help="provider flows").add_subparsers(
+        dest="action", required=True
+    )
+    read = provider.add_parser("read", parents=[state], help="read a shared record")
+    read.add_argument("record_id")
+    read.add_argument("--as", dest="as_", default="doctor", help="identity name")
+    read.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
+    read.add_argument("--out", type=Path, help="write the record here instead of stdout")
+    read.set_defaults(func=cmd_provider_read)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure("kmsctl", "warning")
+    try:
+        args.func(args)
+    except KmsError as e:
+        print(f"kmsctl: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The patient -> doctor scenario, run against a running local cluster.
+
+Every step checks what it expects; the demo fails (non-zero exit from
+``kmsctl demo``) if the cluster does anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from medkms.clients.patient import PatientClient
+from medkms.clients.provider import ProviderClient
+from medkms.core.errors import AccessDenied, KmsError
+from medkms.core.record_types import RecordType
+from medkms.deploy.local_cluster import LocalCluster
+
+
+class DemoFailed(KmsError):
+    """The cluster did not behave as the scenario expects."""
+
+
+def lab_result() -> bytes:
+    """A FHIR R4 Observation: an HbA1c result."""
+    return json.dumps(
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                        }
+                    ]
+                }
+            ],
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": "4548-4", "display": "HbA1c"}],
+                "text": "Hemoglobin A1c",
+            },
+            "subject": {"reference": "Patient/alice"},
+            "effectiveDateTime": "2026-11-20T09:30:00Z",
+            "valueQuantity": {
+                "value": 6.1,
+                "unit": "%",
+                "system": "http://unitsofmeasure.org",
+                "code": "%",
+            },
+        },
+        indent=2,
+    ).encode()
+
+
+def diagnosis() -> bytes:
+    """A FHIR R4 Condition: type 2 diabetes."""
+    return json.dumps(
+        {
+            "resourceType": "Condition",
+            "clinicalStatus": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                        "code": "active",
+                    }
+                ]
+            },
+            "code": {
+                "coding": [
+                    {"system": "http://snomed.info/sct", "code": "44054006", "display": "Diabetes"}
+                ]
+            },
+            "subject": {"reference": "Patient/alice"},
+        }
+    ).encode()
+
+
+def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
+    registry = cluster.registry()
+    blobs = cluster.blob_store()
+    alice = cluster.identity("patient")
+    bob = cluster.identity("doctor")
+    patient = PatientClient(alice, registry, blobs)
+    nodes = cluster.nodes
+    say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
+    say(f"patient {alice.address}, doctor {bob.address}")
+
+    say("1. patient registers her Umbral and kfrag-verifying keys on-chain")
+    patient.register()
+
+    say("2. patient stores a lab result (FHIR Observation, HbA1c) and a diagnosis")
+    document = lab_result()
+    lab = patient.store_record(document, RecordType.LAB_RESULT)
+    condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)
+    say(f"   lab result 0x{lab.record_id.hex()[:16]}... stored as {lab.storage_uri[:24]}...")
+    say(f"   content hash {lab.content_hash.hex()[:16]}... anchored in the registry")
+
+    say("3. patient grants the doctor access to lab results for one hour")
+    receipt = patient.grant(
+        bob.address,
+        bob.umbral_public_key(),
+        [RecordType.LAB_RESULT],
+        duration_s=3600,
+        threshold=cluster.threshold,
+    )
+    enrolled = ", ".join(sorted(receipt.enrolled))
+    say(f"   kfrags enrolled at {len(receipt.enrolled)} nodes: {enrolled}")
+
+    with ProviderClient(bob, registry, blobs, cluster.coordinator_address) as doctor:
+        say("4. doctor reads the lab result through the coordinator")
+        plaintext = doctor.read_record(lab.record_id)
+        if plaintext != document:
+            raise DemoFailed("decrypted record differs from the original")
+        value = json.loads(plaintext)["valueQuantity"]
+        say(f"   decrypted record equals the original (HbA1c {value['value']}{value['unit']})")
+
+        say("5. doctor asks for the diagnosis, which the grant does not cover")
+        _expect_refusal(lambda: doctor.read_record(condition.record_id), say)
+
+        say("6. patient revokes the grant on-chain")
+        patient.revoke(bob.address)
+
+        say("7. doctor asks for the lab result again")
+        _expect_refusal(lambda: doctor.read_record(lab.record_id), say)
+    say("demo finished: every step behaved as expected")
+
+
+def _expect_refusal(attempt: Callable[[], bytes], say: Callable[[str], None]) -> None:
+    try:
+        attempt()
+    except AccessDenied as e:
+        say(f"   refused (PERMISSION_DENIED): {e.message}")
+        return
+    raise DemoFailed("the request was served but should have been refused")

@@ -1,0 +1,380 @@
+"""The local cluster: everything real, on one machine, on loopback.
+
+``LocalCluster.up`` starts anvil, deploys the registry, creates demo accounts,
+creates one SoftHSM2 token per node (through ``kms-node init``), registers the
+nodes on-chain, starts them and the coordinator, and writes ``cluster.json``.
+``kmsctl cluster up/down`` and the test suite both drive this class.
+
+State directory layout::
+
+    cluster.json            addresses, pids, account addresses (no secrets)
+    accounts/NAME.json      demo identities (mode 0600)
+    blobs/                  the content-addressed blob store
+    logs/*.log              one JSON log per process
+    nodes/node-N/           node.toml, softhsm2.conf, tokens/, PIN files, kfrags.sqlite
+    coordinator.toml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medkms.clients.blob_store import LocalBlobStore
+from medkms.clients.identity import Identity
+from medkms.contracts.registry import RegistryClient
+from medkms.core.errors import KmsError, PreconditionFailed, Unavailable
+from medkms.deploy import processes
+from medkms.deploy.anvil import AnvilProcess, set_balance
+from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+
+CLUSTER_FILE = "cluster.json"
+HOST = "127.0.0.1"
+DEMO_ACCOUNTS = {
+    "admin": "registry administrator",
+    "patient": "Alice, a patient",
+    "doctor": "Dr. Bob, a provider",
+}
+FUNDING_WEI = 100 * 10**18
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    node_id: str
+    address: str
+    metrics_url: str
+    config: str
+    log: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    address: str
+    config: str
+    log: str
+    pid: int
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _write_toml(
+    path: Path, values: dict[str, object], tables: dict[str, list[dict[str, object]]] | None = None
+) -> None:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    for name, rows in (tables or {}).items():
+        for row in rows:
+            lines += ["", f"[[{name}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class LocalCluster:
+    def __init__(self, state_dir: Path, data: dict[str, Any]) -> None:
+        self.state_dir = state_dir
+        self.data = data
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- reading the state -------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path) -> LocalCluster:
+        path = state_dir / CLUSTER_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PreconditionFailed(
+                f"no cluster in {state_dir}; run `kmsctl cluster up`"
+            ) from None
+        return cls(state_dir, data)
+
+    @property
+    def rpc_url(self) -> str:
+        return str(self.data["chain"]["rpc_url"])
+
+    @property
+    def registry_address(self) -> str:
+        return str(self.data["chain"]["registry_address"])
+
+    @property
+    def coordinator_address(self) -> str:
+        return str(self.data["coordinator"]["address"])
+
+    @property
+    def threshold(self) -> int:
+        return int(self.data["threshold"])
+
+    @property
+    def nodes(self) -> list[NodeEntry]:
+        return [NodeEntry(**n) for n in self.data["nodes"]]
+
+    def node(self, node_id: str) -> NodeEntry:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise KmsError(f"no node {node_id!r} in this cluster")
+
+    def registry(self) -> RegistryClient:
+        return RegistryClient(self.rpc_url, self.registry_address)
+
+    def identity(self, name: str) -> Identity:
+        return Identity.load(self.state_dir / "accounts" / f"{name}.json")
+
+    def blob_store(self) -> LocalBlobStore:
+        return LocalBlobStore(self.state_dir / "blobs")
+
+    def _save(self) -> None:
+        path = self.state_dir / CLUSTER_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def running(self) -> list[str]:
+        """Names of the recorded processes that are still alive."""
+        alive = []
+        chain = self.data.get("chain", {})
+        if chain.get("pid") and processes.pid_runs(chain["pid"], f"--port {chain['port']}"):
+            alive.append("anvil")
+        coordinator = self.data.get("coordinator")
+        if (
+            coordinator
+            and coordinator.get("pid")
+            and processes.pid_runs(coordinator["pid"], coordinator["config"])
+        ):
+            alive.append("coordinator")
+        for node in self.nodes:
+            if node.pid and processes.pid_runs(node.pid, node.config):
+                alive.append(node.node_id)
+        return alive
+
+    # -- bringing it up ----------------------------------------------------
+
+    @classmethod
+    def up(
+        cls, state_dir: Path, *, nodes: int = 5, threshold: int = 3, reset: bool = False
+    ) -> LocalCluster:
+        if not 1 <= threshold <= nodes:
+            raise PreconditionFailed("threshold must be between 1 and the number of nodes")
+        state_dir = state_dir.resolve()
+        if (state_dir / CLUSTER_FILE).exists():
+            previous = cls.open(state_dir)
+            alive = previous.running()
+            if alive:
+                raise PreconditionFailed(
+                    f"a cluster is running in {state_dir} ({', '.join(alive)}); "
+                    "run `kmsctl cluster down` first"
+                )
+            if not reset:
+                raise PreconditionFailed(
+                    f"{state_dir} holds a stopped cluster; pass --reset to start afresh"
+                )
+        if reset and state_dir.exists():
+            shutil.rmtree(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cluster = cls(state_dir, {"version": 1, "threshold": threshold, "nodes": []})
+        try:
+            cluster._start_chain()
+            cluster._create_accounts()
+            cluster._init_nodes(nodes)
+            for node in cluster.nodes:
+                cluster.start_node(node.node_id)
+            cluster._start_coordinator()
+        except BaseException:
+            cluster.down()
+            raise
+        return cluster
+
+    def _start_chain(self) -> None:
+        anvil = AnvilProcess(log_path=self.state_dir / "logs" / "anvil.log").start()
+        self.data["chain"] = {"rpc_url": anvil.rpc_url, "port": anvil.port, "pid": anvil.pid}
+        self._save()
+
+    def _create_accounts(self) -> None:
+        accounts_dir = self.state_dir / "accounts"
+        accounts_dir.mkdir(mode=0o700, exist_ok=True)
+        accounts = {}
+        for name, role in DEMO_ACCOUNTS.items():
+            identity = Identity.generate(name)
+            identity.save(accounts_dir / f"{name}.json")
+            set_balance(self.rpc_url, identity.address, FUNDING_WEI)
+            accounts[name] = {
+                "address": identity.address,
+                "role": role,
+                "identity_file": f"accounts/{name}.json",
+            }
+        admin = self.identity("admin")
+        registry = RegistryClient.deploy(self.rpc_url, admin.account)
+        registry.grant_provider_role(admin.account, accounts["doctor"]["address"])
+        self.data["accounts"] = accounts
+        self.data["chain"].update(registry_address=registry.address, chain_id=registry.chain_id())
+        self._save()
+
+    def _init_nodes(self, count: int) -> None:
+        entries = []
+        for i in range(1, count + 1):
+            node_id = f"node-{i}"
+            node_dir = self.state_dir / "nodes" / node_id
+            node_dir.mkdir(parents=True, mode=0o700)
+            _write_secret(node_dir / "user.pin", secrets.token_hex(16))
+            _write_secret(node_dir / "so.pin", secrets.token_hex(16))
+            port, metrics_port = processes.free_port(), processes.free_port()
+            config = node_dir / "node.toml"
+            _write_toml(
+                config,
+                {
+                    "node_id": node_id,
+                    "listen": f"{HOST}:{port}",
+                    "metrics_listen": f"{HOST}:{metrics_port}",
+                    "chain_rpc_url": self.rpc_url,
+                    "registry_address": self.registry_address,
+                    "data_dir": ".",
+                    "hsm_module": DEFAULT_SOFTHSM_MODULE,
+                    "hsm_token_label": f"medkms-{node_id}",
+                    "hsm_pin_file": "user.pin",
+                    "hsm_so_pin_file": "so.pin",
+                    "softhsm_conf": "softhsm2.conf",
+                    "softhsm_token_dir": "tokens",
+                },
+            )
+            entries.append(
+                NodeEntry(
+                    node_id=node_id,
+                    address=f"{HOST}:{port}",
+                    metrics_url=f"http://{HOST}:{metrics_port}/metrics",
+                    config=str(config),
+                    log=str(self.state_dir / "logs" / f"{node_id}.log"),
+                    pid=0,
+                )
+            )
+        # Each init is its own process: SoftHSM reads its configuration once per process.
+        with ThreadPoolExecutor(max_workers=min(count, 4)) as pool:
+            identities = list(pool.map(lambda e: _run_init(Path(e.config)), entries))
+        admin = self.identity("admin")
+        registry = self.registry()
+        for entry, public in zip(entries, identities, strict=True):
+            registry.register_node(
+                admin.account,
+                node_id=entry.node_id,
+                endpoint=entry.address,
+                signing_public_key=bytes.fromhex(public["signing_public_key"]),
+            )
+        self.data["nodes"] = [asdict(e) for e in entries]
+        self._save()
+
+    def start_node(self, node_id: str) -> None:
+        """Start (or restart) one node and wait until it serves."""
+        node = self.node(node_id)
+        if node.pid and processes.pid_runs(node.pid, node.config):
+            raise PreconditionFailed(f"{node_id} is already running")
+        log = Path(node.log)
+        process = processes.spawn(
+            [sys.executable, "-m", "medkms.node.cli", "serve", "--config", node.config], log
+        )
+        self._children[node_id] = process
+        self._set_node_pid(node_id, process.pid)
+        processes.wait_until(node_id, lambda: processes.grpc_serving(node.address), process, log)
+
+    def stop_node(self, node_id: str, *, kill: bool = False) -> None:
+        """Stop one node (SIGTERM, or SIGKILL with ``kill``)."""
+        node = self.node(node_id)
+        process = self._children.pop(node_id, None)
+        if process is not None and kill:
+            process.kill()
+            process.wait()
+        elif process is not None:
+            process.terminate()
+            process.wait(10)
+        elif node.pid:
+            processes.stop_pid(node.pid, node.config, timeout_s=0 if kill else 5)
+        self._set_node_pid(node_id, 0)
+
+    def _set_node_pid(self, node_id: str, pid: int) -> None:
+        for node in self.data["nodes"]:
+            if node["node_id"] == node_id:
+                node["pid"] = pid
+        self._save()
+
+    def _start_coordinator(self) -> None:
+        port = processes.free_port()
+        config = self.state_dir / "coordinator.toml"
+        _write_toml(
+            config,
+            {
+                "listen": f"{HOST}:{port}",
+                "threshold": self.threshold,
+                "chain_rpc_url": self.rpc_url,
+                "registry_address": self.registry_address,
+                "node_timeout_s": 3.0,
+            },
+            {"nodes": [{"node_id": n.node_id, "address": n.address} for n in self.nodes]},
+        )
+        log = self.state_dir / "logs" / "coordinator.log"
+        process = processes.spawn(
+            [sys.executable, "-m", "medkms.coordinator.cli", "serve", "--config", str(config)], log
+        )
+        self._children["coordinator"] = process
+        address = f"{HOST}:{port}"
+        self.data["coordinator"] = asdict(ServiceEntry(address, str(config), str(log), process.pid))
+        self._save()
+        processes.wait_until("coordinator", lambda: processes.grpc_serving(address), process, log)
+
+    # -- taking it down ----------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Stop every process this cluster started; return the names stopped."""
+        stopped = []
+        coordinator = self.data.get("coordinator")
+        if coordinator and coordinator.get("pid"):
+            if processes.stop_pid(coordinator["pid"], coordinator["config"]):
+                stopped.append("coordinator")
+            coordinator["pid"] = 0
+        for node in self.data["nodes"]:
+            if node["pid"] and processes.stop_pid(node["pid"], node["config"]):
+                stopped.append(node["node_id"])
+            node["pid"] = 0
+        chain = self.data.get("chain", {})
+        if chain.get("pid"):
+            if processes.stop_pid(chain["pid"], f"--port {chain['port']}"):
+                stopped.append("anvil")
+            chain["pid"] = 0
+        for process in self._children.values():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self._children.clear()
+        if self.state_dir.exists():
+            self._save()
+        return stopped
+
+
+def _run_init(config: Path) -> dict[str, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "medkms.node.cli", "init", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise Unavailable(f"kms-node init failed for {config}: {result.stderr.strip()[-2000:]}")
+    public: dict[str, str] = json.loads(result.stdout)
+    return public

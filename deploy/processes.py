@@ -1,0 +1,138 @@
+"""Starting, watching and stopping the local cluster's service processes.
+
+Each service runs in its own session (so a Ctrl-C aimed at the launcher does
+not reach a detached cluster) and logs to its own file. Processes started by
+an earlier ``kmsctl`` are stopped by pid, after checking the pid still runs
+the command we started (pids get reused).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from medkms.core.errors import Unavailable
+
+_LOG_TAIL_BYTES = 3000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def spawn(
+    cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+
+def log_tail(log_path: Path) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def grpc_serving(address: str, timeout_s: float = 1.0) -> bool:
+    """True when the gRPC server at ``address`` reports SERVING on health checks."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def wait_until(
+    name: str,
+    ready: Callable[[], bool],
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float = 30.0,
+) -> None:
+    """Wait for ``ready()``; fail early, with the log's tail, if the process dies."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise Unavailable(
+                f"{name} exited with code {code}; log {log_path}:\n{log_tail(log_path)}"
+            )
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                f"{name} not ready after {timeout_s}s; log {log_path}:\n{log_tail(log_path)}"
+            )
+        time.sleep(0.1)
+
+
+def pid_runs(pid: int, marker: str) -> bool:
+    """True if ``pid`` is alive and its command line contains ``marker``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def stop_pid(pid: int, marker: str, timeout_s: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout_s``; False if it was not running."""
+    if not pid_runs(pid, marker):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_runs(pid, marker) or _is_zombie(pid):
+            _reap(pid)
+            return True
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if ``pid`` is our child (no-op otherwise)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

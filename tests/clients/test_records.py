@@ -1,0 +1,81 @@
+"""Sealing a record and opening it again; validation of FHIR input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import umbral_pre as umbral
+
+from medkms.clients.records import open_envelope, parse_envelope, seal, validate_fhir
+from medkms.core.errors import IntegrityError, InvalidRequest
+from medkms.core.record_types import RecordType
+from medkms.deploy.demo import diagnosis, lab_result
+
+
+def test_seal_then_open_with_the_patients_key() -> None:
+    sk = umbral.SecretKey.random()
+    record_id = b"\x05" * 32
+    sealed = seal(record_id, RecordType.LAB_RESULT, lab_result(), sk.public_key())
+    assert sealed.content_hash == hashlib.sha256(sealed.envelope).digest()
+    assert sealed.resource_type == "Observation"
+    envelope = parse_envelope(sealed.envelope)
+    assert envelope.capsule == sealed.capsule
+    assert lab_result() not in sealed.envelope
+    capsule = umbral.Capsule.from_bytes(envelope.capsule)
+    dek = umbral.decrypt_original(sk, capsule, envelope.encrypted_dek)
+    assert open_envelope(envelope, bytes(dek)) == lab_result()
+
+
+def test_envelope_is_bound_to_its_record_id_and_type() -> None:
+    sk = umbral.SecretKey.random()
+    sealed = seal(b"\x05" * 32, RecordType.LAB_RESULT, lab_result(), sk.public_key())
+    envelope = parse_envelope(sealed.envelope)
+    dek = bytes(
+        umbral.decrypt_original(
+            sk, umbral.Capsule.from_bytes(envelope.capsule), envelope.encrypted_dek
+        )
+    )
+    envelope.record_id = b"\x06" * 32
+    with pytest.raises(IntegrityError):
+        open_envelope(envelope, dek)
+    envelope.record_id = b"\x05" * 32
+    envelope.record_type = "diagnosis"
+    with pytest.raises(IntegrityError):
+        open_envelope(envelope, dek)
+
+
+def test_fhir_resource_must_match_the_record_type() -> None:
+    assert validate_fhir(diagnosis(), RecordType.DIAGNOSIS) == "Condition"
+    with pytest.raises(InvalidRequest, match="lab_result record must be a FHIR"):
+        validate_fhir(diagnosis(), RecordType.LAB_RESULT)
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        (b"not json", "not FHIR JSON"),
+        (b"[]", "not FHIR JSON"),
+        (json.dumps({"resourceType": "Observation"}).encode(), "invalid FHIR Observation"),
+        (
+            json.dumps(
+                {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "x"},
+                    "valueQuantity": {"value": "many"},
+                }
+            ).encode(),
+            "invalid FHIR Observation",
+        ),
+    ],
+)
+def test_invalid_fhir_is_refused(document: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        validate_fhir(document, RecordType.LAB_RESULT)
+
+
+def test_garbage_envelope_is_an_integrity_error() -> None:
+    with pytest.raises(IntegrityError):
+        parse_envelope(b"\xff\xff\xff")

@@ -1,0 +1,138 @@
+"""The node's access decision, one rule at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import pytest
+import umbral_pre as umbral
+
+from medkms.core.errors import AccessDenied, NotFound
+from medkms.core.policy import judge
+from medkms.core.record_types import RecordType, to_mask
+from medkms.core.registry_types import AccessState, GrantInfo, RecordInfo
+from medkms.core.requests import ReencryptionQuery
+from medkms.core.umbral_codec import capsule_hash
+
+PATIENT = "0x" + "11" * 20
+GRANTEE = "0x" + "22" * 20
+NOW = 1_800_000_000
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[umbral.SecretKey, umbral.SecretKey]:
+    return umbral.SecretKey.random(), umbral.SecretKey.random()
+
+
+@pytest.fixture
+def capsule(keys: tuple[umbral.SecretKey, umbral.SecretKey]) -> umbral.Capsule:
+    capsule, _ = umbral.encrypt(keys[0].public_key(), b"k" * 32)
+    return capsule
+
+
+def _query(capsule: umbral.Capsule, receiving: umbral.PublicKey) -> ReencryptionQuery:
+    record_id = bytes(range(32))
+    return ReencryptionQuery(
+        request_id="r1",
+        patient=PATIENT,
+        record_id=record_id,
+        capsule_bytes=bytes(capsule),
+        capsule=capsule,
+        requester=GRANTEE,
+        requester_umbral_key=bytes(receiving.to_compressed_bytes()),
+        receiving_key=receiving,
+        purpose_of_use="TREAT",
+    )
+
+
+def _state(query: ReencryptionQuery) -> AccessState:
+    record = RecordInfo(
+        record_id=query.record_id,
+        patient=PATIENT,
+        content_hash=secrets.token_bytes(32),
+        storage_uri="blob:x",
+        record_type=RecordType.LAB_RESULT,
+        capsule_hash=capsule_hash(query.capsule_bytes),
+        creator=PATIENT,
+        active=True,
+        created_at=NOW - 100,
+    )
+    grant = GrantInfo(
+        patient=PATIENT,
+        grantee=GRANTEE,
+        grantee_umbral_key=query.requester_umbral_key,
+        expires_at=NOW + 3600,
+        allowed_types_mask=to_mask([RecordType.LAB_RESULT]),
+        active=True,
+        granted_at=NOW - 50,
+    )
+    return AccessState(record=record, grant=grant, block_number=42, block_timestamp=NOW)
+
+
+@pytest.fixture
+def query(
+    capsule: umbral.Capsule, keys: tuple[umbral.SecretKey, umbral.SecretKey]
+) -> ReencryptionQuery:
+    return _query(capsule, keys[1].public_key())
+
+
+def test_active_grant_is_allowed_and_names_its_block(query: ReencryptionQuery) -> None:
+    decision = judge(query, _state(query), NOW)
+    assert decision.allowed
+    assert decision.code == "granted"
+    assert decision.block_number == 42
+
+
+def _with(
+    state: AccessState, *, record: dict | None = None, grant: dict | None = None
+) -> AccessState:
+    return dataclasses.replace(
+        state,
+        record=dataclasses.replace(state.record, **(record or {})) if state.record else None,
+        grant=dataclasses.replace(state.grant, **(grant or {})) if state.grant else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"record": {"active": False}}, "record_inactive"),
+        ({"record": {"patient": "0x" + "33" * 20}}, "patient_mismatch"),
+        ({"record": {"capsule_hash": b"\x01" * 32}}, "capsule_mismatch"),
+        ({"record": {"record_type": RecordType.DIAGNOSIS}}, "type_not_allowed"),
+        ({"grant": {"active": False}}, "grant_revoked"),
+        ({"grant": {"expires_at": NOW}}, "grant_expired"),
+        ({"grant": {"grantee_umbral_key": b"\x02" + b"\x07" * 32}}, "receiving_key_mismatch"),
+    ],
+)
+def test_each_rule_denies(query: ReencryptionQuery, change: dict, code: str) -> None:
+    decision = judge(query, _with(_state(query), **change), NOW)
+    assert not decision.allowed
+    assert decision.code == code
+    assert isinstance(decision.error(), AccessDenied)
+    assert decision.reason
+
+
+def test_missing_grant_is_denied(query: ReencryptionQuery) -> None:
+    state = dataclasses.replace(_state(query), grant=None)
+    decision = judge(query, state, NOW)
+    assert (decision.allowed, decision.code) == (False, "no_grant")
+
+
+def test_unknown_record_is_not_found(query: ReencryptionQuery) -> None:
+    state = dataclasses.replace(_state(query), record=None)
+    decision = judge(query, state, NOW)
+    assert decision.code == "record_unknown"
+    assert isinstance(decision.error(), NotFound)
+
+
+def test_expiry_uses_the_later_of_chain_time_and_wall_clock(query: ReencryptionQuery) -> None:
+    state = _state(query)
+    expires = state.grant.expires_at
+    # chain is ahead of the wall clock (anvil time travel, or a skewed node clock)
+    ahead = dataclasses.replace(state, block_timestamp=expires + 1)
+    assert judge(query, ahead, NOW).code == "grant_expired"
+    # wall clock is ahead of a stalled chain
+    assert judge(query, state, expires + 1).code == "grant_expired"
+    assert judge(query, state, expires - 1).allowed

@@ -1,0 +1,77 @@
+"""Every field of an incoming request is checked with a message a person can act on."""
+
+from __future__ import annotations
+
+import pytest
+import umbral_pre as umbral
+
+from medkms.core.errors import InvalidRequest
+from medkms.core.requests import Enrollment, ReencryptionQuery
+from medkms.proto.kms.v1 import common_pb2, node_pb2
+
+
+@pytest.fixture(scope="module")
+def valid() -> common_pb2.ReencryptionRequest:
+    sk = umbral.SecretKey.random()
+    capsule, _ = umbral.encrypt(sk.public_key(), b"x" * 32)
+    return common_pb2.ReencryptionRequest(
+        request_id="req-1",
+        patient=b"\x11" * 20,
+        record_id=b"\x01" * 32,
+        capsule=bytes(capsule),
+        requester=b"\x22" * 20,
+        requester_umbral_key=bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()),
+        purpose_of_use="TREAT",
+    )
+
+
+def test_valid_request_parses(valid: common_pb2.ReencryptionRequest) -> None:
+    query = ReencryptionQuery.parse(valid)
+    assert query.patient == "0x" + "11" * 20
+    assert query.requester.lower() == "0x" + "22" * 20
+    assert query.capsule_bytes == valid.capsule
+
+
+def test_missing_request_id_gets_a_fresh_one(valid: common_pb2.ReencryptionRequest) -> None:
+    msg = common_pb2.ReencryptionRequest()
+    msg.CopyFrom(valid)
+    msg.request_id = ""
+    assert len(ReencryptionQuery.parse(msg).request_id) == 32
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("patient", b"\x11" * 19, "patient must be a 20-byte address"),
+        ("patient", b"\x00" * 20, "zero address"),
+        ("requester", b"", "requester must be a 20-byte address"),
+        ("record_id", b"\x01" * 33, "record_id must be 32 bytes"),
+        ("capsule", b"garbage", "capsule must be 105 bytes"),
+        ("capsule", b"\x00" * 105, "not a valid Umbral capsule"),
+        ("capsule", b"\x01" * 100_000, "capsule must be 105 bytes"),
+        ("requester_umbral_key", b"\x02" + b"\xff" * 32, "not a compressed secp256k1 point"),
+        ("purpose_of_use", "SHOPPING", "purpose_of_use 'SHOPPING' is not one of"),
+        ("request_id", "bad id with spaces", "request_id must be"),
+        ("request_id", "x" * 65, "request_id must be"),
+    ],
+)
+def test_bad_fields_are_refused_by_name(
+    valid: common_pb2.ReencryptionRequest, field: str, value: object, fragment: str
+) -> None:
+    msg = common_pb2.ReencryptionRequest()
+    msg.CopyFrom(valid)
+    setattr(msg, field, value)
+    with pytest.raises(InvalidRequest, match=fragment):
+        ReencryptionQuery.parse(msg)
+
+
+def test_enrollment_checks_kfrag_and_parties() -> None:
+    good = dict(patient=b"\x11" * 20, grantee=b"\x22" * 20)
+    with pytest.raises(InvalidRequest, match="kfrag must be 310 bytes"):
+        Enrollment.parse(node_pb2.EnrollKeyFragmentRequest(kfrag=b"junk", **good))
+    with pytest.raises(InvalidRequest, match="not a valid Umbral key fragment"):
+        Enrollment.parse(node_pb2.EnrollKeyFragmentRequest(kfrag=b"\x00" * 310, **good))
+    with pytest.raises(InvalidRequest, match="grantee must differ"):
+        Enrollment.parse(
+            node_pb2.EnrollKeyFragmentRequest(patient=b"\x11" * 20, grantee=b"\x11" * 20)
+        )
