@@ -27,6 +27,16 @@ from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_
 
 log = structlog.get_logger("medkms.coordinator")
 
+# A node that comes back must be used again quickly: gRPC's default reconnect
+# backoff grows to two minutes, during which calls to that node fail at once.
+MAX_RECONNECT_BACKOFF_MS = 1000
+NODE_CHANNEL_OPTIONS = [
+    *rpc.CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+]
+
 
 class PatientReader(Protocol):
     def get_patient(self, address: str) -> PatientInfo | None: ...
@@ -62,7 +72,7 @@ class CoordinatorService:
     def open_channels(self) -> None:
         """Create one reusable channel per node; call inside the running loop."""
         for node in self._settings.nodes:
-            channel = grpc.aio.insecure_channel(node.address, options=rpc.CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(node.address, options=NODE_CHANNEL_OPTIONS)
             self._channels.append(channel)
             self._stubs[node.node_id] = node_pb2_grpc.KmsNodeStub(channel)
 

@@ -72,5 +72,6 @@ class FragmentCollector:
         failed = "; ".join(f"{f.node_id} ({f.status}: {f.message})" for f in self.failures)
         silent = [n for n in self._order if n in self._pending]
         if silent:
-            failed += ("; " if failed else "") + ", ".join(silent) + " (no answer in time)"
+            why = "not awaited: threshold out of reach" if self.hopeless else "no answer in time"
+            failed += ("; " if failed else "") + ", ".join(silent) + f" ({why})"
         return InsufficientFragments(f"only {have}; failed: {failed}")

@@ -31,8 +31,16 @@ def _drop_secrets(
 def configure(component: str, level: str = "info") -> None:
     """Send JSON logs to stderr; call once at process start."""
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+
+    def add_component(
+        _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event["component"] = component
+        return event
+
     structlog.configure(
         processors=[
+            add_component,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -44,4 +52,3 @@ def configure(component: str, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(component=component)

@@ -35,8 +35,12 @@ def status_of(error: errors.KmsError) -> grpc.StatusCode:
 
 def error_from_rpc(error: grpc.RpcError, peer: str = "") -> errors.KmsError:
     """The KmsError a failed call stands for, its message prefixed by ``peer``."""
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if isinstance(error, grpc.Call) else "") or code.name
+    # Sync calls raise grpc.Call instances; aio calls raise AioRpcError, which is not one.
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        code, details = error.code(), error.details() or ""
+    else:
+        code, details = grpc.StatusCode.UNKNOWN, ""
+    details = details or code.name
     return errors.error_for_status(code.name, f"{peer}: {details}" if peer else details)
 
 

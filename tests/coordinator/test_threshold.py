@@ -42,6 +42,7 @@ def test_unavailable_error_names_every_failed_and_silent_node() -> None:
     for node in ["node-2", "node-3", "node-4", "node-5"]:
         assert node in error.message
     assert "1 of 3" in error.message
+    assert "node-5 (not awaited: threshold out of reach)" in error.message
 
 
 def test_a_refusal_wins_over_outages() -> None:

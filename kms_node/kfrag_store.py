@@ -1,0 +1,200 @@
+"""The node's durable store of wrapped kfrags, one per (patient, grantee), in SQLite.
+
+Kfrags are stored only wrapped under the HSM key-encryption key (see
+:mod:`medkms.node.keystore`). Durability: WAL with ``synchronous=FULL`` fsyncs the log on
+every commit, so an item is on disk once :meth:`KfragStore.put` returns and survives a kill -9
+of the node (and a power cut). ``secure_delete`` overwrites the pages a deleted kfrag occupied
+in the database file; copies of them may remain in the WAL file until it is overwritten.
+
+Addresses are Ethereum addresses (``0x`` + 40 hex digits, usually EIP-55 checksummed). They
+are keyed in lower case, so that any spelling of an address finds the same row, and returned
+as they were stored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE kfrags (
+    patient_key   TEXT    NOT NULL,  -- lower-case address
+    grantee_key   TEXT    NOT NULL,  -- lower-case address
+    patient       TEXT    NOT NULL,  -- address as given (checksummed)
+    grantee       TEXT    NOT NULL,
+    wrapped       BLOB    NOT NULL,  -- nonce || AES-256-GCM(kfrag) || tag, under the HSM KEK
+    kfrag_sha256  BLOB    NOT NULL CHECK (length(kfrag_sha256) = 32),
+    receiving_key BLOB    NOT NULL,  -- the grantee's Umbral public key
+    created_at    INTEGER NOT NULL,  -- unix seconds
+    PRIMARY KEY (patient_key, grantee_key)
+) WITHOUT ROWID
+"""
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+_PUT = """
+INSERT OR REPLACE INTO kfrags
+    (patient_key, grantee_key, patient, grantee, wrapped, kfrag_sha256, receiving_key, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_GET = """
+SELECT patient, grantee, wrapped, kfrag_sha256, receiving_key, created_at
+FROM kfrags WHERE patient_key = ? AND grantee_key = ?
+"""
+
+
+@dataclass(frozen=True)
+class StoredKfrag:
+    """A kfrag as the node keeps it: wrapped, with the hash of the clear kfrag."""
+
+    patient: str
+    grantee: str
+    wrapped: bytes = field(repr=False)
+    kfrag_sha256: bytes
+    receiving_key: bytes = field(repr=False)
+    created_at: int
+
+
+def _key(address: str, what: str) -> str:
+    if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
+        raise InvalidRequest(f"{what} must be an address: 0x followed by 40 hex digits")
+    return address.lower()
+
+
+def _check_item(item: StoredKfrag) -> None:
+    if not item.wrapped:
+        raise InvalidRequest("wrapped kfrag is empty")
+    if len(item.kfrag_sha256) != 32:
+        raise InvalidRequest("kfrag_sha256 must be 32 bytes")
+    if not item.receiving_key:
+        raise InvalidRequest("receiving key is empty")
+    if isinstance(item.created_at, bool) or not isinstance(item.created_at, int):
+        raise InvalidRequest("created_at must be an integer (unix seconds)")
+
+
+def _unavailable(e: sqlite3.Error) -> Unavailable:
+    # sqlite's messages ("database is locked", "disk I/O error") hold no data; paths stay out.
+    return Unavailable(f"kfrag store unavailable: {e}")
+
+
+class KfragStore:
+    """Wrapped kfrags by (patient, grantee). Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._path = path
+        try:
+            # Who may read a patient's records is itself sensitive: owner-only file. SQLite
+            # gives its -wal and -shm files the mode of the database file.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except OSError as e:
+            raise Unavailable(f"cannot open the kfrag store: {e.strerror}") from e
+        except sqlite3.Error as e:
+            raise _unavailable(e) from e
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")  # other node processes may write
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")
+            self._migrate(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise _unavailable(e) from e
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        # IMMEDIATE takes the write lock first, so two processes cannot both create the schema.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version == 0:
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise PreconditionFailed(
+                    f"kfrag store has schema version {version}; this node knows {SCHEMA_VERSION}"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def __repr__(self) -> str:
+        return f"KfragStore({str(self._path)!r})"
+
+    def _connection(self) -> sqlite3.Connection:
+        """Caller holds the lock."""
+        if self._conn is None:
+            raise Unavailable("kfrag store is closed")
+        return self._conn
+
+    def put(self, item: StoredKfrag) -> None:
+        """Store ``item``, replacing any kfrag for (patient, grantee); durable on return."""
+        keys = (_key(item.patient, "patient"), _key(item.grantee, "grantee"))
+        _check_item(item)
+        with self._lock:
+            try:
+                self._connection().execute(
+                    _PUT,
+                    (
+                        *keys,
+                        item.patient,
+                        item.grantee,
+                        bytes(item.wrapped),
+                        bytes(item.kfrag_sha256),
+                        bytes(item.receiving_key),
+                        item.created_at,
+                    ),
+                )
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+
+    def get(self, patient: str, grantee: str) -> StoredKfrag | None:
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"))
+        with self._lock:
+            try:
+                row = self._connection().execute(_GET, keys).fetchone()
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return None if row is None else StoredKfrag(*row)
+
+    def delete(self, patient: str, grantee: str) -> bool:
+        """Remove the kfrag for (patient, grantee); False if there was none."""
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"))
+        with self._lock:
+            try:
+                cursor = self._connection().execute(
+                    "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?", keys
+                )
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return cursor.rowcount > 0
+
+    def count(self) -> int:
+        with self._lock:
+            try:
+                (n,) = self._connection().execute("SELECT count(*) FROM kfrags").fetchone()
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

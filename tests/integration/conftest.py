@@ -1,0 +1,83 @@
+"""The real local cluster (anvil + registry, five SoftHSM-backed nodes, the
+coordinator, gRPC over TCP), started once for the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from medkms.clients.identity import Identity
+from medkms.clients.patient import PatientClient, StoredRecord
+from medkms.clients.provider import ProviderClient
+from medkms.contracts.registry import RegistryClient
+from medkms.core.record_types import RecordType
+from medkms.deploy.anvil import set_balance
+from medkms.deploy.demo import diagnosis, lab_result
+from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    state_dir: Path = tmp_path_factory.mktemp("cluster")
+    cluster = LocalCluster.up(state_dir, nodes=5, threshold=3)
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def registry(cluster: LocalCluster) -> RegistryClient:
+    return cluster.registry()
+
+
+@dataclass
+class People:
+    """A fresh patient with two records and a fresh provider, for one test."""
+
+    cluster: LocalCluster
+    registry: RegistryClient
+    patient: PatientClient
+    doctor: Identity
+    lab: StoredRecord
+    condition: StoredRecord
+
+    def new_identity(self, name: str, *, provider: bool = False) -> Identity:
+        identity = Identity.generate(name)
+        set_balance(self.cluster.rpc_url, identity.address, FUNDING_WEI)
+        if provider:
+            admin = self.cluster.identity("admin")
+            self.registry.grant_provider_role(admin.account, identity.address)
+        return identity
+
+    def grant_doctor(self, types: list[RecordType] | None = None, duration_s: int = 3600) -> None:
+        self.patient.grant(
+            self.doctor.address,
+            self.doctor.umbral_public_key(),
+            types or [RecordType.LAB_RESULT],
+            duration_s=duration_s,
+            threshold=self.cluster.threshold,
+        )
+
+    def provider(self, identity: Identity | None = None) -> ProviderClient:
+        return ProviderClient(
+            identity or self.doctor,
+            self.registry,
+            self.cluster.blob_store(),
+            self.cluster.coordinator_address,
+        )
+
+
+@pytest.fixture
+def people(cluster: LocalCluster, registry: RegistryClient) -> People:
+    blank = People(cluster, registry, None, None, None, None)  # type: ignore[arg-type]
+    alice = blank.new_identity("alice")
+    patient = PatientClient(alice, registry, cluster.blob_store())
+    patient.register()
+    lab = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+    condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)
+    doctor = blank.new_identity("dr-bob", provider=True)
+    return People(cluster, registry, patient, doctor, lab, condition)

@@ -1,0 +1,95 @@
+"""Fixtures for the node's key store and kfrag store: real SoftHSM2 tokens in temporary dirs.
+
+All tokens of a test session live in one token directory: the PKCS#11 module reads its
+SOFTHSM2_CONF once per load, so one directory per process is the simple, reliable setup
+(see ``medkms.node.hsm``). Each token gets its own label and test-generated PINs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from medkms.node import hsm
+from medkms.node.keystore import KeyStore, MemoryKeyStore
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass(frozen=True)
+class SoftHsmToken:
+    conf: Path
+    token_dir: Path
+    label: str
+    so_pin: str = field(repr=False)
+    user_pin: str = field(repr=False)
+    module: str = SOFTHSM_MODULE
+
+    def open(self) -> hsm.Pkcs11KeyStore:
+        return hsm.Pkcs11KeyStore.open(
+            self.module, self.label, self.user_pin, softhsm_conf=self.conf
+        )
+
+    def ensure_keys(self) -> None:
+        hsm.ensure_keys(self.module, self.label, self.user_pin, softhsm_conf=self.conf)
+
+
+@dataclass(frozen=True)
+class SoftHsmDir:
+    conf: Path
+    token_dir: Path
+
+    def new_token(self, *, keys: bool = True) -> SoftHsmToken:
+        token = SoftHsmToken(
+            conf=self.conf,
+            token_dir=self.token_dir,
+            label=f"test-{secrets.token_hex(6)}",
+            so_pin=secrets.token_hex(8),
+            user_pin=secrets.token_hex(8),
+        )
+        hsm.init_softhsm_token(
+            softhsm_conf=token.conf,
+            token_dir=token.token_dir,
+            module_path=token.module,
+            token_label=token.label,
+            so_pin=token.so_pin,
+            user_pin=token.user_pin,
+        )
+        if keys:
+            token.ensure_keys()
+        return token
+
+
+@pytest.fixture(scope="session")
+def softhsm_dir(tmp_path_factory: pytest.TempPathFactory) -> SoftHsmDir:
+    root = tmp_path_factory.mktemp("softhsm")
+    return SoftHsmDir(conf=root / "softhsm2.conf", token_dir=root / "tokens")
+
+
+@pytest.fixture(scope="session")
+def provisioned_token(softhsm_dir: SoftHsmDir) -> SoftHsmToken:
+    """One token with the node's keys, shared by tests that do not change it."""
+    return softhsm_dir.new_token()
+
+
+@pytest.fixture
+def hsm_store(provisioned_token: SoftHsmToken) -> Iterator[hsm.Pkcs11KeyStore]:
+    store = provisioned_token.open()
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("softhsm", marks=pytest.mark.softhsm)])
+def keystore(request: pytest.FixtureRequest) -> Iterator[KeyStore]:
+    """Every KeyStore implementation: the conformance suite runs once per backend."""
+    store: KeyStore
+    if request.param == "memory":
+        store = MemoryKeyStore()
+    else:
+        store = request.getfixturevalue("provisioned_token").open()
+    yield store
+    store.close()

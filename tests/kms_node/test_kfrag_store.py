@@ -1,0 +1,240 @@
+"""KfragStore over SQLite: behaviour, persistence, and durability across kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
+from medkms.node.kfrag_store import SCHEMA_VERSION, KfragStore, StoredKfrag
+
+PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
+GRANTEE = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
+OTHER_GRANTEE = "0x4B20993Bc481177ec7E8f571ceCaE8A9e22C02db"
+
+
+def _item(patient: str = PATIENT, grantee: str = GRANTEE, n: int = 1) -> StoredKfrag:
+    return StoredKfrag(
+        patient=patient,
+        grantee=grantee,
+        wrapped=bytes([n]) * 338,
+        kfrag_sha256=bytes([n]) * 32,
+        receiving_key=b"\x02" + bytes([n]) * 32,
+        created_at=1_700_000_000 + n,
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "kfrags.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[KfragStore]:
+    kfrags = KfragStore(db_path)
+    yield kfrags
+    kfrags.close()
+
+
+def test_roundtrip(store: KfragStore) -> None:
+    item = _item()
+    store.put(item)
+    assert store.get(PATIENT, GRANTEE) == item
+    assert store.count() == 1
+
+
+def test_missing_is_none(store: KfragStore) -> None:
+    assert store.get(PATIENT, GRANTEE) is None
+    store.put(_item())
+    assert store.get(PATIENT, OTHER_GRANTEE) is None
+    assert store.get(GRANTEE, PATIENT) is None
+
+
+def test_addresses_match_in_any_case(store: KfragStore) -> None:
+    store.put(_item())
+    found = store.get(PATIENT.lower(), GRANTEE.upper().replace("0X", "0x"))
+    assert found == _item()  # returned as stored: checksummed
+
+
+def test_put_replaces_the_kfrag_for_the_pair(store: KfragStore) -> None:
+    store.put(_item(n=1))
+    store.put(_item(patient=PATIENT.lower(), n=2))
+    store.put(_item(grantee=OTHER_GRANTEE, n=3))
+    assert store.count() == 2
+    assert store.get(PATIENT, GRANTEE) == _item(patient=PATIENT.lower(), n=2)
+    assert store.get(PATIENT, OTHER_GRANTEE) == _item(grantee=OTHER_GRANTEE, n=3)
+
+
+def test_delete(store: KfragStore) -> None:
+    store.put(_item())
+    store.put(_item(grantee=OTHER_GRANTEE))
+    assert store.delete(PATIENT, GRANTEE) is True
+    assert store.delete(PATIENT, GRANTEE) is False
+    assert store.get(PATIENT, GRANTEE) is None
+    assert store.get(PATIENT, OTHER_GRANTEE) is not None
+    assert store.count() == 1
+
+
+def test_persists_across_reopen(db_path: Path) -> None:
+    first = KfragStore(db_path)
+    first.put(_item())
+    first.close()
+    second = KfragStore(db_path)
+    try:
+        assert second.get(PATIENT, GRANTEE) == _item()
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize(
+    ("patient", "grantee"),
+    [
+        ("did:ethr:" + PATIENT, GRANTEE),
+        (PATIENT, GRANTEE[:-1]),
+        (PATIENT[2:], GRANTEE),
+        (PATIENT, GRANTEE + "0"),
+        (PATIENT, "0x" + "g" * 40),
+    ],
+)
+def test_refuses_malformed_addresses(store: KfragStore, patient: str, grantee: str) -> None:
+    with pytest.raises(InvalidRequest, match="address"):
+        store.put(_item(patient=patient, grantee=grantee))
+    with pytest.raises(InvalidRequest, match="address"):
+        store.get(patient, grantee)
+    with pytest.raises(InvalidRequest, match="address"):
+        store.delete(patient, grantee)
+
+
+def test_refuses_a_malformed_item(store: KfragStore) -> None:
+    item = _item()
+    for bad in (
+        StoredKfrag(PATIENT, GRANTEE, b"", item.kfrag_sha256, item.receiving_key, 1),
+        StoredKfrag(PATIENT, GRANTEE, item.wrapped, b"\x00" * 31, item.receiving_key, 1),
+        StoredKfrag(PATIENT, GRANTEE, item.wrapped, item.kfrag_sha256, b"", 1),
+    ):
+        with pytest.raises(InvalidRequest):
+            store.put(bad)
+    assert store.count() == 0
+
+
+def test_repr_has_no_key_material() -> None:
+    text = repr(_item())
+    assert PATIENT in text
+    assert "wrapped" not in text and "receiving_key" not in text
+
+
+def test_schema_is_versioned_wal_and_private(store: KfragStore, db_path: Path) -> None:
+    check = sqlite3.connect(db_path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        check.close()
+    assert store._conn is not None
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+def test_refuses_an_unknown_schema_version(db_path: Path) -> None:
+    KfragStore(db_path).close()
+    newer = sqlite3.connect(db_path)
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.close()
+    with pytest.raises(PreconditionFailed, match="schema version"):
+        KfragStore(db_path)
+
+
+def test_closed_store_refuses(store: KfragStore) -> None:
+    store.close()
+    with pytest.raises(Unavailable, match="closed"):
+        store.get(PATIENT, GRANTEE)
+    store.close()  # idempotent
+
+
+def test_unreadable_path_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(Unavailable):
+        KfragStore(tmp_path / "missing-dir" / "kfrags.sqlite3")
+
+
+def test_concurrent_use_from_eight_threads(store: KfragStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(50):
+                grantee = f"0x{n * 1000 + i:040x}"
+                item = _item(grantee=grantee, n=i % 256)
+                store.put(item)
+                assert store.get(PATIENT, grantee) == item
+                if i % 2:
+                    assert store.delete(PATIENT, grantee)
+        except BaseException as e:  # collected and re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.count() == 8 * 25
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from medkms.node.kfrag_store import KfragStore, StoredKfrag
+
+store = KfragStore(Path(sys.argv[1]))
+for i in range(100_000):
+    store.put(StoredKfrag(
+        patient="0x5B38Da6a701c568545dCfcB03FcB875f56beddC4",
+        grantee="0x%040x" % i,
+        wrapped=i.to_bytes(4, "big") * 80,
+        kfrag_sha256=bytes(32),
+        receiving_key=b"\\x02" + bytes(32),
+        created_at=i,
+    ))
+    print("ok", i, flush=True)
+"""
+
+
+def test_acknowledged_puts_survive_kill_9(db_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(db_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    acknowledged = -1
+    try:
+        while acknowledged < 25:
+            line = child.stdout.readline()
+            assert line.startswith("ok "), f"child said {line!r}"
+            acknowledged = int(line.split()[1])
+        # Killed right after reading "ok": the child is mid-way through further puts.
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+    store = KfragStore(db_path)
+    try:
+        for i in range(acknowledged + 1):
+            found = store.get(PATIENT, f"0x{i:040x}")
+            assert found is not None, f"acknowledged put {i} lost"
+            assert found.wrapped == i.to_bytes(4, "big") * 80
+        assert store.count() >= acknowledged + 1
+    finally:
+        store.close()
