@@ -1,0 +1,169 @@
+"""Bad input to every RPC of every service gets INVALID_ARGUMENT with a message
+a person can act on, and the server goes on serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import umbral_pre as umbral
+
+from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_grpc
+from medkms.proto.rpc import MAX_MESSAGE_BYTES
+
+pytestmark = pytest.mark.cluster
+
+NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt"]
+COORDINATOR_METHODS = ["GetClusterInfo", "Reencrypt"]
+
+# Bytes that are not a protobuf message at all, and a string field (field 1,
+# request_id) holding invalid UTF-8.
+GARBAGE = b"\xff\xff\xff\xff\x0f garbage"
+BAD_UTF8 = b"\x0a\x02\xff\xfe"
+
+
+@pytest.fixture(scope="module")
+def node_channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def coordinator_channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(cluster.coordinator_address) as channel:
+        yield channel
+
+
+def _raw_call(channel: grpc.Channel, service: str, method: str, payload: bytes) -> grpc.RpcError:
+    call = channel.unary_unary(f"/kms.v1.{service}/{method}")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(payload, timeout=5)
+    return caught.value
+
+
+def _valid_request() -> common_pb2.ReencryptionRequest:
+    """Well-formed in every field (but for no anchored record)."""
+    capsule, _ = umbral.encrypt(umbral.SecretKey.random().public_key(), b"k" * 32)
+    return common_pb2.ReencryptionRequest(
+        request_id="bad-input-test",
+        patient=b"\x11" * 20,
+        record_id=b"\x01" * 32,
+        capsule=bytes(capsule),
+        requester=b"\x22" * 20,
+        requester_umbral_key=bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()),
+        purpose_of_use="TREAT",
+    )
+
+
+# GetNodeInfoRequest has no fields: BAD_UTF8's field 1 is an unknown field there,
+# which protobuf accepts, so that pair is not a bad request.
+UNDECODABLE = [(m, GARBAGE) for m in NODE_METHODS] + [
+    (m, BAD_UTF8) for m in NODE_METHODS if m != "GetNodeInfo"
+]
+
+
+@pytest.mark.parametrize(("method", "payload"), UNDECODABLE)
+def test_node_rejects_undecodable_requests(
+    node_channel: grpc.Channel, method: str, payload: bytes
+) -> None:
+    error = _raw_call(node_channel, "KmsNode", method, payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Where field 1 is bytes rather than a string, the bad UTF-8 parses and the
+    # field check names it instead.
+    assert "is not a valid kms.v1." in error.details() or "must be" in error.details()
+
+
+@pytest.mark.parametrize("payload", [GARBAGE, BAD_UTF8], ids=["garbage", "bad-utf8"])
+def test_coordinator_rejects_undecodable_requests(
+    coordinator_channel: grpc.Channel, payload: bytes
+) -> None:
+    error = _raw_call(coordinator_channel, "Coordinator", "Reencrypt", payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a valid kms.v1.ReencryptionRequest message" in error.details()
+    error = _raw_call(coordinator_channel, "Coordinator", "GetClusterInfo", GARBAGE)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("capsule", b"\x00" * 105, "not a valid Umbral capsule"),
+        ("capsule", b"", "capsule must be 105 bytes"),
+        ("capsule", b"\x07" * 100_000, "capsule must be 105 bytes"),
+        ("patient", b"\x11" * 21, "patient must be a 20-byte address"),
+        ("record_id", b"", "record_id must be 32 bytes"),
+        ("requester_umbral_key", b"\x05" * 33, "requester_umbral_key is not a compressed"),
+        ("purpose_of_use", "X" * 5000, "is not one of"),
+        ("request_id", "a" * 1000, "request_id must be"),
+    ],
+)
+@pytest.mark.parametrize("target", ["node", "coordinator"])
+def test_bad_fields_are_invalid_argument(
+    node_channel: grpc.Channel,
+    coordinator_channel: grpc.Channel,
+    target: str,
+    field: str,
+    value: object,
+    fragment: str,
+) -> None:
+    request = _valid_request()
+    setattr(request, field, value)
+    channel, service = (
+        (node_channel, "KmsNode") if target == "node" else (coordinator_channel, "Coordinator")
+    )
+    error = _raw_call(channel, service, "Reencrypt", request.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in error.details()
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "fragment"),
+    [
+        ({"patient": b"\x11" * 20, "grantee": b"\x22" * 20, "kfrag": GARBAGE}, "kfrag must be 310"),
+        (
+            {"patient": b"\x11" * 20, "grantee": b"\x22" * 20, "kfrag": b"\x00" * 310},
+            "not a valid Umbral key fragment",
+        ),
+        ({"patient": b"", "grantee": b"\x22" * 20, "kfrag": b""}, "patient must be a 20-byte"),
+        ({"patient": b"\x11" * 20, "grantee": b"\x11" * 20, "kfrag": b""}, "grantee must differ"),
+    ],
+)
+def test_bad_enrollments_are_invalid_argument(
+    node_channel: grpc.Channel, request_fields: dict[str, bytes], fragment: str
+) -> None:
+    payload = node_pb2.EnrollKeyFragmentRequest(**request_fields).SerializeToString()
+    error = _raw_call(node_channel, "KmsNode", "EnrollKeyFragment", payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in error.details()
+
+
+def test_messages_over_the_size_bound_are_refused_before_parsing(
+    node_channel: grpc.Channel,
+) -> None:
+    request = _valid_request()
+    request.capsule = b"\x07" * (MAX_MESSAGE_BYTES + 1)
+    error = _raw_call(node_channel, "KmsNode", "Reencrypt", request.SerializeToString())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_servers_keep_serving_after_bad_input(
+    node_channel: grpc.Channel, coordinator_channel: grpc.Channel, cluster: LocalCluster
+) -> None:
+    for payload in [GARBAGE, BAD_UTF8, b"\x00" * 1000]:
+        for method in NODE_METHODS:
+            try:
+                node_channel.unary_unary(f"/kms.v1.KmsNode/{method}")(payload, timeout=5)
+            except grpc.RpcError as e:
+                assert e.code() != grpc.StatusCode.INTERNAL
+    info = node_pb2_grpc.KmsNodeStub(node_channel).GetNodeInfo(
+        node_pb2.GetNodeInfoRequest(), timeout=5
+    )
+    assert info.node_id == cluster.nodes[0].node_id
+    cluster_info = coordinator_channel.unary_unary(
+        "/kms.v1.Coordinator/GetClusterInfo",
+        request_serializer=coordinator_pb2.GetClusterInfoRequest.SerializeToString,
+        response_deserializer=coordinator_pb2.ClusterInfo.FromString,
+    )(coordinator_pb2.GetClusterInfoRequest(), timeout=5)
+    assert cluster_info.threshold == cluster.threshold

@@ -1,0 +1,132 @@
+"""What operators and tools see: health, reflection, node info, metrics, enrollment checks."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+import umbral_pre as umbral
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from medkms.core.errors import AccessDenied
+from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.kms.v1 import node_pb2, node_pb2_grpc
+from tests.integration.conftest import People
+
+pytestmark = pytest.mark.cluster
+
+
+def _addresses(cluster: LocalCluster) -> list[tuple[str, str]]:
+    nodes = [(n.address, "kms.v1.KmsNode") for n in cluster.nodes]
+    return [*nodes, (cluster.coordinator_address, "kms.v1.Coordinator")]
+
+
+def test_every_service_reports_health_and_lists_itself_by_reflection(
+    cluster: LocalCluster,
+) -> None:
+    for address, service in _addresses(cluster):
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            names = {s.name for r in replies for s in r.list_services_response.service}
+            assert {service, "grpc.health.v1.Health"} <= names
+
+
+def test_node_info_matches_the_registry(cluster: LocalCluster) -> None:
+    registered = {n.node_id: n for n in cluster.registry().list_nodes()}
+    for node in cluster.nodes:
+        with grpc.insecure_channel(node.address) as channel:
+            info = node_pb2_grpc.KmsNodeStub(channel).GetNodeInfo(
+                node_pb2.GetNodeInfoRequest(), timeout=5
+            )
+        assert info.node_id == node.node_id
+        assert info.signing_public_key == registered[node.node_id].signing_public_key
+        assert info.registry_address.hex() == cluster.registry_address[2:].lower()
+        key = load_der_public_key(info.signing_public_key)
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        assert isinstance(key.curve, ec.SECP256R1)
+        assert info.signing_algorithm == "ecdsa-p256-sha256"
+
+
+def _metric(cluster: LocalCluster, node_index: int, line_prefix: str) -> float:
+    body = urllib.request.urlopen(cluster.nodes[node_index].metrics_url, timeout=5).read()
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(line_prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_by_outcome(people: People, cluster: LocalCluster) -> None:
+    ok = 'kms_node_requests_total{method="Reencrypt",outcome="ok"}'
+    denied = 'kms_node_requests_total{method="Reencrypt",outcome="permission_denied"}'
+    before_ok = sum(_metric(cluster, i, ok) for i in range(5))
+    before_denied = sum(_metric(cluster, i, denied) for i in range(5))
+    with people.provider() as doctor:
+        with pytest.raises(AccessDenied, match="not granted"):
+            doctor.read_record(people.lab.record_id)
+        people.grant_doctor()
+        doctor.read_record(people.lab.record_id)
+    assert sum(_metric(cluster, i, denied) for i in range(5)) >= before_denied + 3
+    assert sum(_metric(cluster, i, ok) for i in range(5)) >= before_ok + 3
+    assert _metric(cluster, 0, "kms_node_kfrags_stored") >= 1
+
+
+def test_enrollment_of_a_kfrag_not_signed_by_the_patient_is_unauthenticated(
+    people: People, cluster: LocalCluster
+) -> None:
+    people.grant_doctor()
+    mallory = umbral.SecretKey.random()
+    forged = umbral.generate_kfrags(
+        delegating_sk=mallory,
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(people.doctor.umbral_public_key()),
+        signer=umbral.Signer(mallory),
+        threshold=1,
+        shares=1,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )[0]
+    request = node_pb2.EnrollKeyFragmentRequest(
+        patient=bytes.fromhex(people.patient.identity.address[2:]),
+        grantee=bytes.fromhex(people.doctor.address[2:]),
+        kfrag=bytes(forged),
+    )
+    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            node_pb2_grpc.KmsNodeStub(channel).EnrollKeyFragment(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "does not verify against the patient's registered keys" in caught.value.details()
+
+
+def test_enrollment_without_a_grant_on_chain_is_a_failed_precondition(
+    people: People, cluster: LocalCluster
+) -> None:
+    alice = people.patient.identity
+    kfrag = umbral.generate_kfrags(
+        delegating_sk=alice.umbral_secret_key(),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(people.doctor.umbral_public_key()),
+        signer=alice.kfrag_signer(),
+        threshold=1,
+        shares=1,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )[0]
+    request = node_pb2.EnrollKeyFragmentRequest(
+        patient=bytes.fromhex(alice.address[2:]),
+        grantee=bytes.fromhex(people.doctor.address[2:]),
+        kfrag=bytes(kfrag),
+    )
+    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            node_pb2_grpc.KmsNodeStub(channel).EnrollKeyFragment(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "write the grant first" in caught.value.details()
