@@ -1,0 +1,484 @@
+"""The web3 adapter for the registry contract (``contracts/src/Registry.sol``).
+
+Everything on-chain goes through ``RegistryClient``. No web3, eth-* or requests exception
+leaves this module: transport trouble becomes ``ChainUnavailable``, a revert becomes
+``ChainRejected`` whose ``reason`` is the contract's custom error name (decoded by matching the
+4-byte selector against the ABI), and malformed arguments are refused with ``InvalidRequest``
+before anything is sent.
+
+Transactions are signed locally with the ``LocalAccount`` passed to each call; the client keeps
+no key and its repr shows only the chain endpoint and the contract address.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import eth_abi.exceptions
+import eth_utils.exceptions
+import requests
+from eth_abi.abi import decode as abi_decode
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils.abi import collapse_if_tuple
+from eth_utils.address import is_address
+from web3 import Web3
+from web3.contract.contract import Contract, ContractConstructor, ContractFunction
+from web3.exceptions import (
+    BadFunctionCallOutput,
+    ContractLogicError,
+    MethodUnavailable,
+    RequestTimedOut,
+    TimeExhausted,
+    Web3Exception,
+    Web3RPCError,
+)
+from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
+
+from medkms.contracts.build import load_artifact
+from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
+from medkms.core.record_types import ALL_TYPES_MASK, RecordType
+from medkms.core.registry_types import AccessState, GrantInfo, NodeInfo, PatientInfo, RecordInfo
+
+# The value types live in core (the policy judges them without importing web3); re-exported
+# here because this adapter is what produces them.
+__all__ = [
+    "AccessState",
+    "GrantInfo",
+    "NodeInfo",
+    "PatientInfo",
+    "RecordInfo",
+    "RegistryClient",
+]
+
+PROVIDER_ROLE = Web3.keccak(text="PROVIDER_ROLE")
+NODE_ADMIN_ROLE = Web3.keccak(text="NODE_ADMIN_ROLE")
+
+# Limits the contract enforces; checked here too so that bad input never costs a round trip.
+COMPRESSED_POINT_BYTES = 33
+MAX_STORAGE_URI_BYTES = 256
+MAX_NODE_ID_BYTES = 32
+MAX_ENDPOINT_BYTES = 256
+MAX_SIGNING_KEY_BYTES = 256
+_UINT64_MAX = 2**64 - 1
+_ZERO_ADDRESS = "0x" + "00" * 20
+_ZERO_32 = b"\x00" * 32
+
+# Anything the web3 stack raises once a request is under way; see _Chain.translate().
+_CHAIN_ERRORS: tuple[type[BaseException], ...] = (
+    Web3Exception,
+    requests.RequestException,
+    OSError,
+    ValueError,  # malformed JSON, bad hex in an answer
+    eth_utils.exceptions.ValidationError,
+    eth_abi.exceptions.DecodingError,
+)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _address(value: object, what: str) -> ChecksumAddress:
+    # is_address also rejects mixed-case addresses whose EIP-55 checksum is wrong.
+    if not isinstance(value, str) or not is_address(value):
+        raise InvalidRequest(f"{what} is not an Ethereum address: {value!r}")
+    return Web3.to_checksum_address(value)
+
+
+def _bytes32(value: object, what: str, *, nonzero: bool = True) -> bytes:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise InvalidRequest(f"{what} must be 32 bytes")
+    if nonzero and value == _ZERO_32:
+        raise InvalidRequest(f"{what} must not be all zeros")
+    return value
+
+
+def _compressed_point(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != COMPRESSED_POINT_BYTES:
+        raise InvalidRequest(f"{what} must be a {COMPRESSED_POINT_BYTES}-byte compressed point")
+    if value[0] not in (2, 3):
+        raise InvalidRequest(f"{what} must start with 0x02 or 0x03 (compressed point)")
+    return value
+
+
+def _text(value: object, what: str, max_bytes: int) -> str:
+    if not isinstance(value, str) or not 1 <= len(value.encode("utf-8")) <= max_bytes:
+        raise InvalidRequest(f"{what} must be 1..{max_bytes} bytes of UTF-8 text")
+    return value
+
+
+def _record_type(value: object) -> RecordType:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"record_type must be a RecordType, not {value!r}")
+    try:
+        return RecordType(value)
+    except ValueError:
+        raise InvalidRequest(f"unknown record type {value!r}") from None
+
+
+def _redacted_url(url: str) -> str:
+    """scheme://host:port only: hosted RPC URLs often carry an API key in the path or userinfo."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return "(unparsable URL)"
+
+
+# ------------------------------------------------------------------- transport
+
+
+class _Chain:
+    """One web3 connection plus the translation of its failures; shared by deploy and client."""
+
+    def __init__(self, rpc_url: str, timeout_s: float, abi: list[dict[str, Any]]) -> None:
+        if not isinstance(rpc_url, str) or not rpc_url.startswith(("http://", "https://")):
+            raise InvalidRequest("rpc_url must be an http(s) URL")
+        if timeout_s <= 0:
+            raise InvalidRequest("timeout_s must be positive")
+        self.safe_url = _redacted_url(rpc_url)
+        self.timeout_s = timeout_s
+        provider = Web3.HTTPProvider(
+            rpc_url,
+            request_kwargs={"timeout": timeout_s},
+            # web3 asks eth_chainId before each call unless cached (ARCHITECTURE.md). Only the
+            # chain id is cached: caching blocks or calls would serve stale grant state.
+            cache_allowed_requests=True,
+            cacheable_requests={RPCEndpoint("eth_chainId")},
+            request_cache_validation_threshold=None,
+            # Fail fast: callers own the retry policy (a node refuses when chain state is stale).
+            exception_retry_configuration=None,
+        )
+        self.w3 = Web3(provider)
+        # "validation" re-checks the chain id before every eth_call (one more round trip on
+        # each new thread) and rejects the long extraData of PoA blocks (Besu/QBFT); we sign
+        # with the chain id the node reports anyway. ENS is never used: addresses only.
+        self.w3.middleware_onion.remove("validation")
+        self.w3.middleware_onion.remove("ens_name_to_address")
+        # Pending nonces are only safe if this client sends one transaction at a time per
+        # account; one lock per client keeps it simple (anvil mines each tx immediately).
+        self._send_lock = threading.Lock()
+        self._errors = _error_table(abi)
+
+    @contextmanager
+    def translate(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except KmsError:
+            raise
+        except ContractLogicError as e:
+            raise self._rejected(op, e) from e
+        except TimeExhausted as e:
+            raise ChainUnavailable(
+                f"{op}: transaction not mined within {self.timeout_s}s at {self.safe_url}"
+            ) from e
+        except BadFunctionCallOutput as e:
+            raise ChainUnavailable(
+                f"{op}: no registry contract answered at {self.safe_url} (wrong address?)"
+            ) from e
+        except (MethodUnavailable, RequestTimedOut) as e:
+            raise ChainUnavailable(f"{op}: chain at {self.safe_url} failed: {e.message}") from e
+        except Web3RPCError as e:
+            # The node refused the request itself (nonce, funds, gas): not a contract revert.
+            raise ChainRejected(f"chain refused {op}: {e.message}") from e
+        except _CHAIN_ERRORS as e:
+            # The exception text may contain the full URL (and so an API key): name only.
+            raise ChainUnavailable(
+                f"{op}: chain at {self.safe_url} unavailable ({type(e).__name__})"
+            ) from e
+
+    def _rejected(self, op: str, e: ContractLogicError) -> ChainRejected:
+        data = e.data if isinstance(e.data, str) else ""
+        selector = bytes.fromhex(data[2:10]) if data.startswith("0x") and len(data) >= 10 else b""
+        known = self._errors.get(selector)
+        if known is not None:
+            name, types, names = known
+            detail = name
+            if types:
+                try:
+                    values = abi_decode(types, bytes.fromhex(data[10:]))
+                    args = ", ".join(
+                        f"{n}={_show(t, v)}" for t, n, v in zip(types, names, values, strict=True)
+                    )
+                    detail = f"{name}({args})"
+                except (eth_abi.exceptions.DecodingError, ValueError):
+                    pass
+            return ChainRejected(f"registry rejected {op}: {detail}", reason=name)
+        # Panics and Error(string) are decoded by web3 into its message.
+        message = e.message or "execution reverted"
+        return ChainRejected(f"registry rejected {op}: {message}")
+
+    def call(self, op: str, fn: ContractFunction, block: BlockIdentifier = "latest") -> Any:
+        with self.translate(op):
+            return fn.call(block_identifier=block)
+
+    def transact(
+        self, sender: LocalAccount, op: str, fn: ContractFunction | ContractConstructor
+    ) -> TxReceipt:
+        """Build (web3 estimates gas, surfacing reverts), sign locally, send, wait, check."""
+        if not isinstance(sender, LocalAccount):
+            raise InvalidRequest(f"{op}: sender must be an eth_account LocalAccount")
+        with self.translate(op):
+            with self._send_lock:
+                params: TxParams = {
+                    "from": sender.address,
+                    "chainId": self.w3.eth.chain_id,
+                    "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+                }
+                tx = fn.build_transaction(params)
+                signed = sender.sign_transaction(tx)  # type: ignore[arg-type]
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = self.w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=self.timeout_s, poll_latency=0.05
+            )
+        if receipt["status"] != 1:
+            # Estimation passed but execution reverted: the state changed in between.
+            raise ChainRejected(
+                f"registry rejected {op}: transaction {Web3.to_hex(tx_hash)} reverted"
+            )
+        return receipt
+
+
+def _show(abi_type: str, value: Any) -> str:
+    if abi_type == "address":
+        return str(Web3.to_checksum_address(value))
+    if isinstance(value, bytes):
+        return str(Web3.to_hex(value))
+    return str(value)
+
+
+def _error_table(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str], list[str]]]:
+    """4-byte selector -> (custom error name, argument types, argument names)."""
+    table: dict[bytes, tuple[str, list[str], list[str]]] = {}
+    for entry in abi:
+        if entry.get("type") != "error":
+            continue
+        types = [collapse_if_tuple(i) for i in entry.get("inputs", [])]
+        names = [str(i.get("name", "")) for i in entry.get("inputs", [])]
+        signature = f"{entry['name']}({','.join(types)})"
+        table[Web3.keccak(text=signature)[:4]] = (entry["name"], types, names)
+    return table
+
+
+# ---------------------------------------------------------------------- client
+
+
+class RegistryClient:
+    """Typed access to one deployed registry; safe to share between threads."""
+
+    def __init__(self, rpc_url: str, address: str, *, timeout_s: float = 10.0) -> None:
+        self.address: ChecksumAddress = _address(address, "registry address")
+        self.rpc_url = rpc_url
+        abi = load_artifact()["abi"]
+        self._chain = _Chain(rpc_url, timeout_s, abi)
+        self._contract: Contract = self._chain.w3.eth.contract(
+            address=self.address,
+            abi=abi,
+            decode_tuples=True,  # structs come back as named tuples
+        )
+
+    def __repr__(self) -> str:
+        return f"RegistryClient(rpc_url={self._chain.safe_url!r}, address={self.address!r})"
+
+    @classmethod
+    def deploy(
+        cls, rpc_url: str, deployer: LocalAccount, *, timeout_s: float = 10.0
+    ) -> RegistryClient:
+        """Deploy a fresh registry; the deployer becomes admin and node admin."""
+        artifact = load_artifact()
+        chain = _Chain(rpc_url, timeout_s, artifact["abi"])
+        factory = chain.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        receipt = chain.transact(deployer, "deploy", factory.constructor())
+        address = receipt.get("contractAddress")
+        if not address:
+            raise ChainUnavailable("deploy: the receipt names no contract address")
+        return cls(rpc_url, address, timeout_s=timeout_s)
+
+    # ---------------------------------------------------------------- chain
+
+    def chain_id(self) -> int:
+        with self._chain.translate("chain_id"):
+            return int(self._chain.w3.eth.chain_id)
+
+    def latest_block(self) -> tuple[int, int]:
+        """(number, timestamp) of the latest block."""
+        with self._chain.translate("latest_block"):
+            block = self._chain.w3.eth.get_block("latest")
+            return int(block["number"]), int(block["timestamp"])
+
+    # --------------------------------------------------------- transactions
+
+    def _transact(self, sender: LocalAccount, op: str, fn: ContractFunction) -> str:
+        receipt = self._chain.transact(sender, op, fn)
+        return Web3.to_hex(receipt["transactionHash"])
+
+    def grant_provider_role(self, admin: LocalAccount, provider: str) -> str:
+        fn = self._contract.functions.grantRole(PROVIDER_ROLE, _address(provider, "provider"))
+        return self._transact(admin, "grantRole", fn)
+
+    def register_patient(
+        self, patient: LocalAccount, umbral_public_key: bytes, verifying_key: bytes
+    ) -> str:
+        fn = self._contract.functions.registerPatient(
+            _compressed_point(umbral_public_key, "umbral_public_key"),
+            _compressed_point(verifying_key, "verifying_key"),
+        )
+        return self._transact(patient, "registerPatient", fn)
+
+    def anchor_record(
+        self,
+        sender: LocalAccount,
+        *,
+        record_id: bytes,
+        patient: str,
+        content_hash: bytes,
+        storage_uri: str,
+        record_type: RecordType,
+        capsule_hash: bytes,
+    ) -> str:
+        fn = self._contract.functions.anchorRecord(
+            _bytes32(record_id, "record_id"),
+            _address(patient, "patient"),
+            _bytes32(content_hash, "content_hash"),
+            _text(storage_uri, "storage_uri", MAX_STORAGE_URI_BYTES),
+            int(_record_type(record_type)),
+            _bytes32(capsule_hash, "capsule_hash"),
+        )
+        return self._transact(sender, "anchorRecord", fn)
+
+    def deactivate_record(self, patient: LocalAccount, record_id: bytes) -> str:
+        fn = self._contract.functions.deactivateRecord(_bytes32(record_id, "record_id"))
+        return self._transact(patient, "deactivateRecord", fn)
+
+    def grant_access(
+        self,
+        patient: LocalAccount,
+        *,
+        grantee: str,
+        grantee_umbral_key: bytes,
+        expires_at: int,
+        allowed_types_mask: int,
+    ) -> str:
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int):
+            raise InvalidRequest("expires_at must be an int (unix seconds)")
+        if not 0 < expires_at <= _UINT64_MAX:
+            raise InvalidRequest("expires_at out of range")
+        if isinstance(allowed_types_mask, bool) or not isinstance(allowed_types_mask, int):
+            raise InvalidRequest("allowed_types_mask must be an int")
+        if allowed_types_mask == 0 or allowed_types_mask & ~ALL_TYPES_MASK:
+            raise InvalidRequest(
+                f"allowed_types_mask must be a nonzero subset of {ALL_TYPES_MASK:#x}"
+            )
+        fn = self._contract.functions.grantAccess(
+            _address(grantee, "grantee"),
+            _compressed_point(grantee_umbral_key, "grantee_umbral_key"),
+            expires_at,
+            allowed_types_mask,
+        )
+        return self._transact(patient, "grantAccess", fn)
+
+    def revoke_access(self, patient: LocalAccount, grantee: str) -> str:
+        fn = self._contract.functions.revokeAccess(_address(grantee, "grantee"))
+        return self._transact(patient, "revokeAccess", fn)
+
+    def register_node(
+        self, admin: LocalAccount, *, node_id: str, endpoint: str, signing_public_key: bytes
+    ) -> str:
+        key = signing_public_key
+        if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_SIGNING_KEY_BYTES:
+            raise InvalidRequest(f"signing_public_key must be 1..{MAX_SIGNING_KEY_BYTES} bytes")
+        fn = self._contract.functions.registerNode(
+            _text(node_id, "node_id", MAX_NODE_ID_BYTES),
+            _text(endpoint, "endpoint", MAX_ENDPOINT_BYTES),
+            key,
+        )
+        return self._transact(admin, "registerNode", fn)
+
+    def set_node_active(self, admin: LocalAccount, *, node_id: str, active: bool) -> str:
+        fn = self._contract.functions.setNodeActive(
+            _text(node_id, "node_id", MAX_NODE_ID_BYTES), bool(active)
+        )
+        return self._transact(admin, "setNodeActive", fn)
+
+    # ---------------------------------------------------------------- views
+
+    def get_patient(self, address: str) -> PatientInfo | None:
+        patient = _address(address, "patient")
+        p = self._chain.call("getPatient", self._contract.functions.getPatient(patient))
+        if len(p.umbralKey) == 0:
+            return None
+        return PatientInfo(patient, bytes(p.umbralKey), bytes(p.verifyingKey))
+
+    def get_record(self, record_id: bytes) -> RecordInfo | None:
+        rid = _bytes32(record_id, "record_id", nonzero=False)
+        r = self._chain.call("getRecord", self._contract.functions.getRecord(rid))
+        with self._chain.translate("getRecord"):
+            return _record(rid, r)
+
+    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
+        p, g = _address(patient, "patient"), _address(grantee, "grantee")
+        grant = self._chain.call("getGrant", self._contract.functions.getGrant(p, g))
+        return _grant(p, g, grant)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        """All registered nodes (active or not), read at one block so the list is consistent."""
+        with self._chain.translate("list_nodes"):
+            block = self._chain.w3.eth.block_number
+        count = self._chain.call("nodeCount", self._contract.functions.nodeCount(), block)
+        nodes = []
+        for i in range(int(count)):
+            n = self._chain.call("getNode", self._contract.functions.getNode(i), block)
+            if n.nodeId:
+                nodes.append(NodeInfo(n.nodeId, n.endpoint, bytes(n.signingKey), bool(n.active)))
+        return nodes
+
+    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+        """Record, grant (record's patient -> grantee) and the block judged at: one eth_call."""
+        rid = _bytes32(record_id, "record_id", nonzero=False)
+        who = _address(grantee, "grantee")
+        record, grant, number, timestamp = self._chain.call(
+            "accessState", self._contract.functions.accessState(rid, who)
+        )
+        with self._chain.translate("accessState"):
+            info = _record(rid, record)
+            return AccessState(
+                record=info,
+                grant=_grant(info.patient, who, grant) if info is not None else None,
+                block_number=int(number),
+                block_timestamp=int(timestamp),
+            )
+
+
+def _record(record_id: bytes, r: Any) -> RecordInfo | None:
+    if r.patient == _ZERO_ADDRESS:
+        return None
+    return RecordInfo(
+        record_id=record_id,
+        patient=Web3.to_checksum_address(r.patient),
+        content_hash=bytes(r.contentHash),
+        storage_uri=str(r.storageUri),
+        record_type=RecordType(r.recordType),
+        capsule_hash=bytes(r.capsuleHash),
+        creator=Web3.to_checksum_address(r.creator),
+        active=bool(r.active),
+        created_at=int(r.createdAt),
+    )
+
+
+def _grant(patient: str, grantee: str, g: Any) -> GrantInfo | None:
+    if len(g.granteeUmbralKey) == 0:
+        return None
+    return GrantInfo(
+        patient=patient,
+        grantee=grantee,
+        grantee_umbral_key=bytes(g.granteeUmbralKey),
+        expires_at=int(g.expiresAt),
+        allowed_types_mask=int(g.allowedTypes),
+        active=bool(g.active),
+        granted_at=int(g.grantedAt),
+    )

@@ -1,0 +1,273 @@
+// SPDX-License-Identifier: UNLICENSED
+pragma solidity 0.8.28;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+
+/// @title medkms registry
+/// @notice On-chain control plane of the key service: patients' public keys, record anchors,
+/// access grants and the key-fragment node directory. Holds hashes and metadata, never PHI.
+/// @dev Views return zero structs for unknown items (callers test `patient == address(0)` or an
+/// empty key) so that a node can judge a request with one `eth_call` that never reverts.
+contract Registry is AccessControl {
+    bytes32 public constant PROVIDER_ROLE = keccak256("PROVIDER_ROLE");
+    bytes32 public constant NODE_ADMIN_ROLE = keccak256("NODE_ADMIN_ROLE");
+
+    /// @notice Number of record types (0 diagnosis .. 5 surgery); grants hold them as a bitmask.
+    uint8 public constant RECORD_TYPE_COUNT = 6;
+    uint256 private constant MAX_URI_BYTES = 256;
+    uint256 private constant MAX_NODE_ID_BYTES = 32;
+    uint256 private constant MAX_SIGNING_KEY_BYTES = 256;
+
+    struct Patient {
+        bytes umbralKey; // 33-byte compressed secp256k1 point; empty = not registered
+        bytes verifyingKey; // 33-byte compressed secp256k1 point
+    }
+
+    struct Record {
+        address patient; // address(0) = unknown record
+        uint8 recordType;
+        bool active;
+        uint64 createdAt;
+        address creator;
+        bytes32 contentHash;
+        bytes32 capsuleHash;
+        string storageUri;
+    }
+
+    struct Grant {
+        bytes granteeUmbralKey; // empty = never granted
+        uint64 expiresAt;
+        uint32 allowedTypes;
+        bool active;
+        uint64 grantedAt;
+    }
+
+    struct Node {
+        string nodeId; // empty = unknown node
+        string endpoint;
+        bytes signingKey;
+        bool active;
+    }
+
+    error InvalidUmbralKey();
+    error InvalidVerifyingKey();
+    error PatientAlreadyRegistered();
+    error PatientNotRegistered();
+    error NotPatientOrProvider();
+    error InvalidRecordId();
+    error RecordAlreadyExists();
+    error InvalidContentHash();
+    error InvalidCapsuleHash();
+    error InvalidRecordType();
+    error InvalidStorageUri();
+    error RecordNotFound();
+    error NotRecordPatient();
+    error RecordNotActive();
+    error GranteeNotProvider();
+    error GranteeIsPatient();
+    error ExpiryInPast();
+    error InvalidRecordTypes();
+    error GrantNotActive();
+    error InvalidNodeId();
+    error InvalidEndpoint();
+    error InvalidSigningKey();
+    error NodeAlreadyRegistered();
+    error NodeNotRegistered();
+
+    event PatientRegistered(address indexed patient, bytes umbralKey, bytes verifyingKey);
+    event RecordAnchored(
+        bytes32 indexed recordId,
+        address indexed patient,
+        uint8 recordType,
+        address creator,
+        bytes32 contentHash,
+        bytes32 capsuleHash
+    );
+    event RecordDeactivated(bytes32 indexed recordId, address indexed patient);
+    event AccessGranted(
+        address indexed patient,
+        address indexed grantee,
+        bytes granteeUmbralKey,
+        uint64 expiresAt,
+        uint32 allowedTypes
+    );
+    event AccessRevoked(address indexed patient, address indexed grantee);
+    event NodeRegistered(bytes32 indexed nodeKey, string nodeId, string endpoint, bytes signingKey);
+    event NodeStatusChanged(bytes32 indexed nodeKey, string nodeId, bool active);
+
+    mapping(address => Patient) private _patients;
+    mapping(bytes32 => Record) private _records;
+    mapping(address => mapping(address => Grant)) private _grants; // patient => grantee
+    mapping(bytes32 => Node) private _nodes; // keccak256(nodeId) => node
+    bytes32[] private _nodeKeys;
+
+    constructor() {
+        _grantRole(DEFAULT_ADMIN_ROLE, msg.sender);
+        _grantRole(NODE_ADMIN_ROLE, msg.sender);
+    }
+
+    // ---------------------------------------------------------------- patients
+
+    /// @notice Register the caller as a patient with her Umbral and verifying public keys.
+    function registerPatient(bytes calldata umbralKey, bytes calldata verifyingKey) external {
+        if (!_isCompressedPoint(umbralKey)) revert InvalidUmbralKey();
+        if (!_isCompressedPoint(verifyingKey)) revert InvalidVerifyingKey();
+        Patient storage p = _patients[msg.sender];
+        if (p.umbralKey.length != 0) revert PatientAlreadyRegistered();
+        p.umbralKey = umbralKey;
+        p.verifyingKey = verifyingKey;
+        emit PatientRegistered(msg.sender, umbralKey, verifyingKey);
+    }
+
+    // ----------------------------------------------------------------- records
+
+    /// @notice Anchor an encrypted record; callable by the patient or a provider.
+    function anchorRecord(
+        bytes32 recordId,
+        address patient,
+        bytes32 contentHash,
+        string calldata storageUri,
+        uint8 recordType,
+        bytes32 capsuleHash
+    ) external {
+        if (msg.sender != patient && !hasRole(PROVIDER_ROLE, msg.sender)) {
+            revert NotPatientOrProvider();
+        }
+        if (_patients[patient].umbralKey.length == 0) revert PatientNotRegistered();
+        if (recordId == bytes32(0)) revert InvalidRecordId();
+        if (_records[recordId].patient != address(0)) revert RecordAlreadyExists();
+        if (contentHash == bytes32(0)) revert InvalidContentHash();
+        if (capsuleHash == bytes32(0)) revert InvalidCapsuleHash();
+        if (recordType >= RECORD_TYPE_COUNT) revert InvalidRecordType();
+        uint256 uriLength = bytes(storageUri).length;
+        if (uriLength == 0 || uriLength > MAX_URI_BYTES) revert InvalidStorageUri();
+
+        _records[recordId] = Record({
+            patient: patient,
+            recordType: recordType,
+            active: true,
+            createdAt: uint64(block.timestamp),
+            creator: msg.sender,
+            contentHash: contentHash,
+            capsuleHash: capsuleHash,
+            storageUri: storageUri
+        });
+        emit RecordAnchored(recordId, patient, recordType, msg.sender, contentHash, capsuleHash);
+    }
+
+    /// @notice Deactivate a record for good; nodes then refuse its capsule.
+    function deactivateRecord(bytes32 recordId) external {
+        Record storage r = _records[recordId];
+        if (r.patient == address(0)) revert RecordNotFound();
+        if (r.patient != msg.sender) revert NotRecordPatient();
+        if (!r.active) revert RecordNotActive();
+        r.active = false;
+        emit RecordDeactivated(recordId, msg.sender);
+    }
+
+    // ------------------------------------------------------------------ grants
+
+    /// @notice Grant (or replace the grant of) a provider access to the caller's records.
+    /// @param allowedTypes bitmask with bit `recordType` set per allowed type
+    function grantAccess(
+        address grantee,
+        bytes calldata granteeUmbralKey,
+        uint64 expiresAt,
+        uint32 allowedTypes
+    ) external {
+        if (_patients[msg.sender].umbralKey.length == 0) revert PatientNotRegistered();
+        if (grantee == msg.sender) revert GranteeIsPatient();
+        if (!hasRole(PROVIDER_ROLE, grantee)) revert GranteeNotProvider();
+        if (!_isCompressedPoint(granteeUmbralKey)) revert InvalidUmbralKey();
+        if (expiresAt <= block.timestamp) revert ExpiryInPast();
+        if (allowedTypes == 0 || allowedTypes >= (uint32(1) << RECORD_TYPE_COUNT)) {
+            revert InvalidRecordTypes();
+        }
+        _grants[msg.sender][grantee] = Grant({
+            granteeUmbralKey: granteeUmbralKey,
+            expiresAt: expiresAt,
+            allowedTypes: allowedTypes,
+            active: true,
+            grantedAt: uint64(block.timestamp)
+        });
+        emit AccessGranted(msg.sender, grantee, granteeUmbralKey, expiresAt, allowedTypes);
+    }
+
+    /// @notice Revoke the caller's active grant to `grantee`.
+    function revokeAccess(address grantee) external {
+        Grant storage g = _grants[msg.sender][grantee];
+        if (!g.active) revert GrantNotActive();
+        g.active = false;
+        emit AccessRevoked(msg.sender, grantee);
+    }
+
+    // ------------------------------------------------------------------- nodes
+
+    /// @notice Add a key-fragment node to the directory (active from the start).
+    function registerNode(
+        string calldata nodeId,
+        string calldata endpoint,
+        bytes calldata signingKey
+    ) external onlyRole(NODE_ADMIN_ROLE) {
+        uint256 idLength = bytes(nodeId).length;
+        if (idLength == 0 || idLength > MAX_NODE_ID_BYTES) revert InvalidNodeId();
+        uint256 endpointLength = bytes(endpoint).length;
+        if (endpointLength == 0 || endpointLength > MAX_URI_BYTES) revert InvalidEndpoint();
+        if (signingKey.length == 0 || signingKey.length > MAX_SIGNING_KEY_BYTES) {
+            revert InvalidSigningKey();
+        }
+        bytes32 nodeKey = keccak256(bytes(nodeId));
+        if (bytes(_nodes[nodeKey].nodeId).length != 0) revert NodeAlreadyRegistered();
+        _nodes[nodeKey] = Node({nodeId: nodeId, endpoint: endpoint, signingKey: signingKey, active: true});
+        _nodeKeys.push(nodeKey);
+        emit NodeRegistered(nodeKey, nodeId, endpoint, signingKey);
+    }
+
+    /// @notice Take a node out of (or back into) service.
+    function setNodeActive(string calldata nodeId, bool active) external onlyRole(NODE_ADMIN_ROLE) {
+        bytes32 nodeKey = keccak256(bytes(nodeId));
+        Node storage n = _nodes[nodeKey];
+        if (bytes(n.nodeId).length == 0) revert NodeNotRegistered();
+        n.active = active;
+        emit NodeStatusChanged(nodeKey, nodeId, active);
+    }
+
+    // ------------------------------------------------------------------- views
+
+    function getPatient(address patient) external view returns (Patient memory) {
+        return _patients[patient];
+    }
+
+    function getRecord(bytes32 recordId) external view returns (Record memory) {
+        return _records[recordId];
+    }
+
+    function getGrant(address patient, address grantee) external view returns (Grant memory) {
+        return _grants[patient][grantee];
+    }
+
+    function nodeCount() external view returns (uint256) {
+        return _nodeKeys.length;
+    }
+
+    function getNode(uint256 index) external view returns (Node memory node) {
+        if (index < _nodeKeys.length) node = _nodes[_nodeKeys[index]];
+    }
+
+    /// @notice Everything a node needs to judge one request, read atomically at one block.
+    /// @dev The grant is the one from the record's patient to `grantee`.
+    function accessState(bytes32 recordId, address grantee)
+        external
+        view
+        returns (Record memory record, Grant memory grant, uint256 blockNumber, uint256 blockTimestamp)
+    {
+        record = _records[recordId];
+        grant = _grants[record.patient][grantee];
+        blockNumber = block.number;
+        blockTimestamp = block.timestamp;
+    }
+
+    function _isCompressedPoint(bytes calldata key) private pure returns (bool) {
+        return key.length == 33 && (key[0] == 0x02 || key[0] == 0x03);
+    }
+}

@@ -1,0 +1,126 @@
+"""Fixtures for the registry tests: one real anvil per session, a fresh registry per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_keys.datatypes import PrivateKey
+
+from medkms.contracts.registry import RegistryClient
+from medkms.deploy.anvil import AnvilProcess, set_balance
+
+FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas
+
+
+def compressed_point() -> bytes:
+    """A valid 33-byte compressed secp256k1 public key."""
+    return PrivateKey(os.urandom(32)).public_key.to_compressed_bytes()
+
+
+@pytest.fixture(scope="session")
+def anvil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnvilProcess]:
+    log_path = tmp_path_factory.mktemp("anvil") / "anvil.log"
+    with AnvilProcess(log_path=log_path) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def make_account(anvil: AnvilProcess) -> Callable[[], LocalAccount]:
+    """Fresh, funded accounts: anvil's well-known default keys are never used."""
+
+    def make() -> LocalAccount:
+        account: LocalAccount = Account.create()
+        set_balance(anvil.rpc_url, account.address, FUNDING_WEI)
+        return account
+
+    return make
+
+
+@pytest.fixture
+def deployer(make_account: Callable[[], LocalAccount]) -> LocalAccount:
+    return make_account()
+
+
+@pytest.fixture
+def registry(anvil: AnvilProcess, deployer: LocalAccount) -> RegistryClient:
+    return RegistryClient.deploy(anvil.rpc_url, deployer)
+
+
+@pytest.fixture
+def patient(registry: RegistryClient, make_account: Callable[[], LocalAccount]) -> LocalAccount:
+    """A registered patient."""
+    account = make_account()
+    registry.register_patient(account, compressed_point(), compressed_point())
+    return account
+
+
+@pytest.fixture
+def provider(
+    registry: RegistryClient, deployer: LocalAccount, make_account: Callable[[], LocalAccount]
+) -> LocalAccount:
+    """An account holding PROVIDER_ROLE."""
+    account = make_account()
+    registry.grant_provider_role(deployer, account.address)
+    return account
+
+
+class RpcRecorder:
+    """A JSON-RPC pass-through in front of anvil that records the methods it forwards."""
+
+    def __init__(self, upstream: str) -> None:
+        self.methods: list[str] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                payload = json.loads(body)
+                batch = payload if isinstance(payload, list) else [payload]
+                recorder.methods.extend(str(item["method"]) for item in batch)
+                request = urllib.request.Request(
+                    upstream, data=body, headers={"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answer = response.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # keep test output clean
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def rpc_recorder(anvil: AnvilProcess) -> Iterator[RpcRecorder]:
+    recorder = RpcRecorder(anvil.rpc_url)
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture
+def dead_rpc_url() -> str:
+    """An http URL where nothing listens; its path stands in for a hosted RPC's API key."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1/some-api-key"

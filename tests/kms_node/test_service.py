@@ -1,0 +1,205 @@
+"""The node's enrollment and re-encryption logic, on in-memory twins of the HSM
+and the registry (fast). The same paths run against SoftHSM and anvil in
+tests/integration."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import umbral_pre as umbral
+
+from medkms.clients.identity import Identity
+from medkms.core.errors import AccessDenied, InvalidRequest, PreconditionFailed, Unauthenticated
+from medkms.core.record_types import RecordType, to_mask
+from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo, RecordInfo
+from medkms.core.requests import address_bytes
+from medkms.core.umbral_codec import capsule_hash
+from medkms.node.keystore import MemoryKeyStore
+from medkms.node.kfrag_store import KfragStore
+from medkms.node.service import NodeService
+from medkms.proto.kms.v1 import common_pb2, node_pb2
+
+NOW = 1_800_000_000
+
+
+class MemoryRegistry:
+    """Just enough registry for one patient, one grantee and one record."""
+
+    def __init__(self) -> None:
+        self.patients: dict[str, PatientInfo] = {}
+        self.grants: dict[tuple[str, str], GrantInfo] = {}
+        self.records: dict[bytes, RecordInfo] = {}
+
+    def get_patient(self, address: str) -> PatientInfo | None:
+        return self.patients.get(address)
+
+    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
+        return self.grants.get((patient, grantee))
+
+    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+        record = self.records.get(record_id)
+        grant = self.grants.get((record.patient, grantee)) if record else None
+        return AccessState(record, grant, block_number=7, block_timestamp=NOW)
+
+
+@dataclasses.dataclass
+class World:
+    node: NodeService
+    registry: MemoryRegistry
+    kfrags: KfragStore
+    alice: Identity
+    bob: Identity
+    capsule: umbral.Capsule
+    record_id: bytes
+
+    def kfrag(self, signer: umbral.Signer | None = None) -> bytes:
+        return bytes(
+            umbral.generate_kfrags(
+                delegating_sk=self.alice.umbral_secret_key(),
+                receiving_pk=umbral.PublicKey.from_compressed_bytes(self.bob.umbral_public_key()),
+                signer=signer or self.alice.kfrag_signer(),
+                threshold=1,
+                shares=1,
+                sign_delegating_key=True,
+                sign_receiving_key=True,
+            )[0]
+        )
+
+    def enroll(self, kfrag: bytes) -> node_pb2.EnrollKeyFragmentResponse:
+        return self.node.enroll(
+            node_pb2.EnrollKeyFragmentRequest(
+                patient=address_bytes(self.alice.address),
+                grantee=address_bytes(self.bob.address),
+                kfrag=kfrag,
+            )
+        )
+
+    def request(self) -> common_pb2.ReencryptionRequest:
+        return common_pb2.ReencryptionRequest(
+            request_id="t-1",
+            patient=address_bytes(self.alice.address),
+            record_id=self.record_id,
+            capsule=bytes(self.capsule),
+            requester=address_bytes(self.bob.address),
+            requester_umbral_key=self.bob.umbral_public_key(),
+            purpose_of_use="TREAT",
+        )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    registry = MemoryRegistry()
+    registry.patients[alice.address] = PatientInfo(
+        alice.address, alice.umbral_public_key(), alice.verifying_key()
+    )
+    registry.grants[(alice.address, bob.address)] = GrantInfo(
+        patient=alice.address,
+        grantee=bob.address,
+        grantee_umbral_key=bob.umbral_public_key(),
+        expires_at=NOW + 3600,
+        allowed_types_mask=to_mask([RecordType.LAB_RESULT]),
+        active=True,
+        granted_at=NOW,
+    )
+    capsule, _ = umbral.encrypt(alice.umbral_secret_key().public_key(), b"d" * 32)
+    record_id = b"\x09" * 32
+    registry.records[record_id] = RecordInfo(
+        record_id=record_id,
+        patient=alice.address,
+        content_hash=b"\x01" * 32,
+        storage_uri="blob:x",
+        record_type=RecordType.LAB_RESULT,
+        capsule_hash=capsule_hash(bytes(capsule)),
+        creator=alice.address,
+        active=True,
+        created_at=NOW,
+    )
+    kfrags = KfragStore(tmp_path / "kfrags.sqlite")
+    node = NodeService(
+        node_id="node-t",
+        keystore=MemoryKeyStore(),
+        kfrags=kfrags,
+        registry=registry,
+        registry_address="0x" + "ab" * 20,
+        chain_id=31337,
+        clock=lambda: NOW,
+    )
+    return World(node, registry, kfrags, alice, bob, capsule, record_id)
+
+
+def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
+    kfrag = world.kfrag()
+    response = world.enroll(kfrag)
+    stored = world.kfrags.get(world.alice.address, world.bob.address)
+    assert stored is not None
+    assert kfrag not in stored.wrapped
+    assert response.kfrag_sha256 == stored.kfrag_sha256
+    cfrag = umbral.CapsuleFrag.from_bytes(world.node.reencrypt(world.request()).fragment.cfrag)
+    cfrag.verify(
+        world.capsule,
+        umbral.PublicKey.from_compressed_bytes(world.alice.verifying_key()),
+        umbral.PublicKey.from_compressed_bytes(world.alice.umbral_public_key()),
+        umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
+    )
+
+
+def test_kfrag_signed_by_someone_else_is_refused(world: World) -> None:
+    with pytest.raises(Unauthenticated):
+        world.enroll(world.kfrag(signer=umbral.Signer(umbral.SecretKey.random())))
+    assert world.kfrags.count() == 0
+
+
+def test_enrollment_needs_a_registered_patient_and_an_active_grant(world: World) -> None:
+    kfrag = world.kfrag()
+    grant = world.registry.grants[(world.alice.address, world.bob.address)]
+    world.registry.grants[(world.alice.address, world.bob.address)] = dataclasses.replace(
+        grant, active=False
+    )
+    with pytest.raises(PreconditionFailed, match="no active grant"):
+        world.enroll(kfrag)
+    del world.registry.patients[world.alice.address]
+    with pytest.raises(PreconditionFailed, match="not registered"):
+        world.enroll(kfrag)
+
+
+def test_denied_request_never_touches_the_kfrag(world: World) -> None:
+    world.enroll(world.kfrag())
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    with pytest.raises(AccessDenied, match="revoked"):
+        world.node.reencrypt(world.request())
+
+
+def test_node_without_a_kfrag_for_the_grant_says_so(world: World) -> None:
+    with pytest.raises(PreconditionFailed, match="holds no key fragment"):
+        world.node.reencrypt(world.request())
+
+
+def test_kfrag_for_an_earlier_grant_key_is_not_used(world: World) -> None:
+    world.enroll(world.kfrag())
+    key = (world.alice.address, world.bob.address)
+    new_key = bytes(umbral.SecretKey.random().public_key().to_compressed_bytes())
+    world.registry.grants[key] = dataclasses.replace(
+        world.registry.grants[key], grantee_umbral_key=new_key
+    )
+    request = world.request()
+    request.requester_umbral_key = new_key
+    with pytest.raises(PreconditionFailed, match="holds no key fragment"):
+        world.node.reencrypt(request)
+
+
+def test_malformed_request_is_refused_before_any_lookup(world: World) -> None:
+    request = world.request()
+    request.capsule = b"junk"
+    with pytest.raises(InvalidRequest, match="capsule"):
+        world.node.reencrypt(request)
+
+
+def test_node_info_names_the_node_and_its_hsm_key(world: World) -> None:
+    info = world.node.node_info()
+    assert info.node_id == "node-t"
+    assert info.chain_id == 31337
+    assert len(info.signing_public_key) > 60
