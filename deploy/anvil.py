@@ -164,8 +164,14 @@ class AnvilProcess:
         args += list(self._extra_args)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed in stop()
+        # Own session: a detached local cluster's chain must outlive the launcher's
+        # terminal job (Ctrl-C there must not reach it).
         self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def _wait_ready(self) -> None:
