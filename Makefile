@@ -37,6 +37,8 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	deploy/typecheck.sh
 	$(BIN)/python -m medkms.proto.generate --check
 	$(BIN)/python -m medkms.contracts.build --check
 

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except KmsError as e:
         print(f"kmsctl: {e.message}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"kmsctl: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,7 +26,8 @@ from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash as hash_capsule
 from medkms.core.umbral_codec import load_public_key
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import node_pb2, node_pb2_grpc
+from medkms.proto.kms.v1 import node_pb2
+from medkms.proto.stubs import NodeStub
 
 ENROLL_TIMEOUT_S = 10.0
 
@@ -160,7 +161,7 @@ class PatientClient:
             kfrag=kfrag,
         )
         with grpc.insecure_channel(node.endpoint, options=rpc.CHANNEL_OPTIONS) as channel:
-            stub = node_pb2_grpc.KmsNodeStub(channel)
+            stub = NodeStub(channel)
             try:
                 response = stub.EnrollKeyFragment(request, timeout=ENROLL_TIMEOUT_S)
             except grpc.RpcError as e:

@@ -22,9 +22,10 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import IntegrityError, InvalidRequest, NotFound, PreconditionFailed
 from medkms.core.registry_types import PatientInfo
 from medkms.core.requests import address_bytes, parse_purpose
-from medkms.core.umbral_codec import capsule_hash, load_cfrag, load_public_key
+from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2_grpc, record_pb2
+from medkms.proto.kms.v1 import common_pb2, record_pb2
+from medkms.proto.stubs import CoordinatorStub
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -41,7 +42,7 @@ class ProviderClient:
         self._registry = registry
         self._blobs = blobs
         self._channel = grpc.insecure_channel(coordinator_address, options=rpc.CHANNEL_OPTIONS)
-        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._coordinator = CoordinatorStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -106,16 +107,17 @@ class ProviderClient:
                 verified.append(
                     cfrag.verify(capsule, verifying_key, delegating_key, secret_key.public_key())
                 )
-            except (InvalidRequest, umbral.VerificationError):
+            except (InvalidRequest, VerificationError):
                 continue  # a bad fragment is dropped; decryption needs only the threshold
         try:
-            return bytes(
-                umbral.decrypt_reencrypted(
-                    secret_key, delegating_key, capsule, verified, envelope.encrypted_dek
-                )
+            dek = umbral.decrypt_reencrypted(
+                secret_key, delegating_key, capsule, verified, envelope.encrypted_dek
             )
         except ValueError:
+            dek = None
+        if dek is None:
             raise IntegrityError(
                 f"could not open the record's key with {len(verified)} valid capsule fragments "
                 "from the coordinator"
-            ) from None
+            )
+        return bytes(dek)

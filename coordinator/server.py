@@ -15,10 +15,11 @@ from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import KmsError
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
+from medkms.proto.stubs import COORDINATOR_SERVICE
 
 log = structlog.get_logger("medkms.coordinator")
 
-SERVICE_NAME = "kms.v1.Coordinator"
+SERVICE_NAME = COORDINATOR_SERVICE.full_name
 
 
 async def serve(settings: CoordinatorSettings) -> None:
@@ -30,7 +31,7 @@ async def serve(settings: CoordinatorSettings) -> None:
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
     ]
-    server.add_generic_rpc_handlers([rpc.aio_service_handler(SERVICE_NAME, methods)])
+    server.add_generic_rpc_handlers([rpc.aio_service_handler(COORDINATOR_SERVICE, methods)])
     health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])
     host, port = parse_host_port(settings.listen, "listen")
     if server.add_insecure_port(f"{host}:{port}") == 0:

@@ -14,16 +14,16 @@ from typing import Any, Protocol
 
 import grpc
 import structlog
-import umbral_pre as umbral
 
 from medkms.coordinator.settings import CoordinatorSettings
 from medkms.coordinator.threshold import FragmentCollector
 from medkms.core.errors import InvalidRequest, PreconditionFailed
 from medkms.core.registry_types import PatientInfo
 from medkms.core.requests import ReencryptionQuery
-from medkms.core.umbral_codec import load_cfrag, load_public_key
+from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_grpc
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from medkms.proto.stubs import AioNodeStub
 
 log = structlog.get_logger("medkms.coordinator")
 
@@ -66,7 +66,7 @@ class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings, registry: PatientReader) -> None:
         self._settings = settings
         self._patients = PatientKeyCache(registry, settings.patient_cache_s)
-        self._stubs: dict[str, node_pb2_grpc.KmsNodeStub] = {}
+        self._stubs: dict[str, AioNodeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def open_channels(self) -> None:
@@ -74,7 +74,7 @@ class CoordinatorService:
         for node in self._settings.nodes:
             channel = grpc.aio.insecure_channel(node.address, options=NODE_CHANNEL_OPTIONS)
             self._channels.append(channel)
-            self._stubs[node.node_id] = node_pb2_grpc.KmsNodeStub(channel)
+            self._stubs[node.node_id] = AioNodeStub(channel)
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -120,15 +120,15 @@ class CoordinatorService:
                     try:
                         response: node_pb2.ReencryptResponse = task.result()
                     except grpc.RpcError as e:
-                        failure = rpc.error_from_rpc(e)
-                        collector.reject(node_id, failure.grpc_status, failure.message)
+                        error = rpc.error_from_rpc(e)
+                        collector.reject(node_id, error.grpc_status, error.message)
                         continue
                     try:
                         cfrag = load_cfrag(response.fragment.cfrag)
                         cfrag.verify(
                             query.capsule, verifying_key, delegating_key, query.receiving_key
                         )
-                    except (InvalidRequest, umbral.VerificationError):
+                    except (InvalidRequest, VerificationError):
                         collector.reject(
                             node_id, "DATA_LOSS", "returned a capsule fragment that does not verify"
                         )
@@ -141,9 +141,9 @@ class CoordinatorService:
         for failure in collector.failures:
             bound.info("node_failed", node_id=failure.node_id, status=failure.status)
         if not collector.complete:
-            error = collector.error()
-            bound.info("reencrypt_failed", status=error.grpc_status, valid=len(collector.valid))
-            raise error
+            refusal = collector.error()
+            bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
+            raise refusal
         bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=[

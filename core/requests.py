@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import umbral_pre as umbral
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 
 from medkms.core.errors import InvalidRequest
 from medkms.core.umbral_codec import load_capsule, load_kfrag, load_public_key

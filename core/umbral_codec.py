@@ -13,6 +13,10 @@ import umbral_pre as umbral
 
 from medkms.core.errors import InvalidRequest
 
+# umbral-pre raises this when a signature or proof does not verify; its type
+# stubs do not declare it.
+VerificationError: type[Exception] = umbral.VerificationError  # type: ignore[attr-defined]
+
 PUBLIC_KEY_SIZE = 33
 CAPSULE_SIZE = 105
 KFRAG_SIZE = 310

@@ -19,10 +19,11 @@ from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, node_pb2
+from medkms.proto.stubs import NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
 
-SERVICE_NAME = "kms.v1.KmsNode"
+SERVICE_NAME = NODE_SERVICE.full_name
 
 
 def _observe(method: str, outcome: str, seconds: float) -> None:
@@ -54,7 +55,7 @@ def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> 
         rpc.Method("EnrollKeyFragment", node_pb2.EnrollKeyFragmentRequest, enroll),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
     ]
-    server.add_generic_rpc_handlers([rpc.service_handler(SERVICE_NAME, methods, _observe)])
+    server.add_generic_rpc_handlers([rpc.service_handler(NODE_SERVICE, methods, _observe)])
     return server
 
 

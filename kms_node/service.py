@@ -24,7 +24,7 @@ from medkms.core.errors import PreconditionFailed, Unauthenticated
 from medkms.core.policy import judge
 from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo
 from medkms.core.requests import Enrollment, ReencryptionQuery
-from medkms.core.umbral_codec import load_public_key
+from medkms.core.umbral_codec import VerificationError, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.proto.kms.v1 import common_pb2, node_pb2
@@ -98,7 +98,7 @@ class NodeService:
                 load_public_key(patient.umbral_public_key, "patient umbral key"),
                 load_public_key(grant.grantee_umbral_key, "grantee umbral key"),
             )
-        except umbral.VerificationError:
+        except VerificationError:
             raise Unauthenticated(
                 "kfrag does not verify against the patient's registered keys "
                 "and the grant's receiving key"

@@ -3,7 +3,9 @@
     python -m medkms.proto.generate          # rewrite proto/kms/v1/*_pb2*.py{,i}
     python -m medkms.proto.generate --check  # exit 1 if the committed stubs differ
 
-protoc writes imports as ``from kms.v1 import x_pb2``; installed, the stubs live
+Only messages are generated: clients use the typed stubs in ``medkms.proto.stubs``
+and servers register handlers through ``medkms.proto.rpc``, both built from
+these descriptors. protoc writes imports as ``from kms.v1 import x_pb2``; installed, the stubs live
 under ``medkms.proto``, so those imports are rewritten to the full package path.
 """
 
@@ -15,11 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_DIR = PROTO_ROOT / "kms" / "v1"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi")
 _IMPORT = re.compile(r"^from kms\.v1 import ", re.MULTILINE)
 
 
@@ -37,7 +39,6 @@ def generate(out_root: Path) -> list[Path]:
         f"-I{grpc_include}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -44,6 +44,16 @@ def error_from_rpc(error: grpc.RpcError, peer: str = "") -> errors.KmsError:
     return errors.error_for_status(code.name, f"{peer}: {details}" if peer else details)
 
 
+def method_path(service: Any, name: str, request: type[Message], response: type[Message]) -> str:
+    """``/package.Service/Method``, after checking the types match the descriptor."""
+    method = service.methods_by_name[name]
+    if method.input_type.full_name != request.DESCRIPTOR.full_name:
+        raise TypeError(f"{name} takes {method.input_type.full_name}")
+    if method.output_type.full_name != response.DESCRIPTOR.full_name:
+        raise TypeError(f"{name} returns {method.output_type.full_name}")
+    return f"/{service.full_name}/{name}"
+
+
 @dataclass(frozen=True)
 class Method:
     """One unary RPC: its name, request message type and implementation."""
@@ -73,12 +83,24 @@ def _ignore(_method: str, _outcome: str, _seconds: float) -> None:
     return None
 
 
+def _generic_handler(
+    service: Any, methods: list[Method], wrap: Callable[[Method], grpc.RpcMethodHandler[Any, Any]]
+) -> grpc.GenericRpcHandler:
+    """One handler per method, each checked against the service's descriptor."""
+    for method in methods:
+        response = service.methods_by_name[method.name].output_type._concrete_class
+        method_path(service, method.name, method.request_type, response)
+    return grpc.method_handlers_generic_handler(
+        service.full_name, {m.name: wrap(m) for m in methods}
+    )
+
+
 def service_handler(
-    service: str, methods: list[Method], observe: Observer = _ignore
+    service: Any, methods: list[Method], observe: Observer = _ignore
 ) -> grpc.GenericRpcHandler:
     """Handlers for a threaded ``grpc.server``."""
 
-    def wrap(method: Method) -> grpc.RpcMethodHandler:
+    def wrap(method: Method) -> grpc.RpcMethodHandler[Any, Any]:
         def behaviour(raw: bytes, context: grpc.ServicerContext) -> Message:
             start = time.perf_counter()
             request = _parse(method, raw)
@@ -92,22 +114,22 @@ def service_handler(
                 context.abort(status_of(e), e.message)
             except Exception:
                 observe(method.name, "internal", time.perf_counter() - start)
-                log.exception("rpc_failed", service=service, method=method.name)
+                log.exception("rpc_failed", service=service.full_name, method=method.name)
                 context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
             observe(method.name, "ok", time.perf_counter() - start)
             return response
 
         return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
 
-    return grpc.method_handlers_generic_handler(service, {m.name: wrap(m) for m in methods})
+    return _generic_handler(service, methods, wrap)
 
 
 def aio_service_handler(
-    service: str, methods: list[Method], observe: Observer = _ignore
+    service: Any, methods: list[Method], observe: Observer = _ignore
 ) -> grpc.GenericRpcHandler:
     """Handlers for a ``grpc.aio`` server; each handler is a coroutine function."""
 
-    def wrap(method: Method) -> grpc.RpcMethodHandler:
+    def wrap(method: Method) -> grpc.RpcMethodHandler[Any, Any]:
         async def behaviour(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
             start = time.perf_counter()
             request = _parse(method, raw)
@@ -122,14 +144,14 @@ def aio_service_handler(
                 await context.abort(status_of(e), e.message)
             except Exception:
                 observe(method.name, "internal", time.perf_counter() - start)
-                log.exception("rpc_failed", service=service, method=method.name)
+                log.exception("rpc_failed", service=service.full_name, method=method.name)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
             observe(method.name, "ok", time.perf_counter() - start)
             return response
 
         return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
 
-    return grpc.method_handlers_generic_handler(service, {m.name: wrap(m) for m in methods})
+    return _generic_handler(service, methods, wrap)
 
 
 def add_health_and_reflection(server: grpc.Server, services: list[str]) -> Any:

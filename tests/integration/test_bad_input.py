@@ -10,8 +10,9 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2, node_pb2_grpc
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from medkms.proto.rpc import MAX_MESSAGE_BYTES
+from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 
@@ -157,13 +158,9 @@ def test_servers_keep_serving_after_bad_input(
                 node_channel.unary_unary(f"/kms.v1.KmsNode/{method}")(payload, timeout=5)
             except grpc.RpcError as e:
                 assert e.code() != grpc.StatusCode.INTERNAL
-    info = node_pb2_grpc.KmsNodeStub(node_channel).GetNodeInfo(
-        node_pb2.GetNodeInfoRequest(), timeout=5
-    )
+    info = NodeStub(node_channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
     assert info.node_id == cluster.nodes[0].node_id
-    cluster_info = coordinator_channel.unary_unary(
-        "/kms.v1.Coordinator/GetClusterInfo",
-        request_serializer=coordinator_pb2.GetClusterInfoRequest.SerializeToString,
-        response_deserializer=coordinator_pb2.ClusterInfo.FromString,
-    )(coordinator_pb2.GetClusterInfoRequest(), timeout=5)
+    cluster_info = CoordinatorStub(coordinator_channel).GetClusterInfo(
+        coordinator_pb2.GetClusterInfoRequest(), timeout=5
+    )
     assert cluster_info.threshold == cluster.threshold

@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from medkms.core.errors import AccessDenied
 from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import node_pb2, node_pb2_grpc
+from medkms.proto.kms.v1 import node_pb2
+from medkms.proto.stubs import NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster
@@ -45,9 +46,7 @@ def test_node_info_matches_the_registry(cluster: LocalCluster) -> None:
     registered = {n.node_id: n for n in cluster.registry().list_nodes()}
     for node in cluster.nodes:
         with grpc.insecure_channel(node.address) as channel:
-            info = node_pb2_grpc.KmsNodeStub(channel).GetNodeInfo(
-                node_pb2.GetNodeInfoRequest(), timeout=5
-            )
+            info = NodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
         assert info.node_id == node.node_id
         assert info.signing_public_key == registered[node.node_id].signing_public_key
         assert info.registry_address.hex() == cluster.registry_address[2:].lower()
@@ -102,7 +101,7 @@ def test_enrollment_of_a_kfrag_not_signed_by_the_patient_is_unauthenticated(
     )
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            node_pb2_grpc.KmsNodeStub(channel).EnrollKeyFragment(request, timeout=5)
+            NodeStub(channel).EnrollKeyFragment(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "does not verify against the patient's registered keys" in caught.value.details()
 
@@ -127,6 +126,6 @@ def test_enrollment_without_a_grant_on_chain_is_a_failed_precondition(
     )
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            node_pb2_grpc.KmsNodeStub(channel).EnrollKeyFragment(request, timeout=5)
+            NodeStub(channel).EnrollKeyFragment(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "write the grant first" in caught.value.details()

@@ -1,0 +1,92 @@
+"""Typed client stubs for the kms.v1 services.
+
+Built from the .proto descriptors (method paths and message types are checked
+against them at construction), so they cannot drift from the API, and typed,
+unlike grpcio-tools' generated ``*_pb2_grpc`` modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from medkms.proto.rpc import method_path
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["KmsNode"]
+COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+
+
+def _unary(
+    channel: grpc.Channel, service: Any, name: str, request: type[Req], response: type[Resp]
+) -> grpc.UnaryUnaryMultiCallable[Req, Resp]:
+    return channel.unary_unary(
+        method_path(service, name, request, response),
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+def _aio_unary(
+    channel: grpc.aio.Channel, service: Any, name: str, request: type[Req], response: type[Resp]
+) -> grpc.aio.UnaryUnaryMultiCallable[Req, Resp]:
+    return channel.unary_unary(
+        method_path(service, name, request, response),
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+class NodeStub:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.GetNodeInfo = _unary(
+            channel, NODE_SERVICE, "GetNodeInfo", node_pb2.GetNodeInfoRequest, node_pb2.NodeInfo
+        )
+        self.EnrollKeyFragment = _unary(
+            channel,
+            NODE_SERVICE,
+            "EnrollKeyFragment",
+            node_pb2.EnrollKeyFragmentRequest,
+            node_pb2.EnrollKeyFragmentResponse,
+        )
+        self.Reencrypt = _unary(
+            channel,
+            NODE_SERVICE,
+            "Reencrypt",
+            common_pb2.ReencryptionRequest,
+            node_pb2.ReencryptResponse,
+        )
+
+
+class AioNodeStub:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.Reencrypt = _aio_unary(
+            channel,
+            NODE_SERVICE,
+            "Reencrypt",
+            common_pb2.ReencryptionRequest,
+            node_pb2.ReencryptResponse,
+        )
+
+
+class CoordinatorStub:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.GetClusterInfo = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "GetClusterInfo",
+            coordinator_pb2.GetClusterInfoRequest,
+            coordinator_pb2.ClusterInfo,
+        )
+        self.Reencrypt = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "Reencrypt",
+            common_pb2.ReencryptionRequest,
+            coordinator_pb2.CoordinatorReencryptResponse,
+        )

@@ -1,0 +1,78 @@
+"""`kmsctl` as a person uses it, against the running test cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medkms.deploy.demo import lab_result
+from medkms.deploy.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+
+def kmsctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medkms.clients.kmsctl",
+            *args,
+            "--state-dir",
+            str(cluster.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_runs_every_step(cluster: LocalCluster) -> None:
+    result = kmsctl(cluster, "demo")
+    assert result.returncode == 0, result.stderr
+    assert "decrypted record equals the original" in result.stdout
+    assert "grant has been revoked by the patient" in result.stdout
+    assert "demo finished" in result.stdout
+
+
+def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) -> None:
+    document = tmp_path / "hba1c.json"
+    document.write_bytes(lab_result())
+    assert kmsctl(cluster, "patient", "register").returncode == 0
+    stored = kmsctl(cluster, "patient", "store", str(document), "--type", "lab_result")
+    assert stored.returncode == 0, stored.stderr
+    record_id = json.loads(stored.stdout)["record_id"]
+
+    granted = kmsctl(cluster, "patient", "grant", "doctor", "--types", "lab_result,imaging")
+    assert granted.returncode == 0, granted.stderr
+    assert len(json.loads(granted.stdout)["enrolled"]) == len(cluster.nodes)
+
+    out = tmp_path / "read.json"
+    read = kmsctl(cluster, "provider", "read", record_id, "--out", str(out))
+    assert read.returncode == 0, read.stderr
+    assert out.read_bytes() == lab_result()
+
+    assert kmsctl(cluster, "patient", "deactivate", record_id).returncode == 0
+    refused = kmsctl(cluster, "provider", "read", record_id)
+    assert refused.returncode == 1
+    assert "deactivated" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_bad_input_gets_a_message_not_a_traceback(cluster: LocalCluster, tmp_path: Path) -> None:
+    not_fhir = tmp_path / "x.json"
+    not_fhir.write_text('{"resourceType": "Condition"}')
+    result = kmsctl(cluster, "patient", "store", str(not_fhir), "--type", "lab_result")
+    assert result.returncode == 1
+    assert "lab_result record must be a FHIR" in result.stderr
+    result = kmsctl(cluster, "provider", "read", "0x1234")
+    assert result.returncode == 1
+    assert "record id must be 32 bytes of hex" in result.stderr
+    result = kmsctl(cluster, "patient", "store", str(not_fhir), "--type", "xray")
+    assert "unknown record type 'xray'" in result.stderr
+    assert "Traceback" not in result.stderr
