@@ -122,11 +122,13 @@ def cmd_patient(args: argparse.Namespace) -> None:
             )
         )
     elif args.action == "revoke":
-        client.revoke(cluster.identity(args.grantee).address)
-        print("revoked")
+        block = client.revoke(cluster.identity(args.grantee).address)
+        waited = client.await_nodes(block)
+        print(f"revoked in block {block}; in force at every node after {waited * 1000:.0f} ms")
     elif args.action == "deactivate":
-        client.deactivate(_record_id(args.record_id))
-        print("deactivated")
+        block = client.deactivate(_record_id(args.record_id))
+        waited = client.await_nodes(block)
+        print(f"deactivated in block {block}; in force at every node after {waited * 1000:.0f} ms")
 
 
 def cmd_provider_read(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ delivers each to its node.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -168,8 +169,46 @@ class PatientClient:
                 raise rpc.error_from_rpc(e, node.node_id) from None
         return bytes(response.kfrag_sha256)
 
-    def revoke(self, grantee: str) -> None:
-        self._registry.revoke_access(self.identity.account, grantee)
+    def revoke(self, grantee: str) -> int:
+        """Revoke the grant on-chain; return the block it was mined in."""
+        tx = self._registry.revoke_access(self.identity.account, grantee)
+        return self._registry.receipt_block(tx)
 
-    def deactivate(self, record_id: bytes) -> None:
-        self._registry.deactivate_record(self.identity.account, record_id)
+    def deactivate(self, record_id: bytes) -> int:
+        """Deactivate a record on-chain; return the block it was mined in."""
+        tx = self._registry.deactivate_record(self.identity.account, record_id)
+        return self._registry.receipt_block(tx)
+
+    def await_nodes(self, block: int, timeout_s: float = 5.0) -> float:
+        """Wait until every active node's grant index reflects ``block`` (so a revocation
+        or deactivation mined there is in force everywhere); return the seconds waited."""
+        nodes = [n for n in self._registry.list_nodes() if n.active]
+        start = time.monotonic()
+        behind = {n.node_id: "not asked yet" for n in nodes}
+        while True:
+            for node in nodes:
+                if node.node_id in behind:
+                    try:
+                        reached = self._index_block(node)
+                    except KmsError as e:
+                        behind[node.node_id] = e.message
+                        continue
+                    if reached >= block:
+                        del behind[node.node_id]
+                    else:
+                        behind[node.node_id] = f"at block {reached}"
+            waited = time.monotonic() - start
+            if not behind:
+                return waited
+            if waited > timeout_s:
+                lagging = "; ".join(f"{n}: {why}" for n, why in behind.items())
+                raise Unavailable(f"nodes not at block {block} after {timeout_s:g}s: {lagging}")
+            time.sleep(0.02)
+
+    def _index_block(self, node: NodeInfo) -> int:
+        with grpc.insecure_channel(node.endpoint, options=rpc.CHANNEL_OPTIONS) as channel:
+            try:
+                info = NodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=2)
+            except grpc.RpcError as e:
+                raise rpc.error_from_rpc(e, node.node_id) from None
+        return int(info.index_block)

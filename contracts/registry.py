@@ -42,7 +42,20 @@ from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 from medkms.contracts.build import load_artifact
 from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
 from medkms.core.record_types import ALL_TYPES_MASK, RecordType
-from medkms.core.registry_types import AccessState, GrantInfo, NodeInfo, PatientInfo, RecordInfo
+from medkms.core.registry_types import (
+    AccessGranted,
+    AccessRevoked,
+    AccessState,
+    BlockRef,
+    GrantInfo,
+    NodeInfo,
+    PatientInfo,
+    PatientRegistered,
+    RecordAnchored,
+    RecordDeactivated,
+    RecordInfo,
+    RegistryEvent,
+)
 
 # The value types live in core (the policy judges them without importing web3); re-exported
 # here because this adapter is what produces them.
@@ -281,6 +294,12 @@ class RegistryClient:
             abi=abi,
             decode_tuples=True,  # structs come back as named tuples
         )
+        # topic0 -> the contract event a grant index follows
+        self._events: dict[bytes, Any] = {
+            _event_topic(entry): getattr(self._contract.events, entry["name"])
+            for entry in abi
+            if entry.get("type") == "event" and entry["name"] in _FOLLOWED_EVENTS
+        }
 
     def __repr__(self) -> str:
         return f"RegistryClient(rpc_url={self._chain.safe_url!r}, address={self.address!r})"
@@ -307,9 +326,46 @@ class RegistryClient:
 
     def latest_block(self) -> tuple[int, int]:
         """(number, timestamp) of the latest block."""
-        with self._chain.translate("latest_block"):
-            block = self._chain.w3.eth.get_block("latest")
-            return int(block["number"]), int(block["timestamp"])
+        block = self.block("latest")
+        return block.number, block.timestamp
+
+    def block(self, identifier: int | str = "latest") -> BlockRef:
+        """Number, hash and timestamp of a block ("latest" or a number)."""
+        if isinstance(identifier, str) and identifier != "latest":
+            raise InvalidRequest("block: identifier must be a block number or 'latest'")
+        which: BlockIdentifier = identifier if isinstance(identifier, int) else "latest"
+        with self._chain.translate("get_block"):
+            block = self._chain.w3.eth.get_block(which)
+            return BlockRef(int(block["number"]), bytes(block["hash"]), int(block["timestamp"]))
+
+    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
+        """The registry's patient, record and grant events in [from_block, to_block], in
+        chain order, each with its block's timestamp; other events are skipped."""
+        if not 0 <= from_block <= to_block:
+            raise InvalidRequest("events: need 0 <= from_block <= to_block")
+        with self._chain.translate("get_logs"):
+            logs = self._chain.w3.eth.get_logs(
+                {"address": self.address, "fromBlock": from_block, "toBlock": to_block}
+            )
+            timestamps: dict[int, int] = {}
+            decoded: list[RegistryEvent] = []
+            for log in logs:
+                topics = log.get("topics") or []
+                event = self._events.get(bytes(topics[0])) if topics else None
+                if event is None:
+                    continue
+                number = int(log["blockNumber"])
+                if number not in timestamps:
+                    timestamps[number] = int(self._chain.w3.eth.get_block(number)["timestamp"])
+                data = event().process_log(log)
+                decoded.append(_event(data["event"], data["args"], number, timestamps[number]))
+            return decoded
+
+    def receipt_block(self, tx_hash: str) -> int:
+        """The block a mined transaction is in."""
+        with self._chain.translate("get_transaction_receipt"):
+            receipt = self._chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            return int(receipt["blockNumber"])
 
     # --------------------------------------------------------- transactions
 
@@ -482,3 +538,49 @@ def _grant(patient: str, grantee: str, g: Any) -> GrantInfo | None:
         active=bool(g.active),
         granted_at=int(g.grantedAt),
     )
+
+
+_FOLLOWED_EVENTS = frozenset(
+    {"PatientRegistered", "RecordAnchored", "RecordDeactivated", "AccessGranted", "AccessRevoked"}
+)
+
+
+def _event_topic(entry: dict[str, Any]) -> bytes:
+    types = ",".join(collapse_if_tuple(i) for i in entry.get("inputs", []))
+    return bytes(Web3.keccak(text=f"{entry['name']}({types})"))
+
+
+def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent:
+    def addr(value: str) -> str:
+        return str(Web3.to_checksum_address(value))
+
+    if name == "PatientRegistered":
+        return PatientRegistered(
+            block, timestamp, addr(args.patient), bytes(args.umbralKey), bytes(args.verifyingKey)
+        )
+    if name == "RecordAnchored":
+        return RecordAnchored(
+            block,
+            timestamp,
+            bytes(args.recordId),
+            addr(args.patient),
+            RecordType(args.recordType),
+            addr(args.creator),
+            bytes(args.contentHash),
+            bytes(args.capsuleHash),
+        )
+    if name == "RecordDeactivated":
+        return RecordDeactivated(block, timestamp, bytes(args.recordId), addr(args.patient))
+    if name == "AccessGranted":
+        return AccessGranted(
+            block,
+            timestamp,
+            addr(args.patient),
+            addr(args.grantee),
+            bytes(args.granteeUmbralKey),
+            int(args.expiresAt),
+            int(args.allowedTypes),
+        )
+    if name == "AccessRevoked":
+        return AccessRevoked(block, timestamp, addr(args.patient), addr(args.grantee))
+    raise ValueError(f"not a followed event: {name}")

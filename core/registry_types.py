@@ -58,3 +58,68 @@ class AccessState:
     grant: GrantInfo | None
     block_number: int
     block_timestamp: int
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    number: int
+    hash: bytes
+    timestamp: int
+
+
+# Registry events a node's grant index follows (contracts/src/Registry.sol). Each
+# carries the block it was mined in, whose timestamp stands in for the contract's
+# createdAt/grantedAt fields.
+
+
+@dataclass(frozen=True)
+class PatientRegistered:
+    block: int
+    timestamp: int
+    patient: str
+    umbral_public_key: bytes
+    verifying_key: bytes
+
+
+@dataclass(frozen=True)
+class RecordAnchored:
+    block: int
+    timestamp: int
+    record_id: bytes
+    patient: str
+    record_type: RecordType
+    creator: str
+    content_hash: bytes
+    capsule_hash: bytes
+
+
+@dataclass(frozen=True)
+class RecordDeactivated:
+    block: int
+    timestamp: int
+    record_id: bytes
+    patient: str
+
+
+@dataclass(frozen=True)
+class AccessGranted:
+    block: int
+    timestamp: int
+    patient: str
+    grantee: str
+    grantee_umbral_key: bytes
+    expires_at: int
+    allowed_types_mask: int
+
+
+@dataclass(frozen=True)
+class AccessRevoked:
+    block: int
+    timestamp: int
+    patient: str
+    grantee: str
+
+
+RegistryEvent = (
+    PatientRegistered | RecordAnchored | RecordDeactivated | AccessGranted | AccessRevoked
+)

@@ -119,7 +119,9 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         _expect_refusal(lambda: doctor.read_record(condition.record_id), say)
 
         say("6. patient revokes the grant on-chain")
-        patient.revoke(bob.address)
+        block = patient.revoke(bob.address)
+        waited = patient.await_nodes(block)
+        say(f"   mined in block {block}; in force at every node {waited * 1000:.0f} ms later")
 
         say("7. doctor asks for the lab result again")
         _expect_refusal(lambda: doctor.read_record(lab.record_id), say)

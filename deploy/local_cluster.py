@@ -223,9 +223,14 @@ class LocalCluster:
             }
         admin = self.identity("admin")
         registry = RegistryClient.deploy(self.rpc_url, admin.account)
+        deployed_at, _ = registry.latest_block()
         registry.grant_provider_role(admin.account, accounts["doctor"]["address"])
         self.data["accounts"] = accounts
-        self.data["chain"].update(registry_address=registry.address, chain_id=registry.chain_id())
+        self.data["chain"].update(
+            registry_address=registry.address,
+            chain_id=registry.chain_id(),
+            registry_start_block=deployed_at,
+        )
         self._save()
 
     def _init_nodes(self, count: int) -> None:
@@ -246,6 +251,7 @@ class LocalCluster:
                     "metrics_listen": f"{HOST}:{metrics_port}",
                     "chain_rpc_url": self.rpc_url,
                     "registry_address": self.registry_address,
+                    "registry_start_block": self.data["chain"]["registry_start_block"],
                     "data_dir": ".",
                     "hsm_module": DEFAULT_SOFTHSM_MODULE,
                     "hsm_token_label": f"medkms-{node_id}",

@@ -29,3 +29,15 @@ KFRAGS_STORED = Gauge(
 def serve(host: str, port: int) -> None:
     """Expose /metrics over HTTP in a background thread."""
     start_http_server(port, addr=host, registry=REGISTRY)
+
+
+CHAIN_INDEX_BLOCK = Gauge(
+    "kms_node_chain_index_block",
+    "Block number the node's grant index reflects",
+    registry=REGISTRY,
+)
+CHAIN_SYNC_FAILURES = Counter(
+    "kms_node_chain_sync_failures_total",
+    "Failed attempts to bring the grant index up to the chain head",
+    registry=REGISTRY,
+)

@@ -13,6 +13,7 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import KmsError
 from medkms.node import metrics
+from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.service import NodeService
@@ -70,11 +71,20 @@ def serve(settings: NodeSettings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     kfrags = KfragStore(settings.kfrag_db)
     registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
+    follower = ChainFollower(
+        registry,
+        start_block=settings.registry_start_block,
+        poll_interval_s=settings.chain_poll_interval_s,
+        max_age_s=settings.chain_max_age_s,
+        max_lag_blocks=settings.chain_max_lag_blocks,
+    )
+    follower.start()
     service = NodeService(
         node_id=settings.node_id,
         keystore=keystore,
         kfrags=kfrags,
         registry=registry,
+        index=follower,
         registry_address=registry.address,
         chain_id=registry.chain_id(),
     )
@@ -106,6 +116,7 @@ def serve(settings: NodeSettings) -> None:
     stopping.wait()
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
+    follower.stop()
     kfrags.close()
     keystore.close()
     log.info("node_stopped", node_id=settings.node_id)

@@ -35,6 +35,14 @@ class NodeSettings:
     #: private SoftHSM2 configuration and token directory; None for a hardware token
     softhsm_conf: Path | None = None
     softhsm_token_dir: Path | None = None
+    #: first block to read registry events from (the registry's deployment block)
+    registry_start_block: int = 0
+    #: how often the grant index polls the chain head
+    chain_poll_interval_s: float = 0.1
+    #: refuse (UNAVAILABLE) when the last successful chain sync is older than this
+    chain_max_age_s: float = 2.0
+    #: ... or when the index is more blocks than this behind the head seen
+    chain_max_lag_blocks: int = 2
     max_workers: int = 8
     log_level: str = "info"
 
@@ -78,6 +86,10 @@ class NodeSettings:
                 softhsm_token_dir=(
                     rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
                 ),
+                registry_start_block=int(raw.get("registry_start_block", 0)),
+                chain_poll_interval_s=float(raw.get("chain_poll_interval_s", 0.1)),
+                chain_max_age_s=float(raw.get("chain_max_age_s", 2.0)),
+                chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
                 max_workers=int(raw.get("max_workers", 8)),
                 log_level=str(raw.get("log_level", "info")),
             )
@@ -92,6 +104,10 @@ class NodeSettings:
         parse_host_port(self.listen, "listen")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")
+        if not 0 < self.chain_poll_interval_s < self.chain_max_age_s:
+            raise InvalidRequest("need 0 < chain_poll_interval_s < chain_max_age_s")
+        if self.chain_max_lag_blocks < 0 or self.registry_start_block < 0:
+            raise InvalidRequest("chain_max_lag_blocks and registry_start_block must be >= 0")
         if self.max_workers < 1:
             raise InvalidRequest("max_workers must be at least 1")
 

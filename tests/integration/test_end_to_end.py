@@ -34,6 +34,7 @@ def test_refused_after_expiry_by_chain_time(people: People) -> None:
     with people.provider() as doctor:
         assert doctor.read_record(people.lab.record_id) == lab_result()
         increase_time(people.cluster.rpc_url, 120)
+        people.patient.await_nodes(people.registry.latest_block()[0])
         with pytest.raises(AccessDenied, match="grant expired at"):
             doctor.read_record(people.lab.record_id)
 
@@ -42,14 +43,14 @@ def test_refused_after_revocation(people: People) -> None:
     people.grant_doctor()
     with people.provider() as doctor:
         assert doctor.read_record(people.lab.record_id) == lab_result()
-        people.patient.revoke(people.doctor.address)
+        people.patient.await_nodes(people.patient.revoke(people.doctor.address))
         with pytest.raises(AccessDenied, match="revoked"):
             doctor.read_record(people.lab.record_id)
 
 
 def test_refused_for_a_deactivated_record(people: People) -> None:
     people.grant_doctor()
-    people.patient.deactivate(people.lab.record_id)
+    people.patient.await_nodes(people.patient.deactivate(people.lab.record_id))
     with people.provider() as doctor, pytest.raises(AccessDenied, match="deactivated"):
         doctor.read_record(people.lab.record_id)
 

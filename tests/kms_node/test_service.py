@@ -38,6 +38,9 @@ class MemoryRegistry:
     def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
         return self.grants.get((patient, grantee))
 
+    def index_block(self) -> int:
+        return 7
+
     def access_state(self, record_id: bytes, grantee: str) -> AccessState:
         record = self.records.get(record_id)
         grant = self.grants.get((record.patient, grantee)) if record else None
@@ -123,6 +126,7 @@ def world(tmp_path: Path) -> World:
         keystore=MemoryKeyStore(),
         kfrags=kfrags,
         registry=registry,
+        index=registry,
         registry_address="0x" + "ab" * 20,
         chain_id=31337,
         clock=lambda: NOW,

@@ -11,20 +11,22 @@ class GetNodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "software_version", "signing_public_key", "signing_algorithm", "registry_address", "chain_id")
+    __slots__ = ("node_id", "software_version", "signing_public_key", "signing_algorithm", "registry_address", "chain_id", "index_block")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BLOCK_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     software_version: str
     signing_public_key: bytes
     signing_algorithm: str
     registry_address: bytes
     chain_id: int
-    def __init__(self, node_id: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., signing_algorithm: _Optional[str] = ..., registry_address: _Optional[bytes] = ..., chain_id: _Optional[int] = ...) -> None: ...
+    index_block: int
+    def __init__(self, node_id: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., signing_algorithm: _Optional[str] = ..., registry_address: _Optional[bytes] = ..., chain_id: _Optional[int] = ..., index_block: _Optional[int] = ...) -> None: ...
 
 class EnrollKeyFragmentRequest(_message.Message):
     __slots__ = ("patient", "grantee", "kfrag")

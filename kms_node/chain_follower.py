@@ -1,0 +1,126 @@
+"""Keeps a node's grant index in step with the chain, and says whether it is
+fresh enough to judge by.
+
+A background thread polls the head, fetches the registry's events since the
+last block applied, and applies them. Judging uses the index only while the
+last successful sync is younger than ``max_age_s`` and the index is at most
+``max_lag_blocks`` behind the head seen then; otherwise the node refuses with
+UNAVAILABLE (fails closed) rather than judge by stale grants. A reorg (the
+block the index reflects is no longer canonical) rebuilds the index.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from medkms.core.errors import KmsError, Unavailable
+from medkms.core.registry_types import AccessState, BlockRef, RegistryEvent
+from medkms.node import metrics
+from medkms.node.grant_index import GrantIndex
+
+log = structlog.get_logger("medkms.node.chain")
+
+#: blocks fetched per eth_getLogs call while catching up
+LOG_CHUNK_BLOCKS = 2000
+
+
+class EventSource(Protocol):
+    def block(self, identifier: int | str = "latest") -> BlockRef: ...
+    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]: ...
+
+
+class ChainFollower:
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        start_block: int = 0,
+        poll_interval_s: float = 0.1,
+        max_age_s: float = 2.0,
+        max_lag_blocks: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._start_block = start_block
+        self._poll_interval_s = poll_interval_s
+        self.max_age_s = max_age_s
+        self.max_lag_blocks = max_lag_blocks
+        self._clock = clock
+        self.index = GrantIndex()
+        self._synced_at: float | None = None
+        self._head_seen = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- syncing -----------------------------------------------------------
+
+    def sync_once(self) -> None:
+        """Bring the index up to the current head (raises on chain trouble)."""
+        head = self._source.block("latest")
+        self._head_seen = head.number
+        current = self.index.block
+        if current is not None and (
+            head.number < current.number or self._source.block(current.number).hash != current.hash
+        ):
+            log.warning("chain_reorg", index_block=current.number, head=head.number)
+            self.index = GrantIndex()
+            current = None
+        start = self._start_block if current is None else current.number + 1
+        index = self.index
+        while start <= head.number:
+            end = min(head.number, start + LOG_CHUNK_BLOCKS - 1)
+            events = self._source.events(start, end)
+            through = head if end == head.number else self._source.block(end)
+            index.apply(events, through)
+            start = end + 1
+        if index.block is None or index.block.number < head.number:
+            index.apply([], head)
+        self._synced_at = self._clock()
+        metrics.CHAIN_INDEX_BLOCK.set(head.number)
+
+    def start(self) -> None:
+        """Sync once (so the node starts with current state), then follow in the background."""
+        self.sync_once()
+        self._thread = threading.Thread(target=self._run, name="chain-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_interval_s):
+            try:
+                self.sync_once()
+            except KmsError as e:
+                metrics.CHAIN_SYNC_FAILURES.inc()
+                log.warning("chain_sync_failed", error=e.message)
+
+    # -- judging -----------------------------------------------------------
+
+    def staleness(self) -> str | None:
+        """Why the index may not be used now, or None if it is fresh enough."""
+        if self._synced_at is None or self.index.block is None:
+            return "the node has not synced the registry yet"
+        age = self._clock() - self._synced_at
+        if age > self.max_age_s:
+            return f"last chain sync was {age:.1f}s ago (bound {self.max_age_s:g}s)"
+        lag = self._head_seen - self.index.block.number
+        if lag > self.max_lag_blocks:
+            return f"registry index is {lag} blocks behind (bound {self.max_lag_blocks})"
+        return None
+
+    def index_block(self) -> int:
+        return self.index.block.number if self.index.block is not None else 0
+
+    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+        problem = self.staleness()
+        if problem is not None:
+            raise Unavailable(f"cannot judge grants on stale chain state: {problem}")
+        return self.index.access_state(record_id, grantee)

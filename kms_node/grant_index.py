@@ -1,0 +1,97 @@
+"""The registry state a node judges requests by, kept in memory and fed by the
+registry's events (see ``chain_follower``), so the hot path makes no chain call.
+
+Pure: events in, lookups out. The index records the block it reflects; the
+follower decides whether that is fresh enough to judge by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from medkms.core.registry_types import (
+    AccessGranted,
+    AccessRevoked,
+    AccessState,
+    BlockRef,
+    GrantInfo,
+    PatientInfo,
+    PatientRegistered,
+    RecordAnchored,
+    RecordDeactivated,
+    RecordInfo,
+    RegistryEvent,
+)
+
+
+class GrantIndex:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._patients: dict[str, PatientInfo] = {}
+        self._records: dict[bytes, RecordInfo] = {}
+        self._grants: dict[tuple[str, str], GrantInfo] = {}
+        #: the last block whose events have all been applied; None before the first sync
+        self.block: BlockRef | None = None
+
+    def apply(self, events: list[RegistryEvent], through: BlockRef) -> None:
+        """Apply events (in chain order) and mark the index as reflecting ``through``."""
+        with self._lock:
+            for event in events:
+                self._apply(event)
+            self.block = through
+
+    def _apply(self, event: RegistryEvent) -> None:
+        match event:
+            case PatientRegistered():
+                self._patients[event.patient] = PatientInfo(
+                    event.patient, event.umbral_public_key, event.verifying_key
+                )
+            case RecordAnchored():
+                self._records[event.record_id] = RecordInfo(
+                    record_id=event.record_id,
+                    patient=event.patient,
+                    content_hash=event.content_hash,
+                    storage_uri="",  # not in the event, and not needed to judge a request
+                    record_type=event.record_type,
+                    capsule_hash=event.capsule_hash,
+                    creator=event.creator,
+                    active=True,
+                    created_at=event.timestamp,
+                )
+            case RecordDeactivated():
+                record = self._records.get(event.record_id)
+                if record is not None:
+                    self._records[event.record_id] = dataclasses.replace(record, active=False)
+            case AccessGranted():
+                self._grants[(event.patient, event.grantee)] = GrantInfo(
+                    patient=event.patient,
+                    grantee=event.grantee,
+                    grantee_umbral_key=event.grantee_umbral_key,
+                    expires_at=event.expires_at,
+                    allowed_types_mask=event.allowed_types_mask,
+                    active=True,
+                    granted_at=event.timestamp,
+                )
+            case AccessRevoked():
+                key = (event.patient, event.grantee)
+                grant = self._grants.get(key)
+                if grant is not None:
+                    self._grants[key] = dataclasses.replace(grant, active=False)
+
+    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+        with self._lock:
+            if self.block is None:
+                raise RuntimeError("the index has not been synced yet")
+            record = self._records.get(record_id)
+            grant = self._grants.get((record.patient, grantee)) if record is not None else None
+            return AccessState(record, grant, self.block.number, self.block.timestamp)
+
+    def patient(self, address: str) -> PatientInfo | None:
+        with self._lock:
+            return self._patients.get(address)
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(patients, records, grants) held."""
+        with self._lock:
+            return len(self._patients), len(self._records), len(self._grants)

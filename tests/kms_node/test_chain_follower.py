@@ -1,0 +1,148 @@
+"""The grant index follows registry events and refuses to judge when stale."""
+
+from __future__ import annotations
+
+import pytest
+
+from medkms.core.errors import ChainUnavailable, Unavailable
+from medkms.core.record_types import RecordType
+from medkms.core.registry_types import (
+    AccessGranted,
+    AccessRevoked,
+    BlockRef,
+    RecordAnchored,
+    RecordDeactivated,
+    RegistryEvent,
+)
+from medkms.node.chain_follower import ChainFollower
+
+PATIENT = "0x" + "11" * 20
+GRANTEE = "0x" + "22" * 20
+RECORD = b"\x05" * 32
+
+
+class FakeChain:
+    """Blocks with events, a head that can move, fork or go away."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[BlockRef, list[RegistryEvent]]] = [
+            (BlockRef(0, b"\x00" * 32, 1000), [])
+        ]
+        self.down = False
+        self.calls = 0
+
+    def mine(self, *events: RegistryEvent, fork: bytes = b"") -> BlockRef:
+        number = len(self.blocks)
+        block = BlockRef(number, bytes([number % 256]) * 31 + (fork or b"\x00"), 1000 + number)
+        self.blocks.append((block, list(events)))
+        return block
+
+    def block(self, identifier: int | str = "latest") -> BlockRef:
+        self.calls += 1
+        if self.down:
+            raise ChainUnavailable("chain down")
+        return self.blocks[-1 if identifier == "latest" else int(identifier)][0]
+
+    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
+        if self.down:
+            raise ChainUnavailable("chain down")
+        return [e for b, es in self.blocks[from_block : to_block + 1] for e in es]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def anchored(block: int) -> RecordAnchored:
+    return RecordAnchored(
+        block, 1000 + block, RECORD, PATIENT, RecordType.LAB_RESULT, PATIENT, b"c" * 32, b"h" * 32
+    )
+
+
+def granted(block: int, expires_at: int = 10_000) -> AccessGranted:
+    return AccessGranted(block, 1000 + block, PATIENT, GRANTEE, b"\x02" * 33, expires_at, 0b10)
+
+
+@pytest.fixture
+def chain() -> FakeChain:
+    return FakeChain()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def follower(chain: FakeChain, clock: Clock) -> ChainFollower:
+    return ChainFollower(chain, max_age_s=2.0, max_lag_blocks=2, clock=clock)
+
+
+def test_events_build_the_state_a_node_judges_by(chain: FakeChain, clock: Clock) -> None:
+    chain.mine(anchored(1))
+    chain.mine(granted(2))
+    f = follower(chain, clock)
+    f.sync_once()
+    state = f.access_state(RECORD, GRANTEE)
+    assert state.block_number == 2
+    assert state.record is not None and state.record.active
+    assert state.grant is not None and state.grant.active and state.grant.granted_at == 1002
+
+    chain.mine(
+        AccessRevoked(3, 1003, PATIENT, GRANTEE), RecordDeactivated(3, 1003, RECORD, PATIENT)
+    )
+    f.sync_once()
+    state = f.access_state(RECORD, GRANTEE)
+    assert state.block_number == 3
+    assert state.grant is not None and not state.grant.active
+    assert state.record is not None and not state.record.active
+
+
+def test_stale_index_is_refused_not_used(chain: FakeChain, clock: Clock) -> None:
+    chain.mine(anchored(1), granted(1))
+    f = follower(chain, clock)
+    with pytest.raises(Unavailable, match="not synced"):
+        f.access_state(RECORD, GRANTEE)
+    f.sync_once()
+    clock.now = 1.9
+    assert f.access_state(RECORD, GRANTEE).grant is not None
+    chain.down = True
+    clock.now = 2.5
+    with pytest.raises(ChainUnavailable):
+        f.sync_once()
+    with pytest.raises(Unavailable, match=r"last chain sync was 2.5s ago \(bound 2s\)"):
+        f.access_state(RECORD, GRANTEE)
+    chain.down = False
+    f.sync_once()
+    assert f.access_state(RECORD, GRANTEE).grant is not None
+
+
+def test_a_reorg_rebuilds_the_index(chain: FakeChain, clock: Clock) -> None:
+    chain.mine(anchored(1))
+    chain.mine(granted(2))
+    f = follower(chain, clock)
+    f.sync_once()
+    # Block 2 is replaced by a block without the grant.
+    chain.blocks.pop()
+    chain.mine(fork=b"\x01")
+    f.sync_once()
+    state = f.access_state(RECORD, GRANTEE)
+    assert state.grant is None
+    assert state.record is not None
+
+
+def test_catch_up_reads_events_in_chunks(
+    chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("medkms.node.chain_follower.LOG_CHUNK_BLOCKS", 3)
+    chain.mine(anchored(1))
+    for _ in range(8):
+        chain.mine()
+    chain.mine(granted(10))
+    f = follower(chain, clock)
+    f.sync_once()
+    assert f.index_block() == 10
+    assert f.access_state(RECORD, GRANTEE).grant is not None
