@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from collections.abc import Iterable, Sequence
 
 import grpc
 import umbral_pre as umbral
@@ -19,9 +20,16 @@ from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
 from medkms.clients.records import open_envelope, parse_envelope
 from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import IntegrityError, InvalidRequest, NotFound, PreconditionFailed
+from medkms.core.errors import (
+    IntegrityError,
+    InvalidRequest,
+    KmsError,
+    NotFound,
+    PreconditionFailed,
+    error_for_status,
+)
 from medkms.core.registry_types import PatientInfo
-from medkms.core.requests import address_bytes, parse_purpose
+from medkms.core.requests import MAX_BATCH, address_bytes, parse_purpose
 from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, record_pb2
@@ -56,6 +64,71 @@ class ProviderClient:
     def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
         parse_purpose(purpose_of_use)
+        record_id, envelope, patient = self._fetch(record_id)
+        request = common_pb2.ReencryptionRequest(
+            request_id=uuid.uuid4().hex,
+            patient=address_bytes(patient.address),
+            record_id=record_id,
+            capsule=envelope.capsule,
+            requester=address_bytes(self.identity.address),
+            requester_umbral_key=self.identity.umbral_public_key(),
+            purpose_of_use=purpose_of_use,
+        )
+        try:
+            response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e) from None
+        dek = self._open_dek(patient, envelope, response.fragments)
+        return open_envelope(envelope, dek)
+
+    def read_records(
+        self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"
+    ) -> dict[bytes, bytes | KmsError]:
+        """Many records of one patient in one round trip (e.g. a patient's history):
+        each record's plaintext, or the error that record met."""
+        parse_purpose(purpose_of_use)
+        if not 1 <= len(record_ids) <= MAX_BATCH:
+            raise InvalidRequest(f"read 1 to {MAX_BATCH} records at a time")
+        fetched = [self._fetch(r) for r in record_ids]
+        patients = {patient.address for _, _, patient in fetched}
+        if len(patients) != 1:
+            raise InvalidRequest("a batch read covers the records of one patient")
+        patient = fetched[0][2]
+        request = common_pb2.ReencryptionBatchRequest(
+            request_id=uuid.uuid4().hex,
+            patient=address_bytes(patient.address),
+            capsules=[
+                common_pb2.CapsuleRef(record_id=rid, capsule=env.capsule) for rid, env, _ in fetched
+            ],
+            requester=address_bytes(self.identity.address),
+            requester_umbral_key=self.identity.umbral_public_key(),
+            purpose_of_use=purpose_of_use,
+        )
+        try:
+            response = self._coordinator.ReencryptBatch(request, timeout=REQUEST_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e) from None
+        results: dict[bytes, bytes | KmsError] = {
+            rid: IntegrityError("the coordinator returned no result for this record")
+            for rid, _, _ in fetched
+        }
+        envelopes = {rid: env for rid, env, _ in fetched}
+        for result in response.results:
+            record_id = bytes(result.record_id)
+            if record_id not in envelopes:
+                continue
+            if result.status:
+                results[record_id] = error_for_status(result.status, result.reason)
+                continue
+            try:
+                dek = self._open_dek(patient, envelopes[record_id], result.fragments)
+                results[record_id] = open_envelope(envelopes[record_id], dek)
+            except KmsError as e:
+                results[record_id] = e
+        return results
+
+    def _fetch(self, record_id: bytes) -> tuple[bytes, record_pb2.RecordEnvelope, PatientInfo]:
+        """The record's envelope from the blob store, checked against the chain."""
         if len(record_id) != 32:
             raise InvalidRequest("record_id must be 32 bytes")
         record = self._registry.get_record(record_id)
@@ -72,36 +145,21 @@ class ProviderClient:
         patient = self._registry.get_patient(record.patient)
         if patient is None:
             raise PreconditionFailed("the record's patient is not registered")
-        dek = self._open_dek(record_id, patient, envelope, purpose_of_use)
-        return open_envelope(envelope, dek)
+        return record_id, envelope, patient
 
     def _open_dek(
         self,
-        record_id: bytes,
         patient: PatientInfo,
         envelope: record_pb2.RecordEnvelope,
-        purpose_of_use: str,
+        fragments: Iterable[common_pb2.CapsuleFragment],
     ) -> bytes:
-        """Collect capsule fragments through the coordinator and decapsulate the DEK."""
+        """Verify the capsule fragments ourselves and decapsulate the DEK."""
         capsule = umbral.Capsule.from_bytes(envelope.capsule)
-        request = common_pb2.ReencryptionRequest(
-            request_id=uuid.uuid4().hex,
-            patient=address_bytes(patient.address),
-            record_id=record_id,
-            capsule=bytes(capsule),
-            requester=address_bytes(self.identity.address),
-            requester_umbral_key=self.identity.umbral_public_key(),
-            purpose_of_use=purpose_of_use,
-        )
-        try:
-            response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e) from None
         delegating_key = load_public_key(patient.umbral_public_key)
         verifying_key = load_public_key(patient.verifying_key)
         secret_key = self.identity.umbral_secret_key()
         verified = []
-        for fragment in response.fragments:
+        for fragment in fragments:
             try:
                 cfrag = load_cfrag(fragment.cfrag)
                 verified.append(

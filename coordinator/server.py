@@ -30,6 +30,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     methods = [
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
+        rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, service.reencrypt_batch),
     ]
     server.add_generic_rpc_handlers([rpc.aio_service_handler(COORDINATOR_SERVICE, methods)])
     health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])

@@ -1,5 +1,6 @@
-"""The coordinator's work: fan a request out, verify what comes back, return
-as soon as ``threshold`` valid capsule fragments are in.
+"""The coordinator's work: ask the best ``threshold`` nodes, verify what comes
+back, replace failed nodes and hedge slow ones, and return as soon as
+``threshold`` valid capsule fragments are in (for each capsule of a batch).
 
 It holds no keys and cannot open anything: it relays the grantee's request and
 checks each cfrag against the patient's registered keys, so a broken or lying
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
 
+from medkms.coordinator.node_pool import NodePool
 from medkms.coordinator.settings import CoordinatorSettings
 from medkms.coordinator.threshold import FragmentCollector
 from medkms.core.errors import InvalidRequest, PreconditionFailed
 from medkms.core.registry_types import PatientInfo
-from medkms.core.requests import ReencryptionQuery
+from medkms.core.requests import BatchQuery, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
@@ -62,10 +65,113 @@ class PatientKeyCache:
         return info
 
 
+class _Verifier:
+    """Checks cfrags for one capsule against the patient's keys and the grantee's."""
+
+    def __init__(self, query: ReencryptionQuery, patient: PatientInfo) -> None:
+        self._capsule = query.capsule
+        self._receiving_key = query.receiving_key
+        self._verifying_key = load_public_key(patient.verifying_key, "patient verifying key")
+        self._delegating_key = load_public_key(patient.umbral_public_key, "patient umbral key")
+
+    def check(self, cfrag: bytes) -> bool:
+        try:
+            load_cfrag(cfrag).verify(
+                self._capsule, self._verifying_key, self._delegating_key, self._receiving_key
+            )
+        except (InvalidRequest, VerificationError):
+            return False
+        return True
+
+
+BAD_CFRAG = "returned a capsule fragment that does not verify"
+
+
+class _SingleCollection:
+    """One capsule: node responses are ReencryptResponse."""
+
+    def __init__(self, collector: FragmentCollector, verifier: _Verifier) -> None:
+        self.collector = collector
+        self._verifier = verifier
+
+    @property
+    def finished(self) -> bool:
+        return self.collector.complete or self.collector.hopeless
+
+    def more_needed(self, in_flight: int) -> int:
+        return max(0, self.collector.threshold - len(self.collector.valid) - in_flight)
+
+    def take(self, node_id: str, response: node_pb2.ReencryptResponse) -> None:
+        cfrag = bytes(response.fragment.cfrag)
+        if self._verifier.check(cfrag):
+            self.collector.accept(node_id, cfrag)
+        else:
+            self.collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
+
+    def fail(self, node_id: str, status: str, message: str) -> None:
+        self.collector.reject(node_id, status, message)
+
+
+class _BatchCollection:
+    """Many capsules: node responses are ReencryptBatchResponse, one outcome each."""
+
+    def __init__(
+        self, collectors: dict[bytes, FragmentCollector], verifiers: dict[bytes, _Verifier]
+    ):
+        self.collectors = collectors
+        self._verifiers = verifiers
+
+    def _open(self) -> list[FragmentCollector]:
+        return [c for c in self.collectors.values() if not (c.complete or c.hopeless)]
+
+    @property
+    def finished(self) -> bool:
+        return not self._open()
+
+    def more_needed(self, in_flight: int) -> int:
+        return max((c.threshold - len(c.valid) - in_flight for c in self._open()), default=0)
+
+    def take(self, node_id: str, response: node_pb2.ReencryptBatchResponse) -> None:
+        answered = set()
+        for outcome in response.outcomes:
+            record_id = bytes(outcome.record_id)
+            collector = self.collectors.get(record_id)
+            if collector is None or record_id in answered:
+                continue  # not asked for, or repeated: ignore rather than trust
+            answered.add(record_id)
+            if outcome.status:
+                collector.reject(node_id, outcome.status, outcome.reason)
+            elif self._verifiers[record_id].check(bytes(outcome.fragment.cfrag)):
+                collector.accept(node_id, bytes(outcome.fragment.cfrag))
+            else:
+                collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
+        for record_id, collector in self.collectors.items():
+            if record_id not in answered:
+                collector.reject(node_id, "DATA_LOSS", "answered without this capsule")
+
+    def fail(self, node_id: str, status: str, message: str) -> None:
+        for collector in self.collectors.values():
+            collector.reject(node_id, status, message)
+
+
+Response = TypeVar("Response")
+
+
+class _Collection(Protocol[Response]):  # type: ignore[misc]
+    @property
+    def finished(self) -> bool: ...
+    def more_needed(self, in_flight: int) -> int: ...
+    def take(self, node_id: str, response: Response) -> None: ...
+    def fail(self, node_id: str, status: str, message: str) -> None: ...
+
+
 class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings, registry: PatientReader) -> None:
         self._settings = settings
         self._patients = PatientKeyCache(registry, settings.patient_cache_s)
+        self._pool = NodePool(
+            [n.node_id for n in settings.nodes], max_hedge_s=settings.node_timeout_s / 4
+        )
         self._stubs: dict[str, AioNodeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -91,6 +197,13 @@ class CoordinatorService:
             ],
         )
 
+    def _timeout(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """Per-node deadline: ours, or less if the caller's deadline is nearer."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._settings.node_timeout_s
+        return max(0.001, min(self._settings.node_timeout_s, remaining))
+
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
@@ -99,47 +212,15 @@ class CoordinatorService:
         outgoing.CopyFrom(msg)
         outgoing.request_id = query.request_id
         patient = await self._patients.get(query.patient)
-        verifying_key = load_public_key(patient.verifying_key, "patient verifying key")
-        delegating_key = load_public_key(patient.umbral_public_key, "patient umbral key")
-
-        timeout = self._settings.node_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, remaining)
-        collector = FragmentCollector(self._settings.threshold, list(self._stubs))
-        tasks = {
-            asyncio.ensure_future(stub.Reencrypt(outgoing, timeout=timeout)): node_id
-            for node_id, stub in self._stubs.items()
-        }
-        pending = set(tasks)
-        try:
-            while pending and not collector.complete and not collector.hopeless:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    node_id = tasks[task]
-                    try:
-                        response: node_pb2.ReencryptResponse = task.result()
-                    except grpc.RpcError as e:
-                        error = rpc.error_from_rpc(e)
-                        collector.reject(node_id, error.grpc_status, error.message)
-                        continue
-                    try:
-                        cfrag = load_cfrag(response.fragment.cfrag)
-                        cfrag.verify(
-                            query.capsule, verifying_key, delegating_key, query.receiving_key
-                        )
-                    except (InvalidRequest, VerificationError):
-                        collector.reject(
-                            node_id, "DATA_LOSS", "returned a capsule fragment that does not verify"
-                        )
-                        continue
-                    collector.accept(node_id, bytes(response.fragment.cfrag))
-        finally:
-            for task in pending:
-                task.cancel()
+        timeout = self._timeout(context)
+        collection = _SingleCollection(
+            FragmentCollector(self._settings.threshold, self._pool.node_ids),
+            _Verifier(query, patient),
+        )
+        await self._fan_out(lambda stub: stub.Reencrypt(outgoing, timeout=timeout), collection)
+        collector = collection.collector
         bound = log.bind(request_id=query.request_id, record_id=query.record_id.hex())
-        for failure in collector.failures:
-            bound.info("node_failed", node_id=failure.node_id, status=failure.status)
+        self._log_failures(bound, collector)
         if not collector.complete:
             refusal = collector.error()
             bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
@@ -151,3 +232,101 @@ class CoordinatorService:
             ],
             threshold=self._settings.threshold,
         )
+
+    async def reencrypt_batch(
+        self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CoordinatorBatchResponse:
+        batch = BatchQuery.parse(msg)
+        outgoing = common_pb2.ReencryptionBatchRequest()
+        outgoing.CopyFrom(msg)
+        outgoing.request_id = batch.request_id
+        patient = await self._patients.get(batch.items[0].patient)
+        timeout = self._timeout(context)
+        collection = _BatchCollection(
+            {
+                q.record_id: FragmentCollector(self._settings.threshold, self._pool.node_ids)
+                for q in batch.items
+            },
+            {q.record_id: _Verifier(q, patient) for q in batch.items},
+        )
+        await self._fan_out(lambda stub: stub.ReencryptBatch(outgoing, timeout=timeout), collection)
+        bound = log.bind(request_id=batch.request_id, capsules=len(batch.items))
+        results = []
+        for query in batch.items:
+            collector = collection.collectors[query.record_id]
+            if collector.complete:
+                fragments = [
+                    common_pb2.CapsuleFragment(node_id=n, cfrag=c) for n, c in collector.fragments()
+                ]
+                results.append(
+                    coordinator_pb2.CapsuleFragments(record_id=query.record_id, fragments=fragments)
+                )
+            else:
+                refusal = collector.error()
+                results.append(
+                    coordinator_pb2.CapsuleFragments(
+                        record_id=query.record_id,
+                        status=refusal.grpc_status,
+                        reason=refusal.message,
+                    )
+                )
+        served = sum(1 for r in results if not r.status)
+        bound.info("reencrypt_batch_served", served=served, refused=len(results) - served)
+        return coordinator_pb2.CoordinatorBatchResponse(
+            results=results, threshold=self._settings.threshold
+        )
+
+    async def _fan_out(
+        self,
+        call: Callable[[AioNodeStub], Awaitable[Response]],
+        collection: _Collection[Response],
+    ) -> None:
+        """Ask nodes, best first, until the collection is finished or no node is left.
+
+        Starts with as many nodes as the threshold needs; asks one more whenever a
+        node fails, and when the hedge delay passes without an answer.
+        """
+        loop = asyncio.get_running_loop()
+        queue = iter(self._pool.plan(time.monotonic()))
+        tasks: dict[asyncio.Future[Response], tuple[str, float]] = {}
+
+        def launch(count: int) -> None:
+            for _ in range(count):
+                node_id = next(queue, None)
+                if node_id is None:
+                    return
+                tasks[asyncio.ensure_future(call(self._stubs[node_id]))] = (node_id, loop.time())
+
+        launch(collection.more_needed(0))
+        hedge_delay = self._pool.hedge_delay()
+        try:
+            while tasks and not collection.finished:
+                done, _ = await asyncio.wait(
+                    tasks, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    launch(1)  # hedge: a slow node should not hold the request up
+                    continue
+                for task in done:
+                    node_id, started = tasks.pop(task)
+                    latency = loop.time() - started
+                    try:
+                        response = task.result()
+                    except grpc.RpcError as e:
+                        error = rpc.error_from_rpc(e)
+                        self._pool.answered(node_id, latency, error.grpc_status, time.monotonic())
+                        collection.fail(node_id, error.grpc_status, error.message)
+                        continue
+                    self._pool.succeeded(node_id, latency)
+                    collection.take(node_id, response)
+                launch(collection.more_needed(len(tasks)))
+        finally:
+            # Cancelling saves us waiting, not the node's work: that is why only as
+            # many nodes as needed are asked.
+            for task in tasks:
+                task.cancel()
+
+    @staticmethod
+    def _log_failures(bound: Any, collector: FragmentCollector) -> None:
+        for failure in collector.failures:
+            bound.info("node_failed", node_id=failure.node_id, status=failure.status)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,3 +143,63 @@ class Enrollment:
             kfrag_bytes=bytes(msg.kfrag),
             kfrag=load_kfrag(msg.kfrag),
         )
+
+
+MAX_BATCH = 64
+
+
+class CapsuleRefFields(Protocol):
+    record_id: bytes
+    capsule: bytes
+
+
+class BatchFields(Protocol):
+    request_id: str
+    patient: bytes
+    requester: bytes
+    requester_umbral_key: bytes
+    purpose_of_use: str
+
+    @property
+    def capsules(self) -> Sequence[CapsuleRefFields]: ...
+
+
+@dataclass(frozen=True)
+class BatchQuery:
+    """A validated batch: one query per capsule, sharing the batch's parties."""
+
+    request_id: str
+    items: tuple[ReencryptionQuery, ...]
+
+    @classmethod
+    def parse(cls, msg: BatchFields) -> BatchQuery:
+        if not 1 <= len(msg.capsules) <= MAX_BATCH:
+            raise InvalidRequest(
+                f"a batch holds 1 to {MAX_BATCH} capsules, got {len(msg.capsules)}"
+            )
+        request_id = parse_request_id(msg.request_id)
+        patient = parse_address(msg.patient, "patient")
+        requester = parse_address(msg.requester, "requester")
+        receiving_key = load_public_key(msg.requester_umbral_key, "requester_umbral_key")
+        purpose = parse_purpose(msg.purpose_of_use)
+        items = []
+        seen: set[bytes] = set()
+        for i, ref in enumerate(msg.capsules):
+            record_id = parse_record_id(ref.record_id)
+            if record_id in seen:
+                raise InvalidRequest(f"capsules[{i}]: record 0x{record_id.hex()} is listed twice")
+            seen.add(record_id)
+            items.append(
+                ReencryptionQuery(
+                    request_id=request_id,
+                    patient=patient,
+                    record_id=record_id,
+                    capsule_bytes=bytes(ref.capsule),
+                    capsule=load_capsule(ref.capsule, f"capsules[{i}].capsule"),
+                    requester=requester,
+                    requester_umbral_key=bytes(msg.requester_umbral_key),
+                    receiving_key=receiving_key,
+                    purpose_of_use=purpose,
+                )
+            )
+        return cls(request_id, tuple(items))

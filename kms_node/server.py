@@ -51,10 +51,16 @@ def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> 
     def reencrypt(msg: common_pb2.ReencryptionRequest, _ctx: object) -> node_pb2.ReencryptResponse:
         return service.reencrypt(msg)
 
+    def reencrypt_batch(
+        msg: common_pb2.ReencryptionBatchRequest, _ctx: object
+    ) -> node_pb2.ReencryptBatchResponse:
+        return service.reencrypt_batch(msg)
+
     methods = [
         rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, node_info),
         rpc.Method("EnrollKeyFragment", node_pb2.EnrollKeyFragmentRequest, enroll),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
+        rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
     ]
     server.add_generic_rpc_handlers([rpc.service_handler(NODE_SERVICE, methods, _observe)])
     return server

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
 import umbral_pre as umbral
 
-from medkms.core.errors import PreconditionFailed, Unauthenticated
-from medkms.core.policy import judge
+from medkms.core.errors import KmsError, PreconditionFailed, Unauthenticated
+from medkms.core.policy import Decision, judge
 from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo
-from medkms.core.requests import Enrollment, ReencryptionQuery
+from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
@@ -140,14 +140,34 @@ class NodeService:
         return node_pb2.EnrollKeyFragmentResponse(node_id=self.node_id, kfrag_sha256=digest)
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
+        """One capsule: a fragment, or the refusal as the RPC's status."""
         query = ReencryptionQuery.parse(msg)
-        bound = log.bind(
-            request_id=query.request_id,
-            patient=query.patient,
-            requester=query.requester,
-            record_id=query.record_id.hex(),
-            purpose_of_use=query.purpose_of_use,
+        (result,) = self._serve([query])
+        if isinstance(result, KmsError):
+            raise result
+        return node_pb2.ReencryptResponse(
+            fragment=common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=result)
         )
+
+    def reencrypt_batch(
+        self, msg: common_pb2.ReencryptionBatchRequest
+    ) -> node_pb2.ReencryptBatchResponse:
+        """Many capsules of one patient for one grantee: one outcome each. The kfrag is
+        unwrapped once for the whole batch."""
+        batch = BatchQuery.parse(msg)
+        outcomes = []
+        for query, result in zip(batch.items, self._serve(batch.items), strict=True):
+            if isinstance(result, KmsError):
+                outcome = common_pb2.CapsuleOutcome(
+                    record_id=query.record_id, status=result.grpc_status, reason=result.message
+                )
+            else:
+                fragment = common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=result)
+                outcome = common_pb2.CapsuleOutcome(record_id=query.record_id, fragment=fragment)
+            outcomes.append(outcome)
+        return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
+
+    def _decide(self, query: ReencryptionQuery) -> Decision:
         # The hot path judges by the local grant index (fresh within its bound, or it
         # raises UNAVAILABLE). The index may lag the chain by up to that bound, so a
         # refusal is confirmed against the chain itself before it is given: a grant
@@ -157,24 +177,51 @@ class NodeService:
         if not decision.allowed:
             state = self._registry.access_state(query.record_id, query.requester)
             decision = judge(query, state, int(self._clock()))
-        if not decision.allowed:
-            bound.info("reencrypt_denied", reason=decision.code, block_number=decision.block_number)
-            raise decision.error()
-        stored = self._kfrags.get(query.patient, query.requester)
-        if stored is None or stored.receiving_key != query.requester_umbral_key:
-            bound.info("reencrypt_denied", reason="no_kfrag", block_number=decision.block_number)
-            raise PreconditionFailed("this node holds no key fragment for this grant")
-        aad = kfrag_aad(self.node_id, stored.patient, stored.grantee, stored.receiving_key)
-        # The kfrag was verified at enrollment and is authenticated by AES-GCM
-        # since, so re-verifying it here would only cost time.
-        kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
-        cfrag = bytes(umbral.reencrypt(query.capsule, kfrag.skip_verification()))
-        del kfrag
-        bound.info(
-            "reencrypt_granted",
-            block_number=decision.block_number,
-            cfrag_sha256=hashlib.sha256(cfrag).hexdigest(),
+        return decision
+
+    def _serve(self, queries: Sequence[ReencryptionQuery]) -> list[bytes | KmsError]:
+        """A cfrag or the refusal for each query; all share patient, requester and key."""
+        first = queries[0]
+        bound = log.bind(
+            request_id=first.request_id,
+            patient=first.patient,
+            requester=first.requester,
+            purpose_of_use=first.purpose_of_use,
         )
-        return node_pb2.ReencryptResponse(
-            fragment=common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=cfrag)
-        )
+        decisions = [self._decide(q) for q in queries]
+        # Refusals now; allowed entries are filled in below.
+        results: list[bytes | KmsError] = [b"" if d.allowed else d.error() for d in decisions]
+        allowed = [i for i, d in enumerate(decisions) if d.allowed]
+        if allowed:
+            stored = self._kfrags.get(first.patient, first.requester)
+            if stored is None or stored.receiving_key != first.requester_umbral_key:
+                for i in allowed:
+                    results[i] = PreconditionFailed(
+                        "this node holds no key fragment for this grant"
+                    )
+            else:
+                aad = kfrag_aad(self.node_id, stored.patient, stored.grantee, stored.receiving_key)
+                # The kfrag was verified at enrollment and is authenticated by AES-GCM
+                # since, so re-verifying it here would only cost time.
+                kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
+                verified = kfrag.skip_verification()
+                for i in allowed:
+                    results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
+                del kfrag, verified
+        for query, decision, result in zip(queries, decisions, results, strict=True):
+            if isinstance(result, KmsError):
+                reason = decision.code if not decision.allowed else "no_kfrag"
+                bound.info(
+                    "reencrypt_denied",
+                    record_id=query.record_id.hex(),
+                    reason=reason,
+                    block_number=decision.block_number,
+                )
+            else:
+                bound.info(
+                    "reencrypt_granted",
+                    record_id=query.record_id.hex(),
+                    block_number=decision.block_number,
+                    cfrag_sha256=hashlib.sha256(result).hexdigest(),
+                )
+        return results

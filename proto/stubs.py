@@ -62,6 +62,14 @@ class NodeStub:
             node_pb2.ReencryptResponse,
         )
 
+        self.ReencryptBatch = _unary(
+            channel,
+            NODE_SERVICE,
+            "ReencryptBatch",
+            common_pb2.ReencryptionBatchRequest,
+            node_pb2.ReencryptBatchResponse,
+        )
+
 
 class AioNodeStub:
     def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -71,6 +79,13 @@ class AioNodeStub:
             "Reencrypt",
             common_pb2.ReencryptionRequest,
             node_pb2.ReencryptResponse,
+        )
+        self.ReencryptBatch = _aio_unary(
+            channel,
+            NODE_SERVICE,
+            "ReencryptBatch",
+            common_pb2.ReencryptionBatchRequest,
+            node_pb2.ReencryptBatchResponse,
         )
 
 
@@ -89,4 +104,11 @@ class CoordinatorStub:
             "Reencrypt",
             common_pb2.ReencryptionRequest,
             coordinator_pb2.CoordinatorReencryptResponse,
+        )
+        self.ReencryptBatch = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "ReencryptBatch",
+            common_pb2.ReencryptionBatchRequest,
+            coordinator_pb2.CoordinatorBatchResponse,
         )

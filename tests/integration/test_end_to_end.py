@@ -5,14 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
+import umbral_pre as umbral
 
+from medkms.clients.records import parse_envelope
 from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from medkms.core.errors import AccessDenied, NotFound, Unavailable
 from medkms.core.record_types import RecordType
+from medkms.core.requests import address_bytes
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.kms.v1 import common_pb2
+from medkms.proto.stubs import NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster
@@ -127,3 +133,47 @@ def test_kfrags_survive_a_node_killed_with_sigkill(
         restart_stopped_nodes.append(node_id)
     with people.provider() as doctor:
         assert doctor.read_record(people.lab.record_id) == lab_result()
+
+
+def test_batch_read_gives_each_record_its_own_outcome(people: People) -> None:
+    labs = [people.lab] + [
+        people.patient.store_record(lab_result(), RecordType.LAB_RESULT) for _ in range(4)
+    ]
+    people.grant_doctor([RecordType.LAB_RESULT])
+    wanted = [r.record_id for r in labs] + [people.condition.record_id]
+    with people.provider() as doctor:
+        results = doctor.read_records(wanted)
+    assert set(results) == set(wanted)
+    for record in labs:
+        assert results[record.record_id] == lab_result()
+    refused = results[people.condition.record_id]
+    assert isinstance(refused, AccessDenied)
+    assert "record type diagnosis" in refused.message
+
+
+def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> None:
+    """The node's batch RPC unwraps the kfrag once and re-encrypts every capsule."""
+    people.grant_doctor([RecordType.LAB_RESULT])
+    blobs = cluster.blob_store()
+    capsule = parse_envelope(blobs.get(people.lab.storage_uri)).capsule
+    refs = [common_pb2.CapsuleRef(record_id=people.lab.record_id, capsule=capsule)]
+    for i in range(63):
+        capsule_i, _ = umbral.encrypt(umbral.SecretKey.random().public_key(), b"k" * 32)
+        refs.append(common_pb2.CapsuleRef(record_id=bytes([i + 1]) * 32, capsule=bytes(capsule_i)))
+    request = common_pb2.ReencryptionBatchRequest(
+        patient=address_bytes(people.patient.identity.address),
+        capsules=refs,
+        requester=address_bytes(people.doctor.address),
+        requester_umbral_key=people.doctor.umbral_public_key(),
+        purpose_of_use="TREAT",
+    )
+    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+        response = NodeStub(channel).ReencryptBatch(request, timeout=10)
+        assert len(response.outcomes) == 64
+        assert response.outcomes[0].fragment.cfrag and not response.outcomes[0].status
+        assert {o.status for o in response.outcomes[1:]} == {"NOT_FOUND"}
+        request.capsules.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, capsule=capsule))
+        with pytest.raises(grpc.RpcError) as caught:
+            NodeStub(channel).ReencryptBatch(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1 to 64 capsules" in caught.value.details()

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -29,3 +31,39 @@ class CapsuleFragment(_message.Message):
     node_id: str
     cfrag: bytes
     def __init__(self, node_id: _Optional[str] = ..., cfrag: _Optional[bytes] = ...) -> None: ...
+
+class CapsuleRef(_message.Message):
+    __slots__ = ("record_id", "capsule")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPSULE_FIELD_NUMBER: _ClassVar[int]
+    record_id: bytes
+    capsule: bytes
+    def __init__(self, record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ...) -> None: ...
+
+class ReencryptionBatchRequest(_message.Message):
+    __slots__ = ("request_id", "patient", "capsules", "requester", "requester_umbral_key", "purpose_of_use")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    CAPSULES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_UMBRAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_OF_USE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    patient: bytes
+    capsules: _containers.RepeatedCompositeFieldContainer[CapsuleRef]
+    requester: bytes
+    requester_umbral_key: bytes
+    purpose_of_use: str
+    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., capsules: _Optional[_Iterable[_Union[CapsuleRef, _Mapping]]] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ...) -> None: ...
+
+class CapsuleOutcome(_message.Message):
+    __slots__ = ("record_id", "fragment", "status", "reason")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    record_id: bytes
+    fragment: CapsuleFragment
+    status: str
+    reason: str
+    def __init__(self, record_id: _Optional[bytes] = ..., fragment: _Optional[_Union[CapsuleFragment, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

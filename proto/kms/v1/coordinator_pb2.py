@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from medkms.proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"]\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r2\xa3\x01\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"]\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r\"q\n\x10\x43\x61psuleFragments\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12*\n\tfragments\x18\x02 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18\x43oordinatorBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kms.v1.CapsuleFragments\x12\x11\n\tthreshold\x18\x02 \x01(\r2\xf9\x01\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12T\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a .kms.v1.CoordinatorBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERINFO']._serialized_end=201
   _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_start=203
   _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_end=296
-  _globals['_COORDINATOR']._serialized_start=299
-  _globals['_COORDINATOR']._serialized_end=462
+  _globals['_CAPSULEFRAGMENTS']._serialized_start=298
+  _globals['_CAPSULEFRAGMENTS']._serialized_end=411
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_start=413
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_end=501
+  _globals['_COORDINATOR']._serialized_start=504
+  _globals['_COORDINATOR']._serialized_end=753
 # @@protoc_insertion_point(module_scope)

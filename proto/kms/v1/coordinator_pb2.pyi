@@ -34,3 +34,23 @@ class CoordinatorReencryptResponse(_message.Message):
     fragments: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleFragment]
     threshold: int
     def __init__(self, fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...
+
+class CapsuleFragments(_message.Message):
+    __slots__ = ("record_id", "fragments", "status", "reason")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    record_id: bytes
+    fragments: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleFragment]
+    status: str
+    reason: str
+    def __init__(self, record_id: _Optional[bytes] = ..., fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CoordinatorBatchResponse(_message.Message):
+    __slots__ = ("results", "threshold")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CapsuleFragments]
+    threshold: int
+    def __init__(self, results: _Optional[_Iterable[_Union[CapsuleFragments, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...

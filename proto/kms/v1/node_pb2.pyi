@@ -1,7 +1,8 @@
 from medkms.proto.kms.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -51,3 +52,9 @@ class ReencryptResponse(_message.Message):
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     fragment: _common_pb2.CapsuleFragment
     def __init__(self, fragment: _Optional[_Union[_common_pb2.CapsuleFragment, _Mapping]] = ...) -> None: ...
+
+class ReencryptBatchResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[_common_pb2.CapsuleOutcome, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,438 @@
+"""Signed re-encryption requests: EIP-712 typed data, signer recovery, freshness.
+
+The requesting app signs what it asks for as EIP-712 typed data, so any Ethereum
+wallet (``eth_signTypedData_v4``) can sign it. Each node rebuilds the same claims
+from the request it received, recovers the signer from the signature and judges
+that address against the grant; the signer is the requester, nobody states it.
+
+Domain: ``EIP712Domain(string name,string version,uint256 chainId,address
+verifyingContract)`` with name "medkms", version "1", the chain id and the
+registry contract's address, so a signature is valid for one registry on one
+chain only. Primary types::
+
+    ReencryptionRequest(address patient,bytes32 recordId,bytes32 capsuleHash,
+        bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)
+    ReencryptionBatch(address patient,bytes32[] recordIds,bytes32[] capsuleHashes,
+        bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)
+
+``capsuleHash`` is :func:`medkms.core.umbral_codec.capsule_hash` of the capsule
+bytes; ``deadline`` is a Unix time in seconds. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar, Final
+
+from eth_abi.abi import encode as abi_encode
+from eth_account.messages import SignableMessage
+from eth_account.signers.local import LocalAccount
+from eth_hash.auto import keccak
+from eth_keys.backends.native.main import NativeECCBackend
+from eth_keys.datatypes import Signature
+from eth_keys.exceptions import BadSignature
+from eth_utils.address import is_address, to_checksum_address
+from eth_utils.exceptions import ValidationError as EthValidationError
+
+from medkms.core.errors import InvalidRequest, Unauthenticated
+
+try:
+    import coincurve
+
+    _HAVE_COINCURVE = True
+except ImportError:  # pragma: no cover - coincurve is a pinned dependency
+    _HAVE_COINCURVE = False
+
+DOMAIN_NAME: Final = "medkms"
+DOMAIN_VERSION: Final = "1"
+
+SIGNATURE_SIZE: Final = 65
+BYTES32: Final = 32
+UINT64_MAX: Final = 2**64 - 1
+UINT256_MAX: Final = 2**256 - 1
+
+# Order of the secp256k1 group. EIP-2: s must be in the lower half.
+SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_HALF_N: Final = SECP256K1_N // 2
+
+_Fields = tuple[tuple[str, str], ...]
+
+_DOMAIN_FIELDS: _Fields = (
+    ("name", "string"),
+    ("version", "string"),
+    ("chainId", "uint256"),
+    ("verifyingContract", "address"),
+)
+_REQUEST_FIELDS: _Fields = (
+    ("patient", "address"),
+    ("recordId", "bytes32"),
+    ("capsuleHash", "bytes32"),
+    ("requesterUmbralKey", "bytes"),
+    ("nonce", "bytes32"),
+    ("deadline", "uint64"),
+    ("purposeOfUse", "string"),
+)
+_BATCH_FIELDS: _Fields = (
+    ("patient", "address"),
+    ("recordIds", "bytes32[]"),
+    ("capsuleHashes", "bytes32[]"),
+    ("requesterUmbralKey", "bytes"),
+    ("nonce", "bytes32"),
+    ("deadline", "uint64"),
+    ("purposeOfUse", "string"),
+)
+
+
+def _encode_type(name: str, fields: _Fields) -> str:
+    """EIP-712 ``encodeType``: ``Name(type1 name1,type2 name2,...)``; no struct members here."""
+    return f"{name}({','.join(f'{typ} {member}' for member, typ in fields)})"
+
+
+# EIP-712 typeHash = keccak256(encodeType(typeOf(s))).
+_DOMAIN_TYPEHASH: Final = keccak(_encode_type("EIP712Domain", _DOMAIN_FIELDS).encode())
+_NAME_HASH: Final = keccak(DOMAIN_NAME.encode())
+_VERSION_HASH: Final = keccak(DOMAIN_VERSION.encode())
+
+
+def _checked_address(value: str, what: str) -> str:
+    if not isinstance(value, str) or not is_address(value) or not value.startswith("0x"):
+        raise InvalidRequest(f"{what} must be a 0x-prefixed 20-byte hex address")
+    return str(to_checksum_address(value))
+
+
+def _checked_bytes32(value: bytes, what: str) -> bytes:
+    # Exact size: abi encoders right-pad shorter values, which would make two
+    # different inputs sign the same.
+    if not isinstance(value, bytes) or len(value) != BYTES32:
+        raise InvalidRequest(f"{what} must be {BYTES32} bytes")
+    return value
+
+
+def _checked_common(
+    requester_umbral_key: bytes, nonce: bytes, deadline: int, purpose_of_use: str
+) -> None:
+    if not isinstance(requester_umbral_key, bytes):
+        raise InvalidRequest("requester_umbral_key must be bytes")
+    _checked_bytes32(nonce, "nonce")
+    if isinstance(deadline, bool) or not isinstance(deadline, int):
+        raise InvalidRequest("deadline must be an integer Unix time")
+    if not 0 <= deadline <= UINT64_MAX:
+        raise InvalidRequest("deadline must fit in a uint64")
+    if not isinstance(purpose_of_use, str):
+        raise InvalidRequest("purpose_of_use must be a string")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain: one registry contract on one chain."""
+
+    chain_id: int
+    registry_address: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int):
+            raise InvalidRequest("chain_id must be an integer")
+        if not 0 < self.chain_id <= UINT256_MAX:
+            raise InvalidRequest("chain_id must be a positive uint256")
+        checksum = _checked_address(self.registry_address, "registry_address")
+        object.__setattr__(self, "registry_address", checksum)
+
+    @cached_property
+    def separator(self) -> bytes:
+        """EIP-712 ``domainSeparator = hashStruct(eip712Domain)``, computed once per domain."""
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    _DOMAIN_TYPEHASH,
+                    _NAME_HASH,  # string: keccak256 of its UTF-8 bytes
+                    _VERSION_HASH,
+                    self.chain_id,
+                    self.registry_address,
+                ],
+            )
+        )
+
+    def typed_data(self) -> dict[str, Any]:
+        return {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": self.chain_id,
+            "verifyingContract": self.registry_address,
+        }
+
+
+@dataclass(frozen=True)
+class RequestClaims:
+    """What a ``ReencryptionRequest`` signature binds: one capsule of one record.
+
+    ``patient`` is normalised to its EIP-55 checksum form. Whether the purpose of
+    use is a known code is for request validation (:mod:`medkms.core.requests`)
+    to decide; here any string is signable.
+    """
+
+    PRIMARY_TYPE: ClassVar[str] = "ReencryptionRequest"
+    FIELDS: ClassVar[_Fields] = _REQUEST_FIELDS
+    TYPE_HASH: ClassVar[bytes] = keccak(
+        _encode_type("ReencryptionRequest", _REQUEST_FIELDS).encode()
+    )
+
+    patient: str
+    record_id: bytes
+    capsule_hash: bytes
+    requester_umbral_key: bytes
+    nonce: bytes
+    deadline: int
+    purpose_of_use: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
+        _checked_bytes32(self.record_id, "record_id")
+        _checked_bytes32(self.capsule_hash, "capsule_hash")
+        _checked_common(self.requester_umbral_key, self.nonce, self.deadline, self.purpose_of_use)
+
+    def hash_struct(self) -> bytes:
+        """EIP-712 ``hashStruct(s) = keccak256(typeHash || encodeData(s))``.
+
+        encodeData: each member as one 32-byte word in declaration order; dynamic
+        ``bytes`` and ``string`` are replaced by the keccak256 of their contents.
+        """
+        return keccak(
+            abi_encode(
+                [
+                    "bytes32",
+                    "address",
+                    "bytes32",
+                    "bytes32",
+                    "bytes32",
+                    "bytes32",
+                    "uint64",
+                    "bytes32",
+                ],
+                [
+                    self.TYPE_HASH,
+                    self.patient,
+                    self.record_id,
+                    self.capsule_hash,
+                    keccak(self.requester_umbral_key),
+                    self.nonce,
+                    self.deadline,
+                    keccak(self.purpose_of_use.encode("utf-8")),
+                ],
+            )
+        )
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "patient": self.patient,
+            "recordId": "0x" + self.record_id.hex(),
+            "capsuleHash": "0x" + self.capsule_hash.hex(),
+            "requesterUmbralKey": "0x" + self.requester_umbral_key.hex(),
+            "nonce": "0x" + self.nonce.hex(),
+            "deadline": self.deadline,
+            "purposeOfUse": self.purpose_of_use,
+        }
+
+
+@dataclass(frozen=True)
+class BatchClaims:
+    """What a ``ReencryptionBatch`` signature binds: several records' capsules, pairwise.
+
+    ``record_ids[i]`` goes with ``capsule_hashes[i]``; the two must be equally
+    long. Limits on the batch size belong to request validation, not here.
+    """
+
+    PRIMARY_TYPE: ClassVar[str] = "ReencryptionBatch"
+    FIELDS: ClassVar[_Fields] = _BATCH_FIELDS
+    TYPE_HASH: ClassVar[bytes] = keccak(_encode_type("ReencryptionBatch", _BATCH_FIELDS).encode())
+
+    patient: str
+    record_ids: tuple[bytes, ...]
+    capsule_hashes: tuple[bytes, ...]
+    requester_umbral_key: bytes
+    nonce: bytes
+    deadline: int
+    purpose_of_use: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
+        object.__setattr__(self, "record_ids", tuple(self.record_ids))
+        object.__setattr__(self, "capsule_hashes", tuple(self.capsule_hashes))
+        if len(self.record_ids) != len(self.capsule_hashes):
+            raise InvalidRequest("record_ids and capsule_hashes must have the same length")
+        for i, record_id in enumerate(self.record_ids):
+            _checked_bytes32(record_id, f"record_ids[{i}]")
+        for i, digest in enumerate(self.capsule_hashes):
+            _checked_bytes32(digest, f"capsule_hashes[{i}]")
+        _checked_common(self.requester_umbral_key, self.nonce, self.deadline, self.purpose_of_use)
+
+    def hash_struct(self) -> bytes:
+        """EIP-712 ``hashStruct``, as for :class:`RequestClaims`.
+
+        Arrays: keccak256 of the concatenation of the elements' encodeData; a
+        ``bytes32`` element encodes as itself, so that is keccak256(b"".join(...)).
+        """
+        return keccak(
+            abi_encode(
+                [
+                    "bytes32",
+                    "address",
+                    "bytes32",
+                    "bytes32",
+                    "bytes32",
+                    "bytes32",
+                    "uint64",
+                    "bytes32",
+                ],
+                [
+                    self.TYPE_HASH,
+                    self.patient,
+                    keccak(b"".join(self.record_ids)),
+                    keccak(b"".join(self.capsule_hashes)),
+                    keccak(self.requester_umbral_key),
+                    self.nonce,
+                    self.deadline,
+                    keccak(self.purpose_of_use.encode("utf-8")),
+                ],
+            )
+        )
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "patient": self.patient,
+            "recordIds": ["0x" + r.hex() for r in self.record_ids],
+            "capsuleHashes": ["0x" + c.hex() for c in self.capsule_hashes],
+            "requesterUmbralKey": "0x" + self.requester_umbral_key.hex(),
+            "nonce": "0x" + self.nonce.hex(),
+            "deadline": self.deadline,
+            "purposeOfUse": self.purpose_of_use,
+        }
+
+
+Claims = RequestClaims | BatchClaims
+
+
+def typed_data(domain: Domain, claims: Claims) -> dict[str, Any]:
+    """The EIP-712 JSON a wallet signs (``eth_signTypedData_v4``); JSON-serialisable."""
+
+    def members(fields: _Fields) -> list[dict[str, str]]:
+        return [{"name": member, "type": typ} for member, typ in fields]
+
+    return {
+        "types": {
+            "EIP712Domain": members(_DOMAIN_FIELDS),
+            claims.PRIMARY_TYPE: members(claims.FIELDS),
+        },
+        "primaryType": claims.PRIMARY_TYPE,
+        "domain": domain.typed_data(),
+        "message": claims.message(),
+    }
+
+
+def signing_digest(domain: Domain, claims: Claims) -> bytes:
+    """The 32-byte EIP-712 digest the requester signs.
+
+    ``keccak256(0x19 0x01 || domainSeparator || hashStruct(message))``.
+    """
+    return keccak(b"\x19\x01" + domain.separator + claims.hash_struct())
+
+
+def sign(account: LocalAccount, domain: Domain, claims: Claims) -> bytes:
+    """The requester's signature, 65 bytes ``r || s || v`` with v in {27, 28} (low-S)."""
+    # EIP-191 version 0x01 is EIP-712: the account hashes 0x19 0x01 || header || body,
+    # which is exactly signing_digest(domain, claims).
+    signable = SignableMessage(b"\x01", domain.separator, claims.hash_struct())
+    return bytes(account.sign_message(signable).signature)
+
+
+# --- signer recovery ------------------------------------------------------------------------
+
+# Recovers the 64-byte public key (X || Y) from a digest, r || s (64 bytes) and recovery id 0/1.
+_PublicKeyRecovery = Callable[[bytes, bytes, int], bytes]
+
+
+_NATIVE_BACKEND: Final = NativeECCBackend()
+
+
+def _recover_with_eth_keys(digest: bytes, rs: bytes, recovery_id: int) -> bytes:
+    """Pure-Python fallback through eth_keys' native backend."""
+    # Named explicitly: left to itself, eth_keys picks coincurve whenever it is importable.
+    r, s = int.from_bytes(rs[:32], "big"), int.from_bytes(rs[32:], "big")
+    try:
+        signature = Signature(vrs=(recovery_id, r, s), backend=_NATIVE_BACKEND)
+        return bytes(signature.recover_public_key_from_msg_hash(digest).to_bytes())
+    except (BadSignature, EthValidationError, ValueError) as e:
+        raise Unauthenticated("signature does not recover to a public key") from e
+
+
+def _recover_with_coincurve(digest: bytes, rs: bytes, recovery_id: int) -> bytes:
+    """libsecp256k1 through coincurve: the fast path (about 35 µs here, vs 4.4 ms pure Python)."""
+    try:
+        public_key = coincurve.PublicKey.from_signature_and_message(
+            rs + bytes((recovery_id,)), digest, hasher=None
+        )
+    except ValueError as e:
+        raise Unauthenticated("signature does not recover to a public key") from e
+    return public_key.format(compressed=False)[1:]
+
+
+#: every available implementation, by name; the tests run each of them
+RECOVERY_BACKENDS: dict[str, _PublicKeyRecovery] = {"eth_keys": _recover_with_eth_keys}
+if _HAVE_COINCURVE:
+    RECOVERY_BACKENDS["coincurve"] = _recover_with_coincurve
+#: the one recover_signer uses: the fastest available
+RECOVERY_BACKEND: Final = "coincurve" if _HAVE_COINCURVE else "eth_keys"
+_recover_public_key: _PublicKeyRecovery = RECOVERY_BACKENDS[RECOVERY_BACKEND]
+
+
+def recover_signer(digest: bytes, signature: bytes) -> str:
+    """The checksum address that signed ``digest``.
+
+    Accepts only the canonical form ``r || s || v`` with v in {27, 28},
+    0 < r < n and 0 < s <= n/2 (EIP-2 low-S), so each signer has exactly one
+    valid signature per digest. Anything else raises :class:`Unauthenticated`.
+    """
+    if len(digest) != BYTES32:
+        raise InvalidRequest(f"digest must be {BYTES32} bytes")
+    if not isinstance(signature, bytes | bytearray | memoryview):
+        raise Unauthenticated("signature must be bytes")
+    signature = bytes(signature)
+    if len(signature) != SIGNATURE_SIZE:
+        raise Unauthenticated(
+            f"signature must be {SIGNATURE_SIZE} bytes (r || s || v), got {len(signature)}"
+        )
+    v = signature[64]
+    if v not in (27, 28):
+        raise Unauthenticated("signature recovery byte v must be 27 or 28")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    if not 0 < r < SECP256K1_N:
+        raise Unauthenticated("signature r is out of range")
+    if not 0 < s <= _HALF_N:
+        raise Unauthenticated("signature s is zero or not in the lower half of the curve order")
+    public_key = _recover_public_key(digest, signature[:64], v - 27)
+    # Ethereum address: the last 20 bytes of keccak256 of the uncompressed key (X || Y).
+    return str(to_checksum_address(keccak(public_key)[-20:]))
+
+
+def signer_of(domain: Domain, claims: Claims, signature: bytes) -> str:
+    """The address that signed these claims in this domain (the requester)."""
+    return recover_signer(signing_digest(domain, claims), signature)
+
+
+# --- freshness ------------------------------------------------------------------------------
+
+
+def check_deadline(deadline: int, now: float, max_window_s: int) -> None:
+    """Refuse a request whose deadline has passed, or lies more than ``max_window_s`` ahead.
+
+    The upper bound is what lets a node forget a nonce once its deadline is past
+    (see :class:`medkms.node.replay.ReplayGuard`): a signature can never be used
+    for longer than the window.
+    """
+    if deadline <= now:
+        raise Unauthenticated("request deadline has passed")
+    if deadline > now + max_window_s:
+        raise InvalidRequest(f"deadline too far in the future; at most {max_window_s} s")

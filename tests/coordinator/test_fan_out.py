@@ -1,0 +1,158 @@
+"""The coordinator asks only as many nodes as it needs, replaces failed ones,
+hedges slow ones, and drops fragments that do not verify. Nodes are fakes with
+real Umbral key fragments; timing is controlled by the fakes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+import umbral_pre as umbral
+
+from medkms.clients.identity import Identity
+from medkms.coordinator.service import CoordinatorService
+from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
+from medkms.core.errors import InsufficientFragments
+from medkms.core.registry_types import PatientInfo
+from medkms.core.requests import address_bytes
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+
+NODES = [f"node-{i}" for i in range(1, 6)]
+
+
+@dataclass
+class FakeNode:
+    kfrag: umbral.VerifiedKeyFrag
+    delay_s: float = 0.0
+    fails: bool = False
+    corrupt: bool = False
+    calls: int = 0
+
+    async def Reencrypt(self, msg: common_pb2.ReencryptionRequest, timeout: float) -> Any:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.fails:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+            )
+        cfrag = bytes(umbral.reencrypt(umbral.Capsule.from_bytes(msg.capsule), self.kfrag))
+        if self.corrupt:
+            cfrag = cfrag[:-40] + bytes(40)
+        return node_pb2.ReencryptResponse(
+            fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag)
+        )
+
+
+class Context:
+    def time_remaining(self) -> float | None:
+        return None
+
+
+@dataclass
+class World:
+    service: CoordinatorService
+    nodes: dict[str, FakeNode]
+    request: common_pb2.ReencryptionRequest
+    alice: Identity = field(repr=False)
+
+    def run(self) -> coordinator_pb2.CoordinatorReencryptResponse:
+        return asyncio.run(self.service.reencrypt(self.request, Context()))  # type: ignore[arg-type]
+
+
+class Registry:
+    def __init__(self, info: PatientInfo) -> None:
+        self.info = info
+
+    def get_patient(self, address: str) -> PatientInfo | None:
+        return self.info
+
+
+@pytest.fixture
+def world() -> World:
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
+    kfrags = umbral.generate_kfrags(
+        delegating_sk=alice.umbral_secret_key(),
+        receiving_pk=receiving,
+        signer=alice.kfrag_signer(),
+        threshold=3,
+        shares=5,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )
+    settings = CoordinatorSettings(
+        listen="127.0.0.1:1",
+        threshold=3,
+        nodes=tuple(NodeAddress(n, "127.0.0.1:1") for n in NODES),
+        chain_rpc_url="http://127.0.0.1:1",
+        registry_address="0x" + "00" * 19 + "01",
+        node_timeout_s=2.0,
+    )
+    info = PatientInfo(alice.address, alice.umbral_public_key(), alice.verifying_key())
+    service = CoordinatorService(settings, Registry(info))
+    nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
+    service._stubs = nodes  # type: ignore[assignment]
+    capsule, _ = umbral.encrypt(alice.umbral_secret_key().public_key(), b"k" * 32)
+    request = common_pb2.ReencryptionRequest(
+        patient=address_bytes(alice.address),
+        record_id=b"\x01" * 32,
+        capsule=bytes(capsule),
+        requester=address_bytes(bob.address),
+        requester_umbral_key=bob.umbral_public_key(),
+        purpose_of_use="TREAT",
+    )
+    return World(service, nodes, request, alice)
+
+
+def test_only_threshold_nodes_are_asked_when_all_are_healthy(world: World) -> None:
+    response = world.run()
+    assert len(response.fragments) == 3
+    assert sum(n.calls for n in world.nodes.values()) == 3
+
+
+def prefer(world: World, first: str) -> None:
+    """Make ``first`` the pool's first choice: the best known latency."""
+    for node_id in world.nodes:
+        world.service._pool.succeeded(node_id, 0.0001 if node_id == first else 0.001)
+
+
+def test_a_failed_node_is_replaced_at_once(world: World) -> None:
+    first_down = "node-1"
+    world.nodes[first_down].fails = True
+    prefer(world, first_down)
+    response = world.run()
+    assert len(response.fragments) == 3
+    assert first_down not in {f.node_id for f in response.fragments}
+    assert world.nodes[first_down].calls == 1
+    assert sum(n.calls for n in world.nodes.values()) == 4
+
+
+def test_a_slow_node_is_hedged(world: World) -> None:
+    prefer(world, "node-1")
+    world.nodes["node-1"].delay_s = 1.0  # chosen first, then stalls
+    for _ in range(10):
+        world.service._pool._recent.append(0.001)
+    response = world.run()
+    assert "node-1" not in {f.node_id for f in response.fragments}
+    assert len(response.fragments) == 3
+    assert world.nodes["node-1"].calls == 1
+
+
+def test_corrupted_fragments_are_dropped_and_replaced(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    assert "node-2" not in {f.node_id for f in response.fragments}
+    assert len(response.fragments) == 3
+
+
+def test_too_few_healthy_nodes_is_a_clear_error(world: World) -> None:
+    for node_id in ["node-1", "node-3", "node-5"]:
+        world.nodes[node_id].fails = True
+    with pytest.raises(InsufficientFragments) as caught:
+        world.run()
+    for node_id in ["node-1", "node-3", "node-5"]:
+        assert f"{node_id} (UNAVAILABLE: down)" in caught.value.message

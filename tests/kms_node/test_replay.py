@@ -1,0 +1,150 @@
+"""The replay guard refuses a nonce seen before, forgets it after its deadline, and is bounded."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
+from medkms.node.replay import ReplayGuard
+
+ALICE = "0x" + "a1" * 20
+BOB = "0x" + "b2" * 20
+NOW = 1_700_000_000
+
+
+def test_replay_is_refused() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100)
+    nonce = os.urandom(32)
+    guard.check_and_remember(ALICE, nonce, NOW + 60, NOW)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        guard.check_and_remember(ALICE, nonce, NOW + 60, NOW + 1)
+    # Still refused with any other deadline while the first is live.
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        guard.check_and_remember(ALICE, nonce, NOW + 200, NOW + 59)
+
+
+def test_same_nonce_from_distinct_requesters_is_fine() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100)
+    nonce = os.urandom(32)
+    guard.check_and_remember(ALICE, nonce, NOW + 60, NOW)
+    guard.check_and_remember(BOB, nonce, NOW + 60, NOW)
+    guard.check_and_remember(ALICE, os.urandom(32), NOW + 60, NOW)
+    assert len(guard) == 3
+
+
+def test_entry_is_evicted_once_its_deadline_passes() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100)
+    nonce = os.urandom(32)
+    guard.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    guard.check_and_remember(BOB, os.urandom(32), NOW + 100, NOW)
+    assert len(guard) == 2
+    # At the deadline the replay fails the deadline check, and the entry is forgotten.
+    with pytest.raises(Unauthenticated, match="request deadline has passed"):
+        guard.check_and_remember(ALICE, nonce, NOW + 10, NOW + 10)
+    guard.check_and_remember(BOB, os.urandom(32), NOW + 100, NOW + 10)
+    assert len(guard) == 2  # ALICE's forgotten, BOB's two live
+    # A fresh request may reuse the nonce once the old one is gone (new deadline, new signature).
+    guard.check_and_remember(ALICE, nonce, NOW + 20, NOW + 11)
+
+
+def test_deadline_is_checked() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100)
+    with pytest.raises(Unauthenticated, match="request deadline has passed"):
+        guard.check_and_remember(ALICE, os.urandom(32), NOW - 1, NOW)
+    with pytest.raises(InvalidRequest, match="at most 300 s"):
+        guard.check_and_remember(ALICE, os.urandom(32), NOW + 301, NOW)
+    assert len(guard) == 0
+
+
+def test_clock_stepping_back_does_not_revive_a_forgotten_request() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100)
+    nonce = os.urandom(32)
+    guard.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    guard.check_and_remember(BOB, os.urandom(32), NOW + 100, NOW + 50)  # evicts ALICE's
+    with pytest.raises(Unauthenticated):
+        guard.check_and_remember(ALICE, nonce, NOW + 10, NOW)  # wall clock went back
+
+
+def test_bound_is_enforced_and_frees_up_after_deadlines() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=3)
+    for i in range(3):
+        guard.check_and_remember(ALICE, os.urandom(32), NOW + 10 + i, NOW)
+    with pytest.raises(ResourceExhausted, match="too many requests"):
+        guard.check_and_remember(BOB, os.urandom(32), NOW + 10, NOW)
+    # A replay is still reported as a replay, not as a full guard.
+    nonce = os.urandom(32)
+    guard2 = ReplayGuard(max_window_s=300, max_entries=1)
+    guard2.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        guard2.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    # Once the first deadline has passed there is room again.
+    guard.check_and_remember(BOB, os.urandom(32), NOW + 100, NOW + 10)
+    assert len(guard) == 3
+
+
+def test_invalid_configuration() -> None:
+    with pytest.raises(ValueError):
+        ReplayGuard(max_window_s=0, max_entries=1)
+    with pytest.raises(ValueError):
+        ReplayGuard(max_window_s=1, max_entries=0)
+
+
+def test_concurrent_use_accepts_each_nonce_exactly_once() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=100_000)
+    nonces = [os.urandom(32) for _ in range(500)]
+    accepted: list[bytes] = []
+    replays = 0
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        nonlocal replays
+        start.wait()
+        for nonce in nonces:  # every thread tries every nonce
+            try:
+                guard.check_and_remember(ALICE, nonce, NOW + 60, NOW)
+            except Unauthenticated:
+                with lock:
+                    replays += 1
+            else:
+                with lock:
+                    accepted.append(nonce)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(accepted) == sorted(nonces)
+    assert replays == 7 * len(nonces)
+    assert len(guard) == len(nonces)
+
+
+def test_concurrent_use_with_eviction_and_bound() -> None:
+    guard = ReplayGuard(max_window_s=300, max_entries=50)
+    errors: list[BaseException] = []
+
+    def worker(requester: str) -> None:
+        try:
+            for step in range(2000):
+                now = NOW + step // 10
+                try:
+                    guard.check_and_remember(requester, os.urandom(32), now + 2, now)
+                except ResourceExhausted:
+                    pass
+                except Unauthenticated as e:
+                    # Another thread ran ahead: the guard's clock never goes back.
+                    assert e.message == "request deadline has passed"
+        except BaseException as e:  # collected and asserted on below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(f"0x{i:040x}",)) for i in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(guard) <= 50
