@@ -45,7 +45,11 @@ def _record_id(value: str) -> bytes:
 
 def cmd_cluster_up(args: argparse.Namespace) -> None:
     cluster = LocalCluster.up(
-        args.state_dir, nodes=args.nodes, threshold=args.threshold, reset=args.reset
+        args.state_dir,
+        nodes=args.nodes,
+        threshold=args.threshold,
+        processes=args.processes,
+        reset=args.reset,
     )
     print(f"cluster up: {args.nodes} nodes, threshold {args.threshold}")
     print(f"  chain        {cluster.rpc_url}  registry {cluster.registry_address}")
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = cluster.add_parser("up", parents=[state], help="start anvil, nodes and coordinator")
     up.add_argument("--nodes", type=int, default=5)
     up.add_argument("--threshold", type=int, default=3)
+    up.add_argument("--processes", type=int, default=1, help="server processes per node")
     up.add_argument("--detach", action="store_true", help="return once everything serves")
     up.add_argument("--reset", action="store_true", help="wipe a stopped cluster's state first")
     up.set_defaults(func=cmd_cluster_up)

@@ -10,6 +10,7 @@ node cannot make the grantee's decryption fail.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -165,6 +166,16 @@ class _Collection(Protocol[Response]):  # type: ignore[misc]
     def fail(self, node_id: str, status: str, message: str) -> None: ...
 
 
+class _RoundRobin:
+    """A node's stubs, one per connection, taken in turn."""
+
+    def __init__(self, stubs: list[AioNodeStub]) -> None:
+        self._stubs = itertools.cycle(stubs)
+
+    def next(self) -> AioNodeStub:
+        return next(self._stubs)
+
+
 class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings, registry: PatientReader) -> None:
         self._settings = settings
@@ -172,15 +183,21 @@ class CoordinatorService:
         self._pool = NodePool(
             [n.node_id for n in settings.nodes], max_hedge_s=settings.node_timeout_s / 4
         )
-        self._stubs: dict[str, AioNodeStub] = {}
+        self._stubs: dict[str, _RoundRobin] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def open_channels(self) -> None:
-        """Create one reusable channel per node; call inside the running loop."""
+        """Create the reusable channels to each node; call inside the running loop."""
+        # A local subchannel pool gives each channel its own TCP connection, so that
+        # a node's processes (which share its port per connection) all get work.
+        options = [*NODE_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         for node in self._settings.nodes:
-            channel = grpc.aio.insecure_channel(node.address, options=NODE_CHANNEL_OPTIONS)
-            self._channels.append(channel)
-            self._stubs[node.node_id] = AioNodeStub(channel)
+            stubs = []
+            for _ in range(self._settings.connections_per_node):
+                channel = grpc.aio.insecure_channel(node.address, options=options)
+                self._channels.append(channel)
+                stubs.append(AioNodeStub(channel))
+            self._stubs[node.node_id] = _RoundRobin(stubs)
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -295,7 +312,8 @@ class CoordinatorService:
                 node_id = next(queue, None)
                 if node_id is None:
                     return
-                tasks[asyncio.ensure_future(call(self._stubs[node_id]))] = (node_id, loop.time())
+                stub = self._stubs[node_id].next()
+                tasks[asyncio.ensure_future(call(stub))] = (node_id, loop.time())
 
         launch(collection.more_needed(0))
         hedge_delay = self._pool.hedge_delay()

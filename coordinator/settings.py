@@ -27,6 +27,9 @@ class CoordinatorSettings:
     node_timeout_s: float = 3.0
     #: how long a patient's registered keys are cached
     patient_cache_s: float = 60.0
+    #: connections kept to each node; a node running several processes shares its
+    #: port between them per connection, so this should match its process count
+    connections_per_node: int = 1
     log_level: str = "info"
 
     @classmethod
@@ -46,6 +49,7 @@ class CoordinatorSettings:
                 registry_address=str(raw["registry_address"]),
                 node_timeout_s=float(raw.get("node_timeout_s", 3.0)),
                 patient_cache_s=float(raw.get("patient_cache_s", 60.0)),
+                connections_per_node=int(raw.get("connections_per_node", 1)),
                 log_level=str(raw.get("log_level", "info")),
             )
         except KeyError as e:
@@ -64,5 +68,7 @@ class CoordinatorSettings:
             parse_host_port(node.address, f"address of {node.node_id}")
         if not 1 <= self.threshold <= len(self.nodes):
             raise InvalidRequest(f"threshold must be between 1 and {len(self.nodes)}")
+        if not 1 <= self.connections_per_node <= 64:
+            raise InvalidRequest("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:
             raise InvalidRequest("node_timeout_s must be positive")

@@ -170,7 +170,13 @@ class LocalCluster:
 
     @classmethod
     def up(
-        cls, state_dir: Path, *, nodes: int = 5, threshold: int = 3, reset: bool = False
+        cls,
+        state_dir: Path,
+        *,
+        nodes: int = 5,
+        threshold: int = 3,
+        processes: int = 1,
+        reset: bool = False,
     ) -> LocalCluster:
         if not 1 <= threshold <= nodes:
             raise PreconditionFailed("threshold must be between 1 and the number of nodes")
@@ -190,7 +196,10 @@ class LocalCluster:
         if reset and state_dir.exists():
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cluster = cls(state_dir, {"version": 1, "threshold": threshold, "nodes": []})
+        cluster = cls(
+            state_dir,
+            {"version": 1, "threshold": threshold, "processes_per_node": processes, "nodes": []},
+        )
         try:
             cluster._start_chain()
             cluster._create_accounts()
@@ -259,6 +268,7 @@ class LocalCluster:
                     "hsm_so_pin_file": "so.pin",
                     "softhsm_conf": "softhsm2.conf",
                     "softhsm_token_dir": "tokens",
+                    "processes": self.data["processes_per_node"],
                 },
             )
             entries.append(
@@ -330,6 +340,7 @@ class LocalCluster:
                 "chain_rpc_url": self.rpc_url,
                 "registry_address": self.registry_address,
                 "node_timeout_s": 3.0,
+                "connections_per_node": self.data["processes_per_node"],
             },
             {"nodes": [{"node_id": n.node_id, "address": n.address} for n in self.nodes]},
         )

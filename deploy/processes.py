@@ -136,3 +136,12 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def wait_gone(pid: int, timeout_s: float) -> None:
+    """Wait until ``pid`` has exited (or is a zombie); raise Unavailable if not."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"process {pid} still running after {timeout_s}s")
+        time.sleep(0.05)

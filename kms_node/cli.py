@@ -18,6 +18,7 @@ from medkms.core.errors import KmsError
 from medkms.node import hsm
 from medkms.node.server import serve
 from medkms.node.settings import NodeSettings
+from medkms.node.supervisor import supervise
 
 
 def init(settings: NodeSettings) -> dict[str, str]:
@@ -56,14 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", type=Path, required=True, help="node TOML file")
+        if name == "serve":
+            # Set by the supervisor when the node runs several processes.
+            cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         settings = NodeSettings.from_toml(args.config)
-        logs.configure(f"kms-node/{settings.node_id}", settings.log_level)
+        component = f"kms-node/{settings.node_id}"
+        if getattr(args, "worker", None) is not None:
+            component += f"/{args.worker}"
+        logs.configure(component, settings.log_level)
         if args.command == "init":
             print(json.dumps(init(settings), indent=2))
+        elif settings.processes > 1 and args.worker is None:
+            supervise(settings, args.config)
         else:
-            serve(settings)
+            serve(settings, worker=args.worker)
     except KmsError as e:
         print(f"kms-node: {e}", file=sys.stderr)
         return 1

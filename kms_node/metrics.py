@@ -1,8 +1,20 @@
-"""The node's Prometheus metrics, declared once with constant names."""
+"""The node's Prometheus metrics, declared once with constant names.
+
+With several server processes (``processes`` > 1) each writes its values to
+files under PROMETHEUS_MULTIPROC_DIR, set by the supervisor before the process
+starts, and the supervisor serves their sum.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -23,18 +35,28 @@ KFRAGS_STORED = Gauge(
     "kms_node_kfrags_stored",
     "Key fragments currently held (wrapped) by this node",
     registry=REGISTRY,
+    multiprocess_mode="max",  # every process sees the same database
 )
 
 
 def serve(host: str, port: int) -> None:
-    """Expose /metrics over HTTP in a background thread."""
+    """Expose this process's /metrics over HTTP in a background thread."""
     start_http_server(port, addr=host, registry=REGISTRY)
+
+
+def serve_merged(host: str, port: int, directory: str) -> None:
+    """Expose the sum of several server processes' metrics (prometheus_client's
+    multiprocess mode: each process writes to ``directory``)."""
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=merged)
 
 
 CHAIN_INDEX_BLOCK = Gauge(
     "kms_node_chain_index_block",
-    "Block number the node's grant index reflects",
+    "Block number the node's grant index reflects (the most behind process)",
     registry=REGISTRY,
+    multiprocess_mode="min",
 )
 CHAIN_SYNC_FAILURES = Counter(
     "kms_node_chain_sync_failures_total",

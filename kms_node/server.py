@@ -18,6 +18,7 @@ from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
+from medkms.node.supervisor import die_with_parent
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 from medkms.proto.stubs import NODE_SERVICE
@@ -35,7 +36,9 @@ def _observe(method: str, outcome: str, seconds: float) -> None:
 def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=rpc.CHANNEL_OPTIONS,
+        # Several processes of one node share the port; the kernel spreads
+        # connections between them.
+        options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
     )
 
     def node_info(_msg: node_pb2.GetNodeInfoRequest, _ctx: object) -> node_pb2.NodeInfo:
@@ -66,8 +69,13 @@ def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> 
     return server
 
 
-def serve(settings: NodeSettings) -> None:
-    """Open the HSM and stores, start the servers, block until SIGTERM/SIGINT."""
+def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
+    """Open the HSM and stores, start the servers, block until SIGTERM/SIGINT.
+
+    ``worker`` is set when this process is one of several sharing the port; the
+    supervisor then serves the metrics."""
+    if worker is not None:
+        die_with_parent()
     keystore = Pkcs11KeyStore.open(
         settings.hsm_module,
         settings.hsm_token_label,
@@ -99,12 +107,13 @@ def serve(settings: NodeSettings) -> None:
     host, port = parse_host_port(settings.listen, "listen")
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise KmsError(f"cannot listen on {settings.listen}")
-    if settings.metrics_listen:
+    if settings.metrics_listen and worker is None:
         metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
     metrics.KFRAGS_STORED.set(kfrags.count())
     server.start()
     log.info(
         "node_started",
+        worker=worker,
         node_id=settings.node_id,
         listen=settings.listen,
         metrics=settings.metrics_listen,

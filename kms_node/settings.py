@@ -43,7 +43,11 @@ class NodeSettings:
     chain_max_age_s: float = 2.0
     #: ... or when the index is more blocks than this behind the head seen
     chain_max_lag_blocks: int = 2
+    #: gRPC server threads per process
     max_workers: int = 8
+    #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
+    #: GIL and PKCS#11 calls are serialised per process, so one per core scales crypto
+    processes: int = 1
     log_level: str = "info"
 
     @property
@@ -91,6 +95,7 @@ class NodeSettings:
                 chain_max_age_s=float(raw.get("chain_max_age_s", 2.0)),
                 chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
                 max_workers=int(raw.get("max_workers", 8)),
+                processes=int(raw.get("processes", 1)),
                 log_level=str(raw.get("log_level", "info")),
             )
         except KeyError as e:
@@ -108,6 +113,8 @@ class NodeSettings:
             raise InvalidRequest("need 0 < chain_poll_interval_s < chain_max_age_s")
         if self.chain_max_lag_blocks < 0 or self.registry_start_block < 0:
             raise InvalidRequest("chain_max_lag_blocks and registry_start_block must be >= 0")
+        if not 1 <= self.processes <= 64:
+            raise InvalidRequest("processes must be between 1 and 64")
         if self.max_workers < 1:
             raise InvalidRequest("max_workers must be at least 1")
 

@@ -13,7 +13,7 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
-from medkms.coordinator.service import CoordinatorService
+from medkms.coordinator.service import CoordinatorService, _RoundRobin
 from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
 from medkms.core.errors import InsufficientFragments
 from medkms.core.registry_types import PatientInfo
@@ -94,7 +94,7 @@ def world() -> World:
     info = PatientInfo(alice.address, alice.umbral_public_key(), alice.verifying_key())
     service = CoordinatorService(settings, Registry(info))
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
-    service._stubs = nodes  # type: ignore[assignment]
+    service._stubs = {n: _RoundRobin([stub]) for n, stub in nodes.items()}  # type: ignore[list-item]
     capsule, _ = umbral.encrypt(alice.umbral_secret_key().public_key(), b"k" * 32)
     request = common_pb2.ReencryptionRequest(
         patient=address_bytes(alice.address),

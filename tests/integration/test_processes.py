@@ -1,0 +1,73 @@
+"""A node running several server processes on one port (issue 5)."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medkms.clients.identity import Identity
+from medkms.clients.patient import PatientClient
+from medkms.clients.provider import ProviderClient
+from medkms.core.record_types import RecordType
+from medkms.deploy import processes
+from medkms.deploy.anvil import set_balance
+from medkms.deploy.demo import lab_result
+from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster.up(tmp_path_factory.mktemp("multi"), nodes=3, threshold=2, processes=2)
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_workers_share_the_port_and_metrics_are_summed(multi: LocalCluster, tmp_path: Path) -> None:
+    alice, bob = Identity.generate("alice"), multi.identity("doctor")
+    set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
+    patient = PatientClient(alice, multi.registry(), multi.blob_store())
+    patient.register()
+    record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+    patient.grant(
+        bob.address, bob.umbral_public_key(), [RecordType.LAB_RESULT], duration_s=600, threshold=2
+    )
+    with ProviderClient(bob, multi.registry(), multi.blob_store(), multi.coordinator_address) as p:
+        for _ in range(20):
+            assert p.read_record(record.record_id) == lab_result()
+
+    node = multi.nodes[0]
+    assert len(_children(node.pid)) == 2
+    body = urllib.request.urlopen(node.metrics_url, timeout=5).read().decode()
+    assert 'kms_node_requests_total{method="Reencrypt",outcome="ok"}' in body
+    assert "kms_node_kfrags_stored" in body
+
+
+def test_killing_the_supervisor_takes_its_workers_down(multi: LocalCluster) -> None:
+    node = multi.nodes[2]
+    workers = _children(node.pid)
+    assert len(workers) == 2
+    multi.stop_node(node.node_id, kill=True)
+    for pid in workers:
+        processes.wait_gone(pid, timeout_s=10)
+    multi.start_node(node.node_id)
