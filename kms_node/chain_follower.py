@@ -62,7 +62,6 @@ class ChainFollower:
     def sync_once(self) -> None:
         """Bring the index up to the current head (raises on chain trouble)."""
         head = self._source.block("latest")
-        self._head_seen = head.number
         current = self.index.block
         if current is not None and (
             head.number < current.number or self._source.block(current.number).hash != current.hash
@@ -72,6 +71,11 @@ class ChainFollower:
             current = None
         start = self._start_block if current is None else current.number + 1
         index = self.index
+        if head.number - start + 1 > LOG_CHUNK_BLOCKS:
+            # A long catch-up: the index is knowingly behind until it finishes. (A
+            # routine poll publishes the head only once applied, so the blocks
+            # mined since the last poll do not count as lag.)
+            self._head_seen = head.number
         while start <= head.number:
             end = min(head.number, start + LOG_CHUNK_BLOCKS - 1)
             events = self._source.events(start, end)
@@ -80,6 +84,7 @@ class ChainFollower:
             start = end + 1
         if index.block is None or index.block.number < head.number:
             index.apply([], head)
+        self._head_seen = head.number
         self._synced_at = self._clock()
         metrics.CHAIN_INDEX_BLOCK.set(head.number)
 

@@ -146,3 +146,34 @@ def test_catch_up_reads_events_in_chunks(
     f.sync_once()
     assert f.index_block() == 10
     assert f.access_state(RECORD, GRANTEE).grant is not None
+
+
+def test_blocks_mined_between_polls_are_not_lag(chain: FakeChain, clock: Clock) -> None:
+    f = follower(chain, clock)
+    f.sync_once()
+    for block in range(1, 6):
+        chain.mine(anchored(block) if block == 1 else granted(block))
+    assert f.staleness() is None  # not yet polled: fresh within the age bound
+    f.sync_once()
+    assert f.staleness() is None and f.index_block() == 5
+
+
+def test_a_long_catch_up_counts_as_lag(
+    chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("medkms.node.chain_follower.LOG_CHUNK_BLOCKS", 2)
+    f = follower(chain, clock)
+    f.sync_once()
+    for _ in range(6):
+        chain.mine()
+    seen = []
+    original = chain.events
+
+    def spy(start: int, end: int) -> list[RegistryEvent]:
+        seen.append(f.staleness())
+        return original(start, end)
+
+    chain.events = spy  # type: ignore[method-assign]
+    f.sync_once()
+    assert seen[0] is not None and "blocks behind" in seen[0]
+    assert f.staleness() is None
