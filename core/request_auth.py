@@ -436,3 +436,19 @@ def check_deadline(deadline: int, now: float, max_window_s: int) -> None:
         raise Unauthenticated("request deadline has passed")
     if deadline > now + max_window_s:
         raise InvalidRequest(f"deadline too far in the future; at most {max_window_s} s")
+
+
+def authenticate(
+    domain: Domain,
+    claims: Claims,
+    signature: bytes,
+    requester: str,
+    *,
+    now: float,
+    max_window_s: int,
+) -> None:
+    """Check the request is fresh and signed by ``requester``; raise Unauthenticated
+    (or InvalidRequest for a deadline beyond the window) otherwise."""
+    check_deadline(claims.deadline, now, max_window_s)
+    if signer_of(domain, claims, signature) != requester:
+        raise Unauthenticated("signature is not by the requester")

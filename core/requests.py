@@ -17,7 +17,8 @@ import umbral_pre as umbral
 from eth_utils.address import to_checksum_address
 
 from medkms.core.errors import InvalidRequest
-from medkms.core.umbral_codec import load_capsule, load_kfrag, load_public_key
+from medkms.core.request_auth import SIGNATURE_SIZE, BatchClaims, RequestClaims
+from medkms.core.umbral_codec import capsule_hash, load_capsule, load_kfrag, load_public_key
 
 ADDRESS_SIZE = 20
 RECORD_ID_SIZE = 32
@@ -77,6 +78,30 @@ def parse_purpose(value: str) -> str:
     return value
 
 
+NONCE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The freshness fields and signature of a request (checked for form only)."""
+
+    deadline: int
+    nonce: bytes
+    signature: bytes
+
+    @classmethod
+    def parse(cls, deadline: int, nonce: bytes, signature: bytes) -> Signed:
+        if len(nonce) != NONCE_SIZE:
+            raise InvalidRequest(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+        if len(signature) != SIGNATURE_SIZE:
+            raise InvalidRequest(
+                f"signature must be a {SIGNATURE_SIZE}-byte EIP-712 signature, got {len(signature)}"
+            )
+        if deadline == 0:
+            raise InvalidRequest("deadline is required (Unix seconds)")
+        return cls(int(deadline), bytes(nonce), bytes(signature))
+
+
 class ReencryptionRequestFields(Protocol):
     request_id: str
     patient: bytes
@@ -85,6 +110,9 @@ class ReencryptionRequestFields(Protocol):
     requester: bytes
     requester_umbral_key: bytes
     purpose_of_use: str
+    deadline: int
+    nonce: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,19 @@ class ReencryptionQuery:
     requester_umbral_key: bytes
     receiving_key: umbral.PublicKey
     purpose_of_use: str
+    signed: Signed
+
+    def claims(self) -> RequestClaims:
+        """What the requester's signature must cover."""
+        return RequestClaims(
+            patient=self.patient,
+            record_id=self.record_id,
+            capsule_hash=capsule_hash(self.capsule_bytes),
+            requester_umbral_key=self.requester_umbral_key,
+            nonce=self.signed.nonce,
+            deadline=self.signed.deadline,
+            purpose_of_use=self.purpose_of_use,
+        )
 
     @classmethod
     def parse(cls, msg: ReencryptionRequestFields) -> ReencryptionQuery:
@@ -113,6 +154,7 @@ class ReencryptionQuery:
             requester_umbral_key=bytes(msg.requester_umbral_key),
             receiving_key=load_public_key(msg.requester_umbral_key, "requester_umbral_key"),
             purpose_of_use=parse_purpose(msg.purpose_of_use),
+            signed=Signed.parse(msg.deadline, msg.nonce, msg.signature),
         )
 
 
@@ -159,6 +201,9 @@ class BatchFields(Protocol):
     requester: bytes
     requester_umbral_key: bytes
     purpose_of_use: str
+    deadline: int
+    nonce: bytes
+    signature: bytes
 
     @property
     def capsules(self) -> Sequence[CapsuleRefFields]: ...
@@ -171,6 +216,19 @@ class BatchQuery:
     request_id: str
     items: tuple[ReencryptionQuery, ...]
 
+    def claims(self) -> BatchClaims:
+        """What the requester's signature must cover: every record and capsule, in order."""
+        first = self.items[0]
+        return BatchClaims(
+            patient=first.patient,
+            record_ids=tuple(q.record_id for q in self.items),
+            capsule_hashes=tuple(capsule_hash(q.capsule_bytes) for q in self.items),
+            requester_umbral_key=first.requester_umbral_key,
+            nonce=first.signed.nonce,
+            deadline=first.signed.deadline,
+            purpose_of_use=first.purpose_of_use,
+        )
+
     @classmethod
     def parse(cls, msg: BatchFields) -> BatchQuery:
         if not 1 <= len(msg.capsules) <= MAX_BATCH:
@@ -182,6 +240,7 @@ class BatchQuery:
         requester = parse_address(msg.requester, "requester")
         receiving_key = load_public_key(msg.requester_umbral_key, "requester_umbral_key")
         purpose = parse_purpose(msg.purpose_of_use)
+        signed = Signed.parse(msg.deadline, msg.nonce, msg.signature)
         items = []
         seen: set[bytes] = set()
         for i, ref in enumerate(msg.capsules):
@@ -200,6 +259,7 @@ class BatchQuery:
                     requester_umbral_key=bytes(msg.requester_umbral_key),
                     receiving_key=receiving_key,
                     purpose_of_use=purpose,
+                    signed=signed,
                 )
             )
         return cls(request_id, tuple(items))

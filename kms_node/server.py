@@ -16,6 +16,7 @@ from medkms.node import metrics
 from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
+from medkms.node.replay import ReplayGuard
 from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
 from medkms.node.supervisor import die_with_parent
@@ -101,6 +102,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         index=follower,
         registry_address=registry.address,
         chain_id=registry.chain_id(),
+        replay=ReplayGuard(settings.request_window_s, settings.replay_max_entries),
+        request_window_s=settings.request_window_s,
     )
     server = build_server(service, kfrags, settings.max_workers)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME])

@@ -23,10 +23,12 @@ import umbral_pre as umbral
 from medkms.core.errors import KmsError, PreconditionFailed, Unauthenticated
 from medkms.core.policy import Decision, judge
 from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo
+from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
+from medkms.node.replay import ReplayGuard
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
 log = structlog.get_logger("medkms.node")
@@ -73,6 +75,8 @@ class NodeService:
         index: IndexedState,
         registry_address: str,
         chain_id: int,
+        replay: ReplayGuard,
+        request_window_s: int = 300,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
@@ -82,6 +86,10 @@ class NodeService:
         self._index = index
         self._registry_address = registry_address
         self._chain_id = chain_id
+        # Signatures are valid for this registry on this chain only (EIP-712 domain).
+        self._domain = Domain(chain_id, registry_address)
+        self._replay = replay
+        self._request_window_s = request_window_s
         self._clock = clock
         self._signing_public_key = keystore.signing_public_key()
 
@@ -142,6 +150,7 @@ class NodeService:
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
         query = ReencryptionQuery.parse(msg)
+        self._authenticate(query.claims(), query)
         (result,) = self._serve([query])
         if isinstance(result, KmsError):
             raise result
@@ -155,6 +164,7 @@ class NodeService:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
         batch = BatchQuery.parse(msg)
+        self._authenticate(batch.claims(), batch.items[0])
         outcomes = []
         for query, result in zip(batch.items, self._serve(batch.items), strict=True):
             if isinstance(result, KmsError):
@@ -166,6 +176,17 @@ class NodeService:
                 outcome = common_pb2.CapsuleOutcome(record_id=query.record_id, fragment=fragment)
             outcomes.append(outcome)
         return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
+
+    def _authenticate(self, claims: Claims, query: ReencryptionQuery) -> None:
+        """The signer must be the requester named, and the request fresh (EIP-712)."""
+        authenticate(
+            self._domain,
+            claims,
+            query.signed.signature,
+            query.requester,
+            now=self._clock(),
+            max_window_s=self._request_window_s,
+        )
 
     def _decide(self, query: ReencryptionQuery) -> Decision:
         # The hot path judges by the local grant index (fresh within its bound, or it
@@ -193,6 +214,11 @@ class NodeService:
         results: list[bytes | KmsError] = [b"" if d.allowed else d.error() for d in decisions]
         allowed = [i for i, d in enumerate(decisions) if d.allowed]
         if allowed:
+            # Only once the grant allows the request is its nonce spent: strangers
+            # cannot fill the replay memory with throwaway keys.
+            self._replay.check_and_remember(
+                first.requester, first.signed.nonce, first.signed.deadline, self._clock()
+            )
             stored = self._kfrags.get(first.patient, first.requester)
             if stored is None or stored.receiving_key != first.requester_umbral_key:
                 for i in allowed:

@@ -43,6 +43,10 @@ class NodeSettings:
     chain_max_age_s: float = 2.0
     #: ... or when the index is more blocks than this behind the head seen
     chain_max_lag_blocks: int = 2
+    #: how far ahead a signed request's deadline may lie; nonces are kept this long
+    request_window_s: int = 300
+    #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
+    replay_max_entries: int = 1_000_000
     #: gRPC server threads per process
     max_workers: int = 8
     #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
@@ -96,6 +100,8 @@ class NodeSettings:
                 chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
                 max_workers=int(raw.get("max_workers", 8)),
                 processes=int(raw.get("processes", 1)),
+                request_window_s=int(raw.get("request_window_s", 300)),
+                replay_max_entries=int(raw.get("replay_max_entries", 1_000_000)),
                 log_level=str(raw.get("log_level", "info")),
             )
         except KeyError as e:

@@ -103,6 +103,10 @@ def world() -> World:
         requester=address_bytes(bob.address),
         requester_umbral_key=bob.umbral_public_key(),
         purpose_of_use="TREAT",
+        # The coordinator checks the form only; nodes verify the signature.
+        deadline=2_000_000_000,
+        nonce=b"\x05" * 32,
+        signature=b"\x00" * 65,
     )
     return World(service, nodes, request, alice)
 

@@ -12,7 +12,7 @@ from medkms.core.errors import AccessDenied, NotFound
 from medkms.core.policy import judge
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import AccessState, GrantInfo, RecordInfo
-from medkms.core.requests import ReencryptionQuery
+from medkms.core.requests import ReencryptionQuery, Signed
 from medkms.core.umbral_codec import capsule_hash
 
 PATIENT = "0x" + "11" * 20
@@ -43,6 +43,7 @@ def _query(capsule: umbral.Capsule, receiving: umbral.PublicKey) -> Reencryption
         requester_umbral_key=bytes(receiving.to_compressed_bytes()),
         receiving_key=receiving,
         purpose_of_use="TREAT",
+        signed=Signed(deadline=NOW + 60, nonce=b"\x01" * 32, signature=b"\x00" * 65),
     )
 
 

@@ -22,6 +22,9 @@ def valid() -> common_pb2.ReencryptionRequest:
         requester=b"\x22" * 20,
         requester_umbral_key=bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()),
         purpose_of_use="TREAT",
+        deadline=2_000_000_000,
+        nonce=b"\x05" * 32,
+        signature=b"\x00" * 65,
     )
 
 
@@ -53,6 +56,9 @@ def test_missing_request_id_gets_a_fresh_one(valid: common_pb2.ReencryptionReque
         ("purpose_of_use", "SHOPPING", "purpose_of_use 'SHOPPING' is not one of"),
         ("request_id", "bad id with spaces", "request_id must be"),
         ("request_id", "x" * 65, "request_id must be"),
+        ("nonce", b"\x01" * 31, "nonce must be 32 bytes"),
+        ("signature", b"", "signature must be a 65-byte EIP-712 signature"),
+        ("deadline", 0, "deadline is required"),
     ],
 )
 def test_bad_fields_are_refused_by_name(

@@ -55,6 +55,9 @@ def _valid_request() -> common_pb2.ReencryptionRequest:
         requester=b"\x22" * 20,
         requester_umbral_key=bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()),
         purpose_of_use="TREAT",
+        deadline=2_000_000_000,
+        nonce=b"\x05" * 32,
+        signature=b"\x00" * 65,
     )
 
 
@@ -98,6 +101,8 @@ def test_coordinator_rejects_undecodable_requests(
         ("requester_umbral_key", b"\x05" * 33, "requester_umbral_key is not a compressed"),
         ("purpose_of_use", "X" * 5000, "is not one of"),
         ("request_id", "a" * 1000, "request_id must be"),
+        ("signature", b"\x01" * 64, "signature must be a 65-byte"),
+        ("nonce", b"", "nonce must be 32 bytes"),
     ],
 )
 @pytest.mark.parametrize("target", ["node", "coordinator"])

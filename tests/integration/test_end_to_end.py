@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,9 @@ from medkms.clients.records import parse_envelope
 from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from medkms.core.errors import AccessDenied, NotFound, Unavailable
 from medkms.core.record_types import RecordType
+from medkms.core.request_auth import BatchClaims, Domain, sign
 from medkms.core.requests import address_bytes
+from medkms.core.umbral_codec import capsule_hash
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
@@ -160,20 +163,36 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
     for i in range(63):
         capsule_i, _ = umbral.encrypt(umbral.SecretKey.random().public_key(), b"k" * 32)
         refs.append(common_pb2.CapsuleRef(record_id=bytes([i + 1]) * 32, capsule=bytes(capsule_i)))
-    request = common_pb2.ReencryptionBatchRequest(
-        patient=address_bytes(people.patient.identity.address),
-        capsules=refs,
-        requester=address_bytes(people.doctor.address),
-        requester_umbral_key=people.doctor.umbral_public_key(),
-        purpose_of_use="TREAT",
-    )
+
+    def signed(refs: list[common_pb2.CapsuleRef]) -> common_pb2.ReencryptionBatchRequest:
+        claims = BatchClaims(
+            patient=people.patient.identity.address,
+            record_ids=tuple(r.record_id for r in refs),
+            capsule_hashes=tuple(capsule_hash(r.capsule) for r in refs),
+            requester_umbral_key=people.doctor.umbral_public_key(),
+            nonce=secrets.token_bytes(32),
+            deadline=int(time.time()) + 60,
+            purpose_of_use="TREAT",
+        )
+        domain = Domain(people.registry.chain_id(), people.registry.address)
+        return common_pb2.ReencryptionBatchRequest(
+            patient=address_bytes(people.patient.identity.address),
+            capsules=refs,
+            requester=address_bytes(people.doctor.address),
+            requester_umbral_key=claims.requester_umbral_key,
+            purpose_of_use="TREAT",
+            deadline=claims.deadline,
+            nonce=claims.nonce,
+            signature=sign(people.doctor.account, domain, claims),
+        )
+
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
-        response = NodeStub(channel).ReencryptBatch(request, timeout=10)
+        response = NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert len(response.outcomes) == 64
         assert response.outcomes[0].fragment.cfrag and not response.outcomes[0].status
         assert {o.status for o in response.outcomes[1:]} == {"NOT_FOUND"}
-        request.capsules.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, capsule=capsule))
+        refs.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, capsule=capsule))
         with pytest.raises(grpc.RpcError) as caught:
-            NodeStub(channel).ReencryptBatch(request, timeout=10)
+            NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "1 to 64 capsules" in caught.value.details()

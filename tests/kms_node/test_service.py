@@ -14,14 +14,17 @@ from medkms.clients.identity import Identity
 from medkms.core.errors import AccessDenied, InvalidRequest, PreconditionFailed, Unauthenticated
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo, RecordInfo
+from medkms.core.request_auth import Domain, RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
+from medkms.node.replay import ReplayGuard
 from medkms.node.service import NodeService
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
 NOW = 1_800_000_000
+DOMAIN = Domain(31337, "0x" + "ab" * 20)
 
 
 class MemoryRegistry:
@@ -79,15 +82,34 @@ class World:
             )
         )
 
-    def request(self) -> common_pb2.ReencryptionRequest:
+    def request(
+        self,
+        signer: Identity | None = None,
+        nonce: bytes = b"\x07" * 32,
+        deadline: int = NOW + 60,
+        umbral_key: bytes | None = None,
+    ) -> common_pb2.ReencryptionRequest:
+        """A request by bob, signed by ``signer`` (bob unless given)."""
+        claims = RequestClaims(
+            patient=self.alice.address,
+            record_id=self.record_id,
+            capsule_hash=capsule_hash(bytes(self.capsule)),
+            requester_umbral_key=umbral_key or self.bob.umbral_public_key(),
+            nonce=nonce,
+            deadline=deadline,
+            purpose_of_use="TREAT",
+        )
         return common_pb2.ReencryptionRequest(
             request_id="t-1",
             patient=address_bytes(self.alice.address),
             record_id=self.record_id,
             capsule=bytes(self.capsule),
             requester=address_bytes(self.bob.address),
-            requester_umbral_key=self.bob.umbral_public_key(),
+            requester_umbral_key=claims.requester_umbral_key,
             purpose_of_use="TREAT",
+            deadline=deadline,
+            nonce=nonce,
+            signature=sign((signer or self.bob).account, DOMAIN, claims),
         )
 
 
@@ -127,8 +149,9 @@ def world(tmp_path: Path) -> World:
         kfrags=kfrags,
         registry=registry,
         index=registry,
-        registry_address="0x" + "ab" * 20,
-        chain_id=31337,
+        registry_address=DOMAIN.registry_address,
+        chain_id=DOMAIN.chain_id,
+        replay=ReplayGuard(max_window_s=300, max_entries=100),
         clock=lambda: NOW,
     )
     return World(node, registry, kfrags, alice, bob, capsule, record_id)
@@ -189,8 +212,7 @@ def test_kfrag_for_an_earlier_grant_key_is_not_used(world: World) -> None:
     world.registry.grants[key] = dataclasses.replace(
         world.registry.grants[key], grantee_umbral_key=new_key
     )
-    request = world.request()
-    request.requester_umbral_key = new_key
+    request = world.request(umbral_key=new_key)
     with pytest.raises(PreconditionFailed, match="holds no key fragment"):
         world.node.reencrypt(request)
 
@@ -207,3 +229,33 @@ def test_node_info_names_the_node_and_its_hsm_key(world: World) -> None:
     assert info.node_id == "node-t"
     assert info.chain_id == 31337
     assert len(info.signing_public_key) > 60
+
+
+def test_a_request_signed_by_someone_else_is_unauthenticated(world: World) -> None:
+    world.enroll(world.kfrag())
+    with pytest.raises(Unauthenticated, match="signature is not by the requester"):
+        world.node.reencrypt(world.request(signer=world.alice))
+
+
+def test_a_replayed_request_is_refused(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request(nonce=b"\x42" * 32)
+    world.node.reencrypt(request)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        world.node.reencrypt(request)
+
+
+def test_an_expired_deadline_is_refused(world: World) -> None:
+    world.enroll(world.kfrag())
+    with pytest.raises(Unauthenticated, match="deadline has passed"):
+        world.node.reencrypt(world.request(deadline=NOW - 1))
+    with pytest.raises(InvalidRequest, match="too far in the future"):
+        world.node.reencrypt(world.request(deadline=NOW + 3600))
+
+
+def test_a_tampered_field_breaks_the_signature(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request()
+    request.purpose_of_use = "HRESCH"
+    with pytest.raises(Unauthenticated):
+        world.node.reencrypt(request)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kms/v1/common.proto\x12\x06kms.v1\"\xa7\x01\n\x13ReencryptionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12\x11\n\trecord_id\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x04 \x01(\x0c\x12\x11\n\trequester\x18\x05 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x06 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x07 \x01(\t\"1\n\x0f\x43\x61psuleFragment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x66rag\x18\x02 \x01(\x0c\"0\n\nCapsuleRef\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x02 \x01(\x0c\"\xae\x01\n\x18ReencryptionBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12$\n\x08\x63\x61psules\x18\x03 \x03(\x0b\x32\x12.kms.v1.CapsuleRef\x12\x11\n\trequester\x18\x04 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x05 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\"n\n\x0e\x43\x61psuleOutcome\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12)\n\x08\x66ragment\x18\x02 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kms/v1/common.proto\x12\x06kms.v1\"\xdb\x01\n\x13ReencryptionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12\x11\n\trecord_id\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x04 \x01(\x0c\x12\x11\n\trequester\x18\x05 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x06 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x04\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"1\n\x0f\x43\x61psuleFragment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x66rag\x18\x02 \x01(\x0c\"0\n\nCapsuleRef\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x02 \x01(\x0c\"\xe2\x01\n\x18ReencryptionBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12$\n\x08\x63\x61psules\x18\x03 \x03(\x0b\x32\x12.kms.v1.CapsuleRef\x12\x11\n\trequester\x18\x04 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x05 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x04\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"n\n\x0e\x43\x61psuleOutcome\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12)\n\x08\x66ragment\x18\x02 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.v1.common_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REENCRYPTIONREQUEST']._serialized_start=32
-  _globals['_REENCRYPTIONREQUEST']._serialized_end=199
-  _globals['_CAPSULEFRAGMENT']._serialized_start=201
-  _globals['_CAPSULEFRAGMENT']._serialized_end=250
-  _globals['_CAPSULEREF']._serialized_start=252
-  _globals['_CAPSULEREF']._serialized_end=300
-  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_start=303
-  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_end=477
-  _globals['_CAPSULEOUTCOME']._serialized_start=479
-  _globals['_CAPSULEOUTCOME']._serialized_end=589
+  _globals['_REENCRYPTIONREQUEST']._serialized_end=251
+  _globals['_CAPSULEFRAGMENT']._serialized_start=253
+  _globals['_CAPSULEFRAGMENT']._serialized_end=302
+  _globals['_CAPSULEREF']._serialized_start=304
+  _globals['_CAPSULEREF']._serialized_end=352
+  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_start=355
+  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_end=581
+  _globals['_CAPSULEOUTCOME']._serialized_start=583
+  _globals['_CAPSULEOUTCOME']._serialized_end=693
 # @@protoc_insertion_point(module_scope)

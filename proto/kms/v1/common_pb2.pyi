@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReencryptionRequest(_message.Message):
-    __slots__ = ("request_id", "patient", "record_id", "capsule", "requester", "requester_umbral_key", "purpose_of_use")
+    __slots__ = ("request_id", "patient", "record_id", "capsule", "requester", "requester_umbral_key", "purpose_of_use", "deadline", "nonce", "signature")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,9 @@ class ReencryptionRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_UMBRAL_KEY_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_OF_USE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     patient: bytes
     record_id: bytes
@@ -22,7 +25,10 @@ class ReencryptionRequest(_message.Message):
     requester: bytes
     requester_umbral_key: bytes
     purpose_of_use: str
-    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ...) -> None: ...
+    deadline: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleFragment(_message.Message):
     __slots__ = ("node_id", "cfrag")
@@ -41,20 +47,26 @@ class CapsuleRef(_message.Message):
     def __init__(self, record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ...) -> None: ...
 
 class ReencryptionBatchRequest(_message.Message):
-    __slots__ = ("request_id", "patient", "capsules", "requester", "requester_umbral_key", "purpose_of_use")
+    __slots__ = ("request_id", "patient", "capsules", "requester", "requester_umbral_key", "purpose_of_use", "deadline", "nonce", "signature")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     CAPSULES_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_UMBRAL_KEY_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_OF_USE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     patient: bytes
     capsules: _containers.RepeatedCompositeFieldContainer[CapsuleRef]
     requester: bytes
     requester_umbral_key: bytes
     purpose_of_use: str
-    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., capsules: _Optional[_Iterable[_Union[CapsuleRef, _Mapping]]] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ...) -> None: ...
+    deadline: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., capsules: _Optional[_Iterable[_Union[CapsuleRef, _Mapping]]] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleOutcome(_message.Message):
     __slots__ = ("record_id", "fragment", "status", "reason")
