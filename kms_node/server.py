@@ -16,6 +16,7 @@ from medkms.node import metrics
 from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
+from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
 from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
@@ -103,6 +104,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         registry_address=registry.address,
         chain_id=registry.chain_id(),
         replay=ReplayGuard(settings.request_window_s, settings.replay_max_entries),
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         request_window_s=settings.request_window_s,
     )
     server = build_server(service, kfrags, settings.max_workers)

@@ -28,6 +28,7 @@ from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
+from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
@@ -76,6 +77,7 @@ class NodeService:
         registry_address: str,
         chain_id: int,
         replay: ReplayGuard,
+        limiter: RateLimiter,
         request_window_s: int = 300,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -89,6 +91,7 @@ class NodeService:
         # Signatures are valid for this registry on this chain only (EIP-712 domain).
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
+        self._limiter = limiter
         self._request_window_s = request_window_s
         self._clock = clock
         self._signing_public_key = keystore.signing_public_key()
@@ -151,6 +154,7 @@ class NodeService:
         """One capsule: a fragment, or the refusal as the RPC's status."""
         query = ReencryptionQuery.parse(msg)
         self._authenticate(query.claims(), query)
+        self._limiter.spend(query.requester)
         (result,) = self._serve([query])
         if isinstance(result, KmsError):
             raise result
@@ -165,6 +169,7 @@ class NodeService:
         unwrapped once for the whole batch."""
         batch = BatchQuery.parse(msg)
         self._authenticate(batch.claims(), batch.items[0])
+        self._limiter.spend(batch.items[0].requester, cost=len(batch.items))
         outcomes = []
         for query, result in zip(batch.items, self._serve(batch.items), strict=True):
             if isinstance(result, KmsError):

@@ -47,6 +47,9 @@ class NodeSettings:
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
     replay_max_entries: int = 1_000_000
+    #: capsules a requester may have re-encrypted per second at this node (per process)
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
     #: gRPC server threads per process
     max_workers: int = 8
     #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
@@ -101,6 +104,8 @@ class NodeSettings:
                 max_workers=int(raw.get("max_workers", 8)),
                 processes=int(raw.get("processes", 1)),
                 request_window_s=int(raw.get("request_window_s", 300)),
+                rate_limit_per_s=float(raw.get("rate_limit_per_s", 1000.0)),
+                rate_limit_burst=int(raw.get("rate_limit_burst", 2000)),
                 replay_max_entries=int(raw.get("replay_max_entries", 1_000_000)),
                 log_level=str(raw.get("log_level", "info")),
             )

@@ -11,7 +11,13 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
-from medkms.core.errors import AccessDenied, InvalidRequest, PreconditionFailed, Unauthenticated
+from medkms.core.errors import (
+    AccessDenied,
+    InvalidRequest,
+    PreconditionFailed,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo, RecordInfo
 from medkms.core.request_auth import Domain, RequestClaims, sign
@@ -19,6 +25,7 @@ from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
+from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
 from medkms.node.service import NodeService
 from medkms.proto.kms.v1 import common_pb2, node_pb2
@@ -152,6 +159,7 @@ def world(tmp_path: Path) -> World:
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,
         replay=ReplayGuard(max_window_s=300, max_entries=100),
+        limiter=RateLimiter(rate_per_s=1, burst=5, clock=lambda: NOW),
         clock=lambda: NOW,
     )
     return World(node, registry, kfrags, alice, bob, capsule, record_id)
@@ -259,3 +267,11 @@ def test_a_tampered_field_breaks_the_signature(world: World) -> None:
     request.purpose_of_use = "HRESCH"
     with pytest.raises(Unauthenticated):
         world.node.reencrypt(request)
+
+
+def test_a_requester_over_its_rate_is_resource_exhausted(world: World) -> None:
+    world.enroll(world.kfrag())
+    for i in range(5):
+        world.node.reencrypt(world.request(nonce=bytes([i]) * 32))
+    with pytest.raises(ResourceExhausted, match="rate limit"):
+        world.node.reencrypt(world.request(nonce=b"\x09" * 32))

@@ -1,0 +1,58 @@
+"""Per-requester rate limits at a node: a token bucket per authenticated address.
+
+Applied after the signature is verified (so nobody can spend another's budget)
+and before anything costly (the chain read that confirms a refusal, the HSM).
+Memory is bounded: idle buckets are dropped once full again, and beyond
+``max_requesters`` tracked addresses the node refuses new ones rather than grow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from medkms.core.errors import ResourceExhausted
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        max_requesters: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be positive and burst at least 1")
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._max = max_requesters
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, at)
+
+    def spend(self, requester: str, cost: int = 1) -> None:
+        """Take ``cost`` tokens (a batch costs one per capsule) or refuse."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(requester, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._rate)
+            if tokens < cost:
+                wait = (cost - tokens) / self._rate
+                raise ResourceExhausted(
+                    f"rate limit for this requester exceeded; retry in {wait:.1f}s"
+                )
+            if requester not in self._buckets and len(self._buckets) >= self._max:
+                self._sweep(now)
+                if len(self._buckets) >= self._max:
+                    raise ResourceExhausted("node is tracking too many requesters; retry later")
+            self._buckets[requester] = (tokens - cost, now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget requesters whose bucket has refilled: they hold no state worth keeping."""
+        full_after = self._burst / self._rate
+        for requester, (_, at) in list(self._buckets.items()):
+            if now - at >= full_after:
+                del self._buckets[requester]
