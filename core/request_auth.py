@@ -33,9 +33,9 @@ from eth_hash.auto import keccak
 from eth_keys.backends.native.main import NativeECCBackend
 from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
-from eth_utils.address import is_address, to_checksum_address
 from eth_utils.exceptions import ValidationError as EthValidationError
 
+from medkms.core.addresses import checksum, is_valid
 from medkms.core.errors import InvalidRequest, Unauthenticated
 
 try:
@@ -97,9 +97,9 @@ _VERSION_HASH: Final = keccak(DOMAIN_VERSION.encode())
 
 
 def _checked_address(value: str, what: str) -> str:
-    if not isinstance(value, str) or not is_address(value) or not value.startswith("0x"):
+    if not isinstance(value, str) or not value.startswith("0x") or not is_valid(value):
         raise InvalidRequest(f"{what} must be a 0x-prefixed 20-byte hex address")
-    return str(to_checksum_address(value))
+    return checksum(value)
 
 
 def _checked_bytes32(value: bytes, what: str) -> bytes:
@@ -414,7 +414,7 @@ def recover_signer(digest: bytes, signature: bytes) -> str:
         raise Unauthenticated("signature s is zero or not in the lower half of the curve order")
     public_key = _recover_public_key(digest, signature[:64], v - 27)
     # Ethereum address: the last 20 bytes of keccak256 of the uncompressed key (X || Y).
-    return str(to_checksum_address(keccak(public_key)[-20:]))
+    return checksum(keccak(public_key)[-20:])
 
 
 def signer_of(domain: Domain, claims: Claims, signature: bytes) -> str:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import umbral_pre as umbral
-from eth_utils.address import to_checksum_address
 
+from medkms.core.addresses import checksum
 from medkms.core.errors import InvalidRequest
 from medkms.core.request_auth import SIGNATURE_SIZE, BatchClaims, RequestClaims
 from medkms.core.umbral_codec import capsule_hash, load_capsule, load_kfrag, load_public_key
@@ -45,7 +45,7 @@ def parse_address(data: bytes, field: str) -> str:
         )
     if data == bytes(ADDRESS_SIZE):
         raise InvalidRequest(f"{field} must not be the zero address")
-    return str(to_checksum_address(data))
+    return checksum(bytes(data))
 
 
 def address_bytes(address: str) -> bytes:

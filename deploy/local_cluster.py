@@ -176,8 +176,11 @@ class LocalCluster:
         nodes: int = 5,
         threshold: int = 3,
         processes: int = 1,
+        node_settings: dict[str, object] | None = None,
         reset: bool = False,
     ) -> LocalCluster:
+        """Start a cluster; ``node_settings`` are extra node.toml keys (e.g. a
+        benchmark lifting ``rate_limit_per_s``)."""
         if not 1 <= threshold <= nodes:
             raise PreconditionFailed("threshold must be between 1 and the number of nodes")
         state_dir = state_dir.resolve()
@@ -198,7 +201,13 @@ class LocalCluster:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cluster = cls(
             state_dir,
-            {"version": 1, "threshold": threshold, "processes_per_node": processes, "nodes": []},
+            {
+                "version": 1,
+                "threshold": threshold,
+                "processes_per_node": processes,
+                "node_settings": dict(node_settings or {}),
+                "nodes": [],
+            },
         )
         try:
             cluster._start_chain()
@@ -269,6 +278,7 @@ class LocalCluster:
                     "softhsm_conf": "softhsm2.conf",
                     "softhsm_token_dir": "tokens",
                     "processes": self.data["processes_per_node"],
+                    **self.data["node_settings"],
                 },
             )
             entries.append(
