@@ -51,3 +51,14 @@ contracts: setup
 
 clean:
 	rm -rf $(VENV) node_modules $(STATE_DIR) .pytest_cache .ruff_cache
+
+# Benchmarks (issue 5): baseline, one node, the 3-of-5 cluster, scaling and
+# revocation in one run; writes benchmarks/results/ and the README's results.
+.PHONY: bench bench-quick
+bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.harness
+
+bench-quick: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.harness --quick
