@@ -14,6 +14,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 import umbral_pre as umbral
@@ -30,7 +31,7 @@ from medkms.core.errors import (
     PreconditionFailed,
     error_for_status,
 )
-from medkms.core.registry_types import PatientInfo
+from medkms.core.registry_types import PatientInfo, RecordInfo
 from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
 from medkms.core.requests import MAX_BATCH, address_bytes, parse_purpose
 from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
@@ -41,6 +42,14 @@ from medkms.proto.stubs import CoordinatorStub
 REQUEST_TIMEOUT_S = 10.0
 #: how long a signed request stays valid; nodes accept at most 300 s
 REQUEST_VALIDITY_S = 60
+#: anchors and patient keys kept per client
+CACHE_ENTRIES = 4096
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
+    cache[key] = value
 
 
 class ProviderClient:
@@ -57,6 +66,8 @@ class ProviderClient:
         self._channel = grpc.insecure_channel(coordinator_address, options=rpc.CHANNEL_OPTIONS)
         self._coordinator = CoordinatorStub(self._channel)
         self._domain = Domain(registry.chain_id(), registry.address)
+        self._records: dict[bytes, RecordInfo] = {}
+        self._patients: dict[str, PatientInfo] = {}
 
     def close(self) -> None:
         self._channel.close()
@@ -159,11 +170,31 @@ class ProviderClient:
                 results[record_id] = e
         return results
 
+    # A record's anchor (patient, hashes, storage URI) and a patient's registered keys
+    # never change once on-chain, so they are read once. Whether a record is still
+    # active, and every grant, is judged by the nodes on each request.
+
+    def _record(self, record_id: bytes) -> RecordInfo | None:
+        cached = self._records.get(record_id)
+        if cached is None:
+            cached = self._registry.get_record(record_id)
+            if cached is not None:
+                _remember(self._records, record_id, cached)
+        return cached
+
+    def _patient(self, address: str) -> PatientInfo | None:
+        cached = self._patients.get(address)
+        if cached is None:
+            cached = self._registry.get_patient(address)
+            if cached is not None:
+                _remember(self._patients, address, cached)
+        return cached
+
     def _fetch(self, record_id: bytes) -> tuple[bytes, record_pb2.RecordEnvelope, PatientInfo]:
         """The record's envelope from the blob store, checked against the chain."""
         if len(record_id) != 32:
             raise InvalidRequest("record_id must be 32 bytes")
-        record = self._registry.get_record(record_id)
+        record = self._record(record_id)
         if record is None:
             raise NotFound(f"record 0x{record_id.hex()} is not in the registry")
         blob = self._blobs.get(record.storage_uri)
@@ -174,7 +205,7 @@ class ProviderClient:
             raise IntegrityError("stored envelope names a different record")
         if not hmac.compare_digest(capsule_hash(envelope.capsule), record.capsule_hash):
             raise IntegrityError("stored capsule is not the one anchored on-chain")
-        patient = self._registry.get_patient(record.patient)
+        patient = self._patient(record.patient)
         if patient is None:
             raise PreconditionFailed("the record's patient is not registered")
         return record_id, envelope, patient

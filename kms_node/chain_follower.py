@@ -40,7 +40,7 @@ class ChainFollower:
         source: EventSource,
         *,
         start_block: int = 0,
-        poll_interval_s: float = 0.1,
+        poll_interval_s: float = 0.2,
         max_age_s: float = 2.0,
         max_lag_blocks: int = 2,
         clock: Callable[[], float] = time.monotonic,
@@ -63,9 +63,7 @@ class ChainFollower:
         """Bring the index up to the current head (raises on chain trouble)."""
         head = self._source.block("latest")
         current = self.index.block
-        if current is not None and (
-            head.number < current.number or self._source.block(current.number).hash != current.hash
-        ):
+        if current is not None and self._reorged(current, head):
             log.warning("chain_reorg", index_block=current.number, head=head.number)
             self.index = GrantIndex()
             current = None
@@ -87,6 +85,15 @@ class ChainFollower:
         self._head_seen = head.number
         self._synced_at = self._clock()
         metrics.CHAIN_INDEX_BLOCK.set(head.number)
+
+    def _reorged(self, current: BlockRef, head: BlockRef) -> bool:
+        """Is the block the index reflects no longer canonical? Costs a call only
+        when the head has moved on."""
+        if head.number < current.number:
+            return True
+        if head.number == current.number:
+            return head.hash != current.hash
+        return self._source.block(current.number).hash != current.hash
 
     def start(self) -> None:
         """Sync once (so the node starts with current state), then follow in the background."""

@@ -38,7 +38,7 @@ class NodeSettings:
     #: first block to read registry events from (the registry's deployment block)
     registry_start_block: int = 0
     #: how often the grant index polls the chain head
-    chain_poll_interval_s: float = 0.1
+    chain_poll_interval_s: float = 0.2
     #: refuse (UNAVAILABLE) when the last successful chain sync is older than this
     chain_max_age_s: float = 2.0
     #: ... or when the index is more blocks than this behind the head seen
@@ -101,7 +101,7 @@ class NodeSettings:
                     rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
                 ),
                 registry_start_block=int(raw.get("registry_start_block", 0)),
-                chain_poll_interval_s=float(raw.get("chain_poll_interval_s", 0.1)),
+                chain_poll_interval_s=float(raw.get("chain_poll_interval_s", 0.2)),
                 chain_max_age_s=float(raw.get("chain_max_age_s", 2.0)),
                 chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
                 max_workers=int(raw.get("max_workers", 2)),

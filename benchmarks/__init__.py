@@ -1,0 +1,1 @@
+"""Throughput and latency harness for medkms (issue 5); run ``python -m benchmarks.harness``."""

@@ -1,0 +1,545 @@
+"""The benchmark run: ``python -m benchmarks.harness [--quick] [--out DIR]``.
+
+In one run on this machine:
+
+1. baseline: the bare umbral-pre library (benchmarks.baseline);
+2. one node through gRPC, single requests and batches of 32;
+3. the cluster, 3-of-5, through the SDK (end to end, and the DEK path alone),
+   with anvil and SoftHSM; then revocation latency; then the scaling points
+   (number of nodes, threshold, server processes per node), each on its own
+   fresh cluster.
+
+Writes ``latest.json``, ``latest.md`` and ``latency.png`` to ``--out``
+(default benchmarks/results) and, for the default, the results section of
+benchmarks/README.md. Cluster state lives in a temporary directory that is
+removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import baseline, machine, report, revocation, stats
+from benchmarks.load import Request, run_closed_loop, warm_up
+from benchmarks.process_stats import CLIENT, CpuMeter, self_peak_rss_mb, tree_peak_rss_mb
+from benchmarks.workload import NodeTarget, Workload, prepare
+from medkms.clients.provider import ProviderClient
+from medkms.core.errors import Unavailable
+from medkms.deploy.local_cluster import LocalCluster
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BATCH = 32
+MAIN_NODES, MAIN_THRESHOLD = 5, 3
+CLUSTER_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how much to measure; ``QUICK`` fits in under 3 minutes."""
+
+    mode: str
+    baseline_s: float
+    latency_s: float  # concurrency-1 phases (latency at low load)
+    throughput_s: float  # concurrency-N phases (throughput)
+    concurrency: int
+    max_requests: int
+    warmup: int
+    repeats: int  # of the main 3-of-5 phases; headline numbers are medians
+    revocation_trials: int
+    scaling_s: float
+    node_counts: tuple[int, ...]  # at threshold MAIN_THRESHOLD
+    thresholds: tuple[int, ...]  # of MAIN_NODES nodes
+    processes: tuple[int, ...]  # server processes per node, at MAIN_THRESHOLD-of-MAIN_NODES
+    records: int = BATCH  # a batch holds each record at most once
+
+
+QUICK = Plan(
+    mode="quick",
+    baseline_s=0.7,
+    latency_s=2.0,
+    throughput_s=3.0,
+    concurrency=4,
+    max_requests=3000,
+    warmup=5,
+    repeats=1,
+    revocation_trials=2,
+    scaling_s=1.5,
+    node_counts=(3, 5, 7),
+    thresholds=(3, 4),
+    processes=(1, 2),
+)
+FULL = Plan(
+    mode="full",
+    baseline_s=3.0,
+    latency_s=5.0,
+    throughput_s=8.0,
+    concurrency=4,
+    max_requests=20000,
+    warmup=10,
+    repeats=3,
+    revocation_trials=5,
+    scaling_s=4.0,
+    node_counts=(3, 5, 7),
+    thresholds=(2, 3, 4, 5),
+    processes=(1, 2),
+)
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ phases
+
+
+def _groups(cpu_s: dict[str, float]) -> dict[str, float]:
+    """Per-process CPU folded into nodes / coordinator / chain / client / total."""
+    nodes = sum(v for k, v in cpu_s.items() if k.startswith("node-"))
+    grouped = {
+        "nodes": nodes,
+        "coordinator": cpu_s.get("coordinator", 0.0),
+        "chain": cpu_s.get("chain", 0.0),
+        CLIENT: cpu_s.get(CLIENT, 0.0),
+    }
+    grouped["total"] = sum(grouped.values())
+    return grouped
+
+
+def measure(
+    request: Request,
+    *,
+    pids: dict[str, int],
+    concurrency: int,
+    duration_s: float,
+    plan: Plan,
+    units: int = 1,
+    node: NodeTarget | None = None,
+) -> dict[str, Any]:
+    """Warm up, then one closed-loop phase with the CPU of every process metered.
+
+    ``units`` is the work per request (capsules per batch); ``node``, when
+    given, is asked for its own handler time over the phase.
+    """
+    warm_up(request, plan.warmup)
+    handler0 = node.handler_seconds(_handler_method(units)) if node else None
+    meter = CpuMeter(pids)
+    meter.start()
+    result = run_closed_loop(
+        request, concurrency=concurrency, duration_s=duration_s, max_requests=plan.max_requests
+    )
+    cpu_s = meter.stop()
+    summary = stats.summarize(result.latencies_s, result.wall_s, result.error_count)
+    count = max(summary.count, 1)
+    grouped = _groups(cpu_s)
+    phase: dict[str, Any] = {
+        **summary.as_dict(),
+        "concurrency": concurrency,
+        "units_per_request": units,
+        "stopped_by": result.stopped_by,
+        "errors_by_kind": dict(result.errors),
+        "cpu_s": cpu_s,
+        "cpu_ms_per_request": {k: v / count * 1000.0 for k, v in grouped.items()},
+        "cores_used": {k: v / result.wall_s for k, v in grouped.items()},
+        "cdf_ms": stats.cdf_ms(result.latencies_s),
+    }
+    if node is not None and handler0 is not None:
+        total, n = node.handler_seconds(_handler_method(units))
+        served = n - handler0[1]
+        if served > 0:
+            phase["node_handler_ms_mean"] = (total - handler0[0]) / served * 1000.0
+    return phase
+
+
+def _handler_method(units: int) -> str:
+    return "ReencryptBatch" if units > 1 else "Reencrypt"
+
+
+def _pids(cluster: LocalCluster) -> dict[str, int]:
+    pids = {n.node_id: n.pid for n in cluster.nodes}
+    pids["coordinator"] = int(cluster.data["coordinator"]["pid"])
+    pids["chain"] = int(cluster.data["chain"]["pid"])
+    return pids
+
+
+BENCH_NODE_SETTINGS: dict[str, object] = {"rate_limit_per_s": 1e9, "rate_limit_burst": 10**9}
+
+
+@contextmanager
+def running_cluster(
+    state_root: Path, nodes: int, threshold: int, processes: int = 1
+) -> Iterator[LocalCluster]:
+    started = time.perf_counter()
+    name = f"cluster-{nodes}-{threshold}-{processes}"
+    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+        try:
+            cluster = LocalCluster.up(
+                state_root / f"{name}-{attempt}",
+                nodes=nodes,
+                threshold=threshold,
+                processes=processes,
+                # One requester drives the whole load: lift the per-requester rate
+                # limit, which exists for many requesters, not for a load generator.
+                node_settings=BENCH_NODE_SETTINGS,
+            )
+            break
+        except Unavailable as e:
+            # LocalCluster picks free ports before the services bind them; an outgoing
+            # connection can take one in between ("Address already in use").
+            if attempt == CLUSTER_ATTEMPTS:
+                raise
+            say(f"cluster did not come up ({e.message.splitlines()[0]}); trying again")
+    say(
+        f"cluster {threshold}-of-{nodes} ({processes} process(es) per node) "
+        f"up in {time.perf_counter() - started:.1f}s"
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+# ------------------------------------------------------------ main cluster
+
+
+def _main_phases(
+    workload: Workload, node: NodeTarget, pids: dict[str, int], plan: Plan, notes: list[str]
+) -> dict[str, dict[str, Any]]:
+    node_pids = {node.node.node_id: pids[node.node.node_id], "chain": pids["chain"]}
+    c = plan.concurrency
+    phases: dict[str, dict[str, Any]] = {}
+    say("node: single requests")
+    phases["node_single_c1"] = measure(
+        node.single, pids=node_pids, concurrency=1, duration_s=plan.latency_s, plan=plan, node=node
+    )
+    phases[f"node_single_c{c}"] = measure(
+        node.single,
+        pids=node_pids,
+        concurrency=c,
+        duration_s=plan.throughput_s,
+        plan=plan,
+        node=node,
+    )
+    why_not = node.batch_unsupported()
+    if why_not is None:
+        say(f"node: batches of {BATCH}")
+        phases[f"node_batch{BATCH}_c2"] = measure(
+            lambda i: node.batch(i, BATCH),
+            pids=node_pids,
+            concurrency=2,
+            duration_s=plan.throughput_s,
+            plan=plan,
+            units=BATCH,
+            node=node,
+        )
+    elif why_not not in notes:
+        notes.append(why_not)
+
+    providers = [workload.provider(d) for d in workload.doctors]
+    dek = workload.dek_path()
+    try:
+        say("cluster: DEK path")
+        phases["cluster_dek_c1"] = measure(
+            dek, pids=pids, concurrency=1, duration_s=plan.latency_s, plan=plan
+        )
+        phases[f"cluster_dek_c{c}"] = measure(
+            dek, pids=pids, concurrency=c, duration_s=plan.throughput_s, plan=plan
+        )
+        say("cluster: read_record end to end")
+        read = _reader(workload, providers)
+        phases["cluster_read_c1"] = measure(
+            read, pids=pids, concurrency=1, duration_s=plan.latency_s, plan=plan
+        )
+        phases[f"cluster_read_c{c}"] = measure(
+            read, pids=pids, concurrency=c, duration_s=plan.throughput_s, plan=plan
+        )
+    finally:
+        dek.close()
+        for provider in providers:
+            provider.close()
+    return phases
+
+
+def _reader(workload: Workload, providers: list[ProviderClient]) -> Request:
+    """``read_record`` of record ``index`` by doctor ``index`` (cycling)."""
+    ids = [r.record_id for r in workload.records]
+
+    def read(index: int) -> object:
+        return providers[index % len(providers)].read_record(ids[index % len(ids)])
+
+    return read
+
+
+def _headline(
+    phases: dict[str, dict[str, Any]], base: dict[str, Any], node_id: str, plan: Plan
+) -> dict[str, float | None]:
+    c = plan.concurrency
+    rate = base["reencrypt_rate_per_core"]
+    cores = os.cpu_count() or 1
+    bound_s = base["bounds_ms"][str(MAIN_THRESHOLD)] / 1000.0
+    single = phases[f"node_single_c{c}"]
+    batch = phases.get(f"node_batch{BATCH}_c2")
+    read, dek = phases[f"cluster_read_c{c}"], phases[f"cluster_dek_c{c}"]
+    return {
+        "node_single_ratio": stats.node_ratio(single["count"], single["cpu_s"][node_id], rate),
+        "node_single_ratio_with_chain": stats.node_ratio(
+            single["count"], single["cpu_s"][node_id] + single["cpu_s"]["chain"], rate
+        ),
+        "node_single_wall_ratio": stats.ratio(single["throughput_rps"], rate),
+        "node_batch32_ratio": (
+            stats.node_ratio(batch["count"] * BATCH, batch["cpu_s"][node_id], rate)
+            if batch
+            else None
+        ),
+        "cluster_3of5_ratio": stats.cluster_ratio(read["throughput_rps"], bound_s, cores),
+        "cluster_dek_3of5_ratio": stats.cluster_ratio(dek["throughput_rps"], bound_s, cores),
+        "cluster_3of5_ratio_effective_cores": stats.ratio(
+            read["throughput_rps"], base["effective_cores"] / bound_s
+        ),
+        "cluster_p50_ms": phases["cluster_read_c1"]["p50_ms"],
+        "cluster_dek_p50_ms": phases["cluster_dek_c1"]["p50_ms"],
+        "cluster_throughput_rps": read["throughput_rps"],
+        "cluster_dek_throughput_rps": dek["throughput_rps"],
+        "node_single_p50_ms": phases["node_single_c1"]["p50_ms"],
+        "node_single_throughput_rps": single["throughput_rps"],
+    }
+
+
+def _median_headline(runs: list[dict[str, float | None]]) -> dict[str, float | None]:
+    merged: dict[str, float | None] = {}
+    for key in runs[0]:
+        values = [v for r in runs if (v := r[key]) is not None]
+        merged[key] = stats.median(values) if values else None
+    return merged
+
+
+def _peak_rss(pids: dict[str, int]) -> tuple[dict[str, float | None], dict[str, int]]:
+    """Per service: the largest peak RSS of any of its processes, and their number."""
+    rss: dict[str, float | None] = {}
+    counts: dict[str, int] = {}
+    for name, pid in pids.items():
+        rss[name], counts[name] = tree_peak_rss_mb(pid)
+    rss[CLIENT], counts[CLIENT] = self_peak_rss_mb(), 1
+    return rss, counts
+
+
+def _max_node_rss(rss: dict[str, float | None]) -> float | None:
+    return max((v for k, v in rss.items() if k.startswith("node-") and v is not None), default=None)
+
+
+def run_main_cluster(
+    state_root: Path, plan: Plan, base: dict[str, Any], results: dict[str, Any]
+) -> None:
+    notes: list[str] = results["notes"]
+    with running_cluster(state_root, MAIN_NODES, MAIN_THRESHOLD) as cluster:
+        started = time.perf_counter()
+        workload = prepare(cluster, records=plan.records)
+        say(f"workload: {plan.records} records and a grant in {time.perf_counter() - started:.1f}s")
+        pids = _pids(cluster)
+        node = workload.node_target(cluster.nodes[0])
+        try:
+            runs, headlines = [], []
+            for repeat in range(plan.repeats):
+                if plan.repeats > 1:
+                    say(f"main phases, repeat {repeat + 1} of {plan.repeats}")
+                phases = _main_phases(workload, node, pids, plan, notes)
+                runs.append(phases)
+                headlines.append(_headline(phases, base, node.node.node_id, plan))
+        finally:
+            node.close()
+        rss, process_counts = _peak_rss(pids)
+        say("revocation")
+        trials = [revocation.trial(workload, i) for i in range(plan.revocation_trials)]
+    # The phases shown in detail are those of the repeat whose cluster ratio is the median.
+    order = sorted(range(len(runs)), key=lambda i: headlines[i]["cluster_3of5_ratio"] or 0.0)
+    shown = order[len(order) // 2]
+    headline = _median_headline(headlines)
+    latencies = [t["revocation_s"] for t in trials if t["revocation_s"] is not None]
+    results.update(headline)
+    results.update(
+        {
+            "revocation_s": max(latencies) if latencies else None,
+            "node_rss_mb": _max_node_rss(rss),
+            "phases": runs[shown],
+            "repeats": headlines,
+            "peak_rss_mb": rss,
+            "process_counts": process_counts,
+            "revocation": {
+                "poll_s": revocation.POLL_S,
+                "trials": trials,
+                "median_s": stats.median(latencies) if latencies else None,
+                "max_s": max(latencies) if latencies else None,
+            },
+        }
+    )
+    if len(latencies) < len(trials):
+        notes.append("a revocation trial saw no refusal within its time limit")
+
+
+# ----------------------------------------------------------------- scaling
+
+
+def _scaling_row(
+    nodes: int,
+    threshold: int,
+    processes: int,
+    phases: dict[str, dict[str, Any]],
+    base: dict[str, Any],
+    plan: Plan,
+    node_rss_mb: float | None,
+) -> dict[str, Any]:
+    c = plan.concurrency
+    read_c1, read_cn, dek_c1 = (
+        phases["cluster_read_c1"],
+        phases[f"cluster_read_c{c}"],
+        phases["cluster_dek_c1"],
+    )
+    bound_s = base["bounds_ms"][str(threshold)] / 1000.0
+    row = {
+        "nodes": nodes,
+        "threshold": threshold,
+        "processes_per_node": processes,
+        "read_p50_ms": read_c1["p50_ms"],
+        "read_p95_ms": read_c1["p95_ms"],
+        "dek_p50_ms": dek_c1["p50_ms"],
+        "read_throughput_rps": read_cn["throughput_rps"],
+        "read_cpu_ms_per_request": read_cn["cpu_ms_per_request"],
+        "bound_ms": bound_s * 1000.0,
+        "ratio": stats.cluster_ratio(read_cn["throughput_rps"], bound_s, os.cpu_count() or 1),
+        "errors": sum(p["errors"] for p in phases.values()),
+        "node_rss_mb": node_rss_mb,
+    }
+    single = phases.get(f"node_single_c{c}")
+    if single is not None:
+        row["node_single_throughput_rps"] = single["throughput_rps"]
+        row["node_single_cores_used"] = single["cores_used"]["nodes"]
+    return row
+
+
+def _scaling_point(
+    state_root: Path, plan: Plan, base: dict[str, Any], nodes: int, threshold: int, processes: int
+) -> dict[str, Any]:
+    c, d = plan.concurrency, plan.scaling_s
+    phases: dict[str, dict[str, Any]] = {}
+    with running_cluster(state_root, nodes, threshold, processes) as cluster:
+        workload = prepare(cluster, records=4)
+        pids = _pids(cluster)
+        if processes > 1:
+            # What several server processes buy one node, seen directly.
+            node = workload.node_target(cluster.nodes[0], connections=2 * c)
+            try:
+                phases[f"node_single_c{c}"] = measure(
+                    node.single,
+                    pids={node.node.node_id: pids[node.node.node_id]},
+                    concurrency=c,
+                    duration_s=d,
+                    plan=plan,
+                )
+            finally:
+                node.close()
+        providers = [workload.provider(d) for d in workload.doctors]
+        dek = workload.dek_path()
+        read = _reader(workload, providers)
+        try:
+            phases["cluster_read_c1"] = measure(
+                read, pids=pids, concurrency=1, duration_s=d, plan=plan
+            )
+            phases[f"cluster_read_c{c}"] = measure(
+                read, pids=pids, concurrency=c, duration_s=d, plan=plan
+            )
+            phases["cluster_dek_c1"] = measure(
+                dek, pids=pids, concurrency=1, duration_s=d, plan=plan
+            )
+        finally:
+            dek.close()
+            for provider in providers:
+                provider.close()
+        rss, _ = _peak_rss(pids)
+    return _scaling_row(nodes, threshold, processes, phases, base, plan, _max_node_rss(rss))
+
+
+def _scaling_points(plan: Plan) -> list[tuple[int, int, int]]:
+    """(nodes, threshold, processes per node) of each point, the main run's first."""
+    points = [(MAIN_NODES, MAIN_THRESHOLD, 1)]
+    points += [(n, MAIN_THRESHOLD, 1) for n in plan.node_counts]
+    points += [(MAIN_NODES, m, 1) for m in plan.thresholds]
+    points += [(MAIN_NODES, MAIN_THRESHOLD, p) for p in plan.processes]
+    return list(dict.fromkeys(points))
+
+
+def run_scaling(
+    state_root: Path, plan: Plan, base: dict[str, Any], results: dict[str, Any]
+) -> None:
+    rows = []
+    for nodes, threshold, processes in _scaling_points(plan):
+        if (nodes, threshold, processes) == (MAIN_NODES, MAIN_THRESHOLD, 1):
+            row = _scaling_row(
+                nodes, threshold, 1, results["phases"], base, plan, results["node_rss_mb"]
+            )
+            rows.append({**row, "from_main_run": True})
+            continue
+        say(f"scaling: {threshold}-of-{nodes}, {processes} process(es) per node")
+        rows.append(_scaling_point(state_root, plan, base, nodes, threshold, processes))
+    results["scaling"] = sorted(
+        rows, key=lambda r: (r["processes_per_node"], r["threshold"], r["nodes"])
+    )
+
+
+# -------------------------------------------------------------------- main
+
+
+def run(plan: Plan, out: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": 1,
+        "mode": plan.mode,
+        "machine": machine.describe(),
+        "plan": asdict(plan),
+        "notes": [],
+    }
+    host = results["machine"]
+    say(f"{plan.mode} run on {host['cpu_model']}, {host['cores']} cores")
+    say("baseline: bare umbral-pre")
+    base = baseline.measure(duration_s=plan.baseline_s, threshold=MAIN_THRESHOLD, shares=MAIN_NODES)
+    thresholds = sorted({MAIN_THRESHOLD, *plan.thresholds})
+    base["bounds_ms"] = {
+        str(m): baseline.bound_ms(m, MAIN_NODES, duration_s=min(plan.baseline_s, 1.0))
+        if m != MAIN_THRESHOLD
+        else base["bound_ms"]
+        for m in thresholds
+    }
+    cores = os.cpu_count() or 1
+    parallel = baseline.parallel_reencrypt_rate(cores, duration_s=min(plan.baseline_s, 1.0))
+    base["parallel_reencrypt_rate"] = parallel
+    base["effective_cores"] = parallel / base["reencrypt_rate_per_wall_s"]
+    results["baseline"] = base
+    with tempfile.TemporaryDirectory(prefix="medkms-bench-") as tmp:
+        state_root = Path(tmp)
+        run_main_cluster(state_root, plan, base, results)
+        run_scaling(state_root, plan, base, results)
+    results["duration_s"] = round(time.perf_counter() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write(results, out, readme=out.resolve() == RESULTS_DIR)
+    say(f"done in {results['duration_s']}s; results in {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter phases (< 3 minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where to write results")
+    args = parser.parse_args(argv)
+    run(QUICK if args.quick else FULL, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Revocation latency: from the revoke transaction being mined to the first
+refusal a grantee sees through the coordinator.
+
+Each trial grants a fresh doctor, checks a DEK request is served, revokes,
+and from the moment the SDK holds the mined receipt polls the coordinator
+every ``poll_s`` until a request is refused with PERMISSION_DENIED. anvil mines
+each transaction as it arrives and the SDK polls for the receipt every 50 ms
+(checking at once first), so "mined" is known to within that; today nodes
+read the chain on every request, so the first poll is already refused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from benchmarks.workload import Workload
+from medkms.core.errors import AccessDenied, KmsError
+
+POLL_S = 0.02
+TIMEOUT_S = 15.0
+
+
+def trial(workload: Workload, number: int, *, poll_s: float = POLL_S) -> dict[str, Any]:
+    doctor = workload.new_identity(f"dr-revoked-{number}", provider=True)
+    workload.grant(doctor)
+    path = workload.dek_path([doctor])
+    try:
+        path(0)  # served before the revocation, or the trial means nothing
+        sent = time.perf_counter()
+        # The registry call returns with the mined receipt (PatientClient.revoke
+        # would then also fetch its block, which is not part of the latency).
+        workload.registry.revoke_access(workload.patient.identity.account, doctor.address)
+        mined = time.perf_counter()
+        served_after, other_errors, polls = 0, 0, 0
+        refused: float | None = None
+        reason = ""
+        while time.perf_counter() - mined < TIMEOUT_S:
+            started = time.perf_counter()
+            polls += 1
+            try:
+                path(polls)
+                served_after += 1
+            except AccessDenied as e:
+                refused = time.perf_counter()
+                reason = e.message
+                break
+            except KmsError:
+                other_errors += 1
+            time.sleep(max(0.0, started + poll_s - time.perf_counter()))
+    finally:
+        path.close()
+    return {
+        "revocation_s": None if refused is None else refused - mined,
+        "revoke_tx_s": mined - sent,
+        "polls": polls,
+        "served_after_revoke": served_after,
+        "other_errors": other_errors,
+        "refusal": reason[:200],
+    }
