@@ -44,6 +44,7 @@ class ChainFollower:
         max_age_s: float = 2.0,
         max_lag_blocks: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        on_events: Callable[[list[RegistryEvent]], None] | None = None,
     ) -> None:
         self._source = source
         self._start_block = start_block
@@ -51,6 +52,8 @@ class ChainFollower:
         self.max_age_s = max_age_s
         self.max_lag_blocks = max_lag_blocks
         self._clock = clock
+        #: called with each applied batch of events (e.g. to shred revoked kfrags)
+        self.on_events = on_events
         self.index = GrantIndex()
         self._synced_at: float | None = None
         self._head_seen = 0
@@ -79,6 +82,8 @@ class ChainFollower:
             events = self._source.events(start, end)
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
+            if events and self.on_events is not None:
+                self.on_events(events)
             start = end + 1
         if index.block is None or index.block.number < head.number:
             index.apply([], head)

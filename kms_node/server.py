@@ -94,7 +94,6 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         max_age_s=settings.chain_max_age_s,
         max_lag_blocks=settings.chain_max_lag_blocks,
     )
-    follower.start()
     service = NodeService(
         node_id=settings.node_id,
         keystore=keystore,
@@ -107,6 +106,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         request_window_s=settings.request_window_s,
     )
+    follower.on_events = service.shred_revoked
+    follower.start()
     server = build_server(service, kfrags, settings.max_workers)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME])
     host, port = parse_host_port(settings.listen, "listen")

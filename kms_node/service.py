@@ -22,7 +22,13 @@ import umbral_pre as umbral
 
 from medkms.core.errors import KmsError, PreconditionFailed, Unauthenticated
 from medkms.core.policy import Decision, judge
-from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo
+from medkms.core.registry_types import (
+    AccessRevoked,
+    AccessState,
+    GrantInfo,
+    PatientInfo,
+    RegistryEvent,
+)
 from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_public_key
@@ -149,6 +155,26 @@ class NodeService:
             kfrag_sha256=digest.hex(),
         )
         return node_pb2.EnrollKeyFragmentResponse(node_id=self.node_id, kfrag_sha256=digest)
+
+    def shred_revoked(self, events: Sequence[RegistryEvent]) -> None:
+        """Crypto-shredding: once a grant is revoked on-chain, destroy this node's
+        kfrag for it, so that not even a restored backup of the live node can serve
+        it. Re-granting needs a new enrollment."""
+        for event in events:
+            if not isinstance(event, AccessRevoked):
+                continue
+            # Replaying history (at start-up) meets revocations that a later grant
+            # superseded: only shred what the chain says is revoked now.
+            grant = self._registry.get_grant(event.patient, event.grantee)
+            if grant is not None and grant.active:
+                continue
+            if self._kfrags.delete(event.patient, event.grantee):
+                log.info(
+                    "kfrag_shredded",
+                    patient=event.patient,
+                    grantee=event.grantee,
+                    block_number=event.block,
+                )
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""

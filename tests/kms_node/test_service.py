@@ -19,7 +19,13 @@ from medkms.core.errors import (
     Unauthenticated,
 )
 from medkms.core.record_types import RecordType, to_mask
-from medkms.core.registry_types import AccessState, GrantInfo, PatientInfo, RecordInfo
+from medkms.core.registry_types import (
+    AccessRevoked,
+    AccessState,
+    GrantInfo,
+    PatientInfo,
+    RecordInfo,
+)
 from medkms.core.request_auth import Domain, RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
@@ -275,3 +281,15 @@ def test_a_requester_over_its_rate_is_resource_exhausted(world: World) -> None:
         world.node.reencrypt(world.request(nonce=bytes([i]) * 32))
     with pytest.raises(ResourceExhausted, match="rate limit"):
         world.node.reencrypt(world.request(nonce=b"\x09" * 32))
+
+
+def test_revocation_shreds_the_kfrag_but_not_a_renewed_grant(world: World) -> None:
+    world.enroll(world.kfrag())
+    key = (world.alice.address, world.bob.address)
+    revoked = AccessRevoked(9, NOW, world.alice.address, world.bob.address)
+    # A revocation that a later grant superseded (history replayed at start-up).
+    world.node.shred_revoked([revoked])
+    assert world.kfrags.get(*key) is not None
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    world.node.shred_revoked([revoked])
+    assert world.kfrags.get(*key) is None

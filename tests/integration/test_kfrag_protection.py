@@ -1,0 +1,73 @@
+"""Kfrags at rest: wrapped by the node's HSM, and destroyed when the grant is revoked."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import umbral_pre as umbral
+
+from medkms.deploy.local_cluster import LocalCluster
+from medkms.node.kfrag_store import KfragStore
+from tests.integration.conftest import People
+
+pytestmark = pytest.mark.cluster
+
+
+def _db(cluster: LocalCluster, index: int) -> Path:
+    return Path(cluster.nodes[index].config).parent / "kfrags.sqlite"
+
+
+def test_a_copied_node_database_reveals_no_usable_kfrag(
+    people: People, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    people.grant_doctor()
+    copy = tmp_path / "stolen.sqlite"
+    with sqlite3.connect(_db(cluster, 0)) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    blobs = [bytes(row[0]) for row in sqlite3.connect(copy).execute("SELECT wrapped FROM kfrags")]
+    assert blobs
+    for blob in blobs:
+        for start in range(0, len(blob) - 310 + 1):
+            with pytest.raises(ValueError):
+                umbral.KeyFrag.from_bytes(blob[start : start + 310])
+
+
+def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: LocalCluster) -> None:
+    people.grant_doctor()
+    alice, bob = people.patient.identity.address, people.doctor.address
+    stores = [KfragStore(_db(cluster, i)) for i in range(len(cluster.nodes))]
+    try:
+        assert all(s.get(alice, bob) is not None for s in stores)
+        people.patient.await_nodes(people.patient.revoke(bob))
+        deadline = time.monotonic() + 5
+        while any(s.get(alice, bob) is not None for s in stores):
+            assert time.monotonic() < deadline, "kfrags still present 5 s after revocation"
+            time.sleep(0.05)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> None:
+    """Scan every log the cluster wrote for the secrets of this test's parties and
+    the nodes' PINs, in hex and raw."""
+    people.grant_doctor()
+    with people.provider() as doctor:
+        doctor.read_record(people.lab.record_id)
+    people.patient.await_nodes(people.patient.revoke(people.doctor.address))
+    secrets_to_find: list[bytes] = []
+    for identity in (people.patient.identity, people.doctor):
+        secrets_to_find.append(bytes(identity.account.key))
+        secrets_to_find.append(identity._seed)
+        secrets_to_find.append(bytes(identity.umbral_secret_key().to_be_bytes()))
+    for node_dir in (cluster.state_dir / "nodes").iterdir():
+        for pin_file in ("user.pin", "so.pin"):
+            secrets_to_find.append((node_dir / pin_file).read_text().strip().encode())
+    logs = [p.read_bytes() for p in (cluster.state_dir / "logs").glob("*.log")]
+    assert logs
+    for secret in secrets_to_find:
+        for form in (secret, secret.hex().encode()):
+            assert all(form not in log for log in logs)
