@@ -129,6 +129,10 @@ def cmd_patient(args: argparse.Namespace) -> None:
         block = client.revoke(cluster.identity(args.grantee).address)
         waited = client.await_nodes(block)
         print(f"revoked in block {block}; in force at every node after {waited * 1000:.0f} ms")
+    elif args.action == "erase":
+        block = client.erase(_record_id(args.record_id))
+        waited = client.await_nodes(block)
+        print(f"erased: blob deleted, record inactive at every node after {waited * 1000:.0f} ms")
     elif args.action == "deactivate":
         block = client.deactivate(_record_id(args.record_id))
         waited = client.await_nodes(block)
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("grantee")
     deactivate = patient.add_parser("deactivate", parents=[who])
     deactivate.add_argument("record_id")
+    erase = patient.add_parser("erase", parents=[who], help="deactivate and delete the blob")
+    erase.add_argument("record_id")
     for action in patient.choices.values():
         action.set_defaults(func=cmd_patient)
 

@@ -20,7 +20,7 @@ from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
 from medkms.clients.records import seal
 from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import InvalidRequest, KmsError, Unavailable
+from medkms.core.errors import InvalidRequest, KmsError, NotFound, Unavailable
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import NodeInfo
 from medkms.core.requests import address_bytes
@@ -178,6 +178,17 @@ class PatientClient:
         """Deactivate a record on-chain; return the block it was mined in."""
         tx = self._registry.deactivate_record(self.identity.account, record_id)
         return self._registry.receipt_block(tx)
+
+    def erase(self, record_id: bytes) -> int:
+        """Erasure (right to be forgotten): deactivate the record on-chain, so every
+        node refuses its capsule, then delete the encrypted blob. The chain keeps the
+        hashes and metadata only. Returns the block of the deactivation."""
+        record = self._registry.get_record(record_id)
+        if record is None:
+            raise NotFound(f"record 0x{record_id.hex()} is not in the registry")
+        block = self.deactivate(record_id) if record.active else self._registry.latest_block()[0]
+        self._blobs.delete(record.storage_uri)
+        return block
 
     def await_nodes(self, block: int, timeout_s: float = 5.0) -> float:
         """Wait until every active node's grant index reflects ``block`` (so a revocation

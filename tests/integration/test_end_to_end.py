@@ -196,3 +196,13 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
             NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "1 to 64 capsules" in caught.value.details()
+
+
+def test_erasure_deletes_the_blob_and_every_node_refuses(people: People) -> None:
+    people.grant_doctor()
+    people.patient.await_nodes(people.patient.erase(people.lab.record_id))
+    with pytest.raises(NotFound, match="erased"):
+        people.cluster.blob_store().get(people.lab.storage_uri)
+    record = people.registry.get_record(people.lab.record_id)
+    assert record is not None and not record.active
+    assert record.content_hash == people.lab.content_hash  # the chain keeps the hash
