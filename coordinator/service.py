@@ -94,6 +94,8 @@ class _SingleCollection:
     def __init__(self, collector: FragmentCollector, verifier: _Verifier) -> None:
         self.collector = collector
         self._verifier = verifier
+        #: node id -> the audit receipt that came with its fragment
+        self.receipts: dict[str, common_pb2.AuditReceipt] = {}
 
     @property
     def finished(self) -> bool:
@@ -106,6 +108,7 @@ class _SingleCollection:
         cfrag = bytes(response.fragment.cfrag)
         if self._verifier.check(cfrag):
             self.collector.accept(node_id, cfrag)
+            self.receipts[node_id] = response.fragment.receipt
         else:
             self.collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
 
@@ -121,6 +124,8 @@ class _BatchCollection:
     ):
         self.collectors = collectors
         self._verifiers = verifiers
+        #: (record id, node id) -> the audit receipt that came with the fragment
+        self.receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
 
     def _open(self) -> list[FragmentCollector]:
         return [c for c in self.collectors.values() if not (c.complete or c.hopeless)]
@@ -144,6 +149,7 @@ class _BatchCollection:
                 collector.reject(node_id, outcome.status, outcome.reason)
             elif self._verifiers[record_id].check(bytes(outcome.fragment.cfrag)):
                 collector.accept(node_id, bytes(outcome.fragment.cfrag))
+                self.receipts[(record_id, node_id)] = outcome.fragment.receipt
             else:
                 collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
         for record_id, collector in self.collectors.items():
@@ -245,7 +251,8 @@ class CoordinatorService:
         bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=[
-                common_pb2.CapsuleFragment(node_id=n, cfrag=c) for n, c in collector.fragments()
+                common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=collection.receipts[n])
+                for n, c in collector.fragments()
             ],
             threshold=self._settings.threshold,
         )
@@ -273,7 +280,10 @@ class CoordinatorService:
             collector = collection.collectors[query.record_id]
             if collector.complete:
                 fragments = [
-                    common_pb2.CapsuleFragment(node_id=n, cfrag=c) for n, c in collector.fragments()
+                    common_pb2.CapsuleFragment(
+                        node_id=n, cfrag=c, receipt=collection.receipts[(query.record_id, n)]
+                    )
+                    for n, c in collector.fragments()
                 ]
                 results.append(
                     coordinator_pb2.CapsuleFragments(record_id=query.record_id, fragments=fragments)

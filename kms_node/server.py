@@ -13,6 +13,7 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import KmsError
 from medkms.node import metrics
+from medkms.node.audit_log import AuditLog
 from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
@@ -86,6 +87,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     kfrags = KfragStore(settings.kfrag_db)
+    audit = AuditLog(settings.audit_db, keystore, settings.node_id)
     registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
     follower = ChainFollower(
         registry,
@@ -104,6 +106,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         chain_id=registry.chain_id(),
         replay=ReplayGuard(settings.request_window_s, settings.replay_max_entries),
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        audit=audit,
         request_window_s=settings.request_window_s,
     )
     follower.on_events = service.shred_revoked
@@ -139,5 +142,6 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     server.stop(grace=2).wait()
     follower.stop()
     kfrags.close()
+    audit.close()
     keystore.close()
     log.info("node_stopped", node_id=settings.node_id)

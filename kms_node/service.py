@@ -20,6 +20,7 @@ from typing import Protocol
 import structlog
 import umbral_pre as umbral
 
+from medkms.core.audit import AuditEntry, Receipt
 from medkms.core.errors import KmsError, PreconditionFailed, Unauthenticated
 from medkms.core.policy import Decision, judge
 from medkms.core.registry_types import (
@@ -31,7 +32,7 @@ from medkms.core.registry_types import (
 )
 from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from medkms.core.umbral_codec import VerificationError, load_public_key
+from medkms.core.umbral_codec import VerificationError, capsule_hash, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
@@ -43,6 +44,12 @@ log = structlog.get_logger("medkms.node")
 SOFTWARE_VERSION = "0.1.0"
 SIGNING_ALGORITHM = "ecdsa-p256-sha256"
 _AAD_LABEL = b"medkms/kfrag/v1"
+
+
+class AuditSink(Protocol):
+    """Where decisions go (kms_node/audit_log.py): durable before append returns."""
+
+    def append(self, entry: AuditEntry) -> Receipt: ...
 
 
 class AccessStateSource(Protocol):
@@ -84,6 +91,7 @@ class NodeService:
         chain_id: int,
         replay: ReplayGuard,
         limiter: RateLimiter,
+        audit: AuditSink,
         request_window_s: int = 300,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -98,6 +106,7 @@ class NodeService:
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
         self._limiter = limiter
+        self._audit = audit
         self._request_window_s = request_window_s
         self._clock = clock
         self._signing_public_key = keystore.signing_public_key()
@@ -181,11 +190,13 @@ class NodeService:
         query = ReencryptionQuery.parse(msg)
         self._authenticate(query.claims(), query)
         self._limiter.spend(query.requester)
-        (result,) = self._serve([query])
+        ((result, receipt),) = self._serve([query])
         if isinstance(result, KmsError):
             raise result
         return node_pb2.ReencryptResponse(
-            fragment=common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=result)
+            fragment=common_pb2.CapsuleFragment(
+                node_id=self.node_id, cfrag=result, receipt=_receipt_message(receipt)
+            )
         )
 
     def reencrypt_batch(
@@ -197,14 +208,22 @@ class NodeService:
         self._authenticate(batch.claims(), batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=len(batch.items))
         outcomes = []
-        for query, result in zip(batch.items, self._serve(batch.items), strict=True):
+        for query, (result, receipt) in zip(batch.items, self._serve(batch.items), strict=True):
+            signed = _receipt_message(receipt)
             if isinstance(result, KmsError):
                 outcome = common_pb2.CapsuleOutcome(
-                    record_id=query.record_id, status=result.grpc_status, reason=result.message
+                    record_id=query.record_id,
+                    status=result.grpc_status,
+                    reason=result.message,
+                    receipt=signed,
                 )
             else:
-                fragment = common_pb2.CapsuleFragment(node_id=self.node_id, cfrag=result)
-                outcome = common_pb2.CapsuleOutcome(record_id=query.record_id, fragment=fragment)
+                fragment = common_pb2.CapsuleFragment(
+                    node_id=self.node_id, cfrag=result, receipt=signed
+                )
+                outcome = common_pb2.CapsuleOutcome(
+                    record_id=query.record_id, fragment=fragment, receipt=signed
+                )
             outcomes.append(outcome)
         return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
 
@@ -231,8 +250,11 @@ class NodeService:
             decision = judge(query, state, int(self._clock()))
         return decision
 
-    def _serve(self, queries: Sequence[ReencryptionQuery]) -> list[bytes | KmsError]:
-        """A cfrag or the refusal for each query; all share patient, requester and key."""
+    def _serve(
+        self, queries: Sequence[ReencryptionQuery]
+    ) -> list[tuple[bytes | KmsError, Receipt]]:
+        """A cfrag or the refusal for each query, with its audit receipt; all share
+        patient, requester and key."""
         first = queries[0]
         bound = log.bind(
             request_id=first.request_id,
@@ -265,20 +287,54 @@ class NodeService:
                 for i in allowed:
                     results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
                 del kfrag, verified
+        # Audit fails closed: every decision is durable in the log before any
+        # answer leaves; if an append fails, so does the whole request.
+        answers: list[tuple[bytes | KmsError, Receipt]] = []
+        now = int(self._clock())
         for query, decision, result in zip(queries, decisions, results, strict=True):
             if isinstance(result, KmsError):
-                reason = decision.code if not decision.allowed else "no_kfrag"
-                bound.info(
-                    "reencrypt_denied",
-                    record_id=query.record_id.hex(),
+                granted = False
+                reason_code = decision.code if not decision.allowed else "no_kfrag"
+                reason, cfrag_hash = result.message, b""
+            else:
+                granted = True
+                reason_code, reason = "granted", decision.reason
+                cfrag_hash = hashlib.sha256(result).digest()
+            receipt = self._audit.append(
+                AuditEntry(
+                    request_id=query.request_id,
+                    node_id=self.node_id,
+                    time=now,
+                    requester=query.requester,
+                    patient=query.patient,
+                    record_id=query.record_id,
+                    capsule_hash=capsule_hash(query.capsule_bytes),
+                    purpose_of_use=query.purpose_of_use,
+                    decision="granted" if granted else "denied",
+                    reason_code=reason_code,
                     reason=reason,
                     block_number=decision.block_number,
+                    block_hash=bytes(32),
+                    cfrag_hash=cfrag_hash,
                 )
-            else:
-                bound.info(
-                    "reencrypt_granted",
-                    record_id=query.record_id.hex(),
-                    block_number=decision.block_number,
-                    cfrag_sha256=hashlib.sha256(result).hexdigest(),
-                )
-        return results
+            )
+            bound.info(
+                "reencrypt_granted" if granted else "reencrypt_denied",
+                record_id=query.record_id.hex(),
+                reason=reason_code,
+                block_number=decision.block_number,
+                audit_index=receipt.leaf_index,
+                cfrag_sha256=cfrag_hash.hex() if granted else None,
+            )
+            answers.append((result, receipt))
+        return answers
+
+
+def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:
+    return common_pb2.AuditReceipt(
+        node_id=receipt.node_id,
+        leaf_index=receipt.leaf_index,
+        tree_size=receipt.tree_size,
+        entry_hash=receipt.entry_hash,
+        signature=receipt.signature,
+    )

@@ -64,6 +64,10 @@ class NodeSettings:
     def kfrag_db(self) -> Path:
         return self.data_dir / "kfrags.sqlite"
 
+    @property
+    def audit_db(self) -> Path:
+        return self.data_dir / "audit.sqlite"
+
     def user_pin(self) -> str:
         return _read_secret(self.hsm_pin_file, "hsm_pin_file")
 

@@ -12,16 +12,17 @@ import umbral_pre as umbral
 
 from medkms.clients.records import parse_envelope
 from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
+from medkms.core.audit import Receipt, verify_receipt
 from medkms.core.errors import AccessDenied, NotFound, Unavailable
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import BatchClaims, Domain, sign
+from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
 from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import NodeStub
+from medkms.proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster
@@ -206,3 +207,40 @@ def test_erasure_deletes_the_blob_and_every_node_refuses(people: People) -> None
     record = people.registry.get_record(people.lab.record_id)
     assert record is not None and not record.active
     assert record.content_hash == people.lab.content_hash  # the chain keeps the hash
+
+
+def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
+    people: People, cluster: LocalCluster
+) -> None:
+    people.grant_doctor()
+    capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
+    claims = RequestClaims(
+        patient=people.patient.identity.address,
+        record_id=people.lab.record_id,
+        capsule_hash=capsule_hash(capsule),
+        requester_umbral_key=people.doctor.umbral_public_key(),
+        nonce=secrets.token_bytes(32),
+        deadline=int(time.time()) + 60,
+        purpose_of_use="TREAT",
+    )
+    domain = Domain(people.registry.chain_id(), people.registry.address)
+    request = common_pb2.ReencryptionRequest(
+        patient=address_bytes(people.patient.identity.address),
+        record_id=people.lab.record_id,
+        capsule=capsule,
+        requester=address_bytes(people.doctor.address),
+        requester_umbral_key=claims.requester_umbral_key,
+        purpose_of_use="TREAT",
+        deadline=claims.deadline,
+        nonce=claims.nonce,
+        signature=sign(people.doctor.account, domain, claims),
+    )
+    keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
+    with grpc.insecure_channel(cluster.coordinator_address) as channel:
+        response = CoordinatorStub(channel).Reencrypt(request, timeout=10)
+    assert len(response.fragments) == cluster.threshold
+    for fragment in response.fragments:
+        r = fragment.receipt
+        receipt = Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
+        assert receipt.node_id == fragment.node_id
+        assert verify_receipt(receipt, keys[fragment.node_id])

@@ -5,18 +5,21 @@ tests/integration."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.core.audit import Receipt, verify_receipt
 from medkms.core.errors import (
     AccessDenied,
     InvalidRequest,
     PreconditionFailed,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import (
@@ -29,6 +32,7 @@ from medkms.core.registry_types import (
 from medkms.core.request_auth import Domain, RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
+from medkms.node.audit_log import AuditLog
 from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
@@ -72,6 +76,7 @@ class World:
     bob: Identity
     capsule: umbral.Capsule
     record_id: bytes
+    audit: AuditLog
 
     def kfrag(self, signer: umbral.Signer | None = None) -> bytes:
         return bytes(
@@ -156,9 +161,11 @@ def world(tmp_path: Path) -> World:
         created_at=NOW,
     )
     kfrags = KfragStore(tmp_path / "kfrags.sqlite")
+    keystore = MemoryKeyStore()
+    audit = AuditLog(tmp_path / "audit.sqlite", keystore, "node-t")
     node = NodeService(
         node_id="node-t",
-        keystore=MemoryKeyStore(),
+        keystore=keystore,
         kfrags=kfrags,
         registry=registry,
         index=registry,
@@ -166,9 +173,10 @@ def world(tmp_path: Path) -> World:
         chain_id=DOMAIN.chain_id,
         replay=ReplayGuard(max_window_s=300, max_entries=100),
         limiter=RateLimiter(rate_per_s=1, burst=5, clock=lambda: NOW),
+        audit=audit,
         clock=lambda: NOW,
     )
-    return World(node, registry, kfrags, alice, bob, capsule, record_id)
+    return World(node, registry, kfrags, alice, bob, capsule, record_id, audit)
 
 
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
@@ -293,3 +301,33 @@ def test_revocation_shreds_the_kfrag_but_not_a_renewed_grant(world: World) -> No
     world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
     world.node.shred_revoked([revoked])
     assert world.kfrags.get(*key) is None
+
+
+def test_every_decision_is_audited_and_the_receipt_verifies(world: World) -> None:
+    world.enroll(world.kfrag())
+    fragment = world.node.reencrypt(world.request(nonce=b"\x31" * 32)).fragment
+    receipt = Receipt(
+        node_id=fragment.receipt.node_id,
+        leaf_index=fragment.receipt.leaf_index,
+        tree_size=fragment.receipt.tree_size,
+        entry_hash=fragment.receipt.entry_hash,
+        signature=fragment.receipt.signature,
+    )
+    assert verify_receipt(receipt, world.node.node_info().signing_public_key)
+    entry = world.audit.entry(receipt.leaf_index)
+    assert entry.decision == "granted"
+    assert entry.cfrag_hash == hashlib.sha256(fragment.cfrag).digest()
+    assert entry.requester == world.bob.address
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    with pytest.raises(AccessDenied):
+        world.node.reencrypt(world.request(nonce=b"\x32" * 32))
+    denied = world.audit.entry(world.audit.size() - 1)
+    assert (denied.decision, denied.reason_code) == ("denied", "grant_revoked")
+
+
+def test_audit_fails_closed(world: World) -> None:
+    world.enroll(world.kfrag())
+    world.audit.close()
+    with pytest.raises(Unavailable, match="audit"):
+        world.node.reencrypt(world.request(nonce=b"\x33" * 32))

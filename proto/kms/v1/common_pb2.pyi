@@ -31,12 +31,28 @@ class ReencryptionRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleFragment(_message.Message):
-    __slots__ = ("node_id", "cfrag")
+    __slots__ = ("node_id", "cfrag", "receipt")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CFRAG_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cfrag: bytes
-    def __init__(self, node_id: _Optional[str] = ..., cfrag: _Optional[bytes] = ...) -> None: ...
+    receipt: AuditReceipt
+    def __init__(self, node_id: _Optional[str] = ..., cfrag: _Optional[bytes] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ...) -> None: ...
+
+class AuditReceipt(_message.Message):
+    __slots__ = ("node_id", "leaf_index", "tree_size", "entry_hash", "signature")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    leaf_index: int
+    tree_size: int
+    entry_hash: bytes
+    signature: bytes
+    def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleRef(_message.Message):
     __slots__ = ("record_id", "capsule")
@@ -69,13 +85,15 @@ class ReencryptionBatchRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., capsules: _Optional[_Iterable[_Union[CapsuleRef, _Mapping]]] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleOutcome(_message.Message):
-    __slots__ = ("record_id", "fragment", "status", "reason")
+    __slots__ = ("record_id", "fragment", "status", "reason", "receipt")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     record_id: bytes
     fragment: CapsuleFragment
     status: str
     reason: str
-    def __init__(self, record_id: _Optional[bytes] = ..., fragment: _Optional[_Union[CapsuleFragment, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    receipt: AuditReceipt
+    def __init__(self, record_id: _Optional[bytes] = ..., fragment: _Optional[_Union[CapsuleFragment, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ...) -> None: ...
