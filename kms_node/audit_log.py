@@ -28,11 +28,12 @@ node's own full self-check.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -226,40 +227,54 @@ class AuditLog:
         written) and the key store's error if the receipt cannot be signed (nothing is
         written either): in both cases the caller must not release the response.
         """
-        if not isinstance(entry, AuditEntry):
-            raise InvalidRequest("only an AuditEntry can be appended to the audit log")
-        if entry.node_id != self._node_id:
-            raise InvalidRequest(
-                f"entry is for node {entry.node_id!r}; this log is {self._node_id!r}"
-            )
-        data = entry.canonical_bytes()
-        leaf = merkle.leaf_hash(data)
+        return self.append_many([entry])[0]
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        """Append several entries in one transaction (one fsync: group commit for a
+        batch request); each gets its own receipt. All or nothing, as ``append``."""
+        if not entries:
+            return []
+        prepared = []
+        for entry in entries:
+            if not isinstance(entry, AuditEntry):
+                raise InvalidRequest("only an AuditEntry can be appended to the audit log")
+            if entry.node_id != self._node_id:
+                raise InvalidRequest(
+                    f"entry is for node {entry.node_id!r}; this log is {self._node_id!r}"
+                )
+            data = entry.canonical_bytes()
+            prepared.append((data, merkle.leaf_hash(data)))
+        receipts: list[Receipt] = []
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     tree = _read_tree(conn)
-                    new_tree, nodes = tree.append_with_nodes(leaf)
-                    receipt = Receipt(
-                        node_id=self._node_id,
-                        leaf_index=tree.size,
-                        tree_size=new_tree.size,
-                        entry_hash=leaf,
-                    )
-                    # Signed before the commit: if the key store fails, nothing is written.
-                    signature = self._keystore.sign(receipt.canonical_bytes())
-                    conn.execute(
-                        "INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)",
-                        (tree.size, data, leaf),
-                    )
-                    conn.executemany(
-                        "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)",
-                        [(n.level, n.index, n.hash) for n in nodes[1:]],
-                    )
+                    for data, leaf in prepared:
+                        new_tree, nodes = tree.append_with_nodes(leaf)
+                        unsigned = Receipt(
+                            node_id=self._node_id,
+                            leaf_index=tree.size,
+                            tree_size=new_tree.size,
+                            entry_hash=leaf,
+                        )
+                        # Signed before the commit: if the key store fails, nothing is
+                        # written.
+                        signature = self._keystore.sign(unsigned.canonical_bytes())
+                        conn.execute(
+                            "INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)",
+                            (tree.size, data, leaf),
+                        )
+                        conn.executemany(
+                            "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)",
+                            [(n.level, n.index, n.hash) for n in nodes[1:]],
+                        )
+                        receipts.append(dataclasses.replace(unsigned, signature=signature))
+                        tree = new_tree
                     conn.execute(
                         "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1",
-                        (new_tree.size, new_tree.to_bytes()),
+                        (tree.size, tree.to_bytes()),
                     )
                     conn.execute("COMMIT")
                 except BaseException:
@@ -267,13 +282,7 @@ class AuditLog:
                     raise
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
-        return Receipt(
-            node_id=receipt.node_id,
-            leaf_index=receipt.leaf_index,
-            tree_size=receipt.tree_size,
-            entry_hash=receipt.entry_hash,
-            signature=signature,
-        )
+        return receipts
 
     def checkpoint(self) -> Checkpoint:
         """The current size and root, signed now by the node's key."""

@@ -49,7 +49,7 @@ _AAD_LABEL = b"medkms/kfrag/v1"
 class AuditSink(Protocol):
     """Where decisions go (kms_node/audit_log.py): durable before append returns."""
 
-    def append(self, entry: AuditEntry) -> Receipt: ...
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]: ...
 
 
 class AccessStateSource(Protocol):
@@ -288,19 +288,18 @@ class NodeService:
                     results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
                 del kfrag, verified
         # Audit fails closed: every decision is durable in the log before any
-        # answer leaves; if an append fails, so does the whole request.
-        answers: list[tuple[bytes | KmsError, Receipt]] = []
+        # answer leaves; if the append fails, so does the whole request. A batch's
+        # entries share one transaction (one fsync).
         now = int(self._clock())
+        entries = []
         for query, decision, result in zip(queries, decisions, results, strict=True):
             if isinstance(result, KmsError):
-                granted = False
                 reason_code = decision.code if not decision.allowed else "no_kfrag"
                 reason, cfrag_hash = result.message, b""
             else:
-                granted = True
                 reason_code, reason = "granted", decision.reason
                 cfrag_hash = hashlib.sha256(result).digest()
-            receipt = self._audit.append(
+            entries.append(
                 AuditEntry(
                     request_id=query.request_id,
                     node_id=self.node_id,
@@ -310,7 +309,7 @@ class NodeService:
                     record_id=query.record_id,
                     capsule_hash=capsule_hash(query.capsule_bytes),
                     purpose_of_use=query.purpose_of_use,
-                    decision="granted" if granted else "denied",
+                    decision="denied" if isinstance(result, KmsError) else "granted",
                     reason_code=reason_code,
                     reason=reason,
                     block_number=decision.block_number,
@@ -318,15 +317,17 @@ class NodeService:
                     cfrag_hash=cfrag_hash,
                 )
             )
+        receipts = self._audit.append_many(entries)
+        for entry, receipt in zip(entries, receipts, strict=True):
             bound.info(
-                "reencrypt_granted" if granted else "reencrypt_denied",
-                record_id=query.record_id.hex(),
-                reason=reason_code,
-                block_number=decision.block_number,
+                f"reencrypt_{entry.decision}",
+                record_id=entry.record_id.hex(),
+                reason=entry.reason_code,
+                block_number=entry.block_number,
                 audit_index=receipt.leaf_index,
-                cfrag_sha256=cfrag_hash.hex() if granted else None,
+                cfrag_sha256=entry.cfrag_hash.hex() or None,
             )
-            answers.append((result, receipt))
+        answers: list[tuple[bytes | KmsError, Receipt]] = list(zip(results, receipts, strict=True))
         return answers
 
 

@@ -16,8 +16,8 @@ from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 
-NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt"]
-COORDINATOR_METHODS = ["GetClusterInfo", "Reencrypt"]
+NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt", "ReencryptBatch"]
+COORDINATOR_METHODS = ["GetClusterInfo", "Reencrypt", "ReencryptBatch"]
 
 # Bytes that are not a protobuf message at all, and a string field (field 1,
 # request_id) holding invalid UTF-8.
@@ -83,11 +83,15 @@ def test_node_rejects_undecodable_requests(
 def test_coordinator_rejects_undecodable_requests(
     coordinator_channel: grpc.Channel, payload: bytes
 ) -> None:
-    error = _raw_call(coordinator_channel, "Coordinator", "Reencrypt", payload)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "is not a valid kms.v1.ReencryptionRequest message" in error.details()
-    error = _raw_call(coordinator_channel, "Coordinator", "GetClusterInfo", GARBAGE)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for method in COORDINATOR_METHODS:
+        error = _raw_call(
+            coordinator_channel,
+            "Coordinator",
+            method,
+            GARBAGE if method == "GetClusterInfo" else payload,
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is not a valid kms.v1." in error.details()
 
 
 @pytest.mark.parametrize(
@@ -169,3 +173,53 @@ def test_servers_keep_serving_after_bad_input(
         coordinator_pb2.GetClusterInfoRequest(), timeout=5
     )
     assert cluster_info.threshold == cluster.threshold
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"capsules": []}, "a batch holds 1 to 64 capsules, got 0"),
+        ({"capsules": 65}, "a batch holds 1 to 64 capsules, got 65"),
+        ({"duplicate": True}, "is listed twice"),
+        ({"bad_capsule": True}, "capsules[0].capsule must be 105 bytes"),
+        ({"nonce": b"x"}, "nonce must be 32 bytes"),
+    ],
+)
+@pytest.mark.parametrize("target", ["node", "coordinator"])
+def test_bad_batches_are_invalid_argument(
+    node_channel: grpc.Channel,
+    coordinator_channel: grpc.Channel,
+    target: str,
+    change: dict[str, object],
+    fragment: str,
+) -> None:
+    single = _valid_request()
+    ref = common_pb2.CapsuleRef(record_id=single.record_id, capsule=single.capsule)
+    refs = [ref]
+    if change.get("capsules") == []:
+        refs = []
+    elif change.get("capsules") == 65:
+        refs = [
+            common_pb2.CapsuleRef(record_id=bytes([i + 1]) * 32, capsule=single.capsule)
+            for i in range(65)
+        ]
+    elif change.get("duplicate"):
+        refs = [ref, ref]
+    elif change.get("bad_capsule"):
+        refs = [common_pb2.CapsuleRef(record_id=single.record_id, capsule=b"junk")]
+    batch = common_pb2.ReencryptionBatchRequest(
+        patient=single.patient,
+        capsules=refs,
+        requester=single.requester,
+        requester_umbral_key=single.requester_umbral_key,
+        purpose_of_use="TREAT",
+        deadline=single.deadline,
+        nonce=change.get("nonce", single.nonce),  # type: ignore[arg-type]
+        signature=single.signature,
+    )
+    channel, service = (
+        (node_channel, "KmsNode") if target == "node" else (coordinator_channel, "Coordinator")
+    )
+    error = _raw_call(channel, service, "ReencryptBatch", batch.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in error.details()
