@@ -21,10 +21,7 @@ builds them (EIP-712 signature, fresh nonce, deadline).
 
 from __future__ import annotations
 
-import secrets
-import time
 import urllib.request
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,15 +32,14 @@ from medkms.clients.identity import Identity
 from medkms.clients.patient import PatientClient, StoredRecord
 from medkms.clients.provider import ProviderClient
 from medkms.clients.records import parse_envelope
+from medkms.clients.signed_requests import RequestSigner as SdkSigner
 from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import PatientInfo
-from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
-from medkms.core.requests import address_bytes
+from medkms.core.request_auth import Domain
 from medkms.core.umbral_codec import (
     VerificationError,
-    capsule_hash,
     load_cfrag,
     load_public_key,
 )
@@ -55,7 +51,6 @@ from medkms.proto.kms.v1 import common_pb2
 from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 RPC_TIMEOUT_S = 10.0
-REQUEST_VALIDITY_S = 60
 #: the node's handler-time histogram (medkms.node.metrics.REQUEST_SECONDS)
 HANDLER_METRIC = "kms_node_request_duration_seconds"
 PURPOSE = "TREAT"
@@ -76,62 +71,24 @@ class Capsule:
 
 
 class RequestSigner:
-    """Builds a requester's signed wire requests, as ``ProviderClient`` does."""
+    """A requester's signed wire requests for one patient, built by the SDK's
+    ``RequestSigner`` exactly as ``ProviderClient`` builds them."""
 
     def __init__(self, identity: Identity, registry: RegistryClient, patient: str) -> None:
         self.identity = identity
         self.patient = patient
-        self._domain = Domain(registry.chain_id(), registry.address)
-        self._umbral_key = identity.umbral_public_key()
+        self._signer = SdkSigner(
+            identity.account,
+            identity.umbral_public_key(),
+            Domain(registry.chain_id(), registry.address),
+        )
 
     def single(self, capsule: Capsule) -> common_pb2.ReencryptionRequest:
-        nonce, deadline = secrets.token_bytes(32), int(time.time()) + REQUEST_VALIDITY_S
-        claims = RequestClaims(
-            patient=self.patient,
-            record_id=capsule.record_id,
-            capsule_hash=capsule_hash(capsule.capsule),
-            requester_umbral_key=self._umbral_key,
-            nonce=nonce,
-            deadline=deadline,
-            purpose_of_use=PURPOSE,
-        )
-        return common_pb2.ReencryptionRequest(
-            request_id=uuid.uuid4().hex,
-            patient=address_bytes(self.patient),
-            record_id=capsule.record_id,
-            capsule=capsule.capsule,
-            requester=address_bytes(self.identity.address),
-            requester_umbral_key=self._umbral_key,
-            purpose_of_use=PURPOSE,
-            deadline=deadline,
-            nonce=nonce,
-            signature=sign(self.identity.account, self._domain, claims),
-        )
+        return self._signer.single(self.patient, capsule.record_id, capsule.capsule, PURPOSE)
 
     def batch(self, capsules: Sequence[Capsule]) -> common_pb2.ReencryptionBatchRequest:
-        nonce, deadline = secrets.token_bytes(32), int(time.time()) + REQUEST_VALIDITY_S
-        claims = BatchClaims(
-            patient=self.patient,
-            record_ids=tuple(c.record_id for c in capsules),
-            capsule_hashes=tuple(capsule_hash(c.capsule) for c in capsules),
-            requester_umbral_key=self._umbral_key,
-            nonce=nonce,
-            deadline=deadline,
-            purpose_of_use=PURPOSE,
-        )
-        return common_pb2.ReencryptionBatchRequest(
-            request_id=uuid.uuid4().hex,
-            patient=address_bytes(self.patient),
-            capsules=[
-                common_pb2.CapsuleRef(record_id=c.record_id, capsule=c.capsule) for c in capsules
-            ],
-            requester=address_bytes(self.identity.address),
-            requester_umbral_key=self._umbral_key,
-            purpose_of_use=PURPOSE,
-            deadline=deadline,
-            nonce=nonce,
-            signature=sign(self.identity.account, self._domain, claims),
-        )
+        pairs = [(c.record_id, c.capsule) for c in capsules]
+        return self._signer.batch(self.patient, pairs, PURPOSE)
 
 
 @dataclass

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,6 +19,7 @@ import umbral_pre as umbral
 from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
 from medkms.clients.records import open_envelope, parse_envelope
+from medkms.clients.signed_requests import RequestSigner
 from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import (
     IntegrityError,
@@ -32,16 +30,14 @@ from medkms.core.errors import (
     error_for_status,
 )
 from medkms.core.registry_types import PatientInfo, RecordInfo
-from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
-from medkms.core.requests import MAX_BATCH, address_bytes, parse_purpose
+from medkms.core.request_auth import Domain
+from medkms.core.requests import MAX_BATCH, parse_purpose
 from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, record_pb2
 from medkms.proto.stubs import CoordinatorStub
 
 REQUEST_TIMEOUT_S = 10.0
-#: how long a signed request stays valid; nodes accept at most 300 s
-REQUEST_VALIDITY_S = 60
 #: anchors and patient keys kept per client
 CACHE_ENTRIES = 4096
 
@@ -65,7 +61,11 @@ class ProviderClient:
         self._blobs = blobs
         self._channel = grpc.insecure_channel(coordinator_address, options=rpc.CHANNEL_OPTIONS)
         self._coordinator = CoordinatorStub(self._channel)
-        self._domain = Domain(registry.chain_id(), registry.address)
+        self._signer = RequestSigner(
+            identity.account,
+            identity.umbral_public_key(),
+            Domain(registry.chain_id(), registry.address),
+        )
         self._records: dict[bytes, RecordInfo] = {}
         self._patients: dict[str, PatientInfo] = {}
 
@@ -82,28 +82,7 @@ class ProviderClient:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
         parse_purpose(purpose_of_use)
         record_id, envelope, patient = self._fetch(record_id)
-        nonce, deadline = secrets.token_bytes(32), int(time.time()) + REQUEST_VALIDITY_S
-        claims = RequestClaims(
-            patient=patient.address,
-            record_id=record_id,
-            capsule_hash=capsule_hash(envelope.capsule),
-            requester_umbral_key=self.identity.umbral_public_key(),
-            nonce=nonce,
-            deadline=deadline,
-            purpose_of_use=purpose_of_use,
-        )
-        request = common_pb2.ReencryptionRequest(
-            request_id=uuid.uuid4().hex,
-            patient=address_bytes(patient.address),
-            record_id=record_id,
-            capsule=envelope.capsule,
-            requester=address_bytes(self.identity.address),
-            requester_umbral_key=claims.requester_umbral_key,
-            purpose_of_use=purpose_of_use,
-            deadline=deadline,
-            nonce=nonce,
-            signature=sign(self.identity.account, self._domain, claims),
-        )
+        request = self._signer.single(patient.address, record_id, envelope.capsule, purpose_of_use)
         try:
             response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
         except grpc.RpcError as e:
@@ -124,28 +103,8 @@ class ProviderClient:
         if len(patients) != 1:
             raise InvalidRequest("a batch read covers the records of one patient")
         patient = fetched[0][2]
-        nonce, deadline = secrets.token_bytes(32), int(time.time()) + REQUEST_VALIDITY_S
-        claims = BatchClaims(
-            patient=patient.address,
-            record_ids=tuple(rid for rid, _, _ in fetched),
-            capsule_hashes=tuple(capsule_hash(env.capsule) for _, env, _ in fetched),
-            requester_umbral_key=self.identity.umbral_public_key(),
-            nonce=nonce,
-            deadline=deadline,
-            purpose_of_use=purpose_of_use,
-        )
-        request = common_pb2.ReencryptionBatchRequest(
-            request_id=uuid.uuid4().hex,
-            patient=address_bytes(patient.address),
-            capsules=[
-                common_pb2.CapsuleRef(record_id=rid, capsule=env.capsule) for rid, env, _ in fetched
-            ],
-            requester=address_bytes(self.identity.address),
-            requester_umbral_key=claims.requester_umbral_key,
-            purpose_of_use=purpose_of_use,
-            deadline=deadline,
-            nonce=nonce,
-            signature=sign(self.identity.account, self._domain, claims),
+        request = self._signer.batch(
+            patient.address, [(rid, env.capsule) for rid, env, _ in fetched], purpose_of_use
         )
         try:
             response = self._coordinator.ReencryptBatch(request, timeout=REQUEST_TIMEOUT_S)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 
@@ -11,13 +10,12 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.records import parse_envelope
+from medkms.clients.signed_requests import RequestSigner
 from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from medkms.core.audit import Receipt, verify_receipt
 from medkms.core.errors import AccessDenied, NotFound, Unavailable
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
-from medkms.core.requests import address_bytes
-from medkms.core.umbral_codec import capsule_hash
+from medkms.core.request_auth import Domain
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
@@ -166,26 +164,8 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
         refs.append(common_pb2.CapsuleRef(record_id=bytes([i + 1]) * 32, capsule=bytes(capsule_i)))
 
     def signed(refs: list[common_pb2.CapsuleRef]) -> common_pb2.ReencryptionBatchRequest:
-        claims = BatchClaims(
-            patient=people.patient.identity.address,
-            record_ids=tuple(r.record_id for r in refs),
-            capsule_hashes=tuple(capsule_hash(r.capsule) for r in refs),
-            requester_umbral_key=people.doctor.umbral_public_key(),
-            nonce=secrets.token_bytes(32),
-            deadline=int(time.time()) + 60,
-            purpose_of_use="TREAT",
-        )
-        domain = Domain(people.registry.chain_id(), people.registry.address)
-        return common_pb2.ReencryptionBatchRequest(
-            patient=address_bytes(people.patient.identity.address),
-            capsules=refs,
-            requester=address_bytes(people.doctor.address),
-            requester_umbral_key=claims.requester_umbral_key,
-            purpose_of_use="TREAT",
-            deadline=claims.deadline,
-            nonce=claims.nonce,
-            signature=sign(people.doctor.account, domain, claims),
-        )
+        pairs = [(r.record_id, r.capsule) for r in refs]
+        return signer(people).batch(people.patient.identity.address, pairs)
 
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
         response = NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
@@ -214,27 +194,7 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
 ) -> None:
     people.grant_doctor()
     capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
-    claims = RequestClaims(
-        patient=people.patient.identity.address,
-        record_id=people.lab.record_id,
-        capsule_hash=capsule_hash(capsule),
-        requester_umbral_key=people.doctor.umbral_public_key(),
-        nonce=secrets.token_bytes(32),
-        deadline=int(time.time()) + 60,
-        purpose_of_use="TREAT",
-    )
-    domain = Domain(people.registry.chain_id(), people.registry.address)
-    request = common_pb2.ReencryptionRequest(
-        patient=address_bytes(people.patient.identity.address),
-        record_id=people.lab.record_id,
-        capsule=capsule,
-        requester=address_bytes(people.doctor.address),
-        requester_umbral_key=claims.requester_umbral_key,
-        purpose_of_use="TREAT",
-        deadline=claims.deadline,
-        nonce=claims.nonce,
-        signature=sign(people.doctor.account, domain, claims),
-    )
+    request = signer(people).single(people.patient.identity.address, people.lab.record_id, capsule)
     keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
     with grpc.insecure_channel(cluster.coordinator_address) as channel:
         response = CoordinatorStub(channel).Reencrypt(request, timeout=10)
@@ -244,3 +204,9 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
         receipt = Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
         assert receipt.node_id == fragment.node_id
         assert verify_receipt(receipt, keys[fragment.node_id])
+
+
+def signer(people: People) -> RequestSigner:
+    """Signs as the test's doctor, the way the SDK does."""
+    domain = Domain(people.registry.chain_id(), people.registry.address)
+    return RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain)
