@@ -14,6 +14,7 @@ from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import KmsError
 from medkms.node import metrics
 from medkms.node.audit_log import AuditLog
+from medkms.node.audit_service import AuditService
 from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
@@ -23,8 +24,8 @@ from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
 from medkms.node.supervisor import die_with_parent
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, node_pb2
-from medkms.proto.stubs import NODE_SERVICE
+from medkms.proto.kms.v1 import audit_pb2, common_pb2, node_pb2
+from medkms.proto.stubs import AUDIT_SERVICE, NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
 
@@ -36,7 +37,9 @@ def _observe(method: str, outcome: str, seconds: float) -> None:
     metrics.REQUEST_SECONDS.labels(method=method).observe(seconds)
 
 
-def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> grpc.Server:
+def build_server(
+    service: NodeService, audit: AuditService, kfrags: KfragStore, max_workers: int
+) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         # Several processes of one node share the port; the kernel spreads
@@ -68,7 +71,28 @@ def build_server(service: NodeService, kfrags: KfragStore, max_workers: int) -> 
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
     ]
-    server.add_generic_rpc_handlers([rpc.service_handler(NODE_SERVICE, methods, _observe)])
+    audit_methods = [
+        rpc.Method(
+            "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _c: audit.checkpoint(m)
+        ),
+        rpc.Method("GetEntries", audit_pb2.GetEntriesRequest, lambda m, _c: audit.entries(m), True),
+        rpc.Method(
+            "GetInclusionProof",
+            audit_pb2.InclusionProofRequest,
+            lambda m, _c: audit.inclusion_proof(m),
+        ),
+        rpc.Method(
+            "GetConsistencyProof",
+            audit_pb2.ConsistencyProofRequest,
+            lambda m, _c: audit.consistency_proof(m),
+        ),
+    ]
+    server.add_generic_rpc_handlers(
+        [
+            rpc.service_handler(NODE_SERVICE, methods, _observe),
+            rpc.service_handler(AUDIT_SERVICE, audit_methods, _observe),
+        ]
+    )
     return server
 
 
@@ -111,8 +135,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     )
     follower.on_events = service.shred_revoked
     follower.start()
-    server = build_server(service, kfrags, settings.max_workers)
-    health = rpc.add_health_and_reflection(server, [SERVICE_NAME])
+    server = build_server(service, AuditService(audit), kfrags, settings.max_workers)
+    health = rpc.add_health_and_reflection(server, [SERVICE_NAME, AUDIT_SERVICE.full_name])
     host, port = parse_host_port(settings.listen, "listen")
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise KmsError(f"cannot listen on {settings.listen}")

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +56,15 @@ def method_path(service: Any, name: str, request: type[Message], response: type[
 
 @dataclass(frozen=True)
 class Method:
-    """One unary RPC: its name, request message type and implementation."""
+    """One RPC taking one request: its name, request message type and implementation.
+
+    A ``streaming`` method's handler returns the whole (bounded) list of responses,
+    so that every error is known before the first one is sent."""
 
     name: str
     request_type: type[Message]
     handler: Callable[[Any, Any], Any]
+    streaming: bool = False
 
 
 def _parse(method: Method, raw: bytes) -> Message | str:
@@ -101,14 +105,14 @@ def service_handler(
     """Handlers for a threaded ``grpc.server``."""
 
     def wrap(method: Method) -> grpc.RpcMethodHandler[Any, Any]:
-        def behaviour(raw: bytes, context: grpc.ServicerContext) -> Message:
+        def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             request = _parse(method, raw)
             if isinstance(request, str):
                 observe(method.name, "invalid_argument", time.perf_counter() - start)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
             try:
-                response: Message = method.handler(request, context)
+                response = method.handler(request, context)
             except errors.KmsError as e:
                 observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
                 context.abort(status_of(e), e.message)
@@ -119,6 +123,12 @@ def service_handler(
             observe(method.name, "ok", time.perf_counter() - start)
             return response
 
+        if method.streaming:
+
+            def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Message]:
+                yield from behaviour(raw, context)
+
+            return grpc.unary_stream_rpc_method_handler(stream, response_serializer=_serialize)
         return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
 
     return _generic_handler(service, methods, wrap)

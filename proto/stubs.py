@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from medkms.proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
 from medkms.proto.rpc import method_path
 
 Req = TypeVar("Req", bound=Message)
@@ -20,6 +20,7 @@ Resp = TypeVar("Resp", bound=Message)
 
 NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["KmsNode"]
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["Audit"]
 
 
 def _unary(
@@ -111,4 +112,38 @@ class CoordinatorStub:
             "ReencryptBatch",
             common_pb2.ReencryptionBatchRequest,
             coordinator_pb2.CoordinatorBatchResponse,
+        )
+
+
+class AuditStub:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.GetCheckpoint = _unary(
+            channel,
+            AUDIT_SERVICE,
+            "GetCheckpoint",
+            audit_pb2.GetCheckpointRequest,
+            audit_pb2.SignedCheckpoint,
+        )
+        self.GetEntries: grpc.UnaryStreamMultiCallable[
+            audit_pb2.GetEntriesRequest, audit_pb2.AuditLogEntry
+        ] = channel.unary_stream(
+            method_path(
+                AUDIT_SERVICE, "GetEntries", audit_pb2.GetEntriesRequest, audit_pb2.AuditLogEntry
+            ),
+            request_serializer=audit_pb2.GetEntriesRequest.SerializeToString,
+            response_deserializer=audit_pb2.AuditLogEntry.FromString,
+        )
+        self.GetInclusionProof = _unary(
+            channel,
+            AUDIT_SERVICE,
+            "GetInclusionProof",
+            audit_pb2.InclusionProofRequest,
+            audit_pb2.InclusionProof,
+        )
+        self.GetConsistencyProof = _unary(
+            channel,
+            AUDIT_SERVICE,
+            "GetConsistencyProof",
+            audit_pb2.ConsistencyProofRequest,
+            audit_pb2.ConsistencyProof,
         )
