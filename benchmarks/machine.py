@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +39,31 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _commit() -> str | None:
+    """The code measured: HEAD's short hash, with "+dirty" for uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def describe() -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
@@ -49,4 +75,5 @@ def describe() -> dict[str, Any]:
         "grpcio": _version("grpcio"),
         "web3": _version("web3"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
     }

@@ -81,7 +81,8 @@ def markdown(results: dict[str, Any]) -> str:
     base = results["baseline"]
     c = results["plan"]["concurrency"]
     lines = [
-        f"Run: `{results['mode']}` mode, {m['date']}, took {_fmt(results.get('duration_s'))} s.",
+        f"Run: `{results['mode']}` mode, {m['date']}, commit {m.get('commit') or 'unknown'}, "
+        f"took {_fmt(results.get('duration_s'))} s.",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {_fmt(m['memory_gib'])} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}, umbral-pre {m['umbral_pre']}, "

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from medkms.core.errors import ChainRejected, ChainUnavailable, PreconditionFailed
+from medkms.deploy.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"
@@ -48,13 +49,6 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rpc_call(rpc_url: str, method: str, params: list[Any], *, timeout_s: float = 5.0) -> Any:
@@ -146,7 +140,7 @@ class AnvilProcess:
         attempts_left = 1 if self._requested_port is not None else 3
         while True:
             attempts_left -= 1
-            self._port = self._requested_port or _free_port()
+            self._port = self._requested_port or free_port(HOST)
             self._spawn(binary)
             try:
                 self._wait_ready()

@@ -9,6 +9,7 @@ the command we started (pids get reused).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,34 @@ _LOG_TAIL_BYTES = 3000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port that is free now and outside the kernel's ephemeral range.
+
+    Ports are chosen before the services bind them; one from the ephemeral range
+    (what binding port 0 returns) can meanwhile be taken by any outgoing
+    connection, such as a web3 client's, so the choice is made below that range.
+    """
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: any free port
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        fallback: int = s.getsockname()[1]
+        return fallback
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def spawn(
