@@ -29,7 +29,6 @@ node's own full self-check.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sqlite3
 import threading
 import time
@@ -47,6 +46,7 @@ from medkms.core.errors import (
     Unavailable,
 )
 from medkms.node.keystore import KeyStore
+from medkms.node.sqlite_db import open_durable, unavailable
 
 SCHEMA_VERSION: Final = 1
 
@@ -82,8 +82,7 @@ _BATCH = 1000
 
 
 def _unavailable(e: sqlite3.Error) -> Unavailable:
-    # sqlite's messages ("database is locked", "disk I/O error") hold no data; paths stay out.
-    return Unavailable(f"audit log unavailable: {e}")
+    return unavailable("audit log", e)
 
 
 class AuditLog:
@@ -105,31 +104,16 @@ class AuditLog:
         self._clock = clock
         # Checks node_id the way receipts will (non-empty, printable, short).
         Checkpoint(node_id=node_id, tree_size=0, root=merkle.EMPTY_ROOT, timestamp=0)
-        try:
-            # Who asked for whose records is itself sensitive: owner-only file. SQLite gives
-            # its -wal and -shm files the mode of the database file.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except OSError as e:
-            raise Unavailable(f"cannot open the audit log: {e.strerror}") from e
-        except sqlite3.Error as e:
-            raise _unavailable(e) from e
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: the WAL is fsynced at every commit, so a returned append survives kill -9
-            # and power loss.
-            conn.execute("PRAGMA synchronous = FULL")
+
+        def prepare(conn: sqlite3.Connection) -> None:
             self._migrate(conn, node_id)
             with _snapshot(conn):
                 self._check_on_open(conn)
-        except sqlite3.Error as e:
-            conn.close()
-            raise _unavailable(e) from e
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
+
+        # Who asked for whose records is itself sensitive: owner-only, like the kfrags.
+        self._conn: sqlite3.Connection | None = open_durable(
+            path, "audit log", prepare, busy_timeout_ms=busy_timeout_ms
+        )
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection, node_id: str) -> None:

@@ -13,7 +13,6 @@ as they were stored.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import threading
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
+from medkms.node.sqlite_db import open_durable, unavailable
 
 SCHEMA_VERSION = 1
 
@@ -82,8 +82,7 @@ def _check_item(item: StoredKfrag) -> None:
 
 
 def _unavailable(e: sqlite3.Error) -> Unavailable:
-    # sqlite's messages ("database is locked", "disk I/O error") hold no data; paths stay out.
-    return Unavailable(f"kfrag store unavailable: {e}")
+    return unavailable("kfrag store", e)
 
 
 class KfragStore:
@@ -92,28 +91,11 @@ class KfragStore:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._path = path
-        try:
-            # Who may read a patient's records is itself sensitive: owner-only file. SQLite
-            # gives its -wal and -shm files the mode of the database file.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except OSError as e:
-            raise Unavailable(f"cannot open the kfrag store: {e.strerror}") from e
-        except sqlite3.Error as e:
-            raise _unavailable(e) from e
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")  # other node processes may write
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA secure_delete = ON")
-            self._migrate(conn)
-        except sqlite3.Error as e:
-            conn.close()
-            raise _unavailable(e) from e
-        except BaseException:
-            conn.close()
-            raise
-        self._conn: sqlite3.Connection | None = conn
+        # Who may read a patient's records is itself sensitive: owner-only file.
+        # secure_delete overwrites a shredded kfrag's pages in the database file.
+        self._conn: sqlite3.Connection | None = open_durable(
+            path, "kfrag store", self._migrate, extra_pragmas=("secure_delete = ON",)
+        )
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
