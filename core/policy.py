@@ -16,7 +16,6 @@ from medkms.core.errors import AccessDenied, KmsError, NotFound
 from medkms.core.record_types import from_mask
 from medkms.core.registry_types import AccessState
 from medkms.core.requests import ReencryptionQuery
-from medkms.core.umbral_codec import capsule_hash
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Deci
         return deny("patient_mismatch", "record belongs to a different patient")
     if not record.active:
         return deny("record_inactive", "record has been deactivated by the patient")
-    if not hmac.compare_digest(capsule_hash(query.capsule_bytes), record.capsule_hash):
+    if not hmac.compare_digest(query.capsule_hash, record.capsule_hash):
         return deny("capsule_mismatch", "capsule is not the one anchored for this record")
     if grant is None:
         return deny("no_grant", "patient has not granted access to this requester")

@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import umbral_pre as umbral
@@ -130,12 +131,17 @@ class ReencryptionQuery:
     purpose_of_use: str
     signed: Signed
 
+    @cached_property
+    def capsule_hash(self) -> bytes:
+        """The capsule's hash as anchored in the registry (computed once)."""
+        return capsule_hash(self.capsule_bytes)
+
     def claims(self) -> RequestClaims:
         """What the requester's signature must cover."""
         return RequestClaims(
             patient=self.patient,
             record_id=self.record_id,
-            capsule_hash=capsule_hash(self.capsule_bytes),
+            capsule_hash=self.capsule_hash,
             requester_umbral_key=self.requester_umbral_key,
             nonce=self.signed.nonce,
             deadline=self.signed.deadline,
@@ -222,7 +228,7 @@ class BatchQuery:
         return BatchClaims(
             patient=first.patient,
             record_ids=tuple(q.record_id for q in self.items),
-            capsule_hashes=tuple(capsule_hash(q.capsule_bytes) for q in self.items),
+            capsule_hashes=tuple(q.capsule_hash for q in self.items),
             requester_umbral_key=first.requester_umbral_key,
             nonce=first.signed.nonce,
             deadline=first.signed.deadline,

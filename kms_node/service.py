@@ -32,7 +32,7 @@ from medkms.core.registry_types import (
 )
 from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from medkms.core.umbral_codec import VerificationError, capsule_hash, load_public_key
+from medkms.core.umbral_codec import VerificationError, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
@@ -307,7 +307,7 @@ class NodeService:
                     requester=query.requester,
                     patient=query.patient,
                     record_id=query.record_id,
-                    capsule_hash=capsule_hash(query.capsule_bytes),
+                    capsule_hash=query.capsule_hash,
                     purpose_of_use=query.purpose_of_use,
                     decision="denied" if isinstance(result, KmsError) else "granted",
                     reason_code=reason_code,
