@@ -7,6 +7,7 @@ delivers each to its node.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterable
@@ -196,30 +197,31 @@ class PatientClient:
         nodes = [n for n in self._registry.list_nodes() if n.active]
         start = time.monotonic()
         behind = {n.node_id: "not asked yet" for n in nodes}
-        while True:
-            for node in nodes:
-                if node.node_id in behind:
+        with contextlib.ExitStack() as channels:
+            # One connection per node for the whole wait, not one per poll.
+            stubs = {
+                n.node_id: NodeStub(
+                    channels.enter_context(
+                        grpc.insecure_channel(n.endpoint, options=rpc.CHANNEL_OPTIONS)
+                    )
+                )
+                for n in nodes
+            }
+            while True:
+                for node_id in list(behind):
                     try:
-                        reached = self._index_block(node)
-                    except KmsError as e:
-                        behind[node.node_id] = e.message
+                        info = stubs[node_id].GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=2)
+                    except grpc.RpcError as e:
+                        behind[node_id] = rpc.error_from_rpc(e, node_id).message
                         continue
-                    if reached >= block:
-                        del behind[node.node_id]
+                    if info.index_block >= block:
+                        del behind[node_id]
                     else:
-                        behind[node.node_id] = f"at block {reached}"
-            waited = time.monotonic() - start
-            if not behind:
-                return waited
-            if waited > timeout_s:
-                lagging = "; ".join(f"{n}: {why}" for n, why in behind.items())
-                raise Unavailable(f"nodes not at block {block} after {timeout_s:g}s: {lagging}")
-            time.sleep(0.02)
-
-    def _index_block(self, node: NodeInfo) -> int:
-        with grpc.insecure_channel(node.endpoint, options=rpc.CHANNEL_OPTIONS) as channel:
-            try:
-                info = NodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=2)
-            except grpc.RpcError as e:
-                raise rpc.error_from_rpc(e, node.node_id) from None
-        return int(info.index_block)
+                        behind[node_id] = f"at block {info.index_block}"
+                waited = time.monotonic() - start
+                if not behind:
+                    return waited
+                if waited > timeout_s:
+                    lagging = "; ".join(f"{n}: {why}" for n, why in behind.items())
+                    raise Unavailable(f"nodes not at block {block} after {timeout_s:g}s: {lagging}")
+                time.sleep(0.02)
