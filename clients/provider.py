@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import grpc
 import umbral_pre as umbral
@@ -41,11 +41,20 @@ REQUEST_TIMEOUT_S = 10.0
 #: anchors and patient keys kept per client
 CACHE_ENTRIES = 4096
 
+K = TypeVar("K")
+V = TypeVar("V")
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= CACHE_ENTRIES:
-        cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
-    cache[key] = value
+
+def _cached(cache: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | None:
+    """``cache[key]``, loading (and keeping) it on a miss; absent values are not kept."""
+    value = cache.get(key)
+    if value is None:
+        value = load(key)
+        if value is not None:
+            if len(cache) >= CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
+            cache[key] = value
+    return value
 
 
 class ProviderClient:
@@ -134,20 +143,10 @@ class ProviderClient:
     # active, and every grant, is judged by the nodes on each request.
 
     def _record(self, record_id: bytes) -> RecordInfo | None:
-        cached = self._records.get(record_id)
-        if cached is None:
-            cached = self._registry.get_record(record_id)
-            if cached is not None:
-                _remember(self._records, record_id, cached)
-        return cached
+        return _cached(self._records, record_id, self._registry.get_record)
 
     def _patient(self, address: str) -> PatientInfo | None:
-        cached = self._patients.get(address)
-        if cached is None:
-            cached = self._registry.get_patient(address)
-            if cached is not None:
-                _remember(self._patients, address, cached)
-        return cached
+        return _cached(self._patients, address, self._registry.get_patient)
 
     def _fetch(self, record_id: bytes) -> tuple[bytes, record_pb2.RecordEnvelope, PatientInfo]:
         """The record's envelope from the blob store, checked against the chain."""
