@@ -6,6 +6,14 @@ Keys on the token (created by :func:`ensure_keys`, used by :class:`Pkcs11KeyStor
   Wraps kfrags with AES-256-GCM (:mod:`medkms.node.keystore` describes the format).
 - ``medkms-signing``: EC P-256 key pair; the private half is sensitive, non-extractable, sign
   only. Signs with ``CKM_ECDSA`` over a SHA-256 digest computed here.
+- ``medkms-delivery``: EC P-256 key pair kfrags are sealed to; the private half is sensitive,
+  non-extractable, derive only (``CKM_ECDH1_DERIVE``, :mod:`medkms.core.kfrag_delivery`).
+- ``medkms-eth``: secp256k1 key pair, the node's Ethereum account; the private half is
+  sensitive, non-extractable, sign only (``CKM_ECDSA`` over a digest the caller computed).
+
+A token made before a key existed is brought up to date by :func:`ensure_keys` (``kms-node
+init``), which creates only what is missing; :meth:`Pkcs11KeyStore.open` refuses a token that
+lacks any key and says to run it.
 
 Rules this module follows, learnt from SoftHSM 2.6 through PyKCS11 1.5:
 
@@ -25,6 +33,10 @@ Rules this module follows, learnt from SoftHSM 2.6 through PyKCS11 1.5:
   at a time (opening it again raises :class:`HsmUnavailable`).
 - Do not fork a process after opening a store: SoftHSM state is not fork-safe
   (``library.reset_on_fork`` is off). Open the store in each worker process instead.
+- ``CKM_ECDH1_DERIVE``: SoftHSM supports only ``CKD_NULL``, which yields the bare
+  x-coordinate as a generic secret object. It is made a session object (``CKA_TOKEN`` false),
+  read back and destroyed at once, under the lock; if anything fails in between, the session
+  is replaced, and closing it destroys its session objects. The KDF runs in software.
 - SoftHSM reports a failed GCM tag as ``CKR_GENERAL_ERROR``; ``C_Decrypt`` on empty input
   fails with ``CKR_ARGUMENTS_BAD`` and leaves the operation active (the session is stuck), so
   lengths are checked before calling, and a session is replaced after any unexpected error.
@@ -35,24 +47,28 @@ PINs are passed straight to ``C_Login``; they are never stored, logged or put in
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import PyKCS11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from medkms.core import kfrag_delivery
 from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest
+from medkms.core.eth_tx import address_of, recoverable_signature
 from medkms.node.keystore import (
     KEK_LEN,
     NONCE_LEN,
     TAG_LEN,
     UNWRAP_FAILED,
+    check_eth_digest,
     check_plaintext,
     low_s_der_signature,
     split_wrapped,
@@ -60,10 +76,15 @@ from medkms.node.keystore import (
 
 KEK_LABEL = "medkms-kek"
 SIGNING_LABEL = "medkms-signing"
+DELIVERY_LABEL = "medkms-delivery"
+ETH_LABEL = "medkms-eth"
 
-# DER of the OID 1.2.840.10045.3.1.7 (prime256v1), the CKA_EC_PARAMS of a P-256 key.
+# CKA_EC_PARAMS: DER of the curve OIDs 1.2.840.10045.3.1.7 (prime256v1) and 1.3.132.0.10
+# (secp256k1).
 _P256_EC_PARAMS = bytes.fromhex("06082a8648ce3d030107")
-_P256_POINT_LEN = 65  # uncompressed: 0x04 || x(32) || y(32)
+_SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
+_EC_POINT_LEN = 65  # uncompressed: 0x04 || x(32) || y(32), for both curves
+_ECDH_SECRET_LEN = kfrag_delivery.SHARED_SECRET_LEN
 _TOKEN_LABEL_LEN = 32  # CK_TOKEN_INFO.label is 32 bytes, blank-padded
 
 # SoftHSM answers a GCM tag mismatch with CKR_GENERAL_ERROR; other tokens use the codes the
@@ -303,15 +324,19 @@ def _check_attributes(
         )
 
 
-def _p256_public_key(ec_point: bytes) -> ec.EllipticCurvePublicKey:
+def _ec_public_key(
+    ec_point: bytes, curve: ec.EllipticCurve, token_label: str, label: str
+) -> ec.EllipticCurvePublicKey:
     # CKA_EC_POINT is the DER OCTET STRING around the point (PKCS#11 2.40, 2.3.3); some
     # tokens return the bare point. Both are accepted; their lengths cannot be confused.
-    if len(ec_point) == _P256_POINT_LEN + 2 and ec_point[:2] == bytes([0x04, _P256_POINT_LEN]):
+    if len(ec_point) == _EC_POINT_LEN + 2 and ec_point[:2] == bytes([0x04, _EC_POINT_LEN]):
         ec_point = ec_point[2:]
     try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ec_point)
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve, ec_point)
     except ValueError as e:
-        raise HsmUnavailable("the signing public key on the token is not a P-256 point") from e
+        raise HsmUnavailable(
+            f"the public key {label!r} on token {token_label!r} is not a {curve.name} point"
+        ) from e
 
 
 _KEK_ATTRIBUTES: dict[int, Any] = {
@@ -330,6 +355,68 @@ _SIGNING_PRIVATE_ATTRIBUTES: dict[int, Any] = {
     PyKCS11.CKA_SIGN: True,
 }
 
+# One purpose per key: the delivery key only agrees keys, the account key only signs.
+_DELIVERY_PRIVATE_ATTRIBUTES: dict[int, Any] = {
+    PyKCS11.CKA_KEY_TYPE: PyKCS11.CKK_EC,
+    PyKCS11.CKA_SENSITIVE: True,
+    PyKCS11.CKA_EXTRACTABLE: False,
+    PyKCS11.CKA_DERIVE: True,
+    PyKCS11.CKA_SIGN: False,
+}
+
+_ETH_PRIVATE_ATTRIBUTES: dict[int, Any] = {
+    PyKCS11.CKA_KEY_TYPE: PyKCS11.CKK_EC,
+    PyKCS11.CKA_SENSITIVE: True,
+    PyKCS11.CKA_EXTRACTABLE: False,
+    PyKCS11.CKA_SIGN: True,
+    PyKCS11.CKA_DERIVE: False,
+}
+
+# The ECDH result: a short-lived session object whose value is read back (CKD_NULL).
+_ECDH_SECRET_TEMPLATE: list[tuple[int, Any]] = [
+    (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_GENERIC_SECRET),
+    (PyKCS11.CKA_VALUE_LEN, _ECDH_SECRET_LEN),
+    (PyKCS11.CKA_TOKEN, False),
+    (PyKCS11.CKA_PRIVATE, True),
+    (PyKCS11.CKA_SENSITIVE, False),
+    (PyKCS11.CKA_EXTRACTABLE, True),
+    (PyKCS11.CKA_ENCRYPT, False),
+    (PyKCS11.CKA_DECRYPT, False),
+    (PyKCS11.CKA_SIGN, False),
+    (PyKCS11.CKA_VERIFY, False),
+    (PyKCS11.CKA_WRAP, False),
+    (PyKCS11.CKA_UNWRAP, False),
+    (PyKCS11.CKA_DERIVE, False),
+]
+
+
+@dataclass(frozen=True, repr=False)
+class _Keys:
+    """Handles of the node's keys on one token, and their public halves."""
+
+    kek: _Handle
+    signing: _Handle
+    signing_public: ec.EllipticCurvePublicKey
+    delivery: _Handle
+    delivery_public: ec.EllipticCurvePublicKey
+    eth: _Handle
+    eth_public: ec.EllipticCurvePublicKey
+
+
+def _ecdh_x(session: _Session, private_key: _Handle, peer_point: bytes) -> bytes:
+    """The ECDH x-coordinate (CKM_ECDH1_DERIVE, CKD_NULL). Caller holds the module lock.
+
+    The derived session object lives only for these three calls.
+    """
+    mechanism = PyKCS11.ECDH1_DERIVE_Mechanism(peer_point, PyKCS11.CKD_NULL)
+    secret = session.deriveKey(private_key, _ECDH_SECRET_TEMPLATE, mechanism)
+    try:
+        (value,) = session.getAttributeValue(secret, [PyKCS11.CKA_VALUE], allAsBinary=True)
+    finally:
+        session.destroyObject(secret)
+    return bytes(value)
+
 
 class Pkcs11KeyStore:
     """:class:`~medkms.node.keystore.KeyStore` on a PKCS#11 token. Thread-safe.
@@ -339,15 +426,22 @@ class Pkcs11KeyStore:
     the token, more as the token fills), most of the cost of a P-256 signature.
     """
 
-    def __init__(
-        self, token: _Token, kek: _Handle, signing_key: _Handle, public_der: bytes
-    ) -> None:
+    def __init__(self, token: _Token, keys: _Keys) -> None:
         self._token: _Token | None = token
         self._label = token.label
         self._lock = token.module.lock
-        self._kek = kek
-        self._signing_key = signing_key
-        self._public_der = public_der
+        self._kek = keys.kek
+        self._signing_key = keys.signing
+        self._public_der = keys.signing_public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self._delivery_key = keys.delivery
+        self._delivery_public = kfrag_delivery.compressed(keys.delivery_public)
+        self._eth_key = keys.eth
+        self._eth_public = keys.eth_public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        self._eth_address = address_of(self._eth_public)
 
     @classmethod
     def open(
@@ -362,23 +456,33 @@ class Pkcs11KeyStore:
         token = _Token(module_path, token_label, user_pin, softhsm_conf)
         try:
             with token.module.lock:
-                kek, signing_key, public_key = _load_keys(token.session, token_label)
-            public_der = public_key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            store = cls(token, kek, signing_key, public_der)
-            # A probe signature catches a private key that does not match its public half.
-            probe = b"medkms key store self-test"
-            try:
-                public_key.verify(store.sign(probe), probe, ec.ECDSA(hashes.SHA256()))
-            except InvalidSignature as e:
-                raise HsmUnavailable(
-                    f"the signing key pair on token {token_label!r} does not match"
-                ) from e
+                keys = _load_keys(token.session, token_label)
+            store = cls(token, keys)
+            store._self_test(keys)
         except BaseException:
             token.close()
             raise
         return store
+
+    def _self_test(self, keys: _Keys) -> None:
+        """Use each private key once: catches a private half that does not match its public
+        half (≈ 1 ms, once per open)."""
+        label = self._label
+        probe = b"medkms key store self-test"
+        try:
+            keys.signing_public.verify(self.sign(probe), probe, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as e:
+            raise HsmUnavailable(f"the signing key pair on token {label!r} does not match") from e
+        ephemeral = ec.generate_private_key(ec.SECP256R1())
+        point = ephemeral.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        in_hsm = self._call(
+            "delivery key agreement", lambda s: _ecdh_x(s, self._delivery_key, point)
+        )
+        if not hmac.compare_digest(in_hsm, ephemeral.exchange(ec.ECDH(), keys.delivery_public)):
+            raise HsmUnavailable(f"the delivery key pair on token {label!r} does not match")
+        self.sign_eth_digest(hashlib.sha256(probe).digest())  # checks recovery to eth_public
 
     @classmethod
     def provision(
@@ -445,9 +549,51 @@ class Pkcs11KeyStore:
         return low_s_der_signature(r, s)
 
     def signing_public_key(self) -> bytes:
+        self._check_open()
+        return self._public_der
+
+    def delivery_public_key(self) -> bytes:
+        self._check_open()
+        return self._delivery_public
+
+    def open_delivery(
+        self, ephemeral_public_key: bytes, sealed: bytes, *, info: bytes, aad: bytes
+    ) -> bytes:
+        ephemeral_public_key, sealed = bytes(ephemeral_public_key), bytes(sealed)
+        # Checked here, before the HSM sees anything: a point off the curve is refused as
+        # malformed input rather than reaching the token (SoftHSM: CKR_GENERAL_ERROR).
+        point = kfrag_delivery.ephemeral_point(ephemeral_public_key)
+        kfrag_delivery.check_sealed(sealed)
+        shared_x = self._call(
+            "delivery key agreement", lambda s: _ecdh_x(s, self._delivery_key, point)
+        )
+        if len(shared_x) != _ECDH_SECRET_LEN:
+            raise HsmUnavailable(f"token {self._label!r} returned a malformed ECDH secret")
+        return kfrag_delivery.open_with_shared_secret(
+            shared_x, ephemeral_public_key, self._delivery_public, sealed, info=info, aad=aad
+        )
+
+    def eth_address(self) -> str:
+        self._check_open()
+        return self._eth_address
+
+    def sign_eth_digest(self, digest32: bytes) -> tuple[int, int, int]:
+        digest = check_eth_digest(digest32)
+        mechanism = PyKCS11.Mechanism(PyKCS11.CKM_ECDSA)
+        raw = self._call("Ethereum sign", lambda s: s.sign(self._eth_key, digest, mechanism))
+        if len(raw) != 64:  # r || s, 32 bytes each
+            raise HsmUnavailable(f"token {self._label!r} returned a malformed ECDSA signature")
+        r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+        try:
+            return recoverable_signature(digest, r, s, self._eth_public)
+        except IntegrityError as e:
+            raise HsmUnavailable(
+                f"the Ethereum key pair on token {self._label!r} does not match: {e}"
+            ) from e
+
+    def _check_open(self) -> None:
         if self._token is None:
             raise HsmUnavailable("key store is closed")
-        return self._public_der
 
     def close(self) -> None:
         with self._lock:
@@ -456,24 +602,58 @@ class Pkcs11KeyStore:
             token.close()
 
 
-def _load_keys(
-    session: _Session, token_label: str
-) -> tuple[_Handle, _Handle, ec.EllipticCurvePublicKey]:
+def _load_key_pair(
+    session: _Session,
+    token_label: str,
+    label: str,
+    curve: ec.EllipticCurve,
+    ec_params: bytes,
+    private_attributes: dict[int, Any],
+) -> tuple[_Handle, ec.EllipticCurvePublicKey]:
+    """Find one EC key pair and check it. Caller holds the lock, translates PKCS#11 errors."""
+    private = _require(session, token_label, label, PyKCS11.CKO_PRIVATE_KEY)
+    _check_attributes(session, token_label, label, private, private_attributes)
+    public = _require(session, token_label, label, PyKCS11.CKO_PUBLIC_KEY)
+    params, point = session.getAttributeValue(
+        public, [PyKCS11.CKA_EC_PARAMS, PyKCS11.CKA_EC_POINT], allAsBinary=True
+    )
+    if bytes(params) != ec_params:
+        raise HsmUnavailable(f"key {label!r} on token {token_label!r} is not {curve.name}")
+    return private, _ec_public_key(bytes(point), curve, token_label, label)
+
+
+def _load_keys(session: _Session, token_label: str) -> _Keys:
     """Find the node's keys and check their attributes. Caller holds the module lock."""
     try:
         kek = _require(session, token_label, KEK_LABEL, PyKCS11.CKO_SECRET_KEY)
         _check_attributes(session, token_label, KEK_LABEL, kek, _KEK_ATTRIBUTES)
-        private = _require(session, token_label, SIGNING_LABEL, PyKCS11.CKO_PRIVATE_KEY)
-        _check_attributes(session, token_label, SIGNING_LABEL, private, _SIGNING_PRIVATE_ATTRIBUTES)
-        public = _require(session, token_label, SIGNING_LABEL, PyKCS11.CKO_PUBLIC_KEY)
-        params, point = session.getAttributeValue(
-            public, [PyKCS11.CKA_EC_PARAMS, PyKCS11.CKA_EC_POINT], allAsBinary=True
+        signing, signing_public = _load_key_pair(
+            session,
+            token_label,
+            SIGNING_LABEL,
+            ec.SECP256R1(),
+            _P256_EC_PARAMS,
+            _SIGNING_PRIVATE_ATTRIBUTES,
+        )
+        delivery, delivery_public = _load_key_pair(
+            session,
+            token_label,
+            DELIVERY_LABEL,
+            ec.SECP256R1(),
+            _P256_EC_PARAMS,
+            _DELIVERY_PRIVATE_ATTRIBUTES,
+        )
+        eth, eth_public = _load_key_pair(
+            session,
+            token_label,
+            ETH_LABEL,
+            ec.SECP256K1(),
+            _SECP256K1_EC_PARAMS,
+            _ETH_PRIVATE_ATTRIBUTES,
         )
     except PyKCS11.PyKCS11Error as e:
         raise HsmUnavailable(f"cannot read the keys on token {token_label!r}: {e}") from e
-    if bytes(params) != _P256_EC_PARAMS:
-        raise HsmUnavailable(f"key {SIGNING_LABEL!r} on token {token_label!r} is not P-256")
-    return kek, private, _p256_public_key(bytes(point))
+    return _Keys(kek, signing, signing_public, delivery, delivery_public, eth, eth_public)
 
 
 # --- provisioning (`kms-node init`) ----------------------------------------------------------
@@ -488,8 +668,9 @@ def ensure_keys(
 ) -> None:
     """Create the node's keys on the token unless they exist; idempotent.
 
-    Existing keys are kept as they are. Half a signing key pair (one of its halves missing)
-    is refused rather than replaced. Ends by opening the store once, which checks every key.
+    Existing keys are kept as they are, so a token made before a key existed gains just the
+    missing ones. Half a key pair (one of its halves missing) is refused rather than
+    replaced. Ends by opening the store once, which checks every key.
     """
     Pkcs11KeyStore.provision(module_path, token_label, user_pin, softhsm_conf=softhsm_conf).close()
 
@@ -502,7 +683,15 @@ def _create_missing_keys(
         with token.module.lock:
             try:
                 _ensure_kek(token.session, token_label)
-                _ensure_signing_key_pair(token.session, token_label)
+                _ensure_ec_key_pair(
+                    token.session, token_label, SIGNING_LABEL, _P256_EC_PARAMS, usage="sign"
+                )
+                _ensure_ec_key_pair(
+                    token.session, token_label, DELIVERY_LABEL, _P256_EC_PARAMS, usage="derive"
+                )
+                _ensure_ec_key_pair(
+                    token.session, token_label, ETH_LABEL, _SECP256K1_EC_PARAMS, usage="sign"
+                )
             except PyKCS11.PyKCS11Error as e:
                 raise HsmUnavailable(f"cannot create the keys on token {token_label!r}: {e}") from e
     finally:
@@ -536,28 +725,38 @@ def _ensure_kek(session: _Session, token_label: str) -> None:
     )
 
 
-def _ensure_signing_key_pair(session: _Session, token_label: str) -> None:
-    private = _find_one(session, token_label, SIGNING_LABEL, PyKCS11.CKO_PRIVATE_KEY)
-    public = _find_one(session, token_label, SIGNING_LABEL, PyKCS11.CKO_PUBLIC_KEY)
+def _ensure_ec_key_pair(
+    session: _Session,
+    token_label: str,
+    label: str,
+    ec_params: bytes,
+    *,
+    usage: Literal["sign", "derive"],
+) -> None:
+    """Generate the EC key pair ``label`` unless it exists; ``usage`` is "sign" or "derive",
+    the one thing its private half may do."""
+    private = _find_one(session, token_label, label, PyKCS11.CKO_PRIVATE_KEY)
+    public = _find_one(session, token_label, label, PyKCS11.CKO_PUBLIC_KEY)
     if private is not None and public is not None:
         return
     if private is not None or public is not None:
         raise HsmUnavailable(
-            f"token {token_label!r} holds only half of the key pair {SIGNING_LABEL!r}; "
+            f"token {token_label!r} holds only half of the key pair {label!r}; "
             "refusing to replace it (inspect the token)"
         )
-    key_id = SIGNING_LABEL.encode()  # CKA_ID ties the two halves together
+    sign = usage == "sign"
+    key_id = label.encode()  # CKA_ID ties the two halves together
     session.generateKeyPair(
         [
             (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
             (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-            (PyKCS11.CKA_EC_PARAMS, _P256_EC_PARAMS),
-            (PyKCS11.CKA_LABEL, SIGNING_LABEL),
+            (PyKCS11.CKA_EC_PARAMS, ec_params),
+            (PyKCS11.CKA_LABEL, label),
             (PyKCS11.CKA_ID, key_id),
             (PyKCS11.CKA_TOKEN, True),
             (PyKCS11.CKA_PRIVATE, False),
             (PyKCS11.CKA_MODIFIABLE, False),
-            (PyKCS11.CKA_VERIFY, True),
+            (PyKCS11.CKA_VERIFY, sign),
             (PyKCS11.CKA_ENCRYPT, False),
             (PyKCS11.CKA_WRAP, False),
             (PyKCS11.CKA_DERIVE, False),
@@ -565,17 +764,17 @@ def _ensure_signing_key_pair(session: _Session, token_label: str) -> None:
         [
             (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY),
             (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-            (PyKCS11.CKA_LABEL, SIGNING_LABEL),
+            (PyKCS11.CKA_LABEL, label),
             (PyKCS11.CKA_ID, key_id),
             (PyKCS11.CKA_TOKEN, True),
             (PyKCS11.CKA_PRIVATE, True),
             (PyKCS11.CKA_SENSITIVE, True),
             (PyKCS11.CKA_EXTRACTABLE, False),
             (PyKCS11.CKA_MODIFIABLE, False),
-            (PyKCS11.CKA_SIGN, True),
+            (PyKCS11.CKA_SIGN, sign),
             (PyKCS11.CKA_DECRYPT, False),
             (PyKCS11.CKA_UNWRAP, False),
-            (PyKCS11.CKA_DERIVE, False),
+            (PyKCS11.CKA_DERIVE, not sign),
         ],
         PyKCS11.MechanismECGENERATEKEYPAIR,
     )

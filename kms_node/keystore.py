@@ -9,6 +9,11 @@ Wire format of a wrapped value (both implementations): ``nonce(12) || ciphertext
 AES-256-GCM (NIST SP 800-38D) under the key-encryption key, with the caller's AAD.
 Signatures: ECDSA P-256 over SHA-256(message), DER-encoded, with ``s <= n/2`` (low-S) so that
 each signature has exactly one valid encoding.
+
+Kfrag delivery: a P-256 key agreement key; the sender's sealing scheme, and the KDF + AEAD that
+both implementations call after the ECDH, are in :mod:`medkms.core.kfrag_delivery`.
+Ethereum account: a secp256k1 key that signs 32-byte digests; recovery id and low-S as in
+:mod:`medkms.core.eth_tx`, which also builds transactions from those signatures.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
     decode_dss_signature,
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from medkms.core import kfrag_delivery
 from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest
+from medkms.core.eth_tx import DIGEST_LEN, address_of, recoverable_signature
 
 NONCE_LEN = 12
 TAG_LEN = 16
@@ -41,7 +49,8 @@ UNWRAP_FAILED = "kfrag wrapping failed authentication"
 
 
 class KeyStore(Protocol):
-    """Keys that never leave the store: a key-encryption key and a signing key."""
+    """Keys that never leave the store: a key-encryption key, a signing key, a kfrag delivery
+    (key agreement) key and an Ethereum account key."""
 
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
         """AES-256-GCM under the key-encryption key: ``nonce(12) || ciphertext || tag(16)``."""
@@ -63,6 +72,32 @@ class KeyStore(Protocol):
         """DER SubjectPublicKeyInfo of the signing key."""
         ...
 
+    def delivery_public_key(self) -> bytes:
+        """The P-256 key kfrags are sealed to: 33-byte compressed SEC 1 point."""
+        ...
+
+    def open_delivery(
+        self, ephemeral_public_key: bytes, sealed: bytes, *, info: bytes, aad: bytes
+    ) -> bytes:
+        """Open a value sealed to :meth:`delivery_public_key` (see
+        :mod:`medkms.core.kfrag_delivery`): ECDH with the delivery key, then HKDF-SHA256 and
+        AES-256-GCM.
+
+        Raises :class:`InvalidRequest` if the ephemeral key is not a compressed P-256 point or
+        ``sealed`` is too short, and :class:`Unauthenticated` if ``sealed`` does not
+        authenticate (tampered, sealed to another key, or another ``info`` / ``aad``).
+        """
+        ...
+
+    def eth_address(self) -> str:
+        """EIP-55 address of the node's Ethereum account (secp256k1) key."""
+        ...
+
+    def sign_eth_digest(self, digest32: bytes) -> tuple[int, int, int]:
+        """ECDSA secp256k1 over a 32-byte digest the caller computed: (recovery id 0/1, r, s),
+        low-S. :class:`InvalidRequest` if the digest is not 32 bytes."""
+        ...
+
     def close(self) -> None:
         """Release the store; later calls raise :class:`HsmUnavailable`."""
         ...
@@ -82,6 +117,13 @@ def split_wrapped(wrapped: bytes) -> tuple[bytes, bytes]:
     return wrapped[:NONCE_LEN], wrapped[NONCE_LEN:]
 
 
+def check_eth_digest(digest32: bytes) -> bytes:
+    digest = bytes(digest32)
+    if len(digest) != DIGEST_LEN:
+        raise InvalidRequest(f"an Ethereum digest is {DIGEST_LEN} bytes, not {len(digest)}")
+    return digest
+
+
 def low_s_der_signature(r: int, s: int) -> bytes:
     """DER-encode (r, s), replacing s by n - s when s > n/2 (both verify; one is canonical)."""
     if s > P256_ORDER // 2:
@@ -97,6 +139,8 @@ class MemoryKeyStore:
         *,
         kek: bytes | None = None,
         signing_key: ec.EllipticCurvePrivateKey | None = None,
+        delivery_key: ec.EllipticCurvePrivateKey | None = None,
+        eth_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         if kek is None:
             kek = AESGCM.generate_key(bit_length=KEK_LEN * 8)
@@ -106,11 +150,26 @@ class MemoryKeyStore:
             signing_key = ec.generate_private_key(ec.SECP256R1())
         if not isinstance(signing_key.curve, ec.SECP256R1):
             raise InvalidRequest("signing key must be on P-256")
+        if delivery_key is None:
+            delivery_key = ec.generate_private_key(ec.SECP256R1())
+        if not isinstance(delivery_key.curve, ec.SECP256R1):
+            raise InvalidRequest("delivery key must be on P-256")
+        if eth_key is None:
+            eth_key = ec.generate_private_key(ec.SECP256K1())
+        if not isinstance(eth_key.curve, ec.SECP256K1):
+            raise InvalidRequest("Ethereum key must be on secp256k1")
         self._aead: AESGCM | None = AESGCM(kek)
         self._signing_key = signing_key
         self._public_der = signing_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        self._delivery_key = delivery_key
+        self._delivery_public = kfrag_delivery.compressed(delivery_key.public_key())
+        self._eth_key = eth_key
+        self._eth_public = eth_key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        self._eth_address = address_of(self._eth_public)
 
     def __repr__(self) -> str:
         return "MemoryKeyStore()"
@@ -143,6 +202,40 @@ class MemoryKeyStore:
     def signing_public_key(self) -> bytes:
         self._check_open()
         return self._public_der
+
+    def delivery_public_key(self) -> bytes:
+        self._check_open()
+        return self._delivery_public
+
+    def open_delivery(
+        self, ephemeral_public_key: bytes, sealed: bytes, *, info: bytes, aad: bytes
+    ) -> bytes:
+        self._check_open()
+        ephemeral_public_key = bytes(ephemeral_public_key)
+        point = kfrag_delivery.ephemeral_point(ephemeral_public_key)
+        kfrag_delivery.check_sealed(sealed)
+        ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+        return kfrag_delivery.open_with_shared_secret(
+            self._delivery_key.exchange(ec.ECDH(), ephemeral),
+            ephemeral_public_key,
+            self._delivery_public,
+            sealed,
+            info=info,
+            aad=aad,
+        )
+
+    def eth_address(self) -> str:
+        self._check_open()
+        return self._eth_address
+
+    def sign_eth_digest(self, digest32: bytes) -> tuple[int, int, int]:
+        self._check_open()
+        digest = check_eth_digest(digest32)
+        # Prehashed: the digest is signed as given (keccak256 for Ethereum; SHA256 here only
+        # names its 32-byte length). Raw (r, s) then go through the same normalisation and
+        # recovery-id search as the HSM's.
+        der = self._eth_key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        return recoverable_signature(digest, *decode_dss_signature(der), self._eth_public)
 
     def close(self) -> None:
         self._aead = None

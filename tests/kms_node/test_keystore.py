@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -13,15 +14,39 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from eth_account import Account
+from eth_keys.datatypes import Signature
+from eth_utils.address import is_checksum_address
 
-from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest
+from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest, Unauthenticated
+from medkms.core.eth_tx import SECP256K1_ORDER, sign_transaction
+from medkms.core.kfrag_delivery import (
+    SEALED_KFRAG_UNAUTHENTICATED,
+    compressed,
+    delivery_binding,
+    seal_for_node,
+)
 from medkms.node import hsm
-from medkms.node.keystore import MIN_WRAPPED_LEN, NONCE_LEN, P256_ORDER, TAG_LEN, KeyStore
+from medkms.node.keystore import (
+    MIN_WRAPPED_LEN,
+    NONCE_LEN,
+    P256_ORDER,
+    TAG_LEN,
+    KeyStore,
+    MemoryKeyStore,
+)
 
 from .conftest import SOFTHSM_MODULE, SoftHsmDir, SoftHsmToken
 
 KFRAG = bytes(range(256)) + bytes(54)  # 310 bytes, the size of an umbral-pre kfrag
 AAD = b"node-1|0xpatient|0xgrantee"
+BINDING = delivery_binding(
+    "node-1",
+    "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+    "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+    bytes([0x02]) + bytes(range(32)),
+    1,
+)
 
 
 # --- conformance: every KeyStore --------------------------------------------------------------
@@ -99,12 +124,199 @@ def test_signing_public_key_is_stable(keystore: KeyStore) -> None:
 
 def test_closed_store_refuses(keystore: KeyStore) -> None:
     wrapped = keystore.wrap(KFRAG, AAD)
+    ephemeral, sealed = seal(keystore)
     keystore.close()
     with pytest.raises(HsmUnavailable):
         keystore.unwrap(wrapped, AAD)
     with pytest.raises(HsmUnavailable):
         keystore.sign(b"m")
+    with pytest.raises(HsmUnavailable):
+        keystore.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING)
+    with pytest.raises(HsmUnavailable):
+        keystore.sign_eth_digest(bytes(32))
+    for getter in (
+        keystore.signing_public_key,
+        keystore.delivery_public_key,
+        keystore.eth_address,
+    ):
+        with pytest.raises(HsmUnavailable):
+            getter()
     keystore.close()  # idempotent
+
+
+# --- conformance: kfrag delivery key ----------------------------------------------------------
+
+
+def seal(keystore: KeyStore, plaintext: bytes = KFRAG) -> tuple[bytes, bytes]:
+    return seal_for_node(keystore.delivery_public_key(), plaintext, info=BINDING, aad=BINDING)
+
+
+def test_delivery_public_key_is_a_stable_compressed_p256_point(keystore: KeyStore) -> None:
+    public = keystore.delivery_public_key()
+    assert len(public) == 33 and public[0] in (2, 3)
+    ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public)
+    assert keystore.delivery_public_key() == public
+    signing = serialization.load_der_public_key(keystore.signing_public_key())
+    assert isinstance(signing, ec.EllipticCurvePublicKey)
+    assert compressed(signing) != public  # its own key, not the signing key
+
+
+@pytest.mark.parametrize("plaintext", [KFRAG, b"\x00"])
+def test_open_delivery_opens_what_was_sealed_to_it(keystore: KeyStore, plaintext: bytes) -> None:
+    ephemeral, sealed = seal(keystore, plaintext)
+    assert keystore.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING) == plaintext
+    # bytes-like input, as from protobuf or a buffer
+    opened = keystore.open_delivery(
+        bytearray(ephemeral), memoryview(sealed), info=bytearray(BINDING), aad=memoryview(BINDING)
+    )
+    assert opened == plaintext
+
+
+def test_open_delivery_refuses_another_binding(keystore: KeyStore) -> None:
+    ephemeral, sealed = seal(keystore)
+    other = delivery_binding(
+        "node-2",
+        "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        bytes([0x02]) + bytes(range(32)),
+        1,
+    )
+    for info, aad in ((other, BINDING), (BINDING, other), (other, other)):
+        with pytest.raises(Unauthenticated, match=SEALED_KFRAG_UNAUTHENTICATED):
+            keystore.open_delivery(ephemeral, sealed, info=info, aad=aad)
+
+
+def test_open_delivery_refuses_a_kfrag_sealed_to_another_node(keystore: KeyStore) -> None:
+    ephemeral, sealed = seal(MemoryKeyStore())
+    with pytest.raises(Unauthenticated, match=SEALED_KFRAG_UNAUTHENTICATED):
+        keystore.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING)
+
+
+@pytest.mark.parametrize("where", [0, NONCE_LEN, NONCE_LEN + 100, -1])
+def test_open_delivery_refuses_a_tampered_kfrag(keystore: KeyStore, where: int) -> None:
+    ephemeral, sealed = seal(keystore)
+    tampered = bytearray(sealed)
+    tampered[where] ^= 0x01
+    with pytest.raises(Unauthenticated, match=SEALED_KFRAG_UNAUTHENTICATED):
+        keystore.open_delivery(ephemeral, bytes(tampered), info=BINDING, aad=BINDING)
+    with pytest.raises(Unauthenticated):
+        keystore.open_delivery(ephemeral, sealed[:-1], info=BINDING, aad=BINDING)
+    other_ephemeral, _ = seal(keystore)  # a valid point, but not the one it was sealed with
+    with pytest.raises(Unauthenticated):
+        keystore.open_delivery(other_ephemeral, sealed, info=BINDING, aad=BINDING)
+    assert keystore.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING) == KFRAG
+
+
+def _off_curve_point() -> bytes:
+    for x in range(1, 1000):
+        candidate = bytes([0x02]) + x.to_bytes(32, "big")
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), candidate)
+        except ValueError:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda e: _off_curve_point(),
+        lambda e: e[:-1],
+        lambda e: b"",
+        lambda e: bytes(33),
+        lambda e: bytes([0x04]) + e[1:],
+    ],
+)
+def test_open_delivery_refuses_a_bad_ephemeral_point(keystore: KeyStore, bad: object) -> None:
+    ephemeral, sealed = seal(keystore)
+    assert callable(bad)
+    with pytest.raises(InvalidRequest, match="ephemeral public key"):
+        keystore.open_delivery(bad(ephemeral), sealed, info=BINDING, aad=BINDING)
+    assert keystore.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING) == KFRAG
+
+
+@pytest.mark.parametrize("length", [0, NONCE_LEN, NONCE_LEN + TAG_LEN])
+def test_open_delivery_refuses_a_too_short_kfrag(keystore: KeyStore, length: int) -> None:
+    ephemeral, sealed = seal(keystore)
+    with pytest.raises(InvalidRequest, match="at least"):
+        keystore.open_delivery(ephemeral, sealed[:length], info=BINDING, aad=BINDING)
+
+
+# --- conformance: Ethereum account key --------------------------------------------------------
+
+
+def test_eth_address_is_a_stable_checksum_address(keystore: KeyStore) -> None:
+    address = keystore.eth_address()
+    assert is_checksum_address(address)
+    assert keystore.eth_address() == address
+
+
+def test_eth_signatures_recover_to_the_address_and_are_low_s(keystore: KeyStore) -> None:
+    recovery_ids = set()
+    # 32 signatures: raw ECDSA is high-S half the time, so normalisation (and the flipped
+    # recovery id that comes with it) is exercised.
+    for i in range(32):
+        digest = hashlib.sha256(b"checkpoint %d" % i).digest()
+        v, r, s = keystore.sign_eth_digest(digest)
+        assert v in (0, 1) and 0 < r < SECP256K1_ORDER and 0 < s <= SECP256K1_ORDER // 2
+        public_key = Signature(vrs=(v, r, s)).recover_public_key_from_msg_hash(digest)
+        assert public_key.to_checksum_address() == keystore.eth_address()
+        recovery_ids.add(v)
+    assert recovery_ids == {0, 1}
+
+
+@pytest.mark.parametrize("length", [0, 20, 31, 33, 64])
+def test_sign_eth_digest_wants_32_bytes(keystore: KeyStore, length: int) -> None:
+    with pytest.raises(InvalidRequest, match="32 bytes"):
+        keystore.sign_eth_digest(bytes(length))
+
+
+def test_signed_transaction_comes_from_eth_address(keystore: KeyStore) -> None:
+    tx = {
+        "chainId": 31337,
+        "nonce": 0,
+        "gas": 21_000,
+        "maxFeePerGas": 2 * 10**9,
+        "maxPriorityFeePerGas": 10**9,
+        "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        "value": 1,
+    }
+    raw = sign_transaction(tx, keystore.sign_eth_digest)
+    assert Account.recover_transaction(raw) == keystore.eth_address()
+
+
+# --- in-memory twin only ----------------------------------------------------------------------
+
+
+def test_memory_repr_and_errors_show_no_key_material() -> None:
+    kek = os.urandom(32)
+    signing = ec.generate_private_key(ec.SECP256R1())
+    delivery = ec.generate_private_key(ec.SECP256R1())
+    eth = ec.generate_private_key(ec.SECP256K1())
+    store = MemoryKeyStore(kek=kek, signing_key=signing, delivery_key=delivery, eth_key=eth)
+    secrets_ = [kek.hex()]
+    for key in (signing, delivery, eth):
+        scalar = key.private_numbers().private_value
+        secrets_ += [str(scalar), f"{scalar:x}", f"{scalar:064x}"]
+    text = repr(store)
+    assert text == "MemoryKeyStore()"
+    assert not any(secret in text for secret in secrets_)
+
+    ephemeral, sealed = seal(store)
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ephemeral)
+    shared_x = delivery.exchange(ec.ECDH(), peer)
+    with pytest.raises(Unauthenticated) as caught:
+        store.open_delivery(ephemeral, sealed, info=BINDING, aad=b"other")
+    chain = [caught.value, caught.value.__cause__, caught.value.__context__]
+    for error in chain:
+        assert shared_x.hex() not in repr(error) and shared_x.hex() not in str(error)
+
+
+def test_memory_refuses_keys_on_the_wrong_curve() -> None:
+    with pytest.raises(InvalidRequest, match="delivery key must be on P-256"):
+        MemoryKeyStore(delivery_key=ec.generate_private_key(ec.SECP256K1()))
+    with pytest.raises(InvalidRequest, match="Ethereum key must be on secp256k1"):
+        MemoryKeyStore(eth_key=ec.generate_private_key(ec.SECP256R1()))
 
 
 # --- real SoftHSM2 only -----------------------------------------------------------------------
@@ -115,6 +327,34 @@ def _attributes(store: hsm.Pkcs11KeyStore, handle: object, names: list[int]) -> 
     with store._lock:
         assert store._token is not None
         return list(store._token.session.getAttributeValue(handle, names))
+
+
+def _binary_attributes(
+    store: hsm.Pkcs11KeyStore, private_handle: object, names: list[int]
+) -> list[bytes]:
+    """Attributes of the public half of the key pair whose private half is given."""
+    (label,) = _attributes(store, private_handle, [PyKCS11.CKA_LABEL])
+    with store._lock:
+        assert store._token is not None
+        session = store._token.session
+        (public,) = session.findObjects(
+            [(PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY), (PyKCS11.CKA_LABEL, label)]
+        )
+        return [bytes(v) for v in session.getAttributeValue(public, names, allAsBinary=True)]
+
+
+def _destroy(store: hsm.Pkcs11KeyStore, label: str, cls: int | None = None) -> None:
+    """Remove objects from the token, to stand for a token of an older release."""
+    template: list[tuple[int, object]] = [(PyKCS11.CKA_LABEL, label)]
+    if cls is not None:
+        template.append((PyKCS11.CKA_CLASS, cls))
+    with store._lock:
+        assert store._token is not None
+        session = store._token.session
+        handles = session.findObjects(template)
+        assert handles
+        for handle in handles:
+            session.destroyObject(handle)
 
 
 def _find(store: hsm.Pkcs11KeyStore, label: str) -> list[object]:
@@ -160,6 +400,62 @@ class TestSoftHsm:
         assert values == [True, False, True, True, False, False, False]
         assert _attributes(hsm_store, hsm_store._signing_key, [PyKCS11.CKA_VALUE]) == [None]
 
+    def test_delivery_key_is_sensitive_and_derive_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+        names = [
+            PyKCS11.CKA_TOKEN,
+            PyKCS11.CKA_PRIVATE,
+            PyKCS11.CKA_SENSITIVE,
+            PyKCS11.CKA_EXTRACTABLE,
+            PyKCS11.CKA_NEVER_EXTRACTABLE,
+            PyKCS11.CKA_DERIVE,
+            PyKCS11.CKA_SIGN,
+            PyKCS11.CKA_DECRYPT,
+            PyKCS11.CKA_UNWRAP,
+        ]
+        values = _attributes(hsm_store, hsm_store._delivery_key, names)
+        assert values == [True, True, True, False, True, True, False, False, False]
+        assert _attributes(hsm_store, hsm_store._delivery_key, [PyKCS11.CKA_VALUE]) == [None]
+        (params,) = _binary_attributes(hsm_store, hsm_store._delivery_key, [PyKCS11.CKA_EC_PARAMS])
+        assert params == bytes.fromhex("06082a8648ce3d030107")  # prime256v1
+
+    def test_eth_key_is_sensitive_and_sign_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+        names = [
+            PyKCS11.CKA_TOKEN,
+            PyKCS11.CKA_PRIVATE,
+            PyKCS11.CKA_SENSITIVE,
+            PyKCS11.CKA_EXTRACTABLE,
+            PyKCS11.CKA_NEVER_EXTRACTABLE,
+            PyKCS11.CKA_SIGN,
+            PyKCS11.CKA_DERIVE,
+            PyKCS11.CKA_DECRYPT,
+            PyKCS11.CKA_UNWRAP,
+        ]
+        values = _attributes(hsm_store, hsm_store._eth_key, names)
+        assert values == [True, True, True, False, True, True, False, False, False]
+        assert _attributes(hsm_store, hsm_store._eth_key, [PyKCS11.CKA_VALUE]) == [None]
+        (params,) = _binary_attributes(hsm_store, hsm_store._eth_key, [PyKCS11.CKA_EC_PARAMS])
+        assert params == bytes.fromhex("06052b8104000a")  # secp256k1
+
+    def test_the_ecdh_secret_does_not_outlive_open_delivery(
+        self, hsm_store: hsm.Pkcs11KeyStore
+    ) -> None:
+        def secret_objects() -> list[int]:
+            """Handles of every secret key object this session can see, session objects too."""
+            with hsm_store._lock:
+                assert hsm_store._token is not None
+                session = hsm_store._token.session
+                found = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY)])
+                return sorted(handle.value() for handle in found)
+
+        before = secret_objects()
+        assert len(before) == 1  # the KEK
+        ephemeral, sealed = seal(hsm_store)
+        assert hsm_store.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING) == KFRAG
+        assert secret_objects() == before
+        with pytest.raises(Unauthenticated):
+            hsm_store.open_delivery(ephemeral, sealed, info=BINDING, aad=b"other")
+        assert secret_objects() == before
+
     def test_wrong_pin_is_refused_without_echoing_it(self, provisioned_token: SoftHsmToken) -> None:
         wrong_pin = secrets.token_hex(8)
         with pytest.raises(HsmUnavailable, match="wrong user PIN") as caught:
@@ -187,6 +483,90 @@ class TestSoftHsm:
         with pytest.raises(HsmUnavailable, match="not found"):
             hsm.Pkcs11KeyStore.open(str(tmp_path / "libnothing.so"), "node-1", "1234")
 
+    def test_a_token_made_before_the_new_keys_is_upgraded_by_ensure_keys(
+        self, softhsm_dir: SoftHsmDir
+    ) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        public_key = store.signing_public_key()
+        wrapped = store.wrap(KFRAG, AAD)
+        old_delivery, old_address = store.delivery_public_key(), store.eth_address()
+        # What a token provisioned by the previous release holds: KEK and signing key only.
+        for label in (hsm.DELIVERY_LABEL, hsm.ETH_LABEL):
+            _destroy(store, label)
+        store.close()
+        with pytest.raises(
+            HsmUnavailable, match=r"key 'medkms-delivery' not found on token .*run `kms-node init`"
+        ):
+            token.open()
+
+        token.ensure_keys()
+        store = token.open()
+        try:
+            assert store.signing_public_key() == public_key  # kept
+            assert store.unwrap(wrapped, AAD) == KFRAG  # the same KEK
+            assert store.delivery_public_key() != old_delivery  # new
+            assert store.eth_address() != old_address  # new
+            ephemeral, sealed = seal(store)
+            assert store.open_delivery(ephemeral, sealed, info=BINDING, aad=BINDING) == KFRAG
+        finally:
+            store.close()
+
+    def test_a_missing_eth_key_is_named(self, softhsm_dir: SoftHsmDir) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        _destroy(store, hsm.ETH_LABEL)
+        store.close()
+        with pytest.raises(HsmUnavailable, match=r"key 'medkms-eth' not found.*kms-node init"):
+            token.open()
+
+    def test_half_a_key_pair_is_not_replaced(self, softhsm_dir: SoftHsmDir) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        _destroy(store, hsm.DELIVERY_LABEL, PyKCS11.CKO_PUBLIC_KEY)
+        store.close()
+        with pytest.raises(HsmUnavailable, match="only half of the key pair 'medkms-delivery'"):
+            token.ensure_keys()
+
+    @pytest.mark.parametrize(
+        ("label", "curve", "params", "message"),
+        [
+            (hsm.DELIVERY_LABEL, ec.SECP256R1(), "06082a8648ce3d030107", "delivery key pair"),
+            (hsm.ETH_LABEL, ec.SECP256K1(), "06052b8104000a", "Ethereum key pair"),
+        ],
+    )
+    def test_a_public_half_of_another_key_is_caught_at_open(
+        self,
+        softhsm_dir: SoftHsmDir,
+        label: str,
+        curve: ec.EllipticCurve,
+        params: str,
+        message: str,
+    ) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        _destroy(store, label, PyKCS11.CKO_PUBLIC_KEY)
+        point = (
+            ec.generate_private_key(curve)
+            .public_key()
+            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        )
+        with store._lock:
+            assert store._token is not None
+            store._token.session.createObject(
+                [
+                    (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
+                    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
+                    (PyKCS11.CKA_TOKEN, True),
+                    (PyKCS11.CKA_LABEL, label),
+                    (PyKCS11.CKA_EC_PARAMS, bytes.fromhex(params)),
+                    (PyKCS11.CKA_EC_POINT, bytes([0x04, len(point)]) + point),
+                ]
+            )
+        store.close()
+        with pytest.raises(HsmUnavailable, match=message + ".*does not match"):
+            token.open()
+
     def test_token_without_keys(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token(keys=False)
         with pytest.raises(HsmUnavailable, match=r"key 'medkms-kek' not found.*kms-node init"):
@@ -196,6 +576,7 @@ class TestSoftHsm:
         token = softhsm_dir.new_token()
         store = token.open()
         public_key = store.signing_public_key()
+        delivery_public_key, eth_address = store.delivery_public_key(), store.eth_address()
         wrapped = store.wrap(KFRAG, AAD)
         store.close()
 
@@ -204,7 +585,9 @@ class TestSoftHsm:
         try:
             assert store.signing_public_key() == public_key
             assert store.unwrap(wrapped, AAD) == KFRAG  # the same KEK
-            for label in (hsm.KEK_LABEL, hsm.SIGNING_LABEL):
+            assert store.delivery_public_key() == delivery_public_key
+            assert store.eth_address() == eth_address
+            for label in (hsm.KEK_LABEL, hsm.SIGNING_LABEL, hsm.DELIVERY_LABEL, hsm.ETH_LABEL):
                 expected = 1 if label == hsm.KEK_LABEL else 2  # key pair: private + public
                 assert len(_find(store, label)) == expected
         finally:
@@ -289,6 +672,7 @@ class TestSoftHsm:
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         errors: list[BaseException] = []
         start = threading.Barrier(8)
+        sealed = seal(hsm_store)
 
         def work(n: int) -> None:
             try:
@@ -299,6 +683,10 @@ class TestSoftHsm:
                     assert hsm_store.unwrap(hsm_store.wrap(plaintext, aad), aad) == plaintext
                     if i % 10 == 0:
                         public_key.verify(hsm_store.sign(aad), aad, ec.ECDSA(hashes.SHA256()))
+                    if i % 10 == 5:
+                        assert hsm_store.open_delivery(*sealed, info=BINDING, aad=BINDING) == KFRAG
+                        v, r, s = hsm_store.sign_eth_digest(hashlib.sha256(aad).digest())
+                        assert v in (0, 1) and s <= SECP256K1_ORDER // 2
             except BaseException as e:  # collected and re-raised in the main thread
                 errors.append(e)
 
@@ -328,6 +716,10 @@ class TestSoftHsm:
     ) -> None:
         text = repr(hsm_store)
         assert text == f"Pkcs11KeyStore(token={provisioned_token.label!r})"
+        # Not even the public keys: a repr is for telling stores apart, not for key material.
+        for public in (hsm_store.delivery_public_key(), hsm_store.signing_public_key()):
+            assert public.hex() not in text
+        assert hsm_store.eth_address()[2:].lower() not in text.lower()
         assert provisioned_token.user_pin not in text
         assert provisioned_token.user_pin not in repr(provisioned_token)
 
