@@ -68,6 +68,8 @@ class Capsule:
 
     record_id: bytes
     capsule: bytes
+    #: the workload stores lab results only
+    record_type: RecordType = RecordType.LAB_RESULT
 
 
 class RequestSigner:
@@ -84,11 +86,13 @@ class RequestSigner:
         )
 
     def single(self, capsule: Capsule) -> common_pb2.ReencryptionRequest:
-        return self._signer.single(self.patient, capsule.record_id, capsule.capsule, PURPOSE)
+        return self._signer.single(
+            self.patient, capsule.record_id, capsule.record_type, capsule.capsule, PURPOSE
+        )
 
     def batch(self, capsules: Sequence[Capsule]) -> common_pb2.ReencryptionBatchRequest:
-        pairs = [(c.record_id, c.capsule) for c in capsules]
-        return self._signer.batch(self.patient, pairs, PURPOSE)
+        refs = [(c.record_id, c.record_type, c.capsule) for c in capsules]
+        return self._signer.batch(self.patient, refs, PURPOSE)
 
 
 @dataclass
@@ -146,7 +150,9 @@ def prepare(cluster: LocalCluster, *, records: int, doctors: int = 4) -> Workloa
     registry = cluster.registry()
     blank = Workload(cluster, registry, None, [], [])  # type: ignore[arg-type]
     alice = blank.new_identity("alice")
-    patient = PatientClient(alice, registry, cluster.blob_store())
+    # The channel lives as long as the benchmark process; grants are made through it.
+    coordinator = CoordinatorStub(cluster.coordinator_channel())
+    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
     patient.register()
     stored = [patient.store_record(lab_result(), RecordType.LAB_RESULT) for _ in range(records)]
     granted = [blank.new_identity(f"dr-{i}", provider=True) for i in range(doctors)]
@@ -203,7 +209,7 @@ class DekPath:
             response = self._stub.Reencrypt(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e) from None
-        delegating_key = load_public_key(self._patient.umbral_public_key)
+        delegating_key = load_public_key(self._patient.umbral_key(record.ref.record_type))
         verifying_key = load_public_key(self._patient.verifying_key)
         secret_key = identity.umbral_secret_key()
         try:

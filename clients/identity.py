@@ -19,8 +19,10 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from medkms.core.errors import InvalidRequest
+from medkms.core.record_types import RecordType
 
 _UMBRAL_LABEL = b"medkms/umbral/v1"
+_RECORD_KEY_LABEL = b"medkms/umbral/record-type/v1/"
 _SIGNING_LABEL = b"medkms/kfrag-signing/v1"
 
 
@@ -42,11 +44,24 @@ class Identity:
         return umbral.SecretKeyFactory.from_secure_randomness(self._seed)
 
     def umbral_secret_key(self) -> umbral.SecretKey:
-        """Delegating key (as a patient) and receiving key (as a grantee)."""
+        """Receiving key (as a grantee): cfrags are re-encrypted to it."""
         return self._factory().make_key(_UMBRAL_LABEL)
 
     def umbral_public_key(self) -> bytes:
         return bytes(self.umbral_secret_key().public_key().to_compressed_bytes())
+
+    def record_secret_key(self, record_type: RecordType) -> umbral.SecretKey:
+        """Delegating key (as a patient) for records of one type: a kfrag made from it
+        cannot re-encrypt a capsule of another type."""
+        return self._factory().make_key(_RECORD_KEY_LABEL + record_type.label.encode())
+
+    def record_public_key(self, record_type: RecordType) -> umbral.PublicKey:
+        return self.record_secret_key(record_type).public_key()
+
+    def record_public_keys(self) -> tuple[bytes, ...]:
+        """One compressed public key per record type, in ``RecordType`` order (as the
+        registry holds them)."""
+        return tuple(bytes(self.record_public_key(t).to_compressed_bytes()) for t in RecordType)
 
     def kfrag_signer(self) -> umbral.Signer:
         return umbral.Signer(self._factory().make_key(_SIGNING_LABEL))

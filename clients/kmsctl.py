@@ -25,6 +25,7 @@ from medkms.core import logs
 from medkms.core.errors import InvalidRequest, KmsError
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.stubs import CoordinatorStub
 
 DEFAULT_STATE_DIR = Path(".state")
 
@@ -88,7 +89,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_patient(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
-    client = PatientClient(cluster.identity(args.as_), cluster.registry(), cluster.blob_store())
+    with cluster.coordinator_channel() as channel:
+        client = PatientClient(
+            cluster.identity(args.as_),
+            cluster.registry(),
+            cluster.blob_store(),
+            CoordinatorStub(channel),
+        )
+        _patient_action(args, cluster, client)
+
+
+def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: PatientClient) -> None:
     if args.action == "register":
         client.register()
         print(f"registered {client.identity.address}")
@@ -125,6 +136,29 @@ def cmd_patient(args: argparse.Namespace) -> None:
                 indent=2,
             )
         )
+    elif args.action == "emergency-opt-in":
+        responder = cluster.identity(args.responder)
+        receipt = client.opt_in_emergency(
+            responder.address,
+            responder.umbral_public_key(),
+            [RecordType.parse(t) for t in args.types.split(",")],
+            threshold=args.threshold or cluster.threshold,
+        )
+        print(
+            json.dumps(
+                {
+                    "responder": receipt.grantee,
+                    "record_types": sorted(t.label for t in receipt.allowed_types),
+                    "enrolled": sorted(receipt.enrolled),
+                    "failed": receipt.failed,
+                },
+                indent=2,
+            )
+        )
+    elif args.action == "emergency-opt-out":
+        block = client.opt_out_emergency(cluster.identity(args.responder).address)
+        waited = client.await_nodes(block)
+        print(f"opted out in block {block}; in force at every node after {waited * 1000:.0f} ms")
     elif args.action == "revoke":
         block = client.revoke(cluster.identity(args.grantee).address)
         waited = client.await_nodes(block)
@@ -152,6 +186,22 @@ def cmd_provider_read(args: argparse.Namespace) -> None:
         args.out.write_bytes(plaintext)
     else:
         sys.stdout.write(plaintext.decode() + "\n")
+
+
+def cmd_emergency_open(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    patient = cluster.identity(args.patient)
+    with ProviderClient(
+        cluster.identity(args.as_),
+        cluster.registry(),
+        cluster.blob_store(),
+        cluster.coordinator_address,
+    ) as responder:
+        block, expires_at = responder.open_emergency_access(patient.address, args.duration)
+    print(
+        f"emergency access to {patient.address} opened in block {block}, "
+        f"until {expires_at} (read with --purpose ETREAT)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--types", required=True, help="comma-separated record types")
     grant.add_argument("--duration", type=int, default=3600, help="seconds (default 3600)")
     grant.add_argument("--threshold", type=int, default=0, help="default: the cluster's")
+    opt_in = patient.add_parser(
+        "emergency-opt-in",
+        parents=[who],
+        help="let an emergency-role holder open short emergency grants",
+    )
+    opt_in.add_argument("responder", help="identity name of the responder, e.g. responder")
+    opt_in.add_argument("--types", required=True, help="comma-separated record types")
+    opt_in.add_argument("--threshold", type=int, default=0, help="default: the cluster's")
+    opt_out = patient.add_parser("emergency-opt-out", parents=[who])
+    opt_out.add_argument("responder")
     revoke = patient.add_parser("revoke", parents=[who])
     revoke.add_argument("grantee")
     deactivate = patient.add_parser("deactivate", parents=[who])
@@ -216,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
     read.add_argument("--out", type=Path, help="write the record here instead of stdout")
     read.set_defaults(func=cmd_provider_read)
+
+    emergency = sub.add_parser("emergency", help="emergency access").add_subparsers(
+        dest="action", required=True
+    )
+    open_ = emergency.add_parser(
+        "open", parents=[state], help="open a time-boxed emergency grant (emergency role)"
+    )
+    open_.add_argument("patient", help="identity name of the patient, e.g. patient")
+    open_.add_argument("--as", dest="as_", default="responder", help="identity name")
+    open_.add_argument(
+        "--duration", type=int, default=3600, help="seconds, at most 14400 (default 3600)"
+    )
+    open_.set_defaults(func=cmd_emergency_open)
     return parser
 
 

@@ -1,8 +1,11 @@
 """The patient's side of the SDK: register, store records, grant, revoke.
 
-Granting writes the grant on-chain first (nodes verify enrollments against it),
-then splits a re-encryption key into one kfrag per registered node and
-delivers each to its node.
+Each record type has its own patient key, so a grant for one type can never open
+another. Granting writes the grant on-chain first (nodes verify enrollments
+against it), then, for each allowed type, splits a re-encryption key into one
+kfrag per registered node; each node's kfrags are sealed to that node's HSM
+delivery key, signed by the patient, and relayed by the coordinator, which can
+read none of them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -20,16 +22,17 @@ import umbral_pre as umbral
 from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
 from medkms.clients.records import seal
+from medkms.clients.signed_requests import sealed_enrollment
 from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import InvalidRequest, KmsError, NotFound, Unavailable
+from medkms.core.errors import InvalidRequest, NotFound, Unavailable
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import NodeInfo
-from medkms.core.requests import address_bytes
+from medkms.core.request_auth import Domain
 from medkms.core.umbral_codec import capsule_hash as hash_capsule
 from medkms.core.umbral_codec import load_public_key
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import node_pb2
-from medkms.proto.stubs import NodeStub
+from medkms.proto.kms.v1 import coordinator_pb2, node_pb2
+from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 ENROLL_TIMEOUT_S = 10.0
 
@@ -50,30 +53,40 @@ class GrantReceipt:
     expires_at: int
     allowed_types: frozenset[RecordType]
     threshold: int
-    #: node id -> SHA-256 of the kfrag that node stored
-    enrolled: dict[str, bytes]
+    #: node id -> SHA-256 of each kfrag that node stored (one per record type)
+    enrolled: dict[str, list[bytes]]
     #: node id -> why enrollment failed there
     failed: dict[str, str]
 
 
 class PatientClient:
-    def __init__(self, identity: Identity, registry: RegistryClient, blobs: LocalBlobStore) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        registry: RegistryClient,
+        blobs: LocalBlobStore,
+        coordinator: CoordinatorStub,
+    ) -> None:
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
+        self._coordinator = coordinator
+        self._domain: Domain | None = None
 
     def register(self) -> None:
-        """Register the patient's Umbral and kfrag-verifying keys, once."""
+        """Register the patient's per-record-type Umbral keys and kfrag-verifying key, once."""
         if self._registry.get_patient(self.identity.address) is not None:
             return
         self._registry.register_patient(
-            self.identity.account, self.identity.umbral_public_key(), self.identity.verifying_key()
+            self.identity.account,
+            self.identity.record_public_keys(),
+            self.identity.verifying_key(),
         )
 
     def store_record(self, document: bytes, record_type: RecordType) -> StoredRecord:
         """Validate, encrypt, store and anchor a FHIR record."""
         record_id = secrets.token_bytes(32)
-        public_key = self.identity.umbral_secret_key().public_key()
+        public_key = self.identity.record_public_key(record_type)
         sealed = seal(record_id, record_type, document, public_key)
         storage_uri = self._blobs.put(sealed.envelope)
         capsule_hash = hash_capsule(sealed.capsule)
@@ -111,12 +124,7 @@ class PatientClient:
             raise InvalidRequest("a grant must allow at least one record type")
         if duration_s <= 0:
             raise InvalidRequest("duration_s must be positive")
-        receiving_key = load_public_key(grantee_umbral_key, "grantee umbral key")
-        nodes = [n for n in self._registry.list_nodes() if n.active]
-        if not 1 <= threshold <= len(nodes):
-            raise InvalidRequest(
-                f"threshold {threshold} needs between 1 and {len(nodes)} active nodes"
-            )
+        nodes = self._active_nodes(threshold)
         _, chain_now = self._registry.latest_block()
         expires_at = chain_now + duration_s
         self._registry.grant_access(
@@ -126,49 +134,108 @@ class PatientClient:
             expires_at=expires_at,
             allowed_types_mask=to_mask(types),
         )
-        kfrags = umbral.generate_kfrags(
-            delegating_sk=self.identity.umbral_secret_key(),
-            receiving_pk=receiving_key,
-            signer=self.identity.kfrag_signer(),
-            threshold=threshold,
-            shares=len(nodes),
-            sign_delegating_key=True,
-            sign_receiving_key=True,
+        enrolled, failed = self._enroll(nodes, grantee, grantee_umbral_key, types, threshold)
+        return GrantReceipt(grantee, expires_at, types, threshold, enrolled, failed)
+
+    def opt_in_emergency(
+        self,
+        responder: str,
+        responder_umbral_key: bytes,
+        record_types: Iterable[RecordType],
+        *,
+        threshold: int,
+    ) -> GrantReceipt:
+        """Standing consent that ``responder`` (an emergency-role holder) may open short
+        emergency grants to records of ``record_types``. Kfrags for the responder's key are
+        enrolled now and lie dormant: nodes serve them only inside an open emergency window."""
+        types = frozenset(record_types)
+        if not types:
+            raise InvalidRequest("an opt-in must allow at least one record type")
+        nodes = self._active_nodes(threshold)
+        self._registry.opt_in_emergency(
+            self.identity.account,
+            responder=responder,
+            responder_umbral_key=responder_umbral_key,
+            allowed_types_mask=to_mask(types),
         )
-        enrolled: dict[str, bytes] = {}
-        failed: dict[str, str] = {}
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            futures = {
-                node.node_id: pool.submit(self._enroll, node, grantee, bytes(kfrag))
-                for node, kfrag in zip(nodes, kfrags, strict=True)
-            }
-            for node_id, future in futures.items():
-                try:
-                    enrolled[node_id] = future.result()
-                except KmsError as e:
-                    failed[node_id] = e.message
-        del kfrags
+        enrolled, failed = self._enroll(nodes, responder, responder_umbral_key, types, threshold)
+        return GrantReceipt(responder, 0, types, threshold, enrolled, failed)
+
+    def opt_out_emergency(self, responder: str) -> int:
+        """Withdraw the opt-in (closing any open emergency grant); return its block."""
+        tx = self._registry.opt_out_emergency(self.identity.account, responder)
+        return self._registry.receipt_block(tx)
+
+    def _active_nodes(self, threshold: int) -> list[NodeInfo]:
+        nodes = [n for n in self._registry.list_nodes() if n.active]
+        if not 1 <= threshold <= len(nodes):
+            raise InvalidRequest(
+                f"threshold {threshold} needs between 1 and {len(nodes)} active nodes"
+            )
+        return nodes
+
+    def _enroll(
+        self,
+        nodes: list[NodeInfo],
+        grantee: str,
+        receiving_key: bytes,
+        types: frozenset[RecordType],
+        threshold: int,
+    ) -> tuple[dict[str, list[bytes]], dict[str, str]]:
+        """Make kfrags for each type, seal each node's share to it, and have the
+        coordinator relay them; (node id -> stored kfrag hashes, node id -> failure)."""
+        receiving = load_public_key(receiving_key, "grantee umbral key")
+        signer = self.identity.kfrag_signer()
+        per_node: list[dict[RecordType, bytes]] = [{} for _ in nodes]
+        for record_type in sorted(types):
+            kfrags = umbral.generate_kfrags(
+                delegating_sk=self.identity.record_secret_key(record_type),
+                receiving_pk=receiving,
+                signer=signer,
+                threshold=threshold,
+                shares=len(nodes),
+                sign_delegating_key=True,
+                sign_receiving_key=True,
+            )
+            for shares, kfrag in zip(per_node, kfrags, strict=True):
+                shares[record_type] = bytes(kfrag)
+            del kfrags
+        domain = self._signing_domain()
+        request = coordinator_pb2.RelayEnrollmentsRequest(
+            enrollments=[
+                sealed_enrollment(
+                    self.identity.account, domain, node, grantee, receiving_key, shares
+                )
+                for node, shares in zip(nodes, per_node, strict=True)
+            ]
+        )
+        del per_node
+        try:
+            response = self._coordinator.EnrollKeyFragments(request, timeout=ENROLL_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, "coordinator") from None
+        enrolled: dict[str, list[bytes]] = {}
+        failed = {n.node_id: "the coordinator returned no answer for this node" for n in nodes}
+        for result in response.results:
+            if result.node_id not in failed:
+                continue
+            if result.status:
+                failed[result.node_id] = f"{result.status}: {result.reason}"
+            else:
+                del failed[result.node_id]
+                enrolled[result.node_id] = [bytes(h) for h in result.response.kfrag_sha256]
         if len(enrolled) < threshold:
             details = "; ".join(f"{n}: {m}" for n, m in failed.items())
             raise Unavailable(
-                f"grant written on-chain but only {len(enrolled)} of {threshold} required nodes "
-                f"accepted a kfrag ({details}); grant again once the nodes are back"
+                f"written on-chain but only {len(enrolled)} of {threshold} required nodes "
+                f"accepted kfrags ({details}); enroll again once the nodes are back"
             )
-        return GrantReceipt(grantee, expires_at, types, threshold, enrolled, failed)
+        return enrolled, failed
 
-    def _enroll(self, node: NodeInfo, grantee: str, kfrag: bytes) -> bytes:
-        request = node_pb2.EnrollKeyFragmentRequest(
-            patient=address_bytes(self.identity.address),
-            grantee=address_bytes(grantee),
-            kfrag=kfrag,
-        )
-        with grpc.insecure_channel(node.endpoint, options=rpc.CHANNEL_OPTIONS) as channel:
-            stub = NodeStub(channel)
-            try:
-                response = stub.EnrollKeyFragment(request, timeout=ENROLL_TIMEOUT_S)
-            except grpc.RpcError as e:
-                raise rpc.error_from_rpc(e, node.node_id) from None
-        return bytes(response.kfrag_sha256)
+    def _signing_domain(self) -> Domain:
+        if self._domain is None:
+            self._domain = Domain(self._registry.chain_id(), self._registry.address)
+        return self._domain
 
     def revoke(self, grantee: str) -> int:
         """Revoke the grant on-chain; return the block it was mined in."""

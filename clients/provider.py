@@ -87,16 +87,31 @@ class ProviderClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def open_emergency_access(self, patient: str, duration_s: int) -> tuple[int, int]:
+        """As an emergency-role holder, open a time-boxed emergency grant to a patient who
+        opted in (at most the registry's maximum, 4 h); the patient sees the event. Reads
+        under it must use purpose of use ETREAT. Returns (block mined in, expiry)."""
+        tx = self._registry.open_emergency_access(
+            self.identity.account, patient=patient, duration_s=duration_s
+        )
+        block = self._registry.receipt_block(tx)
+        grant = self._registry.get_grant(patient, self.identity.address)
+        if grant is None or not grant.emergency:
+            raise PreconditionFailed("the registry shows no emergency grant after opening one")
+        return block, grant.expires_at
+
     def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
         parse_purpose(purpose_of_use)
-        record_id, envelope, patient = self._fetch(record_id)
-        request = self._signer.single(patient.address, record_id, envelope.capsule, purpose_of_use)
+        record, envelope, patient = self._fetch(record_id)
+        request = self._signer.single(
+            patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
+        )
         try:
             response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e) from None
-        dek = self._open_dek(patient, envelope, response.fragments)
+        dek = self._open_dek(patient, record, envelope, response.fragments)
         return open_envelope(envelope, dek)
 
     def read_records(
@@ -113,17 +128,19 @@ class ProviderClient:
             raise InvalidRequest("a batch read covers the records of one patient")
         patient = fetched[0][2]
         request = self._signer.batch(
-            patient.address, [(rid, env.capsule) for rid, env, _ in fetched], purpose_of_use
+            patient.address,
+            [(rec.record_id, rec.record_type, env.capsule) for rec, env, _ in fetched],
+            purpose_of_use,
         )
         try:
             response = self._coordinator.ReencryptBatch(request, timeout=REQUEST_TIMEOUT_S)
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e) from None
         results: dict[bytes, bytes | KmsError] = {
-            rid: IntegrityError("the coordinator returned no result for this record")
-            for rid, _, _ in fetched
+            rec.record_id: IntegrityError("the coordinator returned no result for this record")
+            for rec, _, _ in fetched
         }
-        envelopes = {rid: env for rid, env, _ in fetched}
+        envelopes = {rec.record_id: (rec, env) for rec, env, _ in fetched}
         for result in response.results:
             record_id = bytes(result.record_id)
             if record_id not in envelopes:
@@ -131,9 +148,10 @@ class ProviderClient:
             if result.status:
                 results[record_id] = error_for_status(result.status, result.reason)
                 continue
+            record, envelope = envelopes[record_id]
             try:
-                dek = self._open_dek(patient, envelopes[record_id], result.fragments)
-                results[record_id] = open_envelope(envelopes[record_id], dek)
+                dek = self._open_dek(patient, record, envelope, result.fragments)
+                results[record_id] = open_envelope(envelope, dek)
             except KmsError as e:
                 results[record_id] = e
         return results
@@ -148,7 +166,7 @@ class ProviderClient:
     def _patient(self, address: str) -> PatientInfo | None:
         return _cached(self._patients, address, self._registry.get_patient)
 
-    def _fetch(self, record_id: bytes) -> tuple[bytes, record_pb2.RecordEnvelope, PatientInfo]:
+    def _fetch(self, record_id: bytes) -> tuple[RecordInfo, record_pb2.RecordEnvelope, PatientInfo]:
         """The record's envelope from the blob store, checked against the chain."""
         if len(record_id) != 32:
             raise InvalidRequest("record_id must be 32 bytes")
@@ -166,17 +184,19 @@ class ProviderClient:
         patient = self._patient(record.patient)
         if patient is None:
             raise PreconditionFailed("the record's patient is not registered")
-        return record_id, envelope, patient
+        return record, envelope, patient
 
     def _open_dek(
         self,
         patient: PatientInfo,
+        record: RecordInfo,
         envelope: record_pb2.RecordEnvelope,
         fragments: Iterable[common_pb2.CapsuleFragment],
     ) -> bytes:
-        """Verify the capsule fragments ourselves and decapsulate the DEK."""
+        """Verify the capsule fragments ourselves and decapsulate the DEK with the
+        patient's key for the record's type."""
         capsule = umbral.Capsule.from_bytes(envelope.capsule)
-        delegating_key = load_public_key(patient.umbral_public_key)
+        delegating_key = load_public_key(patient.umbral_key(record.record_type))
         verifying_key = load_public_key(patient.verifying_key)
         secret_key = self.identity.umbral_secret_key()
         verified = []

@@ -9,12 +9,15 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
 
-from medkms.core.request_auth import BatchClaims, Domain, RequestClaims, sign
-from medkms.core.requests import address_bytes
+from medkms.core.kfrag_delivery import delivery_binding, seal_for_node
+from medkms.core.record_types import RecordType
+from medkms.core.registry_types import NodeInfo
+from medkms.core.request_auth import BatchClaims, Domain, EnrollmentClaims, RequestClaims, sign
+from medkms.core.requests import SealedKfrag, address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.proto.kms.v1 import common_pb2
 
@@ -34,6 +37,7 @@ class RequestSigner:
         self,
         patient: str,
         record_id: bytes,
+        record_type: RecordType,
         capsule: bytes,
         purpose_of_use: str = "TREAT",
         *,
@@ -52,6 +56,7 @@ class RequestSigner:
             request_id=uuid.uuid4().hex,
             patient=address_bytes(claims.patient),
             record_id=record_id,
+            record_type=int(record_type),
             capsule=capsule,
             requester=address_bytes(self._account.address),
             requester_umbral_key=self._umbral_key,
@@ -64,16 +69,16 @@ class RequestSigner:
     def batch(
         self,
         patient: str,
-        capsules: Sequence[tuple[bytes, bytes]],
+        capsules: Sequence[tuple[bytes, RecordType, bytes]],
         purpose_of_use: str = "TREAT",
         *,
         validity_s: int = REQUEST_VALIDITY_S,
     ) -> common_pb2.ReencryptionBatchRequest:
-        """``capsules`` are (record id, capsule) pairs, in the order they are signed."""
+        """``capsules`` are (record id, record type, capsule), in the order they are signed."""
         claims = BatchClaims(
             patient=patient,
-            record_ids=tuple(r for r, _ in capsules),
-            capsule_hashes=tuple(capsule_hash(c) for _, c in capsules),
+            record_ids=tuple(r for r, _, _ in capsules),
+            capsule_hashes=tuple(capsule_hash(c) for _, _, c in capsules),
             requester_umbral_key=self._umbral_key,
             nonce=secrets.token_bytes(32),
             deadline=int(time.time()) + validity_s,
@@ -82,7 +87,10 @@ class RequestSigner:
         return common_pb2.ReencryptionBatchRequest(
             request_id=uuid.uuid4().hex,
             patient=address_bytes(claims.patient),
-            capsules=[common_pb2.CapsuleRef(record_id=r, capsule=c) for r, c in capsules],
+            capsules=[
+                common_pb2.CapsuleRef(record_id=r, record_type=int(t), capsule=c)
+                for r, t, c in capsules
+            ],
             requester=address_bytes(self._account.address),
             requester_umbral_key=self._umbral_key,
             purpose_of_use=purpose_of_use,
@@ -90,3 +98,53 @@ class RequestSigner:
             nonce=claims.nonce,
             signature=sign(self._account, self._domain, claims),
         )
+
+
+def sealed_enrollment(
+    patient: LocalAccount,
+    domain: Domain,
+    node: NodeInfo,
+    grantee: str,
+    receiving_key: bytes,
+    kfrags: Mapping[RecordType, bytes],
+    *,
+    validity_s: int = REQUEST_VALIDITY_S,
+    now: float | None = None,
+) -> common_pb2.EnrollKeyFragmentRequest:
+    """The patient's enrollment of one kfrag per record type at ``node``: each kfrag
+    sealed to the node's registered delivery key, bound to the node and the grant; the
+    whole signed by the patient. Anyone may carry it; only that node can open it."""
+    sealed = []
+    for record_type, kfrag in kfrags.items():
+        binding = delivery_binding(
+            node.node_id, patient.address, grantee, receiving_key, int(record_type)
+        )
+        ephemeral, ciphertext = seal_for_node(
+            node.delivery_public_key, kfrag, info=binding, aad=binding
+        )
+        sealed.append(SealedKfrag(record_type, ephemeral, ciphertext))
+    claims = EnrollmentClaims(
+        node_id=node.node_id,
+        patient=patient.address,
+        grantee=grantee,
+        receiving_key=receiving_key,
+        record_types=tuple(int(k.record_type) for k in sealed),
+        sealed_hashes=tuple(k.sha256 for k in sealed),
+        deadline=int(time.time() if now is None else now) + validity_s,
+    )
+    return common_pb2.EnrollKeyFragmentRequest(
+        node_id=node.node_id,
+        patient=address_bytes(claims.patient),
+        grantee=address_bytes(claims.grantee),
+        receiving_key=receiving_key,
+        kfrags=[
+            common_pb2.SealedKeyFragment(
+                record_type=int(k.record_type),
+                ephemeral_public_key=k.ephemeral_public_key,
+                sealed=k.sealed,
+            )
+            for k in sealed
+        ],
+        deadline=claims.deadline,
+        signature=sign(patient, domain, claims),
+    )

@@ -13,9 +13,9 @@ no key and its repr shows only the chain endpoint and the contract address.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import eth_abi.exceptions
@@ -26,6 +26,7 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils.abi import collapse_if_tuple
 from eth_utils.address import is_address
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import Contract, ContractConstructor, ContractFunction
 from web3.exceptions import (
@@ -47,6 +48,10 @@ from medkms.core.registry_types import (
     AccessRevoked,
     AccessState,
     BlockRef,
+    CheckpointAnchor,
+    EmergencyAccessOpened,
+    EmergencyOptIn,
+    EmergencyOptInChanged,
     GrantInfo,
     NodeInfo,
     PatientInfo,
@@ -70,6 +75,7 @@ __all__ = [
 
 PROVIDER_ROLE = Web3.keccak(text="PROVIDER_ROLE")
 NODE_ADMIN_ROLE = Web3.keccak(text="NODE_ADMIN_ROLE")
+EMERGENCY_ROLE = Web3.keccak(text="EMERGENCY_ROLE")
 
 # Limits the contract enforces; checked here too so that bad input never costs a round trip.
 COMPRESSED_POINT_BYTES = 33
@@ -77,6 +83,9 @@ MAX_STORAGE_URI_BYTES = 256
 MAX_NODE_ID_BYTES = 32
 MAX_ENDPOINT_BYTES = 256
 MAX_SIGNING_KEY_BYTES = 256
+MAX_CHECKPOINT_SIGNATURE_BYTES = 256
+#: the contract's MAX_EMERGENCY_DURATION
+MAX_EMERGENCY_DURATION_S = 4 * 3600
 _UINT64_MAX = 2**64 - 1
 _ZERO_ADDRESS = "0x" + "00" * 20
 _ZERO_32 = b"\x00" * 32
@@ -144,6 +153,19 @@ def _redacted_url(url: str) -> str:
 
 
 # ------------------------------------------------------------------- transport
+
+
+class TxSigner(Protocol):
+    """An account whose key lives elsewhere (e.g. a node's HSM): it signs a transaction
+    dict and returns the raw signed bytes. ``LocalAccount`` senders are accepted too."""
+
+    @property
+    def address(self) -> str: ...
+
+    def sign_raw_transaction(self, tx: dict[str, Any]) -> bytes: ...
+
+
+Sender = LocalAccount | TxSigner
 
 
 class _Chain:
@@ -231,21 +253,27 @@ class _Chain:
             return fn.call(block_identifier=block)
 
     def transact(
-        self, sender: LocalAccount, op: str, fn: ContractFunction | ContractConstructor
+        self, sender: Sender, op: str, fn: ContractFunction | ContractConstructor
     ) -> TxReceipt:
-        """Build (web3 estimates gas, surfacing reverts), sign locally, send, wait, check."""
-        if not isinstance(sender, LocalAccount):
-            raise InvalidRequest(f"{op}: sender must be an eth_account LocalAccount")
+        """Build (web3 estimates gas, surfacing reverts), sign, send, wait, check."""
+        if not isinstance(sender, LocalAccount) and not callable(
+            getattr(sender, "sign_raw_transaction", None)
+        ):
+            raise InvalidRequest(f"{op}: sender must be a LocalAccount or a TxSigner")
         with self.translate(op):
             with self._send_lock:
+                sender_address = Web3.to_checksum_address(sender.address)
                 params: TxParams = {
-                    "from": sender.address,
+                    "from": sender_address,
                     "chainId": self.w3.eth.chain_id,
-                    "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+                    "nonce": self.w3.eth.get_transaction_count(sender_address, "pending"),
                 }
                 tx = fn.build_transaction(params)
-                signed = sender.sign_transaction(tx)  # type: ignore[arg-type]
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                if isinstance(sender, LocalAccount):
+                    raw = bytes(sender.sign_transaction(tx).raw_transaction)  # type: ignore[arg-type]
+                else:
+                    raw = sender.sign_raw_transaction(dict(tx))
+                tx_hash = self.w3.eth.send_raw_transaction(raw)
             receipt = self.w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self.timeout_s, poll_latency=0.05
             )
@@ -293,6 +321,9 @@ class RegistryClient:
             address=self.address,
             abi=abi,
             decode_tuples=True,  # structs come back as named tuples
+        )
+        self._anchor_topic = next(
+            _event_topic(e) for e in abi if e.get("name") == "CheckpointAnchored"
         )
         # topic0 -> the contract event a grant index follows
         self._events: dict[bytes, Any] = {
@@ -369,7 +400,7 @@ class RegistryClient:
 
     # --------------------------------------------------------- transactions
 
-    def _transact(self, sender: LocalAccount, op: str, fn: ContractFunction) -> str:
+    def _transact(self, sender: Sender, op: str, fn: ContractFunction) -> str:
         receipt = self._chain.transact(sender, op, fn)
         return Web3.to_hex(receipt["transactionHash"])
 
@@ -377,12 +408,24 @@ class RegistryClient:
         fn = self._contract.functions.grantRole(PROVIDER_ROLE, _address(provider, "provider"))
         return self._transact(admin, "grantRole", fn)
 
+    def grant_emergency_role(self, admin: LocalAccount, responder: str) -> str:
+        fn = self._contract.functions.grantRole(EMERGENCY_ROLE, _address(responder, "responder"))
+        return self._transact(admin, "grantRole", fn)
+
     def register_patient(
-        self, patient: LocalAccount, umbral_public_key: bytes, verifying_key: bytes
+        self, patient: LocalAccount, umbral_public_keys: Sequence[bytes], verifying_key: bytes
     ) -> str:
+        """Register per-record-type Umbral keys (one per ``RecordType``, in order)."""
+        if len(umbral_public_keys) != len(RecordType):
+            raise InvalidRequest(
+                f"umbral_public_keys: need one key per record type ({len(RecordType)})"
+            )
+        keys = b"".join(
+            _compressed_point(k, f"umbral_public_keys[{i}]")
+            for i, k in enumerate(umbral_public_keys)
+        )
         fn = self._contract.functions.registerPatient(
-            _compressed_point(umbral_public_key, "umbral_public_key"),
-            _compressed_point(verifying_key, "verifying_key"),
+            keys, _compressed_point(verifying_key, "verifying_key")
         )
         return self._transact(patient, "registerPatient", fn)
 
@@ -424,17 +467,11 @@ class RegistryClient:
             raise InvalidRequest("expires_at must be an int (unix seconds)")
         if not 0 < expires_at <= _UINT64_MAX:
             raise InvalidRequest("expires_at out of range")
-        if isinstance(allowed_types_mask, bool) or not isinstance(allowed_types_mask, int):
-            raise InvalidRequest("allowed_types_mask must be an int")
-        if allowed_types_mask == 0 or allowed_types_mask & ~ALL_TYPES_MASK:
-            raise InvalidRequest(
-                f"allowed_types_mask must be a nonzero subset of {ALL_TYPES_MASK:#x}"
-            )
         fn = self._contract.functions.grantAccess(
             _address(grantee, "grantee"),
             _compressed_point(grantee_umbral_key, "grantee_umbral_key"),
             expires_at,
-            allowed_types_mask,
+            _types_mask(allowed_types_mask),
         )
         return self._transact(patient, "grantAccess", fn)
 
@@ -442,8 +479,46 @@ class RegistryClient:
         fn = self._contract.functions.revokeAccess(_address(grantee, "grantee"))
         return self._transact(patient, "revokeAccess", fn)
 
+    def opt_in_emergency(
+        self,
+        patient: LocalAccount,
+        *,
+        responder: str,
+        responder_umbral_key: bytes,
+        allowed_types_mask: int,
+    ) -> str:
+        fn = self._contract.functions.optInEmergency(
+            _address(responder, "responder"),
+            _compressed_point(responder_umbral_key, "responder_umbral_key"),
+            _types_mask(allowed_types_mask),
+        )
+        return self._transact(patient, "optInEmergency", fn)
+
+    def opt_out_emergency(self, patient: LocalAccount, responder: str) -> str:
+        fn = self._contract.functions.optOutEmergency(_address(responder, "responder"))
+        return self._transact(patient, "optOutEmergency", fn)
+
+    def open_emergency_access(
+        self, responder: LocalAccount, *, patient: str, duration_s: int
+    ) -> str:
+        if isinstance(duration_s, bool) or not isinstance(duration_s, int):
+            raise InvalidRequest("duration_s must be an int")
+        if not 0 < duration_s <= MAX_EMERGENCY_DURATION_S:
+            raise InvalidRequest(
+                f"an emergency grant lasts 1 to {MAX_EMERGENCY_DURATION_S} s, got {duration_s}"
+            )
+        fn = self._contract.functions.openEmergencyAccess(_address(patient, "patient"), duration_s)
+        return self._transact(responder, "openEmergencyAccess", fn)
+
     def register_node(
-        self, admin: LocalAccount, *, node_id: str, endpoint: str, signing_public_key: bytes
+        self,
+        admin: LocalAccount,
+        *,
+        node_id: str,
+        endpoint: str,
+        signing_public_key: bytes,
+        delivery_public_key: bytes,
+        account: str,
     ) -> str:
         key = signing_public_key
         if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_SIGNING_KEY_BYTES:
@@ -452,8 +527,42 @@ class RegistryClient:
             _text(node_id, "node_id", MAX_NODE_ID_BYTES),
             _text(endpoint, "endpoint", MAX_ENDPOINT_BYTES),
             key,
+            _compressed_point(delivery_public_key, "delivery_public_key"),
+            _address(account, "account"),
         )
         return self._transact(admin, "registerNode", fn)
+
+    def anchor_checkpoint(
+        self,
+        node: Sender,
+        *,
+        node_id: str,
+        tree_size: int,
+        root_hash: bytes,
+        timestamp: int,
+        signature: bytes,
+    ) -> str:
+        """Anchor a node's signed checkpoint, sent from the node's own account."""
+        for name, value in (("tree_size", tree_size), ("timestamp", timestamp)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 < value <= _UINT64_MAX
+            ):
+                raise InvalidRequest(f"{name} must be a positive uint64")
+        if (
+            not isinstance(signature, bytes)
+            or not 1 <= len(signature) <= MAX_CHECKPOINT_SIGNATURE_BYTES
+        ):
+            raise InvalidRequest(f"signature must be 1..{MAX_CHECKPOINT_SIGNATURE_BYTES} bytes")
+        fn = self._contract.functions.anchorCheckpoint(
+            _text(node_id, "node_id", MAX_NODE_ID_BYTES),
+            tree_size,
+            _bytes32(root_hash, "root_hash", nonzero=False),
+            timestamp,
+            signature,
+        )
+        return self._transact(node, "anchorCheckpoint", fn)
 
     def set_node_active(self, admin: LocalAccount, *, node_id: str, active: bool) -> str:
         fn = self._contract.functions.setNodeActive(
@@ -466,9 +575,9 @@ class RegistryClient:
     def get_patient(self, address: str) -> PatientInfo | None:
         patient = _address(address, "patient")
         p = self._chain.call("getPatient", self._contract.functions.getPatient(patient))
-        if len(p.umbralKey) == 0:
+        if len(p.umbralKeys) == 0:
             return None
-        return PatientInfo(patient, bytes(p.umbralKey), bytes(p.verifyingKey))
+        return PatientInfo(patient, _split_keys(bytes(p.umbralKeys)), bytes(p.verifyingKey))
 
     def get_record(self, record_id: bytes) -> RecordInfo | None:
         rid = _bytes32(record_id, "record_id", nonzero=False)
@@ -476,10 +585,63 @@ class RegistryClient:
         with self._chain.translate("getRecord"):
             return _record(rid, r)
 
-    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
+    def get_grant(
+        self, patient: str, grantee: str, *, block: int | None = None
+    ) -> GrantInfo | None:
+        """The grant now, or as it stood at ``block`` (needs an archive-capable chain)."""
         p, g = _address(patient, "patient"), _address(grantee, "grantee")
-        grant = self._chain.call("getGrant", self._contract.functions.getGrant(p, g))
+        at: BlockIdentifier = "latest" if block is None else block
+        grant = self._chain.call("getGrant", self._contract.functions.getGrant(p, g), at)
         return _grant(p, g, grant)
+
+    def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None:
+        p, r = _address(patient, "patient"), _address(responder, "responder")
+        o = self._chain.call("getEmergencyOptIn", self._contract.functions.getEmergencyOptIn(p, r))
+        if len(o.responderUmbralKey) == 0:
+            return None
+        return EmergencyOptIn(
+            p, r, bytes(o.responderUmbralKey), int(o.allowedTypes), bool(o.active)
+        )
+
+    def latest_checkpoint(self, node_id: str) -> tuple[int, bytes, int] | None:
+        """(tree size, root hash, timestamp) of the node's latest anchor, or None."""
+        c = self._chain.call(
+            "latestCheckpoint",
+            self._contract.functions.latestCheckpoint(_text(node_id, "node_id", MAX_NODE_ID_BYTES)),
+        )
+        if int(c.treeSize) == 0:
+            return None
+        return int(c.treeSize), bytes(c.rootHash), int(c.timestamp)
+
+    def checkpoint_anchors(
+        self, node_id: str, from_block: int = 0, to_block: int | None = None
+    ) -> list[CheckpointAnchor]:
+        """Every checkpoint the node anchored in [from_block, to_block], in chain order."""
+        key = Web3.keccak(text=_text(node_id, "node_id", MAX_NODE_ID_BYTES))
+        with self._chain.translate("get_logs"):
+            last = self._chain.w3.eth.block_number if to_block is None else to_block
+            logs = self._chain.w3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": from_block,
+                    "toBlock": last,
+                    "topics": [HexBytes(self._anchor_topic), key],
+                }
+            )
+            anchors = []
+            for log in logs:
+                args = self._contract.events.CheckpointAnchored().process_log(log)["args"]
+                anchors.append(
+                    CheckpointAnchor(
+                        node_id=str(args.nodeId),
+                        tree_size=int(args.treeSize),
+                        root_hash=bytes(args.rootHash),
+                        timestamp=int(args.timestamp),
+                        signature=bytes(args.signature),
+                        block=int(log["blockNumber"]),
+                    )
+                )
+            return anchors
 
     def list_nodes(self) -> list[NodeInfo]:
         """All registered nodes (active or not), read at one block so the list is consistent."""
@@ -490,15 +652,28 @@ class RegistryClient:
         for i in range(int(count)):
             n = self._chain.call("getNode", self._contract.functions.getNode(i), block)
             if n.nodeId:
-                nodes.append(NodeInfo(n.nodeId, n.endpoint, bytes(n.signingKey), bool(n.active)))
+                nodes.append(
+                    NodeInfo(
+                        node_id=n.nodeId,
+                        endpoint=n.endpoint,
+                        signing_public_key=bytes(n.signingKey),
+                        delivery_public_key=bytes(n.deliveryKey),
+                        account=str(Web3.to_checksum_address(n.account)),
+                        active=bool(n.active),
+                    )
+                )
         return nodes
 
-    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
-        """Record, grant (record's patient -> grantee) and the block judged at: one eth_call."""
+    def access_state(
+        self, record_id: bytes, grantee: str, *, block: int | None = None
+    ) -> AccessState:
+        """Record, grant (record's patient -> grantee) and the block judged at: one eth_call.
+        At the latest block, or as of ``block`` (an auditor re-judging a past decision)."""
         rid = _bytes32(record_id, "record_id", nonzero=False)
         who = _address(grantee, "grantee")
+        at: BlockIdentifier = "latest" if block is None else block
         record, grant, number, timestamp = self._chain.call(
-            "accessState", self._contract.functions.accessState(rid, who)
+            "accessState", self._contract.functions.accessState(rid, who), at
         )
         with self._chain.translate("accessState"):
             info = _record(rid, record)
@@ -537,11 +712,35 @@ def _grant(patient: str, grantee: str, g: Any) -> GrantInfo | None:
         allowed_types_mask=int(g.allowedTypes),
         active=bool(g.active),
         granted_at=int(g.grantedAt),
+        emergency=bool(g.emergency),
     )
 
 
+def _split_keys(keys: bytes) -> tuple[bytes, ...]:
+    n = COMPRESSED_POINT_BYTES
+    if len(keys) != n * len(RecordType):
+        raise ChainUnavailable("registry returned a patient key list of the wrong length")
+    return tuple(keys[i * n : (i + 1) * n] for i in range(len(RecordType)))
+
+
+def _types_mask(mask: int) -> int:
+    if isinstance(mask, bool) or not isinstance(mask, int):
+        raise InvalidRequest("allowed_types_mask must be an int")
+    if mask == 0 or mask & ~ALL_TYPES_MASK:
+        raise InvalidRequest(f"allowed_types_mask must be a nonzero subset of {ALL_TYPES_MASK:#x}")
+    return mask
+
+
 _FOLLOWED_EVENTS = frozenset(
-    {"PatientRegistered", "RecordAnchored", "RecordDeactivated", "AccessGranted", "AccessRevoked"}
+    {
+        "PatientRegistered",
+        "RecordAnchored",
+        "RecordDeactivated",
+        "AccessGranted",
+        "AccessRevoked",
+        "EmergencyAccessOpened",
+        "EmergencyOptInChanged",
+    }
 )
 
 
@@ -556,7 +755,11 @@ def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent:
 
     if name == "PatientRegistered":
         return PatientRegistered(
-            block, timestamp, addr(args.patient), bytes(args.umbralKey), bytes(args.verifyingKey)
+            block,
+            timestamp,
+            addr(args.patient),
+            _split_keys(bytes(args.umbralKeys)),
+            bytes(args.verifyingKey),
         )
     if name == "RecordAnchored":
         return RecordAnchored(
@@ -583,4 +786,24 @@ def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent:
         )
     if name == "AccessRevoked":
         return AccessRevoked(block, timestamp, addr(args.patient), addr(args.grantee))
+    if name == "EmergencyAccessOpened":
+        return EmergencyAccessOpened(
+            block,
+            timestamp,
+            addr(args.patient),
+            addr(args.responder),
+            bytes(args.responderUmbralKey),
+            int(args.expiresAt),
+            int(args.allowedTypes),
+        )
+    if name == "EmergencyOptInChanged":
+        return EmergencyOptInChanged(
+            block,
+            timestamp,
+            addr(args.patient),
+            addr(args.responder),
+            bytes(args.responderUmbralKey),
+            int(args.allowedTypes),
+            bool(args.active),
+        )
     raise ValueError(f"not a followed event: {name}")

@@ -31,6 +31,11 @@ async def serve(settings: CoordinatorSettings) -> None:
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, service.reencrypt_batch),
+        rpc.Method(
+            "EnrollKeyFragments",
+            coordinator_pb2.RelayEnrollmentsRequest,
+            service.enroll_key_fragments,
+        ),
     ]
     server.add_generic_rpc_handlers([rpc.aio_service_handler(COORDINATOR_SERVICE, methods)])
     health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])

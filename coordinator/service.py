@@ -73,7 +73,9 @@ class _Verifier:
         self._capsule = query.capsule
         self._receiving_key = query.receiving_key
         self._verifying_key = load_public_key(patient.verifying_key, "patient verifying key")
-        self._delegating_key = load_public_key(patient.umbral_public_key, "patient umbral key")
+        self._delegating_key = load_public_key(
+            patient.umbral_key(query.record_type), "patient umbral key"
+        )
 
     def check(self, cfrag: bytes) -> bool:
         try:
@@ -219,6 +221,51 @@ class CoordinatorService:
                 for n in self._settings.nodes
             ],
         )
+
+    async def enroll_key_fragments(
+        self,
+        msg: coordinator_pb2.RelayEnrollmentsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.RelayEnrollmentsResponse:
+        """Relay each sealed enrollment to the node it is sealed to, concurrently. The
+        kfrags are sealed to the nodes' HSM keys and the enrollment signed by the patient:
+        the coordinator can neither read nor alter them undetected."""
+        if not 1 <= len(msg.enrollments) <= len(self._settings.nodes):
+            raise InvalidRequest(
+                f"send 1 to {len(self._settings.nodes)} enrollments (one per node), "
+                f"got {len(msg.enrollments)}"
+            )
+        node_ids = [e.node_id for e in msg.enrollments]
+        if len(set(node_ids)) != len(node_ids):
+            raise InvalidRequest("at most one enrollment per node")
+        unknown = [n for n in node_ids if n not in self._stubs]
+        if unknown:
+            shown = ", ".join(repr(n[:32]) for n in unknown)
+            raise InvalidRequest(f"unknown node ids: {shown}")
+        timeout = self._timeout(context)
+
+        async def relay(
+            enrollment: common_pb2.EnrollKeyFragmentRequest,
+        ) -> coordinator_pb2.RelayedEnrollment:
+            node_id = enrollment.node_id
+            try:
+                response = (
+                    await self._stubs[node_id].next().EnrollKeyFragment(enrollment, timeout=timeout)
+                )
+            except grpc.RpcError as e:
+                error = rpc.error_from_rpc(e)
+                return coordinator_pb2.RelayedEnrollment(
+                    node_id=node_id, status=error.grpc_status, reason=error.message
+                )
+            return coordinator_pb2.RelayedEnrollment(node_id=node_id, response=response)
+
+        results = await asyncio.gather(*(relay(e) for e in msg.enrollments))
+        log.info(
+            "enrollments_relayed",
+            nodes=node_ids,
+            failed=[r.node_id for r in results if r.status],
+        )
+        return coordinator_pb2.RelayEnrollmentsResponse(results=results)
 
     def _timeout(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
         """Per-node deadline: ours, or less if the caller's deadline is nearer."""

@@ -17,6 +17,9 @@ from medkms.core.record_types import from_mask
 from medkms.core.registry_types import AccessState
 from medkms.core.requests import ReencryptionQuery
 
+#: HL7 purpose of use that an emergency grant (opened by a responder) requires
+EMERGENCY_PURPOSE = "ETREAT"
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -26,6 +29,8 @@ class Decision:
     #: a sentence for the caller and the audit log
     reason: str
     block_number: int
+    #: hash of that block, when the state's reader knew it
+    block_hash: bytes | None = None
 
     def error(self) -> KmsError:
         """The error to answer a denied request with."""
@@ -40,7 +45,7 @@ def _iso(ts: int) -> str:
 
 def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Decision:
     def deny(code: str, reason: str) -> Decision:
-        return Decision(False, code, reason, state.block_number)
+        return Decision(False, code, reason, state.block_number, state.block_hash)
 
     record, grant = state.record, state.grant
     if record is None:
@@ -51,6 +56,12 @@ def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Deci
         return deny("record_inactive", "record has been deactivated by the patient")
     if not hmac.compare_digest(query.capsule_hash, record.capsule_hash):
         return deny("capsule_mismatch", "capsule is not the one anchored for this record")
+    if query.record_type != record.record_type:
+        return deny(
+            "record_type_mismatch",
+            f"record_type {query.record_type.label} is not the record's type "
+            f"({record.record_type.label})",
+        )
     if grant is None:
         return deny("no_grant", "patient has not granted access to this requester")
     if not grant.active:
@@ -64,4 +75,15 @@ def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Deci
         )
     if not hmac.compare_digest(grant.grantee_umbral_key, query.requester_umbral_key):
         return deny("receiving_key_mismatch", "requester_umbral_key is not the key in the grant")
-    return Decision(True, "granted", "grant is active and covers this record", state.block_number)
+    if grant.emergency and query.purpose_of_use != EMERGENCY_PURPOSE:
+        return deny(
+            "emergency_purpose_required",
+            f"an emergency grant serves purpose_of_use {EMERGENCY_PURPOSE} only",
+        )
+    return Decision(
+        True,
+        "granted",
+        "grant is active and covers this record",
+        state.block_number,
+        state.block_hash,
+    )

@@ -14,8 +14,14 @@ from medkms.core.record_types import RecordType
 @dataclass(frozen=True)
 class PatientInfo:
     address: str
-    umbral_public_key: bytes
+    #: one Umbral public key per record type, indexed by ``RecordType`` value: a record
+    #: of a type is encapsulated under that type's key, so a kfrag for one type cannot
+    #: open another
+    umbral_public_keys: tuple[bytes, ...]
     verifying_key: bytes
+
+    def umbral_key(self, record_type: RecordType) -> bytes:
+        return self.umbral_public_keys[record_type]
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,44 @@ class GrantInfo:
     allowed_types_mask: int
     active: bool
     granted_at: int
+    #: opened by an emergency responder on the patient's standing opt-in
+    emergency: bool = False
+
+
+@dataclass(frozen=True)
+class EmergencyOptIn:
+    """A patient's standing consent that ``responder`` may open emergency grants."""
+
+    patient: str
+    responder: str
+    responder_umbral_key: bytes
+    allowed_types_mask: int
+    active: bool
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     node_id: str
     endpoint: str
+    #: DER SubjectPublicKeyInfo of the node's HSM response-signing key (P-256)
     signing_public_key: bytes
+    #: compressed P-256 point of the node's HSM delivery key: kfrags are sealed to it
+    delivery_public_key: bytes
+    #: the node's Ethereum account (its key is in the HSM); it anchors checkpoints
+    account: str
     active: bool
+
+
+@dataclass(frozen=True)
+class CheckpointAnchor:
+    """A node's signed audit checkpoint as anchored on-chain (CheckpointAnchored event)."""
+
+    node_id: str
+    tree_size: int
+    root_hash: bytes
+    timestamp: int
+    signature: bytes
+    block: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +94,8 @@ class AccessState:
     grant: GrantInfo | None
     block_number: int
     block_timestamp: int
+    #: hash of that block, when the reader knows it (the grant index does)
+    block_hash: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +115,7 @@ class PatientRegistered:
     block: int
     timestamp: int
     patient: str
-    umbral_public_key: bytes
+    umbral_public_keys: tuple[bytes, ...]
     verifying_key: bytes
 
 
@@ -120,6 +158,36 @@ class AccessRevoked:
     grantee: str
 
 
+@dataclass(frozen=True)
+class EmergencyAccessOpened:
+    """A responder opened an emergency grant (the patient can watch for this)."""
+
+    block: int
+    timestamp: int
+    patient: str
+    responder: str
+    responder_umbral_key: bytes
+    expires_at: int
+    allowed_types_mask: int
+
+
+@dataclass(frozen=True)
+class EmergencyOptInChanged:
+    block: int
+    timestamp: int
+    patient: str
+    responder: str
+    responder_umbral_key: bytes
+    allowed_types_mask: int
+    active: bool
+
+
 RegistryEvent = (
-    PatientRegistered | RecordAnchored | RecordDeactivated | AccessGranted | AccessRevoked
+    PatientRegistered
+    | RecordAnchored
+    | RecordDeactivated
+    | AccessGranted
+    | AccessRevoked
+    | EmergencyAccessOpened
+    | EmergencyOptInChanged
 )

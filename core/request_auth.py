@@ -15,6 +15,13 @@ chain only. Primary types::
     ReencryptionBatch(address patient,bytes32[] recordIds,bytes32[] capsuleHashes,
         bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)
 
+    KeyFragmentEnrollment(string nodeId,address patient,address grantee,
+        bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,uint64 deadline)
+
+The last is signed by the patient: it delivers sealed kfrags to one node (see
+:mod:`medkms.core.kfrag_delivery`); ``sealedHashes[i]`` is the SHA-256 of the i-th
+sealed kfrag's ephemeral key and ciphertext.
+
 ``capsuleHash`` is :func:`medkms.core.umbral_codec.capsule_hash` of the capsule
 bytes; ``deadline`` is a Unix time in seconds. Pure: no I/O.
 """
@@ -82,6 +89,15 @@ _BATCH_FIELDS: _Fields = (
     ("nonce", "bytes32"),
     ("deadline", "uint64"),
     ("purposeOfUse", "string"),
+)
+_ENROLLMENT_FIELDS: _Fields = (
+    ("nodeId", "string"),
+    ("patient", "address"),
+    ("grantee", "address"),
+    ("receivingKey", "bytes"),
+    ("recordTypes", "uint8[]"),
+    ("sealedHashes", "bytes32[]"),
+    ("deadline", "uint64"),
 )
 
 
@@ -311,7 +327,87 @@ class BatchClaims:
         }
 
 
-Claims = RequestClaims | BatchClaims
+@dataclass(frozen=True)
+class EnrollmentClaims:
+    """What a patient's ``KeyFragmentEnrollment`` signature binds: the sealed kfrags, one
+    per record type, delivered to one node for one grant's receiving key."""
+
+    PRIMARY_TYPE: ClassVar[str] = "KeyFragmentEnrollment"
+    FIELDS: ClassVar[_Fields] = _ENROLLMENT_FIELDS
+    TYPE_HASH: ClassVar[bytes] = keccak(
+        _encode_type("KeyFragmentEnrollment", _ENROLLMENT_FIELDS).encode()
+    )
+
+    node_id: str
+    patient: str
+    grantee: str
+    receiving_key: bytes
+    record_types: tuple[int, ...]
+    sealed_hashes: tuple[bytes, ...]
+    deadline: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str):
+            raise InvalidRequest("node_id must be a string")
+        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
+        object.__setattr__(self, "grantee", _checked_address(self.grantee, "grantee"))
+        object.__setattr__(self, "record_types", tuple(self.record_types))
+        object.__setattr__(self, "sealed_hashes", tuple(self.sealed_hashes))
+        if not isinstance(self.receiving_key, bytes):
+            raise InvalidRequest("receiving_key must be bytes")
+        if len(self.record_types) != len(self.sealed_hashes):
+            raise InvalidRequest("record_types and sealed_hashes must have the same length")
+        for i, t in enumerate(self.record_types):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 255:
+                raise InvalidRequest(f"record_types[{i}] must fit in a uint8")
+        for i, digest in enumerate(self.sealed_hashes):
+            _checked_bytes32(digest, f"sealed_hashes[{i}]")
+        if isinstance(self.deadline, bool) or not isinstance(self.deadline, int):
+            raise InvalidRequest("deadline must be an integer Unix time")
+        if not 0 <= self.deadline <= UINT64_MAX:
+            raise InvalidRequest("deadline must fit in a uint64")
+
+    def hash_struct(self) -> bytes:
+        """EIP-712 ``hashStruct``; a ``uint8[]`` array hashes the elements' 32-byte words."""
+        types_words = b"".join(t.to_bytes(32, "big") for t in self.record_types)
+        return keccak(
+            abi_encode(
+                [
+                    "bytes32",
+                    "bytes32",
+                    "address",
+                    "address",
+                    "bytes32",
+                    "bytes32",
+                    "bytes32",
+                    "uint64",
+                ],
+                [
+                    self.TYPE_HASH,
+                    keccak(self.node_id.encode("utf-8")),
+                    self.patient,
+                    self.grantee,
+                    keccak(self.receiving_key),
+                    keccak(types_words),
+                    keccak(b"".join(self.sealed_hashes)),
+                    self.deadline,
+                ],
+            )
+        )
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "patient": self.patient,
+            "grantee": self.grantee,
+            "receivingKey": "0x" + self.receiving_key.hex(),
+            "recordTypes": list(self.record_types),
+            "sealedHashes": ["0x" + h.hex() for h in self.sealed_hashes],
+            "deadline": self.deadline,
+        }
+
+
+Claims = RequestClaims | BatchClaims | EnrollmentClaims
 
 
 def typed_data(domain: Domain, claims: Claims) -> dict[str, Any]:
@@ -451,4 +547,5 @@ def authenticate(
     (or InvalidRequest for a deadline beyond the window) otherwise."""
     check_deadline(claims.deadline, now, max_window_s)
     if signer_of(domain, claims, signature) != requester:
-        raise Unauthenticated("signature is not by the requester")
+        who = "patient" if isinstance(claims, EnrollmentClaims) else "requester"
+        raise Unauthenticated(f"signature is not by the {who}")

@@ -7,6 +7,7 @@ person can act on.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ import umbral_pre as umbral
 
 from medkms.core.addresses import checksum
 from medkms.core.errors import InvalidRequest
-from medkms.core.request_auth import SIGNATURE_SIZE, BatchClaims, RequestClaims
-from medkms.core.umbral_codec import capsule_hash, load_capsule, load_kfrag, load_public_key
+from medkms.core.record_types import RecordType
+from medkms.core.request_auth import SIGNATURE_SIZE, BatchClaims, EnrollmentClaims, RequestClaims
+from medkms.core.umbral_codec import capsule_hash, load_capsule, load_public_key
 
 ADDRESS_SIZE = 20
 RECORD_ID_SIZE = 32
@@ -71,6 +73,15 @@ def parse_request_id(value: str) -> str:
     return value
 
 
+def parse_record_type(value: int, field: str = "record_type") -> RecordType:
+    try:
+        return RecordType(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{field} must be 0..{len(RecordType) - 1} (a record type), got {value}"
+        ) from None
+
+
 def parse_purpose(value: str) -> str:
     if value not in PURPOSES_OF_USE:
         known = ", ".join(PURPOSES_OF_USE)
@@ -114,6 +125,7 @@ class ReencryptionRequestFields(Protocol):
     deadline: int
     nonce: bytes
     signature: bytes
+    record_type: int
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ class ReencryptionQuery:
     request_id: str
     patient: str
     record_id: bytes
+    record_type: RecordType
     capsule_bytes: bytes
     capsule: umbral.Capsule
     requester: str
@@ -154,6 +167,7 @@ class ReencryptionQuery:
             request_id=parse_request_id(msg.request_id),
             patient=parse_address(msg.patient, "patient"),
             record_id=parse_record_id(msg.record_id),
+            record_type=parse_record_type(msg.record_type),
             capsule_bytes=bytes(msg.capsule),
             capsule=load_capsule(msg.capsule),
             requester=parse_address(msg.requester, "requester"),
@@ -164,32 +178,113 @@ class ReencryptionQuery:
         )
 
 
+MAX_SEALED_KFRAG_BYTES = 512
+EPHEMERAL_KEY_SIZE = 33
+
+
+class SealedKfragFields(Protocol):
+    record_type: int
+    ephemeral_public_key: bytes
+    sealed: bytes
+
+
 class EnrollmentFields(Protocol):
+    node_id: str
     patient: bytes
     grantee: bytes
-    kfrag: bytes
+    receiving_key: bytes
+    deadline: int
+    signature: bytes
+
+    @property
+    def kfrags(self) -> Sequence[SealedKfragFields]: ...
+
+
+@dataclass(frozen=True)
+class SealedKfrag:
+    """A kfrag sealed to a node's delivery key (opened only inside that node's HSM)."""
+
+    record_type: RecordType
+    ephemeral_public_key: bytes
+    sealed: bytes
+
+    @property
+    def sha256(self) -> bytes:
+        """What the patient's enrollment signature binds for this kfrag."""
+        return hashlib.sha256(self.ephemeral_public_key + self.sealed).digest()
 
 
 @dataclass(frozen=True)
 class Enrollment:
-    """A validated kfrag enrollment; the kfrag itself is not verified yet."""
+    """A validated enrollment: form checked; signature and kfrags not verified yet."""
 
+    node_id: str
     patient: str
     grantee: str
-    kfrag_bytes: bytes
-    kfrag: umbral.KeyFrag
+    receiving_key_bytes: bytes
+    receiving_key: umbral.PublicKey
+    kfrags: tuple[SealedKfrag, ...]
+    deadline: int
+    signature: bytes
+
+    def claims(self) -> EnrollmentClaims:
+        return EnrollmentClaims(
+            node_id=self.node_id,
+            patient=self.patient,
+            grantee=self.grantee,
+            receiving_key=self.receiving_key_bytes,
+            record_types=tuple(int(k.record_type) for k in self.kfrags),
+            sealed_hashes=tuple(k.sha256 for k in self.kfrags),
+            deadline=self.deadline,
+        )
 
     @classmethod
     def parse(cls, msg: EnrollmentFields) -> Enrollment:
+        if not 1 <= len(msg.node_id) <= 32:
+            raise InvalidRequest("node_id must be 1-32 characters")
         patient = parse_address(msg.patient, "patient")
         grantee = parse_address(msg.grantee, "grantee")
         if patient == grantee:
             raise InvalidRequest("grantee must differ from patient")
+        if not 1 <= len(msg.kfrags) <= len(RecordType):
+            raise InvalidRequest(
+                f"an enrollment holds 1 to {len(RecordType)} sealed kfrags, got {len(msg.kfrags)}"
+            )
+        kfrags = []
+        seen: set[RecordType] = set()
+        for i, k in enumerate(msg.kfrags):
+            record_type = parse_record_type(k.record_type, f"kfrags[{i}].record_type")
+            if record_type in seen:
+                raise InvalidRequest(
+                    f"kfrags[{i}]: record type {record_type.label} is listed twice"
+                )
+            seen.add(record_type)
+            if len(k.ephemeral_public_key) != EPHEMERAL_KEY_SIZE:
+                raise InvalidRequest(
+                    f"kfrags[{i}].ephemeral_public_key must be a {EPHEMERAL_KEY_SIZE}-byte "
+                    "compressed P-256 point"
+                )
+            if not 28 < len(k.sealed) <= MAX_SEALED_KFRAG_BYTES:
+                raise InvalidRequest(
+                    f"kfrags[{i}].sealed must be 29..{MAX_SEALED_KFRAG_BYTES} bytes "
+                    "(nonce, ciphertext, tag)"
+                )
+            kfrags.append(SealedKfrag(record_type, bytes(k.ephemeral_public_key), bytes(k.sealed)))
+        if len(msg.signature) != SIGNATURE_SIZE:
+            raise InvalidRequest(
+                f"signature must be a {SIGNATURE_SIZE}-byte EIP-712 signature by the patient"
+            )
+        if msg.deadline == 0:
+            raise InvalidRequest("deadline is required (Unix seconds)")
         return cls(
+            node_id=msg.node_id,
             patient=patient,
             grantee=grantee,
-            kfrag_bytes=bytes(msg.kfrag),
-            kfrag=load_kfrag(msg.kfrag),
+            receiving_key_bytes=bytes(msg.receiving_key),
+            receiving_key=load_public_key(msg.receiving_key, "receiving_key"),
+            kfrags=tuple(kfrags),
+            deadline=int(msg.deadline),
+            signature=bytes(msg.signature),
         )
 
 
@@ -199,6 +294,7 @@ MAX_BATCH = 64
 class CapsuleRefFields(Protocol):
     record_id: bytes
     capsule: bytes
+    record_type: int
 
 
 class BatchFields(Protocol):
@@ -259,6 +355,7 @@ class BatchQuery:
                     request_id=request_id,
                     patient=patient,
                     record_id=record_id,
+                    record_type=parse_record_type(ref.record_type, f"capsules[{i}].record_type"),
                     capsule_bytes=bytes(ref.capsule),
                     capsule=load_capsule(ref.capsule, f"capsules[{i}].capsule"),
                     requester=requester,

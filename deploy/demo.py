@@ -14,6 +14,7 @@ from medkms.clients.provider import ProviderClient
 from medkms.core.errors import AccessDenied, KmsError
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.stubs import CoordinatorStub
 
 
 class DemoFailed(KmsError):
@@ -81,12 +82,13 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     blobs = cluster.blob_store()
     alice = cluster.identity("patient")
     bob = cluster.identity("doctor")
-    patient = PatientClient(alice, registry, blobs)
+    channel = cluster.coordinator_channel()
+    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel))
     nodes = cluster.nodes
     say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
     say(f"patient {alice.address}, doctor {bob.address}")
 
-    say("1. patient registers her Umbral and kfrag-verifying keys on-chain")
+    say("1. patient registers her Umbral keys (one per record type) and kfrag-verifying key")
     patient.register()
 
     say("2. patient stores a lab result (FHIR Observation, HbA1c) and a diagnosis")
@@ -105,7 +107,10 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         threshold=cluster.threshold,
     )
     enrolled = ", ".join(sorted(receipt.enrolled))
-    say(f"   kfrags enrolled at {len(receipt.enrolled)} nodes: {enrolled}")
+    say(
+        f"   kfrags sealed to each node's HSM key, relayed by the coordinator, "
+        f"stored at {len(receipt.enrolled)} nodes: {enrolled}"
+    )
 
     with ProviderClient(bob, registry, blobs, cluster.coordinator_address) as doctor:
         say("4. doctor reads the lab result through the coordinator")
@@ -125,6 +130,7 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
 
         say("7. doctor asks for the lab result again")
         _expect_refusal(lambda: doctor.read_record(lab.record_id), say)
+    channel.close()
     say("demo finished: every step behaved as expected")
 
 

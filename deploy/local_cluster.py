@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
 from medkms.contracts.registry import RegistryClient
@@ -35,6 +37,7 @@ from medkms.core.errors import KmsError, PreconditionFailed, Unavailable
 from medkms.deploy import processes
 from medkms.deploy.anvil import AnvilProcess, set_balance
 from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+from medkms.proto import rpc
 
 CLUSTER_FILE = "cluster.json"
 HOST = "127.0.0.1"
@@ -42,6 +45,7 @@ DEMO_ACCOUNTS = {
     "admin": "registry administrator",
     "patient": "Alice, a patient",
     "doctor": "Dr. Bob, a provider",
+    "responder": "the emergency department, holder of the emergency role",
 }
 FUNDING_WEI = 100 * 10**18
 
@@ -141,6 +145,10 @@ class LocalCluster:
 
     def blob_store(self) -> LocalBlobStore:
         return LocalBlobStore(self.state_dir / "blobs")
+
+    def coordinator_channel(self) -> grpc.Channel:
+        """A new channel to the coordinator, as an app connects (caller closes it)."""
+        return grpc.insecure_channel(self.coordinator_address, options=rpc.CHANNEL_OPTIONS)
 
     def _save(self) -> None:
         path = self.state_dir / CLUSTER_FILE
@@ -243,6 +251,7 @@ class LocalCluster:
         registry = RegistryClient.deploy(self.rpc_url, admin.account)
         deployed_at, _ = registry.latest_block()
         registry.grant_provider_role(admin.account, accounts["doctor"]["address"])
+        registry.grant_emergency_role(admin.account, accounts["responder"]["address"])
         self.data["accounts"] = accounts
         self.data["chain"].update(
             registry_address=registry.address,
@@ -302,6 +311,8 @@ class LocalCluster:
                 node_id=entry.node_id,
                 endpoint=entry.address,
                 signing_public_key=bytes.fromhex(public["signing_public_key"]),
+                delivery_public_key=bytes.fromhex(public["delivery_public_key"]),
+                account=public["account"],
             )
         self.data["nodes"] = [asdict(e) for e in entries]
         self._save()

@@ -41,11 +41,16 @@ def init(settings: NodeSettings) -> dict[str, str]:
         softhsm_conf=settings.softhsm_conf,
     )
     try:
-        public_key = keystore.signing_public_key()
+        public = {
+            "node_id": settings.node_id,
+            "signing_public_key": keystore.signing_public_key().hex(),
+            "delivery_public_key": keystore.delivery_public_key().hex(),
+            "account": keystore.eth_address(),
+        }
     finally:
         keystore.close()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return {"node_id": settings.node_id, "signing_public_key": public_key.hex()}
+    return public
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from medkms.core.registry_types import (
     AccessRevoked,
     AccessState,
     BlockRef,
+    EmergencyAccessOpened,
+    EmergencyOptInChanged,
     GrantInfo,
     PatientInfo,
     PatientRegistered,
@@ -45,7 +47,7 @@ class GrantIndex:
         match event:
             case PatientRegistered():
                 self._patients[event.patient] = PatientInfo(
-                    event.patient, event.umbral_public_key, event.verifying_key
+                    event.patient, event.umbral_public_keys, event.verifying_key
                 )
             case RecordAnchored():
                 self._records[event.record_id] = RecordInfo(
@@ -73,6 +75,19 @@ class GrantIndex:
                     active=True,
                     granted_at=event.timestamp,
                 )
+            case EmergencyAccessOpened():
+                self._grants[(event.patient, event.responder)] = GrantInfo(
+                    patient=event.patient,
+                    grantee=event.responder,
+                    grantee_umbral_key=event.responder_umbral_key,
+                    expires_at=event.expires_at,
+                    allowed_types_mask=event.allowed_types_mask,
+                    active=True,
+                    granted_at=event.timestamp,
+                    emergency=True,
+                )
+            case EmergencyOptInChanged():
+                pass  # read from the chain at enrollment and shredding, not on the hot path
             case AccessRevoked():
                 key = (event.patient, event.grantee)
                 grant = self._grants.get(key)
@@ -85,7 +100,9 @@ class GrantIndex:
                 raise RuntimeError("the index has not been synced yet")
             record = self._records.get(record_id)
             grant = self._grants.get((record.patient, grantee)) if record is not None else None
-            return AccessState(record, grant, self.block.number, self.block.timestamp)
+            return AccessState(
+                record, grant, self.block.number, self.block.timestamp, self.block.hash
+            )
 
     def patient(self, address: str) -> PatientInfo | None:
         with self._lock:

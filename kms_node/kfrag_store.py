@@ -1,4 +1,4 @@
-"""The node's durable store of wrapped kfrags, one per (patient, grantee), in SQLite.
+"""The node's durable store of wrapped kfrags, one per (patient, grantee, record type), in SQLite.
 
 Kfrags are stored only wrapped under the HSM key-encryption key (see
 :mod:`medkms.node.keystore`). Durability: WAL with ``synchronous=FULL`` fsyncs the log on
@@ -22,19 +22,20 @@ from pathlib import Path
 from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
 from medkms.node.sqlite_db import open_durable, unavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE kfrags (
     patient_key   TEXT    NOT NULL,  -- lower-case address
     grantee_key   TEXT    NOT NULL,  -- lower-case address
+    record_type   INTEGER NOT NULL,  -- the patient key (per record type) it delegates
     patient       TEXT    NOT NULL,  -- address as given (checksummed)
     grantee       TEXT    NOT NULL,
     wrapped       BLOB    NOT NULL,  -- nonce || AES-256-GCM(kfrag) || tag, under the HSM KEK
     kfrag_sha256  BLOB    NOT NULL CHECK (length(kfrag_sha256) = 32),
     receiving_key BLOB    NOT NULL,  -- the grantee's Umbral public key
     created_at    INTEGER NOT NULL,  -- unix seconds
-    PRIMARY KEY (patient_key, grantee_key)
+    PRIMARY KEY (patient_key, grantee_key, record_type)
 ) WITHOUT ROWID
 """
 
@@ -42,13 +43,14 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 _PUT = """
 INSERT OR REPLACE INTO kfrags
-    (patient_key, grantee_key, patient, grantee, wrapped, kfrag_sha256, receiving_key, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    (patient_key, grantee_key, record_type, patient, grantee, wrapped, kfrag_sha256,
+     receiving_key, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _GET = """
-SELECT patient, grantee, wrapped, kfrag_sha256, receiving_key, created_at
-FROM kfrags WHERE patient_key = ? AND grantee_key = ?
+SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at
+FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
 """
 
 
@@ -58,6 +60,7 @@ class StoredKfrag:
 
     patient: str
     grantee: str
+    record_type: int
     wrapped: bytes = field(repr=False)
     kfrag_sha256: bytes
     receiving_key: bytes = field(repr=False)
@@ -77,6 +80,8 @@ def _check_item(item: StoredKfrag) -> None:
         raise InvalidRequest("kfrag_sha256 must be 32 bytes")
     if not item.receiving_key:
         raise InvalidRequest("receiving key is empty")
+    if isinstance(item.record_type, bool) or not isinstance(item.record_type, int):
+        raise InvalidRequest("record_type must be an integer")
     if isinstance(item.created_at, bool) or not isinstance(item.created_at, int):
         raise InvalidRequest("created_at must be an integer (unix seconds)")
 
@@ -86,7 +91,8 @@ def _unavailable(e: sqlite3.Error) -> Unavailable:
 
 
 class KfragStore:
-    """Wrapped kfrags by (patient, grantee). Thread-safe: one connection behind a lock."""
+    """Wrapped kfrags by (patient, grantee, record type). Thread-safe: one connection
+    behind a lock."""
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
@@ -126,28 +132,44 @@ class KfragStore:
         return self._conn
 
     def put(self, item: StoredKfrag) -> None:
-        """Store ``item``, replacing any kfrag for (patient, grantee); durable on return."""
-        keys = (_key(item.patient, "patient"), _key(item.grantee, "grantee"))
-        _check_item(item)
+        """Store ``item``, replacing any kfrag for (patient, grantee, record type); durable
+        on return."""
+        self.put_many([item])
+
+    def put_many(self, items: list[StoredKfrag]) -> None:
+        """Store several kfrags in one transaction (all or none); durable on return."""
+        for item in items:
+            _check_item(item)
+        rows = [
+            (
+                _key(i.patient, "patient"),
+                _key(i.grantee, "grantee"),
+                i.record_type,
+                i.patient,
+                i.grantee,
+                bytes(i.wrapped),
+                bytes(i.kfrag_sha256),
+                bytes(i.receiving_key),
+                i.created_at,
+            )
+            for i in items
+        ]
         with self._lock:
+            conn = self._connection()
             try:
-                self._connection().execute(
-                    _PUT,
-                    (
-                        *keys,
-                        item.patient,
-                        item.grantee,
-                        bytes(item.wrapped),
-                        bytes(item.kfrag_sha256),
-                        bytes(item.receiving_key),
-                        item.created_at,
-                    ),
-                )
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_PUT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
 
-    def get(self, patient: str, grantee: str) -> StoredKfrag | None:
-        keys = (_key(patient, "patient"), _key(grantee, "grantee"))
+    def get(self, patient: str, grantee: str, record_type: int) -> StoredKfrag | None:
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"), record_type)
         with self._lock:
             try:
                 row = self._connection().execute(_GET, keys).fetchone()
@@ -156,7 +178,7 @@ class KfragStore:
         return None if row is None else StoredKfrag(*row)
 
     def delete(self, patient: str, grantee: str) -> bool:
-        """Remove the kfrag for (patient, grantee); False if there was none."""
+        """Remove every kfrag for (patient, grantee); False if there was none."""
         keys = (_key(patient, "patient"), _key(grantee, "grantee"))
         with self._lock:
             try:

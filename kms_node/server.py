@@ -51,8 +51,8 @@ def build_server(
         return service.node_info()
 
     def enroll(
-        msg: node_pb2.EnrollKeyFragmentRequest, _ctx: object
-    ) -> node_pb2.EnrollKeyFragmentResponse:
+        msg: common_pb2.EnrollKeyFragmentRequest, _ctx: object
+    ) -> common_pb2.EnrollKeyFragmentResponse:
         response = service.enroll(msg)
         metrics.KFRAGS_STORED.set(kfrags.count())
         return response
@@ -67,7 +67,7 @@ def build_server(
 
     methods = [
         rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, node_info),
-        rpc.Method("EnrollKeyFragment", node_pb2.EnrollKeyFragmentRequest, enroll),
+        rpc.Method("EnrollKeyFragment", common_pb2.EnrollKeyFragmentRequest, enroll),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
     ]

@@ -1,9 +1,12 @@
 """What a node does for each RPC, independent of gRPC plumbing.
 
-Enrollment: a kfrag is accepted only if it verifies against the patient's keys
-registered on-chain and the receiving key of the patient's active grant; it is
-then stored wrapped by the HSM's key-encryption key, bound (AAD) to this node,
-the patient, the grantee and that receiving key.
+Enrollment: the patient signs it (EIP-712) and seals each kfrag (one per record
+type) to this node's HSM delivery key. A kfrag is accepted only if the signature
+is the registered patient's, it opens inside the HSM, the grant (or the patient's
+standing emergency opt-in) covers its type and names its receiving key, and it
+verifies against the patient's registered key for that type. It is then stored
+wrapped by the HSM's key-encryption key, bound (AAD) to this node, the patient,
+the grantee, the receiving key and the type.
 
 Re-encryption: the request is validated, the registry state is read at one
 block, the policy judges it; only if allowed is the kfrag unwrapped, used once
@@ -12,6 +15,7 @@ and dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -21,18 +25,29 @@ import structlog
 import umbral_pre as umbral
 
 from medkms.core.audit import AuditEntry, Receipt
-from medkms.core.errors import KmsError, PreconditionFailed, Unauthenticated
+from medkms.core.errors import (
+    AccessDenied,
+    InvalidRequest,
+    KmsError,
+    PreconditionFailed,
+    Unauthenticated,
+)
+from medkms.core.kfrag_delivery import delivery_binding
 from medkms.core.policy import Decision, judge
+from medkms.core.record_types import RecordType, from_mask
 from medkms.core.registry_types import (
     AccessRevoked,
     AccessState,
+    BlockRef,
+    EmergencyOptIn,
+    EmergencyOptInChanged,
     GrantInfo,
     PatientInfo,
     RegistryEvent,
 )
 from medkms.core.request_auth import Claims, Domain, authenticate
-from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from medkms.core.umbral_codec import VerificationError, load_public_key
+from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
+from medkms.core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
@@ -69,12 +84,16 @@ class RegistryReader(AccessStateSource, Protocol):
 
     def get_patient(self, address: str) -> PatientInfo | None: ...
     def get_grant(self, patient: str, grantee: str) -> GrantInfo | None: ...
+    def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None: ...
+    def block(self, identifier: int | str = "latest") -> BlockRef: ...
 
 
-def kfrag_aad(node_id: str, patient: str, grantee: str, receiving_key: bytes) -> bytes:
+def kfrag_aad(
+    node_id: str, patient: str, grantee: str, receiving_key: bytes, record_type: int
+) -> bytes:
     """Associated data binding a wrapped kfrag to its node and policy."""
     parts = [_AAD_LABEL, node_id.encode(), bytes.fromhex(patient[2:]), bytes.fromhex(grantee[2:])]
-    parts.append(receiving_key)
+    parts += [receiving_key, bytes((record_type,))]
     return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
 
 
@@ -110,6 +129,8 @@ class NodeService:
         self._request_window_s = request_window_s
         self._clock = clock
         self._signing_public_key = keystore.signing_public_key()
+        self._delivery_public_key = keystore.delivery_public_key()
+        self._account = keystore.eth_address()
 
     def node_info(self) -> node_pb2.NodeInfo:
         return node_pb2.NodeInfo(
@@ -117,72 +138,149 @@ class NodeService:
             software_version=SOFTWARE_VERSION,
             signing_public_key=self._signing_public_key,
             signing_algorithm=SIGNING_ALGORITHM,
+            delivery_public_key=self._delivery_public_key,
+            account=bytes.fromhex(self._account[2:]),
             registry_address=bytes.fromhex(self._registry_address[2:]),
             chain_id=self._chain_id,
             index_block=self._index.index_block(),
         )
 
-    def enroll(self, msg: node_pb2.EnrollKeyFragmentRequest) -> node_pb2.EnrollKeyFragmentResponse:
+    def enroll(
+        self, msg: common_pb2.EnrollKeyFragmentRequest
+    ) -> common_pb2.EnrollKeyFragmentResponse:
         enrollment = Enrollment.parse(msg)
+        if enrollment.node_id != self.node_id:
+            raise InvalidRequest(
+                f"enrollment is sealed to node {enrollment.node_id!r}; this is {self.node_id!r}"
+            )
+        authenticate(
+            self._domain,
+            enrollment.claims(),
+            enrollment.signature,
+            enrollment.patient,
+            now=self._clock(),
+            max_window_s=self._request_window_s,
+        )
         patient = self._registry.get_patient(enrollment.patient)
         if patient is None:
             raise PreconditionFailed("patient is not registered in the registry")
-        grant = self._registry.get_grant(enrollment.patient, enrollment.grantee)
-        if grant is None or not grant.active:
-            raise PreconditionFailed(
-                "no active grant from this patient to this grantee; write the grant first"
+        allowed = self._enrollable_types(enrollment)
+        now = int(self._clock())
+        items = []
+        for sealed in enrollment.kfrags:
+            if sealed.record_type not in allowed:
+                raise AccessDenied(
+                    f"the grant does not cover record type {sealed.record_type.label}; "
+                    "a kfrag for it is refused"
+                )
+            clear = self._open_and_verify(enrollment, sealed, patient)
+            aad = kfrag_aad(
+                self.node_id,
+                enrollment.patient,
+                enrollment.grantee,
+                enrollment.receiving_key_bytes,
+                sealed.record_type,
             )
-        try:
-            enrollment.kfrag.verify(
-                load_public_key(patient.verifying_key, "patient verifying key"),
-                load_public_key(patient.umbral_public_key, "patient umbral key"),
-                load_public_key(grant.grantee_umbral_key, "grantee umbral key"),
+            items.append(
+                StoredKfrag(
+                    patient=enrollment.patient,
+                    grantee=enrollment.grantee,
+                    record_type=int(sealed.record_type),
+                    wrapped=self._keystore.wrap(clear, aad),
+                    kfrag_sha256=hashlib.sha256(clear).digest(),
+                    receiving_key=enrollment.receiving_key_bytes,
+                    created_at=now,
+                )
             )
-        except VerificationError:
-            raise Unauthenticated(
-                "kfrag does not verify against the patient's registered keys "
-                "and the grant's receiving key"
-            ) from None
-        digest = hashlib.sha256(enrollment.kfrag_bytes).digest()
-        aad = kfrag_aad(
-            self.node_id, enrollment.patient, enrollment.grantee, grant.grantee_umbral_key
-        )
-        self._kfrags.put(
-            StoredKfrag(
-                patient=enrollment.patient,
-                grantee=enrollment.grantee,
-                wrapped=self._keystore.wrap(enrollment.kfrag_bytes, aad),
-                kfrag_sha256=digest,
-                receiving_key=grant.grantee_umbral_key,
-                created_at=int(self._clock()),
-            )
-        )
+            del clear
+        self._kfrags.put_many(items)
         log.info(
             "kfrag_enrolled",
             patient=enrollment.patient,
             grantee=enrollment.grantee,
-            kfrag_sha256=digest.hex(),
+            record_types=[RecordType(i.record_type).label for i in items],
+            kfrag_sha256=[i.kfrag_sha256.hex() for i in items],
         )
-        return node_pb2.EnrollKeyFragmentResponse(node_id=self.node_id, kfrag_sha256=digest)
+        return common_pb2.EnrollKeyFragmentResponse(
+            node_id=self.node_id, kfrag_sha256=[i.kfrag_sha256 for i in items]
+        )
+
+    def _enrollable_types(self, enrollment: Enrollment) -> frozenset[RecordType]:
+        """The record types kfrags for this receiving key may be stored for: those of the
+        patient's active grant to the grantee, or of her standing emergency opt-in."""
+        grant = self._registry.get_grant(enrollment.patient, enrollment.grantee)
+        if (
+            grant is not None
+            and grant.active
+            and grant.grantee_umbral_key == enrollment.receiving_key_bytes
+        ):
+            return from_mask(grant.allowed_types_mask)
+        opt_in = self._registry.get_emergency_opt_in(enrollment.patient, enrollment.grantee)
+        if (
+            opt_in is not None
+            and opt_in.active
+            and opt_in.responder_umbral_key == enrollment.receiving_key_bytes
+        ):
+            return from_mask(opt_in.allowed_types_mask)
+        raise PreconditionFailed(
+            "no active grant or emergency opt-in from this patient to this grantee names this "
+            "receiving key; write the grant first"
+        )
+
+    def _open_and_verify(
+        self, enrollment: Enrollment, sealed: SealedKfrag, patient: PatientInfo
+    ) -> bytes:
+        """Open a sealed kfrag in the HSM and verify it against the patient's registered key
+        for its type and the receiving key; the clear kfrag bytes."""
+        binding = delivery_binding(
+            self.node_id,
+            enrollment.patient,
+            enrollment.grantee,
+            enrollment.receiving_key_bytes,
+            int(sealed.record_type),
+        )
+        clear = self._keystore.open_delivery(
+            sealed.ephemeral_public_key, sealed.sealed, info=binding, aad=binding
+        )
+        label = sealed.record_type.label
+        try:
+            load_kfrag(clear, f"{label} kfrag").verify(
+                load_public_key(patient.verifying_key, "patient verifying key"),
+                load_public_key(patient.umbral_key(sealed.record_type), "patient umbral key"),
+                enrollment.receiving_key,
+            )
+        except (InvalidRequest, VerificationError):
+            raise Unauthenticated(
+                f"{label} kfrag does not verify against the patient's registered {label} key "
+                "and the grant's receiving key"
+            ) from None
+        return clear
 
     def shred_revoked(self, events: Sequence[RegistryEvent]) -> None:
-        """Crypto-shredding: once a grant is revoked on-chain, destroy this node's
-        kfrag for it, so that not even a restored backup of the live node can serve
-        it. Re-granting needs a new enrollment."""
+        """Crypto-shredding: once a grant is revoked (or an emergency opt-in withdrawn)
+        on-chain, destroy this node's kfrags for it, so that not even a restored backup of
+        the live node can serve it. Re-granting needs a new enrollment. Kfrags a standing
+        emergency opt-in still needs survive the end of an emergency grant."""
         for event in events:
-            if not isinstance(event, AccessRevoked):
+            if not isinstance(event, AccessRevoked | EmergencyOptInChanged):
                 continue
+            if isinstance(event, EmergencyOptInChanged) and event.active:
+                continue
+            patient, grantee = (
+                event.patient,
+                (event.grantee if isinstance(event, AccessRevoked) else event.responder),
+            )
             # Replaying history (at start-up) meets revocations that a later grant
-            # superseded: only shred what the chain says is revoked now.
-            grant = self._registry.get_grant(event.patient, event.grantee)
+            # superseded: only shred what the chain says is withdrawn now.
+            grant = self._registry.get_grant(patient, grantee)
             if grant is not None and grant.active:
                 continue
-            if self._kfrags.delete(event.patient, event.grantee):
+            opt_in = self._registry.get_emergency_opt_in(patient, grantee)
+            if opt_in is not None and opt_in.active:
+                continue
+            if self._kfrags.delete(patient, grantee):
                 log.info(
-                    "kfrag_shredded",
-                    patient=event.patient,
-                    grantee=event.grantee,
-                    block_number=event.block,
+                    "kfrag_shredded", patient=patient, grantee=grantee, block_number=event.block
                 )
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
@@ -248,6 +346,10 @@ class NodeService:
         if not decision.allowed:
             state = self._registry.access_state(query.record_id, query.requester)
             decision = judge(query, state, int(self._clock()))
+        if decision.block_hash is None:
+            # The audit entry names the block judged at by number and hash.
+            block_hash = self._registry.block(decision.block_number).hash
+            decision = dataclasses.replace(decision, block_hash=block_hash)
         return decision
 
     def _serve(
@@ -272,21 +374,11 @@ class NodeService:
             self._replay.check_and_remember(
                 first.requester, first.signed.nonce, first.signed.deadline, self._clock()
             )
-            stored = self._kfrags.get(first.patient, first.requester)
-            if stored is None or stored.receiving_key != first.requester_umbral_key:
-                for i in allowed:
-                    results[i] = PreconditionFailed(
-                        "this node holds no key fragment for this grant"
-                    )
-            else:
-                aad = kfrag_aad(self.node_id, stored.patient, stored.grantee, stored.receiving_key)
-                # The kfrag was verified at enrollment and is authenticated by AES-GCM
-                # since, so re-verifying it here would only cost time.
-                kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
-                verified = kfrag.skip_verification()
-                for i in allowed:
-                    results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
-                del kfrag, verified
+            by_type: dict[RecordType, list[int]] = {}
+            for i in allowed:
+                by_type.setdefault(queries[i].record_type, []).append(i)
+            for record_type, indices in by_type.items():
+                self._reencrypt_with(record_type, queries, indices, results)
         # Audit fails closed: every decision is durable in the log before any
         # answer leaves; if the append fails, so does the whole request. A batch's
         # entries share one transaction (one fsync).
@@ -313,7 +405,7 @@ class NodeService:
                     reason_code=reason_code,
                     reason=reason,
                     block_number=decision.block_number,
-                    block_hash=bytes(32),
+                    block_hash=decision.block_hash or bytes(32),
                     cfrag_hash=cfrag_hash,
                 )
             )
@@ -329,6 +421,34 @@ class NodeService:
             )
         answers: list[tuple[bytes | KmsError, Receipt]] = list(zip(results, receipts, strict=True))
         return answers
+
+    def _reencrypt_with(
+        self,
+        record_type: RecordType,
+        queries: Sequence[ReencryptionQuery],
+        indices: list[int],
+        results: list[bytes | KmsError],
+    ) -> None:
+        """Re-encrypt the capsules at ``indices`` (all of one record type) with this node's
+        kfrag for that type, unwrapped once; a refusal for each if there is none."""
+        first = queries[0]
+        stored = self._kfrags.get(first.patient, first.requester, record_type)
+        if stored is None or stored.receiving_key != first.requester_umbral_key:
+            for i in indices:
+                results[i] = PreconditionFailed(
+                    f"this node holds no {record_type.label} key fragment for this grant"
+                )
+            return
+        aad = kfrag_aad(
+            self.node_id, stored.patient, stored.grantee, stored.receiving_key, record_type
+        )
+        # The kfrag was verified at enrollment and is authenticated by AES-GCM
+        # since, so re-verifying it here would only cost time.
+        kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
+        verified = kfrag.skip_verification()
+        for i in indices:
+            results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
+        del kfrag, verified
 
 
 def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:

@@ -52,8 +52,8 @@ class NodeStub:
             channel,
             NODE_SERVICE,
             "EnrollKeyFragment",
-            node_pb2.EnrollKeyFragmentRequest,
-            node_pb2.EnrollKeyFragmentResponse,
+            common_pb2.EnrollKeyFragmentRequest,
+            common_pb2.EnrollKeyFragmentResponse,
         )
         self.Reencrypt = _unary(
             channel,
@@ -74,6 +74,13 @@ class NodeStub:
 
 class AioNodeStub:
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.EnrollKeyFragment = _aio_unary(
+            channel,
+            NODE_SERVICE,
+            "EnrollKeyFragment",
+            common_pb2.EnrollKeyFragmentRequest,
+            common_pb2.EnrollKeyFragmentResponse,
+        )
         self.Reencrypt = _aio_unary(
             channel,
             NODE_SERVICE,
@@ -112,6 +119,13 @@ class CoordinatorStub:
             "ReencryptBatch",
             common_pb2.ReencryptionBatchRequest,
             coordinator_pb2.CoordinatorBatchResponse,
+        )
+        self.EnrollKeyFragments = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "EnrollKeyFragments",
+            coordinator_pb2.RelayEnrollmentsRequest,
+            coordinator_pb2.RelayEnrollmentsResponse,
         )
 
 

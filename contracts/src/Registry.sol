@@ -11,15 +11,24 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 contract Registry is AccessControl {
     bytes32 public constant PROVIDER_ROLE = keccak256("PROVIDER_ROLE");
     bytes32 public constant NODE_ADMIN_ROLE = keccak256("NODE_ADMIN_ROLE");
+    /// @notice Holders may open time-boxed emergency grants for patients who opted in.
+    bytes32 public constant EMERGENCY_ROLE = keccak256("EMERGENCY_ROLE");
 
     /// @notice Number of record types (0 diagnosis .. 5 surgery); grants hold them as a bitmask.
     uint8 public constant RECORD_TYPE_COUNT = 6;
     uint256 private constant MAX_URI_BYTES = 256;
     uint256 private constant MAX_NODE_ID_BYTES = 32;
     uint256 private constant MAX_SIGNING_KEY_BYTES = 256;
+    uint256 private constant MAX_SIGNATURE_BYTES = 256;
+    uint256 private constant POINT_BYTES = 33;
+    /// @notice Longest emergency grant a responder may open.
+    uint64 public constant MAX_EMERGENCY_DURATION = 4 hours;
 
     struct Patient {
-        bytes umbralKey; // 33-byte compressed secp256k1 point; empty = not registered
+        // One Umbral key per record type (RECORD_TYPE_COUNT compressed secp256k1 points of
+        // 33 bytes, in type order), so a kfrag for one type cannot open another.
+        // Empty = not registered.
+        bytes umbralKeys;
         bytes verifyingKey; // 33-byte compressed secp256k1 point
     }
 
@@ -40,13 +49,29 @@ contract Registry is AccessControl {
         uint32 allowedTypes;
         bool active;
         uint64 grantedAt;
+        bool emergency; // opened by an emergency responder, not by the patient
+    }
+
+    struct EmergencyOptIn {
+        bytes responderUmbralKey; // empty = never opted in
+        uint32 allowedTypes;
+        bool active;
     }
 
     struct Node {
         string nodeId; // empty = unknown node
         string endpoint;
-        bytes signingKey;
+        bytes signingKey; // DER SubjectPublicKeyInfo of the node's HSM response-signing key
+        bytes deliveryKey; // 33-byte compressed P-256 point: kfrags are sealed to it
+        address account; // the node's Ethereum account (HSM key); anchors its checkpoints
         bool active;
+    }
+
+    struct Checkpoint {
+        uint64 treeSize;
+        bytes32 rootHash;
+        uint64 timestamp;
+        uint64 anchoredAt; // block number
     }
 
     error InvalidUmbralKey();
@@ -73,8 +98,17 @@ contract Registry is AccessControl {
     error InvalidSigningKey();
     error NodeAlreadyRegistered();
     error NodeNotRegistered();
+    error InvalidDeliveryKey();
+    error InvalidNodeAccount();
+    error NotNodeAccount();
+    error CheckpointNotNewer();
+    error InvalidCheckpoint();
+    error ResponderNotEmergencyRole();
+    error NotOptedIn();
+    error InvalidEmergencyDuration();
+    error GrantAlreadyActive();
 
-    event PatientRegistered(address indexed patient, bytes umbralKey, bytes verifyingKey);
+    event PatientRegistered(address indexed patient, bytes umbralKeys, bytes verifyingKey);
     event RecordAnchored(
         bytes32 indexed recordId,
         address indexed patient,
@@ -92,13 +126,45 @@ contract Registry is AccessControl {
         uint32 allowedTypes
     );
     event AccessRevoked(address indexed patient, address indexed grantee);
-    event NodeRegistered(bytes32 indexed nodeKey, string nodeId, string endpoint, bytes signingKey);
+    event NodeRegistered(
+        bytes32 indexed nodeKey,
+        string nodeId,
+        string endpoint,
+        bytes signingKey,
+        bytes deliveryKey,
+        address account
+    );
     event NodeStatusChanged(bytes32 indexed nodeKey, string nodeId, bool active);
+    event CheckpointAnchored(
+        bytes32 indexed nodeKey,
+        string nodeId,
+        uint64 treeSize,
+        bytes32 rootHash,
+        uint64 timestamp,
+        bytes signature
+    );
+    event EmergencyOptInChanged(
+        address indexed patient,
+        address indexed responder,
+        bytes responderUmbralKey,
+        uint32 allowedTypes,
+        bool active
+    );
+    /// @notice Watched by patients: a responder opened emergency access to their records.
+    event EmergencyAccessOpened(
+        address indexed patient,
+        address indexed responder,
+        bytes responderUmbralKey,
+        uint64 expiresAt,
+        uint32 allowedTypes
+    );
 
     mapping(address => Patient) private _patients;
     mapping(bytes32 => Record) private _records;
     mapping(address => mapping(address => Grant)) private _grants; // patient => grantee
     mapping(bytes32 => Node) private _nodes; // keccak256(nodeId) => node
+    mapping(bytes32 => Checkpoint) private _checkpoints; // keccak256(nodeId) => latest anchor
+    mapping(address => mapping(address => EmergencyOptIn)) private _emergencyOptIns; // patient => responder
     bytes32[] private _nodeKeys;
 
     constructor() {
@@ -108,15 +174,21 @@ contract Registry is AccessControl {
 
     // ---------------------------------------------------------------- patients
 
-    /// @notice Register the caller as a patient with her Umbral and verifying public keys.
-    function registerPatient(bytes calldata umbralKey, bytes calldata verifyingKey) external {
-        if (!_isCompressedPoint(umbralKey)) revert InvalidUmbralKey();
+    /// @notice Register the caller as a patient with her per-record-type Umbral public keys
+    /// (RECORD_TYPE_COUNT compressed points, concatenated in type order) and kfrag-verifying key.
+    function registerPatient(bytes calldata umbralKeys, bytes calldata verifyingKey) external {
+        if (umbralKeys.length != POINT_BYTES * RECORD_TYPE_COUNT) revert InvalidUmbralKey();
+        for (uint256 i = 0; i < RECORD_TYPE_COUNT; i++) {
+            if (!_isCompressedPoint(umbralKeys[i * POINT_BYTES:(i + 1) * POINT_BYTES])) {
+                revert InvalidUmbralKey();
+            }
+        }
         if (!_isCompressedPoint(verifyingKey)) revert InvalidVerifyingKey();
         Patient storage p = _patients[msg.sender];
-        if (p.umbralKey.length != 0) revert PatientAlreadyRegistered();
-        p.umbralKey = umbralKey;
+        if (p.umbralKeys.length != 0) revert PatientAlreadyRegistered();
+        p.umbralKeys = umbralKeys;
         p.verifyingKey = verifyingKey;
-        emit PatientRegistered(msg.sender, umbralKey, verifyingKey);
+        emit PatientRegistered(msg.sender, umbralKeys, verifyingKey);
     }
 
     // ----------------------------------------------------------------- records
@@ -133,7 +205,7 @@ contract Registry is AccessControl {
         if (msg.sender != patient && !hasRole(PROVIDER_ROLE, msg.sender)) {
             revert NotPatientOrProvider();
         }
-        if (_patients[patient].umbralKey.length == 0) revert PatientNotRegistered();
+        if (_patients[patient].umbralKeys.length == 0) revert PatientNotRegistered();
         if (recordId == bytes32(0)) revert InvalidRecordId();
         if (_records[recordId].patient != address(0)) revert RecordAlreadyExists();
         if (contentHash == bytes32(0)) revert InvalidContentHash();
@@ -175,20 +247,19 @@ contract Registry is AccessControl {
         uint64 expiresAt,
         uint32 allowedTypes
     ) external {
-        if (_patients[msg.sender].umbralKey.length == 0) revert PatientNotRegistered();
+        if (_patients[msg.sender].umbralKeys.length == 0) revert PatientNotRegistered();
         if (grantee == msg.sender) revert GranteeIsPatient();
         if (!hasRole(PROVIDER_ROLE, grantee)) revert GranteeNotProvider();
         if (!_isCompressedPoint(granteeUmbralKey)) revert InvalidUmbralKey();
         if (expiresAt <= block.timestamp) revert ExpiryInPast();
-        if (allowedTypes == 0 || allowedTypes >= (uint32(1) << RECORD_TYPE_COUNT)) {
-            revert InvalidRecordTypes();
-        }
+        if (!_validTypes(allowedTypes)) revert InvalidRecordTypes();
         _grants[msg.sender][grantee] = Grant({
             granteeUmbralKey: granteeUmbralKey,
             expiresAt: expiresAt,
             allowedTypes: allowedTypes,
             active: true,
-            grantedAt: uint64(block.timestamp)
+            grantedAt: uint64(block.timestamp),
+            emergency: false
         });
         emit AccessGranted(msg.sender, grantee, granteeUmbralKey, expiresAt, allowedTypes);
     }
@@ -201,13 +272,68 @@ contract Registry is AccessControl {
         emit AccessRevoked(msg.sender, grantee);
     }
 
+    // --------------------------------------------------------------- emergency
+
+    /// @notice Let `responder` (an emergency-role holder) open short emergency grants to the
+    /// caller's records of `allowedTypes`, re-encrypted to `responderUmbralKey`. The patient
+    /// then enrolls dormant kfrags for that key; nodes serve them only inside an open window.
+    function optInEmergency(address responder, bytes calldata responderUmbralKey, uint32 allowedTypes)
+        external
+    {
+        if (_patients[msg.sender].umbralKeys.length == 0) revert PatientNotRegistered();
+        if (responder == msg.sender) revert GranteeIsPatient();
+        if (!hasRole(EMERGENCY_ROLE, responder)) revert ResponderNotEmergencyRole();
+        if (!_isCompressedPoint(responderUmbralKey)) revert InvalidUmbralKey();
+        if (!_validTypes(allowedTypes)) revert InvalidRecordTypes();
+        _emergencyOptIns[msg.sender][responder] =
+            EmergencyOptIn({responderUmbralKey: responderUmbralKey, allowedTypes: allowedTypes, active: true});
+        emit EmergencyOptInChanged(msg.sender, responder, responderUmbralKey, allowedTypes, true);
+    }
+
+    /// @notice Withdraw an opt-in; an emergency grant it allowed is closed at once.
+    function optOutEmergency(address responder) external {
+        EmergencyOptIn storage o = _emergencyOptIns[msg.sender][responder];
+        if (!o.active) revert NotOptedIn();
+        o.active = false;
+        Grant storage g = _grants[msg.sender][responder];
+        if (g.active && g.emergency) {
+            g.active = false;
+            emit AccessRevoked(msg.sender, responder);
+        }
+        emit EmergencyOptInChanged(msg.sender, responder, o.responderUmbralKey, o.allowedTypes, false);
+    }
+
+    /// @notice Open emergency access to `patient`'s records for `duration` seconds (at most
+    /// MAX_EMERGENCY_DURATION), on the terms the patient opted in to.
+    function openEmergencyAccess(address patient, uint64 duration) external onlyRole(EMERGENCY_ROLE) {
+        EmergencyOptIn storage o = _emergencyOptIns[patient][msg.sender];
+        if (!o.active) revert NotOptedIn();
+        if (duration == 0 || duration > MAX_EMERGENCY_DURATION) revert InvalidEmergencyDuration();
+        Grant storage existing = _grants[patient][msg.sender];
+        if (existing.active && !existing.emergency && existing.expiresAt > block.timestamp) {
+            revert GrantAlreadyActive();
+        }
+        uint64 expiresAt = uint64(block.timestamp) + duration;
+        _grants[patient][msg.sender] = Grant({
+            granteeUmbralKey: o.responderUmbralKey,
+            expiresAt: expiresAt,
+            allowedTypes: o.allowedTypes,
+            active: true,
+            grantedAt: uint64(block.timestamp),
+            emergency: true
+        });
+        emit EmergencyAccessOpened(patient, msg.sender, o.responderUmbralKey, expiresAt, o.allowedTypes);
+    }
+
     // ------------------------------------------------------------------- nodes
 
     /// @notice Add a key-fragment node to the directory (active from the start).
     function registerNode(
         string calldata nodeId,
         string calldata endpoint,
-        bytes calldata signingKey
+        bytes calldata signingKey,
+        bytes calldata deliveryKey,
+        address account
     ) external onlyRole(NODE_ADMIN_ROLE) {
         uint256 idLength = bytes(nodeId).length;
         if (idLength == 0 || idLength > MAX_NODE_ID_BYTES) revert InvalidNodeId();
@@ -216,11 +342,20 @@ contract Registry is AccessControl {
         if (signingKey.length == 0 || signingKey.length > MAX_SIGNING_KEY_BYTES) {
             revert InvalidSigningKey();
         }
+        if (!_isCompressedPoint(deliveryKey)) revert InvalidDeliveryKey();
+        if (account == address(0)) revert InvalidNodeAccount();
         bytes32 nodeKey = keccak256(bytes(nodeId));
         if (bytes(_nodes[nodeKey].nodeId).length != 0) revert NodeAlreadyRegistered();
-        _nodes[nodeKey] = Node({nodeId: nodeId, endpoint: endpoint, signingKey: signingKey, active: true});
+        _nodes[nodeKey] = Node({
+            nodeId: nodeId,
+            endpoint: endpoint,
+            signingKey: signingKey,
+            deliveryKey: deliveryKey,
+            account: account,
+            active: true
+        });
         _nodeKeys.push(nodeKey);
-        emit NodeRegistered(nodeKey, nodeId, endpoint, signingKey);
+        emit NodeRegistered(nodeKey, nodeId, endpoint, signingKey, deliveryKey, account);
     }
 
     /// @notice Take a node out of (or back into) service.
@@ -230,6 +365,36 @@ contract Registry is AccessControl {
         if (bytes(n.nodeId).length == 0) revert NodeNotRegistered();
         n.active = active;
         emit NodeStatusChanged(nodeKey, nodeId, active);
+    }
+
+    // ------------------------------------------------------------- checkpoints
+
+    /// @notice Anchor the node's latest signed audit checkpoint; sent from the node's own
+    /// account. Tree sizes only grow: an auditor checks consistency between successive anchors.
+    /// @param signature the node's HSM signature over the checkpoint (see core/audit.py)
+    function anchorCheckpoint(
+        string calldata nodeId,
+        uint64 treeSize,
+        bytes32 rootHash,
+        uint64 timestamp,
+        bytes calldata signature
+    ) external {
+        bytes32 nodeKey = keccak256(bytes(nodeId));
+        Node storage n = _nodes[nodeKey];
+        if (bytes(n.nodeId).length == 0) revert NodeNotRegistered();
+        if (msg.sender != n.account) revert NotNodeAccount();
+        if (treeSize == 0 || signature.length == 0 || signature.length > MAX_SIGNATURE_BYTES) {
+            revert InvalidCheckpoint();
+        }
+        Checkpoint storage last = _checkpoints[nodeKey];
+        if (treeSize <= last.treeSize) revert CheckpointNotNewer();
+        _checkpoints[nodeKey] = Checkpoint({
+            treeSize: treeSize,
+            rootHash: rootHash,
+            timestamp: timestamp,
+            anchoredAt: uint64(block.number)
+        });
+        emit CheckpointAnchored(nodeKey, nodeId, treeSize, rootHash, timestamp, signature);
     }
 
     // ------------------------------------------------------------------- views
@@ -244,6 +409,18 @@ contract Registry is AccessControl {
 
     function getGrant(address patient, address grantee) external view returns (Grant memory) {
         return _grants[patient][grantee];
+    }
+
+    function getEmergencyOptIn(address patient, address responder)
+        external
+        view
+        returns (EmergencyOptIn memory)
+    {
+        return _emergencyOptIns[patient][responder];
+    }
+
+    function latestCheckpoint(string calldata nodeId) external view returns (Checkpoint memory) {
+        return _checkpoints[keccak256(bytes(nodeId))];
     }
 
     function nodeCount() external view returns (uint256) {
@@ -268,6 +445,10 @@ contract Registry is AccessControl {
     }
 
     function _isCompressedPoint(bytes calldata key) private pure returns (bool) {
-        return key.length == 33 && (key[0] == 0x02 || key[0] == 0x03);
+        return key.length == POINT_BYTES && (key[0] == 0x02 || key[0] == 0x03);
+    }
+
+    function _validTypes(uint32 allowedTypes) private pure returns (bool) {
+        return allowedTypes != 0 && allowedTypes < (uint32(1) << RECORD_TYPE_COUNT);
     }
 }

@@ -16,6 +16,7 @@ from medkms.clients.identity import Identity
 from medkms.coordinator.service import CoordinatorService, _RoundRobin
 from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
 from medkms.core.errors import InsufficientFragments
+from medkms.core.record_types import RecordType
 from medkms.core.registry_types import PatientInfo
 from medkms.core.requests import address_bytes
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
@@ -75,7 +76,7 @@ def world() -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
     kfrags = umbral.generate_kfrags(
-        delegating_sk=alice.umbral_secret_key(),
+        delegating_sk=alice.record_secret_key(RecordType.LAB_RESULT),
         receiving_pk=receiving,
         signer=alice.kfrag_signer(),
         threshold=3,
@@ -91,14 +92,15 @@ def world() -> World:
         registry_address="0x" + "00" * 19 + "01",
         node_timeout_s=2.0,
     )
-    info = PatientInfo(alice.address, alice.umbral_public_key(), alice.verifying_key())
+    info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
     service = CoordinatorService(settings, Registry(info))
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
     service._stubs = {n: _RoundRobin([stub]) for n, stub in nodes.items()}  # type: ignore[list-item]
-    capsule, _ = umbral.encrypt(alice.umbral_secret_key().public_key(), b"k" * 32)
+    capsule, _ = umbral.encrypt(alice.record_public_key(RecordType.LAB_RESULT), b"k" * 32)
     request = common_pb2.ReencryptionRequest(
         patient=address_bytes(alice.address),
         record_id=b"\x01" * 32,
+        record_type=RecordType.LAB_RESULT,
         capsule=bytes(capsule),
         requester=address_bytes(bob.address),
         requester_umbral_key=bob.umbral_public_key(),

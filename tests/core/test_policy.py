@@ -37,6 +37,7 @@ def _query(capsule: umbral.Capsule, receiving: umbral.PublicKey) -> Reencryption
         request_id="r1",
         patient=PATIENT,
         record_id=record_id,
+        record_type=RecordType.LAB_RESULT,
         capsule_bytes=bytes(capsule),
         capsule=capsule,
         requester=GRANTEE,
@@ -101,7 +102,9 @@ def _with(
         ({"record": {"active": False}}, "record_inactive"),
         ({"record": {"patient": "0x" + "33" * 20}}, "patient_mismatch"),
         ({"record": {"capsule_hash": b"\x01" * 32}}, "capsule_mismatch"),
-        ({"record": {"record_type": RecordType.DIAGNOSIS}}, "type_not_allowed"),
+        ({"record": {"record_type": RecordType.DIAGNOSIS}}, "record_type_mismatch"),
+        ({"grant": {"allowed_types_mask": to_mask([RecordType.DIAGNOSIS])}}, "type_not_allowed"),
+        ({"grant": {"emergency": True}}, "emergency_purpose_required"),
         ({"grant": {"active": False}}, "grant_revoked"),
         ({"grant": {"expires_at": NOW}}, "grant_expired"),
         ({"grant": {"grantee_umbral_key": b"\x02" + b"\x07" * 32}}, "receiving_key_mismatch"),
@@ -137,3 +140,15 @@ def test_expiry_uses_the_later_of_chain_time_and_wall_clock(query: ReencryptionQ
     # wall clock is ahead of a stalled chain
     assert judge(query, state, expires + 1).code == "grant_expired"
     assert judge(query, state, expires - 1).allowed
+
+
+def test_emergency_grant_serves_emergency_treatment(query: ReencryptionQuery) -> None:
+    state = _with(_state(query), grant={"emergency": True})
+    decision = judge(dataclasses.replace(query, purpose_of_use="ETREAT"), state, NOW)
+    assert decision.allowed
+
+
+def test_emergency_grant_is_refused_outside_its_window(query: ReencryptionQuery) -> None:
+    state = _with(_state(query), grant={"emergency": True, "expires_at": NOW - 1})
+    decision = judge(dataclasses.replace(query, purpose_of_use="ETREAT"), state, NOW)
+    assert decision.code == "grant_expired"

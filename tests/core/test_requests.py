@@ -7,7 +7,7 @@ import umbral_pre as umbral
 
 from medkms.core.errors import InvalidRequest
 from medkms.core.requests import Enrollment, ReencryptionQuery
-from medkms.proto.kms.v1 import common_pb2, node_pb2
+from medkms.proto.kms.v1 import common_pb2
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,54 @@ def test_bad_fields_are_refused_by_name(
         ReencryptionQuery.parse(msg)
 
 
-def test_enrollment_checks_kfrag_and_parties() -> None:
-    good = dict(patient=b"\x11" * 20, grantee=b"\x22" * 20)
-    with pytest.raises(InvalidRequest, match="kfrag must be 310 bytes"):
-        Enrollment.parse(node_pb2.EnrollKeyFragmentRequest(kfrag=b"junk", **good))
-    with pytest.raises(InvalidRequest, match="not a valid Umbral key fragment"):
-        Enrollment.parse(node_pb2.EnrollKeyFragmentRequest(kfrag=b"\x00" * 310, **good))
-    with pytest.raises(InvalidRequest, match="grantee must differ"):
-        Enrollment.parse(
-            node_pb2.EnrollKeyFragmentRequest(patient=b"\x11" * 20, grantee=b"\x11" * 20)
-        )
+def _enrollment(**changes: object) -> common_pb2.EnrollKeyFragmentRequest:
+    fields: dict[str, object] = dict(
+        node_id="node-1",
+        patient=b"\x11" * 20,
+        grantee=b"\x22" * 20,
+        receiving_key=bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()),
+        kfrags=[
+            common_pb2.SealedKeyFragment(
+                record_type=1, ephemeral_public_key=b"\x02" * 33, sealed=b"\x00" * 350
+            )
+        ],
+        deadline=2_000_000_000,
+        signature=b"\x00" * 65,
+    )
+    fields.update(changes)
+    return common_pb2.EnrollKeyFragmentRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_valid_enrollment_parses_and_binds_each_sealed_kfrag() -> None:
+    enrollment = Enrollment.parse(_enrollment())
+    claims = enrollment.claims()
+    assert claims.record_types == (1,)
+    assert claims.sealed_hashes == (enrollment.kfrags[0].sha256,)
+    assert claims.node_id == "node-1"
+
+
+def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) -> object:
+    return common_pb2.SealedKeyFragment(
+        record_type=record_type, ephemeral_public_key=key, sealed=b"\x00" * size
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"patient": b"\x22" * 20}, "grantee must differ"),
+        ({"node_id": ""}, "node_id must be 1-32"),
+        ({"kfrags": []}, "1 to 6 sealed kfrags"),
+        ({"kfrags": [_sealed(), _sealed()]}, "listed twice"),
+        ({"kfrags": [_sealed(record_type=9)]}, r"kfrags\[0\].record_type must be 0..5"),
+        ({"kfrags": [_sealed(key=b"\x02" * 65)]}, "ephemeral_public_key must be a 33-byte"),
+        ({"kfrags": [_sealed(size=4)]}, r"kfrags\[0\].sealed must be"),
+        ({"kfrags": [_sealed(size=4096)]}, r"kfrags\[0\].sealed must be"),
+        ({"signature": b""}, "signature must be a 65-byte"),
+        ({"deadline": 0}, "deadline is required"),
+        ({"receiving_key": b"\x02" * 5}, "receiving_key"),
+    ],
+)
+def test_bad_enrollments_are_refused_by_name(changes: dict, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        Enrollment.parse(_enrollment(**changes))

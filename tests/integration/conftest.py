@@ -17,6 +17,15 @@ from medkms.core.record_types import RecordType
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.demo import diagnosis, lab_result
 from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+from medkms.proto.stubs import CoordinatorStub
+
+#: every identity the session created, so the final log scan knows what to look for
+CREATED_IDENTITIES: list[Identity] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``runs_last`` run after every other test of the session."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +43,13 @@ def registry(cluster: LocalCluster) -> RegistryClient:
     return cluster.registry()
 
 
+@pytest.fixture(scope="session")
+def coordinator(cluster: LocalCluster) -> Iterator[CoordinatorStub]:
+    """The app-facing coordinator, over one channel shared by the session."""
+    with cluster.coordinator_channel() as channel:
+        yield CoordinatorStub(channel)
+
+
 @dataclass
 class People:
     """A fresh patient with two records and a fresh provider, for one test."""
@@ -45,12 +61,17 @@ class People:
     lab: StoredRecord
     condition: StoredRecord
 
-    def new_identity(self, name: str, *, provider: bool = False) -> Identity:
+    def new_identity(
+        self, name: str, *, provider: bool = False, emergency: bool = False
+    ) -> Identity:
         identity = Identity.generate(name)
+        CREATED_IDENTITIES.append(identity)
         set_balance(self.cluster.rpc_url, identity.address, FUNDING_WEI)
+        admin = self.cluster.identity("admin")
         if provider:
-            admin = self.cluster.identity("admin")
             self.registry.grant_provider_role(admin.account, identity.address)
+        if emergency:
+            self.registry.grant_emergency_role(admin.account, identity.address)
         return identity
 
     def grant_doctor(self, types: list[RecordType] | None = None, duration_s: int = 3600) -> None:
@@ -72,10 +93,10 @@ class People:
 
 
 @pytest.fixture
-def people(cluster: LocalCluster, registry: RegistryClient) -> People:
+def people(cluster: LocalCluster, registry: RegistryClient, coordinator: CoordinatorStub) -> People:
     blank = People(cluster, registry, None, None, None, None)  # type: ignore[arg-type]
     alice = blank.new_identity("alice")
-    patient = PatientClient(alice, registry, cluster.blob_store())
+    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
     patient.register()
     lab = patient.store_record(lab_result(), RecordType.LAB_RESULT)
     condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)

@@ -15,6 +15,7 @@ from medkms.core.audit import (
     verify_log,
     verify_receipt_inclusion,
 )
+from medkms.core.record_types import RecordType
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
 from medkms.proto.kms.v1 import audit_pb2
@@ -44,7 +45,7 @@ def test_an_auditor_verifies_the_log_receipts_and_consistency(
         # A decision at this node for sure, with its receipt.
         capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
         capsule_request = signer(people).single(
-            people.patient.identity.address, people.lab.record_id, capsule
+            people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
         )
         fragment = NodeStub(channel).Reencrypt(capsule_request, timeout=5).fragment
         r = fragment.receipt

@@ -128,22 +128,42 @@ def test_bad_fields_are_invalid_argument(
     assert fragment in error.details()
 
 
+def _sealed(**fields: object) -> common_pb2.SealedKeyFragment:
+    base: dict[str, object] = {
+        "record_type": 1,
+        "ephemeral_public_key": b"\x02" * 33,
+        "sealed": b"\x00" * 350,
+    }
+    return common_pb2.SealedKeyFragment(**{**base, **fields})  # type: ignore[arg-type]
+
+
+_ENROLLMENT: dict[str, object] = {
+    "node_id": "node-1",
+    "patient": b"\x11" * 20,
+    "grantee": b"\x22" * 20,
+    "receiving_key": b"\x02" + b"\x01" * 32,
+    "deadline": 2_000_000_000,
+    "signature": b"\x00" * 65,
+}
+
+
 @pytest.mark.parametrize(
     ("request_fields", "fragment"),
     [
-        ({"patient": b"\x11" * 20, "grantee": b"\x22" * 20, "kfrag": GARBAGE}, "kfrag must be 310"),
-        (
-            {"patient": b"\x11" * 20, "grantee": b"\x22" * 20, "kfrag": b"\x00" * 310},
-            "not a valid Umbral key fragment",
-        ),
-        ({"patient": b"", "grantee": b"\x22" * 20, "kfrag": b""}, "patient must be a 20-byte"),
-        ({"patient": b"\x11" * 20, "grantee": b"\x11" * 20, "kfrag": b""}, "grantee must differ"),
+        ({"kfrags": [_sealed(sealed=GARBAGE[:8])]}, "kfrags[0].sealed must be"),
+        ({"kfrags": [_sealed(record_type=17)]}, "kfrags[0].record_type must be 0..5"),
+        ({"kfrags": [_sealed(ephemeral_public_key=b"")]}, "ephemeral_public_key must be"),
+        ({"kfrags": []}, "1 to 6 sealed kfrags"),
+        ({"patient": b"", "kfrags": [_sealed()]}, "patient must be a 20-byte"),
+        ({"grantee": b"\x11" * 20, "kfrags": [_sealed()]}, "grantee must differ"),
+        ({"signature": b"", "kfrags": [_sealed()]}, "signature must be a 65-byte"),
     ],
 )
 def test_bad_enrollments_are_invalid_argument(
     node_channel: grpc.Channel, request_fields: dict[str, bytes], fragment: str
 ) -> None:
-    payload = node_pb2.EnrollKeyFragmentRequest(**request_fields).SerializeToString()
+    fields = {**_ENROLLMENT, **request_fields}
+    payload = common_pb2.EnrollKeyFragmentRequest(**fields).SerializeToString()  # type: ignore[arg-type]
     error = _raw_call(node_channel, "KmsNode", "EnrollKeyFragment", payload)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in error.details()

@@ -158,21 +158,26 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
     people.grant_doctor([RecordType.LAB_RESULT])
     blobs = cluster.blob_store()
     capsule = parse_envelope(blobs.get(people.lab.storage_uri)).capsule
-    refs = [common_pb2.CapsuleRef(record_id=people.lab.record_id, capsule=capsule)]
+    lab = RecordType.LAB_RESULT
+    refs = [common_pb2.CapsuleRef(record_id=people.lab.record_id, record_type=lab, capsule=capsule)]
     for i in range(63):
         capsule_i, _ = umbral.encrypt(umbral.SecretKey.random().public_key(), b"k" * 32)
-        refs.append(common_pb2.CapsuleRef(record_id=bytes([i + 1]) * 32, capsule=bytes(capsule_i)))
+        refs.append(
+            common_pb2.CapsuleRef(
+                record_id=bytes([i + 1]) * 32, record_type=lab, capsule=bytes(capsule_i)
+            )
+        )
 
     def signed(refs: list[common_pb2.CapsuleRef]) -> common_pb2.ReencryptionBatchRequest:
-        pairs = [(r.record_id, r.capsule) for r in refs]
-        return signer(people).batch(people.patient.identity.address, pairs)
+        triples = [(r.record_id, RecordType(r.record_type), r.capsule) for r in refs]
+        return signer(people).batch(people.patient.identity.address, triples)
 
     with grpc.insecure_channel(cluster.nodes[0].address) as channel:
         response = NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert len(response.outcomes) == 64
         assert response.outcomes[0].fragment.cfrag and not response.outcomes[0].status
         assert {o.status for o in response.outcomes[1:]} == {"NOT_FOUND"}
-        refs.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, capsule=capsule))
+        refs.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, record_type=lab, capsule=capsule))
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -194,7 +199,9 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
 ) -> None:
     people.grant_doctor()
     capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
-    request = signer(people).single(people.patient.identity.address, people.lab.record_id, capsule)
+    request = signer(people).single(
+        people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+    )
     keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
     with grpc.insecure_channel(cluster.coordinator_address) as channel:
         response = CoordinatorStub(channel).Reencrypt(request, timeout=10)

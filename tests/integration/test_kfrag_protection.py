@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from medkms.deploy.local_cluster import LocalCluster
+from medkms.core.record_types import RecordType
+from medkms.deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from medkms.node.kfrag_store import KfragStore
-from tests.integration.conftest import People
+from tests.integration.conftest import CREATED_IDENTITIES, People
 
 pytestmark = pytest.mark.cluster
 
@@ -40,10 +41,10 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
     alice, bob = people.patient.identity.address, people.doctor.address
     stores = [KfragStore(_db(cluster, i)) for i in range(len(cluster.nodes))]
     try:
-        assert all(s.get(alice, bob) is not None for s in stores)
+        assert all(s.get(alice, bob, RecordType.LAB_RESULT) is not None for s in stores)
         people.patient.await_nodes(people.patient.revoke(bob))
         deadline = time.monotonic() + 5
-        while any(s.get(alice, bob) is not None for s in stores):
+        while any(s.get(alice, bob, RecordType.LAB_RESULT) is not None for s in stores):
             assert time.monotonic() < deadline, "kfrags still present 5 s after revocation"
             time.sleep(0.05)
     finally:
@@ -51,18 +52,24 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
             store.close()
 
 
+@pytest.mark.runs_last
 def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> None:
-    """Scan every log the cluster wrote for the secrets of this test's parties and
-    the nodes' PINs, in hex and raw."""
+    """After the whole suite: scan every log the cluster wrote for the secrets of every
+    party the suite created (Ethereum keys, Umbral seeds and derived keys) and the nodes'
+    PINs, in hex and raw."""
     people.grant_doctor()
     with people.provider() as doctor:
         doctor.read_record(people.lab.record_id)
     people.patient.await_nodes(people.patient.revoke(people.doctor.address))
     secrets_to_find: list[bytes] = []
-    for identity in (people.patient.identity, people.doctor):
+    demo_accounts = [cluster.identity(name) for name in DEMO_ACCOUNTS]
+    for identity in [*CREATED_IDENTITIES, *demo_accounts]:
         secrets_to_find.append(bytes(identity.account.key))
         secrets_to_find.append(identity._seed)
         secrets_to_find.append(bytes(identity.umbral_secret_key().to_be_bytes()))
+        for record_type in RecordType:
+            secrets_to_find.append(bytes(identity.record_secret_key(record_type).to_be_bytes()))
+    assert len(CREATED_IDENTITIES) > 10  # the suite's parties, not just this test's
     for node_dir in (cluster.state_dir / "nodes").iterdir():
         for pin_file in ("user.pin", "so.pin"):
             secrets_to_find.append((node_dir / pin_file).read_text().strip().encode())

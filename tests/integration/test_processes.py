@@ -16,6 +16,7 @@ from medkms.deploy import processes
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+from medkms.proto.stubs import CoordinatorStub
 
 pytestmark = pytest.mark.cluster
 
@@ -46,7 +47,8 @@ def _children(pid: int) -> list[int]:
 def test_workers_share_the_port_and_metrics_are_summed(multi: LocalCluster, tmp_path: Path) -> None:
     alice, bob = Identity.generate("alice"), multi.identity("doctor")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
-    patient = PatientClient(alice, multi.registry(), multi.blob_store())
+    channel = multi.coordinator_channel()
+    patient = PatientClient(alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel))
     patient.register()
     record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
     patient.grant(
@@ -55,6 +57,7 @@ def test_workers_share_the_port_and_metrics_are_summed(multi: LocalCluster, tmp_
     with ProviderClient(bob, multi.registry(), multi.blob_store(), multi.coordinator_address) as p:
         for _ in range(20):
             assert p.read_record(record.record_id) == lab_result()
+    channel.close()
 
     node = multi.nodes[0]
     assert len(_children(node.pid)) == 2

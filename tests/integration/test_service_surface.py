@@ -6,7 +6,6 @@ import urllib.request
 
 import grpc
 import pytest
-import umbral_pre as umbral
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,54 +77,3 @@ def test_metrics_count_requests_by_outcome(people: People, cluster: LocalCluster
     assert sum(_metric(cluster, i, denied) for i in range(5)) >= before_denied + 3
     assert sum(_metric(cluster, i, ok) for i in range(5)) >= before_ok + 3
     assert _metric(cluster, 0, "kms_node_kfrags_stored") >= 1
-
-
-def test_enrollment_of_a_kfrag_not_signed_by_the_patient_is_unauthenticated(
-    people: People, cluster: LocalCluster
-) -> None:
-    people.grant_doctor()
-    mallory = umbral.SecretKey.random()
-    forged = umbral.generate_kfrags(
-        delegating_sk=mallory,
-        receiving_pk=umbral.PublicKey.from_compressed_bytes(people.doctor.umbral_public_key()),
-        signer=umbral.Signer(mallory),
-        threshold=1,
-        shares=1,
-        sign_delegating_key=True,
-        sign_receiving_key=True,
-    )[0]
-    request = node_pb2.EnrollKeyFragmentRequest(
-        patient=bytes.fromhex(people.patient.identity.address[2:]),
-        grantee=bytes.fromhex(people.doctor.address[2:]),
-        kfrag=bytes(forged),
-    )
-    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            NodeStub(channel).EnrollKeyFragment(request, timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "does not verify against the patient's registered keys" in caught.value.details()
-
-
-def test_enrollment_without_a_grant_on_chain_is_a_failed_precondition(
-    people: People, cluster: LocalCluster
-) -> None:
-    alice = people.patient.identity
-    kfrag = umbral.generate_kfrags(
-        delegating_sk=alice.umbral_secret_key(),
-        receiving_pk=umbral.PublicKey.from_compressed_bytes(people.doctor.umbral_public_key()),
-        signer=alice.kfrag_signer(),
-        threshold=1,
-        shares=1,
-        sign_delegating_key=True,
-        sign_receiving_key=True,
-    )[0]
-    request = node_pb2.EnrollKeyFragmentRequest(
-        patient=bytes.fromhex(alice.address[2:]),
-        grantee=bytes.fromhex(people.doctor.address[2:]),
-        kfrag=bytes(kfrag),
-    )
-    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            NodeStub(channel).EnrollKeyFragment(request, timeout=5)
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "write the grant first" in caught.value.details()

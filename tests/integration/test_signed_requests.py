@@ -11,6 +11,7 @@ import pytest
 
 from medkms.clients.identity import Identity
 from medkms.clients.records import parse_envelope
+from medkms.core.record_types import RecordType
 from medkms.core.request_auth import Domain, RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
@@ -44,6 +45,7 @@ def signed_request(
     return common_pb2.ReencryptionRequest(
         patient=address_bytes(people.patient.identity.address),
         record_id=people.lab.record_id,
+        record_type=RecordType.LAB_RESULT,
         capsule=capsule,
         requester=address_bytes(people.doctor.address),
         requester_umbral_key=claims.requester_umbral_key,

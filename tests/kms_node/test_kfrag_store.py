@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -20,12 +21,14 @@ from medkms.node.kfrag_store import SCHEMA_VERSION, KfragStore, StoredKfrag
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
 GRANTEE = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
 OTHER_GRANTEE = "0x4B20993Bc481177ec7E8f571ceCaE8A9e22C02db"
+LAB = 1
 
 
 def _item(patient: str = PATIENT, grantee: str = GRANTEE, n: int = 1) -> StoredKfrag:
     return StoredKfrag(
         patient=patient,
         grantee=grantee,
+        record_type=LAB,
         wrapped=bytes([n]) * 338,
         kfrag_sha256=bytes([n]) * 32,
         receiving_key=b"\x02" + bytes([n]) * 32,
@@ -48,20 +51,20 @@ def store(db_path: Path) -> Iterator[KfragStore]:
 def test_roundtrip(store: KfragStore) -> None:
     item = _item()
     store.put(item)
-    assert store.get(PATIENT, GRANTEE) == item
+    assert store.get(PATIENT, GRANTEE, LAB) == item
     assert store.count() == 1
 
 
 def test_missing_is_none(store: KfragStore) -> None:
-    assert store.get(PATIENT, GRANTEE) is None
+    assert store.get(PATIENT, GRANTEE, LAB) is None
     store.put(_item())
-    assert store.get(PATIENT, OTHER_GRANTEE) is None
-    assert store.get(GRANTEE, PATIENT) is None
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) is None
+    assert store.get(GRANTEE, PATIENT, LAB) is None
 
 
 def test_addresses_match_in_any_case(store: KfragStore) -> None:
     store.put(_item())
-    found = store.get(PATIENT.lower(), GRANTEE.upper().replace("0X", "0x"))
+    found = store.get(PATIENT.lower(), GRANTEE.upper().replace("0X", "0x"), LAB)
     assert found == _item()  # returned as stored: checksummed
 
 
@@ -70,8 +73,8 @@ def test_put_replaces_the_kfrag_for_the_pair(store: KfragStore) -> None:
     store.put(_item(patient=PATIENT.lower(), n=2))
     store.put(_item(grantee=OTHER_GRANTEE, n=3))
     assert store.count() == 2
-    assert store.get(PATIENT, GRANTEE) == _item(patient=PATIENT.lower(), n=2)
-    assert store.get(PATIENT, OTHER_GRANTEE) == _item(grantee=OTHER_GRANTEE, n=3)
+    assert store.get(PATIENT, GRANTEE, LAB) == _item(patient=PATIENT.lower(), n=2)
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) == _item(grantee=OTHER_GRANTEE, n=3)
 
 
 def test_delete(store: KfragStore) -> None:
@@ -79,8 +82,8 @@ def test_delete(store: KfragStore) -> None:
     store.put(_item(grantee=OTHER_GRANTEE))
     assert store.delete(PATIENT, GRANTEE) is True
     assert store.delete(PATIENT, GRANTEE) is False
-    assert store.get(PATIENT, GRANTEE) is None
-    assert store.get(PATIENT, OTHER_GRANTEE) is not None
+    assert store.get(PATIENT, GRANTEE, LAB) is None
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) is not None
     assert store.count() == 1
 
 
@@ -90,7 +93,7 @@ def test_persists_across_reopen(db_path: Path) -> None:
     first.close()
     second = KfragStore(db_path)
     try:
-        assert second.get(PATIENT, GRANTEE) == _item()
+        assert second.get(PATIENT, GRANTEE, LAB) == _item()
     finally:
         second.close()
 
@@ -109,7 +112,7 @@ def test_refuses_malformed_addresses(store: KfragStore, patient: str, grantee: s
     with pytest.raises(InvalidRequest, match="address"):
         store.put(_item(patient=patient, grantee=grantee))
     with pytest.raises(InvalidRequest, match="address"):
-        store.get(patient, grantee)
+        store.get(patient, grantee, LAB)
     with pytest.raises(InvalidRequest, match="address"):
         store.delete(patient, grantee)
 
@@ -117,9 +120,9 @@ def test_refuses_malformed_addresses(store: KfragStore, patient: str, grantee: s
 def test_refuses_a_malformed_item(store: KfragStore) -> None:
     item = _item()
     for bad in (
-        StoredKfrag(PATIENT, GRANTEE, b"", item.kfrag_sha256, item.receiving_key, 1),
-        StoredKfrag(PATIENT, GRANTEE, item.wrapped, b"\x00" * 31, item.receiving_key, 1),
-        StoredKfrag(PATIENT, GRANTEE, item.wrapped, item.kfrag_sha256, b"", 1),
+        StoredKfrag(PATIENT, GRANTEE, LAB, b"", item.kfrag_sha256, item.receiving_key, 1),
+        StoredKfrag(PATIENT, GRANTEE, LAB, item.wrapped, b"\x00" * 31, item.receiving_key, 1),
+        StoredKfrag(PATIENT, GRANTEE, LAB, item.wrapped, item.kfrag_sha256, b"", 1),
     ):
         with pytest.raises(InvalidRequest):
             store.put(bad)
@@ -156,7 +159,7 @@ def test_refuses_an_unknown_schema_version(db_path: Path) -> None:
 def test_closed_store_refuses(store: KfragStore) -> None:
     store.close()
     with pytest.raises(Unavailable, match="closed"):
-        store.get(PATIENT, GRANTEE)
+        store.get(PATIENT, GRANTEE, LAB)
     store.close()  # idempotent
 
 
@@ -174,7 +177,7 @@ def test_concurrent_use_from_eight_threads(store: KfragStore) -> None:
                 grantee = f"0x{n * 1000 + i:040x}"
                 item = _item(grantee=grantee, n=i % 256)
                 store.put(item)
-                assert store.get(PATIENT, grantee) == item
+                assert store.get(PATIENT, grantee, LAB) == item
                 if i % 2:
                     assert store.delete(PATIENT, grantee)
         except BaseException as e:  # collected and re-raised in the main thread
@@ -199,6 +202,7 @@ for i in range(100_000):
     store.put(StoredKfrag(
         patient="0x5B38Da6a701c568545dCfcB03FcB875f56beddC4",
         grantee="0x%040x" % i,
+        record_type=1,
         wrapped=i.to_bytes(4, "big") * 80,
         kfrag_sha256=bytes(32),
         receiving_key=b"\\x02" + bytes(32),
@@ -232,9 +236,26 @@ def test_acknowledged_puts_survive_kill_9(db_path: Path) -> None:
     store = KfragStore(db_path)
     try:
         for i in range(acknowledged + 1):
-            found = store.get(PATIENT, f"0x{i:040x}")
+            found = store.get(PATIENT, f"0x{i:040x}", LAB)
             assert found is not None, f"acknowledged put {i} lost"
             assert found.wrapped == i.to_bytes(4, "big") * 80
         assert store.count() >= acknowledged + 1
     finally:
         store.close()
+
+
+def test_kfrags_are_kept_per_record_type_and_delete_shreds_them_all(store: KfragStore) -> None:
+    lab, diagnosis = _item(n=1), dataclasses.replace(_item(n=2), record_type=0)
+    store.put_many([lab, diagnosis])
+    assert store.get(PATIENT, GRANTEE, LAB) == lab
+    assert store.get(PATIENT, GRANTEE, 0) == diagnosis
+    assert store.get(PATIENT, GRANTEE, 2) is None
+    assert store.delete(PATIENT, GRANTEE) is True
+    assert store.count() == 0
+
+
+def test_put_many_is_all_or_nothing(store: KfragStore) -> None:
+    bad = dataclasses.replace(_item(n=2), record_type=0, wrapped=b"")
+    with pytest.raises(InvalidRequest):
+        store.put_many([_item(), bad])
+    assert store.count() == 0

@@ -12,6 +12,7 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.clients.signed_requests import sealed_enrollment
 from medkms.core.audit import Receipt, verify_receipt
 from medkms.core.errors import (
     AccessDenied,
@@ -25,7 +26,11 @@ from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import (
     AccessRevoked,
     AccessState,
+    BlockRef,
+    EmergencyOptIn,
+    EmergencyOptInChanged,
     GrantInfo,
+    NodeInfo,
     PatientInfo,
     RecordInfo,
 )
@@ -38,7 +43,7 @@ from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
 from medkms.node.service import NodeService
-from medkms.proto.kms.v1 import common_pb2, node_pb2
+from medkms.proto.kms.v1 import common_pb2
 
 NOW = 1_800_000_000
 DOMAIN = Domain(31337, "0x" + "ab" * 20)
@@ -51,12 +56,19 @@ class MemoryRegistry:
         self.patients: dict[str, PatientInfo] = {}
         self.grants: dict[tuple[str, str], GrantInfo] = {}
         self.records: dict[bytes, RecordInfo] = {}
+        self.opt_ins: dict[tuple[str, str], EmergencyOptIn] = {}
 
     def get_patient(self, address: str) -> PatientInfo | None:
         return self.patients.get(address)
 
     def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
         return self.grants.get((patient, grantee))
+
+    def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None:
+        return self.opt_ins.get((patient, responder))
+
+    def block(self, identifier: int | str = "latest") -> BlockRef:
+        return BlockRef(7, b"\x77" * 32, NOW)
 
     def index_block(self) -> int:
         return 7
@@ -78,11 +90,17 @@ class World:
     record_id: bytes
     audit: AuditLog
 
-    def kfrag(self, signer: umbral.Signer | None = None) -> bytes:
+    def kfrag(
+        self,
+        signer: umbral.Signer | None = None,
+        record_type: RecordType = RecordType.LAB_RESULT,
+        receiving_key: bytes | None = None,
+    ) -> bytes:
+        receiving = receiving_key or self.bob.umbral_public_key()
         return bytes(
             umbral.generate_kfrags(
-                delegating_sk=self.alice.umbral_secret_key(),
-                receiving_pk=umbral.PublicKey.from_compressed_bytes(self.bob.umbral_public_key()),
+                delegating_sk=self.alice.record_secret_key(record_type),
+                receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving),
                 signer=signer or self.alice.kfrag_signer(),
                 threshold=1,
                 shares=1,
@@ -91,14 +109,40 @@ class World:
             )[0]
         )
 
-    def enroll(self, kfrag: bytes) -> node_pb2.EnrollKeyFragmentResponse:
-        return self.node.enroll(
-            node_pb2.EnrollKeyFragmentRequest(
-                patient=address_bytes(self.alice.address),
-                grantee=address_bytes(self.bob.address),
-                kfrag=kfrag,
-            )
+    def enrollment(
+        self,
+        kfrags: dict[RecordType, bytes],
+        *,
+        patient: Identity | None = None,
+        receiving_key: bytes | None = None,
+        node: NodeInfo | None = None,
+    ) -> common_pb2.EnrollKeyFragmentRequest:
+        """Sealed to this node and signed by ``patient`` (alice unless given), for alice."""
+        info = self.node.node_info()
+        node = node or NodeInfo(
+            node_id=info.node_id,
+            endpoint="memory",
+            signing_public_key=info.signing_public_key,
+            delivery_public_key=info.delivery_public_key,
+            account="0x" + info.account.hex(),
+            active=True,
         )
+        request = sealed_enrollment(
+            (patient or self.alice).account,
+            DOMAIN,
+            node,
+            self.bob.address,
+            receiving_key or self.bob.umbral_public_key(),
+            kfrags,
+            now=NOW,
+        )
+        request.patient = address_bytes(self.alice.address)
+        return request
+
+    def enroll(
+        self, kfrag: bytes, record_type: RecordType = RecordType.LAB_RESULT
+    ) -> common_pb2.EnrollKeyFragmentResponse:
+        return self.node.enroll(self.enrollment({record_type: kfrag}))
 
     def request(
         self,
@@ -121,6 +165,7 @@ class World:
             request_id="t-1",
             patient=address_bytes(self.alice.address),
             record_id=self.record_id,
+            record_type=RecordType.LAB_RESULT,
             capsule=bytes(self.capsule),
             requester=address_bytes(self.bob.address),
             requester_umbral_key=claims.requester_umbral_key,
@@ -136,7 +181,7 @@ def world(tmp_path: Path) -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     registry = MemoryRegistry()
     registry.patients[alice.address] = PatientInfo(
-        alice.address, alice.umbral_public_key(), alice.verifying_key()
+        alice.address, alice.record_public_keys(), alice.verifying_key()
     )
     registry.grants[(alice.address, bob.address)] = GrantInfo(
         patient=alice.address,
@@ -147,7 +192,7 @@ def world(tmp_path: Path) -> World:
         active=True,
         granted_at=NOW,
     )
-    capsule, _ = umbral.encrypt(alice.umbral_secret_key().public_key(), b"d" * 32)
+    capsule, _ = umbral.encrypt(alice.record_public_key(RecordType.LAB_RESULT), b"d" * 32)
     record_id = b"\x09" * 32
     registry.records[record_id] = RecordInfo(
         record_id=record_id,
@@ -182,15 +227,15 @@ def world(tmp_path: Path) -> World:
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
     kfrag = world.kfrag()
     response = world.enroll(kfrag)
-    stored = world.kfrags.get(world.alice.address, world.bob.address)
+    stored = world.kfrags.get(world.alice.address, world.bob.address, RecordType.LAB_RESULT)
     assert stored is not None
     assert kfrag not in stored.wrapped
-    assert response.kfrag_sha256 == stored.kfrag_sha256
+    assert list(response.kfrag_sha256) == [stored.kfrag_sha256]
     cfrag = umbral.CapsuleFrag.from_bytes(world.node.reencrypt(world.request()).fragment.cfrag)
     cfrag.verify(
         world.capsule,
         umbral.PublicKey.from_compressed_bytes(world.alice.verifying_key()),
-        umbral.PublicKey.from_compressed_bytes(world.alice.umbral_public_key()),
+        world.alice.record_public_key(RecordType.LAB_RESULT),
         umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
     )
 
@@ -207,7 +252,7 @@ def test_enrollment_needs_a_registered_patient_and_an_active_grant(world: World)
     world.registry.grants[(world.alice.address, world.bob.address)] = dataclasses.replace(
         grant, active=False
     )
-    with pytest.raises(PreconditionFailed, match="no active grant"):
+    with pytest.raises(PreconditionFailed, match="no active grant or emergency opt-in"):
         world.enroll(kfrag)
     del world.registry.patients[world.alice.address]
     with pytest.raises(PreconditionFailed, match="not registered"):
@@ -223,7 +268,7 @@ def test_denied_request_never_touches_the_kfrag(world: World) -> None:
 
 
 def test_node_without_a_kfrag_for_the_grant_says_so(world: World) -> None:
-    with pytest.raises(PreconditionFailed, match="holds no key fragment"):
+    with pytest.raises(PreconditionFailed, match="holds no lab_result key fragment"):
         world.node.reencrypt(world.request())
 
 
@@ -235,7 +280,7 @@ def test_kfrag_for_an_earlier_grant_key_is_not_used(world: World) -> None:
         world.registry.grants[key], grantee_umbral_key=new_key
     )
     request = world.request(umbral_key=new_key)
-    with pytest.raises(PreconditionFailed, match="holds no key fragment"):
+    with pytest.raises(PreconditionFailed, match="holds no lab_result key fragment"):
         world.node.reencrypt(request)
 
 
@@ -297,10 +342,10 @@ def test_revocation_shreds_the_kfrag_but_not_a_renewed_grant(world: World) -> No
     revoked = AccessRevoked(9, NOW, world.alice.address, world.bob.address)
     # A revocation that a later grant superseded (history replayed at start-up).
     world.node.shred_revoked([revoked])
-    assert world.kfrags.get(*key) is not None
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
     world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
     world.node.shred_revoked([revoked])
-    assert world.kfrags.get(*key) is None
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
 
 
 def test_every_decision_is_audited_and_the_receipt_verifies(world: World) -> None:
@@ -331,3 +376,99 @@ def test_audit_fails_closed(world: World) -> None:
     world.audit.close()
     with pytest.raises(Unavailable, match="audit"):
         world.node.reencrypt(world.request(nonce=b"\x33" * 32))
+
+
+# --- sealed, signed enrollment -------------------------------------------------------------
+
+
+def test_enrollment_signed_by_someone_other_than_the_patient_is_refused(world: World) -> None:
+    mallory = Identity.generate("mallory")
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=mallory)
+    with pytest.raises(Unauthenticated, match="signature is not by the patient"):
+        world.node.enroll(request)
+    assert world.kfrags.count() == 0
+
+
+def test_enrollment_sealed_to_another_node_is_refused(world: World) -> None:
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    request.node_id = "node-other"
+    with pytest.raises(InvalidRequest, match="sealed to node 'node-other'"):
+        world.node.enroll(request)
+    # Sealed to another node's key but labelled for this node: the signature still
+    # covers it, but the HSM cannot open it.
+    other = NodeInfo(
+        "node-t", "x", b"", MemoryKeyStore().delivery_public_key(), "0x" + "00" * 20, True
+    )
+    with pytest.raises(Unauthenticated, match="does not open"):
+        world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, node=other))
+    assert world.kfrags.count() == 0
+
+
+def test_a_tampered_sealed_kfrag_breaks_the_patient_signature(world: World) -> None:
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    sealed = bytearray(request.kfrags[0].sealed)
+    sealed[20] ^= 1
+    request.kfrags[0].sealed = bytes(sealed)
+    with pytest.raises(Unauthenticated, match="signature is not by the patient"):
+        world.node.enroll(request)
+
+
+def test_kfrag_for_another_receiving_key_is_refused(world: World) -> None:
+    other = bytes(umbral.SecretKey.random().public_key().to_compressed_bytes())
+    kfrag = world.kfrag(receiving_key=other)
+    # Claimed for the grant's key: the kfrag does not verify against it.
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        world.enroll(kfrag)
+    # Claimed for the key it was made for: no grant names that key.
+    with pytest.raises(PreconditionFailed, match="names this receiving key"):
+        world.node.enroll(world.enrollment({RecordType.LAB_RESULT: kfrag}, receiving_key=other))
+    assert world.kfrags.count() == 0
+
+
+def test_kfrag_from_another_record_types_key_is_refused(world: World) -> None:
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(
+        world.registry.grants[key],
+        allowed_types_mask=to_mask([RecordType.LAB_RESULT, RecordType.DIAGNOSIS]),
+    )
+    diagnosis_kfrag = world.kfrag(record_type=RecordType.DIAGNOSIS)
+    with pytest.raises(Unauthenticated, match="registered lab_result key"):
+        world.enroll(diagnosis_kfrag, RecordType.LAB_RESULT)
+
+
+def test_kfrag_for_a_type_the_grant_does_not_cover_is_refused(world: World) -> None:
+    kfrag = world.kfrag(record_type=RecordType.DIAGNOSIS)
+    with pytest.raises(AccessDenied, match="does not cover record type diagnosis"):
+        world.enroll(kfrag, RecordType.DIAGNOSIS)
+    assert world.kfrags.count() == 0
+
+
+def test_a_capsule_of_another_type_is_refused(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request()
+    request.record_type = RecordType.DIAGNOSIS
+    with pytest.raises(AccessDenied, match="not the record's type"):
+        world.node.reencrypt(request)
+
+
+def test_emergency_kfrags_lie_dormant_until_a_window_opens(world: World) -> None:
+    key = (world.alice.address, world.bob.address)
+    del world.registry.grants[key]
+    world.registry.opt_ins[key] = EmergencyOptIn(
+        world.alice.address,
+        world.bob.address,
+        world.bob.umbral_public_key(),
+        to_mask([RecordType.LAB_RESULT]),
+        True,
+    )
+    world.enroll(world.kfrag())
+    with pytest.raises(AccessDenied, match="has not granted"):
+        world.node.reencrypt(world.request())
+    # A revocation while the opt-in stands keeps the dormant kfrags.
+    world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
+    world.registry.opt_ins[key] = dataclasses.replace(world.registry.opt_ins[key], active=False)
+    world.node.shred_revoked(
+        [EmergencyOptInChanged(10, NOW, *key, world.bob.umbral_public_key(), 2, False)]
+    )
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kms/v1/common.proto\x12\x06kms.v1\"\xdb\x01\n\x13ReencryptionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12\x11\n\trecord_id\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x04 \x01(\x0c\x12\x11\n\trequester\x18\x05 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x06 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x04\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"X\n\x0f\x43\x61psuleFragment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x66rag\x18\x02 \x01(\x0c\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.kms.v1.AuditReceipt\"m\n\x0c\x41uditReceipt\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x12\n\nentry_hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"0\n\nCapsuleRef\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x02 \x01(\x0c\"\xe2\x01\n\x18ReencryptionBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12$\n\x08\x63\x61psules\x18\x03 \x03(\x0b\x32\x12.kms.v1.CapsuleRef\x12\x11\n\trequester\x18\x04 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x05 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x04\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"\x95\x01\n\x0e\x43\x61psuleOutcome\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12)\n\x08\x66ragment\x18\x02 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12%\n\x07receipt\x18\x05 \x01(\x0b\x32\x14.kms.v1.AuditReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kms/v1/common.proto\x12\x06kms.v1\"\xf0\x01\n\x13ReencryptionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12\x11\n\trecord_id\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x04 \x01(\x0c\x12\x11\n\trequester\x18\x05 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x06 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x04\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x13\n\x0brecord_type\x18\x0b \x01(\r\"X\n\x0f\x43\x61psuleFragment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x63\x66rag\x18\x02 \x01(\x0c\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.kms.v1.AuditReceipt\"m\n\x0c\x41uditReceipt\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x12\n\nentry_hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"E\n\nCapsuleRef\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63\x61psule\x18\x02 \x01(\x0c\x12\x13\n\x0brecord_type\x18\x03 \x01(\r\"\xe2\x01\n\x18ReencryptionBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12$\n\x08\x63\x61psules\x18\x03 \x03(\x0b\x32\x12.kms.v1.CapsuleRef\x12\x11\n\trequester\x18\x04 \x01(\x0c\x12\x1c\n\x14requester_umbral_key\x18\x05 \x01(\x0c\x12\x16\n\x0epurpose_of_use\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x04\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"\x95\x01\n\x0e\x43\x61psuleOutcome\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12)\n\x08\x66ragment\x18\x02 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12%\n\x07receipt\x18\x05 \x01(\x0b\x32\x14.kms.v1.AuditReceipt\"V\n\x11SealedKeyFragment\x12\x13\n\x0brecord_type\x18\x01 \x01(\r\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"\xb4\x01\n\x18\x45nrollKeyFragmentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07patient\x18\x02 \x01(\x0c\x12\x0f\n\x07grantee\x18\x03 \x01(\x0c\x12\x15\n\rreceiving_key\x18\x04 \x01(\x0c\x12)\n\x06kfrags\x18\x05 \x03(\x0b\x32\x19.kms.v1.SealedKeyFragment\x12\x10\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x04\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"B\n\x19\x45nrollKeyFragmentResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0ckfrag_sha256\x18\x02 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.v1.common_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REENCRYPTIONREQUEST']._serialized_start=32
-  _globals['_REENCRYPTIONREQUEST']._serialized_end=251
-  _globals['_CAPSULEFRAGMENT']._serialized_start=253
-  _globals['_CAPSULEFRAGMENT']._serialized_end=341
-  _globals['_AUDITRECEIPT']._serialized_start=343
-  _globals['_AUDITRECEIPT']._serialized_end=452
-  _globals['_CAPSULEREF']._serialized_start=454
-  _globals['_CAPSULEREF']._serialized_end=502
-  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_start=505
-  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_end=731
-  _globals['_CAPSULEOUTCOME']._serialized_start=734
-  _globals['_CAPSULEOUTCOME']._serialized_end=883
+  _globals['_REENCRYPTIONREQUEST']._serialized_end=272
+  _globals['_CAPSULEFRAGMENT']._serialized_start=274
+  _globals['_CAPSULEFRAGMENT']._serialized_end=362
+  _globals['_AUDITRECEIPT']._serialized_start=364
+  _globals['_AUDITRECEIPT']._serialized_end=473
+  _globals['_CAPSULEREF']._serialized_start=475
+  _globals['_CAPSULEREF']._serialized_end=544
+  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_start=547
+  _globals['_REENCRYPTIONBATCHREQUEST']._serialized_end=773
+  _globals['_CAPSULEOUTCOME']._serialized_start=776
+  _globals['_CAPSULEOUTCOME']._serialized_end=925
+  _globals['_SEALEDKEYFRAGMENT']._serialized_start=927
+  _globals['_SEALEDKEYFRAGMENT']._serialized_end=1013
+  _globals['_ENROLLKEYFRAGMENTREQUEST']._serialized_start=1016
+  _globals['_ENROLLKEYFRAGMENTREQUEST']._serialized_end=1196
+  _globals['_ENROLLKEYFRAGMENTRESPONSE']._serialized_start=1198
+  _globals['_ENROLLKEYFRAGMENTRESPONSE']._serialized_end=1264
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReencryptionRequest(_message.Message):
-    __slots__ = ("request_id", "patient", "record_id", "capsule", "requester", "requester_umbral_key", "purpose_of_use", "deadline", "nonce", "signature")
+    __slots__ = ("request_id", "patient", "record_id", "capsule", "requester", "requester_umbral_key", "purpose_of_use", "deadline", "nonce", "signature", "record_type")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ReencryptionRequest(_message.Message):
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_TYPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     patient: bytes
     record_id: bytes
@@ -28,7 +29,8 @@ class ReencryptionRequest(_message.Message):
     deadline: int
     nonce: bytes
     signature: bytes
-    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    record_type: int
+    def __init__(self, request_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., requester: _Optional[bytes] = ..., requester_umbral_key: _Optional[bytes] = ..., purpose_of_use: _Optional[str] = ..., deadline: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., record_type: _Optional[int] = ...) -> None: ...
 
 class CapsuleFragment(_message.Message):
     __slots__ = ("node_id", "cfrag", "receipt")
@@ -55,12 +57,14 @@ class AuditReceipt(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleRef(_message.Message):
-    __slots__ = ("record_id", "capsule")
+    __slots__ = ("record_id", "capsule", "record_type")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     CAPSULE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_TYPE_FIELD_NUMBER: _ClassVar[int]
     record_id: bytes
     capsule: bytes
-    def __init__(self, record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ...) -> None: ...
+    record_type: int
+    def __init__(self, record_id: _Optional[bytes] = ..., capsule: _Optional[bytes] = ..., record_type: _Optional[int] = ...) -> None: ...
 
 class ReencryptionBatchRequest(_message.Message):
     __slots__ = ("request_id", "patient", "capsules", "requester", "requester_umbral_key", "purpose_of_use", "deadline", "nonce", "signature")
@@ -97,3 +101,39 @@ class CapsuleOutcome(_message.Message):
     reason: str
     receipt: AuditReceipt
     def __init__(self, record_id: _Optional[bytes] = ..., fragment: _Optional[_Union[CapsuleFragment, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ...) -> None: ...
+
+class SealedKeyFragment(_message.Message):
+    __slots__ = ("record_type", "ephemeral_public_key", "sealed")
+    RECORD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    record_type: int
+    ephemeral_public_key: bytes
+    sealed: bytes
+    def __init__(self, record_type: _Optional[int] = ..., ephemeral_public_key: _Optional[bytes] = ..., sealed: _Optional[bytes] = ...) -> None: ...
+
+class EnrollKeyFragmentRequest(_message.Message):
+    __slots__ = ("node_id", "patient", "grantee", "receiving_key", "kfrags", "deadline", "signature")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    GRANTEE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVING_KEY_FIELD_NUMBER: _ClassVar[int]
+    KFRAGS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    patient: bytes
+    grantee: bytes
+    receiving_key: bytes
+    kfrags: _containers.RepeatedCompositeFieldContainer[SealedKeyFragment]
+    deadline: int
+    signature: bytes
+    def __init__(self, node_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., grantee: _Optional[bytes] = ..., receiving_key: _Optional[bytes] = ..., kfrags: _Optional[_Iterable[_Union[SealedKeyFragment, _Mapping]]] = ..., deadline: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EnrollKeyFragmentResponse(_message.Message):
+    __slots__ = ("node_id", "kfrag_sha256")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    KFRAG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    kfrag_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, node_id: _Optional[str] = ..., kfrag_sha256: _Optional[_Iterable[bytes]] = ...) -> None: ...

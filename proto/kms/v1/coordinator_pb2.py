@@ -25,25 +25,31 @@ _sym_db = _symbol_database.Default()
 from medkms.proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"]\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r\"q\n\x10\x43\x61psuleFragments\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12*\n\tfragments\x18\x02 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18\x43oordinatorBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kms.v1.CapsuleFragments\x12\x11\n\tthreshold\x18\x02 \x01(\r2\xf9\x01\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12T\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a .kms.v1.CoordinatorBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"P\n\x17RelayEnrollmentsRequest\x12\x35\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32 .kms.v1.EnrollKeyFragmentRequest\"y\n\x11RelayedEnrollment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.kms.v1.EnrollKeyFragmentResponse\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x18RelayEnrollmentsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kms.v1.RelayedEnrollment\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"]\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r\"q\n\x10\x43\x61psuleFragments\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12*\n\tfragments\x18\x02 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18\x43oordinatorBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kms.v1.CapsuleFragments\x12\x11\n\tthreshold\x18\x02 \x01(\r2\xd2\x02\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12T\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a .kms.v1.CoordinatorBatchResponse\x12W\n\x12\x45nrollKeyFragments\x12\x1f.kms.v1.RelayEnrollmentsRequest\x1a .kms.v1.RelayEnrollmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=57
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=80
-  _globals['_NODEENDPOINT']._serialized_start=82
-  _globals['_NODEENDPOINT']._serialized_end=130
-  _globals['_CLUSTERINFO']._serialized_start=132
-  _globals['_CLUSTERINFO']._serialized_end=201
-  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_start=203
-  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_end=296
-  _globals['_CAPSULEFRAGMENTS']._serialized_start=298
-  _globals['_CAPSULEFRAGMENTS']._serialized_end=411
-  _globals['_COORDINATORBATCHRESPONSE']._serialized_start=413
-  _globals['_COORDINATORBATCHRESPONSE']._serialized_end=501
-  _globals['_COORDINATOR']._serialized_start=504
-  _globals['_COORDINATOR']._serialized_end=753
+  _globals['_RELAYENROLLMENTSREQUEST']._serialized_start=57
+  _globals['_RELAYENROLLMENTSREQUEST']._serialized_end=137
+  _globals['_RELAYEDENROLLMENT']._serialized_start=139
+  _globals['_RELAYEDENROLLMENT']._serialized_end=260
+  _globals['_RELAYENROLLMENTSRESPONSE']._serialized_start=262
+  _globals['_RELAYENROLLMENTSRESPONSE']._serialized_end=332
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=334
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=357
+  _globals['_NODEENDPOINT']._serialized_start=359
+  _globals['_NODEENDPOINT']._serialized_end=407
+  _globals['_CLUSTERINFO']._serialized_start=409
+  _globals['_CLUSTERINFO']._serialized_end=478
+  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_start=480
+  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_end=573
+  _globals['_CAPSULEFRAGMENTS']._serialized_start=575
+  _globals['_CAPSULEFRAGMENTS']._serialized_end=688
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_start=690
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_end=778
+  _globals['_COORDINATOR']._serialized_start=781
+  _globals['_COORDINATOR']._serialized_end=1119
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RelayEnrollmentsRequest(_message.Message):
+    __slots__ = ("enrollments",)
+    ENROLLMENTS_FIELD_NUMBER: _ClassVar[int]
+    enrollments: _containers.RepeatedCompositeFieldContainer[_common_pb2.EnrollKeyFragmentRequest]
+    def __init__(self, enrollments: _Optional[_Iterable[_Union[_common_pb2.EnrollKeyFragmentRequest, _Mapping]]] = ...) -> None: ...
+
+class RelayedEnrollment(_message.Message):
+    __slots__ = ("node_id", "response", "status", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    response: _common_pb2.EnrollKeyFragmentResponse
+    status: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., response: _Optional[_Union[_common_pb2.EnrollKeyFragmentResponse, _Mapping]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RelayEnrollmentsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RelayedEnrollment]
+    def __init__(self, results: _Optional[_Iterable[_Union[RelayedEnrollment, _Mapping]]] = ...) -> None: ...
+
 class GetClusterInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

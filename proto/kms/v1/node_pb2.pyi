@@ -12,11 +12,13 @@ class GetNodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "software_version", "signing_public_key", "signing_algorithm", "registry_address", "chain_id", "index_block")
+    __slots__ = ("node_id", "software_version", "signing_public_key", "signing_algorithm", "delivery_public_key", "account", "registry_address", "chain_id", "index_block")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -24,28 +26,12 @@ class NodeInfo(_message.Message):
     software_version: str
     signing_public_key: bytes
     signing_algorithm: str
+    delivery_public_key: bytes
+    account: bytes
     registry_address: bytes
     chain_id: int
     index_block: int
-    def __init__(self, node_id: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., signing_algorithm: _Optional[str] = ..., registry_address: _Optional[bytes] = ..., chain_id: _Optional[int] = ..., index_block: _Optional[int] = ...) -> None: ...
-
-class EnrollKeyFragmentRequest(_message.Message):
-    __slots__ = ("patient", "grantee", "kfrag")
-    PATIENT_FIELD_NUMBER: _ClassVar[int]
-    GRANTEE_FIELD_NUMBER: _ClassVar[int]
-    KFRAG_FIELD_NUMBER: _ClassVar[int]
-    patient: bytes
-    grantee: bytes
-    kfrag: bytes
-    def __init__(self, patient: _Optional[bytes] = ..., grantee: _Optional[bytes] = ..., kfrag: _Optional[bytes] = ...) -> None: ...
-
-class EnrollKeyFragmentResponse(_message.Message):
-    __slots__ = ("node_id", "kfrag_sha256")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    KFRAG_SHA256_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
-    kfrag_sha256: bytes
-    def __init__(self, node_id: _Optional[str] = ..., kfrag_sha256: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., software_version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., signing_algorithm: _Optional[str] = ..., delivery_public_key: _Optional[bytes] = ..., account: _Optional[bytes] = ..., registry_address: _Optional[bytes] = ..., chain_id: _Optional[int] = ..., index_block: _Optional[int] = ...) -> None: ...
 
 class ReencryptResponse(_message.Message):
     __slots__ = ("fragment",)

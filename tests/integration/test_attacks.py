@@ -1,0 +1,247 @@
+"""The security suite: one test per attack on a node, on the real cluster (anvil, SoftHSM,
+gRPC). Each asserts the exact status the attacker gets, and that the cluster keeps serving
+honest requests afterwards. Attacks on signed requests (replay, deadline, forged or tampered
+signatures) are in test_signed_requests.py; a stolen node database and the log scan in
+test_kfrag_protection.py."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import umbral_pre as umbral
+
+from medkms.clients.identity import Identity
+from medkms.clients.records import parse_envelope
+from medkms.clients.signed_requests import RequestSigner, sealed_enrollment
+from medkms.core.errors import AccessDenied, InvalidRequest
+from medkms.core.record_types import RecordType
+from medkms.core.registry_types import EmergencyAccessOpened, NodeInfo
+from medkms.core.request_auth import Domain
+from medkms.deploy.anvil import increase_time
+from medkms.deploy.demo import lab_result
+from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
+from medkms.proto.stubs import CoordinatorStub, NodeStub
+from tests.integration.conftest import People
+
+pytestmark = pytest.mark.cluster
+
+LAB, DIAGNOSIS = RecordType.LAB_RESULT, RecordType.DIAGNOSIS
+
+
+def assert_still_serving(people: People) -> None:
+    """The honest doctor still reads the lab result through the whole cluster."""
+    with people.provider() as doctor:
+        assert doctor.read_record(people.lab.record_id) == lab_result()
+
+
+def capsule_of(people: People, storage_uri: str) -> bytes:
+    return bytes(parse_envelope(people.cluster.blob_store().get(storage_uri)).capsule)
+
+
+def domain(people: People) -> Domain:
+    return Domain(people.registry.chain_id(), people.registry.address)
+
+
+def node_refusal(people: People, request: common_pb2.ReencryptionRequest) -> grpc.RpcError:
+    with grpc.insecure_channel(people.cluster.nodes[0].address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            NodeStub(channel).Reencrypt(request, timeout=5)
+    return caught.value
+
+
+def registered_node(people: People, index: int = 0) -> NodeInfo:
+    node_id = people.cluster.nodes[index].node_id
+    return next(n for n in people.registry.list_nodes() if n.node_id == node_id)
+
+
+def kfrag_for(patient: Identity, record_type: RecordType, receiving_key: bytes) -> bytes:
+    return bytes(
+        umbral.generate_kfrags(
+            delegating_sk=patient.record_secret_key(record_type),
+            receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving_key),
+            signer=patient.kfrag_signer(),
+            threshold=1,
+            shares=1,
+            sign_delegating_key=True,
+            sign_receiving_key=True,
+        )[0]
+    )
+
+
+def enrollment_refusal(
+    people: People, request: common_pb2.EnrollKeyFragmentRequest
+) -> grpc.RpcError:
+    with grpc.insecure_channel(people.cluster.nodes[0].address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            NodeStub(channel).EnrollKeyFragment(request, timeout=5)
+    return caught.value
+
+
+# --- capsules bound to their records and types ----------------------------------------------
+
+
+def test_a_capsule_swapped_in_from_another_record_is_refused(people: People) -> None:
+    people.grant_doctor([LAB])
+    other = people.patient.store_record(lab_result(), LAB)
+    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    request = signer.single(
+        people.patient.identity.address,
+        people.lab.record_id,
+        LAB,
+        capsule_of(people, other.storage_uri),
+    )
+    error = node_refusal(people, request)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "capsule is not the one anchored for this record" in error.details()
+    assert_still_serving(people)
+
+
+def test_a_record_of_another_type_is_refused_whatever_type_is_claimed(people: People) -> None:
+    people.grant_doctor([LAB])
+    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    capsule = capsule_of(people, people.condition.storage_uri)
+    patient = people.patient.identity.address
+    claimed_lab = node_refusal(
+        people, signer.single(patient, people.condition.record_id, LAB, capsule)
+    )
+    assert claimed_lab.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "record_type lab_result is not the record's type (diagnosis)" in claimed_lab.details()
+    honest = node_refusal(
+        people, signer.single(patient, people.condition.record_id, DIAGNOSIS, capsule)
+    )
+    assert honest.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "grant does not cover record type diagnosis" in honest.details()
+    assert_still_serving(people)
+
+
+# --- enrollment: sealed, signed by the patient, verified against the grant -------------------
+
+
+def test_enrollment_by_someone_who_is_not_the_patient_is_refused(
+    people: People, coordinator: CoordinatorStub
+) -> None:
+    people.grant_doctor([LAB])
+    mallory = people.new_identity("mallory")
+    doctor_key = people.doctor.umbral_public_key()
+    nodes = [n for n in people.registry.list_nodes() if n.active]
+    forged = []
+    for node in nodes:
+        request = sealed_enrollment(
+            mallory.account,
+            domain(people),
+            node,
+            people.doctor.address,
+            doctor_key,
+            {LAB: kfrag_for(mallory, LAB, doctor_key)},
+        )
+        request.patient = bytes.fromhex(people.patient.identity.address[2:])
+        forged.append(request)
+    # Relayed by the coordinator, as the SDK sends them: every node refuses.
+    response = coordinator.EnrollKeyFragments(
+        coordinator_pb2.RelayEnrollmentsRequest(enrollments=forged), timeout=10
+    )
+    assert {r.status for r in response.results} == {"UNAUTHENTICATED"}
+    assert all("signature is not by the patient" in r.reason for r in response.results)
+    # And straight to a node.
+    error = enrollment_refusal(people, forged[0])
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert_still_serving(people)
+
+
+def test_a_kfrag_for_another_receiving_key_is_refused(people: People) -> None:
+    people.grant_doctor([LAB])
+    alice = people.patient.identity
+    eve_key = Identity.generate("eve").umbral_public_key()
+    node = registered_node(people)
+    doctor_key = people.doctor.umbral_public_key()
+    # Said to be for the grant's key, made for Eve's: it does not verify.
+    mislabelled = sealed_enrollment(
+        alice.account,
+        domain(people),
+        node,
+        people.doctor.address,
+        doctor_key,
+        {LAB: kfrag_for(alice, LAB, eve_key)},
+    )
+    error = enrollment_refusal(people, mislabelled)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "does not verify against the patient's registered lab_result key" in error.details()
+    # Honestly labelled for Eve's key: no grant or opt-in names it.
+    for_eve = sealed_enrollment(
+        alice.account,
+        domain(people),
+        node,
+        people.doctor.address,
+        eve_key,
+        {LAB: kfrag_for(alice, LAB, eve_key)},
+    )
+    error = enrollment_refusal(people, for_eve)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "names this receiving key" in error.details()
+    assert_still_serving(people)
+
+
+def test_a_kfrag_sealed_to_another_node_does_not_open(people: People) -> None:
+    people.grant_doctor([LAB])
+    alice = people.patient.identity
+    doctor_key = people.doctor.umbral_public_key()
+    elsewhere = registered_node(people, 1)
+    request = sealed_enrollment(
+        alice.account,
+        domain(people),
+        elsewhere,
+        people.doctor.address,
+        doctor_key,
+        {LAB: kfrag_for(alice, LAB, doctor_key)},
+    )
+    error = enrollment_refusal(people, request)  # sent to node 0
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sealed to node" in error.details()
+    assert_still_serving(people)
+
+
+# --- emergency access ---------------------------------------------------------------------
+
+
+def test_emergency_access_is_served_only_inside_its_window(people: People) -> None:
+    people.grant_doctor([LAB])
+    responder = people.new_identity("er-team", emergency=True)
+    alice = people.patient.identity
+    start = people.registry.latest_block()[0]
+    people.patient.opt_in_emergency(
+        responder.address,
+        responder.umbral_public_key(),
+        [LAB],
+        threshold=people.cluster.threshold,
+    )
+    with people.provider(responder) as er:
+        with pytest.raises(AccessDenied, match="not granted access"):
+            er.read_record(people.lab.record_id, "ETREAT")  # opted in, window not open
+        block, expires_at = er.open_emergency_access(alice.address, 60)
+        people.patient.await_nodes(block)
+        with pytest.raises(AccessDenied, match="serves purpose_of_use ETREAT only"):
+            er.read_record(people.lab.record_id, "TREAT")
+        assert er.read_record(people.lab.record_id, "ETREAT") == lab_result()
+        # The patient can watch for it.
+        opened = [
+            e
+            for e in people.registry.events(start, people.registry.latest_block()[0])
+            if isinstance(e, EmergencyAccessOpened) and e.patient == alice.address
+        ]
+        assert [(e.responder, e.expires_at) for e in opened] == [(responder.address, expires_at)]
+        increase_time(people.cluster.rpc_url, 120)
+        people.patient.await_nodes(people.registry.latest_block()[0])
+        with pytest.raises(AccessDenied, match="grant expired at"):
+            er.read_record(people.lab.record_id, "ETREAT")
+    assert_still_serving(people)
+
+
+def test_an_emergency_window_longer_than_the_maximum_is_refused(people: People) -> None:
+    responder = people.new_identity("er-long", emergency=True)
+    people.patient.opt_in_emergency(
+        responder.address, responder.umbral_public_key(), [LAB], threshold=people.cluster.threshold
+    )
+    # The SDK refuses before sending; the registry enforces the same bound on-chain
+    # (tests/contracts).
+    with people.provider(responder) as er, pytest.raises(InvalidRequest, match="1 to 14400 s"):
+        er.open_emergency_access(people.patient.identity.address, 4 * 3600 + 1)
