@@ -130,6 +130,22 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
 
         say("7. doctor asks for the lab result again")
         _expect_refusal(lambda: doctor.read_record(lab.record_id), say)
+
+    responder = cluster.identity("responder")
+    say("8. patient opts in to emergency access to her lab results by the emergency department")
+    patient.opt_in_emergency(
+        responder.address,
+        responder.umbral_public_key(),
+        [RecordType.LAB_RESULT],
+        threshold=cluster.threshold,
+    )
+    with ProviderClient(responder, registry, blobs, cluster.coordinator_address) as er:
+        say("9. the emergency department opens a 15-minute emergency grant and reads (ETREAT)")
+        block, expires_at = er.open_emergency_access(alice.address, 15 * 60)
+        patient.await_nodes(block)
+        if er.read_record(lab.record_id, "ETREAT") != document:
+            raise DemoFailed("emergency read differs from the original")
+        say(f"   read under the emergency grant; it expires by itself at {expires_at}")
     channel.close()
     say("demo finished: every step behaved as expected")
 

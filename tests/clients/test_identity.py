@@ -3,8 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.core.record_types import RecordType
 
 
 def test_identity_roundtrip_keeps_every_key(tmp_path: Path) -> None:
@@ -26,3 +28,41 @@ def test_secrets_are_not_printable() -> None:
     assert alice._seed.hex() not in shown
     with pytest.raises(TypeError):
         hash(alice)
+
+
+def test_each_record_type_has_its_own_key_and_they_survive_a_reload(tmp_path: Path) -> None:
+    alice = Identity.generate("alice")
+    keys = alice.record_public_keys()
+    assert len(set(keys)) == len(RecordType)
+    assert alice.umbral_public_key() not in keys  # the receiving key is separate
+    alice.save(tmp_path / "a.json")
+    assert Identity.load(tmp_path / "a.json").record_public_keys() == keys
+
+
+def test_a_lab_result_kfrag_cannot_open_a_diagnosis() -> None:
+    """The cryptographic half of type enforcement: even a node that ignored the grant's
+    types and re-encrypted a diagnosis capsule with a lab-result kfrag produces a fragment
+    that fails verification and cannot open the diagnosis key."""
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    bob_pk = bob.umbral_secret_key().public_key()
+    lab_kfrags = umbral.generate_kfrags(
+        delegating_sk=alice.record_secret_key(RecordType.LAB_RESULT),
+        receiving_pk=bob_pk,
+        signer=alice.kfrag_signer(),
+        threshold=1,
+        shares=1,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )
+    diagnosis_key = alice.record_public_key(RecordType.DIAGNOSIS)
+    capsule, ciphertext = umbral.encrypt(diagnosis_key, b"d" * 32)
+    cfrag = umbral.reencrypt(capsule, lab_kfrags[0])
+    verifying_key = umbral.PublicKey.from_compressed_bytes(alice.verifying_key())
+    with pytest.raises(umbral.VerificationError):
+        umbral.CapsuleFrag.from_bytes(bytes(cfrag)).verify(
+            capsule, verifying_key, diagnosis_key, bob_pk
+        )
+    with pytest.raises(ValueError):
+        umbral.decrypt_reencrypted(
+            bob.umbral_secret_key(), diagnosis_key, capsule, [cfrag], ciphertext
+        )

@@ -37,6 +37,7 @@ def test_demo_runs_every_step(cluster: LocalCluster) -> None:
     assert result.returncode == 0, result.stderr
     assert "decrypted record equals the original" in result.stdout
     assert "grant has been revoked by the patient" in result.stdout
+    assert "read under the emergency grant" in result.stdout
     assert "demo finished" in result.stdout
 
 
@@ -56,6 +57,18 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
     read = kmsctl(cluster, "provider", "read", record_id, "--out", str(out))
     assert read.returncode == 0, read.stderr
     assert out.read_bytes() == lab_result()
+
+    opted_in = kmsctl(cluster, "patient", "emergency-opt-in", "responder", "--types", "lab_result")
+    assert opted_in.returncode == 0, opted_in.stderr
+    assert json.loads(opted_in.stdout)["record_types"] == ["lab_result"]
+    opened = kmsctl(cluster, "emergency", "open", "patient", "--duration", "600")
+    assert opened.returncode == 0, opened.stderr
+    assert "read with --purpose ETREAT" in opened.stdout
+    emergency = kmsctl(
+        cluster, "provider", "read", record_id, "--as", "responder", "--purpose", "ETREAT"
+    )
+    assert emergency.returncode == 0, emergency.stderr
+    assert kmsctl(cluster, "patient", "emergency-opt-out", "responder").returncode == 0
 
     assert kmsctl(cluster, "patient", "deactivate", record_id).returncode == 0
     refused = kmsctl(cluster, "provider", "read", record_id)
