@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from eth_utils.address import is_checksum_address
 
 from medkms.core import merkle
+from medkms.core.addresses import is_checksummed
 from medkms.core.errors import IntegrityError, InvalidRequest
 
 ENTRY_VERSION: Final = 1
@@ -89,7 +89,7 @@ def _check_node_id(value: str) -> bytes:
 
 
 def _check_address(value: str, what: str) -> None:
-    if not isinstance(value, str) or not is_checksum_address(value):
+    if not is_checksummed(value):
         raise InvalidRequest(f"{what} must be an EIP-55 checksummed address")
 
 

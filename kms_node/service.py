@@ -410,7 +410,8 @@ class NodeService:
                 )
             )
         receipts = self._audit.append_many(entries)
-        for entry, receipt in zip(entries, receipts, strict=True):
+        if len(entries) == 1:
+            (entry,), (receipt,) = entries, receipts
             bound.info(
                 f"reencrypt_{entry.decision}",
                 record_id=entry.record_id.hex(),
@@ -418,6 +419,18 @@ class NodeService:
                 block_number=entry.block_number,
                 audit_index=receipt.leaf_index,
                 cfrag_sha256=entry.cfrag_hash.hex() or None,
+            )
+        else:
+            # One line per batch: the audit log holds every decision in full.
+            reasons: dict[str, int] = {}
+            for entry in entries:
+                reasons[entry.reason_code] = reasons.get(entry.reason_code, 0) + 1
+            bound.info(
+                "reencrypt_batch",
+                capsules=len(entries),
+                reasons=reasons,
+                block_number=entries[0].block_number,
+                audit_indexes=[receipts[0].leaf_index, receipts[-1].leaf_index],
             )
         answers: list[tuple[bytes | KmsError, Receipt]] = list(zip(results, receipts, strict=True))
         return answers

@@ -20,6 +20,7 @@ from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
 
 from medkms.core import request_auth
+from medkms.core.addresses import is_valid
 from medkms.core.errors import InvalidRequest, Unauthenticated
 from medkms.core.request_auth import (
     SECP256K1_N,
@@ -417,3 +418,20 @@ def test_deadline_rules() -> None:
         check_deadline(deadline=0, now=1000, max_window_s=300)
     with pytest.raises(InvalidRequest, match="deadline too far in the future; at most 300 s"):
         check_deadline(deadline=1301, now=1000, max_window_s=300)
+
+
+def test_a_mixed_case_address_with_a_wrong_checksum_is_refused() -> None:
+    good = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
+    bad = good[:-1] + "c"
+    assert is_valid(good) and is_valid(good.lower()) and is_valid("0x" + good[2:].upper())
+    assert not is_valid(bad)
+    with pytest.raises(InvalidRequest, match="patient must be"):
+        RequestClaims(
+            patient=bad,
+            record_id=b"\x01" * 32,
+            capsule_hash=b"\x02" * 32,
+            requester_umbral_key=b"\x02" * 33,
+            nonce=b"\x03" * 32,
+            deadline=1,
+            purpose_of_use="TREAT",
+        )
