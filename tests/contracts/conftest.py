@@ -11,11 +11,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_keys.datatypes import PrivateKey
 
 from medkms.contracts.registry import RegistryClient
+from medkms.core.record_types import RecordType
 from medkms.deploy.anvil import AnvilProcess, set_balance
 
 FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas
@@ -24,6 +27,17 @@ FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas
 def compressed_point() -> bytes:
     """A valid 33-byte compressed secp256k1 public key."""
     return PrivateKey(os.urandom(32)).public_key.to_compressed_bytes()
+
+
+def umbral_keys() -> tuple[bytes, ...]:
+    """A patient's Umbral public keys: one fresh compressed point per record type."""
+    return tuple(compressed_point() for _ in RecordType)
+
+
+def p256_point() -> bytes:
+    """A valid 33-byte compressed P-256 point, as a node's HSM delivery key."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +73,7 @@ def registry(anvil: AnvilProcess, deployer: LocalAccount) -> RegistryClient:
 def patient(registry: RegistryClient, make_account: Callable[[], LocalAccount]) -> LocalAccount:
     """A registered patient."""
     account = make_account()
-    registry.register_patient(account, compressed_point(), compressed_point())
+    registry.register_patient(account, umbral_keys(), compressed_point())
     return account
 
 
@@ -70,6 +84,16 @@ def provider(
     """An account holding PROVIDER_ROLE."""
     account = make_account()
     registry.grant_provider_role(deployer, account.address)
+    return account
+
+
+@pytest.fixture
+def responder(
+    registry: RegistryClient, deployer: LocalAccount, make_account: Callable[[], LocalAccount]
+) -> LocalAccount:
+    """An account holding EMERGENCY_ROLE."""
+    account = make_account()
+    registry.grant_emergency_role(deployer, account.address)
     return account
 
 
