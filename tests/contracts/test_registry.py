@@ -1257,6 +1257,19 @@ def test_checkpoint_tree_sizes_only_grow(
     assert [a.tree_size for a in registry.checkpoint_anchors("node-1")] == [10, 11]
 
 
+def test_back_to_back_anchors_are_mined(
+    registry: RegistryClient, deployer: LocalAccount, make_account: Callable[[], LocalAccount]
+) -> None:
+    # The second anchor's gas is estimated in the block of the first, where storing the same
+    # block.number and checkpoint timestamp looks free; it is mined one block later, where it
+    # is not. Without headroom on the estimate it runs out of gas (status 0, no reason).
+    node = make_account()
+    register_node(registry, deployer, "node-1", account=node.address)
+    checkpoint(registry, node, "node-1", 1, timestamp=1_700_000_000)
+    checkpoint(registry, node, "node-1", 2, timestamp=1_700_000_000)
+    assert [a.tree_size for a in registry.checkpoint_anchors("node-1")] == [1, 2]
+
+
 def test_malformed_checkpoints_are_refused(
     registry: RegistryClient,
     deployer: LocalAccount,
