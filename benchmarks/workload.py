@@ -124,7 +124,11 @@ class Workload:
 
     def provider(self, identity: Identity) -> ProviderClient:
         return ProviderClient(
-            identity, self.registry, self.cluster.blob_store(), self.cluster.coordinator_address
+            identity,
+            self.registry,
+            self.cluster.blob_store(),
+            self.cluster.coordinator_address,
+            self.cluster.app_transport,
         )
 
     def signer(self, identity: Identity) -> RequestSigner:
@@ -152,7 +156,7 @@ def prepare(cluster: LocalCluster, *, records: int, doctors: int = 4) -> Workloa
     alice = blank.new_identity("alice")
     # The channel lives as long as the benchmark process; grants are made through it.
     coordinator = CoordinatorStub(cluster.coordinator_channel())
-    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
+    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator, cluster.transport)
     patient.register()
     stored = [patient.store_record(lab_result(), RecordType.LAB_RESULT) for _ in range(records)]
     granted = [blank.new_identity(f"dr-{i}", provider=True) for i in range(doctors)]
@@ -176,9 +180,7 @@ class DekPath:
 
     def __init__(self, workload: Workload, identities: list[Identity]) -> None:
         self._grantees = [(i, workload.signer(i)) for i in identities]
-        self._channel = grpc.insecure_channel(
-            workload.cluster.coordinator_address, options=rpc.CHANNEL_OPTIONS
-        )
+        self._channel = workload.cluster.coordinator_channel()
         self._stub = CoordinatorStub(self._channel)
         patient: PatientInfo | None = workload.registry.get_patient(
             workload.patient.identity.address
@@ -240,9 +242,12 @@ class NodeTarget:
 
     def __init__(self, workload: Workload, node: NodeEntry, *, connections: int = 4) -> None:
         self.node = node
-        options = [*rpc.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        # As the coordinator connects: mutual TLS, the node's id pinned.
+        transport = workload.cluster.transport
+        options = [("grpc.use_local_subchannel_pool", 1)]
         self._channels = [
-            grpc.insecure_channel(node.address, options=options) for _ in range(connections)
+            transport.channel(node.address, options=options, server_name=node.node_id)
+            for _ in range(connections)
         ]
         self._stubs = [NodeStub(channel) for channel in self._channels]
         self._signers = [workload.signer(d) for d in workload.doctors]

@@ -1,6 +1,7 @@
 """`kmsctl`: run a local cluster and drive the patient, provider and demo flows.
 
     kmsctl cluster up [--nodes N] [--threshold M] [--state-dir DIR] [--detach] [--reset]
+                      [--dev-plaintext]
     kmsctl cluster status|down [--state-dir DIR]
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
@@ -25,6 +26,7 @@ from medkms.core import logs
 from medkms.core.errors import InvalidRequest, KmsError
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import LocalCluster
+from medkms.deploy.processes import grpc_serving
 from medkms.proto.stubs import CoordinatorStub
 
 DEFAULT_STATE_DIR = Path(".state")
@@ -51,6 +53,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         processes=args.processes,
         reset=args.reset,
+        dev_plaintext=args.dev_plaintext,
     )
     print(f"cluster up: {args.nodes} nodes, threshold {args.threshold}")
     print(f"  chain        {cluster.rpc_url}  registry {cluster.registry_address}")
@@ -58,6 +61,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
     for node in cluster.nodes:
         print(f"  {node.node_id:<12} {node.address}  metrics {node.metrics_url}")
     print(f"  state        {cluster.state_dir / 'cluster.json'}")
+    tls = cluster.data.get("tls")
+    print(f"  tls          CA {tls['ca_cert']}" if tls else "  tls          OFF (development mode)")
     if args.detach:
         return
     print("press Ctrl-C to stop")
@@ -78,7 +83,25 @@ def cmd_cluster_down(args: argparse.Namespace) -> None:
 
 def cmd_cluster_status(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
-    print(json.dumps({"running": cluster.running(), **cluster.data}, indent=2))
+    running = cluster.running()
+    print(
+        json.dumps(
+            {"running": running, "serving": _serving(cluster, running), **cluster.data}, indent=2
+        )
+    )
+
+
+def _serving(cluster: LocalCluster, running: list[str]) -> list[str]:
+    """The running services that answer health checks over the cluster's TLS."""
+    serving = []
+    if "coordinator" in running and grpc_serving(cluster.coordinator_address, cluster.transport):
+        serving.append("coordinator")
+    for node in cluster.nodes:
+        if node.node_id in running and grpc_serving(
+            node.address, cluster.transport, server_name=node.node_id
+        ):
+            serving.append(node.node_id)
+    return serving
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -95,6 +118,7 @@ def cmd_patient(args: argparse.Namespace) -> None:
             cluster.registry(),
             cluster.blob_store(),
             CoordinatorStub(channel),
+            cluster.transport,
         )
         _patient_action(args, cluster, client)
 
@@ -180,6 +204,7 @@ def cmd_provider_read(args: argparse.Namespace) -> None:
         cluster.registry(),
         cluster.blob_store(),
         cluster.coordinator_address,
+        cluster.app_transport,
     ) as provider:
         plaintext = provider.read_record(_record_id(args.record_id), args.purpose)
     if args.out:
@@ -196,6 +221,7 @@ def cmd_emergency_open(args: argparse.Namespace) -> None:
         cluster.registry(),
         cluster.blob_store(),
         cluster.coordinator_address,
+        cluster.app_transport,
     ) as responder:
         block, expires_at = responder.open_emergency_access(patient.address, args.duration)
     print(
@@ -224,10 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--processes", type=int, default=1, help="server processes per node")
     up.add_argument("--detach", action="store_true", help="return once everything serves")
     up.add_argument("--reset", action="store_true", help="wipe a stopped cluster's state first")
+    up.add_argument(
+        "--dev-plaintext",
+        action="store_true",
+        help="development only: no TLS anywhere (default: a fresh CA, mutual TLS to nodes)",
+    )
     up.set_defaults(func=cmd_cluster_up)
     cluster.add_parser("down", parents=[state], help="stop it").set_defaults(func=cmd_cluster_down)
     cluster.add_parser(
-        "status", parents=[state], help="show cluster.json and what runs"
+        "status", parents=[state], help="show cluster.json, what runs and what serves"
     ).set_defaults(func=cmd_cluster_status)
 
     sub.add_parser("demo", parents=[state], help="run the patient -> doctor scenario").set_defaults(

@@ -33,6 +33,7 @@ from medkms.core.umbral_codec import load_public_key
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import coordinator_pb2, node_pb2
 from medkms.proto.stubs import CoordinatorStub, NodeStub
+from medkms.proto.transport import Transport
 
 ENROLL_TIMEOUT_S = 10.0
 
@@ -66,11 +67,15 @@ class PatientClient:
         registry: RegistryClient,
         blobs: LocalBlobStore,
         coordinator: CoordinatorStub,
+        transport: Transport,
     ) -> None:
+        """``transport`` secures direct calls to nodes (:meth:`await_nodes`): nodes
+        require mutual TLS, so it carries a client certificate from their CA."""
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
         self._coordinator = coordinator
+        self._transport = transport
         self._domain: Domain | None = None
 
     def register(self) -> None:
@@ -269,7 +274,7 @@ class PatientClient:
             stubs = {
                 n.node_id: NodeStub(
                     channels.enter_context(
-                        grpc.insecure_channel(n.endpoint, options=rpc.CHANNEL_OPTIONS)
+                        self._transport.channel(n.endpoint, server_name=n.node_id)
                     )
                 )
                 for n in nodes

@@ -36,6 +36,7 @@ from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, record_pb2
 from medkms.proto.stubs import CoordinatorStub
+from medkms.proto.transport import Transport
 
 REQUEST_TIMEOUT_S = 10.0
 #: anchors and patient keys kept per client
@@ -64,11 +65,14 @@ class ProviderClient:
         registry: RegistryClient,
         blobs: LocalBlobStore,
         coordinator_address: str,
+        transport: Transport,
     ) -> None:
+        """``transport`` secures the channel to the coordinator: TLS with the CA
+        that signed its certificate (``Transport.tls(ca_cert)``)."""
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
-        self._channel = grpc.insecure_channel(coordinator_address, options=rpc.CHANNEL_OPTIONS)
+        self._channel = transport.channel(coordinator_address)
         self._coordinator = CoordinatorStub(self._channel)
         self._signer = RequestSigner(
             identity.account,

@@ -1,4 +1,8 @@
-"""`kms-coordinator serve --config coordinator.toml`: run the coordinator."""
+"""`kms-coordinator serve --config coordinator.toml`: run the coordinator.
+
+It serves apps over TLS and reaches the nodes over mutual TLS (the tls_* files
+of the config), or in plaintext only if the config sets dev_plaintext = true.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from medkms.contracts.registry import RegistryClient
 from medkms.coordinator.service import CoordinatorService
 from medkms.coordinator.settings import CoordinatorSettings
 from medkms.core.endpoints import parse_host_port
-from medkms.core.errors import KmsError
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
 from medkms.proto.stubs import COORDINATOR_SERVICE
@@ -25,7 +24,12 @@ SERVICE_NAME = COORDINATOR_SERVICE.full_name
 async def serve(settings: CoordinatorSettings) -> None:
     registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
     service = CoordinatorService(settings, registry)
-    service.open_channels()
+    if settings.dev_plaintext:
+        log.warning(
+            "coordinator_plaintext",
+            warning="DEVELOPMENT MODE (dev_plaintext): no TLS to apps or to nodes",
+        )
+    service.open_channels(settings.node_transport())
     server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
     methods = [
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
@@ -40,12 +44,14 @@ async def serve(settings: CoordinatorSettings) -> None:
     server.add_generic_rpc_handlers([rpc.aio_service_handler(COORDINATOR_SERVICE, methods)])
     health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])
     host, port = parse_host_port(settings.listen, "listen")
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise KmsError(f"cannot listen on {settings.listen}")
+    # Server authentication only: apps check the coordinator against the CA and
+    # prove who they are by signing each request, not with a certificate.
+    settings.server_transport().add_port(server, f"{host}:{port}", require_client_cert=False)
     await server.start()
     log.info(
         "coordinator_started",
         listen=settings.listen,
+        tls=not settings.dev_plaintext,
         threshold=settings.threshold,
         nodes=[n.node_id for n in settings.nodes],
     )

@@ -28,6 +28,7 @@ from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from medkms.proto.stubs import AioNodeStub
+from medkms.proto.transport import Transport
 
 log = structlog.get_logger("medkms.coordinator")
 
@@ -35,7 +36,6 @@ log = structlog.get_logger("medkms.coordinator")
 # backoff grows to two minutes, during which calls to that node fail at once.
 MAX_RECONNECT_BACKOFF_MS = 1000
 NODE_CHANNEL_OPTIONS = [
-    *rpc.CHANNEL_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -194,15 +194,20 @@ class CoordinatorService:
         self._stubs: dict[str, _RoundRobin] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def open_channels(self) -> None:
-        """Create the reusable channels to each node; call inside the running loop."""
+    def open_channels(self, transport: Transport) -> None:
+        """Create the reusable channels to each node; call inside the running loop.
+
+        Each channel checks that the node's certificate names that node's id, so
+        one node cannot answer in another's place even on a shared address."""
         # A local subchannel pool gives each channel its own TCP connection, so that
         # a node's processes (which share its port per connection) all get work.
         options = [*NODE_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         for node in self._settings.nodes:
             stubs = []
             for _ in range(self._settings.connections_per_node):
-                channel = grpc.aio.insecure_channel(node.address, options=options)
+                channel = transport.aio_channel(
+                    node.address, options=options, server_name=node.node_id
+                )
                 self._channels.append(channel)
                 stubs.append(AioNodeStub(channel))
             self._stubs[node.node_id] = _RoundRobin(stubs)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import InvalidRequest
+from medkms.proto.transport import Transport, require_tls_settings
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,17 @@ class CoordinatorSettings:
     #: port between them per connection, so this should match its process count
     connections_per_node: int = 1
     log_level: str = "info"
+    #: TLS for apps (server authentication): the CA and the coordinator's own
+    #: server certificate and key
+    tls_ca_cert: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: mutual TLS to the nodes: the coordinator's client certificate and key,
+    #: from the CA the nodes trust (tls_ca_cert, which also checks the nodes)
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    #: plaintext both ways (development only; the nodes must be in that mode too)
+    dev_plaintext: bool = False
 
     @classmethod
     def from_toml(cls, path: Path) -> CoordinatorSettings:
@@ -38,6 +50,14 @@ class CoordinatorSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequest(f"cannot read coordinator config {path}: {e}") from None
+        base = path.parent
+
+        def rel(key: str) -> Path | None:
+            if key not in raw:
+                return None
+            p = Path(str(raw[key]))
+            return p if p.is_absolute() else base / p
+
         try:
             settings = cls(
                 listen=str(raw["listen"]),
@@ -51,6 +71,12 @@ class CoordinatorSettings:
                 patient_cache_s=float(raw.get("patient_cache_s", 60.0)),
                 connections_per_node=int(raw.get("connections_per_node", 1)),
                 log_level=str(raw.get("log_level", "info")),
+                tls_ca_cert=rel("tls_ca_cert"),
+                tls_cert=rel("tls_cert"),
+                tls_key=rel("tls_key"),
+                tls_client_cert=rel("tls_client_cert"),
+                tls_client_key=rel("tls_client_key"),
+                dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
             )
         except KeyError as e:
             raise InvalidRequest(f"coordinator config {path} is missing {e.args[0]!r}") from None
@@ -72,3 +98,30 @@ class CoordinatorSettings:
             raise InvalidRequest("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:
             raise InvalidRequest("node_timeout_s must be positive")
+        if not isinstance(self.dev_plaintext, bool):
+            raise InvalidRequest("dev_plaintext must be true or false")
+        require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)
+
+    def _tls_files(self) -> dict[str, Path | None]:
+        return {
+            "tls_ca_cert": self.tls_ca_cert,
+            "tls_cert": self.tls_cert,
+            "tls_key": self.tls_key,
+            "tls_client_cert": self.tls_client_cert,
+            "tls_client_key": self.tls_client_key,
+        }
+
+    def server_transport(self) -> Transport:
+        """Apps' side: the coordinator's server certificate."""
+        return self._transport(self.tls_cert, self.tls_key)
+
+    def node_transport(self) -> Transport:
+        """Nodes' side: the coordinator's client certificate (mutual TLS)."""
+        return self._transport(self.tls_client_cert, self.tls_client_key)
+
+    def _transport(self, cert: Path | None, key: Path | None) -> Transport:
+        if self.dev_plaintext:
+            return Transport.plaintext()
+        if self.tls_ca_cert is None or cert is None or key is None:
+            raise InvalidRequest("coordinator TLS settings are incomplete")  # validate() says which
+        return Transport.tls(self.tls_ca_cert, cert, key)

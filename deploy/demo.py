@@ -83,7 +83,7 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     alice = cluster.identity("patient")
     bob = cluster.identity("doctor")
     channel = cluster.coordinator_channel()
-    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel))
+    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel), cluster.transport)
     nodes = cluster.nodes
     say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
     say(f"patient {alice.address}, doctor {bob.address}")
@@ -112,7 +112,9 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         f"stored at {len(receipt.enrolled)} nodes: {enrolled}"
     )
 
-    with ProviderClient(bob, registry, blobs, cluster.coordinator_address) as doctor:
+    with ProviderClient(
+        bob, registry, blobs, cluster.coordinator_address, cluster.app_transport
+    ) as doctor:
         say("4. doctor reads the lab result through the coordinator")
         plaintext = doctor.read_record(lab.record_id)
         if plaintext != document:
@@ -139,7 +141,9 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         [RecordType.LAB_RESULT],
         threshold=cluster.threshold,
     )
-    with ProviderClient(responder, registry, blobs, cluster.coordinator_address) as er:
+    with ProviderClient(
+        responder, registry, blobs, cluster.coordinator_address, cluster.app_transport
+    ) as er:
         say("9. the emergency department opens a 15-minute emergency grant and reads (ETREAT)")
         block, expires_at = er.open_emergency_access(alice.address, 15 * 60)
         patient.await_nodes(block)

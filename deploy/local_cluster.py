@@ -13,6 +13,13 @@ State directory layout::
     logs/*.log              one JSON log per process
     nodes/node-N/           node.toml, softhsm2.conf, tokens/, PIN files, kfrags.sqlite
     coordinator.toml
+    tls/                    the cluster's CA and every certificate and key (see deploy/certs.py)
+
+Every gRPC hop is TLS: coordinator to nodes with mutual TLS, apps to the
+coordinator with server authentication. ``cluster.json`` names the CA and the
+operator's client certificate, so tools build a ``Transport`` from it
+(:attr:`LocalCluster.transport`). ``up(dev_plaintext=True)`` runs everything in
+plaintext instead, as a development mode.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import KmsError, PreconditionFailed, Unavailable
 from medkms.deploy import processes
 from medkms.deploy.anvil import AnvilProcess, set_balance
+from medkms.deploy.certs import ClusterCa
 from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
-from medkms.proto import rpc
+from medkms.proto.transport import Transport
 
 CLUSTER_FILE = "cluster.json"
 HOST = "127.0.0.1"
@@ -146,9 +154,27 @@ class LocalCluster:
     def blob_store(self) -> LocalBlobStore:
         return LocalBlobStore(self.state_dir / "blobs")
 
+    @property
+    def transport(self) -> Transport:
+        """The operator's identity (mutual TLS), for tools and tests that call the
+        nodes directly; it reaches the coordinator too."""
+        tls = self.data.get("tls")
+        if tls is None:
+            return Transport.plaintext()
+        return Transport.tls(
+            Path(tls["ca_cert"]), Path(tls["operator_cert"]), Path(tls["operator_key"])
+        )
+
+    @property
+    def app_transport(self) -> Transport:
+        """How an app reaches the coordinator: TLS checked against the cluster's CA,
+        no client certificate (apps sign their requests instead)."""
+        tls = self.data.get("tls")
+        return Transport.plaintext() if tls is None else Transport.tls(Path(tls["ca_cert"]))
+
     def coordinator_channel(self) -> grpc.Channel:
         """A new channel to the coordinator, as an app connects (caller closes it)."""
-        return grpc.insecure_channel(self.coordinator_address, options=rpc.CHANNEL_OPTIONS)
+        return self.app_transport.channel(self.coordinator_address)
 
     def _save(self) -> None:
         path = self.state_dir / CLUSTER_FILE
@@ -186,9 +212,11 @@ class LocalCluster:
         processes: int = 1,
         node_settings: dict[str, object] | None = None,
         reset: bool = False,
+        dev_plaintext: bool = False,
     ) -> LocalCluster:
         """Start a cluster; ``node_settings`` are extra node.toml keys (e.g. a
-        benchmark lifting ``rate_limit_per_s``)."""
+        benchmark lifting ``rate_limit_per_s``). ``dev_plaintext`` turns TLS off
+        everywhere (development mode; the services log a warning)."""
         if not 1 <= threshold <= nodes:
             raise PreconditionFailed("threshold must be between 1 and the number of nodes")
         state_dir = state_dir.resolve()
@@ -218,6 +246,8 @@ class LocalCluster:
             },
         )
         try:
+            if not dev_plaintext:
+                cluster._issue_certificates()
             cluster._start_chain()
             cluster._create_accounts()
             cluster._init_nodes(nodes)
@@ -228,6 +258,35 @@ class LocalCluster:
             cluster.down()
             raise
         return cluster
+
+    def _issue_certificates(self) -> None:
+        """The cluster's CA and the operator's client certificate; the services'
+        certificates are issued as their configs are written."""
+        ca = ClusterCa.ensure(self.state_dir / "tls")
+        operator = ca.client_cert("operator")
+        self.data["tls"] = {
+            "ca_cert": str(ca.ca_cert),
+            "operator_cert": str(operator.cert),
+            "operator_key": str(operator.key),
+        }
+        self._save()
+
+    def _tls_settings(self, name: str, *, client: bool = False) -> dict[str, object]:
+        """TOML keys for a service's TLS: its server certificate (named ``name``)
+        and, with ``client``, a client certificate for calling the nodes."""
+        if "tls" not in self.data:
+            return {"dev_plaintext": True}
+        ca = ClusterCa.ensure(self.state_dir / "tls")
+        server = ca.server_cert(name)
+        settings: dict[str, object] = {
+            "tls_ca_cert": str(ca.ca_cert),
+            "tls_cert": str(server.cert),
+            "tls_key": str(server.key),
+        }
+        if client:
+            identity = ca.client_cert(name)
+            settings.update(tls_client_cert=str(identity.cert), tls_client_key=str(identity.key))
+        return settings
 
     def _start_chain(self) -> None:
         anvil = AnvilProcess(log_path=self.state_dir / "logs" / "anvil.log").start()
@@ -287,6 +346,7 @@ class LocalCluster:
                     "softhsm_conf": "softhsm2.conf",
                     "softhsm_token_dir": "tokens",
                     "processes": self.data["processes_per_node"],
+                    **self._tls_settings(node_id),
                     **self.data["node_settings"],
                 },
             )
@@ -328,7 +388,12 @@ class LocalCluster:
         )
         self._children[node_id] = process
         self._set_node_pid(node_id, process.pid)
-        processes.wait_until(node_id, lambda: processes.grpc_serving(node.address), process, log)
+        processes.wait_until(
+            node_id,
+            lambda: processes.grpc_serving(node.address, self.transport, server_name=node_id),
+            process,
+            log,
+        )
 
     def stop_node(self, node_id: str, *, kill: bool = False) -> None:
         """Stop one node (SIGTERM, or SIGKILL with ``kill``)."""
@@ -362,6 +427,7 @@ class LocalCluster:
                 "registry_address": self.registry_address,
                 "node_timeout_s": 3.0,
                 "connections_per_node": self.data["processes_per_node"],
+                **self._tls_settings("coordinator", client=True),
             },
             {"nodes": [{"node_id": n.node_id, "address": n.address} for n in self.nodes]},
         )
@@ -373,7 +439,12 @@ class LocalCluster:
         address = f"{HOST}:{port}"
         self.data["coordinator"] = asdict(ServiceEntry(address, str(config), str(log), process.pid))
         self._save()
-        processes.wait_until("coordinator", lambda: processes.grpc_serving(address), process, log)
+        processes.wait_until(
+            "coordinator",
+            lambda: processes.grpc_serving(address, self.app_transport),
+            process,
+            log,
+        )
 
     # -- taking it down ----------------------------------------------------
 

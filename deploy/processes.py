@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medkms.core.errors import Unavailable
+from medkms.proto.transport import Transport
 
 _LOG_TAIL_BYTES = 3000
 
@@ -82,9 +83,12 @@ def log_tail(log_path: Path) -> str:
         return "(no log)"
 
 
-def grpc_serving(address: str, timeout_s: float = 1.0) -> bool:
-    """True when the gRPC server at ``address`` reports SERVING on health checks."""
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(
+    address: str, transport: Transport, *, server_name: str | None = None, timeout_s: float = 1.0
+) -> bool:
+    """True when the gRPC server at ``address`` reports SERVING on health checks
+    (through ``transport``, so a TLS misconfiguration shows as not ready)."""
+    with transport.channel(address, server_name=server_name) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # its stubs leave methods untyped
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)

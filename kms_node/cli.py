@@ -3,7 +3,9 @@
     kms-node init  --config node.toml   # token + keys inside it; prints public info as JSON
     kms-node serve --config node.toml   # gRPC + /metrics until SIGTERM
 
-PINs are read from the files the config names, never from arguments.
+PINs are read from the files the config names, never from arguments. `serve`
+speaks mutual TLS only (tls_ca_cert, tls_cert, tls_key in the config) and
+refuses to start without them unless the config sets dev_plaintext = true.
 """
 
 from __future__ import annotations

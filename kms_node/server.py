@@ -11,7 +11,6 @@ import structlog
 
 from medkms.contracts.registry import RegistryClient
 from medkms.core.endpoints import parse_host_port
-from medkms.core.errors import KmsError
 from medkms.node import metrics
 from medkms.node.audit_log import AuditLog
 from medkms.node.audit_service import AuditService
@@ -103,6 +102,13 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     supervisor then serves the metrics."""
     if worker is not None:
         die_with_parent()
+    if settings.dev_plaintext:
+        log.warning(
+            "node_plaintext",
+            node_id=settings.node_id,
+            warning="DEVELOPMENT MODE (dev_plaintext): gRPC without TLS or client "
+            "certificates; anyone who can reach the port can call the node",
+        )
     keystore = Pkcs11KeyStore.open(
         settings.hsm_module,
         settings.hsm_token_label,
@@ -133,13 +139,15 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         audit=audit,
         request_window_s=settings.request_window_s,
     )
-    follower.on_events = service.shred_revoked
-    follower.start()
     server = build_server(service, AuditService(audit), kfrags, settings.max_workers)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME, AUDIT_SERVICE.full_name])
     host, port = parse_host_port(settings.listen, "listen")
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise KmsError(f"cannot listen on {settings.listen}")
+    # Mutual TLS: only holders of a certificate from the cluster CA (the
+    # coordinator, operators' tools) can connect at all. Bound before the
+    # follower starts, so a bad certificate or a taken port fails start-up cleanly.
+    settings.transport().add_port(server, f"{host}:{port}", require_client_cert=True)
+    follower.on_events = service.shred_revoked
+    follower.start()
     if settings.metrics_listen and worker is None:
         metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
     metrics.KFRAGS_STORED.set(kfrags.count())
@@ -149,6 +157,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         worker=worker,
         node_id=settings.node_id,
         listen=settings.listen,
+        tls=not settings.dev_plaintext,
         metrics=settings.metrics_listen,
         registry=registry.address,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import InvalidRequest
+from medkms.proto.transport import Transport, require_tls_settings
 
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -59,6 +60,15 @@ class NodeSettings:
     #: GIL and PKCS#11 calls are serialised per process, so one per core scales crypto
     processes: int = 1
     log_level: str = "info"
+    #: mutual TLS: the CA that signs this node's and its clients' certificates, and
+    #: the node's own certificate and key. The certificate must name the node id as
+    #: a DNS subject alternative name: the coordinator checks it.
+    tls_ca_cert: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: serve plaintext gRPC with no client authentication (development only); the
+    #: node refuses to start with neither this nor the three TLS files
+    dev_plaintext: bool = False
 
     @property
     def kfrag_db(self) -> Path:
@@ -75,6 +85,14 @@ class NodeSettings:
         if self.hsm_so_pin_file is None:
             raise InvalidRequest("hsm_so_pin_file is required to initialise a token")
         return _read_secret(self.hsm_so_pin_file, "hsm_so_pin_file")
+
+    def transport(self) -> Transport:
+        """How the gRPC port is secured (the files are read when the port opens)."""
+        if self.dev_plaintext:
+            return Transport.plaintext()
+        if self.tls_ca_cert is None or self.tls_cert is None or self.tls_key is None:
+            raise InvalidRequest("node TLS settings are incomplete")  # validate() says which
+        return Transport.tls(self.tls_ca_cert, self.tls_cert, self.tls_key)
 
     @classmethod
     def from_toml(cls, path: Path) -> NodeSettings:
@@ -115,6 +133,10 @@ class NodeSettings:
                 rate_limit_burst=int(raw.get("rate_limit_burst", 2000)),
                 replay_max_entries=int(raw.get("replay_max_entries", 1_000_000)),
                 log_level=str(raw.get("log_level", "info")),
+                tls_ca_cert=rel(raw["tls_ca_cert"]) if "tls_ca_cert" in raw else None,
+                tls_cert=rel(raw["tls_cert"]) if "tls_cert" in raw else None,
+                tls_key=rel(raw["tls_key"]) if "tls_key" in raw else None,
+                dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
             )
         except KeyError as e:
             raise InvalidRequest(f"node config {path} is missing {e.args[0]!r}") from None
@@ -135,6 +157,13 @@ class NodeSettings:
             raise InvalidRequest("processes must be between 1 and 64")
         if self.max_workers < 1:
             raise InvalidRequest("max_workers must be at least 1")
+        if not isinstance(self.dev_plaintext, bool):
+            raise InvalidRequest("dev_plaintext must be true or false")
+        require_tls_settings(
+            "node config",
+            {"tls_ca_cert": self.tls_ca_cert, "tls_cert": self.tls_cert, "tls_key": self.tls_key},
+            self.dev_plaintext,
+        )
 
 
 def _read_secret(path: Path, field: str) -> str:

@@ -43,7 +43,7 @@ def domain(people: People) -> Domain:
 
 
 def node_refusal(people: People, request: common_pb2.ReencryptionRequest) -> grpc.RpcError:
-    with grpc.insecure_channel(people.cluster.nodes[0].address) as channel:
+    with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)
     return caught.value
@@ -71,7 +71,7 @@ def kfrag_for(patient: Identity, record_type: RecordType, receiving_key: bytes) 
 def enrollment_refusal(
     people: People, request: common_pb2.EnrollKeyFragmentRequest
 ) -> grpc.RpcError:
-    with grpc.insecure_channel(people.cluster.nodes[0].address) as channel:
+    with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).EnrollKeyFragment(request, timeout=5)
     return caught.value

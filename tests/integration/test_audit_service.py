@@ -36,7 +36,7 @@ def test_an_auditor_verifies_the_log_receipts_and_consistency(
 ) -> None:
     node = cluster.nodes[0]
     key = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}[node.node_id]
-    with grpc.insecure_channel(node.address) as channel:
+    with cluster.transport.channel(node.address) as channel:
         audit = AuditStub(channel)
         before = checkpoint_of(audit)
         people.grant_doctor()

@@ -27,13 +27,13 @@ BAD_UTF8 = b"\x0a\x02\xff\xfe"
 
 @pytest.fixture(scope="module")
 def node_channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+    with cluster.transport.channel(cluster.nodes[0].address) as channel:
         yield channel
 
 
 @pytest.fixture(scope="module")
 def coordinator_channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(cluster.coordinator_address) as channel:
+    with cluster.coordinator_channel() as channel:
         yield channel
 
 

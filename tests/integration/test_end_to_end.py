@@ -172,7 +172,7 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
         triples = [(r.record_id, RecordType(r.record_type), r.capsule) for r in refs]
         return signer(people).batch(people.patient.identity.address, triples)
 
-    with grpc.insecure_channel(cluster.nodes[0].address) as channel:
+    with cluster.transport.channel(cluster.nodes[0].address) as channel:
         response = NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
         assert len(response.outcomes) == 64
         assert response.outcomes[0].fragment.cfrag and not response.outcomes[0].status
@@ -203,7 +203,7 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
         people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
     )
     keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
-    with grpc.insecure_channel(cluster.coordinator_address) as channel:
+    with cluster.coordinator_channel() as channel:
         response = CoordinatorStub(channel).Reencrypt(request, timeout=10)
     assert len(response.fragments) == cluster.threshold
     for fragment in response.fragments:

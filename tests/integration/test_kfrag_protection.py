@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import umbral_pre as umbral
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
@@ -55,8 +57,8 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
 @pytest.mark.runs_last
 def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> None:
     """After the whole suite: scan every log the cluster wrote for the secrets of every
-    party the suite created (Ethereum keys, Umbral seeds and derived keys) and the nodes'
-    PINs, in hex and raw."""
+    party the suite created (Ethereum keys, Umbral seeds and derived keys), the nodes'
+    PINs and the TLS private keys, in hex and raw."""
     people.grant_doctor()
     with people.provider() as doctor:
         doctor.read_record(people.lab.record_id)
@@ -73,6 +75,13 @@ def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> Non
     for node_dir in (cluster.state_dir / "nodes").iterdir():
         for pin_file in ("user.pin", "so.pin"):
             secrets_to_find.append((node_dir / pin_file).read_text().strip().encode())
+    for key_file in (cluster.state_dir / "tls").glob("*.key"):  # the CA's and every TLS key
+        pem = key_file.read_bytes()
+        # the PEM's second base64 line: the private scalar's end (the first is a fixed header)
+        secrets_to_find.append(pem.splitlines()[2])
+        key = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        secrets_to_find.append(key.private_numbers().private_value.to_bytes(32, "big"))
     logs = [p.read_bytes() for p in (cluster.state_dir / "logs").glob("*.log")]
     assert logs
     for secret in secrets_to_find:

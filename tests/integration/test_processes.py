@@ -48,13 +48,17 @@ def test_workers_share_the_port_and_metrics_are_summed(multi: LocalCluster, tmp_
     alice, bob = Identity.generate("alice"), multi.identity("doctor")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
     channel = multi.coordinator_channel()
-    patient = PatientClient(alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel))
+    patient = PatientClient(
+        alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel), multi.transport
+    )
     patient.register()
     record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
     patient.grant(
         bob.address, bob.umbral_public_key(), [RecordType.LAB_RESULT], duration_s=600, threshold=2
     )
-    with ProviderClient(bob, multi.registry(), multi.blob_store(), multi.coordinator_address) as p:
+    with ProviderClient(
+        bob, multi.registry(), multi.blob_store(), multi.coordinator_address, multi.app_transport
+    ) as p:
         for _ in range(20):
             assert p.read_record(record.record_id) == lab_result()
     channel.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import urllib.request
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -29,7 +28,7 @@ def test_every_service_reports_health_and_lists_itself_by_reflection(
     cluster: LocalCluster,
 ) -> None:
     for address, service in _addresses(cluster):
-        with grpc.insecure_channel(address) as channel:
+        with cluster.transport.channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=5
             )
@@ -44,7 +43,7 @@ def test_every_service_reports_health_and_lists_itself_by_reflection(
 def test_node_info_matches_the_registry(cluster: LocalCluster) -> None:
     registered = {n.node_id: n for n in cluster.registry().list_nodes()}
     for node in cluster.nodes:
-        with grpc.insecure_channel(node.address) as channel:
+        with cluster.transport.channel(node.address) as channel:
             info = NodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
         assert info.node_id == node.node_id
         assert info.signing_public_key == registered[node.node_id].signing_public_key

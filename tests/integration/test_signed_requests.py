@@ -58,7 +58,7 @@ def signed_request(
 
 def refused(people: People, request: common_pb2.ReencryptionRequest) -> grpc.RpcError:
     """The node's refusal of ``request``, after checking it still serves an honest one."""
-    with grpc.insecure_channel(people.cluster.nodes[0].address) as channel:
+    with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)
         assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
@@ -72,14 +72,14 @@ def granted(people: People) -> None:
 
 def test_a_replayed_request_is_unauthenticated(people: People, cluster: LocalCluster) -> None:
     request = signed_request(people)
-    with grpc.insecure_channel(cluster.nodes[1].address) as channel:
+    with cluster.transport.channel(cluster.nodes[1].address) as channel:
         assert NodeStub(channel).Reencrypt(request, timeout=5).fragment.cfrag
-    with grpc.insecure_channel(cluster.nodes[1].address) as channel:
+    with cluster.transport.channel(cluster.nodes[1].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.details() == "nonce already used"
-    with grpc.insecure_channel(cluster.nodes[1].address) as channel:
+    with cluster.transport.channel(cluster.nodes[1].address) as channel:
         assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
 
 
