@@ -42,6 +42,7 @@ from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 
 from medkms.contracts.build import load_artifact
 from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
+from medkms.core.kfrag_delivery import load_delivery_public_key
 from medkms.core.record_types import ALL_TYPES_MASK, RecordType
 from medkms.core.registry_types import (
     AccessGranted,
@@ -269,6 +270,11 @@ class _Chain:
                     "nonce": self.w3.eth.get_transaction_count(sender_address, "pending"),
                 }
                 tx = fn.build_transaction(params)
+                # eth_estimateGas runs in the latest block's context, the transaction in a
+                # later one: a store of block.number that the estimate saw as a no-op SSTORE
+                # (100 gas) costs 2900 when mined (an anchor right after the previous one ran
+                # out of gas). Unused gas is refunded, so the headroom costs nothing.
+                tx["gas"] = tx["gas"] * 5 // 4
                 if isinstance(sender, LocalAccount):
                     raw = bytes(sender.sign_transaction(tx).raw_transaction)  # type: ignore[arg-type]
                 else:
@@ -416,6 +422,10 @@ class RegistryClient:
         self, patient: LocalAccount, umbral_public_keys: Sequence[bytes], verifying_key: bytes
     ) -> str:
         """Register per-record-type Umbral keys (one per ``RecordType``, in order)."""
+        if isinstance(umbral_public_keys, bytes | str) or not isinstance(
+            umbral_public_keys, Sequence
+        ):
+            raise InvalidRequest("umbral_public_keys must be a sequence of keys")
         if len(umbral_public_keys) != len(RecordType):
             raise InvalidRequest(
                 f"umbral_public_keys: need one key per record type ({len(RecordType)})"
@@ -527,7 +537,7 @@ class RegistryClient:
             _text(node_id, "node_id", MAX_NODE_ID_BYTES),
             _text(endpoint, "endpoint", MAX_ENDPOINT_BYTES),
             key,
-            _compressed_point(delivery_public_key, "delivery_public_key"),
+            _delivery_key(delivery_public_key),
             _address(account, "account"),
         )
         return self._transact(admin, "registerNode", fn)
@@ -590,7 +600,7 @@ class RegistryClient:
     ) -> GrantInfo | None:
         """The grant now, or as it stood at ``block`` (needs an archive-capable chain)."""
         p, g = _address(patient, "patient"), _address(grantee, "grantee")
-        at: BlockIdentifier = "latest" if block is None else block
+        at = _at(block)
         grant = self._chain.call("getGrant", self._contract.functions.getGrant(p, g), at)
         return _grant(p, g, grant)
 
@@ -671,7 +681,7 @@ class RegistryClient:
         At the latest block, or as of ``block`` (an auditor re-judging a past decision)."""
         rid = _bytes32(record_id, "record_id", nonzero=False)
         who = _address(grantee, "grantee")
-        at: BlockIdentifier = "latest" if block is None else block
+        at = _at(block)
         record, grant, number, timestamp = self._chain.call(
             "accessState", self._contract.functions.accessState(rid, who), at
         )
@@ -714,6 +724,21 @@ def _grant(patient: str, grantee: str, g: Any) -> GrantInfo | None:
         granted_at=int(g.grantedAt),
         emergency=bool(g.emergency),
     )
+
+
+def _delivery_key(key: object) -> bytes:
+    point = _compressed_point(key, "delivery_public_key")
+    load_delivery_public_key(point)  # on the P-256 curve, or InvalidRequest
+    return point
+
+
+def _at(block: int | None) -> BlockIdentifier:
+    """A block to read state at: the latest, or a non-negative block number."""
+    if block is None:
+        return "latest"
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise InvalidRequest("block must be a non-negative block number")
+    return block
 
 
 def _split_keys(keys: bytes) -> tuple[bytes, ...]:

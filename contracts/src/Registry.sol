@@ -107,6 +107,7 @@ contract Registry is AccessControl {
     error NotOptedIn();
     error InvalidEmergencyDuration();
     error GrantAlreadyActive();
+    error EmergencyAccessAlreadyOpen();
 
     event PatientRegistered(address indexed patient, bytes umbralKeys, bytes verifyingKey);
     event RecordAnchored(
@@ -285,6 +286,8 @@ contract Registry is AccessControl {
         if (!hasRole(EMERGENCY_ROLE, responder)) revert ResponderNotEmergencyRole();
         if (!_isCompressedPoint(responderUmbralKey)) revert InvalidUmbralKey();
         if (!_validTypes(allowedTypes)) revert InvalidRecordTypes();
+        // New terms apply to the next window only: an open one is closed now.
+        _closeEmergencyGrant(msg.sender, responder);
         _emergencyOptIns[msg.sender][responder] =
             EmergencyOptIn({responderUmbralKey: responderUmbralKey, allowedTypes: allowedTypes, active: true});
         emit EmergencyOptInChanged(msg.sender, responder, responderUmbralKey, allowedTypes, true);
@@ -295,22 +298,20 @@ contract Registry is AccessControl {
         EmergencyOptIn storage o = _emergencyOptIns[msg.sender][responder];
         if (!o.active) revert NotOptedIn();
         o.active = false;
-        Grant storage g = _grants[msg.sender][responder];
-        if (g.active && g.emergency) {
-            g.active = false;
-            emit AccessRevoked(msg.sender, responder);
-        }
+        _closeEmergencyGrant(msg.sender, responder);
         emit EmergencyOptInChanged(msg.sender, responder, o.responderUmbralKey, o.allowedTypes, false);
     }
 
     /// @notice Open emergency access to `patient`'s records for `duration` seconds (at most
-    /// MAX_EMERGENCY_DURATION), on the terms the patient opted in to.
+    /// MAX_EMERGENCY_DURATION), on the terms the patient opted in to. A window cannot be
+    /// extended: the next one opens only after this one ends (expired or revoked).
     function openEmergencyAccess(address patient, uint64 duration) external onlyRole(EMERGENCY_ROLE) {
         EmergencyOptIn storage o = _emergencyOptIns[patient][msg.sender];
         if (!o.active) revert NotOptedIn();
         if (duration == 0 || duration > MAX_EMERGENCY_DURATION) revert InvalidEmergencyDuration();
         Grant storage existing = _grants[patient][msg.sender];
-        if (existing.active && !existing.emergency && existing.expiresAt > block.timestamp) {
+        if (existing.active && existing.expiresAt > block.timestamp) {
+            if (existing.emergency) revert EmergencyAccessAlreadyOpen();
             revert GrantAlreadyActive();
         }
         uint64 expiresAt = uint64(block.timestamp) + duration;
@@ -446,6 +447,14 @@ contract Registry is AccessControl {
 
     function _isCompressedPoint(bytes calldata key) private pure returns (bool) {
         return key.length == POINT_BYTES && (key[0] == 0x02 || key[0] == 0x03);
+    }
+
+    function _closeEmergencyGrant(address patient, address responder) private {
+        Grant storage g = _grants[patient][responder];
+        if (g.active && g.emergency) {
+            g.active = false;
+            emit AccessRevoked(patient, responder);
+        }
     }
 
     function _validTypes(uint32 allowedTypes) private pure returns (bool) {

@@ -212,12 +212,6 @@ def test_bad_patient_keys_are_refused_before_sending(
     assert registry.get_patient(alice.address) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="adapter bug: register_patient calls len() on umbral_public_keys unguarded, so a"
-    " non-sequence escapes as TypeError instead of InvalidRequest",
-)
 @pytest.mark.parametrize("keys", [None, 42])
 def test_a_non_sequence_of_keys_is_an_invalid_request(
     registry: RegistryClient, make_account: Callable[[], LocalAccount], keys: Any
@@ -988,6 +982,7 @@ def test_emergency_duration_bounds(
         opened = registry.get_grant(patient.address, responder.address)
         assert opened is not None and opened.emergency and opened.active
         assert (opened.granted_at, opened.expires_at) == (opened_at, opened_at + duration)
+        registry.revoke_access(patient, responder.address)  # a window cannot be extended
 
 
 def test_emergency_grant_expires_by_time(
@@ -1017,6 +1012,53 @@ def test_emergency_grant_expires_by_time(
     reopened = registry.get_grant(patient.address, responder.address)
     assert reopened is not None and reopened.expires_at == reopened_at + 60
     assert reopened_at >= opened_at + 601
+
+
+def test_an_open_emergency_window_cannot_be_extended(
+    registry: RegistryClient, patient: LocalAccount, responder: LocalAccount
+) -> None:
+    opt_in(registry, patient, responder.address)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
+    rejected(excinfo, "EmergencyAccessAlreadyOpen")
+    # Revoked by the patient, the window is over and the next may open.
+    registry.revoke_access(patient, responder.address)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
+
+
+def test_new_opt_in_terms_close_an_open_window(
+    anvil: AnvilProcess, registry: RegistryClient, patient: LocalAccount, responder: LocalAccount
+) -> None:
+    opt_in(registry, patient, responder.address, mask=ALL_TYPES_MASK)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
+    narrower = to_mask([RecordType.LAB_RESULT])
+    tx_hash = registry.opt_in_emergency(
+        patient,
+        responder=responder.address,
+        responder_umbral_key=compressed_point(),
+        allowed_types_mask=narrower,
+    )
+    closed = registry.get_grant(patient.address, responder.address)
+    assert closed is not None and not closed.active
+    assert len(decode_events(anvil, registry, tx_hash, "AccessRevoked")) == 1
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
+    reopened = registry.get_grant(patient.address, responder.address)
+    assert reopened is not None and reopened.allowed_types_mask == narrower
+
+
+def test_an_off_curve_delivery_key_is_refused_before_sending(
+    registry: RegistryClient, deployer: LocalAccount
+) -> None:
+    with pytest.raises(InvalidRequest, match="not a point on P-256"):
+        registry.register_node(
+            deployer,
+            node_id="node-off-curve",
+            endpoint="127.0.0.1:1",
+            signing_public_key=b"\x30" * 91,
+            delivery_public_key=b"\x02" + b"\xff" * 32,
+            account=deployer.address,
+        )
 
 
 def test_opt_out_closes_an_open_emergency_grant(
@@ -1409,12 +1451,6 @@ def test_reading_a_future_block_is_an_error_not_a_wrong_answer(
     assert excinfo.value.reason == ""  # the chain refused the read: not a contract revert
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(pytest.fail.Exception, ChainRejected),  # DID NOT RAISE / sent to the chain
-    reason="adapter bug: get_grant/access_state send any block value unchecked; anvil reads"
-    " a negative number relative to the head (-1 = latest, -2 = the one before)",
-)
 @pytest.mark.parametrize("block", [-1, -2, True])
 def test_a_malformed_block_is_refused_before_sending(
     registry: RegistryClient, patient: LocalAccount, provider: LocalAccount, block: Any
