@@ -1,0 +1,525 @@
+"""The auditor's checks on real logs (kms_node/audit_log.py, in-memory keys) tampered with in
+their SQLite file, against a fake chain: every tamper kind fails and names the entry."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medkms.core import merkle
+from medkms.core.audit import AuditEntry, Checkpoint, Receipt
+from medkms.core.audit_verify import Check, NodeReport, Problem, rejudge, verify_node
+from medkms.core.errors import ChainUnavailable, Unavailable
+from medkms.core.record_types import RecordType, to_mask
+from medkms.core.registry_types import (
+    AccessState,
+    BlockRef,
+    CheckpointAnchor,
+    GrantInfo,
+    NodeInfo,
+    RecordInfo,
+)
+from medkms.node.audit_log import AuditLog
+from medkms.node.keystore import MemoryKeyStore
+
+NODE = "node-1"
+PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
+DOCTOR = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
+STRANGER = "0x4B20993Bc481177ec7E8f571ceCaE8A9e22C02db"
+RECORD = bytes(range(32))
+CAPSULE = hashlib.sha256(b"capsule").digest()
+T0 = 1_800_000_000
+#: entry i is decided at block FIRST_BLOCK + i, at time T0 + i
+FIRST_BLOCK = 100
+
+
+def block_hash(number: int) -> bytes:
+    return hashlib.sha256(b"block %d" % number).digest()
+
+
+def make_entry(i: int, *, tag: str = "req", time: int | None = None) -> AuditEntry:
+    """Every fifth request comes from a stranger, who has no grant and is denied."""
+    granted = i % 5 != 4
+    return AuditEntry(
+        request_id=f"{tag}-{i}",
+        node_id=NODE,
+        time=T0 + i if time is None else time,
+        requester=DOCTOR if granted else STRANGER,
+        patient=PATIENT,
+        record_id=RECORD,
+        capsule_hash=CAPSULE,
+        purpose_of_use="TREAT",
+        decision="granted" if granted else "denied",
+        reason_code="granted" if granted else "no_grant",
+        reason="grant is active" if granted else "patient has not granted access",
+        block_number=FIRST_BLOCK + i,
+        block_hash=block_hash(FIRST_BLOCK + i),
+        cfrag_hash=hashlib.sha256(b"cfrag %d" % i).digest() if granted else b"",
+    )
+
+
+class FakeChain:
+    """Blocks FIRST_BLOCK... one second apart; the patient's record; a one-day grant to the
+    doctor, revoked from block ``revoked_at`` on if set; the anchors given."""
+
+    def __init__(self) -> None:
+        self.anchors: list[CheckpointAnchor] = []
+        self.revoked_at: int | None = None
+        self.grant = GrantInfo(
+            patient=PATIENT,
+            grantee=DOCTOR,
+            grantee_umbral_key=b"\x02" + b"k" * 32,
+            expires_at=T0 + 86_400,
+            allowed_types_mask=to_mask([RecordType.LAB_RESULT]),
+            active=True,
+            granted_at=T0 - 10,
+        )
+        self.record = RecordInfo(
+            record_id=RECORD,
+            patient=PATIENT,
+            content_hash=b"c" * 32,
+            storage_uri="blob:x",
+            record_type=RecordType.LAB_RESULT,
+            capsule_hash=CAPSULE,
+            creator=PATIENT,
+            active=True,
+            created_at=T0 - 20,
+        )
+        self.calls = 0
+
+    def checkpoint_anchors(self, node_id: str, /) -> list[CheckpointAnchor]:
+        return [a for a in self.anchors if a.node_id == node_id]
+
+    def block(self, number: int, /) -> BlockRef:
+        return BlockRef(number, block_hash(number), T0 + number - FIRST_BLOCK)
+
+    def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
+        self.calls += 1
+        grant = self.grant if grantee == DOCTOR else None
+        if grant is not None and self.revoked_at is not None and block >= self.revoked_at:
+            grant = dataclasses.replace(grant, active=False)
+        record = self.record if record_id == RECORD else None
+        return AccessState(record, grant, block, self.block(block).timestamp)
+
+    def anchor(self, checkpoint: Checkpoint) -> None:
+        block = FIRST_BLOCK + 1000 + len(self.anchors)
+        self.anchors.append(
+            CheckpointAnchor(
+                node_id=checkpoint.node_id,
+                tree_size=checkpoint.tree_size,
+                root_hash=checkpoint.root,
+                timestamp=checkpoint.timestamp,
+                signature=checkpoint.signature,
+                block=block,
+            )
+        )
+
+
+class Clock:
+    """The node's clock: checkpoints are signed just after the latest entry."""
+
+    def __init__(self) -> None:
+        self.now = float(T0)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclasses.dataclass
+class Node:
+    path: Path
+    keys: MemoryKeyStore
+    log: AuditLog
+    clock: Clock
+    chain: FakeChain
+    receipts: list[Receipt]
+
+    @property
+    def info(self) -> NodeInfo:
+        return NodeInfo(
+            node_id=NODE,
+            endpoint="127.0.0.1:1",
+            signing_public_key=self.keys.signing_public_key(),
+            delivery_public_key=b"\x02" + b"d" * 32,
+            account=PATIENT,
+            active=True,
+        )
+
+    def append(self, entries: list[AuditEntry]) -> None:
+        for entry in entries:
+            self.receipts.append(self.log.append(entry))
+            self.clock.now = max(self.clock.now, entry.time + 1)
+
+    def anchor(self) -> Checkpoint:
+        checkpoint = self.log.checkpoint()
+        self.chain.anchor(checkpoint)
+        return checkpoint
+
+    def verify(self, **kwargs: object) -> NodeReport:
+        return verify_node(self.info, self.log, self.chain, **kwargs)  # type: ignore[arg-type]
+
+    def sql(self) -> sqlite3.Connection:
+        """A second connection to the node's file: the tamperer's."""
+        return sqlite3.connect(self.path, isolation_level=None)
+
+    def reopen(self) -> None:
+        """The node restarts."""
+        self.log.close()
+        self.log = AuditLog(self.path, self.keys, NODE, clock=self.clock)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """40 entries, anchored at 16 and 32."""
+    path, keys, clock = tmp_path / "audit.sqlite", MemoryKeyStore(), Clock()
+    n = Node(path, keys, AuditLog(path, keys, NODE, clock=clock), clock, FakeChain(), [])
+    n.append([make_entry(i) for i in range(16)])
+    n.anchor()
+    n.append([make_entry(i) for i in range(16, 32)])
+    n.anchor()
+    n.append([make_entry(i) for i in range(32, 40)])
+    yield n
+    n.log.close()
+
+
+def first(report: NodeReport) -> Problem:
+    problem = report.first_failure()
+    assert problem is not None, "the auditor found nothing"
+    return problem
+
+
+def failed_indices(report: NodeReport) -> set[int]:
+    return {r.leaf_index for r in report.entries if not r.ok}
+
+
+def rebuild_tree(conn: sqlite3.Connection) -> None:
+    """What a tamperer who knows the format does after editing entries: recompute the
+    stored leaf hashes, subtree roots and tree row, so the node signs the edited log."""
+    rows = conn.execute("SELECT leaf_index, entry FROM entries ORDER BY leaf_index").fetchall()
+    conn.execute("DELETE FROM subtrees")
+    tree = merkle.CompactRange()
+    for index, data in rows:
+        leaf = merkle.leaf_hash(data)
+        conn.execute("UPDATE entries SET leaf_hash = ? WHERE leaf_index = ?", (leaf, index))
+        tree, nodes = tree.append_with_nodes(leaf)
+        conn.executemany(
+            "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)",
+            [(n.level, n.index, n.hash) for n in nodes[1:]],
+        )
+    conn.execute(
+        "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1", (tree.size, tree.to_bytes())
+    )
+
+
+def entry_bytes(conn: sqlite3.Connection, index: int) -> bytes:
+    (data,) = conn.execute("SELECT entry FROM entries WHERE leaf_index = ?", (index,)).fetchone()
+    return bytes(data)
+
+
+# --- an honest log -------------------------------------------------------------------------
+
+
+def test_an_untouched_log_passes_every_check(node: Node) -> None:
+    report = node.verify(receipts=node.receipts)
+    assert report.ok, [report.describe(p) for p in report.problems]
+    assert (len(report.entries), report.granted, report.denied) == (40, 32, 8)
+    assert report.anchors_checked == 2
+    assert report.warnings == ("entries 32 to 39 are not anchored yet",)
+    assert report.checkpoint is not None and report.checkpoint.tree_size == 40
+    # One chain read per granted entry and per checkable denial (the adapter caches them).
+    assert node.chain.calls == 40
+
+
+def test_without_anchors_the_log_is_checked_and_a_warning_says_so(node: Node) -> None:
+    node.chain.anchors.clear()
+    report = node.verify()
+    assert report.ok and report.anchors_checked == 0
+    assert any("no on-chain anchor yet" in w for w in report.warnings)
+
+
+def test_the_node_may_keep_appending_while_it_is_audited(node: Node) -> None:
+    class Growing:
+        """Entries arrive between the checkpoint and the reading of the entries."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(node.log, name)
+
+        def checkpoint(self) -> Checkpoint:
+            checkpoint = node.log.checkpoint()
+            node.append([make_entry(i) for i in range(40, 45)])
+            return checkpoint
+
+    report = verify_node(node.info, Growing(), node.chain)  # type: ignore[arg-type]
+    assert report.ok and len(report.entries) == 40
+
+
+# --- tampering with the stored entries -----------------------------------------------------
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["live", "after-restart"])
+def test_one_changed_byte_names_the_entry(node: Node, restart: bool) -> None:
+    with node.sql() as conn:
+        data = entry_bytes(conn, 13)
+        # One hex digit of the capsule hash: the entry still parses, it just says otherwise.
+        at = data.index(b'"capsule_hash":"0x') + len(b'"capsule_hash":"0x')
+        changed = data[:at] + (b"0" if data[at : at + 1] != b"0" else b"1") + data[at + 1 :]
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 13", (changed,))
+    if restart:
+        node.reopen()  # the node's own open check looks at the newest entries only
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (13, Check.INCLUSION)
+    assert report.describe(problem).startswith("entry 13 (request req-13): not the entry")
+    assert failed_indices(report) == {13}
+
+
+def test_a_changed_byte_that_breaks_the_entry_still_names_it(node: Node) -> None:
+    with node.sql() as conn:
+        data = entry_bytes(conn, 7)
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 7", (data[:-1] + b" ",))
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (7, Check.FORMAT)
+    assert report.request_id(7) == ""  # the JSON no longer parses at all
+    assert failed_indices(report) == {7}
+
+
+def test_a_deleted_entry_is_named_with_the_entry_before_it(node: Node) -> None:
+    with node.sql() as conn:
+        conn.execute("DELETE FROM entries WHERE leaf_index = 13")
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (13, Check.SEQUENCE)
+    assert "missing" in problem.message and "after request req-12" in problem.message
+    # Its sibling cannot be proven any more: reported, but it is not what is named.
+    sibling = [p for p in report.problems if p.leaf_index == 12]
+    assert sibling and not any(p.primary for p in sibling)
+    assert failed_indices(report) == {12, 13}
+
+
+def test_two_swapped_entries_are_both_named(node: Node) -> None:
+    with node.sql() as conn:
+        a, b = entry_bytes(conn, 5), entry_bytes(conn, 21)
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 5", (b,))
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 21", (a,))
+    report = node.verify()
+    assert failed_indices(report) == {5, 21}
+    problem = first(report)
+    assert problem.leaf_index == 5 and problem.check == Check.INCLUSION
+    # The request now at leaf 5 is the one that was at leaf 21.
+    assert report.describe(problem).startswith("entry 5 (request req-21)")
+
+
+def test_swapped_rows_with_their_stored_hashes_are_named_with_their_siblings(node: Node) -> None:
+    """Rows swapped whole (entry and stored leaf hash): the node's proofs of the siblings
+    then carry the swapped hashes, so each pair is named; the auditor cannot tell which of
+    two siblings is the moved one without receipts."""
+    with node.sql() as conn:
+        conn.execute("UPDATE entries SET leaf_index = 999 WHERE leaf_index = 5")
+        conn.execute("UPDATE entries SET leaf_index = 5 WHERE leaf_index = 21")
+        conn.execute("UPDATE entries SET leaf_index = 21 WHERE leaf_index = 999")
+    report = node.verify()
+    assert {5, 21} <= failed_indices(report) <= {4, 5, 20, 21}
+    with_receipts = node.verify(receipts=node.receipts)
+    receipt_named = {p.leaf_index for p in with_receipts.problems if p.check == Check.RECEIPT}
+    assert receipt_named == {5, 21}
+
+
+def test_a_truncated_and_reappended_log_names_where_history_was_rewritten(node: Node) -> None:
+    """The tamperer cuts the log at 20 and rebuilds the tree; the node appends new
+    requests and signs the new log. The anchor at 32 shows it, and the first entry below
+    32 written after that anchor names the cut."""
+    with node.sql() as conn:
+        conn.execute("DELETE FROM entries WHERE leaf_index >= 20")
+        rebuild_tree(conn)
+    node.reopen()
+    node.clock.now = T0 + 500
+    node.append([make_entry(20 + j, tag="new", time=T0 + 500 + j) for j in range(25)])
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (20, Check.REWRITTEN)
+    assert report.describe(problem).startswith("entry 20 (request new-20): written at")
+    assert "truncated here and re-appended" in problem.message
+    log_wide = [p.message for p in report.problems if p.leaf_index is None]
+    assert any("differ from the checkpoint of 32 entries anchored" in m for m in log_wide)
+    assert any("not consistent" in m for m in log_wide)
+
+
+def test_a_log_cut_below_its_anchor_names_the_first_missing_entry(node: Node) -> None:
+    with node.sql() as conn:
+        conn.execute("DELETE FROM entries WHERE leaf_index >= 28")
+        rebuild_tree(conn)
+    node.reopen()
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (28, Check.ANCHOR)
+    assert "truncated" in problem.message
+
+
+def test_a_rebuilt_log_is_bounded_by_the_anchors_and_named_by_receipts(node: Node) -> None:
+    """Entry 25 edited and the whole tree rebuilt: the node signs the edited log, so only
+    the anchors see it (somewhere in 16..31) and a receipt names it exactly."""
+    with node.sql() as conn:
+        data = entry_bytes(conn, 25).replace(
+            b'"purpose_of_use":"TREAT"', b'"purpose_of_use":"HRESCH"'
+        )
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 25", (data,))
+        rebuild_tree(conn)
+    node.reopen()
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (16, Check.ANCHOR)
+    assert "entries 16 to 31 are not the ones anchored" in problem.message
+    named = first(node.verify(receipts=node.receipts))
+    assert (named.leaf_index, named.check) == (25, Check.RECEIPT)
+
+
+def test_receipts_for_entries_the_log_no_longer_has_are_named(node: Node) -> None:
+    node.chain.anchors.clear()
+    with node.sql() as conn:
+        conn.execute("DELETE FROM entries WHERE leaf_index >= 35")
+        rebuild_tree(conn)
+    node.reopen()
+    assert node.verify().ok  # nothing else can tell
+    problem = first(node.verify(receipts=node.receipts))
+    assert (problem.leaf_index, problem.check) == (35, Check.RECEIPT)
+
+
+def test_a_receipt_signed_by_someone_else_is_refused(node: Node) -> None:
+    forged = dataclasses.replace(node.receipts[3], signature=MemoryKeyStore().sign(b"x"))
+    report = node.verify(receipts=[forged])
+    assert [p.check for p in report.problems] == [Check.RECEIPT]
+
+
+# --- keys, anchors and the chain -----------------------------------------------------------
+
+
+def test_the_registered_key_is_the_one_that_counts(node: Node) -> None:
+    other = MemoryKeyStore()
+    info = dataclasses.replace(node.info, signing_public_key=other.signing_public_key())
+    report = verify_node(info, node.log, node.chain)
+    checks = {p.check for p in report.problems}
+    assert Check.CHECKPOINT in checks and Check.ANCHOR in checks
+    assert report.anchors_checked == 0
+
+
+def test_an_anchor_with_a_bad_signature_fails(node: Node) -> None:
+    node.chain.anchors[0] = dataclasses.replace(node.chain.anchors[0], signature=b"\x30\x00")
+    report = node.verify()
+    assert report.anchors_checked == 1
+    assert any(
+        "anchored in block" in p.message and p.check == Check.ANCHOR for p in report.problems
+    )
+
+
+def test_a_block_hash_that_is_not_the_chains_is_named(node: Node) -> None:
+    bad = dataclasses.replace(make_entry(40), block_hash=b"\x00" * 32)
+    node.append([bad])
+    problem = first(node.verify())
+    assert (problem.leaf_index, problem.check) == (40, Check.BLOCK)
+
+
+def test_an_unreachable_node_fails(node: Node) -> None:
+    class Down:
+        def checkpoint(self) -> Checkpoint:
+            raise Unavailable("node-1 unavailable: connection refused")
+
+    report = verify_node(node.info, Down(), node.chain)  # type: ignore[arg-type]
+    assert [p.check for p in report.problems] == [Check.REACHABLE]
+    assert report.entries == ()
+
+
+def test_a_chain_that_cannot_answer_fails_the_granted_entries(node: Node) -> None:
+    class Flaky(FakeChain):
+        def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
+            raise ChainUnavailable("chain at http://127.0.0.1:1 unavailable")
+
+    report = verify_node(node.info, node.log, Flaky())
+    assert failed_indices(report) == {i for i in range(40) if i % 5 != 4}
+
+
+# --- decisions re-judged against the grant state at their block ----------------------------
+
+
+def test_granted_after_revocation_is_flagged(node: Node) -> None:
+    node.chain.revoked_at = FIRST_BLOCK + 30
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (30, Check.POLICY)
+    assert report.describe(problem) == (
+        "entry 30 (request req-30): granted, but at block 130 the grant was already revoked"
+    )
+    assert failed_indices(report) == {i for i in range(30, 40) if i % 5 != 4}
+
+
+def test_a_denial_the_chain_does_not_explain_is_a_warning(node: Node) -> None:
+    denied = dataclasses.replace(
+        make_entry(40), decision="denied", reason_code="grant_revoked", reason="revoked",
+        cfrag_hash=b"",
+    )  # fmt: skip
+    node.append([denied])
+    report = node.verify()
+    assert report.ok
+    (result,) = [r for r in report.entries if r.leaf_index == 40]
+    assert result.warnings == (
+        "denied as grant_revoked, but the chain state gives granted: at block 140 the grant "
+        "was active and covered the record",
+    )
+
+
+def _state(chain: FakeChain, **changes: object) -> AccessState:
+    grant = dataclasses.replace(chain.grant, **{k: v for k, v in changes.items() if k != "record"})
+    record = changes.get("record", chain.record)
+    return AccessState(record, grant, 130, T0 + 30)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({}, "granted"),
+        ({"active": False}, "grant_revoked"),
+        ({"expires_at": T0 + 30}, "grant_expired"),  # at the block's time
+        ({"allowed_types_mask": to_mask([RecordType.DIAGNOSIS])}, "type_not_allowed"),
+        ({"emergency": True}, "emergency_purpose_required"),
+        ({"record": None}, "record_unknown"),
+    ],
+)
+def test_rejudge_applies_the_policy_rules(changes: dict[str, object], code: str) -> None:
+    assert rejudge(make_entry(30), _state(FakeChain(), **changes))[0] == code
+
+
+def test_rejudge_covers_the_record_rules() -> None:
+    chain, entry = FakeChain(), make_entry(30)
+    for record, code in [
+        (dataclasses.replace(chain.record, active=False), "record_inactive"),
+        (dataclasses.replace(chain.record, patient=DOCTOR), "patient_mismatch"),
+        (dataclasses.replace(chain.record, capsule_hash=b"x" * 32), "capsule_mismatch"),
+    ]:
+        assert rejudge(entry, _state(chain, record=record))[0] == code
+    emergency = dataclasses.replace(entry, purpose_of_use="ETREAT")
+    assert rejudge(emergency, _state(chain, emergency=True))[0] == "granted"
+    # The entry's time (the node's wall clock) counts too, not just the block's.
+    late = dataclasses.replace(entry, time=T0 + 100)
+    assert rejudge(late, _state(chain, expires_at=T0 + 90))[0] == "grant_expired"
+
+
+def test_granted_in_the_second_the_grant_expired_is_a_tie_not_a_failure(node: Node) -> None:
+    node.chain.grant = dataclasses.replace(node.chain.grant, expires_at=T0 + 45)
+    node.append([make_entry(40, time=T0 + 45)])  # block time T0 + 40
+    report = node.verify()
+    assert report.ok
+    (result,) = [r for r in report.entries if r.leaf_index == 40]
+    assert result.warnings == ("granted in the second the grant expired (a tie)",)
+    node.append([make_entry(41, time=T0 + 46)])
+    assert first(node.verify()).leaf_index == 41
+
+
+def test_rejudging_can_be_left_out_for_an_integrity_only_check(node: Node) -> None:
+    node.chain.revoked_at = FIRST_BLOCK
+    assert node.verify(rejudge_decisions=False).ok
+    assert node.chain.calls == 0
