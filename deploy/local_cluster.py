@@ -347,6 +347,9 @@ class LocalCluster:
                     "softhsm_token_dir": "tokens",
                     "processes": self.data["processes_per_node"],
                     **self._tls_settings(node_id),
+                    # Anchor demo traffic within seconds (production: 1000 entries / 60 s).
+                    "anchor_every_entries": 50,
+                    "anchor_interval_s": 2.0,
                     **self.data["node_settings"],
                 },
             )
@@ -374,6 +377,8 @@ class LocalCluster:
                 delivery_public_key=bytes.fromhex(public["delivery_public_key"]),
                 account=public["account"],
             )
+            # The node pays for its own checkpoint anchors.
+            set_balance(self.rpc_url, public["account"], FUNDING_WEI)
         self.data["nodes"] = [asdict(e) for e in entries]
         self._save()
 

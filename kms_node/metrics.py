@@ -63,3 +63,38 @@ CHAIN_SYNC_FAILURES = Counter(
     "Failed attempts to bring the grant index up to the chain head",
     registry=REGISTRY,
 )
+
+# Audit anchoring (kms_node/anchoring.py) runs in one process per node; "max" merges its
+# values with the zeros of the other processes.
+AUDIT_ANCHORS = Counter(
+    "kms_node_audit_anchors_total",
+    "Attempts to anchor the audit log's checkpoint on-chain, by outcome "
+    "(anchored, failed, refused: the local log diverges from the last anchor)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+AUDIT_ANCHOR_SECONDS = Histogram(
+    "kms_node_audit_anchor_duration_seconds",
+    "Time to anchor one checkpoint: HSM signatures, transaction, receipt",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+AUDIT_ANCHORED_TREE_SIZE = Gauge(
+    "kms_node_audit_anchored_tree_size",
+    "Tree size of the node's latest checkpoint anchored on-chain",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+AUDIT_UNANCHORED_ENTRIES = Gauge(
+    "kms_node_audit_unanchored_entries",
+    "Audit log entries not yet covered by an on-chain anchor",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+AUDIT_LOG_DIVERGES = Gauge(
+    "kms_node_audit_log_diverges_from_anchor",
+    "1 when the local audit log is not an extension of its last on-chain anchor "
+    "(shorter, or another root at the anchored size); anchoring then stops",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)

@@ -12,6 +12,7 @@ import structlog
 from medkms.contracts.registry import RegistryClient
 from medkms.core.endpoints import parse_host_port
 from medkms.node import metrics
+from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
 from medkms.node.audit_log import AuditLog
 from medkms.node.audit_service import AuditService
 from medkms.node.chain_follower import ChainFollower
@@ -151,6 +152,16 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     if settings.metrics_listen and worker is None:
         metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
     metrics.KFRAGS_STORED.set(kfrags.count())
+    anchorer = None
+    if anchors_here(settings.anchoring, worker):
+        anchorer = Anchorer(
+            audit,
+            registry,
+            HsmTxSigner(keystore),
+            every_entries=settings.anchor_every_entries,
+            interval_s=settings.anchor_interval_s,
+        )
+        anchorer.start()
     server.start()
     log.info(
         "node_started",
@@ -174,6 +185,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
     follower.stop()
+    if anchorer is not None:
+        anchorer.stop()
     kfrags.close()
     audit.close()
     keystore.close()

@@ -59,6 +59,11 @@ class NodeSettings:
     #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
     #: GIL and PKCS#11 calls are serialised per process, so one per core scales crypto
     processes: int = 1
+    #: anchor the audit log's signed checkpoint on-chain (one process per node does), once
+    #: this many entries are unanchored or this long after the last attempt, if any are
+    anchoring: bool = True
+    anchor_every_entries: int = 1000
+    anchor_interval_s: float = 60.0
     log_level: str = "info"
     #: mutual TLS: the CA that signs this node's and its clients' certificates, and
     #: the node's own certificate and key. The certificate must name the node id as
@@ -128,6 +133,9 @@ class NodeSettings:
                 chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
                 max_workers=int(raw.get("max_workers", 2)),
                 processes=int(raw.get("processes", 1)),
+                anchoring=raw.get("anchoring", True),  # checked by validate()
+                anchor_every_entries=int(raw.get("anchor_every_entries", 1000)),
+                anchor_interval_s=float(raw.get("anchor_interval_s", 60.0)),
                 request_window_s=int(raw.get("request_window_s", 300)),
                 rate_limit_per_s=float(raw.get("rate_limit_per_s", 1000.0)),
                 rate_limit_burst=int(raw.get("rate_limit_burst", 2000)),
@@ -157,6 +165,10 @@ class NodeSettings:
             raise InvalidRequest("processes must be between 1 and 64")
         if self.max_workers < 1:
             raise InvalidRequest("max_workers must be at least 1")
+        if not isinstance(self.anchoring, bool):
+            raise InvalidRequest("anchoring must be true or false")
+        if self.anchor_every_entries < 1 or not self.anchor_interval_s > 0:
+            raise InvalidRequest("need anchor_every_entries >= 1 and anchor_interval_s > 0")
         if not isinstance(self.dev_plaintext, bool):
             raise InvalidRequest("dev_plaintext must be true or false")
         require_tls_settings(
