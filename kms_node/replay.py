@@ -12,29 +12,49 @@ The guard's clock only moves forward: it keeps the latest ``now`` it was given,
 so a wall clock stepping back cannot revive a request whose entry was already
 forgotten.
 
-Memory is per node process (roughly 300 bytes per live entry). If one node
-runs several worker processes, each has its own guard and a replay routed to
-another process of the same node would pass it; sharing the guard between
-processes (e.g. in SQLite) is a deployment decision left for later.
+:class:`ReplayGuard` keeps its memory in the process (roughly 300 bytes per live
+entry). A node that runs several worker processes on one port uses
+:class:`SharedReplayGuard` instead: the same rules over one SQLite table that
+all its processes share, so a replay routed to another process is refused too.
 """
 
 from __future__ import annotations
 
 import heapq
+import sqlite3
 import threading
+from pathlib import Path
+from typing import Protocol
 
 from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
 from medkms.core.request_auth import check_deadline
+from medkms.node.sqlite_db import open_durable, unavailable
+
+
+class NonceMemory(Protocol):
+    """What the node service needs from a replay guard."""
+
+    def check_and_remember(
+        self, requester: str, nonce: bytes, deadline: int, now: float
+    ) -> None: ...
+
+
+def _check_limits(max_window_s: int, max_entries: int) -> None:
+    if max_window_s <= 0:
+        raise ValueError("max_window_s must be positive")
+    if max_entries <= 0:
+        raise ValueError("max_entries must be positive")
+
+
+def _too_many() -> ResourceExhausted:
+    return ResourceExhausted("too many requests in flight at this node; retry after a short wait")
 
 
 class ReplayGuard:
     """Remembers (requester, nonce) until the request's deadline; thread-safe."""
 
     def __init__(self, max_window_s: int, max_entries: int) -> None:
-        if max_window_s <= 0:
-            raise ValueError("max_window_s must be positive")
-        if max_entries <= 0:
-            raise ValueError("max_entries must be positive")
+        _check_limits(max_window_s, max_entries)
         self.max_window_s = max_window_s
         self.max_entries = max_entries
         self._lock = threading.Lock()
@@ -71,9 +91,7 @@ class ReplayGuard:
             if key in self._seen:
                 raise Unauthenticated("nonce already used")
             if len(self._seen) >= self.max_entries:
-                raise ResourceExhausted(
-                    "too many requests in flight at this node; retry after a short wait"
-                )
+                raise _too_many()
             self._seen[key] = deadline
             heapq.heappush(self._expiry, (deadline, requester, nonce))
 
@@ -85,3 +103,78 @@ class ReplayGuard:
         while expiry and expiry[0][0] <= now:
             _, requester, nonce = heapq.heappop(expiry)
             del self._seen[(requester, nonce)]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nonces (
+    requester TEXT    NOT NULL,
+    nonce     BLOB    NOT NULL,
+    deadline  INTEGER NOT NULL,
+    PRIMARY KEY (requester, nonce)
+) WITHOUT ROWID
+"""
+# A row whose deadline has passed may be reused: check_deadline has already refused
+# the request that wrote it, should it come again.
+_REMEMBER = """
+INSERT INTO nonces (requester, nonce, deadline) VALUES (?, ?, ?)
+ON CONFLICT (requester, nonce) DO UPDATE SET deadline = excluded.deadline
+WHERE nonces.deadline <= ?
+"""
+#: forget expired rows (and recount) once per this many accepted requests
+_SWEEP_EVERY = 512
+
+
+class SharedReplayGuard:
+    """:class:`ReplayGuard`'s rules over a SQLite table that every process of one node
+    shares (``<data_dir>/replay.sqlite``); thread- and process-safe.
+
+    Writes are not fsync'd (``synchronous = OFF``): like the in-process guard, the
+    memory does not survive a crash of the machine, only of a process. ``max_entries``
+    is enforced on the count taken at each sweep, so it may be overshot by at most
+    ``_SWEEP_EVERY`` entries.
+    """
+
+    def __init__(self, path: Path, max_window_s: int, max_entries: int) -> None:
+        _check_limits(max_window_s, max_entries)
+        self.max_window_s = max_window_s
+        self.max_entries = max_entries
+        self._path = path
+        self._lock = threading.Lock()
+        self._latest_now: float = float("-inf")
+        self._accepted = 0
+        self._live = 0
+        self._conn = open_durable(
+            path,
+            "replay memory",
+            lambda conn: conn.execute(_SCHEMA),
+            extra_pragmas=("synchronous = OFF",),
+        )
+
+    def __repr__(self) -> str:
+        return f"SharedReplayGuard({str(self._path)!r})"
+
+    def check_and_remember(self, requester: str, nonce: bytes, deadline: int, now: float) -> None:
+        """As :meth:`ReplayGuard.check_and_remember`, for every process of the node."""
+        if not isinstance(nonce, bytes):
+            raise InvalidRequest("nonce must be bytes")
+        with self._lock:
+            now = max(now, self._latest_now)
+            self._latest_now = now
+            check_deadline(deadline, now, self.max_window_s)
+            try:
+                if self._accepted % _SWEEP_EVERY == 0:
+                    self._conn.execute("DELETE FROM nonces WHERE deadline <= ?", (int(now),))
+                    (self._live,) = self._conn.execute("SELECT count(*) FROM nonces").fetchone()
+                if self._live >= self.max_entries:
+                    raise _too_many()
+                cursor = self._conn.execute(_REMEMBER, (requester, nonce, deadline, int(now)))
+            except sqlite3.Error as e:
+                raise unavailable("replay memory", e) from e
+            if cursor.rowcount != 1:
+                raise Unauthenticated("nonce already used")
+            self._accepted += 1
+            self._live += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -19,7 +19,7 @@ from medkms.node.chain_follower import ChainFollower
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
-from medkms.node.replay import ReplayGuard
+from medkms.node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings
 from medkms.node.supervisor import die_with_parent
@@ -127,6 +127,17 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         max_age_s=settings.chain_max_age_s,
         max_lag_blocks=settings.chain_max_lag_blocks,
     )
+    # Several processes on one port must share one replay memory, or a replay sent
+    # on another connection would reach a process that has not seen the nonce.
+    replay: NonceMemory = (
+        SharedReplayGuard(
+            settings.data_dir / "replay.sqlite",
+            settings.request_window_s,
+            settings.replay_max_entries,
+        )
+        if settings.processes > 1
+        else ReplayGuard(settings.request_window_s, settings.replay_max_entries)
+    )
     service = NodeService(
         node_id=settings.node_id,
         keystore=keystore,
@@ -135,7 +146,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         index=follower,
         registry_address=registry.address,
         chain_id=registry.chain_id(),
-        replay=ReplayGuard(settings.request_window_s, settings.replay_max_entries),
+        replay=replay,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         audit=audit,
         request_window_s=settings.request_window_s,

@@ -51,7 +51,7 @@ from medkms.core.umbral_codec import VerificationError, load_kfrag, load_public_
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
-from medkms.node.replay import ReplayGuard
+from medkms.node.replay import NonceMemory
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
 log = structlog.get_logger("medkms.node")
@@ -108,7 +108,7 @@ class NodeService:
         index: IndexedState,
         registry_address: str,
         chain_id: int,
-        replay: ReplayGuard,
+        replay: NonceMemory,
         limiter: RateLimiter,
         audit: AuditSink,
         request_window_s: int = 300,

@@ -6,17 +6,21 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient
+from medkms.clients.patient import PatientClient, StoredRecord
 from medkms.clients.provider import ProviderClient
+from medkms.clients.records import parse_envelope
+from medkms.clients.signed_requests import RequestSigner
 from medkms.core.record_types import RecordType
+from medkms.core.request_auth import Domain
 from medkms.deploy import processes
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
-from medkms.proto.stubs import CoordinatorStub
+from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 
@@ -44,30 +48,71 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_workers_share_the_port_and_metrics_are_summed(multi: LocalCluster, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def granted(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
+    """A patient's lab result, granted to the cluster's doctor."""
     alice, bob = Identity.generate("alice"), multi.identity("doctor")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
-    channel = multi.coordinator_channel()
-    patient = PatientClient(
-        alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel), multi.transport
-    )
-    patient.register()
-    record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
-    patient.grant(
-        bob.address, bob.umbral_public_key(), [RecordType.LAB_RESULT], duration_s=600, threshold=2
-    )
+    with multi.coordinator_channel() as channel:
+        patient = PatientClient(
+            alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel), multi.transport
+        )
+        patient.register()
+        record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+        patient.grant(
+            bob.address,
+            bob.umbral_public_key(),
+            [RecordType.LAB_RESULT],
+            duration_s=3600,
+            threshold=2,
+        )
+    return alice, record
+
+
+def test_workers_share_the_port_and_metrics_are_summed(
+    multi: LocalCluster, granted: tuple[Identity, StoredRecord]
+) -> None:
+    _, record = granted
+    bob = multi.identity("doctor")
     with ProviderClient(
         bob, multi.registry(), multi.blob_store(), multi.coordinator_address, multi.app_transport
     ) as p:
         for _ in range(20):
             assert p.read_record(record.record_id) == lab_result()
-    channel.close()
 
     node = multi.nodes[0]
     assert len(_children(node.pid)) == 2
     body = urllib.request.urlopen(node.metrics_url, timeout=5).read().decode()
     assert 'kms_node_requests_total{method="Reencrypt",outcome="ok"}' in body
     assert "kms_node_kfrags_stored" in body
+
+
+def test_a_replay_is_refused_by_every_process_of_a_node(
+    multi: LocalCluster, granted: tuple[Identity, StoredRecord]
+) -> None:
+    """The workers share one replay memory: the same signed request, sent on fresh
+    connections (which the kernel spreads over the processes), is served once."""
+    alice, record = granted
+    bob = multi.identity("doctor")
+    registry = multi.registry()
+    capsule = parse_envelope(multi.blob_store().get(record.storage_uri)).capsule
+    signer = RequestSigner(
+        bob.account, bob.umbral_public_key(), Domain(registry.chain_id(), registry.address)
+    )
+    request = signer.single(alice.address, record.record_id, RecordType.LAB_RESULT, capsule)
+    node = multi.nodes[0]
+    outcomes = []
+    for _ in range(8):
+        with multi.transport.channel(node.address, server_name=node.node_id) as channel:
+            try:
+                NodeStub(channel).Reencrypt(request, timeout=5)
+                outcomes.append("served")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "nonce already used" in (e.details() or "")
+                outcomes.append("replay refused")
+    assert outcomes.count("served") == 1
+    assert outcomes.count("replay refused") == 7
 
 
 def test_killing_the_supervisor_takes_its_workers_down(multi: LocalCluster) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
 from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
-from medkms.node.replay import ReplayGuard
+from medkms.node.replay import ReplayGuard, SharedReplayGuard
 
 ALICE = "0x" + "a1" * 20
 BOB = "0x" + "b2" * 20
@@ -148,3 +149,48 @@ def test_concurrent_use_with_eviction_and_bound() -> None:
         t.join()
     assert errors == []
     assert len(guard) <= 50
+
+
+# --- shared between the processes of one node ----------------------------------------------
+
+
+def _shared(tmp_path: Path, max_entries: int = 100) -> SharedReplayGuard:
+    return SharedReplayGuard(tmp_path / "replay.sqlite", max_window_s=300, max_entries=max_entries)
+
+
+def test_a_replay_to_another_process_is_refused(tmp_path: Path) -> None:
+    # Two guards on one file stand for two worker processes of one node.
+    first, second = _shared(tmp_path), _shared(tmp_path)
+    nonce = os.urandom(32)
+    first.check_and_remember(ALICE, nonce, NOW + 60, NOW)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        second.check_and_remember(ALICE, nonce, NOW + 60, NOW + 1)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        first.check_and_remember(ALICE, nonce, NOW + 60, NOW + 1)
+    second.check_and_remember(BOB, nonce, NOW + 60, NOW + 1)  # another requester's nonce
+
+
+def test_shared_guard_checks_deadlines_and_forgets_expired_nonces(tmp_path: Path) -> None:
+    guard = _shared(tmp_path)
+    nonce = os.urandom(32)
+    with pytest.raises(Unauthenticated, match="deadline has passed"):
+        guard.check_and_remember(ALICE, nonce, NOW - 1, NOW)
+    with pytest.raises(InvalidRequest, match="too far in the future"):
+        guard.check_and_remember(ALICE, nonce, NOW + 301, NOW)
+    guard.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    # Past its deadline the entry may be reused by a new request with a later deadline.
+    guard.check_and_remember(ALICE, nonce, NOW + 200, NOW + 11)
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        guard.check_and_remember(ALICE, nonce, NOW + 200, NOW + 12)
+
+
+def test_shared_guard_is_bounded(tmp_path: Path) -> None:
+    guard = _shared(tmp_path, max_entries=1)
+    guard.check_and_remember(ALICE, os.urandom(32), NOW + 60, NOW)
+    with pytest.raises(ResourceExhausted, match="too many requests"):
+        guard.check_and_remember(ALICE, os.urandom(32), NOW + 60, NOW)
+    # Another process counts the shared table when it starts.
+    fresh = _shared(tmp_path, max_entries=1)
+    with pytest.raises(ResourceExhausted, match="too many requests"):
+        fresh.check_and_remember(ALICE, os.urandom(32), NOW + 60, NOW)
+    assert str(tmp_path) in repr(fresh)
