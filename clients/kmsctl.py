@@ -6,6 +6,8 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
+    kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE]
+    kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
 Identities are the demo accounts of the cluster's state directory
 (``accounts/NAME.json``).
@@ -18,12 +20,21 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+from medkms.clients.audit_report import (
+    failures,
+    fhir_bundle,
+    load_receipts,
+    summary_lines,
+    write_reports,
+)
+from medkms.clients.auditor import ChannelFactory, audit_cluster, channel_factory
 from medkms.clients.patient import PatientClient
 from medkms.clients.provider import ProviderClient
 from medkms.core import logs
-from medkms.core.errors import InvalidRequest, KmsError
+from medkms.core.errors import IntegrityError, InvalidRequest, KmsError
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import LocalCluster
 from medkms.deploy.processes import grpc_serving
@@ -230,6 +241,45 @@ def cmd_emergency_open(args: argparse.Namespace) -> None:
     )
 
 
+def _node_channels(cluster: LocalCluster) -> ChannelFactory:
+    """How the auditor reaches nodes: the operator's mutual-TLS identity."""
+    return channel_factory(cluster.transport)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    receipts = load_receipts(args.receipts) if args.receipts else []
+    report = audit_cluster(
+        cluster.registry(), _node_channels(cluster), node_ids=args.node, receipts=receipts
+    )
+    json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
+    print("\n".join(summary_lines(report)))
+    print(f"report: {json_path}, {csv_path}")
+    if not report.ok:
+        raise IntegrityError(f"audit failed: {failures(report)}")
+
+
+def cmd_audit_export(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    registry = cluster.registry()
+    # Integrity only: an entry the policy check would flag is still an event to export.
+    report = audit_cluster(
+        registry, _node_channels(cluster), node_ids=args.node, rejudge_decisions=False
+    )
+    sound = [n for n in report.nodes if n.ok]
+    bundle = fhir_bundle(sound, registry.chain_id(), now=int(time.time()))
+    if args.out:
+        args.out.touch(mode=0o600)
+        args.out.chmod(0o600)
+        args.out.write_text(bundle)
+    else:
+        sys.stdout.write(bundle)
+    exported = sum(len(n.entries) for n in sound)
+    print(f"exported {exported} AuditEvents of {len(sound)} nodes", file=sys.stderr)
+    if not report.ok:
+        raise IntegrityError(f"not exported, their logs do not verify: {failures(report)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsctl", description=__doc__.splitlines()[0])
     state = argparse.ArgumentParser(add_help=False)
@@ -320,6 +370,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=int, default=3600, help="seconds, at most 14400 (default 3600)"
     )
     open_.set_defaults(func=cmd_emergency_open)
+
+    audit = sub.add_parser("audit", help="audit the nodes' logs").add_subparsers(
+        dest="action", required=True
+    )
+    nodes = argparse.ArgumentParser(add_help=False, parents=[state])
+    nodes.add_argument(
+        "--node", action="append", default=[], help="only this node (repeatable; default: all)"
+    )
+    verify = audit.add_parser(
+        "verify",
+        parents=[nodes],
+        help="check every signature, entry, anchor and grant; exit 1 naming what failed",
+    )
+    verify.add_argument(
+        "--report-dir", type=Path, help="where report.json and report.csv go (default: STATE/audit)"
+    )
+    verify.add_argument("--receipts", type=Path, help="a JSON list of receipts to check too")
+    verify.set_defaults(func=cmd_audit_verify)
+    export = audit.add_parser(
+        "export", parents=[nodes], help="the entries of verified logs as FHIR AuditEvents"
+    )
+    export.add_argument("--format", choices=["fhir"], default="fhir", help="FHIR R4B Bundle")
+    export.add_argument("--out", type=Path, help="write here instead of stdout")
+    export.set_defaults(func=cmd_audit_export)
     return parser
 
 

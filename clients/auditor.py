@@ -1,0 +1,198 @@
+"""The auditor's adapter: reads each node's log over gRPC and the registry over JSON-RPC,
+and runs :func:`medkms.core.audit_verify.verify_node` on them.
+
+The trust roots are the chain endpoint and the registry's address: the nodes to audit, their
+endpoints and their signing keys are read from the registry, never from the nodes. gRPC
+failures become :class:`~medkms.core.errors.KmsError` here (``rpc.error_from_rpc``), so the
+core sees only those.
+
+How a node is reached is the caller's :data:`ChannelFactory`; :func:`channel_factory` makes
+the usual one from a :class:`~medkms.proto.transport.Transport` (mutual TLS with the
+operator's certificate, the node's id pinned as the TLS name).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+from medkms.contracts.registry import RegistryClient
+from medkms.core.audit import Checkpoint, Receipt
+from medkms.core.audit_verify import NodeReport, verify_node
+from medkms.core.errors import InvalidRequest
+from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
+from medkms.proto import rpc
+from medkms.proto.kms.v1 import audit_pb2
+from medkms.proto.stubs import AuditStub
+from medkms.proto.transport import Transport
+
+#: GetEntries serves at most this many entries per call (proto/kms/v1/audit.proto)
+ENTRIES_PER_CALL: Final = 10_000
+CALL_TIMEOUT_S: Final = 10.0
+
+ChannelFactory = Callable[[NodeInfo], grpc.Channel]
+
+
+def channel_factory(transport: Transport) -> ChannelFactory:
+    """Channels to nodes at their registered endpoints, each checked to be the node it
+    claims (its id is a name in its TLS certificate)."""
+
+    def open_channel(node: NodeInfo) -> grpc.Channel:
+        return transport.channel(node.endpoint, server_name=node.node_id)
+
+    return open_channel
+
+
+class GrpcLogSource:
+    """One node's ``kms.v1.Audit`` service as a :class:`~medkms.core.audit_verify.LogSource`."""
+
+    def __init__(self, channel: grpc.Channel, node_id: str, *, timeout_s: float = CALL_TIMEOUT_S):
+        self._stub = AuditStub(channel)
+        self._node_id = node_id
+        self._timeout_s = timeout_s
+
+    def checkpoint(self) -> Checkpoint:
+        try:
+            cp = self._stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=self._timeout_s)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, self._node_id) from None
+        return Checkpoint(cp.node_id, cp.tree_size, cp.root, cp.timestamp, cp.signature)
+
+    def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
+        for page in range(start, end, ENTRIES_PER_CALL):
+            request = audit_pb2.GetEntriesRequest(start=page, end=min(page + ENTRIES_PER_CALL, end))
+            try:
+                for row in self._stub.GetEntries(request, timeout=self._timeout_s):
+                    yield row.leaf_index, row.entry
+            except grpc.RpcError as e:
+                raise rpc.error_from_rpc(e, self._node_id) from None
+
+    def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:
+        request = audit_pb2.InclusionProofRequest(leaf_index=leaf_index, tree_size=tree_size)
+        try:
+            proof = self._stub.GetInclusionProof(request, timeout=self._timeout_s)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, self._node_id) from None
+        return list(proof.hashes)
+
+    def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
+        request = audit_pb2.ConsistencyProofRequest(old_size=old_size, new_size=new_size)
+        try:
+            proof = self._stub.GetConsistencyProof(request, timeout=self._timeout_s)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, self._node_id) from None
+        return list(proof.hashes)
+
+
+class CachedChain:
+    """The registry as a :class:`~medkms.core.audit_verify.ChainView`, with the blocks and
+    grant states read during one audit kept: one request is decided by several nodes,
+    mostly at the same block. Failures are not kept. Thread-safe."""
+
+    def __init__(self, registry: RegistryClient) -> None:
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._blocks: dict[int, BlockRef] = {}
+        self._states: dict[tuple[bytes, str, int], AccessState] = {}
+        self.reads = 0
+
+    def checkpoint_anchors(self, node_id: str, /) -> list[CheckpointAnchor]:
+        return self._registry.checkpoint_anchors(node_id)
+
+    def block(self, number: int, /) -> BlockRef:
+        with self._lock:
+            cached = self._blocks.get(number)
+        if cached is None:
+            cached = self._registry.block(number)
+            with self._lock:
+                self._blocks[number] = cached
+                self.reads += 1
+        return cached
+
+    def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
+        key = (record_id, grantee, block)
+        with self._lock:
+            cached = self._states.get(key)
+        if cached is None:
+            cached = self._registry.access_state(record_id, grantee, block=block)
+            with self._lock:
+                self._states[key] = cached
+                self.reads += 1
+        return cached
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    """Every audited node's report, in registry order."""
+
+    registry_address: str
+    #: the latest block when the audit started
+    block: int
+    nodes: tuple[NodeReport, ...]
+    #: wall time of the whole audit, and of each node's
+    seconds: float
+    node_seconds: dict[str, float]
+    #: distinct blocks and grant states read from the chain
+    chain_reads: int
+
+    @property
+    def ok(self) -> bool:
+        return all(n.ok for n in self.nodes)
+
+    @property
+    def entries(self) -> int:
+        return sum(len(n.entries) for n in self.nodes)
+
+
+def audit_cluster(
+    registry: RegistryClient,
+    channel_for: ChannelFactory,
+    *,
+    node_ids: Sequence[str] = (),
+    receipts: Sequence[Receipt] = (),
+    rejudge_decisions: bool = True,
+) -> ClusterReport:
+    """Audit every node registered on-chain (or those in ``node_ids``), in parallel."""
+    started = time.perf_counter()
+    block = registry.block("latest").number
+    nodes = registry.list_nodes()
+    if node_ids:
+        known = {n.node_id for n in nodes}
+        unknown = sorted(set(node_ids) - known)
+        if unknown:
+            raise InvalidRequest(f"not registered on-chain: {', '.join(unknown)}")
+        nodes = [n for n in nodes if n.node_id in node_ids]
+    chain = CachedChain(registry)
+    seconds: dict[str, float] = {}
+
+    def audit(node: NodeInfo) -> NodeReport:
+        began = time.perf_counter()
+        channel = channel_for(node)
+        try:
+            return verify_node(
+                node,
+                GrpcLogSource(channel, node.node_id),
+                chain,
+                receipts=receipts,
+                rejudge_decisions=rejudge_decisions,
+            )
+        finally:
+            channel.close()
+            seconds[node.node_id] = time.perf_counter() - began
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(nodes), 8))) as pool:
+        reports = tuple(pool.map(audit, nodes))
+    return ClusterReport(
+        registry_address=registry.address,
+        block=block,
+        nodes=reports,
+        seconds=time.perf_counter() - started,
+        node_seconds=seconds,
+        chain_reads=chain.reads,
+    )

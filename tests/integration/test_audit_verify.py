@@ -1,0 +1,542 @@
+"""`kmsctl audit verify` and `export` on real clusters: logs that were left alone pass; logs
+tampered with on disk, a node killed under load, a forged entry each give the verdict the
+issue asks for, naming the entry.
+
+The tampering tests run on a 3-node cluster of their own, so the session's cluster stays
+clean for the other tests; the session cluster is audited once, after every other test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from medkms.clients import kmsctl
+from medkms.clients.audit_report import receipt_to_json
+from medkms.clients.identity import Identity
+from medkms.clients.patient import PatientClient, StoredRecord
+from medkms.clients.provider import ProviderClient
+from medkms.clients.records import parse_envelope
+from medkms.clients.signed_requests import RequestSigner
+from medkms.contracts.registry import RegistryClient
+from medkms.core import logs
+from medkms.core.audit import Checkpoint, Receipt, verify_receipt_inclusion
+from medkms.core.record_types import RecordType
+from medkms.core.request_auth import Domain
+from medkms.deploy import demo
+from medkms.deploy.anvil import set_balance
+from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+from medkms.node.settings import NodeSettings
+from medkms.proto.kms.v1 import audit_pb2, common_pb2
+from medkms.proto.stubs import AuditStub, CoordinatorStub, NodeStub
+from tests.core.test_audit_verify import rebuild_tree
+
+pytestmark = pytest.mark.cluster
+
+#: the local clusters anchor every 2 s; generous for a loaded machine
+ANCHOR_WAIT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+Kmsctl = Callable[..., Ran]
+
+
+@pytest.fixture
+def run_kmsctl(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> Kmsctl:
+    """``kmsctl`` in this process, its report in ``tmp_path``. Its logging set-up is left
+    out: it would reconfigure structlog for the later tests of this process."""
+    monkeypatch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
+
+    def run(cluster: LocalCluster, *args: str) -> Ran:
+        capsys.readouterr()
+        extra = (
+            ["--report-dir", str(tmp_path / "report")] if args[:2] == ("audit", "verify") else []
+        )
+        code = kmsctl.main([*args, *extra, "--state-dir", str(cluster.state_dir)])
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def report_rows(tmp_path: Path) -> list[dict[str, object]]:
+    document = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows: list[dict[str, object]] = document["entries"]
+    return rows
+
+
+def wait_anchored(registry: RegistryClient, node_id: str, size: int) -> None:
+    deadline = time.monotonic() + ANCHOR_WAIT_S
+    while (registry.latest_checkpoint(node_id) or (0,))[0] < size:
+        assert time.monotonic() < deadline, f"{node_id} did not anchor {size} entries in time"
+        time.sleep(0.2)
+
+
+def metric(cluster: LocalCluster, node_id: str, name: str) -> float:
+    body = urllib.request.urlopen(cluster.node(node_id).metrics_url, timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{node_id} exposes no {name}")
+
+
+def _receipt(r: common_pb2.AuditReceipt) -> Receipt:
+    return Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
+
+
+# --- the cluster of this module ------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """A 3-of-2 cluster, a patient with a lab result, and a doctor she granted it to."""
+
+    cluster: LocalCluster
+    registry: RegistryClient
+    patient: PatientClient
+    doctor: Identity
+    lab: StoredRecord
+    capsule: bytes
+
+    def signer(self) -> RequestSigner:
+        domain = Domain(self.registry.chain_id(), self.registry.address)
+        return RequestSigner(self.doctor.account, self.doctor.umbral_public_key(), domain)
+
+    def channel(self, node_id: str) -> grpc.Channel:
+        node = self.cluster.node(node_id)
+        return self.cluster.transport.channel(node.address, server_name=node_id)
+
+    def read_at(self, node_id: str, count: int) -> list[tuple[str, Receipt]]:
+        """``count`` decisions at one node, asked directly: (request id, receipt) each."""
+        signer, done = self.signer(), []
+        with self.channel(node_id) as channel:
+            stub = NodeStub(channel)
+            for _ in range(count):
+                request = signer.single(
+                    self.patient.identity.address,
+                    self.lab.record_id,
+                    RecordType.LAB_RESULT,
+                    self.capsule,
+                )
+                response = stub.Reencrypt(request, timeout=5)
+                done.append((request.request_id, _receipt(response.fragment.receipt)))
+        return done
+
+    def checkpoint(self, node_id: str) -> Checkpoint:
+        with self.channel(node_id) as channel:
+            cp = AuditStub(channel).GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=5)
+        return Checkpoint(cp.node_id, cp.tree_size, cp.root, cp.timestamp, cp.signature)
+
+    def audit_db(self, node_id: str) -> Path:
+        return NodeSettings.from_toml(Path(self.cluster.node(node_id).config)).audit_db
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    cluster = LocalCluster.up(tmp_path_factory.mktemp("audited"), nodes=3, threshold=2)
+    try:
+        registry = cluster.registry()
+        alice, bob = Identity.generate("alice"), Identity.generate("dr-bob")
+        for identity in (alice, bob):
+            set_balance(cluster.rpc_url, identity.address, FUNDING_WEI)
+        registry.grant_provider_role(cluster.identity("admin").account, bob.address)
+        with cluster.coordinator_channel() as channel:
+            patient = PatientClient(
+                alice, registry, cluster.blob_store(), CoordinatorStub(channel), cluster.transport
+            )
+            patient.register()
+            lab = patient.store_record(demo.lab_result(), RecordType.LAB_RESULT)
+            patient.grant(
+                bob.address,
+                bob.umbral_public_key(),
+                [RecordType.LAB_RESULT],
+                duration_s=3600,
+                threshold=cluster.threshold,
+            )
+            capsule = parse_envelope(cluster.blob_store().get(lab.storage_uri)).capsule
+            yield World(cluster, registry, patient, bob, lab, capsule)
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def clean(world: World, run_kmsctl: Kmsctl) -> Iterator[World]:
+    """Each test starts and ends with a cluster whose audit passes."""
+    yield world
+    after = run_kmsctl(world.cluster, "audit", "verify")
+    assert after.code == 0, after.out + after.err
+
+
+class Backup:
+    """A stopped node's audit log files, copied aside and put back."""
+
+    def __init__(self, db: Path, into: Path) -> None:
+        self.db, self.into = db, into
+        into.mkdir()
+        for f in db.parent.glob(db.name + "*"):
+            shutil.copy2(f, into / f.name)
+
+    def restore(self) -> None:
+        for f in self.db.parent.glob(self.db.name + "*"):
+            f.unlink()
+        for f in self.into.iterdir():
+            shutil.copy2(f, self.db.parent / f.name)
+
+
+@contextmanager
+def tamper(db: Path) -> Iterator[sqlite3.Connection]:
+    """A second writer on a node's audit log file: one transaction, committed."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+        conn.execute("COMMIT")
+
+
+def _hex_digit_changed(data: bytes, field: bytes) -> bytes:
+    marker = b'"' + field + b'":"0x'
+    at = data.index(marker) + len(marker)
+    return data[:at] + (b"0" if data[at : at + 1] != b"0" else b"1") + data[at + 1 :]
+
+
+# --- demo traffic, then the whole cluster ---------------------------------------------------
+
+
+def test_after_the_demo_the_whole_cluster_verifies_and_exports(
+    world: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    cluster = world.cluster
+    assert run_kmsctl(cluster, "demo").code == 0
+    world.read_at("node-1", 3)
+    for node in cluster.nodes:
+        wait_anchored(world.registry, node.node_id, world.checkpoint(node.node_id).tree_size)
+
+    ran = run_kmsctl(cluster, "audit", "verify")
+    assert ran.code == 0, ran.out + ran.err
+    assert "audit passed" in ran.out
+    document = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert document["ok"] and len(document["nodes"]) == 3
+    for node in document["nodes"]:
+        assert node["ok"] and node["first_failure"] is None
+        assert node["anchors_checked"] >= 1 or node["entries"] == 0
+    # The coordinator asks 2 of the 3 nodes: not every node has seen a granted request.
+    assert sum(node["granted"] for node in document["nodes"]) >= 2
+    rows = document["entries"]
+    assert {r["verdict"] for r in rows} == {"ok"}
+    assert {r["reason"] for r in rows} >= {"granted", "grant_revoked", "type_not_allowed"}
+    csv_lines = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1
+
+    out = tmp_path / "audit-events.json"
+    exported = run_kmsctl(cluster, "audit", "export", "--format", "fhir", "--out", str(out))
+    assert exported.code == 0, exported.err
+    bundle = Bundle.model_validate_json(out.read_text())
+    assert len(bundle.entry) == len(rows)
+    outcomes = {e.resource.outcome for e in bundle.entry}
+    assert outcomes == {"0", "4"}
+
+
+# --- tampering with a node's stored log -----------------------------------------------------
+
+
+def test_one_changed_byte_names_the_entry_after_a_restart(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    world, node = clean, "node-1"
+    sent = world.read_at(node, 8)
+    request_id, receipt = sent[2]
+    db = world.audit_db(node)
+    world.cluster.stop_node(node)
+    with tamper(db) as conn:
+        (original,) = conn.execute(
+            "SELECT entry FROM entries WHERE leaf_index = ?", (receipt.leaf_index,)
+        ).fetchone()
+        changed = _hex_digit_changed(original, b"capsule_hash")
+        conn.execute(
+            "UPDATE entries SET entry = ? WHERE leaf_index = ?", (changed, receipt.leaf_index)
+        )
+    try:
+        world.cluster.start_node(node)  # its checks on open look at the newest entries only
+        ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node)
+        assert ran.code == 1
+        named = f"{node}: entry {receipt.leaf_index} (request {request_id}): not the entry"
+        assert named in ran.err, ran.err
+        failed = [r for r in report_rows(tmp_path) if r["verdict"] == "failed"]
+        assert [(r["leaf_index"], r["request_id"]) for r in failed] == [
+            (receipt.leaf_index, request_id)
+        ]
+    finally:
+        world.cluster.stop_node(node)
+        with tamper(db) as conn:
+            conn.execute(
+                "UPDATE entries SET entry = ? WHERE leaf_index = ?",
+                (original, receipt.leaf_index),
+            )
+        world.cluster.start_node(node)
+
+
+def test_a_deleted_entry_is_named_on_a_live_node(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    """Deleted under the running node (with the node stopped it would refuse to start:
+    its entry count no longer matches its tree)."""
+    world, node = clean, "node-2"
+    sent = world.read_at(node, 6)
+    (before_id, _), (_, gone) = sent[1], sent[2]
+    with tamper(world.audit_db(node)) as conn:
+        row = conn.execute(
+            "SELECT leaf_index, entry, leaf_hash FROM entries WHERE leaf_index = ?",
+            (gone.leaf_index,),
+        ).fetchone()
+        conn.execute("DELETE FROM entries WHERE leaf_index = ?", (gone.leaf_index,))
+    try:
+        ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node)
+        assert ran.code == 1
+        assert f"{node}: entry {gone.leaf_index}: missing" in ran.err, ran.err
+        assert f"after request {before_id}" in ran.err
+    finally:
+        with tamper(world.audit_db(node)) as conn:
+            conn.execute("INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)", row)
+
+
+def test_two_swapped_entries_are_both_named(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    world, node = clean, "node-2"
+    sent = world.read_at(node, 8)
+    (id_a, a), (id_b, b) = sent[1], sent[5]
+
+    def swap(conn: sqlite3.Connection) -> None:
+        rows = dict(
+            conn.execute(
+                "SELECT leaf_index, entry FROM entries WHERE leaf_index IN (?, ?)",
+                (a.leaf_index, b.leaf_index),
+            ).fetchall()
+        )
+        for index, other in ((a.leaf_index, b.leaf_index), (b.leaf_index, a.leaf_index)):
+            conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = ?", (rows[other], index))
+
+    with tamper(world.audit_db(node)) as conn:
+        swap(conn)
+    try:
+        ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node)
+        assert ran.code == 1
+        # Each leaf now holds the other request, and the report names both.
+        assert f"{node}: entry {a.leaf_index} (request {id_b}): not the entry" in ran.err, ran.err
+        rows = report_rows(tmp_path)
+        failed = {(r["leaf_index"], r["request_id"]) for r in rows if r["verdict"] == "failed"}
+        assert failed == {(a.leaf_index, id_b), (b.leaf_index, id_a)}
+    finally:
+        with tamper(world.audit_db(node)) as conn:
+            swap(conn)
+
+
+def test_a_truncated_and_reappended_log_names_where_history_was_rewritten(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    """The operator cuts the log below its last anchor and rebuilds the tree, so the node
+    serves and signs the shorter log; new requests are appended after the cut."""
+    world, node = clean, "node-3"
+    world.read_at(node, 12)
+    size = world.checkpoint(node).tree_size
+    wait_anchored(world.registry, node, size)
+    cut = size - 5
+    db = world.audit_db(node)
+    world.cluster.stop_node(node)
+    backup = Backup(db, tmp_path / "backup")
+    with tamper(db) as conn:
+        conn.execute("DELETE FROM entries WHERE leaf_index >= ?", (cut,))
+        rebuild_tree(conn)
+    try:
+        world.cluster.start_node(node)
+        (first_new, _), *_ = world.read_at(node, 8)
+        # The node sees it too: its log no longer extends its last anchor; it stops anchoring.
+        assert metric(world.cluster, node, "kms_node_audit_log_diverges_from_anchor") == 1
+        ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node)
+        assert ran.code == 1
+        assert f"{node}: entry {cut} (request {first_new}): written at" in ran.err, ran.err
+        assert "truncated here and re-appended" in ran.err
+    finally:
+        world.cluster.stop_node(node)
+        backup.restore()
+        world.cluster.start_node(node)
+
+
+def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    world, node = clean, "node-2"
+    receipts: list[Receipt] = []
+    errors: list[BaseException] = []
+    killed = threading.Event()
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        signer = world.signer()
+        with world.channel(node) as channel:
+            stub = NodeStub(channel)
+            while not killed.is_set():
+                request = signer.single(
+                    world.patient.identity.address,
+                    world.lab.record_id,
+                    RecordType.LAB_RESULT,
+                    world.capsule,
+                )
+                try:
+                    response = stub.Reencrypt(request, timeout=5)
+                except grpc.RpcError:
+                    continue  # the node is gone: what it answered before is what counts
+                with lock:
+                    receipts.append(_receipt(response.fragment.receipt))
+
+    def read_through_the_coordinator() -> None:
+        with ProviderClient(
+            world.doctor,
+            world.registry,
+            world.cluster.blob_store(),
+            world.cluster.coordinator_address,
+            world.cluster.app_transport,
+        ) as doctor:
+            while not killed.is_set():
+                try:
+                    assert doctor.read_record(world.lab.record_id) == demo.lab_result()
+                except Exception as e:  # the threshold of the other two nodes still answers
+                    errors.append(e)
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    threads.append(threading.Thread(target=read_through_the_coordinator))
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    world.cluster.stop_node(node, kill=True)  # SIGKILL, mid-append for some requests
+    killed.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(receipts) > 20 and not errors, errors
+
+    world.cluster.start_node(node)
+    now = world.checkpoint(node)
+    assert now.tree_size > max(r.leaf_index for r in receipts)
+    with world.channel(node) as channel:
+        audit = AuditStub(channel)
+        for receipt in receipts:
+            proof = audit.GetInclusionProof(
+                audit_pb2.InclusionProofRequest(
+                    leaf_index=receipt.leaf_index, tree_size=now.tree_size
+                ),
+                timeout=5,
+            )
+            assert verify_receipt_inclusion(receipt, now, list(proof.hashes))
+    wait_anchored(world.registry, node, now.tree_size)
+    assert metric(world.cluster, node, "kms_node_audit_log_diverges_from_anchor") == 0
+
+    held = tmp_path / "receipts.json"
+    held.write_text(json.dumps([receipt_to_json(r) for r in receipts]))
+    ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node, "--receipts", str(held))
+    assert ran.code == 0, ran.out + ran.err
+
+
+_FORGE = """
+import json, sys
+from pathlib import Path
+from medkms.core.audit import AuditEntry
+from medkms.node.audit_log import AuditLog
+from medkms.node.hsm import Pkcs11KeyStore
+from medkms.node.settings import NodeSettings
+
+settings = NodeSettings.from_toml(Path(sys.argv[1]))
+fields = json.loads(sys.argv[2])
+for name in ("record_id", "capsule_hash", "block_hash", "cfrag_hash"):
+    fields[name] = bytes.fromhex(fields[name])
+keys = Pkcs11KeyStore.open(
+    settings.hsm_module, settings.hsm_token_label, settings.user_pin(),
+    softhsm_conf=settings.softhsm_conf,
+)
+log = AuditLog(settings.audit_db, keys, settings.node_id)
+print(log.append(AuditEntry(**fields)).leaf_index)
+log.close()
+keys.close()
+"""
+
+
+def test_an_entry_granted_after_the_revocation_is_flagged(world: World, run_kmsctl: Kmsctl) -> None:
+    """The node's operator appends a 'granted' entry with the node's own HSM key, dated at
+    a block where the patient had already revoked the grant. Signatures, proofs and anchors
+    all hold; the grant state at that block does not. (Last in the module: left as is.)"""
+    node = "node-3"
+    world.read_at(node, 2)
+    block = world.patient.revoke(world.doctor.address)
+    world.patient.await_nodes(block)
+    forged = {
+        "request_id": "forged-after-revocation",
+        "node_id": node,
+        "time": int(time.time()),
+        "requester": world.doctor.address,
+        "patient": world.patient.identity.address,
+        "record_id": world.lab.record_id.hex(),
+        "capsule_hash": world.lab.capsule_hash.hex(),
+        "purpose_of_use": "TREAT",
+        "decision": "granted",
+        "reason_code": "granted",
+        "reason": "grant is active and covers this record",
+        "block_number": block,
+        "block_hash": world.registry.block(block).hash.hex(),
+        "cfrag_hash": "ab" * 32,
+    }
+    world.cluster.stop_node(node)
+    appended = subprocess.run(
+        [sys.executable, "-c", _FORGE, world.cluster.node(node).config, json.dumps(forged)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert appended.returncode == 0, appended.stderr
+    index = int(appended.stdout)
+    world.cluster.start_node(node)
+
+    ran = run_kmsctl(world.cluster, "audit", "verify")
+    assert ran.code == 1
+    assert (
+        f"{node}: entry {index} (request forged-after-revocation): granted, but at block "
+        f"{block} the grant was already revoked"
+    ) in ran.err, ran.err
+    # Only that node, only that entry.
+    assert "node-1" not in ran.err and "node-2" not in ran.err
+
+
+# --- the session's cluster, after everything else -------------------------------------------
+
+
+@pytest.mark.runs_last
+def test_every_decision_of_the_session_verifies(
+    cluster: LocalCluster, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    """After the demo and every other test of the session: every node's whole log."""
+    ran = run_kmsctl(cluster, "audit", "verify")
+    assert ran.code == 0, ran.out + ran.err
+    document = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert all(node["anchors_checked"] >= 1 for node in document["nodes"])
+    assert sum(node["granted"] for node in document["nodes"]) > 100
