@@ -212,7 +212,8 @@ def summary_lines(report: ClusterReport) -> list[str]:
         else:
             log_wide = sum(1 for p in node.problems if p.leaf_index is None)
             verdict = (
-                f"FAILED ({node.failed_entries} entries, {log_wide} log-wide problems); "
+                f"FAILED ({_count(node.failed_entries, 'entry', 'entries')}, "
+                f"{_count(log_wide, 'log-wide problem', 'log-wide problems')}); "
                 f"first: {node.describe(first)}"
             )
         lines.append(f"  {node.node_id:<{width}}  {counts}  {verdict}")
@@ -220,6 +221,10 @@ def summary_lines(report: ClusterReport) -> list[str]:
         lines += [f"  warning {node.node_id}: {w}" for w in node.warnings]
     lines.append("audit passed" if report.ok else "audit FAILED")
     return lines
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def failures(report: ClusterReport) -> str:

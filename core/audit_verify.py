@@ -538,32 +538,52 @@ class _Audit:
         self.anchors_checked = len(verified)
         roots = self._prefix_roots({a.tree_size for a, _ in verified if a.tree_size <= size})
         matched, named = 0, False
+        beyond: list[CheckpointAnchor] = []
+        differ: list[CheckpointAnchor] = []
+        inconsistent: list[str] = []
         previous: tuple[CheckpointAnchor, Checkpoint] | None = None
         for anchor, anchored in verified:
             where = f"the checkpoint of {anchor.tree_size} entries anchored in block {anchor.block}"
             if anchor.tree_size > size:
-                self.fail(
-                    Check.ANCHOR,
-                    f"missing: the log has {size} entries but {where} covers "
-                    f"{anchor.tree_size}: the log was truncated",
-                    size,
-                )
+                beyond.append(anchor)
                 if not named:
                     named = self._name_rewrite(anchor, matched, size, fallback=False)
             elif anchor.tree_size in roots and roots[anchor.tree_size] != anchor.root_hash:
-                self.fail(Check.ANCHOR, f"the first {anchor.tree_size} entries differ from {where}")
+                differ.append(anchor)
                 if not named:
                     named = self._name_rewrite(anchor, matched, anchor.tree_size)
             elif anchor.tree_size in roots:
                 matched = anchor.tree_size
                 self._check_times(anchor, where)
             if previous is not None and anchor.tree_size <= size:
-                self._check_consistency(previous[1], anchored, f"{where} and the one before")
+                inconsistent += self._consistency(
+                    previous[1], anchored, f"{where} and the one before"
+                )
             previous = anchor, anchored
         if previous is not None and signed and previous[0].tree_size <= size:
-            self._check_consistency(
+            inconsistent += self._consistency(
                 previous[1], checkpoint, "the last anchor and the node's current checkpoint"
             )
+        # Once the log leaves the anchored history, every later anchor shows it again: one
+        # problem each, naming the first.
+        if beyond:
+            first = beyond[0]
+            self.fail(
+                Check.ANCHOR,
+                f"missing: the log has {size} entries but the checkpoint anchored in block "
+                f"{first.block} covers {first.tree_size}{_more(len(beyond) - 1, 'anchor')}: "
+                "the log was truncated",
+                size,
+            )
+        if differ:
+            first = differ[0]
+            self.fail(
+                Check.ANCHOR,
+                f"the first {first.tree_size} entries differ from the checkpoint anchored in "
+                f"block {first.block}{_more(len(differ) - 1, 'anchor')}",
+            )
+        if inconsistent:
+            self.fail(Check.ANCHOR, inconsistent[0] + _more(len(inconsistent) - 1, "pair"))
         if previous is not None and previous[0].tree_size < size:
             self.warnings.append(
                 f"entries {previous[0].tree_size} to {size - 1} are not anchored yet"
@@ -611,18 +631,18 @@ class _Audit:
                 "went backwards"
             )
 
-    def _check_consistency(self, old: Checkpoint, new: Checkpoint, what: str) -> None:
+    def _consistency(self, old: Checkpoint, new: Checkpoint, what: str) -> list[str]:
+        """What is wrong with the node's consistency proof between two checkpoints."""
         try:
             proof = self.log.consistency_proof(old.tree_size, new.tree_size)
         except KmsError as e:
-            self.fail(Check.ANCHOR, f"the node cannot prove {what} consistent: {e.message}")
-            return
+            return [f"the node cannot prove {what} consistent: {e.message}"]
         if not verify_checkpoint_consistency(old, new, proof):
-            self.fail(
-                Check.ANCHOR,
+            return [
                 f"the node's tree is not consistent between {what} "
-                f"({old.tree_size} and {new.tree_size} entries; RFC 9162 2.1.4)",
-            )
+                f"({old.tree_size} and {new.tree_size} entries; RFC 9162 2.1.4)"
+            ]
+        return []
 
     # 7. -----------------------------------------------------------------------------------
 
@@ -721,6 +741,10 @@ class _Audit:
             problems=tuple(self.problems),
             warnings=tuple(warnings),
         )
+
+
+def _more(count: int, what: str) -> str:
+    return f" (and {count} later {what}{'s' if count > 1 else ''})" if count else ""
 
 
 def _expiry(state: AccessState) -> int | None:
