@@ -143,11 +143,12 @@ class SharedReplayGuard:
         self._latest_now: float = float("-inf")
         self._accepted = 0
         self._live = 0
+
+        def prepare(conn: sqlite3.Connection) -> None:
+            conn.execute(_SCHEMA)
+
         self._conn = open_durable(
-            path,
-            "replay memory",
-            lambda conn: conn.execute(_SCHEMA),
-            extra_pragmas=("synchronous = OFF",),
+            path, "replay memory", prepare, extra_pragmas=("synchronous = OFF",)
         )
 
     def __repr__(self) -> str:
