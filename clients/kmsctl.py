@@ -208,15 +208,20 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(f"deactivated in block {block}; in force at every node after {waited * 1000:.0f} ms")
 
 
-def cmd_provider_read(args: argparse.Namespace) -> None:
-    cluster = _cluster(args)
-    with ProviderClient(
-        cluster.identity(args.as_),
+def _provider(cluster: LocalCluster, name: str) -> ProviderClient:
+    """The SDK as the app of identity ``name``, reaching the coordinator over TLS."""
+    return ProviderClient(
+        cluster.identity(name),
         cluster.registry(),
         cluster.blob_store(),
         cluster.coordinator_address,
         cluster.app_transport,
-    ) as provider:
+    )
+
+
+def cmd_provider_read(args: argparse.Namespace) -> None:
+    cluster = _cluster(args)
+    with _provider(cluster, args.as_) as provider:
         plaintext = provider.read_record(_record_id(args.record_id), args.purpose)
     if args.out:
         args.out.write_bytes(plaintext)
@@ -227,13 +232,7 @@ def cmd_provider_read(args: argparse.Namespace) -> None:
 def cmd_emergency_open(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
     patient = cluster.identity(args.patient)
-    with ProviderClient(
-        cluster.identity(args.as_),
-        cluster.registry(),
-        cluster.blob_store(),
-        cluster.coordinator_address,
-        cluster.app_transport,
-    ) as responder:
+    with _provider(cluster, args.as_) as responder:
         block, expires_at = responder.open_emergency_access(patient.address, args.duration)
     print(
         f"emergency access to {patient.address} opened in block {block}, "
