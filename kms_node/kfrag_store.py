@@ -136,10 +136,17 @@ class KfragStore:
         on return."""
         self.put_many([item])
 
-    def put_many(self, items: list[StoredKfrag]) -> None:
-        """Store several kfrags in one transaction (all or none); durable on return."""
+    def put_many(self, items: list[StoredKfrag], *, replace_grant: bool = False) -> None:
+        """Store several kfrags in one transaction (all or none); durable on return.
+
+        With ``replace_grant``, the items (all for one patient and grantee) replace every
+        kfrag this node holds for that pair: an enrollment for a narrower grant leaves no
+        kfrag behind for a type the grant no longer covers."""
         for item in items:
             _check_item(item)
+        pairs = {(_key(i.patient, "patient"), _key(i.grantee, "grantee")) for i in items}
+        if replace_grant and len(pairs) != 1:
+            raise InvalidRequest("a replacement holds the kfrags of exactly one grant")
         rows = [
             (
                 _key(i.patient, "patient"),
@@ -159,6 +166,11 @@ class KfragStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    if replace_grant:
+                        conn.execute(
+                            "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?",
+                            next(iter(pairs)),
+                        )
                     conn.executemany(_PUT, rows)
                     conn.execute("COMMIT")
                 except BaseException:

@@ -193,7 +193,9 @@ class NodeService:
                 )
             )
             del clear
-        self._kfrags.put_many(items)
+        # The enrollment carries every type of the grant: it replaces what this node
+        # held for the pair, so a narrower grant leaves no kfrag for a dropped type.
+        self._kfrags.put_many(items, replace_grant=True)
         log.info(
             "kfrag_enrolled",
             patient=enrollment.patient,

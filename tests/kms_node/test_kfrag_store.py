@@ -259,3 +259,15 @@ def test_put_many_is_all_or_nothing(store: KfragStore) -> None:
     with pytest.raises(InvalidRequest):
         store.put_many([_item(), bad])
     assert store.count() == 0
+
+
+def test_a_grant_replacement_drops_the_types_it_no_longer_covers(store: KfragStore) -> None:
+    diagnosis = dataclasses.replace(_item(n=2), record_type=0)
+    store.put_many([_item(), diagnosis])
+    store.put(_item(grantee=OTHER_GRANTEE))
+    store.put_many([_item(n=3)], replace_grant=True)
+    assert store.get(PATIENT, GRANTEE, LAB) == _item(n=3)
+    assert store.get(PATIENT, GRANTEE, 0) is None
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) is not None  # another grant is untouched
+    with pytest.raises(InvalidRequest, match="exactly one grant"):
+        store.put_many([_item(), _item(grantee=OTHER_GRANTEE)], replace_grant=True)

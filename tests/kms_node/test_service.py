@@ -472,3 +472,26 @@ def test_emergency_kfrags_lie_dormant_until_a_window_opens(world: World) -> None
         [EmergencyOptInChanged(10, NOW, *key, world.bob.umbral_public_key(), 2, False)]
     )
     assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
+
+
+def test_enrolling_a_narrower_grant_shreds_the_dropped_types(world: World) -> None:
+    key = (world.alice.address, world.bob.address)
+    both = to_mask([RecordType.LAB_RESULT, RecordType.DIAGNOSIS])
+    world.registry.grants[key] = dataclasses.replace(
+        world.registry.grants[key], allowed_types_mask=both
+    )
+    world.node.enroll(
+        world.enrollment(
+            {
+                RecordType.LAB_RESULT: world.kfrag(),
+                RecordType.DIAGNOSIS: world.kfrag(record_type=RecordType.DIAGNOSIS),
+            }
+        )
+    )
+    assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
+    world.registry.grants[key] = dataclasses.replace(
+        world.registry.grants[key], allowed_types_mask=to_mask([RecordType.LAB_RESULT])
+    )
+    world.enroll(world.kfrag())
+    assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is None
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
