@@ -11,6 +11,7 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.clients.patient import PatientClient
 from medkms.clients.records import parse_envelope
 from medkms.clients.signed_requests import RequestSigner, sealed_enrollment
 from medkms.core.errors import AccessDenied, InvalidRequest
@@ -111,6 +112,34 @@ def test_a_record_of_another_type_is_refused_whatever_type_is_claimed(people: Pe
     )
     assert honest.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "grant does not cover record type diagnosis" in honest.details()
+    assert_still_serving(people)
+
+
+def test_another_patients_record_is_refused(people: People, coordinator: CoordinatorStub) -> None:
+    """The doctor holds Alice's grant and asks for Carol's record: named as Carol's (who
+    granted nothing) or passed off as Alice's, every node refuses."""
+    people.grant_doctor([LAB])
+    carol = PatientClient(
+        people.new_identity("carol"),
+        people.registry,
+        people.cluster.blob_store(),
+        coordinator,
+        people.cluster.transport,
+    )
+    carol.register()
+    theirs = carol.store_record(lab_result(), LAB)
+    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    capsule = capsule_of(people, theirs.storage_uri)
+    as_carols = node_refusal(
+        people, signer.single(carol.identity.address, theirs.record_id, LAB, capsule)
+    )
+    assert as_carols.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "patient has not granted access to this requester" in as_carols.details()
+    as_alices = node_refusal(
+        people, signer.single(people.patient.identity.address, theirs.record_id, LAB, capsule)
+    )
+    assert as_alices.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "record belongs to a different patient" in as_alices.details()
     assert_still_serving(people)
 
 
