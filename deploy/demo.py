@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from medkms.clients.patient import PatientClient
 from medkms.clients.provider import ProviderClient
@@ -149,7 +150,8 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         patient.await_nodes(block)
         if er.read_record(lab.record_id, "ETREAT") != document:
             raise DemoFailed("emergency read differs from the original")
-        say(f"   read under the emergency grant; it expires by itself at {expires_at}")
+        until = datetime.fromtimestamp(expires_at, UTC).strftime("%H:%M:%S UTC")
+        say(f"   read under the emergency grant; it expires by itself at {until} (chain time)")
     channel.close()
     say("demo finished: every step behaved as expected")
 
