@@ -645,11 +645,27 @@ def test_node_registry_requires_the_node_admin_role(
         ("signing_public_key", "not bytes"),
         ("delivery_public_key", b""),
         ("delivery_public_key", p256_point()[:32]),
-        ("delivery_public_key", b"\x04" + os.urandom(32)),
-        ("delivery_public_key", b"\x04" + os.urandom(64)),  # uncompressed P-256
+        ("delivery_public_key", b"\x04" + bytes(range(1, 33))),
+        ("delivery_public_key", b"\x04" + bytes(range(1, 65))),  # uncompressed P-256
         ("account", "0x1234"),
         ("account", ""),
         ("account", None),
+    ],
+    ids=[
+        "empty-node-id",
+        "long-node-id",
+        "empty-endpoint",
+        "long-endpoint",
+        "empty-signing-key",
+        "long-signing-key",
+        "text-signing-key",
+        "empty-delivery-key",
+        "short-delivery-key",
+        "bad-prefix-delivery-key",
+        "uncompressed-delivery-key",
+        "short-account",
+        "empty-account",
+        "no-account",
     ],
 )
 def test_bad_node_fields_are_refused_before_sending(

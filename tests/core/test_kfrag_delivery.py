@@ -181,13 +181,22 @@ def _bad_points() -> list[bytes]:
     uncompressed = load_delivery_public_key(public).public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    secp256k1 = (
-        ec.generate_private_key(ec.SECP256K1())
-        .public_key()
-        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
-    )
     candidates = [b"", public[:-1], public + b"\x00", bytes([0x04]) + public[1:], uncompressed]
-    return candidates + [_not_on_curve(), bytes(33)] + ([secp256k1] if _off_p256(secp256k1) else [])
+    return [*candidates, _not_on_curve(), bytes(33), _secp256k1_point_off_p256()]
+
+
+def _secp256k1_point_off_p256() -> bytes:
+    """A point of the other curve whose x is not on P-256 (the first small key that gives
+    one), so that the same cases are collected on every run."""
+    for k in range(1, 64):
+        point = (
+            ec.derive_private_key(k, ec.SECP256K1())
+            .public_key()
+            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+        )
+        if _off_p256(point):
+            return point
+    raise AssertionError("no small secp256k1 key gives a point off P-256")
 
 
 def _off_p256(point: bytes) -> bool:
