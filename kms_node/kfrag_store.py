@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,17 +137,22 @@ class KfragStore:
         on return."""
         self.put_many([item])
 
-    def put_many(self, items: list[StoredKfrag], *, replace_grant: bool = False) -> None:
+    def put_many(
+        self, items: list[StoredKfrag], *, retain_types: Collection[int] | None = None
+    ) -> None:
         """Store several kfrags in one transaction (all or none); durable on return.
 
-        With ``replace_grant``, the items (all for one patient and grantee) replace every
-        kfrag this node holds for that pair: an enrollment for a narrower grant leaves no
-        kfrag behind for a type the grant no longer covers."""
+        With ``retain_types``, the items must all be for one patient and grantee, and this
+        node's other kfrags for that pair whose record type is not in ``retain_types`` are
+        deleted in the same transaction: enrolling for a narrower grant leaves no kfrag
+        behind for a type nothing covers any more."""
         for item in items:
             _check_item(item)
         pairs = {(_key(i.patient, "patient"), _key(i.grantee, "grantee")) for i in items}
-        if replace_grant and len(pairs) != 1:
-            raise InvalidRequest("a replacement holds the kfrags of exactly one grant")
+        if retain_types is not None and len(pairs) != 1:
+            raise InvalidRequest("retain_types needs the kfrags of exactly one grant")
+        # The types to keep as a bitmask (record types are small: 0..5).
+        keep_mask = sum(1 << int(t) for t in set(retain_types or ()))
         rows = [
             (
                 _key(i.patient, "patient"),
@@ -166,10 +172,11 @@ class KfragStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    if replace_grant:
+                    if retain_types is not None:
                         conn.execute(
-                            "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?",
-                            next(iter(pairs)),
+                            "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?"
+                            " AND ((1 << record_type) & ?) = 0",
+                            (*next(iter(pairs)), keep_mask),
                         )
                     conn.executemany(_PUT, rows)
                     conn.execute("COMMIT")

@@ -193,9 +193,9 @@ class NodeService:
                 )
             )
             del clear
-        # The enrollment carries every type of the grant: it replaces what this node
-        # held for the pair, so a narrower grant leaves no kfrag for a dropped type.
-        self._kfrags.put_many(items, replace_grant=True)
+        # Kfrags for types that no grant or opt-in covers any more (a narrower re-grant)
+        # go in the same transaction.
+        self._kfrags.put_many(items, retain_types=allowed)
         log.info(
             "kfrag_enrolled",
             patient=enrollment.patient,
@@ -209,21 +209,18 @@ class NodeService:
 
     def _enrollable_types(self, enrollment: Enrollment) -> frozenset[RecordType]:
         """The record types kfrags for this receiving key may be stored for: those of the
-        patient's active grant to the grantee, or of her standing emergency opt-in."""
+        patient's active grant to the grantee and of her standing emergency opt-in for
+        them (a responder may also hold an ordinary grant)."""
+        key = enrollment.receiving_key_bytes
+        mask = 0
         grant = self._registry.get_grant(enrollment.patient, enrollment.grantee)
-        if (
-            grant is not None
-            and grant.active
-            and grant.grantee_umbral_key == enrollment.receiving_key_bytes
-        ):
-            return from_mask(grant.allowed_types_mask)
+        if grant is not None and grant.active and grant.grantee_umbral_key == key:
+            mask |= grant.allowed_types_mask
         opt_in = self._registry.get_emergency_opt_in(enrollment.patient, enrollment.grantee)
-        if (
-            opt_in is not None
-            and opt_in.active
-            and opt_in.responder_umbral_key == enrollment.receiving_key_bytes
-        ):
-            return from_mask(opt_in.allowed_types_mask)
+        if opt_in is not None and opt_in.active and opt_in.responder_umbral_key == key:
+            mask |= opt_in.allowed_types_mask
+        if mask:
+            return from_mask(mask)
         raise PreconditionFailed(
             "no active grant or emergency opt-in from this patient to this grantee names this "
             "receiving key; write the grant first"

@@ -265,9 +265,12 @@ def test_a_grant_replacement_drops_the_types_it_no_longer_covers(store: KfragSto
     diagnosis = dataclasses.replace(_item(n=2), record_type=0)
     store.put_many([_item(), diagnosis])
     store.put(_item(grantee=OTHER_GRANTEE))
-    store.put_many([_item(n=3)], replace_grant=True)
+    imaging = dataclasses.replace(_item(n=4), record_type=2)
+    store.put(imaging)
+    store.put_many([_item(n=3)], retain_types={LAB, 2})
     assert store.get(PATIENT, GRANTEE, LAB) == _item(n=3)
-    assert store.get(PATIENT, GRANTEE, 0) is None
+    assert store.get(PATIENT, GRANTEE, 0) is None  # no longer covered: shredded
+    assert store.get(PATIENT, GRANTEE, 2) == imaging  # still covered: kept
     assert store.get(PATIENT, OTHER_GRANTEE, LAB) is not None  # another grant is untouched
     with pytest.raises(InvalidRequest, match="exactly one grant"):
-        store.put_many([_item(), _item(grantee=OTHER_GRANTEE)], replace_grant=True)
+        store.put_many([_item(), _item(grantee=OTHER_GRANTEE)], retain_types={LAB})

@@ -495,3 +495,18 @@ def test_enrolling_a_narrower_grant_shreds_the_dropped_types(world: World) -> No
     world.enroll(world.kfrag())
     assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is None
     assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
+
+
+def test_a_responder_with_an_ordinary_grant_keeps_both_sets_of_kfrags(world: World) -> None:
+    key = (world.alice.address, world.bob.address)
+    world.registry.opt_ins[key] = EmergencyOptIn(
+        world.alice.address,
+        world.bob.address,
+        world.bob.umbral_public_key(),
+        to_mask([RecordType.DIAGNOSIS]),
+        True,
+    )
+    world.enroll(world.kfrag())  # the ordinary lab-result grant
+    world.enroll(world.kfrag(record_type=RecordType.DIAGNOSIS), RecordType.DIAGNOSIS)
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
+    assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
