@@ -366,6 +366,9 @@ def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
         "tree_size": receipt.tree_size,
         "entry_hash": receipt.entry_hash.hex(),
         "signature": receipt.signature.hex(),
+        "batch_start": receipt.batch_start,
+        "batch_size": receipt.batch_size,
+        "batch_path": [node.hex() for node in receipt.batch_path],
     }
 
 
@@ -382,6 +385,9 @@ def load_receipts(path: Path) -> list[Receipt]:
                 tree_size=int(item["tree_size"]),
                 entry_hash=bytes.fromhex(item["entry_hash"]),
                 signature=bytes.fromhex(item["signature"]),
+                batch_start=(None if item.get("batch_start") is None else int(item["batch_start"])),
+                batch_size=int(item.get("batch_size", 1)),
+                batch_path=tuple(bytes.fromhex(h) for h in item.get("batch_path", [])),
             )
             for item in items
         ]

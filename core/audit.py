@@ -21,7 +21,7 @@ import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +37,9 @@ from medkms.core.errors import IntegrityError, InvalidRequest
 
 ENTRY_VERSION: Final = 1
 RECEIPT_DOMAIN: Final = b"medkms/receipt/v1\x00"
+BATCH_RECEIPT_DOMAIN: Final = b"medkms/batch-receipt/v1\x00"
+#: most entries one batch receipt covers (a request's batch is at most 64 capsules)
+MAX_RECEIPT_BATCH: Final = 1024
 CHECKPOINT_DOMAIN: Final = b"medkms/checkpoint/v1\x00"
 
 GRANTED: Final = "granted"
@@ -213,9 +216,28 @@ def _node_id_field(node_id: str) -> bytes:
     return struct.pack(">H", len(encoded)) + encoded
 
 
+class ReceiptFields(Protocol):
+    node_id: str
+    leaf_index: int
+    tree_size: int
+    entry_hash: bytes
+    signature: bytes
+    batch_start: int
+    batch_size: int
+
+    @property
+    def batch_path(self) -> Sequence[bytes]: ...
+
+
 @dataclass(frozen=True)
 class Receipt:
-    """The node's signed statement that an entry is leaf ``leaf_index`` of its log."""
+    """The node's signed statement that an entry is leaf ``leaf_index`` of its log.
+
+    A batch of entries appended together shares one signature: the node signs the
+    RFC 9162 root of the batch's leaf hashes (leaves ``batch_start`` to
+    ``batch_start + batch_size - 1``), and each receipt carries its entry's audit path
+    in that small tree. A lone entry (``batch_size`` 1) is signed directly.
+    """
 
     node_id: str
     leaf_index: int
@@ -224,6 +246,11 @@ class Receipt:
     #: the entry's leaf hash
     entry_hash: bytes
     signature: bytes = field(default=b"", repr=False)
+    #: first leaf of the batch this entry was appended with (``leaf_index`` if alone)
+    batch_start: int | None = None
+    batch_size: int = 1
+    #: the entry's audit path in the batch's tree (empty if alone)
+    batch_path: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
@@ -234,15 +261,60 @@ class Receipt:
         _check_hash(self.entry_hash, "entry_hash")
         if not isinstance(self.signature, bytes):
             raise InvalidRequest("signature must be bytes")
+        object.__setattr__(self, "batch_path", tuple(self.batch_path))
+        _check_uint(self.batch_size, "batch_size")
+        if not 1 <= self.batch_size <= MAX_RECEIPT_BATCH:
+            raise InvalidRequest(f"batch_size must be 1 to {MAX_RECEIPT_BATCH}")
+        start = self._start
+        _check_uint(start, "batch_start")
+        if not start <= self.leaf_index < start + self.batch_size <= self.tree_size:
+            raise InvalidRequest("the batch must hold leaf_index and lie within tree_size")
+        for i, node in enumerate(self.batch_path):
+            _check_hash(node, f"batch_path[{i}]")
+
+    @classmethod
+    def from_fields(cls, msg: ReceiptFields) -> Receipt:
+        """From anything with the receipt's fields (the gRPC ``AuditReceipt``)."""
+        return cls(
+            node_id=msg.node_id,
+            leaf_index=int(msg.leaf_index),
+            tree_size=int(msg.tree_size),
+            entry_hash=bytes(msg.entry_hash),
+            signature=bytes(msg.signature),
+            batch_start=int(msg.batch_start) if msg.batch_size > 1 else None,
+            batch_size=max(1, int(msg.batch_size)),
+            batch_path=tuple(bytes(p) for p in msg.batch_path),
+        )
+
+    @property
+    def _start(self) -> int:
+        return self.leaf_index if self.batch_start is None else self.batch_start
+
+    def batch_root(self) -> bytes | None:
+        """The root of the batch's tree that this entry's path implies (None if the path
+        does not fit the batch)."""
+        return merkle.root_from_inclusion_proof(
+            self.entry_hash, self.leaf_index - self._start, self.batch_size, self.batch_path
+        )
 
     def canonical_bytes(self) -> bytes:
-        """What is signed: domain || u16 len || node_id || u64 leaf_index || u64 tree_size ||
-        entry_hash (integers big-endian)."""
+        """What is signed. Alone: domain || u16 len || node_id || u64 leaf_index ||
+        u64 tree_size || entry_hash. In a batch: batch domain || u16 len || node_id ||
+        u64 batch_start || u64 batch_size || u64 tree_size || batch root (integers
+        big-endian). A path that does not fit the batch yields bytes no node signs."""
+        if self.batch_size == 1:
+            return (
+                RECEIPT_DOMAIN
+                + _node_id_field(self.node_id)
+                + struct.pack(">QQ", self.leaf_index, self.tree_size)
+                + self.entry_hash
+            )
+        root = self.batch_root()
         return (
-            RECEIPT_DOMAIN
+            BATCH_RECEIPT_DOMAIN
             + _node_id_field(self.node_id)
-            + struct.pack(">QQ", self.leaf_index, self.tree_size)
-            + self.entry_hash
+            + struct.pack(">QQQ", self._start, self.batch_size, self.tree_size)
+            + (root if root is not None else b"")
         )
 
 
@@ -295,7 +367,10 @@ def _verify_signature(message: bytes, signature: bytes, public_key_der: bytes) -
 
 
 def verify_receipt(receipt: Receipt, public_key_der: bytes) -> bool:
-    """Whether the receipt was signed by the node key ``public_key_der`` (DER SPKI)."""
+    """Whether the receipt was signed by the node key ``public_key_der`` (DER SPKI); for
+    a batch receipt, also whether its path leads to the signed batch root."""
+    if receipt.batch_size > 1 and receipt.batch_root() is None:
+        return False
     return _verify_signature(receipt.canonical_bytes(), receipt.signature, public_key_der)
 
 

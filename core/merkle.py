@@ -250,6 +250,27 @@ def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     ]
 
 
+def inclusion_proofs(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """The audit path of every leaf of a small in-memory tree (e.g. one batch), computing
+    each subtree root once: O(n log n) hashes instead of O(n^2) for ``inclusion_proof``
+    leaf by leaf."""
+    roots: dict[tuple[int, int], bytes] = {}
+
+    def subtree(start: int, end: int) -> bytes:
+        found = roots.get((start, end))
+        if found is None:
+            if end - start == 1:
+                found = leaf_hashes[start]
+            else:
+                k = _split(end - start)
+                found = node_hash(subtree(start, start + k), subtree(start + k, end))
+            roots[(start, end)] = found
+        return found
+
+    n = len(leaf_hashes)
+    return [[subtree(start, end) for start, end in inclusion_proof_ranges(i, n)] for i in range(n)]
+
+
 def root_from_inclusion_proof(
     leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes]
 ) -> bytes | None:

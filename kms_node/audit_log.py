@@ -215,7 +215,8 @@ class AuditLog:
 
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
         """Append several entries in one transaction (one fsync: group commit for a
-        batch request); each gets its own receipt. All or nothing, as ``append``."""
+        batch request) under one signature; each gets its own receipt. All or nothing,
+        as ``append``."""
         if not entries:
             return []
         prepared = []
@@ -228,6 +229,11 @@ class AuditLog:
                 )
             data = entry.canonical_bytes()
             prepared.append((data, merkle.leaf_hash(data)))
+        leaves = [leaf for _, leaf in prepared]
+        # One signature per append: a lone entry's receipt is signed directly; a batch's
+        # receipts share a signature over the root of the batch's leaves, each with its
+        # path (core/audit.py Receipt).
+        paths = merkle.inclusion_proofs(leaves) if len(leaves) > 1 else [[]]
         receipts: list[Receipt] = []
         with self._lock:
             conn = self._connection()
@@ -235,17 +241,9 @@ class AuditLog:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     tree = _read_tree(conn)
+                    start = tree.size
                     for data, leaf in prepared:
                         new_tree, nodes = tree.append_with_nodes(leaf)
-                        unsigned = Receipt(
-                            node_id=self._node_id,
-                            leaf_index=tree.size,
-                            tree_size=new_tree.size,
-                            entry_hash=leaf,
-                        )
-                        # Signed before the commit: if the key store fails, nothing is
-                        # written.
-                        signature = self._keystore.sign(unsigned.canonical_bytes())
                         conn.execute(
                             "INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)",
                             (tree.size, data, leaf),
@@ -254,8 +252,22 @@ class AuditLog:
                             "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)",
                             [(n.level, n.index, n.hash) for n in nodes[1:]],
                         )
-                        receipts.append(dataclasses.replace(unsigned, signature=signature))
                         tree = new_tree
+                    unsigned = [
+                        Receipt(
+                            node_id=self._node_id,
+                            leaf_index=start + i,
+                            tree_size=tree.size,
+                            entry_hash=leaf,
+                            batch_start=start if len(leaves) > 1 else None,
+                            batch_size=len(leaves),
+                            batch_path=tuple(path),
+                        )
+                        for i, (leaf, path) in enumerate(zip(leaves, paths, strict=True))
+                    ]
+                    # Signed before the commit: if the key store fails, nothing is written.
+                    signature = self._keystore.sign(unsigned[0].canonical_bytes())
+                    receipts = [dataclasses.replace(r, signature=signature) for r in unsigned]
                     conn.execute(
                         "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1",
                         (tree.size, tree.to_bytes()),

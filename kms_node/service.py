@@ -470,4 +470,7 @@ def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:
         tree_size=receipt.tree_size,
         entry_hash=receipt.entry_hash,
         signature=receipt.signature,
+        batch_start=receipt.batch_start or 0,
+        batch_size=receipt.batch_size,
+        batch_path=list(receipt.batch_path),
     )

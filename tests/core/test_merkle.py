@@ -453,3 +453,11 @@ def test_trivial_consistency() -> None:
 def test_bad_indices_and_sizes_are_invalid_requests(call: object, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         call()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])
+def test_all_inclusion_proofs_at_once_equal_the_proofs_one_by_one(size: int) -> None:
+    leaves = [merkle.leaf_hash(bytes([i])) for i in range(size)]
+    assert merkle.inclusion_proofs(leaves) == [
+        merkle.inclusion_proof(i, leaves) for i in range(size)
+    ]

@@ -49,7 +49,7 @@ def test_an_auditor_verifies_the_log_receipts_and_consistency(
         )
         fragment = NodeStub(channel).Reencrypt(capsule_request, timeout=5).fragment
         r = fragment.receipt
-        receipt = Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
+        receipt = Receipt.from_fields(r)
         after = checkpoint_of(audit)
 
         assert verify_checkpoint(before, key) and verify_checkpoint(after, key)

@@ -103,7 +103,7 @@ def metric(cluster: LocalCluster, node_id: str, name: str) -> float:
 
 
 def _receipt(r: common_pb2.AuditReceipt) -> Receipt:
-    return Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
+    return Receipt.from_fields(r)
 
 
 # --- the cluster of this module ------------------------------------------------------------

@@ -177,6 +177,16 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
         assert len(response.outcomes) == 64
         assert response.outcomes[0].fragment.cfrag and not response.outcomes[0].status
         assert {o.status for o in response.outcomes[1:]} == {"NOT_FOUND"}
+        # Every decision is audited; the batch's receipts share one HSM signature and
+        # each verifies, with its path, against the node's key registered on-chain.
+        key = next(
+            n.signing_public_key
+            for n in people.registry.list_nodes()
+            if n.node_id == cluster.nodes[0].node_id
+        )
+        receipts = [Receipt.from_fields(o.receipt) for o in response.outcomes]
+        assert len({r.signature for r in receipts}) == 1
+        assert all(verify_receipt(r, key) for r in receipts)
         refs.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, record_type=lab, capsule=capsule))
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
@@ -208,7 +218,7 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
     assert len(response.fragments) == cluster.threshold
     for fragment in response.fragments:
         r = fragment.receipt
-        receipt = Receipt(r.node_id, r.leaf_index, r.tree_size, r.entry_hash, r.signature)
+        receipt = Receipt.from_fields(r)
         assert receipt.node_id == fragment.node_id
         assert verify_receipt(receipt, keys[fragment.node_id])
 

@@ -618,3 +618,27 @@ def test_checkpoint_and_receipt_signed_in_softhsm(
     assert verify_checkpoint(checkpoint, key)
     assert all(verify_receipt(r, key) for r in receipts)
     assert not verify_checkpoint(dataclasses.replace(checkpoint, tree_size=8), key)
+
+
+def test_a_batch_shares_one_signature_and_each_receipt_verifies(
+    log: AuditLog, keys: MemoryKeyStore
+) -> None:
+    fill(log, 3)
+    key = keys.signing_public_key()
+    receipts = log.append_many([make_entry(n) for n in range(3, 10)])
+    assert len({r.signature for r in receipts}) == 1
+    assert [r.leaf_index for r in receipts] == list(range(3, 10))
+    assert {(r.batch_start, r.batch_size, r.tree_size) for r in receipts} == {(3, 7, 10)}
+    assert all(verify_receipt(r, key) for r in receipts)
+    # Each still proves its own entry, at its own index, in the later checkpoint.
+    checkpoint = log.checkpoint()
+    for r in receipts:
+        proof = log.inclusion_proof(r.leaf_index, checkpoint.tree_size)
+        assert verify_receipt_inclusion(r, checkpoint, proof)
+    # Another entry's hash, another index or another path does not verify.
+    r = receipts[2]
+    assert not verify_receipt(dataclasses.replace(r, entry_hash=receipts[3].entry_hash), key)
+    assert not verify_receipt(dataclasses.replace(r, leaf_index=r.leaf_index + 1), key)
+    assert not verify_receipt(dataclasses.replace(r, batch_path=receipts[3].batch_path), key)
+    assert not verify_receipt(dataclasses.replace(r, batch_path=r.batch_path[:-1]), key)
+    assert not verify_receipt(dataclasses.replace(r, batch_size=6), key)

@@ -43,18 +43,24 @@ class CapsuleFragment(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., cfrag: _Optional[bytes] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ...) -> None: ...
 
 class AuditReceipt(_message.Message):
-    __slots__ = ("node_id", "leaf_index", "tree_size", "entry_hash", "signature")
+    __slots__ = ("node_id", "leaf_index", "tree_size", "entry_hash", "signature", "batch_start", "batch_size", "batch_path")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENTRY_HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_START_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PATH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     leaf_index: int
     tree_size: int
     entry_hash: bytes
     signature: bytes
-    def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    batch_start: int
+    batch_size: int
+    batch_path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., batch_start: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CapsuleRef(_message.Message):
     __slots__ = ("record_id", "capsule", "record_type")
