@@ -83,6 +83,11 @@ def test_every_nodes_anchors_verify_against_its_key_and_its_log(
                 assert verify_checkpoint_consistency(old, new, list(proof.hashes))
 
         assert metric(cluster, node.node_id, "kms_node_audit_log_diverges_from_anchor") == 0
-        assert metric(cluster, node.node_id, "kms_node_audit_anchored_tree_size") >= (
+        # The node sets its gauge once it has the transaction's receipt, a poll after the
+        # block that the registry read above already saw.
+        deadline = time.monotonic() + ANCHOR_WAIT_S
+        while metric(cluster, node.node_id, "kms_node_audit_anchored_tree_size") < (
             served.tree_size
-        )
+        ):
+            assert time.monotonic() < deadline, f"{node.node_id} never reported its anchor"
+            time.sleep(0.1)
