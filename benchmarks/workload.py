@@ -37,7 +37,6 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import PatientInfo
-from medkms.core.request_auth import Domain
 from medkms.core.umbral_codec import (
     VerificationError,
     load_cfrag,
@@ -82,7 +81,7 @@ class RequestSigner:
         self._signer = SdkSigner(
             identity.account,
             identity.umbral_public_key(),
-            Domain(registry.chain_id(), registry.address),
+            registry.signing_domain(),
         )
 
     def single(self, capsule: Capsule) -> common_pb2.ReencryptionRequest:

@@ -27,7 +27,6 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core.errors import InvalidRequest, NotFound, Unavailable
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import NodeInfo
-from medkms.core.request_auth import Domain
 from medkms.core.umbral_codec import capsule_hash as hash_capsule
 from medkms.core.umbral_codec import load_public_key
 from medkms.proto import rpc
@@ -76,7 +75,6 @@ class PatientClient:
         self._blobs = blobs
         self._coordinator = coordinator
         self._transport = transport
-        self._domain: Domain | None = None
 
     def register(self) -> None:
         """Register the patient's per-record-type Umbral keys and kfrag-verifying key, once."""
@@ -205,7 +203,7 @@ class PatientClient:
             for shares, kfrag in zip(per_node, kfrags, strict=True):
                 shares[record_type] = bytes(kfrag)
             del kfrags
-        domain = self._signing_domain()
+        domain = self._registry.signing_domain()
         request = coordinator_pb2.RelayEnrollmentsRequest(
             enrollments=[
                 sealed_enrollment(
@@ -236,11 +234,6 @@ class PatientClient:
                 f"accepted kfrags ({details}); enroll again once the nodes are back"
             )
         return enrolled, failed
-
-    def _signing_domain(self) -> Domain:
-        if self._domain is None:
-            self._domain = Domain(self._registry.chain_id(), self._registry.address)
-        return self._domain
 
     def revoke(self, grantee: str) -> int:
         """Revoke the grant on-chain; return the block it was mined in."""

@@ -30,7 +30,6 @@ from medkms.core.errors import (
     error_for_status,
 )
 from medkms.core.registry_types import PatientInfo, RecordInfo
-from medkms.core.request_auth import Domain
 from medkms.core.requests import MAX_BATCH, parse_purpose
 from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
 from medkms.proto import rpc
@@ -77,7 +76,7 @@ class ProviderClient:
         self._signer = RequestSigner(
             identity.account,
             identity.umbral_public_key(),
-            Domain(registry.chain_id(), registry.address),
+            registry.signing_domain(),
         )
         self._records: dict[bytes, RecordInfo] = {}
         self._patients: dict[str, PatientInfo] = {}

@@ -62,6 +62,7 @@ from medkms.core.registry_types import (
     RecordInfo,
     RegistryEvent,
 )
+from medkms.core.request_auth import Domain
 
 # The value types live in core (the policy judges them without importing web3); re-exported
 # here because this adapter is what produces them.
@@ -360,6 +361,11 @@ class RegistryClient:
     def chain_id(self) -> int:
         with self._chain.translate("chain_id"):
             return int(self._chain.w3.eth.chain_id)
+
+    def signing_domain(self) -> Domain:
+        """The EIP-712 domain of requests and enrollments judged against this registry:
+        signatures are valid for this contract on this chain only."""
+        return Domain(self.chain_id(), self.address)
 
     def latest_block(self) -> tuple[int, int]:
         """(number, timestamp) of the latest block."""

@@ -12,6 +12,7 @@ import pytest
 from medkms.clients.identity import Identity
 from medkms.clients.patient import PatientClient, StoredRecord
 from medkms.clients.provider import ProviderClient
+from medkms.clients.signed_requests import RequestSigner
 from medkms.contracts.registry import RegistryClient
 from medkms.core.record_types import RecordType
 from medkms.deploy.anvil import set_balance
@@ -81,6 +82,12 @@ class People:
             types or [RecordType.LAB_RESULT],
             duration_s=duration_s,
             threshold=self.cluster.threshold,
+        )
+
+    def doctor_signer(self) -> RequestSigner:
+        """Signs requests as the test's doctor, the way the SDK does."""
+        return RequestSigner(
+            self.doctor.account, self.doctor.umbral_public_key(), self.registry.signing_domain()
         )
 
     def provider(self, identity: Identity | None = None) -> ProviderClient:

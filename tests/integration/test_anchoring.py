@@ -18,7 +18,6 @@ from medkms.proto.kms.v1 import audit_pb2
 from medkms.proto.stubs import AuditStub, NodeStub
 from tests.integration.conftest import People
 from tests.integration.test_audit_service import checkpoint_of
-from tests.integration.test_end_to_end import signer
 
 pytestmark = pytest.mark.cluster
 
@@ -44,7 +43,7 @@ def test_every_nodes_anchors_verify_against_its_key_and_its_log(
     # A decision at every node for sure (the coordinator asks only a threshold of them).
     capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
     for node in cluster.nodes:
-        request = signer(people).single(
+        request = people.doctor_signer().single(
             people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
         )
         with cluster.transport.channel(node.address) as channel:

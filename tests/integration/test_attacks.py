@@ -13,11 +13,10 @@ import umbral_pre as umbral
 from medkms.clients.identity import Identity
 from medkms.clients.patient import PatientClient
 from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner, sealed_enrollment
+from medkms.clients.signed_requests import sealed_enrollment
 from medkms.core.errors import AccessDenied, InvalidRequest
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import EmergencyAccessOpened, NodeInfo
-from medkms.core.request_auth import Domain
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
@@ -37,10 +36,6 @@ def assert_still_serving(people: People) -> None:
 
 def capsule_of(people: People, storage_uri: str) -> bytes:
     return bytes(parse_envelope(people.cluster.blob_store().get(storage_uri)).capsule)
-
-
-def domain(people: People) -> Domain:
-    return Domain(people.registry.chain_id(), people.registry.address)
 
 
 def node_refusal(people: People, request: common_pb2.ReencryptionRequest) -> grpc.RpcError:
@@ -84,7 +79,7 @@ def enrollment_refusal(
 def test_a_capsule_swapped_in_from_another_record_is_refused(people: People) -> None:
     people.grant_doctor([LAB])
     other = people.patient.store_record(lab_result(), LAB)
-    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    signer = people.doctor_signer()
     request = signer.single(
         people.patient.identity.address,
         people.lab.record_id,
@@ -99,7 +94,7 @@ def test_a_capsule_swapped_in_from_another_record_is_refused(people: People) -> 
 
 def test_a_record_of_another_type_is_refused_whatever_type_is_claimed(people: People) -> None:
     people.grant_doctor([LAB])
-    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    signer = people.doctor_signer()
     capsule = capsule_of(people, people.condition.storage_uri)
     patient = people.patient.identity.address
     claimed_lab = node_refusal(
@@ -128,7 +123,7 @@ def test_another_patients_record_is_refused(people: People, coordinator: Coordin
     )
     carol.register()
     theirs = carol.store_record(lab_result(), LAB)
-    signer = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain(people))
+    signer = people.doctor_signer()
     capsule = capsule_of(people, theirs.storage_uri)
     as_carols = node_refusal(
         people, signer.single(carol.identity.address, theirs.record_id, LAB, capsule)
@@ -157,7 +152,7 @@ def test_enrollment_by_someone_who_is_not_the_patient_is_refused(
     for node in nodes:
         request = sealed_enrollment(
             mallory.account,
-            domain(people),
+            people.registry.signing_domain(),
             node,
             people.doctor.address,
             doctor_key,
@@ -186,7 +181,7 @@ def test_a_kfrag_for_another_receiving_key_is_refused(people: People) -> None:
     # Said to be for the grant's key, made for Eve's: it does not verify.
     mislabelled = sealed_enrollment(
         alice.account,
-        domain(people),
+        people.registry.signing_domain(),
         node,
         people.doctor.address,
         doctor_key,
@@ -198,7 +193,7 @@ def test_a_kfrag_for_another_receiving_key_is_refused(people: People) -> None:
     # Honestly labelled for Eve's key: no grant or opt-in names it.
     for_eve = sealed_enrollment(
         alice.account,
-        domain(people),
+        people.registry.signing_domain(),
         node,
         people.doctor.address,
         eve_key,
@@ -217,7 +212,7 @@ def test_a_kfrag_sealed_to_another_node_does_not_open(people: People) -> None:
     elsewhere = registered_node(people, 1)
     request = sealed_enrollment(
         alice.account,
-        domain(people),
+        people.registry.signing_domain(),
         elsewhere,
         people.doctor.address,
         doctor_key,

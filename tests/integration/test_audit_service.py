@@ -21,7 +21,6 @@ from medkms.deploy.local_cluster import LocalCluster
 from medkms.proto.kms.v1 import audit_pb2
 from medkms.proto.stubs import AuditStub, NodeStub
 from tests.integration.conftest import People
-from tests.integration.test_end_to_end import signer
 
 pytestmark = pytest.mark.cluster
 
@@ -44,7 +43,7 @@ def test_an_auditor_verifies_the_log_receipts_and_consistency(
             assert doctor.read_record(people.lab.record_id) == lab_result()
         # A decision at this node for sure, with its receipt.
         capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
-        capsule_request = signer(people).single(
+        capsule_request = people.doctor_signer().single(
             people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
         )
         fragment = NodeStub(channel).Reencrypt(capsule_request, timeout=5).fragment

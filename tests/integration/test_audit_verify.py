@@ -36,7 +36,6 @@ from medkms.contracts.registry import RegistryClient
 from medkms.core import logs
 from medkms.core.audit import Checkpoint, Receipt, verify_receipt_inclusion
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import Domain
 from medkms.deploy import demo
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
@@ -122,7 +121,7 @@ class World:
     capsule: bytes
 
     def signer(self) -> RequestSigner:
-        domain = Domain(self.registry.chain_id(), self.registry.address)
+        domain = self.registry.signing_domain()
         return RequestSigner(self.doctor.account, self.doctor.umbral_public_key(), domain)
 
     def channel(self, node_id: str) -> grpc.Channel:
@@ -545,8 +544,7 @@ def test_every_decision_of_the_session_verifies(
     cluster = people.cluster
     people.grant_doctor()
     capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
-    domain = Domain(people.registry.chain_id(), people.registry.address)
-    doctor = RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain)
+    doctor = people.doctor_signer()
     for node in cluster.nodes:
         request = doctor.single(
             people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule

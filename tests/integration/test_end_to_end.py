@@ -10,12 +10,10 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner
 from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from medkms.core.audit import Receipt, verify_receipt
 from medkms.core.errors import AccessDenied, NotFound, Unavailable
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import Domain
 from medkms.deploy.anvil import increase_time
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import LocalCluster
@@ -170,7 +168,7 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
 
     def signed(refs: list[common_pb2.CapsuleRef]) -> common_pb2.ReencryptionBatchRequest:
         triples = [(r.record_id, RecordType(r.record_type), r.capsule) for r in refs]
-        return signer(people).batch(people.patient.identity.address, triples)
+        return people.doctor_signer().batch(people.patient.identity.address, triples)
 
     with cluster.transport.channel(cluster.nodes[0].address) as channel:
         response = NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
@@ -209,7 +207,7 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
 ) -> None:
     people.grant_doctor()
     capsule = parse_envelope(cluster.blob_store().get(people.lab.storage_uri)).capsule
-    request = signer(people).single(
+    request = people.doctor_signer().single(
         people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
     )
     keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
@@ -221,9 +219,3 @@ def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
         receipt = Receipt.from_fields(r)
         assert receipt.node_id == fragment.node_id
         assert verify_receipt(receipt, keys[fragment.node_id])
-
-
-def signer(people: People) -> RequestSigner:
-    """Signs as the test's doctor, the way the SDK does."""
-    domain = Domain(people.registry.chain_id(), people.registry.address)
-    return RequestSigner(people.doctor.account, people.doctor.umbral_public_key(), domain)

@@ -15,7 +15,6 @@ from medkms.clients.provider import ProviderClient
 from medkms.clients.records import parse_envelope
 from medkms.clients.signed_requests import RequestSigner
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import Domain
 from medkms.deploy import processes
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.demo import lab_result
@@ -96,9 +95,7 @@ def test_a_replay_is_refused_by_every_process_of_a_node(
     bob = multi.identity("doctor")
     registry = multi.registry()
     capsule = parse_envelope(multi.blob_store().get(record.storage_uri)).capsule
-    signer = RequestSigner(
-        bob.account, bob.umbral_public_key(), Domain(registry.chain_id(), registry.address)
-    )
+    signer = RequestSigner(bob.account, bob.umbral_public_key(), registry.signing_domain())
     request = signer.single(alice.address, record.record_id, RecordType.LAB_RESULT, capsule)
     node = multi.nodes[0]
     outcomes = []

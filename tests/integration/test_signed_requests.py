@@ -12,7 +12,7 @@ import pytest
 from medkms.clients.identity import Identity
 from medkms.clients.records import parse_envelope
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import Domain, RequestClaims, sign
+from medkms.core.request_auth import RequestClaims, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.deploy.demo import lab_result
@@ -41,7 +41,7 @@ def signed_request(
         deadline=deadline or int(time.time()) + 60,
         purpose_of_use="TREAT",
     )
-    domain = Domain(people.registry.chain_id(), people.registry.address)
+    domain = people.registry.signing_domain()
     return common_pb2.ReencryptionRequest(
         patient=address_bytes(people.patient.identity.address),
         record_id=people.lab.record_id,
