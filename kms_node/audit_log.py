@@ -293,12 +293,8 @@ class AuditLog:
             root=tree.root(),
             timestamp=int(self._clock()),
         )
-        return Checkpoint(
-            node_id=unsigned.node_id,
-            tree_size=unsigned.tree_size,
-            root=unsigned.root,
-            timestamp=unsigned.timestamp,
-            signature=self._keystore.sign(unsigned.canonical_bytes()),
+        return dataclasses.replace(
+            unsigned, signature=self._keystore.sign(unsigned.canonical_bytes())
         )
 
     # --- reading -----------------------------------------------------------------------
