@@ -49,6 +49,11 @@ INSERT OR REPLACE INTO kfrags
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
+# A pair's kfrags whose record type is not in a bitmask of types to keep (types are 0..5).
+_DELETE_OTHER_TYPES = """
+DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND ((1 << record_type) & ?) = 0
+"""
+
 _GET = """
 SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at
 FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
@@ -85,6 +90,10 @@ def _check_item(item: StoredKfrag) -> None:
         raise InvalidRequest("record_type must be an integer")
     if isinstance(item.created_at, bool) or not isinstance(item.created_at, int):
         raise InvalidRequest("created_at must be an integer (unix seconds)")
+
+
+def _type_mask(types: Collection[int]) -> int:
+    return sum(1 << int(t) for t in set(types))
 
 
 def _unavailable(e: sqlite3.Error) -> Unavailable:
@@ -151,8 +160,6 @@ class KfragStore:
         pairs = {(_key(i.patient, "patient"), _key(i.grantee, "grantee")) for i in items}
         if retain_types is not None and len(pairs) != 1:
             raise InvalidRequest("retain_types needs the kfrags of exactly one grant")
-        # The types to keep as a bitmask (record types are small: 0..5).
-        keep_mask = sum(1 << int(t) for t in set(retain_types or ()))
         rows = [
             (
                 _key(i.patient, "patient"),
@@ -174,9 +181,7 @@ class KfragStore:
                 try:
                     if retain_types is not None:
                         conn.execute(
-                            "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?"
-                            " AND ((1 << record_type) & ?) = 0",
-                            (*next(iter(pairs)), keep_mask),
+                            _DELETE_OTHER_TYPES, (*next(iter(pairs)), _type_mask(retain_types))
                         )
                     conn.executemany(_PUT, rows)
                     conn.execute("COMMIT")
@@ -196,14 +201,13 @@ class KfragStore:
                 raise _unavailable(e) from e
         return None if row is None else StoredKfrag(*row)
 
-    def delete(self, patient: str, grantee: str) -> bool:
-        """Remove every kfrag for (patient, grantee); False if there was none."""
-        keys = (_key(patient, "patient"), _key(grantee, "grantee"))
+    def delete(self, patient: str, grantee: str, *, keep_types: Collection[int] = ()) -> bool:
+        """Remove the kfrags for (patient, grantee), all of them or those whose record type
+        is not in ``keep_types``; False if there was none to remove."""
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"), _type_mask(keep_types))
         with self._lock:
             try:
-                cursor = self._connection().execute(
-                    "DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ?", keys
-                )
+                cursor = self._connection().execute(_DELETE_OTHER_TYPES, keys)
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
         return cursor.rowcount > 0

@@ -164,7 +164,14 @@ class NodeService:
         patient = self._registry.get_patient(enrollment.patient)
         if patient is None:
             raise PreconditionFailed("patient is not registered in the registry")
-        allowed = self._enrollable_types(enrollment)
+        allowed = self._covered_types(
+            enrollment.patient, enrollment.grantee, enrollment.receiving_key_bytes
+        )
+        if not allowed:
+            raise PreconditionFailed(
+                "no active grant or emergency opt-in from this patient to this grantee names "
+                "this receiving key; write the grant first"
+            )
         now = int(self._clock())
         items = []
         for sealed in enrollment.kfrags:
@@ -207,24 +214,23 @@ class NodeService:
             node_id=self.node_id, kfrag_sha256=[i.kfrag_sha256 for i in items]
         )
 
-    def _enrollable_types(self, enrollment: Enrollment) -> frozenset[RecordType]:
-        """The record types kfrags for this receiving key may be stored for: those of the
-        patient's active grant to the grantee and of her standing emergency opt-in for
-        them (a responder may also hold an ordinary grant)."""
-        key = enrollment.receiving_key_bytes
+    def _covered_types(
+        self, patient: str, grantee: str, receiving_key: bytes | None = None
+    ) -> frozenset[RecordType]:
+        """The record types this node may hold the grantee's kfrags for, by the chain now:
+        those of the patient's active grant to the grantee and of her standing emergency
+        opt-in for them (one account may hold both); with ``receiving_key``, only those
+        that name that key."""
         mask = 0
-        grant = self._registry.get_grant(enrollment.patient, enrollment.grantee)
-        if grant is not None and grant.active and grant.grantee_umbral_key == key:
-            mask |= grant.allowed_types_mask
-        opt_in = self._registry.get_emergency_opt_in(enrollment.patient, enrollment.grantee)
-        if opt_in is not None and opt_in.active and opt_in.responder_umbral_key == key:
-            mask |= opt_in.allowed_types_mask
-        if mask:
-            return from_mask(mask)
-        raise PreconditionFailed(
-            "no active grant or emergency opt-in from this patient to this grantee names this "
-            "receiving key; write the grant first"
-        )
+        grant = self._registry.get_grant(patient, grantee)
+        if grant is not None and grant.active:
+            if receiving_key is None or grant.grantee_umbral_key == receiving_key:
+                mask |= grant.allowed_types_mask
+        opt_in = self._registry.get_emergency_opt_in(patient, grantee)
+        if opt_in is not None and opt_in.active:
+            if receiving_key is None or opt_in.responder_umbral_key == receiving_key:
+                mask |= opt_in.allowed_types_mask
+        return from_mask(mask)
 
     def _open_and_verify(
         self, enrollment: Enrollment, sealed: SealedKfrag, patient: PatientInfo
@@ -258,8 +264,8 @@ class NodeService:
     def shred_revoked(self, events: Sequence[RegistryEvent]) -> None:
         """Crypto-shredding: once a grant is revoked (or an emergency opt-in withdrawn)
         on-chain, destroy this node's kfrags for it, so that not even a restored backup of
-        the live node can serve it. Re-granting needs a new enrollment. Kfrags a standing
-        emergency opt-in still needs survive the end of an emergency grant."""
+        the live node can serve it. Re-granting needs a new enrollment. Kfrags for the types
+        a standing emergency opt-in (or a remaining grant) still covers survive."""
         for event in events:
             if not isinstance(event, AccessRevoked | EmergencyOptInChanged):
                 continue
@@ -270,16 +276,15 @@ class NodeService:
                 (event.grantee if isinstance(event, AccessRevoked) else event.responder),
             )
             # Replaying history (at start-up) meets revocations that a later grant
-            # superseded: only shred what the chain says is withdrawn now.
-            grant = self._registry.get_grant(patient, grantee)
-            if grant is not None and grant.active:
-                continue
-            opt_in = self._registry.get_emergency_opt_in(patient, grantee)
-            if opt_in is not None and opt_in.active:
-                continue
-            if self._kfrags.delete(patient, grantee):
+            # superseded: only shred what the chain says nothing covers now.
+            covered = self._covered_types(patient, grantee)
+            if self._kfrags.delete(patient, grantee, keep_types=covered):
                 log.info(
-                    "kfrag_shredded", patient=patient, grantee=grantee, block_number=event.block
+                    "kfrag_shredded",
+                    patient=patient,
+                    grantee=grantee,
+                    kept_types=sorted(t.label for t in covered),
+                    block_number=event.block,
                 )
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:

@@ -274,3 +274,11 @@ def test_a_grant_replacement_drops_the_types_it_no_longer_covers(store: KfragSto
     assert store.get(PATIENT, OTHER_GRANTEE, LAB) is not None  # another grant is untouched
     with pytest.raises(InvalidRequest, match="exactly one grant"):
         store.put_many([_item(), _item(grantee=OTHER_GRANTEE)], retain_types={LAB})
+
+
+def test_delete_can_keep_some_types(store: KfragStore) -> None:
+    store.put_many([_item(), dataclasses.replace(_item(n=2), record_type=0)])
+    assert store.delete(PATIENT, GRANTEE, keep_types={0}) is True
+    assert store.get(PATIENT, GRANTEE, LAB) is None
+    assert store.get(PATIENT, GRANTEE, 0) is not None
+    assert store.delete(PATIENT, GRANTEE, keep_types={0}) is False

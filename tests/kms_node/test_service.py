@@ -510,3 +510,20 @@ def test_a_responder_with_an_ordinary_grant_keeps_both_sets_of_kfrags(world: Wor
     world.enroll(world.kfrag(record_type=RecordType.DIAGNOSIS), RecordType.DIAGNOSIS)
     assert world.kfrags.get(*key, RecordType.LAB_RESULT) is not None
     assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
+
+
+def test_revoking_a_responders_grant_keeps_only_what_the_opt_in_covers(world: World) -> None:
+    key = (world.alice.address, world.bob.address)
+    world.registry.opt_ins[key] = EmergencyOptIn(
+        world.alice.address,
+        world.bob.address,
+        world.bob.umbral_public_key(),
+        to_mask([RecordType.DIAGNOSIS]),
+        True,
+    )
+    world.enroll(world.kfrag())  # the ordinary lab-result grant
+    world.enroll(world.kfrag(record_type=RecordType.DIAGNOSIS), RecordType.DIAGNOSIS)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
+    assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
