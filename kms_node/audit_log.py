@@ -15,10 +15,13 @@ Storage (one SQLite file, WAL, ``synchronous=FULL``, owner-only):
 - ``tree``: one row with the node id, the size and the compact range (the right-edge subtree
   roots of :class:`~medkms.core.merkle.CompactRange`), so an append costs O(log n) hashes.
 
-An append is one ``BEGIN IMMEDIATE`` transaction that reads the tree row, signs the receipt,
-writes the entry, its new subtrees and the new tree row, and commits; it holds SQLite's write
-lock throughout, so several processes may append to one log. A failed append rolls back: no
-partial entry, no gap.
+A commit is one ``BEGIN IMMEDIATE`` transaction that reads the tree row, signs the receipts,
+writes the entries, their new subtrees and the new tree row, and commits; it holds SQLite's
+write lock throughout, so several processes may append to one log. Appends that arrive while
+a commit is under way are committed together by the next one (group commit: one fsync and one
+signature for all of them; their receipts are a batch's, and a receipt's path names the leaf
+hashes of entries committed with it, never their contents). A failed commit rolls back: no
+partial entry, no gap, and every append in it fails.
 
 The log is tamper-evident, not tamper-proof: whoever can write the file can rewrite it. What
 an auditor relies on is the signed receipts and checkpoints (and their on-chain anchors),
@@ -32,13 +35,14 @@ import dataclasses
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 from medkms.core import merkle
-from medkms.core.audit import AuditEntry, Checkpoint, Receipt
+from medkms.core.audit import MAX_RECEIPT_BATCH, AuditEntry, Checkpoint, Receipt
 from medkms.core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -85,6 +89,27 @@ def _unavailable(e: sqlite3.Error) -> Unavailable:
     return unavailable("audit log", e)
 
 
+class _Append:
+    """One caller's entries waiting to be committed, and then their outcome."""
+
+    def __init__(self, prepared: list[tuple[bytes, bytes]]) -> None:
+        self.prepared = prepared
+        self.done = False
+        self._receipts: list[Receipt] = []
+        self._error: BaseException | None = None
+
+    def succeed(self, receipts: list[Receipt]) -> None:
+        self._receipts, self.done = receipts, True
+
+    def fail(self, error: BaseException) -> None:
+        self._error, self.done = error, True
+
+    def result(self) -> list[Receipt]:
+        if self._error is not None:
+            raise self._error
+        return self._receipts
+
+
 class AuditLog:
     """The node's Merkle audit log. Thread-safe: one connection behind one lock."""
 
@@ -97,7 +122,10 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         busy_timeout_ms: int = 5000,
     ) -> None:
+        # Held while committing (and for reads); appends queue in _pending meanwhile.
         self._lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: deque[_Append] = deque()
         self._path = path
         self._keystore = keystore
         self._node_id = node_id
@@ -214,11 +242,28 @@ class AuditLog:
         return self.append_many([entry])[0]
 
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
-        """Append several entries in one transaction (one fsync: group commit for a
-        batch request) under one signature; each gets its own receipt. All or nothing,
-        as ``append``."""
+        """Append several entries (one request's: a batch) and return their receipts once
+        they are durable. All or nothing, as ``append``.
+
+        Group commit: appends that arrive while another is being committed wait for it,
+        then the first of them commits all that are waiting in one transaction (one
+        fsync) under one signature; each entry still gets its own receipt. Under
+        concurrent load the fsync and the HSM signature are shared by several requests
+        instead of paid by each.
+        """
         if not entries:
             return []
+        job = _Append(self._prepare(entries))
+        with self._pending_lock:
+            self._pending.append(job)
+        with self._lock:
+            # Done already if an earlier holder of the lock committed it with its group.
+            while not job.done:
+                self._commit_pending()
+        return job.result()
+
+    def _prepare(self, entries: Sequence[AuditEntry]) -> list[tuple[bytes, bytes]]:
+        """Each entry's canonical bytes and leaf hash; refuses entries not for this log."""
         prepared = []
         for entry in entries:
             if not isinstance(entry, AuditEntry):
@@ -229,55 +274,88 @@ class AuditLog:
                 )
             data = entry.canonical_bytes()
             prepared.append((data, merkle.leaf_hash(data)))
+        if len(prepared) > MAX_RECEIPT_BATCH:
+            raise InvalidRequest(f"append at most {MAX_RECEIPT_BATCH} entries at once")
+        return prepared
+
+    def _take_group(self) -> list[_Append]:
+        """The waiting appends, oldest first, as many as one receipt batch holds."""
+        with self._pending_lock:
+            group: list[_Append] = []
+            size = 0
+            while self._pending and size + len(self._pending[0].prepared) <= MAX_RECEIPT_BATCH:
+                job = self._pending.popleft()
+                group.append(job)
+                size += len(job.prepared)
+            return group
+
+    def _commit_pending(self) -> None:
+        """Commit every waiting append as one group; caller holds the lock. Each append
+        of the group gets its receipts or, if the group fails, the group's error."""
+        group = self._take_group()
+        try:
+            receipts = self._commit([item for job in group for item in job.prepared])
+        except BaseException as e:  # noqa: BLE001 - handed to every caller of the group
+            for job in group:
+                job.fail(e)
+            return
+        offset = 0
+        for job in group:
+            job.succeed(receipts[offset : offset + len(job.prepared)])
+            offset += len(job.prepared)
+
+    def _commit(self, prepared: list[tuple[bytes, bytes]]) -> list[Receipt]:
+        """Append ``prepared`` (canonical bytes, leaf hash) in one transaction under one
+        signature; caller holds the lock."""
         leaves = [leaf for _, leaf in prepared]
-        # One signature per append: a lone entry's receipt is signed directly; a batch's
-        # receipts share a signature over the root of the batch's leaves, each with its
+        # One signature per commit: a lone entry's receipt is signed directly; a group's
+        # receipts share a signature over the root of the group's leaves, each with its
         # path (core/audit.py Receipt).
         paths = merkle.inclusion_proofs(leaves) if len(leaves) > 1 else [[]]
-        receipts: list[Receipt] = []
-        with self._lock:
-            conn = self._connection()
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    tree = _read_tree(conn)
-                    start = tree.size
-                    for data, leaf in prepared:
-                        new_tree, nodes = tree.append_with_nodes(leaf)
-                        conn.execute(
-                            "INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)",
-                            (tree.size, data, leaf),
-                        )
-                        conn.executemany(
-                            "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)",
-                            [(n.level, n.index, n.hash) for n in nodes[1:]],
-                        )
-                        tree = new_tree
-                    unsigned = [
-                        Receipt(
-                            node_id=self._node_id,
-                            leaf_index=start + i,
-                            tree_size=tree.size,
-                            entry_hash=leaf,
-                            batch_start=start if len(leaves) > 1 else None,
-                            batch_size=len(leaves),
-                            batch_path=tuple(path),
-                        )
-                        for i, (leaf, path) in enumerate(zip(leaves, paths, strict=True))
-                    ]
-                    # Signed before the commit: if the key store fails, nothing is written.
-                    signature = self._keystore.sign(unsigned[0].canonical_bytes())
-                    receipts = [dataclasses.replace(r, signature=signature) for r in unsigned]
-                    conn.execute(
-                        "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1",
-                        (tree.size, tree.to_bytes()),
+                tree = _read_tree(conn)
+                start = tree.size
+                entry_rows, subtree_rows = [], []
+                for data, leaf in prepared:
+                    new_tree, nodes = tree.append_with_nodes(leaf)
+                    entry_rows.append((tree.size, data, leaf))
+                    subtree_rows += [(n.level, n.index, n.hash) for n in nodes[1:]]
+                    tree = new_tree
+                conn.executemany(
+                    "INSERT INTO entries (leaf_index, entry, leaf_hash) VALUES (?, ?, ?)",
+                    entry_rows,
+                )
+                conn.executemany(
+                    "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)", subtree_rows
+                )
+                unsigned = [
+                    Receipt(
+                        node_id=self._node_id,
+                        leaf_index=start + i,
+                        tree_size=tree.size,
+                        entry_hash=leaf,
+                        batch_start=start if len(leaves) > 1 else None,
+                        batch_size=len(leaves),
+                        batch_path=tuple(path),
                     )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    _rollback_quietly(conn)
-                    raise
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
+                    for i, (leaf, path) in enumerate(zip(leaves, paths, strict=True))
+                ]
+                # Signed before the commit: if the key store fails, nothing is written.
+                signature = self._keystore.sign(unsigned[0].canonical_bytes())
+                receipts = [dataclasses.replace(r, signature=signature) for r in unsigned]
+                conn.execute(
+                    "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1",
+                    (tree.size, tree.to_bytes()),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
+        except sqlite3.Error as e:
+            raise _unavailable(e) from e
         return receipts
 
     def checkpoint(self) -> Checkpoint:

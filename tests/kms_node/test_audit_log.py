@@ -254,6 +254,103 @@ def test_concurrent_appends_from_eight_threads(log: AuditLog) -> None:
     log.verify_integrity()
 
 
+class GatedSigner(MemoryKeyStore):
+    """A key store whose first signature waits for the test: the append that makes it
+    holds the log's commit lock meanwhile, so the appends started then queue up."""
+
+    def __init__(self, *, fail_second: bool = False) -> None:
+        super().__init__()
+        self.signing = threading.Event()
+        self.release = threading.Event()
+        self.signatures = 0
+        self._fail_second = fail_second
+
+    def sign(self, message: bytes) -> bytes:
+        self.signatures += 1
+        if self.signatures == 1:
+            self.signing.set()
+            assert self.release.wait(10)
+        elif self.signatures == 2 and self._fail_second:
+            raise HsmUnavailable("the test's HSM is gone")
+        return super().sign(message)
+
+
+def _append_in_threads(
+    log: AuditLog, keys: GatedSigner, batches: list[list[AuditEntry]]
+) -> dict[int, list[Receipt] | BaseException]:
+    """The first batch makes the gated signature; the others are appended meanwhile."""
+    outcomes: dict[int, list[Receipt] | BaseException] = {}
+
+    def work(i: int) -> None:
+        try:
+            outcomes[i] = log.append_many(batches[i])
+        except BaseException as e:  # collected for the main thread
+            outcomes[i] = e
+
+    first = threading.Thread(target=work, args=(0,))
+    first.start()
+    assert keys.signing.wait(10)
+    others = [threading.Thread(target=work, args=(i,)) for i in range(1, len(batches))]
+    for thread in others:
+        thread.start()
+    # Every other append is queued behind the commit under way before it is let go.
+    for _ in range(1000):
+        if len(log._pending) == len(others):
+            break
+        threading.Event().wait(0.005)
+    assert len(log._pending) == len(others)
+    keys.release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    return outcomes
+
+
+def test_appends_waiting_on_a_commit_share_the_next_one(db_path: Path) -> None:
+    keys = GatedSigner()
+    log = AuditLog(db_path, keys, NODE)
+    try:
+        batches = [[make_entry(0)], [make_entry(1)], [make_entry(2), make_entry(3)]]
+        outcomes = _append_in_threads(log, keys, batches)
+        first, *waited = [outcomes[i] for i in range(3)]
+        assert isinstance(first, list) and all(isinstance(o, list) for o in waited)
+        # The waiting appends went in one commit: one signature for 3 entries of 2 callers.
+        assert keys.signatures == 2
+        grouped = [r for receipts in waited for r in receipts]  # type: ignore[union-attr]
+        assert len({r.signature for r in grouped}) == 1
+        assert {(r.batch_start, r.batch_size, r.tree_size) for r in grouped} == {(1, 3, 4)}
+        # Each caller got its own entries' receipts, and each verifies on its own.
+        for batch, receipts in zip(batches, [first, *waited], strict=True):
+            assert [r.entry_hash for r in receipts] == [  # type: ignore[union-attr]
+                merkle.leaf_hash(e.canonical_bytes()) for e in batch
+            ]
+        key = keys.signing_public_key()
+        assert all(verify_receipt(r, key) for r in [*first, *grouped])  # type: ignore[misc]
+        log.verify_integrity()
+    finally:
+        log.close()
+
+
+def test_a_failed_group_commit_fails_every_append_in_it(db_path: Path) -> None:
+    keys = GatedSigner(fail_second=True)
+    log = AuditLog(db_path, keys, NODE)
+    try:
+        batches = [[make_entry(0)], [make_entry(1)], [make_entry(2)]]
+        outcomes = _append_in_threads(log, keys, batches)
+        assert isinstance(outcomes[0], list)
+        assert isinstance(outcomes[1], HsmUnavailable) and isinstance(outcomes[2], HsmUnavailable)
+        # Fail closed: nothing of the failed group was written, and the log goes on.
+        assert (log.size(), _row_count(db_path)) == (1, 1)
+        assert log.append(make_entry(3)).leaf_index == 1
+    finally:
+        log.close()
+
+
+def test_too_many_entries_at_once_are_refused_whole(log: AuditLog) -> None:
+    with pytest.raises(InvalidRequest, match="at most 1024 entries"):
+        log.append_many([make_entry(n) for n in range(1025)])
+    assert log.size() == 0
+
+
 def test_two_connections_append_to_one_log(db_path: Path, keys: MemoryKeyStore) -> None:
     # As two node processes would: the tree state is read inside each write transaction.
     first, second = AuditLog(db_path, keys, NODE), AuditLog(db_path, keys, NODE)
