@@ -289,7 +289,7 @@ def _headline(
     phases: dict[str, dict[str, Any]], base: dict[str, Any], node_id: str, plan: Plan
 ) -> dict[str, float | None]:
     c = plan.concurrency
-    rate = base["reencrypt_rate_per_core"]
+    rate, wire_rate = base["reencrypt_rate_per_core"], base["wire_reencrypt_rate_per_core"]
     cores = os.cpu_count() or 1
     bound_s = base["bounds_ms"][str(MAIN_THRESHOLD)] / 1000.0
     single = phases[f"node_single_c{c}"]
@@ -301,6 +301,14 @@ def _headline(
             single["count"], single["cpu_s"][node_id] + single["cpu_s"]["chain"], rate
         ),
         "node_single_wall_ratio": stats.ratio(single["throughput_rps"], rate),
+        "node_single_ratio_wire": stats.node_ratio(
+            single["count"], single["cpu_s"][node_id], wire_rate
+        ),
+        "node_batch32_ratio_wire": (
+            stats.node_ratio(batch["count"] * BATCH, batch["cpu_s"][node_id], wire_rate)
+            if batch
+            else None
+        ),
         "node_batch32_ratio": (
             stats.node_ratio(batch["count"] * BATCH, batch["cpu_s"][node_id], rate)
             if batch

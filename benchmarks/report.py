@@ -44,6 +44,11 @@ HEADLINE = [
     ("node_single_ratio_with_chain", "one node, single: with anvil's CPU counted as the node's"),
     ("node_single_wall_ratio", "one node, single: throughput / bare rate of one core (wall)"),
     (
+        "node_single_ratio_wire",
+        "one node, single: over bare re-encryption from capsule bytes to cfrag bytes",
+    ),
+    ("node_batch32_ratio_wire", "one node, batches of 32: the same"),
+    (
         "audit_overhead_ms",
         "audit log per single request: durable append + HSM-signed receipt, p50 (ms)",
     ),
@@ -112,7 +117,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Bound: one 3-of-5 request's crypto takes {_fmt(base['bound_ms'])} ms of one core "
         f"(3 reencrypt + 3 cfrag verify + 1 decrypt_reencrypted), so {cores} cores could serve "
         f"at most {_fmt(cores / base['bound_ms'] * 1000.0)} requests/s. Bare re-encryption: "
-        f"{_fmt(base['reencrypt_rate_per_core'])} per CPU-second. "
+        f"{_fmt(base['reencrypt_rate_per_core'])} per CPU-second; from capsule bytes to cfrag "
+        f"bytes (what a node must do with a capsule off the wire): "
+        f"{_fmt(base.get('wire_reencrypt_rate_per_core'))}. "
         f"{cores} bare processes at once reached {_fmt(base.get('parallel_reencrypt_rate'))}/s "
         f"together: the machine delivered {_fmt(base.get('effective_cores'), 2)} cores' worth.",
         "",
