@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import audit_overhead, baseline, machine, report, revocation, stats
+from benchmarks import audit_overhead, baseline, grpc_floor, machine, report, revocation, stats
 from benchmarks.load import Request, run_closed_loop, warm_up
 from benchmarks.process_stats import CLIENT, CpuMeter, self_peak_rss_mb, tree_peak_rss_mb
 from benchmarks.workload import NodeTarget, Workload, prepare
@@ -541,6 +541,10 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
     results["audit"] = audit
     results["audit_overhead_ms"] = audit["single"]["wall_ms_per_entry"]
     results["audit_overhead_batch32_ms_per_capsule"] = audit["batch"]["wall_ms_per_entry"]
+    say("gRPC floor: an empty call over the node's transport")
+    floor = grpc_floor.measure()
+    results["grpc_floor"] = floor
+    results["grpc_floor_server_cpu_ms"] = floor[f"c{plan.concurrency}"]["server_cpu_ms_per_call"]
     with tempfile.TemporaryDirectory(prefix="medkms-bench-") as tmp:
         state_root = Path(tmp)
         run_main_cluster(state_root, plan, base, results)

@@ -56,7 +56,50 @@ HEADLINE = [
         "audit_overhead_batch32_ms_per_capsule",
         "audit log per capsule in a batch of 32 (one transaction), p50 (ms)",
     ),
+    (
+        "grpc_floor_server_cpu_ms",
+        "server CPU of an empty mTLS gRPC call, threaded server, at the node phases' "
+        "concurrency (ms)",
+    ),
 ]
+
+
+def _node_budget(results: dict[str, Any]) -> list[str]:
+    """Where one node's CPU per single request goes, from parts measured in this run."""
+    c = results.get("plan", {}).get("concurrency", 4)
+    single = results.get("phases", {}).get(f"node_single_c{c}")
+    floor = results.get("grpc_floor", {}).get(f"c{c}")
+    audit = results.get("audit")
+    wire = results.get("baseline", {}).get("ops", {}).get("reencrypt_from_bytes")
+    if not (single and floor and audit and wire):
+        return []
+    node_id = next((k for k in single["cpu_s"] if k.startswith("node-")), None)
+    if node_id is None:
+        return []
+    total = single["cpu_s"][node_id] / max(single["count"], 1) * 1000.0
+    parts = [
+        ("re-encryption from capsule bytes to cfrag bytes (bare library)", wire["cpu_ms_per_op"]),
+        ("durable audit append with its HSM-signed receipt", audit["single"]["cpu_ms_per_entry"]),
+        ("gRPC with mutual TLS, an empty call", floor["server_cpu_ms_per_call"]),
+    ]
+    rest = total - sum(ms for _, ms in parts)
+    parts.append(
+        (
+            "the rest: signature check, grant index, replay memory, kfrag unwrap in the HSM, "
+            "logs, metrics, messages",
+            rest,
+        )
+    )
+    rows = [[what, _fmt(ms), f"{ms / total:.0%}"] for what, ms in parts]
+    rows.append(["node CPU per request, measured", _fmt(total), "100%"])
+    return [
+        f"### Where a node's time goes (single requests, c{c})",
+        "",
+        "Each part is measured on its own in this run; the rest is the difference.",
+        "",
+        *_table(["part", "CPU ms", "share"], rows),
+        "",
+    ]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -155,6 +198,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"capsule. The receipt signature alone is {_fmt(audit['receipt_sign_p50_ms'])} ms.",
             "",
         ]
+    lines += _node_budget(results)
     lines += [
         "### Phases (closed loop)",
         "",

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Final
 
-from eth_abi.abi import encode as abi_encode
 from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
@@ -106,6 +105,16 @@ def _encode_type(name: str, fields: _Fields) -> str:
     return f"{name}({','.join(f'{typ} {member}' for member, typ in fields)})"
 
 
+def _address_word(address: str) -> bytes:
+    """An ``address`` member's 32-byte word: the 20 bytes, left-padded with zeros."""
+    return bytes(12) + bytes.fromhex(address[2:])
+
+
+def _uint_word(value: int) -> bytes:
+    """A ``uint`` member's 32-byte word, big-endian (callers check the range)."""
+    return value.to_bytes(32, "big")
+
+
 # EIP-712 typeHash = keccak256(encodeType(typeOf(s))).
 _DOMAIN_TYPEHASH: Final = keccak(_encode_type("EIP712Domain", _DOMAIN_FIELDS).encode())
 _NAME_HASH: Final = keccak(DOMAIN_NAME.encode())
@@ -159,16 +168,11 @@ class Domain:
     def separator(self) -> bytes:
         """EIP-712 ``domainSeparator = hashStruct(eip712Domain)``, computed once per domain."""
         return keccak(
-            abi_encode(
-                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                [
-                    _DOMAIN_TYPEHASH,
-                    _NAME_HASH,  # string: keccak256 of its UTF-8 bytes
-                    _VERSION_HASH,
-                    self.chain_id,
-                    self.registry_address,
-                ],
-            )
+            _DOMAIN_TYPEHASH
+            + _NAME_HASH  # string: keccak256 of its UTF-8 bytes
+            + _VERSION_HASH
+            + _uint_word(self.chain_id)
+            + _address_word(self.registry_address)
         )
 
     def typed_data(self) -> dict[str, Any]:
@@ -216,28 +220,14 @@ class RequestClaims:
         ``bytes`` and ``string`` are replaced by the keccak256 of their contents.
         """
         return keccak(
-            abi_encode(
-                [
-                    "bytes32",
-                    "address",
-                    "bytes32",
-                    "bytes32",
-                    "bytes32",
-                    "bytes32",
-                    "uint64",
-                    "bytes32",
-                ],
-                [
-                    self.TYPE_HASH,
-                    self.patient,
-                    self.record_id,
-                    self.capsule_hash,
-                    keccak(self.requester_umbral_key),
-                    self.nonce,
-                    self.deadline,
-                    keccak(self.purpose_of_use.encode("utf-8")),
-                ],
-            )
+            self.TYPE_HASH
+            + _address_word(self.patient)
+            + self.record_id
+            + self.capsule_hash
+            + keccak(self.requester_umbral_key)
+            + self.nonce
+            + _uint_word(self.deadline)
+            + keccak(self.purpose_of_use.encode("utf-8"))
         )
 
     def message(self) -> dict[str, Any]:
@@ -291,28 +281,14 @@ class BatchClaims:
         ``bytes32`` element encodes as itself, so that is keccak256(b"".join(...)).
         """
         return keccak(
-            abi_encode(
-                [
-                    "bytes32",
-                    "address",
-                    "bytes32",
-                    "bytes32",
-                    "bytes32",
-                    "bytes32",
-                    "uint64",
-                    "bytes32",
-                ],
-                [
-                    self.TYPE_HASH,
-                    self.patient,
-                    keccak(b"".join(self.record_ids)),
-                    keccak(b"".join(self.capsule_hashes)),
-                    keccak(self.requester_umbral_key),
-                    self.nonce,
-                    self.deadline,
-                    keccak(self.purpose_of_use.encode("utf-8")),
-                ],
-            )
+            self.TYPE_HASH
+            + _address_word(self.patient)
+            + keccak(b"".join(self.record_ids))
+            + keccak(b"".join(self.capsule_hashes))
+            + keccak(self.requester_umbral_key)
+            + self.nonce
+            + _uint_word(self.deadline)
+            + keccak(self.purpose_of_use.encode("utf-8"))
         )
 
     def message(self) -> dict[str, Any]:
@@ -369,30 +345,16 @@ class EnrollmentClaims:
 
     def hash_struct(self) -> bytes:
         """EIP-712 ``hashStruct``; a ``uint8[]`` array hashes the elements' 32-byte words."""
-        types_words = b"".join(t.to_bytes(32, "big") for t in self.record_types)
+        types_words = b"".join(_uint_word(t) for t in self.record_types)
         return keccak(
-            abi_encode(
-                [
-                    "bytes32",
-                    "bytes32",
-                    "address",
-                    "address",
-                    "bytes32",
-                    "bytes32",
-                    "bytes32",
-                    "uint64",
-                ],
-                [
-                    self.TYPE_HASH,
-                    keccak(self.node_id.encode("utf-8")),
-                    self.patient,
-                    self.grantee,
-                    keccak(self.receiving_key),
-                    keccak(types_words),
-                    keccak(b"".join(self.sealed_hashes)),
-                    self.deadline,
-                ],
-            )
+            self.TYPE_HASH
+            + keccak(self.node_id.encode("utf-8"))
+            + _address_word(self.patient)
+            + _address_word(self.grantee)
+            + keccak(self.receiving_key)
+            + keccak(types_words)
+            + keccak(b"".join(self.sealed_hashes))
+            + _uint_word(self.deadline)
         )
 
     def message(self) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""What one gRPC call costs a server that does nothing, over the node's transport.
+
+The node answers each ``Reencrypt`` through a threaded ``grpc.server`` behind mutual
+TLS. This module starts that kind of server, with the same options and a handler
+that only returns a node-sized answer, in a child process, and calls it from this
+one over TLS connections with client certificates from a throwaway CA. The server
+process's CPU per call is the framework's floor: what a node would spend per request
+if its own work cost nothing. (An asyncio server measured the same on this machine,
+which is why the node keeps the threaded one.)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+from benchmarks.process_stats import cpu_seconds
+
+#: about a signed single request in, a cfrag with its signed receipt out
+REQUEST_BYTES, RESPONSE_BYTES = 400, 450
+CALLS = 3000
+_METHOD = "/medkms.bench.Floor/Call"
+_SERVER_NAME = "floor-node"
+
+
+def _serve(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
+    import grpc
+
+    from medkms.deploy.certs import ClusterCa
+    from medkms.proto import rpc
+    from medkms.proto.transport import Transport
+
+    ca = ClusterCa.ensure(ca_dir)
+    files = ca.server_cert(_SERVER_NAME)
+    answer = os.urandom(RESPONSE_BYTES)
+
+    def call(_raw: bytes, _context: object) -> bytes:
+        return answer
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=rpc.CHANNEL_OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(call)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("medkms.bench.Floor", {"Call": handler})]
+    )
+    transport = Transport.tls(ca.ca_cert, files.cert, files.key)
+    port_out.value = transport.add_port(server, "127.0.0.1:0", require_client_cert=True)
+    server.start()
+    ready.set()
+    stop.wait()
+    server.stop(grace=0)
+
+
+def _phase(calls: list[Any], concurrency: int, pid: int) -> dict[str, float]:
+    payload = os.urandom(REQUEST_BYTES)
+    each = CALLS // concurrency
+
+    def work(i: int) -> None:
+        for _ in range(each):
+            calls[i % len(calls)](payload, timeout=10)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(concurrency)]
+    cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds(pid) - cpu0
+    done = each * concurrency
+    return {
+        "calls_per_s": done / wall,
+        "server_cpu_ms_per_call": cpu / done * 1000.0,
+        "mean_latency_ms": wall / each * 1000.0,
+    }
+
+
+def measure(connections: int = 4) -> dict[str, Any]:
+    """Server CPU per empty call at concurrency 1 and 4, mutual TLS, threaded server."""
+    from medkms.deploy.certs import ClusterCa
+    from medkms.proto.transport import Transport
+
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="medkms-grpc-floor-") as tmp:
+        ca_dir = Path(tmp)
+        ca = ClusterCa.ensure(ca_dir)
+        client = ca.client_cert("floor-client")
+        ready, stop = context.Event(), context.Event()
+        port = context.Value("i", 0)
+        child = context.Process(target=_serve, args=(ca_dir, ready, stop, port), daemon=True)
+        child.start()
+        try:
+            if not ready.wait(30):
+                raise RuntimeError("the gRPC floor server did not start")
+            transport = Transport.tls(ca.ca_cert, client.cert, client.key)
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            channels = [
+                transport.channel(
+                    f"127.0.0.1:{port.value}", options=options, server_name=_SERVER_NAME
+                )
+                for _ in range(connections)
+            ]
+            try:
+                calls = [c.unary_unary(_METHOD) for c in channels]
+                for call in calls:
+                    call(b"warm-up", timeout=10)
+                pid = child.pid
+                if pid is None:
+                    raise RuntimeError("the gRPC floor server has no pid")
+                return {
+                    "request_bytes": REQUEST_BYTES,
+                    "response_bytes": RESPONSE_BYTES,
+                    "c1": _phase(calls, 1, pid),
+                    "c4": _phase(calls, 4, pid),
+                }
+            finally:
+                for channel in channels:
+                    channel.close()
+        finally:
+            stop.set()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
