@@ -53,6 +53,7 @@ from medkms.core.registry_types import (
     EmergencyAccessOpened,
     EmergencyOptIn,
     EmergencyOptInChanged,
+    EmergencyRoleChanged,
     GrantInfo,
     NodeInfo,
     PatientInfo,
@@ -401,7 +402,9 @@ class RegistryClient:
                 if number not in timestamps:
                     timestamps[number] = int(self._chain.w3.eth.get_block(number)["timestamp"])
                 data = event().process_log(log)
-                decoded.append(_event(data["event"], data["args"], number, timestamps[number]))
+                followed = _event(data["event"], data["args"], number, timestamps[number])
+                if followed is not None:
+                    decoded.append(followed)
             return decoded
 
     def receipt_block(self, tx_hash: str) -> int:
@@ -423,6 +426,11 @@ class RegistryClient:
     def grant_emergency_role(self, admin: LocalAccount, responder: str) -> str:
         fn = self._contract.functions.grantRole(EMERGENCY_ROLE, _address(responder, "responder"))
         return self._transact(admin, "grantRole", fn)
+
+    def revoke_emergency_role(self, admin: LocalAccount, responder: str) -> str:
+        """Take EMERGENCY_ROLE away: every emergency window the responder has open ends."""
+        fn = self._contract.functions.revokeRole(EMERGENCY_ROLE, _address(responder, "responder"))
+        return self._transact(admin, "revokeRole", fn)
 
     def register_patient(
         self, patient: LocalAccount, umbral_public_keys: Sequence[bytes], verifying_key: bytes
@@ -771,6 +779,8 @@ _FOLLOWED_EVENTS = frozenset(
         "AccessRevoked",
         "EmergencyAccessOpened",
         "EmergencyOptInChanged",
+        "RoleGranted",  # of EMERGENCY_ROLE only: an emergency window lasts while it is held
+        "RoleRevoked",
     }
 )
 
@@ -780,7 +790,10 @@ def _event_topic(entry: dict[str, Any]) -> bytes:
     return bytes(Web3.keccak(text=f"{entry['name']}({types})"))
 
 
-def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent:
+def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent | None:
+    """The followed event ``name`` as its registry type; None for the role events of
+    roles other than EMERGENCY_ROLE."""
+
     def addr(value: str) -> str:
         return str(Web3.to_checksum_address(value))
 
@@ -837,4 +850,8 @@ def _event(name: str, args: Any, block: int, timestamp: int) -> RegistryEvent:
             int(args.allowedTypes),
             bool(args.active),
         )
+    if name in ("RoleGranted", "RoleRevoked"):
+        if bytes(args.role) != EMERGENCY_ROLE:
+            return None
+        return EmergencyRoleChanged(block, timestamp, addr(args.account), name == "RoleGranted")
     raise ValueError(f"not a followed event: {name}")

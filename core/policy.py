@@ -64,6 +64,12 @@ def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Deci
         )
     if grant is None:
         return deny("no_grant", "patient has not granted access to this requester")
+    if not grant.active and grant.emergency:
+        return deny(
+            "emergency_access_closed",
+            "emergency access has ended: closed by the patient, or the responder no longer "
+            "holds the emergency role",
+        )
     if not grant.active:
         return deny("grant_revoked", "grant has been revoked by the patient")
     now = max(state.block_timestamp, wall_clock)

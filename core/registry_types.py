@@ -182,6 +182,17 @@ class EmergencyOptInChanged:
     active: bool
 
 
+@dataclass(frozen=True)
+class EmergencyRoleChanged:
+    """``responder`` was given (``held``) or lost EMERGENCY_ROLE. Emergency windows are in
+    force only while their responder holds it."""
+
+    block: int
+    timestamp: int
+    responder: str
+    held: bool
+
+
 RegistryEvent = (
     PatientRegistered
     | RecordAnchored
@@ -190,4 +201,5 @@ RegistryEvent = (
     | AccessRevoked
     | EmergencyAccessOpened
     | EmergencyOptInChanged
+    | EmergencyRoleChanged
 )

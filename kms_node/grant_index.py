@@ -17,6 +17,7 @@ from medkms.core.registry_types import (
     BlockRef,
     EmergencyAccessOpened,
     EmergencyOptInChanged,
+    EmergencyRoleChanged,
     GrantInfo,
     PatientInfo,
     PatientRegistered,
@@ -33,6 +34,8 @@ class GrantIndex:
         self._patients: dict[str, PatientInfo] = {}
         self._records: dict[bytes, RecordInfo] = {}
         self._grants: dict[tuple[str, str], GrantInfo] = {}
+        #: accounts that lost EMERGENCY_ROLE: their emergency windows are not in force
+        self._without_emergency_role: set[str] = set()
         #: the last block whose events have all been applied; None before the first sync
         self.block: BlockRef | None = None
 
@@ -88,6 +91,11 @@ class GrantIndex:
                 )
             case EmergencyOptInChanged():
                 pass  # read from the chain at enrollment and shredding, not on the hot path
+            case EmergencyRoleChanged():
+                if event.held:
+                    self._without_emergency_role.discard(event.responder)
+                else:
+                    self._without_emergency_role.add(event.responder)
             case AccessRevoked():
                 key = (event.patient, event.grantee)
                 grant = self._grants.get(key)
@@ -100,6 +108,9 @@ class GrantIndex:
                 raise RuntimeError("the index has not been synced yet")
             record = self._records.get(record_id)
             grant = self._grants.get((record.patient, grantee)) if record is not None else None
+            if grant is not None and grant.emergency and grantee in self._without_emergency_role:
+                # As the registry's views report it (Registry._inForce).
+                grant = dataclasses.replace(grant, active=False)
             return AccessState(
                 record, grant, self.block.number, self.block.timestamp, self.block.hash
             )

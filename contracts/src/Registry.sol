@@ -11,7 +11,9 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 contract Registry is AccessControl {
     bytes32 public constant PROVIDER_ROLE = keccak256("PROVIDER_ROLE");
     bytes32 public constant NODE_ADMIN_ROLE = keccak256("NODE_ADMIN_ROLE");
-    /// @notice Holders may open time-boxed emergency grants for patients who opted in.
+    /// @notice Holders may open time-boxed emergency grants for patients who opted in. A window
+    /// is in force only while its responder holds the role: revoking (or renouncing) it ends
+    /// every window the responder has open (the views report them inactive).
     bytes32 public constant EMERGENCY_ROLE = keccak256("EMERGENCY_ROLE");
 
     /// @notice Number of record types (0 diagnosis .. 5 surgery); grants hold them as a bitmask.
@@ -108,6 +110,7 @@ contract Registry is AccessControl {
     error InvalidEmergencyDuration();
     error GrantAlreadyActive();
     error EmergencyAccessAlreadyOpen();
+    error NodeAccountInUse();
 
     event PatientRegistered(address indexed patient, bytes umbralKeys, bytes verifyingKey);
     event RecordAnchored(
@@ -167,6 +170,7 @@ contract Registry is AccessControl {
     mapping(bytes32 => Checkpoint) private _checkpoints; // keccak256(nodeId) => latest anchor
     mapping(address => mapping(address => EmergencyOptIn)) private _emergencyOptIns; // patient => responder
     bytes32[] private _nodeKeys;
+    mapping(address => bool) private _nodeAccountTaken; // one account anchors for one node
 
     constructor() {
         _grantRole(DEFAULT_ADMIN_ROLE, msg.sender);
@@ -347,6 +351,10 @@ contract Registry is AccessControl {
         if (account == address(0)) revert InvalidNodeAccount();
         bytes32 nodeKey = keccak256(bytes(nodeId));
         if (bytes(_nodes[nodeKey].nodeId).length != 0) revert NodeAlreadyRegistered();
+        // Each node anchors its audit log from its own HSM-held account: one shared by two
+        // nodes would let either anchor checkpoints in the other's name.
+        if (_nodeAccountTaken[account]) revert NodeAccountInUse();
+        _nodeAccountTaken[account] = true;
         _nodes[nodeKey] = Node({
             nodeId: nodeId,
             endpoint: endpoint,
@@ -409,7 +417,7 @@ contract Registry is AccessControl {
     }
 
     function getGrant(address patient, address grantee) external view returns (Grant memory) {
-        return _grants[patient][grantee];
+        return _inForce(_grants[patient][grantee], grantee);
     }
 
     function getEmergencyOptIn(address patient, address responder)
@@ -440,13 +448,23 @@ contract Registry is AccessControl {
         returns (Record memory record, Grant memory grant, uint256 blockNumber, uint256 blockTimestamp)
     {
         record = _records[recordId];
-        grant = _grants[record.patient][grantee];
+        grant = _inForce(_grants[record.patient][grantee], grantee);
         blockNumber = block.number;
         blockTimestamp = block.timestamp;
     }
 
     function _isCompressedPoint(bytes calldata key) private pure returns (bool) {
         return key.length == POINT_BYTES && (key[0] == 0x02 || key[0] == 0x03);
+    }
+
+    /// @dev The grant as it stands: an emergency window whose responder no longer holds
+    /// EMERGENCY_ROLE reads as inactive (it revives only if the role is given back before
+    /// the window's expiry).
+    function _inForce(Grant memory grant, address grantee) private view returns (Grant memory) {
+        if (grant.emergency && grant.active && !hasRole(EMERGENCY_ROLE, grantee)) {
+            grant.active = false;
+        }
+        return grant;
     }
 
     function _closeEmergencyGrant(address patient, address responder) private {

@@ -39,6 +39,7 @@ from medkms.core.registry_types import (
     EmergencyAccessOpened,
     EmergencyOptIn,
     EmergencyOptInChanged,
+    EmergencyRoleChanged,
     PatientRegistered,
 )
 from medkms.deploy import anvil as anvil_module
@@ -621,6 +622,17 @@ def test_node_registry_requires_the_node_admin_role(
     with pytest.raises(ChainRejected) as excinfo:
         register_node(registry, deployer, "node-1")
     rejected(excinfo, "NodeAlreadyRegistered")
+    # One account anchors for one node only: another node cannot reuse node-1's.
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.register_node(
+            deployer,
+            node_id="node-3",
+            endpoint="127.0.0.1:7003",
+            signing_public_key=b"\x02" * 33,
+            delivery_public_key=p256_point(),
+            account=account_1,
+        )
+    rejected(excinfo, "NodeAccountInUse")
 
     registry.set_node_active(deployer, node_id="node-2", active=False)
     assert registry.list_nodes() == [
@@ -1108,6 +1120,52 @@ def test_opt_out_closes_an_open_emergency_grant(
         registry.opt_out_emergency(patient, responder.address)
     rejected(excinfo, "NotOptedIn")
     assert "optOutEmergency" in str(excinfo.value)
+
+
+def test_revoking_the_emergency_role_ends_open_windows(
+    anvil: AnvilProcess,
+    registry: RegistryClient,
+    deployer: LocalAccount,
+    patient: LocalAccount,
+    responder: LocalAccount,
+) -> None:
+    opt_in(registry, patient, responder.address)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
+    record_id = anchor(registry, patient, patient.address)
+    open_grant = registry.get_grant(patient.address, responder.address)
+    assert open_grant is not None and open_grant.active and open_grant.emergency
+
+    revoked_block = registry.receipt_block(
+        registry.revoke_emergency_role(deployer, responder.address)
+    )
+
+    # Both views the nodes judge by report the window inactive, and so do reads at the
+    # revocation's block; before it, the window was open.
+    ended = registry.get_grant(patient.address, responder.address)
+    assert ended is not None and (ended.active, ended.emergency) == (False, True)
+    state = registry.access_state(record_id, responder.address)
+    assert state.grant is not None and state.grant.active is False
+    before = registry.get_grant(patient.address, responder.address, block=revoked_block - 1)
+    assert before is not None and before.active
+    # The role change is followed, as an event of its own; other roles' changes are not.
+    assert registry.events(revoked_block, revoked_block) == [
+        EmergencyRoleChanged(
+            revoked_block, registry.block(revoked_block).timestamp, responder.address, False
+        )
+    ]
+    provider_block = registry.receipt_block(
+        registry.grant_provider_role(deployer, Account.create().address)
+    )
+    assert registry.events(provider_block, provider_block) == []
+    # No new window without the role.
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
+    rejected(excinfo, "AccessControlUnauthorizedAccount")
+
+    # Given back before the window's expiry, the role revives the window.
+    registry.grant_emergency_role(deployer, responder.address)
+    revived = registry.get_grant(patient.address, responder.address)
+    assert revived is not None and revived.active
 
 
 def test_opt_out_without_an_open_grant_revokes_nothing(

@@ -152,3 +152,10 @@ def test_emergency_grant_is_refused_outside_its_window(query: ReencryptionQuery)
     state = _with(_state(query), grant={"emergency": True, "expires_at": NOW - 1})
     decision = judge(dataclasses.replace(query, purpose_of_use="ETREAT"), state, NOW)
     assert decision.code == "grant_expired"
+
+
+def test_a_closed_emergency_window_says_why(query: ReencryptionQuery) -> None:
+    state = _with(_state(query), grant={"emergency": True, "active": False})
+    decision = judge(dataclasses.replace(query, purpose_of_use="ETREAT"), state, NOW)
+    assert decision.code == "emergency_access_closed"
+    assert "no longer holds the emergency role" in decision.reason

@@ -260,6 +260,31 @@ def test_emergency_access_is_served_only_inside_its_window(people: People) -> No
     assert_still_serving(people)
 
 
+def test_revoking_the_emergency_role_ends_an_open_window_at_every_node(
+    people: People,
+) -> None:
+    people.grant_doctor([LAB])
+    responder = people.new_identity("er-leaver", emergency=True)
+    alice = people.patient.identity
+    people.patient.opt_in_emergency(
+        responder.address, responder.umbral_public_key(), [LAB], threshold=people.cluster.threshold
+    )
+    with people.provider(responder) as er:
+        block, _ = er.open_emergency_access(alice.address, 3600)
+        people.patient.await_nodes(block)
+        assert er.read_record(people.lab.record_id, "ETREAT") == lab_result()
+        # The hospital takes the role away (the responder left): the hour-long window ends
+        # now, at every node, though neither the patient nor the responder did anything.
+        admin = people.cluster.identity("admin")
+        revoked = people.registry.receipt_block(
+            people.registry.revoke_emergency_role(admin.account, responder.address)
+        )
+        people.patient.await_nodes(revoked)
+        with pytest.raises(AccessDenied, match="no longer holds the emergency role"):
+            er.read_record(people.lab.record_id, "ETREAT")
+    assert_still_serving(people)
+
+
 def test_an_emergency_window_longer_than_the_maximum_is_refused(people: People) -> None:
     responder = people.new_identity("er-long", emergency=True)
     people.patient.opt_in_emergency(

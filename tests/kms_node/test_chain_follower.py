@@ -10,6 +10,8 @@ from medkms.core.registry_types import (
     AccessGranted,
     AccessRevoked,
     BlockRef,
+    EmergencyAccessOpened,
+    EmergencyRoleChanged,
     RecordAnchored,
     RecordDeactivated,
     RegistryEvent,
@@ -99,6 +101,41 @@ def test_events_build_the_state_a_node_judges_by(chain: FakeChain, clock: Clock)
     assert state.block_number == 3
     assert state.grant is not None and not state.grant.active
     assert state.record is not None and not state.record.active
+
+
+def test_an_emergency_window_lasts_while_its_responder_holds_the_role(
+    chain: FakeChain, clock: Clock
+) -> None:
+    other = "0x" + "33" * 20
+    chain.mine(anchored(1), EmergencyRoleChanged(1, 1001, GRANTEE, True))
+    chain.mine(EmergencyAccessOpened(2, 1002, PATIENT, GRANTEE, b"\x02" * 33, 5000, 0b10))
+    f = follower(chain, clock)
+    f.sync_once()
+    state = f.access_state(RECORD, GRANTEE)
+    assert state.grant is not None and state.grant.active and state.grant.emergency
+
+    # Another account losing the role changes nothing; the responder losing it ends the
+    # window, as the registry's views say; given back, the role revives it.
+    chain.mine(EmergencyRoleChanged(3, 1003, other, False))
+    f.sync_once()
+    assert f.access_state(RECORD, GRANTEE).grant.active  # type: ignore[union-attr]
+    chain.mine(EmergencyRoleChanged(4, 1004, GRANTEE, False))
+    f.sync_once()
+    ended = f.access_state(RECORD, GRANTEE).grant
+    assert ended is not None and not ended.active and ended.emergency
+    chain.mine(EmergencyRoleChanged(5, 1005, GRANTEE, True))
+    f.sync_once()
+    assert f.access_state(RECORD, GRANTEE).grant.active  # type: ignore[union-attr]
+
+
+def test_losing_the_emergency_role_leaves_ordinary_grants_alone(
+    chain: FakeChain, clock: Clock
+) -> None:
+    chain.mine(anchored(1), granted(1), EmergencyRoleChanged(1, 1001, GRANTEE, False))
+    f = follower(chain, clock)
+    f.sync_once()
+    grant = f.access_state(RECORD, GRANTEE).grant
+    assert grant is not None and grant.active and not grant.emergency
 
 
 def test_stale_index_is_refused_not_used(chain: FakeChain, clock: Clock) -> None:
