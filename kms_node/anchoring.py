@@ -13,7 +13,10 @@ has looked; the node keeps serving, its log being fail-closed on its own.
 Anchoring runs off the request path, in a background thread of one process per node. A
 checkpoint is anchored once ``every_entries`` entries are unanchored, or ``interval_s`` after
 the last attempt if any are; chain or HSM trouble is logged, counted and retried
-``interval_s`` later.
+``interval_s`` later. A graceful stop (:meth:`Anchorer.stop`, once the gRPC server takes no
+more requests) anchors the entries appended since the last anchor, so that an auditor need
+not wait for the node's next start to see them anchored; it waits a bounded time for the
+chain, and anchors nothing after a divergence.
 """
 
 from __future__ import annotations
@@ -265,15 +268,35 @@ class Anchorer:
         )
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread, which first runs one last round if entries were appended since
+        the last anchor (never after a divergence). Call it once nothing appends to the log
+        any more. Waits at most ``timeout_s``: a chain that is down fails the round (logged
+        as any failed round), one that does not answer is left behind, logged, and the
+        entries are anchored at the next start."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)
+        if self._thread is None:
+            return
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning("audit_anchorer_stop_timed_out", node_id=self._node_id, timeout_s=timeout_s)
 
     def _run(self) -> None:
         self._round()
         while not self._stop.wait(self._poll_s):
             if self.due():
                 self._round()
+        # Stopping: one last round whatever the schedule or back-off, if there is anything
+        # to anchor; stop() bounds how long it is waited for.
+        if self.divergence is None and self._unanchored_at_stop():
+            self._round()
+
+    def _unanchored_at_stop(self) -> bool:
+        """Whether the log has entries the last anchor does not cover; a log that cannot be
+        read says yes, so that the round runs, fails and logs why."""
+        try:
+            return self._log.size() > self._anchored_size
+        except KmsError:
+            return True
 
     def _round(self) -> None:
         try:

@@ -4,6 +4,13 @@ Applied after the signature is verified (so nobody can spend another's budget)
 and before anything costly (the chain read that confirms a refusal, the HSM).
 Memory is bounded: idle buckets are dropped once full again, and beyond
 ``max_requesters`` tracked addresses the node refuses new ones rather than grow.
+
+The buckets live in process memory. A node running ``processes`` server processes on one
+port gives each its share of the configured limit (:meth:`RateLimiter.share_of`): the
+kernel spreads connections between the processes and the coordinator spreads requests
+over several connections per node, so the shares add up to the limit; a requester whose
+traffic all lands on one process gets that process's share, less than the limit, never
+more.
 """
 
 from __future__ import annotations
@@ -32,6 +39,22 @@ class RateLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # requester -> (tokens, at)
+
+    @classmethod
+    def share_of(
+        cls,
+        rate_per_s: float,
+        burst: int,
+        processes: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> RateLimiter:
+        """One server process's share of a node's limit of ``rate_per_s`` and ``burst``
+        when ``processes`` processes serve it: ``rate_per_s / processes`` and
+        ``burst // processes``, at least 1."""
+        if processes < 1:
+            raise ValueError("processes must be at least 1")
+        return cls(rate_per_s / processes, max(1, burst // processes), clock=clock)
 
     def spend(self, requester: str, cost: int = 1) -> None:
         """Take ``cost`` tokens (a batch costs one per capsule) or refuse."""

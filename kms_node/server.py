@@ -147,7 +147,9 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         registry_address=registry.address,
         chain_id=registry.chain_id(),
         replay=replay,
-        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        limiter=RateLimiter.share_of(
+            settings.rate_limit_per_s, settings.rate_limit_burst, settings.processes
+        ),
         audit=audit,
         request_window_s=settings.request_window_s,
     )
@@ -197,6 +199,9 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     server.stop(grace=2).wait()
     follower.stop()
     if anchorer is not None:
+        # After the server, so that its last anchor covers every entry this process
+        # wrote. With several processes, worker 0 anchors: what another worker appends
+        # while it finishes its own requests is anchored at the next start.
         anchorer.stop()
     kfrags.close()
     audit.close()

@@ -48,7 +48,10 @@ class NodeSettings:
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
     replay_max_entries: int = 1_000_000
-    #: capsules a requester may have re-encrypted per second at this node (per process)
+    #: capsules a requester may have re-encrypted per second at this node, and its burst;
+    #: with ``processes`` > 1 each process enforces its share (rate / processes, burst //
+    #: processes, at least 1), so a requester gets the limit only when its connections are
+    #: spread over the processes, less when they all land on one (rate_limit.py)
     rate_limit_per_s: float = 1000.0
     rate_limit_burst: int = 2000
     #: gRPC server threads per process. Crypto holds the GIL and PKCS#11 calls are

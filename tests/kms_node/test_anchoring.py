@@ -332,14 +332,23 @@ def test_a_node_that_cannot_pay_is_retried_later(
 
 
 class FlakyRegistry:
-    """The real registry behind a switch that makes every call fail as an outage would."""
+    """The real registry behind switches: ``down`` makes every call fail as an outage
+    would; ``hung`` makes every call wait, as a chain that does not answer would, until
+    ``released`` (then it fails). ``calls`` counts every call."""
 
     def __init__(self, registry: RegistryClient) -> None:
         self._registry = registry
         self.down = threading.Event()
+        self.hung = threading.Event()
+        self.released = threading.Event()
+        self.calls = 0
         self.calls_while_down = 0
 
     def _check(self) -> None:
+        self.calls += 1
+        if self.hung.is_set():
+            self.released.wait()
+            raise ChainUnavailable("chain at http://127.0.0.1 unavailable (ReadTimeout)")
         if self.down.is_set():
             self.calls_while_down += 1
             raise ChainUnavailable("chain at http://127.0.0.1 unavailable (ConnectionError)")
@@ -375,6 +384,110 @@ def test_the_thread_survives_a_chain_outage(
         assert registry.latest_checkpoint(NODE)[:2] == (4, log.root(4))  # type: ignore[index]
     finally:
         anchorer.stop()
+
+
+# --- a graceful stop ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def running(
+    registry: RegistryClient,
+    admin: LocalAccount,
+    keys: MemoryKeyStore,
+    open_log: Callable[[KeyStore, str], AuditLog],
+) -> Iterator[tuple[AuditLog, FlakyRegistry, Anchorer]]:
+    """A started anchorer whose first round anchored one entry, and that no schedule would
+    run again during a test."""
+    register(registry, admin, keys)
+    log = open_log(keys, "audit")
+    fill(log, range(1))
+    flaky = FlakyRegistry(registry)
+    anchorer = anchorer_for(log, flaky, keys, every_entries=1000, interval_s=3600)
+    anchorer.start()
+    try:
+        wait_for(lambda: anchorer.last_anchored is not None)
+        yield log, flaky, anchorer
+    finally:
+        flaky.released.set()
+        anchorer.stop()
+
+
+def test_stop_anchors_the_entries_appended_since_the_last_anchor(
+    registry: RegistryClient, running: tuple[AuditLog, FlakyRegistry, Anchorer]
+) -> None:
+    log, _, anchorer = running
+    fill(log, range(1, 3))
+    anchorer.stop()
+    assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [1, 3]
+    assert registry.latest_checkpoint(NODE)[:2] == (3, log.root(3))  # type: ignore[index]
+
+
+def test_stop_with_nothing_new_does_not_call_the_chain(
+    registry: RegistryClient, running: tuple[AuditLog, FlakyRegistry, Anchorer]
+) -> None:
+    _, flaky, anchorer = running
+    calls = flaky.calls
+    anchorer.stop()
+    assert flaky.calls == calls
+    assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [1]
+
+
+def test_a_chain_that_is_down_at_stop_is_logged_not_raised(
+    registry: RegistryClient, running: tuple[AuditLog, FlakyRegistry, Anchorer]
+) -> None:
+    log, flaky, anchorer = running
+    fill(log, range(1, 3))
+    flaky.down.set()
+    failed = anchors_total(AnchorOutcome.FAILED)
+    with structlog.testing.capture_logs() as logs:
+        anchorer.stop()
+    assert flaky.calls_while_down == 1
+    assert anchors_total(AnchorOutcome.FAILED) == failed + 1
+    assert [e["event"] for e in logs] == ["audit_anchor_failed"]
+    assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [1]
+
+
+def test_a_chain_that_does_not_answer_at_stop_does_not_hold_shutdown(
+    registry: RegistryClient, running: tuple[AuditLog, FlakyRegistry, Anchorer]
+) -> None:
+    log, flaky, anchorer = running
+    fill(log, range(1, 3))
+    flaky.hung.set()
+    calls = flaky.calls
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        anchorer.stop(timeout_s=0.3)
+    assert time.monotonic() - started < 2
+    [warning] = [e for e in logs if e["event"] == "audit_anchorer_stop_timed_out"]
+    assert warning["log_level"] == "warning" and warning["timeout_s"] == 0.3
+    assert flaky.calls == calls + 1  # the last round, waiting on its first read
+    assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [1]
+
+
+def test_stop_after_a_divergence_anchors_nothing(
+    registry: RegistryClient,
+    admin: LocalAccount,
+    keys: MemoryKeyStore,
+    open_log: Callable[[KeyStore, str], AuditLog],
+) -> None:
+    register(registry, admin, keys)
+    original = open_log(keys, "audit")
+    fill(original, range(4))
+    assert anchorer_for(original, registry, keys).anchor_once() is AnchorOutcome.ANCHORED
+    other = open_log(keys, "other")
+    fill(other, range(6), "x")  # longer than the anchor, and another root at its size
+    flaky = FlakyRegistry(registry)
+    anchorer = anchorer_for(other, flaky, keys, every_entries=1000, interval_s=3600)
+    anchorer.start()
+    try:
+        wait_for(lambda: anchorer.divergence is not None)
+        fill(other, range(6, 8), "x")
+        calls, refused = flaky.calls, anchors_total(AnchorOutcome.REFUSED)
+    finally:
+        anchorer.stop()
+    assert flaky.calls == calls  # no last round at all
+    assert anchors_total(AnchorOutcome.REFUSED) == refused
+    assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [4]
 
 
 # --- divergence --------------------------------------------------------------------------

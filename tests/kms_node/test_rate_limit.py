@@ -42,3 +42,36 @@ def test_memory_is_bounded_and_idle_requesters_are_forgotten() -> None:
         limiter.spend("c")
     clock.now = 5.0  # a and b have refilled: nothing to remember
     limiter.spend("c")
+
+
+def test_each_of_two_processes_enforces_half_the_limit() -> None:
+    clock = Clock()
+    shares = [
+        RateLimiter.share_of(rate_per_s=10, burst=4, processes=2, clock=clock) for _ in range(2)
+    ]
+    for share in shares:
+        share.spend("alice", cost=2)
+        with pytest.raises(ResourceExhausted, match="retry in 0.2s"):  # 5 tokens a second
+            share.spend("alice")
+    # Spread over both processes, the requester got the configured burst (4), not twice it.
+    clock.now = 0.2
+    for share in shares:
+        share.spend("alice")
+
+
+def test_one_process_enforces_the_whole_limit() -> None:
+    clock = Clock()
+    limiter = RateLimiter.share_of(rate_per_s=10, burst=3, processes=1, clock=clock)
+    limiter.spend("alice", cost=3)
+    with pytest.raises(ResourceExhausted, match="retry in 0.1s"):
+        limiter.spend("alice")
+
+
+def test_a_share_of_the_burst_is_never_below_one() -> None:
+    clock = Clock()
+    limiter = RateLimiter.share_of(rate_per_s=10, burst=3, processes=4, clock=clock)
+    limiter.spend("alice")
+    with pytest.raises(ResourceExhausted, match="retry in 0.4s"):  # 2.5 tokens a second
+        limiter.spend("alice")
+    with pytest.raises(ValueError, match="processes"):
+        RateLimiter.share_of(rate_per_s=10, burst=3, processes=0)
