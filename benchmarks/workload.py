@@ -155,7 +155,7 @@ def prepare(cluster: LocalCluster, *, records: int, doctors: int = 4) -> Workloa
     alice = blank.new_identity("alice")
     # The channel lives as long as the benchmark process; grants are made through it.
     coordinator = CoordinatorStub(cluster.coordinator_channel())
-    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator, cluster.transport)
+    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
     patient.register()
     stored = [patient.store_record(lab_result(), RecordType.LAB_RESULT) for _ in range(records)]
     granted = [blank.new_identity(f"dr-{i}", provider=True) for i in range(doctors)]

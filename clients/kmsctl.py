@@ -129,7 +129,6 @@ def cmd_patient(args: argparse.Namespace) -> None:
             cluster.registry(),
             cluster.blob_store(),
             CoordinatorStub(channel),
-            cluster.transport,
         )
         _patient_action(args, cluster, client)
 

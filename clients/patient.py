@@ -10,7 +10,6 @@ read none of them.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Iterable
@@ -30,9 +29,8 @@ from medkms.core.registry_types import NodeInfo
 from medkms.core.umbral_codec import capsule_hash as hash_capsule
 from medkms.core.umbral_codec import load_public_key
 from medkms.proto import rpc
-from medkms.proto.kms.v1 import coordinator_pb2, node_pb2
-from medkms.proto.stubs import CoordinatorStub, NodeStub
-from medkms.proto.transport import Transport
+from medkms.proto.kms.v1 import coordinator_pb2
+from medkms.proto.stubs import CoordinatorStub
 
 ENROLL_TIMEOUT_S = 10.0
 
@@ -66,15 +64,11 @@ class PatientClient:
         registry: RegistryClient,
         blobs: LocalBlobStore,
         coordinator: CoordinatorStub,
-        transport: Transport,
     ) -> None:
-        """``transport`` secures direct calls to nodes (:meth:`await_nodes`): nodes
-        require mutual TLS, so it carries a client certificate from their CA."""
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
         self._coordinator = coordinator
-        self._transport = transport
 
     def register(self) -> None:
         """Register the patient's per-record-type Umbral keys and kfrag-verifying key, once."""
@@ -257,36 +251,32 @@ class PatientClient:
         return block
 
     def await_nodes(self, block: int, timeout_s: float = 5.0) -> float:
-        """Wait until every active node's grant index reflects ``block`` (so a revocation
-        or deactivation mined there is in force everywhere); return the seconds waited."""
-        nodes = [n for n in self._registry.list_nodes() if n.active]
+        """Wait until every node's grant index reflects ``block`` (so a revocation or
+        deactivation mined there is in force everywhere); return the seconds waited.
+
+        Asks the coordinator, which asks the nodes (:meth:`cluster_status`): an app needs
+        no certificate for the nodes themselves."""
         start = time.monotonic()
-        behind = {n.node_id: "not asked yet" for n in nodes}
-        with contextlib.ExitStack() as channels:
-            # One connection per node for the whole wait, not one per poll.
-            stubs = {
-                n.node_id: NodeStub(
-                    channels.enter_context(
-                        self._transport.channel(n.endpoint, server_name=n.node_id)
-                    )
-                )
-                for n in nodes
+        while True:
+            status = self.cluster_status()
+            behind = {
+                n.node_id: (f"{n.status}: {n.reason}" if n.status else f"at block {n.index_block}")
+                for n in status.nodes
+                if n.status or n.index_block < block
             }
-            while True:
-                for node_id in list(behind):
-                    try:
-                        info = stubs[node_id].GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=2)
-                    except grpc.RpcError as e:
-                        behind[node_id] = rpc.error_from_rpc(e, node_id).message
-                        continue
-                    if info.index_block >= block:
-                        del behind[node_id]
-                    else:
-                        behind[node_id] = f"at block {info.index_block}"
-                waited = time.monotonic() - start
-                if not behind:
-                    return waited
-                if waited > timeout_s:
-                    lagging = "; ".join(f"{n}: {why}" for n, why in behind.items())
-                    raise Unavailable(f"nodes not at block {block} after {timeout_s:g}s: {lagging}")
-                time.sleep(0.02)
+            waited = time.monotonic() - start
+            if not behind:
+                return waited
+            if waited > timeout_s:
+                lagging = "; ".join(f"{n}: {why}" for n, why in behind.items())
+                raise Unavailable(f"nodes not at block {block} after {timeout_s:g}s: {lagging}")
+            time.sleep(0.02)
+
+    def cluster_status(self) -> coordinator_pb2.ClusterStatus:
+        """Each node's state as the coordinator reaches it now."""
+        try:
+            return self._coordinator.GetClusterStatus(
+                coordinator_pb2.GetClusterStatusRequest(), timeout=5
+            )
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, "coordinator") from None

@@ -33,6 +33,9 @@ async def serve(settings: CoordinatorSettings) -> None:
     server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
     methods = [
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
+        rpc.Method(
+            "GetClusterStatus", coordinator_pb2.GetClusterStatusRequest, service.cluster_status
+        ),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, service.reencrypt_batch),
         rpc.Method(

@@ -88,6 +88,8 @@ class _Verifier:
 
 
 BAD_CFRAG = "returned a capsule fragment that does not verify"
+#: how long a cluster status round waits for each node
+STATUS_TIMEOUT_S = 1.0
 
 
 class _SingleCollection:
@@ -193,6 +195,7 @@ class CoordinatorService:
         )
         self._stubs: dict[str, _RoundRobin] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
 
     def open_channels(self, transport: Transport) -> None:
         """Create the reusable channels to each node; call inside the running loop.
@@ -226,6 +229,37 @@ class CoordinatorService:
                 for n in self._settings.nodes
             ],
         )
+
+    async def cluster_status(
+        self,
+        _msg: coordinator_pb2.GetClusterStatusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.ClusterStatus:
+        """Ask every node for its info now (concurrently, within STATUS_TIMEOUT_S); calls
+        that arrive while a round is under way share it, so polling apps cost the nodes one
+        round at a time, however many they are."""
+        if self._status_round is None or self._status_round.done():
+            timeout = min(STATUS_TIMEOUT_S, self._timeout(context))
+            self._status_round = asyncio.ensure_future(self._ask_every_node(timeout))
+        return await asyncio.shield(self._status_round)
+
+    async def _ask_every_node(self, timeout: float) -> coordinator_pb2.ClusterStatus:
+        async def ask(node_id: str) -> coordinator_pb2.NodeStatus:
+            try:
+                info = (
+                    await self._stubs[node_id]
+                    .next()
+                    .GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=timeout)
+                )
+            except grpc.RpcError as e:
+                error = rpc.error_from_rpc(e)
+                return coordinator_pb2.NodeStatus(
+                    node_id=node_id, status=error.grpc_status, reason=error.message
+                )
+            return coordinator_pb2.NodeStatus(node_id=node_id, index_block=info.index_block)
+
+        nodes = await asyncio.gather(*(ask(n.node_id) for n in self._settings.nodes))
+        return coordinator_pb2.ClusterStatus(nodes=nodes)
 
     async def enroll_key_fragments(
         self,

@@ -84,7 +84,7 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     alice = cluster.identity("patient")
     bob = cluster.identity("doctor")
     channel = cluster.coordinator_channel()
-    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel), cluster.transport)
+    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel))
     nodes = cluster.nodes
     say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
     say(f"patient {alice.address}, doctor {bob.address}")

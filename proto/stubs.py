@@ -74,6 +74,9 @@ class NodeStub:
 
 class AioNodeStub:
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.GetNodeInfo = _aio_unary(
+            channel, NODE_SERVICE, "GetNodeInfo", node_pb2.GetNodeInfoRequest, node_pb2.NodeInfo
+        )
         self.EnrollKeyFragment = _aio_unary(
             channel,
             NODE_SERVICE,
@@ -105,6 +108,13 @@ class CoordinatorStub:
             "GetClusterInfo",
             coordinator_pb2.GetClusterInfoRequest,
             coordinator_pb2.ClusterInfo,
+        )
+        self.GetClusterStatus = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "GetClusterStatus",
+            coordinator_pb2.GetClusterStatusRequest,
+            coordinator_pb2.ClusterStatus,
         )
         self.Reencrypt = _unary(
             channel,

@@ -104,7 +104,7 @@ class People:
 def people(cluster: LocalCluster, registry: RegistryClient, coordinator: CoordinatorStub) -> People:
     blank = People(cluster, registry, None, None, None, None)  # type: ignore[arg-type]
     alice = blank.new_identity("alice")
-    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator, cluster.transport)
+    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
     patient.register()
     lab = patient.store_record(lab_result(), RecordType.LAB_RESULT)
     condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)

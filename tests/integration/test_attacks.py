@@ -119,7 +119,6 @@ def test_another_patients_record_is_refused(people: People, coordinator: Coordin
         people.registry,
         people.cluster.blob_store(),
         coordinator,
-        people.cluster.transport,
     )
     carol.register()
     theirs = carol.store_record(lab_result(), LAB)

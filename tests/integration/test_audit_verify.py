@@ -163,9 +163,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             set_balance(cluster.rpc_url, identity.address, FUNDING_WEI)
         registry.grant_provider_role(cluster.identity("admin").account, bob.address)
         with cluster.coordinator_channel() as channel:
-            patient = PatientClient(
-                alice, registry, cluster.blob_store(), CoordinatorStub(channel), cluster.transport
-            )
+            patient = PatientClient(alice, registry, cluster.blob_store(), CoordinatorStub(channel))
             patient.register()
             lab = patient.store_record(demo.lab_result(), RecordType.LAB_RESULT)
             patient.grant(

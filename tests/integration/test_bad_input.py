@@ -17,7 +17,9 @@ from medkms.proto.stubs import CoordinatorStub, NodeStub
 pytestmark = pytest.mark.cluster
 
 NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt", "ReencryptBatch"]
-COORDINATOR_METHODS = ["GetClusterInfo", "Reencrypt", "ReencryptBatch"]
+COORDINATOR_METHODS = ["GetClusterInfo", "GetClusterStatus", "Reencrypt", "ReencryptBatch"]
+#: methods whose request is empty: only bytes that are no message at all are refused
+EMPTY_REQUESTS = ("GetClusterInfo", "GetClusterStatus")
 
 # Bytes that are not a protobuf message at all, and a string field (field 1,
 # request_id) holding invalid UTF-8.
@@ -88,7 +90,7 @@ def test_coordinator_rejects_undecodable_requests(
             coordinator_channel,
             "Coordinator",
             method,
-            GARBAGE if method == "GetClusterInfo" else payload,
+            GARBAGE if method in EMPTY_REQUESTS else payload,
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "is not a valid kms.v1." in error.details()

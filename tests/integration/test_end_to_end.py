@@ -121,6 +121,24 @@ def test_clear_error_with_three_of_five_nodes_stopped(
         assert f"{node_id} (UNAVAILABLE" in message
 
 
+def test_cluster_status_names_a_stopped_node_and_await_nodes_waits_for_it(
+    people: People, cluster: LocalCluster, restart_stopped_nodes: list[str]
+) -> None:
+    # Through the coordinator, with no certificate for the nodes: every node's index block.
+    head = people.registry.latest_block()[0]
+    people.patient.await_nodes(head)
+    status = people.patient.cluster_status()
+    assert [n.node_id for n in status.nodes] == [n.node_id for n in cluster.nodes]
+    assert all(not n.status and n.index_block >= head for n in status.nodes)
+
+    cluster.stop_node("node-3")
+    restart_stopped_nodes.append("node-3")
+    stopped = {n.node_id: n for n in people.patient.cluster_status().nodes}["node-3"]
+    assert (stopped.status, stopped.index_block) == ("UNAVAILABLE", 0)
+    with pytest.raises(Unavailable, match=f"nodes not at block {head} after 0.3s: node-3: "):
+        people.patient.await_nodes(head, timeout_s=0.3)
+
+
 def test_kfrags_survive_a_node_killed_with_sigkill(
     people: People, cluster: LocalCluster, restart_stopped_nodes: list[str]
 ) -> None:

@@ -54,7 +54,7 @@ def granted(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
     with multi.coordinator_channel() as channel:
         patient = PatientClient(
-            alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel), multi.transport
+            alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel)
         )
         patient.register()
         record = patient.store_record(lab_result(), RecordType.LAB_RESULT)

@@ -51,6 +51,28 @@ class ClusterInfo(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeEndpoint]
     def __init__(self, threshold: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ...) -> None: ...
 
+class GetClusterStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "index_block", "status", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    index_block: int
+    status: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., index_block: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
 class CoordinatorReencryptResponse(_message.Message):
     __slots__ = ("fragments", "threshold")
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
