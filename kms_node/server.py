@@ -16,6 +16,7 @@ from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
 from medkms.node.audit_log import AuditLog
 from medkms.node.audit_service import AuditService
 from medkms.node.chain_follower import ChainFollower
+from medkms.node.hardening import forbid_core_dumps
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
@@ -103,6 +104,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     supervisor then serves the metrics."""
     if worker is not None:
         die_with_parent()
+    # Before the HSM is opened: nothing the process holds may reach a core dump.
+    forbid_core_dumps()
     if settings.dev_plaintext:
         log.warning(
             "node_plaintext",

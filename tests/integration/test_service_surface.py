@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -76,3 +77,10 @@ def test_metrics_count_requests_by_outcome(people: People, cluster: LocalCluster
     assert sum(_metric(cluster, i, denied) for i in range(5)) >= before_denied + 3
     assert sum(_metric(cluster, i, ok) for i in range(5)) >= before_ok + 3
     assert _metric(cluster, 0, "kms_node_kfrags_stored") >= 1
+
+
+def test_node_processes_write_no_core_dumps(cluster: LocalCluster) -> None:
+    for node in cluster.nodes:
+        limits = Path(f"/proc/{node.pid}/limits").read_text().splitlines()
+        (core,) = [line for line in limits if line.startswith("Max core file size")]
+        assert core.split()[4:6] == ["0", "0"], core
