@@ -21,8 +21,9 @@ from pydantic import ValidationError
 
 from medkms.clients.auditor import ClusterReport
 from medkms.core.audit import GRANTED, AuditEntry, Receipt
-from medkms.core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport
+from medkms.core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
 from medkms.core.errors import InvalidRequest, KmsError
+from medkms.core.registry_types import NodeInfo
 from medkms.core.requests import PURPOSES_OF_USE
 
 CSV_COLUMNS: Final = (
@@ -124,6 +125,7 @@ def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
         "root": _hex(cp.root) if cp is not None else None,
         "checkpoint_time": _iso(cp.timestamp) if cp is not None else None,
         "entries": len(node.entries),
+        "first_entry_read": node.start,
         "granted": node.granted,
         "denied": node.denied,
         "anchors_checked": node.anchors_checked,
@@ -193,6 +195,42 @@ def write_reports(report: ClusterReport, directory: Path) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
+def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefix]:
+    """The prefixes an earlier ``audit verify --state`` verified, of the registered
+    ``nodes`` (each checked with its registered key); none if the file does not exist."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"cannot read the audit state {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+        raise InvalidRequest(f"{path} is not an audit state file")
+    keys = {n.node_id: n.signing_public_key for n in nodes}
+    return {
+        node_id: VerifiedPrefix.from_json(item, keys[node_id])
+        for node_id, item in data["nodes"].items()
+        if node_id in keys
+    }
+
+
+def save_state(path: Path, report: ClusterReport, earlier: dict[str, VerifiedPrefix]) -> None:
+    """What this audit verified, for the next run: a node that failed keeps its earlier
+    prefix (so the next run checks again from there)."""
+    prefixes = dict(earlier)
+    for node in report.nodes:
+        if node.verified is not None:
+            prefixes[node.node_id] = node.verified
+    document = {
+        "registry": report.registry_address,
+        "nodes": {node_id: p.to_json() for node_id, p in sorted(prefixes.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
 def summary_lines(report: ClusterReport) -> list[str]:
     """The summary ``kmsctl audit verify`` prints: one line per node, then its warnings."""
     lines = [
@@ -206,6 +244,8 @@ def summary_lines(report: ClusterReport) -> list[str]:
             f"{len(node.entries):>6} entries {node.granted:>6} granted {node.denied:>6} denied "
             f"{node.anchors_checked:>4} anchors"
         )
+        if node.start:
+            counts += f" (from entry {node.start}: those before were verified earlier)"
         first = node.first_failure()
         if first is None:
             verdict = "ok"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -24,7 +24,7 @@ import grpc
 
 from medkms.contracts.registry import RegistryClient
 from medkms.core.audit import Checkpoint, Receipt
-from medkms.core.audit_verify import NodeReport, verify_node
+from medkms.core.audit_verify import NodeReport, VerifiedPrefix, verify_node
 from medkms.core.errors import InvalidRequest
 from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from medkms.proto import rpc
@@ -157,8 +157,11 @@ def audit_cluster(
     node_ids: Sequence[str] = (),
     receipts: Sequence[Receipt] = (),
     rejudge_decisions: bool = True,
+    since: Mapping[str, VerifiedPrefix] | None = None,
 ) -> ClusterReport:
-    """Audit every node registered on-chain (or those in ``node_ids``), in parallel."""
+    """Audit every node registered on-chain (or those in ``node_ids``), in parallel;
+    a node with a prefix in ``since`` (an earlier audit's ``NodeReport.verified``) from
+    the end of that prefix on."""
     started = time.perf_counter()
     block = registry.block("latest").number
     nodes = registry.list_nodes()
@@ -181,6 +184,7 @@ def audit_cluster(
                 chain,
                 receipts=receipts,
                 rejudge_decisions=rejudge_decisions,
+                since=(since or {}).get(node.node_id),
             )
         finally:
             channel.close()

@@ -6,7 +6,7 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
-    kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE]
+    kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state FILE]
     kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
 Identities are the demo accounts of the cluster's state directory
@@ -27,6 +27,8 @@ from medkms.clients.audit_report import (
     failures,
     fhir_bundle,
     load_receipts,
+    load_state,
+    save_state,
     summary_lines,
     write_reports,
 )
@@ -246,13 +248,18 @@ def _node_channels(cluster: LocalCluster) -> ChannelFactory:
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
+    registry = cluster.registry()
     receipts = load_receipts(args.receipts) if args.receipts else []
+    since = load_state(args.state, registry.list_nodes()) if args.state else {}
     report = audit_cluster(
-        cluster.registry(), _node_channels(cluster), node_ids=args.node, receipts=receipts
+        registry, _node_channels(cluster), node_ids=args.node, receipts=receipts, since=since
     )
     json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
     print("\n".join(summary_lines(report)))
     print(f"report: {json_path}, {csv_path}")
+    if args.state:
+        save_state(args.state, report, since)
+        print(f"state: {args.state} (the next run with it starts where this one ended)")
     if not report.ok:
         raise IntegrityError(f"audit failed: {failures(report)}")
 
@@ -385,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-dir", type=Path, help="where report.json and report.csv go (default: STATE/audit)"
     )
     verify.add_argument("--receipts", type=Path, help="a JSON list of receipts to check too")
+    verify.add_argument(
+        "--state",
+        type=Path,
+        help="incremental: start each node where the audit that wrote FILE ended, then "
+        "write what this one verified back to FILE",
+    )
     verify.set_defaults(func=cmd_audit_verify)
     export = audit.add_parser(
         "export", parents=[nodes], help="the entries of verified logs as FHIR AuditEvents"

@@ -31,6 +31,10 @@ small interfaces, :class:`LogSource` (the node's ``kms.v1.Audit`` service) and
    allowed by the grant state at that block (:func:`rejudge`). Denials are not failures;
    one the chain state does not explain is a warning.
 
+Incremental audits: a run that passed returns what it verified (:class:`VerifiedPrefix`);
+given to the next run, step 3 reads only the entries after it, once the node's consistency
+proof shows its tree extends it (steps 4 to 7 then cover the new entries and new anchors).
+
 What can be named, and what cannot. A tamperer who edits stored entries but not the node's
 Merkle state (the stored leaf hashes and subtree roots the node signs from) leaves the
 signed checkpoint committing to the original log: each altered, swapped or deleted entry is
@@ -179,6 +183,11 @@ class NodeReport:
     #: every problem, of entries and of the log
     problems: tuple[Problem, ...]
     warnings: tuple[str, ...]
+    #: the first entry read: 0, or the end of the prefix an earlier audit verified
+    start: int = 0
+    #: what this audit verified, for the next one to start from (None unless every check
+    #: passed, decisions included, against a signed checkpoint)
+    verified: VerifiedPrefix | None = None
 
     @property
     def ok(self) -> bool:
@@ -217,6 +226,82 @@ class NodeReport:
         request_id = self.request_id(problem.leaf_index)
         who = f" (request {request_id})" if request_id else ""
         return f"entry {problem.leaf_index}{who}: {problem.message}"
+
+
+@dataclass(frozen=True)
+class VerifiedPrefix:
+    """What an audit established of a node's log, for the next one to start from: the
+    first ``checkpoint.tree_size`` entries passed every check against ``checkpoint`` (signed
+    by the node), ``frontier`` is their compact range (from which the root of any extension
+    follows without them), and the anchors up to block ``anchor_block`` were checked.
+
+    An incremental audit (:func:`verify_node` with ``since``) checks that the node's current
+    tree extends this prefix (a consistency proof) and reads only the entries after it. It
+    relies on the tree: stored entry bytes below the prefix that were altered without the
+    node's tree are found by a full audit only.
+    """
+
+    checkpoint: Checkpoint
+    frontier: tuple[bytes, ...]
+    anchor_block: int = 0
+
+    def __post_init__(self) -> None:
+        tree = merkle.CompactRange(self.checkpoint.tree_size, tuple(self.frontier))
+        if tree.root() != self.checkpoint.root:
+            raise InvalidRequest("the verified prefix's frontier does not have its root")
+        if self.anchor_block < 0:
+            raise InvalidRequest("anchor_block must not be negative")
+
+    @property
+    def node_id(self) -> str:
+        return self.checkpoint.node_id
+
+    @property
+    def tree_size(self) -> int:
+        return self.checkpoint.tree_size
+
+    def compact_range(self) -> merkle.CompactRange:
+        return merkle.CompactRange(self.tree_size, tuple(self.frontier))
+
+    def to_json(self) -> dict[str, object]:
+        c = self.checkpoint
+        return {
+            "node_id": c.node_id,
+            "tree_size": c.tree_size,
+            "root": c.root.hex(),
+            "timestamp": c.timestamp,
+            "signature": c.signature.hex(),
+            "frontier": [h.hex() for h in self.frontier],
+            "anchor_block": self.anchor_block,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, key: bytes) -> VerifiedPrefix:
+        """Parse :meth:`to_json`; the checkpoint must verify with the node's ``key``, so a
+        state file cannot vouch for a log the node never signed."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError
+            checkpoint = Checkpoint(
+                node_id=data["node_id"],
+                tree_size=int(data["tree_size"]),
+                root=bytes.fromhex(data["root"]),
+                timestamp=int(data["timestamp"]),
+                signature=bytes.fromhex(data["signature"]),
+            )
+            prefix = cls(
+                checkpoint,
+                tuple(bytes.fromhex(h) for h in data["frontier"]),
+                int(data.get("anchor_block", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidRequest("not a verified prefix (an earlier audit's state)") from None
+        if not verify_checkpoint(checkpoint, key):
+            raise InvalidRequest(
+                f"the verified prefix of {checkpoint.node_id} is not signed by the node's "
+                "registered key"
+            )
+        return prefix
 
 
 # --- re-judging a decision ---------------------------------------------------------------
@@ -278,14 +363,21 @@ def verify_node(
     *,
     receipts: Iterable[Receipt] = (),
     rejudge_decisions: bool = True,
+    since: VerifiedPrefix | None = None,
 ) -> NodeReport:
     """Check ``node``'s log as served by ``log`` against the chain (see the module doc).
 
     ``receipts`` are receipts the caller holds (of any node; others' are ignored).
     ``rejudge_decisions=False`` skips step 7's grant checks (block hashes are still
     checked), e.g. for an export that needs only the log's integrity.
+
+    ``since``, what an earlier audit of this node verified (``NodeReport.verified``), makes
+    the audit incremental: the node's tree must extend that prefix (its consistency proof,
+    RFC 9162 2.1.4), and only the entries after it are read and checked; receipts for
+    entries before it are checked with the node's inclusion proofs; anchors checked then are
+    not checked again.
     """
-    return _Audit(node, log, chain).run(list(receipts), rejudge_decisions)
+    return _Audit(node, log, chain, since).run(list(receipts), rejudge_decisions)
 
 
 def _lenient_request_id(data: bytes) -> str:
@@ -301,7 +393,19 @@ def _lenient_request_id(data: bytes) -> str:
 class _Audit:
     """One run of :func:`verify_node`; collects problems as it goes."""
 
-    def __init__(self, node: NodeInfo, log: LogSource, chain: ChainView) -> None:
+    def __init__(
+        self, node: NodeInfo, log: LogSource, chain: ChainView, since: VerifiedPrefix | None
+    ) -> None:
+        if since is not None and since.node_id != node.node_id:
+            raise InvalidRequest(
+                f"the verified prefix is of node {since.node_id!r}, not {node.node_id!r}"
+            )
+        self.since = since
+        #: the first entry read: the end of the verified prefix, or 0
+        self.start = since.tree_size if since is not None else 0
+        self.base = since.compact_range() if since is not None else merkle.CompactRange()
+        self.anchor_block = since.anchor_block if since is not None else 0
+        self.rejudged = False
         self.node_id = node.node_id
         self.key = node.signing_public_key
         self.log = log
@@ -329,15 +433,49 @@ class _Audit:
     def run(self, receipts: list[Receipt], rejudge_decisions: bool) -> NodeReport:
         anchors = self._read_anchors()
         checkpoint = self._read_checkpoint()
+        signed = False
         if checkpoint is not None:
             signed = self._check_checkpoint(checkpoint)
-            self._read_entries(checkpoint.tree_size)
-            if signed:
-                self._check_inclusion(checkpoint)
-            self._check_receipts(receipts, checkpoint.tree_size)
-            self._check_anchors(anchors, checkpoint, signed)
-            self._check_chain(rejudge_decisions)
-        return self._report(checkpoint)
+            if self.since is None or self._extends_prefix(checkpoint):
+                self._read_entries(checkpoint.tree_size)
+                if signed:
+                    self._check_inclusion(checkpoint)
+                self._check_receipts(receipts, checkpoint)
+                self._check_anchors(anchors, checkpoint, signed)
+                self._check_chain(rejudge_decisions)
+                self.rejudged = rejudge_decisions
+        return self._report(checkpoint, signed)
+
+    def _extends_prefix(self, checkpoint: Checkpoint) -> bool:
+        """Whether the node's tree extends the prefix an earlier audit verified."""
+        assert self.since is not None
+        prefix, size = self.since.checkpoint, checkpoint.tree_size
+        earlier = (
+            f"the {prefix.tree_size} entries an earlier audit verified (checkpoint of "
+            f"{_iso(prefix.timestamp)})"
+        )
+        if size < prefix.tree_size:
+            self.fail(
+                Check.ANCHOR,
+                f"missing: the log has {size} entries, fewer than {earlier}: the log was "
+                "truncated; a full audit names where",
+                size,
+            )
+            return False
+        if size == prefix.tree_size:
+            problems = []
+            if checkpoint.root != prefix.root:
+                problems.append(f"the node's checkpoint of {size} entries has another root")
+        else:
+            problems = self._consistency(prefix, checkpoint, "the verified prefix and now")
+        if problems:
+            self.fail(
+                Check.ANCHOR,
+                f"{problems[0]}: the log does not extend {earlier}; a full audit names where "
+                "it was rewritten",
+            )
+            return False
+        return True
 
     # 1. -----------------------------------------------------------------------------------
 
@@ -379,9 +517,9 @@ class _Audit:
     # 3. -----------------------------------------------------------------------------------
 
     def _read_entries(self, size: int) -> None:
-        expected = 0
+        expected = self.start
         try:
-            for index, data in self.log.entries(0, size):
+            for index, data in self.log.entries(self.start, size):
                 if index >= size:
                     self.fail(
                         Check.SEQUENCE,
@@ -426,16 +564,20 @@ class _Audit:
             self.fail(Check.FORMAT, f"the entry names node {entry.node_id!r}", index)
         self.parsed[index] = entry
 
-    def _complete(self, size: int) -> bool:
-        return len(self.leaves) >= size and all(i in self.leaves for i in range(size))
+    def _tree_through(self, size: int) -> merkle.CompactRange | None:
+        """The compact range of the first ``size`` entries (the verified prefix, then the
+        served leaves), or None if a served leaf below ``size`` is missing."""
+        tree = self.base
+        while tree.size < size and tree.size in self.leaves:
+            tree = tree.append(self.leaves[tree.size])
+        return tree if tree.size == size else None
 
     # 4. -----------------------------------------------------------------------------------
 
     def _check_inclusion(self, checkpoint: Checkpoint) -> None:
         size = checkpoint.tree_size
-        if self._complete(size) and merkle.root([self.leaves[i] for i in range(size)]) == (
-            checkpoint.root
-        ):
+        tree = self._tree_through(size)
+        if tree is not None and tree.root() == checkpoint.root:
             return
         # Name the entries: each one's proof from the node, against the signed root.
         named = False
@@ -466,7 +608,8 @@ class _Audit:
 
     # 5. -----------------------------------------------------------------------------------
 
-    def _check_receipts(self, receipts: list[Receipt], size: int) -> None:
+    def _check_receipts(self, receipts: list[Receipt], checkpoint: Checkpoint) -> None:
+        size = checkpoint.tree_size
         vouched: dict[int, bytes] = {}
         for receipt in receipts:
             if receipt.node_id != self.node_id:
@@ -495,14 +638,40 @@ class _Audit:
                 self.fail(
                     Check.RECEIPT, "not the entry the node's signed receipt vouches for", index
                 )
+            elif index < self.start:
+                self._check_receipt_by_proof(receipt, checkpoint)
+
+    def _check_receipt_by_proof(self, receipt: Receipt, checkpoint: Checkpoint) -> None:
+        """A receipt for an entry of the verified prefix, which was not read again: the
+        node's inclusion proof must show the receipted hash at its index."""
+        index, size = receipt.leaf_index, checkpoint.tree_size
+        try:
+            proof = self.log.inclusion_proof(index, size)
+        except KmsError as e:
+            self.fail(
+                Check.RECEIPT,
+                f"the node cannot prove the receipted entry is in its checkpoint: {e.message}",
+                index,
+            )
+            return
+        if not merkle.verify_inclusion(receipt.entry_hash, index, size, proof, checkpoint.root):
+            self.fail(
+                Check.RECEIPT,
+                "not the entry the node's signed receipt vouches for (by the node's inclusion "
+                "proof; an earlier audit read this entry)",
+                index,
+            )
 
     # 6. -----------------------------------------------------------------------------------
 
     def _prefix_roots(self, sizes: set[int]) -> dict[int, bytes]:
-        """Root of the first ``s`` served entries, for each ``s`` the served log covers."""
+        """Root of the first ``s`` entries, for each ``s`` the served log (after the
+        verified prefix, if any) covers."""
         roots: dict[int, bytes] = {}
-        tree = merkle.CompactRange()
+        tree = self.base
         for size in sorted(sizes):
+            if size < tree.size:
+                continue  # inside the verified prefix: checked by consistency instead
             while tree.size < size and tree.size in self.leaves:
                 tree = tree.append(self.leaves[tree.size])
             if tree.size < size:
@@ -536,8 +705,14 @@ class _Audit:
                 continue
             verified.append((anchor, anchored))
         self.anchors_checked = len(verified)
+        if verified:
+            self.anchor_block = max(self.anchor_block, max(a.block for a, _ in verified))
+        # Anchors an earlier audit checked (``since``) are not checked again.
+        since = self.since
+        if since is not None:
+            verified = [(a, c) for a, c in verified if a.block > since.anchor_block]
         roots = self._prefix_roots({a.tree_size for a, _ in verified if a.tree_size <= size})
-        matched, named = 0, False
+        matched, named = self.start, False
         beyond: list[CheckpointAnchor] = []
         differ: list[CheckpointAnchor] = []
         inconsistent: list[str] = []
@@ -555,6 +730,10 @@ class _Audit:
             elif anchor.tree_size in roots:
                 matched = anchor.tree_size
                 self._check_times(anchor, where)
+            elif since is not None and anchor.tree_size < since.tree_size:
+                inconsistent += self._consistency(
+                    anchored, since.checkpoint, f"{where} and the verified prefix"
+                )
             if previous is not None and anchor.tree_size <= size:
                 inconsistent += self._consistency(
                     previous[1], anchored, f"{where} and the one before"
@@ -711,7 +890,7 @@ class _Audit:
 
     # --------------------------------------------------------------------------------------
 
-    def _report(self, checkpoint: Checkpoint | None) -> NodeReport:
+    def _report(self, checkpoint: Checkpoint | None, signed: bool) -> NodeReport:
         indices = sorted(set(self.data) | set(self.missing) | set(self.entry_problems))
         results = []
         for index in indices:
@@ -733,6 +912,11 @@ class _Audit:
         warnings = list(self.warnings)
         if warned:
             warnings.append(f"{warned} entries have warnings (see the report)")
+        verified = None
+        if checkpoint is not None and signed and self.rejudged and not self.problems:
+            tree = self._tree_through(checkpoint.tree_size)
+            if tree is not None:
+                verified = VerifiedPrefix(checkpoint, tree.hashes, self.anchor_block)
         return NodeReport(
             node_id=self.node_id,
             checkpoint=checkpoint,
@@ -740,6 +924,8 @@ class _Audit:
             anchors_checked=self.anchors_checked,
             problems=tuple(self.problems),
             warnings=tuple(warnings),
+            start=self.start,
+            verified=verified,
         )
 
 

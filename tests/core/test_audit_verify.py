@@ -13,8 +13,15 @@ import pytest
 
 from medkms.core import merkle
 from medkms.core.audit import AuditEntry, Checkpoint, Receipt
-from medkms.core.audit_verify import Check, NodeReport, Problem, rejudge, verify_node
-from medkms.core.errors import ChainUnavailable, Unavailable
+from medkms.core.audit_verify import (
+    Check,
+    NodeReport,
+    Problem,
+    VerifiedPrefix,
+    rejudge,
+    verify_node,
+)
+from medkms.core.errors import ChainUnavailable, InvalidRequest, Unavailable
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import (
     AccessState,
@@ -531,3 +538,118 @@ def test_rejudging_can_be_left_out_for_an_integrity_only_check(node: Node) -> No
     node.chain.revoked_at = FIRST_BLOCK
     assert node.verify(rejudge_decisions=False).ok
     assert node.chain.calls == 0
+
+
+# --- incremental audits ----------------------------------------------------------------------
+
+
+def test_an_incremental_audit_reads_only_what_came_after(node: Node) -> None:
+    full = node.verify(receipts=node.receipts)
+    prefix = full.verified
+    assert prefix is not None and prefix.tree_size == 40
+    assert prefix.anchor_block == node.chain.anchors[-1].block
+    node.append([make_entry(i) for i in range(40, 52)])
+    node.anchor()  # a new anchor, beyond the prefix
+    node.append([make_entry(i) for i in range(52, 55)])
+    node.chain.calls = 0
+
+    report = node.verify(since=prefix, receipts=node.receipts)
+
+    assert report.ok, [report.describe(p) for p in report.problems]
+    assert report.start == 40
+    assert [r.leaf_index for r in report.entries] == list(range(40, 55))
+    assert node.chain.calls == 15  # only the new entries are judged again
+    assert report.verified is not None and report.verified.tree_size == 55
+    # The next prefix is the one a full audit gives.
+    again = node.verify()
+    assert again.verified is not None
+    assert again.verified.checkpoint.root == report.verified.checkpoint.root
+    assert again.verified.frontier == report.verified.frontier
+
+
+def test_a_log_rewritten_below_the_verified_prefix_fails_the_incremental_audit(
+    node: Node,
+) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    # Truncated to 36 and re-appended, tree rebuilt: the node signs the rewritten log.
+    conn = node.sql()
+    conn.execute("DELETE FROM entries WHERE leaf_index >= 36")
+    rebuild_tree(conn)
+    conn.close()
+    node.reopen()
+    node.append([make_entry(i, tag="forged") for i in range(36, 44)])
+
+    report = node.verify(since=prefix)
+
+    assert not report.ok and report.verified is None
+    problem = first(report)
+    assert problem.check == Check.ANCHOR
+    assert "does not extend the 40 entries an earlier audit verified" in problem.message
+    assert report.entries == ()  # nothing is read from a log that left the verified history
+
+
+def test_a_log_shorter_than_the_verified_prefix_is_named_truncated(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    conn = node.sql()
+    conn.execute("DELETE FROM entries WHERE leaf_index >= 38")
+    rebuild_tree(conn)
+    conn.close()
+    node.reopen()
+
+    report = node.verify(since=prefix)
+
+    assert "the log was truncated" in first(report).message
+    assert first(report).leaf_index == 38
+
+
+def test_receipts_for_entries_of_the_prefix_are_checked_by_inclusion_proof(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    node.append([make_entry(40)])
+    honest = node.verify(since=prefix, receipts=node.receipts)
+    assert honest.ok
+    # A receipt the node signed for entry 7 with another hash: the node equivocated.
+    forged_hash = make_entry(7, tag="other").leaf_hash()
+    forged = dataclasses.replace(node.receipts[7], entry_hash=forged_hash)
+    forged = dataclasses.replace(forged, signature=node.keys.sign(forged.canonical_bytes()))
+    report = node.verify(since=prefix, receipts=[forged])
+    assert [(p.check, p.leaf_index) for p in report.problems] == [(Check.RECEIPT, 7)]
+    assert "by the node's inclusion proof" in report.problems[0].message
+
+
+def test_an_anchor_below_the_prefix_is_checked_for_consistency(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    # An anchor the node sends later, of a size inside the prefix, with a forged root.
+    late = node.log.checkpoint()
+    forged = Checkpoint(NODE, 24, b"\x13" * 32, late.timestamp)
+    forged = dataclasses.replace(forged, signature=node.keys.sign(forged.canonical_bytes()))
+    node.chain.anchor(forged)
+
+    report = node.verify(since=prefix)
+
+    assert [p.check for p in report.problems] == [Check.ANCHOR]
+    assert "and the verified prefix" in report.problems[0].message
+
+
+def test_a_verified_prefix_round_trips_and_must_be_the_nodes(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    key = node.keys.signing_public_key()
+    assert VerifiedPrefix.from_json(prefix.to_json(), key) == prefix
+    with pytest.raises(InvalidRequest, match="not signed by the node's registered key"):
+        VerifiedPrefix.from_json(prefix.to_json(), MemoryKeyStore().signing_public_key())
+    bad = {**prefix.to_json(), "frontier": [("00" * 32)] * len(prefix.frontier)}
+    with pytest.raises(InvalidRequest, match="not a verified prefix"):
+        VerifiedPrefix.from_json(bad, key)
+    other = dataclasses.replace(prefix.checkpoint, node_id="node-2")
+    with pytest.raises(InvalidRequest, match="is of node 'node-2'"):
+        node.verify(since=dataclasses.replace(prefix, checkpoint=other))
+
+
+def test_no_prefix_comes_from_a_failed_audit_or_one_without_policy_checks(node: Node) -> None:
+    assert node.verify(rejudge_decisions=False).verified is None
+    node.chain.revoked_at = FIRST_BLOCK + 10  # granted entries after it are now unexplained
+    assert node.verify().verified is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -253,6 +254,32 @@ def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     assert len(bundle.entry) == len(rows)
     outcomes = {e.resource.outcome for e in bundle.entry}
     assert outcomes == {"0", "4"}
+
+
+def test_an_incremental_audit_starts_where_the_last_one_ended(
+    clean: World, run_kmsctl: Kmsctl, tmp_path: Path
+) -> None:
+    world, state = clean, tmp_path / "audit-state.json"
+    first = run_kmsctl(world.cluster, "audit", "verify", "--state", str(state))
+    assert first.code == 0, first.out + first.err
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    verified = {n: p["tree_size"] for n, p in json.loads(state.read_text())["nodes"].items()}
+    assert sorted(verified) == ["node-1", "node-2", "node-3"]
+
+    world.read_at("node-1", 4)
+    again = run_kmsctl(world.cluster, "audit", "verify", "--state", str(state))
+
+    assert again.code == 0, again.out + again.err
+    assert f"(from entry {verified['node-1']}: those before were verified earlier)" in again.out
+    nodes = {
+        n["node_id"]: n
+        for n in json.loads((tmp_path / "report" / "report.json").read_text())["nodes"]
+    }
+    assert (nodes["node-1"]["first_entry_read"], nodes["node-1"]["entries"]) == (
+        verified["node-1"],
+        4,
+    )
+    assert json.loads(state.read_text())["nodes"]["node-1"]["tree_size"] == verified["node-1"] + 4
 
 
 # --- tampering with a node's stored log -----------------------------------------------------
