@@ -203,8 +203,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     follower.stop()
     if anchorer is not None:
         # After the server, so that its last anchor covers every entry this process
-        # wrote. With several processes, worker 0 anchors: what another worker appends
-        # while it finishes its own requests is anchored at the next start.
+        # wrote. With several processes, worker 0 anchors, and the supervisor stops it
+        # after the others, so that this covers theirs too.
         anchorer.stop()
     kfrags.close()
     audit.close()

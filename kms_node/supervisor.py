@@ -5,7 +5,8 @@ node scales its crypto with processes. Each worker is a full server (own HSM
 session, grant index, database connection) bound with SO_REUSEPORT; the kernel
 spreads *connections* between them, so clients that want the parallelism open
 several (the coordinator does). The supervisor serves the workers' summed
-metrics, restarts a worker that dies, and stops them all on SIGTERM.
+metrics, restarts a worker that dies, and stops them all on SIGTERM, the
+anchoring worker (0) last.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from medkms.node.settings import NodeSettings
 log = structlog.get_logger("medkms.node.supervisor")
 
 RESTART_BACKOFF_S = 1.0
+#: a worker's graceful stop: 2 s of gRPC grace, the follower, the last anchor (5 s at most)
+STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -74,13 +77,21 @@ def supervise(settings: NodeSettings, config_path: Path) -> None:
                 log.error("worker_died", worker=i, exit_code=code)
                 time.sleep(RESTART_BACKOFF_S)
                 workers[i] = start(i)
-    for process in workers.values():
+    # Worker 0 anchors the audit log, one last time as it stops: it stops after the others,
+    # so that its last anchor covers what they appended while finishing their requests.
+    _stop([p for i, p in workers.items() if i != 0])
+    _stop([workers[0]])
+    log.info("supervisor_stopped", node_id=settings.node_id)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then wait; SIGKILL what has not stopped after STOP_TIMEOUT_S."""
+    for process in processes:
         if process.poll() is None:
             process.terminate()
-    for process in workers.values():
+    for process in processes:
         try:
-            process.wait(10)
+            process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    log.info("supervisor_stopped", node_id=settings.node_id)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ from medkms.deploy import processes
 from medkms.deploy.anvil import set_balance
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
+from medkms.node.settings import NodeSettings
 from medkms.proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
@@ -110,6 +113,27 @@ def test_a_replay_is_refused_by_every_process_of_a_node(
                 outcomes.append("replay refused")
     assert outcomes.count("served") == 1
     assert outcomes.count("replay refused") == 7
+
+
+def test_a_stopped_node_has_anchored_every_entry_its_processes_wrote(
+    multi: LocalCluster, granted: tuple[Identity, StoredRecord]
+) -> None:
+    _, record = granted
+    bob, node = multi.identity("doctor"), multi.nodes[1]
+    with ProviderClient(
+        bob, multi.registry(), multi.blob_store(), multi.coordinator_address, multi.app_transport
+    ) as p:
+        for _ in range(12):
+            assert p.read_record(record.record_id) == lab_result()
+    multi.stop_node(node.node_id)
+    try:
+        audit_db = NodeSettings.from_toml(Path(node.config)).audit_db
+        with closing(sqlite3.connect(audit_db)) as conn:
+            (size,) = conn.execute("SELECT tree_size FROM tree").fetchone()
+        anchored = multi.registry().latest_checkpoint(node.node_id)
+        assert size > 0 and anchored is not None and anchored[0] == size
+    finally:
+        multi.start_node(node.node_id)
 
 
 def test_killing_the_supervisor_takes_its_workers_down(multi: LocalCluster) -> None:
