@@ -29,6 +29,7 @@ _REQUESTER = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
 
 def _entries(node_id: str, count: int) -> list[Any]:
     from medkms.core.audit import AuditEntry
+    from medkms.core.record_types import RecordType
 
     now = int(time.time())
     return [
@@ -47,6 +48,8 @@ def _entries(node_id: str, count: int) -> list[Any]:
             block_number=1234,
             block_hash=secrets.token_bytes(32),
             cfrag_hash=secrets.token_bytes(32),
+            record_type=RecordType.LAB_RESULT,
+            requester_umbral_key=b"\x02" + secrets.token_bytes(32),
         )
         for _ in range(count)
     ]

@@ -34,6 +34,7 @@ CSV_COLUMNS: Final = (
     "requester",
     "patient",
     "record",
+    "record_type",
     "purpose",
     "decision",
     "reason",
@@ -58,11 +59,7 @@ _ID_NAMESPACE: Final = uuid.UUID("6f1c1a52-2f35-5d0c-9d55-6d65646b6d73")
 
 #: refusals by the access policy or for want of a kfrag: the request was wrong, the node was
 #: not (AuditEvent outcome 4, "minor failure"); anything else is 8, "serious failure"
-_MINOR_DENIALS: Final = CHECKABLE_DENIALS | {
-    "record_type_mismatch",
-    "receiving_key_mismatch",
-    "no_kfrag",
-}
+_MINOR_DENIALS: Final = CHECKABLE_DENIALS | {"no_kfrag"}
 
 
 def _iso(ts: int) -> str:
@@ -87,6 +84,7 @@ def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
         "requester": "",
         "patient": "",
         "record": "",
+        "record_type": "",
         "purpose": "",
         "decision": "",
         "reason": "",
@@ -100,6 +98,8 @@ def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
             requester=entry.requester,
             patient=entry.patient,
             record=_hex(entry.record_id),
+            # recorded by version 2 entries only
+            record_type=entry.record_type.label if entry.record_type is not None else "",
             purpose=entry.purpose_of_use,
             decision=entry.decision,
             reason=entry.reason_code,

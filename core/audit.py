@@ -34,8 +34,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from medkms.core import merkle
 from medkms.core.addresses import is_checksummed
 from medkms.core.errors import IntegrityError, InvalidRequest
+from medkms.core.record_types import RecordType
 
-ENTRY_VERSION: Final = 1
+#: version 2 entries record the request's record type and receiving key; version 1
+#: entries (written before) did not, and still verify
+ENTRY_VERSION: Final = 2
+_REQUEST_FIELDS: Final = ("record_type", "requester_umbral_key")
+UMBRAL_KEY_SIZE: Final = 33
 RECEIPT_DOMAIN: Final = b"medkms/receipt/v1\x00"
 BATCH_RECEIPT_DOMAIN: Final = b"medkms/batch-receipt/v1\x00"
 #: most entries one batch receipt covers (a request's batch is at most 64 capsules)
@@ -112,7 +117,7 @@ def _unhex(value: object, what: str) -> bytes:
 # --- entries -------------------------------------------------------------------------------
 
 
-_BYTES_FIELDS = ("record_id", "capsule_hash", "block_hash", "cfrag_hash")
+_BYTES_FIELDS = ("record_id", "capsule_hash", "block_hash", "cfrag_hash", "requester_umbral_key")
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,11 @@ class AuditEntry:
     block_hash: bytes
     #: SHA-256 of the cfrag sent back; empty for a denial
     cfrag_hash: bytes
+    #: what the request named: the record type and the requester's Umbral public key
+    #: (compressed, 33 bytes), so that an auditor can judge every rule again; None in
+    #: version 1 entries, which did not record them
+    record_type: RecordType | None = None
+    requester_umbral_key: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.request_id, "request_id", max_len=128)
@@ -164,12 +174,36 @@ class AuditEntry:
         # A cfrag leaves the node exactly when access is granted.
         if (self.decision == GRANTED) != bool(self.cfrag_hash):
             raise InvalidRequest("cfrag_hash must be set for a granted entry and only then")
+        if (self.record_type is None) != (self.requester_umbral_key is None):
+            raise InvalidRequest("record_type and requester_umbral_key go together")
+        if self.record_type is not None:
+            if isinstance(self.record_type, bool) or not isinstance(self.record_type, int):
+                raise InvalidRequest("record_type must be an integer")
+            try:
+                object.__setattr__(self, "record_type", RecordType(self.record_type))
+            except ValueError:
+                raise InvalidRequest(f"record_type {self.record_type} is not known") from None
+            key = self.requester_umbral_key
+            if not isinstance(key, bytes) or len(key) != UMBRAL_KEY_SIZE:
+                raise InvalidRequest(
+                    f"requester_umbral_key must be a {UMBRAL_KEY_SIZE}-byte compressed point"
+                )
+
+    @property
+    def version(self) -> int:
+        """2 if the entry records the request's record type and receiving key, else 1."""
+        return 1 if self.record_type is None else ENTRY_VERSION
 
     def canonical_bytes(self) -> bytes:
-        """Deterministic JSON: sorted keys, no whitespace, ASCII only, bytes as 0x-hex, "v": 1."""
-        fields: dict[str, Any] = {"v": ENTRY_VERSION}
+        """Deterministic JSON: sorted keys, no whitespace, ASCII only, bytes as 0x-hex, "v":
+        the version (a version 1 entry has no record_type and requester_umbral_key)."""
+        fields: dict[str, Any] = {"v": self.version}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if value is None and name in _REQUEST_FIELDS:
+                continue
+            if name == "record_type":
+                value = int(value)
             fields[name] = _hex(value) if name in _BYTES_FIELDS else value
         return json.dumps(
             fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
@@ -188,15 +222,19 @@ class AuditEntry:
             raise InvalidRequest("audit entry is not JSON") from None
         if not isinstance(fields, dict):
             raise InvalidRequest("audit entry is not a JSON object")
-        if fields.pop("v", None) != ENTRY_VERSION:
-            raise InvalidRequest(f"audit entry is not version {ENTRY_VERSION}")
+        version = fields.pop("v", None)
+        if version not in (1, ENTRY_VERSION) or isinstance(version, bool):
+            raise InvalidRequest(f"audit entry is not version 1 or {ENTRY_VERSION}")
         expected = set(cls.__dataclass_fields__)
+        if version == 1:
+            expected -= set(_REQUEST_FIELDS)
         if set(fields) != expected:
             missing = sorted(expected - set(fields))
             extra = sorted(set(fields) - expected)
             raise InvalidRequest(f"audit entry fields differ: missing {missing}, unknown {extra}")
         for name in _BYTES_FIELDS:
-            fields[name] = _unhex(fields[name], name)
+            if name in fields:
+                fields[name] = _unhex(fields[name], name)
         entry = cls(**fields)
         # One entry, one encoding: whitespace, key order, hex case or escapes may not vary.
         if entry.canonical_bytes() != data:

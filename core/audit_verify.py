@@ -64,26 +64,32 @@ from medkms.core.audit import (
     verify_receipt,
 )
 from medkms.core.errors import InvalidRequest, KmsError
-from medkms.core.policy import EMERGENCY_PURPOSE
-from medkms.core.record_types import from_mask
+from medkms.core.policy import judge
+from medkms.core.record_types import RecordType
 from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 
 #: denial reasons the grant state at the entry's block can confirm (core/policy.py judge);
-#: the others depend on what the entry does not hold (the request's record type and
-#: receiving key) or on the node's kfrag store
+#: the other one, "no_kfrag", depends on the node's kfrag store
 CHECKABLE_DENIALS: Final = frozenset(
     {
         "record_unknown",
         "patient_mismatch",
         "record_inactive",
         "capsule_mismatch",
+        "record_type_mismatch",
         "no_grant",
+        "emergency_access_closed",
         "grant_revoked",
         "grant_expired",
         "type_not_allowed",
+        "receiving_key_mismatch",
         "emergency_purpose_required",
     }
 )
+
+
+#: denials a version 1 entry cannot be judged on: it did not record what they compare
+_UNRECORDED_DENIALS: Final = frozenset({"record_type_mismatch", "receiving_key_mismatch"})
 
 
 # --- what the auditor reads --------------------------------------------------------------
@@ -311,46 +317,47 @@ def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class _RecordedRequest:
+    """The request an audit entry recorded, as the policy reads it (core/policy.Request)."""
+
+    record_id: bytes
+    patient: str
+    capsule_hash: bytes
+    record_type: RecordType
+    requester_umbral_key: bytes
+    purpose_of_use: str
+
+
 def rejudge(
     entry: AuditEntry, state: AccessState, *, wall_clock: int | None = None
 ) -> tuple[str, str]:
-    """What the registry state at the entry's block says of the entry's request: a reason
-    code of :func:`medkms.core.policy.judge` (``"granted"`` if allowed) and why.
+    """What the registry state at the entry's block says of the entry's request: the reason
+    code :func:`medkms.core.policy.judge` gives it (``"granted"`` if allowed) and why.
 
-    The rules of ``judge`` in its order, on what the entry holds; not re-checked, since the
-    entry does not record them: that the request named the record's type, and the
-    requester's receiving key. Expiry is judged at the block's time and at ``wall_clock``
-    (default: the entry's time, the node's wall clock when it wrote the entry), as the node
-    does.
+    The node's own rules, by the same function. A version 1 entry did not record the
+    request's record type and receiving key: the record's type and the grant's key stand in
+    for them, so those two rules are not judged again. Expiry is judged at the block's time
+    and at ``wall_clock`` (default: the entry's time, the node's wall clock when it wrote
+    the entry), as the node does.
     """
     record, grant = state.record, state.grant
-    at = f"at block {state.block_number}"
-    if record is None:
-        return "record_unknown", f"{at} the record is not in the registry"
-    if record.patient != entry.patient:
-        return "patient_mismatch", f"{at} the record belongs to {record.patient}"
-    if not record.active:
-        return "record_inactive", f"{at} the record was deactivated"
-    if record.capsule_hash != entry.capsule_hash:
-        return "capsule_mismatch", f"{at} the capsule is not the record's anchored one"
-    if grant is None:
-        return "no_grant", f"{at} the patient had granted the requester no access"
-    if not grant.active:
-        return "grant_revoked", f"{at} the grant was already revoked"
-    clock = entry.time if wall_clock is None else wall_clock
-    if max(state.block_timestamp, clock) >= grant.expires_at:
-        return "grant_expired", (
-            f"{at} the grant had expired ({_iso(grant.expires_at)}; block time "
-            f"{_iso(state.block_timestamp)}, entry time {_iso(entry.time)})"
-        )
-    if record.record_type not in from_mask(grant.allowed_types_mask):
-        return "type_not_allowed", f"{at} the grant did not cover {record.record_type.label}"
-    if grant.emergency and entry.purpose_of_use != EMERGENCY_PURPOSE:
-        return "emergency_purpose_required", (
-            f"{at} the grant was an emergency grant, which serves purpose "
-            f"{EMERGENCY_PURPOSE} only, not {entry.purpose_of_use}"
-        )
-    return "granted", f"{at} the grant was active and covered the record"
+    if entry.record_type is not None and entry.requester_umbral_key is not None:
+        record_type, key = entry.record_type, entry.requester_umbral_key
+    else:
+        # (When there is no record or no grant, judge refuses before it reads these.)
+        record_type = record.record_type if record is not None else RecordType(0)
+        key = grant.grantee_umbral_key if grant is not None else b""
+    request = _RecordedRequest(
+        entry.record_id,
+        entry.patient,
+        entry.capsule_hash,
+        record_type,
+        key,
+        entry.purpose_of_use,
+    )
+    decision = judge(request, state, entry.time if wall_clock is None else wall_clock)
+    return decision.code, f"at block {state.block_number}: {decision.reason}"
 
 
 # --- verifying one node ------------------------------------------------------------------
@@ -854,6 +861,8 @@ class _Audit:
             self.fail(Check.POLICY, f"granted with reason {entry.reason_code!r}", index)
             return
         if not granted and entry.reason_code not in CHECKABLE_DENIALS:
+            return
+        if not granted and entry.version == 1 and entry.reason_code in _UNRECORDED_DENIALS:
             return
         try:
             state = self.chain.access_state(

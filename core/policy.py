@@ -4,6 +4,9 @@ Pure: given the validated request, the registry state read at one block and the
 node's wall clock, say whether the request is allowed and why not. Expiry is
 judged against both the block's time and the wall clock, so neither a stalled
 chain nor a skewed clock extends a grant.
+
+The auditor judges again with the same function, from what the audit entry
+recorded of the request (core/audit_verify.py).
 """
 
 from __future__ import annotations
@@ -11,14 +14,33 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from medkms.core.errors import AccessDenied, KmsError, NotFound
-from medkms.core.record_types import from_mask
+from medkms.core.record_types import RecordType, from_mask
 from medkms.core.registry_types import AccessState
-from medkms.core.requests import ReencryptionQuery
 
 #: HL7 purpose of use that an emergency grant (opened by a responder) requires
 EMERGENCY_PURPOSE = "ETREAT"
+
+
+class Request(Protocol):
+    """What the policy reads of a request: a node's validated
+    :class:`~medkms.core.requests.ReencryptionQuery`, or what an audit entry recorded of
+    one."""
+
+    @property
+    def record_id(self) -> bytes: ...
+    @property
+    def patient(self) -> str: ...
+    @property
+    def capsule_hash(self) -> bytes: ...
+    @property
+    def record_type(self) -> RecordType: ...
+    @property
+    def requester_umbral_key(self) -> bytes: ...
+    @property
+    def purpose_of_use(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,7 @@ def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def judge(query: ReencryptionQuery, state: AccessState, wall_clock: int) -> Decision:
+def judge(query: Request, state: AccessState, wall_clock: int) -> Decision:
     def deny(code: str, reason: str) -> Decision:
         return Decision(False, code, reason, state.block_number, state.block_hash)
 

@@ -411,6 +411,8 @@ class NodeService:
                     block_number=decision.block_number,
                     block_hash=decision.block_hash or bytes(32),
                     cfrag_hash=cfrag_hash,
+                    record_type=query.record_type,
+                    requester_umbral_key=query.requester_umbral_key,
                 )
             )
         receipts = self._audit.append_many(entries)

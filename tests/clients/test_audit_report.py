@@ -46,6 +46,7 @@ def test_csv_has_one_row_per_entry_and_names_failures(node: Node) -> None:
         "requester": DOCTOR,
         "patient": rows[0]["patient"],
         "record": "0x" + bytes(range(32)).hex(),
+        "record_type": "",  # a version 1 entry did not record it
         "purpose": "TREAT",
         "decision": "granted",
         "reason": "granted",
@@ -55,7 +56,7 @@ def test_csv_has_one_row_per_entry_and_names_failures(node: Node) -> None:
     }
     assert (rows[30]["verdict"], rows[30]["problem"]) == (
         "failed",
-        "granted, but at block 130 the grant was already revoked",
+        "granted, but at block 130: grant has been revoked by the patient",
     )
     assert rows[34]["verdict"] == "ok"  # a denial
 
@@ -76,7 +77,7 @@ def test_json_report_summarises_each_node(node: Node, tmp_path: Path) -> None:
     assert summary["anchors_checked"] == 2 and summary["failed_entries"] == 8
     assert summary["first_failure"].startswith("entry 30 (request req-30): granted, but")
     assert document["entries"][30]["problems"] == [
-        "granted, but at block 130 the grant was already revoked"
+        "granted, but at block 130: grant has been revoked by the patient"
     ]
     json_path, csv_path = write_reports(report, tmp_path / "audit")
     assert json.loads(json_path.read_text()) == document

@@ -31,6 +31,7 @@ from medkms.core.audit import (
     verify_receipt_inclusion,
 )
 from medkms.core.errors import IntegrityError, InvalidRequest
+from medkms.core.record_types import RecordType
 from medkms.node.keystore import P256_ORDER, MemoryKeyStore
 
 NODE = "node-1"
@@ -113,6 +114,53 @@ def test_entries_roundtrip_granted_and_denied() -> None:
         assert json.loads(data)["v"] == 1
 
 
+GOLDEN_ENTRY_V2 = (
+    '{"block_hash":"0x0303030303030303030303030303030303030303030303030303030303030303",'
+    '"block_number":42,'
+    '"capsule_hash":"0x0202020202020202020202020202020202020202020202020202020202020202",'
+    '"cfrag_hash":"0x0404040404040404040404040404040404040404040404040404040404040404",'
+    '"decision":"granted","node_id":"node-1",'
+    '"patient":"0x5B38Da6a701c568545dCfcB03FcB875f56beddC4","purpose_of_use":"TREAT",'
+    '"reason":"grant is active and covers this record","reason_code":"granted",'
+    '"record_id":"0x0101010101010101010101010101010101010101010101010101010101010101",'
+    '"record_type":1,'
+    '"request_id":"req-0","requester":"0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2",'
+    '"requester_umbral_key":"0x02050505050505050505050505050505050505050505050505050505050505'
+    '0505",'
+    '"time":1700000000,"v":2}'
+)
+
+
+def test_a_version_2_entry_records_the_request_and_its_form_is_frozen() -> None:
+    entry = dataclasses.replace(
+        make_entry(0),
+        block_number=42,
+        record_type=RecordType.LAB_RESULT,
+        requester_umbral_key=b"\x02" + b"\x05" * 32,
+    )
+    assert entry.version == 2
+    assert entry.canonical_bytes() == GOLDEN_ENTRY_V2.encode()
+    assert AuditEntry.from_canonical(GOLDEN_ENTRY_V2.encode()) == entry
+    assert AuditEntry.from_canonical(entry.canonical_bytes()).record_type is RecordType.LAB_RESULT
+    # Version 1 entries (written before) still parse, as version 1.
+    assert AuditEntry.from_canonical(GOLDEN_ENTRY.encode()).version == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"record_type": RecordType.IMAGING}, "go together"),
+        ({"requester_umbral_key": b"\x02" * 33}, "go together"),
+        ({"record_type": 9, "requester_umbral_key": b"\x02" * 33}, "record_type 9 is not known"),
+        ({"record_type": True, "requester_umbral_key": b"\x02" * 33}, "must be an integer"),
+        ({"record_type": 1, "requester_umbral_key": b"\x02" * 32}, "33-byte compressed point"),
+    ],
+)
+def test_a_request_is_recorded_whole_or_not_at_all(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        dataclasses.replace(make_entry(1), **changes)
+
+
 def test_entries_hold_identifiers_and_hashes_only() -> None:
     # A new field is a decision about what the audit log reveals: review it here.
     assert [f.name for f in dataclasses.fields(AuditEntry)] == [
@@ -130,6 +178,9 @@ def test_entries_hold_identifiers_and_hashes_only() -> None:
         "block_number",
         "block_hash",
         "cfrag_hash",
+        # Version 2: what the request named (a record type, the requester's public key).
+        "record_type",
+        "requester_umbral_key",
     ]
 
 
@@ -146,7 +197,8 @@ def _variant(**changes: Any) -> bytes:
         (b"\xff\xfe", "not JSON"),
         (b"[1]", "not a JSON object"),
         (b"[" * (MAX_ENTRY_BYTES + 1), "larger than 32768 bytes"),
-        (_variant(v=2), "not version 1"),
+        (_variant(v=3), "not version 1 or 2"),
+        (_variant(v=2), "missing \\['record_type', 'requester_umbral_key'\\]"),
         (_variant(extra="x"), "unknown \\['extra'\\]"),
         (_variant(time=1.5), "time must be an integer"),
         (_variant(block_number=True), "block_number must be an integer"),

@@ -467,7 +467,8 @@ def test_granted_after_revocation_is_flagged(node: Node) -> None:
     problem = first(report)
     assert (problem.leaf_index, problem.check) == (30, Check.POLICY)
     assert report.describe(problem) == (
-        "entry 30 (request req-30): granted, but at block 130 the grant was already revoked"
+        "entry 30 (request req-30): granted, but at block 130: grant has been revoked by the "
+        "patient"
     )
     assert failed_indices(report) == {i for i in range(30, 40) if i % 5 != 4}
 
@@ -482,8 +483,8 @@ def test_a_denial_the_chain_does_not_explain_is_a_warning(node: Node) -> None:
     assert report.ok
     (result,) = [r for r in report.entries if r.leaf_index == 40]
     assert result.warnings == (
-        "denied as grant_revoked, but the chain state gives granted: at block 140 the grant "
-        "was active and covered the record",
+        "denied as grant_revoked, but the chain state gives granted: at block 140: grant is "
+        "active and covers this record",
     )
 
 
@@ -521,6 +522,56 @@ def test_rejudge_covers_the_record_rules() -> None:
     # The entry's time (the node's wall clock) counts too, not just the block's.
     late = dataclasses.replace(entry, time=T0 + 100)
     assert rejudge(late, _state(chain, expires_at=T0 + 90))[0] == "grant_expired"
+
+
+def recorded(entry: AuditEntry, record_type: RecordType, key: bytes) -> AuditEntry:
+    """``entry`` as a version 2 entry, recording the request's type and receiving key."""
+    return dataclasses.replace(entry, record_type=record_type, requester_umbral_key=key)
+
+
+def test_a_version_2_entry_is_judged_on_the_type_and_key_it_recorded() -> None:
+    chain = FakeChain()
+    key = chain.grant.grantee_umbral_key
+    state = _state(chain)
+    assert rejudge(recorded(make_entry(30), RecordType.LAB_RESULT, key), state)[0] == "granted"
+    wrong_key = recorded(make_entry(30), RecordType.LAB_RESULT, b"\x03" + b"z" * 32)
+    assert rejudge(wrong_key, state)[0] == "receiving_key_mismatch"
+    wrong_type = recorded(make_entry(30), RecordType.IMAGING, key)
+    assert rejudge(wrong_type, state)[0] == "record_type_mismatch"
+    # A version 1 entry did not record them: those two rules are not judged.
+    assert rejudge(make_entry(30), state)[0] == "granted"
+
+
+def test_a_grant_for_another_receiving_key_is_flagged_and_its_denial_confirmed(
+    node: Node,
+) -> None:
+    other_key = b"\x03" + b"z" * 32
+    granted = recorded(make_entry(40), RecordType.LAB_RESULT, other_key)
+    denied = dataclasses.replace(
+        recorded(make_entry(41), RecordType.LAB_RESULT, other_key),
+        decision="denied",
+        reason_code="receiving_key_mismatch",
+        reason="requester_umbral_key is not the key in the grant",
+        cfrag_hash=b"",
+    )
+    legacy = dataclasses.replace(
+        make_entry(42),
+        decision="denied",
+        reason_code="receiving_key_mismatch",
+        reason="requester_umbral_key is not the key in the grant",
+        cfrag_hash=b"",
+    )
+    node.append([granted, denied, legacy])
+
+    report = node.verify()
+
+    assert [(p.check, p.leaf_index) for p in report.problems] == [(Check.POLICY, 40)]
+    assert "requester_umbral_key is not the key in the grant" in report.problems[0].message
+    # The denial is confirmed, and the version 1 one is not judged: no warnings for either.
+    assert {r.leaf_index: r.warnings for r in report.entries if r.leaf_index in (41, 42)} == {
+        41: (),
+        42: (),
+    }
 
 
 def test_granted_in_the_second_the_grant_expired_is_a_tie_not_a_failure(node: Node) -> None:

@@ -550,7 +550,7 @@ def test_an_entry_granted_after_the_revocation_is_flagged(world: World, run_kmsc
     assert ran.code == 1
     assert (
         f"{node}: entry {index} (request forged-after-revocation): granted, but at block "
-        f"{block} the grant was already revoked"
+        f"{block}: grant has been revoked by the patient"
     ) in ran.err, ran.err
     # Only that node, only that entry.
     assert "node-1" not in ran.err and "node-2" not in ran.err

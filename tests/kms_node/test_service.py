@@ -363,6 +363,9 @@ def test_every_decision_is_audited_and_the_receipt_verifies(world: World) -> Non
     assert entry.decision == "granted"
     assert entry.cfrag_hash == hashlib.sha256(fragment.cfrag).digest()
     assert entry.requester == world.bob.address
+    # What the request named, so an auditor can judge every rule again.
+    assert (entry.version, entry.record_type) == (2, RecordType.LAB_RESULT)
+    assert entry.requester_umbral_key == world.bob.umbral_public_key()
     key = (world.alice.address, world.bob.address)
     world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
     with pytest.raises(AccessDenied):
