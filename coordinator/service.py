@@ -231,16 +231,14 @@ class CoordinatorService:
         )
 
     async def cluster_status(
-        self,
-        _msg: coordinator_pb2.GetClusterStatusRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, _msg: coordinator_pb2.GetClusterStatusRequest, _ctx: Any
     ) -> coordinator_pb2.ClusterStatus:
         """Ask every node for its info now (concurrently, within STATUS_TIMEOUT_S); calls
         that arrive while a round is under way share it, so polling apps cost the nodes one
-        round at a time, however many they are."""
+        round at a time, however many they are. A caller's deadline ends its own wait
+        (gRPC cancels its call), never the shared round."""
         if self._status_round is None or self._status_round.done():
-            timeout = min(STATUS_TIMEOUT_S, self._timeout(context))
-            self._status_round = asyncio.ensure_future(self._ask_every_node(timeout))
+            self._status_round = asyncio.ensure_future(self._ask_every_node(STATUS_TIMEOUT_S))
         return await asyncio.shield(self._status_round)
 
     async def _ask_every_node(self, timeout: float) -> coordinator_pb2.ClusterStatus:
