@@ -31,6 +31,14 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
+DECISIONS = Counter(
+    "kms_node_decisions_total",
+    "Decisions this node logged, one per capsule, by decision and reason code "
+    "(core/policy.py codes and no_kfrag): a rise in one refusal is worth a look",
+    ["decision", "reason"],
+    registry=REGISTRY,
+)
+
 KFRAGS_STORED = Gauge(
     "kms_node_kfrags_stored",
     "Key fragments currently held (wrapped) by this node",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
 import structlog
 
 from medkms.contracts.registry import RegistryClient
+from medkms.core.audit import AuditEntry, Receipt
 from medkms.core.endpoints import parse_host_port
 from medkms.node import metrics
 from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
@@ -36,6 +38,20 @@ SERVICE_NAME = NODE_SERVICE.full_name
 def _observe(method: str, outcome: str, seconds: float) -> None:
     metrics.REQUESTS.labels(method=method, outcome=outcome).inc()
     metrics.REQUEST_SECONDS.labels(method=method).observe(seconds)
+
+
+class CountedAudit:
+    """The audit log as the service's sink, counting each decision once it is durable
+    (``kms_node_decisions_total``), so the counts are exactly what the log holds."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        receipts = self._log.append_many(entries)
+        for entry in entries:
+            metrics.DECISIONS.labels(decision=entry.decision, reason=entry.reason_code).inc()
+        return receipts
 
 
 def build_server(
@@ -153,7 +169,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         limiter=RateLimiter.share_of(
             settings.rate_limit_per_s, settings.rate_limit_burst, settings.processes
         ),
-        audit=audit,
+        audit=CountedAudit(audit),
         request_window_s=settings.request_window_s,
     )
     server = build_server(service, AuditService(audit), kfrags, settings.max_workers)

@@ -67,15 +67,19 @@ def _metric(cluster: LocalCluster, node_index: int, line_prefix: str) -> float:
 def test_metrics_count_requests_by_outcome(people: People, cluster: LocalCluster) -> None:
     ok = 'kms_node_requests_total{method="Reencrypt",outcome="ok"}'
     denied = 'kms_node_requests_total{method="Reencrypt",outcome="permission_denied"}'
-    before_ok = sum(_metric(cluster, i, ok) for i in range(5))
-    before_denied = sum(_metric(cluster, i, denied) for i in range(5))
+    # Decisions, one per capsule, by reason: what the audit logs hold.
+    granted = 'kms_node_decisions_total{decision="granted",reason="granted"}'
+    no_grant = 'kms_node_decisions_total{decision="denied",reason="no_grant"}'
+    names = (ok, denied, granted, no_grant)
+    before = {name: sum(_metric(cluster, i, name) for i in range(5)) for name in names}
     with people.provider() as doctor:
         with pytest.raises(AccessDenied, match="not granted"):
             doctor.read_record(people.lab.record_id)
         people.grant_doctor()
         doctor.read_record(people.lab.record_id)
-    assert sum(_metric(cluster, i, denied) for i in range(5)) >= before_denied + 3
-    assert sum(_metric(cluster, i, ok) for i in range(5)) >= before_ok + 3
+    after = {name: sum(_metric(cluster, i, name) for i in range(5)) for name in names}
+    for name in names:
+        assert after[name] >= before[name] + 3, name
     assert _metric(cluster, 0, "kms_node_kfrags_stored") >= 1
 
 
