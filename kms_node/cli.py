@@ -2,6 +2,8 @@
 
     kms-node init  --config node.toml   # token + keys inside it; prints public info as JSON
     kms-node serve --config node.toml   # gRPC + /metrics until SIGTERM
+    kms-node rotate-kek --config node.toml   # node stopped: new HSM key-encryption key,
+                                             # every kfrag wrapped again, old keys destroyed
 
 PINs are read from the files the config names, never from arguments. `serve`
 speaks mutual TLS only (tls_ca_cert, tls_cert, tls_key in the config) and
@@ -11,13 +13,16 @@ refuses to start without them unless the config sets dev_plaintext = true.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from medkms.core import logs
 from medkms.core.errors import KmsError
-from medkms.node import hsm
+from medkms.node import data_lock, hsm
+from medkms.node.kek_rotation import rotate_kek
+from medkms.node.kfrag_store import KfragStore
 from medkms.node.server import serve
 from medkms.node.settings import NodeSettings
 from medkms.node.supervisor import supervise
@@ -55,12 +60,32 @@ def init(settings: NodeSettings) -> dict[str, str]:
     return public
 
 
+def rotate(settings: NodeSettings) -> dict[str, object]:
+    """Rotate the node's key-encryption key (see medkms.node.kek_rotation); the node must
+    be stopped."""
+    with data_lock.alone(settings.data_dir):
+        keystore = hsm.Pkcs11KeyStore.open(
+            settings.hsm_module,
+            settings.hsm_token_label,
+            settings.user_pin(),
+            softhsm_conf=settings.softhsm_conf,
+        )
+        kfrags = KfragStore(settings.kfrag_db)
+        try:
+            rotation = rotate_kek(keystore, kfrags, settings.node_id)
+        finally:
+            kfrags.close()
+            keystore.close()
+    return dataclasses.asdict(rotation)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kms-node", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("init", "create or open the node's token and keys"),
         ("serve", "run the gRPC server"),
+        ("rotate-kek", "node stopped: wrap every kfrag under a new HSM key-encryption key"),
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", type=Path, required=True, help="node TOML file")
@@ -76,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(component, settings.log_level)
         if args.command == "init":
             print(json.dumps(init(settings), indent=2))
+        elif args.command == "rotate-kek":
+            print(json.dumps(rotate(settings), indent=2))
         elif settings.processes > 1 and args.worker is None:
             supervise(settings, args.config)
         else:

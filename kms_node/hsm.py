@@ -3,7 +3,9 @@
 Keys on the token (created by :func:`ensure_keys`, used by :class:`Pkcs11KeyStore`):
 
 - ``medkms-kek``: AES-256 key-encryption key; sensitive, non-extractable, encrypt/decrypt only.
-  Wraps kfrags with AES-256-GCM (:mod:`medkms.node.keystore` describes the format).
+  Wraps kfrags with AES-256-GCM (:mod:`medkms.node.keystore` describes the format). Later
+  generations (``kms-node rotate-kek``) are ``medkms-kek-2``, ``medkms-kek-3``, ...; the
+  newest wraps, each unwraps what it wrapped until it is destroyed.
 - ``medkms-signing``: EC P-256 key pair; the private half is sensitive, non-extractable, sign
   only. Signs with ``CKM_ECDSA`` over a SHA-256 digest computed here.
 - ``medkms-delivery``: EC P-256 key pair kfrags are sealed to; the private half is sensitive,
@@ -49,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import PyKCS11
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,10 +75,22 @@ from medkms.node.keystore import (
     check_eth_digest,
     check_plaintext,
     low_s_der_signature,
+    no_kek,
     split_wrapped,
 )
 
+log = structlog.get_logger("medkms.node.hsm")
+
 KEK_LABEL = "medkms-kek"
+#: key-encryption keys of later generations are labelled medkms-kek-2, medkms-kek-3, ...
+_KEK_GENERATION = re.compile(r"medkms-kek(?:-([2-9]|[1-9][0-9]+))?")
+
+
+def kek_label(generation: int) -> str:
+    """The token label of the key-encryption key of ``generation`` (1 is the first)."""
+    return KEK_LABEL if generation == 1 else f"{KEK_LABEL}-{generation}"
+
+
 SIGNING_LABEL = "medkms-signing"
 DELIVERY_LABEL = "medkms-delivery"
 ETH_LABEL = "medkms-eth"
@@ -395,7 +411,8 @@ _ECDH_SECRET_TEMPLATE: list[tuple[int, Any]] = [
 class _Keys:
     """Handles of the node's keys on one token, and their public halves."""
 
-    kek: _Handle
+    #: key-encryption keys by generation
+    keks: dict[int, _Handle]
     signing: _Handle
     signing_public: ec.EllipticCurvePublicKey
     delivery: _Handle
@@ -430,7 +447,7 @@ class Pkcs11KeyStore:
         self._token: _Token | None = token
         self._label = token.label
         self._lock = token.module.lock
-        self._kek = keys.kek
+        self._keks = dict(keys.keks)
         self._signing_key = keys.signing
         self._public_der = keys.signing_public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -527,17 +544,64 @@ class Pkcs11KeyStore:
         # A random 96-bit nonce per wrap (SP 800-38D 8.2.2): far below 2^32 wraps per key.
         nonce = os.urandom(NONCE_LEN)
         mechanism = PyKCS11.AES_GCM_Mechanism(nonce, aad, TAG_LEN * 8)
-        sealed = self._call("wrap", lambda s: s.encrypt(self._kek, plaintext, mechanism))
+        kek = self._keks[max(self._keks)]
+        sealed = self._call("wrap", lambda s: s.encrypt(kek, plaintext, mechanism))
         return nonce + sealed
 
-    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+    def unwrap(self, wrapped: bytes, aad: bytes, generation: int | None = None) -> bytes:
         nonce, sealed = split_wrapped(bytes(wrapped))
         mechanism = PyKCS11.AES_GCM_Mechanism(nonce, bytes(aad), TAG_LEN * 8)
+        kek = self._keks.get(max(self._keks) if generation is None else generation)
+        if kek is None:
+            raise no_kek(generation or 0)
         return self._call(
             "unwrap",
-            lambda s: s.decrypt(self._kek, sealed, mechanism),
+            lambda s: s.decrypt(kek, sealed, mechanism),
             integrity_codes=_DECRYPT_INTEGRITY_CODES,
         )
+
+    def kek_generation(self) -> int:
+        self._check_open()
+        return max(self._keks)
+
+    def add_kek_generation(self) -> int:
+        generation = max(self._keks) + 1
+        label = kek_label(generation)
+        with self._lock:
+            token = self._token
+            if token is None:
+                raise HsmUnavailable("key store is closed")
+            try:
+                _generate_kek(token.session, label)
+                handle = _require(token.session, self._label, label, PyKCS11.CKO_SECRET_KEY)
+                _check_attributes(token.session, self._label, label, handle, _KEK_ATTRIBUTES)
+            except PyKCS11.PyKCS11Error as e:
+                raise HsmUnavailable(
+                    f"cannot create {label!r} on token {self._label!r}: {e}"
+                ) from e
+            self._keks[generation] = handle
+        log.info("kek_generation_added", token=self._label, generation=generation)
+        return generation
+
+    def destroy_kek_generations(self, keep: int) -> list[int]:
+        if keep not in self._keks:
+            raise no_kek(keep)
+        destroyed = []
+        with self._lock:
+            token = self._token
+            if token is None:
+                raise HsmUnavailable("key store is closed")
+            for generation in sorted(g for g in self._keks if g != keep):
+                try:
+                    token.session.destroyObject(self._keks[generation])
+                except PyKCS11.PyKCS11Error as e:
+                    raise HsmUnavailable(
+                        f"cannot destroy {kek_label(generation)!r} on token {self._label!r}: {e}"
+                    ) from e
+                del self._keks[generation]
+                destroyed.append(generation)
+        log.info("kek_generations_destroyed", token=self._label, generations=destroyed)
+        return destroyed
 
     def sign(self, message: bytes) -> bytes:
         digest = hashlib.sha256(message).digest()
@@ -625,8 +689,14 @@ def _load_key_pair(
 def _load_keys(session: _Session, token_label: str) -> _Keys:
     """Find the node's keys and check their attributes. Caller holds the module lock."""
     try:
-        kek = _require(session, token_label, KEK_LABEL, PyKCS11.CKO_SECRET_KEY)
-        _check_attributes(session, token_label, KEK_LABEL, kek, _KEK_ATTRIBUTES)
+        keks = _find_keks(session, token_label)
+        if not keks:
+            raise HsmUnavailable(
+                f"key {KEK_LABEL!r} not found on token {token_label!r}; run `kms-node init`"
+            )
+        for generation, kek in keks.items():
+            label = kek_label(generation)
+            _check_attributes(session, token_label, label, kek, _KEK_ATTRIBUTES)
         signing, signing_public = _load_key_pair(
             session,
             token_label,
@@ -653,7 +723,25 @@ def _load_keys(session: _Session, token_label: str) -> _Keys:
         )
     except PyKCS11.PyKCS11Error as e:
         raise HsmUnavailable(f"cannot read the keys on token {token_label!r}: {e}") from e
-    return _Keys(kek, signing, signing_public, delivery, delivery_public, eth, eth_public)
+    return _Keys(keks, signing, signing_public, delivery, delivery_public, eth, eth_public)
+
+
+def _find_keks(session: _Session, token_label: str) -> dict[int, _Handle]:
+    """The node's key-encryption keys on the token, by generation (one label each)."""
+    found: dict[int, _Handle] = {}
+    for handle in session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY)]):
+        (label,) = session.getAttributeValue(handle, [PyKCS11.CKA_LABEL])
+        match = _KEK_GENERATION.fullmatch(str(label))
+        if match is None:
+            continue
+        generation = int(match.group(1) or 1)
+        if generation in found:
+            raise HsmUnavailable(
+                f"two objects labelled {kek_label(generation)!r} on token {token_label!r}; "
+                "refusing to guess"
+            )
+        found[generation] = handle
+    return found
 
 
 # --- provisioning (`kms-node init`) ----------------------------------------------------------
@@ -699,15 +787,19 @@ def _create_missing_keys(
 
 
 def _ensure_kek(session: _Session, token_label: str) -> None:
-    if _find_one(session, token_label, KEK_LABEL, PyKCS11.CKO_SECRET_KEY) is not None:
-        return
+    """The first key-encryption key, unless the token holds one (of any generation)."""
+    if not _find_keks(session, token_label):
+        _generate_kek(session, KEK_LABEL)
+
+
+def _generate_kek(session: _Session, label: str) -> None:
     # Every usage flag is spelt out: SoftHSM's defaults allow wrap/unwrap and sign (CMAC).
     session.generateKey(
         [
             (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
             (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
             (PyKCS11.CKA_VALUE_LEN, KEK_LEN),
-            (PyKCS11.CKA_LABEL, KEK_LABEL),
+            (PyKCS11.CKA_LABEL, label),
             (PyKCS11.CKA_TOKEN, True),
             (PyKCS11.CKA_PRIVATE, True),
             (PyKCS11.CKA_SENSITIVE, True),

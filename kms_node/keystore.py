@@ -7,6 +7,10 @@ that unit tests run fast; both pass the same conformance suite
 
 Wire format of a wrapped value (both implementations): ``nonce(12) || ciphertext || tag(16)``,
 AES-256-GCM (NIST SP 800-38D) under the key-encryption key, with the caller's AAD.
+Key-encryption keys have generations (1, 2, ...): new values are wrapped under the newest,
+older ones stay readable under theirs until an operator rotates them away
+(``kms-node rotate-kek``: a new generation, every kfrag wrapped again, the old ones
+destroyed).
 Signatures: ECDSA P-256 over SHA-256(message), DER-encoded, with ``s <= n/2`` (low-S) so that
 each signature has exactly one valid encoding.
 
@@ -48,20 +52,44 @@ P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 UNWRAP_FAILED = "kfrag wrapping failed authentication"
 
 
+def no_kek(generation: int) -> IntegrityError:
+    return IntegrityError(
+        f"no key-encryption key of generation {generation}: it was rotated away, or the "
+        "kfrag store belongs to another token"
+    )
+
+
 class KeyStore(Protocol):
     """Keys that never leave the store: a key-encryption key, a signing key, a kfrag delivery
     (key agreement) key and an Ethereum account key."""
 
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
-        """AES-256-GCM under the key-encryption key: ``nonce(12) || ciphertext || tag(16)``."""
+        """AES-256-GCM under the newest key-encryption key (:meth:`kek_generation`):
+        ``nonce(12) || ciphertext || tag(16)``."""
         ...
 
-    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
-        """Inverse of :meth:`wrap`.
+    def unwrap(self, wrapped: bytes, aad: bytes, generation: int | None = None) -> bytes:
+        """Inverse of :meth:`wrap`, under the key-encryption key of ``generation`` (default:
+        the newest).
 
-        Raises :class:`IntegrityError` if the tag or AAD do not authenticate and
-        :class:`InvalidRequest` if ``wrapped`` is too short to be a wrapped value.
+        Raises :class:`IntegrityError` if the tag or AAD do not authenticate or there is no
+        key of that generation, and :class:`InvalidRequest` if ``wrapped`` is too short to
+        be a wrapped value.
         """
+        ...
+
+    def kek_generation(self) -> int:
+        """The generation of the newest key-encryption key, the one :meth:`wrap` uses."""
+        ...
+
+    def add_kek_generation(self) -> int:
+        """Create a key-encryption key of the next generation, which :meth:`wrap` uses from
+        now on; its generation."""
+        ...
+
+    def destroy_kek_generations(self, keep: int) -> list[int]:
+        """Destroy every key-encryption key but generation ``keep``; the generations
+        destroyed. Values wrapped under them can no longer be unwrapped."""
         ...
 
     def sign(self, message: bytes) -> bytes:
@@ -158,7 +186,8 @@ class MemoryKeyStore:
             eth_key = ec.generate_private_key(ec.SECP256K1())
         if not isinstance(eth_key.curve, ec.SECP256K1):
             raise InvalidRequest("Ethereum key must be on secp256k1")
-        self._aead: AESGCM | None = AESGCM(kek)
+        #: key-encryption keys by generation; None once closed
+        self._keks: dict[int, AESGCM] | None = {1: AESGCM(kek)}
         self._signing_key = signing_key
         self._public_der = signing_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -174,25 +203,46 @@ class MemoryKeyStore:
     def __repr__(self) -> str:
         return "MemoryKeyStore()"
 
-    def _check_open(self) -> AESGCM:
-        aead = self._aead
-        if aead is None:
+    def _check_open(self) -> dict[int, AESGCM]:
+        keks = self._keks
+        if keks is None:
             raise HsmUnavailable("key store is closed")
-        return aead
+        return keks
 
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
-        aead = self._check_open()
+        keks = self._check_open()
         check_plaintext(plaintext)
         nonce = os.urandom(NONCE_LEN)
-        return nonce + aead.encrypt(nonce, plaintext, aad)
+        return nonce + keks[max(keks)].encrypt(nonce, plaintext, aad)
 
-    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
-        aead = self._check_open()
+    def unwrap(self, wrapped: bytes, aad: bytes, generation: int | None = None) -> bytes:
+        keks = self._check_open()
         nonce, sealed = split_wrapped(wrapped)
+        aead = keks.get(max(keks) if generation is None else generation)
+        if aead is None:
+            raise no_kek(generation or 0)
         try:
             return aead.decrypt(nonce, sealed, aad)
         except InvalidTag as e:
             raise IntegrityError(UNWRAP_FAILED) from e
+
+    def kek_generation(self) -> int:
+        return max(self._check_open())
+
+    def add_kek_generation(self) -> int:
+        keks = self._check_open()
+        generation = max(keks) + 1
+        keks[generation] = AESGCM(AESGCM.generate_key(bit_length=KEK_LEN * 8))
+        return generation
+
+    def destroy_kek_generations(self, keep: int) -> list[int]:
+        keks = self._check_open()
+        if keep not in keks:
+            raise no_kek(keep)
+        destroyed = sorted(g for g in keks if g != keep)
+        for generation in destroyed:
+            del keks[generation]
+        return destroyed
 
     def sign(self, message: bytes) -> bytes:
         self._check_open()
@@ -238,4 +288,4 @@ class MemoryKeyStore:
         return recoverable_signature(digest, *decode_dss_signature(der), self._eth_public)
 
     def close(self) -> None:
-        self._aead = None
+        self._keks = None

@@ -16,14 +16,15 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
 from medkms.node.sqlite_db import open_durable, unavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE kfrags (
@@ -36,17 +37,21 @@ CREATE TABLE kfrags (
     kfrag_sha256  BLOB    NOT NULL CHECK (length(kfrag_sha256) = 32),
     receiving_key BLOB    NOT NULL,  -- the grantee's Umbral public key
     created_at    INTEGER NOT NULL,  -- unix seconds
+    kek_generation INTEGER NOT NULL DEFAULT 1,  -- the HSM key-encryption key that wrapped it
     PRIMARY KEY (patient_key, grantee_key, record_type)
 ) WITHOUT ROWID
 """
+
+# Version 2 stores (before key-encryption keys had generations) were all wrapped by the first.
+_MIGRATE_2_TO_3 = "ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1"
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 _PUT = """
 INSERT OR REPLACE INTO kfrags
     (patient_key, grantee_key, record_type, patient, grantee, wrapped, kfrag_sha256,
-     receiving_key, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+     receiving_key, created_at, kek_generation)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 # A pair's kfrags whose record type is not in a bitmask of types to keep (types are 0..5).
@@ -55,8 +60,20 @@ DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND ((1 << record_t
 """
 
 _GET = """
-SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at
+SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
+       kek_generation
 FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
+"""
+
+_ALL = """
+SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
+       kek_generation
+FROM kfrags
+"""
+
+_REWRAP = """
+UPDATE kfrags SET wrapped = ?, kek_generation = ?
+WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
 """
 
 
@@ -71,6 +88,8 @@ class StoredKfrag:
     kfrag_sha256: bytes
     receiving_key: bytes = field(repr=False)
     created_at: int
+    #: generation of the HSM key-encryption key that wrapped it
+    kek_generation: int = 1
 
 
 def _key(address: str, what: str) -> str:
@@ -90,6 +109,10 @@ def _check_item(item: StoredKfrag) -> None:
         raise InvalidRequest("record_type must be an integer")
     if isinstance(item.created_at, bool) or not isinstance(item.created_at, int):
         raise InvalidRequest("created_at must be an integer (unix seconds)")
+    if isinstance(item.kek_generation, bool) or not isinstance(item.kek_generation, int):
+        raise InvalidRequest("kek_generation must be an integer")
+    if item.kek_generation < 1:
+        raise InvalidRequest("kek_generation starts at 1")
 
 
 def _type_mask(types: Collection[int]) -> int:
@@ -122,6 +145,9 @@ class KfragStore:
             if version == 0:
                 conn.execute(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 2:
+                conn.execute(_MIGRATE_2_TO_3)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise PreconditionFailed(
                     f"kfrag store has schema version {version}; this node knows {SCHEMA_VERSION}"
@@ -140,6 +166,24 @@ class KfragStore:
         if self._conn is None:
             raise Unavailable("kfrag store is closed")
         return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed if the block ends normally,
+        rolled back otherwise; SQLite errors become :class:`Unavailable`."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
 
     def put(self, item: StoredKfrag) -> None:
         """Store ``item``, replacing any kfrag for (patient, grantee, record type); durable
@@ -171,26 +215,14 @@ class KfragStore:
                 bytes(i.kfrag_sha256),
                 bytes(i.receiving_key),
                 i.created_at,
+                i.kek_generation,
             )
             for i in items
         ]
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if retain_types is not None:
-                        conn.execute(
-                            _DELETE_OTHER_TYPES, (*next(iter(pairs)), _type_mask(retain_types))
-                        )
-                    conn.executemany(_PUT, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
+        with self._transaction() as conn:
+            if retain_types is not None:
+                conn.execute(_DELETE_OTHER_TYPES, (*next(iter(pairs)), _type_mask(retain_types)))
+            conn.executemany(_PUT, rows)
 
     def get(self, patient: str, grantee: str, record_type: int) -> StoredKfrag | None:
         keys = (_key(patient, "patient"), _key(grantee, "grantee"), record_type)
@@ -200,6 +232,31 @@ class KfragStore:
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
         return None if row is None else StoredKfrag(*row)
+
+    def rewrap_all(self, rewrap: Callable[[StoredKfrag], tuple[bytes, int]]) -> int:
+        """Replace every kfrag's wrapping by what ``rewrap`` gives (wrapped bytes and the
+        key-encryption key generation), all in one transaction: all or none; the number of
+        kfrags. For key rotation, with the node stopped."""
+        with self._transaction() as conn:
+            items = [StoredKfrag(*row) for row in conn.execute(_ALL).fetchall()]
+            for item in items:
+                wrapped, generation = rewrap(item)
+                keys = (_key(item.patient, "patient"), _key(item.grantee, "grantee"))
+                conn.execute(_REWRAP, (wrapped, generation, *keys, item.record_type))
+        return len(items)
+
+    def generations(self) -> set[int]:
+        """The key-encryption key generations the stored kfrags are wrapped under."""
+        with self._lock:
+            try:
+                rows = (
+                    self._connection()
+                    .execute("SELECT DISTINCT kek_generation FROM kfrags")
+                    .fetchall()
+                )
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return {int(g) for (g,) in rows}
 
     def delete(self, patient: str, grantee: str, *, keep_types: Collection[int] = ()) -> bool:
         """Remove the kfrags for (patient, grantee), all of them or those whose record type

@@ -13,7 +13,7 @@ import structlog
 from medkms.contracts.registry import RegistryClient
 from medkms.core.audit import AuditEntry, Receipt
 from medkms.core.endpoints import parse_host_port
-from medkms.node import metrics
+from medkms.node import data_lock, metrics
 from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
 from medkms.node.audit_log import AuditLog
 from medkms.node.audit_service import AuditService
@@ -136,6 +136,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         softhsm_conf=settings.softhsm_conf,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Shared with the node's other server processes: refuses maintenance meanwhile.
+    data_lock.hold_while_serving(settings.data_dir)
     kfrags = KfragStore(settings.kfrag_db)
     audit = AuditLog(settings.audit_db, keystore, settings.node_id)
     registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)

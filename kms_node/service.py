@@ -197,6 +197,7 @@ class NodeService:
                     kfrag_sha256=hashlib.sha256(clear).digest(),
                     receiving_key=enrollment.receiving_key_bytes,
                     created_at=now,
+                    kek_generation=self._keystore.kek_generation(),
                 )
             )
             del clear
@@ -463,11 +464,12 @@ class NodeService:
         )
         # The kfrag was verified at enrollment and is authenticated by AES-GCM
         # since, so re-verifying it here would only cost time.
-        kfrag = umbral.KeyFrag.from_bytes(self._keystore.unwrap(stored.wrapped, aad))
+        clear = self._keystore.unwrap(stored.wrapped, aad, stored.kek_generation)
+        kfrag = umbral.KeyFrag.from_bytes(clear)
         verified = kfrag.skip_verification()
         for i in indices:
             results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
-        del kfrag, verified
+        del clear, kfrag, verified
 
 
 def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:

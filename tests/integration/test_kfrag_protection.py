@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +14,9 @@ import umbral_pre as umbral
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from medkms.core.record_types import RecordType
+from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from medkms.node.kfrag_store import KfragStore
 from tests.integration.conftest import CREATED_IDENTITIES, People
@@ -52,6 +57,58 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
     finally:
         for store in stores:
             store.close()
+
+
+def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medkms.node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
+    people: People, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    people.grant_doctor()
+    node = cluster.nodes[0]
+    # A serving node's data directory is not rotated under it.
+    refused = _kms_node("rotate-kek", "--config", node.config)
+    assert refused.returncode == 1 and "the node is running: stop it first" in refused.stderr
+    before = tmp_path / "before.sqlite"
+    with sqlite3.connect(_db(cluster, 0)) as source, sqlite3.connect(before) as target:
+        source.backup(target)
+    cluster.stop_node(node.node_id)
+    try:
+        ran = _kms_node("rotate-kek", "--config", node.config)
+        assert ran.returncode == 0, ran.stderr
+        rotation = json.loads(ran.stdout)
+        assert rotation["rewrapped"] >= 1 and rotation["destroyed"] == [
+            g for g in range(1, rotation["generation"])
+        ]
+        store = KfragStore(_db(cluster, 0))
+        try:
+            assert store.generations() == {rotation["generation"]}
+        finally:
+            store.close()
+    finally:
+        cluster.start_node(node.node_id)
+    # The rotated node serves the grant; with two others down its share is needed.
+    stopped = [n.node_id for n in cluster.nodes[1:3]]
+    for node_id in stopped:
+        cluster.stop_node(node_id)
+    try:
+        time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.3)
+        with people.provider() as doctor:
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+    finally:
+        for node_id in stopped:
+            cluster.start_node(node_id)
+        time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.3)
+    # A copy of the store from before the rotation: wrapped under keys the rotation destroyed.
+    old = sqlite3.connect(before).execute("SELECT DISTINCT kek_generation FROM kfrags").fetchall()
+    assert {g for (g,) in old} <= set(rotation["destroyed"])
 
 
 @pytest.mark.runs_last

@@ -83,13 +83,26 @@ def hsm_store(provisioned_token: SoftHsmToken) -> Iterator[hsm.Pkcs11KeyStore]:
     store.close()
 
 
+def _open(request: pytest.FixtureRequest, *, own_token: bool) -> KeyStore:
+    if request.param == "memory":
+        return MemoryKeyStore()
+    if own_token:
+        return request.getfixturevalue("softhsm_dir").new_token().open()  # type: ignore[no-any-return]
+    return request.getfixturevalue("provisioned_token").open()  # type: ignore[no-any-return]
+
+
 @pytest.fixture(params=["memory", pytest.param("softhsm", marks=pytest.mark.softhsm)])
 def keystore(request: pytest.FixtureRequest) -> Iterator[KeyStore]:
     """Every KeyStore implementation: the conformance suite runs once per backend."""
-    store: KeyStore
-    if request.param == "memory":
-        store = MemoryKeyStore()
-    else:
-        store = request.getfixturevalue("provisioned_token").open()
+    store = _open(request, own_token=False)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("softhsm", marks=pytest.mark.softhsm)])
+def fresh_keystore(request: pytest.FixtureRequest) -> Iterator[KeyStore]:
+    """The same, on a token of its own: what a test does to the key-encryption keys (their
+    generations) stays on the token."""
+    store = _open(request, own_token=True)
     yield store
     store.close()

@@ -357,6 +357,45 @@ def _destroy(store: hsm.Pkcs11KeyStore, label: str, cls: int | None = None) -> N
             session.destroyObject(handle)
 
 
+def test_kek_generations_wrap_new_values_and_unwrap_old_ones(fresh_keystore: KeyStore) -> None:
+    store = fresh_keystore
+    assert store.kek_generation() == 1
+    old = store.wrap(b"kfrag", b"aad")
+    assert store.add_kek_generation() == 2
+    assert store.kek_generation() == 2
+    new = store.wrap(b"kfrag", b"aad")
+    assert store.unwrap(old, b"aad", 1) == b"kfrag"
+    assert store.unwrap(new, b"aad", 2) == store.unwrap(new, b"aad") == b"kfrag"
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        store.unwrap(old, b"aad", 2)  # under another generation's key
+    assert store.destroy_kek_generations(keep=2) == [1]
+    with pytest.raises(IntegrityError, match="no key-encryption key of generation 1"):
+        store.unwrap(old, b"aad", 1)
+    assert store.unwrap(new, b"aad", 2) == b"kfrag"
+    with pytest.raises(IntegrityError, match="generation 7"):
+        store.destroy_kek_generations(keep=7)
+
+
+@pytest.mark.softhsm
+def test_a_rotated_token_reopens_with_its_generations(softhsm_dir: SoftHsmDir) -> None:
+    token = softhsm_dir.new_token()
+    store = token.open()
+    store.add_kek_generation()
+    store.add_kek_generation()
+    wrapped = store.wrap(b"kfrag", b"aad")
+    store.destroy_kek_generations(keep=3)
+    store.close()
+    token.ensure_keys()  # `kms-node init` again: no new first-generation key
+    store = token.open()
+    try:
+        assert store.kek_generation() == 3
+        assert store.unwrap(wrapped, b"aad", 3) == b"kfrag"
+        assert _find(store, "medkms-kek") == [] and _find(store, "medkms-kek-2") == []
+        assert len(_find(store, "medkms-kek-3")) == 1
+    finally:
+        store.close()
+
+
 def _find(store: hsm.Pkcs11KeyStore, label: str) -> list[object]:
     with store._lock:
         assert store._token is not None
@@ -380,11 +419,11 @@ class TestSoftHsm:
             PyKCS11.CKA_SIGN,
             PyKCS11.CKA_VALUE_LEN,
         ]
-        values = _attributes(hsm_store, hsm_store._kek, names)
+        values = _attributes(hsm_store, hsm_store._keks[1], names)
         assert values == [True, True, True, True, False, True, True, True, False, False, False, 32]
         # The token refuses to reveal the key itself (PyKCS11 maps CKR_ATTRIBUTE_SENSITIVE
         # to None).
-        assert _attributes(hsm_store, hsm_store._kek, [PyKCS11.CKA_VALUE]) == [None]
+        assert _attributes(hsm_store, hsm_store._keks[1], [PyKCS11.CKA_VALUE]) == [None]
 
     def test_signing_key_is_sensitive_and_sign_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
         names = [
@@ -705,7 +744,7 @@ class TestSoftHsm:
             assert hsm_store._token is not None
             with pytest.raises(PyKCS11.PyKCS11Error):
                 hsm_store._token.session.decrypt(
-                    hsm_store._kek, b"", PyKCS11.AES_GCM_Mechanism(bytes(12), b"", 128)
+                    hsm_store._keks[1], b"", PyKCS11.AES_GCM_Mechanism(bytes(12), b"", 128)
                 )
         with pytest.raises(HsmUnavailable, match="OPERATION_ACTIVE"):
             hsm_store.unwrap(wrapped, AAD)

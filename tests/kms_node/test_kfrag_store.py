@@ -156,6 +156,41 @@ def test_refuses_an_unknown_schema_version(db_path: Path) -> None:
         KfragStore(db_path)
 
 
+_VERSION_2_SCHEMA = """
+CREATE TABLE kfrags (
+    patient_key TEXT NOT NULL, grantee_key TEXT NOT NULL, record_type INTEGER NOT NULL,
+    patient TEXT NOT NULL, grantee TEXT NOT NULL, wrapped BLOB NOT NULL,
+    kfrag_sha256 BLOB NOT NULL CHECK (length(kfrag_sha256) = 32),
+    receiving_key BLOB NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (patient_key, grantee_key, record_type)
+) WITHOUT ROWID
+"""
+
+
+def test_a_version_2_store_opens_with_its_kfrags_under_the_first_kek(db_path: Path) -> None:
+    """Stores written before key-encryption keys had generations."""
+    old = sqlite3.connect(db_path)
+    old.execute(_VERSION_2_SCHEMA)
+    item = _item()
+    old.execute(
+        "INSERT INTO kfrags VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (PATIENT.lower(), GRANTEE.lower(), LAB, PATIENT, GRANTEE, item.wrapped,
+         item.kfrag_sha256, item.receiving_key, item.created_at),
+    )  # fmt: skip
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    store = KfragStore(db_path)
+    try:
+        assert store.get(PATIENT, GRANTEE, LAB) == dataclasses.replace(item, kek_generation=1)
+        assert store.generations() == {1}
+    finally:
+        store.close()
+    check = sqlite3.connect(db_path)
+    assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    check.close()
+
+
 def test_closed_store_refuses(store: KfragStore) -> None:
     store.close()
     with pytest.raises(Unavailable, match="closed"):
