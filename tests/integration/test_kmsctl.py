@@ -38,6 +38,7 @@ def test_demo_runs_every_step(cluster: LocalCluster) -> None:
     assert "decrypted record equals the original" in result.stdout
     assert "grant has been revoked by the patient" in result.stdout
     assert "read under the emergency grant" in result.stdout
+    assert "every decision is judged again at its block" in result.stdout
     assert "demo finished" in result.stdout
 
 
