@@ -4,7 +4,8 @@ Kfrags are stored only wrapped under the HSM key-encryption key (see
 :mod:`medkms.node.keystore`). Durability: WAL with ``synchronous=FULL`` fsyncs the log on
 every commit, so an item is on disk once :meth:`KfragStore.put` returns and survives a kill -9
 of the node (and a power cut). ``secure_delete`` overwrites the pages a deleted kfrag occupied
-in the database file; copies of them may remain in the WAL file until it is overwritten.
+in the database file, and a shred then checkpoints and empties the WAL, whose frames from
+the kfrag's writing still hold it.
 
 Addresses are Ethereum addresses (``0x`` + 40 hex digits, usually EIP-55 checksummed). They
 are keyed in lower case, so that any spelling of an address finds the same row, and returned
@@ -46,6 +47,9 @@ CREATE TABLE kfrags (
 _MIGRATE_2_TO_3 = "ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1"
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_BUSY_TIMEOUT_MS = 5000
+#: how long a checkpoint after a shred waits for other processes' readers
+_CHECKPOINT_WAIT_MS = 100
 
 _PUT = """
 INSERT OR REPLACE INTO kfrags
@@ -133,7 +137,11 @@ class KfragStore:
         # Who may read a patient's records is itself sensitive: owner-only file.
         # secure_delete overwrites a shredded kfrag's pages in the database file.
         self._conn: sqlite3.Connection | None = open_durable(
-            path, "kfrag store", self._migrate, extra_pragmas=("secure_delete = ON",)
+            path,
+            "kfrag store",
+            self._migrate,
+            busy_timeout_ms=_BUSY_TIMEOUT_MS,
+            extra_pragmas=("secure_delete = ON",),
         )
 
     @staticmethod
@@ -263,11 +271,29 @@ class KfragStore:
         is not in ``keep_types``; False if there was none to remove."""
         keys = (_key(patient, "patient"), _key(grantee, "grantee"), _type_mask(keep_types))
         with self._lock:
+            conn = self._connection()
             try:
-                cursor = self._connection().execute(_DELETE_OTHER_TYPES, keys)
+                removed = conn.execute(_DELETE_OTHER_TYPES, keys).rowcount > 0
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
-        return cursor.rowcount > 0
+            if removed:
+                self._checkpoint_wal(conn)
+        return removed
+
+    @staticmethod
+    def _checkpoint_wal(conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database file and empty it: the frames that still hold a
+        shredded kfrag (from when it was written) go, and ``secure_delete`` has zeroed its
+        pages in the file. Best effort, briefly: another process reading the store makes
+        it wait for the next shred (or the next checkpoint SQLite makes by itself)."""
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        except sqlite3.Error:
+            return  # the kfrag is deleted either way; its old frames go at a later checkpoint
 
     def count(self) -> int:
         with self._lock:

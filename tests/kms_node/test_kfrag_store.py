@@ -191,6 +191,24 @@ def test_a_version_2_store_opens_with_its_kfrags_under_the_first_kek(db_path: Pa
     check.close()
 
 
+def test_a_shredded_kfrag_is_in_neither_the_database_nor_its_wal(
+    store: KfragStore, db_path: Path
+) -> None:
+    marker = b"SHRED-ME" * 40
+    kept = _item(grantee=OTHER_GRANTEE, n=7)
+    store.put(kept)
+    store.put(dataclasses.replace(_item(), wrapped=marker))
+
+    def on_disk() -> bytes:
+        wal = Path(f"{db_path}-wal")
+        return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+    assert marker in on_disk()  # written: in the WAL (and maybe the file)
+    assert store.delete(PATIENT, GRANTEE)
+    assert marker not in on_disk()
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) == kept  # the others are untouched
+
+
 def test_closed_store_refuses(store: KfragStore) -> None:
     store.close()
     with pytest.raises(Unavailable, match="closed"):
