@@ -6,7 +6,7 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
-    kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state FILE]
+    kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state-file FILE]
     kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
 Identities are the demo accounts of the cluster's state directory
@@ -250,16 +250,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
     registry = cluster.registry()
     receipts = load_receipts(args.receipts) if args.receipts else []
-    since = load_state(args.state, registry.list_nodes()) if args.state else {}
+    since = load_state(args.state_file, registry.list_nodes()) if args.state_file else {}
     report = audit_cluster(
         registry, _node_channels(cluster), node_ids=args.node, receipts=receipts, since=since
     )
     json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
     print("\n".join(summary_lines(report)))
     print(f"report: {json_path}, {csv_path}")
-    if args.state:
-        save_state(args.state, report, since)
-        print(f"state: {args.state} (the next run with it starts where this one ended)")
+    if args.state_file:
+        save_state(args.state_file, report, since)
+        print(f"state: {args.state_file} (the next run with it starts where this one ended)")
     if not report.ok:
         raise IntegrityError(f"audit failed: {failures(report)}")
 
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--receipts", type=Path, help="a JSON list of receipts to check too")
     verify.add_argument(
-        "--state",
+        "--state-file",
+        metavar="FILE",
         type=Path,
         help="incremental: start each node where the audit that wrote FILE ended, then "
         "write what this one verified back to FILE",

@@ -260,14 +260,15 @@ def test_an_incremental_audit_starts_where_the_last_one_ended(
     clean: World, run_kmsctl: Kmsctl, tmp_path: Path
 ) -> None:
     world, state = clean, tmp_path / "audit-state.json"
-    first = run_kmsctl(world.cluster, "audit", "verify", "--state", str(state))
+    world.read_at("node-1", 2)  # entries to verify first, whatever ran before
+    first = run_kmsctl(world.cluster, "audit", "verify", "--state-file", str(state))
     assert first.code == 0, first.out + first.err
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     verified = {n: p["tree_size"] for n, p in json.loads(state.read_text())["nodes"].items()}
     assert sorted(verified) == ["node-1", "node-2", "node-3"]
 
     world.read_at("node-1", 4)
-    again = run_kmsctl(world.cluster, "audit", "verify", "--state", str(state))
+    again = run_kmsctl(world.cluster, "audit", "verify", "--state-file", str(state))
 
     assert again.code == 0, again.out + again.err
     assert f"(from entry {verified['node-1']}: those before were verified earlier)" in again.out
