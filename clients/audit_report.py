@@ -196,7 +196,7 @@ def write_reports(report: ClusterReport, directory: Path) -> tuple[Path, Path]:
 
 
 def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefix]:
-    """The prefixes an earlier ``audit verify --state`` verified, of the registered
+    """The prefixes an earlier ``audit verify --state-file`` verified, of the registered
     ``nodes`` (each checked with its registered key); none if the file does not exist."""
     if not path.exists():
         return {}

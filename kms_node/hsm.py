@@ -565,12 +565,12 @@ class Pkcs11KeyStore:
         return max(self._keks)
 
     def add_kek_generation(self) -> int:
-        generation = max(self._keks) + 1
-        label = kek_label(generation)
         with self._lock:
             token = self._token
             if token is None:
                 raise HsmUnavailable("key store is closed")
+            generation = max(self._keks) + 1
+            label = kek_label(generation)
             try:
                 _generate_kek(token.session, label)
                 handle = _require(token.session, self._label, label, PyKCS11.CKO_SECRET_KEY)

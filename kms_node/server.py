@@ -135,8 +135,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         settings.user_pin(),
         softhsm_conf=settings.softhsm_conf,
     )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # Shared with the node's other server processes: refuses maintenance meanwhile.
+    # Creates the data directory if need be. Shared with the node's other server
+    # processes: refuses maintenance meanwhile.
     data_lock.hold_while_serving(settings.data_dir)
     kfrags = KfragStore(settings.kfrag_db)
     audit = AuditLog(settings.audit_db, keystore, settings.node_id)

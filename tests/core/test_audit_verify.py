@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,14 @@ class Node:
         self.log.close()
         self.log = AuditLog(self.path, self.keys, NODE, clock=self.clock)
 
+    def truncate(self, size: int) -> None:
+        """The tamperer cuts the log to ``size`` entries and rebuilds the tree, so the node
+        signs the shorter log; then the node restarts."""
+        with closing(self.sql()) as conn:
+            conn.execute("DELETE FROM entries WHERE leaf_index >= ?", (size,))
+            rebuild_tree(conn)
+        self.reopen()
+
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
@@ -346,10 +355,7 @@ def test_a_truncated_and_reappended_log_names_where_history_was_rewritten(node: 
     """The tamperer cuts the log at 20 and rebuilds the tree; the node appends new
     requests and signs the new log. The anchor at 32 shows it, and the first entry below
     32 written after that anchor names the cut."""
-    with node.sql() as conn:
-        conn.execute("DELETE FROM entries WHERE leaf_index >= 20")
-        rebuild_tree(conn)
-    node.reopen()
+    node.truncate(20)
     node.clock.now = T0 + 500
     node.append([make_entry(20 + j, tag="new", time=T0 + 500 + j) for j in range(25)])
     report = node.verify()
@@ -366,10 +372,7 @@ def test_a_truncated_and_reappended_log_names_where_history_was_rewritten(node: 
 
 
 def test_a_log_cut_below_its_anchor_names_the_first_missing_entry(node: Node) -> None:
-    with node.sql() as conn:
-        conn.execute("DELETE FROM entries WHERE leaf_index >= 28")
-        rebuild_tree(conn)
-    node.reopen()
+    node.truncate(28)
     report = node.verify()
     problem = first(report)
     assert (problem.leaf_index, problem.check) == (28, Check.ANCHOR)
@@ -396,10 +399,7 @@ def test_a_rebuilt_log_is_bounded_by_the_anchors_and_named_by_receipts(node: Nod
 
 def test_receipts_for_entries_the_log_no_longer_has_are_named(node: Node) -> None:
     node.chain.anchors.clear()
-    with node.sql() as conn:
-        conn.execute("DELETE FROM entries WHERE leaf_index >= 35")
-        rebuild_tree(conn)
-    node.reopen()
+    node.truncate(35)
     assert node.verify().ok  # nothing else can tell
     problem = first(node.verify(receipts=node.receipts))
     assert (problem.leaf_index, problem.check) == (35, Check.RECEIPT)
@@ -624,11 +624,7 @@ def test_a_log_rewritten_below_the_verified_prefix_fails_the_incremental_audit(
     prefix = node.verify().verified
     assert prefix is not None
     # Truncated to 36 and re-appended, tree rebuilt: the node signs the rewritten log.
-    conn = node.sql()
-    conn.execute("DELETE FROM entries WHERE leaf_index >= 36")
-    rebuild_tree(conn)
-    conn.close()
-    node.reopen()
+    node.truncate(36)
     node.append([make_entry(i, tag="forged") for i in range(36, 44)])
 
     report = node.verify(since=prefix)
@@ -643,11 +639,7 @@ def test_a_log_rewritten_below_the_verified_prefix_fails_the_incremental_audit(
 def test_a_log_shorter_than_the_verified_prefix_is_named_truncated(node: Node) -> None:
     prefix = node.verify().verified
     assert prefix is not None
-    conn = node.sql()
-    conn.execute("DELETE FROM entries WHERE leaf_index >= 38")
-    rebuild_tree(conn)
-    conn.close()
-    node.reopen()
+    node.truncate(38)
 
     report = node.verify(since=prefix)
 
