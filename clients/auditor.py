@@ -99,7 +99,7 @@ class CachedChain:
         self._registry = registry
         self._lock = threading.Lock()
         self._blocks: dict[int, BlockRef] = {}
-        self._states: dict[tuple[bytes, str, int], AccessState] = {}
+        self._states: dict[tuple[bytes, str, bytes, int], AccessState] = {}
         self.reads = 0
 
     def checkpoint_anchors(self, node_id: str, /) -> list[CheckpointAnchor]:
@@ -115,12 +115,14 @@ class CachedChain:
                 self.reads += 1
         return cached
 
-    def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
-        key = (record_id, grantee, block)
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
+    ) -> AccessState:
+        key = (record_id, grantee, capsule_hash, block)
         with self._lock:
             cached = self._states.get(key)
         if cached is None:
-            cached = self._registry.access_state(record_id, grantee, block=block)
+            cached = self._registry.access_state(record_id, grantee, capsule_hash, block=block)
             with self._lock:
                 self._states[key] = cached
                 self.reads += 1

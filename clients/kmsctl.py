@@ -199,6 +199,10 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         block = client.revoke(cluster.identity(args.grantee).address)
         waited = client.await_nodes(block)
         print(f"revoked in block {block}; in force at every node after {waited * 1000:.0f} ms")
+    elif args.action == "allow-writer":
+        block = client.allow_writer(cluster.identity(args.writer).address, allowed=not args.stop)
+        verb = "may no longer" if args.stop else "may now"
+        print(f"{args.writer} {verb} anchor records for {client.identity.address} (block {block})")
     elif args.action == "erase":
         block = client.erase(_record_id(args.record_id))
         waited = client.await_nodes(block)
@@ -346,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt_out.add_argument("responder")
     revoke = patient.add_parser("revoke", parents=[who])
     revoke.add_argument("grantee")
+    writer = patient.add_parser(
+        "allow-writer", parents=[who], help="let a provider anchor records for the patient"
+    )
+    writer.add_argument("writer", help="identity name of a provider, e.g. doctor")
+    writer.add_argument("--stop", action="store_true", help="withdraw the permission")
     deactivate = patient.add_parser("deactivate", parents=[who])
     deactivate.add_argument("record_id")
     erase = patient.add_parser("erase", parents=[who], help="deactivate and delete the blob")

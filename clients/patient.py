@@ -10,7 +10,6 @@ read none of them.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -82,14 +81,12 @@ class PatientClient:
 
     def store_record(self, document: bytes, record_type: RecordType) -> StoredRecord:
         """Validate, encrypt, store and anchor a FHIR record."""
-        record_id = secrets.token_bytes(32)
         public_key = self.identity.record_public_key(record_type)
-        sealed = seal(record_id, record_type, document, public_key)
+        sealed = seal(self.identity.address, record_type, document, public_key)
         storage_uri = self._blobs.put(sealed.envelope)
         capsule_hash = hash_capsule(sealed.capsule)
         self._registry.anchor_record(
             self.identity.account,
-            record_id=record_id,
             patient=self.identity.address,
             content_hash=sealed.content_hash,
             storage_uri=storage_uri,
@@ -97,7 +94,7 @@ class PatientClient:
             capsule_hash=capsule_hash,
         )
         return StoredRecord(
-            record_id=record_id,
+            record_id=sealed.record_id,
             record_type=record_type,
             storage_uri=storage_uri,
             content_hash=sealed.content_hash,
@@ -232,6 +229,12 @@ class PatientClient:
     def revoke(self, grantee: str) -> int:
         """Revoke the grant on-chain; return the block it was mined in."""
         tx = self._registry.revoke_access(self.identity.account, grantee)
+        return self._registry.receipt_block(tx)
+
+    def allow_writer(self, provider: str, *, allowed: bool = True) -> int:
+        """Let a provider (PROVIDER_ROLE) anchor records for this patient, or stop it;
+        return the block. Nobody else can anchor a record in her name."""
+        tx = self._registry.set_record_writer(self.identity.account, provider, allowed=allowed)
         return self._registry.receipt_block(tx)
 
     def deactivate(self, record_id: bytes) -> int:

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from medkms.core.errors import IntegrityError, InvalidRequest
 from medkms.core.record_types import FHIR_RESOURCES, RecordType
-from medkms.core.umbral_codec import load_capsule
+from medkms.core.registry_types import record_id_of
+from medkms.core.umbral_codec import capsule_hash, load_capsule
 from medkms.proto.kms.v1 import record_pb2
 
 MEDIA_TYPE = "application/fhir+json"
@@ -36,6 +37,8 @@ NONCE_SIZE = 12
 
 @dataclass(frozen=True)
 class SealedRecord:
+    #: the id the registry gives the record (``record_id_of(patient, capsule hash)``)
+    record_id: bytes
     envelope: bytes
     capsule: bytes
     content_hash: bytes
@@ -71,11 +74,14 @@ def _aad(record_id: bytes, record_type: RecordType) -> bytes:
 
 
 def seal(
-    record_id: bytes, record_type: RecordType, document: bytes, patient_key: umbral.PublicKey
+    patient: str, record_type: RecordType, document: bytes, patient_key: umbral.PublicKey
 ) -> SealedRecord:
+    """Encrypt a record of ``patient``'s under her key for its type. The record's id is
+    derived from the new capsule, as the registry derives it when the record is anchored."""
     resource_type = validate_fhir(document, record_type)
     dek = AESGCM.generate_key(bit_length=256)
     capsule, encrypted_dek = umbral.encrypt(patient_key, dek)
+    record_id = record_id_of(patient, capsule_hash(bytes(capsule)))
     nonce = os.urandom(NONCE_SIZE)
     ciphertext = AESGCM(dek).encrypt(nonce, document, _aad(record_id, record_type))
     del dek
@@ -90,6 +96,7 @@ def seal(
         media_type=MEDIA_TYPE,
     ).SerializeToString()
     return SealedRecord(
+        record_id=record_id,
         envelope=envelope,
         capsule=bytes(capsule),
         content_hash=hashlib.sha256(envelope).digest(),

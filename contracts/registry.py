@@ -457,15 +457,15 @@ class RegistryClient:
         self,
         sender: LocalAccount,
         *,
-        record_id: bytes,
         patient: str,
         content_hash: bytes,
         storage_uri: str,
         record_type: RecordType,
         capsule_hash: bytes,
     ) -> str:
+        """Anchor a record, sent by the patient or a provider she authorised
+        (:meth:`set_record_writer`). Its id is ``record_id_of(patient, capsule_hash)``."""
         fn = self._contract.functions.anchorRecord(
-            _bytes32(record_id, "record_id"),
             _address(patient, "patient"),
             _bytes32(content_hash, "content_hash"),
             _text(storage_uri, "storage_uri", MAX_STORAGE_URI_BYTES),
@@ -473,6 +473,11 @@ class RegistryClient:
             _bytes32(capsule_hash, "capsule_hash"),
         )
         return self._transact(sender, "anchorRecord", fn)
+
+    def set_record_writer(self, patient: LocalAccount, writer: str, *, allowed: bool) -> str:
+        """Let a provider anchor records for the patient (or stop it)."""
+        fn = self._contract.functions.setRecordWriter(_address(writer, "writer"), bool(allowed))
+        return self._transact(patient, "setRecordWriter", fn)
 
     def deactivate_record(self, patient: LocalAccount, record_id: bytes) -> str:
         fn = self._contract.functions.deactivateRecord(_bytes32(record_id, "record_id"))
@@ -609,6 +614,19 @@ class RegistryClient:
         with self._chain.translate("getRecord"):
             return _record(rid, r)
 
+    def record_of_capsule(self, capsule_hash: bytes) -> bytes | None:
+        """The id of the record that carries this capsule, or None if none ever did."""
+        digest = _bytes32(capsule_hash, "capsule_hash", nonzero=False)
+        fn = self._contract.functions.recordOfCapsule(digest)
+        record_id = bytes(self._chain.call("recordOfCapsule", fn))
+        return None if record_id == _ZERO_32 else record_id
+
+    def is_record_writer(self, patient: str, writer: str) -> bool:
+        fn = self._contract.functions.isRecordWriter(
+            _address(patient, "patient"), _address(writer, "writer")
+        )
+        return bool(self._chain.call("isRecordWriter", fn))
+
     def get_grant(
         self, patient: str, grantee: str, *, block: int | None = None
     ) -> GrantInfo | None:
@@ -624,7 +642,12 @@ class RegistryClient:
         if len(o.responderUmbralKey) == 0:
             return None
         return EmergencyOptIn(
-            p, r, bytes(o.responderUmbralKey), int(o.allowedTypes), bool(o.active)
+            p,
+            r,
+            bytes(o.responderUmbralKey),
+            int(o.allowedTypes),
+            bool(o.active),
+            int(o.windowsOpened),
         )
 
     def latest_checkpoint(self, node_id: str) -> tuple[int, bytes, int] | None:
@@ -689,15 +712,17 @@ class RegistryClient:
         return nodes
 
     def access_state(
-        self, record_id: bytes, grantee: str, *, block: int | None = None
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
     ) -> AccessState:
-        """Record, grant (record's patient -> grantee) and the block judged at: one eth_call.
-        At the latest block, or as of ``block`` (an auditor re-judging a past decision)."""
+        """Record, grant (record's patient -> grantee), whether the capsule's record is
+        deactivated, and the block judged at: one eth_call. At the latest block, or as of
+        ``block`` (an auditor re-judging a past decision)."""
         rid = _bytes32(record_id, "record_id", nonzero=False)
         who = _address(grantee, "grantee")
+        capsule = _bytes32(capsule_hash, "capsule_hash", nonzero=False)
         at = _at(block)
-        record, grant, number, timestamp = self._chain.call(
-            "accessState", self._contract.functions.accessState(rid, who), at
+        record, grant, retired, number, timestamp = self._chain.call(
+            "accessState", self._contract.functions.accessState(rid, who, capsule), at
         )
         with self._chain.translate("accessState"):
             info = _record(rid, record)
@@ -706,6 +731,7 @@ class RegistryClient:
                 grant=_grant(info.patient, who, grant) if info is not None else None,
                 block_number=int(number),
                 block_timestamp=int(timestamp),
+                capsule_retired=bool(retired),
             )
 
 

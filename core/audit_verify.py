@@ -75,6 +75,7 @@ CHECKABLE_DENIALS: Final = frozenset(
         "record_unknown",
         "patient_mismatch",
         "record_inactive",
+        "capsule_retired",
         "capsule_mismatch",
         "record_type_mismatch",
         "no_grant",
@@ -117,7 +118,9 @@ class ChainView(Protocol):
 
     def block(self, number: int, /) -> BlockRef: ...
 
-    def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState: ...
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
+    ) -> AccessState: ...
 
 
 # --- what the auditor finds --------------------------------------------------------------
@@ -866,7 +869,7 @@ class _Audit:
             return
         try:
             state = self.chain.access_state(
-                entry.record_id, entry.requester, block=entry.block_number
+                entry.record_id, entry.requester, entry.capsule_hash, block=entry.block_number
             )
         except KmsError as e:
             if granted:

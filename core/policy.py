@@ -43,6 +43,19 @@ class Request(Protocol):
     def purpose_of_use(self) -> str: ...
 
 
+#: refusals no later registry event can lift: a record's patient, capsule and type never
+#: change, and neither a deactivation nor a retired capsule is ever undone
+FINAL_DENIALS = frozenset(
+    {
+        "patient_mismatch",
+        "record_inactive",
+        "capsule_retired",
+        "capsule_mismatch",
+        "record_type_mismatch",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -76,6 +89,11 @@ def judge(query: Request, state: AccessState, wall_clock: int) -> Decision:
         return deny("patient_mismatch", "record belongs to a different patient")
     if not record.active:
         return deny("record_inactive", "record has been deactivated by the patient")
+    if state.capsule_retired:
+        return deny(
+            "capsule_retired",
+            "capsule belongs to a record the patient deactivated; it is never served again",
+        )
     if not hmac.compare_digest(query.capsule_hash, record.capsule_hash):
         return deny("capsule_mismatch", "capsule is not the one anchored for this record")
     if query.record_type != record.record_type:

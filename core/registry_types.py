@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eth_hash.auto import keccak
+
+from medkms.core.addresses import is_valid
+from medkms.core.errors import InvalidRequest
 from medkms.core.record_types import RecordType
+
+
+def record_id_of(patient: str, capsule_hash: bytes) -> bytes:
+    """A record's id, as the registry derives it (``Registry.recordIdOf``):
+    ``keccak256(abi.encode(patient, capsuleHash))``. Ids are derived, never chosen, so nobody
+    can take a patient's id first, and a capsule (anchored once, for ever) has one record."""
+    if not is_valid(patient):
+        raise InvalidRequest(f"patient is not an Ethereum address: {patient[:64]!r}")
+    if not isinstance(capsule_hash, bytes) or len(capsule_hash) != 32:
+        raise InvalidRequest("capsule_hash must be 32 bytes")
+    return keccak(bytes(12) + bytes.fromhex(patient[2:]) + capsule_hash)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,9 @@ class EmergencyOptIn:
     responder_umbral_key: bytes
     allowed_types_mask: int
     active: bool
+    #: emergency windows opened since the patient last opted in (the registry allows
+    #: MAX_EMERGENCY_WINDOWS)
+    windows_opened: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,9 @@ class AccessState:
     block_timestamp: int
     #: hash of that block, when the reader knows it (the grant index does)
     block_hash: bytes | None = None
+    #: the request's capsule is carried by a deactivated record (whichever record the
+    #: request names): a retired capsule is never re-encrypted again
+    capsule_retired: bool = False
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,8 @@ class ChainFollower:
     def index_block(self) -> int:
         return self.index.block.number if self.index.block is not None else 0
 
-    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
         problem = self.staleness()
         if problem is not None:
             raise Unavailable(f"cannot judge grants on stale chain state: {problem}")
-        return self.index.access_state(record_id, grantee)
+        return self.index.access_state(record_id, grantee, capsule_hash)

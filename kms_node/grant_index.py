@@ -34,6 +34,9 @@ class GrantIndex:
         self._patients: dict[str, PatientInfo] = {}
         self._records: dict[bytes, RecordInfo] = {}
         self._grants: dict[tuple[str, str], GrantInfo] = {}
+        #: capsule hashes of deactivated records: never re-encrypted again, whatever record
+        #: a request names (the registry anchors each capsule once; this holds even if not)
+        self._retired_capsules: set[bytes] = set()
         #: accounts that lost EMERGENCY_ROLE: their emergency windows are not in force
         self._without_emergency_role: set[str] = set()
         #: the last block whose events have all been applied; None before the first sync
@@ -68,6 +71,7 @@ class GrantIndex:
                 record = self._records.get(event.record_id)
                 if record is not None:
                     self._records[event.record_id] = dataclasses.replace(record, active=False)
+                    self._retired_capsules.add(record.capsule_hash)
             case AccessGranted():
                 self._grants[(event.patient, event.grantee)] = GrantInfo(
                     patient=event.patient,
@@ -102,7 +106,7 @@ class GrantIndex:
                 if grant is not None:
                     self._grants[key] = dataclasses.replace(grant, active=False)
 
-    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
         with self._lock:
             if self.block is None:
                 raise RuntimeError("the index has not been synced yet")
@@ -112,7 +116,12 @@ class GrantIndex:
                 # As the registry's views report it (Registry._inForce).
                 grant = dataclasses.replace(grant, active=False)
             return AccessState(
-                record, grant, self.block.number, self.block.timestamp, self.block.hash
+                record,
+                grant,
+                self.block.number,
+                self.block.timestamp,
+                self.block.hash,
+                capsule_retired=capsule_hash in self._retired_capsules,
             )
 
     def patient(self, address: str) -> PatientInfo | None:

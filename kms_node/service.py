@@ -33,7 +33,7 @@ from medkms.core.errors import (
     Unauthenticated,
 )
 from medkms.core.kfrag_delivery import delivery_binding
-from medkms.core.policy import Decision, judge
+from medkms.core.policy import FINAL_DENIALS, Decision, judge
 from medkms.core.record_types import RecordType, from_mask
 from medkms.core.registry_types import (
     AccessRevoked,
@@ -68,7 +68,7 @@ class AuditSink(Protocol):
 
 
 class AccessStateSource(Protocol):
-    def access_state(self, record_id: bytes, grantee: str) -> AccessState: ...
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState: ...
 
 
 class IndexedState(AccessStateSource, Protocol):
@@ -345,11 +345,14 @@ class NodeService:
         # The hot path judges by the local grant index (fresh within its bound, or it
         # raises UNAVAILABLE). The index may lag the chain by up to that bound, so a
         # refusal is confirmed against the chain itself before it is given: a grant
-        # written a moment ago is honoured, and denials cost a chain read, grants none.
-        state = self._index.access_state(query.record_id, query.requester)
+        # written a moment ago is honoured. Only refusals that a later event could lift
+        # cost that chain read: a deactivated record or a mismatched capsule stays refused.
+        state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
-        if not decision.allowed:
-            state = self._registry.access_state(query.record_id, query.requester)
+        if not decision.allowed and decision.code not in FINAL_DENIALS:
+            state = self._registry.access_state(
+                query.record_id, query.requester, query.capsule_hash
+            )
             decision = judge(query, state, int(self._clock()))
         if decision.block_hash is None:
             # The audit entry names the block judged at by number and hash.

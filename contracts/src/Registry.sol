@@ -25,6 +25,9 @@ contract Registry is AccessControl {
     uint256 private constant POINT_BYTES = 33;
     /// @notice Longest emergency grant a responder may open.
     uint64 public constant MAX_EMERGENCY_DURATION = 4 hours;
+    /// @notice Emergency windows a responder may open on one opt-in: the patient opts in
+    /// again (her own action) before the next ones. Bounds windows chained without her.
+    uint8 public constant MAX_EMERGENCY_WINDOWS = 3;
 
     struct Patient {
         // One Umbral key per record type (RECORD_TYPE_COUNT compressed secp256k1 points of
@@ -58,6 +61,7 @@ contract Registry is AccessControl {
         bytes responderUmbralKey; // empty = never opted in
         uint32 allowedTypes;
         bool active;
+        uint8 windowsOpened; // since the patient last opted in; at most MAX_EMERGENCY_WINDOWS
     }
 
     struct Node {
@@ -80,9 +84,9 @@ contract Registry is AccessControl {
     error InvalidVerifyingKey();
     error PatientAlreadyRegistered();
     error PatientNotRegistered();
-    error NotPatientOrProvider();
-    error InvalidRecordId();
-    error RecordAlreadyExists();
+    error NotRecordWriter();
+    error CapsuleAlreadyAnchored();
+    error WriterNotProvider();
     error InvalidContentHash();
     error InvalidCapsuleHash();
     error InvalidRecordType();
@@ -111,6 +115,7 @@ contract Registry is AccessControl {
     error GrantAlreadyActive();
     error EmergencyAccessAlreadyOpen();
     error NodeAccountInUse();
+    error EmergencyWindowsExhausted();
 
     event PatientRegistered(address indexed patient, bytes umbralKeys, bytes verifyingKey);
     event RecordAnchored(
@@ -122,6 +127,7 @@ contract Registry is AccessControl {
         bytes32 capsuleHash
     );
     event RecordDeactivated(bytes32 indexed recordId, address indexed patient);
+    event RecordWriterChanged(address indexed patient, address indexed writer, bool allowed);
     event AccessGranted(
         address indexed patient,
         address indexed grantee,
@@ -171,6 +177,9 @@ contract Registry is AccessControl {
     mapping(address => mapping(address => EmergencyOptIn)) private _emergencyOptIns; // patient => responder
     bytes32[] private _nodeKeys;
     mapping(address => bool) private _nodeAccountTaken; // one account anchors for one node
+    // capsule hash => the one record that carries it, for ever (deactivated records included)
+    mapping(bytes32 => bytes32) private _capsuleRecords;
+    mapping(address => mapping(address => bool)) private _recordWriters; // patient => provider
 
     constructor() {
         _grantRole(DEFAULT_ADMIN_ROLE, msg.sender);
@@ -198,27 +207,51 @@ contract Registry is AccessControl {
 
     // ----------------------------------------------------------------- records
 
-    /// @notice Anchor an encrypted record; callable by the patient or a provider.
+    /// @notice The id of the record that carries `capsuleHash` for `patient`. Ids are derived,
+    /// never chosen: nobody can take a patient's record id first, and each capsule has one.
+    function recordIdOf(address patient, bytes32 capsuleHash) public pure returns (bytes32) {
+        return keccak256(abi.encode(patient, capsuleHash));
+    }
+
+    /// @notice Let `writer` (a provider) anchor records for the caller, or stop it.
+    function setRecordWriter(address writer, bool allowed) external {
+        if (_patients[msg.sender].umbralKeys.length == 0) revert PatientNotRegistered();
+        if (writer == msg.sender) revert GranteeIsPatient();
+        if (allowed && !hasRole(PROVIDER_ROLE, writer)) revert WriterNotProvider();
+        _recordWriters[msg.sender][writer] = allowed;
+        emit RecordWriterChanged(msg.sender, writer, allowed);
+    }
+
+    /// @notice Whether `writer` may anchor records for `patient` now (it must also still hold
+    /// PROVIDER_ROLE).
+    function isRecordWriter(address patient, address writer) public view returns (bool) {
+        return _recordWriters[patient][writer] && hasRole(PROVIDER_ROLE, writer);
+    }
+
+    /// @notice Anchor an encrypted record, by the patient or a provider she authorised
+    /// (setRecordWriter). A capsule is anchored once, for ever: a deactivated record's capsule
+    /// can never come back under another record. Returns the record's id (recordIdOf).
     function anchorRecord(
-        bytes32 recordId,
         address patient,
         bytes32 contentHash,
         string calldata storageUri,
         uint8 recordType,
         bytes32 capsuleHash
-    ) external {
-        if (msg.sender != patient && !hasRole(PROVIDER_ROLE, msg.sender)) {
-            revert NotPatientOrProvider();
+    ) external returns (bytes32 recordId) {
+        if (msg.sender != patient && !isRecordWriter(patient, msg.sender)) {
+            revert NotRecordWriter();
         }
         if (_patients[patient].umbralKeys.length == 0) revert PatientNotRegistered();
-        if (recordId == bytes32(0)) revert InvalidRecordId();
-        if (_records[recordId].patient != address(0)) revert RecordAlreadyExists();
         if (contentHash == bytes32(0)) revert InvalidContentHash();
         if (capsuleHash == bytes32(0)) revert InvalidCapsuleHash();
+        if (_capsuleRecords[capsuleHash] != bytes32(0)) revert CapsuleAlreadyAnchored();
         if (recordType >= RECORD_TYPE_COUNT) revert InvalidRecordType();
         uint256 uriLength = bytes(storageUri).length;
         if (uriLength == 0 || uriLength > MAX_URI_BYTES) revert InvalidStorageUri();
 
+        // Unique: the capsule is new, and the id hashes it with the patient.
+        recordId = recordIdOf(patient, capsuleHash);
+        _capsuleRecords[capsuleHash] = recordId;
         _records[recordId] = Record({
             patient: patient,
             recordType: recordType,
@@ -269,12 +302,23 @@ contract Registry is AccessControl {
         emit AccessGranted(msg.sender, grantee, granteeUmbralKey, expiresAt, allowedTypes);
     }
 
-    /// @notice Revoke the caller's active grant to `grantee`.
+    /// @notice Revoke the caller's active grant to `grantee`. Revoking an emergency window
+    /// also withdraws the opt-in that allowed it: the responder opens no other window until
+    /// the patient opts in again.
     function revokeAccess(address grantee) external {
         Grant storage g = _grants[msg.sender][grantee];
         if (!g.active) revert GrantNotActive();
         g.active = false;
         emit AccessRevoked(msg.sender, grantee);
+        if (g.emergency) {
+            EmergencyOptIn storage o = _emergencyOptIns[msg.sender][grantee];
+            if (o.active) {
+                o.active = false;
+                emit EmergencyOptInChanged(
+                    msg.sender, grantee, o.responderUmbralKey, o.allowedTypes, false
+                );
+            }
+        }
     }
 
     // --------------------------------------------------------------- emergency
@@ -292,8 +336,12 @@ contract Registry is AccessControl {
         if (!_validTypes(allowedTypes)) revert InvalidRecordTypes();
         // New terms apply to the next window only: an open one is closed now.
         _closeEmergencyGrant(msg.sender, responder);
-        _emergencyOptIns[msg.sender][responder] =
-            EmergencyOptIn({responderUmbralKey: responderUmbralKey, allowedTypes: allowedTypes, active: true});
+        _emergencyOptIns[msg.sender][responder] = EmergencyOptIn({
+            responderUmbralKey: responderUmbralKey,
+            allowedTypes: allowedTypes,
+            active: true,
+            windowsOpened: 0
+        });
         emit EmergencyOptInChanged(msg.sender, responder, responderUmbralKey, allowedTypes, true);
     }
 
@@ -308,7 +356,8 @@ contract Registry is AccessControl {
 
     /// @notice Open emergency access to `patient`'s records for `duration` seconds (at most
     /// MAX_EMERGENCY_DURATION), on the terms the patient opted in to. A window cannot be
-    /// extended: the next one opens only after this one ends (expired or revoked).
+    /// extended: the next one opens only after this one ends (expired). A patient's revoke
+    /// withdraws the opt-in, and at most MAX_EMERGENCY_WINDOWS open on one opt-in.
     function openEmergencyAccess(address patient, uint64 duration) external onlyRole(EMERGENCY_ROLE) {
         EmergencyOptIn storage o = _emergencyOptIns[patient][msg.sender];
         if (!o.active) revert NotOptedIn();
@@ -318,6 +367,8 @@ contract Registry is AccessControl {
             if (existing.emergency) revert EmergencyAccessAlreadyOpen();
             revert GrantAlreadyActive();
         }
+        if (o.windowsOpened >= MAX_EMERGENCY_WINDOWS) revert EmergencyWindowsExhausted();
+        o.windowsOpened += 1;
         uint64 expiresAt = uint64(block.timestamp) + duration;
         _grants[patient][msg.sender] = Grant({
             granteeUmbralKey: o.responderUmbralKey,
@@ -416,6 +467,11 @@ contract Registry is AccessControl {
         return _records[recordId];
     }
 
+    /// @notice The record that carries `capsuleHash` (zero if none ever did).
+    function recordOfCapsule(bytes32 capsuleHash) external view returns (bytes32) {
+        return _capsuleRecords[capsuleHash];
+    }
+
     function getGrant(address patient, address grantee) external view returns (Grant memory) {
         return _inForce(_grants[patient][grantee], grantee);
     }
@@ -441,14 +497,23 @@ contract Registry is AccessControl {
     }
 
     /// @notice Everything a node needs to judge one request, read atomically at one block.
-    /// @dev The grant is the one from the record's patient to `grantee`.
-    function accessState(bytes32 recordId, address grantee)
+    /// @dev The grant is the one from the record's patient to `grantee`. `capsuleRetired`: the
+    /// record that carries `capsuleHash` (whichever record the request names) is deactivated.
+    function accessState(bytes32 recordId, address grantee, bytes32 capsuleHash)
         external
         view
-        returns (Record memory record, Grant memory grant, uint256 blockNumber, uint256 blockTimestamp)
+        returns (
+            Record memory record,
+            Grant memory grant,
+            bool capsuleRetired,
+            uint256 blockNumber,
+            uint256 blockTimestamp
+        )
     {
         record = _records[recordId];
         grant = _inForce(_grants[record.patient][grantee], grantee);
+        bytes32 carrier = _capsuleRecords[capsuleHash];
+        capsuleRetired = carrier != bytes32(0) && !_records[carrier].active;
         blockNumber = block.number;
         blockTimestamp = block.timestamp;
     }

@@ -11,13 +11,18 @@ import umbral_pre as umbral
 from medkms.clients.records import open_envelope, parse_envelope, seal, validate_fhir
 from medkms.core.errors import IntegrityError, InvalidRequest
 from medkms.core.record_types import RecordType
+from medkms.core.registry_types import record_id_of
+from medkms.core.umbral_codec import capsule_hash
 from medkms.deploy.demo import diagnosis, lab_result
+
+PATIENT = "0x" + "ab" * 20
 
 
 def test_seal_then_open_with_the_patients_key() -> None:
     sk = umbral.SecretKey.random()
-    record_id = b"\x05" * 32
-    sealed = seal(record_id, RecordType.LAB_RESULT, lab_result(), sk.public_key())
+    sealed = seal(PATIENT, RecordType.LAB_RESULT, lab_result(), sk.public_key())
+    # The id the registry will give the record: derived from patient and capsule.
+    assert sealed.record_id == record_id_of(PATIENT, capsule_hash(sealed.capsule))
     assert sealed.content_hash == hashlib.sha256(sealed.envelope).digest()
     assert sealed.resource_type == "Observation"
     envelope = parse_envelope(sealed.envelope)
@@ -30,8 +35,9 @@ def test_seal_then_open_with_the_patients_key() -> None:
 
 def test_envelope_is_bound_to_its_record_id_and_type() -> None:
     sk = umbral.SecretKey.random()
-    sealed = seal(b"\x05" * 32, RecordType.LAB_RESULT, lab_result(), sk.public_key())
+    sealed = seal(PATIENT, RecordType.LAB_RESULT, lab_result(), sk.public_key())
     envelope = parse_envelope(sealed.envelope)
+    assert envelope.record_id == sealed.record_id
     dek = bytes(
         umbral.decrypt_original(
             sk, umbral.Capsule.from_bytes(envelope.capsule), envelope.encrypted_dek
@@ -40,7 +46,7 @@ def test_envelope_is_bound_to_its_record_id_and_type() -> None:
     envelope.record_id = b"\x06" * 32
     with pytest.raises(IntegrityError):
         open_envelope(envelope, dek)
-    envelope.record_id = b"\x05" * 32
+    envelope.record_id = sealed.record_id
     envelope.record_type = "diagnosis"
     with pytest.raises(IntegrityError):
         open_envelope(envelope, dek)

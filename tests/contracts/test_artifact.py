@@ -48,7 +48,12 @@ def test_artifact_records_how_it_was_built(fresh: dict[str, Any]) -> None:
     assert (len(fresh["deployedBytecode"]) - 2) // 2 < 24576
     assert "pragma solidity 0.8.28;" in SOURCE.read_text(encoding="utf-8")
     errors = {e["name"] for e in fresh["abi"] if e["type"] == "error"}
-    assert {"GranteeNotProvider", "NotPatientOrProvider", "GrantNotActive"} <= errors
+    assert {
+        "GranteeNotProvider",
+        "NotRecordWriter",
+        "CapsuleAlreadyAnchored",
+        "GrantNotActive",
+    } <= errors
 
 
 def test_build_check_passes_on_the_committed_tree() -> None:

@@ -19,6 +19,7 @@ from medkms.contracts.build import load_artifact
 from medkms.contracts.registry import (
     EMERGENCY_ROLE,
     MAX_EMERGENCY_DURATION_S,
+    PROVIDER_ROLE,
     AccessState,
     GrantInfo,
     NodeInfo,
@@ -41,6 +42,7 @@ from medkms.core.registry_types import (
     EmergencyOptInChanged,
     EmergencyRoleChanged,
     PatientRegistered,
+    record_id_of,
 )
 from medkms.deploy import anvil as anvil_module
 from medkms.deploy.anvil import AnvilProcess, increase_time, rpc_call
@@ -62,19 +64,26 @@ def anchor(
     patient: str,
     *,
     record_type: RecordType = RecordType.LAB_RESULT,
-    record_id: bytes | None = None,
+    capsule_hash: bytes | None = None,
 ) -> bytes:
-    record_id = record_id or random32()
+    """Anchor a record with a fresh (or the given) capsule hash; its id."""
+    capsule_hash = capsule_hash or random32()
     registry.anchor_record(
         sender,
-        record_id=record_id,
         patient=patient,
         content_hash=random32(),
-        storage_uri=f"blob://sha2-256/{record_id.hex()}",
+        storage_uri=f"blob://sha2-256/{capsule_hash.hex()}",
         record_type=record_type,
-        capsule_hash=random32(),
+        capsule_hash=capsule_hash,
     )
-    return record_id
+    return record_id_of(patient, capsule_hash)
+
+
+def capsule(registry: RegistryClient, record_id: bytes) -> bytes:
+    """The capsule hash anchored for a record."""
+    record = registry.get_record(record_id)
+    assert record is not None
+    return record.capsule_hash
 
 
 def grant(
@@ -247,10 +256,10 @@ def test_contract_checks_the_key_encoding_itself(
 def test_patient_anchors_a_record(
     anvil: AnvilProcess, registry: RegistryClient, patient: LocalAccount
 ) -> None:
-    record_id, content_hash, capsule_hash = random32(), random32(), random32()
+    content_hash, capsule_hash = random32(), random32()
+    record_id = record_id_of(patient.address, capsule_hash)
     tx_hash = registry.anchor_record(
         patient,
-        record_id=record_id,
         patient=patient.address,
         content_hash=content_hash,
         storage_uri="blob://sha2-256/abc",
@@ -280,9 +289,19 @@ def test_patient_anchors_a_record(
     assert event.args.capsuleHash == capsule_hash
 
 
-def test_provider_anchors_a_record_for_a_patient(
-    registry: RegistryClient, patient: LocalAccount, provider: LocalAccount
+def test_provider_anchors_a_record_for_a_patient_who_authorised_it(
+    anvil: AnvilProcess, registry: RegistryClient, patient: LocalAccount, provider: LocalAccount
 ) -> None:
+    assert registry.is_record_writer(patient.address, provider.address) is False
+    tx_hash = registry.set_record_writer(patient, provider.address, allowed=True)
+    (event,) = decode_events(anvil, registry, tx_hash, "RecordWriterChanged")
+    assert (event.args.patient, event.args.writer, event.args.allowed) == (
+        patient.address,
+        provider.address,
+        True,
+    )
+    assert registry.is_record_writer(patient.address, provider.address) is True
+
     record_id = anchor(registry, provider, patient.address, record_type=RecordType.PRESCRIPTION)
     record = registry.get_record(record_id)
     assert record is not None
@@ -290,39 +309,103 @@ def test_provider_anchors_a_record_for_a_patient(
     assert record.creator == provider.address
     assert record.record_type is RecordType.PRESCRIPTION
 
-
-def test_stranger_cannot_anchor_a_record(
-    registry: RegistryClient, patient: LocalAccount, make_account: Callable[[], LocalAccount]
-) -> None:
-    stranger = make_account()
+    registry.set_record_writer(patient, provider.address, allowed=False)
     with pytest.raises(ChainRejected) as excinfo:
-        anchor(registry, stranger, patient.address)
-    rejected(excinfo, "NotPatientOrProvider")
-    assert "anchorRecord" in str(excinfo.value)
+        anchor(registry, provider, patient.address)
+    rejected(excinfo, "NotRecordWriter")
 
 
-def test_record_needs_a_registered_patient_and_a_fresh_id(
+def test_a_provider_the_patient_did_not_authorise_cannot_anchor_for_her(
     registry: RegistryClient,
     patient: LocalAccount,
     provider: LocalAccount,
     make_account: Callable[[], LocalAccount],
 ) -> None:
-    unregistered = make_account()
+    # Issue 10: a provider holding PROVIDER_ROLE (or a grant) is not thereby a writer of
+    # every patient's records.
+    stranger = make_account()
+    for sender in (provider, stranger):
+        with pytest.raises(ChainRejected) as excinfo:
+            anchor(registry, sender, patient.address)
+        rejected(excinfo, "NotRecordWriter")
+        assert "anchorRecord" in str(excinfo.value)
+
+
+def test_a_writer_that_loses_the_provider_role_can_no_longer_anchor(
+    registry: RegistryClient, deployer: LocalAccount, patient: LocalAccount, provider: LocalAccount
+) -> None:
+    registry.set_record_writer(patient, provider.address, allowed=True)
+    fn = registry._contract.functions.revokeRole(PROVIDER_ROLE, provider.address)
+    registry._transact(deployer, "revokeRole", fn)
+    assert registry.is_record_writer(patient.address, provider.address) is False
     with pytest.raises(ChainRejected) as excinfo:
-        anchor(registry, provider, unregistered.address)
+        anchor(registry, provider, patient.address)
+    rejected(excinfo, "NotRecordWriter")
+
+
+def test_only_providers_can_be_authorised_as_writers(
+    registry: RegistryClient, patient: LocalAccount, make_account: Callable[[], LocalAccount]
+) -> None:
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.set_record_writer(patient, make_account().address, allowed=True)
+    rejected(excinfo, "WriterNotProvider")
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.set_record_writer(patient, patient.address, allowed=True)
+    rejected(excinfo, "GranteeIsPatient")
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.set_record_writer(make_account(), patient.address, allowed=True)
     rejected(excinfo, "PatientNotRegistered")
 
-    record_id = anchor(registry, patient, patient.address)
+
+def test_record_needs_a_registered_patient(
+    registry: RegistryClient, make_account: Callable[[], LocalAccount]
+) -> None:
+    unregistered = make_account()
     with pytest.raises(ChainRejected) as excinfo:
-        anchor(registry, provider, patient.address, record_id=record_id)
-    rejected(excinfo, "RecordAlreadyExists")
+        anchor(registry, unregistered, unregistered.address)
+    rejected(excinfo, "PatientNotRegistered")
+
+
+def test_record_ids_are_derived_from_patient_and_capsule(
+    registry: RegistryClient, patient: LocalAccount
+) -> None:
+    capsule_hash = random32()
+    record_id = anchor(registry, patient, patient.address, capsule_hash=capsule_hash)
+    assert registry._contract.functions.recordIdOf(patient.address, capsule_hash).call() == (
+        record_id
+    )
+    assert registry.record_of_capsule(capsule_hash) == record_id
+    assert registry.record_of_capsule(random32()) is None
+
+
+def test_a_capsule_is_anchored_once_for_ever(
+    registry: RegistryClient,
+    patient: LocalAccount,
+    provider: LocalAccount,
+    make_account: Callable[[], LocalAccount],
+) -> None:
+    # Issue 10: a deactivated record's capsule cannot come back under a new record id,
+    # neither for the same patient (by her or her writer) nor for anyone else.
+    capsule_hash = random32()
+    record_id = anchor(registry, patient, patient.address, capsule_hash=capsule_hash)
+    registry.set_record_writer(patient, provider.address, allowed=True)
+    other = make_account()
+    registry.register_patient(other, umbral_keys(), compressed_point())
+    for sender, owner in ((patient, patient), (provider, patient), (other, other)):
+        with pytest.raises(ChainRejected) as excinfo:
+            anchor(registry, sender, owner.address, capsule_hash=capsule_hash)
+        rejected(excinfo, "CapsuleAlreadyAnchored")
+
+    registry.deactivate_record(patient, record_id)
+    with pytest.raises(ChainRejected) as excinfo:
+        anchor(registry, provider, patient.address, capsule_hash=capsule_hash)
+    rejected(excinfo, "CapsuleAlreadyAnchored")
+    assert registry.record_of_capsule(capsule_hash) == record_id
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("record_id", b"\x00" * 32),
-        ("record_id", b"short"),
         ("content_hash", b"\x00" * 32),
         ("capsule_hash", os.urandom(31)),
         ("storage_uri", ""),
@@ -335,7 +418,6 @@ def test_bad_record_fields_are_refused_before_sending(
     registry: RegistryClient, patient: LocalAccount, field: str, value: Any
 ) -> None:
     fields: dict[str, Any] = {
-        "record_id": random32(),
         "patient": patient.address,
         "content_hash": random32(),
         "storage_uri": "blob://x",
@@ -353,23 +435,19 @@ def test_contract_checks_record_fields_itself(
     f = registry._contract.functions
     cases = [
         (
-            f.anchorRecord(b"\x00" * 32, patient.address, random32(), "u", 0, random32()),
-            "InvalidRecordId",
-        ),
-        (
-            f.anchorRecord(random32(), patient.address, b"\x00" * 32, "u", 0, random32()),
+            f.anchorRecord(patient.address, b"\x00" * 32, "u", 0, random32()),
             "InvalidContentHash",
         ),
         (
-            f.anchorRecord(random32(), patient.address, random32(), "u", 0, b"\x00" * 32),
+            f.anchorRecord(patient.address, random32(), "u", 0, b"\x00" * 32),
             "InvalidCapsuleHash",
         ),
         (
-            f.anchorRecord(random32(), patient.address, random32(), "u", 6, random32()),
+            f.anchorRecord(patient.address, random32(), "u", 6, random32()),
             "InvalidRecordType",
         ),
         (
-            f.anchorRecord(random32(), patient.address, random32(), "", 0, random32()),
+            f.anchorRecord(patient.address, random32(), "", 0, random32()),
             "InvalidStorageUri",
         ),
     ]
@@ -386,6 +464,7 @@ def test_only_the_patient_deactivates_a_record(
     provider: LocalAccount,
     make_account: Callable[[], LocalAccount],
 ) -> None:
+    registry.set_record_writer(patient, provider.address, allowed=True)
     record_id = anchor(registry, provider, patient.address)
     for other in (provider, make_account()):  # not even the record's creator
         with pytest.raises(ChainRejected) as excinfo:
@@ -744,11 +823,12 @@ def test_access_state_is_one_call_with_record_grant_and_block(
     number, timestamp = registry.latest_block()
 
     # A node's client, seen through a recording proxy: one request, and it is an eth_call.
+    capsule_hash = capsule(registry, record_id)
     node_view = RegistryClient(rpc_recorder.url, registry.address)
-    state = node_view.access_state(record_id, provider.address)
+    state = node_view.access_state(record_id, provider.address, capsule_hash)
     assert rpc_recorder.methods == ["eth_call"]
     with ThreadPoolExecutor(max_workers=1) as pool:  # a fresh thread costs nothing extra
-        pool.submit(node_view.access_state, record_id, provider.address).result()
+        pool.submit(node_view.access_state, record_id, provider.address, capsule_hash).result()
     assert rpc_recorder.methods == ["eth_call", "eth_call"]
 
     assert state.record == registry.get_record(record_id)
@@ -757,32 +837,52 @@ def test_access_state_is_one_call_with_record_grant_and_block(
     assert (state.block_number, state.block_timestamp) == (number, timestamp)
 
     increase_time(anvil.rpc_url, 2 * HOUR)
-    later = registry.access_state(record_id, provider.address)
+    later = registry.access_state(record_id, provider.address, capsule(registry, record_id))
     assert later.block_number == number + 1
     assert later.block_timestamp >= timestamp + 2 * HOUR
     assert later.grant is not None and later.grant.expires_at < later.block_timestamp
 
     # Unknown record: nothing. Known record, grantee without a grant: record only.
-    assert registry.access_state(random32(), provider.address) == AccessState(
+    assert registry.access_state(random32(), provider.address, random32()) == AccessState(
         record=None,
         grant=None,
         block_number=later.block_number,
         block_timestamp=later.block_timestamp,
     )
-    stranger_view = registry.access_state(record_id, make_account().address)
+    stranger_view = registry.access_state(
+        record_id, make_account().address, capsule(registry, record_id)
+    )
     assert stranger_view.record is not None and stranger_view.grant is None
 
 
 def test_access_state_after_revocation_and_deactivation(
     registry: RegistryClient, patient: LocalAccount, provider: LocalAccount
 ) -> None:
-    record_id = anchor(registry, provider, patient.address)
+    record_id = anchor(registry, patient, patient.address)
     grant(registry, patient, provider.address)
     registry.revoke_access(patient, provider.address)
     registry.deactivate_record(patient, record_id)
-    state = registry.access_state(record_id, provider.address)
+    state = registry.access_state(record_id, provider.address, capsule(registry, record_id))
     assert state.record is not None and state.record.active is False
     assert state.grant is not None and state.grant.active is False
+    assert state.capsule_retired is True
+
+
+def test_access_state_says_when_the_capsule_belongs_to_a_deactivated_record(
+    registry: RegistryClient, patient: LocalAccount, provider: LocalAccount
+) -> None:
+    # Whichever record a request names: the capsule's own record decides.
+    retired = anchor(registry, patient, patient.address)
+    live = anchor(registry, patient, patient.address)
+    grant(registry, patient, provider.address)
+    old_capsule = capsule(registry, retired)
+    assert registry.access_state(live, provider.address, old_capsule).capsule_retired is False
+    registry.deactivate_record(patient, retired)
+    assert registry.access_state(live, provider.address, old_capsule).capsule_retired is True
+    assert registry.access_state(random32(), provider.address, old_capsule).capsule_retired
+    fresh = registry.access_state(live, provider.address, capsule(registry, live))
+    assert fresh.capsule_retired is False and fresh.record is not None and fresh.record.active
+    assert registry.access_state(live, provider.address, random32()).capsule_retired is False
 
 
 # ----------------------------------------------------------------- emergency
@@ -921,7 +1021,7 @@ def test_responder_opens_emergency_access(
         emergency=True,
     )
     assert registry.get_grant(patient.address, responder.address) == expected
-    state = registry.access_state(record_id, responder.address)
+    state = registry.access_state(record_id, responder.address, capsule(registry, record_id))
     assert state.grant == expected
     assert state.block_timestamp < expected.expires_at
     (event,) = decode_events(anvil, registry, tx_hash, "EmergencyAccessOpened")
@@ -1013,6 +1113,69 @@ def test_emergency_duration_bounds(
         assert opened is not None and opened.emergency and opened.active
         assert (opened.granted_at, opened.expires_at) == (opened_at, opened_at + duration)
         registry.revoke_access(patient, responder.address)  # a window cannot be extended
+        opt_in(registry, patient, responder.address)  # the revoke withdrew the opt-in
+
+
+def test_a_patients_revoke_ends_emergency_access_until_she_opts_in_again(
+    anvil: AnvilProcess, registry: RegistryClient, patient: LocalAccount, responder: LocalAccount
+) -> None:
+    # Issue 10: the responder could re-open a window at once after the patient revoked one.
+    key = opt_in(registry, patient, responder.address)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=600)
+    tx_hash = registry.revoke_access(patient, responder.address)
+
+    (withdrawn,) = decode_events(anvil, registry, tx_hash, "EmergencyOptInChanged")
+    assert (withdrawn.args.responder, withdrawn.args.active) == (responder.address, False)
+    assert registry.get_emergency_opt_in(patient.address, responder.address) == EmergencyOptIn(
+        patient.address,
+        responder.address,
+        key,
+        to_mask([RecordType.DIAGNOSIS, RecordType.PRESCRIPTION]),
+        False,
+        1,
+    )
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.open_emergency_access(responder, patient=patient.address, duration_s=600)
+    rejected(excinfo, "NotOptedIn")
+
+    opt_in(registry, patient, responder.address, key=key)
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=600)
+    reopened = registry.get_grant(patient.address, responder.address)
+    assert reopened is not None and reopened.emergency and reopened.active
+
+
+def test_revoking_an_ordinary_grant_leaves_an_emergency_opt_in_alone(
+    registry: RegistryClient, deployer: LocalAccount, patient: LocalAccount, responder: LocalAccount
+) -> None:
+    opt_in(registry, patient, responder.address)
+    registry.grant_provider_role(deployer, responder.address)
+    grant(registry, patient, responder.address)
+    registry.revoke_access(patient, responder.address)
+    opted = registry.get_emergency_opt_in(patient.address, responder.address)
+    assert opted is not None and opted.active
+
+
+def test_emergency_windows_without_the_patient_are_bounded(
+    anvil: AnvilProcess, registry: RegistryClient, patient: LocalAccount, responder: LocalAccount
+) -> None:
+    # Issue 10: windows could be chained for ever while the opt-in stood.
+    limit = registry._contract.functions.MAX_EMERGENCY_WINDOWS().call()
+    assert limit == 3
+    key = opt_in(registry, patient, responder.address)
+    for opened in range(1, limit + 1):
+        registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
+        opted = registry.get_emergency_opt_in(patient.address, responder.address)
+        assert opted is not None and opted.windows_opened == opened
+        increase_time(anvil.rpc_url, 61)  # the window ends by itself
+    with pytest.raises(ChainRejected) as excinfo:
+        registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
+    rejected(excinfo, "EmergencyWindowsExhausted")
+
+    # The patient's own action (opting in again) allows the next windows.
+    opt_in(registry, patient, responder.address, key=key)
+    opted = registry.get_emergency_opt_in(patient.address, responder.address)
+    assert opted is not None and opted.windows_opened == 0
+    registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
 
 
 def test_emergency_grant_expires_by_time(
@@ -1023,13 +1186,13 @@ def test_emergency_grant_expires_by_time(
     tx_hash = registry.open_emergency_access(responder, patient=patient.address, duration_s=600)
     _, opened_at = block_time(registry, tx_hash)
 
-    before = registry.access_state(record_id, responder.address)
+    before = registry.access_state(record_id, responder.address, capsule(registry, record_id))
     assert before.grant is not None and before.grant.expires_at == opened_at + 600
     assert before.block_timestamp < before.grant.expires_at
 
     increase_time(anvil.rpc_url, 601)
 
-    after = registry.access_state(record_id, responder.address)
+    after = registry.access_state(record_id, responder.address, capsule(registry, record_id))
     assert after.grant is not None
     # Still "active" on-chain (nobody closed it), but its window has passed: nodes judge
     # `block_timestamp >= expires_at` as expired (core/policy.py).
@@ -1052,8 +1215,9 @@ def test_an_open_emergency_window_cannot_be_extended(
     with pytest.raises(ChainRejected) as excinfo:
         registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
     rejected(excinfo, "EmergencyAccessAlreadyOpen")
-    # Revoked by the patient, the window is over and the next may open.
+    # Revoked by the patient, the window is over; the next opens once she opts in again.
     registry.revoke_access(patient, responder.address)
+    opt_in(registry, patient, responder.address)
     registry.open_emergency_access(responder, patient=patient.address, duration_s=60)
 
 
@@ -1109,7 +1273,7 @@ def test_opt_out_closes_an_open_emergency_grant(
     assert (changed.args.responderUmbralKey, changed.args.allowedTypes) == (key, mask)
     # The opt-in stays readable, inactive, with the terms it had.
     assert registry.get_emergency_opt_in(patient.address, responder.address) == EmergencyOptIn(
-        patient.address, responder.address, key, mask, False
+        patient.address, responder.address, key, mask, False, windows_opened=1
     )
 
     # Opted out: no more windows, and nothing left to opt out of.
@@ -1143,7 +1307,7 @@ def test_revoking_the_emergency_role_ends_open_windows(
     # revocation's block; before it, the window was open.
     ended = registry.get_grant(patient.address, responder.address)
     assert ended is not None and (ended.active, ended.emergency) == (False, True)
-    state = registry.access_state(record_id, responder.address)
+    state = registry.access_state(record_id, responder.address, capsule(registry, record_id))
     assert state.grant is not None and state.grant.active is False
     before = registry.get_grant(patient.address, responder.address, block=revoked_block - 1)
     assert before is not None and before.active
@@ -1220,8 +1384,10 @@ def test_ordinary_grant_blocks_emergency_access_until_it_ends(
     replaced = registry.get_grant(patient.address, responder.address)
     assert replaced is not None and replaced.active and replaced.emergency
 
-    # And likewise once it has been revoked.
+    # And likewise once it has been revoked (the patient's revoke of the window withdrew
+    # the opt-in, so she opts in again first).
     registry.revoke_access(patient, responder.address)  # the patient may close it this way too
+    opt_in(registry, patient, responder.address, mask=ALL_TYPES_MASK)
     grant(registry, patient, responder.address)
     with pytest.raises(ChainRejected) as excinfo:
         registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
@@ -1493,15 +1659,30 @@ def test_a_grant_read_at_a_past_block_shows_the_old_state(
     assert registry.get_grant(patient.address, provider.address, block=before_grant) is None
 
     # accessState too: the record, the grant and the block as they were.
-    past = registry.access_state(record_id, provider.address, block=granted_block)
+    past = registry.access_state(
+        record_id, provider.address, capsule(registry, record_id), block=granted_block
+    )
     assert past.grant == then
     assert past.record == registry.get_record(record_id)
     assert past.block_number == granted_block
     assert past.block_timestamp == registry.block(granted_block).timestamp
-    assert registry.access_state(record_id, provider.address).grant == now
-    assert registry.access_state(record_id, provider.address, block=before_grant).grant is None
+    assert (
+        registry.access_state(record_id, provider.address, capsule(registry, record_id)).grant
+        == now
+    )
+    assert (
+        registry.access_state(
+            record_id, provider.address, capsule(registry, record_id), block=before_grant
+        ).grant
+        is None
+    )
     # Before the record existed, there was nothing to judge.
-    assert registry.access_state(record_id, provider.address, block=before_grant - 1).record is None
+    assert (
+        registry.access_state(
+            record_id, provider.address, capsule(registry, record_id), block=before_grant - 1
+        ).record
+        is None
+    )
 
 
 def test_an_emergency_grant_read_at_a_past_block_after_opt_out(
@@ -1534,7 +1715,7 @@ def test_a_malformed_block_is_refused_before_sending(
     with pytest.raises(InvalidRequest):
         registry.get_grant(patient.address, provider.address, block=block)
     with pytest.raises(InvalidRequest):
-        registry.access_state(random32(), provider.address, block=block)
+        registry.access_state(random32(), provider.address, random32(), block=block)
 
 
 # ------------------------------------------------------- concurrency, transport
@@ -1558,7 +1739,7 @@ def test_unreachable_chain_is_chain_unavailable(
         offline.latest_block,
         offline.list_nodes,
         lambda: offline.get_patient(patient.address),
-        lambda: offline.access_state(random32(), patient.address),
+        lambda: offline.access_state(random32(), patient.address, random32()),
         lambda: offline.revoke_access(patient, registry.address),
         lambda: RegistryClient.deploy(dead_rpc_url, patient),
     ]

@@ -106,7 +106,9 @@ class FakeChain:
     def block(self, number: int, /) -> BlockRef:
         return BlockRef(number, block_hash(number), T0 + number - FIRST_BLOCK)
 
-    def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
+    ) -> AccessState:
         self.calls += 1
         grant = self.grant if grantee == DOCTOR else None
         if grant is not None and self.revoked_at is not None and block >= self.revoked_at:
@@ -451,7 +453,9 @@ def test_an_unreachable_node_fails(node: Node) -> None:
 
 def test_a_chain_that_cannot_answer_fails_the_granted_entries(node: Node) -> None:
     class Flaky(FakeChain):
-        def access_state(self, record_id: bytes, grantee: str, /, *, block: int) -> AccessState:
+        def access_state(
+            self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
+        ) -> AccessState:
             raise ChainUnavailable("chain at http://127.0.0.1:1 unavailable")
 
     report = verify_node(node.info, node.log, Flaky())
@@ -517,6 +521,9 @@ def test_rejudge_covers_the_record_rules() -> None:
         (dataclasses.replace(chain.record, capsule_hash=b"x" * 32), "capsule_mismatch"),
     ]:
         assert rejudge(entry, _state(chain, record=record))[0] == code
+    # A granted entry whose capsule belongs to a deactivated record (issue 10) is flagged.
+    retired = dataclasses.replace(_state(chain), capsule_retired=True)
+    assert rejudge(entry, retired)[0] == "capsule_retired"
     emergency = dataclasses.replace(entry, purpose_of_use="ETREAT")
     assert rejudge(emergency, _state(chain, emergency=True))[0] == "granted"
     # The entry's time (the node's wall clock) counts too, not just the block's.

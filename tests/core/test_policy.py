@@ -9,7 +9,7 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.core.errors import AccessDenied, NotFound
-from medkms.core.policy import judge
+from medkms.core.policy import FINAL_DENIALS, judge
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import AccessState, GrantInfo, RecordInfo
 from medkms.core.requests import ReencryptionQuery, Signed
@@ -116,6 +116,16 @@ def test_each_rule_denies(query: ReencryptionQuery, change: dict, code: str) -> 
     assert decision.code == code
     assert isinstance(decision.error(), AccessDenied)
     assert decision.reason
+
+
+def test_a_retired_capsule_is_denied_under_any_record(query: ReencryptionQuery) -> None:
+    # The named record is active and carries the capsule, but the capsule's record was
+    # deactivated (issue 10): refused, and no chain event can lift it.
+    state = dataclasses.replace(_state(query), capsule_retired=True)
+    decision = judge(query, state, NOW)
+    assert (decision.allowed, decision.code) == (False, "capsule_retired")
+    assert "deactivated" in decision.reason
+    assert "capsule_retired" in FINAL_DENIALS and "no_grant" not in FINAL_DENIALS
 
 
 def test_missing_grant_is_denied(query: ReencryptionQuery) -> None:

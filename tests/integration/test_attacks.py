@@ -14,7 +14,7 @@ from medkms.clients.identity import Identity
 from medkms.clients.patient import PatientClient
 from medkms.clients.records import parse_envelope
 from medkms.clients.signed_requests import sealed_enrollment
-from medkms.core.errors import AccessDenied, InvalidRequest
+from medkms.core.errors import AccessDenied, ChainRejected, InvalidRequest
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import EmergencyAccessOpened, NodeInfo
 from medkms.deploy.anvil import increase_time
@@ -135,6 +135,59 @@ def test_another_patients_record_is_refused(people: People, coordinator: Coordin
     assert as_alices.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "record belongs to a different patient" in as_alices.details()
     assert_still_serving(people)
+
+
+# --- a deactivated record stays unreadable (issue 10) ---------------------------------------
+
+
+def test_a_deactivated_records_capsule_cannot_come_back_under_a_new_record(people: People) -> None:
+    """The doctor holds a lab grant and tries to re-anchor the capsule of a lab record the
+    patient deactivated, as a new record of hers: the registry refuses it, whether or not
+    she lets him write records for her, and the record stays unreadable."""
+    people.grant_doctor([LAB])
+    record = people.registry.get_record(people.lab.record_id)
+    assert record is not None
+    people.patient.await_nodes(people.patient.deactivate(record.record_id))
+
+    def reanchor() -> None:
+        people.registry.anchor_record(
+            people.doctor.account,
+            patient=people.patient.identity.address,
+            content_hash=record.content_hash,
+            storage_uri=record.storage_uri,
+            record_type=LAB,
+            capsule_hash=record.capsule_hash,
+        )
+
+    with pytest.raises(ChainRejected) as not_hers:
+        reanchor()
+    assert not_hers.value.reason == "NotRecordWriter"
+    people.patient.allow_writer(people.doctor.address)
+    with pytest.raises(ChainRejected) as retired:
+        reanchor()
+    assert retired.value.reason == "CapsuleAlreadyAnchored"
+    with people.provider() as doctor, pytest.raises(AccessDenied, match="deactivated"):
+        doctor.read_record(record.record_id)
+
+
+def test_every_node_refuses_a_retired_capsule_whatever_record_is_named(people: People) -> None:
+    """A request naming another, active record of the patient but carrying the capsule of
+    her deactivated one is refused by every node as a retired capsule."""
+    people.grant_doctor([LAB])
+    second = people.patient.store_record(lab_result(), LAB)
+    retired_capsule = capsule_of(people, people.lab.storage_uri)
+    people.patient.await_nodes(people.patient.deactivate(people.lab.record_id))
+    request = people.doctor_signer().single(
+        people.patient.identity.address, second.record_id, LAB, retired_capsule
+    )
+    for node in people.cluster.nodes:
+        with people.cluster.transport.channel(node.address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                NodeStub(channel).Reencrypt(request, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, node.node_id
+        assert "capsule belongs to a record the patient deactivated" in caught.value.details()
+    with people.provider() as doctor:
+        assert doctor.read_record(second.record_id) == lab_result()
 
 
 # --- enrollment: sealed, signed by the patient, verified against the grant -------------------

@@ -71,6 +71,16 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
     assert emergency.returncode == 0, emergency.stderr
     assert kmsctl(cluster, "patient", "emergency-opt-out", "responder").returncode == 0
 
+    allowed = kmsctl(cluster, "patient", "allow-writer", "doctor")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "doctor may now anchor records" in allowed.stdout
+    registry = cluster.registry()
+    doctor, patient = cluster.identity("doctor"), cluster.identity("patient")
+    assert registry.is_record_writer(patient.address, doctor.address)
+    stopped = kmsctl(cluster, "patient", "allow-writer", "doctor", "--stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not registry.is_record_writer(patient.address, doctor.address)
+
     assert kmsctl(cluster, "patient", "deactivate", record_id).returncode == 0
     refused = kmsctl(cluster, "provider", "read", record_id)
     assert refused.returncode == 1

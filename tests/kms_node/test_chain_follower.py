@@ -21,6 +21,7 @@ from medkms.node.chain_follower import ChainFollower
 PATIENT = "0x" + "11" * 20
 GRANTEE = "0x" + "22" * 20
 RECORD = b"\x05" * 32
+CAPSULE = b"h" * 32
 
 
 class FakeChain:
@@ -59,9 +60,9 @@ class Clock:
         return self.now
 
 
-def anchored(block: int) -> RecordAnchored:
+def anchored(block: int, record_id: bytes = RECORD) -> RecordAnchored:
     return RecordAnchored(
-        block, 1000 + block, RECORD, PATIENT, RecordType.LAB_RESULT, PATIENT, b"c" * 32, b"h" * 32
+        block, 1000 + block, record_id, PATIENT, RecordType.LAB_RESULT, PATIENT, b"c" * 32, CAPSULE
     )
 
 
@@ -88,7 +89,7 @@ def test_events_build_the_state_a_node_judges_by(chain: FakeChain, clock: Clock)
     chain.mine(granted(2))
     f = follower(chain, clock)
     f.sync_once()
-    state = f.access_state(RECORD, GRANTEE)
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
     assert state.block_number == 2
     assert state.record is not None and state.record.active
     assert state.grant is not None and state.grant.active and state.grant.granted_at == 1002
@@ -97,7 +98,7 @@ def test_events_build_the_state_a_node_judges_by(chain: FakeChain, clock: Clock)
         AccessRevoked(3, 1003, PATIENT, GRANTEE), RecordDeactivated(3, 1003, RECORD, PATIENT)
     )
     f.sync_once()
-    state = f.access_state(RECORD, GRANTEE)
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
     assert state.block_number == 3
     assert state.grant is not None and not state.grant.active
     assert state.record is not None and not state.record.active
@@ -111,21 +112,21 @@ def test_an_emergency_window_lasts_while_its_responder_holds_the_role(
     chain.mine(EmergencyAccessOpened(2, 1002, PATIENT, GRANTEE, b"\x02" * 33, 5000, 0b10))
     f = follower(chain, clock)
     f.sync_once()
-    state = f.access_state(RECORD, GRANTEE)
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
     assert state.grant is not None and state.grant.active and state.grant.emergency
 
     # Another account losing the role changes nothing; the responder losing it ends the
     # window, as the registry's views say; given back, the role revives it.
     chain.mine(EmergencyRoleChanged(3, 1003, other, False))
     f.sync_once()
-    assert f.access_state(RECORD, GRANTEE).grant.active  # type: ignore[union-attr]
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant.active  # type: ignore[union-attr]
     chain.mine(EmergencyRoleChanged(4, 1004, GRANTEE, False))
     f.sync_once()
-    ended = f.access_state(RECORD, GRANTEE).grant
+    ended = f.access_state(RECORD, GRANTEE, CAPSULE).grant
     assert ended is not None and not ended.active and ended.emergency
     chain.mine(EmergencyRoleChanged(5, 1005, GRANTEE, True))
     f.sync_once()
-    assert f.access_state(RECORD, GRANTEE).grant.active  # type: ignore[union-attr]
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant.active  # type: ignore[union-attr]
 
 
 def test_losing_the_emergency_role_leaves_ordinary_grants_alone(
@@ -134,7 +135,7 @@ def test_losing_the_emergency_role_leaves_ordinary_grants_alone(
     chain.mine(anchored(1), granted(1), EmergencyRoleChanged(1, 1001, GRANTEE, False))
     f = follower(chain, clock)
     f.sync_once()
-    grant = f.access_state(RECORD, GRANTEE).grant
+    grant = f.access_state(RECORD, GRANTEE, CAPSULE).grant
     assert grant is not None and grant.active and not grant.emergency
 
 
@@ -142,19 +143,19 @@ def test_stale_index_is_refused_not_used(chain: FakeChain, clock: Clock) -> None
     chain.mine(anchored(1), granted(1))
     f = follower(chain, clock)
     with pytest.raises(Unavailable, match="not synced"):
-        f.access_state(RECORD, GRANTEE)
+        f.access_state(RECORD, GRANTEE, CAPSULE)
     f.sync_once()
     clock.now = 1.9
-    assert f.access_state(RECORD, GRANTEE).grant is not None
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is not None
     chain.down = True
     clock.now = 2.5
     with pytest.raises(ChainUnavailable):
         f.sync_once()
     with pytest.raises(Unavailable, match=r"last chain sync was 2.5s ago \(bound 2s\)"):
-        f.access_state(RECORD, GRANTEE)
+        f.access_state(RECORD, GRANTEE, CAPSULE)
     chain.down = False
     f.sync_once()
-    assert f.access_state(RECORD, GRANTEE).grant is not None
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is not None
 
 
 def test_a_reorg_rebuilds_the_index(chain: FakeChain, clock: Clock) -> None:
@@ -166,7 +167,7 @@ def test_a_reorg_rebuilds_the_index(chain: FakeChain, clock: Clock) -> None:
     chain.blocks.pop()
     chain.mine(fork=b"\x01")
     f.sync_once()
-    state = f.access_state(RECORD, GRANTEE)
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
     assert state.grant is None
     assert state.record is not None
 
@@ -182,7 +183,7 @@ def test_catch_up_reads_events_in_chunks(
     f = follower(chain, clock)
     f.sync_once()
     assert f.index_block() == 10
-    assert f.access_state(RECORD, GRANTEE).grant is not None
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is not None
 
 
 def test_blocks_mined_between_polls_are_not_lag(chain: FakeChain, clock: Clock) -> None:
@@ -214,3 +215,19 @@ def test_a_long_catch_up_counts_as_lag(
     f.sync_once()
     assert seen[0] is not None and "blocks behind" in seen[0]
     assert f.staleness() is None
+
+
+def test_a_deactivated_records_capsule_is_retired_under_any_record_id(
+    chain: FakeChain, clock: Clock
+) -> None:
+    # Issue 10: a registry that let a capsule be anchored twice (an old deployment) must
+    # not let a second record id serve the capsule of a deactivated record.
+    other = b"\x06" * 32
+    chain.mine(anchored(1), anchored(1, other), granted(1))
+    chain.mine(RecordDeactivated(2, 1002, RECORD, PATIENT))
+    f = follower(chain, clock)
+    f.sync_once()
+    state = f.access_state(other, GRANTEE, CAPSULE)
+    assert state.record is not None and state.record.active  # the other record itself
+    assert state.capsule_retired is True
+    assert f.access_state(other, GRANTEE, b"k" * 32).capsule_retired is False

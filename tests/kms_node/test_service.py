@@ -73,10 +73,15 @@ class MemoryRegistry:
     def index_block(self) -> int:
         return 7
 
-    def access_state(self, record_id: bytes, grantee: str) -> AccessState:
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
         record = self.records.get(record_id)
         grant = self.grants.get((record.patient, grantee)) if record else None
-        return AccessState(record, grant, block_number=7, block_timestamp=NOW)
+        retired = any(
+            r.capsule_hash == capsule_hash and not r.active for r in self.records.values()
+        )
+        return AccessState(
+            record, grant, block_number=7, block_timestamp=NOW, capsule_retired=retired
+        )
 
 
 @dataclasses.dataclass
