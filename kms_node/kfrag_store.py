@@ -63,6 +63,9 @@ _DELETE_OTHER_TYPES = """
 DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND ((1 << record_type) & ?) = 0
 """
 
+_HOLDS = """
+SELECT 1 FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
+"""
 _GET = """
 SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
        kek_generation
@@ -240,6 +243,16 @@ class KfragStore:
             except sqlite3.Error as e:
                 raise _unavailable(e) from e
         return None if row is None else StoredKfrag(*row)
+
+    def holds(self, patient: str, grantee: str, record_type: int) -> bool:
+        """Whether a kfrag for this grant and type is stored (no key material read)."""
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"), record_type)
+        with self._lock:
+            try:
+                row = self._connection().execute(_HOLDS, keys).fetchone()
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return row is not None
 
     def rewrap_all(self, rewrap: Callable[[StoredKfrag], tuple[bytes, int]]) -> int:
         """Replace every kfrag's wrapping by what ``rewrap`` gives (wrapped bytes and the

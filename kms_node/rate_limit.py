@@ -73,9 +73,18 @@ class RateLimiter:
                     raise ResourceExhausted("node is tracking too many requesters; retry later")
             self._buckets[requester] = (tokens - cost, now)
 
+    def charge(self, requester: str, cost: int) -> None:
+        """Take ``cost`` more tokens after the fact (a refusal costs more than an answer),
+        down to at most one burst in debt: the requester waits until it has refilled."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(requester, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._rate)
+            if requester in self._buckets or len(self._buckets) < self._max:
+                self._buckets[requester] = (max(-self._burst, tokens - cost), now)
+
     def _sweep(self, now: float) -> None:
         """Forget requesters whose bucket has refilled: they hold no state worth keeping."""
-        full_after = self._burst / self._rate
-        for requester, (_, at) in list(self._buckets.items()):
-            if now - at >= full_after:
+        for requester, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * self._rate >= self._burst:
                 del self._buckets[requester]

@@ -48,6 +48,7 @@ from medkms.core.registry_types import (
 from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
 from medkms.core.umbral_codec import VerificationError, load_kfrag, load_public_key
+from medkms.node.confirmed_states import ConfirmedStates
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
@@ -59,6 +60,8 @@ log = structlog.get_logger("medkms.node")
 SOFTWARE_VERSION = "0.1.0"
 SIGNING_ALGORITHM = "ecdsa-p256-sha256"
 _AAD_LABEL = b"medkms/kfrag/v1"
+#: what a refused capsule costs against the requester's rate limit, in capsules served
+REFUSAL_COST = 10
 
 
 class AuditSink(Protocol):
@@ -125,6 +128,7 @@ class NodeService:
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
         self._limiter = limiter
+        self._confirmed = ConfirmedStates(registry)
         self._audit = audit
         self._request_window_s = request_window_s
         self._clock = clock
@@ -344,14 +348,21 @@ class NodeService:
     def _decide(self, query: ReencryptionQuery) -> Decision:
         # The hot path judges by the local grant index (fresh within its bound, or it
         # raises UNAVAILABLE). The index may lag the chain by up to that bound, so a
-        # refusal is confirmed against the chain itself before it is given: a grant
-        # written a moment ago is honoured. Only refusals that a later event could lift
-        # cost that chain read: a deactivated record or a mismatched capsule stays refused.
+        # refusal the chain could already have lifted (a grant written a moment ago) is
+        # confirmed against the chain itself. Refusals cost no chain read when nothing
+        # newer could lift them: a final one (a deactivated record, a retired or
+        # mismatched capsule), or one for a requester this node holds no kfrag for,
+        # whom it could not serve anyway (strangers, throw-away keys). Confirmations are
+        # kept while the chain has no newer block (ConfirmedStates).
         state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
-        if not decision.allowed and decision.code not in FINAL_DENIALS:
-            state = self._registry.access_state(
-                query.record_id, query.requester, query.capsule_hash
+        if (
+            not decision.allowed
+            and decision.code not in FINAL_DENIALS
+            and self._kfrags.holds(query.patient, query.requester, query.record_type)
+        ):
+            state = self._confirmed.access_state(
+                query.record_id, query.requester, query.capsule_hash, self._index.index_block()
             )
             decision = judge(query, state, int(self._clock()))
         if decision.block_hash is None:
@@ -420,6 +431,12 @@ class NodeService:
                 )
             )
         receipts = self._audit.append_many(entries)
+        refused = sum(1 for r in results if isinstance(r, KmsError))
+        if refused:
+            # A refusal costs the node an audit entry and may cost a chain read: it is
+            # charged as REFUSAL_COST requests, so a requester sending refused requests is
+            # slowed to a tenth of the rate an honest one gets.
+            self._limiter.charge(first.requester, refused * (REFUSAL_COST - 1))
         if len(entries) == 1:
             (entry,), (receipt,) = entries, receipts
             bound.info(

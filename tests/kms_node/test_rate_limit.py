@@ -75,3 +75,18 @@ def test_a_share_of_the_burst_is_never_below_one() -> None:
         limiter.spend("alice")
     with pytest.raises(ValueError, match="processes"):
         RateLimiter.share_of(rate_per_s=10, burst=3, processes=0)
+
+
+def test_a_charge_after_the_fact_puts_the_requester_in_debt_until_refilled() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate_per_s=10, burst=5, max_requesters=1, clock=clock)
+    limiter.spend("alice")
+    limiter.charge("alice", 100)  # capped at one burst of debt: -5
+    with pytest.raises(ResourceExhausted, match="retry in 0.6s"):
+        limiter.spend("alice")
+    # A requester in debt is not forgotten when room is needed for another.
+    clock.now = 0.55
+    with pytest.raises(ResourceExhausted, match="too many requesters"):
+        limiter.spend("bob")
+    clock.now = 0.6
+    limiter.spend("alice")

@@ -94,6 +94,7 @@ class World:
     capsule: umbral.Capsule
     record_id: bytes
     audit: AuditLog
+    keystore: MemoryKeyStore
 
     def kfrag(
         self,
@@ -226,7 +227,7 @@ def world(tmp_path: Path) -> World:
         audit=audit,
         clock=lambda: NOW,
     )
-    return World(node, registry, kfrags, alice, bob, capsule, record_id, audit)
+    return World(node, registry, kfrags, alice, bob, capsule, record_id, audit, keystore)
 
 
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
@@ -535,3 +536,99 @@ def test_revoking_a_responders_grant_keeps_only_what_the_opt_in_covers(world: Wo
     world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
     assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
     assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
+
+
+# --- refusals are cheap (issue 10: no single party can starve the nodes) ---------------------
+
+
+class ChainReads:
+    """The registry's chain reads, counted; the index is judged separately."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        self.registry = registry
+        self.access_reads = 0
+        self.block_number = 7
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.registry, name)
+
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
+        self.access_reads += 1
+        state = self.registry.access_state(record_id, grantee, capsule_hash)
+        return dataclasses.replace(state, block_number=self.block_number)
+
+
+class StaleIndex:
+    """An index that has not seen the grant yet, at block ``block``."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        self.registry = registry
+        self.block = 7
+
+    def index_block(self) -> int:
+        return self.block
+
+    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
+        state = self.registry.access_state(record_id, grantee, capsule_hash)
+        return dataclasses.replace(state, grant=None, block_number=self.block)
+
+
+def node_on(
+    world: World, tmp_path: Path, chain: ChainReads, index: StaleIndex, *, burst: int = 100
+) -> NodeService:
+    return NodeService(
+        node_id="node-t",
+        keystore=world.keystore,
+        kfrags=world.kfrags,
+        registry=chain,  # type: ignore[arg-type]
+        index=index,
+        registry_address=DOMAIN.registry_address,
+        chain_id=DOMAIN.chain_id,
+        replay=ReplayGuard(max_window_s=300, max_entries=100),
+        limiter=RateLimiter(rate_per_s=1, burst=burst, clock=lambda: NOW),
+        audit=AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
+        clock=lambda: NOW,
+    )
+
+
+def test_a_requester_without_a_kfrag_here_is_refused_without_a_chain_read(
+    world: World, tmp_path: Path
+) -> None:
+    chain, index = ChainReads(world.registry), StaleIndex(world.registry)
+    node = node_on(world, tmp_path, chain, index)
+    for nonce in (b"\x01" * 32, b"\x02" * 32):
+        with pytest.raises(AccessDenied, match="has not granted access"):
+            node.reencrypt(world.request(nonce=nonce))
+    assert chain.access_reads == 0
+
+
+def test_a_refusal_the_chain_could_lift_is_confirmed_once_per_block(
+    world: World, tmp_path: Path
+) -> None:
+    world.enroll(world.kfrag())  # bob holds a kfrag here: a fresh grant must be honoured
+    chain, index = ChainReads(world.registry), StaleIndex(world.registry)
+    node = node_on(world, tmp_path, chain, index)
+    node.reencrypt(world.request(nonce=b"\x01" * 32))  # the chain has the grant
+    assert chain.access_reads == 1
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    index.block = chain.block_number = 8
+    for nonce in (b"\x02" * 32, b"\x03" * 32, b"\x04" * 32):
+        with pytest.raises(AccessDenied, match="revoked"):
+            node.reencrypt(world.request(nonce=nonce))
+    assert chain.access_reads == 2  # one more, for block 8
+    index.block = chain.block_number = 9
+    with pytest.raises(AccessDenied, match="revoked"):
+        node.reencrypt(world.request(nonce=b"\x05" * 32))
+    assert chain.access_reads == 3
+
+
+def test_a_refused_request_costs_ten_served_ones(world: World, tmp_path: Path) -> None:
+    chain, index = ChainReads(world.registry), StaleIndex(world.registry)
+    node = node_on(world, tmp_path, chain, index, burst=12)
+    with pytest.raises(AccessDenied):
+        node.reencrypt(world.request(nonce=b"\x01" * 32))  # 1 + 9: two tokens left
+    with pytest.raises(AccessDenied):
+        node.reencrypt(world.request(nonce=b"\x02" * 32))  # in debt now
+    with pytest.raises(ResourceExhausted, match="rate limit"):
+        node.reencrypt(world.request(nonce=b"\x03" * 32))
