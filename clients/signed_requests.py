@@ -1,14 +1,16 @@
-"""Building signed re-encryption requests (EIP-712), as the grantee's app sends them.
+"""Building signed re-encryption requests (EIP-712), as the grantee's app sends them,
+and the patient's signed enrollments.
 
 The one place where the wire messages and the typed data a wallet signs are put
-together, so that what is signed is exactly what is sent.
+together, so that what is signed is exactly what is sent. A request's ``request_id``
+is the id every hop derives from it (:func:`~medkms.core.request_auth.request_id_of`),
+which the nodes' audit logs record.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
@@ -16,7 +18,14 @@ from eth_account.signers.local import LocalAccount
 from medkms.core.kfrag_delivery import delivery_binding, seal_for_node
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import NodeInfo
-from medkms.core.request_auth import BatchClaims, Domain, EnrollmentClaims, RequestClaims, sign
+from medkms.core.request_auth import (
+    BatchClaims,
+    Domain,
+    EnrollmentClaims,
+    RequestClaims,
+    request_id_of,
+    sign,
+)
 from medkms.core.requests import SealedKfrag, address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.proto.kms.v1 import common_pb2
@@ -53,7 +62,7 @@ class RequestSigner:
             purpose_of_use=purpose_of_use,
         )
         return common_pb2.ReencryptionRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id_of(self._domain, claims),
             patient=address_bytes(claims.patient),
             record_id=record_id,
             record_type=int(record_type),
@@ -85,7 +94,7 @@ class RequestSigner:
             purpose_of_use=purpose_of_use,
         )
         return common_pb2.ReencryptionBatchRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id_of(self._domain, claims),
             patient=address_bytes(claims.patient),
             capsules=[
                 common_pb2.CapsuleRef(record_id=r, record_type=int(t), capsule=c)

@@ -397,6 +397,24 @@ def signing_digest(domain: Domain, claims: Claims) -> bytes:
     return keccak(b"\x19\x01" + domain.separator + claims.hash_struct())
 
 
+#: how much of the signing digest a request id shows: 128 bits, as long as the random
+#: ids that came before it, and far beyond accidental collisions
+REQUEST_ID_BYTES: Final = 16
+
+
+def request_id_of(domain: Domain, claims: Claims) -> str:
+    """The id of a signed request (or batch, or enrollment): 32 lowercase hex digits, the
+    first :data:`REQUEST_ID_BYTES` of its EIP-712 signing digest.
+
+    The SDK, the coordinator and every node compute it the same way, so an app finds its
+    request in the auditor's report under the id it was given, and a relay cannot make an
+    audit log record another. The digest covers every signed field, the nonce included,
+    so distinct requests get distinct ids (a collision takes about 2^64 signed requests
+    of one's own, and gains nothing: every audit entry also names what was asked).
+    """
+    return signing_digest(domain, claims)[:REQUEST_ID_BYTES].hex()
+
+
 def sign(account: LocalAccount, domain: Domain, claims: Claims) -> bytes:
     """The requester's signature, 65 bytes ``r || s || v`` with v in {27, 28} (low-S)."""
     # EIP-191 version 0x01 is EIP-712: the account hashes 0x19 0x01 || header || body,

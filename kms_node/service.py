@@ -8,7 +8,8 @@ verifies against the patient's registered key for that type. It is then stored
 wrapped by the HSM's key-encryption key, bound (AAD) to this node, the patient,
 the grantee, the receiving key and the type.
 
-Re-encryption: the request is validated, the registry state is read at one
+Re-encryption: the request is validated (its id derived from what the requester
+signed, so the audit entry's id is the requester's), the registry state is read at one
 block, the policy judges it; only if allowed is the kfrag unwrapped, used once
 and dropped.
 """
@@ -290,7 +291,7 @@ class NodeService:
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
-        query = ReencryptionQuery.parse(msg)
+        query = ReencryptionQuery.parse(msg, self._domain)
         self._authenticate(query.claims(), query)
         self._limiter.spend(query.requester)
         ((result, receipt),) = self._serve([query])
@@ -307,7 +308,7 @@ class NodeService:
     ) -> node_pb2.ReencryptBatchResponse:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
-        batch = BatchQuery.parse(msg)
+        batch = BatchQuery.parse(msg, self._domain)
         self._authenticate(batch.claims(), batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=len(batch.items))
         outcomes = []

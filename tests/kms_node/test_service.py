@@ -34,7 +34,7 @@ from medkms.core.registry_types import (
     PatientInfo,
     RecordInfo,
 )
-from medkms.core.request_auth import Domain, RequestClaims, sign
+from medkms.core.request_auth import Domain, RequestClaims, request_id_of, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.node.audit_log import AuditLog
@@ -162,7 +162,6 @@ class World:
             purpose_of_use="TREAT",
         )
         return common_pb2.ReencryptionRequest(
-            request_id="t-1",
             patient=address_bytes(self.alice.address),
             record_id=self.record_id,
             record_type=RecordType.LAB_RESULT,
@@ -372,6 +371,38 @@ def test_every_decision_is_audited_and_the_receipt_verifies(world: World) -> Non
         world.node.reencrypt(world.request(nonce=b"\x32" * 32))
     denied = world.audit.entry(world.audit.size() - 1)
     assert (denied.decision, denied.reason_code) == ("denied", "grant_revoked")
+
+
+def signed_claims(request: common_pb2.ReencryptionRequest) -> RequestClaims:
+    """What the requester signed, rebuilt from the wire (not through the node's parser)."""
+    return RequestClaims(
+        patient="0x" + request.patient.hex(),
+        record_id=request.record_id,
+        capsule_hash=capsule_hash(request.capsule),
+        requester_umbral_key=request.requester_umbral_key,
+        nonce=request.nonce,
+        deadline=request.deadline,
+        purpose_of_use=request.purpose_of_use,
+    )
+
+
+def test_the_audit_entry_carries_the_id_derived_from_the_signed_request(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request(nonce=b"\x34" * 32)
+    signed_id = request_id_of(DOMAIN, signed_claims(request))
+    # A relay that rewrites the id is refused, and nothing is audited or spent...
+    request.request_id = "rewritten-by-relay"
+    with pytest.raises(InvalidRequest, match=f"request_id must be empty or .* {signed_id}"):
+        world.node.reencrypt(request)
+    assert world.audit.size() == 0
+    # ...one that drops it, or echoes the right one, gets the signed id in the log.
+    request.request_id = ""
+    leaf = world.node.reencrypt(request).fragment.receipt.leaf_index
+    assert world.audit.entry(leaf).request_id == signed_id
+    echoed = world.request(nonce=b"\x35" * 32)
+    echoed.request_id = request_id_of(DOMAIN, signed_claims(echoed))
+    leaf = world.node.reencrypt(echoed).fragment.receipt.leaf_index
+    assert world.audit.entry(leaf).request_id == echoed.request_id
 
 
 def test_audit_fails_closed(world: World) -> None:
