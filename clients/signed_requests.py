@@ -122,7 +122,8 @@ def sealed_enrollment(
 ) -> common_pb2.EnrollKeyFragmentRequest:
     """The patient's enrollment of one kfrag per record type at ``node``: each kfrag
     sealed to the node's registered delivery key, bound to the node and the grant; the
-    whole signed by the patient. Anyone may carry it; only that node can open it."""
+    whole signed by the patient, with a fresh nonce. Anyone may carry it; only that node
+    can open it, and only once: to enroll again (after a failure too), make a new one."""
     sealed = []
     for record_type, kfrag in kfrags.items():
         binding = delivery_binding(
@@ -139,6 +140,7 @@ def sealed_enrollment(
         receiving_key=receiving_key,
         record_types=tuple(int(k.record_type) for k in sealed),
         sealed_hashes=tuple(k.sha256 for k in sealed),
+        nonce=secrets.token_bytes(32),
         deadline=int(time.time() if now is None else now) + validity_s,
     )
     return common_pb2.EnrollKeyFragmentRequest(
@@ -155,5 +157,6 @@ def sealed_enrollment(
             for k in sealed
         ],
         deadline=claims.deadline,
+        nonce=claims.nonce,
         signature=sign(patient, domain, claims),
     )

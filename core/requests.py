@@ -214,6 +214,7 @@ class EnrollmentFields(Protocol):
     grantee: bytes
     receiving_key: bytes
     deadline: int
+    nonce: bytes
     signature: bytes
 
     @property
@@ -244,8 +245,8 @@ class Enrollment:
     receiving_key_bytes: bytes
     receiving_key: umbral.PublicKey
     kfrags: tuple[SealedKfrag, ...]
-    deadline: int
-    signature: bytes
+    #: deadline, nonce and the patient's signature
+    signed: Signed
 
     def claims(self) -> EnrollmentClaims:
         return EnrollmentClaims(
@@ -255,7 +256,8 @@ class Enrollment:
             receiving_key=self.receiving_key_bytes,
             record_types=tuple(int(k.record_type) for k in self.kfrags),
             sealed_hashes=tuple(k.sha256 for k in self.kfrags),
-            deadline=self.deadline,
+            nonce=self.signed.nonce,
+            deadline=self.signed.deadline,
         )
 
     @classmethod
@@ -290,12 +292,6 @@ class Enrollment:
                     "(nonce, ciphertext, tag)"
                 )
             kfrags.append(SealedKfrag(record_type, bytes(k.ephemeral_public_key), bytes(k.sealed)))
-        if len(msg.signature) != SIGNATURE_SIZE:
-            raise InvalidRequest(
-                f"signature must be a {SIGNATURE_SIZE}-byte EIP-712 signature by the patient"
-            )
-        if msg.deadline == 0:
-            raise InvalidRequest("deadline is required (Unix seconds)")
         return cls(
             node_id=msg.node_id,
             patient=patient,
@@ -303,8 +299,7 @@ class Enrollment:
             receiving_key_bytes=bytes(msg.receiving_key),
             receiving_key=load_public_key(msg.receiving_key, "receiving_key"),
             kfrags=tuple(kfrags),
-            deadline=int(msg.deadline),
-            signature=bytes(msg.signature),
+            signed=Signed.parse(msg.deadline, msg.nonce, msg.signature),
         )
 
 

@@ -138,6 +138,7 @@ def _enrollment(**changes: object) -> common_pb2.EnrollKeyFragmentRequest:
             )
         ],
         deadline=2_000_000_000,
+        nonce=b"\x05" * 32,
         signature=b"\x00" * 65,
     )
     fields.update(changes)
@@ -150,6 +151,7 @@ def test_valid_enrollment_parses_and_binds_each_sealed_kfrag() -> None:
     assert claims.record_types == (1,)
     assert claims.sealed_hashes == (enrollment.kfrags[0].sha256,)
     assert claims.node_id == "node-1"
+    assert (claims.nonce, claims.deadline) == (b"\x05" * 32, 2_000_000_000)
 
 
 def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) -> object:
@@ -171,6 +173,8 @@ def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) ->
         ({"kfrags": [_sealed(size=4096)]}, r"kfrags\[0\].sealed must be"),
         ({"signature": b""}, "signature must be a 65-byte"),
         ({"deadline": 0}, "deadline is required"),
+        ({"nonce": b""}, "nonce must be 32 bytes"),
+        ({"nonce": b"\x05" * 33}, "nonce must be 32 bytes"),
         ({"receiving_key": b"\x02" * 5}, "receiving_key"),
     ],
 )

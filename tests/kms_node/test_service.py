@@ -42,7 +42,7 @@ from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
-from medkms.node.service import NodeService
+from medkms.node.service import ENROLLMENT_REPLAYED, NodeService
 from medkms.proto.kms.v1 import common_pb2
 
 NOW = 1_800_000_000
@@ -83,6 +83,7 @@ class MemoryRegistry:
 class World:
     node: NodeService
     registry: MemoryRegistry
+    replay: ReplayGuard
     kfrags: KfragStore
     alice: Identity
     bob: Identity
@@ -205,6 +206,7 @@ def world(tmp_path: Path) -> World:
         created_at=NOW,
     )
     kfrags = KfragStore(tmp_path / "kfrags.sqlite")
+    replay = ReplayGuard(max_window_s=300, max_entries=100)
     keystore = MemoryKeyStore()
     audit = AuditLog(tmp_path / "audit.sqlite", keystore, "node-t")
     node = NodeService(
@@ -215,12 +217,12 @@ def world(tmp_path: Path) -> World:
         index=registry,
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,
-        replay=ReplayGuard(max_window_s=300, max_entries=100),
+        replay=replay,
         limiter=RateLimiter(rate_per_s=1, burst=5, clock=lambda: NOW),
         audit=audit,
         clock=lambda: NOW,
     )
-    return World(node, registry, kfrags, alice, bob, capsule, record_id, audit)
+    return World(node, registry, replay, kfrags, alice, bob, capsule, record_id, audit)
 
 
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
@@ -561,3 +563,60 @@ def test_revoking_a_responders_grant_keeps_only_what_the_opt_in_covers(world: Wo
     world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
     assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
     assert world.kfrags.get(*key, RecordType.DIAGNOSIS) is not None
+
+
+# --- enrollment replay ---------------------------------------------------------------------
+
+
+def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) -> None:
+    enrollment = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    world.node.enroll(enrollment)
+    reads = 0
+    get_patient = world.registry.get_patient
+
+    def counted(address: str) -> PatientInfo | None:
+        nonlocal reads
+        reads += 1
+        return get_patient(address)
+
+    world.registry.get_patient = counted  # type: ignore[method-assign]
+    with pytest.raises(Unauthenticated, match="enrollment already received"):
+        world.node.enroll(enrollment)
+    assert reads == 0
+    # The patient enrolls again with a fresh signature.
+    world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
+    assert reads == 1
+    assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
+
+
+def test_an_enrollment_nobody_could_grant_spends_no_nonce(world: World) -> None:
+    # A stranger signing as a patient of their own, unregistered: refused after the
+    # chain read, and the node's nonce memory keeps nothing of it.
+    mallory = Identity.generate("mallory")
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=mallory)
+    request.patient = address_bytes(mallory.address)
+    with pytest.raises(PreconditionFailed, match="not registered"):
+        world.node.enroll(request)
+    # Nor does the patient's enrollment before her grant exists: she may send it again.
+    key = (world.alice.address, world.bob.address)
+    grant = world.registry.grants.pop(key)
+    early = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    with pytest.raises(PreconditionFailed, match="write the grant first"):
+        world.node.enroll(early)
+    assert len(world.replay) == 0
+    world.registry.grants[key] = grant
+    world.node.enroll(early)
+    assert len(world.replay) == 1
+
+
+def test_an_enrollment_that_fails_in_the_hsm_spends_its_nonce(world: World) -> None:
+    # Past the grant check the nonce is used up, whatever happens next: a kfrag that
+    # does not verify is not verified again by replaying it.
+    bad = world.enrollment(
+        {RecordType.LAB_RESULT: world.kfrag(signer=umbral.Signer(umbral.SecretKey.random()))}
+    )
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        world.node.enroll(bad)
+    with pytest.raises(Unauthenticated, match="enrollment already received"):
+        world.node.enroll(bad)
+    assert world.kfrags.count() == 0
