@@ -424,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KmsError as e:
-        print(f"kmsctl: {e.message}", file=sys.stderr)
+        # The request id names the decisions in the nodes' audit logs (kmsctl audit).
+        about = f" (request {e.request_id})" if e.request_id else ""
+        print(f"kmsctl: {e.message}{about}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"kmsctl: {e.strerror}: {e.filename}", file=sys.stderr)

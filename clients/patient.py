@@ -177,7 +177,11 @@ class PatientClient:
         threshold: int,
     ) -> tuple[dict[str, list[bytes]], dict[str, str]]:
         """Make kfrags for each type, seal each node's share to it, and have the
-        coordinator relay them; (node id -> stored kfrag hashes, node id -> failure)."""
+        coordinator relay them; (node id -> stored kfrag hashes, node id -> failure).
+
+        Every call signs new enrollments, each with a fresh nonce: a node accepts one
+        signed enrollment once, so calling again after a failure is a new enrollment,
+        never a replay."""
         receiving = load_public_key(receiving_key, "grantee umbral key")
         signer = self.identity.kfrag_signer()
         per_node: list[dict[RecordType, bytes]] = [{} for _ in nodes]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -55,6 +56,21 @@ def _cached(cache: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | Non
                 cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
             cache[key] = value
     return value
+
+
+@contextmanager
+def _answering(request_id: str) -> Iterator[None]:
+    """Errors raised inside carry ``request_id``, the id of the signed request sent, under
+    which every node's audit log (and so the auditor's report) holds its decisions."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        error = rpc.error_from_rpc(e)
+        error.request_id = request_id
+        raise error from None
+    except KmsError as e:
+        e.request_id = request_id
+        raise
 
 
 class ProviderClient:
@@ -110,12 +126,10 @@ class ProviderClient:
         request = self._signer.single(
             patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
         )
-        try:
+        with _answering(request.request_id):
             response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e) from None
-        dek = self._open_dek(patient, record, envelope, response.fragments)
-        return open_envelope(envelope, dek)
+            dek = self._open_dek(patient, record, envelope, response.fragments)
+            return open_envelope(envelope, dek)
 
     def read_records(
         self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"
@@ -135,10 +149,8 @@ class ProviderClient:
             [(rec.record_id, rec.record_type, env.capsule) for rec, env, _ in fetched],
             purpose_of_use,
         )
-        try:
+        with _answering(request.request_id):
             response = self._coordinator.ReencryptBatch(request, timeout=REQUEST_TIMEOUT_S)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e) from None
         results: dict[bytes, bytes | KmsError] = {
             rec.record_id: IntegrityError("the coordinator returned no result for this record")
             for rec, _, _ in fetched
@@ -157,6 +169,9 @@ class ProviderClient:
                 results[record_id] = open_envelope(envelope, dek)
             except KmsError as e:
                 results[record_id] = e
+        for outcome in results.values():
+            if isinstance(outcome, KmsError):
+                outcome.request_id = request.request_id
         return results
 
     # A record's anchor (patient, hashes, storage URI) and a patient's registered keys

@@ -1,14 +1,16 @@
-"""Building signed re-encryption requests (EIP-712), as the grantee's app sends them.
+"""Building signed re-encryption requests (EIP-712), as the grantee's app sends them,
+and the patient's signed enrollments.
 
 The one place where the wire messages and the typed data a wallet signs are put
-together, so that what is signed is exactly what is sent.
+together, so that what is signed is exactly what is sent. A request's ``request_id``
+is the id every hop derives from it (:func:`~medkms.core.request_auth.request_id_of`),
+which the nodes' audit logs record.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
@@ -16,7 +18,14 @@ from eth_account.signers.local import LocalAccount
 from medkms.core.kfrag_delivery import delivery_binding, seal_for_node
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import NodeInfo
-from medkms.core.request_auth import BatchClaims, Domain, EnrollmentClaims, RequestClaims, sign
+from medkms.core.request_auth import (
+    BatchClaims,
+    Domain,
+    EnrollmentClaims,
+    RequestClaims,
+    request_id_of,
+    sign,
+)
 from medkms.core.requests import SealedKfrag, address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.proto.kms.v1 import common_pb2
@@ -53,7 +62,7 @@ class RequestSigner:
             purpose_of_use=purpose_of_use,
         )
         return common_pb2.ReencryptionRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id_of(self._domain, claims),
             patient=address_bytes(claims.patient),
             record_id=record_id,
             record_type=int(record_type),
@@ -85,7 +94,7 @@ class RequestSigner:
             purpose_of_use=purpose_of_use,
         )
         return common_pb2.ReencryptionBatchRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id_of(self._domain, claims),
             patient=address_bytes(claims.patient),
             capsules=[
                 common_pb2.CapsuleRef(record_id=r, record_type=int(t), capsule=c)
@@ -113,7 +122,8 @@ def sealed_enrollment(
 ) -> common_pb2.EnrollKeyFragmentRequest:
     """The patient's enrollment of one kfrag per record type at ``node``: each kfrag
     sealed to the node's registered delivery key, bound to the node and the grant; the
-    whole signed by the patient. Anyone may carry it; only that node can open it."""
+    whole signed by the patient, with a fresh nonce. Anyone may carry it; only that node
+    can open it, and only once: to enroll again (after a failure too), make a new one."""
     sealed = []
     for record_type, kfrag in kfrags.items():
         binding = delivery_binding(
@@ -130,6 +140,7 @@ def sealed_enrollment(
         receiving_key=receiving_key,
         record_types=tuple(int(k.record_type) for k in sealed),
         sealed_hashes=tuple(k.sha256 for k in sealed),
+        nonce=secrets.token_bytes(32),
         deadline=int(time.time() if now is None else now) + validity_s,
     )
     return common_pb2.EnrollKeyFragmentRequest(
@@ -146,5 +157,6 @@ def sealed_enrollment(
             for k in sealed
         ],
         deadline=claims.deadline,
+        nonce=claims.nonce,
         signature=sign(patient, domain, claims),
     )

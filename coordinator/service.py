@@ -23,6 +23,7 @@ from medkms.coordinator.settings import CoordinatorSettings
 from medkms.coordinator.threshold import FragmentCollector
 from medkms.core.errors import InvalidRequest, PreconditionFailed
 from medkms.core.registry_types import PatientInfo
+from medkms.core.request_auth import Domain
 from medkms.core.requests import BatchQuery, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from medkms.proto import rpc
@@ -44,6 +45,8 @@ NODE_CHANNEL_OPTIONS = [
 
 class PatientReader(Protocol):
     def get_patient(self, address: str) -> PatientInfo | None: ...
+
+    def signing_domain(self) -> Domain: ...
 
 
 class PatientKeyCache:
@@ -193,9 +196,18 @@ class CoordinatorService:
         self._pool = NodePool(
             [n.node_id for n in settings.nodes], max_hedge_s=settings.node_timeout_s / 4
         )
+        self._registry = registry
+        self._domain: Domain | None = None
         self._stubs: dict[str, _RoundRobin] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
+
+    async def _signing_domain(self) -> Domain:
+        """The registry's EIP-712 domain, which request ids are derived in: read from the
+        chain on first use (so the coordinator starts without it), then kept."""
+        if self._domain is None:
+            self._domain = await asyncio.to_thread(self._registry.signing_domain)
+        return self._domain
 
     def open_channels(self, transport: Transport) -> None:
         """Create the reusable channels to each node; call inside the running loop.
@@ -314,9 +326,11 @@ class CoordinatorService:
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
-        query = ReencryptionQuery.parse(msg)
+        query = ReencryptionQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionRequest()
         outgoing.CopyFrom(msg)
+        # The id the nodes derive too, echoed so that each checks it: the nodes' audit
+        # entries and these logs carry the id the app was given.
         outgoing.request_id = query.request_id
         patient = await self._patients.get(query.patient)
         timeout = self._timeout(context)
@@ -344,7 +358,7 @@ class CoordinatorService:
     async def reencrypt_batch(
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
-        batch = BatchQuery.parse(msg)
+        batch = BatchQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionBatchRequest()
         outgoing.CopyFrom(msg)
         outgoing.request_id = batch.request_id

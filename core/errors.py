@@ -14,6 +14,9 @@ class KmsError(Exception):
     """Base class. ``str(e)`` is safe to send to a caller."""
 
     grpc_status = "INTERNAL"
+    #: the id of the signed request this error answers, when known (the SDK sets it):
+    #: the id the nodes' audit logs, and so the auditor's report, carry
+    request_id = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -16,11 +16,17 @@ chain only. Primary types::
         bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)
 
     KeyFragmentEnrollment(string nodeId,address patient,address grantee,
-        bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,uint64 deadline)
+        bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,bytes32 nonce,
+        uint64 deadline)
 
 The last is signed by the patient: it delivers sealed kfrags to one node (see
 :mod:`medkms.core.kfrag_delivery`); ``sealedHashes[i]`` is the SHA-256 of the i-th
-sealed kfrag's ephemeral key and ciphertext.
+sealed kfrag's ephemeral key and ciphertext. Its nonce, like a request's, lets a
+node accept one signed enrollment once.
+
+A request's id (:func:`request_id_of`) is derived from its signing digest, so the
+id every node's audit log records is one the requester signed: a relay cannot
+rewrite it.
 
 ``capsuleHash`` is :func:`medkms.core.umbral_codec.capsule_hash` of the capsule
 bytes; ``deadline`` is a Unix time in seconds. Pure: no I/O.
@@ -96,6 +102,7 @@ _ENROLLMENT_FIELDS: _Fields = (
     ("receivingKey", "bytes"),
     ("recordTypes", "uint8[]"),
     ("sealedHashes", "bytes32[]"),
+    ("nonce", "bytes32"),
     ("deadline", "uint64"),
 )
 
@@ -135,16 +142,20 @@ def _checked_bytes32(value: bytes, what: str) -> bytes:
     return value
 
 
-def _checked_common(
-    requester_umbral_key: bytes, nonce: bytes, deadline: int, purpose_of_use: str
-) -> None:
-    if not isinstance(requester_umbral_key, bytes):
-        raise InvalidRequest("requester_umbral_key must be bytes")
+def _checked_nonce_and_deadline(nonce: bytes, deadline: int) -> None:
     _checked_bytes32(nonce, "nonce")
     if isinstance(deadline, bool) or not isinstance(deadline, int):
         raise InvalidRequest("deadline must be an integer Unix time")
     if not 0 <= deadline <= UINT64_MAX:
         raise InvalidRequest("deadline must fit in a uint64")
+
+
+def _checked_common(
+    requester_umbral_key: bytes, nonce: bytes, deadline: int, purpose_of_use: str
+) -> None:
+    if not isinstance(requester_umbral_key, bytes):
+        raise InvalidRequest("requester_umbral_key must be bytes")
+    _checked_nonce_and_deadline(nonce, deadline)
     if not isinstance(purpose_of_use, str):
         raise InvalidRequest("purpose_of_use must be a string")
 
@@ -320,6 +331,7 @@ class EnrollmentClaims:
     receiving_key: bytes
     record_types: tuple[int, ...]
     sealed_hashes: tuple[bytes, ...]
+    nonce: bytes
     deadline: int
 
     def __post_init__(self) -> None:
@@ -338,10 +350,7 @@ class EnrollmentClaims:
                 raise InvalidRequest(f"record_types[{i}] must fit in a uint8")
         for i, digest in enumerate(self.sealed_hashes):
             _checked_bytes32(digest, f"sealed_hashes[{i}]")
-        if isinstance(self.deadline, bool) or not isinstance(self.deadline, int):
-            raise InvalidRequest("deadline must be an integer Unix time")
-        if not 0 <= self.deadline <= UINT64_MAX:
-            raise InvalidRequest("deadline must fit in a uint64")
+        _checked_nonce_and_deadline(self.nonce, self.deadline)
 
     def hash_struct(self) -> bytes:
         """EIP-712 ``hashStruct``; a ``uint8[]`` array hashes the elements' 32-byte words."""
@@ -354,6 +363,7 @@ class EnrollmentClaims:
             + keccak(self.receiving_key)
             + keccak(types_words)
             + keccak(b"".join(self.sealed_hashes))
+            + self.nonce
             + _uint_word(self.deadline)
         )
 
@@ -365,6 +375,7 @@ class EnrollmentClaims:
             "receivingKey": "0x" + self.receiving_key.hex(),
             "recordTypes": list(self.record_types),
             "sealedHashes": ["0x" + h.hex() for h in self.sealed_hashes],
+            "nonce": "0x" + self.nonce.hex(),
             "deadline": self.deadline,
         }
 
@@ -395,6 +406,24 @@ def signing_digest(domain: Domain, claims: Claims) -> bytes:
     ``keccak256(0x19 0x01 || domainSeparator || hashStruct(message))``.
     """
     return keccak(b"\x19\x01" + domain.separator + claims.hash_struct())
+
+
+#: how much of the signing digest a request id shows: 128 bits, as long as the random
+#: ids that came before it, and far beyond accidental collisions
+REQUEST_ID_BYTES: Final = 16
+
+
+def request_id_of(domain: Domain, claims: Claims) -> str:
+    """The id of a signed request (or batch, or enrollment): 32 lowercase hex digits, the
+    first :data:`REQUEST_ID_BYTES` of its EIP-712 signing digest.
+
+    The SDK, the coordinator and every node compute it the same way, so an app finds its
+    request in the auditor's report under the id it was given, and a relay cannot make an
+    audit log record another. The digest covers every signed field, the nonce included,
+    so distinct requests get distinct ids (a collision takes about 2^64 signed requests
+    of one's own, and gains nothing: every audit entry also names what was asked).
+    """
+    return signing_digest(domain, claims)[:REQUEST_ID_BYTES].hex()
 
 
 def sign(account: LocalAccount, domain: Domain, claims: Claims) -> bytes:

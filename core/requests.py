@@ -7,9 +7,8 @@ person can act on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,12 +19,19 @@ import umbral_pre as umbral
 from medkms.core.addresses import checksum
 from medkms.core.errors import InvalidRequest
 from medkms.core.record_types import RecordType
-from medkms.core.request_auth import SIGNATURE_SIZE, BatchClaims, EnrollmentClaims, RequestClaims
+from medkms.core.request_auth import (
+    SIGNATURE_SIZE,
+    BatchClaims,
+    Claims,
+    Domain,
+    EnrollmentClaims,
+    RequestClaims,
+    request_id_of,
+)
 from medkms.core.umbral_codec import capsule_hash, load_capsule, load_public_key
 
 ADDRESS_SIZE = 20
 RECORD_ID_SIZE = 32
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 # HL7 v3 ActReason purpose-of-use codes accepted for re-encryption requests.
 PURPOSES_OF_USE: dict[str, str] = {
@@ -64,13 +70,23 @@ def parse_record_id(data: bytes) -> bytes:
     return data
 
 
-def parse_request_id(value: str) -> str:
-    """The caller's request id, or a fresh one when the caller sent none."""
-    if not value:
-        return uuid.uuid4().hex
-    if not _REQUEST_ID.match(value):
-        raise InvalidRequest("request_id must be 1-64 characters of A-Z a-z 0-9 . _ : -")
-    return value
+def parse_request_id(echo: str, domain: Domain, claims: Claims) -> str:
+    """The request's id: derived from what the requester signed
+    (:func:`~medkms.core.request_auth.request_id_of`), never taken from the wire.
+
+    The wire's ``request_id`` is an optional echo of it, which must be empty or equal.
+    It is kept, rather than removed, so that a relay that rewrites it is caught
+    (INVALID_ARGUMENT at the coordinator and at every node, a refusal its operator sees)
+    instead of being silently ignored, and so that the SDK's messages name the id the
+    audit logs will carry. Checked last, so a malformed field is named first.
+    """
+    derived = request_id_of(domain, claims)
+    if echo and echo != derived:
+        # The caller's value is not repeated: it may be anything, of any length.
+        raise InvalidRequest(
+            "request_id must be empty or the id derived from the signed request, " + derived
+        )
+    return derived
 
 
 def parse_record_type(value: int, field: str = "record_type") -> RecordType:
@@ -162,9 +178,11 @@ class ReencryptionQuery:
         )
 
     @classmethod
-    def parse(cls, msg: ReencryptionRequestFields) -> ReencryptionQuery:
-        return cls(
-            request_id=parse_request_id(msg.request_id),
+    def parse(cls, msg: ReencryptionRequestFields, domain: Domain) -> ReencryptionQuery:
+        """Check every field; ``domain`` is the registry's EIP-712 domain, which the
+        request id is derived in."""
+        query = cls(
+            request_id="",
             patient=parse_address(msg.patient, "patient"),
             record_id=parse_record_id(msg.record_id),
             record_type=parse_record_type(msg.record_type),
@@ -176,6 +194,8 @@ class ReencryptionQuery:
             purpose_of_use=parse_purpose(msg.purpose_of_use),
             signed=Signed.parse(msg.deadline, msg.nonce, msg.signature),
         )
+        request_id = parse_request_id(msg.request_id, domain, query.claims())
+        return dataclasses.replace(query, request_id=request_id)
 
 
 MAX_SEALED_KFRAG_BYTES = 512
@@ -194,6 +214,7 @@ class EnrollmentFields(Protocol):
     grantee: bytes
     receiving_key: bytes
     deadline: int
+    nonce: bytes
     signature: bytes
 
     @property
@@ -224,8 +245,8 @@ class Enrollment:
     receiving_key_bytes: bytes
     receiving_key: umbral.PublicKey
     kfrags: tuple[SealedKfrag, ...]
-    deadline: int
-    signature: bytes
+    #: deadline, nonce and the patient's signature
+    signed: Signed
 
     def claims(self) -> EnrollmentClaims:
         return EnrollmentClaims(
@@ -235,7 +256,8 @@ class Enrollment:
             receiving_key=self.receiving_key_bytes,
             record_types=tuple(int(k.record_type) for k in self.kfrags),
             sealed_hashes=tuple(k.sha256 for k in self.kfrags),
-            deadline=self.deadline,
+            nonce=self.signed.nonce,
+            deadline=self.signed.deadline,
         )
 
     @classmethod
@@ -270,12 +292,6 @@ class Enrollment:
                     "(nonce, ciphertext, tag)"
                 )
             kfrags.append(SealedKfrag(record_type, bytes(k.ephemeral_public_key), bytes(k.sealed)))
-        if len(msg.signature) != SIGNATURE_SIZE:
-            raise InvalidRequest(
-                f"signature must be a {SIGNATURE_SIZE}-byte EIP-712 signature by the patient"
-            )
-        if msg.deadline == 0:
-            raise InvalidRequest("deadline is required (Unix seconds)")
         return cls(
             node_id=msg.node_id,
             patient=patient,
@@ -283,8 +299,7 @@ class Enrollment:
             receiving_key_bytes=bytes(msg.receiving_key),
             receiving_key=load_public_key(msg.receiving_key, "receiving_key"),
             kfrags=tuple(kfrags),
-            deadline=int(msg.deadline),
-            signature=bytes(msg.signature),
+            signed=Signed.parse(msg.deadline, msg.nonce, msg.signature),
         )
 
 
@@ -332,12 +347,12 @@ class BatchQuery:
         )
 
     @classmethod
-    def parse(cls, msg: BatchFields) -> BatchQuery:
+    def parse(cls, msg: BatchFields, domain: Domain) -> BatchQuery:
+        """As :meth:`ReencryptionQuery.parse`; the batch has one id, its signature's."""
         if not 1 <= len(msg.capsules) <= MAX_BATCH:
             raise InvalidRequest(
                 f"a batch holds 1 to {MAX_BATCH} capsules, got {len(msg.capsules)}"
             )
-        request_id = parse_request_id(msg.request_id)
         patient = parse_address(msg.patient, "patient")
         requester = parse_address(msg.requester, "requester")
         receiving_key = load_public_key(msg.requester_umbral_key, "requester_umbral_key")
@@ -352,7 +367,7 @@ class BatchQuery:
             seen.add(record_id)
             items.append(
                 ReencryptionQuery(
-                    request_id=request_id,
+                    request_id="",
                     patient=patient,
                     record_id=record_id,
                     record_type=parse_record_type(ref.record_type, f"capsules[{i}].record_type"),
@@ -365,4 +380,5 @@ class BatchQuery:
                     signed=signed,
                 )
             )
-        return cls(request_id, tuple(items))
+        request_id = parse_request_id(msg.request_id, domain, cls("", tuple(items)).claims())
+        return cls(request_id, tuple(dataclasses.replace(q, request_id=request_id) for q in items))

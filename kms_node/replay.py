@@ -1,4 +1,4 @@
-"""Refuses a signed request seen before: the replay guard.
+"""Refuses a signed request (or enrollment) seen before: the replay guard.
 
 A signed request (:mod:`medkms.core.request_auth`) carries a requester-chosen
 32-byte nonce and a deadline at most ``max_window_s`` ahead of the node's clock.
@@ -16,6 +16,10 @@ forgotten.
 entry). A node that runs several worker processes on one port uses
 :class:`SharedReplayGuard` instead: the same rules over one SQLite table that
 all its processes share, so a replay routed to another process is refused too.
+
+Enrollments use the same memory, keyed by the patient who signed them; the node
+takes a cheap look (``check_unused``) before its chain reads and spends the nonce
+only once the chain shows the signer may enroll (see the node service).
 """
 
 from __future__ import annotations
@@ -31,12 +35,26 @@ from medkms.core.request_auth import check_deadline
 from medkms.node.sqlite_db import open_durable, unavailable
 
 
+class NonceReused(Unauthenticated):
+    """This signer's nonce was already used by a message still within its deadline."""
+
+    def __init__(self) -> None:
+        super().__init__("nonce already used")
+
+
 class NonceMemory(Protocol):
-    """What the node service needs from a replay guard."""
+    """What the node service needs from a replay guard.
+
+    Requests and enrollments share it, each keyed by its signer: nonces are 32 random
+    bytes the signer chose under its own signature, so the two never meet by chance,
+    and nobody else can make a signer's nonce look used.
+    """
 
     def check_and_remember(
         self, requester: str, nonce: bytes, deadline: int, now: float
     ) -> None: ...
+
+    def check_unused(self, requester: str, nonce: bytes, now: float) -> None: ...
 
 
 def _check_limits(max_window_s: int, max_entries: int) -> None:
@@ -89,11 +107,20 @@ class ReplayGuard:
             check_deadline(deadline, now, self.max_window_s)
             self._evict_expired(now)
             if key in self._seen:
-                raise Unauthenticated("nonce already used")
+                raise NonceReused()
             if len(self._seen) >= self.max_entries:
                 raise _too_many()
             self._seen[key] = deadline
             heapq.heappush(self._expiry, (deadline, requester, nonce))
+
+    def check_unused(self, requester: str, nonce: bytes, now: float) -> None:
+        """Raise :class:`NonceReused` if this (requester, nonce) is remembered and live;
+        remember nothing. A cheap look before costly work, for callers that spend the
+        nonce (:meth:`check_and_remember`) only once the signer has earned it."""
+        with self._lock:
+            deadline = self._seen.get((requester, nonce))
+            if deadline is not None and deadline > max(now, self._latest_now):
+                raise NonceReused()
 
     def _evict_expired(self, now: float) -> None:
         # Amortised O(log n) per entry: each entry is pushed once and popped once.
@@ -120,6 +147,7 @@ INSERT INTO nonces (requester, nonce, deadline) VALUES (?, ?, ?)
 ON CONFLICT (requester, nonce) DO UPDATE SET deadline = excluded.deadline
 WHERE nonces.deadline <= ?
 """
+_LIVE = "SELECT 1 FROM nonces WHERE requester = ? AND nonce = ? AND deadline > ?"
 #: forget expired rows (and recount) once per this many accepted requests
 _SWEEP_EVERY = 512
 
@@ -172,9 +200,20 @@ class SharedReplayGuard:
             except sqlite3.Error as e:
                 raise unavailable("replay memory", e) from e
             if cursor.rowcount != 1:
-                raise Unauthenticated("nonce already used")
+                raise NonceReused()
             self._accepted += 1
             self._live += 1
+
+    def check_unused(self, requester: str, nonce: bytes, now: float) -> None:
+        """As :meth:`ReplayGuard.check_unused`, for every process of the node."""
+        with self._lock:
+            now = max(now, self._latest_now)
+            try:
+                row = self._conn.execute(_LIVE, (requester, nonce, int(now))).fetchone()
+            except sqlite3.Error as e:
+                raise unavailable("replay memory", e) from e
+        if row is not None:
+            raise NonceReused()
 
     def close(self) -> None:
         with self._lock:

@@ -2,13 +2,15 @@
 
 Enrollment: the patient signs it (EIP-712) and seals each kfrag (one per record
 type) to this node's HSM delivery key. A kfrag is accepted only if the signature
-is the registered patient's, it opens inside the HSM, the grant (or the patient's
+is the registered patient's, its nonce is new here (one signed enrollment is
+accepted once), it opens inside the HSM, the grant (or the patient's
 standing emergency opt-in) covers its type and names its receiving key, and it
 verifies against the patient's registered key for that type. It is then stored
 wrapped by the HSM's key-encryption key, bound (AAD) to this node, the patient,
 the grantee, the receiving key and the type.
 
-Re-encryption: the request is validated, the registry state is read at one
+Re-encryption: the request is validated (its id derived from what the requester
+signed, so the audit entry's id is the requester's), the registry state is read at one
 block, the policy judges it; only if allowed is the kfrag unwrapped, used once
 and dropped.
 """
@@ -52,7 +54,7 @@ from medkms.node.confirmed_states import ConfirmedStates
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
 from medkms.node.rate_limit import RateLimiter
-from medkms.node.replay import NonceMemory
+from medkms.node.replay import NonceMemory, NonceReused
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
 log = structlog.get_logger("medkms.node")
@@ -62,6 +64,9 @@ SIGNING_ALGORITHM = "ecdsa-p256-sha256"
 _AAD_LABEL = b"medkms/kfrag/v1"
 #: what a refused capsule costs against the requester's rate limit, in capsules served
 REFUSAL_COST = 10
+ENROLLMENT_REPLAYED = (
+    "enrollment already received (nonce already used); the patient must sign a new one"
+)
 
 
 class AuditSink(Protocol):
@@ -160,11 +165,13 @@ class NodeService:
         authenticate(
             self._domain,
             enrollment.claims(),
-            enrollment.signature,
+            enrollment.signed.signature,
             enrollment.patient,
             now=self._clock(),
             max_window_s=self._request_window_s,
         )
+        # A replay is refused here, before any chain read or HSM call.
+        self._enrollment_nonce(enrollment, spend=False)
         patient = self._registry.get_patient(enrollment.patient)
         if patient is None:
             raise PreconditionFailed("patient is not registered in the registry")
@@ -176,14 +183,21 @@ class NodeService:
                 "no active grant or emergency opt-in from this patient to this grantee names "
                 "this receiving key; write the grant first"
             )
-        now = int(self._clock())
-        items = []
         for sealed in enrollment.kfrags:
             if sealed.record_type not in allowed:
                 raise AccessDenied(
                     f"the grant does not cover record type {sealed.record_type.label}; "
                     "a kfrag for it is refused"
                 )
+        # Spent only now that the chain shows a registered patient whose grant names this
+        # key (as a request's nonce is spent only once its grant allows), so strangers
+        # signing as themselves cannot fill the memory; and before the HSM, so a replay
+        # racing this one gets no further. From here on the nonce is used up even if the
+        # enrollment fails: the patient retries with a fresh signature, as the SDK does.
+        self._enrollment_nonce(enrollment, spend=True)
+        now = int(self._clock())
+        items = []
+        for sealed in enrollment.kfrags:
             clear = self._open_and_verify(enrollment, sealed, patient)
             aad = kfrag_aad(
                 self.node_id,
@@ -218,6 +232,19 @@ class NodeService:
         return common_pb2.EnrollKeyFragmentResponse(
             node_id=self.node_id, kfrag_sha256=[i.kfrag_sha256 for i in items]
         )
+
+    def _enrollment_nonce(self, enrollment: Enrollment, *, spend: bool) -> None:
+        """Refuse an enrollment whose nonce this node has seen; with ``spend``, use it up."""
+        signed = enrollment.signed
+        try:
+            if spend:
+                self._replay.check_and_remember(
+                    enrollment.patient, signed.nonce, signed.deadline, self._clock()
+                )
+            else:
+                self._replay.check_unused(enrollment.patient, signed.nonce, self._clock())
+        except NonceReused:
+            raise Unauthenticated(ENROLLMENT_REPLAYED) from None
 
     def _covered_types(
         self, patient: str, grantee: str, receiving_key: bytes | None = None
@@ -294,7 +321,7 @@ class NodeService:
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
-        query = ReencryptionQuery.parse(msg)
+        query = ReencryptionQuery.parse(msg, self._domain)
         self._authenticate(query.claims(), query)
         self._limiter.spend(query.requester)
         ((result, receipt),) = self._serve([query])
@@ -311,7 +338,7 @@ class NodeService:
     ) -> node_pb2.ReencryptBatchResponse:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
-        batch = BatchQuery.parse(msg)
+        batch = BatchQuery.parse(msg, self._domain)
         self._authenticate(batch.claims(), batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=len(batch.items))
         outcomes = []

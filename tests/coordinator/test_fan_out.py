@@ -15,13 +15,15 @@ import umbral_pre as umbral
 from medkms.clients.identity import Identity
 from medkms.coordinator.service import CoordinatorService, _RoundRobin
 from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
-from medkms.core.errors import InsufficientFragments
+from medkms.core.errors import InsufficientFragments, InvalidRequest
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import PatientInfo
-from medkms.core.requests import address_bytes
+from medkms.core.request_auth import Domain
+from medkms.core.requests import ReencryptionQuery, address_bytes
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
 NODES = [f"node-{i}" for i in range(1, 6)]
+DOMAIN = Domain(31337, "0x" + "00" * 19 + "01")
 
 
 @dataclass
@@ -31,9 +33,11 @@ class FakeNode:
     fails: bool = False
     corrupt: bool = False
     calls: int = 0
+    request_ids: list[str] = field(default_factory=list)
 
     async def Reencrypt(self, msg: common_pb2.ReencryptionRequest, timeout: float) -> Any:
         self.calls += 1
+        self.request_ids.append(msg.request_id)
         await asyncio.sleep(self.delay_s)
         if self.fails:
             raise grpc.aio.AioRpcError(
@@ -69,6 +73,9 @@ class Registry:
 
     def get_patient(self, address: str) -> PatientInfo | None:
         return self.info
+
+    def signing_domain(self) -> Domain:
+        return DOMAIN
 
 
 @pytest.fixture
@@ -111,6 +118,16 @@ def world() -> World:
         signature=b"\x00" * 65,
     )
     return World(service, nodes, request, alice)
+
+
+def test_nodes_are_sent_the_id_derived_from_the_signed_request(world: World) -> None:
+    world.run()
+    derived = ReencryptionQuery.parse(world.request, DOMAIN).request_id
+    assert {i for n in world.nodes.values() for i in n.request_ids} == {derived}
+    # An app (or a relay before the coordinator) naming another id is refused.
+    world.request.request_id = "someone-elses-id"
+    with pytest.raises(InvalidRequest, match=f"request_id must be empty or .* {derived}"):
+        world.run()
 
 
 def test_only_threshold_nodes_are_asked_when_all_are_healthy(world: World) -> None:

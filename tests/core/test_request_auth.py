@@ -27,9 +27,11 @@ from medkms.core.request_auth import (
     BatchClaims,
     Claims,
     Domain,
+    EnrollmentClaims,
     RequestClaims,
     check_deadline,
     recover_signer,
+    request_id_of,
     sign,
     signer_of,
     signing_digest,
@@ -82,6 +84,19 @@ def random_batch(rng: random.Random, size: int, purpose: str = "TREAT") -> Batch
     )
 
 
+def random_enrollment(rng: random.Random, size: int, node_id: str = "node-1") -> EnrollmentClaims:
+    return EnrollmentClaims(
+        node_id=node_id,
+        patient=_random_address(rng),
+        grantee=_random_address(rng),
+        receiving_key=rng.randbytes(33),
+        record_types=tuple(rng.sample(range(6), size)),
+        sealed_hashes=tuple(rng.randbytes(32) for _ in range(size)),
+        nonce=rng.randbytes(32),
+        deadline=rng.randrange(2**64),
+    )
+
+
 def reference_digest(domain: Domain, claims: Claims) -> bytes:
     """eth_account's EIP-712 digest of the JSON a wallet would be shown."""
     # EIP-191: keccak256(0x19 || version || header || body); eth_account did the EIP-712 part.
@@ -90,11 +105,15 @@ def reference_digest(domain: Domain, claims: Claims) -> bytes:
 
 
 BATCH = random_batch(random.Random(200), 64)
+ENROLLMENT = random_enrollment(random.Random(300), 6)
 PURPOSES = ["TREAT", "", "ETREAT", "Behandlung für Ärztin 👩‍⚕️", "治疗"]
 SAMPLES: list[Claims] = [
     *(random_request(random.Random(i), PURPOSES[i % len(PURPOSES)]) for i in range(10)),
     *(random_batch(random.Random(100 + i), i, PURPOSES[i % len(PURPOSES)]) for i in range(6)),
     BATCH,
+    *(random_enrollment(random.Random(400 + i), i, f"node-{i}") for i in range(4)),
+    random_enrollment(random.Random(410), 2, "nœud-ü 👩‍⚕️"),
+    ENROLLMENT,
     RequestClaims(
         patient="0x" + "11" * 20,
         record_id=bytes(32),
@@ -115,6 +134,11 @@ def test_type_strings_are_the_documented_ones() -> None:
     assert request_auth._encode_type("ReencryptionBatch", BatchClaims.FIELDS) == (
         "ReencryptionBatch(address patient,bytes32[] recordIds,bytes32[] capsuleHashes,"
         "bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)"
+    )
+    assert request_auth._encode_type("KeyFragmentEnrollment", EnrollmentClaims.FIELDS) == (
+        "KeyFragmentEnrollment(string nodeId,address patient,address grantee,"
+        "bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,bytes32 nonce,"
+        "uint64 deadline)"
     )
 
 
@@ -149,7 +173,9 @@ def test_typed_data_is_wallet_json() -> None:
     ]
 
 
-@pytest.mark.parametrize("claims", [SAMPLES[0], BATCH], ids=["request", "batch"])
+@pytest.mark.parametrize(
+    "claims", [SAMPLES[0], BATCH, ENROLLMENT], ids=["request", "batch", "enrollment"]
+)
 def test_sign_recover_roundtrip(claims: Claims, requester: LocalAccount, backend: str) -> None:
     signature = sign(requester, DOMAIN, claims)
     assert len(signature) == 65 and signature[64] in (27, 28)
@@ -183,7 +209,7 @@ def test_many_signatures_recover(backend: str) -> None:
     assert seen_v == {27, 28}
 
 
-def _changed(claims: RequestClaims | BatchClaims, name: str) -> Any:
+def _changed(claims: Claims, name: str) -> Any:
     value = getattr(claims, name)
     if name == "patient":
         return "0x" + "99" * 20
@@ -239,6 +265,55 @@ def test_every_batch_field_is_bound(name: str) -> None:
     changed = dataclasses.replace(claims, **{name: _changed(claims, name)})
     assert signing_digest(DOMAIN, changed) != signing_digest(DOMAIN, claims)
     assert signing_digest(DOMAIN, changed) == reference_digest(DOMAIN, changed)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "node_id",
+        "patient",
+        "grantee",
+        "receiving_key",
+        "record_types",
+        "sealed_hashes",
+        "nonce",
+        "deadline",
+    ],
+)
+def test_every_enrollment_field_is_bound(name: str, requester: LocalAccount) -> None:
+    claims = ENROLLMENT
+    value = getattr(claims, name)
+    if name == "record_types":
+        changed_value: Any = (*value[:-1], (value[-1] + 1) % 6)
+    elif name in ("node_id", "grantee"):
+        changed_value = "node-2" if name == "node_id" else "0x" + "99" * 20
+    else:
+        changed_value = _changed(claims, name)
+    changed = dataclasses.replace(claims, **{name: changed_value})
+    assert signing_digest(DOMAIN, changed) != signing_digest(DOMAIN, claims)
+    assert signing_digest(DOMAIN, changed) == reference_digest(DOMAIN, changed)
+    assert request_id_of(DOMAIN, changed) != request_id_of(DOMAIN, claims)
+    signature = sign(requester, DOMAIN, claims)
+    try:
+        assert signer_of(DOMAIN, changed, signature) != requester.address
+    except Unauthenticated:
+        pass
+
+
+def test_a_malformed_enrollment_nonce_is_refused() -> None:
+    for nonce in (b"", b"\x01" * 31, b"\x01" * 33):
+        with pytest.raises(InvalidRequest, match="nonce must be 32 bytes"):
+            dataclasses.replace(ENROLLMENT, nonce=nonce)
+
+
+@pytest.mark.parametrize("claims", SAMPLES, ids=lambda c: type(c).__name__)
+def test_the_request_id_is_the_first_128_bits_of_the_signing_digest(claims: Claims) -> None:
+    request_id = request_id_of(DOMAIN, claims)
+    assert request_id == reference_digest(DOMAIN, claims)[:16].hex()
+    assert len(request_id) == 32 and request_id == request_id.lower()
+    # A fresh nonce (what makes each request new) makes a fresh id.
+    renewed = dataclasses.replace(claims, nonce=bytes(a ^ 1 for a in claims.nonce))
+    assert request_id_of(DOMAIN, renewed) != request_id
 
 
 def test_batch_order_and_pairing_are_bound() -> None:

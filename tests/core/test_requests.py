@@ -6,8 +6,11 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.core.errors import InvalidRequest
-from medkms.core.requests import Enrollment, ReencryptionQuery
+from medkms.core.request_auth import Domain, request_id_of, signing_digest
+from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.proto.kms.v1 import common_pb2
+
+DOMAIN = Domain(31337, "0x" + "ab" * 20)
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +18,6 @@ def valid() -> common_pb2.ReencryptionRequest:
     sk = umbral.SecretKey.random()
     capsule, _ = umbral.encrypt(sk.public_key(), b"x" * 32)
     return common_pb2.ReencryptionRequest(
-        request_id="req-1",
         patient=b"\x11" * 20,
         record_id=b"\x01" * 32,
         capsule=bytes(capsule),
@@ -28,18 +30,72 @@ def valid() -> common_pb2.ReencryptionRequest:
     )
 
 
+def _copy(msg: common_pb2.ReencryptionRequest) -> common_pb2.ReencryptionRequest:
+    copy = common_pb2.ReencryptionRequest()
+    copy.CopyFrom(msg)
+    return copy
+
+
 def test_valid_request_parses(valid: common_pb2.ReencryptionRequest) -> None:
-    query = ReencryptionQuery.parse(valid)
+    query = ReencryptionQuery.parse(valid, DOMAIN)
     assert query.patient == "0x" + "11" * 20
     assert query.requester.lower() == "0x" + "22" * 20
     assert query.capsule_bytes == valid.capsule
 
 
-def test_missing_request_id_gets_a_fresh_one(valid: common_pb2.ReencryptionRequest) -> None:
-    msg = common_pb2.ReencryptionRequest()
-    msg.CopyFrom(valid)
-    msg.request_id = ""
-    assert len(ReencryptionQuery.parse(msg).request_id) == 32
+def test_the_request_id_is_derived_from_the_signed_request(
+    valid: common_pb2.ReencryptionRequest,
+) -> None:
+    query = ReencryptionQuery.parse(valid, DOMAIN)
+    # 128 bits of the EIP-712 digest the requester signs, as 32 hex digits.
+    assert query.request_id == signing_digest(DOMAIN, query.claims())[:16].hex()
+    assert query.request_id == request_id_of(DOMAIN, query.claims())
+    # An echo of it is accepted; the same request in another domain has another id.
+    echoed = _copy(valid)
+    echoed.request_id = query.request_id
+    assert ReencryptionQuery.parse(echoed, DOMAIN).request_id == query.request_id
+    assert ReencryptionQuery.parse(valid, Domain(1, DOMAIN.registry_address)).request_id != (
+        query.request_id
+    )
+    # Every signed field is in it, the nonce too: a fresh nonce, a fresh id.
+    renewed = _copy(valid)
+    renewed.nonce = b"\x06" * 32
+    assert ReencryptionQuery.parse(renewed, DOMAIN).request_id != query.request_id
+
+
+@pytest.mark.parametrize("echo", ["req-1", "A" * 32, "0" * 32, "x" * 1000])
+def test_a_request_id_that_is_not_the_derived_one_is_refused(
+    valid: common_pb2.ReencryptionRequest, echo: str
+) -> None:
+    msg = _copy(valid)
+    msg.request_id = echo
+    derived = ReencryptionQuery.parse(valid, DOMAIN).request_id
+    with pytest.raises(InvalidRequest, match=f"request_id must be empty or .* {derived}$"):
+        ReencryptionQuery.parse(msg, DOMAIN)
+
+
+def test_a_batch_has_one_id_derived_from_its_signature(
+    valid: common_pb2.ReencryptionRequest,
+) -> None:
+    refs = [
+        common_pb2.CapsuleRef(record_id=bytes([i]) * 32, capsule=valid.capsule) for i in range(1, 4)
+    ]
+    batch = common_pb2.ReencryptionBatchRequest(
+        patient=valid.patient,
+        capsules=refs,
+        requester=valid.requester,
+        requester_umbral_key=valid.requester_umbral_key,
+        purpose_of_use="TREAT",
+        deadline=valid.deadline,
+        nonce=valid.nonce,
+        signature=valid.signature,
+    )
+    query = BatchQuery.parse(batch, DOMAIN)
+    assert query.request_id == request_id_of(DOMAIN, query.claims())
+    assert {q.request_id for q in query.items} == {query.request_id}
+    batch.request_id = "rewritten"
+    with pytest.raises(InvalidRequest, match="request_id must be empty or"):
+        BatchQuery.parse(batch, DOMAIN)
 
 
 @pytest.mark.parametrize(
@@ -64,11 +120,10 @@ def test_missing_request_id_gets_a_fresh_one(valid: common_pb2.ReencryptionReque
 def test_bad_fields_are_refused_by_name(
     valid: common_pb2.ReencryptionRequest, field: str, value: object, fragment: str
 ) -> None:
-    msg = common_pb2.ReencryptionRequest()
-    msg.CopyFrom(valid)
+    msg = _copy(valid)
     setattr(msg, field, value)
     with pytest.raises(InvalidRequest, match=fragment):
-        ReencryptionQuery.parse(msg)
+        ReencryptionQuery.parse(msg, DOMAIN)
 
 
 def _enrollment(**changes: object) -> common_pb2.EnrollKeyFragmentRequest:
@@ -83,6 +138,7 @@ def _enrollment(**changes: object) -> common_pb2.EnrollKeyFragmentRequest:
             )
         ],
         deadline=2_000_000_000,
+        nonce=b"\x05" * 32,
         signature=b"\x00" * 65,
     )
     fields.update(changes)
@@ -95,6 +151,7 @@ def test_valid_enrollment_parses_and_binds_each_sealed_kfrag() -> None:
     assert claims.record_types == (1,)
     assert claims.sealed_hashes == (enrollment.kfrags[0].sha256,)
     assert claims.node_id == "node-1"
+    assert (claims.nonce, claims.deadline) == (b"\x05" * 32, 2_000_000_000)
 
 
 def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) -> object:
@@ -116,6 +173,8 @@ def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) ->
         ({"kfrags": [_sealed(size=4096)]}, r"kfrags\[0\].sealed must be"),
         ({"signature": b""}, "signature must be a 65-byte"),
         ({"deadline": 0}, "deadline is required"),
+        ({"nonce": b""}, "nonce must be 32 bytes"),
+        ({"nonce": b"\x05" * 33}, "nonce must be 32 bytes"),
         ({"receiving_key": b"\x02" * 5}, "receiving_key"),
     ],
 )

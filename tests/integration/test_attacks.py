@@ -257,6 +257,54 @@ def test_a_kfrag_for_another_receiving_key_is_refused(people: People) -> None:
     assert_still_serving(people)
 
 
+def test_a_replayed_enrollment_is_unauthenticated(
+    people: People, coordinator: CoordinatorStub
+) -> None:
+    """One signed enrollment is accepted once per node: sent again, straight to the node or
+    relayed, it is refused before the node reads the chain or opens anything in its HSM."""
+    people.grant_doctor([LAB])
+    alice = people.patient.identity
+    doctor_key = people.doctor.umbral_public_key()
+    nodes = [n for n in people.registry.list_nodes() if n.active]
+    kfrags = umbral.generate_kfrags(
+        delegating_sk=alice.record_secret_key(LAB),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(doctor_key),
+        signer=alice.kfrag_signer(),
+        threshold=people.cluster.threshold,
+        shares=len(nodes),
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )
+
+    def enrollments() -> list[common_pb2.EnrollKeyFragmentRequest]:
+        domain = people.registry.signing_domain()
+        return [
+            sealed_enrollment(
+                alice.account, domain, node, people.doctor.address, doctor_key, {LAB: bytes(k)}
+            )
+            for node, k in zip(nodes, kfrags, strict=True)
+        ]
+
+    def relay(sent: list[common_pb2.EnrollKeyFragmentRequest]) -> dict[str, tuple[str, str]]:
+        response = coordinator.EnrollKeyFragments(
+            coordinator_pb2.RelayEnrollmentsRequest(enrollments=sent), timeout=10
+        )
+        return {r.node_id: (r.status, r.reason) for r in response.results}
+
+    signed = enrollments()
+    assert {status for status, _ in relay(signed).values()} == {""}
+    here = next(e for e in signed if e.node_id == people.cluster.nodes[0].node_id)
+    error = enrollment_refusal(people, here)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == (
+        "enrollment already received (nonce already used); the patient must sign a new one"
+    )
+    assert {r for r, _ in relay(signed).values()} == {"UNAUTHENTICATED"}
+    # The patient enrolls again by signing anew; the cluster keeps serving.
+    assert {status for status, _ in relay(enrollments()).values()} == {""}
+    assert_still_serving(people)
+
+
 def test_a_kfrag_sealed_to_another_node_does_not_open(people: People) -> None:
     people.grant_doctor([LAB])
     alice = people.patient.identity

@@ -145,6 +145,7 @@ _ENROLLMENT: dict[str, object] = {
     "grantee": b"\x22" * 20,
     "receiving_key": b"\x02" + b"\x01" * 32,
     "deadline": 2_000_000_000,
+    "nonce": b"\x05" * 32,
     "signature": b"\x00" * 65,
 }
 
@@ -159,6 +160,7 @@ _ENROLLMENT: dict[str, object] = {
         ({"patient": b"", "kfrags": [_sealed()]}, "patient must be a 20-byte"),
         ({"grantee": b"\x11" * 20, "kfrags": [_sealed()]}, "grantee must differ"),
         ({"signature": b"", "kfrags": [_sealed()]}, "signature must be a 65-byte"),
+        ({"nonce": b"", "kfrags": [_sealed()]}, "nonce must be 32 bytes"),
     ],
 )
 def test_bad_enrollments_are_invalid_argument(

@@ -7,6 +7,9 @@ accept a wrong key, and honest answers still get through.
 - A compromised coordinator returns one corrupted fragment among good ones: the app
   verifies every fragment itself and decrypts with the others. Returning garbage only
   gets it a clear IntegrityError at the app, never wrong plaintext.
+- A compromised coordinator rewrites the request id: every node refuses the rewritten
+  request, and derives the id it audits from what the app signed, so the audit logs
+  (and the auditor's report) carry the app's id whatever the coordinator sends.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +27,19 @@ import grpc
 import pytest
 
 from medkms.clients.provider import ProviderClient
-from medkms.core.errors import IntegrityError
+from medkms.core.audit import AuditEntry
+from medkms.core.errors import AccessDenied, IntegrityError
+from medkms.core.record_types import RecordType
+from medkms.core.request_auth import signing_digest
 from medkms.deploy import processes
 from medkms.deploy.certs import ClusterCa
 from medkms.deploy.demo import lab_result
 from medkms.deploy.local_cluster import HOST, LocalCluster
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
-from medkms.proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, NodeStub
+from medkms.proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
+from medkms.proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, AuditStub, NodeStub
 from medkms.proto.transport import Transport
 from tests.integration.conftest import People
+from tests.kms_node.test_service import signed_claims
 
 pytestmark = pytest.mark.cluster
 
@@ -60,6 +68,17 @@ def _unary(
         handler,
         request_deserializer=request.FromString,
         response_serializer=response.SerializeToString,
+    )
+
+
+def _app(people: People, coordinator_address: str) -> ProviderClient:
+    """The test's doctor, as an app talking to the coordinator at ``coordinator_address``."""
+    return ProviderClient(
+        people.doctor,
+        people.registry,
+        people.cluster.blob_store(),
+        coordinator_address,
+        people.cluster.app_transport,
     )
 
 
@@ -151,13 +170,7 @@ def test_a_node_returning_corrupted_fragments_is_outvoted(
 ) -> None:
     address, liar = coordinator_with_a_lying_node
     people.grant_doctor()
-    with ProviderClient(
-        people.doctor,
-        people.registry,
-        people.cluster.blob_store(),
-        address,
-        people.cluster.app_transport,
-    ) as doctor:
+    with _app(people, address) as doctor:
         for _ in range(6):
             assert doctor.read_record(people.lab.record_id) == lab_result()
     # The liar was asked (it is among the first three the coordinator tries) and every
@@ -168,12 +181,12 @@ def test_a_node_returning_corrupted_fragments_is_outvoted(
 # --- a compromised coordinator ------------------------------------------------------------
 
 
-class LyingCoordinator:
-    """Answers apps with the cluster's coordinator identity, but asks every node itself
-    and corrupts (or replaces with garbage) what it returns."""
+class FakeCoordinator:
+    """Answers apps with the cluster's coordinator identity and asks the nodes itself;
+    subclasses decide how (``reencrypt``)."""
 
-    def __init__(self, cluster: LocalCluster, mode: str) -> None:
-        self.mode = mode
+    def __init__(self, cluster: LocalCluster) -> None:
+        self._nodes = cluster.nodes
         self._channels = [
             cluster.transport.channel(n.address, server_name=n.node_id) for n in cluster.nodes
         ]
@@ -182,6 +195,39 @@ class LyingCoordinator:
         ca = ClusterCa.ensure(cluster.state_dir / "tls")
         identity = ca.server_cert("coordinator")
         self.transport = Transport.tls(ca.ca_cert, identity.cert, identity.key)
+
+    def reencrypt(
+        self, request: common_pb2.ReencryptionRequest, _ctx: object
+    ) -> coordinator_pb2.CoordinatorReencryptResponse:
+        raise NotImplementedError
+
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        """Serve apps on a free port (its address) until the block ends."""
+        handlers = {
+            "Reencrypt": _unary(
+                common_pb2.ReencryptionRequest,
+                coordinator_pb2.CoordinatorReencryptResponse,
+                self.reencrypt,
+            )
+        }
+        server, address = _serve(
+            COORDINATOR_SERVICE.full_name, handlers, self.transport, mtls=False
+        )
+        try:
+            yield address
+        finally:
+            server.stop(grace=None)
+            for channel in self._channels:
+                channel.close()
+
+
+class LyingCoordinator(FakeCoordinator):
+    """Asks every node and corrupts (or replaces with garbage) what it returns."""
+
+    def __init__(self, cluster: LocalCluster, mode: str) -> None:
+        super().__init__(cluster)
+        self.mode = mode
 
     def reencrypt(
         self, request: common_pb2.ReencryptionRequest, _ctx: object
@@ -198,33 +244,14 @@ class LyingCoordinator:
             fragments=fragments, threshold=self._threshold
         )
 
-    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        return {
-            "Reencrypt": _unary(
-                common_pb2.ReencryptionRequest,
-                coordinator_pb2.CoordinatorReencryptResponse,
-                self.reencrypt,
-            )
-        }
-
-    def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
-
 
 @pytest.fixture(params=["corrupt_one", "garbage"])
 def lying_coordinator(
     request: pytest.FixtureRequest, cluster: LocalCluster
 ) -> Iterator[tuple[str, str]]:
     liar = LyingCoordinator(cluster, request.param)
-    server, address = _serve(
-        COORDINATOR_SERVICE.full_name, liar.handlers(), liar.transport, mtls=False
-    )
-    try:
+    with liar.serving() as address:
         yield address, liar.mode
-    finally:
-        server.stop(grace=None)
-        liar.close()
 
 
 def test_the_app_verifies_what_a_coordinator_returns(
@@ -232,13 +259,7 @@ def test_the_app_verifies_what_a_coordinator_returns(
 ) -> None:
     address, mode = lying_coordinator
     people.grant_doctor()
-    with ProviderClient(
-        people.doctor,
-        people.registry,
-        people.cluster.blob_store(),
-        address,
-        people.cluster.app_transport,
-    ) as doctor:
+    with _app(people, address) as doctor:
         if mode == "garbage":
             with pytest.raises(IntegrityError, match="0 valid capsule fragments"):
                 doctor.read_record(people.lab.record_id)
@@ -248,3 +269,101 @@ def test_the_app_verifies_what_a_coordinator_returns(
     # The real cluster keeps serving.
     with people.provider() as honest:
         assert honest.read_record(people.lab.record_id) == lab_result()
+
+
+# --- a coordinator rewriting request ids ----------------------------------------------------
+
+
+def _audited(cluster: LocalCluster, node_id: str, leaf_index: int) -> AuditEntry:
+    node = next(n for n in cluster.nodes if n.node_id == node_id)
+    with cluster.transport.channel(node.address) as channel:
+        (entry,) = AuditStub(channel).GetEntries(
+            audit_pb2.GetEntriesRequest(start=leaf_index, end=leaf_index + 1), timeout=5
+        )
+    return AuditEntry.from_canonical(entry.entry)
+
+
+def _latest_entries(cluster: LocalCluster, count: int) -> list[AuditEntry]:
+    """The last ``count`` entries of every node's audit log."""
+    entries = []
+    for node in cluster.nodes:
+        with cluster.transport.channel(node.address) as channel:
+            audit = AuditStub(channel)
+            size = audit.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=5).tree_size
+            request = audit_pb2.GetEntriesRequest(start=max(0, size - count), end=size)
+            entries += [AuditEntry.from_canonical(e.entry) for e in audit.GetEntries(request)]
+    return entries
+
+
+class RewritingCoordinator(FakeCoordinator):
+    """Asks the first ``threshold`` nodes with a request id of its own; where refused,
+    asks again with the id removed."""
+
+    REWRITTEN = "rewritten-by-the-coordinator"
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(cluster)
+        #: what the app sent
+        self.received: list[common_pb2.ReencryptionRequest] = []
+        #: each node's answer to the rewritten id: its status and message
+        self.refusals: dict[str, tuple[grpc.StatusCode, str]] = {}
+        #: node id -> the audit log index of the decision it made on the request
+        self.audited: dict[str, int] = {}
+
+    def reencrypt(
+        self, request: common_pb2.ReencryptionRequest, _ctx: object
+    ) -> coordinator_pb2.CoordinatorReencryptResponse:
+        self.received.append(request)
+        fragments = []
+        asked = zip(self._nodes[: self._threshold], self._stubs, strict=False)
+        for node, stub in asked:
+            rewritten = common_pb2.ReencryptionRequest()
+            rewritten.CopyFrom(request)
+            rewritten.request_id = self.REWRITTEN
+            try:
+                fragment = stub.Reencrypt(rewritten, timeout=5).fragment
+                self.refusals[node.node_id] = (grpc.StatusCode.OK, "served")
+            except grpc.RpcError as e:
+                self.refusals[node.node_id] = (e.code(), e.details() or "")
+                rewritten.request_id = ""
+                fragment = stub.Reencrypt(rewritten, timeout=5).fragment
+            self.audited[node.node_id] = fragment.receipt.leaf_index
+            fragments.append(fragment)
+        return coordinator_pb2.CoordinatorReencryptResponse(
+            fragments=fragments, threshold=self._threshold
+        )
+
+
+def test_a_coordinator_cannot_change_the_request_id_nodes_audit(
+    people: People, cluster: LocalCluster
+) -> None:
+    people.grant_doctor()
+    relay = RewritingCoordinator(cluster)
+    with relay.serving() as address, _app(people, address) as doctor:
+        assert doctor.read_record(people.lab.record_id) == lab_result()
+    (sent,) = relay.received
+    # The id of what the app signed, rebuilt from the wire without the node's code.
+    signed_id = signing_digest(people.registry.signing_domain(), signed_claims(sent))[:16].hex()
+    # Each node audited the request it served under the signed id, not the relay's...
+    assert set(relay.audited) == {n.node_id for n in cluster.nodes[: cluster.threshold]}
+    for node_id, leaf_index in relay.audited.items():
+        entry = _audited(cluster, node_id, leaf_index)
+        assert (entry.request_id, entry.decision) == (signed_id, "granted")
+    assert sent.request_id == signed_id  # the id the SDK sent, and would name in an error
+    # ...having refused the rewritten id, and named the one it derives.
+    for code, details in relay.refusals.values():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.endswith(signed_id) and details.startswith("request_id must be empty")
+
+
+def test_an_sdk_error_names_the_request_the_audit_logs_hold(people: People) -> None:
+    """An app that is refused can find the nodes' decisions in the auditor's report."""
+    people.grant_doctor([RecordType.LAB_RESULT])
+    with people.provider() as doctor:
+        with pytest.raises(AccessDenied) as caught:
+            doctor.read_record(people.condition.record_id)
+    request_id = caught.value.request_id
+    assert len(request_id) == 32
+    denials = [e for e in _latest_entries(people.cluster, 5) if e.request_id == request_id]
+    assert len(denials) >= people.cluster.threshold
+    assert {(e.decision, e.record_id) for e in denials} == {("denied", people.condition.record_id)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
-from medkms.node.replay import ReplayGuard, SharedReplayGuard
+from medkms.node.replay import NonceReused, ReplayGuard, SharedReplayGuard
 
 ALICE = "0x" + "a1" * 20
 BOB = "0x" + "b2" * 20
@@ -194,3 +194,26 @@ def test_shared_guard_is_bounded(tmp_path: Path) -> None:
     with pytest.raises(ResourceExhausted, match="too many requests"):
         fresh.check_and_remember(ALICE, os.urandom(32), NOW + 60, NOW)
     assert str(tmp_path) in repr(fresh)
+
+
+@pytest.mark.parametrize("kind", ["in-process", "shared"])
+def test_check_unused_looks_without_remembering(tmp_path: Path, kind: str) -> None:
+    """The cheap look a node takes before costly work (an enrollment's chain reads): it
+    refuses a live nonce, remembers nothing, and forgets with the deadline."""
+    guard: ReplayGuard | SharedReplayGuard = (
+        ReplayGuard(max_window_s=300, max_entries=100)
+        if kind == "in-process"
+        else _shared(tmp_path)
+    )
+    nonce = os.urandom(32)
+    guard.check_unused(ALICE, nonce, NOW)
+    guard.check_unused(ALICE, nonce, NOW)  # looking twice spends nothing
+    guard.check_and_remember(ALICE, nonce, NOW + 10, NOW)
+    with pytest.raises(NonceReused, match="nonce already used"):
+        guard.check_unused(ALICE, nonce, NOW + 9)
+    guard.check_unused(BOB, nonce, NOW + 9)  # another signer's nonce
+    guard.check_unused(ALICE, nonce, NOW + 10)  # its deadline has passed
+    if kind == "shared":
+        # Another process of the node sees the nonce too.
+        with pytest.raises(NonceReused):
+            _shared(tmp_path).check_unused(ALICE, nonce, NOW + 9)

@@ -34,7 +34,7 @@ from medkms.core.registry_types import (
     PatientInfo,
     RecordInfo,
 )
-from medkms.core.request_auth import Domain, RequestClaims, sign
+from medkms.core.request_auth import Domain, RequestClaims, request_id_of, sign
 from medkms.core.requests import address_bytes
 from medkms.core.umbral_codec import capsule_hash
 from medkms.node.audit_log import AuditLog
@@ -42,7 +42,7 @@ from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
-from medkms.node.service import NodeService
+from medkms.node.service import ENROLLMENT_REPLAYED, NodeService
 from medkms.proto.kms.v1 import common_pb2
 
 NOW = 1_800_000_000
@@ -88,6 +88,7 @@ class MemoryRegistry:
 class World:
     node: NodeService
     registry: MemoryRegistry
+    replay: ReplayGuard
     kfrags: KfragStore
     alice: Identity
     bob: Identity
@@ -168,7 +169,6 @@ class World:
             purpose_of_use="TREAT",
         )
         return common_pb2.ReencryptionRequest(
-            request_id="t-1",
             patient=address_bytes(self.alice.address),
             record_id=self.record_id,
             record_type=RecordType.LAB_RESULT,
@@ -212,6 +212,7 @@ def world(tmp_path: Path) -> World:
         created_at=NOW,
     )
     kfrags = KfragStore(tmp_path / "kfrags.sqlite")
+    replay = ReplayGuard(max_window_s=300, max_entries=100)
     keystore = MemoryKeyStore()
     audit = AuditLog(tmp_path / "audit.sqlite", keystore, "node-t")
     node = NodeService(
@@ -222,12 +223,12 @@ def world(tmp_path: Path) -> World:
         index=registry,
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,
-        replay=ReplayGuard(max_window_s=300, max_entries=100),
+        replay=replay,
         limiter=RateLimiter(rate_per_s=1, burst=5, clock=lambda: NOW),
         audit=audit,
         clock=lambda: NOW,
     )
-    return World(node, registry, kfrags, alice, bob, capsule, record_id, audit, keystore)
+    return World(node, registry, replay, kfrags, alice, bob, capsule, record_id, audit, keystore)
 
 
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
@@ -378,6 +379,38 @@ def test_every_decision_is_audited_and_the_receipt_verifies(world: World) -> Non
         world.node.reencrypt(world.request(nonce=b"\x32" * 32))
     denied = world.audit.entry(world.audit.size() - 1)
     assert (denied.decision, denied.reason_code) == ("denied", "grant_revoked")
+
+
+def signed_claims(request: common_pb2.ReencryptionRequest) -> RequestClaims:
+    """What the requester signed, rebuilt from the wire (not through the node's parser)."""
+    return RequestClaims(
+        patient="0x" + request.patient.hex(),
+        record_id=request.record_id,
+        capsule_hash=capsule_hash(request.capsule),
+        requester_umbral_key=request.requester_umbral_key,
+        nonce=request.nonce,
+        deadline=request.deadline,
+        purpose_of_use=request.purpose_of_use,
+    )
+
+
+def test_the_audit_entry_carries_the_id_derived_from_the_signed_request(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request(nonce=b"\x34" * 32)
+    signed_id = request_id_of(DOMAIN, signed_claims(request))
+    # A relay that rewrites the id is refused, and nothing is audited or spent...
+    request.request_id = "rewritten-by-relay"
+    with pytest.raises(InvalidRequest, match=f"request_id must be empty or .* {signed_id}"):
+        world.node.reencrypt(request)
+    assert world.audit.size() == 0
+    # ...one that drops it, or echoes the right one, gets the signed id in the log.
+    request.request_id = ""
+    leaf = world.node.reencrypt(request).fragment.receipt.leaf_index
+    assert world.audit.entry(leaf).request_id == signed_id
+    echoed = world.request(nonce=b"\x35" * 32)
+    echoed.request_id = request_id_of(DOMAIN, signed_claims(echoed))
+    leaf = world.node.reencrypt(echoed).fragment.receipt.leaf_index
+    assert world.audit.entry(leaf).request_id == echoed.request_id
 
 
 def test_audit_fails_closed(world: World) -> None:
@@ -632,3 +665,60 @@ def test_a_refused_request_costs_ten_served_ones(world: World, tmp_path: Path) -
         node.reencrypt(world.request(nonce=b"\x02" * 32))  # in debt now
     with pytest.raises(ResourceExhausted, match="rate limit"):
         node.reencrypt(world.request(nonce=b"\x03" * 32))
+
+
+# --- enrollment replay ---------------------------------------------------------------------
+
+
+def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) -> None:
+    enrollment = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    world.node.enroll(enrollment)
+    reads = 0
+    get_patient = world.registry.get_patient
+
+    def counted(address: str) -> PatientInfo | None:
+        nonlocal reads
+        reads += 1
+        return get_patient(address)
+
+    world.registry.get_patient = counted  # type: ignore[method-assign]
+    with pytest.raises(Unauthenticated, match="enrollment already received"):
+        world.node.enroll(enrollment)
+    assert reads == 0
+    # The patient enrolls again with a fresh signature.
+    world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
+    assert reads == 1
+    assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
+
+
+def test_an_enrollment_nobody_could_grant_spends_no_nonce(world: World) -> None:
+    # A stranger signing as a patient of their own, unregistered: refused after the
+    # chain read, and the node's nonce memory keeps nothing of it.
+    mallory = Identity.generate("mallory")
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=mallory)
+    request.patient = address_bytes(mallory.address)
+    with pytest.raises(PreconditionFailed, match="not registered"):
+        world.node.enroll(request)
+    # Nor does the patient's enrollment before her grant exists: she may send it again.
+    key = (world.alice.address, world.bob.address)
+    grant = world.registry.grants.pop(key)
+    early = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    with pytest.raises(PreconditionFailed, match="write the grant first"):
+        world.node.enroll(early)
+    assert len(world.replay) == 0
+    world.registry.grants[key] = grant
+    world.node.enroll(early)
+    assert len(world.replay) == 1
+
+
+def test_an_enrollment_that_fails_in_the_hsm_spends_its_nonce(world: World) -> None:
+    # Past the grant check the nonce is used up, whatever happens next: a kfrag that
+    # does not verify is not verified again by replaying it.
+    bad = world.enrollment(
+        {RecordType.LAB_RESULT: world.kfrag(signer=umbral.Signer(umbral.SecretKey.random()))}
+    )
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        world.node.enroll(bad)
+    with pytest.raises(Unauthenticated, match="enrollment already received"):
+        world.node.enroll(bad)
+    assert world.kfrags.count() == 0

@@ -119,7 +119,7 @@ class SealedKeyFragment(_message.Message):
     def __init__(self, record_type: _Optional[int] = ..., ephemeral_public_key: _Optional[bytes] = ..., sealed: _Optional[bytes] = ...) -> None: ...
 
 class EnrollKeyFragmentRequest(_message.Message):
-    __slots__ = ("node_id", "patient", "grantee", "receiving_key", "kfrags", "deadline", "signature")
+    __slots__ = ("node_id", "patient", "grantee", "receiving_key", "kfrags", "deadline", "signature", "nonce")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     GRANTEE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class EnrollKeyFragmentRequest(_message.Message):
     KFRAGS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     patient: bytes
     grantee: bytes
@@ -134,7 +135,8 @@ class EnrollKeyFragmentRequest(_message.Message):
     kfrags: _containers.RepeatedCompositeFieldContainer[SealedKeyFragment]
     deadline: int
     signature: bytes
-    def __init__(self, node_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., grantee: _Optional[bytes] = ..., receiving_key: _Optional[bytes] = ..., kfrags: _Optional[_Iterable[_Union[SealedKeyFragment, _Mapping]]] = ..., deadline: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, node_id: _Optional[str] = ..., patient: _Optional[bytes] = ..., grantee: _Optional[bytes] = ..., receiving_key: _Optional[bytes] = ..., kfrags: _Optional[_Iterable[_Union[SealedKeyFragment, _Mapping]]] = ..., deadline: _Optional[int] = ..., signature: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class EnrollKeyFragmentResponse(_message.Message):
     __slots__ = ("node_id", "kfrag_sha256")
