@@ -8,7 +8,8 @@ request at a time:
 
 1. idle;
 2. while one requester floods: a provider with no grant sends signed requests for the
-   patient's record, ``FLOOD_IN_FLIGHT`` at a time, as fast as the answers come;
+   patient's record, ``FLOOD_IN_FLIGHT`` at a time over ``FLOOD_CONNECTIONS``
+   connections, as fast as the answers come;
 3. while throw-away keys flood: every request signed by a different fresh key.
 
 The flooder runs in its own process. Its requests are signed before the clock starts
@@ -46,7 +47,10 @@ from medkms.deploy.local_cluster import LocalCluster
 from medkms.proto.kms.v1 import common_pb2
 from medkms.proto.stubs import CoordinatorStub
 
-FLOOD_IN_FLIGHT = 32
+#: the flooder's calls in flight, spread over FLOOD_CONNECTIONS connections (the
+#: coordinator allows 64 per connection)
+FLOOD_IN_FLIGHT = 256
+FLOOD_CONNECTIONS = 4
 #: distinct signed requests the throw-away flood cycles through (one fresh key each)
 THROWAWAY_KEYS = 2000
 RPC_TIMEOUT_S = 10.0
@@ -105,20 +109,33 @@ def _flood(state_dir: Path, requests_file: Path, seconds: float) -> dict[str, An
         slots.release()
 
     sent = 0
-    with cluster.coordinator_channel() as channel:
-        stub = CoordinatorStub(channel)
-        start = time.monotonic()
-        deadline = start + seconds
-        while time.monotonic() < deadline:
-            slots.acquire()
-            stub.Reencrypt.future(
-                requests[sent % len(requests)], timeout=RPC_TIMEOUT_S
-            ).add_done_callback(done)
-            sent += 1
-        for _ in range(FLOOD_IN_FLIGHT):  # wait for the last answers
-            slots.acquire()
-        wall = time.monotonic() - start
-    return {"sent": sent, "rate_per_s": sent / wall, "outcomes": dict(outcomes)}
+    # Separate TCP connections (a local subchannel pool each).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        cluster.app_transport.channel(cluster.coordinator_address, options=options)
+        for _ in range(FLOOD_CONNECTIONS)
+    ]
+    stubs = [CoordinatorStub(channel) for channel in channels]
+    start = time.monotonic()
+    deadline = start + seconds
+    while time.monotonic() < deadline:
+        slots.acquire()
+        stubs[sent % len(stubs)].Reencrypt.future(
+            requests[sent % len(requests)], timeout=RPC_TIMEOUT_S
+        ).add_done_callback(done)
+        sent += 1
+    for _ in range(FLOOD_IN_FLIGHT):  # wait for the last answers
+        slots.acquire()
+    wall = time.monotonic() - start
+    for channel in channels:
+        channel.close()
+    return {
+        "in_flight": FLOOD_IN_FLIGHT,
+        "connections": FLOOD_CONNECTIONS,
+        "sent": sent,
+        "rate_per_s": sent / wall,
+        "outcomes": dict(outcomes),
+    }
 
 
 def _legitimate_p50(workload: Workload, seconds: float) -> dict[str, float]:

@@ -19,6 +19,9 @@ from medkms.proto.stubs import COORDINATOR_SERVICE
 log = structlog.get_logger("medkms.coordinator")
 
 SERVICE_NAME = COORDINATOR_SERVICE.full_name
+#: calls one connection may have in flight: bounds what one client holds open (a throttled
+#: call is answered after THROTTLED_ANSWER_DELAY_S)
+MAX_STREAMS_PER_CONNECTION = 64
 
 
 async def serve(settings: CoordinatorSettings) -> None:
@@ -30,7 +33,9 @@ async def serve(settings: CoordinatorSettings) -> None:
             warning="DEVELOPMENT MODE (dev_plaintext): no TLS to apps or to nodes",
         )
     service.open_channels(settings.node_transport())
-    server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
+    server = grpc.aio.server(
+        options=[*rpc.CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+    )
     methods = [
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),
         rpc.Method(

@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
 
+from medkms.coordinator.admission import Admission, peer_address
 from medkms.coordinator.node_pool import NodePool
 from medkms.coordinator.settings import CoordinatorSettings
-from medkms.coordinator.threshold import FragmentCollector
-from medkms.core.errors import InvalidRequest, PreconditionFailed
+from medkms.coordinator.threshold import DECISION_STATUSES, FragmentCollector
+from medkms.core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
+from medkms.core.rate_limit import request_cost
 from medkms.core.registry_types import PatientInfo
-from medkms.core.request_auth import Domain
+from medkms.core.request_auth import Claims, Domain, authenticate
 from medkms.core.requests import BatchQuery, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from medkms.proto import rpc
@@ -49,23 +52,35 @@ class PatientReader(Protocol):
     def signing_domain(self) -> Domain: ...
 
 
+#: an unregistered patient is asked about again after this long (she may register)
+UNKNOWN_PATIENT_TTL_S = 5.0
+#: most patients remembered; the oldest go first
+MAX_PATIENTS = 100_000
+
+
 class PatientKeyCache:
-    """Patients' registered keys, read from the chain at most once per TTL."""
+    """Patients' registered keys, read from the chain at most once per TTL. Unknown
+    patients are remembered too (for a few seconds), so requests naming made-up patients
+    cost no chain read each; the memory is bounded."""
 
     def __init__(self, registry: PatientReader, ttl_s: float) -> None:
         self._registry = registry
         self._ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, PatientInfo]] = {}
+        self._entries: OrderedDict[str, tuple[float, PatientInfo | None]] = OrderedDict()
 
     async def get(self, address: str) -> PatientInfo:
         now = time.monotonic()
         hit = self._entries.get(address)
-        if hit is not None and now - hit[0] < self._ttl_s:
-            return hit[1]
-        info = await asyncio.to_thread(self._registry.get_patient, address)
+        if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else UNKNOWN_PATIENT_TTL_S):
+            info = hit[1]
+        else:
+            info = await asyncio.to_thread(self._registry.get_patient, address)
+            self._entries[address] = (now, info)
+            self._entries.move_to_end(address)
+            while len(self._entries) > MAX_PATIENTS:
+                self._entries.popitem(last=False)
         if info is None:
             raise PreconditionFailed("patient is not registered in the registry")
-        self._entries[address] = (now, info)
         return info
 
 
@@ -91,6 +106,8 @@ class _Verifier:
 
 
 BAD_CFRAG = "returned a capsule fragment that does not verify"
+#: how long a caller refused for its rate (RESOURCE_EXHAUSTED) waits for that answer
+THROTTLED_ANSWER_DELAY_S = 1.0
 #: how long a cluster status round waits for each node
 STATUS_TIMEOUT_S = 1.0
 
@@ -198,6 +215,13 @@ class CoordinatorService:
         )
         self._registry = registry
         self._domain: Domain | None = None
+        self._admission = Admission(
+            requester_rate_per_s=settings.requester_rate_per_s,
+            requester_burst=settings.requester_burst,
+            peer_refusals_per_s=settings.peer_refusals_per_s,
+            peer_refusal_burst=settings.peer_refusal_burst,
+            served_memory_s=settings.served_memory_s,
+        )
         self._stubs: dict[str, _RoundRobin] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
@@ -323,16 +347,64 @@ class CoordinatorService:
             return self._settings.node_timeout_s
         return max(0.001, min(self._settings.node_timeout_s, remaining))
 
+    async def _admit(
+        self,
+        domain: Domain,
+        claims: Claims,
+        first: ReencryptionQuery,
+        capsules: int,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[str, PatientInfo]:
+        """Check the signature (as the nodes will), then the requester's and its peer's
+        budgets (admission.py); the peer's address and the patient's keys."""
+        authenticate(
+            domain,
+            claims,
+            first.signed.signature,
+            first.requester,
+            now=time.time(),
+            max_window_s=self._settings.request_window_s,
+        )
+        peer = peer_address(context.peer() or "")
+        try:
+            self._admission.admit(first.requester, peer, request_cost(capsules))
+        except ResourceExhausted:
+            # Answer a throttled caller only after a while (an asyncio sleep costs nothing):
+            # a flooder with a fixed number of calls in flight is slowed to that many per
+            # THROTTLED_ANSWER_DELAY_S, instead of costing the coordinator a fast refusal
+            # each. The caller's deadline still ends the wait.
+            remaining = context.time_remaining()
+            delay = THROTTLED_ANSWER_DELAY_S
+            if remaining is not None:
+                delay = min(delay, max(0.0, remaining - 0.05))
+            await asyncio.sleep(delay)
+            raise
+        try:
+            patient = await self._patients.get(first.patient)
+        except PreconditionFailed:
+            self._admission.refused(first.requester, peer)
+            raise
+        return peer, patient
+
+    def _settle(self, requester: str, peer: str, *, served: int, refused: list[str]) -> None:
+        """Charge the capsules the nodes refused for the requester's own reasons."""
+        if served:
+            self._admission.served(requester)
+        count = sum(1 for status in refused if status in DECISION_STATUSES)
+        if count:
+            self._admission.refused(requester, peer, count)
+
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
-        query = ReencryptionQuery.parse(msg, await self._signing_domain())
+        domain = await self._signing_domain()
+        query = ReencryptionQuery.parse(msg, domain)
+        peer, patient = await self._admit(domain, query.claims(), query, 1, context)
         outgoing = common_pb2.ReencryptionRequest()
         outgoing.CopyFrom(msg)
         # The id the nodes derive too, echoed so that each checks it: the nodes' audit
         # entries and these logs carry the id the app was given.
         outgoing.request_id = query.request_id
-        patient = await self._patients.get(query.patient)
         timeout = self._timeout(context)
         collection = _SingleCollection(
             FragmentCollector(self._settings.threshold, self._pool.node_ids),
@@ -344,8 +416,10 @@ class CoordinatorService:
         self._log_failures(bound, collector)
         if not collector.complete:
             refusal = collector.error()
+            self._settle(query.requester, peer, served=0, refused=[refusal.grpc_status])
             bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
             raise refusal
+        self._settle(query.requester, peer, served=1, refused=[])
         bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=[
@@ -358,11 +432,13 @@ class CoordinatorService:
     async def reencrypt_batch(
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
-        batch = BatchQuery.parse(msg, await self._signing_domain())
+        domain = await self._signing_domain()
+        batch = BatchQuery.parse(msg, domain)
+        first = batch.items[0]
+        peer, patient = await self._admit(domain, batch.claims(), first, len(batch.items), context)
         outgoing = common_pb2.ReencryptionBatchRequest()
         outgoing.CopyFrom(msg)
         outgoing.request_id = batch.request_id
-        patient = await self._patients.get(batch.items[0].patient)
         timeout = self._timeout(context)
         collection = _BatchCollection(
             {
@@ -396,6 +472,7 @@ class CoordinatorService:
                     )
                 )
         served = sum(1 for r in results if not r.status)
+        self._settle(first.requester, peer, served=served, refused=[r.status for r in results])
         bound.info("reencrypt_batch_served", served=served, refused=len(results) - served)
         return coordinator_pb2.CoordinatorBatchResponse(
             results=results, threshold=self._settings.threshold

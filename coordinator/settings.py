@@ -31,6 +31,19 @@ class CoordinatorSettings:
     #: connections kept to each node; a node running several processes shares its
     #: port between them per connection, so this should match its process count
     connections_per_node: int = 1
+    #: how far ahead a signed request's deadline may lie (as at the nodes)
+    request_window_s: int = 300
+    #: each requester's budget, in single requests (a batch of n capsules costs
+    #: 1 + (n - 1) / 4); a refused request costs 10. The 3-of-5 cluster serves about 150
+    #: reads/s on 2 cores (benchmarks/README.md): one requester gets a third of it
+    requester_rate_per_s: float = 50.0
+    requester_burst: int = 100
+    #: refusals per second (and burst) one peer address gets for requesters not served
+    #: lately: throw-away keys from one host are held to this
+    peer_refusals_per_s: float = 5.0
+    peer_refusal_burst: int = 20
+    #: how long a served requester is exempt from its address's refusal budget
+    served_memory_s: float = 900.0
     log_level: str = "info"
     #: TLS for apps (server authentication): the CA and the coordinator's own
     #: server certificate and key
@@ -70,6 +83,12 @@ class CoordinatorSettings:
                 node_timeout_s=float(raw.get("node_timeout_s", 3.0)),
                 patient_cache_s=float(raw.get("patient_cache_s", 60.0)),
                 connections_per_node=int(raw.get("connections_per_node", 1)),
+                request_window_s=int(raw.get("request_window_s", 300)),
+                requester_rate_per_s=float(raw.get("requester_rate_per_s", 50.0)),
+                requester_burst=int(raw.get("requester_burst", 100)),
+                peer_refusals_per_s=float(raw.get("peer_refusals_per_s", 5.0)),
+                peer_refusal_burst=int(raw.get("peer_refusal_burst", 20)),
+                served_memory_s=float(raw.get("served_memory_s", 900.0)),
                 log_level=str(raw.get("log_level", "info")),
                 tls_ca_cert=rel("tls_ca_cert"),
                 tls_cert=rel("tls_cert"),
@@ -98,6 +117,12 @@ class CoordinatorSettings:
             raise InvalidRequest("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:
             raise InvalidRequest("node_timeout_s must be positive")
+        if self.request_window_s < 1 or self.served_memory_s < 0:
+            raise InvalidRequest("need request_window_s >= 1 and served_memory_s >= 0")
+        if not (self.requester_rate_per_s > 0 and self.peer_refusals_per_s > 0):
+            raise InvalidRequest("requester_rate_per_s and peer_refusals_per_s must be positive")
+        if self.requester_burst < 1 or self.peer_refusal_burst < 1:
+            raise InvalidRequest("requester_burst and peer_refusal_burst must be at least 1")
         if not isinstance(self.dev_plaintext, bool):
             raise InvalidRequest("dev_plaintext must be true or false")
         require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)

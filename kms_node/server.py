@@ -13,6 +13,7 @@ import structlog
 from medkms.contracts.registry import RegistryClient
 from medkms.core.audit import AuditEntry, Receipt
 from medkms.core.endpoints import parse_host_port
+from medkms.core.rate_limit import RateLimiter
 from medkms.node import data_lock, metrics
 from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
 from medkms.node.audit_log import AuditLog
@@ -21,7 +22,6 @@ from medkms.node.chain_follower import ChainFollower
 from medkms.node.hardening import forbid_core_dumps
 from medkms.node.hsm import Pkcs11KeyStore
 from medkms.node.kfrag_store import KfragStore
-from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from medkms.node.service import NodeService
 from medkms.node.settings import NodeSettings

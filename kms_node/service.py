@@ -36,6 +36,7 @@ from medkms.core.errors import (
 )
 from medkms.core.kfrag_delivery import delivery_binding
 from medkms.core.policy import FINAL_DENIALS, Decision, judge
+from medkms.core.rate_limit import REFUSAL_COST, RateLimiter, request_cost
 from medkms.core.record_types import RecordType, from_mask
 from medkms.core.registry_types import (
     AccessRevoked,
@@ -53,7 +54,6 @@ from medkms.core.umbral_codec import VerificationError, load_kfrag, load_public_
 from medkms.node.confirmed_states import ConfirmedStates
 from medkms.node.keystore import KeyStore
 from medkms.node.kfrag_store import KfragStore, StoredKfrag
-from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import NonceMemory, NonceReused
 from medkms.proto.kms.v1 import common_pb2, node_pb2
 
@@ -62,8 +62,6 @@ log = structlog.get_logger("medkms.node")
 SOFTWARE_VERSION = "0.1.0"
 SIGNING_ALGORITHM = "ecdsa-p256-sha256"
 _AAD_LABEL = b"medkms/kfrag/v1"
-#: what a refused capsule costs against the requester's rate limit, in capsules served
-REFUSAL_COST = 10
 ENROLLMENT_REPLAYED = (
     "enrollment already received (nonce already used); the patient must sign a new one"
 )
@@ -340,7 +338,7 @@ class NodeService:
         unwrapped once for the whole batch."""
         batch = BatchQuery.parse(msg, self._domain)
         self._authenticate(batch.claims(), batch.items[0])
-        self._limiter.spend(batch.items[0].requester, cost=len(batch.items))
+        self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
         outcomes = []
         for query, (result, receipt) in zip(batch.items, self._serve(batch.items), strict=True):
             signed = _receipt_message(receipt)
@@ -460,9 +458,7 @@ class NodeService:
         receipts = self._audit.append_many(entries)
         refused = sum(1 for r in results if isinstance(r, KmsError))
         if refused:
-            # A refusal costs the node an audit entry and may cost a chain read: it is
-            # charged as REFUSAL_COST requests, so a requester sending refused requests is
-            # slowed to a tenth of the rate an honest one gets.
+            # A refusal costs the node an audit entry and may cost a chain read.
             self._limiter.charge(first.requester, refused * (REFUSAL_COST - 1))
         if len(entries) == 1:
             (entry,), (receipt,) = entries, receipts

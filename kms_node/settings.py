@@ -48,12 +48,15 @@ class NodeSettings:
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
     replay_max_entries: int = 1_000_000
-    #: capsules a requester may have re-encrypted per second at this node, and its burst;
-    #: with ``processes`` > 1 each process enforces its share (rate / processes, burst //
-    #: processes, at least 1), so a requester gets the limit only when its connections are
-    #: spread over the processes, less when they all land on one (rate_limit.py)
-    rate_limit_per_s: float = 1000.0
-    rate_limit_burst: int = 2000
+    #: a requester's budget at this node per second, and its burst, in single requests
+    #: (a batch of n capsules costs 1 + (n - 1) / 4; a refused capsule 10: core/rate_limit.py).
+    #: One node process serves about 450 single requests/s on 2 cores
+    #: (benchmarks/README.md): one requester may take a fifth of it. With ``processes`` > 1
+    #: each process enforces its share (rate / processes, burst // processes, at least 1),
+    #: so a requester gets the limit only when its connections are spread over the
+    #: processes, less when they all land on one
+    rate_limit_per_s: float = 100.0
+    rate_limit_burst: int = 200
     #: gRPC server threads per process. Crypto holds the GIL and PKCS#11 calls are
     #: serialised, so more threads add only contention: measured on 2 cores, 8
     #: threads cost 2.7 ms of node CPU per request, 2 threads 1.7 ms. Two keep one
@@ -140,8 +143,8 @@ class NodeSettings:
                 anchor_every_entries=int(raw.get("anchor_every_entries", 1000)),
                 anchor_interval_s=float(raw.get("anchor_interval_s", 60.0)),
                 request_window_s=int(raw.get("request_window_s", 300)),
-                rate_limit_per_s=float(raw.get("rate_limit_per_s", 1000.0)),
-                rate_limit_burst=int(raw.get("rate_limit_burst", 2000)),
+                rate_limit_per_s=float(raw.get("rate_limit_per_s", 100.0)),
+                rate_limit_burst=int(raw.get("rate_limit_burst", 200)),
                 replay_max_entries=int(raw.get("replay_max_entries", 1_000_000)),
                 log_level=str(raw.get("log_level", "info")),
                 tls_ca_cert=rel(raw["tls_ca_cert"]) if "tls_ca_cert" in raw else None,

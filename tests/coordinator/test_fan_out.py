@@ -13,13 +13,20 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.clients.signed_requests import RequestSigner
 from medkms.coordinator.service import CoordinatorService, _RoundRobin
 from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
-from medkms.core.errors import InsufficientFragments, InvalidRequest
+from medkms.core.errors import (
+    AccessDenied,
+    InsufficientFragments,
+    InvalidRequest,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import PatientInfo
 from medkms.core.request_auth import Domain
-from medkms.core.requests import ReencryptionQuery, address_bytes
+from medkms.core.requests import ReencryptionQuery
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
 NODES = [f"node-{i}" for i in range(1, 6)]
@@ -31,6 +38,7 @@ class FakeNode:
     kfrag: umbral.VerifiedKeyFrag
     delay_s: float = 0.0
     fails: bool = False
+    refuses: bool = False
     corrupt: bool = False
     calls: int = 0
     request_ids: list[str] = field(default_factory=list)
@@ -43,6 +51,13 @@ class FakeNode:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
             )
+        if self.refuses:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "patient has not granted access to this requester",
+            )
         cfrag = bytes(umbral.reencrypt(umbral.Capsule.from_bytes(msg.capsule), self.kfrag))
         if self.corrupt:
             cfrag = cfrag[:-40] + bytes(40)
@@ -52,8 +67,14 @@ class FakeNode:
 
 
 class Context:
+    def __init__(self, peer: str = "ipv4:127.0.0.1:5555") -> None:
+        self._peer = peer
+
     def time_remaining(self) -> float | None:
         return None
+
+    def peer(self) -> str:
+        return self._peer
 
 
 @dataclass
@@ -62,6 +83,7 @@ class World:
     nodes: dict[str, FakeNode]
     request: common_pb2.ReencryptionRequest
     alice: Identity = field(repr=False)
+    bob: Identity = field(repr=False)
 
     def run(self) -> coordinator_pb2.CoordinatorReencryptResponse:
         return asyncio.run(self.service.reencrypt(self.request, Context()))  # type: ignore[arg-type]
@@ -104,20 +126,12 @@ def world() -> World:
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
     service._stubs = {n: _RoundRobin([stub]) for n, stub in nodes.items()}  # type: ignore[list-item]
     capsule, _ = umbral.encrypt(alice.record_public_key(RecordType.LAB_RESULT), b"k" * 32)
-    request = common_pb2.ReencryptionRequest(
-        patient=address_bytes(alice.address),
-        record_id=b"\x01" * 32,
-        record_type=RecordType.LAB_RESULT,
-        capsule=bytes(capsule),
-        requester=address_bytes(bob.address),
-        requester_umbral_key=bob.umbral_public_key(),
-        purpose_of_use="TREAT",
-        # The coordinator checks the form only; nodes verify the signature.
-        deadline=2_000_000_000,
-        nonce=b"\x05" * 32,
-        signature=b"\x00" * 65,
+    # Signed as the SDK signs: the coordinator checks the signature too.
+    signer = RequestSigner(bob.account, bob.umbral_public_key(), DOMAIN)
+    request = signer.single(
+        alice.address, b"\x01" * 32, RecordType.LAB_RESULT, bytes(capsule), "TREAT"
     )
-    return World(service, nodes, request, alice)
+    return World(service, nodes, request, alice, bob)
 
 
 def test_nodes_are_sent_the_id_derived_from_the_signed_request(world: World) -> None:
@@ -179,3 +193,30 @@ def test_too_few_healthy_nodes_is_a_clear_error(world: World) -> None:
         world.run()
     for node_id in ["node-1", "node-3", "node-5"]:
         assert f"{node_id} (UNAVAILABLE: down)" in caught.value.message
+
+
+# --- admission (issue 10: no single party can starve the nodes) ------------------------------
+
+
+def test_a_forged_signature_is_refused_before_any_node_is_asked(world: World) -> None:
+    world.request.signature = world.request.signature[:-1] + bytes([27])
+    world.request.nonce = b"\x06" * 32  # tampered: the signature no longer covers it
+    world.request.request_id = ""
+    with pytest.raises(Unauthenticated, match="signature is not by the requester"):
+        world.run()
+    assert sum(n.calls for n in world.nodes.values()) == 0
+
+
+def test_a_requester_the_nodes_keep_refusing_is_stopped_at_the_coordinator(world: World) -> None:
+    for node in world.nodes.values():
+        node.refuses = True
+    refused = 0
+    with pytest.raises(ResourceExhausted, match="rate limit|not yet served"):
+        for _ in range(100):
+            with pytest.raises(AccessDenied):
+                world.run()
+            refused += 1
+    asked = sum(n.calls for n in world.nodes.values())
+    # The requester's burst of 100 at ten a refusal (before the address's 20 ran out).
+    assert refused == 10
+    assert asked == refused * 3  # threshold nodes per request; none once it was stopped

@@ -122,6 +122,9 @@ def test_another_patients_record_is_refused(people: People, coordinator: Coordin
     )
     carol.register()
     theirs = carol.store_record(lab_result(), LAB)
+    # Nodes judge a requester they hold no kfrag for by their index alone (no chain read):
+    # wait until it has the new record, or they rightly call it unknown.
+    carol.await_nodes(people.registry.latest_block()[0])
     signer = people.doctor_signer()
     capsule = capsule_of(people, theirs.storage_uri)
     as_carols = node_refusal(

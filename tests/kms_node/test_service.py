@@ -22,6 +22,7 @@ from medkms.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from medkms.core.rate_limit import RateLimiter
 from medkms.core.record_types import RecordType, to_mask
 from medkms.core.registry_types import (
     AccessRevoked,
@@ -40,7 +41,6 @@ from medkms.core.umbral_codec import capsule_hash
 from medkms.node.audit_log import AuditLog
 from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
-from medkms.node.rate_limit import RateLimiter
 from medkms.node.replay import ReplayGuard
 from medkms.node.service import ENROLLMENT_REPLAYED, NodeService
 from medkms.proto.kms.v1 import common_pb2

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from medkms.core.errors import ResourceExhausted
-from medkms.node.rate_limit import RateLimiter
+from medkms.core.rate_limit import RateLimiter
 
 
 class Clock:
@@ -35,10 +35,10 @@ def test_a_batch_costs_one_token_per_capsule() -> None:
 
 def test_memory_is_bounded_and_idle_requesters_are_forgotten() -> None:
     clock = Clock()
-    limiter = RateLimiter(rate_per_s=1, burst=2, max_requesters=2, clock=clock)
+    limiter = RateLimiter(rate_per_s=1, burst=2, max_keys=2, clock=clock)
     limiter.spend("a")
     limiter.spend("b")
-    with pytest.raises(ResourceExhausted, match="too many requesters"):
+    with pytest.raises(ResourceExhausted, match="too many parties"):
         limiter.spend("c")
     clock.now = 5.0  # a and b have refilled: nothing to remember
     limiter.spend("c")
@@ -79,14 +79,26 @@ def test_a_share_of_the_burst_is_never_below_one() -> None:
 
 def test_a_charge_after_the_fact_puts_the_requester_in_debt_until_refilled() -> None:
     clock = Clock()
-    limiter = RateLimiter(rate_per_s=10, burst=5, max_requesters=1, clock=clock)
+    limiter = RateLimiter(rate_per_s=10, burst=5, max_keys=1, clock=clock)
     limiter.spend("alice")
     limiter.charge("alice", 100)  # capped at one burst of debt: -5
     with pytest.raises(ResourceExhausted, match="retry in 0.6s"):
         limiter.spend("alice")
     # A requester in debt is not forgotten when room is needed for another.
     clock.now = 0.55
-    with pytest.raises(ResourceExhausted, match="too many requesters"):
+    with pytest.raises(ResourceExhausted, match="too many parties"):
         limiter.spend("bob")
     clock.now = 0.6
     limiter.spend("alice")
+
+
+def test_check_refuses_as_spend_would_without_taking_anything() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate_per_s=2, burst=2, what="this address", clock=clock)
+    limiter.check("peer")
+    limiter.spend("peer", cost=1.5)
+    limiter.check("peer", cost=0.5)
+    with pytest.raises(ResourceExhausted, match="rate limit for this address exceeded"):
+        limiter.check("peer")
+    clock.now = 0.25
+    limiter.check("peer")
