@@ -129,9 +129,10 @@ def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> Non
         for record_type in RecordType:
             secrets_to_find.append(bytes(identity.record_secret_key(record_type).to_be_bytes()))
     assert len(CREATED_IDENTITIES) >= 2  # the suite's parties so far, this test's included
-    for node_dir in (cluster.state_dir / "nodes").iterdir():
+    for node in cluster.nodes:
         for pin_file in ("user.pin", "so.pin"):
-            secrets_to_find.append((node_dir / pin_file).read_text().strip().encode())
+            pin = cluster.node_secrets_dir(node.node_id) / pin_file
+            secrets_to_find.append(pin.read_text().strip().encode())
     for key_file in (cluster.state_dir / "tls").glob("*.key"):  # the CA's and every TLS key
         pem = key_file.read_bytes()
         # the PEM's second base64 line: the private scalar's end (the first is a fixed header)
