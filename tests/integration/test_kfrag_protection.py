@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import umbral_pre as umbral
@@ -43,6 +47,116 @@ def test_a_copied_node_database_reveals_no_usable_kfrag(
                 umbral.KeyFrag.from_bytes(blob[start : start + 310])
 
 
+def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medkms.node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+_TRY_PINS = """
+import json, sys
+from medkms.core.errors import KmsError
+from medkms.node.hsm import Pkcs11KeyStore
+from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+
+conf, label = sys.argv[1:3]
+outcomes = []
+for pin in json.load(sys.stdin):
+    try:
+        store = Pkcs11KeyStore.open(DEFAULT_SOFTHSM_MODULE, label, pin, softhsm_conf=conf)
+    except KmsError as e:
+        outcomes.append(str(e))
+    else:
+        outcomes.append("opened " + store.eth_address())
+        store.close()
+print(json.dumps(outcomes))
+"""
+
+
+def _try_pins(conf: Path, label: str, pins: list[str]) -> list[str]:
+    """Open the token ``label`` under ``conf`` with each PIN in turn, in a process of its
+    own (SoftHSM reads its configuration once per process); the PINs go through stdin."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _TRY_PINS, str(conf), label],
+        input=json.dumps(pins),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    outcomes: list[str] = json.loads(ran.stdout)
+    return outcomes
+
+
+def test_a_copied_node_directory_opens_nothing_without_the_pin(
+    people: People, cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thief copies a serving node's whole directory as the cluster lays it out (kfrag
+    and audit databases, SoftHSM token, configs) and restores it elsewhere. The copy holds
+    no PIN, no kfrag in the clear, a token that refuses wrong PINs, and a node that will
+    not start. (With the right PIN the copied token does open: the token directory is the
+    key, see docs/threat-model.md.)"""
+    made: list[bytes] = []
+    generate_kfrags = umbral.generate_kfrags
+
+    def keep_kfrags(**kwargs: Any) -> list[umbral.VerifiedKeyFrag]:
+        kfrags = generate_kfrags(**kwargs)
+        made.extend(bytes(k) for k in kfrags)
+        return kfrags
+
+    monkeypatch.setattr(umbral, "generate_kfrags", keep_kfrags)
+    receipt = people.patient.grant(
+        people.doctor.address,
+        people.doctor.umbral_public_key(),
+        [RecordType.LAB_RESULT],
+        duration_s=3600,
+        threshold=cluster.threshold,
+    )
+    node = cluster.nodes[1]
+    stored = set(receipt.enrolled[node.node_id])
+    clear = [k for k in made if hashlib.sha256(k).digest() in stored]
+    assert len(clear) == len(stored) == 1  # the kfrag this node holds, in the clear
+
+    state, node_dir = cluster.state_dir, Path(node.config).parent
+    restored = tmp_path / "restored"
+    copy = restored / node_dir.relative_to(state)
+    shutil.copytree(node_dir, copy)
+    # Restored under another root: what the copy holds is found where it was, what it
+    # does not hold is missing.
+    for config in (copy / "node.toml", copy / "softhsm2.conf"):
+        config.write_text(config.read_text().replace(str(state), str(restored)))
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert any(copy / "tokens" in p.parents for p in files)
+    assert copy / "kfrags.sqlite" in files
+
+    assert not [p for p in files if p.name.endswith(".pin")]
+    pins = [
+        (cluster.node_secrets_dir(node.node_id) / name).read_text().strip()
+        for name in ("user.pin", "so.pin")
+    ]
+    for path, data in files.items():
+        for secret in [*(p.encode() for p in pins), *clear]:
+            assert secret not in data and secret.hex().encode() not in data, path
+
+    account = next(n.account for n in people.registry.list_nodes() if n.node_id == node.node_id)
+    label = f"medkms-{node.node_id}"
+    guesses = [secrets.token_hex(16), "1234", "0000", label, node.node_id]
+    outcomes = _try_pins(copy / "softhsm2.conf", label, [*guesses, pins[0]])
+    assert outcomes[:-1] == [f"cannot log in to token {label!r}: wrong user PIN"] * len(guesses)
+    assert outcomes[-1] == f"opened {account}"  # the copy is a working token: the PIN guards it
+
+    served = _kms_node("serve", "--config", str(copy / "node.toml"))
+    missing = restored / "secrets" / node.node_id / "user.pin"
+    assert served.returncode == 1
+    assert served.stderr.strip() == (
+        f"kms-node: cannot read hsm_pin_file {missing}: No such file or directory"
+    )
+
+
 def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: LocalCluster) -> None:
     people.grant_doctor()
     alice, bob = people.patient.identity.address, people.doctor.address
@@ -57,15 +171,6 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
     finally:
         for store in stores:
             store.close()
-
-
-def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
