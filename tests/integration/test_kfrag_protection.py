@@ -173,7 +173,7 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
             store.close()
 
 
-def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
+def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys(
     people: People, cluster: LocalCluster, tmp_path: Path
 ) -> None:
     people.grant_doctor()
@@ -211,7 +211,8 @@ def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
         for node_id in stopped:
             cluster.start_node(node_id)
         time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.3)
-    # A copy of the store from before the rotation: wrapped under keys the rotation destroyed.
+    # A copy of the store from before the rotation: wrapped under keys the rotation destroyed
+    # in the live token (a copy of the old token would still hold them, with the PIN).
     old = sqlite3.connect(before).execute("SELECT DISTINCT kek_generation FROM kfrags").fetchall()
     assert {g for (g,) in old} <= set(rotation["destroyed"])
 
