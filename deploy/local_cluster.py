@@ -11,7 +11,10 @@ State directory layout::
     accounts/NAME.json      demo identities (mode 0600)
     blobs/                  the content-addressed blob store
     logs/*.log              one JSON log per process
-    nodes/node-N/           node.toml, softhsm2.conf, tokens/, PIN files, kfrags.sqlite
+    nodes/node-N/           node.toml, softhsm2.conf, tokens/, kfrags.sqlite: the node's
+                            data directory, which holds no PIN
+    secrets/node-N/         the node's user.pin and so.pin (directory 0700, files 0600),
+                            apart from its data and token directories
     coordinator.toml
     tls/                    the cluster's CA and every certificate and key (see deploy/certs.py)
 
@@ -325,8 +328,12 @@ class LocalCluster:
             node_id = f"node-{i}"
             node_dir = self.state_dir / "nodes" / node_id
             node_dir.mkdir(parents=True, mode=0o700)
-            _write_secret(node_dir / "user.pin", secrets.token_hex(16))
-            _write_secret(node_dir / "so.pin", secrets.token_hex(16))
+            # PINs never live beside the token or data: a copy of node_dir must open nothing.
+            pin_dir = self.node_secrets_dir(node_id)
+            pin_dir.parent.mkdir(mode=0o700, exist_ok=True)
+            pin_dir.mkdir(mode=0o700)
+            _write_secret(pin_dir / "user.pin", secrets.token_hex(16))
+            _write_secret(pin_dir / "so.pin", secrets.token_hex(16))
             port, metrics_port = processes.free_port(), processes.free_port()
             config = node_dir / "node.toml"
             _write_toml(
@@ -341,8 +348,8 @@ class LocalCluster:
                     "data_dir": ".",
                     "hsm_module": DEFAULT_SOFTHSM_MODULE,
                     "hsm_token_label": f"medkms-{node_id}",
-                    "hsm_pin_file": "user.pin",
-                    "hsm_so_pin_file": "so.pin",
+                    "hsm_pin_file": str(pin_dir / "user.pin"),
+                    "hsm_so_pin_file": str(pin_dir / "so.pin"),
                     "softhsm_conf": "softhsm2.conf",
                     "softhsm_token_dir": "tokens",
                     "processes": self.data["processes_per_node"],
@@ -381,6 +388,10 @@ class LocalCluster:
             set_balance(self.rpc_url, public["account"], FUNDING_WEI)
         self.data["nodes"] = [asdict(e) for e in entries]
         self._save()
+
+    def node_secrets_dir(self, node_id: str) -> Path:
+        """Where a node's PIN files live: outside its data and token directories."""
+        return self.state_dir / "secrets" / node_id
 
     def start_node(self, node_id: str) -> None:
         """Start (or restart) one node and wait until it serves."""

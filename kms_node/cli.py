@@ -5,7 +5,9 @@
     kms-node rotate-kek --config node.toml   # node stopped: new HSM key-encryption key,
                                              # every kfrag wrapped again, old keys destroyed
 
-PINs are read from the files the config names, never from arguments. `serve`
+PINs come from the source the config names for each (a file outside the data and
+token directories, or an environment variable read here, at start-up), never from
+arguments; all three commands refuse a PIN file inside those directories. `serve`
 speaks mutual TLS only (tls_ca_cert, tls_cert, tls_key in the config) and
 refuses to start without them unless the config sets dev_plaintext = true.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        settings = NodeSettings.from_toml(args.config)
+        settings = NodeSettings.from_toml(args.config, os.environ)
         component = f"kms-node/{settings.node_id}"
         if getattr(args, "worker", None) is not None:
             component += f"/{args.worker}"

@@ -872,6 +872,24 @@ def _ensure_ec_key_pair(
     )
 
 
+#: the key of a SoftHSM2 configuration that names its token directory
+_TOKENDIR_KEY = "directories.tokendir"
+
+
+def softhsm_token_dir(softhsm_conf: Path) -> Path | None:
+    """The token directory a SoftHSM2 configuration names; None if the file cannot be read
+    or names none. (SoftHSM's format: ``key = value`` lines, ``#`` comments.)"""
+    try:
+        lines = softhsm_conf.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == _TOKENDIR_KEY and value.strip():
+            return Path(value.strip())
+    return None
+
+
 def init_softhsm_token(
     *,
     softhsm_conf: Path,
@@ -897,7 +915,7 @@ def init_softhsm_token(
     token_dir.chmod(0o700)  # mkdir's mode is filtered by the umask and ignored if it exists
     conf_text = (
         "# medkms: private SoftHSM2 configuration for one node\n"
-        f"directories.tokendir = {token_dir}\n"
+        f"{_TOKENDIR_KEY} = {token_dir}\n"
         "objectstore.backend = file\n"
         "log.level = ERROR\n"
     )

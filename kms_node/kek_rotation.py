@@ -4,7 +4,9 @@
 2. Every stored kfrag is unwrapped (under the generation that wrapped it) and wrapped
    again under the new one, in one SQLite transaction: all or none.
 3. Only then are the older generations destroyed in the HSM; a kfrag copied from the
-   store before the rotation (a backup) can no longer be opened.
+   store before the rotation (a backup) can no longer be opened with the live token.
+   (A copy of a SoftHSM2 token taken before, with its PIN, still opens it: the software
+   token's directory is the key; see docs/threat-model.md.)
 
 Each step can be interrupted and the command run again: before the commit, the store is
 unchanged and the new key is unused (the next run makes another and destroys both older

@@ -1,19 +1,98 @@
 """The node's configuration: one typed object, read once at start-up from TOML.
 
-Secrets (the token PINs) are never in the file: it names files that hold them.
+Secrets (the token PINs) are never in the file: for each PIN it names one source, a file
+or an environment variable (:class:`PinSource`). PINs never live beside the token or the
+data: a PIN file inside the data directory or the SoftHSM token directory is refused, as is
+one that others can read.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from medkms.core.endpoints import parse_host_port
 from medkms.core.errors import InvalidRequest
+from medkms.node.hsm import softhsm_token_dir
 from medkms.proto.transport import Transport, require_tls_settings
 
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+#: a PIN file longer than this is not a PIN (PKCS#11 tokens take at most a few hundred bytes)
+MAX_PIN_FILE_BYTES = 4096
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PIN_NAMES = {"hsm_pin": "the token's user PIN", "hsm_so_pin": "the token's security-officer PIN"}
+
+
+class PinSource:
+    """Where one of the token's PINs comes from: exactly one of ``file`` and ``env``.
+
+    ``file`` is a file the operator chooses, or a secret mounted at run time (e.g.
+    ``/run/secrets/medkms-user-pin``); it must lie outside the data and token directories
+    (:meth:`NodeSettings.validate`) and be readable by its owner only (checked as it is
+    read, :func:`pin_file_mode_problem`). ``env`` names an environment variable; the CLI
+    reads the environment once, at start-up, and the value is kept here, out of the repr
+    (and out of copies' reprs: this is not a dataclass, so ``asdict`` cannot expose it).
+    """
+
+    __slots__ = ("setting", "file", "env", "_env_value")
+
+    def __init__(
+        self,
+        setting: str,
+        *,
+        file: Path | None = None,
+        env: str | None = None,
+        env_value: str | None = None,
+    ) -> None:
+        #: "hsm_pin" or "hsm_so_pin": the config keys are <setting>_file and <setting>_env
+        self.setting = setting
+        self.file = file
+        self.env = env
+        self._env_value = env_value
+
+    def __repr__(self) -> str:
+        where = f"file={str(self.file)!r}" if self.file is not None else f"env={self.env!r}"
+        return f"PinSource({self.setting!r}, {where})"
+
+    @classmethod
+    def from_config(
+        cls,
+        setting: str,
+        raw: Mapping[str, object],
+        path_of: Callable[[object], Path],
+        environ: Mapping[str, str],
+    ) -> PinSource | None:
+        """The source ``raw`` names for ``setting``; None if it names none."""
+        file_key, env_key = f"{setting}_file", f"{setting}_env"
+        if file_key in raw and env_key in raw:
+            raise InvalidRequest(
+                f"node config sets both {file_key} and {env_key}: name exactly one source "
+                f"for {_PIN_NAMES[setting]}"
+            )
+        if file_key in raw:
+            return cls(setting, file=path_of(raw[file_key]))
+        if env_key in raw:
+            name = str(raw[env_key])
+            if not _ENV_NAME.fullmatch(name):
+                raise InvalidRequest(f"{env_key} must name an environment variable")
+            return cls(setting, env=name, env_value=environ.get(name))
+        return None
+
+    def read(self) -> str:
+        if self.file is not None:
+            return _read_pin_file(self.file, f"{self.setting}_file")
+        value = (self._env_value or "").strip()
+        if not value:
+            state = "is not set" if self._env_value is None else "is empty"
+            raise InvalidRequest(
+                f"environment variable {self.env} (named by {self.setting}_env) {state}"
+            )
+        return value
 
 
 @dataclass(frozen=True)
@@ -29,10 +108,12 @@ class NodeSettings:
     data_dir: Path
     hsm_module: str
     hsm_token_label: str
-    #: file holding the token's user PIN (mode 0600)
-    hsm_pin_file: Path
-    #: file holding the token's security-officer PIN; only `kms-node init` reads it
-    hsm_so_pin_file: Path | None = None
+    #: the token's user PIN: hsm_pin_file (mode 0600, outside the data and token
+    #: directories) or hsm_pin_env (an environment variable)
+    hsm_pin: PinSource
+    #: the token's security-officer PIN (hsm_so_pin_file or hsm_so_pin_env); only
+    #: `kms-node init` reads it
+    hsm_so_pin: PinSource | None = None
     #: private SoftHSM2 configuration and token directory; None for a hardware token
     softhsm_conf: Path | None = None
     softhsm_token_dir: Path | None = None
@@ -90,12 +171,14 @@ class NodeSettings:
         return self.data_dir / "audit.sqlite"
 
     def user_pin(self) -> str:
-        return _read_secret(self.hsm_pin_file, "hsm_pin_file")
+        return self.hsm_pin.read()
 
     def so_pin(self) -> str:
-        if self.hsm_so_pin_file is None:
-            raise InvalidRequest("hsm_so_pin_file is required to initialise a token")
-        return _read_secret(self.hsm_so_pin_file, "hsm_so_pin_file")
+        if self.hsm_so_pin is None:
+            raise InvalidRequest(
+                "hsm_so_pin_file or hsm_so_pin_env is required to initialise a token"
+            )
+        return self.hsm_so_pin.read()
 
     def transport(self) -> Transport:
         """How the gRPC port is secured (the files are read when the port opens)."""
@@ -106,7 +189,10 @@ class NodeSettings:
         return Transport.tls(self.tls_ca_cert, self.tls_cert, self.tls_key)
 
     @classmethod
-    def from_toml(cls, path: Path) -> NodeSettings:
+    def from_toml(cls, path: Path, environ: Mapping[str, str] | None = None) -> NodeSettings:
+        """Read ``path``; ``environ`` (the CLI passes ``os.environ``) holds the variables a
+        ``*_pin_env`` key may name, and is read only here."""
+        environ = {} if environ is None else environ
         try:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
@@ -127,8 +213,8 @@ class NodeSettings:
                 data_dir=rel(raw["data_dir"]),
                 hsm_module=str(raw.get("hsm_module", DEFAULT_SOFTHSM_MODULE)),
                 hsm_token_label=str(raw["hsm_token_label"]),
-                hsm_pin_file=rel(raw["hsm_pin_file"]),
-                hsm_so_pin_file=rel(raw["hsm_so_pin_file"]) if "hsm_so_pin_file" in raw else None,
+                hsm_pin=_required_pin(PinSource.from_config("hsm_pin", raw, rel, environ)),
+                hsm_so_pin=PinSource.from_config("hsm_so_pin", raw, rel, environ),
                 softhsm_conf=rel(raw["softhsm_conf"]) if "softhsm_conf" in raw else None,
                 softhsm_token_dir=(
                     rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
@@ -182,13 +268,105 @@ class NodeSettings:
             {"tls_ca_cert": self.tls_ca_cert, "tls_cert": self.tls_cert, "tls_key": self.tls_key},
             self.dev_plaintext,
         )
+        self._check_pin_locations()
+
+    def _check_pin_locations(self) -> None:
+        """Refuse a PIN file inside a directory whose copy must yield nothing: the data
+        directory and the token directory. Symlinks and ``..`` are resolved first."""
+        guarded = self._guarded_dirs()
+        for source in (self.hsm_pin, self.hsm_so_pin):
+            if source is None or source.file is None:
+                continue
+            key, where = f"{source.setting}_file", source.file.resolve()
+            for what, directory in guarded:
+                if where.is_relative_to(directory):
+                    resolved = "" if where == source.file else f" (resolved: {where})"
+                    raise InvalidRequest(
+                        f"{key} {source.file}{resolved} lies inside {what} {directory}, so "
+                        "a copy of that directory would carry the PIN. Move the PIN file "
+                        "to a directory of its own outside the data and token directories "
+                        f"(e.g. a secret mounted under /run/secrets), or use {source.setting}_env"
+                    )
+
+    def _guarded_dirs(self) -> list[tuple[str, Path]]:
+        """(description, resolved path) of each directory no PIN file may lie in."""
+        guarded = [("the data directory (data_dir)", self.data_dir.resolve())]
+        if self.softhsm_token_dir is not None:
+            token_dir = self.softhsm_token_dir.resolve()
+            guarded.append(("the SoftHSM token directory (softhsm_token_dir)", token_dir))
+        if self.softhsm_conf is not None:
+            named = softhsm_token_dir(self.softhsm_conf)
+            if named is not None:
+                token_dir = named.resolve()
+                guarded.append(("the token directory softhsm_conf names", token_dir))
+                conf_dir = self.softhsm_conf.resolve().parent
+                if token_dir.is_relative_to(conf_dir):
+                    guarded.append(
+                        ("the directory of softhsm_conf, which holds the tokens", conf_dir)
+                    )
+        return guarded
 
 
-def _read_secret(path: Path, field: str) -> str:
+def _required_pin(source: PinSource | None) -> PinSource:
+    if source is None:
+        raise InvalidRequest(
+            "node config names no source for the token's user PIN: set hsm_pin_file (a "
+            "file outside the data and token directories, e.g. a secret mounted under "
+            "/run/secrets) or hsm_pin_env (an environment variable)"
+        )
+    return source
+
+
+def pin_file_mode_problem(
+    mode: int, owner: int, group: int, *, euid: int, groups: frozenset[int]
+) -> str | None:
+    """Why a PIN file with this mode and ownership is refused, or None if it is not.
+
+    Only its owner may have access, with one exception: a file another user owns may be
+    readable by its group when this process reads it through that group. That is how a
+    Kubernetes secret volume mounted with ``fsGroup`` looks (root-owned, mode 0440, the
+    pod's group); a file this process owns can be made 0600 by it. Nothing for others,
+    ever, and no group write.
+    """
+    perms = stat.S_IMODE(mode)
+    if perms & 0o007:
+        return f"is accessible to others (mode {perms:04o}): chmod 600 it"
+    if perms & 0o070 and not (perms & 0o070 == 0o040 and owner != euid and group in groups):
+        return (
+            f"is accessible to its group (mode {perms:04o}): chmod 600 it. Group read is "
+            "accepted only on a file another user owns whose group this process reads it "
+            "through (a secret mounted with fsGroup)"
+        )
+    return None
+
+
+def _read_pin_file(path: Path, key: str) -> str:
+    """Read a PIN file, checking its mode on the opened file. Symlinks are followed: a
+    mounted secret is one (its target was checked against the guarded directories)."""
     try:
-        value = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidRequest(f"cannot read {field} {path}: {e.strerror}") from None
+        raise InvalidRequest(f"cannot read {key} {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequest(f"{key} {path} is not a regular file")
+        groups = frozenset([os.getegid(), *os.getgroups()])
+        problem = pin_file_mode_problem(
+            info.st_mode, info.st_uid, info.st_gid, euid=os.geteuid(), groups=groups
+        )
+        if problem is not None:
+            raise InvalidRequest(f"{key} {path} {problem}")
+        try:
+            data = f.read(MAX_PIN_FILE_BYTES + 1)
+        except OSError as e:
+            raise InvalidRequest(f"cannot read {key} {path}: {e.strerror}") from None
+    if len(data) > MAX_PIN_FILE_BYTES:
+        raise InvalidRequest(f"{key} {path} is longer than {MAX_PIN_FILE_BYTES} bytes")
+    try:
+        value = data.decode().strip()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{key} {path} is not UTF-8 text") from None
     if not value:
-        raise InvalidRequest(f"{field} {path} is empty")
+        raise InvalidRequest(f"{key} {path} is empty")
     return value

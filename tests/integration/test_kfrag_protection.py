@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import umbral_pre as umbral
@@ -43,6 +47,116 @@ def test_a_copied_node_database_reveals_no_usable_kfrag(
                 umbral.KeyFrag.from_bytes(blob[start : start + 310])
 
 
+def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medkms.node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+_TRY_PINS = """
+import json, sys
+from medkms.core.errors import KmsError
+from medkms.node.hsm import Pkcs11KeyStore
+from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+
+conf, label = sys.argv[1:3]
+outcomes = []
+for pin in json.load(sys.stdin):
+    try:
+        store = Pkcs11KeyStore.open(DEFAULT_SOFTHSM_MODULE, label, pin, softhsm_conf=conf)
+    except KmsError as e:
+        outcomes.append(str(e))
+    else:
+        outcomes.append("opened " + store.eth_address())
+        store.close()
+print(json.dumps(outcomes))
+"""
+
+
+def _try_pins(conf: Path, label: str, pins: list[str]) -> list[str]:
+    """Open the token ``label`` under ``conf`` with each PIN in turn, in a process of its
+    own (SoftHSM reads its configuration once per process); the PINs go through stdin."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _TRY_PINS, str(conf), label],
+        input=json.dumps(pins),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    outcomes: list[str] = json.loads(ran.stdout)
+    return outcomes
+
+
+def test_a_copied_node_directory_opens_nothing_without_the_pin(
+    people: People, cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thief copies a serving node's whole directory as the cluster lays it out (kfrag
+    and audit databases, SoftHSM token, configs) and restores it elsewhere. The copy holds
+    no PIN, no kfrag in the clear, a token that refuses wrong PINs, and a node that will
+    not start. (With the right PIN the copied token does open: the token directory is the
+    key, see docs/threat-model.md.)"""
+    made: list[bytes] = []
+    generate_kfrags = umbral.generate_kfrags
+
+    def keep_kfrags(**kwargs: Any) -> list[umbral.VerifiedKeyFrag]:
+        kfrags = generate_kfrags(**kwargs)
+        made.extend(bytes(k) for k in kfrags)
+        return kfrags
+
+    monkeypatch.setattr(umbral, "generate_kfrags", keep_kfrags)
+    receipt = people.patient.grant(
+        people.doctor.address,
+        people.doctor.umbral_public_key(),
+        [RecordType.LAB_RESULT],
+        duration_s=3600,
+        threshold=cluster.threshold,
+    )
+    node = cluster.nodes[1]
+    stored = set(receipt.enrolled[node.node_id])
+    clear = [k for k in made if hashlib.sha256(k).digest() in stored]
+    assert len(clear) == len(stored) == 1  # the kfrag this node holds, in the clear
+
+    state, node_dir = cluster.state_dir, Path(node.config).parent
+    restored = tmp_path / "restored"
+    copy = restored / node_dir.relative_to(state)
+    shutil.copytree(node_dir, copy)
+    # Restored under another root: what the copy holds is found where it was, what it
+    # does not hold is missing.
+    for config in (copy / "node.toml", copy / "softhsm2.conf"):
+        config.write_text(config.read_text().replace(str(state), str(restored)))
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert any(copy / "tokens" in p.parents for p in files)
+    assert copy / "kfrags.sqlite" in files
+
+    assert not [p for p in files if p.name.endswith(".pin")]
+    pins = [
+        (cluster.node_secrets_dir(node.node_id) / name).read_text().strip()
+        for name in ("user.pin", "so.pin")
+    ]
+    for path, data in files.items():
+        for secret in [*(p.encode() for p in pins), *clear]:
+            assert secret not in data and secret.hex().encode() not in data, path
+
+    account = next(n.account for n in people.registry.list_nodes() if n.node_id == node.node_id)
+    label = f"medkms-{node.node_id}"
+    guesses = [secrets.token_hex(16), "1234", "0000", label, node.node_id]
+    outcomes = _try_pins(copy / "softhsm2.conf", label, [*guesses, pins[0]])
+    assert outcomes[:-1] == [f"cannot log in to token {label!r}: wrong user PIN"] * len(guesses)
+    assert outcomes[-1] == f"opened {account}"  # the copy is a working token: the PIN guards it
+
+    served = _kms_node("serve", "--config", str(copy / "node.toml"))
+    missing = restored / "secrets" / node.node_id / "user.pin"
+    assert served.returncode == 1
+    assert served.stderr.strip() == (
+        f"kms-node: cannot read hsm_pin_file {missing}: No such file or directory"
+    )
+
+
 def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: LocalCluster) -> None:
     people.grant_doctor()
     alice, bob = people.patient.identity.address, people.doctor.address
@@ -59,16 +173,7 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
             store.close()
 
 
-def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
+def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys(
     people: People, cluster: LocalCluster, tmp_path: Path
 ) -> None:
     people.grant_doctor()
@@ -106,7 +211,8 @@ def test_a_rotated_kek_keeps_serving_and_old_copies_open_nothing(
         for node_id in stopped:
             cluster.start_node(node_id)
         time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.3)
-    # A copy of the store from before the rotation: wrapped under keys the rotation destroyed.
+    # A copy of the store from before the rotation: wrapped under keys the rotation destroyed
+    # in the live token (a copy of the old token would still hold them, with the PIN).
     old = sqlite3.connect(before).execute("SELECT DISTINCT kek_generation FROM kfrags").fetchall()
     assert {g for (g,) in old} <= set(rotation["destroyed"])
 
@@ -129,9 +235,10 @@ def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> Non
         for record_type in RecordType:
             secrets_to_find.append(bytes(identity.record_secret_key(record_type).to_be_bytes()))
     assert len(CREATED_IDENTITIES) >= 2  # the suite's parties so far, this test's included
-    for node_dir in (cluster.state_dir / "nodes").iterdir():
+    for node in cluster.nodes:
         for pin_file in ("user.pin", "so.pin"):
-            secrets_to_find.append((node_dir / pin_file).read_text().strip().encode())
+            pin = cluster.node_secrets_dir(node.node_id) / pin_file
+            secrets_to_find.append(pin.read_text().strip().encode())
     for key_file in (cluster.state_dir / "tls").glob("*.key"):  # the CA's and every TLS key
         pem = key_file.read_bytes()
         # the PEM's second base64 line: the private scalar's end (the first is a fixed header)
