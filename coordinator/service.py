@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -24,10 +24,10 @@ from medkms.coordinator.node_pool import NodePool
 from medkms.coordinator.settings import CoordinatorSettings
 from medkms.coordinator.threshold import DECISION_STATUSES, FragmentCollector
 from medkms.core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
-from medkms.core.rate_limit import request_cost
+from medkms.core.rate_limit import ENROLLMENT_COST, request_cost
 from medkms.core.registry_types import PatientInfo
 from medkms.core.request_auth import Claims, Domain, authenticate
-from medkms.core.requests import BatchQuery, ReencryptionQuery
+from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
 from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from medkms.proto import rpc
 from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
@@ -315,6 +315,19 @@ class CoordinatorService:
         if unknown:
             shown = ", ".join(repr(n[:32]) for n in unknown)
             raise InvalidRequest(f"unknown node ids: {shown}")
+        parsed = [Enrollment.parse(e) for e in msg.enrollments]
+        patient = parsed[0].patient
+        if any(e.patient != patient for e in parsed):
+            raise InvalidRequest("every enrollment of one relay must be the same patient's")
+        # Signed by the patient (checked here as at every node), and charged to her budget
+        # once per relay, as one refusal if every node refuses it.
+        peer, _ = await self._admit(
+            [(e.claims(), e.signed.signature) for e in parsed],
+            patient,
+            patient,
+            ENROLLMENT_COST,
+            context,
+        )
         timeout = self._timeout(context)
 
         async def relay(
@@ -333,6 +346,10 @@ class CoordinatorService:
             return coordinator_pb2.RelayedEnrollment(node_id=node_id, response=response)
 
         results = await asyncio.gather(*(relay(e) for e in msg.enrollments))
+        accepted = sum(1 for r in results if not r.status)
+        self._settle(
+            patient, peer, served=accepted, refused=[] if accepted else [results[0].status]
+        )
         log.info(
             "enrollments_relayed",
             nodes=node_ids,
@@ -349,25 +366,29 @@ class CoordinatorService:
 
     async def _admit(
         self,
-        domain: Domain,
-        claims: Claims,
-        first: ReencryptionQuery,
-        capsules: int,
+        signed: Sequence[tuple[Claims, bytes]],
+        party: str,
+        patient: str,
+        cost: float,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> tuple[str, PatientInfo]:
-        """Check the signature (as the nodes will), then the requester's and its peer's
-        budgets (admission.py); the peer's address and the patient's keys."""
-        authenticate(
-            domain,
-            claims,
-            first.signed.signature,
-            first.requester,
-            now=time.time(),
-            max_window_s=self._settings.request_window_s,
-        )
+        """Check that ``party`` signed each of the claims, fresh (as the nodes will), then
+        its and its peer's budgets (admission.py); the peer's address and the patient's
+        keys."""
+        domain = await self._signing_domain()
+        now = time.time()
+        for claims, signature in signed:
+            authenticate(
+                domain,
+                claims,
+                signature,
+                party,
+                now=now,
+                max_window_s=self._settings.request_window_s,
+            )
         peer = peer_address(context.peer() or "")
         try:
-            self._admission.admit(first.requester, peer, request_cost(capsules))
+            self._admission.admit(party, peer, cost)
         except ResourceExhausted:
             # Answer a throttled caller only after a while (an asyncio sleep costs nothing):
             # a flooder with a fixed number of calls in flight is slowed to that many per
@@ -380,11 +401,11 @@ class CoordinatorService:
             await asyncio.sleep(delay)
             raise
         try:
-            patient = await self._patients.get(first.patient)
+            info = await self._patients.get(patient)
         except PreconditionFailed:
-            self._admission.refused(first.requester, peer)
+            self._admission.refused(party, peer)
             raise
-        return peer, patient
+        return peer, info
 
     def _settle(self, requester: str, peer: str, *, served: int, refused: list[str]) -> None:
         """Charge the capsules the nodes refused for the requester's own reasons."""
@@ -399,7 +420,13 @@ class CoordinatorService:
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
         domain = await self._signing_domain()
         query = ReencryptionQuery.parse(msg, domain)
-        peer, patient = await self._admit(domain, query.claims(), query, 1, context)
+        peer, patient = await self._admit(
+            [(query.claims(), query.signed.signature)],
+            query.requester,
+            query.patient,
+            request_cost(1),
+            context,
+        )
         outgoing = common_pb2.ReencryptionRequest()
         outgoing.CopyFrom(msg)
         # The id the nodes derive too, echoed so that each checks it: the nodes' audit
@@ -435,7 +462,13 @@ class CoordinatorService:
         domain = await self._signing_domain()
         batch = BatchQuery.parse(msg, domain)
         first = batch.items[0]
-        peer, patient = await self._admit(domain, batch.claims(), first, len(batch.items), context)
+        peer, patient = await self._admit(
+            [(batch.claims(), first.signed.signature)],
+            first.requester,
+            first.patient,
+            request_cost(len(batch.items)),
+            context,
+        )
         outgoing = common_pb2.ReencryptionBatchRequest()
         outgoing.CopyFrom(msg)
         outgoing.request_id = batch.request_id

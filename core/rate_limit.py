@@ -36,6 +36,11 @@ REFUSAL_COST = 10
 BATCH_CAPSULE_SHARE = 0.25
 
 
+#: what an enrollment costs, in single requests: chain reads, and per kfrag an ECDH in
+#: the HSM and an Umbral verification
+ENROLLMENT_COST = 10
+
+
 def request_cost(capsules: int) -> float:
     """A request's cost in single requests: 1, plus a quarter per extra capsule."""
     return 1 + (capsules - 1) * BATCH_CAPSULE_SHARE
@@ -87,17 +92,19 @@ class RateLimiter:
         return ResourceExhausted(f"rate limit for {self._what} exceeded; retry in {wait:.1f}s")
 
     def spend(self, key: str, cost: float = 1) -> None:
-        """Take ``cost`` tokens (a batch costs more than one) or refuse."""
+        """Take ``cost`` tokens (a batch costs more than one) or refuse. A cost above the
+        burst is taken from a full bucket, leaving it in debt (at most one burst)."""
         now = self._clock()
+        needed = min(cost, self._burst)
         with self._lock:
             tokens = self._tokens(key, now)
-            if tokens < cost:
-                raise self._refuse(tokens, cost)
+            if tokens < needed:
+                raise self._refuse(tokens, needed)
             if key not in self._buckets and len(self._buckets) >= self._max:
                 self._sweep(now)
                 if len(self._buckets) >= self._max:
                     raise ResourceExhausted("too many parties are being tracked; retry later")
-            self._buckets[key] = (tokens - cost, now)
+            self._buckets[key] = (max(-self._burst, tokens - cost), now)
 
     def check(self, key: str, cost: float = 1) -> None:
         """Refuse as :meth:`spend` would, taking nothing."""

@@ -214,12 +214,14 @@ class LocalCluster:
         threshold: int = 3,
         processes: int = 1,
         node_settings: dict[str, object] | None = None,
+        coordinator_settings: dict[str, object] | None = None,
         reset: bool = False,
         dev_plaintext: bool = False,
     ) -> LocalCluster:
-        """Start a cluster; ``node_settings`` are extra node.toml keys (e.g. a
-        benchmark lifting ``rate_limit_per_s``). ``dev_plaintext`` turns TLS off
-        everywhere (development mode; the services log a warning)."""
+        """Start a cluster; ``node_settings`` and ``coordinator_settings`` are extra
+        node.toml and coordinator.toml keys (e.g. a benchmark lifting rate limits).
+        ``dev_plaintext`` turns TLS off everywhere (development mode; the services log a
+        warning)."""
         if not 1 <= threshold <= nodes:
             raise PreconditionFailed("threshold must be between 1 and the number of nodes")
         state_dir = state_dir.resolve()
@@ -245,6 +247,7 @@ class LocalCluster:
                 "threshold": threshold,
                 "processes_per_node": processes,
                 "node_settings": dict(node_settings or {}),
+                "coordinator_settings": dict(coordinator_settings or {}),
                 "nodes": [],
             },
         )
@@ -444,6 +447,7 @@ class LocalCluster:
                 "node_timeout_s": 3.0,
                 "connections_per_node": self.data["processes_per_node"],
                 **self._tls_settings("coordinator", client=True),
+                **self.data.get("coordinator_settings", {}),
             },
             {"nodes": [{"node_id": n.node_id, "address": n.address} for n in self.nodes]},
         )

@@ -19,7 +19,7 @@ from typing import Protocol
 import structlog
 
 from medkms.core.errors import KmsError, Unavailable
-from medkms.core.registry_types import AccessState, BlockRef, RegistryEvent
+from medkms.core.registry_types import AccessState, BlockRef, PatientInfo, RegistryEvent
 from medkms.node import metrics
 from medkms.node.grant_index import GrantIndex
 
@@ -132,6 +132,11 @@ class ChainFollower:
         if lag > self.max_lag_blocks:
             return f"registry index is {lag} blocks behind (bound {self.max_lag_blocks})"
         return None
+
+    def patient(self, address: str) -> PatientInfo | None:
+        """A registered patient's keys (they never change once registered, so the index's
+        copy needs no freshness bound)."""
+        return self.index.patient(address)
 
     def index_block(self) -> int:
         return self.index.block.number if self.index.block is not None else 0

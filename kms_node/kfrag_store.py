@@ -64,7 +64,7 @@ DELETE FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND ((1 << record_t
 """
 
 _HOLDS = """
-SELECT 1 FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
+SELECT 1 FROM kfrags WHERE patient_key = ? AND grantee_key = ? LIMIT 1
 """
 _GET = """
 SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
@@ -244,9 +244,10 @@ class KfragStore:
                 raise _unavailable(e) from e
         return None if row is None else StoredKfrag(*row)
 
-    def holds(self, patient: str, grantee: str, record_type: int) -> bool:
-        """Whether a kfrag for this grant and type is stored (no key material read)."""
-        keys = (_key(patient, "patient"), _key(grantee, "grantee"), record_type)
+    def holds(self, patient: str, grantee: str) -> bool:
+        """Whether any kfrag of this patient's for this grantee is stored (no key material
+        read)."""
+        keys = (_key(patient, "patient"), _key(grantee, "grantee"))
         with self._lock:
             try:
                 row = self._connection().execute(_HOLDS, keys).fetchone()

@@ -36,7 +36,7 @@ from medkms.core.errors import (
 )
 from medkms.core.kfrag_delivery import delivery_binding
 from medkms.core.policy import FINAL_DENIALS, Decision, judge
-from medkms.core.rate_limit import REFUSAL_COST, RateLimiter, request_cost
+from medkms.core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
 from medkms.core.record_types import RecordType, from_mask
 from medkms.core.registry_types import (
     AccessRevoked,
@@ -62,6 +62,9 @@ log = structlog.get_logger("medkms.node")
 SOFTWARE_VERSION = "0.1.0"
 SIGNING_ALGORITHM = "ecdsa-p256-sha256"
 _AAD_LABEL = b"medkms/kfrag/v1"
+#: chain reads per second for enrollments by patients the index does not know (a patient
+#: is known once her registration is indexed, within a poll interval)
+UNKNOWN_PATIENT_READS_PER_S = 5.0
 ENROLLMENT_REPLAYED = (
     "enrollment already received (nonce already used); the patient must sign a new one"
 )
@@ -82,6 +85,7 @@ class IndexedState(AccessStateSource, Protocol):
     its bound or it raises UNAVAILABLE."""
 
     def index_block(self) -> int: ...
+    def patient(self, address: str) -> PatientInfo | None: ...
 
 
 class RegistryReader(AccessStateSource, Protocol):
@@ -131,6 +135,12 @@ class NodeService:
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
         self._limiter = limiter
+        self._unknown_patient_reads = RateLimiter(
+            UNKNOWN_PATIENT_READS_PER_S,
+            int(UNKNOWN_PATIENT_READS_PER_S),
+            what="enrollments by patients this node has not seen register",
+            clock=clock,
+        )
         self._confirmed = ConfirmedStates(registry)
         self._audit = audit
         self._request_window_s = request_window_s
@@ -168,11 +178,11 @@ class NodeService:
             now=self._clock(),
             max_window_s=self._request_window_s,
         )
-        # A replay is refused here, before any chain read or HSM call.
+        # A replay, or a patient over her rate, is refused here, before any chain read or
+        # HSM call.
+        self._limiter.spend(enrollment.patient, cost=ENROLLMENT_COST)
         self._enrollment_nonce(enrollment, spend=False)
-        patient = self._registry.get_patient(enrollment.patient)
-        if patient is None:
-            raise PreconditionFailed("patient is not registered in the registry")
+        patient = self._registered_patient(enrollment.patient)
         allowed = self._covered_types(
             enrollment.patient, enrollment.grantee, enrollment.receiving_key_bytes
         )
@@ -230,6 +240,19 @@ class NodeService:
         return common_pb2.EnrollKeyFragmentResponse(
             node_id=self.node_id, kfrag_sha256=[i.kfrag_sha256 for i in items]
         )
+
+    def _registered_patient(self, address: str) -> PatientInfo:
+        """The patient's registered keys. They never change once registered, so the index's
+        copy is authoritative; a patient it does not know yet (registered a moment ago) is
+        read from the chain, within a node-wide budget (UNKNOWN_PATIENT_READS_PER_S), so
+        that signers who never registered cannot make every enrollment a chain read."""
+        patient = self._index.patient(address)
+        if patient is None:
+            self._unknown_patient_reads.spend("*")
+            patient = self._registry.get_patient(address)
+        if patient is None:
+            raise PreconditionFailed("patient is not registered in the registry")
+        return patient
 
     def _enrollment_nonce(self, enrollment: Enrollment, *, spend: bool) -> None:
         """Refuse an enrollment whose nonce this node has seen; with ``spend``, use it up."""
@@ -376,15 +399,15 @@ class NodeService:
         # refusal the chain could already have lifted (a grant written a moment ago) is
         # confirmed against the chain itself. Refusals cost no chain read when nothing
         # newer could lift them: a final one (a deactivated record, a retired or
-        # mismatched capsule), or one for a requester this node holds no kfrag for,
-        # whom it could not serve anyway (strangers, throw-away keys). Confirmations are
-        # kept while the chain has no newer block (ConfirmedStates).
+        # mismatched capsule), or one for a requester this node holds no kfrag of the
+        # patient's for, whom it could not serve anyway (strangers, throw-away keys).
+        # Confirmations are kept while the chain has no newer block (ConfirmedStates).
         state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
         if (
             not decision.allowed
             and decision.code not in FINAL_DENIALS
-            and self._kfrags.holds(query.patient, query.requester, query.record_type)
+            and self._kfrags.holds(query.patient, query.requester)
         ):
             state = self._confirmed.access_state(
                 query.record_id, query.requester, query.capsule_hash, self._index.index_block()

@@ -217,6 +217,7 @@ def test_a_requester_the_nodes_keep_refusing_is_stopped_at_the_coordinator(world
                 world.run()
             refused += 1
     asked = sum(n.calls for n in world.nodes.values())
-    # The requester's burst of 100 at ten a refusal (before the address's 20 ran out).
-    assert refused == 10
+    # The requester's burst of 100 at ten a refusal (before the address's 20 ran out),
+    # and what its 50/s refill adds while the test runs.
+    assert 10 <= refused <= 12
     assert asked == refused * 3  # threshold nodes per request; none once it was stopped

@@ -102,3 +102,16 @@ def test_check_refuses_as_spend_would_without_taking_anything() -> None:
         limiter.check("peer")
     clock.now = 0.25
     limiter.check("peer")
+
+
+def test_a_cost_above_the_burst_is_taken_from_a_full_bucket_into_debt() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate_per_s=1, burst=4, clock=clock)
+    limiter.spend("alice", cost=10)  # an enrollment costs more than a small share's burst
+    with pytest.raises(ResourceExhausted, match="retry in 5.0s"):
+        limiter.spend("alice")  # 4 - 10 = -6, capped at -4: 5 s to a whole token
+    clock.now = 5.0
+    with pytest.raises(ResourceExhausted, match="retry in 3.0s"):
+        limiter.spend("alice", cost=10)  # needs a full bucket again
+    clock.now = 8.0
+    limiter.spend("alice", cost=10)

@@ -42,10 +42,12 @@ from medkms.node.audit_log import AuditLog
 from medkms.node.keystore import MemoryKeyStore
 from medkms.node.kfrag_store import KfragStore
 from medkms.node.replay import ReplayGuard
-from medkms.node.service import ENROLLMENT_REPLAYED, NodeService
+from medkms.node.service import ENROLLMENT_REPLAYED, UNKNOWN_PATIENT_READS_PER_S, NodeService
 from medkms.proto.kms.v1 import common_pb2
 
 NOW = 1_800_000_000
+#: the test node's rate limit burst (its clock stands still: nothing refills)
+BURST = 60
 DOMAIN = Domain(31337, "0x" + "ab" * 20)
 
 
@@ -59,6 +61,9 @@ class MemoryRegistry:
         self.opt_ins: dict[tuple[str, str], EmergencyOptIn] = {}
 
     def get_patient(self, address: str) -> PatientInfo | None:
+        return self.patients.get(address)
+
+    def patient(self, address: str) -> PatientInfo | None:
         return self.patients.get(address)
 
     def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
@@ -224,7 +229,7 @@ def world(tmp_path: Path) -> World:
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,
         replay=replay,
-        limiter=RateLimiter(rate_per_s=1, burst=5, clock=lambda: NOW),
+        limiter=RateLimiter(rate_per_s=1, burst=BURST, clock=lambda: NOW),
         audit=audit,
         clock=lambda: NOW,
     )
@@ -336,9 +341,9 @@ def test_a_tampered_field_breaks_the_signature(world: World) -> None:
 
 
 def test_a_requester_over_its_rate_is_resource_exhausted(world: World) -> None:
-    world.enroll(world.kfrag())
-    for i in range(5):
-        world.node.reencrypt(world.request(nonce=bytes([i]) * 32))
+    world.enroll(world.kfrag())  # spends the patient's budget, not bob's
+    for i in range(BURST):
+        world.node.reencrypt(world.request(nonce=i.to_bytes(32, "big")))
     with pytest.raises(ResourceExhausted, match="rate limit"):
         world.node.reencrypt(world.request(nonce=b"\x09" * 32))
 
@@ -685,9 +690,9 @@ def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) ->
     with pytest.raises(Unauthenticated, match="enrollment already received"):
         world.node.enroll(enrollment)
     assert reads == 0
-    # The patient enrolls again with a fresh signature.
+    # The patient enrolls again with a fresh signature (her keys come from the index).
     world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
-    assert reads == 1
+    assert reads == 0
     assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
 
 
@@ -722,3 +727,31 @@ def test_an_enrollment_that_fails_in_the_hsm_spends_its_nonce(world: World) -> N
     with pytest.raises(Unauthenticated, match="enrollment already received"):
         world.node.enroll(bad)
     assert world.kfrags.count() == 0
+
+
+def test_enrollments_by_unregistered_signers_get_a_few_chain_reads_a_second(
+    world: World,
+) -> None:
+    reads = 0
+    get_patient = world.registry.get_patient
+
+    def counted(address: str) -> PatientInfo | None:
+        nonlocal reads
+        reads += 1
+        return get_patient(address)
+
+    world.registry.get_patient = counted  # type: ignore[method-assign]
+    budget = int(UNKNOWN_PATIENT_READS_PER_S)
+    for i in range(budget):
+        stranger = Identity.generate(f"stranger-{i}")
+        request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=stranger)
+        request.patient = address_bytes(stranger.address)
+        with pytest.raises(PreconditionFailed, match="not registered"):
+            world.node.enroll(request)
+    stranger = Identity.generate("one-more")
+    request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=stranger)
+    request.patient = address_bytes(stranger.address)
+    with pytest.raises(ResourceExhausted, match="patients this node has not seen register"):
+        world.node.enroll(request)
+    assert reads == budget
+    world.enroll(world.kfrag())  # a registered patient is not held up: the index knows her
