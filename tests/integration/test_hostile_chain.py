@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +89,9 @@ def hostile(cluster: LocalCluster, tmp_path: Path) -> Iterator[HostileChainNode]
         cluster.start_node(node.node_id)
 
 
-def _until(check: object, what: str, timeout_s: float = 30.0) -> None:
+def _until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
@@ -122,15 +122,17 @@ def test_a_node_whose_chain_lies_stays_up_refuses_and_logs_why(
         hostile.rpc.misbehave(reply or huge(hostile.rpc, declared=False), *methods)
         # The index goes stale (2 s) or the chain read behind the answer fails: UNAVAILABLE.
         answers: list[str] = []
-        _until(
-            lambda: answers.append(hostile.reencrypt(request())) or "OK" not in answers[-1],
-            f"{name}: a refusal",
-        )
+
+        def refused(answers: list[str] = answers) -> bool:
+            answers.append(hostile.reencrypt(request()))
+            return answers[-1] != "OK"
+
+        def logged(reason: str = reason) -> bool:
+            return any(reason in str(e["error"]) for e in hostile.events("chain_sync_failed"))
+
+        _until(refused, f"{name}: a refusal")
         assert answers[-1].startswith("UNAVAILABLE: "), (name, answers[-1])
-        _until(
-            lambda: any(reason in str(e["error"]) for e in hostile.events("chain_sync_failed")),
-            f"{name}: the reason in the node's log",
-        )
+        _until(logged, f"{name}: the reason in the node's log")
         assert hostile.process.poll() is None, f"{name}: the node died"
         stale = hostile.reencrypt(request())
         assert stale.startswith("UNAVAILABLE: cannot judge grants on stale chain state"), stale
