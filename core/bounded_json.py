@@ -86,7 +86,8 @@ def check_depth(text: str, *, max_depth: int, what: str) -> None:
         elif char in "[{":
             depth += 1
             if depth > max_depth:
-                raise InvalidRequest(f"{what} nests deeper than {max_depth} levels")
+                levels = "level" if max_depth == 1 else "levels"
+                raise InvalidRequest(f"{what} nests deeper than {max_depth} {levels}")
         else:
             depth -= 1
             if depth < 0:

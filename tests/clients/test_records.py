@@ -79,3 +79,32 @@ def test_invalid_fhir_is_refused(document: bytes, fragment: str) -> None:
 def test_garbage_envelope_is_an_integrity_error() -> None:
     with pytest.raises(IntegrityError):
         parse_envelope(b"\xff\xff\xff")
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        # json.loads of this, in a process that imported web3, dies (C stack overflow)
+        (b'{"resourceType":"Observation","note":' + b"[" * 200_000 + b"}", "nests deeper"),
+        (
+            b'{"resourceType":"Observation","note":"' + b"x" * (4 * 1024 * 1024) + b'"}',
+            "larger than 4194304 bytes",
+        ),
+        (b'{"resourceType":["Observation"]}', "no resourceType"),
+        (b'{"resourceType":"Observation","value":NaN}', "not FHIR JSON"),
+    ],
+    ids=["nested", "oversize", "resource-type-list", "nan"],
+)
+def test_a_hostile_document_is_refused_before_it_is_parsed(document: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        validate_fhir(document, RecordType.LAB_RESULT)
+
+
+def test_a_deeply_nested_but_valid_resource_is_accepted() -> None:
+    """The depth bound leaves room for real resources: nested extensions 20 deep."""
+    extension: dict[str, object] = {"url": "http://example.org/leaf", "valueString": "x"}
+    for level in range(20):
+        extension = {"url": f"http://example.org/{level}", "extension": [extension]}
+    document = json.loads(lab_result())
+    document["extension"] = [extension]
+    assert validate_fhir(json.dumps(document).encode(), RecordType.LAB_RESULT) == "Observation"
