@@ -51,11 +51,6 @@ def refused(call: Callable[[], object], *reasons: str) -> str:
     return message
 
 
-def test_a_sane_answer_is_read(rpc: HostileRpc, client: RegistryClient) -> None:
-    rpc.misbehave(result(BLOCK))
-    assert client.latest_block() == (5, 16)
-
-
 def test_deep_nesting_is_refused_before_decoding(rpc: HostileRpc, client: RegistryClient) -> None:
     """json.loads of this answer, with web3's recursion limit, kills the process."""
     rpc.misbehave(nested(200_000))
@@ -190,22 +185,13 @@ def test_logs_of_the_wrong_shape_are_chain_unavailable(
     refused(lambda: client.checkpoint_anchors("node-1", 0, 5), "malformed data", "unavailable")
 
 
-@pytest.mark.parametrize(
-    "value",
-    [5, {}, [], "0xzz", "0x01", None],
-    ids=["int", "object", "list", "bad-hex", "short", "null"],
-)
+@pytest.mark.parametrize("value", [{}, [], None], ids=["object", "list", "null"])
 def test_a_call_result_of_the_wrong_shape_is_chain_unavailable(
     rpc: HostileRpc, client: RegistryClient, value: Any
 ) -> None:
     rpc.misbehave(result(value))
-    refused(
-        lambda: client.access_state(b"\x01" * 32, GRANTEE),
-        "malformed data",
-        "no registry contract answered",
-        "unavailable",
-    )
-    refused(client.list_nodes, "malformed data", "no registry contract answered", "unavailable")
+    refused(lambda: client.access_state(b"\x01" * 32, GRANTEE), "malformed data", "unavailable")
+    refused(client.list_nodes, "malformed data", "unavailable")
 
 
 def test_an_endpoint_error_message_is_clipped(rpc: HostileRpc, client: RegistryClient) -> None:
@@ -218,11 +204,3 @@ def test_an_endpoint_error_message_is_clipped(rpc: HostileRpc, client: RegistryC
     with pytest.raises(Exception) as excinfo:  # noqa: PT011 - a refusal, whichever kind
         client.latest_block()
     assert len(str(excinfo.value)) < 400
-
-
-def test_the_hostile_endpoint_answers_json(rpc: HostileRpc) -> None:
-    """The fake's default: a JSON-RPC error, so a test sees only the replies it sets."""
-    client = RegistryClient(rpc.url, REGISTRY)
-    with pytest.raises(Exception, match="no eth_getBlockByNumber here"):  # noqa: PT011
-        client.latest_block()
-    assert rpc.methods == ["eth_getBlockByNumber"]

@@ -316,9 +316,8 @@ def test_a_changed_byte_that_breaks_the_entry_still_names_it(node: Node) -> None
         b"[" * 200_000,  # plain json.loads of this kills a process that imported web3
         b'{"request_id":"req-7","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         b'{"request_id":"req-7","x":"' + b"y" * 100_000 + b'"}',
-        b'{"request_id":["req-7"]}',
     ],
-    ids=["deep", "deep-with-request-id", "huge", "wrong-type"],
+    ids=["deep", "deep-with-request-id", "huge"],
 )
 def test_a_hostile_entry_fails_that_entry_and_the_audit_goes_on(node: Node, hostile: bytes) -> None:
     with node.sql() as conn:
@@ -327,7 +326,7 @@ def test_a_hostile_entry_fails_that_entry_and_the_audit_goes_on(node: Node, host
     problem = first(report)
     assert (problem.leaf_index, problem.check) == (7, Check.FORMAT)
     assert problem.message.startswith("not a valid audit entry: audit entry ")
-    assert report.request_id(7) == ""  # too deep, too large or not a string: not read
+    assert report.request_id(7) == ""  # too deep or too large: not read
     assert report.request_id(8) == "req-8"
     assert len(report.entries) == 40
 
