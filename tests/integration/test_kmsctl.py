@@ -16,7 +16,9 @@ from medkms.deploy.local_cluster import LocalCluster
 pytestmark = pytest.mark.cluster
 
 
-def kmsctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+def kmsctl(cluster: LocalCluster | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``kmsctl ARGS --state-dir`` the cluster's (or the directory given)."""
+    state_dir = cluster if isinstance(cluster, Path) else cluster.state_dir
     return subprocess.run(
         [
             sys.executable,
@@ -24,7 +26,7 @@ def kmsctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str
             "medkms.clients.kmsctl",
             *args,
             "--state-dir",
-            str(cluster.state_dir),
+            str(state_dir),
         ],
         capture_output=True,
         text=True,
@@ -126,20 +128,6 @@ def test_a_hostile_file_gets_a_message_not_a_crash(cluster: LocalCluster, tmp_pa
     state = tmp_path / "state"
     state.mkdir()
     (state / "cluster.json").write_bytes(b'{"nodes": ' + b"[" * 200_000)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medkms.clients.kmsctl",
-            "cluster",
-            "status",
-            "--state-dir",
-            str(state),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = kmsctl(state, "cluster", "status")
     assert result.returncode == 1, result.stderr
     assert "cluster.json nests deeper than 4 levels" in result.stderr
