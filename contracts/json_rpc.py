@@ -82,7 +82,7 @@ class JsonRpcTransport:
                     raise
                 if isinstance(e, TimeoutError):
                     raise self.unavailable(f"no answer for {self.timeout_s:g}s") from e
-                raise self.unavailable(f"unreachable ({type(e).__name__})") from e
+                raise self.unavailable(f"unavailable ({type(e).__name__})") from e
         return answer
 
     def _read(self, response: http.client.HTTPResponse) -> bytes:

@@ -58,7 +58,7 @@ class HostileChainNode:
 
 
 @pytest.fixture
-def hostile(cluster: LocalCluster, tmp_path: Path) -> Iterator[HostileChainNode]:
+def hostile(cluster: LocalCluster) -> Iterator[HostileChainNode]:
     node = cluster.nodes[-1]
     rpc = HostileRpc(upstream=cluster.rpc_url)
     config = Path(node.config).with_name("hostile-chain.toml")
@@ -67,7 +67,8 @@ def hostile(cluster: LocalCluster, tmp_path: Path) -> Iterator[HostileChainNode]
         re.sub(r"(?m)^chain_rpc_url = .*$", f"chain_rpc_url = {json.dumps(rpc.url)}", text)
     )
     cluster.stop_node(node.node_id)
-    log = tmp_path / "node.log"
+    # Among the cluster's logs, so that the session's final scan for secrets reads it too.
+    log = cluster.state_dir / "logs" / f"{node.node_id}-hostile-chain.log"
     process = processes.spawn(
         [sys.executable, "-m", "medkms.node.cli", "serve", "--config", str(config)], log
     )
