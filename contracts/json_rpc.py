@@ -117,8 +117,13 @@ class JsonRpcTransport:
             # As urllib3 does: without it, Nagle and delayed ACKs cost ~40 ms per request.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls_context is not None:
-                # The handshake runs under the deadline too: a trickling peer is cut.
-                sock = self._tls_context.wrap_socket(sock, server_hostname=self._host)
+                # The handshake runs under the deadline too: a trickling peer is cut. (The
+                # TLS socket takes over the plain one's descriptor: watch it, then shake.)
+                sock = self._tls_context.wrap_socket(
+                    sock, server_hostname=self._host, do_handshake_on_connect=False
+                )
+                deadline.watch(sock)
+                sock.do_handshake()
             conn.sock = sock
         deadline.watch(conn.sock)
         return conn
