@@ -20,6 +20,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from medkms.clients.auditor import ClusterReport
+from medkms.clients.input_files import load_json, load_json_object
 from medkms.core.audit import GRANTED, AuditEntry, Receipt
 from medkms.core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
 from medkms.core.errors import InvalidRequest, KmsError
@@ -56,6 +57,16 @@ MEDKMS_RECORD: Final = "urn:medkms:record-id"
 MEDKMS_CAPSULE: Final = "urn:medkms:capsule-sha256"
 MEDKMS_NODE: Final = "urn:medkms:node-id"
 _ID_NAMESPACE: Final = uuid.UUID("6f1c1a52-2f35-5d0c-9d55-6d65646b6d73")
+
+# Bounds on the files an audit reads (clients/input_files.py).
+#: a receipt is under 1 KiB (its batch path at most 10 hashes): some 100 000 receipts
+MAX_RECEIPTS_FILE_BYTES: Final = 64 * 1024 * 1024
+#: a list of receipts, each an object, its batch path a list
+RECEIPTS_FILE_DEPTH: Final = 3
+#: per node a checkpoint and a frontier of at most 64 hashes, some 5 KiB: thousands of nodes
+MAX_STATE_FILE_BYTES: Final = 16 * 1024 * 1024
+#: {"nodes": {node id: {"frontier": [...]}}}
+STATE_FILE_DEPTH: Final = 4
 
 #: refusals by the access policy or for want of a kfrag: the request was wrong, the node was
 #: not (AuditEvent outcome 4, "minor failure"); anything else is 8, "serious failure"
@@ -201,10 +212,14 @@ def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefi
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = load_json_object(
+            path, max_bytes=MAX_STATE_FILE_BYTES, max_depth=STATE_FILE_DEPTH, what="audit state"
+        )
+    except InvalidRequest:
+        raise
+    except OSError as e:
         raise InvalidRequest(f"cannot read the audit state {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+    if not isinstance(data.get("nodes"), dict):
         raise InvalidRequest(f"{path} is not an audit state file")
     keys = {n.node_id: n.signing_public_key for n in nodes}
     return {
@@ -415,7 +430,9 @@ def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
 def load_receipts(path: Path) -> list[Receipt]:
     """A JSON list of receipts as :func:`receipt_to_json` writes them."""
     try:
-        items = json.loads(path.read_text())
+        items = load_json(
+            path, max_bytes=MAX_RECEIPTS_FILE_BYTES, max_depth=RECEIPTS_FILE_DEPTH, what="receipts"
+        )
         if not isinstance(items, list):
             raise InvalidRequest(f"{path} must hold a JSON list of receipts")
         return [

@@ -24,7 +24,7 @@ import grpc
 
 from medkms.contracts.registry import RegistryClient
 from medkms.core.audit import Checkpoint, Receipt
-from medkms.core.audit_verify import NodeReport, VerifiedPrefix, verify_node
+from medkms.core.audit_verify import Check, NodeReport, Problem, VerifiedPrefix, verify_node
 from medkms.core.errors import InvalidRequest
 from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from medkms.proto import rpc
@@ -188,6 +188,14 @@ def audit_cluster(
                 rejudge_decisions=rejudge_decisions,
                 since=(since or {}).get(node.node_id),
             )
+        except Exception as e:  # noqa: BLE001 - one node must not cost the others their reports
+            # verify_node turns what a node or the chain serves into findings; this is for
+            # what it did not foresee: that node fails, the others are still reported.
+            problem = Problem(
+                Check.REACHABLE,
+                f"the audit of this node stopped: unexpected {type(e).__name__}",
+            )
+            return NodeReport(node.node_id, None, (), 0, (problem,), ())
         finally:
             channel.close()
             seconds[node.node_id] = time.perf_counter() - began

@@ -18,12 +18,15 @@ import umbral_pre as umbral
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from medkms.clients.input_files import load_json_object
 from medkms.core.errors import InvalidRequest
 from medkms.core.record_types import RecordType
 
 _UMBRAL_LABEL = b"medkms/umbral/v1"
 _RECORD_KEY_LABEL = b"medkms/umbral/record-type/v1/"
 _SIGNING_LABEL = b"medkms/kfrag-signing/v1"
+#: an identity file is four short strings (name, address, two hex keys): far below this
+MAX_IDENTITY_FILE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -91,9 +94,14 @@ class Identity:
     @classmethod
     def load(cls, path: Path) -> Identity:
         try:
-            data = json.loads(path.read_text())
+            data = load_json_object(
+                path, max_bytes=MAX_IDENTITY_FILE_BYTES, max_depth=1, what="identity file"
+            )
             account = Account.from_key(bytes.fromhex(data["ethereum_key"].removeprefix("0x")))
             seed = bytes.fromhex(data["umbral_seed"])
-        except (OSError, ValueError, KeyError) as e:
+        except InvalidRequest as e:
+            raise InvalidRequest(f"cannot load identity: {e.message}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # The exception's text may quote the file, which holds keys: its kind only.
             raise InvalidRequest(f"cannot load identity from {path}: {type(e).__name__}") from None
         return cls(str(data.get("name", path.stem)), account, seed)

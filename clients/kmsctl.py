@@ -33,8 +33,10 @@ from medkms.clients.audit_report import (
     write_reports,
 )
 from medkms.clients.auditor import ChannelFactory, audit_cluster, channel_factory
+from medkms.clients.input_files import read_bounded
 from medkms.clients.patient import PatientClient
 from medkms.clients.provider import ProviderClient
+from medkms.clients.records import MAX_DOCUMENT_BYTES
 from medkms.core import logs
 from medkms.core.errors import IntegrityError, InvalidRequest, KmsError
 from medkms.core.record_types import RecordType
@@ -140,7 +142,8 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         client.register()
         print(f"registered {client.identity.address}")
     elif args.action == "store":
-        stored = client.store_record(args.file.read_bytes(), RecordType.parse(args.type))
+        document = read_bounded(args.file, max_bytes=MAX_DOCUMENT_BYTES, what="record file")
+        stored = client.store_record(document, RecordType.parse(args.type))
         print(
             json.dumps(
                 {

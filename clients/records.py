@@ -11,7 +11,6 @@ another record.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
+from medkms.core import bounded_json
 from medkms.core.errors import IntegrityError, InvalidRequest
 from medkms.core.record_types import FHIR_RESOURCES, RecordType
 from medkms.core.registry_types import record_id_of
@@ -31,6 +31,9 @@ from medkms.proto.kms.v1 import record_pb2
 MEDIA_TYPE = "application/fhir+json"
 FORMAT_VERSION = 1
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+#: FHIR resources nest a few levels per element (a component's code's coding's extension);
+#: contained resources and nested extensions fit well within this
+MAX_DOCUMENT_DEPTH = 64
 DEK_SIZE = 32
 NONCE_SIZE = 12
 
@@ -48,12 +51,16 @@ class SealedRecord:
 def validate_fhir(document: bytes, record_type: RecordType) -> str:
     """Check the document is a valid FHIR R4 resource of a kind that carries
     ``record_type``; return its resource type."""
-    if len(document) > MAX_DOCUMENT_BYTES:
-        raise InvalidRequest(f"record is larger than {MAX_DOCUMENT_BYTES} bytes")
+    # Bounded first: pydantic's parser below sees only a document within both bounds.
     try:
-        resource_type = json.loads(document)["resourceType"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidRequest("record is not FHIR JSON (no resourceType)") from None
+        fields = bounded_json.loads_object(
+            document, max_bytes=MAX_DOCUMENT_BYTES, max_depth=MAX_DOCUMENT_DEPTH, what="document"
+        )
+    except InvalidRequest as e:
+        raise InvalidRequest(f"record is not FHIR JSON: {e.message}") from None
+    resource_type = fields.get("resourceType")
+    if not isinstance(resource_type, str):
+        raise InvalidRequest("record is not FHIR JSON (no resourceType)")
     allowed = FHIR_RESOURCES[record_type]
     if resource_type not in allowed:
         raise InvalidRequest(

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 import eth_abi.exceptions
 import eth_utils.exceptions
-import requests
 from eth_abi.abi import decode as abi_decode
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
@@ -31,6 +30,7 @@ from web3 import Web3
 from web3.contract.contract import Contract, ContractConstructor, ContractFunction
 from web3.exceptions import (
     BadFunctionCallOutput,
+    BadResponseFormat,
     ContractLogicError,
     MethodUnavailable,
     RequestTimedOut,
@@ -41,6 +41,8 @@ from web3.exceptions import (
 from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 
 from medkms.contracts.build import load_artifact
+from medkms.contracts.json_rpc import BoundedHTTPProvider
+from medkms.core.bounded_json import JSON_RPC_MAX_BYTES
 from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
 from medkms.core.kfrag_delivery import load_delivery_public_key
 from medkms.core.record_types import ALL_TYPES_MASK, RecordType
@@ -96,10 +98,20 @@ _ZERO_32 = b"\x00" * 32
 # Anything the web3 stack raises once a request is under way; see _Chain.translate().
 _CHAIN_ERRORS: tuple[type[BaseException], ...] = (
     Web3Exception,
-    requests.RequestException,
     OSError,
-    ValueError,  # malformed JSON, bad hex in an answer
     eth_utils.exceptions.ValidationError,
+)
+# What web3's formatters and this adapter's decoding raise on an answer of the wrong shape (a
+# string where a block belongs, a missing field, a list for a log, bad hex, an undecodable
+# result): the endpoint answered, but nonsense. RecursionError: defence in depth, the
+# answer's nesting is bounded before it is decoded (contracts/json_rpc.py).
+_MALFORMED_ANSWER_ERRORS: tuple[type[BaseException], ...] = (
+    BadResponseFormat,
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    RecursionError,
     eth_abi.exceptions.DecodingError,
 )
 
@@ -174,23 +186,34 @@ Sender = LocalAccount | TxSigner
 class _Chain:
     """One web3 connection plus the translation of its failures; shared by deploy and client."""
 
-    def __init__(self, rpc_url: str, timeout_s: float, abi: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        rpc_url: str,
+        timeout_s: float,
+        abi: list[dict[str, Any]],
+        max_response_bytes: int = JSON_RPC_MAX_BYTES,
+    ) -> None:
         if not isinstance(rpc_url, str) or not rpc_url.startswith(("http://", "https://")):
             raise InvalidRequest("rpc_url must be an http(s) URL")
         if timeout_s <= 0:
             raise InvalidRequest("timeout_s must be positive")
+        if max_response_bytes < 1:
+            raise InvalidRequest("max_response_bytes must be positive")
         self.safe_url = _redacted_url(rpc_url)
         self.timeout_s = timeout_s
-        provider = Web3.HTTPProvider(
+        # Every answer is bounded in size, nesting and total time (contracts/json_rpc.py);
+        # retries are off: callers own the retry policy (a node refuses when chain state is
+        # stale).
+        provider = BoundedHTTPProvider(
             rpc_url,
-            request_kwargs={"timeout": timeout_s},
+            timeout_s=timeout_s,
+            max_response_bytes=max_response_bytes,
+            safe_url=self.safe_url,
             # web3 asks eth_chainId before each call unless cached (ARCHITECTURE.md). Only the
             # chain id is cached: caching blocks or calls would serve stale grant state.
             cache_allowed_requests=True,
             cacheable_requests={RPCEndpoint("eth_chainId")},
             request_cache_validation_threshold=None,
-            # Fail fast: callers own the retry policy (a node refuses when chain state is stale).
-            exception_retry_configuration=None,
         )
         self.w3 = Web3(provider)
         # "validation" re-checks the chain id before every eth_call (one more round trip on
@@ -207,6 +230,9 @@ class _Chain:
     def translate(self, op: str) -> Iterator[None]:
         try:
             yield
+        except ChainUnavailable as e:
+            # From the transport or a decoding check: name the operation too.
+            raise ChainUnavailable(f"{op}: {e.message}") from e
         except KmsError:
             raise
         except ContractLogicError as e:
@@ -220,10 +246,19 @@ class _Chain:
                 f"{op}: no registry contract answered at {self.safe_url} (wrong address?)"
             ) from e
         except (MethodUnavailable, RequestTimedOut) as e:
-            raise ChainUnavailable(f"{op}: chain at {self.safe_url} failed: {e.message}") from e
+            raise ChainUnavailable(
+                f"{op}: chain at {self.safe_url} failed: {_clip(e.message)}"
+            ) from e
         except Web3RPCError as e:
             # The node refused the request itself (nonce, funds, gas): not a contract revert.
-            raise ChainRejected(f"chain refused {op}: {e.message}") from e
+            raise ChainRejected(f"chain refused {op}: {_clip(e.message)}") from e
+        except _MALFORMED_ANSWER_ERRORS as e:
+            kind = type(e).__name__
+            if type(e).__module__ != "builtins":
+                kind = f"{type(e).__module__}.{kind}"
+            raise ChainUnavailable(
+                f"{op}: chain at {self.safe_url} answered malformed data ({kind})"
+            ) from e
         except _CHAIN_ERRORS as e:
             # The exception text may contain the full URL (and so an API key): name only.
             raise ChainUnavailable(
@@ -293,6 +328,11 @@ class _Chain:
         return receipt
 
 
+def _clip(message: str, limit: int = 200) -> str:
+    """An endpoint's own words, cut to a length a log line and a caller can take."""
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
 def _show(abi_type: str, value: Any) -> str:
     if abi_type == "address":
         return str(Web3.to_checksum_address(value))
@@ -320,11 +360,20 @@ def _error_table(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str],
 class RegistryClient:
     """Typed access to one deployed registry; safe to share between threads."""
 
-    def __init__(self, rpc_url: str, address: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        rpc_url: str,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        max_response_bytes: int = JSON_RPC_MAX_BYTES,
+    ) -> None:
+        """``timeout_s`` bounds each JSON-RPC call in all (not each read), and
+        ``max_response_bytes`` each answer, as it is read."""
         self.address: ChecksumAddress = _address(address, "registry address")
         self.rpc_url = rpc_url
         abi = load_artifact()["abi"]
-        self._chain = _Chain(rpc_url, timeout_s, abi)
+        self._chain = _Chain(rpc_url, timeout_s, abi, max_response_bytes)
         self._contract: Contract = self._chain.w3.eth.contract(
             address=self.address,
             abi=abi,
@@ -379,8 +428,7 @@ class RegistryClient:
             raise InvalidRequest("block: identifier must be a block number or 'latest'")
         which: BlockIdentifier = identifier if isinstance(identifier, int) else "latest"
         with self._chain.translate("get_block"):
-            block = self._chain.w3.eth.get_block(which)
-            return BlockRef(int(block["number"]), bytes(block["hash"]), int(block["timestamp"]))
+            return _block_ref(self._chain.w3.eth.get_block(which))
 
     def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
         """The registry's patient, record and grant events in [from_block, to_block], in
@@ -400,7 +448,7 @@ class RegistryClient:
                     continue
                 number = int(log["blockNumber"])
                 if number not in timestamps:
-                    timestamps[number] = int(self._chain.w3.eth.get_block(number)["timestamp"])
+                    timestamps[number] = _block_ref(self._chain.w3.eth.get_block(number)).timestamp
                 data = event().process_log(log)
                 followed = _event(data["event"], data["args"], number, timestamps[number])
                 if followed is not None:
@@ -733,6 +781,19 @@ class RegistryClient:
                 block_timestamp=int(timestamp),
                 capsule_retired=bool(retired),
             )
+
+
+def _block_ref(block: Any) -> BlockRef:
+    """The block an endpoint answered, checked for shape: a lying endpoint's nonsense is
+    refused here (with what was wrong), never judged by."""
+    number, block_hash, timestamp = block["number"], block["hash"], block["timestamp"]
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ChainUnavailable(f"the chain answered a block numbered {str(number)[:40]!r}")
+    if not isinstance(block_hash, bytes) or len(block_hash) != 32:
+        raise ChainUnavailable(f"the chain answered block {number} without a 32-byte hash")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
+        raise ChainUnavailable(f"the chain answered block {number} without a timestamp")
+    return BlockRef(number, bytes(block_hash), timestamp)
 
 
 def _record(record_id: bytes, r: Any) -> RecordInfo | None:

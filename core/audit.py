@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from medkms.core import merkle
+from medkms.core import bounded_json, merkle
 from medkms.core.addresses import is_checksummed
 from medkms.core.errors import IntegrityError, InvalidRequest
 from medkms.core.record_types import RecordType
@@ -55,10 +55,10 @@ HASH_SIZE: Final = 32
 MAX_NODE_ID_BYTES: Final = 255
 MAX_TEXT = 1024
 # Above the largest valid entry (every text field at its limit, non-ASCII escaped): a bound
-# on what is parsed, and on JSON nesting depth. py_ecc (imported with web3) raises Python's
-# recursion limit to 100000, and the C JSON parser then overflows the C stack, killing the
-# process, on ~100000 nested brackets; 32 KiB of them parse to a clean error.
+# on what is parsed (core/bounded_json.py).
 MAX_ENTRY_BYTES: Final = 32 * 1024
+#: an entry is one flat JSON object
+MAX_ENTRY_DEPTH: Final = 1
 _UINT64_MAX = 2**64 - 1
 _REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Order of the P-256 group (SEC 2, section 2.4.2): signatures must have s <= n/2.
@@ -212,16 +212,9 @@ class AuditEntry:
     @classmethod
     def from_canonical(cls, data: bytes) -> AuditEntry:
         """Parse :meth:`canonical_bytes`; anything but the one canonical form is refused."""
-        if not isinstance(data, bytes):
-            raise InvalidRequest("audit entry must be bytes")
-        if len(data) > MAX_ENTRY_BYTES:
-            raise InvalidRequest(f"audit entry is larger than {MAX_ENTRY_BYTES} bytes")
-        try:
-            fields = json.loads(data)
-        except (ValueError, TypeError, RecursionError):
-            raise InvalidRequest("audit entry is not JSON") from None
-        if not isinstance(fields, dict):
-            raise InvalidRequest("audit entry is not a JSON object")
+        fields = bounded_json.loads_object(
+            data, max_bytes=MAX_ENTRY_BYTES, max_depth=MAX_ENTRY_DEPTH, what="audit entry"
+        )
         version = fields.pop("v", None)
         if version not in (1, ENTRY_VERSION) or isinstance(version, bool):
             raise InvalidRequest(f"audit entry is not version 1 or {ENTRY_VERSION}")

@@ -46,16 +46,16 @@ the entries' times name a truncation, and receipts name an altered entry exactly
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, Protocol
 
-from medkms.core import merkle
+from medkms.core import bounded_json, merkle
 from medkms.core.audit import (
     GRANTED,
+    MAX_ENTRY_BYTES,
     AuditEntry,
     Checkpoint,
     Receipt,
@@ -390,13 +390,20 @@ def verify_node(
     return _Audit(node, log, chain, since).run(list(receipts), rejudge_decisions)
 
 
+#: how deep an entry that does not parse may nest for its request id still to be read
+_LENIENT_ENTRY_DEPTH: Final = 8
+
+
 def _lenient_request_id(data: bytes) -> str:
-    """The request id of an entry that does not parse, if its JSON still names one."""
+    """The request id of an entry that does not parse, if its JSON still names one; the
+    node serves these bytes, so they are read within an entry's bounds or not at all."""
     try:
-        fields = json.loads(data)
-    except (ValueError, TypeError, RecursionError):
+        fields = bounded_json.loads_object(
+            data, max_bytes=MAX_ENTRY_BYTES, max_depth=_LENIENT_ENTRY_DEPTH, what="audit entry"
+        )
+    except InvalidRequest:
         return ""
-    value = fields.get("request_id") if isinstance(fields, dict) else None
+    value = fields.get("request_id")
     return value[:128] if isinstance(value, str) and value.isprintable() else ""
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from medkms.core.errors import ChainRejected, ChainUnavailable, PreconditionFailed
+from medkms.core import bounded_json
+from medkms.core.bounded_json import JSON_RPC_MAX_BYTES, JSON_RPC_MAX_DEPTH
+from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, PreconditionFailed
 from medkms.deploy.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,11 +63,14 @@ def rpc_call(rpc_url: str, method: str, params: list[Any], *, timeout_s: float =
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - see above
-            reply = json.loads(response.read())
+            body = response.read(JSON_RPC_MAX_BYTES + 1)
+        reply = bounded_json.loads_object(
+            body, max_bytes=JSON_RPC_MAX_BYTES, max_depth=JSON_RPC_MAX_DEPTH, what="the answer"
+        )
+    except InvalidRequest as e:
+        raise ChainUnavailable(f"chain RPC {method} at {rpc_url}: {e.message}") from e
     except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSError
         raise ChainUnavailable(f"chain RPC {method} at {rpc_url} failed: {e}") from e
-    if not isinstance(reply, dict):
-        raise ChainUnavailable(f"chain RPC {method} at {rpc_url} answered nonsense")
     if "error" in reply:
         message = reply["error"].get("message", "") if isinstance(reply["error"], dict) else ""
         raise ChainRejected(f"chain refused {method}: {message}")

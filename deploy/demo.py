@@ -14,6 +14,8 @@ from medkms.clients.audit_report import failures
 from medkms.clients.auditor import audit_cluster, channel_factory
 from medkms.clients.patient import PatientClient
 from medkms.clients.provider import ProviderClient
+from medkms.clients.records import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
+from medkms.core import bounded_json
 from medkms.core.errors import AccessDenied, KmsError
 from medkms.core.record_types import RecordType
 from medkms.deploy.local_cluster import LocalCluster
@@ -122,7 +124,9 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         plaintext = doctor.read_record(lab.record_id)
         if plaintext != document:
             raise DemoFailed("decrypted record differs from the original")
-        value = json.loads(plaintext)["valueQuantity"]
+        value = bounded_json.loads_object(
+            plaintext, max_bytes=MAX_DOCUMENT_BYTES, max_depth=MAX_DOCUMENT_DEPTH, what="record"
+        )["valueQuantity"]
         say(f"   decrypted record equals the original (HbA1c {value['value']}{value['unit']})")
 
         say("5. doctor asks for the diagnosis, which the grant does not cover")

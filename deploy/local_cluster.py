@@ -42,7 +42,9 @@ import grpc
 
 from medkms.clients.blob_store import LocalBlobStore
 from medkms.clients.identity import Identity
+from medkms.clients.input_files import load_json_object
 from medkms.contracts.registry import RegistryClient
+from medkms.core import bounded_json
 from medkms.core.errors import KmsError, PreconditionFailed, Unavailable
 from medkms.deploy import processes
 from medkms.deploy.anvil import AnvilProcess, set_balance
@@ -51,6 +53,10 @@ from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
 from medkms.proto.transport import Transport
 
 CLUSTER_FILE = "cluster.json"
+#: cluster.json names a chain, a coordinator and each node (a few hundred bytes each)
+MAX_CLUSTER_FILE_BYTES = 1024 * 1024
+#: {"nodes": [{...}], "node_settings": {...}}: objects in lists in objects
+CLUSTER_FILE_DEPTH = 4
 HOST = "127.0.0.1"
 DEMO_ACCOUNTS = {
     "admin": "registry administrator",
@@ -115,7 +121,9 @@ class LocalCluster:
     def open(cls, state_dir: Path) -> LocalCluster:
         path = state_dir / CLUSTER_FILE
         try:
-            data = json.loads(path.read_text())
+            data = load_json_object(
+                path, max_bytes=MAX_CLUSTER_FILE_BYTES, max_depth=CLUSTER_FILE_DEPTH, what="state"
+            )
         except FileNotFoundError:
             raise PreconditionFailed(
                 f"no cluster in {state_dir}; run `kmsctl cluster up`"
@@ -505,5 +513,7 @@ def _run_init(config: Path) -> dict[str, str]:
     )
     if result.returncode != 0:
         raise Unavailable(f"kms-node init failed for {config}: {result.stderr.strip()[-2000:]}")
-    public: dict[str, str] = json.loads(result.stdout)
-    return public
+    public = bounded_json.loads_object(
+        result.stdout.encode(), max_bytes=64 * 1024, max_depth=1, what="kms-node init's output"
+    )
+    return {str(k): str(v) for k, v in public.items()}

@@ -56,6 +56,8 @@ class ChainFollower:
         self.on_events = on_events
         self.index = GrantIndex()
         self._synced_at: float | None = None
+        #: why the last background sync failed, while it is the latest word on the chain
+        self._last_failure: str | None = None
         self._head_seen = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,9 +117,19 @@ class ChainFollower:
         while not self._stop.wait(self._poll_interval_s):
             try:
                 self.sync_once()
+                self._last_failure = None
             except KmsError as e:
-                metrics.CHAIN_SYNC_FAILURES.inc()
-                log.warning("chain_sync_failed", error=e.message)
+                self._failed(e.message)
+            except Exception as e:  # noqa: BLE001 - a bug here must not end following for good
+                # The adapter translates what the chain answers; anything else is a bug, and
+                # the index then only goes stale (fails closed) while this says why.
+                self._failed(f"unexpected {type(e).__name__}")
+                log.exception("chain_sync_crashed")
+
+    def _failed(self, why: str) -> None:
+        metrics.CHAIN_SYNC_FAILURES.inc()
+        self._last_failure = why
+        log.warning("chain_sync_failed", error=why)
 
     # -- judging -----------------------------------------------------------
 
@@ -127,7 +139,8 @@ class ChainFollower:
             return "the node has not synced the registry yet"
         age = self._clock() - self._synced_at
         if age > self.max_age_s:
-            return f"last chain sync was {age:.1f}s ago (bound {self.max_age_s:g}s)"
+            why = f": {self._last_failure}" if self._last_failure else ""
+            return f"last chain sync was {age:.1f}s ago (bound {self.max_age_s:g}s){why}"
         lag = self._head_seen - self.index.block.number
         if lag > self.max_lag_blocks:
             return f"registry index is {lag} blocks behind (bound {self.max_lag_blocks})"

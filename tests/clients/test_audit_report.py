@@ -15,6 +15,7 @@ from medkms.clients.audit_report import (
     CSV_COLUMNS,
     fhir_bundle,
     load_receipts,
+    load_state,
     receipt_to_json,
     report_csv,
     report_json,
@@ -121,3 +122,30 @@ def test_receipts_round_trip_through_their_file(node: Node, tmp_path: Path) -> N
     path.write_text('[{"node_id": "node-1"}]')
     with pytest.raises(InvalidRequest, match="not a receipts file"):
         load_receipts(path)
+
+
+NESTED = b"[" * 200_000  # json.loads of it, in a process that imported web3, dies
+
+
+def test_a_hostile_receipts_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "receipts.json"
+    path.write_bytes(NESTED)
+    with pytest.raises(InvalidRequest, match="nests deeper than 3 levels"):
+        load_receipts(path)
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # sparse: refused after 64 MiB, never read whole
+    with pytest.raises(InvalidRequest, match="larger than 67108864 bytes"):
+        load_receipts(path)
+
+
+def test_a_hostile_state_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(b'{"nodes": {"node-1": ' + NESTED + b"}}")
+    with pytest.raises(InvalidRequest, match="audit state .* nests deeper than 4 levels"):
+        load_state(path, [])
+    path.write_bytes(b"[]")
+    with pytest.raises(InvalidRequest, match="not a JSON object"):
+        load_state(path, [])
+    path.write_bytes(b'{"nodes": []}')
+    with pytest.raises(InvalidRequest, match="not an audit state file"):
+        load_state(path, [])

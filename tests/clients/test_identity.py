@@ -6,6 +6,7 @@ import pytest
 import umbral_pre as umbral
 
 from medkms.clients.identity import Identity
+from medkms.core.errors import InvalidRequest
 from medkms.core.record_types import RecordType
 
 
@@ -66,3 +67,34 @@ def test_a_lab_result_kfrag_cannot_open_a_diagnosis() -> None:
         umbral.decrypt_reencrypted(
             bob.umbral_secret_key(), diagnosis_key, capsule, [cfrag], ciphertext
         )
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"[" * 60_000, "nests deeper than 1 level"),
+        (b"{" + b" " * (64 * 1024) + b"}", "larger than 65536 bytes"),
+        (b'["ethereum_key"]', "not a JSON object"),
+        (b'{"ethereum_key": 5, "umbral_seed": "00"}', "AttributeError"),
+        (b'{"ethereum_key": "00", "umbral_seed": ["00"]}', "nests deeper than 1 level"),
+        (b'{"ethereum_key": "' + b"11" * 32 + b'", "umbral_seed": 7}', "TypeError"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+    ids=[
+        "nested",
+        "oversize",
+        "a-list",
+        "key-not-text",
+        "seed-a-list",
+        "seed-a-number",
+        "not-utf8",
+    ],
+)
+def test_a_broken_identity_file_is_an_invalid_request(
+    tmp_path: Path, content: bytes, fragment: str
+) -> None:
+    path = tmp_path / "id.json"
+    path.write_bytes(content)
+    with pytest.raises(InvalidRequest, match=fragment) as excinfo:
+        Identity.load(path)
+    assert excinfo.value.message.startswith("cannot load identity")

@@ -85,3 +85,31 @@ def test_invalid_fhir_is_refused(document: bytes, fragment: str) -> None:
 def test_garbage_envelope_is_an_integrity_error() -> None:
     with pytest.raises(IntegrityError):
         parse_envelope(b"\xff\xff\xff")
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        # json.loads of this, in a process that imported web3, dies (C stack overflow)
+        (b'{"resourceType":"Observation","note":' + b"[" * 200_000 + b"}", "nests deeper"),
+        (b'{"resourceType":["Observation"]}', "no resourceType"),
+        (b'{"resourceType":"Observation","value":NaN}', "not FHIR JSON"),
+    ],
+    ids=["nested", "resource-type-list", "nan"],
+)
+def test_a_hostile_document_is_refused_before_it_is_parsed(document: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        validate_fhir(document, RecordType.LAB_RESULT)
+
+
+def test_the_depth_bound_refuses_hostile_nesting_and_admits_real_resources() -> None:
+    nested = b'{"resourceType":"Observation","extension":' + b"[" * 65 + b"]" * 65 + b"}"
+    with pytest.raises(InvalidRequest, match="nests deeper than 64 levels"):
+        validate_fhir(nested, RecordType.LAB_RESULT)
+    # Extensions within extensions, 20 deep (41 levels of JSON), are a real resource.
+    extension: dict[str, object] = {"url": "http://example.org/leaf", "valueString": "x"}
+    for level in range(20):
+        extension = {"url": f"http://example.org/{level}", "extension": [extension]}
+    document = json.loads(lab_result())
+    document["extension"] = [extension]
+    assert validate_fhir(json.dumps(document).encode(), RecordType.LAB_RESULT) == "Observation"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import threading
-import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,6 +16,7 @@ from eth_keys.datatypes import PrivateKey
 from medkms.contracts.registry import RegistryClient
 from medkms.core.record_types import RecordType
 from medkms.deploy.anvil import AnvilProcess, set_balance
+from tests.hostile_rpc import HostileRpc
 
 FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas
 
@@ -97,46 +94,10 @@ def responder(
     return account
 
 
-class RpcRecorder:
-    """A JSON-RPC pass-through in front of anvil that records the methods it forwards."""
-
-    def __init__(self, upstream: str) -> None:
-        self.methods: list[str] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                payload = json.loads(body)
-                batch = payload if isinstance(payload, list) else [payload]
-                recorder.methods.extend(str(item["method"]) for item in batch)
-                request = urllib.request.Request(
-                    upstream, data=body, headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    answer = response.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # keep test output clean
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture
-def rpc_recorder(anvil: AnvilProcess) -> Iterator[RpcRecorder]:
-    recorder = RpcRecorder(anvil.rpc_url)
+def rpc_recorder(anvil: AnvilProcess) -> Iterator[HostileRpc]:
+    """A JSON-RPC pass-through in front of anvil that records the methods it forwards."""
+    recorder = HostileRpc(upstream=anvil.rpc_url)
     yield recorder
     recorder.close()
 

@@ -46,8 +46,9 @@ from medkms.core.registry_types import (
 )
 from medkms.deploy import anvil as anvil_module
 from medkms.deploy.anvil import AnvilProcess, increase_time, rpc_call
+from tests.hostile_rpc import HostileRpc
 
-from .conftest import RpcRecorder, compressed_point, p256_point, umbral_keys
+from .conftest import compressed_point, p256_point, umbral_keys
 
 pytestmark = pytest.mark.anvil
 
@@ -816,7 +817,7 @@ def test_access_state_is_one_call_with_record_grant_and_block(
     patient: LocalAccount,
     provider: LocalAccount,
     make_account: Callable[[], LocalAccount],
-    rpc_recorder: RpcRecorder,
+    rpc_recorder: HostileRpc,
 ) -> None:
     record_id = anchor(registry, patient, patient.address, record_type=RecordType.VACCINATION)
     grant(registry, patient, provider.address, mask=to_mask([RecordType.VACCINATION]))

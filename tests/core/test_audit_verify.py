@@ -312,6 +312,27 @@ def test_a_changed_byte_that_breaks_the_entry_still_names_it(node: Node) -> None
     assert failed_indices(report) == {7}
 
 
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b"[" * 200_000,  # plain json.loads of this kills a process that imported web3
+        b'{"request_id":"req-7","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"request_id":"req-7","x":"' + b"y" * 100_000 + b'"}',
+    ],
+    ids=["deep", "deep-with-request-id", "huge"],
+)
+def test_a_hostile_entry_fails_that_entry_and_the_audit_goes_on(node: Node, hostile: bytes) -> None:
+    with node.sql() as conn:
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 7", (hostile,))
+    report = node.verify()
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (7, Check.FORMAT)
+    assert problem.message.startswith("not a valid audit entry: audit entry ")
+    assert report.request_id(7) == ""  # too deep or too large: not read
+    assert report.request_id(8) == "req-8"
+    assert len(report.entries) == 40
+
+
 def test_a_deleted_entry_is_named_with_the_entry_before_it(node: Node) -> None:
     with node.sql() as conn:
         conn.execute("DELETE FROM entries WHERE leaf_index = 13")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from medkms.deploy.local_cluster import LocalCluster
 pytestmark = pytest.mark.cluster
 
 
-def kmsctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+def kmsctl(cluster: LocalCluster | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``kmsctl ARGS --state-dir`` the cluster's (or the directory given)."""
+    state_dir = cluster if isinstance(cluster, Path) else cluster.state_dir
     return subprocess.run(
         [
             sys.executable,
@@ -23,7 +26,7 @@ def kmsctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str
             "medkms.clients.kmsctl",
             *args,
             "--state-dir",
-            str(cluster.state_dir),
+            str(state_dir),
         ],
         capture_output=True,
         text=True,
@@ -100,3 +103,41 @@ def test_bad_input_gets_a_message_not_a_traceback(cluster: LocalCluster, tmp_pat
     result = kmsctl(cluster, "patient", "store", str(not_fhir), "--type", "xray")
     assert "unknown record type 'xray'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_hostile_file_gets_a_message_not_a_crash(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Files kmsctl reads are bounded in size and nesting: json.loads of 200 000 brackets,
+    in a process that imported web3, dies of a C stack overflow."""
+    nested = tmp_path / "nested.json"
+    nested.write_bytes(b"[" * 200_000)
+    sparse = tmp_path / "sparse.json"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)  # refused by size, never read whole
+    fhir = tmp_path / "fhir.json"
+    fhir.write_bytes(b'{"resourceType": "Observation", "note": ' + b"[" * 200_000 + b"}")
+    accounts = cluster.state_dir / "accounts"
+    (accounts / "hostile.json").write_bytes(b"[" * 60_000)
+    cases = [
+        (["audit", "verify", "--receipts", str(nested)], "nests deeper than 3 levels"),
+        (["audit", "verify", "--receipts", str(sparse)], "larger than 67108864 bytes"),
+        (["audit", "verify", "--state-file", str(nested)], "larger than|nests deeper"),
+        (["patient", "store", str(fhir), "--type", "lab_result"], "nests deeper than 64 levels"),
+        (["patient", "store", str(sparse), "--type", "lab_result"], "larger than 4194304 bytes"),
+        (["patient", "register", "--as", "hostile"], "nests deeper than 1 level"),
+    ]
+    try:
+        for args, message in cases:
+            result = kmsctl(cluster, *args)
+            assert result.returncode == 1, (args, result.returncode, result.stderr)
+            assert result.stderr.startswith("kmsctl: "), (args, result.stderr)
+            assert re.search(message, result.stderr), (args, result.stderr)
+            assert "Traceback" not in result.stderr
+    finally:
+        (accounts / "hostile.json").unlink()
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cluster.json").write_bytes(b'{"nodes": ' + b"[" * 200_000)
+    result = kmsctl(state, "cluster", "status")
+    assert result.returncode == 1, result.stderr
+    assert "cluster.json nests deeper than 4 levels" in result.stderr

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
+import structlog
 
 from medkms.core.errors import ChainUnavailable, Unavailable
 from medkms.core.record_types import RecordType
@@ -231,3 +236,51 @@ def test_a_deactivated_records_capsule_is_retired_under_any_record_id(
     assert state.record is not None and state.record.active  # the other record itself
     assert state.capsule_retired is True
     assert f.access_state(other, GRANTEE, b"k" * 32).capsule_retired is False
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ChainUnavailable("chain at http://127.0.0.1:1 sent a bad JSON-RPC answer"), TypeError("x")],
+    ids=["chain-unavailable", "a-bug"],
+)
+def test_the_background_sync_survives_failures_and_says_why(
+    chain: FakeChain, failure: Exception
+) -> None:
+    """Whatever a sync raises, the thread goes on following: the index goes stale (the node
+    refuses with UNAVAILABLE, giving the reason) and recovers once the chain answers."""
+    clock = Clock()
+    f = ChainFollower(chain, poll_interval_s=0.01, max_age_s=2.0, clock=clock)
+    original = chain.block
+    failing = threading.Event()
+
+    def block(identifier: int | str = "latest") -> BlockRef:
+        if failing.is_set():
+            raise failure
+        return original(identifier)
+
+    chain.block = block  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        f.start()
+        try:
+            failing.set()
+            _wait_for(lambda: any(e["event"] == "chain_sync_failed" for e in logs))
+            clock.now = 3.0
+            with pytest.raises(Unavailable) as refused:
+                f.access_state(RECORD, GRANTEE, CAPSULE)
+            why = failure.message if isinstance(failure, ChainUnavailable) else "unexpected"
+            assert f"last chain sync was 3.0s ago (bound 2s): {why}" in refused.value.message
+            failing.clear()
+            chain.mine(anchored(1))
+            _wait_for(lambda: f.index_block() == 1)
+            assert f.staleness() is None
+        finally:
+            f.stop()
+    failed = [e for e in logs if e["event"] == "chain_sync_failed"]
+    assert failed and all(why in e["error"] for e in failed)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -1,0 +1,243 @@
+"""The chain's JSON-RPC over HTTP, with every answer bounded: in size while it is read, in
+nesting before it is decoded, and in total time.
+
+The chain endpoint is not trusted to be sane (docs/threat-model.md): it may answer with a
+body of gigabytes, JSON nested deeply enough to overflow the C stack (web3 raises Python's
+recursion limit to 100 000), or a byte every few seconds. web3's ``HTTPProvider`` reads the
+whole body with ``requests`` and decodes it with ``json.loads``, and a per-read timeout lets a
+trickling server hold a call for ever. So :class:`BoundedHTTPProvider` keeps web3's provider
+(request encoding, the request cache, middleware) and replaces only the two ends:
+
+- the HTTP exchange (web3's session-manager seam, ``make_post_request``: request bytes in,
+  answer bytes out) is :class:`JsonRpcTransport`, which reads at most ``max_bytes`` and
+  gives up at a deadline ``timeout_s`` after the call began, whatever arrives meanwhile;
+- decoding is :func:`medkms.core.bounded_json.loads_object`.
+
+Both raise :class:`~medkms.core.errors.ChainUnavailable` with a reason that names the
+endpoint by scheme, host and port only (hosted RPC URLs carry API keys).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import select
+import socket
+import ssl
+import threading
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlsplit
+
+from web3 import HTTPProvider
+from web3._utils.http_session_manager import HTTPSessionManager
+from web3.types import RPCResponse
+
+from medkms.core.bounded_json import JSON_RPC_MAX_DEPTH, loads_object
+from medkms.core.errors import ChainUnavailable, InvalidRequest
+
+#: bytes read from the socket at a time
+_READ_CHUNK: Final = 64 * 1024
+
+
+class JsonRpcTransport:
+    """POSTs request bodies to one JSON-RPC endpoint; one kept-alive connection per thread."""
+
+    def __init__(self, url: str, *, timeout_s: float, max_bytes: int, safe_url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest("rpc_url must be an http(s) URL")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._auth: dict[str, str] = {}
+        if parts.username is not None:
+            # As requests does: credentials in the URL become HTTP basic authentication.
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._auth["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.safe_url = safe_url
+        self._tls_context = ssl.create_default_context() if self._tls else None
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"JsonRpcTransport({self.safe_url!r})"
+
+    def post(self, body: bytes, headers: dict[str, str]) -> bytes:
+        """The answer's body, or ChainUnavailable saying why there is none."""
+        with _Deadline(self.timeout_s) as deadline:
+            try:
+                conn = self._connection(deadline)
+                conn.request("POST", self._target, body, {**headers, **self._auth})
+                answer = self._read(conn.getresponse())
+                if deadline.expired:
+                    # What was read ended at the cut, not where the peer meant it to.
+                    raise ConnectionAbortedError
+            except (OSError, http.client.HTTPException, ChainUnavailable) as e:
+                self._drop()
+                if deadline.expired:
+                    raise self.unavailable(f"no complete answer within {self.timeout_s:g}s") from e
+                if isinstance(e, ChainUnavailable):
+                    raise
+                if isinstance(e, TimeoutError):
+                    raise self.unavailable(f"no answer for {self.timeout_s:g}s") from e
+                raise self.unavailable(f"unavailable ({type(e).__name__})") from e
+        return answer
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        if not 200 <= response.status < 300:
+            raise self.unavailable(f"HTTP status {response.status}")
+        header = response.getheader("Content-Length")
+        declared = int(header) if header is not None and header.isdigit() else None
+        if declared is not None and declared > self.max_bytes:
+            raise self._too_large()
+        chunks, total = [], 0
+        while chunk := response.read(_READ_CHUNK):
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        if declared is not None and total != declared:
+            # http.client returns a short body as if it were whole.
+            raise self.unavailable(f"answer cut short ({total} of {declared} bytes)")
+        return b"".join(chunks)
+
+    def _connection(self, deadline: _Deadline) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and _idle_socket_is_unusable(conn.sock):
+            conn.close()  # the server closed it (or sent garbage) while it was idle
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._tls else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout_s)
+            self._local.conn = conn
+        if conn.sock is None:
+            sock = socket.create_connection((self._host, self._port), timeout=self.timeout_s)
+            deadline.watch(sock)
+            # As urllib3 does: without it, Nagle and delayed ACKs cost ~40 ms per request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls_context is not None:
+                # The handshake runs under the deadline too: a trickling peer is cut. (The
+                # TLS socket takes over the plain one's descriptor: watch it, then shake.)
+                sock = self._tls_context.wrap_socket(
+                    sock, server_hostname=self._host, do_handshake_on_connect=False
+                )
+                deadline.watch(sock)
+                sock.do_handshake()
+            conn.sock = sock
+        deadline.watch(conn.sock)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _too_large(self) -> ChainUnavailable:
+        return self.unavailable(f"answer larger than {self.max_bytes} bytes")
+
+    def unavailable(self, why: str) -> ChainUnavailable:
+        return ChainUnavailable(f"chain at {self.safe_url}: {why}")
+
+
+class _Deadline:
+    """Shuts a call's socket down when its time is up, so that a read blocked on a peer
+    that trickles bytes returns at once (socket timeouts bound each read, not the call)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.expired = False
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        # The plain socket's shutdown, also for TLS: it wakes a blocked read without
+        # touching the TLS state another thread is using.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _idle_socket_is_unusable(sock: socket.socket) -> bool:
+    """An idle kept-alive socket that is readable was closed by the peer (or holds bytes
+    nobody asked for): either way it must not carry the next request."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class _BoundedPost(HTTPSessionManager):
+    """web3's seam between a provider and HTTP: ``make_post_request`` takes the encoded
+    request and returns the answer's bytes, for single and batch requests alike."""
+
+    def __init__(self, transport: JsonRpcTransport) -> None:
+        super().__init__(cache_size=1, session_pool_max_workers=1)
+        self._transport = transport
+
+    def make_post_request(
+        self, endpoint_uri: Any, data: bytes | dict[str, Any], **kwargs: Any
+    ) -> bytes:
+        if not isinstance(data, bytes):
+            raise InvalidRequest("a JSON-RPC request must be encoded bytes")
+        headers = kwargs.get("headers") or {"Content-Type": "application/json"}
+        return self._transport.post(data, dict(headers))
+
+
+class BoundedHTTPProvider(HTTPProvider):
+    """web3's HTTP provider with :class:`JsonRpcTransport` underneath and bounded decoding.
+    Retries are off (callers own the retry policy); other keywords go to ``HTTPProvider``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        max_response_bytes: int,
+        safe_url: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(url, exception_retry_configuration=None, **kwargs)
+        self._transport = JsonRpcTransport(
+            url, timeout_s=timeout_s, max_bytes=max_response_bytes, safe_url=safe_url
+        )
+        self._request_session_manager = _BoundedPost(self._transport)
+
+    def __str__(self) -> str:
+        return f"RPC connection {self._transport.safe_url}"
+
+    def decode_rpc_response(self, raw_response: bytes) -> RPCResponse:  # type: ignore[override]
+        try:
+            answer = loads_object(
+                raw_response,
+                max_bytes=self._transport.max_bytes,
+                max_depth=JSON_RPC_MAX_DEPTH,
+                what="JSON-RPC answer",
+            )
+        except InvalidRequest as e:
+            raise self._transport.unavailable(e.message) from None
+        return cast(RPCResponse, answer)

@@ -1,0 +1,150 @@
+"""The bounded JSON parser: nesting and size are refused before json.loads sees them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from medkms.core import bounded_json
+from medkms.core.bounded_json import check_depth, loads, loads_object
+from medkms.core.errors import InvalidRequest
+
+LIMITS = {"max_bytes": 1 << 20, "max_depth": 8, "what": "test document"}
+
+
+def nested(depth: int, inner: str = "1") -> bytes:
+    """``depth`` alternating arrays and objects around ``inner``."""
+    text = inner
+    for level in range(depth):
+        text = f"[{text}]" if level % 2 else f'{{"k":{text}}}'
+    return text.encode()
+
+
+def test_depth_at_the_limit_parses_one_more_is_refused() -> None:
+    assert loads(nested(8), **LIMITS) is not None
+    with pytest.raises(InvalidRequest, match="test document nests deeper than 8 levels"):
+        loads(nested(9), **LIMITS)
+    assert loads(b"[]", max_bytes=10, max_depth=1, what="x") == []
+    assert loads(b"7", max_bytes=10, max_depth=0, what="x") == 7
+    with pytest.raises(InvalidRequest, match="deeper than 0"):
+        loads(b"[]", max_bytes=10, max_depth=0, what="x")
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    value = json.dumps({"a": "[[[[[[[[[[{{{{{{{{{{{{", "b": ["]]]]]]]]}}}}}}}"]}).encode()
+    assert loads(value, **LIMITS)["a"].startswith("[[[")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        # an escaped quote does not end the string: the brackets after it are inside it
+        r'{"a": "x\" [[[[[[[[[[[[[[ y"}',
+        # an escaped backslash does end it before the quote: these brackets are outside
+        r'{"a": "x\\", "b": [[[[[[[[[[[[]]]]]]]]]]]]}',
+        r'{"a": "\\\"[[[[[[[[[[[[[[[[[["}',
+        r'{"a": "\u005b[[[[[[[[[[[[[[[["}',
+    ],
+)
+def test_escapes_are_honoured(document: str) -> None:
+    expected_ok = "]]]]" not in document
+    if expected_ok:
+        assert isinstance(loads(document.encode(), **LIMITS), dict)
+    else:
+        with pytest.raises(InvalidRequest, match="deeper"):
+            loads(document.encode(), **LIMITS)
+
+
+def test_size_is_refused_before_parsing() -> None:
+    assert loads(b" " * 99 + b"1", max_bytes=100, max_depth=1, what="x") == 1
+    with pytest.raises(InvalidRequest, match="x is larger than 100 bytes"):
+        loads(b" " * 100 + b"1", max_bytes=100, max_depth=1, what="x")
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"\xef\xbb\xbf{}", "not JSON"),  # a BOM is not JSON text (RFC 8259 8.1)
+        ("{}", "must be bytes"),
+        (b"", "not JSON"),
+        (b"{", "not JSON"),
+        (b"[1,]", "not JSON"),
+        (b'{"a": NaN}', "not JSON"),
+        (b"[Infinity]", "not JSON"),
+        (b"1" * 5000, "not JSON"),  # more digits than Python converts
+        (b'"' + b"[" * 20, "unterminated string"),
+        (b"]" + b"[" * 20, "unbalanced"),
+        (b"[" * 20 + b'"', "deeper"),
+    ],
+)
+def test_malformed_input_is_an_invalid_request(data: bytes, problem: str) -> None:
+    with pytest.raises(InvalidRequest, match=problem):
+        loads(data, **LIMITS)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("document", [b"[]", b'"x"', b"1", b"null", b"true"])
+def test_wrong_top_level_type_is_refused(document: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="test document is not a JSON object"):
+        loads_object(document, **LIMITS)
+    assert loads_object(b'{"a": [1]}', **LIMITS) == {"a": [1]}
+
+
+def test_the_scan_is_linear() -> None:
+    """Millions of structural characters and escapes scan in well under a second, and an
+    unterminated string full of escaped quotes is not rescanned from each quote."""
+    for text in (
+        "[" + ",".join(['"\\"[{"'] * 200_000) + "]",
+        '"' + '\\"' * 1_000_000,
+        "[" + "[]," * 1_000_000 + "1]",
+    ):
+        started = time.perf_counter()
+        try:
+            check_depth(text, max_depth=4, what="x")
+        except InvalidRequest:
+            pass
+        assert time.perf_counter() - started < 2.0
+
+
+def test_a_deep_document_is_refused_where_json_loads_would_kill_the_process() -> None:
+    """With web3 imported (recursion limit 100 000) plain json.loads of deep nesting dies
+    with SIGSEGV; the bounded parser refuses the same bytes and the process lives on."""
+    script = (
+        "import web3, json, sys\n"
+        "from medkms.core.bounded_json import loads\n"
+        "from medkms.core.errors import InvalidRequest\n"
+        "data = b'[' * 200_000\n"
+        "try:\n"
+        "    loads(data, max_bytes=1 << 20, max_depth=32, what='x')\n"
+        "except InvalidRequest as e:\n"
+        "    print(e.message)\n"
+        "if sys.argv[1] == 'plain':\n"
+        "    json.loads(data)\n"
+    )
+    bounded = subprocess.run(
+        [sys.executable, "-c", script, "bounded"], capture_output=True, text=True, timeout=60
+    )
+    assert bounded.returncode == 0, bounded.stderr
+    assert bounded.stdout.strip() == "x nests deeper than 32 levels"
+    plain = subprocess.run(
+        [sys.executable, "-c", script, "plain"], capture_output=True, text=True, timeout=60
+    )
+    assert plain.returncode == -11  # what the bound prevents: SIGSEGV
+
+
+def test_json_rpc_bounds_fit_real_answers() -> None:
+    receipt = {"jsonrpc": "2.0", "id": 1, "result": {"logs": [{"topics": ["0x00"]}]}}
+    data = json.dumps(receipt).encode()
+    assert (
+        loads(
+            data,
+            max_bytes=bounded_json.JSON_RPC_MAX_BYTES,
+            max_depth=bounded_json.JSON_RPC_MAX_DEPTH,
+            what="answer",
+        )
+        == receipt
+    )

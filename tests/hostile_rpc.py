@@ -1,0 +1,163 @@
+"""A JSON-RPC endpoint on loopback that lies on demand, for the chain adapter's tests and a
+real node's: it forwards to an upstream chain (anvil), or answers "method not found", unless
+a method has been given a hostile reply (nested, huge, wrong-typed, slow or trickling)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+#: a reply: writes the whole HTTP answer to ``handler`` for the decoded JSON-RPC ``request``
+Reply = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
+
+EVERY_METHOD = "*"
+
+
+class HostileRpc:
+    def __init__(self, upstream: str | None = None) -> None:
+        self.upstream = upstream
+        #: method (or EVERY_METHOD) -> hostile reply
+        self.replies: dict[str, Reply] = {}
+        #: bytes the hostile replies wrote before the client went away
+        self.sent = 0
+        self.methods: list[str] = []
+        rpc = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = json.loads(body)
+                method = str(request["method"])
+                rpc.methods.append(method)
+                reply = rpc.replies.get(method) or rpc.replies.get(EVERY_METHOD)
+                try:
+                    if reply is not None:
+                        reply(self, request)
+                    elif rpc.upstream is not None:
+                        forward = urllib.request.Request(
+                            rpc.upstream, data=body, headers={"Content-Type": "application/json"}
+                        )
+                        with urllib.request.urlopen(forward, timeout=10) as response:
+                            send(self, response.read())
+                    else:
+                        error = {"code": -32601, "message": f"no {method} here"}
+                        send_json(self, {"jsonrpc": "2.0", "id": request["id"], "error": error})
+                except OSError:
+                    pass  # the client hung up, as it should on a hostile answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # keep test output clean
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False  # trickling replies are left behind
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def misbehave(self, reply: Reply, *methods: str) -> None:
+        """Answer ``methods`` (default: every method) with ``reply`` from now on."""
+        for method in methods or (EVERY_METHOD,):
+            self.replies[method] = reply
+
+    def behave(self) -> None:
+        self.replies.clear()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+def send(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def send_json(handler: BaseHTTPRequestHandler, answer: object) -> None:
+    send(handler, json.dumps(answer).encode())
+
+
+def result(value: object) -> Reply:
+    """A well-formed JSON-RPC answer whose result is ``value`` (of whatever type)."""
+    return lambda handler, request: send_json(
+        handler, {"jsonrpc": "2.0", "id": request["id"], "result": value}
+    )
+
+
+def raw(body: bytes, status: int = 200) -> Reply:
+    return lambda handler, _request: send(handler, body, status)
+
+
+def nested(depth: int = 200_000) -> Reply:
+    """An answer whose result nests ``depth`` arrays deep: json.loads of it, with web3's
+    recursion limit, overflows the C stack."""
+
+    def reply(handler: BaseHTTPRequestHandler, request: dict[str, Any]) -> None:
+        head = b'{"jsonrpc":"2.0","id":%d,"result":' % request["id"]
+        send(handler, head + b"[" * depth + b"]" * depth + b"}")
+
+    return reply
+
+
+def huge(rpc: HostileRpc, total: int = 1 << 30, *, declared: bool = True) -> Reply:
+    """A gigabyte-long answer, written as fast as the client reads it; ``declared`` says its
+    length up front, otherwise it ends when the connection closes."""
+
+    def reply(handler: BaseHTTPRequestHandler, request: dict[str, Any]) -> None:
+        head = b'{"jsonrpc":"2.0","id":%d,"result":"0x' % request["id"]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        if declared:
+            handler.send_header("Content-Length", str(total))
+        handler.end_headers()
+        handler.wfile.write(head)
+        chunk = b"00" * 32768
+        rpc.sent = len(head)
+        while rpc.sent < total:
+            handler.wfile.write(chunk)
+            rpc.sent += len(chunk)
+
+    return reply
+
+
+def slow(seconds: float, then: Reply | None = None) -> Reply:
+    """Say nothing for ``seconds``, then (if still connected) answer with ``then``."""
+
+    def reply(handler: BaseHTTPRequestHandler, request: dict[str, Any]) -> None:
+        time.sleep(seconds)
+        if then is not None:
+            then(handler, request)
+
+    return reply
+
+
+def trickle(interval_s: float, *, in_headers: bool = False) -> Reply:
+    """A byte every ``interval_s``, for ever: each read returns in time, the answer never
+    completes. ``in_headers``: the bytes are header bytes, before any body."""
+
+    def reply(handler: BaseHTTPRequestHandler, _request: dict[str, Any]) -> None:
+        out = handler.wfile
+        if in_headers:
+            out.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            out.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        out.flush()
+        while True:
+            time.sleep(interval_s)
+            out.write(b"a" if in_headers else b" ")
+            out.flush()
+
+    return reply

@@ -1,0 +1,175 @@
+"""Hostile nodes under audit: real gRPC audit services in front of the session cluster's
+nodes serve each node's log with one entry swapped for something hostile (nested deeply
+enough to kill a JSON parser, over the message size, of the wrong type) or stall the stream.
+Each such node fails with a clear reason; every node is still reported."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from medkms.clients import auditor
+from medkms.clients.auditor import audit_cluster, channel_factory
+from medkms.clients.records import parse_envelope
+from medkms.contracts.registry import RegistryClient
+from medkms.core.audit_verify import Check, NodeReport
+from medkms.core.record_types import RecordType
+from medkms.core.registry_types import NodeInfo
+from medkms.deploy.local_cluster import LocalCluster
+from medkms.proto.kms.v1 import audit_pb2
+from medkms.proto.stubs import AUDIT_SERVICE, AuditStub, NodeStub
+from medkms.proto.transport import Transport
+from tests.integration.conftest import People
+
+pytestmark = pytest.mark.cluster
+
+#: what a hostile node serves in place of entry HOSTILE_INDEX
+HOSTILE_INDEX = 0
+NESTED = b"[" * 200_000  # under the 256 KiB message bound; json.loads of it dies
+HUGE = b'{"request_id":"' + b"x" * 300_000 + b'"}'  # over the message bound
+WRONG_TYPE = b'{"v":2,"request_id":["r"],"node_id":{"a":[1]},"time":"soon"}'
+#: the auditor's deadline per call in this test (10 s in production)
+CALL_TIMEOUT_S = 2.0
+
+
+class HostileAuditService:
+    """``kms.v1.Audit`` for one node on loopback (plaintext): every call is passed to the
+    real node, except that GetEntries serves ``entry`` at HOSTILE_INDEX, or with ``stall``
+    stops for that long before it."""
+
+    def __init__(self, upstream: grpc.Channel, *, entry: bytes = b"", stall_s: float = 0) -> None:
+        stub = AuditStub(upstream)
+
+        def entries(
+            request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
+        ) -> Iterator[audit_pb2.AuditLogEntry]:
+            for row in stub.GetEntries(request, timeout=30):
+                if row.leaf_index == HOSTILE_INDEX:
+                    if stall_s:
+                        time.sleep(stall_s)
+                    if entry:
+                        row = audit_pb2.AuditLogEntry(leaf_index=row.leaf_index, entry=entry)
+                yield row
+
+        def unary(name: str, request_type: Any) -> grpc.RpcMethodHandler:
+            call = getattr(stub, name)
+            return grpc.unary_unary_rpc_method_handler(
+                lambda request, _context: call(request, timeout=30),
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+
+        handlers = {
+            "GetCheckpoint": unary("GetCheckpoint", audit_pb2.GetCheckpointRequest),
+            "GetInclusionProof": unary("GetInclusionProof", audit_pb2.InclusionProofRequest),
+            "GetConsistencyProof": unary("GetConsistencyProof", audit_pb2.ConsistencyProofRequest),
+            "GetEntries": grpc.unary_stream_rpc_method_handler(
+                entries,
+                request_deserializer=audit_pb2.GetEntriesRequest.FromString,
+                response_serializer=audit_pb2.AuditLogEntry.SerializeToString,
+            ),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(AUDIT_SERVICE.full_name, handlers)]
+        )
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=0)
+
+
+@pytest.fixture
+def hostile_nodes(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[NodeInfo], grpc.Channel]]:
+    """A channel factory: node-1 is reached directly; node-2 serves NESTED, node-3 HUGE,
+    node-4 WRONG_TYPE, node-5 stalls beyond the auditor's deadline."""
+    monkeypatch.setitem(auditor.GrpcLogSource.__init__.__kwdefaults__, "timeout_s", CALL_TIMEOUT_S)
+    direct = channel_factory(cluster.transport)
+    behaviours: dict[str, dict[str, Any]] = {
+        "node-2": {"entry": NESTED},
+        "node-3": {"entry": HUGE},
+        "node-4": {"entry": WRONG_TYPE},
+        "node-5": {"stall_s": 3 * CALL_TIMEOUT_S},
+    }
+    upstreams = {n.node_id: direct(n) for n in cluster.registry().list_nodes()}
+    services = {
+        node_id: HostileAuditService(upstreams[node_id], **kwargs)
+        for node_id, kwargs in behaviours.items()
+    }
+
+    def open_channel(node: NodeInfo) -> grpc.Channel:
+        service = services.get(node.node_id)
+        if service is None:
+            return direct(node)
+        # The auditor's own channel options, message size bound included.
+        return Transport.plaintext().channel(service.address)
+
+    try:
+        yield open_channel
+    finally:
+        for service in services.values():
+            service.stop()
+        for channel in upstreams.values():
+            channel.close()
+
+
+def test_each_hostile_node_fails_alone_with_a_reason(
+    people: People, registry: RegistryClient, hostile_nodes: Callable[[NodeInfo], grpc.Channel]
+) -> None:
+    # Every node's log holds a decision: one request to each.
+    people.grant_doctor()
+    capsule = bytes(parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule)
+    signer = people.doctor_signer()
+    for node in people.cluster.nodes:
+        request = signer.single(
+            people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+        )
+        with people.cluster.transport.channel(node.address, server_name=node.node_id) as channel:
+            NodeStub(channel).Reencrypt(request, timeout=10)
+
+    started = time.perf_counter()
+    report = audit_cluster(registry, hostile_nodes, rejudge_decisions=False)
+    assert time.perf_counter() - started < 60
+    by_node: dict[str, NodeReport] = {n.node_id: n for n in report.nodes}
+    assert sorted(by_node) == [f"node-{i}" for i in range(1, 6)]
+
+    def failure(node_id: str) -> tuple[Check, int | None, str]:
+        problem = by_node[node_id].first_failure()
+        assert problem is not None, f"{node_id} passed"
+        return problem.check, problem.leaf_index, problem.message
+
+    assert by_node["node-1"].ok, by_node["node-1"].problems
+    assert failure("node-2") == (
+        Check.FORMAT,
+        HOSTILE_INDEX,
+        "not a valid audit entry: audit entry is larger than 32768 bytes",
+    )
+    assert by_node["node-2"].request_id(HOSTILE_INDEX) == ""
+    assert failure("node-3")[:2] == (Check.SEQUENCE, HOSTILE_INDEX)  # not served from there on
+    stopped = stopped_at(by_node["node-3"])
+    assert "RESOURCE_EXHAUSTED" in stopped or "larger than max" in stopped, stopped
+    check, index, message = failure("node-4")
+    assert (check, index) == (Check.FORMAT, HOSTILE_INDEX)
+    assert message.startswith("not a valid audit entry: ")
+    assert failure("node-5")[:2] == (Check.SEQUENCE, HOSTILE_INDEX)
+    stopped = stopped_at(by_node["node-5"])
+    assert "Deadline Exceeded" in stopped or "DEADLINE_EXCEEDED" in stopped, stopped
+
+
+def stopped_at(report: NodeReport) -> str:
+    """Why the node stopped serving entries at HOSTILE_INDEX."""
+    prefix = f"the node stopped serving entries at entry {HOSTILE_INDEX}: "
+    (message,) = [
+        p.message
+        for p in report.problems
+        if p.check is Check.REACHABLE and p.message.startswith(prefix)
+    ]
+    return message
