@@ -5,7 +5,8 @@ again) and two budgets, and it charges refusals after the nodes have answered:
 
 - each requester's token bucket, in single requests (``request_cost``: a batch of ``n``
   capsules costs ``1 + (n - 1) / 4``, as a node spends on them). A capsule the nodes
-  refuse costs ``REFUSAL_COST`` in all, as at a node.
+  refuse costs ``REFUSAL_COST`` in all, as at a node; a requester not served lately pays
+  that price up front and gets the difference back when it is served.
 - each peer address's budget of refusals, spent by requesters the coordinator has not
   served lately. Throw-away keys each start with a full requester bucket, but they all
   come from somewhere: one address gets a few refusals per second for new requesters,
@@ -22,7 +23,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from medkms.core.errors import ResourceExhausted
 from medkms.core.rate_limit import REFUSAL_COST, RateLimiter
 
 #: requesters remembered as served (the oldest are forgotten first)
@@ -68,21 +71,47 @@ class Admission:
             at = self._served.get(requester)
         return at is not None and self._clock() - at < self._served_memory_s
 
-    def admit(self, requester: str, peer: str, cost: float) -> None:
-        """Refuse (ResourceExhausted) or take the request's cost from the requester."""
-        if not self._recently_served(requester):
-            self._peers.check(peer)
-        self._requesters.spend(requester, cost)
+    def admit(self, requester: str, peer: str, cost: float) -> Ticket:
+        """Refuse (ResourceExhausted) or take the request's price. A requester not served
+        lately pays as if refused (``REFUSAL_COST`` times ``cost``, and one refusal of its
+        address's budget), refunded when it is served: many calls sent at once get no
+        more through than the same calls one after another."""
+        proven = self._recently_served(requester)
+        price = cost if proven else cost * REFUSAL_COST
+        if not proven:
+            self._peers.spend(peer)
+        try:
+            self._requesters.spend(requester, price)
+        except ResourceExhausted:
+            if not proven:
+                self._peers.charge(peer, -1)
+            raise
+        return Ticket(requester, peer, proven, cost, price)
 
-    def served(self, requester: str) -> None:
-        with self._lock:
-            self._served[requester] = self._clock()
-            self._served.move_to_end(requester)
-            while len(self._served) > MAX_SERVED:
-                self._served.popitem(last=False)
+    def settle(self, ticket: Ticket, *, served: int, refused: int) -> None:
+        """What the nodes did with the ticket's request: ``served`` and ``refused``
+        capsules (refused for the requester's own reasons). The price is made right."""
+        owed = ticket.cost + refused * (REFUSAL_COST - 1)
+        self._requesters.charge(ticket.requester, owed - ticket.paid)  # < 0: a refund
+        if not ticket.proven:
+            self._peers.charge(ticket.peer, refused - 1)  # one was taken at admission
+        if served:
+            with self._lock:
+                self._served[ticket.requester] = self._clock()
+                self._served.move_to_end(ticket.requester)
+                while len(self._served) > MAX_SERVED:
+                    self._served.popitem(last=False)
 
-    def refused(self, requester: str, peer: str, count: int = 1) -> None:
-        """The nodes refused ``count`` capsules of the requester's request."""
-        self._requesters.charge(requester, count * (REFUSAL_COST - 1))
-        if not self._recently_served(requester):
-            self._peers.charge(peer, count)
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: who sent it, from where, and what was taken for it."""
+
+    requester: str
+    peer: str
+    #: served lately, so not held to the address's refusal budget
+    proven: bool
+    #: the request's cost, in single requests
+    cost: float
+    #: what was taken from the requester's budget at admission
+    paid: float

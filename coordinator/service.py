@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import structlog
 
-from medkms.coordinator.admission import Admission, peer_address
+from medkms.coordinator.admission import Admission, Ticket, peer_address
 from medkms.coordinator.node_pool import NodePool
 from medkms.coordinator.settings import CoordinatorSettings
 from medkms.coordinator.threshold import DECISION_STATUSES, FragmentCollector
@@ -321,7 +321,7 @@ class CoordinatorService:
             raise InvalidRequest("every enrollment of one relay must be the same patient's")
         # Signed by the patient (checked here as at every node), and charged to her budget
         # once per relay, as one refusal if every node refuses it.
-        peer, _ = await self._admit(
+        ticket, _ = await self._admit(
             [(e.claims(), e.signed.signature) for e in parsed],
             patient,
             patient,
@@ -347,9 +347,7 @@ class CoordinatorService:
 
         results = await asyncio.gather(*(relay(e) for e in msg.enrollments))
         accepted = sum(1 for r in results if not r.status)
-        self._settle(
-            patient, peer, served=accepted, refused=[] if accepted else [results[0].status]
-        )
+        self._settle(ticket, served=accepted, refused=[] if accepted else [results[0].status])
         log.info(
             "enrollments_relayed",
             nodes=node_ids,
@@ -371,9 +369,9 @@ class CoordinatorService:
         patient: str,
         cost: float,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> tuple[str, PatientInfo]:
+    ) -> tuple[Ticket, PatientInfo]:
         """Check that ``party`` signed each of the claims, fresh (as the nodes will), then
-        its and its peer's budgets (admission.py); the peer's address and the patient's
+        its and its peer's budgets (admission.py); the admission ticket and the patient's
         keys."""
         domain = await self._signing_domain()
         now = time.time()
@@ -388,7 +386,7 @@ class CoordinatorService:
             )
         peer = peer_address(context.peer() or "")
         try:
-            self._admission.admit(party, peer, cost)
+            ticket = self._admission.admit(party, peer, cost)
         except ResourceExhausted:
             # Answer a throttled caller only after a while (an asyncio sleep costs nothing):
             # a flooder with a fixed number of calls in flight is slowed to that many per
@@ -403,24 +401,22 @@ class CoordinatorService:
         try:
             info = await self._patients.get(patient)
         except PreconditionFailed:
-            self._admission.refused(party, peer)
+            self._admission.settle(ticket, served=0, refused=1)
             raise
-        return peer, info
+        return ticket, info
 
-    def _settle(self, requester: str, peer: str, *, served: int, refused: list[str]) -> None:
-        """Charge the capsules the nodes refused for the requester's own reasons."""
-        if served:
-            self._admission.served(requester)
+    def _settle(self, ticket: Ticket, *, served: int, refused: list[str]) -> None:
+        """Settle the ticket: capsules served, and those the nodes refused for the
+        requester's own reasons (not for being down)."""
         count = sum(1 for status in refused if status in DECISION_STATUSES)
-        if count:
-            self._admission.refused(requester, peer, count)
+        self._admission.settle(ticket, served=served, refused=count)
 
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
         domain = await self._signing_domain()
         query = ReencryptionQuery.parse(msg, domain)
-        peer, patient = await self._admit(
+        ticket, patient = await self._admit(
             [(query.claims(), query.signed.signature)],
             query.requester,
             query.patient,
@@ -443,10 +439,10 @@ class CoordinatorService:
         self._log_failures(bound, collector)
         if not collector.complete:
             refusal = collector.error()
-            self._settle(query.requester, peer, served=0, refused=[refusal.grpc_status])
+            self._settle(ticket, served=0, refused=[refusal.grpc_status])
             bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
             raise refusal
-        self._settle(query.requester, peer, served=1, refused=[])
+        self._settle(ticket, served=1, refused=[])
         bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=[
@@ -462,7 +458,7 @@ class CoordinatorService:
         domain = await self._signing_domain()
         batch = BatchQuery.parse(msg, domain)
         first = batch.items[0]
-        peer, patient = await self._admit(
+        ticket, patient = await self._admit(
             [(batch.claims(), first.signed.signature)],
             first.requester,
             first.patient,
@@ -505,7 +501,7 @@ class CoordinatorService:
                     )
                 )
         served = sum(1 for r in results if not r.status)
-        self._settle(first.requester, peer, served=served, refused=[r.status for r in results])
+        self._settle(ticket, served=served, refused=[r.status for r in results])
         bound.info("reencrypt_batch_served", served=served, refused=len(results) - served)
         return coordinator_pb2.CoordinatorBatchResponse(
             results=results, threshold=self._settings.threshold

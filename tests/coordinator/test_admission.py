@@ -45,16 +45,21 @@ def admitted_in_ten_seconds(gate: Admission, clock: Clock, *, refused: bool) -> 
     for tick in range(1000):
         clock.now = tick / 100
         try:
-            gate.admit("0xrequester", "1.1.1.1", 1)
+            ticket = gate.admit("0xrequester", "1.1.1.1", 1)
         except ResourceExhausted as e:
             assert "rate limit for this requester" in e.message
             continue
         count += 1
-        if refused:
-            gate.refused("0xrequester", "1.1.1.1")
-        else:
-            gate.served("0xrequester")
+        gate.settle(ticket, served=0 if refused else 1, refused=1 if refused else 0)
     return count
+
+
+def serve(gate: Admission, requester: str, peer: str) -> None:
+    gate.settle(gate.admit(requester, peer, 1), served=1, refused=0)
+
+
+def refuse(gate: Admission, requester: str, peer: str) -> None:
+    gate.settle(gate.admit(requester, peer, 1), served=0, refused=1)
 
 
 def test_a_requester_whose_requests_are_refused_is_slowed_ten_times() -> None:
@@ -62,25 +67,38 @@ def test_a_requester_whose_requests_are_refused_is_slowed_ten_times() -> None:
     served = admitted_in_ten_seconds(admission(clock), clock, refused=False)
     clock = Clock()
     gate = admission(clock)
-    gate.served("0xrequester")  # served before: its address's refusals do not concern it
+    serve(gate, "0xrequester", "1.1.1.1")  # served: its address's refusals do not concern it
     refused = admitted_in_ten_seconds(gate, clock, refused=True)
     assert abs(served - (20 + 100)) <= 1  # the burst, then 10/s
     assert abs(refused - (2 + 10)) <= 1  # the burst, then 1/s: ten tokens a refusal
 
 
+def test_requests_sent_at_once_get_no_further_than_one_after_another() -> None:
+    # A stranger pays the refusal price at admission, before the nodes have answered:
+    # twenty calls in flight at once get two through, not twenty.
+    gate = admission(Clock())
+    admitted = []
+    with pytest.raises(ResourceExhausted):
+        for _ in range(20):
+            admitted.append(gate.admit("0xstranger", "1.1.1.1", 1))
+    assert len(admitted) == 2
+    # Served, the price comes back: it is an honest requester's first read.
+    gate.settle(admitted[0], served=1, refused=0)
+    gate.admit("0xstranger", "1.1.1.1", 1)
+
+
 def test_throw_away_keys_from_one_address_get_its_few_refusals() -> None:
     clock = Clock()
     gate = admission(clock)
-    gate.served("0xdoctor")
-    for i in range(3):  # the address's burst of refusals
-        gate.admit(f"0xthrowaway{i}", "6.6.6.6", 1)
-        gate.refused(f"0xthrowaway{i}", "6.6.6.6")
+    serve(gate, "0xdoctor", "6.6.6.6")
+    for i in range(3):  # the address's burst (the doctor's first request was refunded)
+        refuse(gate, f"0xthrowaway{i}", "6.6.6.6")
     with pytest.raises(ResourceExhausted, match="not yet served from this address"):
         gate.admit("0xthrowaway-next", "6.6.6.6", 1)
     # A requester served lately is not held up by its address's refusals, nor is a new
     # requester from another address.
-    gate.admit("0xdoctor", "6.6.6.6", 1)
-    gate.admit("0xnewcomer", "7.7.7.7", 1)
+    serve(gate, "0xdoctor", "6.6.6.6")
+    serve(gate, "0xnewcomer", "7.7.7.7")
     clock.now = 1.0  # one refusal a second comes back
     gate.admit("0xthrowaway-next", "6.6.6.6", 1)
 
@@ -88,13 +106,12 @@ def test_throw_away_keys_from_one_address_get_its_few_refusals() -> None:
 def test_a_served_requester_is_exempt_only_for_a_while() -> None:
     clock = Clock()
     gate = admission(clock)
+    serve(gate, "0xdoctor", "6.6.6.6")
     for i in range(3):
-        gate.refused(f"0xstranger{i}", "6.6.6.6")
-    gate.served("0xdoctor")
-    gate.admit("0xdoctor", "6.6.6.6", 1)
-    clock.now = 61.0  # forgotten; by now the address has refilled as well
-    gate.admit("0xdoctor", "6.6.6.6", 1)
+        refuse(gate, f"0xstranger{i}", "6.6.6.6")
+    serve(gate, "0xdoctor", "6.6.6.6")  # exempt: served lately
+    clock.now = 70.0  # forgotten; the address has refilled meanwhile
     for i in range(3):
-        gate.refused(f"0xstranger{i}", "6.6.6.6")
-    with pytest.raises(ResourceExhausted):
+        refuse(gate, f"0xstranger{i}", "6.6.6.6")
+    with pytest.raises(ResourceExhausted, match="not yet served from this address"):
         gate.admit("0xdoctor", "6.6.6.6", 1)

@@ -6,14 +6,18 @@ test_kfrag_protection.py."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 import grpc
 import pytest
 import umbral_pre as umbral
+from eth_account import Account
 
 from medkms.clients.identity import Identity
 from medkms.clients.patient import PatientClient
 from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import sealed_enrollment
+from medkms.clients.signed_requests import RequestSigner, sealed_enrollment
 from medkms.core.errors import AccessDenied, ChainRejected, InvalidRequest
 from medkms.core.record_types import RecordType
 from medkms.core.registry_types import EmergencyAccessOpened, NodeInfo
@@ -215,13 +219,15 @@ def test_enrollment_by_someone_who_is_not_the_patient_is_refused(
         )
         request.patient = bytes.fromhex(people.patient.identity.address[2:])
         forged.append(request)
-    # Relayed by the coordinator, as the SDK sends them: every node refuses.
-    response = coordinator.EnrollKeyFragments(
-        coordinator_pb2.RelayEnrollmentsRequest(enrollments=forged), timeout=10
-    )
-    assert {r.status for r in response.results} == {"UNAUTHENTICATED"}
-    assert all("signature is not by the patient" in r.reason for r in response.results)
-    # And straight to a node.
+    # Sent through the coordinator, as the SDK sends them: it checks the patient's
+    # signature itself and relays nothing.
+    with pytest.raises(grpc.RpcError) as relayed:
+        coordinator.EnrollKeyFragments(
+            coordinator_pb2.RelayEnrollmentsRequest(enrollments=forged), timeout=10
+        )
+    assert relayed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "signature is not by the patient" in relayed.value.details()
+    # And straight to a node, which checks it again.
     error = enrollment_refusal(people, forged[0])
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert_still_serving(people)
@@ -397,3 +403,67 @@ def test_an_emergency_window_longer_than_the_maximum_is_refused(people: People) 
     # (tests/contracts).
     with people.provider(responder) as er, pytest.raises(InvalidRequest, match="1 to 14400 s"):
         er.open_emergency_access(people.patient.identity.address, 4 * 3600 + 1)
+
+
+# --- floods are stopped at the coordinator (issue 10) ---------------------------------------
+
+#: the coordinator's default budgets (coordinator/settings.py), which the cluster runs with
+REQUESTER_BURST, PEER_REFUSAL_BURST, PEER_REFUSALS_PER_S = 100, 20, 5.0
+
+
+def flood(coordinator: CoordinatorStub, requests: list[common_pb2.ReencryptionRequest]) -> Counter:
+    """Send every request at once; how each was answered."""
+    calls = [coordinator.Reencrypt.future(r, timeout=10) for r in requests]
+    return Counter(call.exception().code() for call in calls)  # type: ignore[union-attr]
+
+
+def refill_the_address_budget() -> None:
+    """Every test comes from 127.0.0.1: give its refusal budget back to the next ones."""
+    time.sleep(PEER_REFUSAL_BURST / PEER_REFUSALS_PER_S + 0.5)
+
+
+def test_one_requester_flooding_refused_requests_is_stopped_at_the_coordinator(
+    people: People, coordinator: CoordinatorStub
+) -> None:
+    people.grant_doctor([LAB])
+    assert_still_serving(people)  # the doctor has been served: its own budget is whole
+    stranger = people.new_identity("stranger", provider=True)
+    signer = RequestSigner(
+        stranger.account, stranger.umbral_public_key(), people.registry.signing_domain()
+    )
+    capsule = capsule_of(people, people.lab.storage_uri)
+    patient = people.patient.identity.address
+    requests = [signer.single(patient, people.lab.record_id, LAB, capsule) for _ in range(40)]
+    try:
+        codes = flood(coordinator, requests)
+        # A requester not served pays a refusal's price (10) up front: its burst of 100
+        # lets 10 reach the nodes, which refuse them; the rest never leave the coordinator.
+        assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert REQUESTER_BURST // 10 <= codes[grpc.StatusCode.PERMISSION_DENIED] <= 12
+        assert_still_serving(people)
+    finally:
+        refill_the_address_budget()
+
+
+def test_throw_away_keys_are_held_to_their_address_budget(
+    people: People, coordinator: CoordinatorStub
+) -> None:
+    people.grant_doctor([LAB])
+    assert_still_serving(people)
+    capsule = capsule_of(people, people.lab.storage_uri)
+    patient = people.patient.identity.address
+    domain = people.registry.signing_domain()
+    requests = [
+        RequestSigner(Account.create(), Identity.generate("x").umbral_public_key(), domain).single(
+            patient, people.lab.record_id, LAB, capsule
+        )
+        for _ in range(40)
+    ]
+    try:
+        codes = flood(coordinator, requests)
+        assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes[grpc.StatusCode.PERMISSION_DENIED] <= PEER_REFUSAL_BURST + 2
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 40 - PEER_REFUSAL_BURST - 2
+        assert_still_serving(people)  # served lately: not held to the address's budget
+    finally:
+        refill_the_address_budget()
