@@ -54,7 +54,7 @@ clean:
 
 # Benchmarks (issue 5): baseline, one node, the 3-of-5 cluster, scaling and
 # revocation in one run; writes benchmarks/results/ and the README's results.
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-flood
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness
@@ -62,3 +62,7 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness --quick
+
+# Flood resistance (issue 10): a granted doctor's p50 idle and under two floods.
+bench-flood: setup
+	$(BIN)/python -m benchmarks.flood --out benchmarks/results/flood.json

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from eth_account import Account
 
-from benchmarks import stats
+from benchmarks import machine, stats
 from benchmarks.load import run_closed_loop, warm_up
 from benchmarks.workload import Workload, prepare
 from medkms.clients.identity import Identity
@@ -138,7 +138,7 @@ def _flood(state_dir: Path, requests_file: Path, seconds: float) -> dict[str, An
     }
 
 
-def _legitimate_p50(workload: Workload, seconds: float) -> dict[str, float]:
+def _legitimate_p50(workload: Workload, seconds: float) -> dict[str, Any]:
     dek = workload.dek_path()
     try:
         warm_up(dek, 3)
@@ -146,7 +146,12 @@ def _legitimate_p50(workload: Workload, seconds: float) -> dict[str, float]:
     finally:
         dek.close()
     summary = stats.summarize(result.latencies_s, result.wall_s, result.error_count)
-    return {"p50_ms": summary.p50_ms, "p99_ms": summary.p99_ms, "errors": result.error_count}
+    return {
+        "p50_ms": summary.p50_ms,
+        "p99_ms": summary.p99_ms,
+        "count": summary.count,
+        "errors": dict(result.errors),
+    }
 
 
 def _measure_under_flood(
@@ -188,6 +193,8 @@ def run(seconds: float) -> dict[str, Any]:
         finally:
             cluster.down()
     return {
+        "machine": machine.describe(),
+        "flooder": {"in_flight": FLOOD_IN_FLIGHT, "connections": FLOOD_CONNECTIONS, "nice": 19},
         "idle": idle,
         "one_requester": flooded,
         "throwaway_keys": keys,

@@ -34,10 +34,11 @@ class CoordinatorSettings:
     #: how far ahead a signed request's deadline may lie (as at the nodes)
     request_window_s: int = 300
     #: each requester's budget, in single requests (a batch of n capsules costs
-    #: 1 + (n - 1) / 4); a refused request costs 10. The 3-of-5 cluster serves about 150
-    #: reads/s on 2 cores (benchmarks/README.md): one requester gets a third of it
-    requester_rate_per_s: float = 50.0
-    requester_burst: int = 100
+    #: 1 + (n - 1) / 4); a refused request costs 10. As at a node (100/s, a fifth of one
+    #: node process's capacity): the 3-of-5 cluster serves about 150 reads/s on 2 cores
+    #: (benchmarks/README.md), and an app reading more should send batches
+    requester_rate_per_s: float = 100.0
+    requester_burst: int = 200
     #: refusals per second (and burst) one peer address gets for requesters not served
     #: lately: throw-away keys from one host are held to this
     peer_refusals_per_s: float = 5.0
@@ -84,8 +85,8 @@ class CoordinatorSettings:
                 patient_cache_s=float(raw.get("patient_cache_s", 60.0)),
                 connections_per_node=int(raw.get("connections_per_node", 1)),
                 request_window_s=int(raw.get("request_window_s", 300)),
-                requester_rate_per_s=float(raw.get("requester_rate_per_s", 50.0)),
-                requester_burst=int(raw.get("requester_burst", 100)),
+                requester_rate_per_s=float(raw.get("requester_rate_per_s", 100.0)),
+                requester_burst=int(raw.get("requester_burst", 200)),
                 peer_refusals_per_s=float(raw.get("peer_refusals_per_s", 5.0)),
                 peer_refusal_burst=int(raw.get("peer_refusal_burst", 20)),
                 served_memory_s=float(raw.get("served_memory_s", 900.0)),
