@@ -38,16 +38,16 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	deploy/typecheck.sh
-	$(BIN)/python -m medkms.proto.generate --check
-	$(BIN)/python -m medkms.contracts.build --check
+	$(BIN)/mypy -p core -p proto -p kms_node -p coordinator -p clients -p contracts -p deploy
+	$(BIN)/python -m proto.generate --check
+	$(BIN)/python -m contracts.build --check
 
 # Regenerate derived files after editing their sources.
 proto: venv
-	$(BIN)/python -m medkms.proto.generate
+	$(BIN)/python -m proto.generate
 
 contracts: setup
-	$(BIN)/python -m medkms.contracts.build
+	$(BIN)/python -m contracts.build
 
 clean:
 	rm -rf $(VENV) node_modules $(STATE_DIR) .pytest_cache .ruff_cache

@@ -28,8 +28,8 @@ _REQUESTER = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
 
 
 def _entries(node_id: str, count: int) -> list[Any]:
-    from medkms.core.audit import AuditEntry
-    from medkms.core.record_types import RecordType
+    from core.audit import AuditEntry
+    from core.record_types import RecordType
 
     now = int(time.time())
     return [
@@ -78,9 +78,9 @@ def _timed_appends(log: Any, node_id: str, size: int, duration_s: float) -> dict
 
 
 def _measure_in_child(duration_s: float, queue: Any) -> None:
-    from medkms.node import hsm
-    from medkms.node.audit_log import AuditLog
-    from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+    from kms_node import hsm
+    from kms_node.audit_log import AuditLog
+    from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 
     with tempfile.TemporaryDirectory(prefix="medkms-audit-bench-") as tmp:
         root = Path(tmp)

@@ -41,11 +41,11 @@ from eth_account import Account
 from benchmarks import machine, stats
 from benchmarks.load import run_closed_loop, warm_up
 from benchmarks.workload import Workload, prepare
-from medkms.clients.identity import Identity
-from medkms.clients.signed_requests import RequestSigner
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import CoordinatorStub
+from clients.identity import Identity
+from clients.signed_requests import RequestSigner
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import common_pb2
+from proto.stubs import CoordinatorStub
 
 #: the flooder's calls in flight, spread over FLOOD_CONNECTIONS connections (the
 #: coordinator allows 64 per connection)

@@ -32,9 +32,9 @@ _SERVER_NAME = "floor-node"
 def _serve(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
     import grpc
 
-    from medkms.deploy.certs import ClusterCa
-    from medkms.proto import rpc
-    from medkms.proto.transport import Transport
+    from deploy.certs import ClusterCa
+    from proto import rpc
+    from proto.transport import Transport
 
     ca = ClusterCa.ensure(ca_dir)
     files = ca.server_cert(_SERVER_NAME)
@@ -81,8 +81,8 @@ def _phase(calls: list[Any], concurrency: int, pid: int) -> dict[str, float]:
 
 def measure(connections: int = 4) -> dict[str, Any]:
     """Server CPU per empty call at concurrency 1 and 4, mutual TLS, threaded server."""
-    from medkms.deploy.certs import ClusterCa
-    from medkms.proto.transport import Transport
+    from deploy.certs import ClusterCa
+    from proto.transport import Transport
 
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="medkms-grpc-floor-") as tmp:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from medkms.core.errors import KmsError
+from core.errors import KmsError
 
 #: a request: called with a running index (to cycle over records); its return value is ignored
 Request = Callable[[int], object]

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from benchmarks.workload import Workload
-from medkms.core.errors import AccessDenied, KmsError
+from core.errors import AccessDenied, KmsError
 
 POLL_S = 0.02
 TIMEOUT_S = 15.0

@@ -28,29 +28,29 @@ from dataclasses import dataclass
 import grpc
 import umbral_pre as umbral
 
-from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient, StoredRecord
-from medkms.clients.provider import ProviderClient
-from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner as SdkSigner
-from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import PatientInfo
-from medkms.core.umbral_codec import (
+from clients.identity import Identity
+from clients.patient import PatientClient, StoredRecord
+from clients.provider import ProviderClient
+from clients.records import parse_envelope
+from clients.signed_requests import RequestSigner as SdkSigner
+from contracts.registry import RegistryClient
+from core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
+from core.record_types import RecordType
+from core.registry_types import PatientInfo
+from core.umbral_codec import (
     VerificationError,
     load_cfrag,
     load_public_key,
 )
-from medkms.deploy.anvil import set_balance
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import CoordinatorStub, NodeStub
+from deploy.anvil import set_balance
+from deploy.demo import lab_result
+from deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
+from proto import rpc
+from proto.kms.v1 import common_pb2
+from proto.stubs import CoordinatorStub, NodeStub
 
 RPC_TIMEOUT_S = 10.0
-#: the node's handler-time histogram (medkms.node.metrics.REQUEST_SECONDS)
+#: the node's handler-time histogram (kms_node.metrics.REQUEST_SECONDS)
 HANDLER_METRIC = "kms_node_request_duration_seconds"
 PURPOSE = "TREAT"
 
@@ -287,7 +287,7 @@ class NodeTarget:
         """None if the batch RPC can be called, else why not (for the results' notes)."""
         if not hasattr(self._stubs[0], "ReencryptBatch"):
             return (
-                "medkms.proto.stubs.NodeStub has no ReencryptBatch yet (the node's batch RPC "
+                "proto.stubs.NodeStub has no ReencryptBatch yet (the node's batch RPC "
                 "is being written): node_batch32_ratio is null, not estimated"
             )
         return None

@@ -19,13 +19,13 @@ from typing import Any, Final
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from medkms.clients.auditor import ClusterReport
-from medkms.clients.input_files import load_json, load_json_object
-from medkms.core.audit import GRANTED, AuditEntry, Receipt
-from medkms.core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
-from medkms.core.errors import InvalidRequest, KmsError
-from medkms.core.registry_types import NodeInfo
-from medkms.core.requests import PURPOSES_OF_USE
+from clients.auditor import ClusterReport
+from clients.input_files import load_json, load_json_object
+from core.audit import GRANTED, AuditEntry, Receipt
+from core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
+from core.errors import InvalidRequest, KmsError
+from core.registry_types import NodeInfo
+from core.requests import PURPOSES_OF_USE
 
 CSV_COLUMNS: Final = (
     "node",

@@ -1,13 +1,13 @@
 """The auditor's adapter: reads each node's log over gRPC and the registry over JSON-RPC,
-and runs :func:`medkms.core.audit_verify.verify_node` on them.
+and runs :func:`core.audit_verify.verify_node` on them.
 
 The trust roots are the chain endpoint and the registry's address: the nodes to audit, their
 endpoints and their signing keys are read from the registry, never from the nodes. gRPC
-failures become :class:`~medkms.core.errors.KmsError` here (``rpc.error_from_rpc``), so the
+failures become :class:`~core.errors.KmsError` here (``rpc.error_from_rpc``), so the
 core sees only those.
 
 How a node is reached is the caller's :data:`ChannelFactory`; :func:`channel_factory` makes
-the usual one from a :class:`~medkms.proto.transport.Transport` (mutual TLS with the
+the usual one from a :class:`~proto.transport.Transport` (mutual TLS with the
 operator's certificate, the node's id pinned as the TLS name).
 """
 
@@ -22,15 +22,15 @@ from typing import Final
 
 import grpc
 
-from medkms.contracts.registry import RegistryClient
-from medkms.core.audit import Checkpoint, Receipt
-from medkms.core.audit_verify import Check, NodeReport, Problem, VerifiedPrefix, verify_node
-from medkms.core.errors import InvalidRequest
-from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import audit_pb2
-from medkms.proto.stubs import AuditStub
-from medkms.proto.transport import Transport
+from contracts.registry import RegistryClient
+from core.audit import Checkpoint, Receipt
+from core.audit_verify import Check, NodeReport, Problem, VerifiedPrefix, verify_node
+from core.errors import InvalidRequest
+from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
+from proto import rpc
+from proto.kms.v1 import audit_pb2
+from proto.stubs import AuditStub
+from proto.transport import Transport
 
 #: GetEntries serves at most this many entries per call (proto/kms/v1/audit.proto)
 ENTRIES_PER_CALL: Final = 10_000
@@ -50,7 +50,7 @@ def channel_factory(transport: Transport) -> ChannelFactory:
 
 
 class GrpcLogSource:
-    """One node's ``kms.v1.Audit`` service as a :class:`~medkms.core.audit_verify.LogSource`."""
+    """One node's ``kms.v1.Audit`` service as a :class:`~core.audit_verify.LogSource`."""
 
     def __init__(self, channel: grpc.Channel, node_id: str, *, timeout_s: float = CALL_TIMEOUT_S):
         self._stub = AuditStub(channel)
@@ -91,7 +91,7 @@ class GrpcLogSource:
 
 
 class CachedChain:
-    """The registry as a :class:`~medkms.core.audit_verify.ChainView`, with the blocks and
+    """The registry as a :class:`~core.audit_verify.ChainView`, with the blocks and
     grant states read during one audit kept: one request is decided by several nodes,
     mostly at the same block. Failures are not kept. Thread-safe."""
 

@@ -10,8 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from medkms.core.cid import cid_for, digest_of
-from medkms.core.errors import IntegrityError, NotFound
+from core.cid import cid_for, digest_of
+from core.errors import IntegrityError, NotFound
 
 STORAGE_SCHEME = "blob:"
 

@@ -18,9 +18,9 @@ import umbral_pre as umbral
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from medkms.clients.input_files import load_json_object
-from medkms.core.errors import InvalidRequest
-from medkms.core.record_types import RecordType
+from clients.input_files import load_json_object
+from core.errors import InvalidRequest
+from core.record_types import RecordType
 
 _UMBRAL_LABEL = b"medkms/umbral/v1"
 _RECORD_KEY_LABEL = b"medkms/umbral/record-type/v1/"

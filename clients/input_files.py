@@ -1,15 +1,15 @@
 """Reading a local file the SDK or ``kmsctl`` is pointed at: a file is input like any other,
 so it is read bounded in size (a 2 GB "receipts file" is refused after ``max_bytes + 1``
 bytes, not read into memory) and, if JSON, parsed bounded in nesting
-(:mod:`medkms.core.bounded_json`). ``OSError`` is the caller's to report."""
+(:mod:`core.bounded_json`). ``OSError`` is the caller's to report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from medkms.core import bounded_json
-from medkms.core.errors import InvalidRequest
+from core import bounded_json
+from core.errors import InvalidRequest
 
 
 def read_bounded(path: Path, *, max_bytes: int, what: str) -> bytes:

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from medkms.clients.audit_report import (
+from clients.audit_report import (
     failures,
     fhir_bundle,
     load_receipts,
@@ -32,17 +32,17 @@ from medkms.clients.audit_report import (
     summary_lines,
     write_reports,
 )
-from medkms.clients.auditor import ChannelFactory, audit_cluster, channel_factory
-from medkms.clients.input_files import read_bounded
-from medkms.clients.patient import PatientClient
-from medkms.clients.provider import ProviderClient
-from medkms.clients.records import MAX_DOCUMENT_BYTES
-from medkms.core import logs
-from medkms.core.errors import IntegrityError, InvalidRequest, KmsError
-from medkms.core.record_types import RecordType
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.deploy.processes import grpc_serving
-from medkms.proto.stubs import CoordinatorStub
+from clients.auditor import ChannelFactory, audit_cluster, channel_factory
+from clients.input_files import read_bounded
+from clients.patient import PatientClient
+from clients.provider import ProviderClient
+from clients.records import MAX_DOCUMENT_BYTES
+from core import logs
+from core.errors import IntegrityError, InvalidRequest, KmsError
+from core.record_types import RecordType
+from deploy.local_cluster import LocalCluster
+from deploy.processes import grpc_serving
+from proto.stubs import CoordinatorStub
 
 DEFAULT_STATE_DIR = Path(".state")
 
@@ -120,7 +120,7 @@ def _serving(cluster: LocalCluster, running: list[str]) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from medkms.deploy import demo
+    from deploy import demo
 
     demo.run(_cluster(args))
 

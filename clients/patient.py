@@ -17,19 +17,19 @@ from dataclasses import dataclass
 import grpc
 import umbral_pre as umbral
 
-from medkms.clients.blob_store import LocalBlobStore
-from medkms.clients.identity import Identity
-from medkms.clients.records import seal
-from medkms.clients.signed_requests import sealed_enrollment
-from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import InvalidRequest, NotFound, Unavailable
-from medkms.core.record_types import RecordType, to_mask
-from medkms.core.registry_types import NodeInfo
-from medkms.core.umbral_codec import capsule_hash as hash_capsule
-from medkms.core.umbral_codec import load_public_key
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import coordinator_pb2
-from medkms.proto.stubs import CoordinatorStub
+from clients.blob_store import LocalBlobStore
+from clients.identity import Identity
+from clients.records import seal
+from clients.signed_requests import sealed_enrollment
+from contracts.registry import RegistryClient
+from core.errors import InvalidRequest, NotFound, Unavailable
+from core.record_types import RecordType, to_mask
+from core.registry_types import NodeInfo
+from core.umbral_codec import capsule_hash as hash_capsule
+from core.umbral_codec import load_public_key
+from proto import rpc
+from proto.kms.v1 import coordinator_pb2
+from proto.stubs import CoordinatorStub
 
 ENROLL_TIMEOUT_S = 10.0
 

@@ -17,12 +17,12 @@ from typing import TypeVar
 import grpc
 import umbral_pre as umbral
 
-from medkms.clients.blob_store import LocalBlobStore
-from medkms.clients.identity import Identity
-from medkms.clients.records import open_envelope, parse_envelope
-from medkms.clients.signed_requests import RequestSigner
-from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import (
+from clients.blob_store import LocalBlobStore
+from clients.identity import Identity
+from clients.records import open_envelope, parse_envelope
+from clients.signed_requests import RequestSigner
+from contracts.registry import RegistryClient
+from core.errors import (
     IntegrityError,
     InvalidRequest,
     KmsError,
@@ -30,13 +30,13 @@ from medkms.core.errors import (
     PreconditionFailed,
     error_for_status,
 )
-from medkms.core.registry_types import PatientInfo, RecordInfo
-from medkms.core.requests import MAX_BATCH, parse_purpose
-from medkms.core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, record_pb2
-from medkms.proto.stubs import CoordinatorStub
-from medkms.proto.transport import Transport
+from core.registry_types import PatientInfo, RecordInfo
+from core.requests import MAX_BATCH, parse_purpose
+from core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
+from proto import rpc
+from proto.kms.v1 import common_pb2, record_pb2
+from proto.stubs import CoordinatorStub
+from proto.transport import Transport
 
 REQUEST_TIMEOUT_S = 10.0
 #: anchors and patient keys kept per client

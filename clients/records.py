@@ -21,12 +21,12 @@ from fhir.resources.R4B import get_fhir_model_class
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
-from medkms.core import bounded_json
-from medkms.core.errors import IntegrityError, InvalidRequest
-from medkms.core.record_types import FHIR_RESOURCES, RecordType
-from medkms.core.registry_types import record_id_of
-from medkms.core.umbral_codec import capsule_hash, load_capsule
-from medkms.proto.kms.v1 import record_pb2
+from core import bounded_json
+from core.errors import IntegrityError, InvalidRequest
+from core.record_types import FHIR_RESOURCES, RecordType
+from core.registry_types import record_id_of
+from core.umbral_codec import capsule_hash, load_capsule
+from proto.kms.v1 import record_pb2
 
 MEDIA_TYPE = "application/fhir+json"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@ and the patient's signed enrollments.
 
 The one place where the wire messages and the typed data a wallet signs are put
 together, so that what is signed is exactly what is sent. A request's ``request_id``
-is the id every hop derives from it (:func:`~medkms.core.request_auth.request_id_of`),
+is the id every hop derives from it (:func:`~core.request_auth.request_id_of`),
 which the nodes' audit logs record.
 """
 
@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
 
-from medkms.core.kfrag_delivery import delivery_binding, seal_for_node
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import NodeInfo
-from medkms.core.request_auth import (
+from core.kfrag_delivery import delivery_binding, seal_for_node
+from core.record_types import RecordType
+from core.registry_types import NodeInfo
+from core.request_auth import (
     BatchClaims,
     Domain,
     EnrollmentClaims,
@@ -26,9 +26,9 @@ from medkms.core.request_auth import (
     request_id_of,
     sign,
 )
-from medkms.core.requests import SealedKfrag, address_bytes
-from medkms.core.umbral_codec import capsule_hash
-from medkms.proto.kms.v1 import common_pb2
+from core.requests import SealedKfrag, address_bytes
+from core.umbral_codec import capsule_hash
+from proto.kms.v1 import common_pb2
 
 #: how long a signed request stays valid; nodes accept at most 300 s
 REQUEST_VALIDITY_S = 60

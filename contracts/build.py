@@ -1,7 +1,7 @@
 """Compile the registry contract, or check the committed artifact for drift.
 
-    python -m medkms.contracts.build          # rewrite contracts/artifacts/Registry.json
-    python -m medkms.contracts.build --check  # exit 1 if the committed artifact differs
+    python -m contracts.build          # rewrite contracts/artifacts/Registry.json
+    python -m contracts.build --check  # exit 1 if the committed artifact differs
 
 Compiling needs node and the repo's npm packages (``make setup``); loading the committed
 artifact (``load_artifact``) needs neither, which is what deployments use.
@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medkms.core.errors import PreconditionFailed
+from core.errors import PreconditionFailed
 
 CONTRACTS_DIR = Path(__file__).resolve().parent
 COMPILE_SCRIPT = CONTRACTS_DIR / "compile.js"
@@ -70,9 +70,7 @@ def compile_artifact() -> dict[str, Any]:
 def load_artifact() -> dict[str, Any]:
     """The committed artifact, read through the package (works installed, without node)."""
     text = (
-        resources.files("medkms.contracts")
-        .joinpath("artifacts/Registry.json")
-        .read_text(encoding="utf-8")
+        resources.files("contracts").joinpath("artifacts/Registry.json").read_text(encoding="utf-8")
     )
     artifact: dict[str, Any] = json.loads(text)
     return artifact
@@ -92,7 +90,7 @@ def main() -> int:
         if args.check:
             if drift():
                 print(f"{ARTIFACT_PATH.name} differs from a fresh compile of the source")
-                print("run: python -m medkms.contracts.build")
+                print("run: python -m contracts.build")
                 return 1
             print(f"{ARTIFACT_PATH.name} matches the source")
             return 0

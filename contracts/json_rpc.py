@@ -11,9 +11,9 @@ trickling server hold a call for ever. So :class:`BoundedHTTPProvider` keeps web
 - the HTTP exchange (web3's session-manager seam, ``make_post_request``: request bytes in,
   answer bytes out) is :class:`JsonRpcTransport`, which reads at most ``max_bytes`` and
   gives up at a deadline ``timeout_s`` after the call began, whatever arrives meanwhile;
-- decoding is :func:`medkms.core.bounded_json.loads_object`.
+- decoding is :func:`core.bounded_json.loads_object`.
 
-Both raise :class:`~medkms.core.errors.ChainUnavailable` with a reason that names the
+Both raise :class:`~core.errors.ChainUnavailable` with a reason that names the
 endpoint by scheme, host and port only (hosted RPC URLs carry API keys).
 """
 
@@ -32,8 +32,8 @@ from web3 import HTTPProvider
 from web3._utils.http_session_manager import HTTPSessionManager
 from web3.types import RPCResponse
 
-from medkms.core.bounded_json import JSON_RPC_MAX_DEPTH, loads_object
-from medkms.core.errors import ChainUnavailable, InvalidRequest
+from core.bounded_json import JSON_RPC_MAX_DEPTH, loads_object
+from core.errors import ChainUnavailable, InvalidRequest
 
 #: bytes read from the socket at a time
 _READ_CHUNK: Final = 64 * 1024

@@ -40,13 +40,13 @@ from web3.exceptions import (
 )
 from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 
-from medkms.contracts.build import load_artifact
-from medkms.contracts.json_rpc import BoundedHTTPProvider
-from medkms.core.bounded_json import JSON_RPC_MAX_BYTES
-from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
-from medkms.core.kfrag_delivery import load_delivery_public_key
-from medkms.core.record_types import ALL_TYPES_MASK, RecordType
-from medkms.core.registry_types import (
+from contracts.build import load_artifact
+from contracts.json_rpc import BoundedHTTPProvider
+from core.bounded_json import JSON_RPC_MAX_BYTES
+from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
+from core.kfrag_delivery import load_delivery_public_key
+from core.record_types import ALL_TYPES_MASK, RecordType
+from core.registry_types import (
     AccessGranted,
     AccessRevoked,
     AccessState,
@@ -65,7 +65,7 @@ from medkms.core.registry_types import (
     RecordInfo,
     RegistryEvent,
 )
-from medkms.core.request_auth import Domain
+from core.request_auth import Domain
 
 # The value types live in core (the policy judges them without importing web3); re-exported
 # here because this adapter is what produces them.

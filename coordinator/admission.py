@@ -13,7 +13,7 @@ again) and two budgets, and it charges refusals after the nodes have answered:
   and requesters it has served lately (``served_memory_s``) are not held up by it. A new
   requester sharing an address with a flood waits until the flood stops.
 
-Pure logic over :class:`~medkms.core.rate_limit.RateLimiter`; memory is bounded by the
+Pure logic over :class:`~core.rate_limit.RateLimiter`; memory is bounded by the
 limiters' and by ``MAX_SERVED`` remembered requesters.
 """
 
@@ -25,8 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from medkms.core.errors import ResourceExhausted
-from medkms.core.rate_limit import REFUSAL_COST, RateLimiter
+from core.errors import ResourceExhausted
+from core.rate_limit import REFUSAL_COST, RateLimiter
 
 #: requesters remembered as served (the oldest are forgotten first)
 MAX_SERVED = 100_000

@@ -11,10 +11,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-from medkms.coordinator.server import serve
-from medkms.coordinator.settings import CoordinatorSettings
-from medkms.core import logs
-from medkms.core.errors import KmsError
+from coordinator.server import serve
+from coordinator.settings import CoordinatorSettings
+from core import logs
+from core.errors import KmsError
 
 
 def main(argv: list[str] | None = None) -> int:

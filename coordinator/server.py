@@ -8,13 +8,13 @@ import signal
 import grpc
 import structlog
 
-from medkms.contracts.registry import RegistryClient
-from medkms.coordinator.service import CoordinatorService
-from medkms.coordinator.settings import CoordinatorSettings
-from medkms.core.endpoints import parse_host_port
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
-from medkms.proto.stubs import COORDINATOR_SERVICE
+from contracts.registry import RegistryClient
+from coordinator.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
+from core.endpoints import parse_host_port
+from proto import rpc
+from proto.kms.v1 import common_pb2, coordinator_pb2
+from proto.stubs import COORDINATOR_SERVICE
 
 log = structlog.get_logger("medkms.coordinator")
 

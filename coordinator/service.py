@@ -19,20 +19,20 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import structlog
 
-from medkms.coordinator.admission import Admission, Ticket, peer_address
-from medkms.coordinator.node_pool import NodePool
-from medkms.coordinator.settings import CoordinatorSettings
-from medkms.coordinator.threshold import DECISION_STATUSES, FragmentCollector
-from medkms.core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
-from medkms.core.rate_limit import ENROLLMENT_COST, request_cost
-from medkms.core.registry_types import PatientInfo
-from medkms.core.request_auth import Claims, Domain, authenticate
-from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from medkms.core.umbral_codec import VerificationError, load_cfrag, load_public_key
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
-from medkms.proto.stubs import AioNodeStub
-from medkms.proto.transport import Transport
+from coordinator.admission import Admission, Ticket, peer_address
+from coordinator.node_pool import NodePool
+from coordinator.settings import CoordinatorSettings
+from coordinator.threshold import DECISION_STATUSES, FragmentCollector
+from core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
+from core.rate_limit import ENROLLMENT_COST, request_cost
+from core.registry_types import PatientInfo
+from core.request_auth import Claims, Domain, authenticate
+from core.requests import BatchQuery, Enrollment, ReencryptionQuery
+from core.umbral_codec import VerificationError, load_cfrag, load_public_key
+from proto import rpc
+from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from proto.stubs import AioNodeStub
+from proto.transport import Transport
 
 log = structlog.get_logger("medkms.coordinator")
 

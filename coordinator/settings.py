@@ -6,9 +6,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from medkms.core.endpoints import parse_host_port
-from medkms.core.errors import InvalidRequest
-from medkms.proto.transport import Transport, require_tls_settings
+from core.endpoints import parse_host_port
+from core.errors import InvalidRequest
+from proto.transport import Transport, require_tls_settings
 
 
 @dataclass(frozen=True)

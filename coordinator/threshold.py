@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medkms.core.errors import InsufficientFragments, KmsError, error_for_status
+from core.errors import InsufficientFragments, KmsError, error_for_status
 
 # Statuses that are a node's considered answer about the request itself, as
 # opposed to the node being unreachable or broken.

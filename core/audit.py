@@ -2,7 +2,7 @@
 
 Every decision a node makes, granted or denied, is an :class:`AuditEntry`. Its
 :meth:`~AuditEntry.canonical_bytes` are the data of one leaf of the node's RFC 9162 Merkle
-tree (:mod:`medkms.core.merkle`). The node answers each request with a signed
+tree (:mod:`core.merkle`). The node answers each request with a signed
 :class:`Receipt` (this entry is leaf ``i``) and publishes signed :class:`Checkpoint` s (the
 tree of ``n`` leaves has this root); auditors check both with the functions here, holding
 only the node's public key.
@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from medkms.core import bounded_json, merkle
-from medkms.core.addresses import is_checksummed
-from medkms.core.errors import IntegrityError, InvalidRequest
-from medkms.core.record_types import RecordType
+from core import bounded_json, merkle
+from core.addresses import is_checksummed
+from core.errors import IntegrityError, InvalidRequest
+from core.record_types import RecordType
 
 #: version 2 entries record the request's record type and receiving key; version 1
 #: entries (written before) did not, and still verify

@@ -1,12 +1,12 @@
 """Auditing one node's log against the chain: the auditor's workflow. Pure, no I/O.
 
 The auditor trusts the chain and nothing the node says about itself: the node's signing
-key is the one registered on-chain (:class:`~medkms.core.registry_types.NodeInfo`), the
+key is the one registered on-chain (:class:`~core.registry_types.NodeInfo`), the
 anchors are the node's checkpoints as the chain recorded them, and each granted entry is
 judged again against the grant state at the entry's block. What it reads comes through two
 small interfaces, :class:`LogSource` (the node's ``kms.v1.Audit`` service) and
 :class:`ChainView` (the registry); their implementations do the I/O and raise only
-:class:`~medkms.core.errors.KmsError`, which this module turns into findings.
+:class:`~core.errors.KmsError`, which this module turns into findings.
 
 :func:`verify_node` runs, in this order:
 
@@ -52,8 +52,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, Protocol
 
-from medkms.core import bounded_json, merkle
-from medkms.core.audit import (
+from core import bounded_json, merkle
+from core.audit import (
     GRANTED,
     MAX_ENTRY_BYTES,
     AuditEntry,
@@ -63,10 +63,10 @@ from medkms.core.audit import (
     verify_checkpoint_consistency,
     verify_receipt,
 )
-from medkms.core.errors import InvalidRequest, KmsError
-from medkms.core.policy import judge
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
+from core.errors import InvalidRequest, KmsError
+from core.policy import judge
+from core.record_types import RecordType
+from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 
 #: denial reasons the grant state at the entry's block can confirm (core/policy.py judge);
 #: the other one, "no_kfrag", depends on the node's kfrag store
@@ -336,7 +336,7 @@ def rejudge(
     entry: AuditEntry, state: AccessState, *, wall_clock: int | None = None
 ) -> tuple[str, str]:
     """What the registry state at the entry's block says of the entry's request: the reason
-    code :func:`medkms.core.policy.judge` gives it (``"granted"`` if allowed) and why.
+    code :func:`core.policy.judge` gives it (``"granted"`` if allowed) and why.
 
     The node's own rules, by the same function. A version 1 entry did not record the
     request's record type and receiving key: the record's type and the grant's key stand in

@@ -10,7 +10,7 @@ Rules this module follows:
 
 - Every caller names its bounds, fitting what it reads (a JSON-RPC answer, an audit entry,
   a receipts file); the chain's are here because two clients read JSON-RPC.
-- Anything out of bounds or not JSON is :class:`~medkms.core.errors.InvalidRequest`, whose
+- Anything out of bounds or not JSON is :class:`~core.errors.InvalidRequest`, whose
   message names ``what`` was read and why, never its content. An adapter reading from a
   peer translates it into its own error (the chain adapter into ``ChainUnavailable``).
 - Text is UTF-8 (RFC 8259 section 8.1); ``NaN`` and ``Infinity`` are not JSON and are
@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any, Final
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 #: deepest nesting of a JSON-RPC answer: a transaction receipt's log topics are 5 deep
 #: (``{result: {logs: [{topics: [..]}]}}``); 32 leaves room for any client's extras

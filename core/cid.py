@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 _PREFIX = bytes([0x01, 0x55, 0x12, 0x20])  # CIDv1, raw, sha2-256, 32-byte digest
 

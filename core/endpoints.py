@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 
 def parse_host_port(value: str, field: str) -> tuple[str, int]:

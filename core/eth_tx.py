@@ -21,7 +21,7 @@ from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_hash.auto import keccak
 from eth_utils.address import to_checksum_address
 
-from medkms.core.errors import IntegrityError, InvalidRequest
+from core.errors import IntegrityError, InvalidRequest
 
 # Order of the secp256k1 group (SEC 2, section 2.4.1).
 SECP256K1_ORDER: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -130,7 +130,7 @@ def sign_transaction(tx: Mapping[str, Any], sign_digest: DigestSigner) -> bytes:
     ``tx`` holds ``chainId``, ``nonce``, ``gas``, ``maxFeePerGas`` and
     ``maxPriorityFeePerGas``, and optionally ``to``, ``value``, ``data``, ``accessList``
     (and ``type`` = 2), in eth-account's dict form. ``sign_digest`` is e.g.
-    :meth:`medkms.node.keystore.KeyStore.sign_eth_digest`.
+    :meth:`kms_node.keystore.KeyStore.sign_eth_digest`.
     """
     unsigned = _unsigned(tx)
     v, r, s = sign_digest(bytes(unsigned.hash()))

@@ -12,7 +12,7 @@ or any relay carries only ciphertext (ECIES in the style of SEC 1 v2, section 5.
 ``E`` and ``N`` are the 33-byte compressed points. The binding (:func:`delivery_binding`)
 names the node, patient, grantee, receiving key and record type: a sealed kfrag opens only
 at the node it was sealed to and only for the grant it was made for. The node computes
-``z`` inside its HSM (:meth:`medkms.node.keystore.KeyStore.open_delivery`) and then calls
+``z`` inside its HSM (:meth:`kms_node.keystore.KeyStore.open_delivery`) and then calls
 :func:`open_with_shared_secret` here, so SDK, in-memory twin and HSM share one KDF + AEAD.
 
 Pure: no I/O; ``cryptography`` only.
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_utils.address import is_checksum_address, is_hex_address
 
-from medkms.core.errors import InvalidRequest, Unauthenticated
+from core.errors import InvalidRequest, Unauthenticated
 
 DELIVERY_VERSION: Final = b"medkms/kfrag-delivery/v1"
 

@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 HASH_SIZE = 32
 LEAF_PREFIX = b"\x00"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from medkms.core.errors import AccessDenied, KmsError, NotFound
-from medkms.core.record_types import RecordType, from_mask
-from medkms.core.registry_types import AccessState
+from core.errors import AccessDenied, KmsError, NotFound
+from core.record_types import RecordType, from_mask
+from core.registry_types import AccessState
 
 #: HL7 purpose of use that an emergency grant (opened by a responder) requires
 EMERGENCY_PURPOSE = "ETREAT"
@@ -26,7 +26,7 @@ EMERGENCY_PURPOSE = "ETREAT"
 
 class Request(Protocol):
     """What the policy reads of a request: a node's validated
-    :class:`~medkms.core.requests.ReencryptionQuery`, or what an audit entry recorded of
+    :class:`~core.requests.ReencryptionQuery`, or what an audit entry recorded of
     one."""
 
     @property

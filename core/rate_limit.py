@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from medkms.core.errors import ResourceExhausted
+from core.errors import ResourceExhausted
 
 #: what a refused capsule costs in all, in single requests served: a refusal costs a
 #: node an audit entry and may cost a chain read, and a party whose requests are refused
@@ -105,6 +105,14 @@ class RateLimiter:
                 if len(self._buckets) >= self._max:
                     raise ResourceExhausted("too many parties are being tracked; retry later")
             self._buckets[key] = (max(-self._burst, tokens - cost), now)
+
+    def try_spend(self, key: str, cost: float = 1) -> bool:
+        """Take ``cost`` tokens if there are enough; whether it did."""
+        try:
+            self.spend(key, cost)
+        except ResourceExhausted:
+            return False
+        return True
 
     def check(self, key: str, cost: float = 1) -> None:
         """Refuse as :meth:`spend` would, taking nothing."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import IntEnum
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 
 class RecordType(IntEnum):

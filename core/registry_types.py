@@ -1,7 +1,7 @@
 """What the registry contract says, as plain values.
 
-The chain adapter (``medkms.contracts.registry``) returns these; the policy
-(``medkms.core.policy``) judges them. Addresses are EIP-55 checksum strings.
+The chain adapter (``contracts.registry``) returns these; the policy
+(``core.policy``) judges them. Addresses are EIP-55 checksum strings.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from eth_hash.auto import keccak
 
-from medkms.core.addresses import is_valid
-from medkms.core.errors import InvalidRequest
-from medkms.core.record_types import RecordType
+from core.addresses import is_valid
+from core.errors import InvalidRequest
+from core.record_types import RecordType
 
 
 def record_id_of(patient: str, capsule_hash: bytes) -> bytes:

@@ -20,7 +20,7 @@ chain only. Primary types::
         uint64 deadline)
 
 The last is signed by the patient: it delivers sealed kfrags to one node (see
-:mod:`medkms.core.kfrag_delivery`); ``sealedHashes[i]`` is the SHA-256 of the i-th
+:mod:`core.kfrag_delivery`); ``sealedHashes[i]`` is the SHA-256 of the i-th
 sealed kfrag's ephemeral key and ciphertext. Its nonce, like a request's, lets a
 node accept one signed enrollment once.
 
@@ -28,7 +28,7 @@ A request's id (:func:`request_id_of`) is derived from its signing digest, so th
 id every node's audit log records is one the requester signed: a relay cannot
 rewrite it.
 
-``capsuleHash`` is :func:`medkms.core.umbral_codec.capsule_hash` of the capsule
+``capsuleHash`` is :func:`core.umbral_codec.capsule_hash` of the capsule
 bytes; ``deadline`` is a Unix time in seconds. Pure: no I/O.
 """
 
@@ -47,8 +47,8 @@ from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
 from eth_utils.exceptions import ValidationError as EthValidationError
 
-from medkms.core.addresses import checksum, is_valid
-from medkms.core.errors import InvalidRequest, Unauthenticated
+from core.addresses import checksum, is_valid
+from core.errors import InvalidRequest, Unauthenticated
 
 try:
     import coincurve
@@ -200,7 +200,7 @@ class RequestClaims:
     """What a ``ReencryptionRequest`` signature binds: one capsule of one record.
 
     ``patient`` is normalised to its EIP-55 checksum form. Whether the purpose of
-    use is a known code is for request validation (:mod:`medkms.core.requests`)
+    use is a known code is for request validation (:mod:`core.requests`)
     to decide; here any string is signable.
     """
 
@@ -516,7 +516,7 @@ def check_deadline(deadline: int, now: float, max_window_s: int) -> None:
     """Refuse a request whose deadline has passed, or lies more than ``max_window_s`` ahead.
 
     The upper bound is what lets a node forget a nonce once its deadline is past
-    (see :class:`medkms.node.replay.ReplayGuard`): a signature can never be used
+    (see :class:`kms_node.replay.ReplayGuard`): a signature can never be used
     for longer than the window.
     """
     if deadline <= now:

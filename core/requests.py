@@ -16,10 +16,10 @@ from typing import Protocol
 
 import umbral_pre as umbral
 
-from medkms.core.addresses import checksum
-from medkms.core.errors import InvalidRequest
-from medkms.core.record_types import RecordType
-from medkms.core.request_auth import (
+from core.addresses import checksum
+from core.errors import InvalidRequest
+from core.record_types import RecordType
+from core.request_auth import (
     SIGNATURE_SIZE,
     BatchClaims,
     Claims,
@@ -28,7 +28,7 @@ from medkms.core.request_auth import (
     RequestClaims,
     request_id_of,
 )
-from medkms.core.umbral_codec import capsule_hash, load_capsule, load_public_key
+from core.umbral_codec import capsule_hash, load_capsule, load_public_key
 
 ADDRESS_SIZE = 20
 RECORD_ID_SIZE = 32
@@ -72,7 +72,7 @@ def parse_record_id(data: bytes) -> bytes:
 
 def parse_request_id(echo: str, domain: Domain, claims: Claims) -> str:
     """The request's id: derived from what the requester signed
-    (:func:`~medkms.core.request_auth.request_id_of`), never taken from the wire.
+    (:func:`~core.request_auth.request_id_of`), never taken from the wire.
 
     The wire's ``request_id`` is an optional echo of it, which must be empty or equal.
     It is kept, rather than removed, so that a relay that rewrites it is caught

@@ -11,7 +11,7 @@ import hashlib
 
 import umbral_pre as umbral
 
-from medkms.core.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 # umbral-pre raises this when a signature or proof does not verify; its type
 # stubs do not declare it.

@@ -22,10 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from medkms.core import bounded_json
-from medkms.core.bounded_json import JSON_RPC_MAX_BYTES, JSON_RPC_MAX_DEPTH
-from medkms.core.errors import ChainRejected, ChainUnavailable, InvalidRequest, PreconditionFailed
-from medkms.deploy.processes import free_port
+from core import bounded_json
+from core.bounded_json import JSON_RPC_MAX_BYTES, JSON_RPC_MAX_DEPTH
+from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, PreconditionFailed
+from deploy.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"

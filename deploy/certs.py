@@ -5,7 +5,7 @@ the coordinator, and client certificates for the coordinator (to reach nodes,
 mutual TLS) and for operators' tools. Server certificates name their hosts as
 subject alternative names: ``127.0.0.1``, ``localhost`` and the service's own
 name (a node id), which callers that know which node they mean pin (see
-``medkms.proto.transport``). Extended key usage keeps the roles apart: a
+``proto.transport``). Extended key usage keeps the roles apart: a
 node's server certificate cannot be used as a client certificate.
 
 Everything is idempotent: a file that exists, is signed by the CA, names what

@@ -10,16 +10,16 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from medkms.clients.audit_report import failures
-from medkms.clients.auditor import audit_cluster, channel_factory
-from medkms.clients.patient import PatientClient
-from medkms.clients.provider import ProviderClient
-from medkms.clients.records import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
-from medkms.core import bounded_json
-from medkms.core.errors import AccessDenied, KmsError
-from medkms.core.record_types import RecordType
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.stubs import CoordinatorStub
+from clients.audit_report import failures
+from clients.auditor import audit_cluster, channel_factory
+from clients.patient import PatientClient
+from clients.provider import ProviderClient
+from clients.records import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
+from core import bounded_json
+from core.errors import AccessDenied, KmsError
+from core.record_types import RecordType
+from deploy.local_cluster import LocalCluster
+from proto.stubs import CoordinatorStub
 
 
 class DemoFailed(KmsError):

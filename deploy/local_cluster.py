@@ -40,17 +40,17 @@ from typing import Any
 
 import grpc
 
-from medkms.clients.blob_store import LocalBlobStore
-from medkms.clients.identity import Identity
-from medkms.clients.input_files import load_json_object
-from medkms.contracts.registry import RegistryClient
-from medkms.core import bounded_json
-from medkms.core.errors import KmsError, PreconditionFailed, Unavailable
-from medkms.deploy import processes
-from medkms.deploy.anvil import AnvilProcess, set_balance
-from medkms.deploy.certs import ClusterCa
-from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
-from medkms.proto.transport import Transport
+from clients.blob_store import LocalBlobStore
+from clients.identity import Identity
+from clients.input_files import load_json_object
+from contracts.registry import RegistryClient
+from core import bounded_json
+from core.errors import KmsError, PreconditionFailed, Unavailable
+from deploy import processes
+from deploy.anvil import AnvilProcess, set_balance
+from deploy.certs import ClusterCa
+from kms_node.settings import DEFAULT_SOFTHSM_MODULE
+from proto.transport import Transport
 
 CLUSTER_FILE = "cluster.json"
 #: cluster.json names a chain, a coordinator and each node (a few hundred bytes each)
@@ -411,7 +411,7 @@ class LocalCluster:
             raise PreconditionFailed(f"{node_id} is already running")
         log = Path(node.log)
         process = processes.spawn(
-            [sys.executable, "-m", "medkms.node.cli", "serve", "--config", node.config], log
+            [sys.executable, "-m", "kms_node.cli", "serve", "--config", node.config], log
         )
         self._children[node_id] = process
         self._set_node_pid(node_id, process.pid)
@@ -461,7 +461,7 @@ class LocalCluster:
         )
         log = self.state_dir / "logs" / "coordinator.log"
         process = processes.spawn(
-            [sys.executable, "-m", "medkms.coordinator.cli", "serve", "--config", str(config)], log
+            [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)], log
         )
         self._children["coordinator"] = process
         address = f"{HOST}:{port}"
@@ -505,7 +505,7 @@ class LocalCluster:
 
 def _run_init(config: Path) -> dict[str, str]:
     result = subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", "init", "--config", str(config)],
+        [sys.executable, "-m", "kms_node.cli", "init", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

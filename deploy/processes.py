@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from medkms.core.errors import Unavailable
-from medkms.proto.transport import Transport
+from core.errors import Unavailable
+from proto.transport import Transport
 
 _LOG_TAIL_BYTES = 3000
 

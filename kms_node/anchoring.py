@@ -30,13 +30,13 @@ from typing import Any, Protocol
 
 import structlog
 
-from medkms.contracts.registry import TxSigner
-from medkms.core.audit import Checkpoint
-from medkms.core.errors import InvalidRequest, KmsError
-from medkms.core.eth_tx import sign_transaction
-from medkms.node import metrics
-from medkms.node.audit_log import AuditLog
-from medkms.node.keystore import KeyStore
+from contracts.registry import TxSigner
+from core.audit import Checkpoint
+from core.errors import InvalidRequest, KmsError
+from core.eth_tx import sign_transaction
+from kms_node import metrics
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import KeyStore
 
 log = structlog.get_logger("medkms.node.anchoring")
 
@@ -70,7 +70,7 @@ class HsmTxSigner:
 
 
 class AnchorRegistry(Protocol):
-    """What anchoring needs of the registry (:class:`~medkms.contracts.registry.RegistryClient`)."""
+    """What anchoring needs of the registry (:class:`~contracts.registry.RegistryClient`)."""
 
     def latest_checkpoint(self, node_id: str) -> tuple[int, bytes, int] | None: ...
 

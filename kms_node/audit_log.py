@@ -1,10 +1,10 @@
 """The node's audit log: append-only, durable, fail-closed, an RFC 9162 Merkle tree in SQLite.
 
-Every decision is appended as an :class:`~medkms.core.audit.AuditEntry` before the response
+Every decision is appended as an :class:`~core.audit.AuditEntry` before the response
 leaves the node; :meth:`AuditLog.append` returns a receipt signed by the node's key store
 only once the entry is committed, and raises :class:`Unavailable` when it cannot be, so the
-caller fails closed. The Merkle math and the data types live in :mod:`medkms.core.merkle`
-and :mod:`medkms.core.audit`; this module only stores and signs.
+caller fails closed. The Merkle math and the data types live in :mod:`core.merkle`
+and :mod:`core.audit`; this module only stores and signs.
 
 Storage (one SQLite file, WAL, ``synchronous=FULL``, owner-only):
 
@@ -13,7 +13,7 @@ Storage (one SQLite file, WAL, ``synchronous=FULL``, owner-only):
   the height-0 ones), so that the root at any size and any proof are O(log n) lookups
   instead of a rehash of every leaf (Trillian, too, stores interior nodes);
 - ``tree``: one row with the node id, the size and the compact range (the right-edge subtree
-  roots of :class:`~medkms.core.merkle.CompactRange`), so an append costs O(log n) hashes.
+  roots of :class:`~core.merkle.CompactRange`), so an append costs O(log n) hashes.
 
 A commit is one ``BEGIN IMMEDIATE`` transaction that reads the tree row, signs the receipts,
 writes the entries, their new subtrees and the new tree row, and commits; it holds SQLite's
@@ -25,7 +25,7 @@ partial entry, no gap, and every append in it fails.
 
 The log is tamper-evident, not tamper-proof: whoever can write the file can rewrite it. What
 an auditor relies on is the signed receipts and checkpoints (and their on-chain anchors),
-checked with :func:`medkms.core.audit.verify_log`; :meth:`AuditLog.verify_integrity` is the
+checked with :func:`core.audit.verify_log`; :meth:`AuditLog.verify_integrity` is the
 node's own full self-check.
 """
 
@@ -41,16 +41,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from medkms.core import merkle
-from medkms.core.audit import MAX_RECEIPT_BATCH, AuditEntry, Checkpoint, Receipt
-from medkms.core.errors import (
+from core import merkle
+from core.audit import MAX_RECEIPT_BATCH, AuditEntry, Checkpoint, Receipt
+from core.errors import (
     IntegrityError,
     InvalidRequest,
     PreconditionFailed,
     Unavailable,
 )
-from medkms.node.keystore import KeyStore
-from medkms.node.sqlite_db import open_durable, unavailable
+from kms_node.keystore import KeyStore
+from kms_node.sqlite_db import open_durable, unavailable
 
 SCHEMA_VERSION: Final = 1
 

@@ -5,9 +5,9 @@ Read-only over the node's audit log; the same log every decision is appended to.
 
 from __future__ import annotations
 
-from medkms.core.errors import InvalidRequest
-from medkms.node.audit_log import AuditLog
-from medkms.proto.kms.v1 import audit_pb2
+from core.errors import InvalidRequest
+from kms_node.audit_log import AuditLog
+from proto.kms.v1 import audit_pb2
 
 MAX_ENTRIES_PER_CALL = 10_000
 

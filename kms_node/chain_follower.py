@@ -18,10 +18,10 @@ from typing import Protocol
 
 import structlog
 
-from medkms.core.errors import KmsError, Unavailable
-from medkms.core.registry_types import AccessState, BlockRef, PatientInfo, RegistryEvent
-from medkms.node import metrics
-from medkms.node.grant_index import GrantIndex
+from core.errors import KmsError, Unavailable
+from core.registry_types import AccessState, BlockRef, PatientInfo, RegistryEvent
+from kms_node import metrics
+from kms_node.grant_index import GrantIndex
 
 log = structlog.get_logger("medkms.node.chain")
 

@@ -21,14 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-from medkms.core import logs
-from medkms.core.errors import KmsError
-from medkms.node import data_lock, hsm
-from medkms.node.kek_rotation import rotate_kek
-from medkms.node.kfrag_store import KfragStore
-from medkms.node.server import serve
-from medkms.node.settings import NodeSettings
-from medkms.node.supervisor import supervise
+from core import logs
+from core.errors import KmsError
+from kms_node import data_lock, hsm
+from kms_node.kek_rotation import rotate_kek
+from kms_node.kfrag_store import KfragStore
+from kms_node.server import serve
+from kms_node.settings import NodeSettings
+from kms_node.supervisor import supervise
 
 
 def init(settings: NodeSettings) -> dict[str, str]:
@@ -64,7 +64,7 @@ def init(settings: NodeSettings) -> dict[str, str]:
 
 
 def rotate(settings: NodeSettings) -> dict[str, object]:
-    """Rotate the node's key-encryption key (see medkms.node.kek_rotation); the node must
+    """Rotate the node's key-encryption key (see kms_node.kek_rotation); the node must
     be stopped."""
     with data_lock.alone(settings.data_dir):
         keystore = hsm.Pkcs11KeyStore.open(

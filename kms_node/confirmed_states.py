@@ -10,9 +10,10 @@ read per block, not one per request. Bounded: the whole memory is dropped when i
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
-from medkms.core.registry_types import AccessState
+from core.registry_types import AccessState
 
 #: most confirmations remembered (a few hundred bytes each)
 MAX_ENTRIES = 4096
@@ -30,15 +31,24 @@ class ConfirmedStates:
         self._states: dict[tuple[bytes, str, bytes], AccessState] = {}
 
     def access_state(
-        self, record_id: bytes, grantee: str, capsule_hash: bytes, index_block: int
-    ) -> AccessState:
+        self,
+        record_id: bytes,
+        grantee: str,
+        capsule_hash: bytes,
+        index_block: int,
+        *,
+        may_read: Callable[[], bool] = lambda: True,
+    ) -> AccessState | None:
         """The registry state at the latest block; read again once the node's index has
-        seen a block newer than the one remembered."""
+        seen a block newer than the one remembered. None when a read is needed and
+        ``may_read`` (a budget) says no."""
         key = (record_id, grantee, capsule_hash)
         with self._lock:
             known = self._states.get(key)
         if known is not None and known.block_number >= index_block:
             return known
+        if not may_read():
+            return None
         state = self._chain.access_state(record_id, grantee, capsule_hash)
         with self._lock:
             if len(self._states) >= self._max:

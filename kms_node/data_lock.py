@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from medkms.core.errors import PreconditionFailed
+from core.errors import PreconditionFailed
 
 LOCK_FILE = "node.lock"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from medkms.core.registry_types import (
+from core.registry_types import (
     AccessGranted,
     AccessRevoked,
     AccessState,

@@ -3,13 +3,13 @@
 Keys on the token (created by :func:`ensure_keys`, used by :class:`Pkcs11KeyStore`):
 
 - ``medkms-kek``: AES-256 key-encryption key; sensitive, non-extractable, encrypt/decrypt only.
-  Wraps kfrags with AES-256-GCM (:mod:`medkms.node.keystore` describes the format). Later
+  Wraps kfrags with AES-256-GCM (:mod:`kms_node.keystore` describes the format). Later
   generations (``kms-node rotate-kek``) are ``medkms-kek-2``, ``medkms-kek-3``, ...; the
   newest wraps, each unwraps what it wrapped until it is destroyed.
 - ``medkms-signing``: EC P-256 key pair; the private half is sensitive, non-extractable, sign
   only. Signs with ``CKM_ECDSA`` over a SHA-256 digest computed here.
 - ``medkms-delivery``: EC P-256 key pair kfrags are sealed to; the private half is sensitive,
-  non-extractable, derive only (``CKM_ECDH1_DERIVE``, :mod:`medkms.core.kfrag_delivery`).
+  non-extractable, derive only (``CKM_ECDH1_DERIVE``, :mod:`core.kfrag_delivery`).
 - ``medkms-eth``: secp256k1 key pair, the node's Ethereum account; the private half is
   sensitive, non-extractable, sign only (``CKM_ECDSA`` over a digest the caller computed).
 
@@ -64,10 +64,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from medkms.core import kfrag_delivery
-from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest
-from medkms.core.eth_tx import address_of, recoverable_signature
-from medkms.node.keystore import (
+from core import kfrag_delivery
+from core.errors import HsmUnavailable, IntegrityError, InvalidRequest
+from core.eth_tx import address_of, recoverable_signature
+from kms_node.keystore import (
     KEK_LEN,
     NONCE_LEN,
     TAG_LEN,
@@ -436,7 +436,7 @@ def _ecdh_x(session: _Session, private_key: _Handle, peer_point: bytes) -> bytes
 
 
 class Pkcs11KeyStore:
-    """:class:`~medkms.node.keystore.KeyStore` on a PKCS#11 token. Thread-safe.
+    """:class:`~kms_node.keystore.KeyStore` on a PKCS#11 token. Thread-safe.
 
     Built by :meth:`open` (or :meth:`provision`). Object handles are looked up once and
     cached: a lookup by label is a full C_FindObjects pass (≈ 55 µs here with three objects on

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from medkms.core.errors import IntegrityError
-from medkms.node.keystore import KeyStore
-from medkms.node.kfrag_store import KfragStore, StoredKfrag
-from medkms.node.service import kfrag_aad
+from core.errors import IntegrityError
+from kms_node.keystore import KeyStore
+from kms_node.kfrag_store import KfragStore, StoredKfrag
+from kms_node.service import kfrag_aad
 
 log = structlog.get_logger("medkms.node.kek_rotation")
 

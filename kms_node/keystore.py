@@ -1,6 +1,6 @@
 """The node's key store: the small interface the node codes against, and an in-memory twin.
 
-The real implementation is :class:`medkms.node.hsm.Pkcs11KeyStore` (PKCS#11, SoftHSM2 in
+The real implementation is :class:`kms_node.hsm.Pkcs11KeyStore` (PKCS#11, SoftHSM2 in
 development). :class:`MemoryKeyStore` holds its keys in process memory and exists only so
 that unit tests run fast; both pass the same conformance suite
 (``tests/kms_node/test_keystore.py``).
@@ -15,9 +15,9 @@ Signatures: ECDSA P-256 over SHA-256(message), DER-encoded, with ``s <= n/2`` (l
 each signature has exactly one valid encoding.
 
 Kfrag delivery: a P-256 key agreement key; the sender's sealing scheme, and the KDF + AEAD that
-both implementations call after the ECDH, are in :mod:`medkms.core.kfrag_delivery`.
+both implementations call after the ECDH, are in :mod:`core.kfrag_delivery`.
 Ethereum account: a secp256k1 key that signs 32-byte digests; recovery id and low-S as in
-:mod:`medkms.core.eth_tx`, which also builds transactions from those signatures.
+:mod:`core.eth_tx`, which also builds transactions from those signatures.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from medkms.core import kfrag_delivery
-from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest
-from medkms.core.eth_tx import DIGEST_LEN, address_of, recoverable_signature
+from core import kfrag_delivery
+from core.errors import HsmUnavailable, IntegrityError, InvalidRequest
+from core.eth_tx import DIGEST_LEN, address_of, recoverable_signature
 
 NONCE_LEN = 12
 TAG_LEN = 16
@@ -108,7 +108,7 @@ class KeyStore(Protocol):
         self, ephemeral_public_key: bytes, sealed: bytes, *, info: bytes, aad: bytes
     ) -> bytes:
         """Open a value sealed to :meth:`delivery_public_key` (see
-        :mod:`medkms.core.kfrag_delivery`): ECDH with the delivery key, then HKDF-SHA256 and
+        :mod:`core.kfrag_delivery`): ECDH with the delivery key, then HKDF-SHA256 and
         AES-256-GCM.
 
         Raises :class:`InvalidRequest` if the ephemeral key is not a compressed P-256 point or

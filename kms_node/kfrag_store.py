@@ -1,7 +1,7 @@
 """The node's durable store of wrapped kfrags, one per (patient, grantee, record type), in SQLite.
 
 Kfrags are stored only wrapped under the HSM key-encryption key (see
-:mod:`medkms.node.keystore`). Durability: WAL with ``synchronous=FULL`` fsyncs the log on
+:mod:`kms_node.keystore`). Durability: WAL with ``synchronous=FULL`` fsyncs the log on
 every commit, so an item is on disk once :meth:`KfragStore.put` returns and survives a kill -9
 of the node (and a power cut). ``secure_delete`` overwrites the pages a deleted kfrag occupied
 in the database file, and a shred then checkpoints and empties the WAL, whose frames from
@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
-from medkms.node.sqlite_db import open_durable, unavailable
+from core.errors import InvalidRequest, PreconditionFailed, Unavailable
+from kms_node.sqlite_db import open_durable, unavailable
 
 SCHEMA_VERSION = 3
 

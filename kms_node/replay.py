@@ -1,6 +1,6 @@
 """Refuses a signed request (or enrollment) seen before: the replay guard.
 
-A signed request (:mod:`medkms.core.request_auth`) carries a requester-chosen
+A signed request (:mod:`core.request_auth`) carries a requester-chosen
 32-byte nonce and a deadline at most ``max_window_s`` ahead of the node's clock.
 The guard remembers each (requester, nonce) until that request's deadline, and
 no longer: once the deadline has passed, a replay of the same signed request
@@ -30,9 +30,9 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
-from medkms.core.request_auth import check_deadline
-from medkms.node.sqlite_db import open_durable, unavailable
+from core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
+from core.request_auth import check_deadline
+from kms_node.sqlite_db import open_durable, unavailable
 
 
 class NonceReused(Unauthenticated):

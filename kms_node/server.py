@@ -10,25 +10,25 @@ from concurrent import futures
 import grpc
 import structlog
 
-from medkms.contracts.registry import RegistryClient
-from medkms.core.audit import AuditEntry, Receipt
-from medkms.core.endpoints import parse_host_port
-from medkms.core.rate_limit import RateLimiter
-from medkms.node import data_lock, metrics
-from medkms.node.anchoring import Anchorer, HsmTxSigner, anchors_here
-from medkms.node.audit_log import AuditLog
-from medkms.node.audit_service import AuditService
-from medkms.node.chain_follower import ChainFollower
-from medkms.node.hardening import forbid_core_dumps
-from medkms.node.hsm import Pkcs11KeyStore
-from medkms.node.kfrag_store import KfragStore
-from medkms.node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
-from medkms.node.service import NodeService
-from medkms.node.settings import NodeSettings
-from medkms.node.supervisor import die_with_parent
-from medkms.proto import rpc
-from medkms.proto.kms.v1 import audit_pb2, common_pb2, node_pb2
-from medkms.proto.stubs import AUDIT_SERVICE, NODE_SERVICE
+from contracts.registry import RegistryClient
+from core.audit import AuditEntry, Receipt
+from core.endpoints import parse_host_port
+from core.rate_limit import RateLimiter
+from kms_node import data_lock, metrics
+from kms_node.anchoring import Anchorer, HsmTxSigner, anchors_here
+from kms_node.audit_log import AuditLog
+from kms_node.audit_service import AuditService
+from kms_node.chain_follower import ChainFollower
+from kms_node.hardening import forbid_core_dumps
+from kms_node.hsm import Pkcs11KeyStore
+from kms_node.kfrag_store import KfragStore
+from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
+from kms_node.service import NodeService
+from kms_node.settings import NodeSettings
+from kms_node.supervisor import die_with_parent
+from proto import rpc
+from proto.kms.v1 import audit_pb2, common_pb2, node_pb2
+from proto.stubs import AUDIT_SERVICE, NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
 

@@ -18,6 +18,7 @@ and dropped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -26,19 +27,19 @@ from typing import Protocol
 import structlog
 import umbral_pre as umbral
 
-from medkms.core.audit import AuditEntry, Receipt
-from medkms.core.errors import (
+from core.audit import AuditEntry, Receipt
+from core.errors import (
     AccessDenied,
     InvalidRequest,
     KmsError,
     PreconditionFailed,
     Unauthenticated,
 )
-from medkms.core.kfrag_delivery import delivery_binding
-from medkms.core.policy import FINAL_DENIALS, Decision, judge
-from medkms.core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
-from medkms.core.record_types import RecordType, from_mask
-from medkms.core.registry_types import (
+from core.kfrag_delivery import delivery_binding
+from core.policy import FINAL_DENIALS, Decision, judge
+from core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
+from core.record_types import RecordType, from_mask
+from core.registry_types import (
     AccessRevoked,
     AccessState,
     BlockRef,
@@ -48,14 +49,14 @@ from medkms.core.registry_types import (
     PatientInfo,
     RegistryEvent,
 )
-from medkms.core.request_auth import Claims, Domain, authenticate
-from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
-from medkms.core.umbral_codec import VerificationError, load_kfrag, load_public_key
-from medkms.node.confirmed_states import ConfirmedStates
-from medkms.node.keystore import KeyStore
-from medkms.node.kfrag_store import KfragStore, StoredKfrag
-from medkms.node.replay import NonceMemory, NonceReused
-from medkms.proto.kms.v1 import common_pb2, node_pb2
+from core.request_auth import Claims, Domain, authenticate
+from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
+from core.umbral_codec import VerificationError, load_kfrag, load_public_key
+from kms_node.confirmed_states import ConfirmedStates
+from kms_node.keystore import KeyStore
+from kms_node.kfrag_store import KfragStore, StoredKfrag
+from kms_node.replay import NonceMemory, NonceReused
+from proto.kms.v1 import common_pb2, node_pb2
 
 log = structlog.get_logger("medkms.node")
 
@@ -65,6 +66,9 @@ _AAD_LABEL = b"medkms/kfrag/v1"
 #: chain reads per second for enrollments by patients the index does not know (a patient
 #: is known once her registration is indexed, within a poll interval)
 UNKNOWN_PATIENT_READS_PER_S = 5.0
+#: chain reads per second to confirm that a record the index does not know is unknown,
+#: for requesters holding no kfrag here (the coordinator admits few of those)
+UNKNOWN_RECORD_READS_PER_S = 10.0
 ENROLLMENT_REPLAYED = (
     "enrollment already received (nonce already used); the patient must sign a new one"
 )
@@ -89,13 +93,21 @@ class IndexedState(AccessStateSource, Protocol):
 
 
 class RegistryReader(AccessStateSource, Protocol):
-    """Direct registry reads (see medkms.contracts.registry): authoritative at the
+    """Direct registry reads (see contracts.registry): authoritative at the
     latest block, but a JSON-RPC round trip each."""
 
     def get_patient(self, address: str) -> PatientInfo | None: ...
     def get_grant(self, patient: str, grantee: str) -> GrantInfo | None: ...
     def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None: ...
     def block(self, identifier: int | str = "latest") -> BlockRef: ...
+
+
+def _unlimited() -> bool:
+    return True
+
+
+def _never() -> bool:
+    return False
 
 
 def kfrag_aad(
@@ -135,6 +147,9 @@ class NodeService:
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
         self._limiter = limiter
+        self._unknown_record_reads = RateLimiter(
+            UNKNOWN_RECORD_READS_PER_S, int(UNKNOWN_RECORD_READS_PER_S), clock=clock
+        )
         self._unknown_patient_reads = RateLimiter(
             UNKNOWN_PATIENT_READS_PER_S,
             int(UNKNOWN_PATIENT_READS_PER_S),
@@ -400,19 +415,28 @@ class NodeService:
         # confirmed against the chain itself. Refusals cost no chain read when nothing
         # newer could lift them: a final one (a deactivated record, a retired or
         # mismatched capsule), or one for a requester this node holds no kfrag of the
-        # patient's for, whom it could not serve anyway (strangers, throw-away keys).
-        # Confirmations are kept while the chain has no newer block (ConfirmedStates).
+        # patient's for, whom it could not serve anyway (strangers, throw-away keys);
+        # except that a record the index does not know yet (anchored a moment ago) is
+        # looked up within a node-wide budget, so that its refusal names the real
+        # reason. Confirmations are kept while the chain has no newer block.
         state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
-        if (
-            not decision.allowed
-            and decision.code not in FINAL_DENIALS
-            and self._kfrags.holds(query.patient, query.requester)
-        ):
-            state = self._confirmed.access_state(
-                query.record_id, query.requester, query.capsule_hash, self._index.index_block()
+        if not decision.allowed and decision.code not in FINAL_DENIALS:
+            if self._kfrags.holds(query.patient, query.requester):
+                budget = _unlimited
+            elif decision.code == "record_unknown":
+                budget = functools.partial(self._unknown_record_reads.try_spend, "*")
+            else:
+                budget = _never
+            confirmed = self._confirmed.access_state(
+                query.record_id,
+                query.requester,
+                query.capsule_hash,
+                self._index.index_block(),
+                may_read=budget,
             )
-            decision = judge(query, state, int(self._clock()))
+            if confirmed is not None:
+                decision = judge(query, confirmed, int(self._clock()))
         if decision.block_hash is None:
             # The audit entry names the block judged at by number and hash.
             block_hash = self._registry.block(decision.block_number).hash

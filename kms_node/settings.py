@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from medkms.core.endpoints import parse_host_port
-from medkms.core.errors import InvalidRequest
-from medkms.node.hsm import softhsm_token_dir
-from medkms.proto.transport import Transport, require_tls_settings
+from core.endpoints import parse_host_port
+from core.errors import InvalidRequest
+from kms_node.hsm import softhsm_token_dir
+from proto.transport import Transport, require_tls_settings
 
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 #: a PIN file longer than this is not a PIN (PKCS#11 tokens take at most a few hundred bytes)

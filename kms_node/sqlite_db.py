@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from medkms.core.errors import Unavailable
+from core.errors import Unavailable
 
 
 def unavailable(what: str, e: sqlite3.Error) -> Unavailable:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import structlog
 
-from medkms.core.endpoints import parse_host_port
-from medkms.node import metrics
-from medkms.node.settings import NodeSettings
+from core.endpoints import parse_host_port
+from kms_node import metrics
+from kms_node.settings import NodeSettings
 
 log = structlog.get_logger("medkms.node.supervisor")
 
@@ -52,7 +52,7 @@ def supervise(settings: NodeSettings, config_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
 
     def start(worker: int) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "medkms.node.cli", "serve", "--config", str(config_path)]
+        cmd = [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config_path)]
         return subprocess.Popen([*cmd, "--worker", str(worker)], env=env)
 
     workers = {i: start(i) for i in range(settings.processes)}

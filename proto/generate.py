@@ -1,12 +1,12 @@
 """Generate the Python gRPC stubs from the .proto files, or check them for drift.
 
-    python -m medkms.proto.generate          # rewrite proto/kms/v1/*_pb2*.py{,i}
-    python -m medkms.proto.generate --check  # exit 1 if the committed stubs differ
+    python -m proto.generate          # rewrite proto/kms/v1/*_pb2*.py{,i}
+    python -m proto.generate --check  # exit 1 if the committed stubs differ
 
-Only messages are generated: clients use the typed stubs in ``medkms.proto.stubs``
-and servers register handlers through ``medkms.proto.rpc``, both built from
-these descriptors. protoc writes imports as ``from kms.v1 import x_pb2``; installed, the stubs live
-under ``medkms.proto``, so those imports are rewritten to the full package path.
+Only messages are generated: clients use the typed stubs in ``proto.stubs``
+and servers register handlers through ``proto.rpc``, both built from
+these descriptors. protoc writes imports as ``from kms.v1 import x_pb2``; the stubs live in
+the ``proto`` package, so those imports are rewritten to the full package path.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def generate(out_root: Path) -> list[Path]:
     out_dir = out_root / "kms" / "v1"
     files = sorted(p for p in out_dir.iterdir() if p.name.endswith(GENERATED_SUFFIXES))
     for path in files:
-        path.write_text(_IMPORT.sub("from medkms.proto.kms.v1 import ", path.read_text()))
+        path.write_text(_IMPORT.sub("from proto.kms.v1 import ", path.read_text()))
     return files
 
 
@@ -69,7 +69,7 @@ def main() -> int:
         stale = drift()
         if stale:
             print("generated stubs differ from the .proto files:", ", ".join(stale))
-            print("run: python -m medkms.proto.generate")
+            print("run: python -m proto.generate")
             return 1
         print("generated stubs match the .proto files")
         return 0

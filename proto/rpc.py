@@ -4,7 +4,7 @@
   server) or :func:`aio_service_handler` (asyncio server). Requests arrive as
   raw bytes and are parsed here, so a garbage payload is answered with
   ``INVALID_ARGUMENT`` rather than gRPC's generic deserialisation failure.
-- :class:`medkms.core.errors.KmsError` becomes the status it names, with its
+- :class:`core.errors.KmsError` becomes the status it names, with its
   safe message; anything else becomes ``INTERNAL`` with no details (the
   traceback goes to the server's log only). This is the one place where errors
   turn into statuses.
@@ -22,7 +22,7 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
 
-from medkms.core import errors
+from core import errors
 
 log = structlog.get_logger("medkms.rpc")
 

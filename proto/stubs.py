@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from medkms.proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
-from medkms.proto.rpc import method_path
+from proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
+from proto.rpc import method_path
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)

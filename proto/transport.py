@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 import structlog
 
-from medkms.core.errors import InvalidRequest, KmsError
-from medkms.proto import rpc
+from core.errors import InvalidRequest, KmsError
+from proto import rpc
 
 log = structlog.get_logger("medkms.transport")
 
@@ -69,7 +69,7 @@ class Transport:
         self, target: str, *, options: Options = (), server_name: str | None = None
     ) -> grpc.Channel:
         """A channel to ``target`` (HOST:PORT); ``options`` are added to
-        :data:`medkms.proto.rpc.CHANNEL_OPTIONS`. See :meth:`_options` for
+        :data:`proto.rpc.CHANNEL_OPTIONS`. See :meth:`_options` for
         ``server_name``."""
         opts = self._options(options, server_name)
         if self.is_plaintext:

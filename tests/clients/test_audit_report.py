@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from medkms.clients.audit_report import (
+from clients.audit_report import (
     CSV_COLUMNS,
     fhir_bundle,
     load_receipts,
@@ -21,9 +21,9 @@ from medkms.clients.audit_report import (
     report_json,
     write_reports,
 )
-from medkms.clients.auditor import ClusterReport
-from medkms.core.audit_verify import verify_node
-from medkms.core.errors import InvalidRequest
+from clients.auditor import ClusterReport
+from core.audit_verify import verify_node
+from core.errors import InvalidRequest
 from tests.core.test_audit_verify import DOCTOR, FIRST_BLOCK, NODE, T0, Node, make_entry
 from tests.core.test_audit_verify import node as node  # noqa: F401  (fixture)
 

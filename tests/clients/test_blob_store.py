@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.clients.blob_store import LocalBlobStore
-from medkms.core.errors import IntegrityError, InvalidRequest, NotFound
+from clients.blob_store import LocalBlobStore
+from core.errors import IntegrityError, InvalidRequest, NotFound
 
 
 def test_put_get_delete(tmp_path: Path) -> None:

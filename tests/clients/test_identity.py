@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from medkms.clients.identity import Identity
-from medkms.core.errors import InvalidRequest
-from medkms.core.record_types import RecordType
+from clients.identity import Identity
+from core.errors import InvalidRequest
+from core.record_types import RecordType
 
 
 def test_identity_roundtrip_keeps_every_key(tmp_path: Path) -> None:

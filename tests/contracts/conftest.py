@@ -13,9 +13,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_keys.datatypes import PrivateKey
 
-from medkms.contracts.registry import RegistryClient
-from medkms.core.record_types import RecordType
-from medkms.deploy.anvil import AnvilProcess, set_balance
+from contracts.registry import RegistryClient
+from core.record_types import RecordType
+from deploy.anvil import AnvilProcess, set_balance
 from tests.hostile_rpc import HostileRpc
 
 FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas

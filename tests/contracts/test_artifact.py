@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from medkms.contracts import build
+from contracts import build
 
 SOURCE = build.CONTRACTS_DIR / "src" / "Registry.sol"
 
@@ -27,7 +27,7 @@ def fresh() -> dict[str, Any]:
 
 def test_committed_artifact_matches_a_fresh_compile(fresh: dict[str, Any]) -> None:
     committed = build.load_artifact()
-    assert fresh == committed, "artifact drifted: run `python -m medkms.contracts.build`"
+    assert fresh == committed, "artifact drifted: run `python -m contracts.build`"
 
 
 def test_committed_artifact_is_canonical_json() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from medkms.contracts.registry import RegistryClient
-from medkms.core.errors import ChainUnavailable
+from contracts.registry import RegistryClient
+from core.errors import ChainUnavailable
 from tests import hostile_rpc
 from tests.hostile_rpc import HostileRpc, Reply, huge, nested, raw, result, slow, trickle
 

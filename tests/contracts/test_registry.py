@@ -15,8 +15,8 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.logs import DISCARD
 
-from medkms.contracts.build import load_artifact
-from medkms.contracts.registry import (
+from contracts.build import load_artifact
+from contracts.registry import (
     EMERGENCY_ROLE,
     MAX_EMERGENCY_DURATION_S,
     PROVIDER_ROLE,
@@ -27,14 +27,14 @@ from medkms.contracts.registry import (
     RecordInfo,
     RegistryClient,
 )
-from medkms.core.errors import (
+from core.errors import (
     ChainRejected,
     ChainUnavailable,
     InvalidRequest,
     PreconditionFailed,
 )
-from medkms.core.record_types import ALL_TYPES_MASK, RecordType, to_mask
-from medkms.core.registry_types import (
+from core.record_types import ALL_TYPES_MASK, RecordType, to_mask
+from core.registry_types import (
     AccessRevoked,
     CheckpointAnchor,
     EmergencyAccessOpened,
@@ -44,8 +44,8 @@ from medkms.core.registry_types import (
     PatientRegistered,
     record_id_of,
 )
-from medkms.deploy import anvil as anvil_module
-from medkms.deploy.anvil import AnvilProcess, increase_time, rpc_call
+from deploy import anvil as anvil_module
+from deploy.anvil import AnvilProcess, increase_time, rpc_call
 from tests.hostile_rpc import HostileRpc
 
 from .conftest import compressed_point, p256_point, umbral_keys

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from medkms.coordinator.admission import Admission, peer_address
-from medkms.core.errors import ResourceExhausted
-from medkms.core.rate_limit import request_cost
+from coordinator.admission import Admission, peer_address
+from core.errors import ResourceExhausted
+from core.rate_limit import request_cost
 
 
 class Clock:

@@ -12,23 +12,23 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
-from medkms.clients.identity import Identity
-from medkms.clients.signed_requests import RequestSigner
-from medkms.coordinator.service import CoordinatorService, _RoundRobin
-from medkms.coordinator.settings import CoordinatorSettings, NodeAddress
-from medkms.core.errors import (
+from clients.identity import Identity
+from clients.signed_requests import RequestSigner
+from coordinator.service import CoordinatorService, _RoundRobin
+from coordinator.settings import CoordinatorSettings, NodeAddress
+from core.errors import (
     AccessDenied,
     InsufficientFragments,
     InvalidRequest,
     ResourceExhausted,
     Unauthenticated,
 )
-from medkms.core.rate_limit import REFUSAL_COST
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import PatientInfo
-from medkms.core.request_auth import Domain
-from medkms.core.requests import ReencryptionQuery
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from core.rate_limit import REFUSAL_COST
+from core.record_types import RecordType
+from core.registry_types import PatientInfo
+from core.request_auth import Domain
+from core.requests import ReencryptionQuery
+from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
 NODES = [f"node-{i}" for i in range(1, 6)]
 DOMAIN = Domain(31337, "0x" + "00" * 19 + "01")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medkms.coordinator.threshold import FragmentCollector
-from medkms.core.errors import AccessDenied, InsufficientFragments
+from coordinator.threshold import FragmentCollector
+from core.errors import AccessDenied, InsufficientFragments
 
 NODES = ["node-1", "node-2", "node-3", "node-4", "node-5"]
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from medkms.core import merkle
-from medkms.core.audit import (
+from core import merkle
+from core.audit import (
     CHECKPOINT_DOMAIN,
     MAX_ENTRY_BYTES,
     RECEIPT_DOMAIN,
@@ -30,9 +30,9 @@ from medkms.core.audit import (
     verify_receipt,
     verify_receipt_inclusion,
 )
-from medkms.core.errors import IntegrityError, InvalidRequest
-from medkms.core.record_types import RecordType
-from medkms.node.keystore import P256_ORDER, MemoryKeyStore
+from core.errors import IntegrityError, InvalidRequest
+from core.record_types import RecordType
+from kms_node.keystore import P256_ORDER, MemoryKeyStore
 
 NODE = "node-1"
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core import merkle
-from medkms.core.audit import AuditEntry, Checkpoint, Receipt
-from medkms.core.audit_verify import (
+from core import merkle
+from core.audit import AuditEntry, Checkpoint, Receipt
+from core.audit_verify import (
     Check,
     NodeReport,
     Problem,
@@ -22,9 +22,9 @@ from medkms.core.audit_verify import (
     rejudge,
     verify_node,
 )
-from medkms.core.errors import ChainUnavailable, InvalidRequest, Unavailable
-from medkms.core.record_types import RecordType, to_mask
-from medkms.core.registry_types import (
+from core.errors import ChainUnavailable, InvalidRequest, Unavailable
+from core.record_types import RecordType, to_mask
+from core.registry_types import (
     AccessState,
     BlockRef,
     CheckpointAnchor,
@@ -32,8 +32,8 @@ from medkms.core.registry_types import (
     NodeInfo,
     RecordInfo,
 )
-from medkms.node.audit_log import AuditLog
-from medkms.node.keystore import MemoryKeyStore
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import MemoryKeyStore
 
 NODE = "node-1"
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from medkms.core import bounded_json
-from medkms.core.bounded_json import check_depth, loads, loads_object
-from medkms.core.errors import InvalidRequest
+from core import bounded_json
+from core.bounded_json import check_depth, loads, loads_object
+from core.errors import InvalidRequest
 
 LIMITS = {"max_bytes": 1 << 20, "max_depth": 8, "what": "test document"}
 
@@ -115,8 +115,8 @@ def test_a_deep_document_is_refused_where_json_loads_would_kill_the_process() ->
     with SIGSEGV; the bounded parser refuses the same bytes and the process lives on."""
     script = (
         "import web3, json, sys\n"
-        "from medkms.core.bounded_json import loads\n"
-        "from medkms.core.errors import InvalidRequest\n"
+        "from core.bounded_json import loads\n"
+        "from core.errors import InvalidRequest\n"
         "data = b'[' * 200_000\n"
         "try:\n"
         "    loads(data, max_bytes=1 << 20, max_depth=32, what='x')\n"

@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
-from medkms.core.cid import cid_for, digest_of
-from medkms.core.errors import InvalidRequest
+from core.cid import cid_for, digest_of
+from core.errors import InvalidRequest
 
 
 def test_cid_is_the_ipfs_raw_cidv1_of_the_bytes() -> None:

@@ -9,8 +9,8 @@ import pytest
 from eth_account import Account
 from eth_keys.datatypes import PrivateKey
 
-from medkms.core.errors import IntegrityError, InvalidRequest
-from medkms.core.eth_tx import (
+from core.errors import IntegrityError, InvalidRequest
+from core.eth_tx import (
     SECP256K1_ORDER,
     address_of,
     recoverable_signature,

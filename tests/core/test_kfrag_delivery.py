@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from medkms.core.errors import InvalidRequest, Unauthenticated
-from medkms.core.kfrag_delivery import (
+from core.errors import InvalidRequest, Unauthenticated
+from core.kfrag_delivery import (
     COMPRESSED_POINT_LEN,
     DELIVERY_VERSION,
     MIN_SEALED_LEN,

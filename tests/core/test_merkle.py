@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from medkms.core import merkle
-from medkms.core.errors import InvalidRequest
+from core import merkle
+from core.errors import InvalidRequest
 
 MAX_SIZE = 70
 

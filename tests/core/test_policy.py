@@ -8,12 +8,12 @@ import secrets
 import pytest
 import umbral_pre as umbral
 
-from medkms.core.errors import AccessDenied, NotFound
-from medkms.core.policy import FINAL_DENIALS, judge
-from medkms.core.record_types import RecordType, to_mask
-from medkms.core.registry_types import AccessState, GrantInfo, RecordInfo
-from medkms.core.requests import ReencryptionQuery, Signed
-from medkms.core.umbral_codec import capsule_hash
+from core.errors import AccessDenied, NotFound
+from core.policy import FINAL_DENIALS, judge
+from core.record_types import RecordType, to_mask
+from core.registry_types import AccessState, GrantInfo, RecordInfo
+from core.requests import ReencryptionQuery, Signed
+from core.umbral_codec import capsule_hash
 
 PATIENT = "0x" + "11" * 20
 GRANTEE = "0x" + "22" * 20

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from medkms.core.errors import ResourceExhausted
-from medkms.core.rate_limit import RateLimiter
+from core.errors import ResourceExhausted
+from core.rate_limit import RateLimiter
 
 
 class Clock:

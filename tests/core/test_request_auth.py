@@ -1,6 +1,6 @@
 """EIP-712 request signatures: the digest is the standard one, and each field is bound.
 
-The digest is computed explicitly in medkms.core.request_auth; every test here checks
+The digest is computed explicitly in core.request_auth; every test here checks
 it against eth_account's independent EIP-712 implementation, which wallets agree with.
 """
 
@@ -19,10 +19,10 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
 
-from medkms.core import request_auth
-from medkms.core.addresses import is_valid
-from medkms.core.errors import InvalidRequest, Unauthenticated
-from medkms.core.request_auth import (
+from core import request_auth
+from core.addresses import is_valid
+from core.errors import InvalidRequest, Unauthenticated
+from core.request_auth import (
     SECP256K1_N,
     BatchClaims,
     Claims,
@@ -37,7 +37,7 @@ from medkms.core.request_auth import (
     signing_digest,
     typed_data,
 )
-from medkms.core.umbral_codec import capsule_hash
+from core.umbral_codec import capsule_hash
 
 DOMAIN = Domain(chain_id=31337, registry_address="0x" + "5f" * 20)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import umbral_pre as umbral
 
-from medkms.core.errors import InvalidRequest
-from medkms.core.request_auth import Domain, request_id_of, signing_digest
-from medkms.core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from medkms.proto.kms.v1 import common_pb2
+from core.errors import InvalidRequest
+from core.request_auth import Domain, request_id_of, signing_digest
+from core.requests import BatchQuery, Enrollment, ReencryptionQuery
+from proto.kms.v1 import common_pb2
 
 DOMAIN = Domain(31337, "0x" + "ab" * 20)
 

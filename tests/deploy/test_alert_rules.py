@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 
-from medkms.core.audit import DECISIONS
-from medkms.core.audit_verify import CHECKABLE_DENIALS
-from medkms.node.anchoring import AnchorOutcome
-from medkms.proto.stubs import NODE_SERVICE
+from core.audit import DECISIONS
+from core.audit_verify import CHECKABLE_DENIALS
+from kms_node.anchoring import AnchorOutcome
+from proto.stubs import NODE_SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = (ROOT / "deploy" / "prometheus-alerts.yml").read_text()

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from medkms.deploy import certs
-from medkms.deploy.certs import ClusterCa
+from deploy import certs
+from deploy.certs import ClusterCa
 
 
 def load(path: Path) -> x509.Certificate:

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient, StoredRecord
-from medkms.clients.provider import ProviderClient
-from medkms.clients.signed_requests import RequestSigner
-from medkms.contracts.registry import RegistryClient
-from medkms.core.record_types import RecordType
-from medkms.deploy.anvil import set_balance
-from medkms.deploy.demo import diagnosis, lab_result
-from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
-from medkms.proto.stubs import CoordinatorStub
+from clients.identity import Identity
+from clients.patient import PatientClient, StoredRecord
+from clients.provider import ProviderClient
+from clients.signed_requests import RequestSigner
+from contracts.registry import RegistryClient
+from core.record_types import RecordType
+from deploy.anvil import set_balance
+from deploy.demo import diagnosis, lab_result
+from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from proto.stubs import CoordinatorStub
 
 #: every identity the session created, so the final log scan knows what to look for
 CREATED_IDENTITIES: list[Identity] = []

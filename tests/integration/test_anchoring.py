@@ -9,13 +9,13 @@ import urllib.request
 
 import pytest
 
-from medkms.clients.records import parse_envelope
-from medkms.core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
-from medkms.core.record_types import RecordType
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import audit_pb2
-from medkms.proto.stubs import AuditStub, NodeStub
+from clients.records import parse_envelope
+from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
+from core.record_types import RecordType
+from deploy.demo import lab_result
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import audit_pb2
+from proto.stubs import AuditStub, NodeStub
 from tests.integration.conftest import People
 from tests.integration.test_audit_service import checkpoint_of
 

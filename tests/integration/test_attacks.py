@@ -14,17 +14,17 @@ import pytest
 import umbral_pre as umbral
 from eth_account import Account
 
-from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient
-from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner, sealed_enrollment
-from medkms.core.errors import AccessDenied, ChainRejected, InvalidRequest
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import EmergencyAccessOpened, NodeInfo
-from medkms.deploy.anvil import increase_time
-from medkms.deploy.demo import lab_result
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2
-from medkms.proto.stubs import CoordinatorStub, NodeStub
+from clients.identity import Identity
+from clients.patient import PatientClient
+from clients.records import parse_envelope
+from clients.signed_requests import RequestSigner, sealed_enrollment
+from core.errors import AccessDenied, ChainRejected, InvalidRequest
+from core.record_types import RecordType
+from core.registry_types import EmergencyAccessOpened, NodeInfo
+from deploy.anvil import increase_time
+from deploy.demo import lab_result
+from proto.kms.v1 import common_pb2, coordinator_pb2
+from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from medkms.clients.records import parse_envelope
-from medkms.core.audit import (
+from clients.records import parse_envelope
+from core.audit import (
     AuditEntry,
     Checkpoint,
     Receipt,
@@ -15,11 +15,11 @@ from medkms.core.audit import (
     verify_log,
     verify_receipt_inclusion,
 )
-from medkms.core.record_types import RecordType
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import audit_pb2
-from medkms.proto.stubs import AuditStub, NodeStub
+from core.record_types import RecordType
+from deploy.demo import lab_result
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import audit_pb2
+from proto.stubs import AuditStub, NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

@@ -26,23 +26,23 @@ import grpc
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from medkms.clients import kmsctl
-from medkms.clients.audit_report import receipt_to_json
-from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient, StoredRecord
-from medkms.clients.provider import ProviderClient
-from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner
-from medkms.contracts.registry import RegistryClient
-from medkms.core import logs
-from medkms.core.audit import Checkpoint, Receipt, verify_receipt_inclusion
-from medkms.core.record_types import RecordType
-from medkms.deploy import demo
-from medkms.deploy.anvil import set_balance
-from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
-from medkms.node.settings import NodeSettings
-from medkms.proto.kms.v1 import audit_pb2, common_pb2
-from medkms.proto.stubs import AuditStub, CoordinatorStub, NodeStub
+from clients import kmsctl
+from clients.audit_report import receipt_to_json
+from clients.identity import Identity
+from clients.patient import PatientClient, StoredRecord
+from clients.provider import ProviderClient
+from clients.records import parse_envelope
+from clients.signed_requests import RequestSigner
+from contracts.registry import RegistryClient
+from core import logs
+from core.audit import Checkpoint, Receipt, verify_receipt_inclusion
+from core.record_types import RecordType
+from deploy import demo
+from deploy.anvil import set_balance
+from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from kms_node.settings import NodeSettings
+from proto.kms.v1 import audit_pb2, common_pb2
+from proto.stubs import AuditStub, CoordinatorStub, NodeStub
 from tests.core.test_audit_verify import rebuild_tree
 from tests.integration.conftest import People
 
@@ -491,10 +491,10 @@ def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
 _FORGE = """
 import json, sys
 from pathlib import Path
-from medkms.core.audit import AuditEntry
-from medkms.node.audit_log import AuditLog
-from medkms.node.hsm import Pkcs11KeyStore
-from medkms.node.settings import NodeSettings
+from core.audit import AuditEntry
+from kms_node.audit_log import AuditLog
+from kms_node.hsm import Pkcs11KeyStore
+from kms_node.settings import NodeSettings
 
 settings = NodeSettings.from_toml(Path(sys.argv[1]))
 fields = json.loads(sys.argv[2])

@@ -9,10 +9,10 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
-from medkms.proto.rpc import MAX_MESSAGE_BYTES
-from medkms.proto.stubs import CoordinatorStub, NodeStub
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
+from proto.rpc import MAX_MESSAGE_BYTES
+from proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 

@@ -9,16 +9,16 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
-from medkms.clients.records import parse_envelope
-from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
-from medkms.core.audit import Receipt, verify_receipt
-from medkms.core.errors import AccessDenied, NotFound, Unavailable
-from medkms.core.record_types import RecordType
-from medkms.deploy.anvil import increase_time
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import CoordinatorStub, NodeStub
+from clients.records import parse_envelope
+from coordinator.service import MAX_RECONNECT_BACKOFF_MS
+from core.audit import Receipt, verify_receipt
+from core.errors import AccessDenied, NotFound, Unavailable
+from core.record_types import RecordType
+from deploy.anvil import increase_time
+from deploy.demo import lab_result
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import common_pb2
+from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

@@ -13,17 +13,17 @@ from typing import Any
 import grpc
 import pytest
 
-from medkms.clients import auditor
-from medkms.clients.auditor import audit_cluster, channel_factory
-from medkms.clients.records import parse_envelope
-from medkms.contracts.registry import RegistryClient
-from medkms.core.audit_verify import Check, NodeReport
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import NodeInfo
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import audit_pb2
-from medkms.proto.stubs import AUDIT_SERVICE, AuditStub, NodeStub
-from medkms.proto.transport import Transport
+from clients import auditor
+from clients.auditor import audit_cluster, channel_factory
+from clients.records import parse_envelope
+from contracts.registry import RegistryClient
+from core.audit_verify import Check, NodeReport
+from core.record_types import RecordType
+from core.registry_types import NodeInfo
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import audit_pb2
+from proto.stubs import AUDIT_SERVICE, AuditStub, NodeStub
+from proto.transport import Transport
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from medkms.clients.records import parse_envelope
-from medkms.core.record_types import RecordType
-from medkms.deploy import processes
-from medkms.deploy.local_cluster import LocalCluster, NodeEntry
-from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import NodeStub
+from clients.records import parse_envelope
+from core.record_types import RecordType
+from deploy import processes
+from deploy.local_cluster import LocalCluster, NodeEntry
+from proto.kms.v1 import common_pb2
+from proto.stubs import NodeStub
 from tests.hostile_rpc import HostileRpc, Reply, huge, nested, result, trickle
 from tests.integration.conftest import People
 
@@ -70,7 +70,7 @@ def hostile(cluster: LocalCluster) -> Iterator[HostileChainNode]:
     # Among the cluster's logs, so that the session's final scan for secrets reads it too.
     log = cluster.state_dir / "logs" / f"{node.node_id}-hostile-chain.log"
     process = processes.spawn(
-        [sys.executable, "-m", "medkms.node.cli", "serve", "--config", str(config)], log
+        [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config)], log
     )
     try:
         processes.wait_until(

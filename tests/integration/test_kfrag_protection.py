@@ -18,11 +18,11 @@ import umbral_pre as umbral
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from medkms.coordinator.service import MAX_RECONNECT_BACKOFF_MS
-from medkms.core.record_types import RecordType
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
-from medkms.node.kfrag_store import KfragStore
+from coordinator.service import MAX_RECONNECT_BACKOFF_MS
+from core.record_types import RecordType
+from deploy.demo import lab_result
+from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
+from kms_node.kfrag_store import KfragStore
 from tests.integration.conftest import CREATED_IDENTITIES, People
 
 pytestmark = pytest.mark.cluster
@@ -49,7 +49,7 @@ def test_a_copied_node_database_reveals_no_usable_kfrag(
 
 def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", *args],
+        [sys.executable, "-m", "kms_node.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -58,9 +58,9 @@ def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
 
 _TRY_PINS = """
 import json, sys
-from medkms.core.errors import KmsError
-from medkms.node.hsm import Pkcs11KeyStore
-from medkms.node.settings import DEFAULT_SOFTHSM_MODULE
+from core.errors import KmsError
+from kms_node.hsm import Pkcs11KeyStore
+from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 
 conf, label = sys.argv[1:3]
 outcomes = []

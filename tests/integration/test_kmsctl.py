@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import LocalCluster
+from deploy.demo import lab_result
+from deploy.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -23,7 +23,7 @@ def kmsctl(cluster: LocalCluster | Path, *args: str) -> subprocess.CompletedProc
         [
             sys.executable,
             "-m",
-            "medkms.clients.kmsctl",
+            "clients.kmsctl",
             *args,
             "--state-dir",
             str(state_dir),

@@ -11,18 +11,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from medkms.clients.identity import Identity
-from medkms.clients.patient import PatientClient, StoredRecord
-from medkms.clients.provider import ProviderClient
-from medkms.clients.records import parse_envelope
-from medkms.clients.signed_requests import RequestSigner
-from medkms.core.record_types import RecordType
-from medkms.deploy import processes
-from medkms.deploy.anvil import set_balance
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import FUNDING_WEI, LocalCluster
-from medkms.node.settings import NodeSettings
-from medkms.proto.stubs import CoordinatorStub, NodeStub
+from clients.identity import Identity
+from clients.patient import PatientClient, StoredRecord
+from clients.provider import ProviderClient
+from clients.records import parse_envelope
+from clients.signed_requests import RequestSigner
+from core.record_types import RecordType
+from deploy import processes
+from deploy.anvil import set_balance
+from deploy.demo import lab_result
+from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from kms_node.settings import NodeSettings
+from proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from medkms.core.errors import AccessDenied
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import node_pb2
-from medkms.proto.stubs import NodeStub
+from core.errors import AccessDenied
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import node_pb2
+from proto.stubs import NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

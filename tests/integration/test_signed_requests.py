@@ -9,16 +9,16 @@ import time
 import grpc
 import pytest
 
-from medkms.clients.identity import Identity
-from medkms.clients.records import parse_envelope
-from medkms.core.record_types import RecordType
-from medkms.core.request_auth import RequestClaims, sign
-from medkms.core.requests import address_bytes
-from medkms.core.umbral_codec import capsule_hash
-from medkms.deploy.demo import lab_result
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.proto.kms.v1 import common_pb2
-from medkms.proto.stubs import NodeStub
+from clients.identity import Identity
+from clients.records import parse_envelope
+from core.record_types import RecordType
+from core.request_auth import RequestClaims, sign
+from core.requests import address_bytes
+from core.umbral_codec import capsule_hash
+from deploy.demo import lab_result
+from deploy.local_cluster import LocalCluster
+from proto.kms.v1 import common_pb2
+from proto.stubs import NodeStub
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from medkms.core.errors import InvalidRequest
-from medkms.deploy.certs import ClusterCa
-from medkms.deploy.local_cluster import LocalCluster
-from medkms.node.settings import NodeSettings
-from medkms.proto.kms.v1 import coordinator_pb2, node_pb2
-from medkms.proto.stubs import CoordinatorStub, NodeStub
-from medkms.proto.transport import Transport
+from core.errors import InvalidRequest
+from deploy.certs import ClusterCa
+from deploy.local_cluster import LocalCluster
+from kms_node.settings import NodeSettings
+from proto.kms.v1 import coordinator_pb2, node_pb2
+from proto.stubs import CoordinatorStub, NodeStub
+from proto.transport import Transport
 
 pytestmark = pytest.mark.cluster
 
@@ -98,7 +98,7 @@ def test_kmsctl_status_reaches_every_service_over_tls(cluster: LocalCluster) -> 
         [
             sys.executable,
             "-m",
-            "medkms.clients.kmsctl",
+            "clients.kmsctl",
             "cluster",
             "status",
             "--state-dir",
@@ -129,7 +129,7 @@ def test_a_node_without_tls_settings_refuses_to_start(
 ) -> None:
     config = _config_without_tls(cluster, tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -2,7 +2,7 @@
 
 All tokens of a test session live in one token directory: the PKCS#11 module reads its
 SOFTHSM2_CONF once per load, so one directory per process is the simple, reliable setup
-(see ``medkms.node.hsm``). Each token gets its own label and test-generated PINs.
+(see ``kms_node.hsm``). Each token gets its own label and test-generated PINs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.node import hsm
-from medkms.node.keystore import KeyStore, MemoryKeyStore
+from kms_node import hsm
+from kms_node.keystore import KeyStore, MemoryKeyStore
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 

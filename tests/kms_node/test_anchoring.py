@@ -14,14 +14,14 @@ import structlog
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from medkms.contracts.registry import RegistryClient, TxSigner
-from medkms.core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
-from medkms.core.errors import ChainUnavailable, InvalidRequest
-from medkms.deploy.anvil import AnvilProcess, rpc_call, set_balance
-from medkms.node import metrics
-from medkms.node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
-from medkms.node.audit_log import AuditLog
-from medkms.node.keystore import KeyStore, MemoryKeyStore
+from contracts.registry import RegistryClient, TxSigner
+from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
+from core.errors import ChainUnavailable, InvalidRequest
+from deploy.anvil import AnvilProcess, rpc_call, set_balance
+from kms_node import metrics
+from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import KeyStore, MemoryKeyStore
 from tests.kms_node.test_audit_log import make_entry
 
 pytestmark = pytest.mark.anvil

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core import merkle
-from medkms.core.audit import (
+from core import merkle
+from core.audit import (
     AuditEntry,
     Checkpoint,
     Receipt,
@@ -27,16 +27,16 @@ from medkms.core.audit import (
     verify_receipt,
     verify_receipt_inclusion,
 )
-from medkms.core.errors import (
+from core.errors import (
     HsmUnavailable,
     IntegrityError,
     InvalidRequest,
     PreconditionFailed,
     Unavailable,
 )
-from medkms.node import hsm
-from medkms.node.audit_log import SCHEMA_VERSION, AuditLog
-from medkms.node.keystore import MemoryKeyStore
+from kms_node import hsm
+from kms_node.audit_log import SCHEMA_VERSION, AuditLog
+from kms_node.keystore import MemoryKeyStore
 
 NODE = "node-1"
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
@@ -369,9 +369,9 @@ def test_two_connections_append_to_one_log(db_path: Path, keys: MemoryKeyStore) 
 _CHILD = """
 import sys
 from pathlib import Path
-from medkms.core.audit import AuditEntry
-from medkms.node.audit_log import AuditLog
-from medkms.node.keystore import MemoryKeyStore
+from core.audit import AuditEntry
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import MemoryKeyStore
 
 keys = MemoryKeyStore()
 log = AuditLog(Path(sys.argv[1]), keys, "node-1")

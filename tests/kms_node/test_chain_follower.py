@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 import structlog
 
-from medkms.core.errors import ChainUnavailable, Unavailable
-from medkms.core.record_types import RecordType
-from medkms.core.registry_types import (
+from core.errors import ChainUnavailable, Unavailable
+from core.record_types import RecordType
+from core.registry_types import (
     AccessGranted,
     AccessRevoked,
     BlockRef,
@@ -21,7 +21,7 @@ from medkms.core.registry_types import (
     RecordDeactivated,
     RegistryEvent,
 )
-from medkms.node.chain_follower import ChainFollower
+from kms_node.chain_follower import ChainFollower
 
 PATIENT = "0x" + "11" * 20
 GRANTEE = "0x" + "22" * 20
@@ -180,7 +180,7 @@ def test_a_reorg_rebuilds_the_index(chain: FakeChain, clock: Clock) -> None:
 def test_catch_up_reads_events_in_chunks(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("medkms.node.chain_follower.LOG_CHUNK_BLOCKS", 3)
+    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 3)
     chain.mine(anchored(1))
     for _ in range(8):
         chain.mine()
@@ -204,7 +204,7 @@ def test_blocks_mined_between_polls_are_not_lag(chain: FakeChain, clock: Clock) 
 def test_a_long_catch_up_counts_as_lag(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("medkms.node.chain_follower.LOG_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 2)
     f = follower(chain, clock)
     f.sync_once()
     for _ in range(6):

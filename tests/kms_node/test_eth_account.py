@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from medkms.core.eth_tx import sign_transaction
-from medkms.deploy.anvil import AnvilProcess, rpc_call, set_balance
-from medkms.node import hsm
+from core.eth_tx import sign_transaction
+from deploy.anvil import AnvilProcess, rpc_call, set_balance
+from kms_node import hsm
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.anvil]
 

@@ -7,7 +7,7 @@ import sys
 
 _CHILD = """
 import resource
-from medkms.node.hardening import forbid_core_dumps, is_dumpable
+from kms_node.hardening import forbid_core_dumps, is_dumpable
 before = is_dumpable()
 forbid_core_dumps()
 print(before, is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))

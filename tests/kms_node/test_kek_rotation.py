@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core.errors import IntegrityError, PreconditionFailed
-from medkms.node import data_lock
-from medkms.node.kek_rotation import rotate_kek
-from medkms.node.keystore import KeyStore
-from medkms.node.kfrag_store import KfragStore, StoredKfrag
-from medkms.node.service import kfrag_aad
+from core.errors import IntegrityError, PreconditionFailed
+from kms_node import data_lock
+from kms_node.kek_rotation import rotate_kek
+from kms_node.keystore import KeyStore
+from kms_node.kfrag_store import KfragStore, StoredKfrag
+from kms_node.service import kfrag_aad
 
 NODE = "node-1"
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"

@@ -18,16 +18,16 @@ from eth_account import Account
 from eth_keys.datatypes import Signature
 from eth_utils.address import is_checksum_address
 
-from medkms.core.errors import HsmUnavailable, IntegrityError, InvalidRequest, Unauthenticated
-from medkms.core.eth_tx import SECP256K1_ORDER, sign_transaction
-from medkms.core.kfrag_delivery import (
+from core.errors import HsmUnavailable, IntegrityError, InvalidRequest, Unauthenticated
+from core.eth_tx import SECP256K1_ORDER, sign_transaction
+from core.kfrag_delivery import (
     SEALED_KFRAG_UNAUTHENTICATED,
     compressed,
     delivery_binding,
     seal_for_node,
 )
-from medkms.node import hsm
-from medkms.node.keystore import (
+from kms_node import hsm
+from kms_node.keystore import (
     MIN_WRAPPED_LEN,
     NONCE_LEN,
     P256_ORDER,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core.errors import InvalidRequest, PreconditionFailed, Unavailable
-from medkms.node.kfrag_store import SCHEMA_VERSION, KfragStore, StoredKfrag
+from core.errors import InvalidRequest, PreconditionFailed, Unavailable
+from kms_node.kfrag_store import SCHEMA_VERSION, KfragStore, StoredKfrag
 
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
 GRANTEE = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
@@ -248,7 +248,7 @@ def test_concurrent_use_from_eight_threads(store: KfragStore) -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from medkms.node.kfrag_store import KfragStore, StoredKfrag
+from kms_node.kfrag_store import KfragStore, StoredKfrag
 
 store = KfragStore(Path(sys.argv[1]))
 for i in range(100_000):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
-from medkms.node.replay import NonceReused, ReplayGuard, SharedReplayGuard
+from core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
+from kms_node.replay import NonceReused, ReplayGuard, SharedReplayGuard
 
 ALICE = "0x" + "a1" * 20
 BOB = "0x" + "b2" * 20

@@ -11,20 +11,21 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from medkms.clients.identity import Identity
-from medkms.clients.signed_requests import sealed_enrollment
-from medkms.core.audit import Receipt, verify_receipt
-from medkms.core.errors import (
+from clients.identity import Identity
+from clients.signed_requests import sealed_enrollment
+from core.audit import Receipt, verify_receipt
+from core.errors import (
     AccessDenied,
     InvalidRequest,
+    NotFound,
     PreconditionFailed,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
-from medkms.core.rate_limit import RateLimiter
-from medkms.core.record_types import RecordType, to_mask
-from medkms.core.registry_types import (
+from core.rate_limit import RateLimiter
+from core.record_types import RecordType, to_mask
+from core.registry_types import (
     AccessRevoked,
     AccessState,
     BlockRef,
@@ -35,15 +36,20 @@ from medkms.core.registry_types import (
     PatientInfo,
     RecordInfo,
 )
-from medkms.core.request_auth import Domain, RequestClaims, request_id_of, sign
-from medkms.core.requests import address_bytes
-from medkms.core.umbral_codec import capsule_hash
-from medkms.node.audit_log import AuditLog
-from medkms.node.keystore import MemoryKeyStore
-from medkms.node.kfrag_store import KfragStore
-from medkms.node.replay import ReplayGuard
-from medkms.node.service import ENROLLMENT_REPLAYED, UNKNOWN_PATIENT_READS_PER_S, NodeService
-from medkms.proto.kms.v1 import common_pb2
+from core.request_auth import Domain, RequestClaims, request_id_of, sign
+from core.requests import address_bytes
+from core.umbral_codec import capsule_hash
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import MemoryKeyStore
+from kms_node.kfrag_store import KfragStore
+from kms_node.replay import ReplayGuard
+from kms_node.service import (
+    ENROLLMENT_REPLAYED,
+    UNKNOWN_PATIENT_READS_PER_S,
+    UNKNOWN_RECORD_READS_PER_S,
+    NodeService,
+)
+from proto.kms.v1 import common_pb2
 
 NOW = 1_800_000_000
 #: the test node's rate limit burst (its clock stands still: nothing refills)
@@ -755,3 +761,25 @@ def test_enrollments_by_unregistered_signers_get_a_few_chain_reads_a_second(
         world.node.enroll(request)
     assert reads == budget
     world.enroll(world.kfrag())  # a registered patient is not held up: the index knows her
+
+
+def test_a_record_the_index_does_not_know_yet_is_looked_up_within_a_budget(
+    world: World, tmp_path: Path
+) -> None:
+    chain, index = ChainReads(world.registry), StaleIndex(world.registry)
+    index.access_state = lambda record_id, grantee, capsule_hash: AccessState(  # type: ignore[method-assign]
+        None, None, index.block, NOW
+    )
+    node = node_on(world, tmp_path, chain, index, burst=1000)
+    del world.registry.grants[(world.alice.address, world.bob.address)]
+    # A stranger (no kfrag here) asks for a record anchored a moment ago: the chain
+    # says what is true, that the patient granted it nothing, a few times a second.
+    budget = int(UNKNOWN_RECORD_READS_PER_S)
+    for i in range(budget):
+        chain.block_number = index.block = 8 + i  # a new block each time: no reuse
+        with pytest.raises(AccessDenied, match="has not granted access"):
+            node.reencrypt(world.request(nonce=i.to_bytes(32, "big")))
+    chain.block_number = index.block = 8 + budget
+    with pytest.raises(NotFound, match="not in the registry"):
+        node.reencrypt(world.request(nonce=b"\xff" * 32))
+    assert chain.access_reads == budget

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medkms.core.errors import InvalidRequest
-from medkms.node.settings import NodeSettings, pin_file_mode_problem
+from core.errors import InvalidRequest
+from kms_node.settings import NodeSettings, pin_file_mode_problem
 
 BASE = """\
 node_id = "node-1"
@@ -132,7 +132,7 @@ def _kms_node(
     """The CLI in a process of its own: it configures logging and loads the PKCS#11
     module for its whole process."""
     return subprocess.run(
-        [sys.executable, "-m", "medkms.node.cli", command, "--config", str(config)],
+        [sys.executable, "-m", "kms_node.cli", command, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

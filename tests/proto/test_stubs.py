@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medkms.proto.generate import drift
+from proto.generate import drift
 
 
 def test_generated_stubs_match_the_proto_files() -> None:

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from medkms.core.errors import InvalidRequest
-from medkms.deploy.certs import ClusterCa
-from medkms.proto.transport import Transport, require_tls_settings
+from core.errors import InvalidRequest
+from deploy.certs import ClusterCa
+from proto.transport import Transport, require_tls_settings
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from medkms.proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
+from proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kms/v1/node.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x14\n\x12GetNodeInfoRequest\"\xdb\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x19\n\x11signing_algorithm\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65livery_public_key\x18\x08 \x01(\x0c\x12\x0f\n\x07\x61\x63\x63ount\x18\t \x01(\x0c\x12\x18\n\x10registry_address\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hain_id\x18\x06 \x01(\x04\x12\x13\n\x0bindex_block\x18\x07 \x01(\x04\">\n\x11ReencryptResponse\x12)\n\x08\x66ragment\x18\x01 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\"B\n\x16ReencryptBatchResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.kms.v1.CapsuleOutcome2\xb9\x02\n\x07KmsNode\x12;\n\x0bGetNodeInfo\x12\x1a.kms.v1.GetNodeInfoRequest\x1a\x10.kms.v1.NodeInfo\x12X\n\x11\x45nrollKeyFragment\x12 .kms.v1.EnrollKeyFragmentRequest\x1a!.kms.v1.EnrollKeyFragmentResponse\x12\x43\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a\x19.kms.v1.ReencryptResponse\x12R\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a\x1e.kms.v1.ReencryptBatchResponseb\x06proto3')
