@@ -41,8 +41,8 @@ from eth_account import Account
 from benchmarks import machine, stats
 from benchmarks.load import run_closed_loop, warm_up
 from benchmarks.workload import Workload, prepare
-from clients.identity import Identity
-from clients.signed_requests import RequestSigner
+from clients.sdk.identity import Identity
+from clients.sdk.signed_requests import RequestSigner
 from deploy.local_cluster import LocalCluster
 from proto.kms.v1 import common_pb2
 from proto.stubs import CoordinatorStub

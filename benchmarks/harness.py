@@ -32,7 +32,7 @@ from benchmarks import audit_overhead, baseline, grpc_floor, machine, report, re
 from benchmarks.load import Request, run_closed_loop, warm_up
 from benchmarks.process_stats import CLIENT, CpuMeter, self_peak_rss_mb, tree_peak_rss_mb
 from benchmarks.workload import NodeTarget, Workload, prepare
-from clients.provider import ProviderClient
+from clients.sdk.provider import ProviderClient
 from core.errors import Unavailable
 from deploy.local_cluster import LocalCluster
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import grpc
 import umbral_pre as umbral
 
-from clients.identity import Identity
-from clients.patient import PatientClient, StoredRecord
-from clients.provider import ProviderClient
-from clients.records import parse_envelope
-from clients.signed_requests import RequestSigner as SdkSigner
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient, StoredRecord
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import parse_envelope
+from clients.sdk.signed_requests import RequestSigner as SdkSigner
 from contracts.registry import RegistryClient
 from core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
 from core.record_types import RecordType
@@ -43,8 +43,8 @@ from core.umbral_codec import (
     load_public_key,
 )
 from deploy.anvil import set_balance
-from deploy.demo import lab_result
 from deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
+from deploy.sample_records import lab_result
 from proto import rpc
 from proto.kms.v1 import common_pb2
 from proto.stubs import CoordinatorStub, NodeStub

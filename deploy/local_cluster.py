@@ -40,9 +40,9 @@ from typing import Any
 
 import grpc
 
-from clients.blob_store import LocalBlobStore
-from clients.identity import Identity
-from clients.input_files import load_json_object
+from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.identity import Identity
+from clients.sdk.input_files import load_json_object
 from contracts.registry import RegistryClient
 from core import bounded_json
 from core.errors import KmsError, PreconditionFailed, Unavailable
@@ -411,7 +411,7 @@ class LocalCluster:
             raise PreconditionFailed(f"{node_id} is already running")
         log = Path(node.log)
         process = processes.spawn(
-            [sys.executable, "-m", "kms_node.cli", "serve", "--config", node.config], log
+            [sys.executable, "-m", "cli.node", "serve", "--config", node.config], log
         )
         self._children[node_id] = process
         self._set_node_pid(node_id, process.pid)
@@ -461,7 +461,7 @@ class LocalCluster:
         )
         log = self.state_dir / "logs" / "coordinator.log"
         process = processes.spawn(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)], log
+            [sys.executable, "-m", "cli.coordinator", "serve", "--config", str(config)], log
         )
         self._children["coordinator"] = process
         address = f"{HOST}:{port}"
@@ -505,7 +505,7 @@ class LocalCluster:
 
 def _run_init(config: Path) -> dict[str, str]:
     result = subprocess.run(
-        [sys.executable, "-m", "kms_node.cli", "init", "--config", str(config)],
+        [sys.executable, "-m", "cli.node", "init", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

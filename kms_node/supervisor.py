@@ -15,10 +15,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import structlog
 
@@ -45,15 +44,16 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def supervise(settings: NodeSettings, config_path: Path) -> None:
+def supervise(settings: NodeSettings, worker_command: Sequence[str]) -> None:
+    """Run ``settings.processes`` server processes, each started with ``worker_command``
+    plus ``--worker N`` (the entry point that called this knows how it is started)."""
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, mode=0o700)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
 
     def start(worker: int) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config_path)]
-        return subprocess.Popen([*cmd, "--worker", str(worker)], env=env)
+        return subprocess.Popen([*worker_command, "--worker", str(worker)], env=env)
 
     workers = {i: start(i) for i in range(settings.processes)}
     if settings.metrics_listen:

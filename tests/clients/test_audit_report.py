@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from clients.audit_report import (
+from clients.audit.audit_report import (
     CSV_COLUMNS,
     fhir_bundle,
     load_receipts,
@@ -21,7 +21,7 @@ from clients.audit_report import (
     report_json,
     write_reports,
 )
-from clients.auditor import ClusterReport
+from clients.audit.auditor import ClusterReport
 from core.audit_verify import verify_node
 from core.errors import InvalidRequest
 from tests.core.test_audit_verify import DOCTOR, FIRST_BLOCK, NODE, T0, Node, make_entry

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.blob_store import LocalBlobStore
+from clients.sdk.blob_store import LocalBlobStore
 from core.errors import IntegrityError, InvalidRequest, NotFound
 
 

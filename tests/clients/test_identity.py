@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from clients.identity import Identity
+from clients.sdk.identity import Identity
 from core.errors import InvalidRequest
 from core.record_types import RecordType
 

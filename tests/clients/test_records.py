@@ -8,12 +8,12 @@ import json
 import pytest
 import umbral_pre as umbral
 
-from clients.records import open_envelope, parse_envelope, seal, validate_fhir
+from clients.sdk.records import open_envelope, parse_envelope, seal, validate_fhir
 from core.errors import IntegrityError, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import record_id_of
 from core.umbral_codec import capsule_hash
-from deploy.demo import diagnosis, lab_result
+from deploy.sample_records import diagnosis, lab_result
 
 PATIENT = "0x" + "ab" * 20
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
-from clients.identity import Identity
-from clients.signed_requests import RequestSigner
+from clients.sdk.identity import Identity
+from clients.sdk.signed_requests import RequestSigner
 from coordinator.service import CoordinatorService, _RoundRobin
 from coordinator.settings import CoordinatorSettings, NodeAddress
 from core.errors import (

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.identity import Identity
-from clients.patient import PatientClient, StoredRecord
-from clients.provider import ProviderClient
-from clients.signed_requests import RequestSigner
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient, StoredRecord
+from clients.sdk.provider import ProviderClient
+from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
 from core.record_types import RecordType
 from deploy.anvil import set_balance
-from deploy.demo import diagnosis, lab_result
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from deploy.sample_records import diagnosis, lab_result
 from proto.stubs import CoordinatorStub
 
 #: every identity the session created, so the final log scan knows what to look for

@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 
-from clients.records import parse_envelope
+from clients.sdk.records import parse_envelope
 from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
 from core.record_types import RecordType
-from deploy.demo import lab_result
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import lab_result
 from proto.kms.v1 import audit_pb2
 from proto.stubs import AuditStub, NodeStub
 from tests.integration.conftest import People

@@ -14,15 +14,15 @@ import pytest
 import umbral_pre as umbral
 from eth_account import Account
 
-from clients.identity import Identity
-from clients.patient import PatientClient
-from clients.records import parse_envelope
-from clients.signed_requests import RequestSigner, sealed_enrollment
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient
+from clients.sdk.records import parse_envelope
+from clients.sdk.signed_requests import RequestSigner, sealed_enrollment
 from core.errors import AccessDenied, ChainRejected, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import EmergencyAccessOpened, NodeInfo
 from deploy.anvil import increase_time
-from deploy.demo import lab_result
+from deploy.sample_records import lab_result
 from proto.kms.v1 import common_pb2, coordinator_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People

@@ -26,18 +26,18 @@ import grpc
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from clients import kmsctl
-from clients.audit_report import receipt_to_json
-from clients.identity import Identity
-from clients.patient import PatientClient, StoredRecord
-from clients.provider import ProviderClient
-from clients.records import parse_envelope
-from clients.signed_requests import RequestSigner
+from cli import kmsctl
+from clients.audit.audit_report import receipt_to_json
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient, StoredRecord
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import parse_envelope
+from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
 from core import logs
 from core.audit import Checkpoint, Receipt, verify_receipt_inclusion
 from core.record_types import RecordType
-from deploy import demo
+from deploy import sample_records
 from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
 from kms_node.settings import NodeSettings
@@ -166,7 +166,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with cluster.coordinator_channel() as channel:
             patient = PatientClient(alice, registry, cluster.blob_store(), CoordinatorStub(channel))
             patient.register()
-            lab = patient.store_record(demo.lab_result(), RecordType.LAB_RESULT)
+            lab = patient.store_record(sample_records.lab_result(), RecordType.LAB_RESULT)
             patient.grant(
                 bob.address,
                 bob.umbral_public_key(),
@@ -450,7 +450,7 @@ def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
         ) as doctor:
             while not killed.is_set():
                 try:
-                    assert doctor.read_record(world.lab.record_id) == demo.lab_result()
+                    assert doctor.read_record(world.lab.record_id) == sample_records.lab_result()
                 except Exception as e:  # the threshold of the other two nodes still answers
                     errors.append(e)
                     return

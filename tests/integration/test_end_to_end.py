@@ -9,14 +9,14 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
-from clients.records import parse_envelope
+from clients.sdk.records import parse_envelope
 from coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, NotFound, Unavailable
 from core.record_types import RecordType
 from deploy.anvil import increase_time
-from deploy.demo import lab_result
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import lab_result
 from proto.kms.v1 import common_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People

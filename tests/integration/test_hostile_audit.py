@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import auditor
-from clients.auditor import audit_cluster, channel_factory
-from clients.records import parse_envelope
+from clients.audit import auditor
+from clients.audit.auditor import audit_cluster, channel_factory
+from clients.sdk.records import parse_envelope
 from contracts.registry import RegistryClient
 from core.audit_verify import Check, NodeReport
 from core.record_types import RecordType

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.records import parse_envelope
+from clients.sdk.records import parse_envelope
 from core.record_types import RecordType
 from deploy import processes
 from deploy.local_cluster import LocalCluster, NodeEntry
@@ -70,7 +70,7 @@ def hostile(cluster: LocalCluster) -> Iterator[HostileChainNode]:
     # Among the cluster's logs, so that the session's final scan for secrets reads it too.
     log = cluster.state_dir / "logs" / f"{node.node_id}-hostile-chain.log"
     process = processes.spawn(
-        [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config)], log
+        [sys.executable, "-m", "cli.node", "serve", "--config", str(config)], log
     )
     try:
         processes.wait_until(

@@ -26,15 +26,15 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.provider import ProviderClient
+from clients.sdk.provider import ProviderClient
 from core.audit import AuditEntry
 from core.errors import AccessDenied, IntegrityError
 from core.record_types import RecordType
 from core.request_auth import signing_digest
 from deploy import processes
 from deploy.certs import ClusterCa
-from deploy.demo import lab_result
 from deploy.local_cluster import HOST, LocalCluster
+from deploy.sample_records import lab_result
 from proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, AuditStub, NodeStub
 from proto.transport import Transport
@@ -140,7 +140,7 @@ def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[tuple[str, 
     second.write_text("\n".join(lines) + "\n")
     log = cluster.state_dir / "logs" / "coordinator-with-liar.log"
     process = processes.spawn(
-        [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(second)], log
+        [sys.executable, "-m", "cli.coordinator", "serve", "--config", str(second)], log
     )
     try:
         processes.wait_until(

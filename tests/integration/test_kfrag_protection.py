@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.service import MAX_RECONNECT_BACKOFF_MS
 from core.record_types import RecordType
-from deploy.demo import lab_result
 from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
+from deploy.sample_records import lab_result
 from kms_node.kfrag_store import KfragStore
 from tests.integration.conftest import CREATED_IDENTITIES, People
 
@@ -49,7 +49,7 @@ def test_a_copied_node_database_reveals_no_usable_kfrag(
 
 def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kms_node.cli", *args],
+        [sys.executable, "-m", "cli.node", *args],
         capture_output=True,
         text=True,
         timeout=60,

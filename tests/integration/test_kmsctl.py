@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.demo import lab_result
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import lab_result
 
 pytestmark = pytest.mark.cluster
 
@@ -23,7 +23,7 @@ def kmsctl(cluster: LocalCluster | Path, *args: str) -> subprocess.CompletedProc
         [
             sys.executable,
             "-m",
-            "clients.kmsctl",
+            "cli.kmsctl",
             *args,
             "--state-dir",
             str(state_dir),

@@ -11,16 +11,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.identity import Identity
-from clients.patient import PatientClient, StoredRecord
-from clients.provider import ProviderClient
-from clients.records import parse_envelope
-from clients.signed_requests import RequestSigner
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient, StoredRecord
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import parse_envelope
+from clients.sdk.signed_requests import RequestSigner
 from core.record_types import RecordType
 from deploy import processes
 from deploy.anvil import set_balance
-from deploy.demo import lab_result
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from deploy.sample_records import lab_result
 from kms_node.settings import NodeSettings
 from proto.stubs import CoordinatorStub, NodeStub
 

@@ -9,14 +9,14 @@ import time
 import grpc
 import pytest
 
-from clients.identity import Identity
-from clients.records import parse_envelope
+from clients.sdk.identity import Identity
+from clients.sdk.records import parse_envelope
 from core.record_types import RecordType
 from core.request_auth import RequestClaims, sign
 from core.requests import address_bytes
 from core.umbral_codec import capsule_hash
-from deploy.demo import lab_result
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import lab_result
 from proto.kms.v1 import common_pb2
 from proto.stubs import NodeStub
 from tests.integration.conftest import People

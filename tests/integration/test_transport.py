@@ -98,7 +98,7 @@ def test_kmsctl_status_reaches_every_service_over_tls(cluster: LocalCluster) -> 
         [
             sys.executable,
             "-m",
-            "clients.kmsctl",
+            "cli.kmsctl",
             "cluster",
             "status",
             "--state-dir",
@@ -129,7 +129,7 @@ def test_a_node_without_tls_settings_refuses_to_start(
 ) -> None:
     config = _config_without_tls(cluster, tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "kms_node.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "cli.node", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

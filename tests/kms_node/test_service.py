@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from clients.identity import Identity
-from clients.signed_requests import sealed_enrollment
+from clients.sdk.identity import Identity
+from clients.sdk.signed_requests import sealed_enrollment
 from core.audit import Receipt, verify_receipt
 from core.errors import (
     AccessDenied,

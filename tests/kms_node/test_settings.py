@@ -132,7 +132,7 @@ def _kms_node(
     """The CLI in a process of its own: it configures logging and loads the PKCS#11
     module for its whole process."""
     return subprocess.run(
-        [sys.executable, "-m", "kms_node.cli", command, "--config", str(config)],
+        [sys.executable, "-m", "cli.node", command, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

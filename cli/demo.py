@@ -6,80 +6,24 @@ Every step checks what it expects; the demo fails (non-zero exit from
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from clients.audit_report import failures
-from clients.auditor import audit_cluster, channel_factory
-from clients.patient import PatientClient
-from clients.provider import ProviderClient
-from clients.records import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
+from clients.audit.audit_report import failures
+from clients.audit.auditor import audit_cluster, channel_factory
+from clients.sdk.patient import PatientClient
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
 from core import bounded_json
 from core.errors import AccessDenied, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import diagnosis, lab_result
 from proto.stubs import CoordinatorStub
 
 
 class DemoFailed(KmsError):
     """The cluster did not behave as the scenario expects."""
-
-
-def lab_result() -> bytes:
-    """A FHIR R4 Observation: an HbA1c result."""
-    return json.dumps(
-        {
-            "resourceType": "Observation",
-            "status": "final",
-            "category": [
-                {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                            "code": "laboratory",
-                        }
-                    ]
-                }
-            ],
-            "code": {
-                "coding": [{"system": "http://loinc.org", "code": "4548-4", "display": "HbA1c"}],
-                "text": "Hemoglobin A1c",
-            },
-            "subject": {"reference": "Patient/alice"},
-            "effectiveDateTime": "2026-11-20T09:30:00Z",
-            "valueQuantity": {
-                "value": 6.1,
-                "unit": "%",
-                "system": "http://unitsofmeasure.org",
-                "code": "%",
-            },
-        },
-        indent=2,
-    ).encode()
-
-
-def diagnosis() -> bytes:
-    """A FHIR R4 Condition: type 2 diabetes."""
-    return json.dumps(
-        {
-            "resourceType": "Condition",
-            "clinicalStatus": {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                        "code": "active",
-                    }
-                ]
-            },
-            "code": {
-                "coding": [
-                    {"system": "http://snomed.info/sct", "code": "44054006", "display": "Diabetes"}
-                ]
-            },
-            "subject": {"reference": "Patient/alice"},
-        }
-    ).encode()
 
 
 def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:

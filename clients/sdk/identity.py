@@ -18,7 +18,7 @@ import umbral_pre as umbral
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from clients.input_files import load_json_object
+from clients.sdk.input_files import load_json_object
 from core.errors import InvalidRequest
 from core.record_types import RecordType
 

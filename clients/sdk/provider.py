@@ -17,10 +17,10 @@ from typing import TypeVar
 import grpc
 import umbral_pre as umbral
 
-from clients.blob_store import LocalBlobStore
-from clients.identity import Identity
-from clients.records import open_envelope, parse_envelope
-from clients.signed_requests import RequestSigner
+from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.identity import Identity
+from clients.sdk.records import open_envelope, parse_envelope
+from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
 from core.errors import (
     IntegrityError,

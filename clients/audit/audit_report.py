@@ -19,8 +19,8 @@ from typing import Any, Final
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from clients.auditor import ClusterReport
-from clients.input_files import load_json, load_json_object
+from clients.audit.auditor import ClusterReport
+from clients.sdk.input_files import load_json, load_json_object
 from core.audit import GRANTED, AuditEntry, Receipt
 from core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
 from core.errors import InvalidRequest, KmsError
@@ -58,7 +58,7 @@ MEDKMS_CAPSULE: Final = "urn:medkms:capsule-sha256"
 MEDKMS_NODE: Final = "urn:medkms:node-id"
 _ID_NAMESPACE: Final = uuid.UUID("6f1c1a52-2f35-5d0c-9d55-6d65646b6d73")
 
-# Bounds on the files an audit reads (clients/input_files.py).
+# Bounds on the files an audit reads (clients/sdk/input_files.py).
 #: a receipt is under 1 KiB (its batch path at most 10 hashes): some 100 000 receipts
 MAX_RECEIPTS_FILE_BYTES: Final = 64 * 1024 * 1024
 #: a list of receipts, each an object, its batch path a list

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from clients.audit_report import (
+from clients.audit.audit_report import (
     failures,
     fhir_bundle,
     load_receipts,
@@ -32,11 +32,11 @@ from clients.audit_report import (
     summary_lines,
     write_reports,
 )
-from clients.auditor import ChannelFactory, audit_cluster, channel_factory
-from clients.input_files import read_bounded
-from clients.patient import PatientClient
-from clients.provider import ProviderClient
-from clients.records import MAX_DOCUMENT_BYTES
+from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
+from clients.sdk.input_files import read_bounded
+from clients.sdk.patient import PatientClient
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core import logs
 from core.errors import IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
@@ -120,7 +120,7 @@ def _serving(cluster: LocalCluster, running: list[str]) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from deploy import demo
+    from cli import demo
 
     demo.run(_cluster(args))
 

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rotate-kek":
             print(json.dumps(rotate(settings), indent=2))
         elif settings.processes > 1 and args.worker is None:
-            supervise(settings, args.config)
+            worker = [sys.executable, "-m", "cli.node", "serve", "--config", str(args.config)]
+            supervise(settings, worker)
         else:
             serve(settings, worker=args.worker)
     except KmsError as e:

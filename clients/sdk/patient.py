@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import grpc
 import umbral_pre as umbral
 
-from clients.blob_store import LocalBlobStore
-from clients.identity import Identity
-from clients.records import seal
-from clients.signed_requests import sealed_enrollment
+from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.identity import Identity
+from clients.sdk.records import seal
+from clients.sdk.signed_requests import sealed_enrollment
 from contracts.registry import RegistryClient
 from core.errors import InvalidRequest, NotFound, Unavailable
 from core.record_types import RecordType, to_mask
