@@ -9,7 +9,7 @@ STATE_DIR ?= .demo
 NODES ?= 5
 THRESHOLD ?= 3
 
-.PHONY: setup system-deps venv npm test demo lint proto contracts clean
+.PHONY: setup system-deps venv npm test test-fast demo lint proto contracts clean
 
 setup: system-deps venv npm
 
@@ -29,6 +29,10 @@ node_modules/.installed: package.json package-lock.json
 
 test: setup
 	$(BIN)/pytest
+
+# The tests that need no HSM, chain or cluster (markers in pyproject.toml): under a minute.
+test-fast: venv
+	$(BIN)/pytest -m "not softhsm and not anvil and not cluster"
 
 demo: setup
 	$(BIN)/kmsctl cluster up --reset --detach --nodes $(NODES) --threshold $(THRESHOLD) --state-dir $(STATE_DIR)
