@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.endpoints import parse_host_port
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError
 from proto.transport import Transport, require_tls_settings
 
 
@@ -63,7 +63,7 @@ class CoordinatorSettings:
         try:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InvalidRequest(f"cannot read coordinator config {path}: {e}") from None
+            raise ConfigurationError(f"cannot read coordinator config {path}: {e}") from None
         base = path.parent
 
         def rel(key: str) -> Path | None:
@@ -99,33 +99,37 @@ class CoordinatorSettings:
                 dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
             )
         except KeyError as e:
-            raise InvalidRequest(f"coordinator config {path} is missing {e.args[0]!r}") from None
+            raise ConfigurationError(
+                f"coordinator config {path} is missing {e.args[0]!r}"
+            ) from None
         settings.validate()
         return settings
 
     def validate(self) -> None:
         parse_host_port(self.listen, "listen")
         if not self.nodes:
-            raise InvalidRequest("at least one node is required")
+            raise ConfigurationError("at least one node is required")
         ids = [n.node_id for n in self.nodes]
         if len(set(ids)) != len(ids):
-            raise InvalidRequest("node ids must be unique")
+            raise ConfigurationError("node ids must be unique")
         for node in self.nodes:
             parse_host_port(node.address, f"address of {node.node_id}")
         if not 1 <= self.threshold <= len(self.nodes):
-            raise InvalidRequest(f"threshold must be between 1 and {len(self.nodes)}")
+            raise ConfigurationError(f"threshold must be between 1 and {len(self.nodes)}")
         if not 1 <= self.connections_per_node <= 64:
-            raise InvalidRequest("connections_per_node must be between 1 and 64")
+            raise ConfigurationError("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:
-            raise InvalidRequest("node_timeout_s must be positive")
+            raise ConfigurationError("node_timeout_s must be positive")
         if self.request_window_s < 1 or self.served_memory_s < 0:
-            raise InvalidRequest("need request_window_s >= 1 and served_memory_s >= 0")
+            raise ConfigurationError("need request_window_s >= 1 and served_memory_s >= 0")
         if not (self.requester_rate_per_s > 0 and self.peer_refusals_per_s > 0):
-            raise InvalidRequest("requester_rate_per_s and peer_refusals_per_s must be positive")
+            raise ConfigurationError(
+                "requester_rate_per_s and peer_refusals_per_s must be positive"
+            )
         if self.requester_burst < 1 or self.peer_refusal_burst < 1:
-            raise InvalidRequest("requester_burst and peer_refusal_burst must be at least 1")
+            raise ConfigurationError("requester_burst and peer_refusal_burst must be at least 1")
         if not isinstance(self.dev_plaintext, bool):
-            raise InvalidRequest("dev_plaintext must be true or false")
+            raise ConfigurationError("dev_plaintext must be true or false")
         require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)
 
     def _tls_files(self) -> dict[str, Path | None]:
@@ -149,5 +153,7 @@ class CoordinatorSettings:
         if self.dev_plaintext:
             return Transport.plaintext()
         if self.tls_ca_cert is None or cert is None or key is None:
-            raise InvalidRequest("coordinator TLS settings are incomplete")  # validate() says which
+            raise ConfigurationError(
+                "coordinator TLS settings are incomplete"
+            )  # validate() says which
         return Transport.tls(self.tls_ca_cert, cert, key)

@@ -29,6 +29,13 @@ class InvalidRequest(KmsError, ValueError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class ConfigurationError(KmsError, ValueError):
+    """A setting is missing or malformed (a config file, an environment variable, a TLS
+    or PIN file): the operator's to fix, never a caller's request."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class Unauthenticated(KmsError):
     """The caller could not be identified (bad or missing signature)."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.endpoints import parse_host_port
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError
 from kms_node.hsm import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
@@ -70,7 +70,7 @@ class PinSource:
         """The source ``raw`` names for ``setting``; None if it names none."""
         file_key, env_key = f"{setting}_file", f"{setting}_env"
         if file_key in raw and env_key in raw:
-            raise InvalidRequest(
+            raise ConfigurationError(
                 f"node config sets both {file_key} and {env_key}: name exactly one source "
                 f"for {_PIN_NAMES[setting]}"
             )
@@ -79,7 +79,7 @@ class PinSource:
         if env_key in raw:
             name = str(raw[env_key])
             if not _ENV_NAME.fullmatch(name):
-                raise InvalidRequest(f"{env_key} must name an environment variable")
+                raise ConfigurationError(f"{env_key} must name an environment variable")
             return cls(setting, env=name, env_value=environ.get(name))
         return None
 
@@ -89,7 +89,7 @@ class PinSource:
         value = (self._env_value or "").strip()
         if not value:
             state = "is not set" if self._env_value is None else "is empty"
-            raise InvalidRequest(
+            raise ConfigurationError(
                 f"environment variable {self.env} (named by {self.setting}_env) {state}"
             )
         return value
@@ -175,7 +175,7 @@ class NodeSettings:
 
     def so_pin(self) -> str:
         if self.hsm_so_pin is None:
-            raise InvalidRequest(
+            raise ConfigurationError(
                 "hsm_so_pin_file or hsm_so_pin_env is required to initialise a token"
             )
         return self.hsm_so_pin.read()
@@ -185,7 +185,7 @@ class NodeSettings:
         if self.dev_plaintext:
             return Transport.plaintext()
         if self.tls_ca_cert is None or self.tls_cert is None or self.tls_key is None:
-            raise InvalidRequest("node TLS settings are incomplete")  # validate() says which
+            raise ConfigurationError("node TLS settings are incomplete")  # validate() says which
         return Transport.tls(self.tls_ca_cert, self.tls_cert, self.tls_key)
 
     @classmethod
@@ -196,7 +196,7 @@ class NodeSettings:
         try:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InvalidRequest(f"cannot read node config {path}: {e}") from None
+            raise ConfigurationError(f"cannot read node config {path}: {e}") from None
         base = path.parent
 
         def rel(value: object) -> Path:
@@ -239,30 +239,30 @@ class NodeSettings:
                 dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
             )
         except KeyError as e:
-            raise InvalidRequest(f"node config {path} is missing {e.args[0]!r}") from None
+            raise ConfigurationError(f"node config {path} is missing {e.args[0]!r}") from None
         settings.validate()
         return settings
 
     def validate(self) -> None:
         if not 1 <= len(self.node_id.encode()) <= 32:
-            raise InvalidRequest("node_id must be 1-32 bytes")
+            raise ConfigurationError("node_id must be 1-32 bytes")
         parse_host_port(self.listen, "listen")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")
         if not 0 < self.chain_poll_interval_s < self.chain_max_age_s:
-            raise InvalidRequest("need 0 < chain_poll_interval_s < chain_max_age_s")
+            raise ConfigurationError("need 0 < chain_poll_interval_s < chain_max_age_s")
         if self.chain_max_lag_blocks < 0 or self.registry_start_block < 0:
-            raise InvalidRequest("chain_max_lag_blocks and registry_start_block must be >= 0")
+            raise ConfigurationError("chain_max_lag_blocks and registry_start_block must be >= 0")
         if not 1 <= self.processes <= 64:
-            raise InvalidRequest("processes must be between 1 and 64")
+            raise ConfigurationError("processes must be between 1 and 64")
         if self.max_workers < 1:
-            raise InvalidRequest("max_workers must be at least 1")
+            raise ConfigurationError("max_workers must be at least 1")
         if not isinstance(self.anchoring, bool):
-            raise InvalidRequest("anchoring must be true or false")
+            raise ConfigurationError("anchoring must be true or false")
         if self.anchor_every_entries < 1 or not self.anchor_interval_s > 0:
-            raise InvalidRequest("need anchor_every_entries >= 1 and anchor_interval_s > 0")
+            raise ConfigurationError("need anchor_every_entries >= 1 and anchor_interval_s > 0")
         if not isinstance(self.dev_plaintext, bool):
-            raise InvalidRequest("dev_plaintext must be true or false")
+            raise ConfigurationError("dev_plaintext must be true or false")
         require_tls_settings(
             "node config",
             {"tls_ca_cert": self.tls_ca_cert, "tls_cert": self.tls_cert, "tls_key": self.tls_key},
@@ -281,7 +281,7 @@ class NodeSettings:
             for what, directory in guarded:
                 if where.is_relative_to(directory):
                     resolved = "" if where == source.file else f" (resolved: {where})"
-                    raise InvalidRequest(
+                    raise ConfigurationError(
                         f"{key} {source.file}{resolved} lies inside {what} {directory}, so "
                         "a copy of that directory would carry the PIN. Move the PIN file "
                         "to a directory of its own outside the data and token directories "
@@ -309,7 +309,7 @@ class NodeSettings:
 
 def _required_pin(source: PinSource | None) -> PinSource:
     if source is None:
-        raise InvalidRequest(
+        raise ConfigurationError(
             "node config names no source for the token's user PIN: set hsm_pin_file (a "
             "file outside the data and token directories, e.g. a secret mounted under "
             "/run/secrets) or hsm_pin_env (an environment variable)"
@@ -346,27 +346,27 @@ def _read_pin_file(path: Path, key: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidRequest(f"cannot read {key} {path}: {e.strerror}") from None
+        raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise InvalidRequest(f"{key} {path} is not a regular file")
+            raise ConfigurationError(f"{key} {path} is not a regular file")
         groups = frozenset([os.getegid(), *os.getgroups()])
         problem = pin_file_mode_problem(
             info.st_mode, info.st_uid, info.st_gid, euid=os.geteuid(), groups=groups
         )
         if problem is not None:
-            raise InvalidRequest(f"{key} {path} {problem}")
+            raise ConfigurationError(f"{key} {path} {problem}")
         try:
             data = f.read(MAX_PIN_FILE_BYTES + 1)
         except OSError as e:
-            raise InvalidRequest(f"cannot read {key} {path}: {e.strerror}") from None
+            raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
     if len(data) > MAX_PIN_FILE_BYTES:
-        raise InvalidRequest(f"{key} {path} is longer than {MAX_PIN_FILE_BYTES} bytes")
+        raise ConfigurationError(f"{key} {path} is longer than {MAX_PIN_FILE_BYTES} bytes")
     try:
         value = data.decode().strip()
     except UnicodeDecodeError:
-        raise InvalidRequest(f"{key} {path} is not UTF-8 text") from None
+        raise ConfigurationError(f"{key} {path} is not UTF-8 text") from None
     if not value:
-        raise InvalidRequest(f"{key} {path} is empty")
+        raise ConfigurationError(f"{key} {path} is empty")
     return value

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import structlog
 
-from core.errors import InvalidRequest, KmsError
+from core.errors import ConfigurationError, KmsError
 from proto import rpc
 
 log = structlog.get_logger("medkms.transport")
@@ -44,9 +44,9 @@ class Transport:
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
-            raise InvalidRequest("a TLS certificate needs its key, and a key its certificate")
+            raise ConfigurationError("a TLS certificate needs its key, and a key its certificate")
         if self.ca_cert is None and self.cert is not None:
-            raise InvalidRequest("a TLS certificate needs the CA certificate to check peers")
+            raise ConfigurationError("a TLS certificate needs the CA certificate to check peers")
 
     @classmethod
     def plaintext(cls) -> Transport:
@@ -132,7 +132,7 @@ class Transport:
     def _server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
         assert self.ca_cert is not None
         if self.cert is None or self.key is None:
-            raise InvalidRequest("a TLS server needs its certificate and key")
+            raise ConfigurationError("a TLS server needs its certificate and key")
         return grpc.ssl_server_credentials(
             [(_read(self.key, "TLS key"), _read(self.cert, "TLS cert"))],
             root_certificates=_read(self.ca_cert, "CA cert"),
@@ -147,10 +147,10 @@ def require_tls_settings(config: str, files: dict[str, Path | None], dev_plainte
     if dev_plaintext:
         if len(missing) < len(files):
             given = ", ".join(n for n in files if n not in missing)
-            raise InvalidRequest(f"{config} sets dev_plaintext = true and {given}; choose one")
+            raise ConfigurationError(f"{config} sets dev_plaintext = true and {given}; choose one")
         return
     if missing:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"{config} is missing TLS settings {', '.join(missing)}; plaintext is refused "
             "unless dev_plaintext = true (development only)"
         )
@@ -160,4 +160,4 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise InvalidRequest(f"cannot read {what} {path}: {e.strerror}") from None
+        raise ConfigurationError(f"cannot read {what} {path}: {e.strerror}") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError
 from deploy.certs import ClusterCa
 from deploy.local_cluster import LocalCluster
 from kms_node.settings import NodeSettings
@@ -148,9 +148,9 @@ def test_plaintext_needs_the_explicit_development_mode(
     config = _config_without_tls(cluster, tmp_path, "dev_plaintext = true")
     assert NodeSettings.from_toml(config).transport().is_plaintext
     config.write_text(config.read_text().replace("dev_plaintext = true", 'dev_plaintext = "yes"'))
-    with pytest.raises(InvalidRequest, match="dev_plaintext must be true or false"):
+    with pytest.raises(ConfigurationError, match="dev_plaintext must be true or false"):
         NodeSettings.from_toml(config)
     both = _config_without_tls(cluster, tmp_path, "dev_plaintext = true")
     both.write_text(both.read_text() + f'tls_ca_cert = "{cluster.state_dir}/tls/ca.crt"\n')
-    with pytest.raises(InvalidRequest, match="sets dev_plaintext = true and tls_ca_cert"):
+    with pytest.raises(ConfigurationError, match="sets dev_plaintext = true and tls_ca_cert"):
         NodeSettings.from_toml(both)

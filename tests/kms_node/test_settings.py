@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError
 from kms_node.settings import NodeSettings, pin_file_mode_problem
 
 BASE = """\
@@ -63,7 +63,9 @@ def test_a_pin_file_outside_the_data_and_token_dirs_is_read(tmp_path: Path) -> N
 
 def test_a_pin_file_inside_the_data_dir_is_refused(tmp_path: Path) -> None:
     _pin_file(tmp_path / "data" / "user.pin")
-    with pytest.raises(InvalidRequest, match=r"inside the data directory \(data_dir\)") as caught:
+    with pytest.raises(
+        ConfigurationError, match=r"inside the data directory \(data_dir\)"
+    ) as caught:
         _load(tmp_path, 'hsm_pin_file = "data/user.pin"\n')
     assert "Move the PIN file to a directory of its own" in str(caught.value)
 
@@ -73,7 +75,7 @@ def test_a_pin_file_inside_the_token_dir_is_refused(tmp_path: Path, key: str) ->
     _pin_file(tmp_path / "secrets" / "user.pin")
     _pin_file(tmp_path / "hsm" / "tokens" / "pin")
     other = "hsm_so_pin_file" if key == "hsm_pin_file" else "hsm_pin_file"
-    with pytest.raises(InvalidRequest, match=rf"^{key} .* inside the SoftHSM token directory"):
+    with pytest.raises(ConfigurationError, match=rf"^{key} .* inside the SoftHSM token directory"):
         _load(
             tmp_path,
             f'{key} = "hsm/tokens/pin"\n{other} = "secrets/user.pin"\n'
@@ -88,12 +90,12 @@ def test_the_token_dir_named_by_softhsm_conf_is_guarded_too(tmp_path: Path) -> N
     conf.parent.mkdir()
     conf.write_text(f"# comment\ndirectories.tokendir = {tokens}\nobjectstore.backend = file\n")
     _pin_file(tokens / "user.pin")
-    with pytest.raises(InvalidRequest, match="inside the token directory softhsm_conf names"):
+    with pytest.raises(ConfigurationError, match="inside the token directory softhsm_conf names"):
         _load(tmp_path, f'hsm_pin_file = "{tokens}/user.pin"\nsofthsm_conf = "hsm/softhsm2.conf"\n')
     # Beside a softhsm2.conf whose directory holds the tokens: a copy of it takes both.
     conf.write_text(f"directories.tokendir = {conf.parent / 'tokens'}\n")
     _pin_file(conf.parent / "user.pin")
-    with pytest.raises(InvalidRequest, match="the directory of softhsm_conf, which holds the"):
+    with pytest.raises(ConfigurationError, match="the directory of softhsm_conf, which holds the"):
         _load(tmp_path, 'hsm_pin_file = "hsm/user.pin"\nsofthsm_conf = "hsm/softhsm2.conf"\n')
 
 
@@ -101,18 +103,20 @@ def test_a_pin_file_reached_through_a_symlink_is_refused(tmp_path: Path) -> None
     _pin_file(tmp_path / "data" / "user.pin")
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "user.pin").symlink_to(tmp_path / "data" / "user.pin")
-    with pytest.raises(InvalidRequest, match=r"resolved: .*/data/user.pin\) lies inside the data"):
+    with pytest.raises(
+        ConfigurationError, match=r"resolved: .*/data/user.pin\) lies inside the data"
+    ):
         _load(tmp_path, 'hsm_pin_file = "secrets/user.pin"\n')
     # A directory link the other way: the data directory is reached through a symlink.
     (tmp_path / "data-link").symlink_to(tmp_path / "data")
-    with pytest.raises(InvalidRequest, match="lies inside the data directory"):
+    with pytest.raises(ConfigurationError, match="lies inside the data directory"):
         _load(tmp_path, 'hsm_pin_file = "data-link/user.pin"\n')
 
 
 def test_a_pin_file_reached_through_dotdot_is_refused(tmp_path: Path) -> None:
     _pin_file(tmp_path / "data" / "user.pin")
     (tmp_path / "secrets").mkdir()
-    with pytest.raises(InvalidRequest, match="lies inside the data directory"):
+    with pytest.raises(ConfigurationError, match="lies inside the data directory"):
         _load(tmp_path, 'hsm_pin_file = "secrets/../data/user.pin"\n')
 
 
@@ -171,9 +175,11 @@ def test_the_cli_reads_the_environment_at_start_up(tmp_path: Path) -> None:
 
 def test_an_empty_or_unset_variable_is_refused_without_echoing_it(tmp_path: Path) -> None:
     settings = _load(tmp_path, 'hsm_pin_env = "MEDKMS_HSM_PIN"\n', {"MEDKMS_HSM_PIN": " \n"})
-    with pytest.raises(InvalidRequest, match=r"MEDKMS_HSM_PIN \(named by hsm_pin_env\) is empty"):
+    with pytest.raises(
+        ConfigurationError, match=r"MEDKMS_HSM_PIN \(named by hsm_pin_env\) is empty"
+    ):
         settings.user_pin()
-    with pytest.raises(InvalidRequest, match="must name an environment variable"):
+    with pytest.raises(ConfigurationError, match="must name an environment variable"):
         _load(tmp_path, 'hsm_pin_env = "1234-not-a-name"\n')
 
 
@@ -182,20 +188,20 @@ def test_two_sources_for_one_pin_are_refused(tmp_path: Path, setting: str) -> No
     _pin_file(tmp_path / "secrets" / "pin")
     keys = {"hsm_pin_file": "secrets/pin", f"{setting}_file": "secrets/pin", f"{setting}_env": "X"}
     with pytest.raises(
-        InvalidRequest, match=rf"sets both {setting}_file and {setting}_env: name exactly one"
+        ConfigurationError, match=rf"sets both {setting}_file and {setting}_env: name exactly one"
     ):
         _load(tmp_path, "".join(f'{k} = "{v}"\n' for k, v in keys.items()), {"X": "1234"})
 
 
 def test_no_source_for_the_user_pin_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest, match="names no source for the token's user PIN"):
+    with pytest.raises(ConfigurationError, match="names no source for the token's user PIN"):
         _load(tmp_path, "")
 
 
 def test_the_so_pin_is_needed_only_to_initialise(tmp_path: Path) -> None:
     _pin_file(tmp_path / "secrets" / "user.pin")
     settings = _load(tmp_path, 'hsm_pin_file = "secrets/user.pin"\n')
-    with pytest.raises(InvalidRequest, match="hsm_so_pin_file or hsm_so_pin_env is required"):
+    with pytest.raises(ConfigurationError, match="hsm_so_pin_file or hsm_so_pin_env is required"):
         settings.so_pin()
 
 
@@ -221,7 +227,7 @@ def test_a_pin_file_readable_by_group_or_others_is_refused(
     if refused is None:
         assert settings.user_pin() == pin
         return
-    with pytest.raises(InvalidRequest, match=r"^hsm_pin_file .*/secrets/user.pin ") as caught:
+    with pytest.raises(ConfigurationError, match=r"^hsm_pin_file .*/secrets/user.pin ") as caught:
         settings.user_pin()
     assert refused in str(caught.value) and pin not in str(caught.value)
 
@@ -243,10 +249,10 @@ def test_a_pin_file_must_be_a_regular_file_of_bounded_size(tmp_path: Path) -> No
     (tmp_path / "secrets").mkdir()
     os.mkfifo(tmp_path / "secrets" / "user.pin", 0o600)
     settings = _load(tmp_path, 'hsm_pin_file = "secrets/user.pin"\n')
-    with pytest.raises(InvalidRequest, match="is not a regular file"):
+    with pytest.raises(ConfigurationError, match="is not a regular file"):
         settings.user_pin()
     (tmp_path / "secrets" / "user.pin").unlink()
     _pin_file(tmp_path / "secrets" / "user.pin")
     (tmp_path / "secrets" / "user.pin").write_text("x" * 5000)
-    with pytest.raises(InvalidRequest, match="is longer than 4096 bytes"):
+    with pytest.raises(ConfigurationError, match="is longer than 4096 bytes"):
         settings.user_pin()

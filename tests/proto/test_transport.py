@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError
 from deploy.certs import ClusterCa
 from proto.transport import Transport, require_tls_settings
 
@@ -102,9 +102,9 @@ def test_repr_names_files_not_key_bytes(ca: ClusterCa) -> None:
 
 
 def test_half_an_identity_is_refused(ca: ClusterCa, tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest, match="needs its key"):
+    with pytest.raises(ConfigurationError, match="needs its key"):
         Transport.tls(ca.ca_cert, cert=tmp_path / "a.crt")
-    with pytest.raises(InvalidRequest, match="certificate and key"):
+    with pytest.raises(ConfigurationError, match="certificate and key"):
         Transport.tls(ca.ca_cert).add_port(
             grpc.server(futures.ThreadPoolExecutor(1)), "127.0.0.1:0", require_client_cert=True
         )
@@ -113,15 +113,15 @@ def test_half_an_identity_is_refused(ca: ClusterCa, tmp_path: Path) -> None:
 def test_an_unreadable_key_is_named_in_the_error(ca: ClusterCa, tmp_path: Path) -> None:
     files = ca.server_cert("node-1")
     missing = Transport.tls(ca.ca_cert, files.cert, tmp_path / "gone.key")
-    with pytest.raises(InvalidRequest, match=r"cannot read TLS key .*gone\.key"):
+    with pytest.raises(ConfigurationError, match=r"cannot read TLS key .*gone\.key"):
         missing.channel("127.0.0.1:1")
 
 
 def test_settings_need_every_tls_file_or_the_development_mode() -> None:
     files = {"tls_ca_cert": Path("ca.crt"), "tls_cert": None, "tls_key": None}
-    with pytest.raises(InvalidRequest, match="missing TLS settings tls_cert, tls_key"):
+    with pytest.raises(ConfigurationError, match="missing TLS settings tls_cert, tls_key"):
         require_tls_settings("node config", files, dev_plaintext=False)
-    with pytest.raises(InvalidRequest, match="sets dev_plaintext = true and tls_ca_cert"):
+    with pytest.raises(ConfigurationError, match="sets dev_plaintext = true and tls_ca_cert"):
         require_tls_settings("node config", files, dev_plaintext=True)
     require_tls_settings("node config", dict.fromkeys(files), dev_plaintext=True)
     require_tls_settings("node config", dict.fromkeys(files, Path("x")), dev_plaintext=False)
