@@ -5,9 +5,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
+from core.settings_table import value_or_default
 from proto.transport import Transport, require_tls_settings
 
 
@@ -72,6 +74,9 @@ class CoordinatorSettings:
             p = Path(str(raw[key]))
             return p if p.is_absolute() else base / p
 
+        def get(name: str) -> Any:
+            return value_or_default(raw, cls, name)
+
         try:
             settings = cls(
                 listen=str(raw["listen"]),
@@ -81,22 +86,22 @@ class CoordinatorSettings:
                 ),
                 chain_rpc_url=str(raw["chain_rpc_url"]),
                 registry_address=str(raw["registry_address"]),
-                node_timeout_s=float(raw.get("node_timeout_s", 3.0)),
-                patient_cache_s=float(raw.get("patient_cache_s", 60.0)),
-                connections_per_node=int(raw.get("connections_per_node", 1)),
-                request_window_s=int(raw.get("request_window_s", 300)),
-                requester_rate_per_s=float(raw.get("requester_rate_per_s", 100.0)),
-                requester_burst=int(raw.get("requester_burst", 200)),
-                peer_refusals_per_s=float(raw.get("peer_refusals_per_s", 5.0)),
-                peer_refusal_burst=int(raw.get("peer_refusal_burst", 20)),
-                served_memory_s=float(raw.get("served_memory_s", 900.0)),
-                log_level=str(raw.get("log_level", "info")),
+                node_timeout_s=float(get("node_timeout_s")),
+                patient_cache_s=float(get("patient_cache_s")),
+                connections_per_node=int(get("connections_per_node")),
+                request_window_s=int(get("request_window_s")),
+                requester_rate_per_s=float(get("requester_rate_per_s")),
+                requester_burst=int(get("requester_burst")),
+                peer_refusals_per_s=float(get("peer_refusals_per_s")),
+                peer_refusal_burst=int(get("peer_refusal_burst")),
+                served_memory_s=float(get("served_memory_s")),
+                log_level=str(get("log_level")),
                 tls_ca_cert=rel("tls_ca_cert"),
                 tls_cert=rel("tls_cert"),
                 tls_key=rel("tls_key"),
                 tls_client_cert=rel("tls_client_cert"),
                 tls_client_key=rel("tls_client_key"),
-                dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
+                dev_plaintext=get("dev_plaintext"),  # checked by validate()
             )
         except KeyError as e:
             raise ConfigurationError(

@@ -15,9 +15,11 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
+from core.settings_table import value_or_default
 from kms_node.hsm import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
@@ -100,8 +102,6 @@ class NodeSettings:
     node_id: str
     #: gRPC listen address, HOST:PORT
     listen: str
-    #: Prometheus /metrics listen address, HOST:PORT, or "" for none
-    metrics_listen: str
     chain_rpc_url: str
     registry_address: str
     #: directory for the kfrag database
@@ -111,6 +111,8 @@ class NodeSettings:
     #: the token's user PIN: hsm_pin_file (mode 0600, outside the data and token
     #: directories) or hsm_pin_env (an environment variable)
     hsm_pin: PinSource
+    #: Prometheus /metrics listen address, HOST:PORT, or "" for none
+    metrics_listen: str = ""
     #: the token's security-officer PIN (hsm_so_pin_file or hsm_so_pin_env); only
     #: `kms-node init` reads it
     hsm_so_pin: PinSource | None = None
@@ -203,11 +205,14 @@ class NodeSettings:
             p = Path(str(value))
             return p if p.is_absolute() else base / p
 
+        def get(name: str) -> Any:
+            return value_or_default(raw, cls, name)
+
         try:
             settings = cls(
                 node_id=str(raw["node_id"]),
                 listen=str(raw["listen"]),
-                metrics_listen=str(raw.get("metrics_listen", "")),
+                metrics_listen=str(get("metrics_listen")),
                 chain_rpc_url=str(raw["chain_rpc_url"]),
                 registry_address=str(raw["registry_address"]),
                 data_dir=rel(raw["data_dir"]),
@@ -219,24 +224,24 @@ class NodeSettings:
                 softhsm_token_dir=(
                     rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
                 ),
-                registry_start_block=int(raw.get("registry_start_block", 0)),
-                chain_poll_interval_s=float(raw.get("chain_poll_interval_s", 0.2)),
-                chain_max_age_s=float(raw.get("chain_max_age_s", 2.0)),
-                chain_max_lag_blocks=int(raw.get("chain_max_lag_blocks", 2)),
-                max_workers=int(raw.get("max_workers", 2)),
-                processes=int(raw.get("processes", 1)),
-                anchoring=raw.get("anchoring", True),  # checked by validate()
-                anchor_every_entries=int(raw.get("anchor_every_entries", 1000)),
-                anchor_interval_s=float(raw.get("anchor_interval_s", 60.0)),
-                request_window_s=int(raw.get("request_window_s", 300)),
-                rate_limit_per_s=float(raw.get("rate_limit_per_s", 100.0)),
-                rate_limit_burst=int(raw.get("rate_limit_burst", 200)),
-                replay_max_entries=int(raw.get("replay_max_entries", 1_000_000)),
-                log_level=str(raw.get("log_level", "info")),
+                registry_start_block=int(get("registry_start_block")),
+                chain_poll_interval_s=float(get("chain_poll_interval_s")),
+                chain_max_age_s=float(get("chain_max_age_s")),
+                chain_max_lag_blocks=int(get("chain_max_lag_blocks")),
+                max_workers=int(get("max_workers")),
+                processes=int(get("processes")),
+                anchoring=get("anchoring"),  # checked by validate()
+                anchor_every_entries=int(get("anchor_every_entries")),
+                anchor_interval_s=float(get("anchor_interval_s")),
+                request_window_s=int(get("request_window_s")),
+                rate_limit_per_s=float(get("rate_limit_per_s")),
+                rate_limit_burst=int(get("rate_limit_burst")),
+                replay_max_entries=int(get("replay_max_entries")),
+                log_level=str(get("log_level")),
                 tls_ca_cert=rel(raw["tls_ca_cert"]) if "tls_ca_cert" in raw else None,
                 tls_cert=rel(raw["tls_cert"]) if "tls_cert" in raw else None,
                 tls_key=rel(raw["tls_key"]) if "tls_key" in raw else None,
-                dev_plaintext=raw.get("dev_plaintext", False),  # checked by validate()
+                dev_plaintext=get("dev_plaintext"),  # checked by validate()
             )
         except KeyError as e:
             raise ConfigurationError(f"node config {path} is missing {e.args[0]!r}") from None
