@@ -18,7 +18,6 @@ and dropped.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,6 @@ from core.registry_types import (
 from core.request_auth import Claims, Domain, authenticate
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
-from kms_node.confirmed_states import ConfirmedStates
 from kms_node.keystore import KeyStore
 from kms_node.kfrag_store import KfragStore, StoredKfrag
 from kms_node.replay import NonceMemory, NonceReused
@@ -102,14 +100,6 @@ class RegistryReader(AccessStateSource, Protocol):
     def block(self, identifier: int | str = "latest") -> BlockRef: ...
 
 
-def _unlimited() -> bool:
-    return True
-
-
-def _never() -> bool:
-    return False
-
-
 def kfrag_aad(
     node_id: str, patient: str, grantee: str, receiving_key: bytes, record_type: int
 ) -> bytes:
@@ -156,7 +146,6 @@ class NodeService:
             what="enrollments by patients this node has not seen register",
             clock=clock,
         )
-        self._confirmed = ConfirmedStates(registry)
         self._audit = audit
         self._request_window_s = request_window_s
         self._clock = clock
@@ -418,25 +407,23 @@ class NodeService:
         # patient's for, whom it could not serve anyway (strangers, throw-away keys);
         # except that a record the index does not know yet (anchored a moment ago) is
         # looked up within a node-wide budget, so that its refusal names the real
-        # reason. Confirmations are kept while the chain has no newer block.
+        # reason.
         state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
-        if not decision.allowed and decision.code not in FINAL_DENIALS:
-            if self._kfrags.holds(query.patient, query.requester):
-                budget = _unlimited
-            elif decision.code == "record_unknown":
-                budget = functools.partial(self._unknown_record_reads.try_spend, "*")
-            else:
-                budget = _never
-            confirmed = self._confirmed.access_state(
-                query.record_id,
-                query.requester,
-                query.capsule_hash,
-                self._index.index_block(),
-                may_read=budget,
+        if (
+            not decision.allowed
+            and decision.code not in FINAL_DENIALS
+            and (
+                self._kfrags.holds(query.patient, query.requester)
+                or (decision.code == "record_unknown" and self._unknown_record_reads.try_spend("*"))
             )
-            if confirmed is not None:
-                decision = judge(query, confirmed, int(self._clock()))
+        ):
+            # Read at the chain's latest block, never from a cache: a cache keyed by the
+            # index's block would hide exactly the newer block a confirmation is for.
+            state = self._registry.access_state(
+                query.record_id, query.requester, query.capsule_hash
+            )
+            decision = judge(query, state, int(self._clock()))
         if decision.block_hash is None:
             # The audit entry names the block judged at by number and hash.
             block_hash = self._registry.block(decision.block_number).hash

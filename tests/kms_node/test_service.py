@@ -646,25 +646,22 @@ def test_a_requester_without_a_kfrag_here_is_refused_without_a_chain_read(
     assert chain.access_reads == 0
 
 
-def test_a_refusal_the_chain_could_lift_is_confirmed_once_per_block(
+def test_a_grant_mined_after_a_refusal_is_honoured_while_the_index_lags(
     world: World, tmp_path: Path
 ) -> None:
     world.enroll(world.kfrag())  # bob holds a kfrag here: a fresh grant must be honoured
+    key = (world.alice.address, world.bob.address)
+    grant = world.registry.grants.pop(key)
     chain, index = ChainReads(world.registry), StaleIndex(world.registry)
     node = node_on(world, tmp_path, chain, index)
-    node.reencrypt(world.request(nonce=b"\x01" * 32))  # the chain has the grant
-    assert chain.access_reads == 1
-    key = (world.alice.address, world.bob.address)
-    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
-    index.block = chain.block_number = 8
-    for nonce in (b"\x02" * 32, b"\x03" * 32, b"\x04" * 32):
-        with pytest.raises(AccessDenied, match="revoked"):
-            node.reencrypt(world.request(nonce=nonce))
-    assert chain.access_reads == 2  # one more, for block 8
-    index.block = chain.block_number = 9
-    with pytest.raises(AccessDenied, match="revoked"):
-        node.reencrypt(world.request(nonce=b"\x05" * 32))
-    assert chain.access_reads == 3
+    with pytest.raises(AccessDenied, match="not granted access"):
+        node.reencrypt(world.request(nonce=b"\x01" * 32))  # confirmed: no grant at block 7
+    # The grant is mined in block 8; the index has not seen it yet. A confirmation
+    # remembered from block 7 would hide it (found in CI): every confirmation is read.
+    world.registry.grants[key] = grant
+    chain.block_number = 8
+    node.reencrypt(world.request(nonce=b"\x02" * 32))
+    assert chain.access_reads == 2
 
 
 def test_a_refused_request_costs_ten_served_ones(world: World, tmp_path: Path) -> None:
