@@ -114,14 +114,6 @@ class RateLimiter:
             return False
         return True
 
-    def check(self, key: str, cost: float = 1) -> None:
-        """Refuse as :meth:`spend` would, taking nothing."""
-        now = self._clock()
-        with self._lock:
-            tokens = self._tokens(key, now)
-        if tokens < cost:
-            raise self._refuse(tokens, cost)
-
     def charge(self, key: str, cost: float) -> None:
         """Take ``cost`` more tokens after the fact (a refusal costs more than an answer),
         down to at most one burst in debt: the party waits until it has refilled."""

@@ -92,16 +92,16 @@ def test_a_charge_after_the_fact_puts_the_requester_in_debt_until_refilled() -> 
     limiter.spend("alice")
 
 
-def test_check_refuses_as_spend_would_without_taking_anything() -> None:
+def test_try_spend_takes_what_there_is_and_says_whether_it_did() -> None:
     clock = Clock()
     limiter = RateLimiter(rate_per_s=2, burst=2, what="this address", clock=clock)
-    limiter.check("peer")
-    limiter.spend("peer", cost=1.5)
-    limiter.check("peer", cost=0.5)
+    assert limiter.try_spend("peer", cost=1.5)
+    assert not limiter.try_spend("peer")  # half a token left: nothing taken
+    assert limiter.try_spend("peer", cost=0.5)
     with pytest.raises(ResourceExhausted, match="rate limit for this address exceeded"):
-        limiter.check("peer")
-    clock.now = 0.25
-    limiter.check("peer")
+        limiter.spend("peer")
+    clock.now = 0.5
+    assert limiter.try_spend("peer")
 
 
 def test_a_cost_above_the_burst_is_taken_from_a_full_bucket_into_debt() -> None:

@@ -678,24 +678,34 @@ def test_a_refused_request_costs_ten_served_ones(world: World, tmp_path: Path) -
 # --- enrollment replay ---------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class PatientReads:
+    count: int = 0
+
+
+def count_patient_reads(registry: MemoryRegistry) -> PatientReads:
+    """Count the registry's get_patient calls (chain reads) from now on."""
+    reads = PatientReads()
+    get_patient = registry.get_patient
+
+    def counted(address: str) -> PatientInfo | None:
+        reads.count += 1
+        return get_patient(address)
+
+    registry.get_patient = counted  # type: ignore[method-assign]
+    return reads
+
+
 def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) -> None:
     enrollment = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
     world.node.enroll(enrollment)
-    reads = 0
-    get_patient = world.registry.get_patient
-
-    def counted(address: str) -> PatientInfo | None:
-        nonlocal reads
-        reads += 1
-        return get_patient(address)
-
-    world.registry.get_patient = counted  # type: ignore[method-assign]
+    reads = count_patient_reads(world.registry)
     with pytest.raises(Unauthenticated, match="enrollment already received"):
         world.node.enroll(enrollment)
-    assert reads == 0
+    assert reads.count == 0
     # The patient enrolls again with a fresh signature (her keys come from the index).
     world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
-    assert reads == 0
+    assert reads.count == 0
     assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
 
 
@@ -735,15 +745,7 @@ def test_an_enrollment_that_fails_in_the_hsm_spends_its_nonce(world: World) -> N
 def test_enrollments_by_unregistered_signers_get_a_few_chain_reads_a_second(
     world: World,
 ) -> None:
-    reads = 0
-    get_patient = world.registry.get_patient
-
-    def counted(address: str) -> PatientInfo | None:
-        nonlocal reads
-        reads += 1
-        return get_patient(address)
-
-    world.registry.get_patient = counted  # type: ignore[method-assign]
+    reads = count_patient_reads(world.registry)
     budget = int(UNKNOWN_PATIENT_READS_PER_S)
     for i in range(budget):
         stranger = Identity.generate(f"stranger-{i}")
@@ -756,7 +758,7 @@ def test_enrollments_by_unregistered_signers_get_a_few_chain_reads_a_second(
     request.patient = address_bytes(stranger.address)
     with pytest.raises(ResourceExhausted, match="patients this node has not seen register"):
         world.node.enroll(request)
-    assert reads == budget
+    assert reads.count == budget
     world.enroll(world.kfrag())  # a registered patient is not held up: the index knows her
 
 
