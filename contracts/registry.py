@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import eth_abi.exceptions
@@ -46,6 +46,7 @@ from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
 from core.kfrag_delivery import load_delivery_public_key
 from core.record_types import ALL_TYPES_MASK, RecordType
+from core.registry_interface import Sender
 from core.registry_types import (
     AccessGranted,
     AccessRevoked,
@@ -168,19 +169,6 @@ def _redacted_url(url: str) -> str:
 
 
 # ------------------------------------------------------------------- transport
-
-
-class TxSigner(Protocol):
-    """An account whose key lives elsewhere (e.g. a node's HSM): it signs a transaction
-    dict and returns the raw signed bytes. ``LocalAccount`` senders are accepted too."""
-
-    @property
-    def address(self) -> str: ...
-
-    def sign_raw_transaction(self, tx: dict[str, Any]) -> bytes: ...
-
-
-Sender = LocalAccount | TxSigner
 
 
 class _Chain:
@@ -455,11 +443,11 @@ class RegistryClient:
                     decoded.append(followed)
             return decoded
 
-    def receipt_block(self, tx_hash: str) -> int:
+    def block_of_transaction(self, tx_hash: str) -> int:
         """The block a mined transaction is in."""
         with self._chain.translate("get_transaction_receipt"):
-            receipt = self._chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
-            return int(receipt["blockNumber"])
+            mined = self._chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            return int(mined["blockNumber"])
 
     # --------------------------------------------------------- transactions
 

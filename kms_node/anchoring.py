@@ -30,10 +30,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from contracts.registry import TxSigner
 from core.audit import Checkpoint
 from core.errors import InvalidRequest, KmsError
 from core.eth_tx import sign_transaction
+from core.registry_interface import TxSigner
 from kms_node import metrics
 from kms_node.audit_log import AuditLog
 from kms_node.keystore import KeyStore

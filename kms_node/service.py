@@ -38,13 +38,10 @@ from core.kfrag_delivery import delivery_binding
 from core.policy import FINAL_DENIALS, Decision, judge
 from core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
 from core.record_types import RecordType, from_mask
+from core.registry_interface import AccessStateSource, RegistryReader
 from core.registry_types import (
     AccessRevoked,
-    AccessState,
-    BlockRef,
-    EmergencyOptIn,
     EmergencyOptInChanged,
-    GrantInfo,
     PatientInfo,
     RegistryEvent,
 )
@@ -78,26 +75,12 @@ class AuditSink(Protocol):
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]: ...
 
 
-class AccessStateSource(Protocol):
-    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState: ...
-
-
 class IndexedState(AccessStateSource, Protocol):
     """The node's local grant index (see chain_follower): no round trip, fresh within
     its bound or it raises UNAVAILABLE."""
 
     def index_block(self) -> int: ...
     def patient(self, address: str) -> PatientInfo | None: ...
-
-
-class RegistryReader(AccessStateSource, Protocol):
-    """Direct registry reads (see contracts.registry): authoritative at the
-    latest block, but a JSON-RPC round trip each."""
-
-    def get_patient(self, address: str) -> PatientInfo | None: ...
-    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None: ...
-    def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None: ...
-    def block(self, identifier: int | str = "latest") -> BlockRef: ...
 
 
 def kfrag_aad(

@@ -158,7 +158,7 @@ class PatientClient:
     def opt_out_emergency(self, responder: str) -> int:
         """Withdraw the opt-in (closing any open emergency grant); return its block."""
         tx = self._registry.opt_out_emergency(self.identity.account, responder)
-        return self._registry.receipt_block(tx)
+        return self._registry.block_of_transaction(tx)
 
     def _active_nodes(self, threshold: int) -> list[NodeInfo]:
         nodes = [n for n in self._registry.list_nodes() if n.active]
@@ -233,18 +233,18 @@ class PatientClient:
     def revoke(self, grantee: str) -> int:
         """Revoke the grant on-chain; return the block it was mined in."""
         tx = self._registry.revoke_access(self.identity.account, grantee)
-        return self._registry.receipt_block(tx)
+        return self._registry.block_of_transaction(tx)
 
     def allow_writer(self, provider: str, *, allowed: bool = True) -> int:
         """Let a provider (PROVIDER_ROLE) anchor records for this patient, or stop it;
         return the block. Nobody else can anchor a record in her name."""
         tx = self._registry.set_record_writer(self.identity.account, provider, allowed=allowed)
-        return self._registry.receipt_block(tx)
+        return self._registry.block_of_transaction(tx)
 
     def deactivate(self, record_id: bytes) -> int:
         """Deactivate a record on-chain; return the block it was mined in."""
         tx = self._registry.deactivate_record(self.identity.account, record_id)
-        return self._registry.receipt_block(tx)
+        return self._registry.block_of_transaction(tx)
 
     def erase(self, record_id: bytes) -> int:
         """Erasure (right to be forgotten): deactivate the record on-chain, so every

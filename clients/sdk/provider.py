@@ -113,7 +113,7 @@ class ProviderClient:
         tx = self._registry.open_emergency_access(
             self.identity.account, patient=patient, duration_s=duration_s
         )
-        block = self._registry.receipt_block(tx)
+        block = self._registry.block_of_transaction(tx)
         grant = self._registry.get_grant(patient, self.identity.address)
         if grant is None or not grant.emergency:
             raise PreconditionFailed("the registry shows no emergency grant after opening one")

@@ -170,7 +170,7 @@ def test_register_patient_and_read_back(
     assert event.args.patient == alice.address
     assert event.args.umbralKeys == b"".join(keys)  # concatenated in type order
     assert event.args.verifyingKey == verifying_key
-    block = registry.receipt_block(tx_hash)
+    block = registry.block_of_transaction(tx_hash)
     assert registry.events(block, block) == [
         PatientRegistered(
             block, registry.block(block).timestamp, alice.address, keys, verifying_key
@@ -907,7 +907,7 @@ def opt_in(
 
 def block_time(registry: RegistryClient, tx_hash: str) -> tuple[int, int]:
     """(number, timestamp) of the block a transaction was mined in."""
-    block = registry.block(registry.receipt_block(tx_hash))
+    block = registry.block(registry.block_of_transaction(tx_hash))
     return block.number, block.timestamp
 
 
@@ -1300,7 +1300,7 @@ def test_revoking_the_emergency_role_ends_open_windows(
     open_grant = registry.get_grant(patient.address, responder.address)
     assert open_grant is not None and open_grant.active and open_grant.emergency
 
-    revoked_block = registry.receipt_block(
+    revoked_block = registry.block_of_transaction(
         registry.revoke_emergency_role(deployer, responder.address)
     )
 
@@ -1318,7 +1318,7 @@ def test_revoking_the_emergency_role_ends_open_windows(
             revoked_block, registry.block(revoked_block).timestamp, responder.address, False
         )
     ]
-    provider_block = registry.receipt_block(
+    provider_block = registry.block_of_transaction(
         registry.grant_provider_role(deployer, Account.create().address)
     )
     assert registry.events(provider_block, provider_block) == []
@@ -1404,7 +1404,7 @@ def test_emergency_events_decode_in_chain_order(
 ) -> None:
     mask = to_mask([RecordType.IMAGING])
     key = compressed_point()
-    first = registry.receipt_block(
+    first = registry.block_of_transaction(
         registry.opt_in_emergency(
             patient, responder=responder.address, responder_umbral_key=key, allowed_types_mask=mask
         )
@@ -1413,7 +1413,7 @@ def test_emergency_events_decode_in_chain_order(
         registry,
         registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR),
     )
-    last = registry.receipt_block(registry.opt_out_emergency(patient, responder.address))
+    last = registry.block_of_transaction(registry.opt_out_emergency(patient, responder.address))
     p, r = patient.address, responder.address
 
     assert registry.events(first, last) == [
@@ -1489,7 +1489,7 @@ def test_node_anchors_checkpoints_from_its_own_account(
     checkpoint(registry, node, "node-1", 4, root_hash=b"\x00" * 32)
     assert registry.latest_checkpoint("node-1") == (4, b"\x00" * 32, 1_700_000_000)
     # Checkpoint events are not grant-index events.
-    block = registry.receipt_block(tx_hash)
+    block = registry.block_of_transaction(tx_hash)
     assert registry.events(block, block) == []
 
 
@@ -1621,7 +1621,7 @@ def test_checkpoint_anchors_are_listed_in_chain_order(
                 root_hash=root,
                 timestamp=1000 + size,
                 signature=signature,
-                block=registry.receipt_block(tx_hash),
+                block=registry.block_of_transaction(tx_hash),
             )
         )
 
@@ -1646,8 +1646,8 @@ def test_a_grant_read_at_a_past_block_shows_the_old_state(
 ) -> None:
     record_id = anchor(registry, patient, patient.address)
     before_grant = registry.latest_block()[0]
-    granted_block = registry.receipt_block(grant(registry, patient, provider.address))
-    revoked_block = registry.receipt_block(registry.revoke_access(patient, provider.address))
+    granted_block = registry.block_of_transaction(grant(registry, patient, provider.address))
+    revoked_block = registry.block_of_transaction(registry.revoke_access(patient, provider.address))
     assert before_grant < granted_block < revoked_block
 
     now = registry.get_grant(patient.address, provider.address)
@@ -1690,7 +1690,7 @@ def test_an_emergency_grant_read_at_a_past_block_after_opt_out(
     registry: RegistryClient, patient: LocalAccount, responder: LocalAccount
 ) -> None:
     opt_in(registry, patient, responder.address)
-    opened_block = registry.receipt_block(
+    opened_block = registry.block_of_transaction(
         registry.open_emergency_access(responder, patient=patient.address, duration_s=HOUR)
     )
     registry.opt_out_emergency(patient, responder.address)

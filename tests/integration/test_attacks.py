@@ -385,7 +385,7 @@ def test_revoking_the_emergency_role_ends_an_open_window_at_every_node(
         # The hospital takes the role away (the responder left): the hour-long window ends
         # now, at every node, though neither the patient nor the responder did anything.
         admin = people.cluster.identity("admin")
-        revoked = people.registry.receipt_block(
+        revoked = people.registry.block_of_transaction(
             people.registry.revoke_emergency_role(admin.account, responder.address)
         )
         people.patient.await_nodes(revoked)

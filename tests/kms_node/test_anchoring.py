@@ -14,9 +14,10 @@ import structlog
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from contracts.registry import RegistryClient, TxSigner
+from contracts.registry import RegistryClient
 from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
 from core.errors import ChainUnavailable, InvalidRequest
+from core.registry_interface import TxSigner
 from deploy.anvil import AnvilProcess, rpc_call, set_balance
 from kms_node import metrics
 from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
