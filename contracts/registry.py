@@ -17,7 +17,6 @@ no key and its repr shows only the chain endpoint and the contract address.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
@@ -31,10 +30,10 @@ from contracts import registry_views as views
 from contracts.build import load_artifact
 from contracts.chain_transport import ChainTransport, block_ref
 from contracts.registry_events import (
-    FOLLOWED_EVENTS,
+    FollowedEvent,
     checkpoint_anchor,
     event_topic,
-    followed_event,
+    followed_events,
 )
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.errors import ChainUnavailable, InvalidRequest
@@ -79,12 +78,8 @@ class RegistryClient:
         self._anchor_topic = next(
             event_topic(e) for e in abi if e.get("name") == "CheckpointAnchored"
         )
-        # topic0 -> the contract event a grant index follows
-        self._followed: dict[bytes, Any] = {
-            event_topic(entry): getattr(self._contract.events, entry["name"])
-            for entry in abi
-            if entry.get("type") == "event" and entry["name"] in FOLLOWED_EVENTS
-        }
+        # topic0 -> the decoder of an event a grant index follows
+        self._followed: dict[bytes, FollowedEvent] = followed_events(self._contract)
 
     def __repr__(self) -> str:
         return f"RegistryClient(rpc_url={self._chain.safe_url!r}, address={self.address!r})"
@@ -140,16 +135,15 @@ class RegistryClient:
             decoded: list[RegistryEvent] = []
             for log in logs:
                 topics = log.get("topics") or []
-                event = self._followed.get(bytes(topics[0])) if topics else None
-                if event is None:
+                followed = self._followed.get(bytes(topics[0])) if topics else None
+                if followed is None:
                     continue
                 number = int(log["blockNumber"])
                 if number not in timestamps:
                     timestamps[number] = block_ref(self._chain.w3.eth.get_block(number)).timestamp
-                data = event().process_log(log)
-                followed = followed_event(data["event"], data["args"], number, timestamps[number])
-                if followed is not None:
-                    decoded.append(followed)
+                event = followed.decode(log, number, timestamps[number])
+                if event is not None:
+                    decoded.append(event)
             return decoded
 
     def block_of_transaction(self, tx_hash: str) -> int:
