@@ -3,7 +3,7 @@
 No web3, eth-* or requests exception leaves this module once a request is under way
 (:meth:`ChainTransport.translate`): transport trouble and answers of the wrong shape become
 ``ChainUnavailable``, a revert becomes ``ChainRejected`` whose ``reason`` is the contract's
-custom error name (decoded by matching the 4-byte selector against the ABI), and the node's
+custom error name (decoded by matching the 4-byte selector against the ABI), and the chain's
 own refusal of a transaction (nonce, funds, gas) becomes ``ChainRejected`` too. Messages name
 the endpoint by scheme, host and port only: hosted RPC URLs carry API keys.
 

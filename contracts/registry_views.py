@@ -2,9 +2,10 @@
 
 Each function takes what web3 decoded from one view of ``contracts/src/Registry.sol``
 (structs as named tuples, so fields are read by their Solidity names) and returns the core
-value, or None where the contract answers a zeroed struct for "there is none". An answer of
-the wrong shape raises a builtin error (``ValueError``, ``AttributeError``...), which the
-caller's ``ChainTransport.translate`` turns into ``ChainUnavailable``.
+value, or None where the contract answers a zeroed struct for "there is none". web3 has
+already decoded the answer by the ABI; a value a core type still refuses (a record type
+this code does not know) raises ``ValueError``, so the client decodes records inside
+``ChainTransport.translate``, which makes that ``ChainUnavailable``.
 """
 
 from __future__ import annotations
