@@ -128,7 +128,9 @@ class BlockRef:
 
 # Registry events a node's grant index follows (contracts/src/Registry.sol). Each
 # carries the block it was mined in, whose timestamp stands in for the contract's
-# createdAt/grantedAt fields.
+# createdAt/grantedAt fields. Which contract event becomes which of these is the table
+# in contracts/registry_events.py; the other fields are read from the event's arguments
+# of the same names (in camelCase) unless that table renames them.
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def test_logs_of_the_wrong_shape_are_chain_unavailable(
     rpc: HostileRpc, client: RegistryClient, logs: Any
 ) -> None:
     # Logs of an event the node follows, so that each one is decoded.
-    followed = "0x" + next(iter(client._events)).hex()
+    followed = "0x" + next(iter(client._followed)).hex()
     logs = json.loads(json.dumps(logs).replace("0x" + "00" * 32, followed, 1))
     rpc.misbehave(result(logs), "eth_getLogs")
     rpc.misbehave(result(BLOCK), "eth_getBlockByNumber", "eth_blockNumber")

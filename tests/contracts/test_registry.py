@@ -16,17 +16,8 @@ from web3 import Web3
 from web3.logs import DISCARD
 
 from contracts.build import load_artifact
-from contracts.registry import (
-    EMERGENCY_ROLE,
-    MAX_EMERGENCY_DURATION_S,
-    PROVIDER_ROLE,
-    AccessState,
-    GrantInfo,
-    NodeInfo,
-    PatientInfo,
-    RecordInfo,
-    RegistryClient,
-)
+from contracts.registry import RegistryClient
+from contracts.registry_arguments import EMERGENCY_ROLE, MAX_EMERGENCY_DURATION_S, PROVIDER_ROLE
 from core.errors import (
     ChainRejected,
     ChainUnavailable,
@@ -36,12 +27,17 @@ from core.errors import (
 from core.record_types import ALL_TYPES_MASK, RecordType, to_mask
 from core.registry_types import (
     AccessRevoked,
+    AccessState,
     CheckpointAnchor,
     EmergencyAccessOpened,
     EmergencyOptIn,
     EmergencyOptInChanged,
     EmergencyRoleChanged,
+    GrantInfo,
+    NodeInfo,
+    PatientInfo,
     PatientRegistered,
+    RecordInfo,
     record_id_of,
 )
 from deploy import anvil as anvil_module
