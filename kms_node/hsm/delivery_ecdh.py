@@ -11,32 +11,14 @@ its session objects.
 
 from __future__ import annotations
 
-from typing import Any
-
 import PyKCS11
 
 from core import kfrag_delivery
+from kms_node.hsm.key_specs import ECDH_SECRET
 from kms_node.hsm.pkcs11_session import Handle, Session
 
 ECDH_SECRET_LEN = kfrag_delivery.SHARED_SECRET_LEN
-
-# The ECDH result: a short-lived session object whose value is read back (CKD_NULL).
-_ECDH_SECRET_TEMPLATE: list[tuple[int, Any]] = [
-    (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_GENERIC_SECRET),
-    (PyKCS11.CKA_VALUE_LEN, ECDH_SECRET_LEN),
-    (PyKCS11.CKA_TOKEN, False),
-    (PyKCS11.CKA_PRIVATE, True),
-    (PyKCS11.CKA_SENSITIVE, False),
-    (PyKCS11.CKA_EXTRACTABLE, True),
-    (PyKCS11.CKA_ENCRYPT, False),
-    (PyKCS11.CKA_DECRYPT, False),
-    (PyKCS11.CKA_SIGN, False),
-    (PyKCS11.CKA_VERIFY, False),
-    (PyKCS11.CKA_WRAP, False),
-    (PyKCS11.CKA_UNWRAP, False),
-    (PyKCS11.CKA_DERIVE, False),
-]
+_ECDH_SECRET_TEMPLATE = ECDH_SECRET.template()
 
 
 def ecdh_x(session: Session, private_key: Handle, peer_point: bytes) -> bytes:

@@ -12,9 +12,8 @@ import re
 import PyKCS11
 
 from core.errors import HsmUnavailable
-from kms_node.hsm.key_specs import KEK_ATTRIBUTES, check_attributes
+from kms_node.hsm.key_specs import KEK, check_key
 from kms_node.hsm.pkcs11_session import Handle, Session, require
-from kms_node.keystore import KEK_LEN
 
 KEK_LABEL = "medkms-kek"
 #: key-encryption keys of later generations are labelled medkms-kek-2, medkms-kek-3, ...
@@ -53,7 +52,7 @@ def load_keks(session: Session, token_label: str) -> dict[int, Handle]:
             f"key {KEK_LABEL!r} not found on token {token_label!r}; run `kms-node init`"
         )
     for generation, kek in keks.items():
-        check_attributes(session, token_label, kek_label(generation), kek, KEK_ATTRIBUTES)
+        check_key(session, token_label, kek_label(generation), kek, KEK)
     return keks
 
 
@@ -69,30 +68,9 @@ def add_kek(session: Session, token_label: str, generation: int) -> Handle:
     label = kek_label(generation)
     _generate_kek(session, label)
     handle = require(session, token_label, label, PyKCS11.CKO_SECRET_KEY)
-    check_attributes(session, token_label, label, handle, KEK_ATTRIBUTES)
+    check_key(session, token_label, label, handle, KEK)
     return handle
 
 
 def _generate_kek(session: Session, label: str) -> None:
-    # Every usage flag is spelt out: SoftHSM's defaults allow wrap/unwrap and sign (CMAC).
-    session.generateKey(
-        [
-            (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
-            (PyKCS11.CKA_VALUE_LEN, KEK_LEN),
-            (PyKCS11.CKA_LABEL, label),
-            (PyKCS11.CKA_TOKEN, True),
-            (PyKCS11.CKA_PRIVATE, True),
-            (PyKCS11.CKA_SENSITIVE, True),
-            (PyKCS11.CKA_EXTRACTABLE, False),
-            (PyKCS11.CKA_MODIFIABLE, False),
-            (PyKCS11.CKA_ENCRYPT, True),
-            (PyKCS11.CKA_DECRYPT, True),
-            (PyKCS11.CKA_WRAP, False),
-            (PyKCS11.CKA_UNWRAP, False),
-            (PyKCS11.CKA_SIGN, False),
-            (PyKCS11.CKA_VERIFY, False),
-            (PyKCS11.CKA_DERIVE, False),
-        ],
-        PyKCS11.MechanismAESGENERATEKEY,
-    )
+    session.generateKey(KEK.template((PyKCS11.CKA_LABEL, label)), PyKCS11.MechanismAESGENERATEKEY)

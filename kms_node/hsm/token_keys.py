@@ -1,11 +1,6 @@
 """The node's keys on its token: finding and checking them when the store opens, creating the
-missing ones at ``kms-node init``.
-
-Keys: the key-encryption keys (:mod:`kms_node.hsm.kek_generations`), and three EC key pairs,
-each labelled on both halves and tied together by ``CKA_ID``: ``medkms-signing`` (P-256,
-signs audit checkpoints and receipts), ``medkms-delivery`` (P-256, kfrags are sealed to it,
-:mod:`kms_node.hsm.delivery_ecdh`) and ``medkms-eth`` (secp256k1, the node's Ethereum
-account). What each may do is in :mod:`kms_node.hsm.key_specs`.
+missing ones at ``kms-node init``; what each key is and may do is in
+:mod:`kms_node.hsm.key_specs`.
 
 A token made before a key existed is brought up to date by :func:`create_missing_keys`,
 which creates only what is missing; :func:`load_keys` refuses a token that lacks any key and
@@ -16,26 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import PyKCS11
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from core.errors import HsmUnavailable
 from kms_node.hsm.kek_generations import ensure_kek, load_keks
-from kms_node.hsm.key_specs import (
-    DELIVERY_PRIVATE_ATTRIBUTES,
-    ETH_PRIVATE_ATTRIBUTES,
-    P256_EC_PARAMS,
-    SECP256K1_EC_PARAMS,
-    SIGNING_PRIVATE_ATTRIBUTES,
-    check_attributes,
-)
+from kms_node.hsm.key_specs import DELIVERY_KEY, ETH_KEY, SIGNING_KEY, KeyPairSpec, check_key
 from kms_node.hsm.pkcs11_session import Handle, Session, Token, find_one, require
-
-SIGNING_LABEL = "medkms-signing"
-DELIVERY_LABEL = "medkms-delivery"
-ETH_LABEL = "medkms-eth"
 
 _EC_POINT_LEN = 65  # uncompressed: 0x04 || x(32) || y(32), for both curves
 
@@ -58,54 +41,30 @@ class TokenKeys:
 
 
 def load_keys(session: Session, token_label: str) -> TokenKeys:
-    """Find the node's keys and check their attributes. Caller holds the module lock."""
+    """Find the node's keys and check each against its spec. Caller holds the module lock."""
     try:
         keks = load_keks(session, token_label)
-        signing, signing_public = _load_key_pair(
-            session,
-            token_label,
-            SIGNING_LABEL,
-            ec.SECP256R1(),
-            P256_EC_PARAMS,
-            SIGNING_PRIVATE_ATTRIBUTES,
-        )
-        delivery, delivery_public = _load_key_pair(
-            session,
-            token_label,
-            DELIVERY_LABEL,
-            ec.SECP256R1(),
-            P256_EC_PARAMS,
-            DELIVERY_PRIVATE_ATTRIBUTES,
-        )
-        eth, eth_public = _load_key_pair(
-            session,
-            token_label,
-            ETH_LABEL,
-            ec.SECP256K1(),
-            SECP256K1_EC_PARAMS,
-            ETH_PRIVATE_ATTRIBUTES,
-        )
+        signing, signing_public = _load_key_pair(session, token_label, SIGNING_KEY)
+        delivery, delivery_public = _load_key_pair(session, token_label, DELIVERY_KEY)
+        eth, eth_public = _load_key_pair(session, token_label, ETH_KEY)
     except PyKCS11.PyKCS11Error as e:
         raise HsmUnavailable(f"cannot read the keys on token {token_label!r}: {e}") from e
     return TokenKeys(keks, signing, signing_public, delivery, delivery_public, eth, eth_public)
 
 
 def _load_key_pair(
-    session: Session,
-    token_label: str,
-    label: str,
-    curve: ec.EllipticCurve,
-    ec_params: bytes,
-    private_attributes: dict[int, Any],
+    session: Session, token_label: str, spec: KeyPairSpec
 ) -> tuple[Handle, ec.EllipticCurvePublicKey]:
     """Find one EC key pair and check it. Caller holds the lock, translates PKCS#11 errors."""
+    label, curve = spec.label, spec.curve
     private = require(session, token_label, label, PyKCS11.CKO_PRIVATE_KEY)
-    check_attributes(session, token_label, label, private, private_attributes)
+    check_key(session, token_label, label, private, spec.private)
     public = require(session, token_label, label, PyKCS11.CKO_PUBLIC_KEY)
+    check_key(session, token_label, label, public, spec.public)
     params, point = session.getAttributeValue(
         public, [PyKCS11.CKA_EC_PARAMS, PyKCS11.CKA_EC_POINT], allAsBinary=True
     )
-    if bytes(params) != ec_params:
+    if bytes(params) != spec.ec_params:
         raise HsmUnavailable(f"key {label!r} on token {token_label!r} is not {curve.name}")
     return private, _ec_public_key(bytes(point), curve, token_label, label)
 
@@ -138,31 +97,17 @@ def create_missing_keys(
         with token.module.lock:
             try:
                 ensure_kek(token.session, token_label)
-                _ensure_ec_key_pair(
-                    token.session, token_label, SIGNING_LABEL, P256_EC_PARAMS, usage="sign"
-                )
-                _ensure_ec_key_pair(
-                    token.session, token_label, DELIVERY_LABEL, P256_EC_PARAMS, usage="derive"
-                )
-                _ensure_ec_key_pair(
-                    token.session, token_label, ETH_LABEL, SECP256K1_EC_PARAMS, usage="sign"
-                )
+                for spec in (SIGNING_KEY, DELIVERY_KEY, ETH_KEY):
+                    _ensure_key_pair(token.session, token_label, spec)
             except PyKCS11.PyKCS11Error as e:
                 raise HsmUnavailable(f"cannot create the keys on token {token_label!r}: {e}") from e
     finally:
         token.close()
 
 
-def _ensure_ec_key_pair(
-    session: Session,
-    token_label: str,
-    label: str,
-    ec_params: bytes,
-    *,
-    usage: Literal["sign", "derive"],
-) -> None:
-    """Generate the EC key pair ``label`` unless it exists; ``usage`` is "sign" or "derive",
-    the one thing its private half may do."""
+def _ensure_key_pair(session: Session, token_label: str, spec: KeyPairSpec) -> None:
+    """Generate the key pair ``spec`` unless it exists."""
+    label = spec.label
     private = find_one(session, token_label, label, PyKCS11.CKO_PRIVATE_KEY)
     public = find_one(session, token_label, label, PyKCS11.CKO_PUBLIC_KEY)
     if private is not None and public is not None:
@@ -172,37 +117,4 @@ def _ensure_ec_key_pair(
             f"token {token_label!r} holds only half of the key pair {label!r}; "
             "refusing to replace it (inspect the token)"
         )
-    sign = usage == "sign"
-    key_id = label.encode()  # CKA_ID ties the two halves together
-    session.generateKeyPair(
-        [
-            (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
-            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-            (PyKCS11.CKA_EC_PARAMS, ec_params),
-            (PyKCS11.CKA_LABEL, label),
-            (PyKCS11.CKA_ID, key_id),
-            (PyKCS11.CKA_TOKEN, True),
-            (PyKCS11.CKA_PRIVATE, False),
-            (PyKCS11.CKA_MODIFIABLE, False),
-            (PyKCS11.CKA_VERIFY, sign),
-            (PyKCS11.CKA_ENCRYPT, False),
-            (PyKCS11.CKA_WRAP, False),
-            (PyKCS11.CKA_DERIVE, False),
-        ],
-        [
-            (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY),
-            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-            (PyKCS11.CKA_LABEL, label),
-            (PyKCS11.CKA_ID, key_id),
-            (PyKCS11.CKA_TOKEN, True),
-            (PyKCS11.CKA_PRIVATE, True),
-            (PyKCS11.CKA_SENSITIVE, True),
-            (PyKCS11.CKA_EXTRACTABLE, False),
-            (PyKCS11.CKA_MODIFIABLE, False),
-            (PyKCS11.CKA_SIGN, sign),
-            (PyKCS11.CKA_DECRYPT, False),
-            (PyKCS11.CKA_UNWRAP, False),
-            (PyKCS11.CKA_DERIVE, not sign),
-        ],
-        PyKCS11.MechanismECGENERATEKEYPAIR,
-    )
+    session.generateKeyPair(*spec.templates(), PyKCS11.MechanismECGENERATEKEYPAIR)

@@ -8,6 +8,7 @@ import secrets
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import PyKCS11
 import pytest
@@ -27,9 +28,9 @@ from core.kfrag_delivery import (
     seal_for_node,
 )
 from kms_node.hsm.kek_generations import KEK_LABEL
+from kms_node.hsm.key_specs import DELIVERY_KEY, ETH_KEY, KEK, SIGNING_KEY, KeyPairSpec
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.hsm.softhsm_token import init_softhsm_token
-from kms_node.hsm.token_keys import DELIVERY_LABEL, ETH_LABEL, SIGNING_LABEL
 from kms_node.keystore import (
     MIN_WRAPPED_LEN,
     NONCE_LEN,
@@ -399,6 +400,15 @@ def test_a_rotated_token_reopens_with_its_generations(softhsm_dir: SoftHsmDir) -
         store.close()
 
 
+_KEY_PAIRS = {spec.label: spec for spec in (SIGNING_KEY, DELIVERY_KEY, ETH_KEY)}
+
+
+def _flip(template: list[tuple[int, Any]], attribute: int) -> list[tuple[int, Any]]:
+    """``template`` with the boolean ``attribute`` the other way round."""
+    assert attribute in dict(template)
+    return [(name, not value if name == attribute else value) for name, value in template]
+
+
 def _find(store: Pkcs11KeyStore, label: str) -> list[object]:
     with store._lock:
         assert store._token is not None
@@ -534,7 +544,7 @@ class TestSoftHsm:
         wrapped = store.wrap(KFRAG, AAD)
         old_delivery, old_address = store.delivery_public_key(), store.eth_address()
         # What a token provisioned by the previous release holds: KEK and signing key only.
-        for label in (DELIVERY_LABEL, ETH_LABEL):
+        for label in (DELIVERY_KEY.label, ETH_KEY.label):
             _destroy(store, label)
         store.close()
         with pytest.raises(
@@ -557,7 +567,7 @@ class TestSoftHsm:
     def test_a_missing_eth_key_is_named(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, ETH_LABEL)
+        _destroy(store, ETH_KEY.label)
         store.close()
         with pytest.raises(HsmUnavailable, match=r"key 'medkms-eth' not found.*kms-node init"):
             token.open()
@@ -565,48 +575,76 @@ class TestSoftHsm:
     def test_half_a_key_pair_is_not_replaced(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, DELIVERY_LABEL, PyKCS11.CKO_PUBLIC_KEY)
+        _destroy(store, DELIVERY_KEY.label, PyKCS11.CKO_PUBLIC_KEY)
         store.close()
         with pytest.raises(HsmUnavailable, match="only half of the key pair 'medkms-delivery'"):
             token.ensure_keys()
 
     @pytest.mark.parametrize(
-        ("label", "curve", "params", "message"),
-        [
-            (DELIVERY_LABEL, ec.SECP256R1(), "06082a8648ce3d030107", "delivery key pair"),
-            (ETH_LABEL, ec.SECP256K1(), "06052b8104000a", "Ethereum key pair"),
-        ],
+        ("spec", "message"),
+        [(DELIVERY_KEY, "delivery key pair"), (ETH_KEY, "Ethereum key pair")],
+        ids=["delivery", "eth"],
     )
     def test_a_public_half_of_another_key_is_caught_at_open(
-        self,
-        softhsm_dir: SoftHsmDir,
-        label: str,
-        curve: ec.EllipticCurve,
-        params: str,
-        message: str,
+        self, softhsm_dir: SoftHsmDir, spec: KeyPairSpec, message: str
     ) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, label, PyKCS11.CKO_PUBLIC_KEY)
+        _destroy(store, spec.label, PyKCS11.CKO_PUBLIC_KEY)
         point = (
-            ec.generate_private_key(curve)
+            ec.generate_private_key(spec.curve)
             .public_key()
             .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         )
+        # Made to the spec of the public half, so that every attribute check passes.
+        public_template, _ = spec.templates()
         with store._lock:
             assert store._token is not None
             store._token.session.createObject(
-                [
-                    (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
-                    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-                    (PyKCS11.CKA_TOKEN, True),
-                    (PyKCS11.CKA_LABEL, label),
-                    (PyKCS11.CKA_EC_PARAMS, bytes.fromhex(params)),
-                    (PyKCS11.CKA_EC_POINT, bytes([0x04, len(point)]) + point),
-                ]
+                [*public_template, (PyKCS11.CKA_EC_POINT, bytes([0x04, len(point)]) + point)]
             )
         store.close()
         with pytest.raises(HsmUnavailable, match=message + ".*does not match"):
+            token.open()
+
+    @pytest.mark.parametrize(
+        ("label", "half", "attribute"),
+        [
+            pytest.param(KEK_LABEL, None, PyKCS11.CKA_WRAP, id="kek-may-wrap"),
+            pytest.param(KEK_LABEL, None, PyKCS11.CKA_EXTRACTABLE, id="kek-extractable"),
+            pytest.param(SIGNING_KEY.label, "private", PyKCS11.CKA_DERIVE, id="signing-may-derive"),
+            pytest.param(DELIVERY_KEY.label, "private", PyKCS11.CKA_SIGN, id="delivery-may-sign"),
+            pytest.param(ETH_KEY.label, "private", PyKCS11.CKA_SENSITIVE, id="eth-not-sensitive"),
+            pytest.param(
+                ETH_KEY.label, "public", PyKCS11.CKA_MODIFIABLE, id="eth-public-modifiable"
+            ),
+        ],
+    )
+    def test_a_key_that_differs_from_its_spec_is_refused(
+        self, softhsm_dir: SoftHsmDir, label: str, half: str | None, attribute: int
+    ) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        _destroy(store, label)
+        with store._lock:  # made again to its spec but for one attribute
+            assert store._token is not None
+            session = store._token.session
+            if half is None:
+                template = _flip(KEK.template((PyKCS11.CKA_LABEL, label)), attribute)
+                session.generateKey(template, PyKCS11.MechanismAESGENERATEKEY)
+            else:
+                public, private = _KEY_PAIRS[label].templates()
+                if half == "private":
+                    private = _flip(private, attribute)
+                else:
+                    public = _flip(public, attribute)
+                session.generateKeyPair(public, private, PyKCS11.MechanismECGENERATEKEYPAIR)
+        store.close()
+        name = PyKCS11.CKA[attribute]
+        with pytest.raises(
+            HsmUnavailable,
+            match=rf"key '{label}' on token .* has unsafe or unexpected attributes \({name}\)",
+        ):
             token.open()
 
     def test_token_without_keys(self, softhsm_dir: SoftHsmDir) -> None:
@@ -629,7 +667,7 @@ class TestSoftHsm:
             assert store.unwrap(wrapped, AAD) == KFRAG  # the same KEK
             assert store.delivery_public_key() == delivery_public_key
             assert store.eth_address() == eth_address
-            for label in (KEK_LABEL, SIGNING_LABEL, DELIVERY_LABEL, ETH_LABEL):
+            for label in (KEK_LABEL, SIGNING_KEY.label, DELIVERY_KEY.label, ETH_KEY.label):
                 expected = 1 if label == KEK_LABEL else 2  # key pair: private + public
                 assert len(_find(store, label)) == expected
         finally:
