@@ -23,7 +23,9 @@ from pathlib import Path
 
 from core import logs
 from core.errors import KmsError
-from kms_node import data_lock, hsm
+from kms_node import data_lock
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.hsm.softhsm_token import init_softhsm_token
 from kms_node.kek_rotation import rotate_kek
 from kms_node.kfrag_store import KfragStore
 from kms_node.server import serve
@@ -36,7 +38,7 @@ def init(settings: NodeSettings) -> dict[str, str]:
     if settings.softhsm_conf is not None:
         if settings.softhsm_token_dir is None:
             raise KmsError("softhsm_token_dir is required with softhsm_conf")
-        hsm.init_softhsm_token(
+        init_softhsm_token(
             softhsm_conf=settings.softhsm_conf,
             token_dir=settings.softhsm_token_dir,
             module_path=settings.hsm_module,
@@ -44,7 +46,7 @@ def init(settings: NodeSettings) -> dict[str, str]:
             so_pin=settings.so_pin(),
             user_pin=settings.user_pin(),
         )
-    keystore = hsm.Pkcs11KeyStore.provision(
+    keystore = Pkcs11KeyStore.provision(
         settings.hsm_module,
         settings.hsm_token_label,
         settings.user_pin(),
@@ -67,7 +69,7 @@ def rotate(settings: NodeSettings) -> dict[str, object]:
     """Rotate the node's key-encryption key (see kms_node.kek_rotation); the node must
     be stopped."""
     with data_lock.alone(settings.data_dir):
-        keystore = hsm.Pkcs11KeyStore.open(
+        keystore = Pkcs11KeyStore.open(
             settings.hsm_module,
             settings.hsm_token_label,
             settings.user_pin(),

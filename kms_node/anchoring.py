@@ -238,9 +238,9 @@ class Anchorer:
     def due(self) -> bool:
         """Whether a round should run now: unanchored entries, and either enough of them or
         ``interval_s`` since the last attempt; never while diverged or backing off."""
+        now = self._clock()  # read at every look, even diverged: tests wait for looks by it
         if self.divergence is not None:
             return False
-        now = self._clock()
         if now < self._retry_at:
             return False
         try:

@@ -1,8 +1,8 @@
 """The node's key store: the small interface the node codes against, and an in-memory twin.
 
-The real implementation is :class:`kms_node.hsm.Pkcs11KeyStore` (PKCS#11, SoftHSM2 in
-development). :class:`MemoryKeyStore` holds its keys in process memory and exists only so
-that unit tests run fast; both pass the same conformance suite
+The real implementation is :class:`kms_node.hsm.pkcs11_key_store.Pkcs11KeyStore` (PKCS#11,
+SoftHSM2 in development). :class:`MemoryKeyStore` holds its keys in process memory and exists
+only so that unit tests run fast; both pass the same conformance suite
 (``tests/kms_node/test_keystore.py``).
 
 Wire format of a wrapped value (both implementations): ``nonce(12) || ciphertext || tag(16)``,

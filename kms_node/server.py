@@ -20,7 +20,7 @@ from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
 from kms_node.chain_follower import ChainFollower
 from kms_node.hardening import forbid_core_dumps
-from kms_node.hsm import Pkcs11KeyStore
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.kfrag_store import KfragStore
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from kms_node.service import NodeService

@@ -20,7 +20,7 @@ from typing import Any
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
 from core.settings_table import value_or_default
-from kms_node.hsm import softhsm_token_dir
+from kms_node.hsm.softhsm_token import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

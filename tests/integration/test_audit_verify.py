@@ -493,7 +493,7 @@ import json, sys
 from pathlib import Path
 from core.audit import AuditEntry
 from kms_node.audit_log import AuditLog
-from kms_node.hsm import Pkcs11KeyStore
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.settings import NodeSettings
 
 settings = NodeSettings.from_toml(Path(sys.argv[1]))

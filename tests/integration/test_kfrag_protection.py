@@ -59,7 +59,7 @@ def _kms_node(*args: str) -> subprocess.CompletedProcess[str]:
 _TRY_PINS = """
 import json, sys
 from core.errors import KmsError
-from kms_node.hsm import Pkcs11KeyStore
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 
 conf, label = sys.argv[1:3]

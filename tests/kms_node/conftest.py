@@ -2,7 +2,7 @@
 
 All tokens of a test session live in one token directory: the PKCS#11 module reads its
 SOFTHSM2_CONF once per load, so one directory per process is the simple, reliable setup
-(see ``kms_node.hsm``). Each token gets its own label and test-generated PINs.
+(see ``kms_node.hsm.pkcs11_session``). Each token gets its own label and test-generated PINs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kms_node import hsm
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore, ensure_keys
+from kms_node.hsm.softhsm_token import init_softhsm_token
 from kms_node.keystore import KeyStore, MemoryKeyStore
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -29,13 +30,11 @@ class SoftHsmToken:
     user_pin: str = field(repr=False)
     module: str = SOFTHSM_MODULE
 
-    def open(self) -> hsm.Pkcs11KeyStore:
-        return hsm.Pkcs11KeyStore.open(
-            self.module, self.label, self.user_pin, softhsm_conf=self.conf
-        )
+    def open(self) -> Pkcs11KeyStore:
+        return Pkcs11KeyStore.open(self.module, self.label, self.user_pin, softhsm_conf=self.conf)
 
     def ensure_keys(self) -> None:
-        hsm.ensure_keys(self.module, self.label, self.user_pin, softhsm_conf=self.conf)
+        ensure_keys(self.module, self.label, self.user_pin, softhsm_conf=self.conf)
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class SoftHsmDir:
             so_pin=secrets.token_hex(8),
             user_pin=secrets.token_hex(8),
         )
-        hsm.init_softhsm_token(
+        init_softhsm_token(
             softhsm_conf=token.conf,
             token_dir=token.token_dir,
             module_path=token.module,
@@ -77,7 +76,7 @@ def provisioned_token(softhsm_dir: SoftHsmDir) -> SoftHsmToken:
 
 
 @pytest.fixture
-def hsm_store(provisioned_token: SoftHsmToken) -> Iterator[hsm.Pkcs11KeyStore]:
+def hsm_store(provisioned_token: SoftHsmToken) -> Iterator[Pkcs11KeyStore]:
     store = provisioned_token.open()
     yield store
     store.close()

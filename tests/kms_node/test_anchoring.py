@@ -29,6 +29,10 @@ pytestmark = pytest.mark.anvil
 
 NODE = "node-1"
 FUNDING_WEI = 10**20
+#: interval_s of the anchorers on a fake clock, so also how often their thread looks (it polls
+#: at most every interval_s); on that clock the interval passes only when a test advances it.
+#: A binary fraction, so that the clock's sums are exact.
+INTERVAL_S = 1 / 16
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,40 @@ def keys() -> MemoryKeyStore:
     return MemoryKeyStore()
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test advances it. It counts its reads: the
+    anchorer reads it at every look at its schedule (:meth:`Anchorer.due`), so a test waits
+    for its thread to have looked instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._reads = 0
+        self._read = threading.Condition()
+
+    def __call__(self) -> float:
+        with self._read:
+            self._reads += 1
+            self._read.notify_all()
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._read:
+            self._now += seconds
+
+    def wait_for_reads(self, count: int, timeout_s: float = 10.0) -> None:
+        """Wait until the clock has been read ``count`` more times."""
+        with self._read:
+            target = self._reads + count
+            assert self._read.wait_for(lambda: self._reads >= target, timeout_s), (
+                "the clock was not read in time"
+            )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture
 def open_log(tmp_path: Path) -> Iterator[Callable[[KeyStore, str], AuditLog]]:
     """Opens audit logs (closed after the test); a name per log."""
@@ -104,9 +142,15 @@ def anchorer_for(
     *,
     every_entries: int = 1000,
     interval_s: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Anchorer:
     return Anchorer(
-        log, registry, HsmTxSigner(keys), every_entries=every_entries, interval_s=interval_s
+        log,
+        registry,
+        HsmTxSigner(keys),
+        every_entries=every_entries,
+        interval_s=interval_s,
+        clock=clock,
     )
 
 
@@ -229,18 +273,20 @@ def test_nothing_is_anchored_without_new_entries(
     admin: LocalAccount,
     keys: MemoryKeyStore,
     open_log: Callable[[KeyStore, str], AuditLog],
+    clock: FakeClock,
 ) -> None:
     register(registry, admin, keys)
     log = open_log(keys, "audit")
-    anchorer = anchorer_for(log, registry, keys, interval_s=0.01)
-    time.sleep(0.02)
+    anchorer = anchorer_for(log, registry, keys, interval_s=60, clock=clock)
+    clock.advance(60)
     assert not anchorer.due()
     assert anchorer.anchor_once() is AnchorOutcome.NOTHING_NEW  # an empty log
     fill(log, range(2))
-    time.sleep(0.02)
+    assert not anchorer.due()  # too few entries, and the interval has not passed
+    clock.advance(60)
     assert anchorer.due()
     assert anchorer.anchor_once() is AnchorOutcome.ANCHORED
-    time.sleep(0.02)
+    clock.advance(60)
     assert not anchorer.due()
     assert anchorer.anchor_once() is AnchorOutcome.NOTHING_NEW
     assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [2]
@@ -251,17 +297,21 @@ def test_the_thread_anchors_after_enough_entries(
     admin: LocalAccount,
     keys: MemoryKeyStore,
     open_log: Callable[[KeyStore, str], AuditLog],
+    clock: FakeClock,
 ) -> None:
     register(registry, admin, keys)
     log = open_log(keys, "audit")
     fill(log, range(2))  # left unanchored by a previous run
-    anchorer = anchorer_for(log, registry, keys, every_entries=5, interval_s=3600)
+    anchorer = anchorer_for(
+        log, registry, keys, every_entries=5, interval_s=INTERVAL_S, clock=clock
+    )
     anchorer.start()
     try:
         # The first round, at start-up, anchors what is outstanding.
         wait_for(lambda: registry.latest_checkpoint(NODE) is not None, 5)
         fill(log, range(2, 6))
-        time.sleep(1.2)  # a few polls: four entries are not enough, the hour is far off
+        # A few looks: four entries are not enough, and the clock stands still.
+        clock.wait_for_reads(3)
         assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [2]
         fill(log, range(6, 7))
         wait_for(lambda: len(registry.checkpoint_anchors(NODE)) == 2, 5)
@@ -275,15 +325,21 @@ def test_the_thread_anchors_after_the_interval(
     admin: LocalAccount,
     keys: MemoryKeyStore,
     open_log: Callable[[KeyStore, str], AuditLog],
+    clock: FakeClock,
 ) -> None:
     register(registry, admin, keys)
     log = open_log(keys, "audit")
-    anchorer = anchorer_for(log, registry, keys, every_entries=1000, interval_s=0.3)
+    fill(log, range(1))
+    anchorer = anchorer_for(
+        log, registry, keys, every_entries=1000, interval_s=INTERVAL_S, clock=clock
+    )
     anchorer.start()
     try:
-        fill(log, range(1))
-        wait_for(lambda: registry.latest_checkpoint(NODE) is not None, 5)
+        wait_for(lambda: registry.latest_checkpoint(NODE) is not None, 5)  # at start-up
         fill(log, range(1, 3))
+        clock.wait_for_reads(3)
+        assert [a.tree_size for a in registry.checkpoint_anchors(NODE)] == [1]  # not yet
+        clock.advance(INTERVAL_S)
         wait_for(lambda: (registry.latest_checkpoint(NODE) or (0,))[0] == 3, 5)
     finally:
         anchorer.stop()
@@ -368,19 +424,25 @@ def test_the_thread_survives_a_chain_outage(
     admin: LocalAccount,
     keys: MemoryKeyStore,
     open_log: Callable[[KeyStore, str], AuditLog],
+    clock: FakeClock,
 ) -> None:
     register(registry, admin, keys)
     log = open_log(keys, "audit")
     flaky = FlakyRegistry(registry)
     flaky.down.set()
-    anchorer = anchorer_for(log, flaky, keys, every_entries=1, interval_s=0.2)
+    anchorer = anchorer_for(log, flaky, keys, every_entries=1, interval_s=INTERVAL_S, clock=clock)
     anchorer.start()
     try:
         fill(log, range(3))
-        wait_for(lambda: flaky.calls_while_down >= 3)  # retried, once per interval
+        wait_for(lambda: flaky.calls_while_down == 1)  # the round at start-up
+        clock.wait_for_reads(3)
+        assert flaky.calls_while_down == 1  # backing off: no retry before interval_s
+        clock.advance(INTERVAL_S)
+        wait_for(lambda: flaky.calls_while_down == 2)  # retried once it has passed
         # The log keeps taking entries meanwhile: it does not depend on the chain.
         fill(log, range(3, 4))
         flaky.down.clear()
+        clock.advance(INTERVAL_S)
         wait_for(lambda: registry.latest_checkpoint(NODE) is not None)
         assert registry.latest_checkpoint(NODE)[:2] == (4, log.root(4))  # type: ignore[index]
     finally:
@@ -511,6 +573,7 @@ def test_a_log_that_does_not_extend_the_anchor_is_reported_and_not_anchored(
     keys: MemoryKeyStore,
     open_log: Callable[[KeyStore, str], AuditLog],
     restored: Callable[[AuditLog], object],
+    clock: FakeClock,
 ) -> None:
     register(registry, admin, keys)
     original = open_log(keys, "audit")
@@ -520,13 +583,16 @@ def test_a_log_that_does_not_extend_the_anchor_is_reported_and_not_anchored(
     # The node restarts on another log (an old backup, a rewritten file).
     other = open_log(keys, "other")
     restored(other)
-    anchorer = anchorer_for(other, registry, keys, every_entries=1, interval_s=0.1)
+    anchorer = anchorer_for(
+        other, registry, keys, every_entries=1, interval_s=INTERVAL_S, clock=clock
+    )
     refused = anchors_total(AnchorOutcome.REFUSED)
     with structlog.testing.capture_logs() as logs:
         anchorer.start()  # the comparison is the thread's first round
         try:
             wait_for(lambda: anchorer.divergence is not None, 5)
-            time.sleep(0.5)  # more rounds would be due: none runs
+            clock.advance(INTERVAL_S)
+            clock.wait_for_reads(3)  # looks at which more rounds would be due: none runs
         finally:
             anchorer.stop()
     [error] = [e for e in logs if e["event"] == "audit_log_diverges_from_anchor"]

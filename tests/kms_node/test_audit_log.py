@@ -34,8 +34,8 @@ from core.errors import (
     PreconditionFailed,
     Unavailable,
 )
-from kms_node import hsm
 from kms_node.audit_log import SCHEMA_VERSION, AuditLog
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.keystore import MemoryKeyStore
 
 NODE = "node-1"
@@ -701,9 +701,7 @@ def test_unopenable_path_is_unavailable(tmp_path: Path, keys: MemoryKeyStore) ->
 
 
 @pytest.mark.softhsm
-def test_checkpoint_and_receipt_signed_in_softhsm(
-    db_path: Path, hsm_store: hsm.Pkcs11KeyStore
-) -> None:
+def test_checkpoint_and_receipt_signed_in_softhsm(db_path: Path, hsm_store: Pkcs11KeyStore) -> None:
     log = AuditLog(db_path, hsm_store, NODE)
     try:
         receipts = fill(log, 9)

@@ -11,7 +11,7 @@ from eth_account import Account
 
 from core.eth_tx import sign_transaction
 from deploy.anvil import AnvilProcess, rpc_call, set_balance
-from kms_node import hsm
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.anvil]
 
@@ -50,7 +50,7 @@ def _transfer(rpc_url: str, sender: str, to: str, value: int) -> dict[str, Any]:
     }
 
 
-def test_hsm_signed_transfer_is_mined(anvil: AnvilProcess, hsm_store: hsm.Pkcs11KeyStore) -> None:
+def test_hsm_signed_transfer_is_mined(anvil: AnvilProcess, hsm_store: Pkcs11KeyStore) -> None:
     sender = hsm_store.eth_address()
     recipient = Account.create().address
     set_balance(anvil.rpc_url, sender, FUNDING_WEI)

@@ -8,6 +8,7 @@ import secrets
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import PyKCS11
 import pytest
@@ -26,7 +27,10 @@ from core.kfrag_delivery import (
     delivery_binding,
     seal_for_node,
 )
-from kms_node import hsm
+from kms_node.hsm.kek_generations import KEK_LABEL
+from kms_node.hsm.key_specs import DELIVERY_KEY, ETH_KEY, KEK, SIGNING_KEY, KeyPairSpec
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.hsm.softhsm_token import init_softhsm_token
 from kms_node.keystore import (
     MIN_WRAPPED_LEN,
     NONCE_LEN,
@@ -322,7 +326,7 @@ def test_memory_refuses_keys_on_the_wrong_curve() -> None:
 # --- real SoftHSM2 only -----------------------------------------------------------------------
 
 
-def _attributes(store: hsm.Pkcs11KeyStore, handle: object, names: list[int]) -> list[object]:
+def _attributes(store: Pkcs11KeyStore, handle: object, names: list[int]) -> list[object]:
     # Reads through the store's own session: a token is open once per process.
     with store._lock:
         assert store._token is not None
@@ -330,7 +334,7 @@ def _attributes(store: hsm.Pkcs11KeyStore, handle: object, names: list[int]) -> 
 
 
 def _binary_attributes(
-    store: hsm.Pkcs11KeyStore, private_handle: object, names: list[int]
+    store: Pkcs11KeyStore, private_handle: object, names: list[int]
 ) -> list[bytes]:
     """Attributes of the public half of the key pair whose private half is given."""
     (label,) = _attributes(store, private_handle, [PyKCS11.CKA_LABEL])
@@ -343,7 +347,7 @@ def _binary_attributes(
         return [bytes(v) for v in session.getAttributeValue(public, names, allAsBinary=True)]
 
 
-def _destroy(store: hsm.Pkcs11KeyStore, label: str, cls: int | None = None) -> None:
+def _destroy(store: Pkcs11KeyStore, label: str, cls: int | None = None) -> None:
     """Remove objects from the token, to stand for a token of an older release."""
     template: list[tuple[int, object]] = [(PyKCS11.CKA_LABEL, label)]
     if cls is not None:
@@ -396,7 +400,16 @@ def test_a_rotated_token_reopens_with_its_generations(softhsm_dir: SoftHsmDir) -
         store.close()
 
 
-def _find(store: hsm.Pkcs11KeyStore, label: str) -> list[object]:
+_KEY_PAIRS = {spec.label: spec for spec in (SIGNING_KEY, DELIVERY_KEY, ETH_KEY)}
+
+
+def _flip(template: list[tuple[int, Any]], attribute: int) -> list[tuple[int, Any]]:
+    """``template`` with the boolean ``attribute`` the other way round."""
+    assert attribute in dict(template)
+    return [(name, not value if name == attribute else value) for name, value in template]
+
+
+def _find(store: Pkcs11KeyStore, label: str) -> list[object]:
     with store._lock:
         assert store._token is not None
         return list(store._token.session.findObjects([(PyKCS11.CKA_LABEL, label)]))
@@ -404,7 +417,7 @@ def _find(store: hsm.Pkcs11KeyStore, label: str) -> list[object]:
 
 @pytest.mark.softhsm
 class TestSoftHsm:
-    def test_kek_is_sensitive_and_not_extractable(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_kek_is_sensitive_and_not_extractable(self, hsm_store: Pkcs11KeyStore) -> None:
         names = [
             PyKCS11.CKA_TOKEN,
             PyKCS11.CKA_PRIVATE,
@@ -425,7 +438,7 @@ class TestSoftHsm:
         # to None).
         assert _attributes(hsm_store, hsm_store._keks[1], [PyKCS11.CKA_VALUE]) == [None]
 
-    def test_signing_key_is_sensitive_and_sign_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_signing_key_is_sensitive_and_sign_only(self, hsm_store: Pkcs11KeyStore) -> None:
         names = [
             PyKCS11.CKA_SENSITIVE,
             PyKCS11.CKA_EXTRACTABLE,
@@ -439,7 +452,7 @@ class TestSoftHsm:
         assert values == [True, False, True, True, False, False, False]
         assert _attributes(hsm_store, hsm_store._signing_key, [PyKCS11.CKA_VALUE]) == [None]
 
-    def test_delivery_key_is_sensitive_and_derive_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_delivery_key_is_sensitive_and_derive_only(self, hsm_store: Pkcs11KeyStore) -> None:
         names = [
             PyKCS11.CKA_TOKEN,
             PyKCS11.CKA_PRIVATE,
@@ -457,7 +470,7 @@ class TestSoftHsm:
         (params,) = _binary_attributes(hsm_store, hsm_store._delivery_key, [PyKCS11.CKA_EC_PARAMS])
         assert params == bytes.fromhex("06082a8648ce3d030107")  # prime256v1
 
-    def test_eth_key_is_sensitive_and_sign_only(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_eth_key_is_sensitive_and_sign_only(self, hsm_store: Pkcs11KeyStore) -> None:
         names = [
             PyKCS11.CKA_TOKEN,
             PyKCS11.CKA_PRIVATE,
@@ -476,7 +489,7 @@ class TestSoftHsm:
         assert params == bytes.fromhex("06052b8104000a")  # secp256k1
 
     def test_the_ecdh_secret_does_not_outlive_open_delivery(
-        self, hsm_store: hsm.Pkcs11KeyStore
+        self, hsm_store: Pkcs11KeyStore
     ) -> None:
         def secret_objects() -> list[int]:
             """Handles of every secret key object this session can see, session objects too."""
@@ -498,7 +511,7 @@ class TestSoftHsm:
     def test_wrong_pin_is_refused_without_echoing_it(self, provisioned_token: SoftHsmToken) -> None:
         wrong_pin = secrets.token_hex(8)
         with pytest.raises(HsmUnavailable, match="wrong user PIN") as caught:
-            hsm.Pkcs11KeyStore.open(
+            Pkcs11KeyStore.open(
                 SOFTHSM_MODULE,
                 provisioned_token.label,
                 wrong_pin,
@@ -514,13 +527,13 @@ class TestSoftHsm:
 
     def test_missing_token(self, softhsm_dir: SoftHsmDir) -> None:
         with pytest.raises(HsmUnavailable, match=r"not found.*kms-node init"):
-            hsm.Pkcs11KeyStore.open(
+            Pkcs11KeyStore.open(
                 SOFTHSM_MODULE, "no-such-token", "1234", softhsm_conf=softhsm_dir.conf
             )
 
     def test_missing_module(self, tmp_path: Path) -> None:
         with pytest.raises(HsmUnavailable, match="not found"):
-            hsm.Pkcs11KeyStore.open(str(tmp_path / "libnothing.so"), "node-1", "1234")
+            Pkcs11KeyStore.open(str(tmp_path / "libnothing.so"), "node-1", "1234")
 
     def test_a_token_made_before_the_new_keys_is_upgraded_by_ensure_keys(
         self, softhsm_dir: SoftHsmDir
@@ -531,7 +544,7 @@ class TestSoftHsm:
         wrapped = store.wrap(KFRAG, AAD)
         old_delivery, old_address = store.delivery_public_key(), store.eth_address()
         # What a token provisioned by the previous release holds: KEK and signing key only.
-        for label in (hsm.DELIVERY_LABEL, hsm.ETH_LABEL):
+        for label in (DELIVERY_KEY.label, ETH_KEY.label):
             _destroy(store, label)
         store.close()
         with pytest.raises(
@@ -554,7 +567,7 @@ class TestSoftHsm:
     def test_a_missing_eth_key_is_named(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, hsm.ETH_LABEL)
+        _destroy(store, ETH_KEY.label)
         store.close()
         with pytest.raises(HsmUnavailable, match=r"key 'medkms-eth' not found.*kms-node init"):
             token.open()
@@ -562,48 +575,76 @@ class TestSoftHsm:
     def test_half_a_key_pair_is_not_replaced(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, hsm.DELIVERY_LABEL, PyKCS11.CKO_PUBLIC_KEY)
+        _destroy(store, DELIVERY_KEY.label, PyKCS11.CKO_PUBLIC_KEY)
         store.close()
         with pytest.raises(HsmUnavailable, match="only half of the key pair 'medkms-delivery'"):
             token.ensure_keys()
 
     @pytest.mark.parametrize(
-        ("label", "curve", "params", "message"),
-        [
-            (hsm.DELIVERY_LABEL, ec.SECP256R1(), "06082a8648ce3d030107", "delivery key pair"),
-            (hsm.ETH_LABEL, ec.SECP256K1(), "06052b8104000a", "Ethereum key pair"),
-        ],
+        ("spec", "message"),
+        [(DELIVERY_KEY, "delivery key pair"), (ETH_KEY, "Ethereum key pair")],
+        ids=["delivery", "eth"],
     )
     def test_a_public_half_of_another_key_is_caught_at_open(
-        self,
-        softhsm_dir: SoftHsmDir,
-        label: str,
-        curve: ec.EllipticCurve,
-        params: str,
-        message: str,
+        self, softhsm_dir: SoftHsmDir, spec: KeyPairSpec, message: str
     ) -> None:
         token = softhsm_dir.new_token()
         store = token.open()
-        _destroy(store, label, PyKCS11.CKO_PUBLIC_KEY)
+        _destroy(store, spec.label, PyKCS11.CKO_PUBLIC_KEY)
         point = (
-            ec.generate_private_key(curve)
+            ec.generate_private_key(spec.curve)
             .public_key()
             .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         )
+        # Made to the spec of the public half, so that every attribute check passes.
+        public_template, _ = spec.templates()
         with store._lock:
             assert store._token is not None
             store._token.session.createObject(
-                [
-                    (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
-                    (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
-                    (PyKCS11.CKA_TOKEN, True),
-                    (PyKCS11.CKA_LABEL, label),
-                    (PyKCS11.CKA_EC_PARAMS, bytes.fromhex(params)),
-                    (PyKCS11.CKA_EC_POINT, bytes([0x04, len(point)]) + point),
-                ]
+                [*public_template, (PyKCS11.CKA_EC_POINT, bytes([0x04, len(point)]) + point)]
             )
         store.close()
         with pytest.raises(HsmUnavailable, match=message + ".*does not match"):
+            token.open()
+
+    @pytest.mark.parametrize(
+        ("label", "half", "attribute"),
+        [
+            pytest.param(KEK_LABEL, None, PyKCS11.CKA_WRAP, id="kek-may-wrap"),
+            pytest.param(KEK_LABEL, None, PyKCS11.CKA_EXTRACTABLE, id="kek-extractable"),
+            pytest.param(SIGNING_KEY.label, "private", PyKCS11.CKA_DERIVE, id="signing-may-derive"),
+            pytest.param(DELIVERY_KEY.label, "private", PyKCS11.CKA_SIGN, id="delivery-may-sign"),
+            pytest.param(ETH_KEY.label, "private", PyKCS11.CKA_SENSITIVE, id="eth-not-sensitive"),
+            pytest.param(
+                ETH_KEY.label, "public", PyKCS11.CKA_MODIFIABLE, id="eth-public-modifiable"
+            ),
+        ],
+    )
+    def test_a_key_that_differs_from_its_spec_is_refused(
+        self, softhsm_dir: SoftHsmDir, label: str, half: str | None, attribute: int
+    ) -> None:
+        token = softhsm_dir.new_token()
+        store = token.open()
+        _destroy(store, label)
+        with store._lock:  # made again to its spec but for one attribute
+            assert store._token is not None
+            session = store._token.session
+            if half is None:
+                template = _flip(KEK.template((PyKCS11.CKA_LABEL, label)), attribute)
+                session.generateKey(template, PyKCS11.MechanismAESGENERATEKEY)
+            else:
+                public, private = _KEY_PAIRS[label].templates()
+                if half == "private":
+                    private = _flip(private, attribute)
+                else:
+                    public = _flip(public, attribute)
+                session.generateKeyPair(public, private, PyKCS11.MechanismECGENERATEKEYPAIR)
+        store.close()
+        name = PyKCS11.CKA[attribute]
+        with pytest.raises(
+            HsmUnavailable,
+            match=rf"key '{label}' on token .* has unsafe or unexpected attributes \({name}\)",
+        ):
             token.open()
 
     def test_token_without_keys(self, softhsm_dir: SoftHsmDir) -> None:
@@ -626,15 +667,15 @@ class TestSoftHsm:
             assert store.unwrap(wrapped, AAD) == KFRAG  # the same KEK
             assert store.delivery_public_key() == delivery_public_key
             assert store.eth_address() == eth_address
-            for label in (hsm.KEK_LABEL, hsm.SIGNING_LABEL, hsm.DELIVERY_LABEL, hsm.ETH_LABEL):
-                expected = 1 if label == hsm.KEK_LABEL else 2  # key pair: private + public
+            for label in (KEK_LABEL, SIGNING_KEY.label, DELIVERY_KEY.label, ETH_KEY.label):
+                expected = 1 if label == KEK_LABEL else 2  # key pair: private + public
                 assert len(_find(store, label)) == expected
         finally:
             store.close()
 
     def test_provision_returns_an_open_store(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token(keys=False)
-        store = hsm.Pkcs11KeyStore.provision(
+        store = Pkcs11KeyStore.provision(
             token.module, token.label, token.user_pin, softhsm_conf=token.conf
         )
         try:
@@ -645,7 +686,7 @@ class TestSoftHsm:
     def test_init_softhsm_token_is_idempotent(self, softhsm_dir: SoftHsmDir) -> None:
         token = softhsm_dir.new_token()
         public_key = _public_key(token)
-        hsm.init_softhsm_token(
+        init_softhsm_token(
             softhsm_conf=token.conf,
             token_dir=token.token_dir,
             module_path=token.module,
@@ -671,10 +712,10 @@ class TestSoftHsm:
             _init(softhsm_dir, label, user_pin="123")
         # Checked before C_InitToken: no half-made token is left behind.
         with pytest.raises(HsmUnavailable, match="not found"):
-            hsm.Pkcs11KeyStore.open(SOFTHSM_MODULE, label, "1234", softhsm_conf=softhsm_dir.conf)
+            Pkcs11KeyStore.open(SOFTHSM_MODULE, label, "1234", softhsm_conf=softhsm_dir.conf)
 
     def test_token_opens_once_per_process(
-        self, hsm_store: hsm.Pkcs11KeyStore, provisioned_token: SoftHsmToken
+        self, hsm_store: Pkcs11KeyStore, provisioned_token: SoftHsmToken
     ) -> None:
         # PKCS#11 login state is per process: a second login could not check its PIN.
         with pytest.raises(HsmUnavailable, match="already open"):
@@ -682,10 +723,10 @@ class TestSoftHsm:
         assert hsm_store.unwrap(hsm_store.wrap(KFRAG, AAD), AAD) == KFRAG
 
     def test_one_token_directory_per_process_while_loaded(
-        self, hsm_store: hsm.Pkcs11KeyStore, tmp_path: Path
+        self, hsm_store: Pkcs11KeyStore, tmp_path: Path
     ) -> None:
         with pytest.raises(HsmUnavailable, match="one token directory per process"):
-            hsm.init_softhsm_token(
+            init_softhsm_token(
                 softhsm_conf=tmp_path / "softhsm2.conf",
                 token_dir=tmp_path / "tokens",
                 module_path=SOFTHSM_MODULE,
@@ -706,7 +747,7 @@ class TestSoftHsm:
             store.close()
         assert os.environ["SOFTHSM2_CONF"] == str(other.conf.resolve())
 
-    def test_concurrent_use_from_eight_threads(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_concurrent_use_from_eight_threads(self, hsm_store: Pkcs11KeyStore) -> None:
         public_key = serialization.load_der_public_key(hsm_store.signing_public_key())
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         errors: list[BaseException] = []
@@ -736,7 +777,7 @@ class TestSoftHsm:
             thread.join()
         assert errors == []
 
-    def test_session_recovers_after_a_stuck_operation(self, hsm_store: hsm.Pkcs11KeyStore) -> None:
+    def test_session_recovers_after_a_stuck_operation(self, hsm_store: Pkcs11KeyStore) -> None:
         wrapped = hsm_store.wrap(KFRAG, AAD)
         # C_Decrypt on empty input fails with CKR_ARGUMENTS_BAD and leaves the decrypt
         # operation active: the session is stuck until it is replaced.
@@ -751,7 +792,7 @@ class TestSoftHsm:
         assert hsm_store.unwrap(wrapped, AAD) == KFRAG
 
     def test_repr_shows_only_the_label(
-        self, hsm_store: hsm.Pkcs11KeyStore, provisioned_token: SoftHsmToken
+        self, hsm_store: Pkcs11KeyStore, provisioned_token: SoftHsmToken
     ) -> None:
         text = repr(hsm_store)
         assert text == f"Pkcs11KeyStore(token={provisioned_token.label!r})"
@@ -764,7 +805,7 @@ class TestSoftHsm:
 
 
 def _init(softhsm_dir: SoftHsmDir, label: str, *, user_pin: str) -> None:
-    hsm.init_softhsm_token(
+    init_softhsm_token(
         softhsm_conf=softhsm_dir.conf,
         token_dir=softhsm_dir.token_dir,
         module_path=SOFTHSM_MODULE,
