@@ -87,11 +87,12 @@ class _Keys:
         )
 
     def decrypt(self, verified: list[umbral.VerifiedCapsuleFrag]) -> bytes:
-        return bytes(
-            umbral.decrypt_reencrypted(
-                self.receiving, self.delegating_pk, self.capsule, verified, self.encrypted_dek
-            )
+        dek = umbral.decrypt_reencrypted(
+            self.receiving, self.delegating_pk, self.capsule, verified, self.encrypted_dek
         )
+        if dek is None:
+            raise ValueError("the capsule fragments did not open the DEK")
+        return bytes(dek)
 
     def request(self) -> bytes:
         """What one m-of-n DEK request must compute, wherever it runs: m

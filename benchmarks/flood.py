@@ -101,7 +101,7 @@ def _flood(state_dir: Path, requests_file: Path, seconds: float) -> dict[str, An
     lock = threading.Lock()
     slots = threading.Semaphore(FLOOD_IN_FLIGHT)
 
-    def done(call: grpc.Future) -> None:
+    def done(call: grpc.Future[Any]) -> None:
         error = call.exception()
         name = "OK" if error is None else error.code().name  # type: ignore[attr-defined]
         with lock:

@@ -18,9 +18,12 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.process_stats import cpu_seconds
+
+if TYPE_CHECKING:  # at run time, only the server child imports it (see _serve)
+    import grpc
 
 #: about a signed single request in, a cfrag with its signed receipt out
 REQUEST_BYTES, RESPONSE_BYTES = 400, 450
@@ -44,7 +47,7 @@ def _serve(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
         return answer
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=rpc.CHANNEL_OPTIONS)
-    handler = grpc.unary_unary_rpc_method_handler(call)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(call)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("medkms.bench.Floor", {"Call": handler})]
     )
@@ -105,7 +108,9 @@ def measure(connections: int = 4) -> dict[str, Any]:
                 for _ in range(connections)
             ]
             try:
-                calls = [c.unary_unary(_METHOD) for c in channels]
+                calls: list[grpc.UnaryUnaryMultiCallable[bytes, bytes]] = [
+                    c.unary_unary(_METHOD) for c in channels
+                ]
                 for call in calls:
                     call(b"warm-up", timeout=10)
                 pid = child.pid

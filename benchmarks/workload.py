@@ -227,7 +227,9 @@ class DekPath:
                 secret_key, delegating_key, record.capsule, verified, record.encrypted_dek
             )
         except ValueError:
-            raise IntegrityError("the cfrags did not open the DEK") from None
+            dek = None
+        if dek is None:
+            raise IntegrityError("the cfrags did not open the DEK")
         return bytes(dek)
 
 
