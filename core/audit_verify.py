@@ -64,33 +64,12 @@ from core.audit import (
     verify_receipt,
 )
 from core.errors import InvalidRequest, KmsError
-from core.policy import judge
+from core.policy import POLICY_DENIALS, Reason, judge
 from core.record_types import RecordType
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 
-#: denial reasons the grant state at the entry's block can confirm (core/policy.py judge);
-#: the other one, "no_kfrag", depends on the node's kfrag store
-CHECKABLE_DENIALS: Final = frozenset(
-    {
-        "record_unknown",
-        "patient_mismatch",
-        "record_inactive",
-        "capsule_retired",
-        "capsule_mismatch",
-        "record_type_mismatch",
-        "no_grant",
-        "emergency_access_closed",
-        "grant_revoked",
-        "grant_expired",
-        "type_not_allowed",
-        "receiving_key_mismatch",
-        "emergency_purpose_required",
-    }
-)
-
-
 #: denials a version 1 entry cannot be judged on: it did not record what they compare
-_UNRECORDED_DENIALS: Final = frozenset({"record_type_mismatch", "receiving_key_mismatch"})
+_UNRECORDED_DENIALS: Final = frozenset({Reason.RECORD_TYPE_MISMATCH, Reason.RECEIVING_KEY_MISMATCH})
 
 
 # --- what the auditor reads --------------------------------------------------------------
@@ -334,9 +313,9 @@ class _RecordedRequest:
 
 def rejudge(
     entry: AuditEntry, state: AccessState, *, wall_clock: int | None = None
-) -> tuple[str, str]:
+) -> tuple[Reason, str]:
     """What the registry state at the entry's block says of the entry's request: the reason
-    code :func:`core.policy.judge` gives it (``"granted"`` if allowed) and why.
+    code :func:`core.policy.judge` gives it (``Reason.GRANTED`` if allowed) and why.
 
     The node's own rules, by the same function. A version 1 entry did not record the
     request's record type and receiving key: the record's type and the grant's key stand in
@@ -867,11 +846,11 @@ class _Audit:
 
     def _check_decision(self, index: int, entry: AuditEntry) -> None:
         granted = entry.decision == GRANTED
-        if granted and entry.reason_code != "granted":
+        if granted and entry.reason_code != Reason.GRANTED:
             self.fail(Check.POLICY, f"granted with reason {entry.reason_code!r}", index)
             return
-        if not granted and entry.reason_code not in CHECKABLE_DENIALS:
-            return
+        if not granted and entry.reason_code not in POLICY_DENIALS:
+            return  # the grant state cannot confirm it (no_kfrag: the node's kfrag store)
         if not granted and entry.version == 1 and entry.reason_code in _UNRECORDED_DENIALS:
             return
         try:
@@ -889,14 +868,14 @@ class _Audit:
                 self._warn(index, f"denial not re-checked: {e.message}")
             return
         code, why = rejudge(entry, state)
-        if granted and code == "grant_expired" and entry.time == _expiry(state):
+        if granted and code == Reason.GRANT_EXPIRED and entry.time == _expiry(state):
             # The node judges a moment before it writes the entry's time: a grant expiring
             # in between is a tie the entry cannot settle. The other rules still apply.
             code, why = rejudge(entry, state, wall_clock=entry.time - 1)
-            if code == "granted":
+            if code == Reason.GRANTED:
                 self._warn(index, "granted in the second the grant expired (a tie)")
                 return
-        if granted and code != "granted":
+        if granted and code != Reason.GRANTED:
             self.fail(Check.POLICY, f"granted, but {why}", index)
         elif not granted and code != entry.reason_code:
             self._warn(

@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from clients.audit.auditor import ClusterReport
 from clients.sdk.input_files import load_json, load_json_object
 from core.audit import GRANTED, AuditEntry, Receipt
-from core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
+from core.audit_verify import EntryResult, NodeReport, VerifiedPrefix
 from core.errors import InvalidRequest, KmsError
+from core.policy import Reason
 from core.registry_types import NodeInfo
 from core.requests import PURPOSES_OF_USE
 
@@ -69,8 +70,8 @@ MAX_STATE_FILE_BYTES: Final = 16 * 1024 * 1024
 STATE_FILE_DEPTH: Final = 4
 
 #: refusals by the access policy or for want of a kfrag: the request was wrong, the node was
-#: not (AuditEvent outcome 4, "minor failure"); anything else is 8, "serious failure"
-_MINOR_DENIALS: Final = CHECKABLE_DENIALS | {"no_kfrag"}
+#: not (AuditEvent outcome 4, "minor failure"); any other code is 8, "serious failure"
+_MINOR_DENIALS: Final = frozenset(Reason) - {Reason.GRANTED}
 
 
 def _iso(ts: int) -> str:
