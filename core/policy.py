@@ -7,7 +7,7 @@ chain nor a skewed clock extends a grant. Why is a :class:`Reason`, the one list
 codes audit entries, metrics and alert rules carry.
 
 The auditor judges again with the same function, from what the audit entry
-recorded of the request (core/audit_verify.py).
+recorded of the request (core/audit_decisions.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from clients.audit.auditor import ClusterReport
 from clients.sdk.input_files import load_json, load_json_object
 from core.audit import GRANTED, AuditEntry, Receipt
-from core.audit_verify import EntryResult, NodeReport, VerifiedPrefix
+from core.audit_findings import EntryResult, NodeReport, VerifiedPrefix
 from core.errors import InvalidRequest, KmsError
 from core.policy import Reason
 from core.registry_types import NodeInfo
