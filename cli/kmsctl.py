@@ -23,16 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from clients.audit.audit_report import (
-    failures,
-    fhir_bundle,
-    load_receipts,
-    load_state,
-    save_state,
-    summary_lines,
-    write_reports,
-)
+from clients.audit.audit_report import failures, summary_lines, write_reports
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
+from clients.audit.fhir_export import fhir_bundle
+from clients.audit.receipts_file import load_receipts
+from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient

@@ -138,7 +138,8 @@ class AuditEntry:
     purpose_of_use: str
     #: "granted" or "denied"
     decision: str
-    #: machine-readable reason, e.g. "granted", "grant_revoked"
+    #: why: a :class:`core.policy.Reason` value, e.g. "granted", "grant_revoked"; any code
+    #: of that form parses, so an auditor can read codes it does not know
     reason_code: str
     #: the sentence the requester was given
     reason: str

@@ -34,7 +34,7 @@ REQUEST_SECONDS = Histogram(
 DECISIONS = Counter(
     "kms_node_decisions_total",
     "Decisions this node logged, one per capsule, by decision and reason code "
-    "(core/policy.py codes and no_kfrag): a rise in one refusal is worth a look",
+    "(core/policy.py Reason): a rise in one refusal is worth a look",
     ["decision", "reason"],
     registry=REGISTRY,
 )

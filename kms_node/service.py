@@ -26,7 +26,7 @@ from typing import Protocol
 import structlog
 import umbral_pre as umbral
 
-from core.audit import AuditEntry, Receipt
+from core.audit import DENIED, GRANTED, AuditEntry, Receipt
 from core.errors import (
     AccessDenied,
     InvalidRequest,
@@ -35,7 +35,7 @@ from core.errors import (
     Unauthenticated,
 )
 from core.kfrag_delivery import delivery_binding
-from core.policy import FINAL_DENIALS, Decision, judge
+from core.policy import FINAL_DENIALS, Decision, Reason, judge
 from core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
 from core.record_types import RecordType, from_mask
 from core.registry_interface import AccessStateSource, RegistryReader
@@ -398,7 +398,10 @@ class NodeService:
             and decision.code not in FINAL_DENIALS
             and (
                 self._kfrags.holds(query.patient, query.requester)
-                or (decision.code == "record_unknown" and self._unknown_record_reads.try_spend("*"))
+                or (
+                    decision.code == Reason.RECORD_UNKNOWN
+                    and self._unknown_record_reads.try_spend("*")
+                )
             )
         ):
             # Read at the chain's latest block, never from a cache: a cache keyed by the
@@ -447,10 +450,10 @@ class NodeService:
         entries = []
         for query, decision, result in zip(queries, decisions, results, strict=True):
             if isinstance(result, KmsError):
-                reason_code = decision.code if not decision.allowed else "no_kfrag"
+                reason_code = decision.code if not decision.allowed else Reason.NO_KFRAG
                 reason, cfrag_hash = result.message, b""
             else:
-                reason_code, reason = "granted", decision.reason
+                reason_code, reason = Reason.GRANTED, decision.reason
                 cfrag_hash = hashlib.sha256(result).digest()
             entries.append(
                 AuditEntry(
@@ -462,7 +465,7 @@ class NodeService:
                     record_id=query.record_id,
                     capsule_hash=query.capsule_hash,
                     purpose_of_use=query.purpose_of_use,
-                    decision="denied" if isinstance(result, KmsError) else "granted",
+                    decision=DENIED if isinstance(result, KmsError) else GRANTED,
                     reason_code=reason_code,
                     reason=reason,
                     block_number=decision.block_number,

@@ -1,5 +1,5 @@
-"""What an audit hands over: the per-request report (JSON and CSV), FHIR R4B AuditEvent
-resources for a hospital's security tooling, and the receipts file an auditor may bring.
+"""What an audit hands over: the per-request report (JSON and CSV), and the summary and
+failures ``kmsctl audit verify`` prints.
 
 Each report row is one leaf of one node's log: who asked for whose record, why, what the
 node decided at which block, and whether the auditor found that entry sound.
@@ -10,22 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
-
 from clients.audit.auditor import ClusterReport
-from clients.sdk.input_files import load_json, load_json_object
-from core.audit import GRANTED, AuditEntry, Receipt
-from core.audit_verify import CHECKABLE_DENIALS, EntryResult, NodeReport, VerifiedPrefix
-from core.errors import InvalidRequest, KmsError
-from core.registry_types import NodeInfo
-from core.requests import PURPOSES_OF_USE
+from core.audit_findings import EntryResult, NodeReport
 
 CSV_COLUMNS: Final = (
     "node",
@@ -44,34 +35,6 @@ CSV_COLUMNS: Final = (
     "problem",
 )
 
-# FHIR code systems (R4B terminology).
-DICOM: Final = "http://dicom.nema.org/resources/ontology/DCM"
-ACT_REASON: Final = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
-OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
-SOURCE_TYPE: Final = "http://terminology.hl7.org/CodeSystem/security-source-type"
-#: an identifier whose value is itself a URI (here a CAIP-10 account id, eip155:CHAIN:ADDRESS)
-URI_IDENTIFIER: Final = "urn:ietf:rfc:3986"
-MEDKMS_EVENT: Final = "urn:medkms:audit-event"
-MEDKMS_RECORD: Final = "urn:medkms:record-id"
-MEDKMS_CAPSULE: Final = "urn:medkms:capsule-sha256"
-MEDKMS_NODE: Final = "urn:medkms:node-id"
-_ID_NAMESPACE: Final = uuid.UUID("6f1c1a52-2f35-5d0c-9d55-6d65646b6d73")
-
-# Bounds on the files an audit reads (clients/sdk/input_files.py).
-#: a receipt is under 1 KiB (its batch path at most 10 hashes): some 100 000 receipts
-MAX_RECEIPTS_FILE_BYTES: Final = 64 * 1024 * 1024
-#: a list of receipts, each an object, its batch path a list
-RECEIPTS_FILE_DEPTH: Final = 3
-#: per node a checkpoint and a frontier of at most 64 hashes, some 5 KiB: thousands of nodes
-MAX_STATE_FILE_BYTES: Final = 16 * 1024 * 1024
-#: {"nodes": {node id: {"frontier": [...]}}}
-STATE_FILE_DEPTH: Final = 4
-
-#: refusals by the access policy or for want of a kfrag: the request was wrong, the node was
-#: not (AuditEvent outcome 4, "minor failure"); anything else is 8, "serious failure"
-_MINOR_DENIALS: Final = CHECKABLE_DENIALS | {"no_kfrag"}
-
 
 def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -79,9 +42,6 @@ def _iso(ts: int) -> str:
 
 def _hex(data: bytes) -> str:
     return "0x" + data.hex()
-
-
-# --- the per-request report ------------------------------------------------------------------
 
 
 def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
@@ -206,46 +166,6 @@ def write_reports(report: ClusterReport, directory: Path) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefix]:
-    """The prefixes an earlier ``audit verify --state-file`` verified, of the registered
-    ``nodes`` (each checked with its registered key); none if the file does not exist."""
-    if not path.exists():
-        return {}
-    try:
-        data = load_json_object(
-            path, max_bytes=MAX_STATE_FILE_BYTES, max_depth=STATE_FILE_DEPTH, what="audit state"
-        )
-    except InvalidRequest:
-        raise
-    except OSError as e:
-        raise InvalidRequest(f"cannot read the audit state {path}: {e}") from None
-    if not isinstance(data.get("nodes"), dict):
-        raise InvalidRequest(f"{path} is not an audit state file")
-    keys = {n.node_id: n.signing_public_key for n in nodes}
-    return {
-        node_id: VerifiedPrefix.from_json(item, keys[node_id])
-        for node_id, item in data["nodes"].items()
-        if node_id in keys
-    }
-
-
-def save_state(path: Path, report: ClusterReport, earlier: dict[str, VerifiedPrefix]) -> None:
-    """What this audit verified, for the next run: a node that failed keeps its earlier
-    prefix (so the next run checks again from there)."""
-    prefixes = dict(earlier)
-    for node in report.nodes:
-        if node.verified is not None:
-            prefixes[node.node_id] = node.verified
-    document = {
-        "registry": report.registry_address,
-        "nodes": {node_id: p.to_json() for node_id, p in sorted(prefixes.items())},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(json.dumps(document, indent=2) + "\n")
-
-
 def summary_lines(report: ClusterReport) -> list[str]:
     """The summary ``kmsctl audit verify`` prints: one line per node, then its warnings."""
     lines = [
@@ -290,165 +210,3 @@ def failures(report: ClusterReport) -> str:
         if first is not None:
             named.append(f"{node.node_id}: {node.describe(first)}")
     return "; ".join(named)
-
-
-# --- FHIR ----------------------------------------------------------------------------------
-
-
-def _coding(system: str, code: str, display: str) -> dict[str, str]:
-    return {"system": system, "code": code, "display": display}
-
-
-def _account(chain_id: int, address: str) -> dict[str, Any]:
-    return {"identifier": {"system": URI_IDENTIFIER, "value": f"eip155:{chain_id}:{address}"}}
-
-
-def audit_event(node_id: str, leaf_index: int, entry: AuditEntry, chain_id: int) -> dict[str, Any]:
-    """One decision as a FHIR R4B AuditEvent: a patient record's key was (or was not)
-    released to the requester by re-encrypting its capsule."""
-    purpose = [
-        {
-            "coding": [
-                _coding(
-                    ACT_REASON,
-                    entry.purpose_of_use,
-                    PURPOSES_OF_USE.get(entry.purpose_of_use, entry.purpose_of_use),
-                )
-            ]
-        }
-    ]
-    if entry.decision == GRANTED:
-        outcome = "0"
-    else:
-        outcome = "4" if entry.reason_code in _MINOR_DENIALS else "8"
-    details = [
-        ("request_id", entry.request_id),
-        ("decision", entry.decision),
-        ("reason_code", entry.reason_code),
-        ("block_number", str(entry.block_number)),
-        ("block_hash", _hex(entry.block_hash)),
-        ("audit_leaf_index", str(leaf_index)),
-    ]
-    if entry.cfrag_hash:
-        details.append(("cfrag_sha256", _hex(entry.cfrag_hash)))
-    resource_id = uuid.uuid5(_ID_NAMESPACE, f"{node_id}/{leaf_index}/{entry.leaf_hash().hex()}")
-    return {
-        "resourceType": "AuditEvent",
-        "id": str(resource_id),
-        "type": _coding(DICOM, "110110", "Patient Record"),
-        "subtype": [
-            _coding(
-                MEDKMS_EVENT,
-                "reencrypt",
-                "capsule re-encryption: a key fragment released to the requester",
-            )
-        ],
-        "action": "E",
-        "recorded": _iso(entry.time),
-        "outcome": outcome,
-        "outcomeDesc": entry.reason,
-        "purposeOfEvent": purpose,
-        "agent": [
-            {
-                "who": _account(chain_id, entry.requester),
-                "requestor": True,
-                "purposeOfUse": purpose,
-            }
-        ],
-        "source": {
-            "site": "medkms",
-            "observer": {
-                "identifier": {"system": MEDKMS_NODE, "value": node_id},
-                "display": node_id,
-            },
-            "type": [_coding(SOURCE_TYPE, "4", "Application Server")],
-        },
-        "entity": [
-            {
-                "what": _account(chain_id, entry.patient),
-                "type": _coding(ENTITY_TYPE, "1", "Person"),
-                "role": _coding(OBJECT_ROLE, "1", "Patient"),
-            },
-            {
-                "what": {"identifier": {"system": MEDKMS_RECORD, "value": _hex(entry.record_id)}},
-                "type": _coding(ENTITY_TYPE, "2", "System Object"),
-                "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
-                "detail": [{"type": k, "valueString": v} for k, v in details],
-            },
-            {
-                "what": {
-                    "identifier": {"system": MEDKMS_CAPSULE, "value": _hex(entry.capsule_hash)}
-                },
-                "type": _coding(ENTITY_TYPE, "2", "System Object"),
-                "description": "SHA-256 of the Umbral capsule of the record's data key",
-            },
-        ],
-    }
-
-
-def fhir_bundle(nodes: Sequence[NodeReport], chain_id: int, *, now: int) -> str:
-    """A FHIR R4B ``collection`` Bundle of one AuditEvent per entry of ``nodes``, validated
-    against the R4B models."""
-    entries = []
-    for node in nodes:
-        for result in node.entries:
-            if result.entry is None:
-                continue
-            event = audit_event(node.node_id, result.leaf_index, result.entry, chain_id)
-            entries.append({"fullUrl": f"urn:uuid:{event['id']}", "resource": event})
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "timestamp": _iso(now),
-        "entry": entries,
-    }
-    try:
-        get_fhir_model_class("Bundle").model_validate(bundle)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise KmsError(f"the FHIR export does not validate: {where}: {first['msg']}") from None
-    return json.dumps(bundle, indent=2) + "\n"
-
-
-# --- receipts ------------------------------------------------------------------------------
-
-
-def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
-    return {
-        "node_id": receipt.node_id,
-        "leaf_index": receipt.leaf_index,
-        "tree_size": receipt.tree_size,
-        "entry_hash": receipt.entry_hash.hex(),
-        "signature": receipt.signature.hex(),
-        "batch_start": receipt.batch_start,
-        "batch_size": receipt.batch_size,
-        "batch_path": [node.hex() for node in receipt.batch_path],
-    }
-
-
-def load_receipts(path: Path) -> list[Receipt]:
-    """A JSON list of receipts as :func:`receipt_to_json` writes them."""
-    try:
-        items = load_json(
-            path, max_bytes=MAX_RECEIPTS_FILE_BYTES, max_depth=RECEIPTS_FILE_DEPTH, what="receipts"
-        )
-        if not isinstance(items, list):
-            raise InvalidRequest(f"{path} must hold a JSON list of receipts")
-        return [
-            Receipt(
-                node_id=str(item["node_id"]),
-                leaf_index=int(item["leaf_index"]),
-                tree_size=int(item["tree_size"]),
-                entry_hash=bytes.fromhex(item["entry_hash"]),
-                signature=bytes.fromhex(item["signature"]),
-                batch_start=(None if item.get("batch_start") is None else int(item["batch_start"])),
-                batch_size=int(item.get("batch_size", 1)),
-                batch_path=tuple(bytes.fromhex(h) for h in item.get("batch_path", [])),
-            )
-            for item in items
-        ]
-    except (ValueError, KeyError, TypeError) as e:
-        # InvalidRequest is a ValueError too: keep its message.
-        message = e.message if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
-        raise InvalidRequest(f"{path} is not a receipts file: {message}") from None

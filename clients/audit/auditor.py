@@ -24,7 +24,8 @@ import grpc
 
 from contracts.registry import RegistryClient
 from core.audit import Checkpoint, Receipt
-from core.audit_verify import Check, NodeReport, Problem, VerifiedPrefix, verify_node
+from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
+from core.audit_verify import verify_node
 from core.errors import InvalidRequest
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from proto import rpc
@@ -50,7 +51,7 @@ def channel_factory(transport: Transport) -> ChannelFactory:
 
 
 class GrpcLogSource:
-    """One node's ``kms.v1.Audit`` service as a :class:`~core.audit_verify.LogSource`."""
+    """One node's ``kms.v1.Audit`` service as a :class:`~core.audit_sources.LogSource`."""
 
     def __init__(self, channel: grpc.Channel, node_id: str, *, timeout_s: float = CALL_TIMEOUT_S):
         self._stub = AuditStub(channel)
@@ -91,7 +92,7 @@ class GrpcLogSource:
 
 
 class CachedChain:
-    """The registry as a :class:`~core.audit_verify.ChainView`, with the blocks and
+    """The registry as a :class:`~core.audit_sources.ChainView`, with the blocks and
     grant states read during one audit kept: one request is decided by several nodes,
     mostly at the same block. Failures are not kept. Thread-safe."""
 

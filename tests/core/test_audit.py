@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from core import merkle
 from core.audit import (
     CHECKPOINT_DOMAIN,
+    DENIED,
+    GRANTED,
     MAX_ENTRY_BYTES,
     RECEIPT_DOMAIN,
     AuditEntry,
@@ -31,6 +33,7 @@ from core.audit import (
     verify_receipt_inclusion,
 )
 from core.errors import IntegrityError, InvalidRequest
+from core.policy import Reason
 from core.record_types import RecordType
 from kms_node.keystore import P256_ORDER, MemoryKeyStore
 
@@ -49,8 +52,8 @@ def make_entry(n: int = 1, *, node_id: str = NODE, granted: bool = True) -> Audi
         record_id=bytes([1]) * 32,
         capsule_hash=bytes([2]) * 32,
         purpose_of_use="TREAT",
-        decision="granted" if granted else "denied",
-        reason_code="granted" if granted else "grant_revoked",
+        decision=GRANTED if granted else DENIED,
+        reason_code=Reason.GRANTED if granted else Reason.GRANT_REVOKED,
         reason=(
             "grant is active and covers this record"
             if granted
@@ -105,6 +108,14 @@ def test_canonical_form_is_frozen() -> None:
     assert entry.canonical_bytes() == GOLDEN_ENTRY.encode()
     assert entry.leaf_hash() == merkle.leaf_hash(GOLDEN_ENTRY.encode())
     assert AuditEntry.from_canonical(GOLDEN_ENTRY.encode()) == entry
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_each_reason_is_recorded_as_its_code(reason: Reason) -> None:
+    entry = dataclasses.replace(make_entry(7, granted=reason == Reason.GRANTED), reason_code=reason)
+    data = entry.canonical_bytes()
+    assert b'"reason_code":"' + reason.value.encode() + b'"' in data
+    assert AuditEntry.from_canonical(data) == entry
 
 
 def test_entries_roundtrip_granted_and_denied() -> None:

@@ -14,14 +14,8 @@ import pytest
 
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
-from core.audit_verify import (
-    Check,
-    NodeReport,
-    Problem,
-    VerifiedPrefix,
-    rejudge,
-    verify_node,
-)
+from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
+from core.audit_verify import verify_node
 from core.errors import ChainUnavailable, InvalidRequest, Unavailable
 from core.record_types import RecordType, to_mask
 from core.registry_types import (
@@ -513,61 +507,9 @@ def test_a_denial_the_chain_does_not_explain_is_a_warning(node: Node) -> None:
     )
 
 
-def _state(chain: FakeChain, **changes: object) -> AccessState:
-    grant = dataclasses.replace(chain.grant, **{k: v for k, v in changes.items() if k != "record"})
-    record = changes.get("record", chain.record)
-    return AccessState(record, grant, 130, T0 + 30)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("changes", "code"),
-    [
-        ({}, "granted"),
-        ({"active": False}, "grant_revoked"),
-        ({"expires_at": T0 + 30}, "grant_expired"),  # at the block's time
-        ({"allowed_types_mask": to_mask([RecordType.DIAGNOSIS])}, "type_not_allowed"),
-        ({"emergency": True}, "emergency_purpose_required"),
-        ({"record": None}, "record_unknown"),
-    ],
-)
-def test_rejudge_applies_the_policy_rules(changes: dict[str, object], code: str) -> None:
-    assert rejudge(make_entry(30), _state(FakeChain(), **changes))[0] == code
-
-
-def test_rejudge_covers_the_record_rules() -> None:
-    chain, entry = FakeChain(), make_entry(30)
-    for record, code in [
-        (dataclasses.replace(chain.record, active=False), "record_inactive"),
-        (dataclasses.replace(chain.record, patient=DOCTOR), "patient_mismatch"),
-        (dataclasses.replace(chain.record, capsule_hash=b"x" * 32), "capsule_mismatch"),
-    ]:
-        assert rejudge(entry, _state(chain, record=record))[0] == code
-    # A granted entry whose capsule belongs to a deactivated record (issue 10) is flagged.
-    retired = dataclasses.replace(_state(chain), capsule_retired=True)
-    assert rejudge(entry, retired)[0] == "capsule_retired"
-    emergency = dataclasses.replace(entry, purpose_of_use="ETREAT")
-    assert rejudge(emergency, _state(chain, emergency=True))[0] == "granted"
-    # The entry's time (the node's wall clock) counts too, not just the block's.
-    late = dataclasses.replace(entry, time=T0 + 100)
-    assert rejudge(late, _state(chain, expires_at=T0 + 90))[0] == "grant_expired"
-
-
 def recorded(entry: AuditEntry, record_type: RecordType, key: bytes) -> AuditEntry:
     """``entry`` as a version 2 entry, recording the request's type and receiving key."""
     return dataclasses.replace(entry, record_type=record_type, requester_umbral_key=key)
-
-
-def test_a_version_2_entry_is_judged_on_the_type_and_key_it_recorded() -> None:
-    chain = FakeChain()
-    key = chain.grant.grantee_umbral_key
-    state = _state(chain)
-    assert rejudge(recorded(make_entry(30), RecordType.LAB_RESULT, key), state)[0] == "granted"
-    wrong_key = recorded(make_entry(30), RecordType.LAB_RESULT, b"\x03" + b"z" * 32)
-    assert rejudge(wrong_key, state)[0] == "receiving_key_mismatch"
-    wrong_type = recorded(make_entry(30), RecordType.IMAGING, key)
-    assert rejudge(wrong_type, state)[0] == "record_type_mismatch"
-    # A version 1 entry did not record them: those two rules are not judged.
-    assert rejudge(make_entry(30), state)[0] == "granted"
 
 
 def test_a_grant_for_another_receiving_key_is_flagged_and_its_denial_confirmed(

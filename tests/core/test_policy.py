@@ -9,7 +9,7 @@ import pytest
 import umbral_pre as umbral
 
 from core.errors import AccessDenied, NotFound
-from core.policy import FINAL_DENIALS, judge
+from core.policy import FINAL_DENIALS, POLICY_DENIALS, Reason, judge
 from core.record_types import RecordType, to_mask
 from core.registry_types import AccessState, GrantInfo, RecordInfo
 from core.requests import ReencryptionQuery, Signed
@@ -126,6 +126,29 @@ def test_a_retired_capsule_is_denied_under_any_record(query: ReencryptionQuery) 
     assert (decision.allowed, decision.code) == (False, "capsule_retired")
     assert "deactivated" in decision.reason
     assert "capsule_retired" in FINAL_DENIALS and "no_grant" not in FINAL_DENIALS
+
+
+def test_the_reason_codes_are_the_ones_written_before() -> None:
+    # Audit entries, metric labels and alert rules carry these strings: one renamed, and
+    # the logs already written would no longer read the same.
+    assert {str(r) for r in Reason} == {
+        "granted",
+        "record_unknown",
+        "patient_mismatch",
+        "record_inactive",
+        "capsule_retired",
+        "capsule_mismatch",
+        "record_type_mismatch",
+        "no_grant",
+        "emergency_access_closed",
+        "grant_revoked",
+        "grant_expired",
+        "type_not_allowed",
+        "receiving_key_mismatch",
+        "emergency_purpose_required",
+        "no_kfrag",
+    }
+    assert FINAL_DENIALS < POLICY_DENIALS == set(Reason) - {Reason.GRANTED, Reason.NO_KFRAG}
 
 
 def test_missing_grant_is_denied(query: ReencryptionQuery) -> None:

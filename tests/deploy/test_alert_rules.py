@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from core.audit import DECISIONS
-from core.audit_verify import CHECKABLE_DENIALS
+from core.policy import Reason
 from kms_node.anchoring import AnchorOutcome
 from proto.stubs import NODE_SERVICE
 
@@ -43,7 +43,7 @@ def test_every_label_value_is_one_the_node_sets() -> None:
     assert anchors and anchors <= {str(o) for o in AnchorOutcome}
     assert _values("kms_node_decisions_total", "decision") <= set(DECISIONS)
     reasons = _values("kms_node_decisions_total", "reason")
-    assert reasons and reasons <= CHECKABLE_DENIALS | {"granted", "no_kfrag"}
+    assert reasons and reasons <= set(Reason), reasons - set(Reason)
     methods = _values("kms_node_request_duration_seconds_bucket", "method")
     assert methods and methods <= set(NODE_SERVICE.methods_by_name)
 

@@ -27,7 +27,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from cli import kmsctl
-from clients.audit.audit_report import receipt_to_json
+from clients.audit.receipts_file import receipt_to_json
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient

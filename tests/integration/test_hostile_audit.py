@@ -17,7 +17,7 @@ from clients.audit import auditor
 from clients.audit.auditor import audit_cluster, channel_factory
 from clients.sdk.records import parse_envelope
 from contracts.registry import RegistryClient
-from core.audit_verify import Check, NodeReport
+from core.audit_findings import Check, NodeReport
 from core.record_types import RecordType
 from core.registry_types import NodeInfo
 from deploy.local_cluster import LocalCluster

@@ -1,0 +1,62 @@
+"""The state file of an incremental audit (``kmsctl audit verify --state-file FILE``): the
+prefix of each node's log the last audit verified, for the next one to start from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from clients.audit.auditor import ClusterReport
+from clients.sdk.input_files import load_json_object
+from core.audit_findings import VerifiedPrefix
+from core.errors import InvalidRequest
+from core.registry_types import NodeInfo
+
+# Bounds on the file (clients/sdk/input_files.py).
+#: per node a checkpoint and a frontier of at most 64 hashes, some 5 KiB: thousands of nodes
+MAX_STATE_FILE_BYTES: Final = 16 * 1024 * 1024
+#: {"nodes": {node id: {"frontier": [...]}}}
+STATE_FILE_DEPTH: Final = 4
+
+
+def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefix]:
+    """The prefixes an earlier ``audit verify --state-file`` verified, of the registered
+    ``nodes`` (each checked with its registered key); none if the file does not exist."""
+    if not path.exists():
+        return {}
+    try:
+        data = load_json_object(
+            path, max_bytes=MAX_STATE_FILE_BYTES, max_depth=STATE_FILE_DEPTH, what="audit state"
+        )
+    except InvalidRequest:
+        raise
+    except OSError as e:
+        raise InvalidRequest(f"cannot read the audit state {path}: {e}") from None
+    if not isinstance(data.get("nodes"), dict):
+        raise InvalidRequest(f"{path} is not an audit state file")
+    keys = {n.node_id: n.signing_public_key for n in nodes}
+    return {
+        node_id: VerifiedPrefix.from_json(item, keys[node_id])
+        for node_id, item in data["nodes"].items()
+        if node_id in keys
+    }
+
+
+def save_state(path: Path, report: ClusterReport, earlier: dict[str, VerifiedPrefix]) -> None:
+    """What this audit verified, for the next run: a node that failed keeps its earlier
+    prefix (so the next run checks again from there)."""
+    prefixes = dict(earlier)
+    for node in report.nodes:
+        if node.verified is not None:
+            prefixes[node.node_id] = node.verified
+    document = {
+        "registry": report.registry_address,
+        "nodes": {node_id: p.to_json() for node_id, p in sorted(prefixes.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(json.dumps(document, indent=2) + "\n")

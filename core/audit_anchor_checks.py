@@ -1,0 +1,250 @@
+"""Step 6 of an audit (the steps in order: core/audit_verify.py): the log extends every
+checkpoint the node committed to earlier, each one anchored on-chain, and the prefix an
+earlier audit verified; where it does not, name where history was rewritten. Pure, no I/O
+beyond the :class:`~core.audit_sources.LogSource` it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
+from core.audit_findings import Check, Findings, VerifiedPrefix
+from core.audit_log_checks import ServedLog
+from core.audit_sources import LogSource
+from core.errors import InvalidRequest, KmsError
+from core.registry_types import CheckpointAnchor, NodeInfo
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def extends_prefix(
+    prefix: VerifiedPrefix, checkpoint: Checkpoint, log: LogSource, findings: Findings
+) -> bool:
+    """Whether the node's tree (its current ``checkpoint``) extends the prefix an earlier
+    audit verified: the first check of an incremental audit."""
+    verified, size = prefix.checkpoint, checkpoint.tree_size
+    earlier = (
+        f"the {verified.tree_size} entries an earlier audit verified (checkpoint of "
+        f"{_iso(verified.timestamp)})"
+    )
+    if size < verified.tree_size:
+        findings.fail(
+            Check.ANCHOR,
+            f"missing: the log has {size} entries, fewer than {earlier}: the log was "
+            "truncated; a full audit names where",
+            size,
+        )
+        return False
+    if size == verified.tree_size:
+        problems = []
+        if checkpoint.root != verified.root:
+            problems.append(f"the node's checkpoint of {size} entries has another root")
+    else:
+        problems = _consistency(log, verified, checkpoint, "the verified prefix and now")
+    if problems:
+        findings.fail(
+            Check.ANCHOR,
+            f"{problems[0]}: the log does not extend {earlier}; a full audit names where "
+            "it was rewritten",
+        )
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class AnchorsChecked:
+    """What :func:`check_anchors` read of the chain's anchors."""
+
+    #: anchors whose signature verified and that were compared with the log
+    count: int
+    #: the block of the newest of them (or of those an earlier audit checked)
+    block: int
+
+
+def check_anchors(
+    anchors: list[CheckpointAnchor],
+    checkpoint: Checkpoint,
+    *,
+    signed: bool,
+    served: ServedLog,
+    log: LogSource,
+    node: NodeInfo,
+    findings: Findings,
+) -> AnchorsChecked:
+    """Step 6: every anchor verifies and the log (and the node's tree) extends each of
+    them. ``signed`` says whether ``checkpoint`` verified (step 2)."""
+    size = checkpoint.tree_size
+    since = served.since
+    verified: list[tuple[CheckpointAnchor, Checkpoint]] = []
+    for anchor in anchors:
+        try:
+            anchored = Checkpoint(
+                node.node_id,
+                anchor.tree_size,
+                anchor.root_hash,
+                anchor.timestamp,
+                anchor.signature,
+            )
+        except InvalidRequest as e:
+            findings.fail(Check.ANCHOR, f"the anchor in block {anchor.block} is malformed: {e}")
+            continue
+        if anchor.node_id != node.node_id or not verify_checkpoint(
+            anchored, node.signing_public_key
+        ):
+            findings.fail(
+                Check.ANCHOR,
+                f"the checkpoint anchored in block {anchor.block} does not verify with "
+                "the node's registered key",
+            )
+            continue
+        verified.append((anchor, anchored))
+    checked = AnchorsChecked(
+        len(verified),
+        max([since.anchor_block if since is not None else 0] + [a.block for a, _ in verified]),
+    )
+    # Anchors an earlier audit checked (``since``) are not checked again.
+    if since is not None:
+        verified = [(a, c) for a, c in verified if a.block > since.anchor_block]
+    roots = _prefix_roots(served, {a.tree_size for a, _ in verified if a.tree_size <= size})
+    matched, named = served.start, False
+    beyond: list[CheckpointAnchor] = []
+    differ: list[CheckpointAnchor] = []
+    inconsistent: list[str] = []
+    previous: tuple[CheckpointAnchor, Checkpoint] | None = None
+    for anchor, anchored in verified:
+        where = f"the checkpoint of {anchor.tree_size} entries anchored in block {anchor.block}"
+        if anchor.tree_size > size:
+            beyond.append(anchor)
+            if not named:
+                named = _name_rewrite(anchor, matched, size, served, findings, fallback=False)
+        elif anchor.tree_size in roots and roots[anchor.tree_size] != anchor.root_hash:
+            differ.append(anchor)
+            if not named:
+                named = _name_rewrite(anchor, matched, anchor.tree_size, served, findings)
+        elif anchor.tree_size in roots:
+            matched = anchor.tree_size
+            _check_times(anchor, where, served, findings)
+        elif since is not None and anchor.tree_size < since.tree_size:
+            inconsistent += _consistency(
+                log, anchored, since.checkpoint, f"{where} and the verified prefix"
+            )
+        if previous is not None and anchor.tree_size <= size:
+            inconsistent += _consistency(log, previous[1], anchored, f"{where} and the one before")
+        previous = anchor, anchored
+    if previous is not None and signed and previous[0].tree_size <= size:
+        inconsistent += _consistency(
+            log, previous[1], checkpoint, "the last anchor and the node's current checkpoint"
+        )
+    # Once the log leaves the anchored history, every later anchor shows it again: one
+    # problem each, naming the first.
+    if beyond:
+        first = beyond[0]
+        findings.fail(
+            Check.ANCHOR,
+            f"missing: the log has {size} entries but the checkpoint anchored in block "
+            f"{first.block} covers {first.tree_size}{_more(len(beyond) - 1, 'anchor')}: "
+            "the log was truncated",
+            size,
+        )
+    if differ:
+        first = differ[0]
+        findings.fail(
+            Check.ANCHOR,
+            f"the first {first.tree_size} entries differ from the checkpoint anchored in "
+            f"block {first.block}{_more(len(differ) - 1, 'anchor')}",
+        )
+    if inconsistent:
+        findings.fail(Check.ANCHOR, inconsistent[0] + _more(len(inconsistent) - 1, "pair"))
+    if previous is not None and previous[0].tree_size < size:
+        findings.warn(f"entries {previous[0].tree_size} to {size - 1} are not anchored yet")
+    return checked
+
+
+def _prefix_roots(served: ServedLog, sizes: set[int]) -> dict[int, bytes]:
+    """Root of the first ``s`` entries, for each ``s`` the served log (after the verified
+    prefix, if any) covers."""
+    roots: dict[int, bytes] = {}
+    tree = served.base
+    for size in sorted(sizes):
+        if size < tree.size:
+            continue  # inside the verified prefix: checked by consistency instead
+        while tree.size < size and tree.size in served.leaves:
+            tree = tree.append(served.leaves[tree.size])
+        if tree.size < size:
+            break
+        roots[size] = tree.root()
+    return roots
+
+
+def _name_rewrite(
+    anchor: CheckpointAnchor,
+    matched: int,
+    end: int,
+    served: ServedLog,
+    findings: Findings,
+    *,
+    fallback: bool = True,
+) -> bool:
+    """Name where the log stopped being the anchored one, looking at entries
+    ``[matched, end)``; whether an entry was named."""
+    for index in range(matched, end):
+        entry = served.parsed.get(index)
+        if entry is not None and entry.time > anchor.timestamp:
+            findings.fail(
+                Check.REWRITTEN,
+                f"written at {_iso(entry.time)}, after the checkpoint anchored in block "
+                f"{anchor.block} (signed at {_iso(anchor.timestamp)}, {anchor.tree_size} "
+                "entries) already held an entry at this index: the log was truncated "
+                "here and re-appended",
+                index,
+            )
+            return True
+    if not fallback:
+        return False
+    if findings.named_before(end):
+        return True  # already named (an altered entry, a gap)
+    findings.fail(
+        Check.ANCHOR,
+        f"entries {matched} to {anchor.tree_size - 1} are not the ones anchored in block "
+        f"{anchor.block}: one or more of them were altered, removed or inserted, from "
+        "this entry on at the earliest (receipts would name which)",
+        matched,
+    )
+    return True
+
+
+def _check_times(
+    anchor: CheckpointAnchor, where: str, served: ServedLog, findings: Findings
+) -> None:
+    late = [
+        i
+        for i in range(anchor.tree_size)
+        if (e := served.parsed.get(i)) is not None and e.time > anchor.timestamp
+    ]
+    if late:
+        findings.warn(
+            f"entry {late[0]} has a time after {where}, which holds it: the node's clock "
+            "went backwards"
+        )
+
+
+def _consistency(log: LogSource, old: Checkpoint, new: Checkpoint, what: str) -> list[str]:
+    """What is wrong with the node's consistency proof between two checkpoints."""
+    try:
+        proof = log.consistency_proof(old.tree_size, new.tree_size)
+    except KmsError as e:
+        return [f"the node cannot prove {what} consistent: {e.message}"]
+    if not verify_checkpoint_consistency(old, new, proof):
+        return [
+            f"the node's tree is not consistent between {what} "
+            f"({old.tree_size} and {new.tree_size} entries; RFC 9162 2.1.4)"
+        ]
+    return []
+
+
+def _more(count: int, what: str) -> str:
+    return f" (and {count} later {what}{'s' if count > 1 else ''})" if count else ""

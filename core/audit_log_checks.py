@@ -1,0 +1,243 @@
+"""Steps 2 to 5 of an audit, the node's log and its proofs (their order and why:
+core/audit_verify.py): the checkpoint is this node's and signed with its registered key;
+the entries as served (:class:`ServedLog`) are in order, none missing, canonical, this
+node's; each is the one the signed checkpoint holds at its index; and the receipts the
+caller holds vouch for entries the log has. Pure, no I/O beyond the
+:class:`~core.audit_sources.LogSource` it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from core import bounded_json, merkle
+from core.audit import (
+    MAX_ENTRY_BYTES,
+    AuditEntry,
+    Checkpoint,
+    Receipt,
+    verify_checkpoint,
+    verify_receipt,
+)
+from core.audit_findings import Check, Findings, VerifiedPrefix
+from core.audit_sources import LogSource
+from core.errors import InvalidRequest, KmsError
+from core.registry_types import NodeInfo
+
+#: how deep an entry that does not parse may nest for its request id still to be read
+_LENIENT_ENTRY_DEPTH: Final = 8
+
+
+def check_checkpoint(checkpoint: Checkpoint, node: NodeInfo, findings: Findings) -> bool:
+    """Step 2: whether the checkpoint is ``node``'s and signed with its registered key."""
+    if checkpoint.node_id != node.node_id:
+        findings.fail(Check.CHECKPOINT, f"the checkpoint is of node {checkpoint.node_id!r}")
+        return False
+    if not verify_checkpoint(checkpoint, node.signing_public_key):
+        findings.fail(
+            Check.CHECKPOINT,
+            f"the checkpoint of {checkpoint.tree_size} entries does not verify with the "
+            "signing key registered on-chain for this node",
+        )
+        return False
+    return True
+
+
+class ServedLog:
+    """Step 3: the entries one node served, as read from ``start`` on (the end of the prefix
+    an earlier audit verified, or 0)."""
+
+    def __init__(self, node_id: str, since: VerifiedPrefix | None) -> None:
+        self.node_id = node_id
+        self.since = since
+        #: the first entry read: the end of the verified prefix, or 0
+        self.start = since.tree_size if since is not None else 0
+        #: the verified prefix's tree, which the served leaves extend
+        self.base = since.compact_range() if since is not None else merkle.CompactRange()
+        #: leaf index -> served bytes, parsed entry (None if invalid), leaf hash
+        self.data: dict[int, bytes] = {}
+        self.parsed: dict[int, AuditEntry | None] = {}
+        self.leaves: dict[int, bytes] = {}
+        #: first index of each missing range -> its end
+        self.missing: dict[int, int] = {}
+
+    def read(self, log: LogSource, size: int, findings: Findings) -> None:
+        """Read entries ``[start, size)``, naming what is out of order, missing or invalid."""
+        expected = self.start
+        try:
+            for index, data in log.entries(self.start, size):
+                if index >= size:
+                    findings.fail(
+                        Check.SEQUENCE,
+                        f"the node served entry {index}, beyond its checkpoint of {size}",
+                    )
+                    continue
+                if index < expected:
+                    findings.fail(
+                        Check.SEQUENCE,
+                        f"served again or out of order, after entry {expected - 1}",
+                        index,
+                    )
+                    continue
+                if index > expected:
+                    self._missing(expected, index, f"next the node serves entry {index}", findings)
+                expected = index + 1
+                self._take(index, data, findings)
+        except KmsError as e:
+            findings.fail(
+                Check.REACHABLE,
+                f"the node stopped serving entries at entry {expected}: {e.message}",
+            )
+        if expected < size:
+            self._missing(expected, size, f"the checkpoint covers {size} entries", findings)
+
+    def _missing(self, start: int, end: int, why: str, findings: Findings) -> None:
+        self.missing[start] = end
+        span = f"entries {start} to {end - 1} are" if end - start > 1 else "the entry is"
+        before = self.parsed.get(start - 1)
+        after = f" after request {before.request_id}" if before is not None else ""
+        findings.fail(Check.SEQUENCE, f"missing: {span} not served{after} ({why})", start)
+
+    def _take(self, index: int, data: bytes, findings: Findings) -> None:
+        self.data[index] = data
+        self.leaves[index] = merkle.leaf_hash(data)
+        try:
+            entry: AuditEntry | None = AuditEntry.from_canonical(data)
+        except InvalidRequest as e:
+            entry = None
+            findings.fail(Check.FORMAT, f"not a valid audit entry: {e.message}", index)
+        if entry is not None and entry.node_id != self.node_id:
+            findings.fail(Check.FORMAT, f"the entry names node {entry.node_id!r}", index)
+        self.parsed[index] = entry
+
+    def tree_through(self, size: int) -> merkle.CompactRange | None:
+        """The compact range of the first ``size`` entries (the verified prefix, then the
+        served leaves), or None if a served leaf below ``size`` is missing."""
+        tree = self.base
+        while tree.size < size and tree.size in self.leaves:
+            tree = tree.append(self.leaves[tree.size])
+        return tree if tree.size == size else None
+
+    def request_id(self, index: int) -> str:
+        """The entry's request id; read leniently when the entry does not parse, "" if
+        unknown."""
+        entry = self.parsed.get(index)
+        if entry is not None:
+            return entry.request_id
+        return _lenient_request_id(self.data.get(index, b""))
+
+
+def _lenient_request_id(data: bytes) -> str:
+    """The request id of an entry that does not parse, if its JSON still names one; the
+    node serves these bytes, so they are read within an entry's bounds or not at all."""
+    try:
+        fields = bounded_json.loads_object(
+            data, max_bytes=MAX_ENTRY_BYTES, max_depth=_LENIENT_ENTRY_DEPTH, what="audit entry"
+        )
+    except InvalidRequest:
+        return ""
+    value = fields.get("request_id")
+    return value[:128] if isinstance(value, str) and value.isprintable() else ""
+
+
+def check_inclusion(
+    served: ServedLog, log: LogSource, checkpoint: Checkpoint, findings: Findings
+) -> None:
+    """Step 4: every served entry is the one the signed checkpoint holds at its index."""
+    size = checkpoint.tree_size
+    tree = served.tree_through(size)
+    if tree is not None and tree.root() == checkpoint.root:
+        return
+    # Name the entries: each one's proof from the node, against the signed root.
+    named = False
+    for index in sorted(served.leaves):
+        try:
+            proof = log.inclusion_proof(index, size)
+        except KmsError as e:
+            findings.fail(
+                Check.INCLUSION,
+                f"the node cannot prove this entry is in its checkpoint: {e.message}",
+                index,
+                primary=False,
+            )
+            continue
+        if not merkle.verify_inclusion(served.leaves[index], index, size, proof, checkpoint.root):
+            named = True
+            findings.fail(
+                Check.INCLUSION,
+                f"not the entry the node's signed checkpoint of {size} entries holds at "
+                "this index (altered, moved or inserted)",
+                index,
+            )
+    if not named and not served.missing:
+        findings.fail(
+            Check.INCLUSION,
+            f"the served entries do not have the root of the signed checkpoint of {size}",
+        )
+
+
+def check_receipts(
+    receipts: list[Receipt],
+    served: ServedLog,
+    log: LogSource,
+    node: NodeInfo,
+    checkpoint: Checkpoint,
+    findings: Findings,
+) -> None:
+    """Step 5: each of ``node``'s receipts is signed by its registered key, and its entry
+    is in the log with the hash the receipt vouches for (other nodes' are ignored)."""
+    size = checkpoint.tree_size
+    vouched: dict[int, bytes] = {}
+    for receipt in receipts:
+        if receipt.node_id != node.node_id:
+            continue
+        index = receipt.leaf_index
+        if not verify_receipt(receipt, node.signing_public_key):
+            findings.fail(
+                Check.RECEIPT,
+                f"the receipt for entry {index} does not verify with the node's registered key",
+            )
+            continue
+        previous = vouched.setdefault(index, receipt.entry_hash)
+        if previous != receipt.entry_hash:
+            findings.fail(
+                Check.RECEIPT,
+                "the node signed two receipts for this entry with different hashes",
+                index,
+            )
+        elif index >= size:
+            findings.fail(
+                Check.RECEIPT,
+                f"the node issued a receipt for this entry, but its log has {size} entries",
+                index,
+            )
+        elif index in served.leaves and served.leaves[index] != receipt.entry_hash:
+            findings.fail(
+                Check.RECEIPT, "not the entry the node's signed receipt vouches for", index
+            )
+        elif index < served.start:
+            _check_receipt_by_proof(receipt, log, checkpoint, findings)
+
+
+def _check_receipt_by_proof(
+    receipt: Receipt, log: LogSource, checkpoint: Checkpoint, findings: Findings
+) -> None:
+    """A receipt for an entry of the verified prefix, which was not read again: the node's
+    inclusion proof must show the receipted hash at its index."""
+    index, size = receipt.leaf_index, checkpoint.tree_size
+    try:
+        proof = log.inclusion_proof(index, size)
+    except KmsError as e:
+        findings.fail(
+            Check.RECEIPT,
+            f"the node cannot prove the receipted entry is in its checkpoint: {e.message}",
+            index,
+        )
+        return
+    if not merkle.verify_inclusion(receipt.entry_hash, index, size, proof, checkpoint.root):
+        findings.fail(
+            Check.RECEIPT,
+            "not the entry the node's signed receipt vouches for (by the node's inclusion "
+            "proof; an earlier audit read this entry)",
+            index,
+        )
