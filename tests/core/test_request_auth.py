@@ -127,15 +127,18 @@ SAMPLES: list[Claims] = [
 
 
 def test_type_strings_are_the_documented_ones() -> None:
-    assert request_auth._encode_type("ReencryptionRequest", RequestClaims.FIELDS) == (
+    assert Domain.encode_type() == (
+        "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+    )
+    assert RequestClaims.encode_type() == (
         "ReencryptionRequest(address patient,bytes32 recordId,bytes32 capsuleHash,"
         "bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)"
     )
-    assert request_auth._encode_type("ReencryptionBatch", BatchClaims.FIELDS) == (
+    assert BatchClaims.encode_type() == (
         "ReencryptionBatch(address patient,bytes32[] recordIds,bytes32[] capsuleHashes,"
         "bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)"
     )
-    assert request_auth._encode_type("KeyFragmentEnrollment", EnrollmentClaims.FIELDS) == (
+    assert EnrollmentClaims.encode_type() == (
         "KeyFragmentEnrollment(string nodeId,address patient,address grantee,"
         "bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,bytes32 nonce,"
         "uint64 deadline)"
