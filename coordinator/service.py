@@ -14,7 +14,7 @@ import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -23,7 +23,7 @@ from coordinator.admission import Admission, Ticket, peer_address
 from coordinator.node_pool import NodePool
 from coordinator.settings import CoordinatorSettings
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
-from core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
+from core.errors import InvalidRequest, KmsError, PreconditionFailed, ResourceExhausted
 from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Claims, Domain, authenticate
@@ -112,41 +112,12 @@ THROTTLED_ANSWER_DELAY_S = 1.0
 STATUS_TIMEOUT_S = 1.0
 
 
-class _SingleCollection:
-    """One capsule: node responses are ReencryptResponse."""
+class _ShareCollection:
+    """The capsule fragments for each capsule of one read, as the nodes answer: each
+    verified, and counted toward its capsule's threshold."""
 
-    def __init__(self, collector: FragmentCollector, verifier: _Verifier) -> None:
-        self.collector = collector
-        self._verifier = verifier
-        #: node id -> the audit receipt that came with its fragment
-        self.receipts: dict[str, common_pb2.AuditReceipt] = {}
-
-    @property
-    def finished(self) -> bool:
-        return self.collector.complete or self.collector.hopeless
-
-    def more_needed(self, in_flight: int) -> int:
-        return max(0, self.collector.threshold - len(self.collector.valid) - in_flight)
-
-    def take(self, node_id: str, response: node_pb2.ReencryptResponse) -> None:
-        cfrag = bytes(response.fragment.cfrag)
-        if self._verifier.check(cfrag):
-            self.collector.accept(node_id, cfrag)
-            self.receipts[node_id] = response.fragment.receipt
-        else:
-            self.collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
-
-    def fail(self, node_id: str, status: str, message: str) -> None:
-        self.collector.reject(node_id, status, message)
-
-
-class _BatchCollection:
-    """Many capsules: node responses are ReencryptBatchResponse, one outcome each."""
-
-    def __init__(
-        self, collectors: dict[bytes, FragmentCollector], verifiers: dict[bytes, _Verifier]
-    ):
-        self.collectors = collectors
+    def __init__(self, threshold: int, node_ids: Sequence[str], verifiers: dict[bytes, _Verifier]):
+        self.collectors = {r: FragmentCollector(threshold, node_ids) for r in verifiers}
         self._verifiers = verifiers
         #: (record id, node id) -> the audit receipt that came with the fragment
         self.receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
@@ -184,16 +155,28 @@ class _BatchCollection:
         for collector in self.collectors.values():
             collector.reject(node_id, status, message)
 
+    def outcome(self, record_id: bytes) -> list[common_pb2.CapsuleFragment] | KmsError:
+        """The capsule's first ``threshold`` valid fragments, or why there are not as many."""
+        collector = self.collectors[record_id]
+        if not collector.complete:
+            return collector.error()
+        return [
+            common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=self.receipts[(record_id, n)])
+            for n, c in collector.fragments()
+        ]
 
-Response = TypeVar("Response")
+
+def _as_batch_response(
+    record_id: bytes, response: node_pb2.ReencryptResponse
+) -> node_pb2.ReencryptBatchResponse:
+    """A node's answer to a single request, as its answer to the batch of one it is."""
+    return node_pb2.ReencryptBatchResponse(
+        outcomes=[common_pb2.CapsuleOutcome(record_id=record_id, fragment=response.fragment)]
+    )
 
 
-class _Collection(Protocol[Response]):  # type: ignore[misc]
-    @property
-    def finished(self) -> bool: ...
-    def more_needed(self, in_flight: int) -> int: ...
-    def take(self, node_id: str, response: Response) -> None: ...
-    def fail(self, node_id: str, status: str, message: str) -> None: ...
+#: asks one node for a read's fragments, within a timeout
+_Ask = Callable[[AioNodeStub, float], Awaitable[node_pb2.ReencryptBatchResponse]]
 
 
 class _RoundRobin:
@@ -414,103 +397,99 @@ class CoordinatorService:
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
-        domain = await self._signing_domain()
-        query = ReencryptionQuery.parse(msg, domain)
-        ticket, patient = await self._admit(
-            [(query.claims(), query.signed.signature)],
-            query.requester,
-            query.patient,
-            request_cost(1),
-            context,
-        )
+        """One capsule, served as a batch of one; the nodes are sent the request as signed."""
+        query = ReencryptionQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionRequest()
         outgoing.CopyFrom(msg)
         # The id the nodes derive too, echoed so that each checks it: the nodes' audit
         # entries and these logs carry the id the app was given.
         outgoing.request_id = query.request_id
-        timeout = self._timeout(context)
-        collection = _SingleCollection(
-            FragmentCollector(self._settings.threshold, self._pool.node_ids),
-            _Verifier(query, patient),
-        )
-        await self._fan_out(lambda stub: stub.Reencrypt(outgoing, timeout=timeout), collection)
-        collector = collection.collector
+
+        async def ask(node: AioNodeStub, timeout: float) -> node_pb2.ReencryptBatchResponse:
+            response = await node.Reencrypt(outgoing, timeout=timeout)
+            return _as_batch_response(query.record_id, response)
+
+        collection, (outcome,) = await self._read(query.claims(), [query], ask, context)
+        collector = collection.collectors[query.record_id]
         bound = log.bind(request_id=query.request_id, record_id=query.record_id.hex())
         self._log_failures(bound, collector)
-        if not collector.complete:
-            refusal = collector.error()
-            self._settle(ticket, served=0, refused=[refusal.grpc_status])
-            bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
-            raise refusal
-        self._settle(ticket, served=1, refused=[])
-        bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
+        if isinstance(outcome, KmsError):
+            bound.info("reencrypt_failed", status=outcome.grpc_status, valid=len(collector.valid))
+            raise outcome
+        bound.info("reencrypt_served", nodes=[f.node_id for f in outcome])
         return coordinator_pb2.CoordinatorReencryptResponse(
-            fragments=[
-                common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=collection.receipts[n])
-                for n, c in collector.fragments()
-            ],
-            threshold=self._settings.threshold,
+            fragments=outcome, threshold=self._settings.threshold
         )
 
     async def reencrypt_batch(
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
-        domain = await self._signing_domain()
-        batch = BatchQuery.parse(msg, domain)
-        first = batch.items[0]
-        ticket, patient = await self._admit(
-            [(batch.claims(), first.signed.signature)],
-            first.requester,
-            first.patient,
-            request_cost(len(batch.items)),
-            context,
-        )
+        batch = BatchQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionBatchRequest()
         outgoing.CopyFrom(msg)
         outgoing.request_id = batch.request_id
-        timeout = self._timeout(context)
-        collection = _BatchCollection(
-            {
-                q.record_id: FragmentCollector(self._settings.threshold, self._pool.node_ids)
-                for q in batch.items
-            },
-            {q.record_id: _Verifier(q, patient) for q in batch.items},
-        )
-        await self._fan_out(lambda stub: stub.ReencryptBatch(outgoing, timeout=timeout), collection)
-        bound = log.bind(request_id=batch.request_id, capsules=len(batch.items))
+
+        async def ask(node: AioNodeStub, timeout: float) -> node_pb2.ReencryptBatchResponse:
+            return await node.ReencryptBatch(outgoing, timeout=timeout)
+
+        _, outcomes = await self._read(batch.claims(), batch.items, ask, context)
         results = []
-        for query in batch.items:
-            collector = collection.collectors[query.record_id]
-            if collector.complete:
-                fragments = [
-                    common_pb2.CapsuleFragment(
-                        node_id=n, cfrag=c, receipt=collection.receipts[(query.record_id, n)]
-                    )
-                    for n, c in collector.fragments()
-                ]
-                results.append(
-                    coordinator_pb2.CapsuleFragments(record_id=query.record_id, fragments=fragments)
+        for query, outcome in zip(batch.items, outcomes, strict=True):
+            if isinstance(outcome, KmsError):
+                result = coordinator_pb2.CapsuleFragments(
+                    record_id=query.record_id, status=outcome.grpc_status, reason=outcome.message
                 )
             else:
-                refusal = collector.error()
-                results.append(
-                    coordinator_pb2.CapsuleFragments(
-                        record_id=query.record_id,
-                        status=refusal.grpc_status,
-                        reason=refusal.message,
-                    )
+                result = coordinator_pb2.CapsuleFragments(
+                    record_id=query.record_id, fragments=outcome
                 )
+            results.append(result)
         served = sum(1 for r in results if not r.status)
-        self._settle(ticket, served=served, refused=[r.status for r in results])
-        bound.info("reencrypt_batch_served", served=served, refused=len(results) - served)
+        log.info(
+            "reencrypt_batch_served",
+            request_id=batch.request_id,
+            capsules=len(batch.items),
+            served=served,
+            refused=len(results) - served,
+        )
         return coordinator_pb2.CoordinatorBatchResponse(
             results=results, threshold=self._settings.threshold
         )
 
+    async def _read(
+        self,
+        claims: Claims,
+        queries: Sequence[ReencryptionQuery],
+        ask: _Ask,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[_ShareCollection, list[list[common_pb2.CapsuleFragment] | KmsError]]:
+        """Serve the capsules of one signed read (a single is a batch of one): admit the
+        requester, ask the nodes, and settle the admission with what was served. Each
+        capsule's outcome, in order."""
+        first = queries[0]
+        ticket, patient = await self._admit(
+            [(claims, first.signed.signature)],
+            first.requester,
+            first.patient,
+            request_cost(len(queries)),
+            context,
+        )
+        timeout = self._timeout(context)
+        collection = _ShareCollection(
+            self._settings.threshold,
+            self._pool.node_ids,
+            {q.record_id: _Verifier(q, patient) for q in queries},
+        )
+        await self._fan_out(lambda node: ask(node, timeout), collection)
+        outcomes = [collection.outcome(q.record_id) for q in queries]
+        refused = [o.grpc_status for o in outcomes if isinstance(o, KmsError)]
+        self._settle(ticket, served=len(outcomes) - len(refused), refused=refused)
+        return collection, outcomes
+
     async def _fan_out(
         self,
-        call: Callable[[AioNodeStub], Awaitable[Response]],
-        collection: _Collection[Response],
+        call: Callable[[AioNodeStub], Awaitable[node_pb2.ReencryptBatchResponse]],
+        collection: _ShareCollection,
     ) -> None:
         """Ask nodes, best first, until the collection is finished or no node is left.
 
@@ -519,7 +498,7 @@ class CoordinatorService:
         """
         loop = asyncio.get_running_loop()
         queue = iter(self._pool.plan(time.monotonic()))
-        tasks: dict[asyncio.Future[Response], tuple[str, float]] = {}
+        tasks: dict[asyncio.Future[node_pb2.ReencryptBatchResponse], tuple[str, float]] = {}
 
         def launch(count: int) -> None:
             for _ in range(count):
