@@ -11,10 +11,26 @@ import asyncio
 import sys
 from pathlib import Path
 
+from contracts.registry import RegistryClient
+from coordinator.node_connections import NodeChannels
 from coordinator.server import serve
+from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from core import logs
 from core.errors import KmsError
+
+
+async def run(settings: CoordinatorSettings) -> None:
+    """Compose the coordinator: the registry it reads patients' keys from, channels to
+    the nodes, the service over them; serve it until stopped."""
+    registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
+    channels = NodeChannels(settings.node_transport())
+    try:
+        # Inside the running loop: the service opens its node channels as it is made.
+        service = CoordinatorService(settings, registry, channels.connect)
+        await serve(settings, service)
+    finally:
+        await channels.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CoordinatorSettings.from_toml(args.config)
         logs.configure("kms-coordinator", settings.log_level)
-        asyncio.run(serve(settings))
+        asyncio.run(run(settings))
     except KmsError as e:
         print(f"kms-coordinator: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ import signal
 import grpc
 import structlog
 
-from contracts.registry import RegistryClient
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from core.endpoints import parse_host_port
@@ -24,15 +23,13 @@ SERVICE_NAME = COORDINATOR_SERVICE.full_name
 MAX_STREAMS_PER_CONNECTION = 64
 
 
-async def serve(settings: CoordinatorSettings) -> None:
-    registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
-    service = CoordinatorService(settings, registry)
+async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> None:
+    """Serve ``service`` until SIGTERM or SIGINT, then stop gracefully."""
     if settings.dev_plaintext:
         log.warning(
             "coordinator_plaintext",
             warning="DEVELOPMENT MODE (dev_plaintext): no TLS to apps or to nodes",
         )
-    service.open_channels(settings.node_transport())
     server = grpc.aio.server(
         options=[*rpc.CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
     )
@@ -70,5 +67,4 @@ async def serve(settings: CoordinatorSettings) -> None:
     await stopping.wait()
     await health.enter_graceful_shutdown()
     await server.stop(grace=2)
-    await service.close()
     log.info("coordinator_stopped")

@@ -1,218 +1,67 @@
-"""The coordinator's work: ask the best ``threshold`` nodes, verify what comes
-back, replace failed nodes and hedge slow ones, and return as soon as
-``threshold`` valid capsule fragments are in (for each capsule of a batch).
+"""The coordinator's gRPC service: the methods it answers apps with.
 
-It holds no keys and cannot open anything: it relays the grantee's request and
-checks each cfrag against the patient's registered keys, so a broken or lying
-node cannot make the grantee's decryption fail.
+A read (Reencrypt, ReencryptBatch) is checked and admitted here (admission.py),
+fanned out to the nodes (fan_out.py) and answered with each capsule's verified
+fragments or the reason it has none; enrollments are relayed to the nodes they are
+sealed to. It holds no keys and cannot open anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import grpc
 import structlog
 
 from coordinator.admission import Admission, Ticket, peer_address
+from coordinator.cfrag_verifier import CfragVerifier
+from coordinator.fan_out import ShareCollection, as_batch_response, fan_out
+from coordinator.node_connections import NodeClient, NodeClientFactory, RoundRobin
 from coordinator.node_pool import NodePool
+from coordinator.patient_keys import PatientKeyCache, PatientReader
 from coordinator.settings import CoordinatorSettings
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
-from core.errors import InvalidRequest, PreconditionFailed, ResourceExhausted
+from core.errors import InvalidRequest, KmsError, PreconditionFailed, ResourceExhausted
 from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Claims, Domain, authenticate
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from core.umbral_codec import VerificationError, load_cfrag, load_public_key
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
-from proto.stubs import AioNodeStub
-from proto.transport import Transport
 
 log = structlog.get_logger("medkms.coordinator")
 
-# A node that comes back must be used again quickly: gRPC's default reconnect
-# backoff grows to two minutes, during which calls to that node fail at once.
-MAX_RECONNECT_BACKOFF_MS = 1000
-NODE_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-]
-
-
-class PatientReader(Protocol):
-    def get_patient(self, address: str) -> PatientInfo | None: ...
-
-    def signing_domain(self) -> Domain: ...
-
-
-#: an unregistered patient is asked about again after this long (she may register)
-UNKNOWN_PATIENT_TTL_S = 5.0
-#: most patients remembered; the oldest go first
-MAX_PATIENTS = 100_000
-
-
-class PatientKeyCache:
-    """Patients' registered keys, read from the chain at most once per TTL. Unknown
-    patients are remembered too (for a few seconds), so requests naming made-up patients
-    cost no chain read each; the memory is bounded."""
-
-    def __init__(self, registry: PatientReader, ttl_s: float) -> None:
-        self._registry = registry
-        self._ttl_s = ttl_s
-        self._entries: OrderedDict[str, tuple[float, PatientInfo | None]] = OrderedDict()
-
-    async def get(self, address: str) -> PatientInfo:
-        now = time.monotonic()
-        hit = self._entries.get(address)
-        if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else UNKNOWN_PATIENT_TTL_S):
-            info = hit[1]
-        else:
-            info = await asyncio.to_thread(self._registry.get_patient, address)
-            self._entries[address] = (now, info)
-            self._entries.move_to_end(address)
-            while len(self._entries) > MAX_PATIENTS:
-                self._entries.popitem(last=False)
-        if info is None:
-            raise PreconditionFailed("patient is not registered in the registry")
-        return info
-
-
-class _Verifier:
-    """Checks cfrags for one capsule against the patient's keys and the grantee's."""
-
-    def __init__(self, query: ReencryptionQuery, patient: PatientInfo) -> None:
-        self._capsule = query.capsule
-        self._receiving_key = query.receiving_key
-        self._verifying_key = load_public_key(patient.verifying_key, "patient verifying key")
-        self._delegating_key = load_public_key(
-            patient.umbral_key(query.record_type), "patient umbral key"
-        )
-
-    def check(self, cfrag: bytes) -> bool:
-        try:
-            load_cfrag(cfrag).verify(
-                self._capsule, self._verifying_key, self._delegating_key, self._receiving_key
-            )
-        except (InvalidRequest, VerificationError):
-            return False
-        return True
-
-
-BAD_CFRAG = "returned a capsule fragment that does not verify"
 #: how long a caller refused for its rate (RESOURCE_EXHAUSTED) waits for that answer
 THROTTLED_ANSWER_DELAY_S = 1.0
 #: how long a cluster status round waits for each node
 STATUS_TIMEOUT_S = 1.0
 
-
-class _SingleCollection:
-    """One capsule: node responses are ReencryptResponse."""
-
-    def __init__(self, collector: FragmentCollector, verifier: _Verifier) -> None:
-        self.collector = collector
-        self._verifier = verifier
-        #: node id -> the audit receipt that came with its fragment
-        self.receipts: dict[str, common_pb2.AuditReceipt] = {}
-
-    @property
-    def finished(self) -> bool:
-        return self.collector.complete or self.collector.hopeless
-
-    def more_needed(self, in_flight: int) -> int:
-        return max(0, self.collector.threshold - len(self.collector.valid) - in_flight)
-
-    def take(self, node_id: str, response: node_pb2.ReencryptResponse) -> None:
-        cfrag = bytes(response.fragment.cfrag)
-        if self._verifier.check(cfrag):
-            self.collector.accept(node_id, cfrag)
-            self.receipts[node_id] = response.fragment.receipt
-        else:
-            self.collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
-
-    def fail(self, node_id: str, status: str, message: str) -> None:
-        self.collector.reject(node_id, status, message)
-
-
-class _BatchCollection:
-    """Many capsules: node responses are ReencryptBatchResponse, one outcome each."""
-
-    def __init__(
-        self, collectors: dict[bytes, FragmentCollector], verifiers: dict[bytes, _Verifier]
-    ):
-        self.collectors = collectors
-        self._verifiers = verifiers
-        #: (record id, node id) -> the audit receipt that came with the fragment
-        self.receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
-
-    def _open(self) -> list[FragmentCollector]:
-        return [c for c in self.collectors.values() if not (c.complete or c.hopeless)]
-
-    @property
-    def finished(self) -> bool:
-        return not self._open()
-
-    def more_needed(self, in_flight: int) -> int:
-        return max((c.threshold - len(c.valid) - in_flight for c in self._open()), default=0)
-
-    def take(self, node_id: str, response: node_pb2.ReencryptBatchResponse) -> None:
-        answered = set()
-        for outcome in response.outcomes:
-            record_id = bytes(outcome.record_id)
-            collector = self.collectors.get(record_id)
-            if collector is None or record_id in answered:
-                continue  # not asked for, or repeated: ignore rather than trust
-            answered.add(record_id)
-            if outcome.status:
-                collector.reject(node_id, outcome.status, outcome.reason)
-            elif self._verifiers[record_id].check(bytes(outcome.fragment.cfrag)):
-                collector.accept(node_id, bytes(outcome.fragment.cfrag))
-                self.receipts[(record_id, node_id)] = outcome.fragment.receipt
-            else:
-                collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
-        for record_id, collector in self.collectors.items():
-            if record_id not in answered:
-                collector.reject(node_id, "DATA_LOSS", "answered without this capsule")
-
-    def fail(self, node_id: str, status: str, message: str) -> None:
-        for collector in self.collectors.values():
-            collector.reject(node_id, status, message)
-
-
-Response = TypeVar("Response")
-
-
-class _Collection(Protocol[Response]):  # type: ignore[misc]
-    @property
-    def finished(self) -> bool: ...
-    def more_needed(self, in_flight: int) -> int: ...
-    def take(self, node_id: str, response: Response) -> None: ...
-    def fail(self, node_id: str, status: str, message: str) -> None: ...
-
-
-class _RoundRobin:
-    """A node's stubs, one per connection, taken in turn."""
-
-    def __init__(self, stubs: list[AioNodeStub]) -> None:
-        self._stubs = itertools.cycle(stubs)
-
-    def next(self) -> AioNodeStub:
-        return next(self._stubs)
+#: asks one node for a read's fragments, within a timeout
+_Ask = Callable[[NodeClient, float], Awaitable[node_pb2.ReencryptBatchResponse]]
 
 
 class CoordinatorService:
-    def __init__(self, settings: CoordinatorSettings, registry: PatientReader) -> None:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        registry: PatientReader,
+        connect: NodeClientFactory,
+        *,
+        pool: NodePool | None = None,
+    ) -> None:
+        """``connect`` opens a connection to a node (``connections_per_node`` are opened to
+        each, now: make the service inside the running event loop). ``pool`` is which
+        nodes to ask first and when to hedge; by default it starts knowing nothing."""
         self._settings = settings
         self._patients = PatientKeyCache(registry, settings.patient_cache_s)
-        self._pool = NodePool(
-            [n.node_id for n in settings.nodes], max_hedge_s=settings.node_timeout_s / 4
-        )
+        if pool is None:
+            pool = NodePool(
+                [n.node_id for n in settings.nodes], max_hedge_s=settings.node_timeout_s / 4
+            )
+        self._pool = pool
         self._registry = registry
         self._domain: Domain | None = None
         self._admission = Admission(
@@ -222,8 +71,10 @@ class CoordinatorService:
             peer_refusal_burst=settings.peer_refusal_burst,
             served_memory_s=settings.served_memory_s,
         )
-        self._stubs: dict[str, _RoundRobin] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._nodes = {
+            node.node_id: RoundRobin([connect(node) for _ in range(settings.connections_per_node)])
+            for node in settings.nodes
+        }
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
 
     async def _signing_domain(self) -> Domain:
@@ -232,28 +83,6 @@ class CoordinatorService:
         if self._domain is None:
             self._domain = await asyncio.to_thread(self._registry.signing_domain)
         return self._domain
-
-    def open_channels(self, transport: Transport) -> None:
-        """Create the reusable channels to each node; call inside the running loop.
-
-        Each channel checks that the node's certificate names that node's id, so
-        one node cannot answer in another's place even on a shared address."""
-        # A local subchannel pool gives each channel its own TCP connection, so that
-        # a node's processes (which share its port per connection) all get work.
-        options = [*NODE_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-        for node in self._settings.nodes:
-            stubs = []
-            for _ in range(self._settings.connections_per_node):
-                channel = transport.aio_channel(
-                    node.address, options=options, server_name=node.node_id
-                )
-                self._channels.append(channel)
-                stubs.append(AioNodeStub(channel))
-            self._stubs[node.node_id] = _RoundRobin(stubs)
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
 
     async def cluster_info(
         self, _msg: coordinator_pb2.GetClusterInfoRequest, _ctx: Any
@@ -281,7 +110,7 @@ class CoordinatorService:
         async def ask(node_id: str) -> coordinator_pb2.NodeStatus:
             try:
                 info = (
-                    await self._stubs[node_id]
+                    await self._nodes[node_id]
                     .next()
                     .GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=timeout)
                 )
@@ -311,7 +140,7 @@ class CoordinatorService:
         node_ids = [e.node_id for e in msg.enrollments]
         if len(set(node_ids)) != len(node_ids):
             raise InvalidRequest("at most one enrollment per node")
-        unknown = [n for n in node_ids if n not in self._stubs]
+        unknown = [n for n in node_ids if n not in self._nodes]
         if unknown:
             shown = ", ".join(repr(n[:32]) for n in unknown)
             raise InvalidRequest(f"unknown node ids: {shown}")
@@ -336,7 +165,7 @@ class CoordinatorService:
             node_id = enrollment.node_id
             try:
                 response = (
-                    await self._stubs[node_id].next().EnrollKeyFragment(enrollment, timeout=timeout)
+                    await self._nodes[node_id].next().EnrollKeyFragment(enrollment, timeout=timeout)
                 )
             except grpc.RpcError as e:
                 error = rpc.error_from_rpc(e)
@@ -414,149 +243,94 @@ class CoordinatorService:
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
-        domain = await self._signing_domain()
-        query = ReencryptionQuery.parse(msg, domain)
-        ticket, patient = await self._admit(
-            [(query.claims(), query.signed.signature)],
-            query.requester,
-            query.patient,
-            request_cost(1),
-            context,
-        )
+        """One capsule, served as a batch of one; the nodes are sent the request as signed."""
+        query = ReencryptionQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionRequest()
         outgoing.CopyFrom(msg)
         # The id the nodes derive too, echoed so that each checks it: the nodes' audit
         # entries and these logs carry the id the app was given.
         outgoing.request_id = query.request_id
-        timeout = self._timeout(context)
-        collection = _SingleCollection(
-            FragmentCollector(self._settings.threshold, self._pool.node_ids),
-            _Verifier(query, patient),
-        )
-        await self._fan_out(lambda stub: stub.Reencrypt(outgoing, timeout=timeout), collection)
-        collector = collection.collector
+
+        async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
+            response = await node.Reencrypt(outgoing, timeout=timeout)
+            return as_batch_response(query.record_id, response)
+
+        collection, (outcome,) = await self._read(query.claims(), [query], ask, context)
+        collector = collection.collectors[query.record_id]
         bound = log.bind(request_id=query.request_id, record_id=query.record_id.hex())
         self._log_failures(bound, collector)
-        if not collector.complete:
-            refusal = collector.error()
-            self._settle(ticket, served=0, refused=[refusal.grpc_status])
-            bound.info("reencrypt_failed", status=refusal.grpc_status, valid=len(collector.valid))
-            raise refusal
-        self._settle(ticket, served=1, refused=[])
-        bound.info("reencrypt_served", nodes=[n for n, _ in collector.fragments()])
+        if isinstance(outcome, KmsError):
+            bound.info("reencrypt_failed", status=outcome.grpc_status, valid=len(collector.valid))
+            raise outcome
+        bound.info("reencrypt_served", nodes=[f.node_id for f in outcome])
         return coordinator_pb2.CoordinatorReencryptResponse(
-            fragments=[
-                common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=collection.receipts[n])
-                for n, c in collector.fragments()
-            ],
-            threshold=self._settings.threshold,
+            fragments=outcome, threshold=self._settings.threshold
         )
 
     async def reencrypt_batch(
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
-        domain = await self._signing_domain()
-        batch = BatchQuery.parse(msg, domain)
-        first = batch.items[0]
-        ticket, patient = await self._admit(
-            [(batch.claims(), first.signed.signature)],
-            first.requester,
-            first.patient,
-            request_cost(len(batch.items)),
-            context,
-        )
+        batch = BatchQuery.parse(msg, await self._signing_domain())
         outgoing = common_pb2.ReencryptionBatchRequest()
         outgoing.CopyFrom(msg)
         outgoing.request_id = batch.request_id
-        timeout = self._timeout(context)
-        collection = _BatchCollection(
-            {
-                q.record_id: FragmentCollector(self._settings.threshold, self._pool.node_ids)
-                for q in batch.items
-            },
-            {q.record_id: _Verifier(q, patient) for q in batch.items},
-        )
-        await self._fan_out(lambda stub: stub.ReencryptBatch(outgoing, timeout=timeout), collection)
-        bound = log.bind(request_id=batch.request_id, capsules=len(batch.items))
+
+        async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
+            return await node.ReencryptBatch(outgoing, timeout=timeout)
+
+        _, outcomes = await self._read(batch.claims(), batch.items, ask, context)
         results = []
-        for query in batch.items:
-            collector = collection.collectors[query.record_id]
-            if collector.complete:
-                fragments = [
-                    common_pb2.CapsuleFragment(
-                        node_id=n, cfrag=c, receipt=collection.receipts[(query.record_id, n)]
-                    )
-                    for n, c in collector.fragments()
-                ]
-                results.append(
-                    coordinator_pb2.CapsuleFragments(record_id=query.record_id, fragments=fragments)
+        for query, outcome in zip(batch.items, outcomes, strict=True):
+            if isinstance(outcome, KmsError):
+                result = coordinator_pb2.CapsuleFragments(
+                    record_id=query.record_id, status=outcome.grpc_status, reason=outcome.message
                 )
             else:
-                refusal = collector.error()
-                results.append(
-                    coordinator_pb2.CapsuleFragments(
-                        record_id=query.record_id,
-                        status=refusal.grpc_status,
-                        reason=refusal.message,
-                    )
+                result = coordinator_pb2.CapsuleFragments(
+                    record_id=query.record_id, fragments=outcome
                 )
+            results.append(result)
         served = sum(1 for r in results if not r.status)
-        self._settle(ticket, served=served, refused=[r.status for r in results])
-        bound.info("reencrypt_batch_served", served=served, refused=len(results) - served)
+        log.info(
+            "reencrypt_batch_served",
+            request_id=batch.request_id,
+            capsules=len(batch.items),
+            served=served,
+            refused=len(results) - served,
+        )
         return coordinator_pb2.CoordinatorBatchResponse(
             results=results, threshold=self._settings.threshold
         )
 
-    async def _fan_out(
+    async def _read(
         self,
-        call: Callable[[AioNodeStub], Awaitable[Response]],
-        collection: _Collection[Response],
-    ) -> None:
-        """Ask nodes, best first, until the collection is finished or no node is left.
-
-        Starts with as many nodes as the threshold needs; asks one more whenever a
-        node fails, and when the hedge delay passes without an answer.
-        """
-        loop = asyncio.get_running_loop()
-        queue = iter(self._pool.plan(time.monotonic()))
-        tasks: dict[asyncio.Future[Response], tuple[str, float]] = {}
-
-        def launch(count: int) -> None:
-            for _ in range(count):
-                node_id = next(queue, None)
-                if node_id is None:
-                    return
-                stub = self._stubs[node_id].next()
-                tasks[asyncio.ensure_future(call(stub))] = (node_id, loop.time())
-
-        launch(collection.more_needed(0))
-        hedge_delay = self._pool.hedge_delay()
-        try:
-            while tasks and not collection.finished:
-                done, _ = await asyncio.wait(
-                    tasks, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    launch(1)  # hedge: a slow node should not hold the request up
-                    continue
-                for task in done:
-                    node_id, started = tasks.pop(task)
-                    latency = loop.time() - started
-                    try:
-                        response = task.result()
-                    except grpc.RpcError as e:
-                        error = rpc.error_from_rpc(e)
-                        self._pool.answered(node_id, latency, error.grpc_status, time.monotonic())
-                        collection.fail(node_id, error.grpc_status, error.message)
-                        continue
-                    self._pool.succeeded(node_id, latency)
-                    collection.take(node_id, response)
-                launch(collection.more_needed(len(tasks)))
-        finally:
-            # Cancelling saves us waiting, not the node's work: that is why only as
-            # many nodes as needed are asked.
-            for task in tasks:
-                task.cancel()
+        claims: Claims,
+        queries: Sequence[ReencryptionQuery],
+        ask: _Ask,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[ShareCollection, list[list[common_pb2.CapsuleFragment] | KmsError]]:
+        """Serve the capsules of one signed read (a single is a batch of one): admit the
+        requester, ask the nodes, and settle the admission with what was served. Each
+        capsule's outcome, in order."""
+        first = queries[0]
+        ticket, patient = await self._admit(
+            [(claims, first.signed.signature)],
+            first.requester,
+            first.patient,
+            request_cost(len(queries)),
+            context,
+        )
+        timeout = self._timeout(context)
+        collection = ShareCollection(
+            self._settings.threshold,
+            self._pool.node_ids,
+            {q.record_id: CfragVerifier(q, patient) for q in queries},
+        )
+        await fan_out(self._pool, self._nodes, lambda node: ask(node, timeout), collection)
+        outcomes = [collection.outcome(q.record_id) for q in queries]
+        refused = [o.grpc_status for o in outcomes if isinstance(o, KmsError)]
+        self._settle(ticket, served=len(outcomes) - len(refused), refused=refused)
+        return collection, outcomes
 
     @staticmethod
     def _log_failures(bound: Any, collector: FragmentCollector) -> None:

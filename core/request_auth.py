@@ -8,7 +8,8 @@ that address against the grant; the signer is the requester, nobody states it.
 Domain: ``EIP712Domain(string name,string version,uint256 chainId,address
 verifyingContract)`` with name "medkms", version "1", the chain id and the
 registry contract's address, so a signature is valid for one registry on one
-chain only. Primary types::
+chain only. Primary types (each declared once, on its dataclass's fields, from which
+its type string, type hash and encoding derive: :mod:`core.eip712`)::
 
     ReencryptionRequest(address patient,bytes32 recordId,bytes32 capsuleHash,
         bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)
@@ -35,7 +36,7 @@ bytes; ``deadline`` is a Unix time in seconds. Pure: no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Final
 
@@ -47,7 +48,18 @@ from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
 from eth_utils.exceptions import ValidationError as EthValidationError
 
-from core.addresses import checksum, is_valid
+from core.addresses import checksum
+from core.eip712 import (
+    ADDRESS,
+    BYTES,
+    BYTES32,
+    STRING,
+    UINT8,
+    UINT64,
+    UINT256,
+    SignedStruct,
+    signed_as,
+)
 from core.errors import InvalidRequest, Unauthenticated
 
 try:
@@ -61,142 +73,37 @@ DOMAIN_NAME: Final = "medkms"
 DOMAIN_VERSION: Final = "1"
 
 SIGNATURE_SIZE: Final = 65
-BYTES32: Final = 32
-UINT64_MAX: Final = 2**64 - 1
-UINT256_MAX: Final = 2**256 - 1
+DIGEST_SIZE: Final = 32
 
 # Order of the secp256k1 group. EIP-2: s must be in the lower half.
 SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _HALF_N: Final = SECP256K1_N // 2
 
-_Fields = tuple[tuple[str, str], ...]
-
-_DOMAIN_FIELDS: _Fields = (
-    ("name", "string"),
-    ("version", "string"),
-    ("chainId", "uint256"),
-    ("verifyingContract", "address"),
-)
-_REQUEST_FIELDS: _Fields = (
-    ("patient", "address"),
-    ("recordId", "bytes32"),
-    ("capsuleHash", "bytes32"),
-    ("requesterUmbralKey", "bytes"),
-    ("nonce", "bytes32"),
-    ("deadline", "uint64"),
-    ("purposeOfUse", "string"),
-)
-_BATCH_FIELDS: _Fields = (
-    ("patient", "address"),
-    ("recordIds", "bytes32[]"),
-    ("capsuleHashes", "bytes32[]"),
-    ("requesterUmbralKey", "bytes"),
-    ("nonce", "bytes32"),
-    ("deadline", "uint64"),
-    ("purposeOfUse", "string"),
-)
-_ENROLLMENT_FIELDS: _Fields = (
-    ("nodeId", "string"),
-    ("patient", "address"),
-    ("grantee", "address"),
-    ("receivingKey", "bytes"),
-    ("recordTypes", "uint8[]"),
-    ("sealedHashes", "bytes32[]"),
-    ("nonce", "bytes32"),
-    ("deadline", "uint64"),
-)
-
-
-def _encode_type(name: str, fields: _Fields) -> str:
-    """EIP-712 ``encodeType``: ``Name(type1 name1,type2 name2,...)``; no struct members here."""
-    return f"{name}({','.join(f'{typ} {member}' for member, typ in fields)})"
-
-
-def _address_word(address: str) -> bytes:
-    """An ``address`` member's 32-byte word: the 20 bytes, left-padded with zeros."""
-    return bytes(12) + bytes.fromhex(address[2:])
-
-
-def _uint_word(value: int) -> bytes:
-    """A ``uint`` member's 32-byte word, big-endian (callers check the range)."""
-    return value.to_bytes(32, "big")
-
-
-# EIP-712 typeHash = keccak256(encodeType(typeOf(s))).
-_DOMAIN_TYPEHASH: Final = keccak(_encode_type("EIP712Domain", _DOMAIN_FIELDS).encode())
-_NAME_HASH: Final = keccak(DOMAIN_NAME.encode())
-_VERSION_HASH: Final = keccak(DOMAIN_VERSION.encode())
-
-
-def _checked_address(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.startswith("0x") or not is_valid(value):
-        raise InvalidRequest(f"{what} must be a 0x-prefixed 20-byte hex address")
-    return checksum(value)
-
-
-def _checked_bytes32(value: bytes, what: str) -> bytes:
-    # Exact size: abi encoders right-pad shorter values, which would make two
-    # different inputs sign the same.
-    if not isinstance(value, bytes) or len(value) != BYTES32:
-        raise InvalidRequest(f"{what} must be {BYTES32} bytes")
-    return value
-
-
-def _checked_nonce_and_deadline(nonce: bytes, deadline: int) -> None:
-    _checked_bytes32(nonce, "nonce")
-    if isinstance(deadline, bool) or not isinstance(deadline, int):
-        raise InvalidRequest("deadline must be an integer Unix time")
-    if not 0 <= deadline <= UINT64_MAX:
-        raise InvalidRequest("deadline must fit in a uint64")
-
-
-def _checked_common(
-    requester_umbral_key: bytes, nonce: bytes, deadline: int, purpose_of_use: str
-) -> None:
-    if not isinstance(requester_umbral_key, bytes):
-        raise InvalidRequest("requester_umbral_key must be bytes")
-    _checked_nonce_and_deadline(nonce, deadline)
-    if not isinstance(purpose_of_use, str):
-        raise InvalidRequest("purpose_of_use must be a string")
-
 
 @dataclass(frozen=True)
-class Domain:
+class Domain(SignedStruct):
     """The EIP-712 domain: one registry contract on one chain."""
 
-    chain_id: int
-    registry_address: str
+    PRIMARY_TYPE: ClassVar[str] = "EIP712Domain"
+
+    name: str = field(default=DOMAIN_NAME, init=False, metadata=signed_as("name", STRING))
+    version: str = field(default=DOMAIN_VERSION, init=False, metadata=signed_as("version", STRING))
+    chain_id: int = field(metadata=signed_as("chainId", UINT256))
+    registry_address: str = field(metadata=signed_as("verifyingContract", ADDRESS))
 
     def __post_init__(self) -> None:
-        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int):
-            raise InvalidRequest("chain_id must be an integer")
-        if not 0 < self.chain_id <= UINT256_MAX:
+        super().__post_init__()
+        if self.chain_id == 0:
             raise InvalidRequest("chain_id must be a positive uint256")
-        checksum = _checked_address(self.registry_address, "registry_address")
-        object.__setattr__(self, "registry_address", checksum)
 
     @cached_property
     def separator(self) -> bytes:
         """EIP-712 ``domainSeparator = hashStruct(eip712Domain)``, computed once per domain."""
-        return keccak(
-            _DOMAIN_TYPEHASH
-            + _NAME_HASH  # string: keccak256 of its UTF-8 bytes
-            + _VERSION_HASH
-            + _uint_word(self.chain_id)
-            + _address_word(self.registry_address)
-        )
-
-    def typed_data(self) -> dict[str, Any]:
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": self.registry_address,
-        }
+        return self.hash_struct()
 
 
 @dataclass(frozen=True)
-class RequestClaims:
+class RequestClaims(SignedStruct):
     """What a ``ReencryptionRequest`` signature binds: one capsule of one record.
 
     ``patient`` is normalised to its EIP-55 checksum form. Whether the purpose of
@@ -205,56 +112,18 @@ class RequestClaims:
     """
 
     PRIMARY_TYPE: ClassVar[str] = "ReencryptionRequest"
-    FIELDS: ClassVar[_Fields] = _REQUEST_FIELDS
-    TYPE_HASH: ClassVar[bytes] = keccak(
-        _encode_type("ReencryptionRequest", _REQUEST_FIELDS).encode()
-    )
 
-    patient: str
-    record_id: bytes
-    capsule_hash: bytes
-    requester_umbral_key: bytes
-    nonce: bytes
-    deadline: int
-    purpose_of_use: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
-        _checked_bytes32(self.record_id, "record_id")
-        _checked_bytes32(self.capsule_hash, "capsule_hash")
-        _checked_common(self.requester_umbral_key, self.nonce, self.deadline, self.purpose_of_use)
-
-    def hash_struct(self) -> bytes:
-        """EIP-712 ``hashStruct(s) = keccak256(typeHash || encodeData(s))``.
-
-        encodeData: each member as one 32-byte word in declaration order; dynamic
-        ``bytes`` and ``string`` are replaced by the keccak256 of their contents.
-        """
-        return keccak(
-            self.TYPE_HASH
-            + _address_word(self.patient)
-            + self.record_id
-            + self.capsule_hash
-            + keccak(self.requester_umbral_key)
-            + self.nonce
-            + _uint_word(self.deadline)
-            + keccak(self.purpose_of_use.encode("utf-8"))
-        )
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "patient": self.patient,
-            "recordId": "0x" + self.record_id.hex(),
-            "capsuleHash": "0x" + self.capsule_hash.hex(),
-            "requesterUmbralKey": "0x" + self.requester_umbral_key.hex(),
-            "nonce": "0x" + self.nonce.hex(),
-            "deadline": self.deadline,
-            "purposeOfUse": self.purpose_of_use,
-        }
+    patient: str = field(metadata=signed_as("patient", ADDRESS))
+    record_id: bytes = field(metadata=signed_as("recordId", BYTES32))
+    capsule_hash: bytes = field(metadata=signed_as("capsuleHash", BYTES32))
+    requester_umbral_key: bytes = field(metadata=signed_as("requesterUmbralKey", BYTES))
+    nonce: bytes = field(metadata=signed_as("nonce", BYTES32))
+    deadline: int = field(metadata=signed_as("deadline", UINT64))
+    purpose_of_use: str = field(metadata=signed_as("purposeOfUse", STRING))
 
 
 @dataclass(frozen=True)
-class BatchClaims:
+class BatchClaims(SignedStruct):
     """What a ``ReencryptionBatch`` signature binds: several records' capsules, pairwise.
 
     ``record_ids[i]`` goes with ``capsule_hashes[i]``; the two must be equally
@@ -262,122 +131,41 @@ class BatchClaims:
     """
 
     PRIMARY_TYPE: ClassVar[str] = "ReencryptionBatch"
-    FIELDS: ClassVar[_Fields] = _BATCH_FIELDS
-    TYPE_HASH: ClassVar[bytes] = keccak(_encode_type("ReencryptionBatch", _BATCH_FIELDS).encode())
 
-    patient: str
-    record_ids: tuple[bytes, ...]
-    capsule_hashes: tuple[bytes, ...]
-    requester_umbral_key: bytes
-    nonce: bytes
-    deadline: int
-    purpose_of_use: str
+    patient: str = field(metadata=signed_as("patient", ADDRESS))
+    record_ids: tuple[bytes, ...] = field(metadata=signed_as("recordIds", BYTES32.array()))
+    capsule_hashes: tuple[bytes, ...] = field(metadata=signed_as("capsuleHashes", BYTES32.array()))
+    requester_umbral_key: bytes = field(metadata=signed_as("requesterUmbralKey", BYTES))
+    nonce: bytes = field(metadata=signed_as("nonce", BYTES32))
+    deadline: int = field(metadata=signed_as("deadline", UINT64))
+    purpose_of_use: str = field(metadata=signed_as("purposeOfUse", STRING))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
-        object.__setattr__(self, "record_ids", tuple(self.record_ids))
-        object.__setattr__(self, "capsule_hashes", tuple(self.capsule_hashes))
+        super().__post_init__()
         if len(self.record_ids) != len(self.capsule_hashes):
             raise InvalidRequest("record_ids and capsule_hashes must have the same length")
-        for i, record_id in enumerate(self.record_ids):
-            _checked_bytes32(record_id, f"record_ids[{i}]")
-        for i, digest in enumerate(self.capsule_hashes):
-            _checked_bytes32(digest, f"capsule_hashes[{i}]")
-        _checked_common(self.requester_umbral_key, self.nonce, self.deadline, self.purpose_of_use)
-
-    def hash_struct(self) -> bytes:
-        """EIP-712 ``hashStruct``, as for :class:`RequestClaims`.
-
-        Arrays: keccak256 of the concatenation of the elements' encodeData; a
-        ``bytes32`` element encodes as itself, so that is keccak256(b"".join(...)).
-        """
-        return keccak(
-            self.TYPE_HASH
-            + _address_word(self.patient)
-            + keccak(b"".join(self.record_ids))
-            + keccak(b"".join(self.capsule_hashes))
-            + keccak(self.requester_umbral_key)
-            + self.nonce
-            + _uint_word(self.deadline)
-            + keccak(self.purpose_of_use.encode("utf-8"))
-        )
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "patient": self.patient,
-            "recordIds": ["0x" + r.hex() for r in self.record_ids],
-            "capsuleHashes": ["0x" + c.hex() for c in self.capsule_hashes],
-            "requesterUmbralKey": "0x" + self.requester_umbral_key.hex(),
-            "nonce": "0x" + self.nonce.hex(),
-            "deadline": self.deadline,
-            "purposeOfUse": self.purpose_of_use,
-        }
 
 
 @dataclass(frozen=True)
-class EnrollmentClaims:
+class EnrollmentClaims(SignedStruct):
     """What a patient's ``KeyFragmentEnrollment`` signature binds: the sealed kfrags, one
     per record type, delivered to one node for one grant's receiving key."""
 
     PRIMARY_TYPE: ClassVar[str] = "KeyFragmentEnrollment"
-    FIELDS: ClassVar[_Fields] = _ENROLLMENT_FIELDS
-    TYPE_HASH: ClassVar[bytes] = keccak(
-        _encode_type("KeyFragmentEnrollment", _ENROLLMENT_FIELDS).encode()
-    )
 
-    node_id: str
-    patient: str
-    grantee: str
-    receiving_key: bytes
-    record_types: tuple[int, ...]
-    sealed_hashes: tuple[bytes, ...]
-    nonce: bytes
-    deadline: int
+    node_id: str = field(metadata=signed_as("nodeId", STRING))
+    patient: str = field(metadata=signed_as("patient", ADDRESS))
+    grantee: str = field(metadata=signed_as("grantee", ADDRESS))
+    receiving_key: bytes = field(metadata=signed_as("receivingKey", BYTES))
+    record_types: tuple[int, ...] = field(metadata=signed_as("recordTypes", UINT8.array()))
+    sealed_hashes: tuple[bytes, ...] = field(metadata=signed_as("sealedHashes", BYTES32.array()))
+    nonce: bytes = field(metadata=signed_as("nonce", BYTES32))
+    deadline: int = field(metadata=signed_as("deadline", UINT64))
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node_id, str):
-            raise InvalidRequest("node_id must be a string")
-        object.__setattr__(self, "patient", _checked_address(self.patient, "patient"))
-        object.__setattr__(self, "grantee", _checked_address(self.grantee, "grantee"))
-        object.__setattr__(self, "record_types", tuple(self.record_types))
-        object.__setattr__(self, "sealed_hashes", tuple(self.sealed_hashes))
-        if not isinstance(self.receiving_key, bytes):
-            raise InvalidRequest("receiving_key must be bytes")
+        super().__post_init__()
         if len(self.record_types) != len(self.sealed_hashes):
             raise InvalidRequest("record_types and sealed_hashes must have the same length")
-        for i, t in enumerate(self.record_types):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 255:
-                raise InvalidRequest(f"record_types[{i}] must fit in a uint8")
-        for i, digest in enumerate(self.sealed_hashes):
-            _checked_bytes32(digest, f"sealed_hashes[{i}]")
-        _checked_nonce_and_deadline(self.nonce, self.deadline)
-
-    def hash_struct(self) -> bytes:
-        """EIP-712 ``hashStruct``; a ``uint8[]`` array hashes the elements' 32-byte words."""
-        types_words = b"".join(_uint_word(t) for t in self.record_types)
-        return keccak(
-            self.TYPE_HASH
-            + keccak(self.node_id.encode("utf-8"))
-            + _address_word(self.patient)
-            + _address_word(self.grantee)
-            + keccak(self.receiving_key)
-            + keccak(types_words)
-            + keccak(b"".join(self.sealed_hashes))
-            + self.nonce
-            + _uint_word(self.deadline)
-        )
-
-    def message(self) -> dict[str, Any]:
-        return {
-            "nodeId": self.node_id,
-            "patient": self.patient,
-            "grantee": self.grantee,
-            "receivingKey": "0x" + self.receiving_key.hex(),
-            "recordTypes": list(self.record_types),
-            "sealedHashes": ["0x" + h.hex() for h in self.sealed_hashes],
-            "nonce": "0x" + self.nonce.hex(),
-            "deadline": self.deadline,
-        }
 
 
 Claims = RequestClaims | BatchClaims | EnrollmentClaims
@@ -386,16 +174,16 @@ Claims = RequestClaims | BatchClaims | EnrollmentClaims
 def typed_data(domain: Domain, claims: Claims) -> dict[str, Any]:
     """The EIP-712 JSON a wallet signs (``eth_signTypedData_v4``); JSON-serialisable."""
 
-    def members(fields: _Fields) -> list[dict[str, str]]:
-        return [{"name": member, "type": typ} for member, typ in fields]
+    def members(struct: type[SignedStruct]) -> list[dict[str, str]]:
+        return [{"name": m.name, "type": m.type.name} for m in struct.members()]
 
     return {
         "types": {
-            "EIP712Domain": members(_DOMAIN_FIELDS),
-            claims.PRIMARY_TYPE: members(claims.FIELDS),
+            Domain.PRIMARY_TYPE: members(Domain),
+            claims.PRIMARY_TYPE: members(type(claims)),
         },
         "primaryType": claims.PRIMARY_TYPE,
-        "domain": domain.typed_data(),
+        "domain": domain.message(),
         "message": claims.message(),
     }
 
@@ -481,8 +269,8 @@ def recover_signer(digest: bytes, signature: bytes) -> str:
     0 < r < n and 0 < s <= n/2 (EIP-2 low-S), so each signer has exactly one
     valid signature per digest. Anything else raises :class:`Unauthenticated`.
     """
-    if len(digest) != BYTES32:
-        raise InvalidRequest(f"digest must be {BYTES32} bytes")
+    if len(digest) != DIGEST_SIZE:
+        raise InvalidRequest(f"digest must be {DIGEST_SIZE} bytes")
     if not isinstance(signature, bytes | bytearray | memoryview):
         raise Unauthenticated("signature must be bytes")
     signature = bytes(signature)

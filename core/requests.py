@@ -130,17 +130,23 @@ class Signed:
         return cls(int(deadline), bytes(nonce), bytes(signature))
 
 
-class ReencryptionRequestFields(Protocol):
+class SignedRequestFields(Protocol):
+    """The wire fields a single request and a batch share: who asks, about whose
+    records, with which key, why, until when, and the signature over it all."""
+
     request_id: str
     patient: bytes
-    record_id: bytes
-    capsule: bytes
     requester: bytes
     requester_umbral_key: bytes
     purpose_of_use: str
     deadline: int
     nonce: bytes
     signature: bytes
+
+
+class ReencryptionRequestFields(SignedRequestFields, Protocol):
+    record_id: bytes
+    capsule: bytes
     record_type: int
 
 
@@ -312,16 +318,7 @@ class CapsuleRefFields(Protocol):
     record_type: int
 
 
-class BatchFields(Protocol):
-    request_id: str
-    patient: bytes
-    requester: bytes
-    requester_umbral_key: bytes
-    purpose_of_use: str
-    deadline: int
-    nonce: bytes
-    signature: bytes
-
+class BatchFields(SignedRequestFields, Protocol):
     @property
     def capsules(self) -> Sequence[CapsuleRefFields]: ...
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from eth_account.signers.local import LocalAccount
 
@@ -26,16 +27,22 @@ from core.request_auth import (
     request_id_of,
     sign,
 )
-from core.requests import SealedKfrag, address_bytes
+from core.requests import SealedKfrag, SignedRequestFields, address_bytes
 from core.umbral_codec import capsule_hash
 from proto.kms.v1 import common_pb2
 
 #: how long a signed request stays valid; nodes accept at most 300 s
 REQUEST_VALIDITY_S = 60
 
+_Request = TypeVar("_Request", bound=SignedRequestFields)
+
 
 class RequestSigner:
-    """Signs requests for one grantee (account + Umbral key) against one registry."""
+    """Signs requests for one grantee (account + Umbral key) against one registry.
+
+    A single request and a batch differ only in what they ask for (one capsule, or a
+    list of them) and so in the EIP-712 struct signed; the rest of the message is
+    filled in, and signed, in one place (:meth:`_signed`)."""
 
     def __init__(self, account: LocalAccount, umbral_public_key: bytes, domain: Domain) -> None:
         self._account = account
@@ -61,19 +68,10 @@ class RequestSigner:
             deadline=int(time.time()) + validity_s,
             purpose_of_use=purpose_of_use,
         )
-        return common_pb2.ReencryptionRequest(
-            request_id=request_id_of(self._domain, claims),
-            patient=address_bytes(claims.patient),
-            record_id=record_id,
-            record_type=int(record_type),
-            capsule=capsule,
-            requester=address_bytes(self._account.address),
-            requester_umbral_key=self._umbral_key,
-            purpose_of_use=purpose_of_use,
-            deadline=claims.deadline,
-            nonce=claims.nonce,
-            signature=sign(self._account, self._domain, claims),
+        request = common_pb2.ReencryptionRequest(
+            record_id=record_id, record_type=int(record_type), capsule=capsule
         )
+        return self._signed(request, claims)
 
     def batch(
         self,
@@ -93,20 +91,26 @@ class RequestSigner:
             deadline=int(time.time()) + validity_s,
             purpose_of_use=purpose_of_use,
         )
-        return common_pb2.ReencryptionBatchRequest(
-            request_id=request_id_of(self._domain, claims),
-            patient=address_bytes(claims.patient),
+        request = common_pb2.ReencryptionBatchRequest(
             capsules=[
                 common_pb2.CapsuleRef(record_id=r, record_type=int(t), capsule=c)
                 for r, t, c in capsules
-            ],
-            requester=address_bytes(self._account.address),
-            requester_umbral_key=self._umbral_key,
-            purpose_of_use=purpose_of_use,
-            deadline=claims.deadline,
-            nonce=claims.nonce,
-            signature=sign(self._account, self._domain, claims),
+            ]
         )
+        return self._signed(request, claims)
+
+    def _signed(self, request: _Request, claims: RequestClaims | BatchClaims) -> _Request:
+        """``request`` with the rest of ``claims`` (whose records, the grantee's key, why,
+        until when), the signature over them, and the id derived from it."""
+        request.request_id = request_id_of(self._domain, claims)
+        request.patient = address_bytes(claims.patient)
+        request.requester = address_bytes(self._account.address)
+        request.requester_umbral_key = claims.requester_umbral_key
+        request.purpose_of_use = claims.purpose_of_use
+        request.deadline = claims.deadline
+        request.nonce = claims.nonce
+        request.signature = sign(self._account, self._domain, claims)
+        return request
 
 
 def sealed_enrollment(

@@ -14,7 +14,8 @@ import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import RequestSigner
-from coordinator.service import CoordinatorService, _RoundRobin
+from coordinator.node_pool import NodePool
+from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings, NodeAddress
 from core.errors import (
     AccessDenied,
@@ -43,6 +44,8 @@ class FakeNode:
     corrupt: bool = False
     calls: int = 0
     request_ids: list[str] = field(default_factory=list)
+    #: records this node refuses in a batch
+    denied: set[bytes] = field(default_factory=set)
 
     async def Reencrypt(self, msg: common_pb2.ReencryptionRequest, timeout: float) -> Any:
         self.calls += 1
@@ -66,6 +69,29 @@ class FakeNode:
             fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag)
         )
 
+    async def ReencryptBatch(
+        self, msg: common_pb2.ReencryptionBatchRequest, timeout: float
+    ) -> node_pb2.ReencryptBatchResponse:
+        """As a node answers a batch: an outcome per capsule, refusing those in ``denied``."""
+        self.calls += 1
+        self.request_ids.append(msg.request_id)
+        await asyncio.sleep(self.delay_s)
+        outcomes = []
+        for ref in msg.capsules:
+            if ref.record_id in self.denied:
+                outcome = common_pb2.CapsuleOutcome(
+                    record_id=ref.record_id, status="PERMISSION_DENIED", reason="record is retired"
+                )
+            else:
+                capsule = umbral.Capsule.from_bytes(ref.capsule)
+                cfrag = bytes(umbral.reencrypt(capsule, self.kfrag))
+                outcome = common_pb2.CapsuleOutcome(
+                    record_id=ref.record_id,
+                    fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag),
+                )
+            outcomes.append(outcome)
+        return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
+
 
 class Context:
     def __init__(self, peer: str = "ipv4:127.0.0.1:5555") -> None:
@@ -82,6 +108,7 @@ class Context:
 class World:
     service: CoordinatorService
     nodes: dict[str, FakeNode]
+    pool: NodePool
     request: common_pb2.ReencryptionRequest
     alice: Identity = field(repr=False)
     bob: Identity = field(repr=False)
@@ -123,16 +150,21 @@ def world() -> World:
         node_timeout_s=2.0,
     )
     info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
-    service = CoordinatorService(settings, Registry(info))
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
-    service._stubs = {n: _RoundRobin([stub]) for n, stub in nodes.items()}  # type: ignore[list-item]
+    pool = NodePool(NODES, max_hedge_s=settings.node_timeout_s / 4)
+    service = CoordinatorService(
+        settings,
+        Registry(info),
+        lambda node: nodes[node.node_id],  # type: ignore[arg-type, return-value]
+        pool=pool,
+    )
     capsule, _ = umbral.encrypt(alice.record_public_key(RecordType.LAB_RESULT), b"k" * 32)
     # Signed as the SDK signs: the coordinator checks the signature too.
     signer = RequestSigner(bob.account, bob.umbral_public_key(), DOMAIN)
     request = signer.single(
         alice.address, b"\x01" * 32, RecordType.LAB_RESULT, bytes(capsule), "TREAT"
     )
-    return World(service, nodes, request, alice, bob)
+    return World(service, nodes, pool, request, alice, bob)
 
 
 def test_nodes_are_sent_the_id_derived_from_the_signed_request(world: World) -> None:
@@ -154,7 +186,7 @@ def test_only_threshold_nodes_are_asked_when_all_are_healthy(world: World) -> No
 def prefer(world: World, first: str) -> None:
     """Make ``first`` the pool's first choice: the best known latency."""
     for node_id in world.nodes:
-        world.service._pool.succeeded(node_id, 0.0001 if node_id == first else 0.001)
+        world.pool.succeeded(node_id, 0.0001 if node_id == first else 0.001)
 
 
 def test_a_failed_node_is_replaced_at_once(world: World) -> None:
@@ -169,10 +201,9 @@ def test_a_failed_node_is_replaced_at_once(world: World) -> None:
 
 
 def test_a_slow_node_is_hedged(world: World) -> None:
-    prefer(world, "node-1")
+    for _ in range(2):  # enough answers for the pool to learn a short hedge delay
+        prefer(world, "node-1")
     world.nodes["node-1"].delay_s = 1.0  # chosen first, then stalls
-    for _ in range(10):
-        world.service._pool._recent.append(0.001)
     response = world.run()
     assert "node-1" not in {f.node_id for f in response.fragments}
     assert len(response.fragments) == 3
@@ -225,3 +256,54 @@ def test_a_requester_the_nodes_keep_refusing_is_stopped_at_the_coordinator(world
     expected = min(settings.requester_burst // REFUSAL_COST, settings.peer_refusal_burst)
     assert expected <= refused <= expected + 2
     assert asked == refused * 3  # threshold nodes per request; none once it was stopped
+
+
+# --- batches: each capsule collected to its own threshold ------------------------------------
+
+
+def test_a_batch_answers_each_capsule_and_a_refused_one_does_not_fail_the_others(
+    world: World,
+) -> None:
+    capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
+    served, refused = b"\x01" * 32, b"\x02" * 32
+    for node in world.nodes.values():
+        node.denied.add(refused)
+    signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
+    request = signer.batch(
+        world.alice.address,
+        [
+            (served, RecordType.LAB_RESULT, bytes(capsule)),
+            (refused, RecordType.LAB_RESULT, bytes(capsule)),
+        ],
+    )
+    response = asyncio.run(world.service.reencrypt_batch(request, Context()))  # type: ignore[arg-type]
+    first, second = response.results
+    assert (first.record_id, first.status, len(first.fragments)) == (served, "", 3)
+    assert (second.record_id, second.status) == (refused, "PERMISSION_DENIED")
+    assert second.reason.startswith("refused by ") and "record is retired" in second.reason
+    assert sum(n.calls for n in world.nodes.values()) == 3  # each node answered both at once
+
+
+def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(world: World) -> None:
+    prefer(world, "node-2")
+    capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
+    # node-2 re-encrypts with a kfrag meant for another grantee: its fragments do not verify.
+    carol = Identity.generate("carol")
+    world.nodes["node-2"].kfrag = umbral.generate_kfrags(
+        delegating_sk=world.alice.record_secret_key(RecordType.LAB_RESULT),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(carol.umbral_public_key()),
+        signer=world.alice.kfrag_signer(),
+        threshold=3,
+        shares=5,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )[0]
+    signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
+    request = signer.batch(
+        world.alice.address, [(b"\x01" * 32, RecordType.LAB_RESULT, bytes(capsule))]
+    )
+    response = asyncio.run(world.service.reencrypt_batch(request, Context()))  # type: ignore[arg-type]
+    (result,) = response.results
+    assert result.status == "" and len(result.fragments) == 3
+    assert "node-2" not in {f.node_id for f in result.fragments}
+    assert sum(n.calls for n in world.nodes.values()) == 4

@@ -127,19 +127,114 @@ SAMPLES: list[Claims] = [
 
 
 def test_type_strings_are_the_documented_ones() -> None:
-    assert request_auth._encode_type("ReencryptionRequest", RequestClaims.FIELDS) == (
+    assert Domain.encode_type() == (
+        "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+    )
+    assert RequestClaims.encode_type() == (
         "ReencryptionRequest(address patient,bytes32 recordId,bytes32 capsuleHash,"
         "bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)"
     )
-    assert request_auth._encode_type("ReencryptionBatch", BatchClaims.FIELDS) == (
+    assert BatchClaims.encode_type() == (
         "ReencryptionBatch(address patient,bytes32[] recordIds,bytes32[] capsuleHashes,"
         "bytes requesterUmbralKey,bytes32 nonce,uint64 deadline,string purposeOfUse)"
     )
-    assert request_auth._encode_type("KeyFragmentEnrollment", EnrollmentClaims.FIELDS) == (
+    assert EnrollmentClaims.encode_type() == (
         "KeyFragmentEnrollment(string nodeId,address patient,address grantee,"
         "bytes receivingKey,uint8[] recordTypes,bytes32[] sealedHashes,bytes32 nonce,"
         "uint64 deadline)"
     )
+
+
+KEY = bytes.fromhex("02" + "ab" * 32)
+#: one fixed value of each struct, with its signing digest in ``DOMAIN`` as computed when
+#: the structs were first deployed: a signature made before any refactoring stays valid
+KNOWN_ANSWERS: list[tuple[Claims, str]] = [
+    (
+        RequestClaims(
+            patient="0x" + "11" * 20,
+            record_id=bytes(range(32)),
+            capsule_hash=bytes(range(32, 64)),
+            requester_umbral_key=KEY,
+            nonce=b"\x07" * 32,
+            deadline=1_700_000_000,
+            purpose_of_use="TREAT",
+        ),
+        "e9d7d5065c3da6a249b926fa7caf0796bf0eeb2cbdc3109554d2e551e7f94233",
+    ),
+    (
+        BatchClaims(
+            patient="0x" + "11" * 20,
+            record_ids=(bytes(range(32)), b"\x01" * 32),
+            capsule_hashes=(bytes(range(32, 64)), b"\x02" * 32),
+            requester_umbral_key=KEY,
+            nonce=b"\x07" * 32,
+            deadline=1_700_000_000,
+            purpose_of_use="ETREAT",
+        ),
+        "a7849439b87a9806e5a5e7a53894f9f0038af70babd47bd222b4eb42a0c4f4c6",
+    ),
+    (
+        EnrollmentClaims(
+            node_id="node-1",
+            patient="0x" + "11" * 20,
+            grantee="0x" + "22" * 20,
+            receiving_key=KEY,
+            record_types=(0, 3),
+            sealed_hashes=(b"\x03" * 32, b"\x04" * 32),
+            nonce=b"\x07" * 32,
+            deadline=1_700_000_000,
+        ),
+        "dd3e19258d49f14e0374842c6877ecfc8e7a5fd0bbdb0e3122ecb994809ff34f",
+    ),
+]
+
+
+def test_the_domain_separator_is_the_known_one() -> None:
+    assert DOMAIN.separator.hex() == (
+        "3c50126bbeb11d4ee6050c7e033b84a2fb6417acfb77ff9d67c8603424390d5e"
+    )
+
+
+@pytest.mark.parametrize(
+    ("claims", "digest"), KNOWN_ANSWERS, ids=["request", "batch", "enrollment"]
+)
+def test_digests_are_the_known_answers(claims: Claims, digest: str) -> None:
+    assert signing_digest(DOMAIN, claims).hex() == digest
+    assert reference_digest(DOMAIN, claims).hex() == digest
+
+
+def test_the_wallet_json_shows_each_field_under_its_member() -> None:
+    hex_key = "0x02" + "ab" * 32
+    patient = "0x" + "11" * 20
+    (request, _), (batch, _), (enrollment, _) = KNOWN_ANSWERS
+    assert typed_data(DOMAIN, request)["message"] == {
+        "patient": patient,
+        "recordId": "0x" + bytes(range(32)).hex(),
+        "capsuleHash": "0x" + bytes(range(32, 64)).hex(),
+        "requesterUmbralKey": hex_key,
+        "nonce": "0x" + "07" * 32,
+        "deadline": 1_700_000_000,
+        "purposeOfUse": "TREAT",
+    }
+    assert typed_data(DOMAIN, batch)["message"] == {
+        "patient": patient,
+        "recordIds": ["0x" + bytes(range(32)).hex(), "0x" + "01" * 32],
+        "capsuleHashes": ["0x" + bytes(range(32, 64)).hex(), "0x" + "02" * 32],
+        "requesterUmbralKey": hex_key,
+        "nonce": "0x" + "07" * 32,
+        "deadline": 1_700_000_000,
+        "purposeOfUse": "ETREAT",
+    }
+    assert typed_data(DOMAIN, enrollment)["message"] == {
+        "nodeId": "node-1",
+        "patient": patient,
+        "grantee": "0x" + "22" * 20,
+        "receivingKey": hex_key,
+        "recordTypes": [0, 3],
+        "sealedHashes": ["0x" + "03" * 32, "0x" + "04" * 32],
+        "nonce": "0x" + "07" * 32,
+        "deadline": 1_700_000_000,
+    }
 
 
 @pytest.mark.parametrize("claims", SAMPLES, ids=lambda c: type(c).__name__)

@@ -10,7 +10,7 @@ import pytest
 import umbral_pre as umbral
 
 from clients.sdk.records import parse_envelope
-from coordinator.service import MAX_RECONNECT_BACKOFF_MS
+from coordinator.node_connections import MAX_RECONNECT_BACKOFF_MS
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, NotFound, Unavailable
 from core.record_types import RecordType

@@ -18,7 +18,7 @@ import umbral_pre as umbral
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.service import MAX_RECONNECT_BACKOFF_MS
+from coordinator.node_connections import MAX_RECONNECT_BACKOFF_MS
 from core.record_types import RecordType
 from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from deploy.sample_records import lab_result

@@ -1,0 +1,144 @@
+"""Fan-out: ask the best nodes for a read's capsule fragments, replace failed ones
+and hedge slow ones, until every capsule has ``threshold`` verified fragments or
+cannot get them (ADR 3).
+
+A read is one or more capsules under one signature; a single request is a batch of
+one, its node answers taken as answers to that batch (:func:`as_batch_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import grpc
+
+from coordinator.cfrag_verifier import CfragVerifier
+from coordinator.node_connections import NodeClient, RoundRobin
+from coordinator.node_pool import NodePool
+from coordinator.threshold import FragmentCollector
+from core.errors import KmsError
+from proto import rpc
+from proto.kms.v1 import common_pb2, node_pb2
+
+BAD_CFRAG = "returned a capsule fragment that does not verify"
+
+
+class ShareCollection:
+    """The capsule fragments for each capsule of one read, as the nodes answer: each
+    verified, and counted toward its capsule's threshold."""
+
+    def __init__(
+        self, threshold: int, node_ids: Sequence[str], verifiers: Mapping[bytes, CfragVerifier]
+    ) -> None:
+        """``verifiers``: one per capsule asked for, by record id."""
+        self.collectors = {r: FragmentCollector(threshold, node_ids) for r in verifiers}
+        self._verifiers = verifiers
+        #: (record id, node id) -> the audit receipt that came with the fragment
+        self._receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
+
+    def _open(self) -> list[FragmentCollector]:
+        return [c for c in self.collectors.values() if not (c.complete or c.hopeless)]
+
+    @property
+    def finished(self) -> bool:
+        return not self._open()
+
+    def more_needed(self, in_flight: int) -> int:
+        return max((c.threshold - len(c.valid) - in_flight for c in self._open()), default=0)
+
+    def take(self, node_id: str, response: node_pb2.ReencryptBatchResponse) -> None:
+        answered = set()
+        for outcome in response.outcomes:
+            record_id = bytes(outcome.record_id)
+            collector = self.collectors.get(record_id)
+            if collector is None or record_id in answered:
+                continue  # not asked for, or repeated: ignore rather than trust
+            answered.add(record_id)
+            if outcome.status:
+                collector.reject(node_id, outcome.status, outcome.reason)
+            elif self._verifiers[record_id].check(bytes(outcome.fragment.cfrag)):
+                collector.accept(node_id, bytes(outcome.fragment.cfrag))
+                self._receipts[(record_id, node_id)] = outcome.fragment.receipt
+            else:
+                collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
+        for record_id, collector in self.collectors.items():
+            if record_id not in answered:
+                collector.reject(node_id, "DATA_LOSS", "answered without this capsule")
+
+    def fail(self, node_id: str, status: str, message: str) -> None:
+        for collector in self.collectors.values():
+            collector.reject(node_id, status, message)
+
+    def outcome(self, record_id: bytes) -> list[common_pb2.CapsuleFragment] | KmsError:
+        """The capsule's first ``threshold`` valid fragments, or why there are not as many."""
+        collector = self.collectors[record_id]
+        if not collector.complete:
+            return collector.error()
+        return [
+            common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=self._receipts[(record_id, n)])
+            for n, c in collector.fragments()
+        ]
+
+
+def as_batch_response(
+    record_id: bytes, response: node_pb2.ReencryptResponse
+) -> node_pb2.ReencryptBatchResponse:
+    """A node's answer to a single request, as its answer to the batch of one it is."""
+    return node_pb2.ReencryptBatchResponse(
+        outcomes=[common_pb2.CapsuleOutcome(record_id=record_id, fragment=response.fragment)]
+    )
+
+
+async def fan_out(
+    pool: NodePool,
+    nodes: Mapping[str, RoundRobin],
+    call: Callable[[NodeClient], Awaitable[node_pb2.ReencryptBatchResponse]],
+    collection: ShareCollection,
+) -> None:
+    """Ask nodes, best first, until the collection is finished or no node is left.
+
+    Starts with as many nodes as the threshold needs; asks one more whenever a
+    node fails, and when the hedge delay passes without an answer.
+    """
+    loop = asyncio.get_running_loop()
+    queue = iter(pool.plan(time.monotonic()))
+    tasks: dict[asyncio.Future[node_pb2.ReencryptBatchResponse], tuple[str, float]] = {}
+
+    def launch(count: int) -> None:
+        for _ in range(count):
+            node_id = next(queue, None)
+            if node_id is None:
+                return
+            client = nodes[node_id].next()
+            tasks[asyncio.ensure_future(call(client))] = (node_id, loop.time())
+
+    launch(collection.more_needed(0))
+    hedge_delay = pool.hedge_delay()
+    try:
+        while tasks and not collection.finished:
+            done, _ = await asyncio.wait(
+                tasks, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                launch(1)  # hedge: a slow node should not hold the request up
+                continue
+            for task in done:
+                node_id, started = tasks.pop(task)
+                latency = loop.time() - started
+                try:
+                    response = task.result()
+                except grpc.RpcError as e:
+                    error = rpc.error_from_rpc(e)
+                    pool.answered(node_id, latency, error.grpc_status, time.monotonic())
+                    collection.fail(node_id, error.grpc_status, error.message)
+                    continue
+                pool.succeeded(node_id, latency)
+                collection.take(node_id, response)
+            launch(collection.more_needed(len(tasks)))
+    finally:
+        # Cancelling saves us waiting, not the node's work: that is why only as
+        # many nodes as needed are asked.
+        for task in tasks:
+            task.cancel()

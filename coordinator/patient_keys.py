@@ -1,0 +1,53 @@
+"""Patients' registered keys, as the coordinator reads them from the registry to
+verify capsule fragments: cached, with unknown patients remembered briefly too."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+from core.errors import PreconditionFailed
+from core.registry_types import PatientInfo
+from core.request_auth import Domain
+
+
+class PatientReader(Protocol):
+    """What the coordinator reads from the registry."""
+
+    def get_patient(self, address: str) -> PatientInfo | None: ...
+
+    def signing_domain(self) -> Domain: ...
+
+
+#: an unregistered patient is asked about again after this long (she may register)
+UNKNOWN_PATIENT_TTL_S = 5.0
+#: most patients remembered; the oldest go first
+MAX_PATIENTS = 100_000
+
+
+class PatientKeyCache:
+    """Patients' registered keys, read from the chain at most once per TTL. Unknown
+    patients are remembered too (for a few seconds), so requests naming made-up patients
+    cost no chain read each; the memory is bounded."""
+
+    def __init__(self, registry: PatientReader, ttl_s: float) -> None:
+        self._registry = registry
+        self._ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, PatientInfo | None]] = OrderedDict()
+
+    async def get(self, address: str) -> PatientInfo:
+        now = time.monotonic()
+        hit = self._entries.get(address)
+        if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else UNKNOWN_PATIENT_TTL_S):
+            info = hit[1]
+        else:
+            info = await asyncio.to_thread(self._registry.get_patient, address)
+            self._entries[address] = (now, info)
+            self._entries.move_to_end(address)
+            while len(self._entries) > MAX_PATIENTS:
+                self._entries.popitem(last=False)
+        if info is None:
+            raise PreconditionFailed("patient is not registered in the registry")
+        return info
