@@ -42,7 +42,6 @@ from core.errors import IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.processes import grpc_serving
-from proto.stubs import CoordinatorStub
 
 DEFAULT_STATE_DIR = Path(".state")
 
@@ -127,13 +126,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_patient(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
-    with cluster.coordinator_channel() as channel:
-        client = PatientClient(
-            cluster.identity(args.as_),
-            cluster.registry(),
-            cluster.blob_store(),
-            CoordinatorStub(channel),
-        )
+    with PatientClient(
+        cluster.identity(args.as_),
+        registry=cluster.registry(),
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+    ) as client:
         _patient_action(args, cluster, client)
 
 
@@ -220,10 +219,10 @@ def _provider(cluster: LocalCluster, name: str) -> ProviderClient:
     """The SDK as the app of identity ``name``, reaching the coordinator over TLS."""
     return ProviderClient(
         cluster.identity(name),
-        cluster.registry(),
-        cluster.blob_store(),
-        cluster.coordinator_address,
-        cluster.app_transport,
+        registry=cluster.registry(),
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
     )
 
 
