@@ -52,17 +52,17 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     say(f"   content hash {lab.content_hash.hex()[:16]}... anchored in the registry")
 
     say("3. patient grants the doctor access to lab results for one hour")
-    receipt = patient.grant(
+    outcome = patient.grant(
         bob.address,
         bob.umbral_public_key(),
         [RecordType.LAB_RESULT],
         duration_s=3600,
         threshold=cluster.threshold,
     )
-    enrolled = ", ".join(sorted(receipt.enrolled))
+    enrolled = ", ".join(sorted(outcome.enrolled))
     say(
         f"   kfrags sealed to each node's HSM key, relayed by the coordinator, "
-        f"stored at {len(receipt.enrolled)} nodes: {enrolled}"
+        f"stored at {len(outcome.enrolled)} nodes: {enrolled}"
     )
 
     with ProviderClient(

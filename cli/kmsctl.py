@@ -156,7 +156,7 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         )
     elif args.action == "grant":
         grantee = cluster.identity(args.grantee)
-        receipt = client.grant(
+        outcome = client.grant(
             grantee.address,
             grantee.umbral_public_key(),
             [RecordType.parse(t) for t in args.types.split(",")],
@@ -166,17 +166,17 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(
             json.dumps(
                 {
-                    "grantee": receipt.grantee,
-                    "expires_at": receipt.expires_at,
-                    "enrolled": sorted(receipt.enrolled),
-                    "failed": receipt.failed,
+                    "grantee": outcome.grantee,
+                    "expires_at": outcome.expires_at,
+                    "enrolled": sorted(outcome.enrolled),
+                    "failed": outcome.failed,
                 },
                 indent=2,
             )
         )
     elif args.action == "emergency-opt-in":
         responder = cluster.identity(args.responder)
-        receipt = client.opt_in_emergency(
+        outcome = client.opt_in_emergency(
             responder.address,
             responder.umbral_public_key(),
             [RecordType.parse(t) for t in args.types.split(",")],
@@ -185,10 +185,10 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(
             json.dumps(
                 {
-                    "responder": receipt.grantee,
-                    "record_types": sorted(t.label for t in receipt.allowed_types),
-                    "enrolled": sorted(receipt.enrolled),
-                    "failed": receipt.failed,
+                    "responder": outcome.grantee,
+                    "record_types": sorted(t.label for t in outcome.allowed_types),
+                    "enrolled": sorted(outcome.enrolled),
+                    "failed": outcome.failed,
                 },
                 indent=2,
             )

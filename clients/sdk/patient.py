@@ -45,7 +45,10 @@ class StoredRecord:
 
 
 @dataclass(frozen=True)
-class GrantReceipt:
+class GrantOutcome:
+    """What a grant (or an emergency opt-in) came to: the terms written on-chain and
+    where its kfrags were enrolled."""
+
     grantee: str
     expires_at: int
     allowed_types: frozenset[RecordType]
@@ -126,7 +129,7 @@ class PatientClient:
         *,
         duration_s: int,
         threshold: int,
-    ) -> GrantReceipt:
+    ) -> GrantOutcome:
         """Grant ``grantee`` access to records of ``record_types`` for ``duration_s``
         seconds of chain time, and enroll kfrags at every active node."""
         types = frozenset(record_types)
@@ -145,7 +148,7 @@ class PatientClient:
             allowed_types_mask=to_mask(types),
         )
         enrolled, failed = self._enroll(nodes, grantee, grantee_umbral_key, types, threshold)
-        return GrantReceipt(grantee, expires_at, types, threshold, enrolled, failed)
+        return GrantOutcome(grantee, expires_at, types, threshold, enrolled, failed)
 
     def opt_in_emergency(
         self,
@@ -154,7 +157,7 @@ class PatientClient:
         record_types: Iterable[RecordType],
         *,
         threshold: int,
-    ) -> GrantReceipt:
+    ) -> GrantOutcome:
         """Standing consent that ``responder`` (an emergency-role holder) may open short
         emergency grants to records of ``record_types``. Kfrags for the responder's key are
         enrolled now and lie dormant: nodes serve them only inside an open emergency window."""
@@ -169,7 +172,7 @@ class PatientClient:
             allowed_types_mask=to_mask(types),
         )
         enrolled, failed = self._enroll(nodes, responder, responder_umbral_key, types, threshold)
-        return GrantReceipt(responder, 0, types, threshold, enrolled, failed)
+        return GrantOutcome(responder, 0, types, threshold, enrolled, failed)
 
     def opt_out_emergency(self, responder: str) -> int:
         """Withdraw the opt-in (closing any open emergency grant); return its block."""
