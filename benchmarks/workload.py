@@ -124,10 +124,10 @@ class Workload:
     def provider(self, identity: Identity) -> ProviderClient:
         return ProviderClient(
             identity,
-            self.registry,
-            self.cluster.blob_store(),
-            self.cluster.coordinator_address,
-            self.cluster.app_transport,
+            registry=self.registry,
+            blobs=self.cluster.blob_store(),
+            coordinator_address=self.cluster.coordinator_address,
+            transport=self.cluster.app_transport,
         )
 
     def signer(self, identity: Identity) -> RequestSigner:
@@ -153,9 +153,15 @@ def prepare(cluster: LocalCluster, *, records: int, doctors: int = 4) -> Workloa
     registry = cluster.registry()
     blank = Workload(cluster, registry, None, [], [])  # type: ignore[arg-type]
     alice = blank.new_identity("alice")
-    # The channel lives as long as the benchmark process; grants are made through it.
-    coordinator = CoordinatorStub(cluster.coordinator_channel())
-    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
+    # The client (and its channel) lives as long as the benchmark process; grants are
+    # made through it.
+    patient = PatientClient(
+        alice,
+        registry=registry,
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+    )
     patient.register()
     stored = [patient.store_record(lab_result(), RecordType.LAB_RESULT) for _ in range(records)]
     granted = [blank.new_identity(f"dr-{i}", provider=True) for i in range(doctors)]

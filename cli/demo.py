@@ -19,7 +19,6 @@ from core.errors import AccessDenied, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.sample_records import diagnosis, lab_result
-from proto.stubs import CoordinatorStub
 
 
 class DemoFailed(KmsError):
@@ -31,8 +30,13 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     blobs = cluster.blob_store()
     alice = cluster.identity("patient")
     bob = cluster.identity("doctor")
-    channel = cluster.coordinator_channel()
-    patient = PatientClient(alice, registry, blobs, CoordinatorStub(channel))
+    patient = PatientClient(
+        alice,
+        registry=registry,
+        blobs=blobs,
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+    )
     nodes = cluster.nodes
     say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
     say(f"patient {alice.address}, doctor {bob.address}")
@@ -48,21 +52,25 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     say(f"   content hash {lab.content_hash.hex()[:16]}... anchored in the registry")
 
     say("3. patient grants the doctor access to lab results for one hour")
-    receipt = patient.grant(
+    outcome = patient.grant(
         bob.address,
         bob.umbral_public_key(),
         [RecordType.LAB_RESULT],
         duration_s=3600,
         threshold=cluster.threshold,
     )
-    enrolled = ", ".join(sorted(receipt.enrolled))
+    enrolled = ", ".join(sorted(outcome.enrolled))
     say(
         f"   kfrags sealed to each node's HSM key, relayed by the coordinator, "
-        f"stored at {len(receipt.enrolled)} nodes: {enrolled}"
+        f"stored at {len(outcome.enrolled)} nodes: {enrolled}"
     )
 
     with ProviderClient(
-        bob, registry, blobs, cluster.coordinator_address, cluster.app_transport
+        bob,
+        registry=registry,
+        blobs=blobs,
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
     ) as doctor:
         say("4. doctor reads the lab result through the coordinator")
         plaintext = doctor.read_record(lab.record_id)
@@ -93,7 +101,11 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         threshold=cluster.threshold,
     )
     with ProviderClient(
-        responder, registry, blobs, cluster.coordinator_address, cluster.app_transport
+        responder,
+        registry=registry,
+        blobs=blobs,
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
     ) as er:
         say("9. the emergency department opens a 15-minute emergency grant and reads (ETREAT)")
         block, expires_at = er.open_emergency_access(alice.address, 15 * 60)
@@ -102,7 +114,7 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
             raise DemoFailed("emergency read differs from the original")
         until = datetime.fromtimestamp(expires_at, UTC).strftime("%H:%M:%S UTC")
         say(f"   read under the emergency grant; it expires by itself at {until} (chain time)")
-    channel.close()
+    patient.close()
 
     say("10. an auditor checks every node's log against the chain")
     report = audit_cluster(registry, channel_factory(cluster.transport))

@@ -37,7 +37,6 @@ from core.errors import IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.processes import grpc_serving
-from proto.stubs import CoordinatorStub
 
 DEFAULT_STATE_DIR = Path(".state")
 
@@ -122,13 +121,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_patient(args: argparse.Namespace) -> None:
     cluster = _cluster(args)
-    with cluster.coordinator_channel() as channel:
-        client = PatientClient(
-            cluster.identity(args.as_),
-            cluster.registry(),
-            cluster.blob_store(),
-            CoordinatorStub(channel),
-        )
+    with PatientClient(
+        cluster.identity(args.as_),
+        registry=cluster.registry(),
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+    ) as client:
         _patient_action(args, cluster, client)
 
 
@@ -152,7 +151,7 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         )
     elif args.action == "grant":
         grantee = cluster.identity(args.grantee)
-        receipt = client.grant(
+        outcome = client.grant(
             grantee.address,
             grantee.umbral_public_key(),
             [RecordType.parse(t) for t in args.types.split(",")],
@@ -162,17 +161,17 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(
             json.dumps(
                 {
-                    "grantee": receipt.grantee,
-                    "expires_at": receipt.expires_at,
-                    "enrolled": sorted(receipt.enrolled),
-                    "failed": receipt.failed,
+                    "grantee": outcome.grantee,
+                    "expires_at": outcome.expires_at,
+                    "enrolled": sorted(outcome.enrolled),
+                    "failed": outcome.failed,
                 },
                 indent=2,
             )
         )
     elif args.action == "emergency-opt-in":
         responder = cluster.identity(args.responder)
-        receipt = client.opt_in_emergency(
+        outcome = client.opt_in_emergency(
             responder.address,
             responder.umbral_public_key(),
             [RecordType.parse(t) for t in args.types.split(",")],
@@ -181,10 +180,10 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(
             json.dumps(
                 {
-                    "responder": receipt.grantee,
-                    "record_types": sorted(t.label for t in receipt.allowed_types),
-                    "enrolled": sorted(receipt.enrolled),
-                    "failed": receipt.failed,
+                    "responder": outcome.grantee,
+                    "record_types": sorted(t.label for t in outcome.allowed_types),
+                    "enrolled": sorted(outcome.enrolled),
+                    "failed": outcome.failed,
                 },
                 indent=2,
             )
@@ -215,10 +214,10 @@ def _provider(cluster: LocalCluster, name: str) -> ProviderClient:
     """The SDK as the app of identity ``name``, reaching the coordinator over TLS."""
     return ProviderClient(
         cluster.identity(name),
-        cluster.registry(),
-        cluster.blob_store(),
-        cluster.coordinator_address,
-        cluster.app_transport,
+        registry=cluster.registry(),
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
     )
 
 

@@ -1,5 +1,6 @@
-"""The auditor's adapter: reads each node's log over gRPC and the registry over JSON-RPC,
-and runs :func:`core.audit_verify.verify_node` on them.
+"""The auditor's adapter: reads each node's log over gRPC and the registry through its read
+interface (:class:`~core.registry_interface.RegistryReader`: the web3 client, or a test's
+twin), and runs :func:`core.audit_verify.verify_node` on them.
 
 The trust roots are the chain endpoint and the registry's address: the nodes to audit, their
 endpoints and their signing keys are read from the registry, never from the nodes. gRPC
@@ -22,11 +23,11 @@ from typing import Final
 
 import grpc
 
-from contracts.registry import RegistryClient
 from core.audit import Checkpoint, Receipt
 from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
 from core.audit_verify import verify_node
 from core.errors import InvalidRequest
+from core.registry_interface import RegistryReader
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from proto import rpc
 from proto.kms.v1 import audit_pb2
@@ -96,7 +97,7 @@ class CachedChain:
     grant states read during one audit kept: one request is decided by several nodes,
     mostly at the same block. Failures are not kept. Thread-safe."""
 
-    def __init__(self, registry: RegistryClient) -> None:
+    def __init__(self, registry: RegistryReader) -> None:
         self._registry = registry
         self._lock = threading.Lock()
         self._blocks: dict[int, BlockRef] = {}
@@ -154,7 +155,7 @@ class ClusterReport:
 
 
 def audit_cluster(
-    registry: RegistryClient,
+    registry: RegistryReader,
     channel_for: ChannelFactory,
     *,
     node_ids: Sequence[str] = (),

@@ -21,17 +21,17 @@ from clients.sdk.blob_store import LocalBlobStore
 from clients.sdk.identity import Identity
 from clients.sdk.records import seal
 from clients.sdk.signed_requests import sealed_enrollment
-from contracts.registry import RegistryClient
+from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from core.errors import InvalidRequest, NotFound, Unavailable
 from core.record_types import RecordType, to_mask
+from core.registry_interface import PatientRegistry
 from core.registry_types import NodeInfo
 from core.umbral_codec import capsule_hash as hash_capsule
 from core.umbral_codec import load_public_key
 from proto import rpc
 from proto.kms.v1 import coordinator_pb2
 from proto.stubs import CoordinatorStub
-
-ENROLL_TIMEOUT_S = 10.0
+from proto.transport import Transport
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,10 @@ class StoredRecord:
 
 
 @dataclass(frozen=True)
-class GrantReceipt:
+class GrantOutcome:
+    """What a grant (or an emergency opt-in) came to: the terms written on-chain and
+    where its kfrags were enrolled."""
+
     grantee: str
     expires_at: int
     allowed_types: frozenset[RecordType]
@@ -60,14 +63,30 @@ class PatientClient:
     def __init__(
         self,
         identity: Identity,
-        registry: RegistryClient,
+        *,
+        registry: PatientRegistry,
         blobs: LocalBlobStore,
-        coordinator: CoordinatorStub,
+        coordinator_address: str,
+        transport: Transport,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
+        """``transport`` secures the channel to the coordinator: TLS with the CA
+        that signed its certificate (``Transport.tls(ca_cert)``)."""
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
-        self._coordinator = coordinator
+        self._timeouts = timeouts
+        self._channel = transport.channel(coordinator_address)
+        self._coordinator = CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PatientClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def register(self) -> None:
         """Register the patient's per-record-type Umbral keys and kfrag-verifying key, once."""
@@ -110,7 +129,7 @@ class PatientClient:
         *,
         duration_s: int,
         threshold: int,
-    ) -> GrantReceipt:
+    ) -> GrantOutcome:
         """Grant ``grantee`` access to records of ``record_types`` for ``duration_s``
         seconds of chain time, and enroll kfrags at every active node."""
         types = frozenset(record_types)
@@ -129,7 +148,7 @@ class PatientClient:
             allowed_types_mask=to_mask(types),
         )
         enrolled, failed = self._enroll(nodes, grantee, grantee_umbral_key, types, threshold)
-        return GrantReceipt(grantee, expires_at, types, threshold, enrolled, failed)
+        return GrantOutcome(grantee, expires_at, types, threshold, enrolled, failed)
 
     def opt_in_emergency(
         self,
@@ -138,7 +157,7 @@ class PatientClient:
         record_types: Iterable[RecordType],
         *,
         threshold: int,
-    ) -> GrantReceipt:
+    ) -> GrantOutcome:
         """Standing consent that ``responder`` (an emergency-role holder) may open short
         emergency grants to records of ``record_types``. Kfrags for the responder's key are
         enrolled now and lie dormant: nodes serve them only inside an open emergency window."""
@@ -153,7 +172,7 @@ class PatientClient:
             allowed_types_mask=to_mask(types),
         )
         enrolled, failed = self._enroll(nodes, responder, responder_umbral_key, types, threshold)
-        return GrantReceipt(responder, 0, types, threshold, enrolled, failed)
+        return GrantOutcome(responder, 0, types, threshold, enrolled, failed)
 
     def opt_out_emergency(self, responder: str) -> int:
         """Withdraw the opt-in (closing any open emergency grant); return its block."""
@@ -209,7 +228,9 @@ class PatientClient:
         )
         del per_node
         try:
-            response = self._coordinator.EnrollKeyFragments(request, timeout=ENROLL_TIMEOUT_S)
+            response = self._coordinator.EnrollKeyFragments(
+                request, timeout=self._timeouts.fan_out_s
+            )
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e, "coordinator") from None
         enrolled: dict[str, list[bytes]] = {}
@@ -283,7 +304,7 @@ class PatientClient:
         """Each node's state as the coordinator reaches it now."""
         try:
             return self._coordinator.GetClusterStatus(
-                coordinator_pb2.GetClusterStatusRequest(), timeout=5
+                coordinator_pb2.GetClusterStatusRequest(), timeout=self._timeouts.status_s
             )
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e, "coordinator") from None

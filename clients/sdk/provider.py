@@ -21,7 +21,7 @@ from clients.sdk.blob_store import LocalBlobStore
 from clients.sdk.identity import Identity
 from clients.sdk.records import open_envelope, parse_envelope
 from clients.sdk.signed_requests import RequestSigner
-from contracts.registry import RegistryClient
+from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -30,6 +30,7 @@ from core.errors import (
     PreconditionFailed,
     error_for_status,
 )
+from core.registry_interface import ProviderRegistry
 from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
 from core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
@@ -38,7 +39,6 @@ from proto.kms.v1 import common_pb2, record_pb2
 from proto.stubs import CoordinatorStub
 from proto.transport import Transport
 
-REQUEST_TIMEOUT_S = 10.0
 #: anchors and patient keys kept per client
 CACHE_ENTRIES = 4096
 
@@ -77,16 +77,19 @@ class ProviderClient:
     def __init__(
         self,
         identity: Identity,
-        registry: RegistryClient,
+        *,
+        registry: ProviderRegistry,
         blobs: LocalBlobStore,
         coordinator_address: str,
         transport: Transport,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         """``transport`` secures the channel to the coordinator: TLS with the CA
         that signed its certificate (``Transport.tls(ca_cert)``)."""
         self.identity = identity
         self._registry = registry
         self._blobs = blobs
+        self._timeouts = timeouts
         self._channel = transport.channel(coordinator_address)
         self._coordinator = CoordinatorStub(self._channel)
         self._signer = RequestSigner(
@@ -127,7 +130,7 @@ class ProviderClient:
             patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
         )
         with _answering(request.request_id):
-            response = self._coordinator.Reencrypt(request, timeout=REQUEST_TIMEOUT_S)
+            response = self._coordinator.Reencrypt(request, timeout=self._timeouts.fan_out_s)
             dek = self._open_dek(patient, record, envelope, response.fragments)
             return open_envelope(envelope, dek)
 
@@ -150,7 +153,7 @@ class ProviderClient:
             purpose_of_use,
         )
         with _answering(request.request_id):
-            response = self._coordinator.ReencryptBatch(request, timeout=REQUEST_TIMEOUT_S)
+            response = self._coordinator.ReencryptBatch(request, timeout=self._timeouts.fan_out_s)
         results: dict[bytes, bytes | KmsError] = {
             rec.record_id: IntegrityError("the coordinator returned no result for this record")
             for rec, _, _ in fetched

@@ -93,20 +93,26 @@ class People:
     def provider(self, identity: Identity | None = None) -> ProviderClient:
         return ProviderClient(
             identity or self.doctor,
-            self.registry,
-            self.cluster.blob_store(),
-            self.cluster.coordinator_address,
-            self.cluster.app_transport,
+            registry=self.registry,
+            blobs=self.cluster.blob_store(),
+            coordinator_address=self.cluster.coordinator_address,
+            transport=self.cluster.app_transport,
         )
 
 
 @pytest.fixture
-def people(cluster: LocalCluster, registry: RegistryClient, coordinator: CoordinatorStub) -> People:
+def people(cluster: LocalCluster, registry: RegistryClient) -> Iterator[People]:
     blank = People(cluster, registry, None, None, None, None)  # type: ignore[arg-type]
     alice = blank.new_identity("alice")
-    patient = PatientClient(alice, registry, cluster.blob_store(), coordinator)
-    patient.register()
-    lab = patient.store_record(lab_result(), RecordType.LAB_RESULT)
-    condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)
-    doctor = blank.new_identity("dr-bob", provider=True)
-    return People(cluster, registry, patient, doctor, lab, condition)
+    with PatientClient(
+        alice,
+        registry=registry,
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+    ) as patient:
+        patient.register()
+        lab = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+        condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)
+        doctor = blank.new_identity("dr-bob", provider=True)
+        yield People(cluster, registry, patient, doctor, lab, condition)

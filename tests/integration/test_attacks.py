@@ -114,21 +114,22 @@ def test_a_record_of_another_type_is_refused_whatever_type_is_claimed(people: Pe
     assert_still_serving(people)
 
 
-def test_another_patients_record_is_refused(people: People, coordinator: CoordinatorStub) -> None:
+def test_another_patients_record_is_refused(people: People) -> None:
     """The doctor holds Alice's grant and asks for Carol's record: named as Carol's (who
     granted nothing) or passed off as Alice's, every node refuses."""
     people.grant_doctor([LAB])
-    carol = PatientClient(
+    with PatientClient(
         people.new_identity("carol"),
-        people.registry,
-        people.cluster.blob_store(),
-        coordinator,
-    )
-    carol.register()
-    theirs = carol.store_record(lab_result(), LAB)
-    # Nodes judge a requester they hold no kfrag for by their index alone (no chain read):
-    # wait until it has the new record, or they rightly call it unknown.
-    carol.await_nodes(people.registry.latest_block()[0])
+        registry=people.registry,
+        blobs=people.cluster.blob_store(),
+        coordinator_address=people.cluster.coordinator_address,
+        transport=people.cluster.app_transport,
+    ) as carol:
+        carol.register()
+        theirs = carol.store_record(lab_result(), LAB)
+        # Nodes judge a requester they hold no kfrag for by their index alone (no chain
+        # read): wait until it has the new record, or they rightly call it unknown.
+        carol.await_nodes(people.registry.latest_block()[0])
     signer = people.doctor_signer()
     capsule = capsule_of(people, theirs.storage_uri)
     as_carols = node_refusal(

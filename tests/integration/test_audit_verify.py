@@ -42,7 +42,7 @@ from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
 from kms_node.settings import NodeSettings
 from proto.kms.v1 import audit_pb2, common_pb2
-from proto.stubs import AuditStub, CoordinatorStub, NodeStub
+from proto.stubs import AuditStub, NodeStub
 from tests.core.test_audit_verify import rebuild_tree
 from tests.integration.conftest import People
 
@@ -163,8 +163,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for identity in (alice, bob):
             set_balance(cluster.rpc_url, identity.address, FUNDING_WEI)
         registry.grant_provider_role(cluster.identity("admin").account, bob.address)
-        with cluster.coordinator_channel() as channel:
-            patient = PatientClient(alice, registry, cluster.blob_store(), CoordinatorStub(channel))
+        with PatientClient(
+            alice,
+            registry=registry,
+            blobs=cluster.blob_store(),
+            coordinator_address=cluster.coordinator_address,
+            transport=cluster.app_transport,
+        ) as patient:
             patient.register()
             lab = patient.store_record(sample_records.lab_result(), RecordType.LAB_RESULT)
             patient.grant(
@@ -443,10 +448,10 @@ def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
     def read_through_the_coordinator() -> None:
         with ProviderClient(
             world.doctor,
-            world.registry,
-            world.cluster.blob_store(),
-            world.cluster.coordinator_address,
-            world.cluster.app_transport,
+            registry=world.registry,
+            blobs=world.cluster.blob_store(),
+            coordinator_address=world.cluster.coordinator_address,
+            transport=world.cluster.app_transport,
         ) as doctor:
             while not killed.is_set():
                 try:

@@ -75,10 +75,10 @@ def _app(people: People, coordinator_address: str) -> ProviderClient:
     """The test's doctor, as an app talking to the coordinator at ``coordinator_address``."""
     return ProviderClient(
         people.doctor,
-        people.registry,
-        people.cluster.blob_store(),
-        coordinator_address,
-        people.cluster.app_transport,
+        registry=people.registry,
+        blobs=people.cluster.blob_store(),
+        coordinator_address=coordinator_address,
+        transport=people.cluster.app_transport,
     )
 
 

@@ -22,7 +22,7 @@ from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
 from deploy.sample_records import lab_result
 from kms_node.settings import NodeSettings
-from proto.stubs import CoordinatorStub, NodeStub
+from proto.stubs import NodeStub
 
 pytestmark = pytest.mark.cluster
 
@@ -55,10 +55,13 @@ def granted(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
     """A patient's lab result, granted to the cluster's doctor."""
     alice, bob = Identity.generate("alice"), multi.identity("doctor")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
-    with multi.coordinator_channel() as channel:
-        patient = PatientClient(
-            alice, multi.registry(), multi.blob_store(), CoordinatorStub(channel)
-        )
+    with PatientClient(
+        alice,
+        registry=multi.registry(),
+        blobs=multi.blob_store(),
+        coordinator_address=multi.coordinator_address,
+        transport=multi.app_transport,
+    ) as patient:
         patient.register()
         record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
         patient.grant(
@@ -77,7 +80,11 @@ def test_workers_share_the_port_and_metrics_are_summed(
     _, record = granted
     bob = multi.identity("doctor")
     with ProviderClient(
-        bob, multi.registry(), multi.blob_store(), multi.coordinator_address, multi.app_transport
+        bob,
+        registry=multi.registry(),
+        blobs=multi.blob_store(),
+        coordinator_address=multi.coordinator_address,
+        transport=multi.app_transport,
     ) as p:
         for _ in range(20):
             assert p.read_record(record.record_id) == lab_result()
@@ -121,7 +128,11 @@ def test_a_stopped_node_has_anchored_every_entry_its_processes_wrote(
     _, record = granted
     bob, node = multi.identity("doctor"), multi.nodes[1]
     with ProviderClient(
-        bob, multi.registry(), multi.blob_store(), multi.coordinator_address, multi.app_transport
+        bob,
+        registry=multi.registry(),
+        blobs=multi.blob_store(),
+        coordinator_address=multi.coordinator_address,
+        transport=multi.app_transport,
     ) as p:
         for _ in range(12):
             assert p.read_record(record.record_id) == lab_result()

@@ -1,0 +1,204 @@
+"""Fixtures for the SDK clients' and the auditor's tests without a chain or a cluster: the
+registry's in-memory twin (``tests/registry_twin.py``), accounts registered in it, a
+coordinator on loopback that answers as a test tells it, and ``connect``, which builds either
+SDK client against them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import pytest
+import umbral_pre as umbral
+from cryptography.hazmat.primitives.asymmetric import ec
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient
+from clients.sdk.provider import ProviderClient
+from clients.sdk.timeouts import Timeouts
+from core.kfrag_delivery import compressed
+from core.registry_types import NodeInfo
+from proto import rpc
+from proto.kms.v1 import common_pb2, coordinator_pb2
+from proto.stubs import COORDINATOR_SERVICE
+from proto.transport import Transport
+from tests.registry_twin import RegistryTwin
+
+NODE_IDS = ("node-1", "node-2", "node-3")
+#: a test that goes wrong fails in seconds, not the default tens of seconds
+TIMEOUTS = Timeouts(fan_out_s=2.0, status_s=2.0)
+
+
+@pytest.fixture
+def admin() -> LocalAccount:
+    account: LocalAccount = Account.create()
+    return account
+
+
+@pytest.fixture
+def twin(admin: LocalAccount) -> RegistryTwin:
+    """A fresh registry with three active nodes."""
+    registry = RegistryTwin(admin)
+    for node_id in NODE_IDS:
+        register_node(registry, admin, node_id)
+    return registry
+
+
+def register_node(
+    registry: RegistryTwin,
+    admin: LocalAccount,
+    node_id: str,
+    *,
+    endpoint: str = "127.0.0.1:1",
+    signing_public_key: bytes | None = None,
+    account: str | None = None,
+) -> NodeInfo:
+    delivery = ec.generate_private_key(ec.SECP256R1()).public_key()
+    registry.register_node(
+        admin,
+        node_id=node_id,
+        endpoint=endpoint,
+        signing_public_key=signing_public_key or b"signing key of " + node_id.encode(),
+        delivery_public_key=compressed(delivery),
+        account=account or Account.create().address,
+    )
+    return next(n for n in registry.list_nodes() if n.node_id == node_id)
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def alice() -> Identity:
+    """A patient, not registered yet."""
+    return Identity.generate("alice")
+
+
+@pytest.fixture
+def doctor(twin: RegistryTwin, admin: LocalAccount) -> Identity:
+    """A provider (PROVIDER_ROLE)."""
+    identity = Identity.generate("dr-bob")
+    twin.grant_provider_role(admin, identity.address)
+    return identity
+
+
+@pytest.fixture
+def responder(twin: RegistryTwin, admin: LocalAccount) -> Identity:
+    """An emergency department (EMERGENCY_ROLE)."""
+    identity = Identity.generate("er")
+    twin.grant_emergency_role(admin, identity.address)
+    return identity
+
+
+@dataclass
+class FakeCoordinator:
+    """A coordinator on loopback (plaintext gRPC) that answers as the test sets it: which
+    nodes refuse an enrollment, the block every node's index is at, and the kfrags it
+    re-encrypts with (standing in for the nodes)."""
+
+    address: str = ""
+    #: every enrollment relayed, in order
+    enrollments: list[common_pb2.EnrollKeyFragmentRequest] = field(default_factory=list)
+    #: node id -> why that node refuses enrollments
+    refusing: dict[str, str] = field(default_factory=dict)
+    index_block: int = 0
+    #: the kfrags the "nodes" hold, one cfrag each per re-encryption
+    kfrags: list[umbral.VerifiedKeyFrag] = field(default_factory=list)
+    reencrypt_requests: list[common_pb2.ReencryptionRequest] = field(default_factory=list)
+
+    def enroll(self, request: coordinator_pb2.RelayEnrollmentsRequest, _: Any) -> Any:
+        results = []
+        for enrollment in request.enrollments:
+            self.enrollments.append(enrollment)
+            node_id = enrollment.node_id
+            if node_id in self.refusing:
+                results.append(
+                    coordinator_pb2.RelayedEnrollment(
+                        node_id=node_id, status="PERMISSION_DENIED", reason=self.refusing[node_id]
+                    )
+                )
+                continue
+            hashes = [hashlib.sha256(k.sealed).digest() for k in enrollment.kfrags]
+            response = common_pb2.EnrollKeyFragmentResponse(node_id=node_id, kfrag_sha256=hashes)
+            results.append(coordinator_pb2.RelayedEnrollment(node_id=node_id, response=response))
+        return coordinator_pb2.RelayEnrollmentsResponse(results=results)
+
+    def cluster_status(self, _request: Any, _: Any) -> Any:
+        return coordinator_pb2.ClusterStatus(
+            nodes=[
+                coordinator_pb2.NodeStatus(node_id=n, index_block=self.index_block)
+                for n in NODE_IDS
+            ]
+        )
+
+    def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:
+        self.reencrypt_requests.append(request)
+        capsule = umbral.Capsule.from_bytes(request.capsule)
+        fragments = [
+            common_pb2.CapsuleFragment(node_id=n, cfrag=bytes(umbral.reencrypt(capsule, k)))
+            for n, k in zip(NODE_IDS, self.kfrags, strict=False)
+        ]
+        return coordinator_pb2.CoordinatorReencryptResponse(
+            fragments=fragments, threshold=len(fragments)
+        )
+
+
+@pytest.fixture
+def coordinator() -> Iterator[FakeCoordinator]:
+    fake = FakeCoordinator()
+    methods = [
+        rpc.Method("EnrollKeyFragments", coordinator_pb2.RelayEnrollmentsRequest, fake.enroll),
+        rpc.Method(
+            "GetClusterStatus", coordinator_pb2.GetClusterStatusRequest, fake.cluster_status
+        ),
+        rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, fake.reencrypt),
+    ]
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([rpc.service_handler(COORDINATOR_SERVICE, methods)])
+    port = Transport.plaintext().add_port(server, "127.0.0.1:0", require_client_cert=False)
+    server.start()
+    fake.address = f"127.0.0.1:{port}"
+    yield fake
+    server.stop(grace=None)
+
+
+Client = TypeVar("Client", PatientClient, ProviderClient)
+
+
+class Connect(Protocol):
+    def __call__(self, kind: type[Client], identity: Identity, /) -> Client: ...
+
+
+@pytest.fixture
+def connect(
+    twin: RegistryTwin, blobs: LocalBlobStore, coordinator: FakeCoordinator
+) -> Iterator[Connect]:
+    """Builds either SDK client for an identity, the one way both are built (the twin,
+    the blob store, the loopback coordinator); closes them after the test."""
+    opened: list[PatientClient | ProviderClient] = []
+
+    def connect(kind: type[Client], identity: Identity, /) -> Client:
+        client = kind(
+            identity,
+            registry=twin,
+            blobs=blobs,
+            coordinator_address=coordinator.address,
+            transport=Transport.plaintext(),
+            timeouts=TIMEOUTS,
+        )
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        client.close()

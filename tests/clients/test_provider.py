@@ -1,0 +1,212 @@
+"""The provider's SDK client against the registry's twin and a loopback coordinator: it
+trusts neither the blob store nor the coordinator, only what the registry holds. The same
+client on the real chain and cluster: tests/integration."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+import umbral_pre as umbral
+
+from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.identity import Identity
+from clients.sdk.patient import PatientClient, StoredRecord
+from clients.sdk.provider import ProviderClient
+from clients.sdk.records import SealedRecord, parse_envelope, seal
+from core.errors import ChainRejected, IntegrityError, InvalidRequest, NotFound
+from core.record_types import RecordType
+from core.registry_types import record_id_of
+from core.request_auth import signer_of
+from core.requests import ReencryptionQuery
+from core.umbral_codec import capsule_hash
+from deploy.sample_records import lab_result
+from tests.registry_twin import RegistryTwin
+
+from .conftest import Connect, FakeCoordinator
+
+LAB = RecordType.LAB_RESULT
+
+
+@pytest.fixture
+def stored(connect: Connect, alice: Identity) -> StoredRecord:
+    patient = connect(PatientClient, alice)
+    patient.register()
+    return patient.store_record(lab_result(), LAB)
+
+
+@pytest.fixture
+def reader(connect: Connect, doctor: Identity) -> ProviderClient:
+    return connect(ProviderClient, doctor)
+
+
+def kfrags(
+    patient: Identity, record_type: RecordType, receiving: bytes
+) -> list[umbral.VerifiedKeyFrag]:
+    """What the nodes would hold after the patient's grant: 2-of-3 kfrags to ``receiving``."""
+    return list(
+        umbral.generate_kfrags(
+            delegating_sk=patient.record_secret_key(record_type),
+            receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving),
+            signer=patient.kfrag_signer(),
+            threshold=2,
+            shares=3,
+            sign_delegating_key=True,
+            sign_receiving_key=True,
+        )
+    )
+
+
+def test_a_record_is_read_with_fragments_verified_against_the_patients_registered_keys(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    twin: RegistryTwin,
+    coordinator: FakeCoordinator,
+) -> None:
+    coordinator.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    assert reader.read_record(stored.record_id) == lab_result()
+    # The request names the record as the registry holds it and is signed for this
+    # registry's domain.
+    (request,) = coordinator.reencrypt_requests
+    domain = twin.signing_domain()
+    query = ReencryptionQuery.parse(request, domain)
+    assert query.patient == alice.address and query.record_type == LAB
+    assert query.capsule_hash == stored.capsule_hash
+    assert signer_of(domain, query.claims(), query.signed.signature) == doctor.address
+
+
+def test_fragments_for_another_patients_key_do_not_open_the_record(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    doctor: Identity,
+    coordinator: FakeCoordinator,
+) -> None:
+    """A coordinator (or node) that re-encrypts under another delegation gets nothing
+    past the client's own verification."""
+    coordinator.kfrags = kfrags(Identity.generate("mallory"), LAB, doctor.umbral_public_key())
+    with pytest.raises(IntegrityError, match="with 0 valid capsule fragments"):
+        reader.read_record(stored.record_id)
+
+
+def test_a_record_the_registry_does_not_know_is_not_found_and_nothing_is_sent(
+    reader: ProviderClient, coordinator: FakeCoordinator
+) -> None:
+    with pytest.raises(NotFound, match="is not in the registry"):
+        reader.read_record(b"\x01" * 32)
+    assert coordinator.reencrypt_requests == []
+
+
+@pytest.fixture
+def anchor(twin: RegistryTwin, blobs: LocalBlobStore, alice: Identity) -> Callable[..., bytes]:
+    """Store ``envelope`` and have Alice anchor it with ``content_hash`` and ``capsule``'s
+    hash, as a careless or lying writer might; the record's id."""
+    twin.register_patient(alice.account, alice.record_public_keys(), alice.verifying_key())
+
+    def anchor(envelope: bytes, content_hash: bytes, capsule: bytes) -> bytes:
+        twin.anchor_record(
+            alice.account,
+            patient=alice.address,
+            content_hash=content_hash,
+            storage_uri=blobs.put(envelope),
+            record_type=LAB,
+            capsule_hash=capsule_hash(capsule),
+        )
+        return record_id_of(alice.address, capsule_hash(capsule))
+
+    return anchor
+
+
+def sealed(alice: Identity) -> SealedRecord:
+    return seal(alice.address, LAB, lab_result(), alice.record_public_key(LAB))
+
+
+def test_a_blob_that_does_not_hash_to_the_anchor_is_refused(
+    reader: ProviderClient, anchor: Callable[..., bytes], alice: Identity
+) -> None:
+    record = sealed(alice)
+    record_id = anchor(record.envelope, hashlib.sha256(b"another blob").digest(), record.capsule)
+    with pytest.raises(IntegrityError, match="does not match the content hash on-chain"):
+        reader.read_record(record_id)
+
+
+def test_an_envelope_of_another_record_is_refused(
+    reader: ProviderClient, anchor: Callable[..., bytes], alice: Identity
+) -> None:
+    record, other = sealed(alice), sealed(alice)
+    record_id = anchor(record.envelope, record.content_hash, other.capsule)
+    with pytest.raises(IntegrityError, match="stored envelope names a different record"):
+        reader.read_record(record_id)
+
+
+def test_an_envelope_whose_capsule_is_not_the_anchored_one_is_refused(
+    reader: ProviderClient, anchor: Callable[..., bytes], alice: Identity
+) -> None:
+    record, other = sealed(alice), sealed(alice)
+    swapped = parse_envelope(record.envelope)
+    swapped.capsule = other.capsule
+    envelope = swapped.SerializeToString()
+    record_id = anchor(envelope, hashlib.sha256(envelope).digest(), record.capsule)
+    with pytest.raises(IntegrityError, match="stored capsule is not the one anchored on-chain"):
+        reader.read_record(record_id)
+
+
+def test_anchors_and_patient_keys_are_read_from_the_registry_once(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    twin: RegistryTwin,
+    coordinator: FakeCoordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """They never change once on-chain; whether the record is still active, and the
+    grant, are the nodes' to judge on every request."""
+    reads: list[str] = []
+    for view in ("get_record", "get_patient"):
+        real = getattr(twin, view)
+
+        def counted(key: object, real: Callable[..., object] = real, view: str = view) -> object:
+            reads.append(view)
+            return real(key)
+
+        monkeypatch.setattr(twin, view, counted)
+    coordinator.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    for _ in range(3):
+        assert reader.read_record(stored.record_id) == lab_result()
+    assert sorted(reads) == ["get_patient", "get_record"]
+
+
+def test_a_batch_covers_one_patients_records(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    coordinator: FakeCoordinator,
+) -> None:
+    carol = connect(PatientClient, Identity.generate("carol"))
+    carol.register()
+    carols = carol.store_record(lab_result(), LAB)
+    with pytest.raises(InvalidRequest, match="covers the records of one patient"):
+        reader.read_records([stored.record_id, carols.record_id])
+    assert coordinator.reencrypt_requests == []
+
+
+def test_an_emergency_grant_opens_on_the_patients_opt_in(
+    twin: RegistryTwin,
+    connect: Connect,
+    alice: Identity,
+    responder: Identity,
+) -> None:
+    er, patient = connect(ProviderClient, responder), connect(PatientClient, alice)
+    patient.register()
+    with pytest.raises(ChainRejected) as raised:
+        er.open_emergency_access(alice.address, 900)
+    assert raised.value.reason == "NotOptedIn"
+    patient.opt_in_emergency(responder.address, responder.umbral_public_key(), [LAB], threshold=2)
+    block, expires_at = er.open_emergency_access(alice.address, 900)
+    grant = twin.get_grant(alice.address, responder.address)
+    assert grant is not None and grant.active and grant.emergency
+    assert block == twin.latest_block()[0]
+    assert expires_at == grant.expires_at == twin.block(block).timestamp + 900
