@@ -101,8 +101,9 @@ class ChainTransport:
             timeout_s=timeout_s,
             max_response_bytes=max_response_bytes,
             safe_url=self.safe_url,
-            # web3 asks eth_chainId before each call unless cached (ARCHITECTURE.md). Only the
-            # chain id is cached: caching blocks or calls would serve stale grant state.
+            # web3 asks eth_chainId before each call unless cached (measured: one extra round
+            # trip per read). Only the chain id is cached: caching blocks or calls would serve
+            # stale grant state.
             cache_allowed_requests=True,
             cacheable_requests={RPCEndpoint("eth_chainId")},
             request_cache_validation_threshold=None,
