@@ -4,7 +4,7 @@ Every error carries a message that is safe to show to a caller (no secrets, no
 stack traces) and the gRPC status it maps to, by name, so that this module
 imports nothing from grpc. Adapters translate their technology's exceptions
 into these (``raise HsmUnavailable(...) from e``); the gRPC layer
-(``proto.status``) is the only place that turns them into statuses.
+(``proto.rpc``) is the only place that turns them into statuses.
 """
 
 from __future__ import annotations
