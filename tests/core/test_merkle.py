@@ -192,7 +192,8 @@ CT_INCLUSION = {
 def test_hand_derived_vectors_for_sizes_1_2_3() -> None:
     assert merkle.leaf_hash(b"a") == _A
     assert merkle.node_hash(_A, _B) == _AB
-    vectors = {
+    # size: (root, inclusion paths by index, consistency proofs by old size)
+    vectors: dict[int, tuple[bytes, dict[int, list[bytes]], dict[int, list[bytes]]]] = {
         1: (_A, {0: []}, {}),
         2: (_AB, {0: [_B], 1: [_A]}, {1: [_B]}),
         3: (_ABC, {0: [_B, _C], 1: [_A, _C], 2: [_AB]}, {1: [_B, _C], 2: [_C]}),

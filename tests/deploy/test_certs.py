@@ -67,8 +67,8 @@ def test_private_keys_are_0600_and_match_their_certs(tmp_path: Path) -> None:
     for key in [tmp_path / "ca.key", *(f.key for f in issued)]:
         assert key.stat().st_mode & 0o777 == 0o600, key
     for files in issued:
-        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
-        assert load(files.cert).public_key() == key.public_key()
+        private_key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        assert load(files.cert).public_key() == private_key.public_key()
 
 
 def test_repr_shows_no_key(tmp_path: Path) -> None:
