@@ -324,7 +324,7 @@ def test_appends_waiting_on_a_commit_share_the_next_one(db_path: Path) -> None:
                 merkle.leaf_hash(e.canonical_bytes()) for e in batch
             ]
         key = keys.signing_public_key()
-        assert all(verify_receipt(r, key) for r in [*first, *grouped])  # type: ignore[misc]
+        assert all(verify_receipt(r, key) for r in [*first, *grouped])
         log.verify_integrity()
     finally:
         log.close()

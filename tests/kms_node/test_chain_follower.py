@@ -212,11 +212,11 @@ def test_a_long_catch_up_counts_as_lag(
     seen = []
     original = chain.events
 
-    def spy(start: int, end: int) -> list[RegistryEvent]:
+    def spy(from_block: int, to_block: int) -> list[RegistryEvent]:
         seen.append(f.staleness())
-        return original(start, end)
+        return original(from_block, to_block)
 
-    chain.events = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(chain, "events", spy)
     f.sync_once()
     assert seen[0] is not None and "blocks behind" in seen[0]
     assert f.staleness() is None
