@@ -9,7 +9,7 @@ They must agree on every input, including every tampered one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -451,9 +451,11 @@ def test_trivial_consistency() -> None:
         (lambda: merkle.CompactRange.from_leaf_hashes([b"short"]), "leaf hash 0"),
     ],
 )
-def test_bad_indices_and_sizes_are_invalid_requests(call: object, message: str) -> None:
+def test_bad_indices_and_sizes_are_invalid_requests(
+    call: Callable[[], object], message: str
+) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        call()  # type: ignore[operator]
+        call()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])
