@@ -42,7 +42,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p core -p proto -p kms_node -p coordinator -p clients -p contracts -p deploy -p cli -p benchmarks
+	$(BIN)/mypy -p core -p proto -p kms_node -p coordinator -p clients -p contracts -p deploy -p cli -p benchmarks -p tests
 	$(BIN)/python -m proto.generate --check
 	$(BIN)/python -m contracts.build --check
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
 from clients.audit.fhir_export import fhir_bundle
@@ -17,19 +18,27 @@ CHAIN_ID = 31337
 def test_fhir_export_is_a_valid_r4b_bundle_of_audit_events(node: Node) -> None:
     bundle = fhir_bundle(cluster_report(node).nodes, CHAIN_ID, now=T0 + 100)
     parsed = Bundle.model_validate_json(bundle)
-    assert parsed.type == "collection" and len(parsed.entry) == 40
+    assert parsed.type == "collection" and parsed.entry is not None and len(parsed.entry) == 40
     granted, denied = parsed.entry[0].resource, parsed.entry[4].resource
+    assert isinstance(granted, AuditEvent) and isinstance(denied, AuditEvent)
     assert granted.get_resource_type() == "AuditEvent"
     assert (granted.action, granted.outcome, denied.outcome) == ("E", "0", "4")
+    # FHIR's optional fields are None-able in the model: each is narrowed before it is read.
+    assert granted.subtype and granted.recorded and granted.purposeOfEvent and granted.entity
     assert granted.type.code == "110110" and granted.subtype[0].code == "reencrypt"
     assert granted.recorded.isoformat() == "2027-01-15T08:00:00+00:00"
-    assert granted.purposeOfEvent[0].coding[0].code == "TREAT"
-    assert granted.agent[0].who.identifier.value == f"eip155:{CHAIN_ID}:{DOCTOR}"
-    assert granted.agent[0].requestor is True
+    assert granted.purposeOfEvent[0].coding and granted.purposeOfEvent[0].coding[0].code == "TREAT"
+    agent = granted.agent[0]
+    assert agent.who and agent.who.identifier
+    assert agent.who.identifier.value == f"eip155:{CHAIN_ID}:{DOCTOR}"
+    assert agent.requestor is True
     assert granted.source.observer.display == NODE
     patient, record, capsule = granted.entity
-    assert patient.role.code == "1" and record.what.identifier.value.startswith("0x0001")
+    assert patient.role and patient.role.code == "1"
+    assert record.what and record.what.identifier and record.what.identifier.value
+    assert record.what.identifier.value.startswith("0x0001") and record.detail
     assert {d.type: d.valueString for d in record.detail}["request_id"] == "req-0"
+    assert capsule.what and capsule.what.identifier
     assert capsule.what.identifier.system == "urn:medkms:capsule-sha256"
     # Stable ids: exporting twice gives the same resources.
     assert bundle == fhir_bundle(cluster_report(node).nodes, CHAIN_ID, now=T0 + 100)
@@ -41,4 +50,6 @@ def test_an_unknown_denial_reason_is_a_serious_failure(node: Node) -> None:
     )  # entry 44 is a denial
     node.append([make_entry(i) for i in range(40, 44)] + [odd])
     bundle = Bundle.model_validate_json(fhir_bundle(cluster_report(node).nodes, CHAIN_ID, now=T0))
-    assert bundle.entry[44].resource.outcome == "8"
+    assert bundle.entry is not None
+    denial = bundle.entry[44].resource
+    assert isinstance(denial, AuditEvent) and denial.outcome == "8"

@@ -1437,7 +1437,7 @@ class ForeignSigner:
 
     def sign_raw_transaction(self, tx: dict[str, Any]) -> bytes:
         self.signed += 1
-        return bytes(self._account.sign_transaction(tx).raw_transaction)  # type: ignore[arg-type]
+        return bytes(self._account.sign_transaction(tx).raw_transaction)
 
 
 def checkpoint(

@@ -4,6 +4,7 @@ on what the entry recorded."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -13,10 +14,18 @@ from core.registry_types import AccessState
 from tests.core.test_audit_verify import DOCTOR, T0, FakeChain, make_entry, recorded
 
 
-def _state(chain: FakeChain, **changes: object) -> AccessState:
-    grant = dataclasses.replace(chain.grant, **{k: v for k, v in changes.items() if k != "record"})
-    record = changes.get("record", chain.record)
-    return AccessState(record, grant, 130, T0 + 30)  # type: ignore[arg-type]
+class GrantChanges(TypedDict, total=False):
+    """The grant fields these tests change."""
+
+    active: bool
+    expires_at: int
+    allowed_types_mask: int
+    emergency: bool
+
+
+def _state(chain: FakeChain, **grant_changes: Unpack[GrantChanges]) -> AccessState:
+    grant = dataclasses.replace(chain.grant, **grant_changes)
+    return AccessState(chain.record, grant, 130, T0 + 30)
 
 
 @pytest.mark.parametrize(
@@ -27,10 +36,9 @@ def _state(chain: FakeChain, **changes: object) -> AccessState:
         ({"expires_at": T0 + 30}, "grant_expired"),  # at the block's time
         ({"allowed_types_mask": to_mask([RecordType.DIAGNOSIS])}, "type_not_allowed"),
         ({"emergency": True}, "emergency_purpose_required"),
-        ({"record": None}, "record_unknown"),
     ],
 )
-def test_rejudge_applies_the_policy_rules(changes: dict[str, object], code: str) -> None:
+def test_rejudge_applies_the_policy_rules(changes: GrantChanges, code: str) -> None:
     assert rejudge(make_entry(30), _state(FakeChain(), **changes))[0] == code
 
 
@@ -40,8 +48,9 @@ def test_rejudge_covers_the_record_rules() -> None:
         (dataclasses.replace(chain.record, active=False), "record_inactive"),
         (dataclasses.replace(chain.record, patient=DOCTOR), "patient_mismatch"),
         (dataclasses.replace(chain.record, capsule_hash=b"x" * 32), "capsule_mismatch"),
+        (None, "record_unknown"),
     ]:
-        assert rejudge(entry, _state(chain, record=record))[0] == code
+        assert rejudge(entry, dataclasses.replace(_state(chain), record=record))[0] == code
     # A granted entry whose capsule belongs to a deactivated record (issue 10) is flagged.
     retired = dataclasses.replace(_state(chain), capsule_retired=True)
     assert rejudge(entry, retired)[0] == "capsule_retired"

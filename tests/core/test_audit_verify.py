@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,8 +165,9 @@ class Node:
         self.chain.anchor(checkpoint)
         return checkpoint
 
-    def verify(self, **kwargs: object) -> NodeReport:
-        return verify_node(self.info, self.log, self.chain, **kwargs)  # type: ignore[arg-type]
+    def verify(self, **kwargs: Any) -> NodeReport:
+        """verify_node on this node, with verify_node's keyword arguments."""
+        return verify_node(self.info, self.log, self.chain, **kwargs)
 
     def sql(self) -> sqlite3.Connection:
         """A second connection to the node's file: the tamperer's."""
@@ -258,7 +260,7 @@ def test_the_node_may_keep_appending_while_it_is_audited(node: Node) -> None:
     class Growing:
         """Entries arrive between the checkpoint and the reading of the entries."""
 
-        def __getattr__(self, name: str) -> object:
+        def __getattr__(self, name: str) -> Any:
             return getattr(node.log, name)
 
         def checkpoint(self) -> Checkpoint:
@@ -266,7 +268,7 @@ def test_the_node_may_keep_appending_while_it_is_audited(node: Node) -> None:
             node.append([make_entry(i) for i in range(40, 45)])
             return checkpoint
 
-    report = verify_node(node.info, Growing(), node.chain)  # type: ignore[arg-type]
+    report = verify_node(node.info, Growing(), node.chain)
     assert report.ok and len(report.entries) == 40
 
 
@@ -457,11 +459,24 @@ def test_a_block_hash_that_is_not_the_chains_is_named(node: Node) -> None:
 
 
 def test_an_unreachable_node_fails(node: Node) -> None:
-    class Down:
-        def checkpoint(self) -> Checkpoint:
-            raise Unavailable("node-1 unavailable: connection refused")
+    refused = "node-1 unavailable: connection refused"
 
-    report = verify_node(node.info, Down(), node.chain)  # type: ignore[arg-type]
+    class Down:
+        """A LogSource whose every call fails as an unreachable node's does."""
+
+        def checkpoint(self) -> Checkpoint:
+            raise Unavailable(refused)
+
+        def entries(self, start: int, end: int, /) -> list[tuple[int, bytes]]:
+            raise Unavailable(refused)
+
+        def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:
+            raise Unavailable(refused)
+
+        def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
+            raise Unavailable(refused)
+
+    report = verify_node(node.info, Down(), node.chain)
     assert [p.check for p in report.problems] == [Check.REACHABLE]
     assert report.entries == ()
 

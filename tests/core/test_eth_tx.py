@@ -12,6 +12,7 @@ from eth_keys.datatypes import PrivateKey
 from core.errors import IntegrityError, InvalidRequest
 from core.eth_tx import (
     SECP256K1_ORDER,
+    DigestSigner,
     address_of,
     recoverable_signature,
     sign_transaction,
@@ -36,7 +37,7 @@ def transfer(**changes: Any) -> dict[str, Any]:
     return {k: v for k, v in tx.items() if v is not None}
 
 
-def signer_of(key: PrivateKey) -> Any:
+def signer_of(key: PrivateKey) -> DigestSigner:
     def sign(digest: bytes) -> tuple[int, int, int]:
         signature = key.sign_msg_hash(digest)
         return signature.v, signature.r, signature.s

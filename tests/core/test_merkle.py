@@ -9,7 +9,7 @@ They must agree on every input, including every tampered one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -192,7 +192,8 @@ CT_INCLUSION = {
 def test_hand_derived_vectors_for_sizes_1_2_3() -> None:
     assert merkle.leaf_hash(b"a") == _A
     assert merkle.node_hash(_A, _B) == _AB
-    vectors = {
+    # size: (root, inclusion paths by index, consistency proofs by old size)
+    vectors: dict[int, tuple[bytes, dict[int, list[bytes]], dict[int, list[bytes]]]] = {
         1: (_A, {0: []}, {}),
         2: (_AB, {0: [_B], 1: [_A]}, {1: [_B]}),
         3: (_ABC, {0: [_B, _C], 1: [_A, _C], 2: [_AB]}, {1: [_B, _C], 2: [_C]}),
@@ -450,9 +451,11 @@ def test_trivial_consistency() -> None:
         (lambda: merkle.CompactRange.from_leaf_hashes([b"short"]), "leaf hash 0"),
     ],
 )
-def test_bad_indices_and_sizes_are_invalid_requests(call: object, message: str) -> None:
+def test_bad_indices_and_sizes_are_invalid_requests(
+    call: Callable[[], object], message: str
+) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        call()  # type: ignore[operator]
+        call()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from typing import Any
 
 import pytest
 import umbral_pre as umbral
@@ -87,7 +88,10 @@ def test_active_grant_is_allowed_and_names_its_block(query: ReencryptionQuery) -
 
 
 def _with(
-    state: AccessState, *, record: dict | None = None, grant: dict | None = None
+    state: AccessState,
+    *,
+    record: dict[str, Any] | None = None,
+    grant: dict[str, Any] | None = None,
 ) -> AccessState:
     return dataclasses.replace(
         state,
@@ -110,7 +114,7 @@ def _with(
         ({"grant": {"grantee_umbral_key": b"\x02" + b"\x07" * 32}}, "receiving_key_mismatch"),
     ],
 )
-def test_each_rule_denies(query: ReencryptionQuery, change: dict, code: str) -> None:
+def test_each_rule_denies(query: ReencryptionQuery, change: dict[str, Any], code: str) -> None:
     decision = judge(query, _with(_state(query), **change), NOW)
     assert not decision.allowed
     assert decision.code == code
@@ -166,6 +170,7 @@ def test_unknown_record_is_not_found(query: ReencryptionQuery) -> None:
 
 def test_expiry_uses_the_later_of_chain_time_and_wall_clock(query: ReencryptionQuery) -> None:
     state = _state(query)
+    assert state.grant is not None
     expires = state.grant.expires_at
     # chain is ahead of the wall clock (anvil time travel, or a skewed node clock)
     ahead = dataclasses.replace(state, block_timestamp=expires + 1)

@@ -53,7 +53,8 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture(scope="module")
 def requester() -> LocalAccount:
-    return Account.create()
+    account: LocalAccount = Account.create()
+    return account
 
 
 def _random_address(rng: random.Random) -> str:

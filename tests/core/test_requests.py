@@ -178,6 +178,6 @@ def _sealed(record_type: int = 1, key: bytes = b"\x02" * 33, size: int = 350) ->
         ({"receiving_key": b"\x02" * 5}, "receiving_key"),
     ],
 )
-def test_bad_enrollments_are_refused_by_name(changes: dict, fragment: str) -> None:
+def test_bad_enrollments_are_refused_by_name(changes: dict[str, object], fragment: str) -> None:
     with pytest.raises(InvalidRequest, match=fragment):
         Enrollment.parse(_enrollment(**changes))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy import certs
-from deploy.certs import ClusterCa
+from deploy.certs import CertFiles, ClusterCa
 
 
 def load(path: Path) -> x509.Certificate:
@@ -33,8 +34,9 @@ def usages(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
 def test_ca_is_a_p256_ca_valid_for_a_year(tmp_path: Path) -> None:
     ca = ClusterCa.ensure(tmp_path / "tls")
     cert = load(ca.ca_cert)
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime == certs.VALIDITY + certs.BACKDATE
@@ -67,8 +69,8 @@ def test_private_keys_are_0600_and_match_their_certs(tmp_path: Path) -> None:
     for key in [tmp_path / "ca.key", *(f.key for f in issued)]:
         assert key.stat().st_mode & 0o777 == 0o600, key
     for files in issued:
-        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
-        assert load(files.cert).public_key() == key.public_key()
+        private_key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        assert load(files.cert).public_key() == private_key.public_key()
 
 
 def test_repr_shows_no_key(tmp_path: Path) -> None:
@@ -102,11 +104,13 @@ def test_a_new_ca_reissues_every_certificate(tmp_path: Path) -> None:
         pytest.param(lambda f: f.cert.write_text("not a certificate"), id="cert garbled"),
     ],
 )
-def test_unusable_leaf_files_are_replaced(tmp_path: Path, spoil: object) -> None:
+def test_unusable_leaf_files_are_replaced(
+    tmp_path: Path, spoil: Callable[[CertFiles], object]
+) -> None:
     ca = ClusterCa.ensure(tmp_path)
     files = ca.server_cert("node-1")
     old = files.cert.read_bytes()
-    spoil(files)  # type: ignore[operator]
+    spoil(files)
     assert ca.server_cert("node-1") == files
     assert files.cert.read_bytes() != old
     assert files.key.stat().st_mode & 0o777 == 0o600

@@ -42,10 +42,11 @@ def capsule_of(people: People, storage_uri: str) -> bytes:
     return bytes(parse_envelope(people.cluster.blob_store().get(storage_uri)).capsule)
 
 
-def node_refusal(people: People, request: common_pb2.ReencryptionRequest) -> grpc.RpcError:
+def node_refusal(people: People, request: common_pb2.ReencryptionRequest) -> grpc.Call:
     with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)
+    assert isinstance(caught.value, grpc.Call)
     return caught.value
 
 
@@ -68,12 +69,11 @@ def kfrag_for(patient: Identity, record_type: RecordType, receiving_key: bytes) 
     )
 
 
-def enrollment_refusal(
-    people: People, request: common_pb2.EnrollKeyFragmentRequest
-) -> grpc.RpcError:
+def enrollment_refusal(people: People, request: common_pb2.EnrollKeyFragmentRequest) -> grpc.Call:
     with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).EnrollKeyFragment(request, timeout=5)
+    assert isinstance(caught.value, grpc.Call)
     return caught.value
 
 
@@ -192,6 +192,7 @@ def test_every_node_refuses_a_retired_capsule_whatever_record_is_named(people: P
         with people.cluster.transport.channel(node.address) as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 NodeStub(channel).Reencrypt(request, timeout=5)
+        assert isinstance(caught.value, grpc.Call)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, node.node_id
         assert "capsule belongs to a record the patient deactivated" in caught.value.details()
     with people.provider() as doctor:
@@ -226,6 +227,7 @@ def test_enrollment_by_someone_who_is_not_the_patient_is_refused(
         coordinator.EnrollKeyFragments(
             coordinator_pb2.RelayEnrollmentsRequest(enrollments=forged), timeout=10
         )
+    assert isinstance(relayed.value, grpc.Call)
     assert relayed.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "signature is not by the patient" in relayed.value.details()
     # And straight to a node, which checks it again.
@@ -412,7 +414,9 @@ def test_an_emergency_window_longer_than_the_maximum_is_refused(people: People) 
 REQUESTER_BURST, PEER_REFUSAL_BURST, PEER_REFUSALS_PER_S = 200, 20, 5.0
 
 
-def flood(coordinator: CoordinatorStub, requests: list[common_pb2.ReencryptionRequest]) -> Counter:
+def flood(
+    coordinator: CoordinatorStub, requests: list[common_pb2.ReencryptionRequest]
+) -> Counter[grpc.StatusCode]:
     """Send every request at once; how each was answered."""
     calls = [coordinator.Reencrypt.future(r, timeout=10) for r in requests]
     return Counter(call.exception().code() for call in calls)  # type: ignore[union-attr]

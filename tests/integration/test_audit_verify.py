@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
 from cli import kmsctl
@@ -256,8 +257,10 @@ def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     exported = run_kmsctl(cluster, "audit", "export", "--format", "fhir", "--out", str(out))
     assert exported.code == 0, exported.err
     bundle = Bundle.model_validate_json(out.read_text())
-    assert len(bundle.entry) == len(rows)
-    outcomes = {e.resource.outcome for e in bundle.entry}
+    assert bundle.entry is not None
+    events = [e.resource for e in bundle.entry if isinstance(e.resource, AuditEvent)]
+    assert len(events) == len(bundle.entry) == len(rows)
+    outcomes = {e.outcome for e in events}
     assert outcomes == {"0", "4"}
 
 

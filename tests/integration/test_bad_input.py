@@ -39,10 +39,13 @@ def coordinator_channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
         yield channel
 
 
-def _raw_call(channel: grpc.Channel, service: str, method: str, payload: bytes) -> grpc.RpcError:
-    call = channel.unary_unary(f"/kms.v1.{service}/{method}")
+def _raw_call(channel: grpc.Channel, service: str, method: str, payload: bytes) -> grpc.Call:
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        f"/kms.v1.{service}/{method}"
+    )
     with pytest.raises(grpc.RpcError) as caught:
         call(payload, timeout=5)
+    assert isinstance(caught.value, grpc.Call)
     return caught.value
 
 
@@ -187,8 +190,10 @@ def test_servers_keep_serving_after_bad_input(
 ) -> None:
     for payload in [GARBAGE, BAD_UTF8, b"\x00" * 1000]:
         for method in NODE_METHODS:
+            raw: grpc.UnaryUnaryMultiCallable[bytes, bytes]
+            raw = node_channel.unary_unary(f"/kms.v1.KmsNode/{method}")
             try:
-                node_channel.unary_unary(f"/kms.v1.KmsNode/{method}")(payload, timeout=5)
+                raw(payload, timeout=5)
             except grpc.RpcError as e:
                 assert e.code() != grpc.StatusCode.INTERNAL
     info = NodeStub(node_channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)

@@ -206,6 +206,7 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
         refs.append(common_pb2.CapsuleRef(record_id=b"\x77" * 32, record_type=lab, capsule=capsule))
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).ReencryptBatch(signed(refs), timeout=10)
+        assert isinstance(caught.value, grpc.Call)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "1 to 64 capsules" in caught.value.details()
 

@@ -56,7 +56,7 @@ class HostileAuditService:
                         row = audit_pb2.AuditLogEntry(leaf_index=row.leaf_index, entry=entry)
                 yield row
 
-        def unary(name: str, request_type: Any) -> grpc.RpcMethodHandler:
+        def unary(name: str, request_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
             call = getattr(stub, name)
             return grpc.unary_unary_rpc_method_handler(
                 lambda request, _context: call(request, timeout=30),
@@ -91,7 +91,9 @@ def hostile_nodes(
 ) -> Iterator[Callable[[NodeInfo], grpc.Channel]]:
     """A channel factory: node-1 is reached directly; node-2 serves NESTED, node-3 HUGE,
     node-4 WRONG_TYPE, node-5 stalls beyond the auditor's deadline."""
-    monkeypatch.setitem(auditor.GrpcLogSource.__init__.__kwdefaults__, "timeout_s", CALL_TIMEOUT_S)
+    kwdefaults = auditor.GrpcLogSource.__init__.__kwdefaults__
+    assert kwdefaults is not None
+    monkeypatch.setitem(kwdefaults, "timeout_s", CALL_TIMEOUT_S)
     direct = channel_factory(cluster.transport)
     behaviours: dict[str, dict[str, Any]] = {
         "node-2": {"entry": NESTED},

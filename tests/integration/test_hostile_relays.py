@@ -51,7 +51,11 @@ def _corrupt(cfrag: bytes) -> bytes:
 
 
 def _serve(
-    service: Any, handlers: dict[str, grpc.RpcMethodHandler], transport: Transport, *, mtls: bool
+    service: Any,
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]],
+    transport: Transport,
+    *,
+    mtls: bool,
 ) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
@@ -63,7 +67,7 @@ def _serve(
 
 def _unary(
     request: type[Any], response: type[Any], handler: Callable[[Any, Any], Any]
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(
         handler,
         request_deserializer=request.FromString,
@@ -106,7 +110,7 @@ class LyingNode:
         self.corrupted += 1
         return response
 
-    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         return {
             "Reencrypt": _unary(
                 common_pb2.ReencryptionRequest, node_pb2.ReencryptResponse, self.reencrypt

@@ -85,9 +85,12 @@ def hsm_store(provisioned_token: SoftHsmToken) -> Iterator[Pkcs11KeyStore]:
 def _open(request: pytest.FixtureRequest, *, own_token: bool) -> KeyStore:
     if request.param == "memory":
         return MemoryKeyStore()
-    if own_token:
-        return request.getfixturevalue("softhsm_dir").new_token().open()  # type: ignore[no-any-return]
-    return request.getfixturevalue("provisioned_token").open()  # type: ignore[no-any-return]
+    token: SoftHsmToken = (
+        request.getfixturevalue("softhsm_dir").new_token()
+        if own_token
+        else request.getfixturevalue("provisioned_token")
+    )
+    return token.open()
 
 
 @pytest.fixture(params=["memory", pytest.param("softhsm", marks=pytest.mark.softhsm)])

@@ -124,14 +124,16 @@ def test_an_emergency_window_lasts_while_its_responder_holds_the_role(
     # window, as the registry's views say; given back, the role revives it.
     chain.mine(EmergencyRoleChanged(3, 1003, other, False))
     f.sync_once()
-    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant.active  # type: ignore[union-attr]
+    unchanged = f.access_state(RECORD, GRANTEE, CAPSULE).grant
+    assert unchanged is not None and unchanged.active
     chain.mine(EmergencyRoleChanged(4, 1004, GRANTEE, False))
     f.sync_once()
     ended = f.access_state(RECORD, GRANTEE, CAPSULE).grant
     assert ended is not None and not ended.active and ended.emergency
     chain.mine(EmergencyRoleChanged(5, 1005, GRANTEE, True))
     f.sync_once()
-    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant.active  # type: ignore[union-attr]
+    revived = f.access_state(RECORD, GRANTEE, CAPSULE).grant
+    assert revived is not None and revived.active
 
 
 def test_losing_the_emergency_role_leaves_ordinary_grants_alone(
@@ -212,11 +214,11 @@ def test_a_long_catch_up_counts_as_lag(
     seen = []
     original = chain.events
 
-    def spy(start: int, end: int) -> list[RegistryEvent]:
+    def spy(from_block: int, to_block: int) -> list[RegistryEvent]:
         seen.append(f.staleness())
-        return original(start, end)
+        return original(from_block, to_block)
 
-    chain.events = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(chain, "events", spy)
     f.sync_once()
     assert seen[0] is not None and "blocks behind" in seen[0]
     assert f.staleness() is None

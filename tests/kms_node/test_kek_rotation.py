@@ -65,8 +65,9 @@ def enroll(keystore: KeyStore, kfrags: KfragStore) -> dict[tuple[str, int], byte
 def stored(kfrags: KfragStore) -> list[StoredKfrag]:
     found = [kfrags.get(PATIENT, g, t) for g, t in [(GRANTEES[0], 1), (GRANTEES[0], 2)]]
     found.append(kfrags.get(PATIENT, GRANTEES[1], 1))
-    assert all(item is not None for item in found)
-    return found  # type: ignore[return-value]
+    present = [item for item in found if item is not None]
+    assert len(present) == len(found)
+    return present
 
 
 def test_rotation_wraps_every_kfrag_again_and_destroys_the_old_key(

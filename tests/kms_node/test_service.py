@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import umbral_pre as umbral
@@ -29,6 +30,7 @@ from core.registry_types import (
     AccessRevoked,
     AccessState,
     BlockRef,
+    CheckpointAnchor,
     EmergencyOptIn,
     EmergencyOptInChanged,
     GrantInfo,
@@ -58,7 +60,8 @@ DOMAIN = Domain(31337, "0x" + "ab" * 20)
 
 
 class MemoryRegistry:
-    """Just enough registry for one patient, one grantee and one record."""
+    """Just enough registry for one patient, one grantee and one record, all at block 7:
+    the chain (a RegistryReader) and the node's index (an IndexedState) at once."""
 
     def __init__(self) -> None:
         self.patients: dict[str, PatientInfo] = {}
@@ -66,13 +69,39 @@ class MemoryRegistry:
         self.records: dict[bytes, RecordInfo] = {}
         self.opt_ins: dict[tuple[str, str], EmergencyOptIn] = {}
 
+    @property
+    def address(self) -> str:
+        return DOMAIN.registry_address
+
+    def signing_domain(self) -> Domain:
+        return DOMAIN
+
+    def latest_block(self) -> tuple[int, int]:
+        return 7, NOW
+
+    def block_of_transaction(self, tx_hash: str) -> int:
+        raise AssertionError("the node sends no transactions")
+
+    def list_nodes(self) -> list[NodeInfo]:
+        raise AssertionError("the node does not list the nodes")
+
+    def checkpoint_anchors(
+        self, node_id: str, from_block: int = 0, to_block: int | None = None
+    ) -> list[CheckpointAnchor]:
+        raise AssertionError("the node does not read its anchors back")
+
     def get_patient(self, address: str) -> PatientInfo | None:
         return self.patients.get(address)
 
     def patient(self, address: str) -> PatientInfo | None:
         return self.patients.get(address)
 
-    def get_grant(self, patient: str, grantee: str) -> GrantInfo | None:
+    def get_record(self, record_id: bytes) -> RecordInfo | None:
+        return self.records.get(record_id)
+
+    def get_grant(
+        self, patient: str, grantee: str, *, block: int | None = None
+    ) -> GrantInfo | None:
         return self.grants.get((patient, grantee))
 
     def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None:
@@ -84,7 +113,9 @@ class MemoryRegistry:
     def index_block(self) -> int:
         return 7
 
-    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
+    ) -> AccessState:
         record = self.records.get(record_id)
         grant = self.grants.get((record.patient, grantee)) if record else None
         retired = any(
@@ -593,10 +624,12 @@ class ChainReads:
         self.access_reads = 0
         self.block_number = 7
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.registry, name)
 
-    def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
+    ) -> AccessState:
         self.access_reads += 1
         state = self.registry.access_state(record_id, grantee, capsule_hash)
         return dataclasses.replace(state, block_number=self.block_number)
@@ -612,6 +645,9 @@ class StaleIndex:
     def index_block(self) -> int:
         return self.block
 
+    def patient(self, address: str) -> PatientInfo | None:
+        return self.registry.patient(address)
+
     def access_state(self, record_id: bytes, grantee: str, capsule_hash: bytes) -> AccessState:
         state = self.registry.access_state(record_id, grantee, capsule_hash)
         return dataclasses.replace(state, grant=None, block_number=self.block)
@@ -624,7 +660,7 @@ def node_on(
         node_id="node-t",
         keystore=world.keystore,
         kfrags=world.kfrags,
-        registry=chain,  # type: ignore[arg-type]
+        registry=chain,
         index=index,
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,

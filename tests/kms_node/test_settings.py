@@ -235,11 +235,14 @@ def test_a_pin_file_readable_by_group_or_others_is_refused(
 def test_group_read_is_accepted_only_through_the_group_of_a_mounted_secret() -> None:
     """A Kubernetes secret mounted with fsGroup: root-owned, mode 0440, the pod's group."""
     me, pod_group, groups = 1000, 2000, frozenset({2000})
-    mounted = dict(owner=0, group=pod_group, euid=me, groups=groups)
-    assert pin_file_mode_problem(0o100440, **mounted) is None
-    assert pin_file_mode_problem(0o100400, **mounted) is None
-    assert pin_file_mode_problem(0o100460, **mounted) is not None  # group write
-    assert pin_file_mode_problem(0o100444, **mounted) is not None  # world-readable
+
+    def mounted_problem(mode: int) -> str | None:
+        return pin_file_mode_problem(mode, owner=0, group=pod_group, euid=me, groups=groups)
+
+    assert mounted_problem(0o100440) is None
+    assert mounted_problem(0o100400) is None
+    assert mounted_problem(0o100460) is not None  # group write
+    assert mounted_problem(0o100444) is not None  # world-readable
     # Its own file, or another group's, must be owner-only.
     assert pin_file_mode_problem(0o100440, me, pod_group, euid=me, groups=groups) is not None
     assert pin_file_mode_problem(0o100440, 0, 3000, euid=me, groups=groups) is not None
