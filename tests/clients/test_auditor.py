@@ -20,7 +20,7 @@ from eth_account.signers.local import LocalAccount
 from clients.audit.auditor import CachedChain, audit_cluster, channel_factory
 from clients.sdk.identity import Identity
 from core.audit import AuditEntry
-from core.audit_verify import Check
+from core.audit_findings import Check
 from core.errors import ChainRejected, InvalidRequest
 from core.policy import judge
 from core.record_types import RecordType, to_mask

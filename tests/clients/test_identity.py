@@ -8,6 +8,7 @@ import umbral_pre as umbral
 from clients.sdk.identity import Identity
 from core.errors import InvalidRequest
 from core.record_types import RecordType
+from core.umbral_codec import VerificationError
 
 
 def test_identity_roundtrip_keeps_every_key(tmp_path: Path) -> None:
@@ -59,7 +60,7 @@ def test_a_lab_result_kfrag_cannot_open_a_diagnosis() -> None:
     capsule, ciphertext = umbral.encrypt(diagnosis_key, b"d" * 32)
     cfrag = umbral.reencrypt(capsule, lab_kfrags[0])
     verifying_key = umbral.PublicKey.from_compressed_bytes(alice.verifying_key())
-    with pytest.raises(umbral.VerificationError):
+    with pytest.raises(VerificationError):
         umbral.CapsuleFrag.from_bytes(bytes(cfrag)).verify(
             capsule, verifying_key, diagnosis_key, bob_pk
         )
