@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from core import bounded_json, merkle
 from core.addresses import is_checksummed
 from core.errors import IntegrityError, InvalidRequest
+from core.formats import hex_0x
 from core.record_types import RecordType
 
 #: version 2 entries record the request's record type and receiving key; version 1
@@ -99,10 +100,6 @@ def _check_node_id(value: str) -> bytes:
 def _check_address(value: str, what: str) -> None:
     if not is_checksummed(value):
         raise InvalidRequest(f"{what} must be an EIP-55 checksummed address")
-
-
-def _hex(data: bytes) -> str:
-    return "0x" + data.hex()
 
 
 def _unhex(value: object, what: str) -> bytes:
@@ -205,7 +202,7 @@ class AuditEntry:
                 continue
             if name == "record_type":
                 value = int(value)
-            fields[name] = _hex(value) if name in _BYTES_FIELDS else value
+            fields[name] = hex_0x(value) if name in _BYTES_FIELDS else value
         return json.dumps(
             fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         ).encode("ascii")

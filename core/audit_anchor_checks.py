@@ -7,18 +7,14 @@ beyond the :class:`~core.audit_sources.LogSource` it is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
 from core.audit_findings import Check, Findings, VerifiedPrefix
 from core.audit_log_checks import ServedLog
 from core.audit_sources import LogSource
 from core.errors import InvalidRequest, KmsError
+from core.formats import iso_utc
 from core.registry_types import CheckpointAnchor, NodeInfo
-
-
-def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def extends_prefix(
@@ -29,7 +25,7 @@ def extends_prefix(
     verified, size = prefix.checkpoint, checkpoint.tree_size
     earlier = (
         f"the {verified.tree_size} entries an earlier audit verified (checkpoint of "
-        f"{_iso(verified.timestamp)})"
+        f"{iso_utc(verified.timestamp)})"
     )
     if size < verified.tree_size:
         findings.fail(
@@ -196,8 +192,8 @@ def _name_rewrite(
         if entry is not None and entry.time > anchor.timestamp:
             findings.fail(
                 Check.REWRITTEN,
-                f"written at {_iso(entry.time)}, after the checkpoint anchored in block "
-                f"{anchor.block} (signed at {_iso(anchor.timestamp)}, {anchor.tree_size} "
+                f"written at {iso_utc(entry.time)}, after the checkpoint anchored in block "
+                f"{anchor.block} (signed at {iso_utc(anchor.timestamp)}, {anchor.tree_size} "
                 "entries) already held an entry at this index: the log was truncated "
                 "here and re-appended",
                 index,

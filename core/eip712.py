@@ -28,6 +28,7 @@ from eth_hash.auto import keccak
 
 from core.addresses import checksum, is_valid
 from core.errors import InvalidRequest
+from core.formats import hex_0x
 
 WORD: Final = 32
 
@@ -72,10 +73,6 @@ def _string_hash(value: str) -> bytes:
     return keccak(value.encode("utf-8"))
 
 
-def _hex(value: bytes) -> str:
-    return "0x" + value.hex()
-
-
 @dataclass(frozen=True)
 class MemberType:
     """An EIP-712 member type: its name in a type string, what a value of it must be
@@ -116,11 +113,11 @@ def _uint(bits: int) -> MemberType:
 # Atomic types are one word each (addresses are held in their EIP-55 checksum form);
 # the dynamic ``bytes`` and ``string`` encode as the keccak256 of their contents.
 ADDRESS: Final = MemberType("address", _checked_address, _address_word, str)
-BYTES32: Final = MemberType("bytes32", _checked_bytes32, bytes, _hex)
+BYTES32: Final = MemberType("bytes32", _checked_bytes32, bytes, hex_0x)
 UINT8: Final = _uint(8)
 UINT64: Final = _uint(64)
 UINT256: Final = _uint(256)
-BYTES: Final = MemberType("bytes", _checked_bytes, keccak, _hex)
+BYTES: Final = MemberType("bytes", _checked_bytes, keccak, hex_0x)
 STRING: Final = MemberType("string", _checked_string, _string_hash, str)
 
 

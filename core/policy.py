@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, Protocol
 
 from core.errors import AccessDenied, KmsError, NotFound
+from core.formats import iso_utc
 from core.record_types import RecordType, from_mask
 from core.registry_types import AccessState
 
@@ -107,10 +107,6 @@ class Decision:
         return AccessDenied(self.reason)
 
 
-def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def judge(query: Request, state: AccessState, wall_clock: int) -> Decision:
     def deny(code: Reason, reason: str) -> Decision:
         return Decision(False, code, reason, state.block_number, state.block_hash)
@@ -149,7 +145,7 @@ def judge(query: Request, state: AccessState, wall_clock: int) -> Decision:
         return deny(Reason.GRANT_REVOKED, "grant has been revoked by the patient")
     now = max(state.block_timestamp, wall_clock)
     if now >= grant.expires_at:
-        return deny(Reason.GRANT_EXPIRED, f"grant expired at {_iso(grant.expires_at)}")
+        return deny(Reason.GRANT_EXPIRED, f"grant expired at {iso_utc(grant.expires_at)}")
     if record.record_type not in from_mask(grant.allowed_types_mask):
         return deny(
             Reason.TYPE_NOT_ALLOWED, f"grant does not cover record type {record.record_type.label}"

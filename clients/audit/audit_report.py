@@ -11,12 +11,12 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from clients.audit.auditor import ClusterReport
 from core.audit_findings import EntryResult, NodeReport
+from core.formats import hex_0x, iso_utc
 
 CSV_COLUMNS: Final = (
     "node",
@@ -34,14 +34,6 @@ CSV_COLUMNS: Final = (
     "verdict",
     "problem",
 )
-
-
-def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _hex(data: bytes) -> str:
-    return "0x" + data.hex()
 
 
 def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
@@ -65,10 +57,10 @@ def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
     }
     if entry is not None:
         row.update(
-            time=_iso(entry.time),
+            time=iso_utc(entry.time),
             requester=entry.requester,
             patient=entry.patient,
-            record=_hex(entry.record_id),
+            record=hex_0x(entry.record_id),
             # recorded by version 2 entries only
             record_type=entry.record_type.label if entry.record_type is not None else "",
             purpose=entry.purpose_of_use,
@@ -93,8 +85,8 @@ def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
         "node_id": node.node_id,
         "ok": node.ok,
         "tree_size": cp.tree_size if cp is not None else None,
-        "root": _hex(cp.root) if cp is not None else None,
-        "checkpoint_time": _iso(cp.timestamp) if cp is not None else None,
+        "root": hex_0x(cp.root) if cp is not None else None,
+        "checkpoint_time": iso_utc(cp.timestamp) if cp is not None else None,
         "entries": len(node.entries),
         "first_entry_read": node.start,
         "granted": node.granted,

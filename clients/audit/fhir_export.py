@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 from core.audit import GRANTED, AuditEntry
 from core.audit_findings import NodeReport
 from core.errors import KmsError
+from core.formats import hex_0x, iso_utc
 from core.policy import Reason
 from core.requests import PURPOSES_OF_USE
 
@@ -36,14 +36,6 @@ _ID_NAMESPACE: Final = uuid.UUID("6f1c1a52-2f35-5d0c-9d55-6d65646b6d73")
 #: refusals by the access policy or for want of a kfrag: the request was wrong, the node was
 #: not (AuditEvent outcome 4, "minor failure"); any other code is 8, "serious failure"
 _MINOR_DENIALS: Final = frozenset(Reason) - {Reason.GRANTED}
-
-
-def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _hex(data: bytes) -> str:
-    return "0x" + data.hex()
 
 
 def _coding(system: str, code: str, display: str) -> dict[str, str]:
@@ -77,11 +69,11 @@ def audit_event(node_id: str, leaf_index: int, entry: AuditEntry, chain_id: int)
         ("decision", entry.decision),
         ("reason_code", entry.reason_code),
         ("block_number", str(entry.block_number)),
-        ("block_hash", _hex(entry.block_hash)),
+        ("block_hash", hex_0x(entry.block_hash)),
         ("audit_leaf_index", str(leaf_index)),
     ]
     if entry.cfrag_hash:
-        details.append(("cfrag_sha256", _hex(entry.cfrag_hash)))
+        details.append(("cfrag_sha256", hex_0x(entry.cfrag_hash)))
     resource_id = uuid.uuid5(_ID_NAMESPACE, f"{node_id}/{leaf_index}/{entry.leaf_hash().hex()}")
     return {
         "resourceType": "AuditEvent",
@@ -95,7 +87,7 @@ def audit_event(node_id: str, leaf_index: int, entry: AuditEntry, chain_id: int)
             )
         ],
         "action": "E",
-        "recorded": _iso(entry.time),
+        "recorded": iso_utc(entry.time),
         "outcome": outcome,
         "outcomeDesc": entry.reason,
         "purposeOfEvent": purpose,
@@ -121,14 +113,14 @@ def audit_event(node_id: str, leaf_index: int, entry: AuditEntry, chain_id: int)
                 "role": _coding(OBJECT_ROLE, "1", "Patient"),
             },
             {
-                "what": {"identifier": {"system": MEDKMS_RECORD, "value": _hex(entry.record_id)}},
+                "what": {"identifier": {"system": MEDKMS_RECORD, "value": hex_0x(entry.record_id)}},
                 "type": _coding(ENTITY_TYPE, "2", "System Object"),
                 "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
                 "detail": [{"type": k, "valueString": v} for k, v in details],
             },
             {
                 "what": {
-                    "identifier": {"system": MEDKMS_CAPSULE, "value": _hex(entry.capsule_hash)}
+                    "identifier": {"system": MEDKMS_CAPSULE, "value": hex_0x(entry.capsule_hash)}
                 },
                 "type": _coding(ENTITY_TYPE, "2", "System Object"),
                 "description": "SHA-256 of the Umbral capsule of the record's data key",
@@ -150,7 +142,7 @@ def fhir_bundle(nodes: Sequence[NodeReport], chain_id: int, *, now: int) -> str:
     bundle = {
         "resourceType": "Bundle",
         "type": "collection",
-        "timestamp": _iso(now),
+        "timestamp": iso_utc(now),
         "entry": entries,
     }
     try:
