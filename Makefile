@@ -64,7 +64,7 @@ clean:
 
 # Benchmarks (issue 5): baseline, one node, the 3-of-5 cluster, scaling and
 # revocation in one run; writes benchmarks/results/ and the README's results.
-.PHONY: bench bench-quick bench-flood
+.PHONY: bench bench-quick bench-flood bench-hung-node
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness
@@ -76,3 +76,7 @@ bench-quick: setup
 # Flood resistance (issue 10): a granted doctor's p50 idle and under two floods.
 bench-flood: setup
 	$(BIN)/python -m benchmarks.flood --out benchmarks/results/flood.json
+
+# One node of 3-of-5 SIGSTOPped under load, then recovered (issue 13).
+bench-hung-node: setup
+	$(BIN)/python -m benchmarks.hung_node --out benchmarks/results/hung_node.json

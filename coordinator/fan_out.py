@@ -13,14 +13,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
+import structlog
 
 from coordinator.cfrag_verifier import CfragVerifier
 from coordinator.node_connections import NodeClient, RoundRobin
-from coordinator.node_pool import NodePool
+from coordinator.node_pool import NodePool, Rotation
 from coordinator.threshold import FragmentCollector
 from core.errors import KmsError
 from proto import rpc
 from proto.kms.v1 import common_pb2, node_pb2
+
+log = structlog.get_logger("medkms.coordinator")
 
 BAD_CFRAG = "returned a capsule fragment that does not verify"
 
@@ -131,14 +134,28 @@ async def fan_out(
                     response = task.result()
                 except grpc.RpcError as e:
                     error = rpc.error_from_rpc(e)
-                    pool.answered(node_id, latency, error.grpc_status, time.monotonic())
+                    _log_rotation(
+                        node_id,
+                        pool.answered(node_id, latency, error.grpc_status, time.monotonic()),
+                    )
                     collection.fail(node_id, error.grpc_status, error.message)
                     continue
-                pool.succeeded(node_id, latency)
+                _log_rotation(node_id, pool.succeeded(node_id, latency))
                 collection.take(node_id, response)
             launch(collection.more_needed(len(tasks)))
     finally:
         # Cancelling saves us waiting, not the node's work: that is why only as
-        # many nodes as needed are asked.
-        for task in tasks:
+        # many nodes as needed are asked. A node still silent after the hedge delay
+        # was served around: it counts against the node (a hung node never answers).
+        now = loop.time()
+        for task, (node_id, started) in tasks.items():
             task.cancel()
+            change = pool.abandoned(node_id, now - started, hedge_delay, time.monotonic())
+            _log_rotation(node_id, change)
+
+
+def _log_rotation(node_id: str, change: Rotation | None) -> None:
+    if change is Rotation.OUT:
+        log.warning("node_out_of_rotation", node_id=node_id)
+    elif change is Rotation.BACK:
+        log.info("node_back_in_rotation", node_id=node_id)

@@ -5,6 +5,15 @@ request goes to the ``threshold`` best nodes; another is added when one fails
 or when the hedge delay, learnt from recent latencies, passes without enough
 answers. Asking fewer nodes matters: a cancelled call still costs its node the
 whole re-encryption.
+
+A node is taken out of rotation by a fault (an error status that says it is
+unwell, a timeout) and equally by a call that was hedged around and abandoned
+unanswered: a hung node (SIGSTOPped, wedged) never answers at all, so without
+that it would be asked first on every request for as long as it hangs. Out of
+rotation it is asked only when the healthy nodes are not enough, for a cooldown
+that doubles with each consecutive strike. When the cooldown ends it is half-open:
+exactly one request probes it (others keep passing it over) and its answer puts
+it back in rotation, with the latency just measured, or out again for longer.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 # Statuses that say a node is unwell, as opposed to a judgement about the request.
 NODE_FAULTS = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS"})
@@ -23,11 +33,23 @@ BASE_COOLDOWN_S = 0.5
 MAX_COOLDOWN_S = 30.0
 
 
+class Rotation(Enum):
+    """A change in whether the pool sends a node its share of requests."""
+
+    OUT = "out"  # faulted or hung: passed over until its cooldown ends
+    BACK = "back"  # answered its probe: in rotation again
+
+
 @dataclass
 class NodeHealth:
     latency_s: float | None = None
     consecutive_faults: int = 0
     cooldown_until: float = 0.0
+    #: a request is probing this node after its cooldown; others pass it over
+    probing: bool = False
+
+    def out_of_rotation(self, now: float) -> bool:
+        return self.cooldown_until > now or self.probing
 
 
 class NodePool:
@@ -38,18 +60,33 @@ class NodePool:
         self._max_hedge_s = max_hedge_s
 
     def plan(self, now: float) -> list[str]:
-        """All nodes, best first: healthy ones by latency (unknown first, to learn
-        it), then those cooling down after faults, soonest-recovered first."""
+        """All nodes, best first: one whose cooldown has just ended (its probe; it is
+        marked so that concurrent requests pass it over until it answers), then
+        healthy ones by latency (unknown first, to learn it), then those out of
+        rotation, soonest-recovered first."""
         order = self.node_ids[:]
         random.shuffle(order)  # spreads load between equally good nodes
+        probe = next((n for n in order if self._due_for_probe(n, now)), None)
+        if probe is not None:
+            self.health[probe].probing = True
 
         def rank(node_id: str) -> tuple[int, float]:
             h = self.health[node_id]
-            if h.cooldown_until > now:
-                return (1, h.cooldown_until)
-            return (0, -1.0 if h.latency_s is None else h.latency_s)
+            if node_id == probe:
+                return (0, 0.0)
+            if h.out_of_rotation(now):
+                return (2, h.cooldown_until)
+            return (1, -1.0 if h.latency_s is None else h.latency_s)
 
         return sorted(order, key=rank)
+
+    def _due_for_probe(self, node_id: str, now: float) -> bool:
+        h = self.health[node_id]
+        return h.consecutive_faults > 0 and not h.probing and h.cooldown_until <= now
+
+    def in_rotation(self, now: float) -> list[str]:
+        """The nodes a request is sent to when all is well (for metrics and logs)."""
+        return [n for n in self.node_ids if not self.health[n].out_of_rotation(now)]
 
     def hedge_delay(self) -> float:
         """Wait this long for answers before asking one more node: a little over the
@@ -60,23 +97,44 @@ class NodePool:
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         return min(self._max_hedge_s, max(MIN_HEDGE_S, 1.5 * p95))
 
-    def succeeded(self, node_id: str, latency_s: float) -> None:
+    def succeeded(self, node_id: str, latency_s: float) -> Rotation | None:
         h = self.health[node_id]
+        back = h.consecutive_faults > 0
         h.latency_s = (
+            # Back from a strike, the node is judged on what it does now.
             latency_s
-            if h.latency_s is None
+            if h.latency_s is None or back
             else ((1 - EWMA_WEIGHT) * h.latency_s + EWMA_WEIGHT * latency_s)
         )
         h.consecutive_faults = 0
         h.cooldown_until = 0.0
+        h.probing = False
         self._recent.append(latency_s)
+        return Rotation.BACK if back else None
 
-    def answered(self, node_id: str, latency_s: float, status: str, now: float) -> None:
-        """A call ended with an error ``status``; faults put the node in cooldown."""
+    def answered(self, node_id: str, latency_s: float, status: str, now: float) -> Rotation | None:
+        """A call ended with an error ``status``; faults take the node out of rotation."""
         if status not in NODE_FAULTS:
-            self.succeeded(node_id, latency_s)  # a refusal is a healthy answer
-            return
+            return self.succeeded(node_id, latency_s)  # a refusal is a healthy answer
+        return self._strike(node_id, now)
+
+    def abandoned(
+        self, node_id: str, waited_s: float, hedge_delay_s: float, now: float
+    ) -> Rotation | None:
+        """A call was still unanswered when its request finished. Having waited longer
+        than the hedge delay, the request was served around the node: that is a strike,
+        as a fault is. A call abandoned sooner (a hedge the request did not need after
+        all) says nothing about the node."""
+        if waited_s < hedge_delay_s:
+            self.health[node_id].probing = False  # unanswered probe: the next request asks
+            return None
+        return self._strike(node_id, now)
+
+    def _strike(self, node_id: str, now: float) -> Rotation | None:
         h = self.health[node_id]
+        was_in = not h.out_of_rotation(now)
         h.consecutive_faults += 1
+        h.probing = False
         backoff = BASE_COOLDOWN_S * 2 ** (h.consecutive_faults - 1)
         h.cooldown_until = now + min(MAX_COOLDOWN_S, backoff)
+        return Rotation.OUT if was_in else None

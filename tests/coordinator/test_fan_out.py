@@ -5,6 +5,7 @@ real Umbral key fragments; timing is controlled by the fakes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,18 @@ def test_a_slow_node_is_hedged(world: World) -> None:
     assert "node-1" not in {f.node_id for f in response.fragments}
     assert len(response.fragments) == 3
     assert world.nodes["node-1"].calls == 1
+
+
+def test_a_hung_node_is_asked_once_not_on_every_request(world: World) -> None:
+    for _ in range(2):  # the pool has learnt that node-1 is the fastest
+        prefer(world, "node-1")
+    world.nodes["node-1"].delay_s = 30.0  # hung: never answers within a request
+    for _ in range(5):
+        response = world.run()
+        assert len(response.fragments) == 3
+    # Served around once, it is out of rotation: the other four carry the load.
+    assert world.nodes["node-1"].calls == 1
+    assert "node-1" not in world.pool.in_rotation(time.monotonic())
 
 
 def test_corrupted_fragments_are_dropped_and_replaced(world: World) -> None:

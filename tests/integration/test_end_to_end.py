@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -119,6 +122,39 @@ def test_clear_error_with_three_of_five_nodes_stopped(
     assert "of 3 required capsule fragments" in message
     for node_id in down:
         assert f"{node_id} (UNAVAILABLE" in message
+
+
+def _rotation_events(cluster: LocalCluster, node_id: str) -> list[str]:
+    events = []
+    for line in (cluster.state_dir / "logs" / "coordinator.log").read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("node_id") == node_id and "rotation" in entry["event"]:
+            events.append(entry["event"])
+    return events
+
+
+def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
+    people: People, cluster: LocalCluster
+) -> None:
+    people.grant_doctor()
+    hung = "node-2"
+    pid = cluster.node(hung).pid
+    before = _rotation_events(cluster, hung)
+    os.kill(pid, signal.SIGSTOP)  # hung: it holds its connections and answers nothing
+    try:
+        with people.provider() as doctor:
+            for _ in range(10):
+                assert doctor.read_record(people.lab.record_id) == lab_result()
+        assert _rotation_events(cluster, hung)[len(before) :] == ["node_out_of_rotation"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Recovered, it is probed when its cooldown ends and put back in rotation.
+    deadline = time.monotonic() + 60
+    with people.provider() as doctor:
+        while "node_back_in_rotation" not in _rotation_events(cluster, hung)[len(before) :]:
+            assert time.monotonic() < deadline, "the recovered node was never probed back in"
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+            time.sleep(0.2)
 
 
 def test_cluster_status_names_a_stopped_node_and_await_nodes_waits_for_it(

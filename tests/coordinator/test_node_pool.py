@@ -1,0 +1,87 @@
+"""Rotation: a node that faults or hangs is passed over, then probed by exactly one
+request when its cooldown ends, and put back in rotation by its answer
+(coordinator/node_pool.py; time is passed in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.node_pool import BASE_COOLDOWN_S, MAX_COOLDOWN_S, NodePool, Rotation
+
+NODES = ["node-1", "node-2", "node-3", "node-4", "node-5"]
+HEDGE_S = 0.01
+
+
+@pytest.fixture
+def pool() -> NodePool:
+    pool = NodePool(NODES, max_hedge_s=0.5)
+    for node_id in NODES:  # node-1 is known to be the fastest
+        pool.succeeded(node_id, 0.001 if node_id == "node-1" else 0.002)
+    return pool
+
+
+def test_a_call_served_around_takes_its_node_out_of_rotation(pool: NodePool) -> None:
+    assert pool.plan(100.0)[0] == "node-1"
+    assert pool.abandoned("node-1", HEDGE_S * 3, HEDGE_S, 100.0) is Rotation.OUT
+    plan = pool.plan(100.1)
+    assert plan[-1] == "node-1"  # asked only if the other four are not enough
+    assert "node-1" not in pool.in_rotation(100.1)
+    # A second strike while out says nothing new.
+    assert pool.abandoned("node-1", HEDGE_S * 3, HEDGE_S, 100.1) is None
+
+
+def test_a_hedge_abandoned_before_the_hedge_delay_is_no_strike(pool: NodePool) -> None:
+    assert pool.abandoned("node-1", HEDGE_S / 2, HEDGE_S, 100.0) is None
+    assert pool.plan(100.0)[0] == "node-1"
+    assert "node-1" in pool.in_rotation(100.0)
+
+
+def test_a_fault_status_takes_a_node_out_a_refusal_does_not(pool: NodePool) -> None:
+    assert pool.answered("node-2", 0.001, "PERMISSION_DENIED", 100.0) is None
+    assert "node-2" in pool.in_rotation(100.0)
+    assert pool.answered("node-2", 0.001, "UNAVAILABLE", 100.0) is Rotation.OUT
+    assert "node-2" not in pool.in_rotation(100.0)
+
+
+def test_after_its_cooldown_exactly_one_request_probes_the_node(pool: NodePool) -> None:
+    pool.abandoned("node-3", 1.0, HEDGE_S, 100.0)
+    assert pool.plan(100.0 + BASE_COOLDOWN_S / 2)[-1] == "node-3"
+    after = 100.0 + BASE_COOLDOWN_S + 0.01
+    assert pool.plan(after)[0] == "node-3"  # the probe goes first
+    # Requests planned while the probe is out pass it over.
+    assert pool.plan(after)[-1] == "node-3"
+    assert pool.plan(after + 0.1)[-1] == "node-3"
+
+
+def test_a_probe_answered_puts_the_node_back_judged_on_its_new_latency(pool: NodePool) -> None:
+    pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)
+    after = 100.0 + BASE_COOLDOWN_S + 0.01
+    assert pool.plan(after)[0] == "node-1"
+    assert pool.succeeded("node-1", 0.0015) is Rotation.BACK
+    assert "node-1" in pool.in_rotation(after)
+    assert pool.health["node-1"].latency_s == 0.0015
+    assert pool.plan(after)[0] == "node-1"  # ranked by the latency it has now
+
+
+def test_a_probe_still_unanswered_doubles_the_cooldown(pool: NodePool) -> None:
+    pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)
+    probe_at = 100.0 + BASE_COOLDOWN_S + 0.01
+    assert pool.plan(probe_at)[0] == "node-1"
+    assert pool.abandoned("node-1", 1.0, HEDGE_S, probe_at) is None  # it was already out
+    assert pool.plan(probe_at + BASE_COOLDOWN_S + 0.01)[-1] == "node-1"
+    assert pool.plan(probe_at + 2 * BASE_COOLDOWN_S + 0.01)[0] == "node-1"
+
+
+def test_a_probe_the_request_did_not_wait_for_is_asked_again(pool: NodePool) -> None:
+    pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)
+    after = 100.0 + BASE_COOLDOWN_S + 0.01
+    assert pool.plan(after)[0] == "node-1"
+    assert pool.abandoned("node-1", HEDGE_S / 2, HEDGE_S, after) is None
+    assert pool.plan(after)[0] == "node-1"
+
+
+def test_the_cooldown_is_bounded(pool: NodePool) -> None:
+    now = 100.0
+    for _ in range(20):
+        pool.answered("node-4", 0.001, "UNAVAILABLE", now)
+    assert pool.health["node-4"].cooldown_until == now + MAX_COOLDOWN_S
