@@ -66,7 +66,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
     )
     print(f"cluster up: {args.nodes} nodes, threshold {args.threshold}")
     print(f"  chain        {cluster.rpc_url}  registry {cluster.registry_address}")
-    print(f"  coordinator  {cluster.coordinator_address}")
+    print(
+        f"  coordinator  {cluster.coordinator_address}  metrics {cluster.coordinator_metrics_url}"
+    )
     for node in cluster.nodes:
         print(f"  {node.node_id:<12} {node.address}  metrics {node.metrics_url}")
     print(f"  state        {cluster.state_dir / 'cluster.json'}")

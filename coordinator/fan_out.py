@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import grpc
 import structlog
 
+from coordinator import metrics
 from coordinator.cfrag_verifier import CfragVerifier
 from coordinator.node_connections import NodeClient, RoundRobin
-from coordinator.node_pool import NodePool, Rotation
+from coordinator.node_pool import NODE_FAULTS, NodePool, Rotation
 from coordinator.threshold import FragmentCollector
 from core.errors import KmsError
 from proto import rpc
@@ -125,6 +126,7 @@ async def fan_out(
                 tasks, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED
             )
             if not done:
+                metrics.HEDGES.inc()
                 launch(1)  # hedge: a slow node should not hold the request up
                 continue
             for task in done:
@@ -134,13 +136,17 @@ async def fan_out(
                     response = task.result()
                 except grpc.RpcError as e:
                     error = rpc.error_from_rpc(e)
-                    _log_rotation(
-                        node_id,
-                        pool.answered(node_id, latency, error.grpc_status, time.monotonic()),
-                    )
+                    if error.grpc_status in NODE_FAULTS:
+                        status = error.grpc_status.lower()
+                        metrics.NODE_FAULTS_TOTAL.labels(node=node_id, status=status).inc()
+                    else:
+                        metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
+                    change = pool.answered(node_id, latency, error.grpc_status, time.monotonic())
+                    _rotation_changed(node_id, change)
                     collection.fail(node_id, error.grpc_status, error.message)
                     continue
-                _log_rotation(node_id, pool.succeeded(node_id, latency))
+                metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
+                _rotation_changed(node_id, pool.succeeded(node_id, latency))
                 collection.take(node_id, response)
             launch(collection.more_needed(len(tasks)))
     finally:
@@ -150,12 +156,16 @@ async def fan_out(
         now = loop.time()
         for task, (node_id, started) in tasks.items():
             task.cancel()
+            if now - started >= hedge_delay:
+                metrics.NODE_ABANDONED.labels(node=node_id).inc()
             change = pool.abandoned(node_id, now - started, hedge_delay, time.monotonic())
-            _log_rotation(node_id, change)
+            _rotation_changed(node_id, change)
 
 
-def _log_rotation(node_id: str, change: Rotation | None) -> None:
+def _rotation_changed(node_id: str, change: Rotation | None) -> None:
     if change is Rotation.OUT:
+        metrics.NODE_IN_ROTATION.labels(node=node_id).set(0)
         log.warning("node_out_of_rotation", node_id=node_id)
     elif change is Rotation.BACK:
+        metrics.NODE_IN_ROTATION.labels(node=node_id).set(1)
         log.info("node_back_in_rotation", node_id=node_id)

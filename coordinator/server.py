@@ -1,4 +1,5 @@
-"""The coordinator's gRPC server (asyncio): Coordinator service, health, reflection."""
+"""The coordinator's gRPC server (asyncio): Coordinator service, health, reflection,
+metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import grpc
 import structlog
 
+from coordinator import metrics
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from core.endpoints import parse_host_port
@@ -46,7 +48,12 @@ async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> N
             service.enroll_key_fragments,
         ),
     ]
-    server.add_generic_rpc_handlers([rpc.aio_service_handler(COORDINATOR_SERVICE, methods)])
+    metrics.start_at_zero([n.node_id for n in settings.nodes])
+    server.add_generic_rpc_handlers(
+        [rpc.aio_service_handler(COORDINATOR_SERVICE, methods, metrics.observe_request)]
+    )
+    if settings.metrics_listen:
+        metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
     health = await rpc.aio_add_health_and_reflection(server, [SERVICE_NAME])
     host, port = parse_host_port(settings.listen, "listen")
     # Server authentication only: apps check the coordinator against the CA and

@@ -47,6 +47,8 @@ class CoordinatorSettings:
     peer_refusal_burst: int = 20
     #: how long a served requester is exempt from its address's refusal budget
     served_memory_s: float = 900.0
+    #: Prometheus /metrics listen address, HOST:PORT, or "" for none
+    metrics_listen: str = ""
     log_level: str = "info"
     #: TLS for apps (server authentication): the CA and the coordinator's own
     #: server certificate and key
@@ -95,6 +97,7 @@ class CoordinatorSettings:
                 peer_refusals_per_s=float(get("peer_refusals_per_s")),
                 peer_refusal_burst=int(get("peer_refusal_burst")),
                 served_memory_s=float(get("served_memory_s")),
+                metrics_listen=str(get("metrics_listen")),
                 log_level=str(get("log_level")),
                 tls_ca_cert=rel("tls_ca_cert"),
                 tls_cert=rel("tls_cert"),
@@ -112,6 +115,8 @@ class CoordinatorSettings:
 
     def validate(self) -> None:
         parse_host_port(self.listen, "listen")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "metrics_listen")
         if not self.nodes:
             raise ConfigurationError("at least one node is required")
         ids = [n.node_id for n in self.nodes]

@@ -11,6 +11,7 @@ command -v python3.11 >/dev/null || python3 -c 'import sys; assert sys.version_i
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v ip >/dev/null || missing+=(iproute2)  # the multi-host tests (network namespaces)
+command -v promtool >/dev/null || missing+=(prometheus)  # promtool: the alert rules' unit tests
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

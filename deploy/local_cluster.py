@@ -83,6 +83,7 @@ class ServiceEntry:
     config: str
     log: str
     pid: int
+    metrics_url: str
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -141,6 +142,10 @@ class LocalCluster:
     @property
     def coordinator_address(self) -> str:
         return str(self.data["coordinator"]["address"])
+
+    @property
+    def coordinator_metrics_url(self) -> str:
+        return str(self.data["coordinator"]["metrics_url"])
 
     @property
     def threshold(self) -> int:
@@ -443,12 +448,13 @@ class LocalCluster:
         self._save()
 
     def _start_coordinator(self) -> None:
-        port = processes.free_port()
+        port, metrics_port = processes.free_port(), processes.free_port()
         config = self.state_dir / "coordinator.toml"
         _write_toml(
             config,
             {
                 "listen": f"{HOST}:{port}",
+                "metrics_listen": f"{HOST}:{metrics_port}",
                 "threshold": self.threshold,
                 "chain_rpc_url": self.rpc_url,
                 "registry_address": self.registry_address,
@@ -465,7 +471,9 @@ class LocalCluster:
         )
         self._children["coordinator"] = process
         address = f"{HOST}:{port}"
-        self.data["coordinator"] = asdict(ServiceEntry(address, str(config), str(log), process.pid))
+        metrics_url = f"http://{HOST}:{metrics_port}/metrics"
+        entry = ServiceEntry(address, str(config), str(log), process.pid, metrics_url)
+        self.data["coordinator"] = asdict(entry)
         self._save()
         processes.wait_until(
             "coordinator",

@@ -7,6 +7,8 @@ starts, and the supervisor serves their sum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +17,10 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+
+from core.audit import DENIED, GRANTED
+from core.policy import Reason
+from proto.rpc import OUTCOMES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -45,6 +51,18 @@ KFRAGS_STORED = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",  # every process sees the same database
 )
+
+
+def start_at_zero(methods: Sequence[str]) -> None:
+    """Create every labelled series at zero, so that the first error of a kind is an
+    increase ``rate()`` sees and its alert fires on (a series born at 1 shows none)."""
+    for method in methods:
+        REQUEST_SECONDS.labels(method=method)
+        for outcome in OUTCOMES:
+            REQUESTS.labels(method=method, outcome=outcome)
+    for reason in Reason:
+        decision = GRANTED if reason is Reason.GRANTED else DENIED
+        DECISIONS.labels(decision=decision, reason=reason.value)
 
 
 def serve(host: str, port: int) -> None:

@@ -104,6 +104,7 @@ def build_server(
             lambda m, _c: audit.consistency_proof(m),
         ),
     ]
+    metrics.start_at_zero([m.name for m in [*methods, *audit_methods]])
     server.add_generic_rpc_handlers(
         [
             rpc.service_handler(NODE_SERVICE, methods, _observe),

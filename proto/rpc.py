@@ -81,6 +81,8 @@ def _serialize(message: Message) -> bytes:
 #: called once per RPC with (method name, outcome, seconds); outcome is "ok" or
 #: the lower-case status name, e.g. "permission_denied"
 Observer = Callable[[str, str, float], None]
+#: every outcome an observer can be given: one per gRPC status, "ok" for OK
+OUTCOMES: tuple[str, ...] = tuple(code.name.lower() for code in grpc.StatusCode)
 
 
 def _ignore(_method: str, _outcome: str, _seconds: float) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -124,6 +126,11 @@ def test_clear_error_with_three_of_five_nodes_stopped(
         assert f"{node_id} (UNAVAILABLE" in message
 
 
+def _coordinator_metrics(cluster: LocalCluster) -> str:
+    with urllib.request.urlopen(cluster.coordinator_metrics_url, timeout=5) as answer:
+        return str(answer.read().decode())
+
+
 def _rotation_events(cluster: LocalCluster, node_id: str) -> list[str]:
     events = []
     for line in (cluster.state_dir / "logs" / "coordinator.log").read_text().splitlines():
@@ -146,6 +153,14 @@ def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
             for _ in range(10):
                 assert doctor.read_record(people.lab.record_id) == lab_result()
         assert _rotation_events(cluster, hung)[len(before) :] == ["node_out_of_rotation"]
+        # Operators see it too: the coordinator's /metrics.
+        exposed = _coordinator_metrics(cluster)
+        assert f'kms_coordinator_node_in_rotation{{node="{hung}"}} 0.0' in exposed
+        assert 'kms_coordinator_node_in_rotation{node="node-1"} 1.0' in exposed
+        abandoned = re.search(
+            rf'kms_coordinator_node_abandoned_total{{node="{hung}"}} ([0-9.]+)', exposed
+        )
+        assert abandoned and float(abandoned.group(1)) >= 1
     finally:
         os.kill(pid, signal.SIGCONT)
     # Recovered, it is probed when its cooldown ends and put back in rotation.
