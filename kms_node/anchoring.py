@@ -133,8 +133,6 @@ class Anchorer:
             raise InvalidRequest("every_entries must be an int")
         if every_entries < 1 or not interval_s > 0:
             raise InvalidRequest("need every_entries >= 1 and interval_s > 0")
-        for outcome in AnchorOutcome:  # at zero, so that the first failure is an increase
-            metrics.AUDIT_ANCHORS.labels(outcome=outcome)
         self._log = log
         self._registry = registry
         self._signer = signer

@@ -53,9 +53,11 @@ KFRAGS_STORED = Gauge(
 )
 
 
-def start_at_zero(methods: Sequence[str]) -> None:
+def start_at_zero(methods: Sequence[str], anchor_outcomes: Sequence[str]) -> None:
     """Create every labelled series at zero, so that the first error of a kind is an
     increase ``rate()`` sees and its alert fires on (a series born at 1 shows none)."""
+    for outcome in anchor_outcomes:
+        AUDIT_ANCHORS.labels(outcome=outcome)
     for method in methods:
         REQUEST_SECONDS.labels(method=method)
         for outcome in OUTCOMES:

@@ -15,7 +15,7 @@ from core.audit import AuditEntry, Receipt
 from core.endpoints import parse_host_port
 from core.rate_limit import RateLimiter
 from kms_node import data_lock, metrics
-from kms_node.anchoring import Anchorer, HsmTxSigner, anchors_here
+from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
 from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
 from kms_node.chain_follower import ChainFollower
@@ -104,7 +104,7 @@ def build_server(
             lambda m, _c: audit.consistency_proof(m),
         ),
     ]
-    metrics.start_at_zero([m.name for m in [*methods, *audit_methods]])
+    metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))
     server.add_generic_rpc_handlers(
         [
             rpc.service_handler(NODE_SERVICE, methods, _observe),

@@ -110,10 +110,11 @@ UNTESTED_ALERTS = {
 
 def test_every_labelled_counter_starts_at_zero_for_every_value() -> None:
     """The first error of a kind must be an increase that rate() sees."""
-    node_metrics.start_at_zero(list(NODE_SERVICE.methods_by_name))
+    node_metrics.start_at_zero(list(NODE_SERVICE.methods_by_name), list(AnchorOutcome))
     exposed = generate_latest(node_metrics.REGISTRY).decode()
     assert 'kms_node_requests_total{method="Reencrypt",outcome="internal"} 0.0' in exposed
     assert 'kms_node_decisions_total{decision="denied",reason="capsule_retired"} 0.0' in exposed
+    assert 'kms_node_audit_anchors_total{outcome="failed"} 0.0' in exposed
     coordinator_metrics.start_at_zero(["node-1", "node-2"])
     exposed = generate_latest(coordinator_metrics.REGISTRY).decode()
     for method in COORDINATOR_SERVICE.methods_by_name:
