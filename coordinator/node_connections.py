@@ -20,15 +20,6 @@ from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import AioNodeStub
 from proto.transport import Transport
 
-# A node that comes back must be used again quickly: gRPC's default reconnect
-# backoff grows to two minutes, during which calls to that node fail at once.
-MAX_RECONNECT_BACKOFF_MS = 1000
-NODE_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-]
-
 
 class NodeClient(Protocol):
     """The calls the coordinator makes to a node; each raises ``grpc.RpcError`` when
@@ -70,7 +61,9 @@ class NodeChannels:
         node cannot answer in another's place even on a shared address."""
         # A local subchannel pool gives each channel its own TCP connection, so that
         # a node's processes (which share its port per connection) all get work.
-        options = [*NODE_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        # A node that comes back is used again quickly: the transport's channels bound
+        # their reconnect backoff (proto.rpc.RECONNECT_OPTIONS).
+        options = [("grpc.use_local_subchannel_pool", 1)]
         channel = self._transport.aio_channel(
             node.address, options=options, server_name=node.node_id
         )

@@ -448,6 +448,7 @@ class LocalCluster:
         self._save()
 
     def _start_coordinator(self) -> None:
+        """Write the coordinator's config (its ports chosen once) and start it."""
         port, metrics_port = processes.free_port(), processes.free_port()
         config = self.state_dir / "coordinator.toml"
         _write_toml(
@@ -466,21 +467,43 @@ class LocalCluster:
             {"nodes": [{"node_id": n.node_id, "address": n.address} for n in self.nodes]},
         )
         log = self.state_dir / "logs" / "coordinator.log"
+        metrics_url = f"http://{HOST}:{metrics_port}/metrics"
+        entry = ServiceEntry(f"{HOST}:{port}", str(config), str(log), 0, metrics_url)
+        self.data["coordinator"] = asdict(entry)
+        self.start_coordinator()
+
+    def start_coordinator(self) -> None:
+        """Start (or restart) the coordinator on its configured ports and wait until it
+        serves."""
+        entry = self.data["coordinator"]
+        if entry["pid"] and processes.pid_runs(entry["pid"], entry["config"]):
+            raise PreconditionFailed("the coordinator is already running")
+        log = Path(entry["log"])
         process = processes.spawn(
-            [sys.executable, "-m", "cli.coordinator", "serve", "--config", str(config)], log
+            [sys.executable, "-m", "cli.coordinator", "serve", "--config", entry["config"]], log
         )
         self._children["coordinator"] = process
-        address = f"{HOST}:{port}"
-        metrics_url = f"http://{HOST}:{metrics_port}/metrics"
-        entry = ServiceEntry(address, str(config), str(log), process.pid, metrics_url)
-        self.data["coordinator"] = asdict(entry)
+        entry["pid"] = process.pid
         self._save()
+        address = entry["address"]
         processes.wait_until(
             "coordinator",
             lambda: processes.grpc_serving(address, self.app_transport),
             process,
             log,
         )
+
+    def stop_coordinator(self) -> None:
+        """Stop the coordinator (SIGTERM) and wait for it to exit."""
+        entry = self.data["coordinator"]
+        process = self._children.pop("coordinator", None)
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+        elif entry["pid"]:
+            processes.stop_pid(entry["pid"], entry["config"])
+        entry["pid"] = 0
+        self._save()
 
     # -- taking it down ----------------------------------------------------
 

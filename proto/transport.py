@@ -69,7 +69,8 @@ class Transport:
         self, target: str, *, options: Options = (), server_name: str | None = None
     ) -> grpc.Channel:
         """A channel to ``target`` (HOST:PORT); ``options`` are added to
-        :data:`proto.rpc.CHANNEL_OPTIONS`. See :meth:`_options` for
+        :data:`proto.rpc.CHANNEL_OPTIONS` and the bounded reconnect backoff
+        (:data:`proto.rpc.RECONNECT_OPTIONS`). See :meth:`_options` for
         ``server_name``."""
         opts = self._options(options, server_name)
         if self.is_plaintext:
@@ -86,7 +87,7 @@ class Transport:
         return grpc.aio.secure_channel(target, self._channel_credentials(), options=opts)
 
     def _options(self, extra: Options, server_name: str | None) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [*rpc.CHANNEL_OPTIONS, *extra]
+        options: list[tuple[str, Any]] = [*rpc.CHANNEL_OPTIONS, *rpc.RECONNECT_OPTIONS, *extra]
         if server_name is not None and not self.is_plaintext:
             # Check the server's certificate names ``server_name`` (a node id)
             # instead of the host in ``target``. Nodes on one machine all share

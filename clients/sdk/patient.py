@@ -229,7 +229,7 @@ class PatientClient:
         del per_node
         try:
             response = self._coordinator.EnrollKeyFragments(
-                request, timeout=self._timeouts.fan_out_s
+                request, timeout=self._timeouts.fan_out_s, wait_for_ready=True
             )
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e, "coordinator") from None
@@ -304,7 +304,9 @@ class PatientClient:
         """Each node's state as the coordinator reaches it now."""
         try:
             return self._coordinator.GetClusterStatus(
-                coordinator_pb2.GetClusterStatusRequest(), timeout=self._timeouts.status_s
+                coordinator_pb2.GetClusterStatusRequest(),
+                timeout=self._timeouts.status_s,
+                wait_for_ready=True,
             )
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e, "coordinator") from None

@@ -65,7 +65,7 @@ def _answering(request_id: str) -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as e:
-        error = rpc.error_from_rpc(e)
+        error = rpc.error_from_rpc(e, "coordinator")
         error.request_id = request_id
         raise error from None
     except KmsError as e:
@@ -130,7 +130,9 @@ class ProviderClient:
             patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
         )
         with _answering(request.request_id):
-            response = self._coordinator.Reencrypt(request, timeout=self._timeouts.fan_out_s)
+            response = self._coordinator.Reencrypt(
+                request, timeout=self._timeouts.fan_out_s, wait_for_ready=True
+            )
             dek = self._open_dek(patient, record, envelope, response.fragments)
             return open_envelope(envelope, dek)
 
@@ -153,7 +155,9 @@ class ProviderClient:
             purpose_of_use,
         )
         with _answering(request.request_id):
-            response = self._coordinator.ReencryptBatch(request, timeout=self._timeouts.fan_out_s)
+            response = self._coordinator.ReencryptBatch(
+                request, timeout=self._timeouts.fan_out_s, wait_for_ready=True
+            )
         results: dict[bytes, bytes | KmsError] = {
             rec.record_id: IntegrityError("the coordinator returned no result for this record")
             for rec, _, _ in fetched

@@ -17,7 +17,10 @@ from core.errors import ConfigurationError
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds to wait for the coordinator's answer to each kind of call."""
+    """Seconds to wait for the coordinator's answer to each kind of call. A call waits
+    within its timeout for the channel to be ready, so a coordinator that is restarting
+    is waited for rather than failed at once (channels retry their connection at most a
+    second apart: ``proto.rpc.RECONNECT_OPTIONS``)."""
 
     #: work the coordinator fans out to the nodes: enrolling kfrags, re-encrypting
     fan_out_s: float = 10.0

@@ -14,8 +14,9 @@ import grpc
 import pytest
 import umbral_pre as umbral
 
+from clients.sdk.provider import ProviderClient
 from clients.sdk.records import parse_envelope
-from coordinator.node_connections import MAX_RECONNECT_BACKOFF_MS
+from clients.sdk.timeouts import Timeouts
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, NotFound, Unavailable
 from core.record_types import RecordType
@@ -23,6 +24,7 @@ from deploy.anvil import increase_time
 from deploy.local_cluster import LocalCluster
 from deploy.sample_records import lab_result
 from proto.kms.v1 import common_pb2
+from proto.rpc import MAX_RECONNECT_BACKOFF_MS
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
 
@@ -170,6 +172,33 @@ def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
             assert time.monotonic() < deadline, "the recovered node was never probed back in"
             assert doctor.read_record(people.lab.record_id) == lab_result()
             time.sleep(0.2)
+
+
+def test_an_app_reads_again_as_soon_as_the_coordinator_is_back(
+    people: People, cluster: LocalCluster
+) -> None:
+    people.grant_doctor()
+    impatient = ProviderClient(
+        people.doctor,
+        registry=people.registry,
+        blobs=cluster.blob_store(),
+        coordinator_address=cluster.coordinator_address,
+        transport=cluster.app_transport,
+        timeouts=Timeouts(fan_out_s=1.5),
+    )
+    with people.provider() as doctor, impatient:
+        assert doctor.read_record(people.lab.record_id) == lab_result()
+        cluster.stop_coordinator()
+        try:
+            # Down long enough for gRPC's default backoff to have grown past 3 s.
+            time.sleep(6)
+            # Within its timeout a read waits for the coordinator, then names it.
+            with pytest.raises(Unavailable, match="^coordinator: "):
+                impatient.read_record(people.lab.record_id)
+        finally:
+            cluster.start_coordinator()
+        # The same client, on the same channel: served at once, no UNAVAILABLE.
+        assert doctor.read_record(people.lab.record_id) == lab_result()
 
 
 def test_cluster_status_names_a_stopped_node_and_await_nodes_waits_for_it(

@@ -18,11 +18,11 @@ import umbral_pre as umbral
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.node_connections import MAX_RECONNECT_BACKOFF_MS
 from core.record_types import RecordType
 from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from deploy.sample_records import lab_result
 from kms_node.kfrag_store import KfragStore
+from proto.rpc import MAX_RECONNECT_BACKOFF_MS
 from tests.integration.conftest import CREATED_IDENTITIES, People
 
 pytestmark = pytest.mark.cluster
