@@ -11,7 +11,6 @@ waits up to its timeout (1 s here) for the channel to be ready.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine
+from benchmarks.json_results import emit
 from benchmarks.workload import prepare
 from clients.sdk.provider import ProviderClient
 from clients.sdk.timeouts import Timeouts
@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
-    results = run(args.outage)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(run(args.outage), args.out)
     return 0
 
 

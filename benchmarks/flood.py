@@ -39,6 +39,7 @@ import grpc
 from eth_account import Account
 
 from benchmarks import machine, stats
+from benchmarks.json_results import emit
 from benchmarks.load import run_closed_loop, warm_up
 from benchmarks.workload import Workload, prepare
 from clients.sdk.identity import Identity
@@ -216,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _flood(Path(args.flooder[0]), Path(args.flooder[1]), args.seconds)
         print(json.dumps(result))
         return 0
-    results = run(args.seconds)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(run(args.seconds), args.out)
     return 0
 
 

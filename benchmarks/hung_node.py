@@ -17,7 +17,6 @@ the same run (target for the hung phase: at most 1.3), and every failed read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, stats
+from benchmarks.json_results import emit
 from benchmarks.load import run_closed_loop, warm_up
 from benchmarks.workload import DekPath, prepare
 from deploy.local_cluster import LocalCluster
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured phase")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
-    results = run(args.seconds)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(run(args.seconds), args.out)
     return 0
 
 
