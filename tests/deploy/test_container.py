@@ -5,7 +5,6 @@ under a temporary directory (no image can be built on these machines)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
@@ -15,9 +14,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from deploy import container_constraints
 from tests.deploy.k8s_objects import ROOT, config_text, find, mount_of, pod_spec
 
 CONTAINER = ROOT / "deploy" / "container"
@@ -57,30 +56,20 @@ def test_the_image_installs_every_package_of_the_project() -> None:
     assert " -e " not in DOCKERFILE and "--editable" not in DOCKERFILE
 
 
-def _runtime_closure() -> dict[str, str]:
-    """Every distribution medkms needs at run time (no extras), at its installed version."""
-    found: dict[str, str] = {}
-    todo = [Requirement(r) for r in importlib.metadata.requires("medkms") or []]
-    while todo:
-        requirement = todo.pop()
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        name = canonicalize_name(requirement.name)
-        if name in found:
-            continue
-        distribution = importlib.metadata.distribution(requirement.name)
-        found[name] = distribution.version
-        todo += [Requirement(r) for r in distribution.requires or []]
-    return found
-
-
 def test_constraints_pin_exactly_what_the_tests_run_with() -> None:
     pinned = {}
     for line in (CONTAINER / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pinned[canonicalize_name(name)] = version
-    assert pinned == _runtime_closure()
+    closure = container_constraints.runtime_closure()
+    assert pinned == closure
+    # and it agrees with pyproject.toml's own pins
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for requirement in pyproject["project"]["dependencies"]:
+        name, version = requirement.split("==")
+        assert closure[canonicalize_name(name)] == version, requirement
+    assert container_constraints.main(["--check"]) == 0
 
 
 def test_the_image_user_is_the_one_the_pods_run_as() -> None:
