@@ -18,7 +18,7 @@ import yaml
 from cli.health import main as health_main
 from coordinator.settings import CoordinatorSettings
 from core.endpoints import parse_host_port
-from deploy import alert_rules_configmap
+from deploy import generated_files
 from kms_node.settings import NodeSettings, pin_file_mode_problem
 from tests.deploy.k8s_objects import (
     K8S,
@@ -286,20 +286,21 @@ def test_prometheus_scrapes_the_nodes_metrics_port_and_loads_the_rules(tmp_path:
     metrics_port = parse_host_port(_node_settings(tmp_path).metrics_listen, "metrics")[1]
     assert _port(_node(), "node", "metrics") == metrics_port
     (rule_file,) = scrape["rule_files"]
-    assert Path(rule_file).name == alert_rules_configmap.RULES_KEY
+    assert Path(rule_file).name == generated_files.RULES_KEY
 
 
 def test_the_packaged_alert_rules_equal_the_source() -> None:
     packaged = find("ConfigMap", "medkms-prometheus-alerts")["data"]
-    assert packaged == {alert_rules_configmap.RULES_KEY: alert_rules_configmap.RULES.read_text()}
-    assert alert_rules_configmap.main(["--check"]) == 0
+    assert packaged == {generated_files.RULES_KEY: generated_files.RULES.read_text()}
+    configmap = generated_files.RULES_CONFIGMAP
+    assert generated_files.stale({configmap: generated_files.GENERATED[configmap]}) == []
 
 
-def test_the_alert_rules_generator_notices_a_stale_copy(tmp_path: Path, monkeypatch) -> None:
-    stale = tmp_path / "alert-rules.yaml"
-    stale.write_text(alert_rules_configmap.render("groups: []\n"))
-    monkeypatch.setattr(alert_rules_configmap, "CONFIGMAP", stale)
-    assert alert_rules_configmap.main(["--check"]) == 1
+def test_a_stale_copy_of_the_alert_rules_is_noticed(tmp_path: Path) -> None:
+    copy = tmp_path / "alert-rules.yaml"
+    copy.write_text(generated_files.rules_configmap("groups: []\n"))
+    make = generated_files.GENERATED[generated_files.RULES_CONFIGMAP]
+    assert generated_files.stale({copy: make}) == [copy]
 
 
 # -- probes, security, secrets --------------------------------------------------------------------
