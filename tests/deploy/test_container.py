@@ -8,16 +8,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from eth_account import Account
 from packaging.utils import canonicalize_name
 
-from deploy import generated_files
-from tests.deploy.k8s_objects import ROOT, config_text, find, mount_of, pod_spec
+from contracts.registry import RegistryClient
+from deploy import generated_files, processes
+from deploy.anvil import AnvilProcess, set_balance
+from deploy.certs import ClusterCa
+from tests.deploy.k8s_objects import ROOT, config_text, container, find, mount_of, pod_spec
 
 CONTAINER = ROOT / "deploy" / "container"
 DOCKERFILE = (CONTAINER / "Dockerfile").read_text()
@@ -219,3 +226,69 @@ def test_node_init_creates_the_token_on_the_volume_and_prints_the_identity(
     again = _run("node-init", tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == identity
+
+
+def _probe_command(root: Path) -> list[str]:
+    """The node's probe exactly as the StatefulSet runs it, its paths moved under ``root``."""
+    spec = container(find("StatefulSet", "medkms-node-1"), "node")
+    command: list[str] = spec["livenessProbe"]["exec"]["command"]
+    return [_moved(f'"{word}', root)[1:] for word in command]
+
+
+@pytest.mark.softhsm
+@pytest.mark.anvil
+def test_the_node_serves_from_the_mounts_and_passes_its_own_probe(tmp_path: Path) -> None:
+    """init, then serve, through the entrypoint with the manifests' config and a real token,
+    chain and TLS; the probe the StatefulSet runs passes while it serves and fails after
+    SIGTERM, which reaches kms-node itself (the entrypoint execs it)."""
+    root = tmp_path / "pod"
+    with AnvilProcess(log_path=tmp_path / "anvil.log") as anvil:
+        admin = Account.create()
+        set_balance(anvil.rpc_url, admin.address, 10**21)
+        registry = RegistryClient.deploy(anvil.rpc_url, admin)
+        _mount_node(root)
+        config = root / "etc/medkms/node.toml"
+        grpc_port, metrics_port = processes.free_port(), processes.free_port()
+        config.write_text(
+            config.read_text()
+            .replace("https://chain-rpc.example.invalid", anvil.rpc_url)
+            .replace("0x" + "0" * 40, registry.address)
+            .replace("0.0.0.0:7000", f"0.0.0.0:{grpc_port}")
+            .replace("0.0.0.0:9100", f"127.0.0.1:{metrics_port}")
+        )
+        ca = ClusterCa.ensure(tmp_path / "ca")
+        for mount, files in [("tls", ca.server_cert("node-1")), ("probe", ca.client_cert("probe"))]:
+            (root / "run/secrets/medkms" / mount).mkdir(parents=True, exist_ok=True)
+            shutil.copy(files.cert, root / "run/secrets/medkms" / mount / "tls.crt")
+            shutil.copy(files.key, root / "run/secrets/medkms" / mount / "tls.key")
+        shutil.copy(ca.ca_cert, root / "run/secrets/medkms/tls/ca.crt")
+        assert _run("node-init", root).returncode == 0
+        probe = _probe_command(root)
+        assert probe[:2] == ["kms-health", "node"]
+        probe[0] = str(Path(sys.executable).parent / "kms-health")
+        log = (tmp_path / "node.log").open("w")
+        node = subprocess.Popen(
+            ["sh", str(ENTRYPOINT), "node"],
+            env={
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "MEDKMS_CONFIG": str(config),
+                "MEDKMS_PIN_DIR": str(root / "run/secrets/medkms/pins"),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run(probe, capture_output=True, check=False).returncode != 0:
+                assert node.poll() is None, (tmp_path / "node.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the probe never passed"
+                time.sleep(0.5)
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(timeout=15) == 0
+        finally:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+            log.close()
+        stopped = subprocess.run(probe, capture_output=True, text=True, check=False)
+        assert stopped.returncode == 1 and "UNAVAILABLE" in stopped.stderr
