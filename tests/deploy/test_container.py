@@ -102,6 +102,7 @@ def test_the_entrypoint_is_installed_where_the_image_runs_it() -> None:
     assert "COPY --chmod=0755 deploy/container/entrypoint.sh /usr/local/bin/medkms-entrypoint" in (
         DOCKERFILE
     )
+    # tini is PID 1, so that the node is not: its workers would take that for its death
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/medkms-entrypoint"]' in DOCKERFILE
     assert os.access(ENTRYPOINT, os.X_OK)
 
