@@ -272,19 +272,26 @@ def test_the_network_policy_admits_only_the_coordinator_to_grpc_and_prometheus_t
     assert "medkms-node-1.medkms" not in str(rules)  # no peer is the node itself
 
 
-def test_prometheus_scrapes_the_nodes_metrics_port_and_loads_the_rules(tmp_path: Path) -> None:
+def test_prometheus_scrapes_the_nodes_and_the_coordinators_metrics_ports_and_loads_the_rules(
+    tmp_path: Path,
+) -> None:
     scrape = yaml.safe_load(config_text("medkms-prometheus-scrape", "medkms-scrape.yml"))
-    (job,) = scrape["scrape_configs"]
-    keep = {
-        r["source_labels"][0]: r["regex"]
-        for r in job["relabel_configs"]
-        if r.get("action") == "keep"
-    }
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == {"medkms-node", "medkms-coordinator"}
     name_label = "__meta_kubernetes_pod_label_app_kubernetes_io_name"
-    assert keep[name_label] == _labels(_node())["app.kubernetes.io/name"]
-    assert keep["__meta_kubernetes_pod_container_port_name"] == "metrics"
-    metrics_port = parse_host_port(_node_settings(tmp_path).metrics_listen, "metrics")[1]
-    assert _port(_node(), "node", "metrics") == metrics_port
+    for job_name, workload, container, settings in [
+        ("medkms-node", _node(), "node", _node_settings(tmp_path)),
+        ("medkms-coordinator", _coordinator(), "coordinator", _coordinator_settings(tmp_path)),
+    ]:
+        keep = {
+            r["source_labels"][0]: r["regex"]
+            for r in jobs[job_name]["relabel_configs"]
+            if r.get("action") == "keep"
+        }
+        assert keep[name_label] == _labels(workload)["app.kubernetes.io/name"]
+        assert keep["__meta_kubernetes_pod_container_port_name"] == "metrics"
+        metrics_port = parse_host_port(settings.metrics_listen, "metrics")[1]
+        assert _port(workload, container, "metrics") == metrics_port
     (rule_file,) = scrape["rule_files"]
     assert Path(rule_file).name == generated_files.RULES_KEY
 
