@@ -279,9 +279,13 @@ def test_prometheus_scrapes_the_nodes_and_the_coordinators_metrics_ports_and_loa
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
     assert set(jobs) == {"medkms-node", "medkms-coordinator"}
     name_label = "__meta_kubernetes_pod_label_app_kubernetes_io_name"
-    for job_name, workload, container_name, settings in [
-        ("medkms-node", _node(), "node", _node_settings(tmp_path)),
-        ("medkms-coordinator", _coordinator(), "coordinator", _coordinator_settings(tmp_path)),
+    metrics_listen = {
+        "medkms-node": _node_settings(tmp_path).metrics_listen,
+        "medkms-coordinator": _coordinator_settings(tmp_path).metrics_listen,
+    }
+    for job_name, workload, container_name in [
+        ("medkms-node", _node(), "node"),
+        ("medkms-coordinator", _coordinator(), "coordinator"),
     ]:
         keep = {
             r["source_labels"][0]: r["regex"]
@@ -290,7 +294,7 @@ def test_prometheus_scrapes_the_nodes_and_the_coordinators_metrics_ports_and_loa
         }
         assert keep[name_label] == _labels(workload)["app.kubernetes.io/name"]
         assert keep["__meta_kubernetes_pod_container_port_name"] == "metrics"
-        metrics_port = parse_host_port(settings.metrics_listen, "metrics")[1]
+        metrics_port = parse_host_port(metrics_listen[job_name], "metrics")[1]
         assert _port(workload, container_name, "metrics") == metrics_port
     (rule_file,) = scrape["rule_files"]
     assert Path(rule_file).name == generated_files.RULES_KEY
