@@ -144,13 +144,19 @@ class CertificateAuthority:
         role: str,
         now: datetime.datetime,
         validity: datetime.timedelta = DEFAULT_VALIDITY,
+        *,
+        expected_name: str | None = None,
     ) -> x509.Certificate:
-        """A certificate for the checked request ``csr_pem``, for ``role``."""
+        """A certificate for the checked request ``csr_pem``, for ``role``; with
+        ``expected_name``, only if the request is for that name."""
         if role not in ROLES:
             raise InvalidRequest(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         if not datetime.timedelta(days=1) <= validity <= MAX_VALIDITY:
             raise InvalidRequest(f"validity must be between 1 and {MAX_VALIDITY.days} days")
         csr = checked_request(csr_pem, ROLES[role])
+        name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        if expected_name is not None and name != expected_name:
+            raise InvalidRequest(f"the request is for {name!r}, not {expected_name!r}")
         public_key = csr.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked_request
         return (

@@ -56,6 +56,19 @@ def check_dns_name(name: str, what: str) -> str:
     return name
 
 
+def parse_hosts(value: str) -> list[str]:
+    """``HOST[,HOST...]`` as given on a command line, each host checked."""
+    hosts = [h.strip() for h in value.split(",") if h.strip()]
+    if not hosts:
+        raise ConfigurationError("name at least one host (a DNS name or an IP address)")
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            check_dns_name(host, "host")
+    return hosts
+
+
 def subject_alt_names(name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
     """``name`` (a DNS name) and each host (an IP address or a DNS name), once each."""
     sans: list[x509.GeneralName] = [x509.DNSName(check_dns_name(name, "name"))]

@@ -131,15 +131,16 @@ def replace(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def served_serial(node: Node, client: Party) -> int:
-    """The serial of the certificate a new TLS connection to ``node`` is shown."""
+def served_serial(node: Node, client: Party, name: str = NODE) -> int:
+    """The serial of the certificate a new TLS connection to ``node`` is shown, checked
+    to name ``name``."""
     context = ssl.create_default_context(cafile=str(client.bundle))
     context.load_cert_chain(client.cert, client.key)
     context.set_alpn_protocols(["h2"])
     host, port = node.address.rsplit(":", 1)
     with (
         socket.create_connection((host, int(port)), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=NODE) as tls,
+        context.wrap_socket(raw, server_hostname=name) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
