@@ -132,12 +132,17 @@ def replace(path: Path, data: bytes) -> None:
 
 
 def served_serial(node: Node, client: Party, name: str = NODE) -> int:
-    """The serial of the certificate a new TLS connection to ``node`` is shown, checked
-    to name ``name``."""
-    context = ssl.create_default_context(cafile=str(client.bundle))
-    context.load_cert_chain(client.cert, client.key)
+    """The serial of the certificate a new TLS connection to ``node`` is shown."""
+    return served_serial_at(node.address, name, client.bundle, client.cert, client.key)
+
+
+def served_serial_at(address: str, name: str, bundle: Path, cert: Path, key: Path) -> int:
+    """The serial of the certificate a new TLS connection to ``address`` is shown,
+    checked to name ``name``; ``cert`` and ``key`` are the client's (mutual TLS)."""
+    context = ssl.create_default_context(cafile=str(bundle))
+    context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])
-    host, port = node.address.rsplit(":", 1)
+    host, port = address.rsplit(":", 1)
     with (
         socket.create_connection((host, int(port)), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=name) as tls,
