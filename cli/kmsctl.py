@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from cli import ca_commands
 from clients.audit.audit_report import failures, summary_lines, write_reports
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["fhir"], default="fhir", help="FHIR R4B Bundle")
     export.add_argument("--out", type=Path, help="write here instead of stdout")
     export.set_defaults(func=cmd_audit_export)
+    ca_commands.add_commands(sub)
     return parser
 
 

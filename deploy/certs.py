@@ -8,6 +8,10 @@ name (a node id), which callers that know which node they mean pin (see
 ``proto.transport``). Extended key usage keeps the roles apart: a
 node's server certificate cannot be used as a client certificate.
 
+Certificates are made the one way parties on separate hosts make them: a key
+and a CSR (``deploy.certificate_requests``), signed by the CA for a role
+(``deploy.certificate_authority``); here all three happen in one process.
+
 Everything is idempotent: a file that exists, is signed by the CA, names what
 it should, has its matching key (mode 0600) and is not near expiry is reused;
 anything else is issued afresh.
@@ -22,7 +26,6 @@ Layout of the directory::
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,15 +33,17 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
+
+from core.errors import ConfigurationError
+from deploy.certificate_authority import ROLES, CertificateAuthority
+from deploy.certificate_requests import build_request, subject_alt_names
 
 VALIDITY = datetime.timedelta(days=365)
 #: a certificate with less time left than this is issued again
 RENEW_BEFORE = datetime.timedelta(days=30)
-#: leeway for clocks that differ a little between processes and hosts
-BACKDATE = datetime.timedelta(minutes=5)
 LOCAL_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_NAME = "medkms local cluster CA"
 
@@ -54,12 +59,9 @@ class CertFiles:
 class ClusterCa:
     """A CA whose key lives in ``directory``; issues (or reuses) certificates there."""
 
-    def __init__(
-        self, directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-    ) -> None:
+    def __init__(self, directory: Path, authority: CertificateAuthority) -> None:
         self.directory = directory
-        self._cert = cert
-        self._key = key
+        self._authority = authority
 
     def __repr__(self) -> str:
         return f"ClusterCa({str(self.directory)!r})"
@@ -72,93 +74,39 @@ class ClusterCa:
     def ensure(cls, directory: Path) -> ClusterCa:
         """The CA in ``directory``, created if absent, unusable or near expiry."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        files = CertFiles(directory / "ca.crt", directory / "ca.key")
-        loaded = _load(files)
-        if loaded is not None:
-            cert, key = loaded
+        try:
+            authority = CertificateAuthority.open(directory)
+        except ConfigurationError:
+            pass
+        else:
+            cert = authority.cert
             if _is_ca(cert) and _fresh(cert) and cert.issuer == cert.subject:
-                return cls(directory, cert, key)
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        _write(files, cert, key)
-        return cls(directory, cert, key)
+                return cls(directory, authority)
+        authority = CertificateAuthority.create(CA_NAME, _now(), VALIDITY)
+        authority.write(directory)
+        return cls(directory, authority)
 
     def server_cert(self, name: str, hosts: Sequence[str] = LOCAL_HOSTS) -> CertFiles:
         """A TLS server certificate for ``name``, valid for ``hosts`` and ``name``."""
-        return self._leaf(name, name, [*hosts, name], ExtendedKeyUsageOID.SERVER_AUTH)
+        role = "coordinator-server" if name == "coordinator" else "node"
+        return self._leaf(name, name, hosts, role)
 
     def client_cert(self, name: str) -> CertFiles:
         """A TLS client certificate identifying ``name``."""
-        return self._leaf(f"{name}-client", name, [name], ExtendedKeyUsageOID.CLIENT_AUTH)
+        role = "coordinator-client" if name == "coordinator" else "operator-client"
+        return self._leaf(f"{name}-client", name, (), role)
 
-    def _leaf(
-        self, file_stem: str, name: str, hosts: Sequence[str], usage: x509.ObjectIdentifier
-    ) -> CertFiles:
+    def _leaf(self, file_stem: str, name: str, hosts: Sequence[str], role: str) -> CertFiles:
         files = CertFiles(self.directory / f"{file_stem}.crt", self.directory / f"{file_stem}.key")
-        sans = _sans(hosts)
+        sans = subject_alt_names(name, hosts)
+        usage = ROLES[role].usage
         loaded = _load(files)
         if loaded is not None and self._reusable(loaded[0], name, sans, usage):
             return files
+        # The CSR path every party's host takes, in one process.
         key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(min(now + VALIDITY, self._cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
+        csr = build_request(key, name, hosts).public_bytes(serialization.Encoding.PEM)
+        cert = self._authority.sign(csr, role, _now(), VALIDITY)
         _write(files, cert, key)
         return files
 
@@ -170,7 +118,7 @@ class ClusterCa:
         usage: x509.ObjectIdentifier,
     ) -> bool:
         try:
-            cert.verify_directly_issued_by(self._cert)
+            cert.verify_directly_issued_by(self._authority.cert)
             names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
@@ -198,16 +146,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-
-
-def _sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    sans: list[x509.GeneralName] = []
-    for host in dict.fromkeys(hosts):  # unique, in order
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    return sans
 
 
 def _load(files: CertFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:

@@ -154,9 +154,11 @@ class NodeSettings:
     anchor_every_entries: int = 1000
     anchor_interval_s: float = 60.0
     log_level: str = "info"
-    #: mutual TLS: the CA that signs this node's and its clients' certificates, and
-    #: the node's own certificate and key. The certificate must name the node id as
-    #: a DNS subject alternative name: the coordinator checks it.
+    #: mutual TLS: the CA bundle (one or more CA certificates) that this node's and
+    #: its clients' certificates chain to, and the node's own certificate and key.
+    #: The certificate must name the node id as a DNS subject alternative name: the
+    #: coordinator checks it. The serving node reloads the three files when they
+    #: change (proto.transport.ServerIdentityReloader).
     tls_ca_cert: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -188,7 +190,9 @@ class NodeSettings:
             return Transport.plaintext()
         if self.tls_ca_cert is None or self.tls_cert is None or self.tls_key is None:
             raise ConfigurationError("node TLS settings are incomplete")  # validate() says which
-        return Transport.tls(self.tls_ca_cert, self.tls_cert, self.tls_key)
+        return Transport.tls(
+            self.tls_ca_cert, self.tls_cert, self.tls_key, identity_name=self.node_id
+        )
 
     @classmethod
     def from_toml(cls, path: Path, environ: Mapping[str, str] | None = None) -> NodeSettings:

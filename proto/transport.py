@@ -10,10 +10,19 @@ or :meth:`Transport.aio_channel`. Nothing else in medkms calls
 The private key is read from its file each time credentials are built and is
 handed straight to gRPC; a Transport holds paths only, so printing one shows
 no secret.
+
+A TLS server reloads its identity without a restart (:class:`ServerIdentityReloader`):
+at each new connection's handshake it looks at the CA bundle, certificate and key
+files, and when one has changed it checks the new set (see
+:func:`proto.tls_identity.load_identity`) and serves it from then on; a set that
+does not check out is logged and the identity in use is kept. Established
+connections keep the identity they were made with.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +30,11 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from core.errors import ConfigurationError, KmsError
 from proto import rpc
+from proto.tls_identity import TlsIdentity, load_bundle, load_identity, read_pem
 
 log = structlog.get_logger("medkms.transport")
 
@@ -41,6 +52,9 @@ class Transport:
     #: on a server, the client identity (mutual TLS) on a channel
     cert: Path | None = None
     key: Path | None = None
+    #: a DNS name a server's certificate must carry (a node's id), checked each time
+    #: the server loads it, so that another node's certificate is never served
+    identity_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -54,10 +68,18 @@ class Transport:
         return cls(ca_cert=None)
 
     @classmethod
-    def tls(cls, ca_cert: Path, cert: Path | None = None, key: Path | None = None) -> Transport:
-        """Peers are checked against ``ca_cert``; ``cert``/``key`` are this side's
-        identity (required to serve, and for a client of a mutual-TLS server)."""
-        return cls(ca_cert=ca_cert, cert=cert, key=key)
+    def tls(
+        cls,
+        ca_cert: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
+        *,
+        identity_name: str | None = None,
+    ) -> Transport:
+        """Peers are checked against ``ca_cert`` (one or more CA certificates);
+        ``cert``/``key`` are this side's identity (required to serve, and for a
+        client of a mutual-TLS server)."""
+        return cls(ca_cert=ca_cert, cert=cert, key=key, identity_name=identity_name)
 
     @property
     def is_plaintext(self) -> bool:
@@ -100,12 +122,14 @@ class Transport:
 
     def _channel_credentials(self) -> grpc.ChannelCredentials:
         assert self.ca_cert is not None
+        # Checked, not just read: gRPC takes empty roots to mean the system's CAs.
+        roots, _cas = load_bundle(self.ca_cert)
         if self.cert is None or self.key is None:
-            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca_cert, "CA cert"))
+            return grpc.ssl_channel_credentials(root_certificates=roots)
         return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca_cert, "CA cert"),
-            private_key=_read(self.key, "TLS key"),
-            certificate_chain=_read(self.cert, "TLS cert"),
+            root_certificates=roots,
+            private_key=read_pem(self.key, "TLS key"),
+            certificate_chain=read_pem(self.cert, "TLS certificate"),
         )
 
     # -- servers -------------------------------------------------------------
@@ -131,14 +155,100 @@ class Transport:
         return port
 
     def _server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
-        assert self.ca_cert is not None
-        if self.cert is None or self.key is None:
+        if self.ca_cert is None or self.cert is None or self.key is None:
             raise ConfigurationError("a TLS server needs its certificate and key")
-        return grpc.ssl_server_credentials(
-            [(_read(self.key, "TLS key"), _read(self.cert, "TLS cert"))],
-            root_certificates=_read(self.ca_cert, "CA cert"),
-            require_client_auth=require_client_cert,
+        reloader = ServerIdentityReloader(self.ca_cert, self.cert, self.key, self.identity_name)
+        return reloader.credentials(require_client_cert)
+
+
+class ServerIdentityReloader:
+    """A TLS server's identity, read again from its files when they change.
+
+    gRPC calls :meth:`fetch` at each new connection's handshake; it costs three
+    ``stat`` calls unless a file changed. A changed set of files is checked once:
+    served if it checks out, else logged (``tls_identity_refused``, with the reason
+    and no key material) and ignored until a file changes again. To install a new
+    certificate and key, write each to a temporary file and rename it into place;
+    between the two renames the pair does not match and is not taken.
+    """
+
+    def __init__(self, ca_bundle: Path, cert: Path, key: Path, name: str | None) -> None:
+        self._files = (ca_bundle, cert, key)
+        self._name = name
+        self._lock = threading.Lock()
+        self._seen: tuple[object, ...] = ()
+        self.current: TlsIdentity | None = None
+
+    def __repr__(self) -> str:
+        return f"ServerIdentityReloader(cert={str(self._files[1])!r})"
+
+    def credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
+        """Credentials that start with the identity in the files now; raises
+        :class:`ConfigurationError` if it does not check out."""
+        with self._lock:
+            self._seen = self._stamp()
+            self.current = self._load()
+            initial = _configuration(self.current)
+        log.info("tls_identity_loaded", serial=f"{self.current.serial:x}", cert=str(self._files[1]))
+        return grpc.dynamic_ssl_server_credentials(
+            initial,
+            # gRPC documents None as "keep the configuration in use"; its stubs omit it.
+            self.fetch,  # type: ignore[arg-type]
+            require_client_authentication=require_client_cert,
         )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new identity if the files changed and check out, else None (keep the
+        one in use). Never raises: an exception here would fail the handshake."""
+        with self._lock:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return None
+            self._seen = stamp
+            try:
+                identity = self._load()
+            except ConfigurationError as e:
+                log.error(
+                    "tls_identity_refused",
+                    reason=e.message,
+                    serving_serial=f"{self.current.serial:x}" if self.current else None,
+                )
+                return None
+            except Exception as e:  # noqa: BLE001 - a handshake must not fail for it
+                log.error("tls_identity_refused", reason=type(e).__name__)
+                return None
+            self.current = identity
+        log.info(
+            "tls_identity_reloaded",
+            serial=f"{identity.serial:x}",
+            not_after=identity.not_after.isoformat(),
+            cert=str(self._files[1]),
+        )
+        return _configuration(identity)
+
+    def _load(self) -> TlsIdentity:
+        bundle, cert, key = self._files
+        return load_identity(
+            bundle, cert, key, usage=ExtendedKeyUsageOID.SERVER_AUTH, name=self._name
+        )
+
+    def _stamp(self) -> tuple[object, ...]:
+        """What changes when a file is rewritten or replaced."""
+        stamp: list[object] = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                stamp.append(e.errno)
+            else:
+                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamp)
+
+
+def _configuration(identity: TlsIdentity) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.bundle_pem
+    )
 
 
 def require_tls_settings(config: str, files: dict[str, Path | None], dev_plaintext: bool) -> None:
@@ -155,10 +265,3 @@ def require_tls_settings(config: str, files: dict[str, Path | None], dev_plainte
             f"{config} is missing TLS settings {', '.join(missing)}; plaintext is refused "
             "unless dev_plaintext = true (development only)"
         )
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigurationError(f"cannot read {what} {path}: {e.strerror}") from None

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from deploy import certs
+from deploy import certificate_authority, certs
 from deploy.certs import CertFiles, ClusterCa
 
 
@@ -39,7 +39,7 @@ def test_ca_is_a_p256_ca_valid_for_a_year(tmp_path: Path) -> None:
     assert key.curve.name == "secp256r1"
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    assert lifetime == certs.VALIDITY + certs.BACKDATE
+    assert lifetime == certs.VALIDITY + certificate_authority.BACKDATE
     assert (tmp_path / "tls").stat().st_mode & 0o777 == 0o700
 
 

@@ -4,21 +4,31 @@ development mode."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from core.errors import ConfigurationError
-from deploy.certs import ClusterCa
+from core.errors import ConfigurationError, KmsError
+from deploy import certificate_requests
+from deploy.certificate_authority import CertificateAuthority
+from deploy.certs import LOCAL_HOSTS, ClusterCa
 from deploy.local_cluster import LocalCluster
+from deploy.sample_records import lab_result
 from kms_node.settings import NodeSettings
 from proto.kms.v1 import coordinator_pb2, node_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from proto.transport import Transport
+from tests.integration.conftest import People
+from tests.proto.test_certificate_rotation import served_serial_at
 
 pytestmark = pytest.mark.cluster
 
@@ -154,3 +164,61 @@ def test_plaintext_needs_the_explicit_development_mode(
     both.write_text(both.read_text() + f'tls_ca_cert = "{cluster.state_dir}/tls/ca.crt"\n')
     with pytest.raises(ConfigurationError, match="sets dev_plaintext = true and tls_ca_cert"):
         NodeSettings.from_toml(both)
+
+
+def test_a_serving_node_takes_a_rotated_certificate_while_the_doctor_reads(
+    cluster: LocalCluster, people: People
+) -> None:
+    """On the real node process: node-1's operator rotates its certificate the
+    operator's way (new key and CSR, signed by the CA, installed) while a doctor
+    reads through the coordinator; no read fails and new connections to node-1 are
+    shown the new certificate."""
+    tls = cluster.state_dir / "tls"
+    key, cert, csr = tls / "node-1.key", tls / "node-1.crt", tls / "node-1.csr"
+    node = cluster.nodes[0]
+    old_serial = served_serial(cluster, node.address, node.node_id)
+    people.grant_doctor()
+    failures: list[str] = []
+    reads = 0
+    stop = threading.Event()
+
+    def read() -> None:
+        nonlocal reads
+        with people.provider() as doctor:
+            while not stop.is_set():
+                try:
+                    assert doctor.read_record(people.lab.record_id) == lab_result()
+                    reads += 1
+                except (KmsError, AssertionError) as e:
+                    failures.append(repr(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        while reads < 3:
+            time.sleep(0.05)
+        certificate_requests.request(key, csr, node.node_id, LOCAL_HOSTS, rotate=True)
+        authority = CertificateAuthority.open(tls)
+        signed = authority.sign(csr.read_bytes(), "node", datetime.datetime.now(datetime.UTC))
+        answer = tls / "node-1-renewed.crt"
+        answer.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
+        certificate_requests.install(
+            answer, tls / "ca.crt", cert, key, usage=ExtendedKeyUsageOID.SERVER_AUTH, name="node-1"
+        )
+        assert served_serial(cluster, node.address, node.node_id) == signed.serial_number
+        for _ in range(3):  # new connections, each checked against the new certificate
+            assert node_info(cluster.transport, node.address, node.node_id) == node.node_id
+        reads_at_rotation = reads
+        while reads < reads_at_rotation + 3:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        reader.join()
+    assert failures == []
+    assert signed.serial_number != old_serial
+
+
+def served_serial(cluster: LocalCluster, address: str, node_id: str) -> int:
+    transport = cluster.transport
+    assert transport.ca_cert and transport.cert and transport.key
+    return served_serial_at(address, node_id, transport.ca_cert, transport.cert, transport.key)

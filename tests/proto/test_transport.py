@@ -134,3 +134,28 @@ def test_settings_need_every_tls_file_or_the_development_mode() -> None:
         require_tls_settings("node config", files, dev_plaintext=True)
     require_tls_settings("node config", dict.fromkeys(files), dev_plaintext=True)
     require_tls_settings("node config", dict.fromkeys(files, Path("x")), dev_plaintext=False)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "holds no PEM certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", "holds no"),
+    ],
+    ids=["empty", "garbled"],
+)
+def test_a_client_refuses_a_ca_bundle_it_cannot_use(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    """gRPC would take empty roots to mean every CA the system trusts."""
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=problem):
+        Transport.tls(bundle).channel("127.0.0.1:1")
+
+
+def test_a_ca_bundle_may_hold_only_cas(ca: ClusterCa, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(ca.ca_cert.read_bytes() + ca.server_cert("node-1").cert.read_bytes())
+    with pytest.raises(ConfigurationError, match="holds a certificate that is not a CA"):
+        Transport.tls(bundle).channel("127.0.0.1:1")
