@@ -21,6 +21,7 @@ builds them (EIP-712 signature, fresh nonce, deadline).
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from clients.sdk.provider import ProviderClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner as SdkSigner
 from contracts.registry import RegistryClient
+from core.audit import Receipt
 from core.errors import IntegrityError, InvalidRequest, KmsError, PreconditionFailed
 from core.record_types import RecordType
 from core.registry_types import PatientInfo
@@ -140,8 +142,10 @@ class Workload:
             for r in self.records
         ]
 
-    def dek_path(self, identities: list[Identity] | None = None) -> DekPath:
-        return DekPath(self, identities or self.doctors)
+    def dek_path(
+        self, identities: list[Identity] | None = None, *, keep_receipts: bool = False
+    ) -> DekPath:
+        return DekPath(self, identities or self.doctors, keep_receipts=keep_receipts)
 
     def node_target(self, node: NodeEntry, *, connections: int = 4) -> NodeTarget:
         return NodeTarget(self, node, connections=connections)
@@ -183,7 +187,14 @@ class DekPath:
     coordinator RPC, the grantee's cfrag verification and decryption, per call
     (call ``index`` goes to record and grantee ``index``, cycling)."""
 
-    def __init__(self, workload: Workload, identities: list[Identity]) -> None:
+    def __init__(
+        self, workload: Workload, identities: list[Identity], *, keep_receipts: bool = False
+    ) -> None:
+        """With ``keep_receipts``, the audit receipt of every fragment of every read
+        served is kept in ``receipts`` (for an auditor to check they are all logged)."""
+        self.keep_receipts = keep_receipts
+        self.receipts: list[Receipt] = []
+        self._receipts_lock = threading.Lock()
         self._grantees = [(i, workload.signer(i)) for i in identities]
         self._channel = workload.cluster.coordinator_channel()
         self._stub = CoordinatorStub(self._channel)
@@ -213,7 +224,8 @@ class DekPath:
         identity, signer = self._grantees[index % len(self._grantees)]
         request = signer.single(record.ref)
         try:
-            response = self._stub.Reencrypt(request, timeout=RPC_TIMEOUT_S)
+            # As the SDK calls: waiting within the timeout for the channel to be ready.
+            response = self._stub.Reencrypt(request, timeout=RPC_TIMEOUT_S, wait_for_ready=True)
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e) from None
         delegating_key = load_public_key(self._patient.umbral_key(record.ref.record_type))
@@ -236,6 +248,9 @@ class DekPath:
             dek = None
         if dek is None:
             raise IntegrityError("the cfrags did not open the DEK")
+        if self.keep_receipts:
+            with self._receipts_lock:
+                self.receipts += [Receipt.from_fields(f.receipt) for f in response.fragments]
         return bytes(dek)
 
 
