@@ -1,6 +1,9 @@
 """`kms-node`: set up a node's HSM token, then serve.
 
-    kms-node init  --config node.toml   # token + keys inside it; prints public info as JSON
+    kms-node init  --config node.toml [--identity-out FILE]
+                                        # token + keys inside it; prints the node's public
+                                        # identity as JSON (and writes it to FILE, for the
+                                        # registry admin: kmsctl admin register-node)
     kms-node serve --config node.toml   # gRPC + /metrics until SIGTERM
     kms-node rotate-kek --config node.toml   # node stopped: new HSM key-encryption key,
                                              # every kfrag wrapped again, old keys destroyed
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from core import logs
 from core.errors import KmsError
+from core.node_identity import NodeIdentity
 from kms_node import data_lock
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.hsm.softhsm_token import init_softhsm_token
@@ -33,7 +37,7 @@ from kms_node.settings import NodeSettings
 from kms_node.supervisor import supervise
 
 
-def init(settings: NodeSettings) -> dict[str, str]:
+def init(settings: NodeSettings) -> NodeIdentity:
     """Create (or open) the token and the node's keys; return its public identity."""
     if settings.softhsm_conf is not None:
         if settings.softhsm_token_dir is None:
@@ -53,12 +57,12 @@ def init(settings: NodeSettings) -> dict[str, str]:
         softhsm_conf=settings.softhsm_conf,
     )
     try:
-        public = {
-            "node_id": settings.node_id,
-            "signing_public_key": keystore.signing_public_key().hex(),
-            "delivery_public_key": keystore.delivery_public_key().hex(),
-            "account": keystore.eth_address(),
-        }
+        public = NodeIdentity(
+            node_id=settings.node_id,
+            signing_public_key=keystore.signing_public_key(),
+            delivery_public_key=keystore.delivery_public_key(),
+            account=keystore.eth_address(),
+        )
     finally:
         keystore.close()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", type=Path, required=True, help="node TOML file")
+        if name == "init":
+            cmd.add_argument(
+                "--identity-out",
+                type=Path,
+                metavar="FILE",
+                help="also write the public identity to FILE (public keys only)",
+            )
         if name == "serve":
             # Set by the supervisor when the node runs several processes.
             cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -105,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             component += f"/{args.worker}"
         logs.configure(component, settings.log_level)
         if args.command == "init":
-            print(json.dumps(init(settings), indent=2))
+            identity = json.dumps(init(settings).to_json_object(), indent=2) + "\n"
+            if args.identity_out is not None:
+                args.identity_out.write_text(identity)
+            sys.stdout.write(identity)
         elif args.command == "rotate-kek":
             print(json.dumps(rotate(settings), indent=2))
         elif settings.processes > 1 and args.worker is None:
@@ -115,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             serve(settings, worker=args.worker)
     except KmsError as e:
         print(f"kms-node: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"kms-node: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
     return 0
 
