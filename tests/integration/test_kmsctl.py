@@ -43,6 +43,9 @@ def test_demo_runs_every_step(cluster: LocalCluster) -> None:
     assert "read under the emergency grant" in result.stdout
     assert "every decision is judged again at its block" in result.stdout
     assert "demo finished" in result.stdout
+    assert re.search(
+        r"patient did:pkh:eip155:\d+:0x[0-9a-fA-F]{40}, doctor did:pkh:", result.stdout
+    )
 
 
 def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) -> None:
