@@ -121,7 +121,7 @@ def cmd_node_active(args: argparse.Namespace) -> None:
     print(f"{args.node_id} {'activated' if active else 'deactivated'} (transaction {tx})")
 
 
-def _wei(ether: str) -> int:
+def ether_to_wei(ether: str) -> int:
     try:
         amount = Decimal(ether)
     except InvalidOperation:
@@ -135,7 +135,7 @@ def _wei(ether: str) -> int:
 
 
 def cmd_fund(args: argparse.Namespace) -> None:
-    wei = _wei(args.ether)
+    wei = ether_to_wei(args.ether)
     admin, registry, chain_id = _connect(args)
     party = address_of(args.party, chain_id)
     chain = ChainTransport(registry.rpc_url, _TIMEOUT_S, load_artifact()["abi"])
