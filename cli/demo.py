@@ -39,7 +39,8 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
     )
     nodes = cluster.nodes
     say(f"cluster: {len(nodes)} nodes, threshold {cluster.threshold}, registry {registry.address}")
-    say(f"patient {alice.address}, doctor {bob.address}")
+    chain_id = registry.chain_id()
+    say(f"patient {alice.did(chain_id)}, doctor {bob.did(chain_id)}")
 
     say("1. patient registers her Umbral keys (one per record type) and kfrag-verifying key")
     patient.register()

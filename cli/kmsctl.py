@@ -6,11 +6,16 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
+    kmsctl patient|provider|emergency ... --keystore FILE --profile FILE --blob-dir DIR
+    kmsctl account new|show|public --keystore FILE
+    kmsctl admin deploy|grant-provider|grant-emergency|revoke-emergency|register-node|
+                 deactivate-node|activate-node|fund --keystore FILE ...
     kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state-file FILE]
     kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
-Identities are the demo accounts of the cluster's state directory
-(``accounts/NAME.json``).
+A party acts either from its own files (an encrypted keystore and a connection profile:
+``cli/parties.py``) or, on the local cluster, as a demo account of the state directory
+(``accounts/NAME.json``, chosen with ``--as NAME``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from cli import ca_commands
+from cli import account, admin, ca_commands, parties
 from clients.audit.audit_report import failures, summary_lines, write_reports
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
@@ -38,8 +43,6 @@ from core.errors import IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.processes import grpc_serving
-
-DEFAULT_STATE_DIR = Path(".state")
 
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
@@ -123,21 +126,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_patient(args: argparse.Namespace) -> None:
-    cluster = _cluster(args)
+    me = parties.party(args)
     with PatientClient(
-        cluster.identity(args.as_),
-        registry=cluster.registry(),
-        blobs=cluster.blob_store(),
-        coordinator_address=cluster.coordinator_address,
-        transport=cluster.app_transport,
+        me.identity,
+        registry=me.registry,
+        blobs=me.blobs,
+        coordinator_address=me.coordinator_address,
+        transport=me.transport,
     ) as client:
-        _patient_action(args, cluster, client)
+        _patient_action(args, me, client)
 
 
-def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: PatientClient) -> None:
+def _patient_action(args: argparse.Namespace, me: parties.Party, client: PatientClient) -> None:
     if args.action == "register":
         client.register()
-        print(f"registered {client.identity.address}")
+        print(f"registered {me.did(me.identity.address)}")
     elif args.action == "store":
         document = read_bounded(args.file, max_bytes=MAX_DOCUMENT_BYTES, what="record file")
         stored = client.store_record(document, RecordType.parse(args.type))
@@ -153,18 +156,18 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
             )
         )
     elif args.action == "grant":
-        grantee = cluster.identity(args.grantee)
+        address, umbral_key = me.keys_of(args.grantee)
         outcome = client.grant(
-            grantee.address,
-            grantee.umbral_public_key(),
+            address,
+            umbral_key,
             [RecordType.parse(t) for t in args.types.split(",")],
             duration_s=args.duration,
-            threshold=args.threshold or cluster.threshold,
+            threshold=me.grant_threshold(args.threshold),
         )
         print(
             json.dumps(
                 {
-                    "grantee": outcome.grantee,
+                    "grantee": me.did(outcome.grantee),
                     "expires_at": outcome.expires_at,
                     "enrolled": sorted(outcome.enrolled),
                     "failed": outcome.failed,
@@ -173,17 +176,17 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
             )
         )
     elif args.action == "emergency-opt-in":
-        responder = cluster.identity(args.responder)
+        address, umbral_key = me.keys_of(args.responder)
         outcome = client.opt_in_emergency(
-            responder.address,
-            responder.umbral_public_key(),
+            address,
+            umbral_key,
             [RecordType.parse(t) for t in args.types.split(",")],
-            threshold=args.threshold or cluster.threshold,
+            threshold=me.grant_threshold(args.threshold),
         )
         print(
             json.dumps(
                 {
-                    "responder": outcome.grantee,
+                    "responder": me.did(outcome.grantee),
                     "record_types": sorted(t.label for t in outcome.allowed_types),
                     "enrolled": sorted(outcome.enrolled),
                     "failed": outcome.failed,
@@ -192,17 +195,21 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
             )
         )
     elif args.action == "emergency-opt-out":
-        block = client.opt_out_emergency(cluster.identity(args.responder).address)
+        block = client.opt_out_emergency(me.address_of(args.responder))
         waited = client.await_nodes(block)
         print(f"opted out in block {block}; in force at every node after {waited * 1000:.0f} ms")
     elif args.action == "revoke":
-        block = client.revoke(cluster.identity(args.grantee).address)
+        block = client.revoke(me.address_of(args.grantee))
         waited = client.await_nodes(block)
         print(f"revoked in block {block}; in force at every node after {waited * 1000:.0f} ms")
     elif args.action == "allow-writer":
-        block = client.allow_writer(cluster.identity(args.writer).address, allowed=not args.stop)
+        writer = me.address_of(args.writer)
+        block = client.allow_writer(writer, allowed=not args.stop)
         verb = "may no longer" if args.stop else "may now"
-        print(f"{args.writer} {verb} anchor records for {client.identity.address} (block {block})")
+        print(
+            f"{me.did(writer)} {verb} anchor records for {me.did(me.identity.address)} "
+            f"(block {block})"
+        )
     elif args.action == "erase":
         block = client.erase(_record_id(args.record_id))
         waited = client.await_nodes(block)
@@ -213,20 +220,19 @@ def _patient_action(args: argparse.Namespace, cluster: LocalCluster, client: Pat
         print(f"deactivated in block {block}; in force at every node after {waited * 1000:.0f} ms")
 
 
-def _provider(cluster: LocalCluster, name: str) -> ProviderClient:
-    """The SDK as the app of identity ``name``, reaching the coordinator over TLS."""
+def _provider(me: parties.Party) -> ProviderClient:
+    """The SDK as the party's app, reaching the coordinator over TLS."""
     return ProviderClient(
-        cluster.identity(name),
-        registry=cluster.registry(),
-        blobs=cluster.blob_store(),
-        coordinator_address=cluster.coordinator_address,
-        transport=cluster.app_transport,
+        me.identity,
+        registry=me.registry,
+        blobs=me.blobs,
+        coordinator_address=me.coordinator_address,
+        transport=me.transport,
     )
 
 
 def cmd_provider_read(args: argparse.Namespace) -> None:
-    cluster = _cluster(args)
-    with _provider(cluster, args.as_) as provider:
+    with _provider(parties.party(args)) as provider:
         plaintext = provider.read_record(_record_id(args.record_id), args.purpose)
     if args.out:
         args.out.write_bytes(plaintext)
@@ -235,12 +241,12 @@ def cmd_provider_read(args: argparse.Namespace) -> None:
 
 
 def cmd_emergency_open(args: argparse.Namespace) -> None:
-    cluster = _cluster(args)
-    patient = cluster.identity(args.patient)
-    with _provider(cluster, args.as_) as responder:
-        block, expires_at = responder.open_emergency_access(patient.address, args.duration)
+    me = parties.party(args)
+    patient = me.address_of(args.patient)
+    with _provider(me) as responder:
+        block, expires_at = responder.open_emergency_access(patient, args.duration)
     print(
-        f"emergency access to {patient.address} opened in block {block}, "
+        f"emergency access to {me.did(patient)} opened in block {block}, "
         f"until {expires_at} (read with --purpose ETREAT)"
     )
 
@@ -289,13 +295,20 @@ def cmd_audit_export(args: argparse.Namespace) -> None:
         raise IntegrityError(f"not exported, their logs do not verify: {failures(report)}")
 
 
+_PARTY_HELP = "a demo identity's name (--state-dir), or a DID or 0x address (--profile)"
+_GRANTEE_HELP = (
+    "a demo identity's name (--state-dir), or the public identity file the party sent, "
+    "from `kmsctl account public` (--profile)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmsctl", description=__doc__.splitlines()[0])
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
+        default=parties.DEFAULT_STATE_DIR,
         help="the local cluster's state directory (default: .state)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,33 +340,37 @@ def build_parser() -> argparse.ArgumentParser:
     patient = sub.add_parser("patient", help="patient flows").add_subparsers(
         dest="action", required=True
     )
-    who = argparse.ArgumentParser(add_help=False, parents=[state])
-    who.add_argument("--as", dest="as_", default="patient", help="identity name")
+    who = argparse.ArgumentParser(add_help=False)
+    parties.add_party_options(who, default_name="patient")
     patient.add_parser("register", parents=[who])
     store = patient.add_parser("store", parents=[who], help="store a FHIR JSON record")
     store.add_argument("file", type=Path)
     store.add_argument("--type", required=True, help=", ".join(t.label for t in RecordType))
     grant = patient.add_parser("grant", parents=[who])
-    grant.add_argument("grantee", help="identity name of the grantee, e.g. doctor")
+    grant.add_argument("grantee", help=_GRANTEE_HELP)
     grant.add_argument("--types", required=True, help="comma-separated record types")
     grant.add_argument("--duration", type=int, default=3600, help="seconds (default 3600)")
-    grant.add_argument("--threshold", type=int, default=0, help="default: the cluster's")
+    grant.add_argument(
+        "--threshold", type=int, default=0, help="default: the cluster's or the profile's"
+    )
     opt_in = patient.add_parser(
         "emergency-opt-in",
         parents=[who],
         help="let an emergency-role holder open short emergency grants",
     )
-    opt_in.add_argument("responder", help="identity name of the responder, e.g. responder")
+    opt_in.add_argument("responder", help=_GRANTEE_HELP)
     opt_in.add_argument("--types", required=True, help="comma-separated record types")
-    opt_in.add_argument("--threshold", type=int, default=0, help="default: the cluster's")
+    opt_in.add_argument(
+        "--threshold", type=int, default=0, help="default: the cluster's or the profile's"
+    )
     opt_out = patient.add_parser("emergency-opt-out", parents=[who])
-    opt_out.add_argument("responder")
+    opt_out.add_argument("responder", help=_PARTY_HELP)
     revoke = patient.add_parser("revoke", parents=[who])
-    revoke.add_argument("grantee")
+    revoke.add_argument("grantee", help=_PARTY_HELP)
     writer = patient.add_parser(
         "allow-writer", parents=[who], help="let a provider anchor records for the patient"
     )
-    writer.add_argument("writer", help="identity name of a provider, e.g. doctor")
+    writer.add_argument("writer", help=_PARTY_HELP)
     writer.add_argument("--stop", action="store_true", help="withdraw the permission")
     deactivate = patient.add_parser("deactivate", parents=[who])
     deactivate.add_argument("record_id")
@@ -365,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     provider = sub.add_parser("provider", help="provider flows").add_subparsers(
         dest="action", required=True
     )
-    read = provider.add_parser("read", parents=[state], help="read a shared record")
+    read = provider.add_parser("read", help="read a shared record")
+    parties.add_party_options(read, default_name="doctor")
     read.add_argument("record_id")
-    read.add_argument("--as", dest="as_", default="doctor", help="identity name")
     read.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
     read.add_argument("--out", type=Path, help="write the record here instead of stdout")
     read.set_defaults(func=cmd_provider_read)
@@ -375,15 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     emergency = sub.add_parser("emergency", help="emergency access").add_subparsers(
         dest="action", required=True
     )
-    open_ = emergency.add_parser(
-        "open", parents=[state], help="open a time-boxed emergency grant (emergency role)"
-    )
-    open_.add_argument("patient", help="identity name of the patient, e.g. patient")
-    open_.add_argument("--as", dest="as_", default="responder", help="identity name")
+    open_ = emergency.add_parser("open", help="open a time-boxed emergency grant (emergency role)")
+    parties.add_party_options(open_, default_name="responder")
+    open_.add_argument("patient", help=_PARTY_HELP)
     open_.add_argument(
         "--duration", type=int, default=3600, help="seconds, at most 14400 (default 3600)"
     )
     open_.set_defaults(func=cmd_emergency_open)
+
+    account.add_commands(sub)
+    admin.add_commands(sub)
 
     audit = sub.add_parser("audit", help="audit the nodes' logs").add_subparsers(
         dest="action", required=True

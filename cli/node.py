@@ -1,6 +1,9 @@
 """`kms-node`: set up a node's HSM token, then serve.
 
-    kms-node init  --config node.toml   # token + keys inside it; prints public info as JSON
+    kms-node init  --config node.toml [--identity-out FILE]
+                                        # token + keys inside it; prints the node's public
+                                        # identity as JSON (and writes it to FILE, for the
+                                        # registry admin: kmsctl admin register-node)
     kms-node serve --config node.toml   # gRPC + /metrics until SIGTERM
     kms-node rotate-kek --config node.toml   # node stopped: new HSM key-encryption key,
                                              # every kfrag wrapped again, old keys destroyed
@@ -32,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from core import logs
 from core.errors import ConfigurationError, KmsError
+from core.node_identity import NodeIdentity
 from deploy import certificate_requests
 from deploy.certificate_requests import parse_hosts
 from kms_node import data_lock
@@ -45,7 +49,7 @@ from kms_node.supervisor import supervise
 from proto.tls_identity import TlsIdentity
 
 
-def init(settings: NodeSettings) -> dict[str, str]:
+def init(settings: NodeSettings) -> NodeIdentity:
     """Create (or open) the token and the node's keys; return its public identity."""
     if settings.softhsm_conf is not None:
         if settings.softhsm_token_dir is None:
@@ -65,12 +69,12 @@ def init(settings: NodeSettings) -> dict[str, str]:
         softhsm_conf=settings.softhsm_conf,
     )
     try:
-        public = {
-            "node_id": settings.node_id,
-            "signing_public_key": keystore.signing_public_key().hex(),
-            "delivery_public_key": keystore.delivery_public_key().hex(),
-            "account": keystore.eth_address(),
-        }
+        public = NodeIdentity(
+            node_id=settings.node_id,
+            signing_public_key=keystore.signing_public_key(),
+            delivery_public_key=keystore.delivery_public_key(),
+            account=keystore.eth_address(),
+        )
     finally:
         keystore.close()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", type=Path, required=True, help="node TOML file")
+        if name == "init":
+            cmd.add_argument(
+                "--identity-out",
+                type=Path,
+                metavar="FILE",
+                help="also write the public identity to FILE (public keys only)",
+            )
         if name == "serve":
             # Set by the supervisor when the node runs several processes.
             cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -175,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             component += f"/{args.worker}"
         logs.configure(component, settings.log_level)
         if args.command == "init":
-            print(json.dumps(init(settings), indent=2))
+            identity = json.dumps(init(settings).to_json_object(), indent=2) + "\n"
+            if args.identity_out is not None:
+                args.identity_out.write_text(identity)
+            sys.stdout.write(identity)
         elif args.command == "rotate-kek":
             print(json.dumps(rotate(settings), indent=2))
         elif args.command == "tls-request":

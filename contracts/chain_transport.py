@@ -36,7 +36,7 @@ from web3.exceptions import (
     Web3Exception,
     Web3RPCError,
 )
-from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
+from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
 from contracts.json_rpc import BoundedHTTPProvider
 from core.bounded_json import JSON_RPC_MAX_BYTES
@@ -219,6 +219,37 @@ class ChainTransport:
                 f"registry rejected {op}: transaction {Web3.to_hex(tx_hash)} reverted"
             )
         return receipt
+
+    def transfer(self, sender: LocalAccount, to: str, wei: int) -> TxReceipt:
+        """Send ``wei`` from ``sender`` to ``to`` in a plain transaction (no contract call):
+        how the registry admin funds a node's account for its checkpoint anchors."""
+        if isinstance(wei, bool) or not isinstance(wei, int) or wei <= 0:
+            raise InvalidRequest("transfer: the amount must be a positive number of wei")
+        with self.translate("transfer"):
+            with self._send_lock:
+                sender_address = Web3.to_checksum_address(sender.address)
+                tx: TxParams = {
+                    "from": sender_address,
+                    "to": Web3.to_checksum_address(to),
+                    "value": Wei(wei),
+                    "chainId": self.w3.eth.chain_id,
+                    "nonce": self.w3.eth.get_transaction_count(sender_address, "pending"),
+                    "gasPrice": self.w3.eth.gas_price,
+                }
+                tx["gas"] = self.w3.eth.estimate_gas(tx)
+                raw = bytes(sender.sign_transaction(tx).raw_transaction)  # type: ignore[arg-type]
+                tx_hash = self.w3.eth.send_raw_transaction(raw)
+            receipt = self.w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=self.timeout_s, poll_latency=0.05
+            )
+        if receipt["status"] != 1:
+            raise ChainRejected(f"transfer {Web3.to_hex(tx_hash)} failed")
+        return receipt
+
+    def balance(self, address: str) -> int:
+        """The balance of ``address`` in wei, at the latest block."""
+        with self.translate("balance"):
+            return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
 
 
 def _clip(message: str, limit: int = 200) -> str:

@@ -46,6 +46,7 @@ from clients.sdk.input_files import load_json_object
 from contracts.registry import RegistryClient
 from core import bounded_json
 from core.errors import KmsError, PreconditionFailed, Unavailable
+from core.node_identity import NodeIdentity, parse_node_identity
 from deploy import processes
 from deploy.anvil import AnvilProcess, set_balance
 from deploy.certs import ClusterCa
@@ -396,12 +397,12 @@ class LocalCluster:
                 admin.account,
                 node_id=entry.node_id,
                 endpoint=entry.address,
-                signing_public_key=bytes.fromhex(public["signing_public_key"]),
-                delivery_public_key=bytes.fromhex(public["delivery_public_key"]),
-                account=public["account"],
+                signing_public_key=public.signing_public_key,
+                delivery_public_key=public.delivery_public_key,
+                account=public.account,
             )
             # The node pays for its own checkpoint anchors.
-            set_balance(self.rpc_url, public["account"], FUNDING_WEI)
+            set_balance(self.rpc_url, public.account, FUNDING_WEI)
         self.data["nodes"] = [asdict(e) for e in entries]
         self._save()
 
@@ -534,7 +535,7 @@ class LocalCluster:
         return stopped
 
 
-def _run_init(config: Path) -> dict[str, str]:
+def _run_init(config: Path) -> NodeIdentity:
     result = subprocess.run(
         [sys.executable, "-m", "cli.node", "init", "--config", str(config)],
         capture_output=True,
@@ -547,4 +548,4 @@ def _run_init(config: Path) -> dict[str, str]:
     public = bounded_json.loads_object(
         result.stdout.encode(), max_bytes=64 * 1024, max_depth=1, what="kms-node init's output"
     )
-    return {str(k): str(v) for k, v in public.items()}
+    return parse_node_identity(public)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from core.audit import GRANTED, AuditEntry
 from core.audit_findings import NodeReport
+from core.did import did_of
 from core.errors import KmsError
 from core.formats import hex_0x, iso_utc
 from core.policy import Reason
@@ -25,7 +26,7 @@ ACT_REASON: Final = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE: Final = "http://terminology.hl7.org/CodeSystem/security-source-type"
-#: an identifier whose value is itself a URI (here a CAIP-10 account id, eip155:CHAIN:ADDRESS)
+#: an identifier whose value is itself a URI: here a party's DID, did:pkh:eip155:CHAIN:ADDRESS
 URI_IDENTIFIER: Final = "urn:ietf:rfc:3986"
 MEDKMS_EVENT: Final = "urn:medkms:audit-event"
 MEDKMS_RECORD: Final = "urn:medkms:record-id"
@@ -43,7 +44,8 @@ def _coding(system: str, code: str, display: str) -> dict[str, str]:
 
 
 def _account(chain_id: int, address: str) -> dict[str, Any]:
-    return {"identifier": {"system": URI_IDENTIFIER, "value": f"eip155:{chain_id}:{address}"}}
+    """A party (requester or patient) named by its DID, as ``kmsctl`` names it."""
+    return {"identifier": {"system": URI_IDENTIFIER, "value": did_of(chain_id, address)}}
 
 
 def audit_event(node_id: str, leaf_index: int, entry: AuditEntry, chain_id: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
 
 from clients.audit.fhir_export import fhir_bundle
+from core.did import parse_did
 from tests.clients.test_audit_report import cluster_report
 from tests.core.test_audit_verify import DOCTOR, NODE, T0, Node, make_entry
 from tests.core.test_audit_verify import node as node  # noqa: F401  (fixture)
@@ -30,11 +31,14 @@ def test_fhir_export_is_a_valid_r4b_bundle_of_audit_events(node: Node) -> None:
     assert granted.purposeOfEvent[0].coding and granted.purposeOfEvent[0].coding[0].code == "TREAT"
     agent = granted.agent[0]
     assert agent.who and agent.who.identifier
-    assert agent.who.identifier.value == f"eip155:{CHAIN_ID}:{DOCTOR}"
+    assert agent.who.identifier.system == "urn:ietf:rfc:3986"
+    assert agent.who.identifier.value == f"did:pkh:eip155:{CHAIN_ID}:{DOCTOR}"
     assert agent.requestor is True
     assert granted.source.observer.display == NODE
     patient, record, capsule = granted.entity
     assert patient.role and patient.role.code == "1"
+    assert patient.what and patient.what.identifier and patient.what.identifier.value
+    assert parse_did(patient.what.identifier.value).chain_id == CHAIN_ID
     assert record.what and record.what.identifier and record.what.identifier.value
     assert record.what.identifier.value.startswith("0x0001") and record.detail
     assert {d.type: d.valueString for d in record.detail}["request_id"] == "req-0"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from clients.sdk.identity import Identity
+from clients.sdk.identity import Identity, umbral_seed
 from core.errors import InvalidRequest
 from core.record_types import RecordType
 from core.umbral_codec import VerificationError
@@ -27,7 +27,7 @@ def test_secrets_are_not_printable() -> None:
     alice = Identity.generate("alice")
     shown = repr(alice) + str(alice)
     assert alice.account.key.hex() not in shown
-    assert alice._seed.hex() not in shown
+    assert umbral_seed(bytes(alice.account.key)).hex() not in shown
     with pytest.raises(TypeError):
         hash(alice)
 
@@ -76,9 +76,10 @@ def test_a_lab_result_kfrag_cannot_open_a_diagnosis() -> None:
         (b"[" * 60_000, "nests deeper than 1 level"),
         (b"{" + b" " * (64 * 1024) + b"}", "larger than 65536 bytes"),
         (b'["ethereum_key"]', "not a JSON object"),
-        (b'{"ethereum_key": 5, "umbral_seed": "00"}', "AttributeError"),
-        (b'{"ethereum_key": "00", "umbral_seed": ["00"]}', "nests deeper than 1 level"),
-        (b'{"ethereum_key": "' + b"11" * 32 + b'", "umbral_seed": 7}', "TypeError"),
+        (b'{"ethereum_key": 5}', "AttributeError"),
+        (b'{"ethereum_key": ["00"]}', "nests deeper than 1 level"),
+        (b'{"ethereum_key": "' + b"11" * 32 + b'", "umbral_seed": "00"}', "format before ADR 11"),
+        (b'{"ethereum_key": "zz"}', "ValueError"),
         (b"\xff\xfe", "not UTF-8"),
     ],
     ids=[
@@ -86,8 +87,9 @@ def test_a_lab_result_kfrag_cannot_open_a_diagnosis() -> None:
         "oversize",
         "a-list",
         "key-not-text",
-        "seed-a-list",
-        "seed-a-number",
+        "key-a-list",
+        "an-old-file",
+        "key-not-hex",
         "not-utf8",
     ],
 )

@@ -18,6 +18,7 @@ import umbral_pre as umbral
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from clients.sdk.identity import umbral_seed
 from core.record_types import RecordType
 from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from deploy.sample_records import lab_result
@@ -230,7 +231,7 @@ def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> Non
     demo_accounts = [cluster.identity(name) for name in DEMO_ACCOUNTS]
     for identity in [*CREATED_IDENTITIES, *demo_accounts]:
         secrets_to_find.append(bytes(identity.account.key))
-        secrets_to_find.append(identity._seed)
+        secrets_to_find.append(umbral_seed(bytes(identity.account.key)))
         secrets_to_find.append(bytes(identity.umbral_secret_key().to_be_bytes()))
         for record_type in RecordType:
             secrets_to_find.append(bytes(identity.record_secret_key(record_type).to_be_bytes()))

@@ -43,6 +43,9 @@ def test_demo_runs_every_step(cluster: LocalCluster) -> None:
     assert "read under the emergency grant" in result.stdout
     assert "every decision is judged again at its block" in result.stdout
     assert "demo finished" in result.stdout
+    assert re.search(
+        r"patient did:pkh:eip155:\d+:0x[0-9a-fA-F]{40}, doctor did:pkh:", result.stdout
+    )
 
 
 def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -76,9 +79,12 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
 
     allowed = kmsctl(cluster, "patient", "allow-writer", "doctor")
     assert allowed.returncode == 0, allowed.stderr
-    assert "doctor may now anchor records" in allowed.stdout
     registry = cluster.registry()
     doctor, patient = cluster.identity("doctor"), cluster.identity("patient")
+    # Parties are named by their DIDs.
+    chain_id = registry.chain_id()
+    assert f"did:pkh:eip155:{chain_id}:{doctor.address} may now anchor records" in allowed.stdout
+    assert f"for did:pkh:eip155:{chain_id}:{patient.address}" in allowed.stdout
     assert registry.is_record_writer(patient.address, doctor.address)
     stopped = kmsctl(cluster, "patient", "allow-writer", "doctor", "--stop")
     assert stopped.returncode == 0, stopped.stderr
