@@ -203,7 +203,7 @@ def test_the_coordinator_runs_kms_coordinator_with_the_mounted_config(tmp_path: 
     result = _run("coordinator", tmp_path, MEDKMS_CONFIG=str(config))
     assert result.returncode == 1
     assert result.stderr == (
-        f"kms-coordinator: cannot read CA cert {tmp_path}/run/secrets/medkms/tls/ca.crt: "
+        f"kms-coordinator: cannot read CA bundle {tmp_path}/run/secrets/medkms/tls/ca.crt: "
         "No such file or directory\n"
     )
 
