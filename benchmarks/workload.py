@@ -31,7 +31,7 @@ import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, send_read
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner as SdkSigner
 from contracts.registry import RegistryClient
@@ -222,12 +222,13 @@ class DekPath:
     def __call__(self, index: int) -> bytes:
         record = self._records[index % len(self._records)]
         identity, signer = self._grantees[index % len(self._grantees)]
-        request = signer.single(record.ref)
-        try:
-            # As the SDK calls: waiting within the timeout for the channel to be ready.
-            response = self._stub.Reencrypt(request, timeout=RPC_TIMEOUT_S, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e) from None
+        # As the SDK sends a read: waiting for the channel within the timeout, and signed
+        # and sent again if the coordinator stopped with the call open.
+        _, response = send_read(
+            lambda: signer.single(record.ref),
+            lambda r, timeout_s: self._stub.Reencrypt(r, timeout=timeout_s, wait_for_ready=True),
+            RPC_TIMEOUT_S,
+        )
         delegating_key = load_public_key(self._patient.umbral_key(record.ref.record_type))
         verifying_key = load_public_key(self._patient.verifying_key)
         secret_key = identity.umbral_secret_key()

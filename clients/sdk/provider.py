@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import grpc
 import umbral_pre as umbral
@@ -64,13 +65,42 @@ def _answering(request_id: str) -> Iterator[None]:
     which every node's audit log (and so the auditor's report) holds its decisions."""
     try:
         yield
-    except grpc.RpcError as e:
-        error = rpc.error_from_rpc(e, "coordinator")
-        error.request_id = request_id
-        raise error from None
     except KmsError as e:
         e.request_id = request_id
         raise
+
+
+Signed = TypeVar("Signed", common_pb2.ReencryptionRequest, common_pb2.ReencryptionBatchRequest)
+Answer = TypeVar("Answer")
+#: a read that ended in one of these never reached a decision (the coordinator stopped
+#: while the call was open): it is signed again and sent again while its timeout lasts
+RESENT_ON: Final = frozenset({grpc.StatusCode.CANCELLED})
+#: the pause before the first resend, doubled after each one up to the maximum
+RESEND_PAUSE_S: Final = 0.05
+MAX_RESEND_PAUSE_S: Final = 0.5
+
+
+def send_read(
+    sign: Callable[[], Signed], send: Callable[[Signed, float], Answer], timeout_s: float
+) -> tuple[Signed, Answer]:
+    """Sign a read and send it with what is left of ``timeout_s``; again, freshly signed
+    (a new nonce, so no node takes it for a replay), if it ended in :data:`RESENT_ON`.
+    Errors are ``KmsError`` naming the coordinator and the id of the request sent."""
+    deadline = time.monotonic() + timeout_s
+    pause = RESEND_PAUSE_S
+    while True:
+        request = sign()
+        try:
+            return request, send(request, max(0.001, deadline - time.monotonic()))
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code in RESENT_ON and deadline - time.monotonic() > pause:
+                time.sleep(pause)
+                pause = min(2 * pause, MAX_RESEND_PAUSE_S)
+                continue
+            error = rpc.error_from_rpc(e, "coordinator")
+            error.request_id = request.request_id
+            raise error from None
 
 
 class ProviderClient:
@@ -126,13 +156,16 @@ class ProviderClient:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
-        request = self._signer.single(
-            patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
+        request, response = send_read(
+            lambda: self._signer.single(
+                patient.address, record_id, record.record_type, envelope.capsule, purpose_of_use
+            ),
+            lambda r, timeout_s: self._coordinator.Reencrypt(
+                r, timeout=timeout_s, wait_for_ready=True
+            ),
+            self._timeouts.fan_out_s,
         )
         with _answering(request.request_id):
-            response = self._coordinator.Reencrypt(
-                request, timeout=self._timeouts.fan_out_s, wait_for_ready=True
-            )
             dek = self._open_dek(patient, record, envelope, response.fragments)
             return open_envelope(envelope, dek)
 
@@ -149,15 +182,17 @@ class ProviderClient:
         if len(patients) != 1:
             raise InvalidRequest("a batch read covers the records of one patient")
         patient = fetched[0][2]
-        request = self._signer.batch(
-            patient.address,
-            [(rec.record_id, rec.record_type, env.capsule) for rec, env, _ in fetched],
-            purpose_of_use,
+        request, response = send_read(
+            lambda: self._signer.batch(
+                patient.address,
+                [(rec.record_id, rec.record_type, env.capsule) for rec, env, _ in fetched],
+                purpose_of_use,
+            ),
+            lambda r, timeout_s: self._coordinator.ReencryptBatch(
+                r, timeout=timeout_s, wait_for_ready=True
+            ),
+            self._timeouts.fan_out_s,
         )
-        with _answering(request.request_id):
-            response = self._coordinator.ReencryptBatch(
-                request, timeout=self._timeouts.fan_out_s, wait_for_ready=True
-            )
         results: dict[bytes, bytes | KmsError] = {
             rec.record_id: IntegrityError("the coordinator returned no result for this record")
             for rec, _, _ in fetched
