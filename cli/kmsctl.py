@@ -32,7 +32,7 @@ from cli import account, admin, ca_commands, parties
 from clients.audit.audit_report import failures, summary_lines, write_reports
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
-from clients.audit.receipts_file import load_receipts
+from clients.audit.receipts_file import load_receipts, save_receipts
 from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
 from clients.sdk.patient import PatientClient
@@ -233,7 +233,11 @@ def _provider(me: parties.Party) -> ProviderClient:
 
 def cmd_provider_read(args: argparse.Namespace) -> None:
     with _provider(parties.party(args)) as provider:
-        plaintext = provider.read_record(_record_id(args.record_id), args.purpose)
+        read = provider.read_record_with_receipts(_record_id(args.record_id), args.purpose)
+    plaintext = read.plaintext
+    if args.receipts_out:
+        save_receipts(args.receipts_out, read.receipts)
+        print(f"receipts: {args.receipts_out} ({len(read.receipts)} nodes)", file=sys.stderr)
     if args.out:
         args.out.write_bytes(plaintext)
     else:
@@ -387,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("record_id")
     read.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
     read.add_argument("--out", type=Path, help="write the record here instead of stdout")
+    read.add_argument(
+        "--receipts-out",
+        type=Path,
+        help="add the nodes' signed audit receipts for this read to FILE (a JSON list that "
+        "`kmsctl audit verify --receipts FILE` checks against the nodes' logs)",
+    )
     read.set_defaults(func=cmd_provider_read)
 
     emergency = sub.add_parser("emergency", help="emergency access").add_subparsers(

@@ -1,9 +1,13 @@
 """The receipts file an auditor may bring: the signed receipts a requester kept, as a JSON
-list (``kmsctl audit verify --receipts FILE``).
+list (``kmsctl provider read --receipts-out FILE`` adds to it, ``kmsctl audit verify
+--receipts FILE`` checks it).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,3 +60,13 @@ def load_receipts(path: Path) -> list[Receipt]:
         # InvalidRequest is a ValueError too: keep its message.
         message = e.message if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
         raise InvalidRequest(f"{path} is not a receipts file: {message}") from None
+
+
+def save_receipts(path: Path, receipts: Sequence[Receipt]) -> None:
+    """Add ``receipts`` to the receipts file at ``path`` (made if absent), written whole
+    to a temporary file and renamed over it, so a crash leaves the old list or the new."""
+    kept = load_receipts(path) if path.exists() else []
+    text = json.dumps([receipt_to_json(r) for r in [*kept, *receipts]], indent=1) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

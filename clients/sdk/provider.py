@@ -13,6 +13,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import grpc
@@ -23,6 +24,7 @@ from clients.sdk.identity import Identity
 from clients.sdk.records import open_envelope, parse_envelope
 from clients.sdk.signed_requests import RequestSigner
 from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
+from core.audit import Receipt
 from core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -68,6 +70,17 @@ def _answering(request_id: str) -> Iterator[None]:
     except KmsError as e:
         e.request_id = request_id
         raise
+
+
+@dataclass(frozen=True, repr=False)
+class RecordRead:
+    """A record as read: its plaintext, and the receipts of the nodes that served it."""
+
+    plaintext: bytes
+    receipts: tuple[Receipt, ...]
+
+    def __repr__(self) -> str:  # never the record's contents
+        return f"RecordRead({len(self.plaintext)} bytes, {len(self.receipts)} receipts)"
 
 
 Signed = TypeVar("Signed", common_pb2.ReencryptionRequest, common_pb2.ReencryptionBatchRequest)
@@ -154,6 +167,14 @@ class ProviderClient:
 
     def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
+        return self.read_record_with_receipts(record_id, purpose_of_use).plaintext
+
+    def read_record_with_receipts(
+        self, record_id: bytes, purpose_of_use: str = "TREAT"
+    ) -> RecordRead:
+        """The record's plaintext, with the audit receipt each node signed for the
+        fragment it gave: the app's proof that those nodes logged its request, for an
+        auditor (``kmsctl audit verify --receipts``) to check against their logs."""
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
         request, response = send_read(
@@ -167,7 +188,9 @@ class ProviderClient:
         )
         with _answering(request.request_id):
             dek = self._open_dek(patient, record, envelope, response.fragments)
-            return open_envelope(envelope, dek)
+            plaintext = open_envelope(envelope, dek)
+        receipts = tuple(Receipt.from_fields(f.receipt) for f in response.fragments)
+        return RecordRead(plaintext, receipts)
 
     def read_records(
         self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"

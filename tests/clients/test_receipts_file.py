@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.audit.receipts_file import load_receipts, receipt_to_json
+from clients.audit.receipts_file import load_receipts, receipt_to_json, save_receipts
 from core.errors import InvalidRequest
 from tests.core.test_audit_verify import Node
 from tests.core.test_audit_verify import node as node  # noqa: F401  (fixture)
@@ -33,3 +33,15 @@ def test_a_hostile_receipts_file_is_refused_before_it_is_parsed(tmp_path: Path) 
         f.truncate(3 << 30)  # sparse: refused after 64 MiB, never read whole
     with pytest.raises(InvalidRequest, match="larger than 67108864 bytes"):
         load_receipts(path)
+
+
+def test_saving_adds_to_the_file_and_leaves_no_temporary(node: Node, tmp_path: Path) -> None:
+    path = tmp_path / "receipts.json"
+    save_receipts(path, node.receipts[:2])
+    save_receipts(path, node.receipts[2:])
+    assert load_receipts(path) == node.receipts
+    assert not list(tmp_path.glob("receipts.json.*"))
+    path.write_text("not json")
+    with pytest.raises(InvalidRequest, match="not a receipts file|JSON"):
+        save_receipts(path, node.receipts)  # never overwrites what it cannot read
+    assert path.read_text() == "not json"

@@ -60,10 +60,32 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
     assert granted.returncode == 0, granted.stderr
     assert len(json.loads(granted.stdout)["enrolled"]) == len(cluster.nodes)
 
-    out = tmp_path / "read.json"
-    read = kmsctl(cluster, "provider", "read", record_id, "--out", str(out))
-    assert read.returncode == 0, read.stderr
-    assert out.read_bytes() == lab_result()
+    out, receipts = tmp_path / "read.json", tmp_path / "receipts.json"
+    for _ in range(2):  # each read adds its nodes' receipts to the file
+        read = kmsctl(
+            cluster,
+            "provider",
+            "read",
+            record_id,
+            "--out",
+            str(out),
+            "--receipts-out",
+            str(receipts),
+        )
+        assert read.returncode == 0, read.stderr
+        assert out.read_bytes() == lab_result()
+    kept = json.loads(receipts.read_text())
+    assert len(kept) == 2 * cluster.threshold
+    # The app's receipts are the auditor's evidence: every one is in its node's log...
+    verified = kmsctl(cluster, "audit", "verify", "--receipts", str(receipts))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # ...and one the node did not sign (here: naming another entry's hash) fails the audit.
+    hashed = kept[0]["entry_hash"]
+    kept[0]["entry_hash"] = ("0" if hashed[0] != "0" else "1") + hashed[1:]
+    receipts.write_text(json.dumps(kept))
+    forged = kmsctl(cluster, "audit", "verify", "--receipts", str(receipts))
+    assert forged.returncode == 1
+    assert kept[0]["node_id"] in forged.stdout + forged.stderr
 
     opted_in = kmsctl(cluster, "patient", "emergency-opt-in", "responder", "--types", "lab_result")
     assert opted_in.returncode == 0, opted_in.stderr
