@@ -12,12 +12,13 @@ path busy (``benchmarks.workload.DekPath``, two readers) while, in turn:
 6. every node is restarted, one after another.
 
 For each it prints reads sent, failed (with the errors), p50 and p99 before, during and
-after. It fails (exit 1) on any failed read in a fault that leaves at least ``m`` nodes
-able to serve (all but the paused chain), on any read a revoked doctor was served after
-the revocation had had time to reach every node (during each fault a grant is revoked),
-and on any acknowledged read missing from the nodes' audit logs (every receipt a read
-returned is checked by the auditor at the end, with every log verified against the
-chain).
+after. It fails (exit 1) if the node with the full disk does not report NOT_SERVING on
+its health checks while full and SERVING once freed, on any failed read in a fault that
+leaves at least ``m`` nodes able to serve (all but the paused chain), on any read a
+revoked doctor was served after the revocation had had time to reach every node (during
+each fault a grant is revoked), and on any acknowledged read missing from the nodes'
+audit logs (every receipt a read returned is checked by the auditor at the end, with
+every log verified against the chain).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from benchmarks.workload import DekPath, Workload, prepare
 from clients.audit.audit_report import failures
 from clients.audit.auditor import audit_cluster, channel_factory
 from core.errors import AccessDenied, KmsError
+from deploy import processes
 from deploy.local_cluster import LocalCluster
 
 READERS = 2
@@ -171,6 +173,9 @@ class FullDisk:
         self.directory = Path(cluster.node(node_id).config).parent
         self._filler = self.directory / "filler.bin"
         self.mounted = False
+        #: whether its health checks said NOT_SERVING once full, SERVING once freed
+        self.health_when_full = False
+        self.health_when_freed = False
 
     def mount(self) -> None:
         if os.geteuid() != 0:
@@ -219,8 +224,24 @@ class FullDisk:
         finally:
             os.close(fd)
 
+        self.health_when_full = self._health_within(serving=False)
+
     def free(self) -> None:
         self._filler.unlink(missing_ok=True)
+        self.health_when_freed = self._health_within(serving=True)
+
+    def _health_within(self, *, serving: bool, timeout_s: float = 5.0) -> bool:
+        """Whether the node's health checks came to say ``serving`` within the time."""
+        node = self._cluster.node(self.node_id)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            said = processes.grpc_serving(
+                node.address, self._cluster.transport, server_name=self.node_id
+            )
+            if said == serving:
+                return True
+            time.sleep(0.1)
+        return False
 
     def unmount(self) -> None:
         if self.mounted:
@@ -325,6 +346,11 @@ def run() -> dict[str, Any]:
                         )
                 if row["stale_reads"]:
                     violations.append(f"{fault.name}: a revoked grant was served")
+            if not (disk.health_when_full and disk.health_when_freed):
+                violations.append(
+                    f"{disk.node_id}'s health checks did not follow its disk: NOT_SERVING when "
+                    f"full {disk.health_when_full}, SERVING when freed {disk.health_when_freed}"
+                )
             readers.stop()
             dek.close()
             report = audit_cluster(

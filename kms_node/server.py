@@ -22,6 +22,7 @@ from kms_node.chain_follower import ChainFollower
 from kms_node.hardening import forbid_core_dumps
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.kfrag_store import KfragStore
+from kms_node.readiness import Readiness, data_dir_writable
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from kms_node.service import NodeService
 from kms_node.settings import NodeSettings
@@ -184,6 +185,13 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     settings.transport().add_port(server, f"{host}:{port}", require_client_cert=True)
     follower.on_events = service.shred_revoked
     follower.start()
+    # NOT_SERVING on health checks while the node cannot serve: a stale grant index, or
+    # a data directory (the audit log's) that cannot be written.
+    readiness = Readiness(
+        [follower.staleness, data_dir_writable(settings.data_dir)],
+        lambda serving: rpc.set_health(health, [SERVICE_NAME, AUDIT_SERVICE.full_name], serving),
+    )
+    readiness.start()
     if settings.metrics_listen and worker is None:
         metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
     metrics.KFRAGS_STORED.set(kfrags.count())
@@ -217,6 +225,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
+    readiness.stop()
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
     follower.stop()

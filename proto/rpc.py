@@ -89,6 +89,15 @@ def _ignore(_method: str, _outcome: str, _seconds: float) -> None:
     return None
 
 
+def _log_unavailable(service: Any, method: Method, error: errors.KmsError) -> None:
+    """A refusal for want of a dependency (chain, audit log, HSM, nodes) is the
+    operator's business, unlike a judgement on the request: each one is logged."""
+    if error.grpc_status == "UNAVAILABLE":
+        log.warning(
+            "rpc_unavailable", service=service.full_name, method=method.name, reason=error.message
+        )
+
+
 def _generic_handler(
     service: Any, methods: list[Method], wrap: Callable[[Method], grpc.RpcMethodHandler[Any, Any]]
 ) -> grpc.GenericRpcHandler:
@@ -117,6 +126,7 @@ def service_handler(
                 response = method.handler(request, context)
             except errors.KmsError as e:
                 observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
+                _log_unavailable(service, method, e)
                 context.abort(status_of(e), e.message)
             except Exception:
                 observe(method.name, "internal", time.perf_counter() - start)
@@ -153,6 +163,7 @@ def aio_service_handler(
                 response = await handler(request, context)
             except errors.KmsError as e:
                 observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
+                _log_unavailable(service, method, e)
                 await context.abort(status_of(e), e.message)
             except Exception:
                 observe(method.name, "internal", time.perf_counter() - start)
@@ -182,6 +193,20 @@ def add_health_and_reflection(server: grpc.Server, services: list[str]) -> Any:
         [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     return servicer
+
+
+def set_health(servicer: Any, services: list[str], serving: bool) -> None:
+    """Report every service (and the server as a whole, "") SERVING or NOT_SERVING on a
+    threaded server's health servicer."""
+    from grpc_health.v1 import health_pb2
+
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *services]:
+        servicer.set(name, status)
 
 
 async def aio_add_health_and_reflection(server: grpc.aio.Server, services: list[str]) -> Any:
