@@ -3,6 +3,7 @@ coordinator, gRPC over TCP), started once for the integration tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
 
 
+def block_time_s() -> int | None:
+    """anvil's block time for the session's cluster: ``MEDKMS_TEST_BLOCK_TIME`` seconds
+    (``make test-block-times``), else a block per transaction at once."""
+    value = os.environ.get("MEDKMS_TEST_BLOCK_TIME", "")
+    if not value:
+        return None
+    if not value.isdigit():
+        raise pytest.UsageError(f"MEDKMS_TEST_BLOCK_TIME must be whole seconds, not {value!r}")
+    return int(value)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     state_dir: Path = tmp_path_factory.mktemp("cluster")
-    cluster = LocalCluster.up(state_dir, nodes=5, threshold=3)
+    cluster = LocalCluster.up(state_dir, nodes=5, threshold=3, block_time_s=block_time_s())
     try:
         yield cluster
     finally:
