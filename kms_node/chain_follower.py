@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from core.errors import KmsError, Unavailable
+from core.grant_index import GrantIndex
 from core.registry_interface import RegistryReader
 from core.registry_types import (
     AccessState,
@@ -39,7 +40,6 @@ from core.registry_types import (
 )
 from core.request_auth import Domain
 from kms_node import metrics
-from kms_node.grant_index import GrantIndex
 
 log = structlog.get_logger("medkms.node.chain")
 
