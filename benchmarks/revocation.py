@@ -21,7 +21,9 @@ POLL_S = 0.02
 TIMEOUT_S = 15.0
 
 
-def trial(workload: Workload, number: int, *, poll_s: float = POLL_S) -> dict[str, Any]:
+def trial(
+    workload: Workload, number: int, *, poll_s: float = POLL_S, timeout_s: float = TIMEOUT_S
+) -> dict[str, Any]:
     doctor = workload.new_identity(f"dr-revoked-{number}", provider=True)
     workload.grant(doctor)
     path = workload.dek_path([doctor])
@@ -35,7 +37,7 @@ def trial(workload: Workload, number: int, *, poll_s: float = POLL_S) -> dict[st
         served_after, other_errors, polls = 0, 0, 0
         refused: float | None = None
         reason = ""
-        while time.perf_counter() - mined < TIMEOUT_S:
+        while time.perf_counter() - mined < timeout_s:
             started = time.perf_counter()
             polls += 1
             try:
@@ -52,6 +54,7 @@ def trial(workload: Workload, number: int, *, poll_s: float = POLL_S) -> dict[st
         path.close()
     return {
         "revocation_s": None if refused is None else refused - mined,
+        "sent_to_refused_s": None if refused is None else refused - sent,
         "revoke_tx_s": mined - sent,
         "polls": polls,
         "served_after_revoke": served_after,
