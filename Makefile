@@ -36,7 +36,8 @@ test-fast: venv
 
 # Chains that mine on an interval (issue 12): the end-to-end read, grant, revocation,
 # expiry and emergency tests on anvil mining every 2 s and every 12 s, then revocation
-# latency on each (benchmarks/block_times.py). About 10 minutes.
+# latency on each (benchmarks/block_times.py). About 20 minutes, most of it the 12 s
+# cluster's set-up.
 BLOCK_TIME_TESTS := \
   tests/integration/test_end_to_end.py::test_patient_to_doctor_3_of_5 \
   tests/integration/test_end_to_end.py::test_refused_without_a_grant \
