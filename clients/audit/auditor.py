@@ -132,11 +132,13 @@ class CachedChain:
             if self._replayed is not None:
                 at = self.block(block)
                 cached = self._replayed.access_state(record_id, grantee, capsule_hash, at=at)
+                read = 0  # replayed here, not read from the chain
             else:
                 cached = self._registry.access_state(record_id, grantee, capsule_hash, block=block)
+                read = 1
             with self._lock:
                 self._states[key] = cached
-                self.reads += 1
+                self.reads += read
         return cached
 
 
