@@ -40,6 +40,23 @@ test-multihost: setup
 	$(BIN)/python -m deploy.netns check
 	$(BIN)/pytest -m multihost tests/multihost
 
+# Chains that mine on an interval (issue 12): the end-to-end read, grant, revocation,
+# expiry and emergency tests on anvil mining every 2 s and every 12 s, then revocation
+# latency on each (benchmarks/block_times.py). About 20 minutes, most of it the 12 s
+# cluster's set-up.
+BLOCK_TIME_TESTS := \
+  tests/integration/test_end_to_end.py::test_patient_to_doctor_3_of_5 \
+  tests/integration/test_end_to_end.py::test_refused_without_a_grant \
+  tests/integration/test_end_to_end.py::test_refused_after_expiry_by_chain_time \
+  tests/integration/test_end_to_end.py::test_refused_after_revocation \
+  tests/integration/test_attacks.py::test_emergency_access_is_served_only_inside_its_window
+
+.PHONY: test-block-times
+test-block-times: setup
+	MEDKMS_TEST_BLOCK_TIME=2 $(BIN)/pytest $(BLOCK_TIME_TESTS)
+	MEDKMS_TEST_BLOCK_TIME=12 $(BIN)/pytest $(BLOCK_TIME_TESTS)
+	$(BIN)/python -m benchmarks.block_times --out benchmarks/results/block_times.json
+
 demo: setup
 	$(BIN)/kmsctl cluster up --reset --detach --nodes $(NODES) --threshold $(THRESHOLD) --state-dir $(STATE_DIR)
 	@$(BIN)/kmsctl demo --state-dir $(STATE_DIR); rc=$$?; \

@@ -11,6 +11,7 @@
     kmsctl admin deploy|grant-provider|grant-emergency|revoke-emergency|register-node|
                  deactivate-node|activate-node|fund --keystore FILE ...
     kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state-file FILE]
+                        [--state-from-events]
     kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
 A party acts either from its own files (an encrypted keystore and a connection profile:
@@ -266,7 +267,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     receipts = load_receipts(args.receipts) if args.receipts else []
     since = load_state(args.state_file, registry.list_nodes()) if args.state_file else {}
     report = audit_cluster(
-        registry, _node_channels(cluster), node_ids=args.node, receipts=receipts, since=since
+        registry,
+        _node_channels(cluster),
+        node_ids=args.node,
+        receipts=receipts,
+        since=since,
+        events=registry if args.state_from_events else None,
+        start_block=int(cluster.data["chain"]["registry_start_block"]),
     )
     json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
     print("\n".join(summary_lines(report)))
@@ -435,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="incremental: start each node where the audit that wrote FILE ended, then "
         "write what this one verified back to FILE",
+    )
+    verify.add_argument(
+        "--state-from-events",
+        action="store_true",
+        help="judge decisions by the registry state rebuilt from its events, for a chain node "
+        "that keeps no historical state (default: the registry's views at each block)",
     )
     verify.set_defaults(func=cmd_audit_verify)
     export = audit.add_parser(

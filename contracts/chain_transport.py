@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import eth_abi.exceptions
@@ -73,6 +73,11 @@ def _redacted_url(url: str) -> str:
         return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
     except ValueError:
         return "(unparsable URL)"
+
+
+#: how long a sent transaction may wait to be mined: five blocks of a chain that mines
+#: every 12 s (anvil's default mines at once; `--block-time` makes it wait)
+MINING_TIMEOUT_S: Final = 60.0
 
 
 class ChainTransport:
@@ -132,7 +137,7 @@ class ChainTransport:
             raise self._rejected(op, e) from e
         except TimeExhausted as e:
             raise ChainUnavailable(
-                f"{op}: transaction not mined within {self.timeout_s}s at {self.safe_url}"
+                f"{op}: transaction not mined within {MINING_TIMEOUT_S:g}s at {self.safe_url}"
             ) from e
         except BadFunctionCallOutput as e:
             raise ChainUnavailable(
@@ -211,7 +216,7 @@ class ChainTransport:
                     raw = sender.sign_raw_transaction(dict(tx))
                 tx_hash = self.w3.eth.send_raw_transaction(raw)
             receipt = self.w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=self.timeout_s, poll_latency=0.05
+                tx_hash, timeout=MINING_TIMEOUT_S, poll_latency=0.05
             )
         if receipt["status"] != 1:
             # Estimation passed but execution reverted: the state changed in between.

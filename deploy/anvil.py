@@ -31,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"
 HOST = "127.0.0.1"
 _LOG_TAIL_BYTES = 2000
+#: the slowest interval mining offered (Ethereum mainnet mines every 12 s)
+MAX_BLOCK_TIME_S = 60
 _rpc_ids = itertools.count(1)
 
 
@@ -83,6 +85,13 @@ def increase_time(rpc_url: str, seconds: int) -> None:
     rpc_call(rpc_url, "evm_mine", [])
 
 
+def mine(rpc_url: str, blocks: int = 1) -> None:
+    """Mine ``blocks`` empty blocks now (anvil only), as a chain's head moves on."""
+    if not 1 <= blocks <= 1000:
+        raise InvalidRequest("mine: blocks must be between 1 and 1000")
+    rpc_call(rpc_url, "anvil_mine", [hex(blocks)])
+
+
 def set_balance(rpc_url: str, address: str, wei: int) -> None:
     """Fund an account out of thin air (anvil only)."""
     rpc_call(rpc_url, "anvil_setBalance", [address, hex(wei)])
@@ -92,6 +101,11 @@ class AnvilProcess:
     """An anvil child process on 127.0.0.1, logging to ``log_path``.
 
     ``start()`` (or ``with``) returns once ``eth_chainId`` answers; ``stop()`` is idempotent.
+    By default anvil mines each transaction at once in a block of its own; with
+    ``block_time_s`` it mines a block every that many seconds, as a real chain does
+    (transactions wait in the mempool for the next block). ``prune_history`` keeps only
+    that many recent states, as a node that is not an archive node does: a read at an
+    older block fails.
     """
 
     def __init__(
@@ -102,7 +116,15 @@ class AnvilProcess:
         chain_id: int | None = None,
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        block_time_s: int | None = None,
+        prune_history: int | None = None,
     ) -> None:
+        if block_time_s is not None and not 1 <= block_time_s <= MAX_BLOCK_TIME_S:
+            raise InvalidRequest(f"block_time_s must be between 1 and {MAX_BLOCK_TIME_S}")
+        if prune_history is not None and prune_history < 1:
+            raise InvalidRequest("prune_history must be at least 1 (states kept)")
+        self._block_time_s = block_time_s
+        self._prune_history = prune_history
         self.log_path = Path(log_path)
         self._requested_port = port
         self._chain_id = chain_id
@@ -160,6 +182,10 @@ class AnvilProcess:
         args = [binary, "--host", HOST, "--port", str(self._port), "--silent"]
         if self._chain_id is not None:
             args += ["--chain-id", str(self._chain_id)]
+        if self._block_time_s is not None:
+            args += ["--block-time", str(self._block_time_s)]
+        if self._prune_history is not None:
+            args += ["--prune-history", str(self._prune_history)]
         args += list(self._extra_args)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed in stop()

@@ -231,11 +231,15 @@ class LocalCluster:
         coordinator_settings: dict[str, object] | None = None,
         reset: bool = False,
         dev_plaintext: bool = False,
+        block_time_s: int | None = None,
+        prune_history: int | None = None,
     ) -> LocalCluster:
         """Start a cluster; ``node_settings`` and ``coordinator_settings`` are extra
         node.toml and coordinator.toml keys (e.g. a benchmark lifting rate limits).
         ``dev_plaintext`` turns TLS off everywhere (development mode; the services log a
-        warning)."""
+        warning). ``block_time_s`` makes anvil mine a block every that many seconds instead
+        of one per transaction at once; ``prune_history`` keeps only that many recent states, as a
+        chain node that is not an archive node."""
         if not 1 <= threshold <= nodes:
             raise PreconditionFailed("threshold must be between 1 and the number of nodes")
         state_dir = state_dir.resolve()
@@ -268,7 +272,7 @@ class LocalCluster:
         try:
             if not dev_plaintext:
                 cluster._issue_certificates()
-            cluster._start_chain()
+            cluster._start_chain(block_time_s, prune_history)
             cluster._create_accounts()
             cluster._init_nodes(nodes)
             for node in cluster.nodes:
@@ -308,9 +312,18 @@ class LocalCluster:
             settings.update(tls_client_cert=str(identity.cert), tls_client_key=str(identity.key))
         return settings
 
-    def _start_chain(self) -> None:
-        anvil = AnvilProcess(log_path=self.state_dir / "logs" / "anvil.log").start()
-        self.data["chain"] = {"rpc_url": anvil.rpc_url, "port": anvil.port, "pid": anvil.pid}
+    def _start_chain(self, block_time_s: int | None, prune_history: int | None) -> None:
+        anvil = AnvilProcess(
+            log_path=self.state_dir / "logs" / "anvil.log",
+            block_time_s=block_time_s,
+            prune_history=prune_history,
+        ).start()
+        self.data["chain"] = {
+            "rpc_url": anvil.rpc_url,
+            "port": anvil.port,
+            "pid": anvil.pid,
+            "block_time_s": block_time_s,
+        }
         self._save()
 
     def _create_accounts(self) -> None:

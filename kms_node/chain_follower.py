@@ -7,6 +7,12 @@ last successful sync is younger than ``max_age_s`` and the index is at most
 ``max_lag_blocks`` behind the head seen then; otherwise the node refuses with
 UNAVAILABLE (fails closed) rather than judge by stale grants. A reorg (the
 block the index reflects is no longer canonical) rebuilds the index.
+
+With ``confirmations = k`` the index follows the block ``k`` below the head
+(ADR 12): a grant, and also a revocation, counts only once ``k`` blocks deep.
+The freshness bound is then measured against that confirmed head.
+:class:`ConfirmedRegistry` makes the node's other judging read (a refusal
+confirmed against the chain) at the same depth.
 """
 
 from __future__ import annotations
@@ -19,9 +25,21 @@ from typing import Protocol
 import structlog
 
 from core.errors import KmsError, Unavailable
-from core.registry_types import AccessState, BlockRef, PatientInfo, RegistryEvent
+from core.grant_index import GrantIndex
+from core.registry_interface import RegistryReader
+from core.registry_types import (
+    AccessState,
+    BlockRef,
+    CheckpointAnchor,
+    EmergencyOptIn,
+    GrantInfo,
+    NodeInfo,
+    PatientInfo,
+    RecordInfo,
+    RegistryEvent,
+)
+from core.request_auth import Domain
 from kms_node import metrics
-from kms_node.grant_index import GrantIndex
 
 log = structlog.get_logger("medkms.node.chain")
 
@@ -43,6 +61,7 @@ class ChainFollower:
         poll_interval_s: float = 0.2,
         max_age_s: float = 2.0,
         max_lag_blocks: int = 2,
+        confirmations: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_events: Callable[[list[RegistryEvent]], None] | None = None,
     ) -> None:
@@ -51,6 +70,10 @@ class ChainFollower:
         self._poll_interval_s = poll_interval_s
         self.max_age_s = max_age_s
         self.max_lag_blocks = max_lag_blocks
+        if confirmations < 0:
+            raise ValueError("confirmations must be >= 0")
+        #: the index reflects the block this far below the head (0: the head itself)
+        self.confirmations = confirmations
         self._clock = clock
         #: called with each applied batch of events (e.g. to shred revoked kfrags)
         self.on_events = on_events
@@ -65,8 +88,11 @@ class ChainFollower:
     # -- syncing -----------------------------------------------------------
 
     def sync_once(self) -> None:
-        """Bring the index up to the current head (raises on chain trouble)."""
+        """Bring the index up to the confirmed head, the head less ``confirmations``
+        blocks (raises on chain trouble)."""
         head = self._source.block("latest")
+        if self.confirmations:
+            head = self._source.block(max(0, head.number - self.confirmations))
         current = self.index.block
         if current is not None and self._reorged(current, head):
             log.warning("chain_reorg", index_block=current.number, head=head.number)
@@ -159,3 +185,67 @@ class ChainFollower:
         if problem is not None:
             raise Unavailable(f"cannot judge grants on stale chain state: {problem}")
         return self.index.access_state(record_id, grantee, capsule_hash)
+
+
+class ConfirmedRegistry:
+    """The registry's views as a node with ``confirmations = k`` reads them. Judging
+    (:meth:`access_state`, for a refusal confirmed against the chain) reads at the head
+    less ``k`` blocks, the depth the grant index follows, so that no read serves a grant
+    or ignores a revocation the index would not count yet; each such read costs one more
+    call, for the head.
+
+    Enrollment's reads (the patient's keys, the grant or opt-in a kfrag is for) stay at
+    the head: storing a kfrag serves nothing, since every read is judged at depth, and a
+    grant's kfrags can then be delivered as soon as it is mined (ADR 12)."""
+
+    def __init__(self, registry: RegistryReader, confirmations: int) -> None:
+        if confirmations < 1:
+            raise ValueError("ConfirmedRegistry needs confirmations >= 1; use the registry")
+        self._registry = registry
+        self.confirmations = confirmations
+
+    @property
+    def address(self) -> str:
+        return self._registry.address
+
+    def signing_domain(self) -> Domain:
+        return self._registry.signing_domain()
+
+    def latest_block(self) -> tuple[int, int]:
+        return self._registry.latest_block()
+
+    def block(self, identifier: int | str = "latest") -> BlockRef:
+        return self._registry.block(identifier)
+
+    def block_of_transaction(self, tx_hash: str) -> int:
+        return self._registry.block_of_transaction(tx_hash)
+
+    def get_patient(self, address: str) -> PatientInfo | None:
+        return self._registry.get_patient(address)
+
+    def get_record(self, record_id: bytes) -> RecordInfo | None:
+        return self._registry.get_record(record_id)
+
+    def get_grant(
+        self, patient: str, grantee: str, *, block: int | None = None
+    ) -> GrantInfo | None:
+        return self._registry.get_grant(patient, grantee, block=block)
+
+    def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None:
+        return self._registry.get_emergency_opt_in(patient, responder)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        return self._registry.list_nodes()
+
+    def checkpoint_anchors(
+        self, node_id: str, from_block: int = 0, to_block: int | None = None
+    ) -> list[CheckpointAnchor]:
+        return self._registry.checkpoint_anchors(node_id, from_block, to_block)
+
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
+    ) -> AccessState:
+        if block is None:
+            head, _ = self._registry.latest_block()
+            block = max(0, head - self.confirmations)
+        return self._registry.access_state(record_id, grantee, capsule_hash, block=block)

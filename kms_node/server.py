@@ -18,7 +18,7 @@ from kms_node import data_lock, metrics
 from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
 from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
-from kms_node.chain_follower import ChainFollower
+from kms_node.chain_follower import ChainFollower, ConfirmedRegistry
 from kms_node.hardening import forbid_core_dumps
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.kfrag_store import KfragStore
@@ -149,6 +149,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         poll_interval_s=settings.chain_poll_interval_s,
         max_age_s=settings.chain_max_age_s,
         max_lag_blocks=settings.chain_max_lag_blocks,
+        confirmations=settings.chain_confirmations,
     )
     # Several processes on one port must share one replay memory, or a replay sent
     # on another connection would reach a process that has not seen the nonce.
@@ -165,7 +166,11 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         node_id=settings.node_id,
         keystore=keystore,
         kfrags=kfrags,
-        registry=registry,
+        registry=(
+            ConfirmedRegistry(registry, settings.chain_confirmations)
+            if settings.chain_confirmations
+            else registry
+        ),
         index=follower,
         registry_address=registry.address,
         chain_id=registry.chain_id(),

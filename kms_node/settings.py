@@ -26,6 +26,8 @@ from proto.transport import Transport, require_tls_settings
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 #: a PIN file longer than this is not a PIN (PKCS#11 tokens take at most a few hundred bytes)
 MAX_PIN_FILE_BYTES = 4096
+#: deeper than any reorganisation a chain this node should follow can have
+MAX_CONFIRMATIONS = 1000
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PIN_NAMES = {"hsm_pin": "the token's user PIN", "hsm_so_pin": "the token's security-officer PIN"}
 
@@ -127,6 +129,9 @@ class NodeSettings:
     chain_max_age_s: float = 2.0
     #: ... or when the index is more blocks than this behind the head seen
     chain_max_lag_blocks: int = 2
+    #: judge by the registry as of this many blocks below the head (ADR 12): a grant and a
+    #: revocation count only once this deep, so revocation takes k block times longer
+    chain_confirmations: int = 0
     #: how far ahead a signed request's deadline may lie; nonces are kept this long
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
@@ -232,6 +237,7 @@ class NodeSettings:
                 chain_poll_interval_s=float(get("chain_poll_interval_s")),
                 chain_max_age_s=float(get("chain_max_age_s")),
                 chain_max_lag_blocks=int(get("chain_max_lag_blocks")),
+                chain_confirmations=int(get("chain_confirmations")),
                 max_workers=int(get("max_workers")),
                 processes=int(get("processes")),
                 anchoring=get("anchoring"),  # checked by validate()
@@ -262,6 +268,10 @@ class NodeSettings:
             raise ConfigurationError("need 0 < chain_poll_interval_s < chain_max_age_s")
         if self.chain_max_lag_blocks < 0 or self.registry_start_block < 0:
             raise ConfigurationError("chain_max_lag_blocks and registry_start_block must be >= 0")
+        if not 0 <= self.chain_confirmations <= MAX_CONFIRMATIONS:
+            raise ConfigurationError(
+                f"chain_confirmations must be between 0 and {MAX_CONFIRMATIONS}"
+            )
         if not 1 <= self.processes <= 64:
             raise ConfigurationError("processes must be between 1 and 64")
         if self.max_workers < 1:

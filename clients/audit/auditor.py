@@ -23,6 +23,7 @@ from typing import Final
 
 import grpc
 
+from clients.audit.replayed_state import EventLog, ReplayedState
 from core.audit import Checkpoint, Receipt
 from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
 from core.audit_verify import verify_node
@@ -95,10 +96,14 @@ class GrpcLogSource:
 class CachedChain:
     """The registry as a :class:`~core.audit_sources.ChainView`, with the blocks and
     grant states read during one audit kept: one request is decided by several nodes,
-    mostly at the same block. Failures are not kept. Thread-safe."""
+    mostly at the same block. Failures are not kept. Thread-safe.
 
-    def __init__(self, registry: RegistryReader) -> None:
+    Grant states are the registry's ``accessState`` at each block (historical calls: an
+    archive node), or, given ``replayed``, rebuilt from the registry's events (any node)."""
+
+    def __init__(self, registry: RegistryReader, replayed: ReplayedState | None = None) -> None:
         self._registry = registry
+        self._replayed = replayed
         self._lock = threading.Lock()
         self._blocks: dict[int, BlockRef] = {}
         self._states: dict[tuple[bytes, str, bytes, int], AccessState] = {}
@@ -124,10 +129,16 @@ class CachedChain:
         with self._lock:
             cached = self._states.get(key)
         if cached is None:
-            cached = self._registry.access_state(record_id, grantee, capsule_hash, block=block)
+            if self._replayed is not None:
+                at = self.block(block)
+                cached = self._replayed.access_state(record_id, grantee, capsule_hash, at=at)
+                read = 0  # replayed here, not read from the chain
+            else:
+                cached = self._registry.access_state(record_id, grantee, capsule_hash, block=block)
+                read = 1
             with self._lock:
                 self._states[key] = cached
-                self.reads += 1
+                self.reads += read
         return cached
 
 
@@ -162,10 +173,17 @@ def audit_cluster(
     receipts: Sequence[Receipt] = (),
     rejudge_decisions: bool = True,
     since: Mapping[str, VerifiedPrefix] | None = None,
+    events: EventLog | None = None,
+    start_block: int = 0,
 ) -> ClusterReport:
     """Audit every node registered on-chain (or those in ``node_ids``), in parallel;
     a node with a prefix in ``since`` (an earlier audit's ``NodeReport.verified``) from
-    the end of that prefix on."""
+    the end of that prefix on.
+
+    Decisions are judged against the registry's state at each entry's block, read with
+    historical calls (an archive node); given ``events`` (the registry client itself),
+    against the state rebuilt from the registry's events since ``start_block`` (its
+    deployment block), which any node can serve."""
     started = time.perf_counter()
     block = registry.block("latest").number
     nodes = registry.list_nodes()
@@ -175,7 +193,12 @@ def audit_cluster(
         if unknown:
             raise InvalidRequest(f"not registered on-chain: {', '.join(unknown)}")
         nodes = [n for n in nodes if n.node_id in node_ids]
-    chain = CachedChain(registry)
+    replayed = (
+        ReplayedState(events, start_block=start_block, through_block=block)
+        if events is not None and rejudge_decisions
+        else None
+    )
+    chain = CachedChain(registry, replayed)
     seconds: dict[str, float] = {}
 
     def audit(node: NodeInfo) -> NodeReport:

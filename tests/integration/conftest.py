@@ -3,6 +3,10 @@ coordinator, gRPC over TCP), started once for the integration tests."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +33,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
 
 
+def block_time_s() -> int | None:
+    """anvil's block time for the session's cluster: ``MEDKMS_TEST_BLOCK_TIME`` seconds
+    (``make test-block-times``), else a block per transaction at once."""
+    value = os.environ.get("MEDKMS_TEST_BLOCK_TIME", "")
+    if not value:
+        return None
+    if not value.isdigit():
+        raise pytest.UsageError(f"MEDKMS_TEST_BLOCK_TIME must be whole seconds, not {value!r}")
+    return int(value)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     state_dir: Path = tmp_path_factory.mktemp("cluster")
-    cluster = LocalCluster.up(state_dir, nodes=5, threshold=3)
+    cluster = LocalCluster.up(state_dir, nodes=5, threshold=3, block_time_s=block_time_s())
     try:
         yield cluster
     finally:
@@ -116,3 +131,44 @@ def people(cluster: LocalCluster, registry: RegistryClient) -> Iterator[People]:
         condition = patient.store_record(diagnosis(), RecordType.DIAGNOSIS)
         doctor = blank.new_identity("dr-bob", provider=True)
         yield People(cluster, registry, patient, doctor, lab, condition)
+
+
+#: appends one entry to a stopped node's audit log with the node's own HSM key, as an
+#: operator with the node's PIN could (argv: the node's config, the entry's fields as JSON)
+_FORGE = """
+import json, sys
+from pathlib import Path
+from core.audit import AuditEntry
+from kms_node.audit_log import AuditLog
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.settings import NodeSettings
+
+settings = NodeSettings.from_toml(Path(sys.argv[1]))
+fields = json.loads(sys.argv[2])
+for name in ("record_id", "capsule_hash", "block_hash", "cfrag_hash"):
+    fields[name] = bytes.fromhex(fields[name])
+keys = Pkcs11KeyStore.open(
+    settings.hsm_module, settings.hsm_token_label, settings.user_pin(),
+    softhsm_conf=settings.softhsm_conf,
+)
+log = AuditLog(settings.audit_db, keys, settings.node_id)
+print(log.append(AuditEntry(**fields)).leaf_index)
+log.close()
+keys.close()
+"""
+
+
+def append_forged_entry(cluster: LocalCluster, node_id: str, fields: dict[str, object]) -> int:
+    """Stop the node, append an entry of ``fields`` (bytes as hex) signed with its own key,
+    start it again; the entry's leaf index."""
+    cluster.stop_node(node_id)
+    appended = subprocess.run(
+        [sys.executable, "-c", _FORGE, cluster.node(node_id).config, json.dumps(fields)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert appended.returncode == 0, appended.stderr
+    cluster.start_node(node_id)
+    return int(appended.stdout)

@@ -12,8 +12,6 @@ import json
 import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -45,7 +43,7 @@ from kms_node.settings import NodeSettings
 from proto.kms.v1 import audit_pb2, common_pb2
 from proto.stubs import AuditStub, NodeStub
 from tests.core.test_audit_verify import rebuild_tree
-from tests.integration.conftest import People
+from tests.integration.conftest import People, append_forged_entry
 
 pytestmark = pytest.mark.cluster
 
@@ -496,29 +494,6 @@ def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
     assert ran.code == 0, ran.out + ran.err
 
 
-_FORGE = """
-import json, sys
-from pathlib import Path
-from core.audit import AuditEntry
-from kms_node.audit_log import AuditLog
-from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
-from kms_node.settings import NodeSettings
-
-settings = NodeSettings.from_toml(Path(sys.argv[1]))
-fields = json.loads(sys.argv[2])
-for name in ("record_id", "capsule_hash", "block_hash", "cfrag_hash"):
-    fields[name] = bytes.fromhex(fields[name])
-keys = Pkcs11KeyStore.open(
-    settings.hsm_module, settings.hsm_token_label, settings.user_pin(),
-    softhsm_conf=settings.softhsm_conf,
-)
-log = AuditLog(settings.audit_db, keys, settings.node_id)
-print(log.append(AuditEntry(**fields)).leaf_index)
-log.close()
-keys.close()
-"""
-
-
 def test_an_entry_granted_after_the_revocation_is_flagged(world: World, run_kmsctl: Kmsctl) -> None:
     """The node's operator appends a 'granted' entry with the node's own HSM key, dated at
     a block where the patient had already revoked the grant. Signatures, proofs and anchors
@@ -543,17 +518,7 @@ def test_an_entry_granted_after_the_revocation_is_flagged(world: World, run_kmsc
         "block_hash": world.registry.block(block).hash.hex(),
         "cfrag_hash": "ab" * 32,
     }
-    world.cluster.stop_node(node)
-    appended = subprocess.run(
-        [sys.executable, "-c", _FORGE, world.cluster.node(node).config, json.dumps(forged)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert appended.returncode == 0, appended.stderr
-    index = int(appended.stdout)
-    world.cluster.start_node(node)
+    index = append_forged_entry(world.cluster, node, forged)
 
     ran = run_kmsctl(world.cluster, "audit", "verify")
     assert ran.code == 1

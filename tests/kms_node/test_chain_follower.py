@@ -179,6 +179,70 @@ def test_a_reorg_rebuilds_the_index(chain: FakeChain, clock: Clock) -> None:
     assert state.record is not None
 
 
+def test_with_confirmations_grants_and_revocations_count_only_k_deep(
+    chain: FakeChain, clock: Clock
+) -> None:
+    chain.mine(anchored(1))
+    chain.mine(granted(2))
+    f = ChainFollower(chain, max_age_s=2.0, max_lag_blocks=2, confirmations=3, clock=clock)
+    f.sync_once()
+    # Head 2: the index reflects block 0, before the record and the grant.
+    assert f.index_block() == 0
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).record is None
+    chain.mine()
+    chain.mine()
+    f.sync_once()
+    assert f.index_block() == 1
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is None
+    chain.mine()
+    f.sync_once()
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
+    assert state.block_number == 2 and state.grant is not None and state.grant.active
+    # A revocation in block 6 is not in force until block 9 is mined.
+    chain.mine(AccessRevoked(6, 1006, PATIENT, GRANTEE))
+    chain.mine()
+    chain.mine()
+    f.sync_once()
+    grant = f.access_state(RECORD, GRANTEE, CAPSULE).grant
+    assert f.index_block() == 5 and grant is not None and grant.active
+    chain.mine()
+    f.sync_once()
+    grant = f.access_state(RECORD, GRANTEE, CAPSULE).grant
+    assert f.index_block() == 6 and grant is not None and not grant.active
+
+
+def test_with_confirmations_the_freshness_bound_counts_from_the_confirmed_head(
+    chain: FakeChain, clock: Clock
+) -> None:
+    f = ChainFollower(chain, max_age_s=2.0, max_lag_blocks=2, confirmations=3, clock=clock)
+    for _ in range(10):
+        chain.mine()
+    f.sync_once()
+    # Three blocks below the head by design: not lag.
+    assert f.index_block() == 7 and f.staleness() is None
+    clock.now = 2.5
+    assert "last chain sync was 2.5s ago" in (f.staleness() or "")
+
+
+def test_with_confirmations_a_reorg_deeper_than_k_rebuilds_the_index(
+    chain: FakeChain, clock: Clock
+) -> None:
+    chain.mine(anchored(1))
+    chain.mine(granted(2))
+    for _ in range(3):
+        chain.mine()
+    f = ChainFollower(chain, max_age_s=2.0, max_lag_blocks=2, confirmations=3, clock=clock)
+    f.sync_once()
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is not None
+    # Blocks 2 to 5 are replaced by blocks without the grant: the confirmed block 2 is gone.
+    del chain.blocks[2:]
+    for _ in range(4):
+        chain.mine(fork=b"\x01")
+    f.sync_once()
+    assert f.index_block() == 2
+    assert f.access_state(RECORD, GRANTEE, CAPSULE).grant is None
+
+
 def test_catch_up_reads_events_in_chunks(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

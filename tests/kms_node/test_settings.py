@@ -259,3 +259,20 @@ def test_a_pin_file_must_be_a_regular_file_of_bounded_size(tmp_path: Path) -> No
     (tmp_path / "secrets" / "user.pin").write_text("x" * 5000)
     with pytest.raises(ConfigurationError, match="is longer than 4096 bytes"):
         settings.user_pin()
+
+
+# --- confirmation depth (issue 12) -----------------------------------------------------------
+
+
+def test_confirmations_default_to_none_and_are_read(tmp_path: Path) -> None:
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    pin = 'hsm_pin_file = "secrets/user.pin"\n'
+    assert _load(tmp_path, pin).chain_confirmations == 0
+    assert _load(tmp_path, pin + "chain_confirmations = 12\n").chain_confirmations == 12
+
+
+@pytest.mark.parametrize("value", ["-1", "1001"])
+def test_confirmations_out_of_range_are_refused(tmp_path: Path, value: str) -> None:
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    with pytest.raises(ConfigurationError, match="chain_confirmations must be between 0 and 1000"):
+        _load(tmp_path, f'hsm_pin_file = "secrets/user.pin"\nchain_confirmations = {value}\n')

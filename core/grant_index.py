@@ -1,8 +1,11 @@
-"""The registry state a node judges requests by, kept in memory and fed by the
-registry's events (see ``chain_follower``), so the hot path makes no chain call.
+"""The registry state requests are judged by, rebuilt from the registry's events: the one
+interpreter of those events. A node keeps one in step with the chain
+(``kms_node/chain_follower.py``), so its hot path makes no chain call; the auditor replays
+the same events to judge each logged decision against the state as of its block on a chain
+that keeps no historical state (``clients/audit/replayed_state.py``).
 
-Pure: events in, lookups out. The index records the block it reflects; the
-follower decides whether that is fresh enough to judge by.
+Pure: events in, lookups out. The index records the block it reflects; its user decides
+whether that is fresh enough to judge by.
 """
 
 from __future__ import annotations
@@ -42,6 +45,19 @@ class GrantIndex:
         self._without_emergency_role: set[str] = set()
         #: the last block whose events have all been applied; None before the first sync
         self.block: BlockRef | None = None
+
+    def copy(self) -> GrantIndex:
+        """An independent index holding the same state (the values are immutable, so the
+        containers are copied, not the values)."""
+        twin = GrantIndex()
+        with self._lock:
+            twin._patients = dict(self._patients)
+            twin._records = dict(self._records)
+            twin._grants = dict(self._grants)
+            twin._retired_capsules = set(self._retired_capsules)
+            twin._without_emergency_role = set(self._without_emergency_role)
+            twin.block = self.block
+        return twin
 
     def apply(self, events: list[RegistryEvent], through: BlockRef) -> None:
         """Apply events (in chain order) and mark the index as reflecting ``through``."""
