@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from core import logs
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
@@ -11,3 +15,13 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
     if isinstance(val, bytes | bytearray):
         return f"{argname}-{len(val)}-bytes"
     return None
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Commands run in this process (``kmsctl``'s ``main`` and the others) would point
+    structlog, for good (loggers cache their configuration), at one test's captured
+    stderr: later tests' servers would log to it once closed, and ``capture_logs``
+    would see nothing. Tests leave the process's logging as it is."""
+    monkeypatch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
+    yield

@@ -38,7 +38,7 @@ from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
 from core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
 from proto import rpc
-from proto.kms.v1 import common_pb2, record_pb2
+from proto.kms.v1 import common_pb2, coordinator_pb2, record_pb2
 from proto.stubs import CoordinatorStub
 from proto.transport import Transport
 
@@ -167,7 +167,8 @@ class ProviderClient:
 
     def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
-        return self.read_record_with_receipts(record_id, purpose_of_use).plaintext
+        plaintext, _ = self._read(record_id, purpose_of_use)
+        return plaintext
 
     def read_record_with_receipts(
         self, record_id: bytes, purpose_of_use: str = "TREAT"
@@ -175,6 +176,21 @@ class ProviderClient:
         """The record's plaintext, with the audit receipt each node signed for the
         fragment it gave: the app's proof that those nodes logged its request, for an
         auditor (``kmsctl audit verify --receipts``) to check against their logs."""
+        plaintext, (request, response) = self._read(record_id, purpose_of_use)
+        try:
+            receipts = tuple(Receipt.from_fields(f.receipt) for f in response.fragments)
+        except InvalidRequest as e:
+            error = IntegrityError(f"the coordinator relayed a malformed receipt: {e.message}")
+            error.request_id = request.request_id
+            raise error from None
+        return RecordRead(plaintext, receipts)
+
+    def _read(
+        self, record_id: bytes, purpose_of_use: str
+    ) -> tuple[
+        bytes,
+        tuple[common_pb2.ReencryptionRequest, coordinator_pb2.CoordinatorReencryptResponse],
+    ]:
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
         request, response = send_read(
@@ -188,9 +204,7 @@ class ProviderClient:
         )
         with _answering(request.request_id):
             dek = self._open_dek(patient, record, envelope, response.fragments)
-            plaintext = open_envelope(envelope, dek)
-        receipts = tuple(Receipt.from_fields(f.receipt) for f in response.fragments)
-        return RecordRead(plaintext, receipts)
+            return open_envelope(envelope, dek), (request, response)
 
     def read_records(
         self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"

@@ -15,7 +15,6 @@ from cryptography import x509
 from cli import coordinator as coordinator_cli
 from cli import kmsctl
 from cli import node as node_cli
-from core import logs
 from deploy.certificate_requests import request
 from kms_node.settings import NodeSettings
 from tests.proto.test_certificate_rotation import Node, Party, served_serial
@@ -45,13 +44,6 @@ tls_key = "tls/server.key"
 tls_client_cert = "tls/client.crt"
 tls_client_key = "tls/client.key"
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The commands would point structlog, for good (loggers cache it), at this test's
-    captured stderr, which later tests' servers would then log to once it is closed."""
-    monkeypatch.setattr(logs, "configure", lambda _component, _level="info": None)
 
 
 def run(main: object, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -210,3 +210,19 @@ def test_an_emergency_grant_opens_on_the_patients_opt_in(
     assert grant is not None and grant.active and grant.emergency
     assert block == twin.latest_block()[0]
     assert expires_at == grant.expires_at == twin.block(block).timestamp + 900
+
+
+def test_fragments_without_valid_receipts_are_no_proof_for_the_app(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    coordinator: FakeCoordinator,
+) -> None:
+    """This fake coordinator relays fragments without the nodes' receipts: the plaintext
+    is still the record, but an app asking for the receipts is told they are missing."""
+    coordinator.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    assert reader.read_record(stored.record_id) == lab_result()
+    with pytest.raises(IntegrityError, match="malformed receipt") as caught:
+        reader.read_record_with_receipts(stored.record_id)
+    assert caught.value.request_id

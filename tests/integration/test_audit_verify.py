@@ -33,7 +33,6 @@ from clients.sdk.provider import ProviderClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
-from core import logs
 from core.audit import Checkpoint, Receipt, verify_receipt_inclusion
 from core.record_types import RecordType
 from deploy import sample_records
@@ -65,9 +64,8 @@ Kmsctl = Callable[..., Ran]
 def run_kmsctl(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> Kmsctl:
-    """``kmsctl`` in this process, its report in ``tmp_path``. Its logging set-up is left
-    out: it would reconfigure structlog for the later tests of this process."""
-    monkeypatch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
+    """``kmsctl`` in this process, its report in ``tmp_path`` (its logging set-up is left
+    out: tests/conftest.py)."""
 
     def run(cluster: LocalCluster, *args: str) -> Ran:
         capsys.readouterr()

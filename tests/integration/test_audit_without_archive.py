@@ -14,7 +14,6 @@ import pytest
 from cli import kmsctl
 from clients.audit.auditor import ClusterReport, audit_cluster, channel_factory
 from contracts.registry import RegistryClient
-from core import logs
 from core.errors import AccessDenied
 from deploy.anvil import mine
 from deploy.local_cluster import LocalCluster
@@ -83,8 +82,6 @@ def test_an_honest_log_passes_from_events_where_historical_calls_fail(people: Pe
 def test_kmsctl_audits_from_events_when_asked(
     people: People, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # (kmsctl's logging set-up would reconfigure structlog for the later tests.)
-    monkeypatch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
     people.grant_doctor()
     with people.provider() as doctor:
         assert doctor.read_record(people.lab.record_id) == lab_result()

@@ -133,9 +133,21 @@ def _coordinator_metrics(cluster: LocalCluster) -> str:
         return str(answer.read().decode())
 
 
+def _last_served_by(cluster: LocalCluster) -> list[str]:
+    """The nodes whose fragments served the coordinator's last read, best first."""
+    served: list[str] = []
+    for line in (cluster.state_dir / "logs" / "coordinator.log").read_text().splitlines():
+        if line.startswith("{") and '"reencrypt_served"' in line:
+            served = list(json.loads(line)["nodes"])
+    assert served, "the coordinator has served no read"
+    return served
+
+
 def _rotation_events(cluster: LocalCluster, node_id: str) -> list[str]:
     events = []
     for line in (cluster.state_dir / "logs" / "coordinator.log").read_text().splitlines():
+        if not line.startswith("{"):
+            continue  # gRPC's own C-core lines
         entry = json.loads(line)
         if entry.get("node_id") == node_id and "rotation" in entry["event"]:
             events.append(entry["event"])
@@ -146,7 +158,10 @@ def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
     people: People, cluster: LocalCluster
 ) -> None:
     people.grant_doctor()
-    hung = "node-2"
+    with people.provider() as doctor:
+        assert doctor.read_record(people.lab.record_id) == lab_result()
+    # The node the coordinator asked first for that read: it is asked first again.
+    hung = _last_served_by(cluster)[0]
     pid = cluster.node(hung).pid
     before = _rotation_events(cluster, hung)
     os.kill(pid, signal.SIGSTOP)  # hung: it holds its connections and answers nothing
@@ -158,7 +173,8 @@ def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
         # Operators see it too: the coordinator's /metrics.
         exposed = _coordinator_metrics(cluster)
         assert f'kms_coordinator_node_in_rotation{{node="{hung}"}} 0.0' in exposed
-        assert 'kms_coordinator_node_in_rotation{node="node-1"} 1.0' in exposed
+        others = [n.node_id for n in cluster.nodes if n.node_id != hung]
+        assert f'kms_coordinator_node_in_rotation{{node="{others[0]}"}} 1.0' in exposed
         abandoned = re.search(
             rf'kms_coordinator_node_abandoned_total{{node="{hung}"}} ([0-9.]+)', exposed
         )

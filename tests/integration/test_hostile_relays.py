@@ -135,7 +135,7 @@ def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[tuple[str, 
     for key, value in config.items():
         if key == "listen":
             value = address
-        if key != "nodes":
+        if key not in ("nodes", "metrics_listen"):  # its own ports, no metrics
             lines.append(f"{key} = {_toml(value)}")
     for node in config["nodes"]:
         target = liar_address if node["node_id"] == liar.node.node_id else node["address"]

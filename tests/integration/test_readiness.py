@@ -34,6 +34,8 @@ def _serving(cluster: LocalCluster, node_id: str) -> bool:
 def _events(log: Path, name: str) -> list[dict[str, object]]:
     found = []
     for line in log.read_text().splitlines():
+        if not line.startswith("{"):
+            continue  # gRPC's own C-core lines
         entry = json.loads(line)
         if entry.get("event") == name:
             found.append(entry)
