@@ -17,11 +17,13 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
     return None
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Commands run in this process (``kmsctl``'s ``main`` and the others) would point
-    structlog, for good (loggers cache their configuration), at one test's captured
-    stderr: later tests' servers would log to it once closed, and ``capture_logs``
-    would see nothing. Tests leave the process's logging as it is."""
-    monkeypatch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
-    yield
+@pytest.fixture(autouse=True, scope="session")
+def _keep_logging() -> Iterator[None]:
+    """Commands run in this process (``kmsctl``'s ``main`` and the others, in tests and
+    in session or module fixtures alike) would point structlog, for good (loggers cache
+    their configuration), at one test's captured stderr and level: later tests' servers
+    would log to it once closed, and ``capture_logs`` would miss events. Tests leave the
+    process's logging as it is."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logs, "configure", lambda *_args, **_kwargs: None)
+        yield
