@@ -3,10 +3,12 @@ refusal a grantee sees through the coordinator.
 
 Each trial grants a fresh doctor, checks a DEK request is served, revokes,
 and from the moment the SDK holds the mined receipt polls the coordinator
-every ``poll_s`` until a request is refused with PERMISSION_DENIED. anvil mines
-each transaction as it arrives and the SDK polls for the receipt every 50 ms
-(checking at once first), so "mined" is known to within that; today nodes
-read the chain on every request, so the first poll is already refused.
+every ``poll_s`` until a request is refused with PERMISSION_DENIED. With instant
+mining anvil mines each transaction as it arrives, and the SDK polls for the mined
+transaction every 50 ms (checking at once first), so "mined" is known to within
+that. Nodes judge from a grant index that follows the registry's events every
+``chain_poll_interval_s`` (ADR 2), so the first refusal comes within about one poll
+of the revocation being mined (plus ``k`` blocks with a confirmation depth, ADR 12).
 """
 
 from __future__ import annotations
