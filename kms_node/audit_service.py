@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from core.errors import InvalidRequest
 from kms_node.audit_log import AuditLog
+from proto import rpc
 from proto.kms.v1 import audit_pb2
 
 MAX_ENTRIES_PER_CALL = 10_000
@@ -15,6 +16,27 @@ MAX_ENTRIES_PER_CALL = 10_000
 class AuditService:
     def __init__(self, log: AuditLog) -> None:
         self._log = log
+
+    def rpc_methods(self) -> list[rpc.Method]:
+        """The ``kms.v1.Audit`` service's methods, for ``rpc.service_handler``."""
+        return [
+            rpc.Method(
+                "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _c: self.checkpoint(m)
+            ),
+            rpc.Method(
+                "GetEntries", audit_pb2.GetEntriesRequest, lambda m, _c: self.entries(m), True
+            ),
+            rpc.Method(
+                "GetInclusionProof",
+                audit_pb2.InclusionProofRequest,
+                lambda m, _c: self.inclusion_proof(m),
+            ),
+            rpc.Method(
+                "GetConsistencyProof",
+                audit_pb2.ConsistencyProofRequest,
+                lambda m, _c: self.consistency_proof(m),
+            ),
+        ]
 
     def checkpoint(self, _msg: audit_pb2.GetCheckpointRequest) -> audit_pb2.SignedCheckpoint:
         cp = self._log.checkpoint()

@@ -28,7 +28,7 @@ from kms_node.service import NodeService
 from kms_node.settings import NodeSettings
 from kms_node.supervisor import die_with_parent
 from proto import rpc
-from proto.kms.v1 import audit_pb2, common_pb2, node_pb2
+from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import AUDIT_SERVICE, NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
@@ -89,22 +89,7 @@ def build_server(
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
     ]
-    audit_methods = [
-        rpc.Method(
-            "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _c: audit.checkpoint(m)
-        ),
-        rpc.Method("GetEntries", audit_pb2.GetEntriesRequest, lambda m, _c: audit.entries(m), True),
-        rpc.Method(
-            "GetInclusionProof",
-            audit_pb2.InclusionProofRequest,
-            lambda m, _c: audit.inclusion_proof(m),
-        ),
-        rpc.Method(
-            "GetConsistencyProof",
-            audit_pb2.ConsistencyProofRequest,
-            lambda m, _c: audit.consistency_proof(m),
-        ),
-    ]
+    audit_methods = audit.rpc_methods()
     metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))
     server.add_generic_rpc_handlers(
         [

@@ -29,7 +29,6 @@ from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
 from kms_node.keystore import MemoryKeyStore
 from proto import rpc
-from proto.kms.v1 import audit_pb2
 from proto.stubs import AUDIT_SERVICE
 from proto.transport import Transport
 from tests.registry_twin import RegistryTwin
@@ -109,24 +108,8 @@ class World:
 def serve(log: AuditLog) -> tuple[grpc.Server, str]:
     """The node's Audit service over plaintext loopback gRPC."""
     audit = AuditService(log)
-    methods = [
-        rpc.Method(
-            "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _: audit.checkpoint(m)
-        ),
-        rpc.Method("GetEntries", audit_pb2.GetEntriesRequest, lambda m, _: audit.entries(m), True),
-        rpc.Method(
-            "GetInclusionProof",
-            audit_pb2.InclusionProofRequest,
-            lambda m, _: audit.inclusion_proof(m),
-        ),
-        rpc.Method(
-            "GetConsistencyProof",
-            audit_pb2.ConsistencyProofRequest,
-            lambda m, _: audit.consistency_proof(m),
-        ),
-    ]
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers([rpc.service_handler(AUDIT_SERVICE, methods)])
+    server.add_generic_rpc_handlers([rpc.service_handler(AUDIT_SERVICE, audit.rpc_methods())])
     port = Transport.plaintext().add_port(server, "127.0.0.1:0", require_client_cert=False)
     server.start()
     return server, f"127.0.0.1:{port}"
