@@ -30,15 +30,11 @@ from core.registry_interface import RegistryReader
 from core.registry_types import (
     AccessState,
     BlockRef,
-    CheckpointAnchor,
     EmergencyOptIn,
     GrantInfo,
-    NodeInfo,
     PatientInfo,
-    RecordInfo,
     RegistryEvent,
 )
-from core.request_auth import Domain
 from kms_node import metrics
 
 log = structlog.get_logger("medkms.node.chain")
@@ -188,11 +184,11 @@ class ChainFollower:
 
 
 class ConfirmedRegistry:
-    """The registry's views as a node with ``confirmations = k`` reads them. Judging
-    (:meth:`access_state`, for a refusal confirmed against the chain) reads at the head
-    less ``k`` blocks, the depth the grant index follows, so that no read serves a grant
-    or ignores a revocation the index would not count yet; each such read costs one more
-    call, for the head.
+    """The registry's judging views (``GrantReader``) as a node with ``confirmations = k``
+    reads them. Judging (:meth:`access_state`, for a refusal confirmed against the chain)
+    reads at the head less ``k`` blocks, the depth the grant index follows, so that no
+    read serves a grant or ignores a revocation the index would not count yet; each such
+    read costs one more call, for the head.
 
     Enrollment's reads (the patient's keys, the grant or opt-in a kfrag is for) stay at
     the head: storing a kfrag serves nothing, since every read is judged at depth, and a
@@ -204,27 +200,11 @@ class ConfirmedRegistry:
         self._registry = registry
         self.confirmations = confirmations
 
-    @property
-    def address(self) -> str:
-        return self._registry.address
-
-    def signing_domain(self) -> Domain:
-        return self._registry.signing_domain()
-
-    def latest_block(self) -> tuple[int, int]:
-        return self._registry.latest_block()
-
     def block(self, identifier: int | str = "latest") -> BlockRef:
         return self._registry.block(identifier)
 
-    def block_of_transaction(self, tx_hash: str) -> int:
-        return self._registry.block_of_transaction(tx_hash)
-
     def get_patient(self, address: str) -> PatientInfo | None:
         return self._registry.get_patient(address)
-
-    def get_record(self, record_id: bytes) -> RecordInfo | None:
-        return self._registry.get_record(record_id)
 
     def get_grant(
         self, patient: str, grantee: str, *, block: int | None = None
@@ -233,14 +213,6 @@ class ConfirmedRegistry:
 
     def get_emergency_opt_in(self, patient: str, responder: str) -> EmergencyOptIn | None:
         return self._registry.get_emergency_opt_in(patient, responder)
-
-    def list_nodes(self) -> list[NodeInfo]:
-        return self._registry.list_nodes()
-
-    def checkpoint_anchors(
-        self, node_id: str, from_block: int = 0, to_block: int | None = None
-    ) -> list[CheckpointAnchor]:
-        return self._registry.checkpoint_anchors(node_id, from_block, to_block)
 
     def access_state(
         self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None

@@ -38,7 +38,7 @@ from core.kfrag_delivery import delivery_binding
 from core.policy import FINAL_DENIALS, Decision, Reason, judge
 from core.rate_limit import ENROLLMENT_COST, REFUSAL_COST, RateLimiter, request_cost
 from core.record_types import RecordType, from_mask
-from core.registry_interface import AccessStateSource, RegistryReader
+from core.registry_interface import AccessStateSource, GrantReader
 from core.registry_types import (
     AccessRevoked,
     EmergencyOptInChanged,
@@ -99,7 +99,7 @@ class NodeService:
         node_id: str,
         keystore: KeyStore,
         kfrags: KfragStore,
-        registry: RegistryReader,
+        registry: GrantReader,
         index: IndexedState,
         registry_address: str,
         chain_id: int,
