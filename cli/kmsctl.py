@@ -85,7 +85,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stop.wait()
+        while not stop.wait(0.5):  # timed: a signal taken by another thread wakes no untimed wait
+            pass
     except KeyboardInterrupt:
         pass
     cluster.down()

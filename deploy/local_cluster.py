@@ -50,6 +50,7 @@ from core.node_identity import NodeIdentity, parse_node_identity
 from deploy import processes
 from deploy.anvil import AnvilProcess, set_balance
 from deploy.certs import ClusterCa
+from kms_node import supervisor
 from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 from proto.transport import Transport
 
@@ -450,7 +451,8 @@ class LocalCluster:
             process.wait()
         elif process is not None:
             process.terminate()
-            process.wait(10)
+            # The supervisor stops its workers in two rounds of up to STOP_TIMEOUT_S each.
+            process.wait(2 * supervisor.STOP_TIMEOUT_S + 5)
         elif node.pid:
             processes.stop_pid(node.pid, node.config, timeout_s=0 if kill else 5)
         self._set_node_pid(node_id, 0)
@@ -513,7 +515,8 @@ class LocalCluster:
         process = self._children.pop("coordinator", None)
         if process is not None:
             process.terminate()
-            process.wait(10)
+            # The supervisor stops its workers in two rounds of up to STOP_TIMEOUT_S each.
+            process.wait(2 * supervisor.STOP_TIMEOUT_S + 5)
         elif entry["pid"]:
             processes.stop_pid(entry["pid"], entry["config"])
         entry["pid"] = 0

@@ -214,7 +214,11 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # Python runs signal handlers in the main thread, but the kernel may deliver the
+    # signal to one of gRPC's threads, which does not wake a main thread blocked in an
+    # untimed wait: poll, so that SIGTERM is acted on within half a second.
+    while not stopping.wait(0.5):
+        pass
     readiness.stop()
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
