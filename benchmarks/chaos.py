@@ -32,14 +32,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, stats
+from benchmarks import machine, phases
 from benchmarks.json_results import emit
+from benchmarks.phases import Read
 from benchmarks.workload import DekPath, Workload, prepare
 from clients.audit.audit_report import failures
 from clients.audit.auditor import audit_cluster, channel_factory
@@ -54,13 +54,6 @@ BEFORE_S, DURING_S, AFTER_S = 4.0, 8.0, 4.0
 STALE_AFTER_S = 3.0
 #: how long a node's full disk is given to fill
 FILLER_CHUNK = 1 << 20
-
-
-@dataclass
-class Read:
-    started: float
-    ended: float
-    error: str | None
 
 
 @dataclass
@@ -89,7 +82,7 @@ class Readers:
             except KmsError as e:
                 error = f"{e.grpc_status}: {e.message[:100]}"
             with self._lock:
-                self.reads.append(Read(started, time.monotonic(), error))
+                self.reads.append(Read(started, time.monotonic() - started, error))
             index += READERS
 
     def stop(self) -> None:
@@ -99,17 +92,7 @@ class Readers:
 
     def between(self, start: float, end: float) -> dict[str, Any]:
         with self._lock:
-            chosen = [r for r in self.reads if start <= r.started < end]
-        served = [r.ended - r.started for r in chosen if r.error is None]
-        errors = Counter(r.error for r in chosen if r.error is not None)
-        summary = stats.summarize(served, max(end - start, 1e-9), sum(errors.values()))
-        return {
-            "sent": len(chosen),
-            "failed": sum(errors.values()),
-            "errors": dict(errors),
-            "p50_ms": summary.p50_ms,
-            "p99_ms": summary.p99_ms,
-        }
+            return phases.phase(list(self.reads), start, end)
 
 
 @dataclass
@@ -370,29 +353,13 @@ def run() -> dict[str, Any]:
     }
 
 
-def _table(results: dict[str, Any]) -> str:
-    lines = [
-        "| fault | phase | sent | failed | p50 ms | p99 ms | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in results["faults"]:
-        for phase in ("before", "during", "after"):
-            p = row[phase]
-            errors = "; ".join(f"{n} x {e}" for e, n in p["errors"].items()) or ""
-            lines.append(
-                f"| {row['fault']} | {phase} | {p['sent']} | {p['failed']} | "
-                f"{p['p50_ms'] or 0:.1f} | {p['p99_ms'] or 0:.1f} | {errors} |"
-            )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     results = run()
     emit(results, args.out)
-    print(_table(results))
+    print(phases.table([(r["fault"], r) for r in results["faults"]], "fault"))
     audit = results["audit"]
     print(
         f"audit: {audit['entries']} entries, {audit['receipts']} receipts checked, ok={audit['ok']}"

@@ -6,6 +6,7 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
+    kmsctl provider probe RECORD_ID --seconds S [--readers N] --out FILE
     kmsctl patient|provider|emergency ... --keystore FILE --profile FILE --blob-dir DIR
     kmsctl account new|show|public --keystore FILE
     kmsctl admin deploy|grant-provider|grant-emergency|revoke-emergency|register-node|
@@ -24,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 from cli import account, admin, ca_commands, parties
 from clients.audit.audit_report import failures, summary_lines, write_reports
@@ -246,6 +250,57 @@ def cmd_provider_read(args: argparse.Namespace) -> None:
         sys.stdout.write(plaintext.decode() + "\n")
 
 
+#: a probe is a bounded check of a deployment, not a load generator left running
+MAX_PROBE_SECONDS, MAX_PROBE_READERS = 3600, 64
+
+
+def cmd_provider_probe(args: argparse.Namespace) -> None:
+    """Read one record over and over from ``--readers`` threads for ``--seconds``: a
+    deployment's check from an app's host. Each read's start (Unix time), latency and
+    outcome is a JSON line of ``--out``, written as it ends; a summary goes to stdout; it
+    fails (exit status 1) if any read failed."""
+    if not 0 < args.seconds <= MAX_PROBE_SECONDS:
+        raise InvalidRequest(f"--seconds must be in (0, {MAX_PROBE_SECONDS}]")
+    if not 0 < args.readers <= MAX_PROBE_READERS:
+        raise InvalidRequest(f"--readers must be in [1, {MAX_PROBE_READERS}]")
+    me, record_id = parties.party(args), _record_id(args.record_id)
+    deadline = time.monotonic() + args.seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def reader(out: TextIO) -> None:
+        with _provider(me) as provider:
+            while time.monotonic() < deadline:
+                started, t0 = time.time(), time.perf_counter()
+                error = None
+                try:
+                    provider.read_record(record_id, args.purpose)
+                except KmsError as e:
+                    error = f"{e.grpc_status}: {e.message[:200]}"
+                seconds = time.perf_counter() - t0
+                line = json.dumps({"started": started, "seconds": seconds, "error": error})
+                with lock:
+                    out.write(line + "\n")
+                    out.flush()
+                    (latencies.append(seconds) if error is None else errors.append(error))
+
+    with open(args.out, "w") as out:
+        threads = [threading.Thread(target=reader, args=(out,)) for _ in range(args.readers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    summary: dict[str, float] = {"sent": len(latencies) + len(errors), "failed": len(errors)}
+    if len(latencies) >= 2:
+        cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+        summary |= {"p50_ms": round(cuts[49] * 1000, 1), "p99_ms": round(cuts[98] * 1000, 1)}
+    print(json.dumps(summary))
+    if errors:
+        common = "; ".join(f"{n} x {e}" for e, n in Counter(errors).most_common(3))
+        raise KmsError(f"{len(errors)} of {summary['sent']} reads failed: {common}")
+
+
 def cmd_emergency_open(args: argparse.Namespace) -> None:
     me = parties.party(args)
     patient = me.address_of(args.patient)
@@ -406,6 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
         "`kmsctl audit verify --receipts FILE` checks against the nodes' logs)",
     )
     read.set_defaults(func=cmd_provider_read)
+    probe = provider.add_parser(
+        "probe", help="read a record repeatedly for a while; each read's latency and outcome"
+    )
+    parties.add_party_options(probe, default_name="doctor")
+    probe.add_argument("record_id")
+    probe.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
+    probe.add_argument("--seconds", type=float, required=True, help="how long to read")
+    probe.add_argument("--readers", type=int, default=2, help="concurrent readers (default 2)")
+    probe.add_argument("--out", type=Path, required=True, help="each read as a JSON line")
+    probe.set_defaults(func=cmd_provider_probe)
 
     emergency = sub.add_parser("emergency", help="emergency access").add_subparsers(
         dest="action", required=True

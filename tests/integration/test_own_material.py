@@ -393,6 +393,13 @@ def test_a_full_flow_from_each_partys_own_files(world: World) -> None:
     ok(kmsctl("provider", "read", lab_id, "--out", str(out), *reader))
     assert out.read_bytes() == lab_result()
     refused(kmsctl("provider", "read", dx_id, *reader), "does not cover record type diagnosis")
+    # The probe: every read of a second is a JSON line; a refused record fails it.
+    lines = world.root / "doctor" / "probe.jsonl"
+    probe = ["provider", "probe", "--seconds", "1", "--readers", "2", "--out", str(lines)]
+    ok(kmsctl(*probe, lab_id, *reader))
+    served = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert served and all(r["error"] is None and r["seconds"] > 0 for r in served)
+    refused(kmsctl(*probe, dx_id, *reader), "reads failed: [0-9]+ x PERMISSION_DENIED")
 
     ok(kmsctl("patient", "revoke", doctor.did, *own))
     refused(kmsctl("provider", "read", lab_id, *reader), "revoked")

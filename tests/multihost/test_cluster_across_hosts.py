@@ -5,7 +5,8 @@ five nodes, the coordinator, and an app host for the patient and the doctor. Onl
 public files travel between the directories: identity files, CSRs, certificates, the
 CA's certificate and the connection profile.
 
-On it: the patient-to-doctor flow; a partition of n - m nodes with every read served;
+On it: the patient-to-doctor flow; a partition of n - m nodes under load (two readers on
+the app host, `kmsctl provider probe`) with every read served;
 one node cut off from the chain reports NOT_SERVING while the others serve, and serves
 again, without a restart, once the route is back.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.phases import Read, phase, table
 from deploy.anvil import find_anvil
 from deploy.netns import Host, HostNetwork
 from deploy.sample_records import lab_result
@@ -350,17 +352,63 @@ def test_a_patient_and_a_doctor_on_their_own_host_share_a_record(
     kmsctl(world, "app", "provider", "read", record_id, "--out", str(out), *as_doctor)
     assert out.read_bytes() == lab_result()
 
-    # A partition of n - m nodes: every read is still served.
-    for n in ("node-4", "node-5"):
-        world.lan.cut(world.hosts[n])
+
+#: the partition's phases, in seconds: reads before the links go down, while they are
+#: down, and after they are back
+BEFORE_S, DURING_S, AFTER_S = 4.0, 8.0, 4.0
+
+
+def test_a_partition_of_n_minus_m_nodes_under_load_fails_no_read(
+    world: World, record_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two readers on the app host (`kmsctl provider probe`) while the links of n - m
+    nodes go down and come back: no read fails in any phase. The figures are printed
+    (and kept in the test's directory as partition.json)."""
+    app, cut = world.root / "app", ("node-4", "node-5")
+    reads_file = app / "probe.jsonl"
+    probe = world.hosts["app"].spawn(
+        [PY, "-m", "cli.kmsctl", "provider", "probe", record_id, "--readers", "2",
+         "--seconds", str(BEFORE_S + DURING_S + AFTER_S + 2), "--out", str(reads_file),
+         *_as("doctor", world)],
+        app / "probe.log",
+        env=world.env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (reads_file.exists() and reads_file.read_text()):
+        assert probe.poll() is None, (app / "probe.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the probe read nothing"
+        time.sleep(0.2)
+    # Phases by the wall clock, which every namespace shares.
+    t0 = time.time()
+    time.sleep(BEFORE_S)
+    t1 = time.time()
+    for name in cut:
+        world.lan.cut(world.hosts[name])
     try:
-        for _ in range(3):
-            out.unlink()
-            kmsctl(world, "app", "provider", "read", record_id, "--out", str(out), *as_doctor)
-            assert out.read_bytes() == lab_result()
+        time.sleep(DURING_S)
     finally:
-        for n in ("node-4", "node-5"):
-            world.lan.mend(world.hosts[n])
+        for name in cut:
+            world.lan.mend(world.hosts[name])
+    t2 = time.time()
+    time.sleep(AFTER_S)
+    t3 = time.time()
+    assert probe.wait(60) == 0, (app / "probe.log").read_text()[-2000:]
+    reads = [
+        Read(line["started"], line["seconds"], line["error"])
+        for line in map(json.loads, reads_file.read_text().splitlines())
+    ]
+    figures = {
+        "before": phase(reads, t0, t1),
+        "during": phase(reads, t1, t2),
+        "after": phase(reads, t2, t3),
+    }
+    (world.root / "partition.json").write_text(json.dumps(figures, indent=2))
+    with capsys.disabled():
+        print(f"\npartition of {', '.join(cut)} under load, from the app host:")
+        print(table([("partition", figures)], "fault"))
+    for name, figure in figures.items():
+        assert figure["sent"] > 0, f"no read was sent {name} the partition"
+        assert figure["failed"] == 0, f"reads failed {name} the partition: {figure['errors']}"
 
 
 def _log_events(path: Path, name: str) -> int:
