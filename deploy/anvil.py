@@ -25,7 +25,7 @@ from typing import IO, Any
 from core import bounded_json
 from core.bounded_json import JSON_RPC_MAX_BYTES, JSON_RPC_MAX_DEPTH
 from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, PreconditionFailed
-from deploy.processes import free_port
+from deploy import processes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ANVIL = REPO_ROOT / "node_modules" / ".bin" / "anvil"
@@ -167,7 +167,7 @@ class AnvilProcess:
         attempts_left = 1 if self._requested_port is not None else 3
         while True:
             attempts_left -= 1
-            self._port = self._requested_port or free_port(HOST)
+            self._port = self._requested_port or processes.free_port(HOST)
             self._spawn(binary)
             try:
                 self._wait_ready()
@@ -233,13 +233,8 @@ class AnvilProcess:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate (then kill) the process and close the log."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            processes.stop(process, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from core.errors import PreconditionFailed
+from deploy import processes
 
 #: the private LAN the hosts share; the bridge namespace holds no address on it
 LAN = ipaddress.ip_network("10.77.0.0/24")
@@ -209,7 +209,7 @@ class HostNetwork:
     def close(self) -> None:
         for host in self.hosts.values():
             for process in host.processes:
-                _stop(process)
+                processes.stop(process, group=True)
         for namespace in reversed(self._made):
             try:
                 _ip("netns", "del", namespace)
@@ -227,20 +227,6 @@ class HostNetwork:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _stop(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
-    """SIGTERM the process group (a node's supervisor and its workers), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,21 @@ def pid_runs(pid: int, marker: str) -> bool:
     return marker in cmdline
 
 
+def stop(process: subprocess.Popen[Any], timeout_s: float = 5.0, *, group: bool = False) -> None:
+    """SIGTERM a child we started (or, with ``group``, its whole process group: a node's
+    supervisor and its workers), then SIGKILL after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM) if group else process.terminate()
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL) if group else process.kill()
+        process.wait()
+    except ProcessLookupError:
+        process.wait()
+
+
 def stop_pid(pid: int, marker: str, timeout_s: float = 5.0) -> bool:
     """SIGTERM, then SIGKILL after ``timeout_s``; False if it was not running."""
     if not pid_runs(pid, marker):
