@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -32,6 +32,9 @@ from core.umbral_codec import capsule_hash, load_capsule, load_public_key
 
 ADDRESS_SIZE = 20
 RECORD_ID_SIZE = 32
+
+#: parses (and checks) a capsule's bytes; the second argument names the field for errors
+CapsuleLoader = Callable[[bytes, str], umbral.Capsule]
 
 # HL7 v3 ActReason purpose-of-use codes accepted for re-encryption requests.
 PURPOSES_OF_USE: dict[str, str] = {
@@ -184,16 +187,22 @@ class ReencryptionQuery:
         )
 
     @classmethod
-    def parse(cls, msg: ReencryptionRequestFields, domain: Domain) -> ReencryptionQuery:
+    def parse(
+        cls,
+        msg: ReencryptionRequestFields,
+        domain: Domain,
+        load: CapsuleLoader = load_capsule,
+    ) -> ReencryptionQuery:
         """Check every field; ``domain`` is the registry's EIP-712 domain, which the
-        request id is derived in."""
+        request id is derived in; ``load`` parses the capsule (a node's cache of those it
+        served, or ``load_capsule``)."""
         query = cls(
             request_id="",
             patient=parse_address(msg.patient, "patient"),
             record_id=parse_record_id(msg.record_id),
             record_type=parse_record_type(msg.record_type),
             capsule_bytes=bytes(msg.capsule),
-            capsule=load_capsule(msg.capsule),
+            capsule=load(bytes(msg.capsule), "capsule"),
             requester=parse_address(msg.requester, "requester"),
             requester_umbral_key=bytes(msg.requester_umbral_key),
             receiving_key=load_public_key(msg.requester_umbral_key, "requester_umbral_key"),
@@ -344,7 +353,9 @@ class BatchQuery:
         )
 
     @classmethod
-    def parse(cls, msg: BatchFields, domain: Domain) -> BatchQuery:
+    def parse(
+        cls, msg: BatchFields, domain: Domain, load: CapsuleLoader = load_capsule
+    ) -> BatchQuery:
         """As :meth:`ReencryptionQuery.parse`; the batch has one id, its signature's."""
         if not 1 <= len(msg.capsules) <= MAX_BATCH:
             raise InvalidRequest(
@@ -369,7 +380,7 @@ class BatchQuery:
                     record_id=record_id,
                     record_type=parse_record_type(ref.record_type, f"capsules[{i}].record_type"),
                     capsule_bytes=bytes(ref.capsule),
-                    capsule=load_capsule(ref.capsule, f"capsules[{i}].capsule"),
+                    capsule=load(bytes(ref.capsule), f"capsules[{i}].capsule"),
                     requester=requester,
                     requester_umbral_key=bytes(msg.requester_umbral_key),
                     receiving_key=receiving_key,

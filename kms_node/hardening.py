@@ -1,6 +1,6 @@
-"""Process hardening for a node: its memory holds unwrapped kfrags (for a request's
-duration), the HSM session and the user PIN, so it must not end up in a core dump or
-be readable by other processes of the same user.
+"""Process hardening for a node: its memory holds unwrapped kfrags (for up to
+``kfrag_cache_ttl_s`` after use, ADR 13), the HSM session and the user PIN, so it must
+not end up in a core dump or be readable by other processes of the same user.
 
 - ``RLIMIT_CORE`` 0: a crash writes no core file;
 - ``PR_SET_DUMPABLE`` 0 (Linux): no core dump either way, and processes of the same

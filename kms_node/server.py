@@ -18,9 +18,11 @@ from kms_node import data_lock, metrics
 from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
 from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
+from kms_node.capsule_cache import CapsuleCache
 from kms_node.chain_follower import ChainFollower, ConfirmedRegistry
 from kms_node.hardening import forbid_core_dumps
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
 from kms_node.readiness import Readiness, data_dir_writable
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
@@ -147,6 +149,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         if settings.processes > 1
         else ReplayGuard(settings.request_window_s, settings.replay_max_entries)
     )
+    unwrapped = KfragCache(settings.kfrag_cache_ttl_s)
     service = NodeService(
         node_id=settings.node_id,
         keystore=keystore,
@@ -165,6 +168,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         ),
         audit=CountedAudit(audit),
         request_window_s=settings.request_window_s,
+        capsules=CapsuleCache(),
+        unwrapped=unwrapped,
     )
     server = build_server(service, AuditService(audit), kfrags, settings.max_workers)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME, AUDIT_SERVICE.full_name])
@@ -222,6 +227,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     readiness.stop()
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
+    unwrapped.clear()
     follower.stop()
     if anchorer is not None:
         # After the server, so that its last anchor covers every entry this process

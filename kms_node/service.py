@@ -48,7 +48,9 @@ from core.registry_types import (
 from core.request_auth import Claims, Domain, authenticate
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
+from kms_node.capsule_cache import CapsuleCache
 from kms_node.keystore import KeyStore
+from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore, StoredKfrag
 from kms_node.replay import NonceMemory, NonceReused
 from proto.kms.v1 import common_pb2, node_pb2
@@ -108,6 +110,8 @@ class NodeService:
         audit: AuditSink,
         request_window_s: int = 300,
         clock: Callable[[], float] = time.time,
+        capsules: CapsuleCache | None = None,
+        unwrapped: KfragCache | None = None,
     ) -> None:
         self.node_id = node_id
         self._keystore = keystore
@@ -132,6 +136,8 @@ class NodeService:
         self._audit = audit
         self._request_window_s = request_window_s
         self._clock = clock
+        self._capsules = capsules if capsules is not None else CapsuleCache()
+        self._unwrapped = unwrapped if unwrapped is not None else KfragCache()
         self._signing_public_key = keystore.signing_public_key()
         self._delivery_public_key = keystore.delivery_public_key()
         self._account = keystore.eth_address()
@@ -217,6 +223,10 @@ class NodeService:
         # Kfrags for types that no grant or opt-in covers any more (a narrower re-grant)
         # go in the same transaction.
         self._kfrags.put_many(items, retain_types=allowed)
+        # This process's unwrapped copies of the replaced (or dropped) kfrags go too; the
+        # node's other processes never serve them again either (the cache key holds the
+        # wrapped bytes) and forget them within kfrag_cache_ttl_s.
+        self._unwrapped.evict(enrollment.patient, enrollment.grantee)
         log.info(
             "kfrag_enrolled",
             patient=enrollment.patient,
@@ -318,6 +328,7 @@ class NodeService:
             # Replaying history (at start-up) meets revocations that a later grant
             # superseded: only shred what the chain says nothing covers now.
             covered = self._covered_types(patient, grantee)
+            self._unwrapped.evict(patient, grantee)
             if self._kfrags.delete(patient, grantee, keep_types=covered):
                 log.info(
                     "kfrag_shredded",
@@ -329,7 +340,7 @@ class NodeService:
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
-        query = ReencryptionQuery.parse(msg, self._domain)
+        query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(query.claims(), query)
         self._limiter.spend(query.requester)
         ((result, receipt),) = self._serve([query])
@@ -346,7 +357,7 @@ class NodeService:
     ) -> node_pb2.ReencryptBatchResponse:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
-        batch = BatchQuery.parse(msg, self._domain)
+        batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(batch.claims(), batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
         outcomes = []
@@ -443,6 +454,9 @@ class NodeService:
                 by_type.setdefault(queries[i].record_type, []).append(i)
             for record_type, indices in by_type.items():
                 self._reencrypt_with(record_type, queries, indices, results)
+            for i in allowed:
+                if not isinstance(results[i], KmsError):
+                    self._capsules.remember(queries[i].capsule_hash, queries[i].capsule)
         # Audit fails closed: every decision is durable in the log before any
         # answer leaves; if the append fails, so does the whole request. A batch's
         # entries share one transaction (one fsync).
@@ -515,6 +529,7 @@ class NodeService:
         """Re-encrypt the capsules at ``indices`` (all of one record type) with this node's
         kfrag for that type, unwrapped once; a refusal for each if there is none."""
         first = queries[0]
+        generation = self._unwrapped.generation()
         stored = self._kfrags.get(first.patient, first.requester, record_type)
         if stored is None or stored.receiving_key != first.requester_umbral_key:
             for i in indices:
@@ -522,17 +537,21 @@ class NodeService:
                     f"this node holds no {record_type.label} key fragment for this grant"
                 )
             return
-        aad = kfrag_aad(
-            self.node_id, stored.patient, stored.grantee, stored.receiving_key, record_type
-        )
-        # The kfrag was verified at enrollment and is authenticated by AES-GCM
-        # since, so re-verifying it here would only cost time.
-        clear = self._keystore.unwrap(stored.wrapped, aad, stored.kek_generation)
-        kfrag = umbral.KeyFrag.from_bytes(clear)
-        verified = kfrag.skip_verification()
+        key = (stored.patient, stored.grantee, record_type, stored.wrapped)
+        verified = self._unwrapped.get(key)
+        if verified is None:
+            aad = kfrag_aad(
+                self.node_id, stored.patient, stored.grantee, stored.receiving_key, record_type
+            )
+            # The kfrag was verified at enrollment and is authenticated by AES-GCM
+            # since, so re-verifying it here would only cost time.
+            clear = self._keystore.unwrap(stored.wrapped, aad, stored.kek_generation)
+            verified = umbral.KeyFrag.from_bytes(clear).skip_verification()
+            del clear
+            self._unwrapped.put(key, verified, generation)
         for i in indices:
             results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
-        del clear, kfrag, verified
+        del verified
 
 
 def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:

@@ -28,6 +28,8 @@ DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 MAX_PIN_FILE_BYTES = 4096
 #: deeper than any reorganisation a chain this node should follow can have
 MAX_CONFIRMATIONS = 1000
+#: an unwrapped kfrag is kept an hour at most, whatever the config says (ADR 13)
+MAX_KFRAG_CACHE_TTL_S = 3600.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PIN_NAMES = {"hsm_pin": "the token's user PIN", "hsm_so_pin": "the token's security-officer PIN"}
 
@@ -145,6 +147,9 @@ class NodeSettings:
     #: processes, less when they all land on one
     rate_limit_per_s: float = 100.0
     rate_limit_burst: int = 200
+    #: how long an unwrapped kfrag stays in a server process's memory after its unwrap,
+    #: so that a grant's next reads skip the HSM (ADR 13); 0: unwrap on every request
+    kfrag_cache_ttl_s: float = 60.0
     #: gRPC server threads per process. Crypto holds the GIL and PKCS#11 calls are
     #: serialised, so more threads add only contention: measured on 2 cores, 8
     #: threads cost 2.7 ms of node CPU per request, 2 threads 1.7 ms. Two keep one
@@ -246,6 +251,7 @@ class NodeSettings:
                 request_window_s=int(get("request_window_s")),
                 rate_limit_per_s=float(get("rate_limit_per_s")),
                 rate_limit_burst=int(get("rate_limit_burst")),
+                kfrag_cache_ttl_s=float(get("kfrag_cache_ttl_s")),
                 replay_max_entries=int(get("replay_max_entries")),
                 log_level=str(get("log_level")),
                 tls_ca_cert=rel(raw["tls_ca_cert"]) if "tls_ca_cert" in raw else None,
@@ -280,6 +286,10 @@ class NodeSettings:
             raise ConfigurationError("anchoring must be true or false")
         if self.anchor_every_entries < 1 or not self.anchor_interval_s > 0:
             raise ConfigurationError("need anchor_every_entries >= 1 and anchor_interval_s > 0")
+        if not 0 <= self.kfrag_cache_ttl_s <= MAX_KFRAG_CACHE_TTL_S:
+            raise ConfigurationError(
+                f"kfrag_cache_ttl_s must be between 0 and {MAX_KFRAG_CACHE_TTL_S:.0f} seconds"
+            )
         if not isinstance(self.dev_plaintext, bool):
             raise ConfigurationError("dev_plaintext must be true or false")
         require_tls_settings(

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import umbral_pre as umbral
@@ -40,9 +41,11 @@ from core.registry_types import (
 )
 from core.request_auth import Domain, RequestClaims, request_id_of, sign
 from core.requests import address_bytes
-from core.umbral_codec import capsule_hash
+from core.umbral_codec import capsule_hash, load_capsule
+from kms_node import capsule_cache
 from kms_node.audit_log import AuditLog
 from kms_node.keystore import MemoryKeyStore
+from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
 from kms_node.replay import ReplayGuard
 from kms_node.service import (
@@ -138,6 +141,7 @@ class World:
     record_id: bytes
     audit: AuditLog
     keystore: MemoryKeyStore
+    unwrapped: KfragCache
 
     def kfrag(
         self,
@@ -257,6 +261,7 @@ def world(tmp_path: Path) -> World:
     replay = ReplayGuard(max_window_s=300, max_entries=100)
     keystore = MemoryKeyStore()
     audit = AuditLog(tmp_path / "audit.sqlite", keystore, "node-t")
+    unwrapped = KfragCache()
     node = NodeService(
         node_id="node-t",
         keystore=keystore,
@@ -269,8 +274,11 @@ def world(tmp_path: Path) -> World:
         limiter=RateLimiter(rate_per_s=1, burst=BURST, clock=lambda: NOW),
         audit=audit,
         clock=lambda: NOW,
+        unwrapped=unwrapped,
     )
-    return World(node, registry, replay, kfrags, alice, bob, capsule, record_id, audit, keystore)
+    return World(
+        node, registry, replay, kfrags, alice, bob, capsule, record_id, audit, keystore, unwrapped
+    )
 
 
 def test_enrolled_kfrag_is_stored_wrapped_and_reencrypts(world: World) -> None:
@@ -818,3 +826,54 @@ def test_a_record_the_index_does_not_know_yet_is_looked_up_within_a_budget(
     with pytest.raises(NotFound, match="not in the registry"):
         node.reencrypt(world.request(nonce=b"\xff" * 32))
     assert chain.access_reads == budget
+
+
+def _cfrag_verifies(world: World, response: Any) -> None:
+    umbral.CapsuleFrag.from_bytes(response.fragment.cfrag).verify(
+        world.capsule,
+        umbral.PublicKey.from_compressed_bytes(world.alice.verifying_key()),
+        world.alice.record_public_key(RecordType.LAB_RESULT),
+        umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
+    )
+
+
+def test_a_grants_next_reads_skip_the_unwrap_and_the_capsule_parse(world: World) -> None:
+    world.enroll(world.kfrag())
+    with (
+        patch.object(world.keystore, "unwrap", wraps=world.keystore.unwrap) as unwrap,
+        patch.object(capsule_cache, "load_capsule", wraps=load_capsule) as parse,
+    ):
+        for n in range(3):
+            _cfrag_verifies(world, world.node.reencrypt(world.request(nonce=bytes([n]) * 32)))
+    assert unwrap.call_count == 1
+    assert parse.call_count == 1
+    assert len(world.unwrapped) == 1
+
+
+def test_a_refused_requests_capsule_is_parsed_every_time(world: World) -> None:
+    """Only served capsules are kept: a stranger's cannot push them out."""
+    with patch.object(capsule_cache, "load_capsule", wraps=load_capsule) as parse:
+        for n in range(2):
+            with pytest.raises(PreconditionFailed):
+                world.node.reencrypt(world.request(nonce=bytes([n]) * 32))
+    assert parse.call_count == 2
+
+
+def test_shredding_drops_the_unwrapped_kfrag_at_once(world: World) -> None:
+    world.enroll(world.kfrag())
+    world.node.reencrypt(world.request())
+    assert len(world.unwrapped) == 1
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], active=False)
+    world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
+    assert len(world.unwrapped) == 0
+
+
+def test_a_new_enrollment_is_served_with_the_new_kfrag(world: World) -> None:
+    world.enroll(world.kfrag())
+    world.node.reencrypt(world.request(nonce=b"\x01" * 32))
+    world.enroll(world.kfrag())
+    assert len(world.unwrapped) == 0
+    with patch.object(world.keystore, "unwrap", wraps=world.keystore.unwrap) as unwrap:
+        _cfrag_verifies(world, world.node.reencrypt(world.request(nonce=b"\x02" * 32)))
+    assert unwrap.call_count == 1

@@ -271,8 +271,28 @@ def test_confirmations_default_to_none_and_are_read(tmp_path: Path) -> None:
     assert _load(tmp_path, pin + "chain_confirmations = 12\n").chain_confirmations == 12
 
 
-@pytest.mark.parametrize("value", ["-1", "1001"])
-def test_confirmations_out_of_range_are_refused(tmp_path: Path, value: str) -> None:
+@pytest.mark.parametrize(
+    ("setting", "value", "bounds"),
+    [
+        ("chain_confirmations", "-1", "0 and 1000"),
+        ("chain_confirmations", "1001", "0 and 1000"),
+        ("kfrag_cache_ttl_s", "-1", "0 and 3600 seconds"),  # ADR 13
+        ("kfrag_cache_ttl_s", "3601", "0 and 3600 seconds"),
+    ],
+)
+def test_bounded_settings_out_of_range_are_refused(
+    tmp_path: Path, setting: str, value: str, bounds: str
+) -> None:
     _pin_file(tmp_path / "secrets" / "user.pin")
-    with pytest.raises(ConfigurationError, match="chain_confirmations must be between 0 and 1000"):
-        _load(tmp_path, f'hsm_pin_file = "secrets/user.pin"\nchain_confirmations = {value}\n')
+    with pytest.raises(ConfigurationError, match=f"{setting} must be between {bounds}"):
+        _load(tmp_path, f'hsm_pin_file = "secrets/user.pin"\n{setting} = {value}\n')
+
+
+# --- unwrapped kfrags kept in memory (ADR 13) ------------------------------------------------
+
+
+def test_the_kfrag_cache_ttl_defaults_to_a_minute_and_is_read(tmp_path: Path) -> None:
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    pin = 'hsm_pin_file = "secrets/user.pin"\n'
+    assert _load(tmp_path, pin).kfrag_cache_ttl_s == 60.0
+    assert _load(tmp_path, pin + "kfrag_cache_ttl_s = 0\n").kfrag_cache_ttl_s == 0.0
