@@ -42,6 +42,7 @@ from kms_node.settings import NodeSettings
 from proto.kms.v1 import audit_pb2, common_pb2
 from proto.stubs import AuditStub, NodeStub
 from tests.core.test_audit_verify import rebuild_tree
+from tests.headless_chromium import dump_dom
 from tests.integration.conftest import People, append_forged_entry
 
 pytestmark = pytest.mark.cluster
@@ -224,6 +225,7 @@ def _hex_digit_changed(data: bytes, field: bytes) -> bytes:
 # --- demo traffic, then the whole cluster ---------------------------------------------------
 
 
+@pytest.mark.chromium
 def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     world: World, run_kmsctl: Kmsctl, tmp_path: Path
 ) -> None:
@@ -248,6 +250,13 @@ def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     assert {r["reason"] for r in rows} >= {"granted", "grant_revoked", "type_not_allowed"}
     csv_lines = (tmp_path / "report" / "report.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1
+    page = tmp_path / "report" / "report.html"
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    shown = {
+        section.find("h2", "node-id").text(): section.find("span", "verdict").text()
+        for section in dump_dom(page).find_all("section", "node")
+    }
+    assert shown == {node.node_id: "passed" for node in cluster.nodes}
 
     out = tmp_path / "audit-events.json"
     exported = run_kmsctl(cluster, "audit", "export", "--format", "fhir", "--out", str(out))
