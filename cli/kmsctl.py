@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import TextIO
 
 from cli import account, admin, ca_commands, parties
-from clients.audit.audit_report import failures, summary_lines, write_reports
+from clients.audit.audit_report import failures, summary_lines
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
 from clients.audit.receipts_file import load_receipts, save_receipts
+from clients.audit.report_files import write_reports
 from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
 from clients.sdk.patient import PatientClient
@@ -338,9 +339,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         events=registry if args.state_from_events else None,
         start_block=int(cluster.data["chain"]["registry_start_block"]),
     )
-    json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
+    paths = write_reports(
+        report,
+        args.report_dir or args.state_dir / "audit",
+        audited_at=int(time.time()),
+        chain_id=registry.chain_id(),
+    )
     print("\n".join(summary_lines(report)))
-    print(f"report: {json_path}, {csv_path}")
+    print(f"report: {', '.join(str(p) for p in paths)}")
     if args.state_file:
         save_state(args.state_file, report, since)
         print(f"state: {args.state_file} (the next run with it starts where this one ended)")
@@ -512,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
         "3 when nothing failed but some node could not be read",
     )
     verify.add_argument(
-        "--report-dir", type=Path, help="where report.json and report.csv go (default: STATE/audit)"
+        "--report-dir",
+        type=Path,
+        help="where report.json, report.csv and report.html go (default: STATE/audit)",
     )
     verify.add_argument("--receipts", type=Path, help="a JSON list of receipts to check too")
     verify.add_argument(
