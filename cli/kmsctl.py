@@ -45,6 +45,7 @@ from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient
 from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core import logs
+from core.audit_findings import Verdict
 from core.errors import IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
@@ -318,7 +319,13 @@ def _node_channels(cluster: LocalCluster) -> ChannelFactory:
     return channel_factory(cluster.transport)
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> None:
+#: `kmsctl audit verify`'s exit status when no check failed but some node could not be read
+EXIT_COULD_NOT_READ = 3
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every node passed, 1 (IntegrityError) on any failed check, 3 when none
+    failed but some node could not be read."""
     cluster = _cluster(args)
     registry = cluster.registry()
     receipts = load_receipts(args.receipts) if args.receipts else []
@@ -343,8 +350,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     if args.state_file:
         save_state(args.state_file, report, since)
         print(f"state: {args.state_file} (the next run with it starts where this one ended)")
-    if not report.ok:
+    if report.verdict is Verdict.FAILED:
         raise IntegrityError(f"audit failed: {failures(report)}")
+    if report.verdict is Verdict.COULD_NOT_READ:
+        # Not evidence of tampering: nothing failed, but the audit is incomplete.
+        print(f"kmsctl: audit incomplete: {failures(report)}", file=sys.stderr)
+        return EXIT_COULD_NOT_READ
+    return 0
 
 
 def cmd_audit_export(args: argparse.Namespace) -> None:
@@ -502,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit.add_parser(
         "verify",
         parents=[nodes],
-        help="check every signature, entry, anchor and grant; exit 1 naming what failed",
+        help="check every signature, entry, anchor and grant; exit 1 naming what failed, "
+        "3 when nothing failed but some node could not be read",
     )
     verify.add_argument(
         "--report-dir",
@@ -538,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("kmsctl", "warning")
     try:
-        args.func(args)
+        status = args.func(args)
     except KmsError as e:
         # The request id names the decisions in the nodes' audit logs (kmsctl audit).
         about = f" (request {e.request_id})" if e.request_id else ""
@@ -547,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"kmsctl: {e.strerror}: {e.filename}", file=sys.stderr)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

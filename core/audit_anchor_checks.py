@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
 from core.audit_findings import Check, Findings, VerifiedPrefix
 from core.audit_log_checks import ServedLog
-from core.audit_sources import LogSource
+from core.audit_sources import LogSource, failed_in_transit
 from core.errors import InvalidRequest, KmsError
 from core.formats import iso_utc
 from core.registry_types import CheckpointAnchor, NodeInfo
@@ -40,7 +40,9 @@ def extends_prefix(
         if checkpoint.root != verified.root:
             problems.append(f"the node's checkpoint of {size} entries has another root")
     else:
-        problems = _consistency(log, verified, checkpoint, "the verified prefix and now")
+        problems = _consistency(log, verified, checkpoint, "the verified prefix and now", findings)
+    if findings.could_not_read:
+        return False
     if problems:
         findings.fail(
             Check.ANCHOR,
@@ -129,15 +131,25 @@ def check_anchors(
             _check_times(anchor, where, served, findings)
         elif since is not None and anchor.tree_size < since.tree_size:
             inconsistent += _consistency(
-                log, anchored, since.checkpoint, f"{where} and the verified prefix"
+                log, anchored, since.checkpoint, f"{where} and the verified prefix", findings
             )
         if previous is not None and anchor.tree_size <= size:
-            inconsistent += _consistency(log, previous[1], anchored, f"{where} and the one before")
+            inconsistent += _consistency(
+                log, previous[1], anchored, f"{where} and the one before", findings
+            )
         previous = anchor, anchored
+        if findings.could_not_read:
+            return checked
     if previous is not None and signed and previous[0].tree_size <= size:
         inconsistent += _consistency(
-            log, previous[1], checkpoint, "the last anchor and the node's current checkpoint"
+            log,
+            previous[1],
+            checkpoint,
+            "the last anchor and the node's current checkpoint",
+            findings,
         )
+        if findings.could_not_read:
+            return checked
     # Once the log leaves the anchored history, every later anchor shows it again: one
     # problem each, naming the first.
     if beyond:
@@ -231,11 +243,17 @@ def _check_times(
         )
 
 
-def _consistency(log: LogSource, old: Checkpoint, new: Checkpoint, what: str) -> list[str]:
-    """What is wrong with the node's consistency proof between two checkpoints."""
+def _consistency(
+    log: LogSource, old: Checkpoint, new: Checkpoint, what: str, findings: Findings
+) -> list[str]:
+    """What is wrong with the node's consistency proof between two checkpoints (nothing
+    when the proof could not be read in transit: that goes to ``findings``)."""
     try:
         proof = log.consistency_proof(old.tree_size, new.tree_size)
     except KmsError as e:
+        if failed_in_transit(e):
+            findings.cannot_read(f"the consistency proof of {what}: {e.message}")
+            return []
         return [f"the node cannot prove {what} consistent: {e.message}"]
     if not verify_checkpoint_consistency(old, new, proof):
         return [

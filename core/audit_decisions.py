@@ -13,7 +13,7 @@ from typing import Final
 from core.audit import GRANTED, AuditEntry
 from core.audit_findings import Check, Findings
 from core.audit_log_checks import ServedLog
-from core.audit_sources import ChainView
+from core.audit_sources import ChainView, failed_in_transit
 from core.errors import KmsError
 from core.policy import POLICY_DENIALS, Reason, judge
 from core.record_types import RecordType
@@ -70,13 +70,16 @@ def check_against_chain(
     served: ServedLog, chain: ChainView, findings: Findings, *, rejudge_decisions: bool
 ) -> None:
     """Step 7 for every served entry that parsed: its block, then (unless
-    ``rejudge_decisions`` is False) its decision."""
+    ``rejudge_decisions`` is False) its decision. Stops at the first read of the chain that
+    fails in transit."""
     for index in sorted(served.parsed):
         entry = served.parsed[index]
         if entry is None:
             continue
+        if findings.could_not_read:
+            return
         _check_block(index, entry, chain, findings)
-        if rejudge_decisions:
+        if rejudge_decisions and not findings.could_not_read:
             _check_decision(index, entry, chain, findings)
 
 
@@ -84,7 +87,11 @@ def _check_block(index: int, entry: AuditEntry, chain: ChainView, findings: Find
     try:
         block = chain.block(entry.block_number)
     except KmsError as e:
-        findings.fail(Check.BLOCK, f"cannot read block {entry.block_number}: {e.message}", index)
+        message = f"cannot read block {entry.block_number}: {e.message}"
+        if failed_in_transit(e):
+            findings.cannot_read(f"entry {index}: {message}")
+        else:
+            findings.fail(Check.BLOCK, message, index)
         return
     if block.hash != entry.block_hash:
         findings.fail(
@@ -109,7 +116,12 @@ def _check_decision(index: int, entry: AuditEntry, chain: ChainView, findings: F
             entry.record_id, entry.requester, entry.capsule_hash, block=entry.block_number
         )
     except KmsError as e:
-        if granted:
+        if failed_in_transit(e):
+            findings.cannot_read(
+                f"entry {index}: cannot read the grant state at block {entry.block_number}: "
+                f"{e.message}"
+            )
+        elif granted:
             findings.fail(
                 Check.POLICY,
                 f"cannot read the grant state at block {entry.block_number}: {e.message}",

@@ -4,6 +4,11 @@ node's report, and the prefix a passing audit verified for the next one. Pure, n
 The checks (core/audit_log_checks.py, core/audit_anchor_checks.py, core/audit_decisions.py)
 add what they find to a :class:`Findings`; :func:`core.audit_verify.verify_node` turns it
 into a :class:`NodeReport`. Problems are values, not exceptions (ADR 5).
+
+A read that failed in transit (a deadline, a dropped connection: see
+:func:`core.audit_sources.failed_in_transit`) is not a problem: it is no evidence about the
+log. It is kept apart, as a reason the node "could not be read", and the audit of that node
+stops there, so that what was not read is never reported as missing.
 """
 
 from __future__ import annotations
@@ -14,6 +19,17 @@ from enum import StrEnum
 from core import merkle
 from core.audit import GRANTED, AuditEntry, Checkpoint, verify_checkpoint
 from core.errors import InvalidRequest
+
+
+class Verdict(StrEnum):
+    """What an audit concludes of one node."""
+
+    #: every check passed
+    PASSED = "passed"
+    #: a check failed: the log, a signature or a decision is not what it should be
+    FAILED = "failed"
+    #: no check failed, but a read failed in transit: the audit of this node is incomplete
+    COULD_NOT_READ = "could not read"
 
 
 class Check(StrEnum):
@@ -91,15 +107,19 @@ class NodeReport:
     #: what this audit verified, for the next one to start from (None unless every check
     #: passed, decisions included, against a signed checkpoint)
     verified: VerifiedPrefix | None = None
+    #: why the audit of this node stopped short: reads that failed in transit (not problems)
+    could_not_read: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> Verdict:
+        """Failed on any problem; else could not read on a failed read; else passed."""
+        if self.problems:
+            return Verdict.FAILED
+        return Verdict.COULD_NOT_READ if self.could_not_read else Verdict.PASSED
 
     @property
     def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def verdict(self) -> str:
-        """The node's verdict in a word or two, as reports show it."""
-        return "passed" if self.ok else "failed"
+        return self.verdict is Verdict.PASSED
 
     @property
     def granted(self) -> int:
@@ -221,6 +241,12 @@ class Findings:
         self.warnings: list[str] = []
         self.entry_problems: dict[int, list[Problem]] = {}
         self.entry_warnings: dict[int, list[str]] = {}
+        #: reads that failed in transit; once there is one, the node's audit stops
+        self.could_not_read: list[str] = []
+
+    def cannot_read(self, message: str) -> None:
+        """A read failed in transit: the node could not be read (no evidence of tampering)."""
+        self.could_not_read.append(message)
 
     def fail(
         self, check: Check, message: str, index: int | None = None, *, primary: bool = True

@@ -20,7 +20,7 @@ from core.audit import (
     verify_receipt,
 )
 from core.audit_findings import Check, Findings, VerifiedPrefix
-from core.audit_sources import LogSource
+from core.audit_sources import LogSource, failed_in_transit
 from core.errors import InvalidRequest, KmsError
 from core.registry_types import NodeInfo
 
@@ -62,7 +62,8 @@ class ServedLog:
         self.missing: dict[int, int] = {}
 
     def read(self, log: LogSource, size: int, findings: Findings) -> None:
-        """Read entries ``[start, size)``, naming what is out of order, missing or invalid."""
+        """Read entries ``[start, size)``, naming what is out of order, missing or invalid.
+        A read that fails in transit leaves the rest unread ("could not read"), not missing."""
         expected = self.start
         try:
             for index, data in log.entries(self.start, size):
@@ -84,10 +85,11 @@ class ServedLog:
                 expected = index + 1
                 self._take(index, data, findings)
         except KmsError as e:
-            findings.fail(
-                Check.REACHABLE,
-                f"the node stopped serving entries at entry {expected}: {e.message}",
-            )
+            stopped = f"the node stopped serving entries at entry {expected}: {e.message}"
+            if failed_in_transit(e):
+                findings.cannot_read(stopped)
+                return
+            findings.fail(Check.REACHABLE, stopped)
         if expected < size:
             self._missing(expected, size, f"the checkpoint covers {size} entries", findings)
 
@@ -154,6 +156,9 @@ def check_inclusion(
         try:
             proof = log.inclusion_proof(index, size)
         except KmsError as e:
+            if failed_in_transit(e):
+                findings.cannot_read(f"entry {index}'s inclusion proof: {e.message}")
+                return
             findings.fail(
                 Check.INCLUSION,
                 f"the node cannot prove this entry is in its checkpoint: {e.message}",
@@ -189,6 +194,8 @@ def check_receipts(
     size = checkpoint.tree_size
     vouched: dict[int, bytes] = {}
     for receipt in receipts:
+        if findings.could_not_read:
+            return
         if receipt.node_id != node.node_id:
             continue
         index = receipt.leaf_index
@@ -228,6 +235,9 @@ def _check_receipt_by_proof(
     try:
         proof = log.inclusion_proof(index, size)
     except KmsError as e:
+        if failed_in_transit(e):
+            findings.cannot_read(f"the receipted entry {index}'s inclusion proof: {e.message}")
+            return
         findings.fail(
             Check.RECEIPT,
             f"the node cannot prove the receipted entry is in its checkpoint: {e.message}",

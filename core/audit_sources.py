@@ -7,10 +7,26 @@ findings; a node's ``AuditLog`` is a log source in process.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from core.audit import Checkpoint
+from core.errors import ChainUnavailable, KmsError
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor
+
+#: gRPC statuses (by name, as :class:`~core.errors.KmsError` carries them) of a call that
+#: failed on the way, not by the answer: a deadline, a dropped or refused connection, a
+#: limit or a cancellation
+_IN_TRANSIT_STATUSES: Final = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"}
+)
+
+
+def failed_in_transit(error: BaseException) -> bool:
+    """Whether ``error`` is a transport failure (of a node's gRPC service or of the chain's
+    JSON-RPC endpoint): no evidence of tampering, only that the read did not complete."""
+    if isinstance(error, ChainUnavailable | ConnectionError | TimeoutError):
+        return True
+    return isinstance(error, KmsError) and error.grpc_status in _IN_TRANSIT_STATUSES
 
 
 class LogSource(Protocol):

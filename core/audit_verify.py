@@ -56,7 +56,7 @@ from core.audit_anchor_checks import AnchorsChecked, check_anchors, extends_pref
 from core.audit_decisions import check_against_chain
 from core.audit_findings import Check, EntryResult, Findings, NodeReport, VerifiedPrefix
 from core.audit_log_checks import ServedLog, check_checkpoint, check_inclusion, check_receipts
-from core.audit_sources import ChainView, LogSource
+from core.audit_sources import ChainView, LogSource, failed_in_transit
 from core.errors import InvalidRequest, KmsError
 from core.registry_types import CheckpointAnchor, NodeInfo
 
@@ -92,28 +92,37 @@ def verify_node(
     rejudged = signed = False
     # 1. Anchors before the checkpoint: every anchor read first is covered by the
     # checkpoint read after it, unless the log shrank.
+    # A read that fails in transit ends the node's audit: what was not read is reported
+    # as such ("could not read"), never as missing or altered.
     anchors = _read_anchors(chain, node.node_id, findings)
-    checkpoint = _read_checkpoint(log, findings)
+    checkpoint = _read_checkpoint(log, findings) if not findings.could_not_read else None
     if checkpoint is not None:
         signed = check_checkpoint(checkpoint, node, findings)
         if since is None or extends_prefix(since, checkpoint, log, findings):
             served.read(log, checkpoint.tree_size, findings)
-            if signed:
+            if signed and not findings.could_not_read:
                 check_inclusion(served, log, checkpoint, findings)
             check_receipts(list(receipts), served, log, node, checkpoint, findings)
-            anchored = check_anchors(
-                anchors,
-                checkpoint,
-                signed=signed,
-                served=served,
-                log=log,
-                node=node,
-                findings=findings,
-            )
+            if not findings.could_not_read:
+                anchored = check_anchors(
+                    anchors,
+                    checkpoint,
+                    signed=signed,
+                    served=served,
+                    log=log,
+                    node=node,
+                    findings=findings,
+                )
             check_against_chain(served, chain, findings, rejudge_decisions=rejudge_decisions)
             rejudged = rejudge_decisions
     verified = None
-    if checkpoint is not None and signed and rejudged and not findings.problems:
+    if (
+        checkpoint is not None
+        and signed
+        and rejudged
+        and not findings.problems
+        and not findings.could_not_read
+    ):
         tree = served.tree_through(checkpoint.tree_size)
         if tree is not None:
             verified = VerifiedPrefix(checkpoint, tree.hashes, anchored.block)
@@ -124,7 +133,11 @@ def _read_anchors(chain: ChainView, node_id: str, findings: Findings) -> list[Ch
     try:
         anchors = list(chain.checkpoint_anchors(node_id))
     except KmsError as e:
-        findings.fail(Check.REACHABLE, f"cannot read the node's anchors on-chain: {e.message}")
+        message = f"cannot read the node's anchors on-chain: {e.message}"
+        if failed_in_transit(e):
+            findings.cannot_read(message)
+        else:
+            findings.fail(Check.REACHABLE, message)
         return []
     if not anchors:
         findings.warn(
@@ -138,7 +151,11 @@ def _read_checkpoint(log: LogSource, findings: Findings) -> Checkpoint | None:
     try:
         return log.checkpoint()
     except KmsError as e:
-        findings.fail(Check.REACHABLE, f"the node did not serve its checkpoint: {e.message}")
+        message = f"the node did not serve its checkpoint: {e.message}"
+        if failed_in_transit(e):
+            findings.cannot_read(message)
+        else:
+            findings.fail(Check.REACHABLE, message)
         return None
 
 
@@ -175,4 +192,5 @@ def _report(
         warnings=tuple(warnings),
         start=served.start,
         verified=verified,
+        could_not_read=tuple(findings.could_not_read),
     )

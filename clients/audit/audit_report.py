@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from clients.audit.auditor import ClusterReport
-from core.audit_findings import EntryResult, NodeReport
+from core.audit_findings import EntryResult, NodeReport, Verdict
 from core.formats import hex_0x, iso_utc
 
 CSV_COLUMNS: Final = (
@@ -73,11 +73,25 @@ def entry_row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
     return row
 
 
+def _unread_row(node: NodeReport) -> dict[str, Any]:
+    """The row of a node that could not be read (after its entries that were)."""
+    row = dict.fromkeys(CSV_COLUMNS, "")
+    row.update(
+        node=node.node_id,
+        verdict=str(Verdict.COULD_NOT_READ),
+        problem="; ".join(node.could_not_read),
+    )
+    return row
+
+
 def rows(report: ClusterReport) -> Iterator[dict[str, Any]]:
-    """One row per leaf (and per missing range) of every node, in log order."""
+    """One row per leaf (and per missing range) of every node, in log order; then, for a
+    node that could not be read, one row saying why."""
     for node in report.nodes:
         for result in node.entries:
             yield entry_row(node, result)
+        if node.could_not_read:
+            yield _unread_row(node)
 
 
 def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
@@ -86,7 +100,8 @@ def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
     return {
         "node_id": node.node_id,
         "ok": node.ok,
-        "verdict": node.verdict,
+        "verdict": str(node.verdict),
+        "could_not_read": list(node.could_not_read),
         "tree_size": cp.tree_size if cp is not None else None,
         "root": hex_0x(cp.root) if cp is not None else None,
         "checkpoint_time": iso_utc(cp.timestamp) if cp is not None else None,
@@ -125,6 +140,7 @@ def report_json(report: ClusterReport) -> str:
             entries.append(row)
     document = {
         "ok": report.ok,
+        "verdict": str(report.verdict),
         "registry": report.registry_address,
         "block": report.block,
         "seconds": round(report.seconds, 3),
@@ -167,8 +183,10 @@ def summary_lines(report: ClusterReport) -> list[str]:
         if node.start:
             counts += f" (from entry {node.start}: those before were verified earlier)"
         first = node.first_failure()
-        if first is None:
-            verdict = "ok"
+        if first is None and node.could_not_read:
+            verdict = f"COULD NOT READ: {node.could_not_read[0]}"
+        elif first is None:
+            verdict = str(Verdict.PASSED)
         else:
             log_wide = sum(1 for p in node.problems if p.leaf_index is None)
             verdict = (
@@ -179,8 +197,15 @@ def summary_lines(report: ClusterReport) -> list[str]:
         lines.append(f"  {node.node_id:<{width}}  {counts}  {verdict}")
     for node in report.nodes:
         lines += [f"  warning {node.node_id}: {w}" for w in node.warnings]
-    lines.append("audit passed" if report.ok else "audit FAILED")
+    lines.append(_CLOSING[report.verdict])
     return lines
+
+
+_CLOSING: Final = {
+    Verdict.PASSED: "audit passed",
+    Verdict.FAILED: "audit FAILED",
+    Verdict.COULD_NOT_READ: "audit INCOMPLETE: some nodes could not be read (no check failed)",
+}
 
 
 def _count(n: int, one: str, many: str) -> str:
@@ -188,10 +213,14 @@ def _count(n: int, one: str, many: str) -> str:
 
 
 def failures(report: ClusterReport) -> str:
-    """Each failing node's first failure, on one line."""
+    """Each failing node's first failure, then why each node that could not be read was
+    not, on one line."""
     named = []
     for node in report.nodes:
         first = node.first_failure()
         if first is not None:
             named.append(f"{node.node_id}: {node.describe(first)}")
+    for node in report.nodes:
+        if node.verdict is Verdict.COULD_NOT_READ:
+            named.append(f"{node.node_id} could not be read: {node.could_not_read[0]}")
     return "; ".join(named)

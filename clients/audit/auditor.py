@@ -25,7 +25,8 @@ import grpc
 
 from clients.audit.replayed_state import EventLog, ReplayedState
 from core.audit import Checkpoint, Receipt
-from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
+from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
+from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import InvalidRequest
 from core.registry_interface import RegistryReader
@@ -161,6 +162,15 @@ class ClusterReport:
         return all(n.ok for n in self.nodes)
 
     @property
+    def verdict(self) -> Verdict:
+        """Failed if any node failed; else could not read if any node could not be read."""
+        verdicts = {n.verdict for n in self.nodes}
+        for verdict in (Verdict.FAILED, Verdict.COULD_NOT_READ):
+            if verdict in verdicts:
+                return verdict
+        return Verdict.PASSED
+
+    @property
     def entries(self) -> int:
         return sum(len(n.entries) for n in self.nodes)
 
@@ -215,11 +225,12 @@ def audit_cluster(
             )
         except Exception as e:  # noqa: BLE001 - one node must not cost the others their reports
             # verify_node turns what a node or the chain serves into findings; this is for
-            # what it did not foresee: that node fails, the others are still reported.
-            problem = Problem(
-                Check.REACHABLE,
-                f"the audit of this node stopped: unexpected {type(e).__name__}",
-            )
+            # what it did not foresee: that node fails (or, failing in transit, could not be
+            # read), the others are still reported.
+            stopped = f"the audit of this node stopped: unexpected {type(e).__name__}"
+            if failed_in_transit(e):
+                return NodeReport(node.node_id, None, (), 0, (), (), could_not_read=(stopped,))
+            problem = Problem(Check.REACHABLE, stopped)
             return NodeReport(node.node_id, None, (), 0, (problem,), ())
         finally:
             channel.close()

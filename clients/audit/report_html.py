@@ -49,7 +49,7 @@ CONTENT_SECURITY_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline';
 #: zero-width), lone surrogates, line and paragraph separators
 _ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 #: CSS class of the verdicts this module knows
-_VERDICT_CLASSES: Final = {"passed": "pass", "failed": "fail"}
+_VERDICT_CLASSES: Final = {"passed": "pass", "failed": "fail", "could not read": "unread"}
 
 _STYLE: Final = """
 body { font: 14px/1.45 system-ui, sans-serif; color: #1f2328; background: #fff;
@@ -68,7 +68,7 @@ section.node { border: 1px solid #d1d9e0; border-radius: 6px; padding: 16px; mar
            font-weight: 600; }
 .verdict.pass { background: #1a7f37; }
 .verdict.fail { background: #cf222e; }
-.verdict.other { background: #9a6700; }
+.verdict.unread, .verdict.other { background: #9a6700; }
 .muted { color: #59636e; }
 svg { display: block; margin: 4px 0 8px; }
 svg text { font: 11px system-ui, sans-serif; fill: #59636e; }
@@ -82,7 +82,7 @@ rect.refused, rect.refusal { fill: #bc4c00; }
 
 def report_html(report: ClusterReport, *, audited_at: int, chain_id: int) -> str:
     """The whole report as one self-contained HTML document."""
-    overall = "passed" if report.ok else "failed"
+    overall = str(report.verdict)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -141,7 +141,11 @@ def _anchored(node: NodeReport) -> str:
 
 def _first_failure(node: NodeReport) -> str:
     first = node.first_failure()
-    return _text(node.describe(first)) if first is not None else '<span class="muted">none</span>'
+    if first is not None:
+        return _text(node.describe(first))
+    if node.could_not_read:
+        return _text(f"could not read: {node.could_not_read[0]}")
+    return '<span class="muted">none</span>'
 
 
 def _overview(nodes: Sequence[NodeReport]) -> str:
@@ -171,6 +175,10 @@ def _node_section(node: NodeReport) -> str:
         ),
         _notes(
             "problems of the whole log", [p.message for p in node.problems if p.leaf_index is None]
+        ),
+        _notes(
+            "could not read (a read failed in transit: no evidence of tampering)",
+            node.could_not_read,
         ),
         _notes("warnings", node.warnings),
         "<h3>decisions over time</h3>",

@@ -7,11 +7,26 @@ import io
 import json
 from pathlib import Path
 
-from clients.audit.audit_report import CSV_COLUMNS, report_csv, report_json
+from clients.audit.audit_report import (
+    CSV_COLUMNS,
+    failures,
+    report_csv,
+    report_json,
+    summary_lines,
+)
 from clients.audit.auditor import ClusterReport
 from clients.audit.report_files import write_reports
 from core.audit_verify import verify_node
-from tests.core.test_audit_verify import DOCTOR, FIRST_BLOCK, NODE, T0, Node, make_entry
+from core.errors import Unavailable
+from tests.core.test_audit_verify import (
+    DOCTOR,
+    FIRST_BLOCK,
+    NODE,
+    T0,
+    Node,
+    StopsAfter,
+    make_entry,
+)
 from tests.core.test_audit_verify import node as node  # noqa: F401  (fixture)
 
 
@@ -79,3 +94,29 @@ def test_json_report_summarises_each_node(node: Node, tmp_path: Path) -> None:
     assert paths[1].read_text() == report_csv(report)
     assert "31337" in paths[2].read_text()
     assert [p.stat().st_mode & 0o777 for p in paths] == [0o600, 0o600, 0o600]
+
+
+def test_a_node_that_could_not_be_read_is_reported_so_not_as_failed(node: Node) -> None:
+    cut = StopsAfter(node.log, 25, Unavailable("node-1: Deadline Exceeded"))
+    report = ClusterReport(
+        "0x" + "ab" * 20, 2000, (verify_node(node.info, cut, node.chain),), 0.5, {NODE: 0.5}, 0
+    )
+    reason = "the node stopped serving entries at entry 25: node-1: Deadline Exceeded"
+    document = json.loads(report_json(report))
+    (summary,) = document["nodes"]
+    assert (document["ok"], document["verdict"]) == (False, "could not read")
+    assert (summary["verdict"], summary["could_not_read"]) == ("could not read", [reason])
+    assert summary["first_failure"] is None and summary["problems"] == []
+    rows = list(csv.DictReader(io.StringIO(report_csv(report))))
+    assert len(rows) == 26  # the 25 entries read, then why the rest could not be
+    assert {r["verdict"] for r in rows[:25]} == {"ok"}
+    assert (rows[25]["node"], rows[25]["leaf_index"], rows[25]["verdict"]) == (
+        NODE,
+        "",
+        "could not read",
+    )
+    assert rows[25]["problem"] == reason
+    lines = summary_lines(report)
+    assert lines[1].endswith(f"COULD NOT READ: {reason}")
+    assert lines[-1].startswith("audit INCOMPLETE")
+    assert failures(report) == f"{NODE} could not be read: {reason}"

@@ -32,15 +32,6 @@ CHAIN_ID = 31337
 AUDITED_AT = T0 + 3600
 
 
-@dataclasses.dataclass(frozen=True)
-class UnreadReport(NodeReport):
-    """A verdict this renderer has no colour for (another auditor's word)."""
-
-    @property
-    def verdict(self) -> str:
-        return "could not read"
-
-
 def cluster(*nodes: NodeReport, registry: str = REGISTRY) -> ClusterReport:
     return ClusterReport(registry, 2000, nodes, 0.5, {}, 7)
 
@@ -50,9 +41,7 @@ def three_nodes(node: Node) -> ClusterReport:
     passed = node.verify()
     node.chain.revoked_at = FIRST_BLOCK + 30
     failed = node.verify()
-    unread = UnreadReport(
-        "node-3", None, (), 0, (Problem(Check.REACHABLE, "the node did not answer"),), ()
-    )
+    unread = NodeReport("node-3", None, (), 0, (), (), could_not_read=("the node did not answer",))
     return cluster(failed, dataclasses.replace(passed, node_id="node-2"), unread)
 
 
@@ -91,7 +80,7 @@ def test_each_node_shows_its_verdict_entries_anchors_and_first_failure(
     assert {n: (v.text(), v.classes()) for n, v in verdicts.items()} == {
         "node-1": ("failed", {"verdict", "fail"}),
         "node-2": ("passed", {"verdict", "pass"}),
-        "node-3": ("could not read", {"verdict", "other"}),
+        "node-3": ("could not read", {"verdict", "unread"}),
     }
     failed = shown["node-1"]
     assert field(failed, "entries") == "40 (32 granted, 8 refused)"
@@ -104,7 +93,7 @@ def test_each_node_shows_its_verdict_entries_anchors_and_first_failure(
     )
     assert field(shown["node-2"], "first failure") == "none"
     assert field(shown["node-3"], "anchored") == "no anchor verified"
-    assert field(shown["node-3"], "first failure") == "the node did not answer"
+    assert field(shown["node-3"], "first failure") == "could not read: the node did not answer"
     rows = failed.find("table", "failing").find_all("tr")[1:]
     assert len(rows) == 8  # entries 30 to 39 but the two denials
     assert [c.text() for c in rows[0].find_all("td")][:5] == [

@@ -15,9 +15,17 @@ import pytest
 
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
-from core.audit_findings import Check, NodeReport, Problem, VerifiedPrefix
+from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
+from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
-from core.errors import ChainUnavailable, InvalidRequest, Unavailable
+from core.errors import (
+    ChainRejected,
+    ChainUnavailable,
+    InvalidRequest,
+    ResourceExhausted,
+    Unavailable,
+    error_for_status,
+)
 from core.record_types import RecordType, to_mask
 from core.registry_types import (
     AccessState,
@@ -458,7 +466,7 @@ def test_a_block_hash_that_is_not_the_chains_is_named(node: Node) -> None:
     assert (problem.leaf_index, problem.check) == (40, Check.BLOCK)
 
 
-def test_an_unreachable_node_fails(node: Node) -> None:
+def test_an_unreachable_node_could_not_be_read_and_is_not_failed(node: Node) -> None:
     refused = "node-1 unavailable: connection refused"
 
     class Down:
@@ -477,19 +485,125 @@ def test_an_unreachable_node_fails(node: Node) -> None:
             raise Unavailable(refused)
 
     report = verify_node(node.info, Down(), node.chain)
-    assert [p.check for p in report.problems] == [Check.REACHABLE]
-    assert report.entries == ()
+    assert report.problems == ()
+    assert report.verdict is Verdict.COULD_NOT_READ and not report.ok
+    assert report.could_not_read == (f"the node did not serve its checkpoint: {refused}",)
+    assert report.entries == () and report.verified is None
 
 
-def test_a_chain_that_cannot_answer_fails_the_granted_entries(node: Node) -> None:
-    class Flaky(FakeChain):
+class StopsAfter:
+    """The node's log, whose entry stream fails with ``error`` after ``count`` entries
+    (a deadline in the middle of a page); its proofs fail the same way if ``proofs``."""
+
+    def __init__(self, log: AuditLog, count: int, error: Exception, *, proofs: bool = False):
+        self.log, self.count, self.error, self.proofs = log, count, error, proofs
+
+    def checkpoint(self) -> Checkpoint:
+        return self.log.checkpoint()
+
+    def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
+        for served, row in enumerate(self.log.entries(start, end)):
+            if served == self.count:
+                raise self.error
+            yield row
+
+    def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:
+        if self.proofs:
+            raise self.error
+        return self.log.inclusion_proof(leaf_index, tree_size)
+
+    def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
+        if self.proofs:
+            raise self.error
+        return self.log.consistency_proof(old_size, new_size)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        Unavailable("node-1: Deadline Exceeded"),  # what rpc.error_from_rpc makes of it
+        ResourceExhausted("node-1: Received message larger than max"),
+        error_for_status("CANCELLED", "node-1: Cancelled"),
+    ],
+    ids=["deadline", "resource-exhausted", "cancelled"],
+)
+def test_a_stream_cut_in_transit_could_not_be_read_and_is_never_missing(
+    node: Node, error: Exception
+) -> None:
+    report = verify_node(node.info, StopsAfter(node.log, 10, error), node.chain)
+    assert report.problems == (), [report.describe(p) for p in report.problems]
+    assert report.verdict is Verdict.COULD_NOT_READ
+    (reason,) = report.could_not_read
+    assert reason.startswith("the node stopped serving entries at entry 10: ")
+    assert report.verified is None
+    assert node.chain.calls == 0  # the node's audit stopped at the failed read
+
+
+def test_a_stream_cut_by_the_node_is_still_a_finding(node: Node) -> None:
+    """Only a failure in transit is spared: a node that refuses its own entries fails."""
+    refusal = InvalidRequest("end must not be below start")
+    report = verify_node(node.info, StopsAfter(node.log, 10, refusal), node.chain)
+    assert report.verdict is Verdict.FAILED and report.could_not_read == ()
+    assert (first(report).check, first(report).leaf_index) == (Check.SEQUENCE, 10)
+
+
+def test_a_tampered_log_fails_even_when_a_later_read_could_not_be_made(node: Node) -> None:
+    with node.sql() as conn:
+        data = entry_bytes(conn, 13)
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 13", (data + b" ",))
+    timeout = Unavailable("node-1: Deadline Exceeded")
+    report = verify_node(node.info, StopsAfter(node.log, 40, timeout, proofs=True), node.chain)
+    assert report.verdict is Verdict.FAILED
+    assert (first(report).check, first(report).leaf_index) == (Check.FORMAT, 13)
+    assert report.could_not_read == ("entry 0's inclusion proof: node-1: Deadline Exceeded",)
+
+
+def test_a_chain_that_refuses_fails_the_granted_entries(node: Node) -> None:
+    class Refusing(FakeChain):
+        def access_state(
+            self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
+        ) -> AccessState:
+            raise ChainRejected("chain refused accessState: missing trie node")
+
+    report = verify_node(node.info, node.log, Refusing())
+    assert failed_indices(report) == {i for i in range(40) if i % 5 != 4}
+    assert report.could_not_read == ()
+
+
+def test_a_chain_that_cannot_be_reached_could_not_be_read(node: Node) -> None:
+    class Down(FakeChain):
         def access_state(
             self, record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int
         ) -> AccessState:
             raise ChainUnavailable("chain at http://127.0.0.1:1 unavailable")
 
-    report = verify_node(node.info, node.log, Flaky())
-    assert failed_indices(report) == {i for i in range(40) if i % 5 != 4}
+    report = verify_node(node.info, node.log, Down())
+    assert report.problems == () and report.verdict is Verdict.COULD_NOT_READ
+    assert report.could_not_read == (
+        "entry 0: cannot read the grant state at block 100: chain at http://127.0.0.1:1 "
+        "unavailable",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "in_transit"),
+    [
+        (Unavailable("x"), True),
+        (ChainUnavailable("x"), True),
+        (ResourceExhausted("x"), True),
+        (error_for_status("DEADLINE_EXCEEDED", "x"), True),
+        (error_for_status("CANCELLED", "x"), True),
+        (ConnectionRefusedError(), True),
+        (TimeoutError(), True),
+        (InvalidRequest("x"), False),
+        (ChainRejected("x"), False),
+        (error_for_status("DATA_LOSS", "x"), False),
+        (error_for_status("UNKNOWN", "x"), False),
+        (ValueError("x"), False),
+    ],
+)
+def test_what_failed_in_transit(error: BaseException, in_transit: bool) -> None:
+    assert failed_in_transit(error) is in_transit
 
 
 # --- decisions re-judged against the grant state at their block ----------------------------
