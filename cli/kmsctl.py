@@ -343,7 +343,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         report,
         args.report_dir or args.state_dir / "audit",
         audited_at=int(time.time()),
-        chain_id=registry.chain_id(),
+        # as recorded when the registry was deployed: no chain call that could fail after
+        # the audit and lose its report
+        chain_id=int(cluster.data["chain"]["chain_id"]),
     )
     print("\n".join(summary_lines(report)))
     print(f"report: {', '.join(str(p) for p in paths)}")

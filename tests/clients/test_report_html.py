@@ -113,6 +113,13 @@ def test_each_node_shows_its_verdict_entries_anchors_and_first_failure(
     ]
 
 
+def test_the_page_says_could_not_read_when_no_check_failed(node: Node, tmp_path: Path) -> None:
+    unread = NodeReport("node-2", None, (), 0, (), (), could_not_read=("the node did not answer",))
+    _, dom = rendered(cluster(node.verify(), unread), tmp_path)
+    badge = dom.find("h1").find("span", "verdict")
+    assert (badge.text(), badge.classes()) == ("could not read", {"verdict", "unread"})
+
+
 def test_the_bars_count_what_the_log_holds(node: Node, tmp_path: Path) -> None:
     node.chain.revoked_at = FIRST_BLOCK + 30
     report = node.verify()
