@@ -60,6 +60,8 @@ MAX_TEXT = 1024
 MAX_ENTRY_BYTES: Final = 32 * 1024
 #: an entry is one flat JSON object
 MAX_ENTRY_DEPTH: Final = 1
+#: the node's GetEntries serves at most this many entries per call (proto/kms/v1/audit.proto)
+MAX_ENTRIES_PER_CALL: Final = 10_000
 _UINT64_MAX = 2**64 - 1
 _REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Order of the P-256 group (SEC 2, section 2.4.2): signatures must have s <= n/2.
