@@ -26,7 +26,7 @@ import grpc
 from clients.audit.replayed_state import EventLog, ReplayedState
 from core.audit import Checkpoint, Receipt
 from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
-from core.audit_sources import DEFAULT_READ_POLICY, ReadPolicy, failed_in_transit
+from core.audit_sources import DEFAULT_READ_POLICY, LogSource, ReadPolicy, failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import InvalidRequest, KmsError
 from core.registry_interface import RegistryReader
@@ -37,6 +37,9 @@ from proto.stubs import AuditStub
 from proto.transport import Transport
 
 _Reply = TypeVar("_Reply")
+
+#: told, as a node's entries are read: (node id, entries read, entries to read)
+ReadProgress = Callable[[str, int, int], None]
 
 ChannelFactory = Callable[[NodeInfo], grpc.Channel]
 
@@ -133,6 +136,23 @@ class GrpcLogSource:
         return list(self._unary(self._stub.GetConsistencyProof, request).hashes)
 
 
+class _Counted:
+    """A log source that tells ``progress`` of each entry read."""
+
+    def __init__(self, source: LogSource, node_id: str, progress: ReadProgress) -> None:
+        self._source, self._node_id, self._progress = source, node_id, progress
+        self.checkpoint = source.checkpoint
+        self.inclusion_proof = source.inclusion_proof
+        self.consistency_proof = source.consistency_proof
+
+    def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
+        total = max(0, end - start)
+        self._progress(self._node_id, 0, total)
+        for read, row in enumerate(self._source.entries(start, end), 1):
+            self._progress(self._node_id, read, total)
+            yield row
+
+
 class CachedChain:
     """The registry as a :class:`~core.audit_sources.ChainView`, with the blocks and
     grant states read during one audit kept: one request is decided by several nodes,
@@ -225,6 +245,7 @@ def audit_cluster(
     events: EventLog | None = None,
     start_block: int = 0,
     policy: ReadPolicy = DEFAULT_READ_POLICY,
+    progress: ReadProgress | None = None,
 ) -> ClusterReport:
     """Audit every node registered on-chain (or those in ``node_ids``), in parallel;
     a node with a prefix in ``since`` (an earlier audit's ``NodeReport.verified``) from
@@ -234,7 +255,8 @@ def audit_cluster(
     historical calls (an archive node); given ``events`` (the registry client itself),
     against the state rebuilt from the registry's events since ``start_block`` (its
     deployment block), which any node can serve. ``policy`` says how each node's log is
-    read (pages, deadlines, retries)."""
+    read (pages, deadlines, retries); ``progress``, if given, is told of every entry read
+    (from the nodes' threads)."""
     started = time.perf_counter()
     block = registry.block("latest").number
     nodes = registry.list_nodes()
@@ -255,10 +277,13 @@ def audit_cluster(
     def audit(node: NodeInfo) -> NodeReport:
         began = time.perf_counter()
         channel = channel_for(node)
+        source: LogSource = GrpcLogSource(channel, node.node_id, policy=policy)
+        if progress is not None:
+            source = _Counted(source, node.node_id, progress)
         try:
             return verify_node(
                 node,
-                GrpcLogSource(channel, node.node_id, policy=policy),
+                source,
                 chain,
                 receipts=receipts,
                 rejudge_decisions=rejudge_decisions,
