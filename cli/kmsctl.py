@@ -12,7 +12,7 @@
     kmsctl admin deploy|grant-provider|grant-emergency|revoke-emergency|register-node|
                  deactivate-node|activate-node|fund --keystore FILE ...
     kmsctl audit verify [--node NODE_ID] [--report-dir DIR] [--receipts FILE] [--state-file FILE]
-                        [--state-from-events]
+                        [--state-from-events] [--quiet]
     kmsctl audit export --format fhir [--node NODE_ID] [--out FILE]
 
 A party acts either from its own files (an encrypted keystore and a connection profile:
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from cli import account, admin, ca_commands, parties
+from cli.audit_progress import AuditProgress
 from clients.audit.audit_report import failures, summary_lines
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
@@ -338,6 +339,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         since=since,
         events=registry if args.state_from_events else None,
         start_block=int(cluster.data["chain"]["registry_start_block"]),
+        progress=None if args.quiet else AuditProgress(sys.stderr),
     )
     paths = write_reports(
         report,
@@ -537,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="judge decisions by the registry state rebuilt from its events, for a chain node "
         "that keeps no historical state (default: the registry's views at each block)",
+    )
+    verify.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (each node's entries read, and the rate, once a second)",
     )
     verify.set_defaults(func=cmd_audit_verify)
     export = audit.add_parser(

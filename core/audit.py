@@ -60,6 +60,8 @@ MAX_TEXT = 1024
 MAX_ENTRY_BYTES: Final = 32 * 1024
 #: an entry is one flat JSON object
 MAX_ENTRY_DEPTH: Final = 1
+#: the node's GetEntries serves at most this many entries per call (proto/kms/v1/audit.proto)
+MAX_ENTRIES_PER_CALL: Final = 10_000
 _UINT64_MAX = 2**64 - 1
 _REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Order of the P-256 group (SEC 2, section 2.4.2): signatures must have s <= n/2.
@@ -115,6 +117,8 @@ def _unhex(value: object, what: str) -> bytes:
 
 
 _BYTES_FIELDS = ("record_id", "capsule_hash", "block_hash", "cfrag_hash", "requester_umbral_key")
+#: fields whose values are each entry's own, so not worth sharing (see _SHARED_FIELDS)
+_UNIQUE_FIELDS: Final = frozenset({"request_id", "time", "block_number", "cfrag_hash"})
 
 
 @dataclass(frozen=True)
@@ -208,8 +212,14 @@ class AuditEntry:
         ).encode("ascii")
 
     @classmethod
-    def from_canonical(cls, data: bytes) -> AuditEntry:
-        """Parse :meth:`canonical_bytes`; anything but the one canonical form is refused."""
+    def from_canonical(
+        cls, data: bytes, *, shared: dict[object, object] | None = None
+    ) -> AuditEntry:
+        """Parse :meth:`canonical_bytes`; anything but the one canonical form is refused.
+
+        Given ``shared`` (a reader's table, kept across entries), the values entries repeat
+        (who asked, for which record, the reason, the block) are taken from it and added to
+        it, so that a reader holding many entries holds each such value once."""
         fields = bounded_json.loads_object(
             data, max_bytes=MAX_ENTRY_BYTES, max_depth=MAX_ENTRY_DEPTH, what="audit entry"
         )
@@ -226,6 +236,11 @@ class AuditEntry:
         for name in _BYTES_FIELDS:
             if name in fields:
                 fields[name] = _unhex(fields[name], name)
+        if shared is not None:
+            for name in _SHARED_FIELDS:
+                value = fields.get(name)
+                if isinstance(value, str | bytes):
+                    fields[name] = shared.setdefault(value, value)
         entry = cls(**fields)
         # One entry, one encoding: whitespace, key order, hex case or escapes may not vary.
         if entry.canonical_bytes() != data:
@@ -235,6 +250,12 @@ class AuditEntry:
     def leaf_hash(self) -> bytes:
         """The entry's Merkle leaf hash (RFC 9162 2.1.1)."""
         return merkle.leaf_hash(self.canonical_bytes())
+
+
+#: fields whose values many entries repeat: who asked, for what, the reason, the block
+_SHARED_FIELDS: Final = tuple(
+    name for name in AuditEntry.__dataclass_fields__ if name not in _UNIQUE_FIELDS
+)
 
 
 # --- receipts and checkpoints --------------------------------------------------------------

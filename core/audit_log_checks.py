@@ -54,10 +54,14 @@ class ServedLog:
         self.start = since.tree_size if since is not None else 0
         #: the verified prefix's tree, which the served leaves extend
         self.base = since.compact_range() if since is not None else merkle.CompactRange()
-        #: leaf index -> served bytes, parsed entry (None if invalid), leaf hash
-        self.data: dict[int, bytes] = {}
+        #: leaf index -> parsed entry (None if invalid), leaf hash; the served bytes only
+        #: of entries that do not parse (the others are their canonical bytes), so that a
+        #: log of 100,000s of entries stays within bounds
         self.parsed: dict[int, AuditEntry | None] = {}
         self.leaves: dict[int, bytes] = {}
+        self.unparsed: dict[int, bytes] = {}
+        #: the values entries repeat, held once (AuditEntry.from_canonical)
+        self._shared: dict[object, object] = {}
         #: first index of each missing range -> its end
         self.missing: dict[int, int] = {}
 
@@ -101,12 +105,12 @@ class ServedLog:
         findings.fail(Check.SEQUENCE, f"missing: {span} not served{after} ({why})", start)
 
     def _take(self, index: int, data: bytes, findings: Findings) -> None:
-        self.data[index] = data
         self.leaves[index] = merkle.leaf_hash(data)
         try:
-            entry: AuditEntry | None = AuditEntry.from_canonical(data)
+            entry: AuditEntry | None = AuditEntry.from_canonical(data, shared=self._shared)
         except InvalidRequest as e:
             entry = None
+            self.unparsed[index] = data
             findings.fail(Check.FORMAT, f"not a valid audit entry: {e.message}", index)
         if entry is not None and entry.node_id != self.node_id:
             findings.fail(Check.FORMAT, f"the entry names node {entry.node_id!r}", index)
@@ -126,7 +130,7 @@ class ServedLog:
         entry = self.parsed.get(index)
         if entry is not None:
             return entry.request_id
-        return _lenient_request_id(self.data.get(index, b""))
+        return _lenient_request_id(self.unparsed.get(index, b""))
 
 
 def _lenient_request_id(data: bytes) -> str:

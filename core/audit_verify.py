@@ -166,7 +166,7 @@ def _report(
     anchored: AnchorsChecked,
     verified: VerifiedPrefix | None,
 ) -> NodeReport:
-    indices = sorted(set(served.data) | set(served.missing) | set(findings.entry_problems))
+    indices = sorted(set(served.leaves) | set(served.missing) | set(findings.entry_problems))
     results = tuple(
         EntryResult(
             leaf_index=index,

@@ -5,12 +5,11 @@ Read-only over the node's audit log; the same log every decision is appended to.
 
 from __future__ import annotations
 
+from core.audit import MAX_ENTRIES_PER_CALL
 from core.errors import InvalidRequest
 from kms_node.audit_log import AuditLog
 from proto import rpc
 from proto.kms.v1 import audit_pb2
-
-MAX_ENTRIES_PER_CALL = 10_000
 
 
 class AuditService:

@@ -197,7 +197,10 @@ def summary_lines(report: ClusterReport) -> list[str]:
         lines.append(f"  {node.node_id:<{width}}  {counts}  {verdict}")
     for node in report.nodes:
         lines += [f"  warning {node.node_id}: {w}" for w in node.warnings]
-    lines.append(_CLOSING[report.verdict])
+    lines.append(
+        f"{_CLOSING[report.verdict]} ({report.entries} entries of {len(report.nodes)} nodes in "
+        f"{report.seconds:.1f} s)"
+    )
     return lines
 
 

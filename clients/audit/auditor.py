@@ -19,16 +19,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import TypeVar
 
 import grpc
 
 from clients.audit.replayed_state import EventLog, ReplayedState
 from core.audit import Checkpoint, Receipt
 from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
-from core.audit_sources import failed_in_transit
+from core.audit_sources import DEFAULT_READ_POLICY, LogSource, ReadPolicy, failed_in_transit
 from core.audit_verify import verify_node
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, KmsError
 from core.registry_interface import RegistryReader
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from proto import rpc
@@ -36,9 +36,10 @@ from proto.kms.v1 import audit_pb2
 from proto.stubs import AuditStub
 from proto.transport import Transport
 
-#: GetEntries serves at most this many entries per call (proto/kms/v1/audit.proto)
-ENTRIES_PER_CALL: Final = 10_000
-CALL_TIMEOUT_S: Final = 10.0
+_Reply = TypeVar("_Reply")
+
+#: told, as a node's entries are read: (node id, entries read, entries to read)
+ReadProgress = Callable[[str, int, int], None]
 
 ChannelFactory = Callable[[NodeInfo], grpc.Channel]
 
@@ -54,44 +55,102 @@ def channel_factory(transport: Transport) -> ChannelFactory:
 
 
 class GrpcLogSource:
-    """One node's ``kms.v1.Audit`` service as a :class:`~core.audit_sources.LogSource`."""
+    """One node's ``kms.v1.Audit`` service as a :class:`~core.audit_sources.LogSource`,
+    read as ``policy`` says: entries in pages of about ``policy.page_bytes`` (sized by the
+    mean entry read so far), each call with its own deadline, and a call that fails in
+    transit retried (a page resumes after the last entry received: none is yielded twice
+    or skipped)."""
 
-    def __init__(self, channel: grpc.Channel, node_id: str, *, timeout_s: float = CALL_TIMEOUT_S):
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        node_id: str,
+        *,
+        policy: ReadPolicy = DEFAULT_READ_POLICY,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self._stub = AuditStub(channel)
         self._node_id = node_id
-        self._timeout_s = timeout_s
+        self._policy = policy
+        self._sleep = sleep
+        #: calls retried after a failure in transit
+        self.retries = 0
+
+    def _retry(self, error: KmsError, attempt: int) -> bool:
+        """Whether to try again after ``attempt`` failed with ``error`` (then wait)."""
+        if not failed_in_transit(error) or attempt > self._policy.retries:
+            return False
+        self.retries += 1
+        self._sleep(self._policy.backoff(attempt))
+        return True
+
+    def _unary(self, method: Callable[..., _Reply], request: object) -> _Reply:
+        attempt = 1
+        while True:
+            try:
+                reply: _Reply = method(request, timeout=self._policy.deadline_s)
+                return reply
+            except grpc.RpcError as e:
+                error = rpc.error_from_rpc(e, self._node_id)
+            if not self._retry(error, attempt):
+                raise error
+            attempt += 1
 
     def checkpoint(self) -> Checkpoint:
-        try:
-            cp = self._stub.GetCheckpoint(audit_pb2.GetCheckpointRequest(), timeout=self._timeout_s)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e, self._node_id) from None
+        cp = self._unary(self._stub.GetCheckpoint, audit_pb2.GetCheckpointRequest())
         return Checkpoint(cp.node_id, cp.tree_size, cp.root, cp.timestamp, cp.signature)
 
     def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
-        for page in range(start, end, ENTRIES_PER_CALL):
-            request = audit_pb2.GetEntriesRequest(start=page, end=min(page + ENTRIES_PER_CALL, end))
-            try:
-                for row in self._stub.GetEntries(request, timeout=self._timeout_s):
-                    yield row.leaf_index, row.entry
-            except grpc.RpcError as e:
-                raise rpc.error_from_rpc(e, self._node_id) from None
+        policy = self._policy
+        read_bytes = read_entries = 0
+        page = start
+        while page < end:
+            mean = read_bytes / read_entries if read_entries else None
+            page_end = min(end, page + policy.page_entries(mean))
+            resume, attempt = page, 1
+            while True:
+                request = audit_pb2.GetEntriesRequest(start=resume, end=page_end)
+                deadline = policy.page_deadline_s(page_end - resume, mean)
+                try:
+                    for row in self._stub.GetEntries(request, timeout=deadline):
+                        # Resume after the last entry received (what the node serves is
+                        # passed on as served: the checks name what is out of order).
+                        resume = max(resume, min(row.leaf_index + 1, page_end))
+                        read_bytes += len(row.entry)
+                        read_entries += 1
+                        yield row.leaf_index, row.entry
+                    break
+                except grpc.RpcError as e:
+                    error = rpc.error_from_rpc(e, self._node_id)
+                if resume >= page_end or not self._retry(error, attempt):
+                    raise error
+                attempt += 1
+            page = page_end
 
     def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:
         request = audit_pb2.InclusionProofRequest(leaf_index=leaf_index, tree_size=tree_size)
-        try:
-            proof = self._stub.GetInclusionProof(request, timeout=self._timeout_s)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e, self._node_id) from None
-        return list(proof.hashes)
+        return list(self._unary(self._stub.GetInclusionProof, request).hashes)
 
     def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
         request = audit_pb2.ConsistencyProofRequest(old_size=old_size, new_size=new_size)
-        try:
-            proof = self._stub.GetConsistencyProof(request, timeout=self._timeout_s)
-        except grpc.RpcError as e:
-            raise rpc.error_from_rpc(e, self._node_id) from None
-        return list(proof.hashes)
+        return list(self._unary(self._stub.GetConsistencyProof, request).hashes)
+
+
+class _Counted:
+    """A log source that tells ``progress`` of each entry read."""
+
+    def __init__(self, source: LogSource, node_id: str, progress: ReadProgress) -> None:
+        self._source, self._node_id, self._progress = source, node_id, progress
+        self.checkpoint = source.checkpoint
+        self.inclusion_proof = source.inclusion_proof
+        self.consistency_proof = source.consistency_proof
+
+    def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
+        total = max(0, end - start)
+        self._progress(self._node_id, 0, total)
+        for read, row in enumerate(self._source.entries(start, end), 1):
+            self._progress(self._node_id, read, total)
+            yield row
 
 
 class CachedChain:
@@ -185,6 +244,8 @@ def audit_cluster(
     since: Mapping[str, VerifiedPrefix] | None = None,
     events: EventLog | None = None,
     start_block: int = 0,
+    policy: ReadPolicy = DEFAULT_READ_POLICY,
+    progress: ReadProgress | None = None,
 ) -> ClusterReport:
     """Audit every node registered on-chain (or those in ``node_ids``), in parallel;
     a node with a prefix in ``since`` (an earlier audit's ``NodeReport.verified``) from
@@ -193,7 +254,9 @@ def audit_cluster(
     Decisions are judged against the registry's state at each entry's block, read with
     historical calls (an archive node); given ``events`` (the registry client itself),
     against the state rebuilt from the registry's events since ``start_block`` (its
-    deployment block), which any node can serve."""
+    deployment block), which any node can serve. ``policy`` says how each node's log is
+    read (pages, deadlines, retries); ``progress``, if given, is told of every entry read
+    (from the nodes' threads)."""
     started = time.perf_counter()
     block = registry.block("latest").number
     nodes = registry.list_nodes()
@@ -214,10 +277,13 @@ def audit_cluster(
     def audit(node: NodeInfo) -> NodeReport:
         began = time.perf_counter()
         channel = channel_for(node)
+        source: LogSource = GrpcLogSource(channel, node.node_id, policy=policy)
+        if progress is not None:
+            source = _Counted(source, node.node_id, progress)
         try:
             return verify_node(
                 node,
-                GrpcLogSource(channel, node.node_id),
+                source,
                 chain,
                 receipts=receipts,
                 rejudge_decisions=rejudge_decisions,

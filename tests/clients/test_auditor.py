@@ -177,6 +177,17 @@ def test_a_node_whose_decisions_the_registry_bears_out_passes(world: World) -> N
     assert report.chain_reads > 0
 
 
+def test_progress_is_told_of_every_entry_read(world: World) -> None:
+    told: list[tuple[str, int, int]] = []
+    report = audit_cluster(
+        world.twin,
+        channel_factory(Transport.plaintext()),
+        progress=lambda *args: told.append(args),
+    )
+    assert report.ok, report.nodes[0].problems
+    assert told == [(NODE, 0, 2), (NODE, 1, 2), (NODE, 2, 2)]
+
+
 def test_a_grant_logged_after_the_revocation_is_caught_at_its_block(world: World) -> None:
     """The node's log says it served the doctor at a block where the registry shows the
     grant revoked: the auditor, judging again at that block, says so."""

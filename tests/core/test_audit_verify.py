@@ -15,7 +15,8 @@ import pytest
 
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
-from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
+from core.audit_findings import Check, Findings, NodeReport, Problem, Verdict, VerifiedPrefix
+from core.audit_log_checks import ServedLog
 from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import (
@@ -335,6 +336,19 @@ def test_a_hostile_entry_fails_that_entry_and_the_audit_goes_on(node: Node, host
     assert report.request_id(7) == ""  # too deep or too large: not read
     assert report.request_id(8) == "req-8"
     assert len(report.entries) == 40
+
+
+def test_the_served_log_keeps_bytes_only_of_entries_that_do_not_parse(node: Node) -> None:
+    with node.sql() as conn:
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 7", (b"[1]",))
+    served = ServedLog(NODE, None)
+    served.read(node.log, 40, Findings())
+    assert served.unparsed == {7: b"[1]"} and len(served.leaves) == 40
+    # What entries repeat is held once.
+    one, other = served.parsed[0], served.parsed[1]
+    assert one is not None and other is not None
+    assert one.patient is other.patient and one.record_id is other.record_id
+    assert one.request_id != other.request_id
 
 
 def test_a_deleted_entry_is_named_with_the_entry_before_it(node: Node) -> None:

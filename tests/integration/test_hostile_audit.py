@@ -22,6 +22,7 @@ from clients.audit.auditor import audit_cluster, channel_factory
 from clients.sdk.records import parse_envelope
 from contracts.registry import RegistryClient
 from core.audit_findings import Check, NodeReport, Verdict
+from core.audit_sources import ReadPolicy
 from core.record_types import RecordType
 from core.registry_types import NodeInfo
 from deploy.local_cluster import LocalCluster
@@ -37,8 +38,10 @@ HOSTILE_INDEX = 0
 NESTED = b"[" * 200_000  # under the 256 KiB message bound; json.loads of it dies
 HUGE = b'{"request_id":"' + b"x" * 300_000 + b'"}'  # over the message bound
 WRONG_TYPE = b'{"v":2,"request_id":["r"],"node_id":{"a":[1]},"time":"soon"}'
-#: the auditor's deadline per call in this test (10 s in production)
+#: the auditor's deadline per call in this test (10 s plus a page's bytes in production)
 CALL_TIMEOUT_S = 2.0
+#: the auditor's read policy in this test: short deadlines, one quick retry
+POLICY = ReadPolicy(deadline_s=CALL_TIMEOUT_S, bytes_per_s=1 << 30, retries=1, backoff_s=0.05)
 
 
 class HostileAuditService:
@@ -117,9 +120,9 @@ HOSTILE_ENTRIES: dict[str, dict[str, Any]] = {
 def hostile(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostileFactory]:
     """Makes a channel factory in which the nodes named are reached through a
     :class:`HostileAuditService` with the given behaviour, the others directly."""
-    kwdefaults = auditor.GrpcLogSource.__init__.__kwdefaults__
+    kwdefaults = auditor.audit_cluster.__kwdefaults__  # kmsctl's audit too
     assert kwdefaults is not None
-    monkeypatch.setitem(kwdefaults, "timeout_s", CALL_TIMEOUT_S)
+    monkeypatch.setitem(kwdefaults, "policy", POLICY)
     direct = channel_factory(cluster.transport)
     upstreams = {n.node_id: direct(n) for n in cluster.registry().list_nodes()}
     started: list[HostileAuditService] = []
