@@ -213,7 +213,7 @@ class NodeSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigurationError(f"cannot read node config {path}: {e}") from None
-        reject_unknown_keys(raw, _node_keys(), where=f"node config {path}")
+        reject_unknown_keys(raw, node_config_keys(), where=f"node config {path}")
         base = path.parent
 
         def rel(value: object) -> Path:
@@ -337,7 +337,7 @@ class NodeSettings:
         return guarded
 
 
-def _node_keys() -> frozenset[str]:
+def node_config_keys() -> frozenset[str]:
     """The keys node.toml may set: the fields, each PIN as its two sources."""
     pins = {f"{setting}_{source}" for setting in _PIN_NAMES for source in ("file", "env")}
     return (field_names(NodeSettings) - _PIN_NAMES.keys()) | pins

@@ -34,7 +34,7 @@ from core.settings_table import reject_unknown_keys
 MAX_PROFILE_BYTES: Final = 16 * 1024
 #: the largest threshold a patient may ask for (the registry holds far fewer nodes)
 MAX_THRESHOLD: Final = 64
-_KEYS: Final = frozenset(
+PROFILE_KEYS: Final = frozenset(
     {
         "chain_id",
         "chain_rpc_url",
@@ -86,7 +86,7 @@ class ConnectionProfile:
 
     @classmethod
     def _from_table(cls, path: Path, raw: dict[str, Any]) -> ConnectionProfile:
-        reject_unknown_keys(raw, _KEYS)  # load() names the file
+        reject_unknown_keys(raw, PROFILE_KEYS)  # load() names the file
         missing = [k for k in ("chain_id", "chain_rpc_url", "registry_address") if k not in raw]
         if missing:
             raise ConfigurationError(f"{missing[0]} is missing")
