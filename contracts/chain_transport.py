@@ -4,7 +4,8 @@ No web3, eth-* or requests exception leaves this module once a request is under 
 (:meth:`ChainTransport.translate`): transport trouble and answers of the wrong shape become
 ``ChainUnavailable``, a revert becomes ``ChainRejected`` whose ``reason`` is the contract's
 custom error name (decoded by matching the 4-byte selector against the ABI), and the chain's
-own refusal of a transaction (nonce, funds, gas) becomes ``ChainRejected`` too. Messages name
+own refusal of a transaction (nonce, gas) becomes ``ChainRejected`` too, and a sender that
+cannot pay ``InsufficientFunds``, naming the account and how to fund it. Messages name
 the endpoint by scheme, host and port only: hosted RPC URLs carry API keys.
 
 Transactions are signed locally by the sender passed to each call (a ``LocalAccount`` or a
@@ -40,7 +41,14 @@ from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
 from contracts.json_rpc import BoundedHTTPProvider
 from core.bounded_json import JSON_RPC_MAX_BYTES
-from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
+from core.did import did_of
+from core.errors import (
+    ChainRejected,
+    ChainUnavailable,
+    InsufficientFunds,
+    InvalidRequest,
+    KmsError,
+)
 from core.registry_interface import Sender
 from core.registry_types import BlockRef
 
@@ -74,6 +82,11 @@ def _redacted_url(url: str) -> str:
     except ValueError:
         return "(unparsable URL)"
 
+
+#: wei in one ether: the unit of every balance and amount shown to people
+WEI_PER_ETHER: Final = 10**18
+#: how a JSON-RPC node words a sender that cannot pay (geth, anvil, Besu, Hardhat)
+_INSUFFICIENT_FUNDS: Final = "insufficient funds"
 
 #: how long a sent transaction may wait to be mined: five blocks of a chain that mines
 #: every 12 s (anvil's default mines at once; `--block-time` makes it wait)
@@ -125,7 +138,9 @@ class ChainTransport:
         self._errors = _error_table(abi)
 
     @contextmanager
-    def translate(self, op: str) -> Iterator[None]:
+    def translate(self, op: str, sender: str | None = None) -> Iterator[None]:
+        """Translate what the web3 stack raises in the block; ``sender``, the address a
+        transaction is sent from, is named when the chain says it cannot pay."""
         try:
             yield
         except ChainUnavailable as e:
@@ -149,6 +164,8 @@ class ChainTransport:
             ) from e
         except Web3RPCError as e:
             # The node refused the request itself (nonce, funds, gas): not a contract revert.
+            if sender is not None and _INSUFFICIENT_FUNDS in str(e.message).lower():
+                raise self._insufficient_funds(op, sender) from e
             raise ChainRejected(f"chain refused {op}: {_clip(e.message)}") from e
         except _MALFORMED_ANSWER_ERRORS as e:
             kind = type(e).__name__
@@ -162,6 +179,23 @@ class ChainTransport:
             raise ChainUnavailable(
                 f"{op}: chain at {self.safe_url} unavailable ({type(e).__name__})"
             ) from e
+
+    def _insufficient_funds(self, op: str, sender: str) -> InsufficientFunds:
+        """The sender's DID (the chain id is cached by then) and balance, if the chain
+        still answers; its address alone otherwise."""
+        name, balance = sender, ""
+        try:
+            name = did_of(int(self.w3.eth.chain_id), sender)
+            wei = int(self.w3.eth.get_balance(Web3.to_checksum_address(sender)))
+            balance = f" (its balance is {wei / WEI_PER_ETHER:.6g} ether)"
+        except _CHAIN_ERRORS + _MALFORMED_ANSWER_ERRORS:
+            pass  # the refusal stands; only its detail is lost
+        return InsufficientFunds(
+            f"chain refused {op}: account {name} cannot pay for the gas{balance}; "
+            f"send it ether, e.g. from the registry admin: kmsctl admin fund {name} "
+            "--ether AMOUNT",
+            account=sender,
+        )
 
     def _rejected(self, op: str, e: ContractLogicError) -> ChainRejected:
         data = e.data if isinstance(e.data, str) else ""
@@ -196,9 +230,9 @@ class ChainTransport:
             getattr(sender, "sign_raw_transaction", None)
         ):
             raise InvalidRequest(f"{op}: sender must be a LocalAccount or a TxSigner")
-        with self.translate(op):
+        sender_address = Web3.to_checksum_address(sender.address)
+        with self.translate(op, sender_address):
             with self._send_lock:
-                sender_address = Web3.to_checksum_address(sender.address)
                 params: TxParams = {
                     "from": sender_address,
                     "chainId": self.w3.eth.chain_id,
@@ -230,9 +264,9 @@ class ChainTransport:
         how the registry admin funds a node's account for its checkpoint anchors."""
         if isinstance(wei, bool) or not isinstance(wei, int) or wei <= 0:
             raise InvalidRequest("transfer: the amount must be a positive number of wei")
-        with self.translate("transfer"):
+        sender_address = Web3.to_checksum_address(sender.address)
+        with self.translate("transfer", sender_address):
             with self._send_lock:
-                sender_address = Web3.to_checksum_address(sender.address)
                 tx: TxParams = {
                     "from": sender_address,
                     "to": Web3.to_checksum_address(to),

@@ -9,7 +9,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
-from core.settings_table import value_or_default
+from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from proto.transport import Transport, require_tls_settings
 
 
@@ -68,6 +68,13 @@ class CoordinatorSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigurationError(f"cannot read coordinator config {path}: {e}") from None
+        where = f"coordinator config {path}"
+        reject_unknown_keys(raw, field_names(cls), where=where)
+        for i, node in enumerate(raw.get("nodes", [])):
+            if isinstance(node, dict):
+                reject_unknown_keys(
+                    node, field_names(NodeAddress), where=f"{where} [[nodes]] {i + 1}"
+                )
         base = path.parent
 
         def rel(key: str) -> Path | None:

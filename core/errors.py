@@ -91,6 +91,16 @@ class ChainRejected(KmsError):
         self.reason = reason
 
 
+class InsufficientFunds(ChainRejected):
+    """The chain refused a transaction because its sender cannot pay for the gas: the
+    message names the account and how to fund it."""
+
+    def __init__(self, message: str, account: str) -> None:
+        super().__init__(message)  # the chain refused it, not the contract: no reason
+        #: the sender's address (0x...), the account to fund
+        self.account = account
+
+
 class IntegrityError(KmsError):
     """Data failed a cryptographic check (bad tag, hash mismatch, bad cfrag)."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
-from core.settings_table import value_or_default
+from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from kms_node.hsm.softhsm_token import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
@@ -213,6 +213,7 @@ class NodeSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigurationError(f"cannot read node config {path}: {e}") from None
+        reject_unknown_keys(raw, node_config_keys(), where=f"node config {path}")
         base = path.parent
 
         def rel(value: object) -> Path:
@@ -334,6 +335,12 @@ class NodeSettings:
                         ("the directory of softhsm_conf, which holds the tokens", conf_dir)
                     )
         return guarded
+
+
+def node_config_keys() -> frozenset[str]:
+    """The keys node.toml may set: the fields, each PIN as its two sources."""
+    pins = {f"{setting}_{source}" for setting in _PIN_NAMES for source in ("file", "env")}
+    return (field_names(NodeSettings) - _PIN_NAMES.keys()) | pins
 
 
 def _required_pin(source: PinSource | None) -> PinSource:
