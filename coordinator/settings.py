@@ -28,6 +28,9 @@ class CoordinatorSettings:
     registry_address: str
     #: how long to wait for any one node
     node_timeout_s: float = 3.0
+    #: verify every capsule fragment before relaying it; by default only those of
+    #: nodes suspected of lying are, and the app reports bad ones (ADR 14)
+    verify_every_fragment: bool = False
     #: how long a patient's registered keys are cached
     patient_cache_s: float = 60.0
     #: connections kept to each node; a node running several processes shares its
@@ -96,6 +99,7 @@ class CoordinatorSettings:
                 chain_rpc_url=str(raw["chain_rpc_url"]),
                 registry_address=str(raw["registry_address"]),
                 node_timeout_s=float(get("node_timeout_s")),
+                verify_every_fragment=get("verify_every_fragment"),  # checked by validate()
                 patient_cache_s=float(get("patient_cache_s")),
                 connections_per_node=int(get("connections_per_node")),
                 request_window_s=int(get("request_window_s")),
@@ -145,8 +149,9 @@ class CoordinatorSettings:
             )
         if self.requester_burst < 1 or self.peer_refusal_burst < 1:
             raise ConfigurationError("requester_burst and peer_refusal_burst must be at least 1")
-        if not isinstance(self.dev_plaintext, bool):
-            raise ConfigurationError("dev_plaintext must be true or false")
+        for flag in ("dev_plaintext", "verify_every_fragment"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{flag} must be true or false")
         require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)
 
     def _tls_files(self) -> dict[str, Path | None]:
