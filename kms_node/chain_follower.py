@@ -168,10 +168,10 @@ class ChainFollower:
             return f"registry index is {lag} blocks behind (bound {self.max_lag_blocks})"
         return None
 
-    def patient(self, address: str) -> PatientInfo | None:
-        """A registered patient's keys (they never change once registered, so the index's
-        copy needs no freshness bound)."""
-        return self.index.patient(address)
+    def is_registered(self, address: str) -> bool:
+        """Has the patient registered? (A registration is never undone, so a yes needs no
+        freshness bound; a no may be a registration mined since the last sync.)"""
+        return self.index.is_registered(address)
 
     def index_block(self) -> int:
         return self.index.block.number if self.index.block is not None else 0
