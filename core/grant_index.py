@@ -275,3 +275,109 @@ class GrantIndex:
         """(patients, records, grants) held."""
         with self._lock:
             return self._patient_count, len(self._records), self._grant_count
+
+    # -- snapshots (kms_node/index_snapshot.py signs, writes and checks them) -----------
+
+    def to_bytes(self) -> bytes:
+        """The whole index, and the block it reflects, as one byte string (read back by
+        :meth:`from_bytes`)."""
+        with self._lock:
+            if self.block is None:
+                raise RuntimeError("the index has not been synced yet")
+            block = self.block
+            patients = list(self._patients.items())
+            records = list(self._records.items())
+            retired = list(self._retired_capsules)
+            without_role = list(self._without_emergency_role)
+            counts = (self._patient_count, self._grant_count)
+        parts = [
+            _SNAPSHOT_MAGIC,
+            _SNAPSHOT_HEAD.pack(
+                block.number,
+                block.timestamp,
+                len(block.hash),
+                len(patients),
+                len(records),
+                len(retired),
+                len(without_role),
+                *counts,
+            ),
+            block.hash,
+        ]
+        for patient, blob in patients:
+            parts += (patient, _BLOB_LEN.pack(len(blob)), blob)
+        for record_id, packed in records:
+            parts += (record_id, packed)
+        parts += retired
+        parts += without_role
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GrantIndex:
+        """The index :meth:`to_bytes` wrote; ``ValueError`` if ``data`` is not one."""
+        view = memoryview(data)
+        if bytes(view[: len(_SNAPSHOT_MAGIC)]) != _SNAPSHOT_MAGIC:
+            raise ValueError("not a grant index snapshot (or another version)")
+        at = len(_SNAPSHOT_MAGIC)
+        try:
+            number, timestamp, hash_len, n_patients, n_records, n_retired, n_without, *counts = (
+                _SNAPSHOT_HEAD.unpack_from(view, at)
+            )
+        except struct.error:
+            raise ValueError("grant index snapshot cut short") from None
+        at += _SNAPSHOT_HEAD.size
+        need = hash_len + n_retired * 32 + n_without * 20
+        need += n_patients * (20 + _BLOB_LEN.size + 1) + n_records * (32 + _RECORD.size)
+        if len(view) - at < need:
+            raise ValueError("grant index snapshot cut short")
+        index = cls()
+        index.block = BlockRef(number, bytes(view[at : at + hash_len]), timestamp)
+        at += hash_len
+        patients: dict[bytes, bytes] = {}
+        for _ in range(n_patients):
+            patient = bytes(view[at : at + 20])
+            (size,) = _BLOB_LEN.unpack_from(view, at + 20)
+            at += 20 + _BLOB_LEN.size
+            blob = bytes(view[at : at + size])
+            at += size
+            if len(blob) != size or not _well_formed(blob):
+                raise ValueError("grant index snapshot holds a malformed patient entry")
+            patients[patient] = blob
+        records: dict[bytes, bytes] = {}
+        width = 32 + _RECORD.size
+        for _ in range(n_records):
+            entry = bytes(view[at : at + width])
+            at += width
+            if len(entry) != width:
+                raise ValueError("grant index snapshot cut short")
+            records[entry[:32]] = entry[32:]
+        retired = {bytes(view[i : i + 32]) for i in range(at, at + 32 * n_retired, 32)}
+        at += 32 * n_retired
+        without = {bytes(view[i : i + 20]) for i in range(at, at + 20 * n_without, 20)}
+        at += 20 * n_without
+        if at != len(view):
+            raise ValueError("grant index snapshot does not end where its counts say")
+        index._patients, index._records = patients, records
+        index._retired_capsules, index._without_emergency_role = retired, without
+        index._patient_count, index._grant_count = counts
+        return index
+
+
+#: "medkms grant index, version 1"
+_SNAPSHOT_MAGIC: Final = b"medkms-grant-index/1\n"
+#: block number, timestamp, hash length; patient, record, retired and role entries;
+#: registered patients, grants
+_SNAPSHOT_HEAD: Final = struct.Struct(">QQBIIIIII")
+_BLOB_LEN: Final = struct.Struct(">I")
+
+
+def _well_formed(blob: bytes) -> bool:
+    """A patient entry: a flag byte, then whole grant entries."""
+    if blob[:1] not in (_REGISTERED, _UNREGISTERED):
+        return False
+    at = 1
+    while at < len(blob):
+        if at + _GRANT_HEAD > len(blob):
+            return False
+        at += _GRANT_HEAD + blob[at + _GRANT_HEAD - 1]
+    return at == len(blob)

@@ -60,7 +60,10 @@ class ChainFollower:
         confirmations: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_events: Callable[[list[RegistryEvent]], None] | None = None,
+        index: GrantIndex | None = None,
     ) -> None:
+        """``index``: where to start from instead of ``start_block`` (a snapshot the node
+        saved, ``kms_node/index_snapshot.py``): only the events after its block are read."""
         self._source = source
         self._start_block = start_block
         self._poll_interval_s = poll_interval_s
@@ -73,7 +76,9 @@ class ChainFollower:
         self._clock = clock
         #: called with each applied batch of events (e.g. to shred revoked kfrags)
         self.on_events = on_events
-        self.index = GrantIndex()
+        self.index = index if index is not None else GrantIndex()
+        #: held while a sync applies events and hands them to ``on_events``
+        self._sync_lock = threading.Lock()
         self._synced_at: float | None = None
         #: why the last background sync failed, while it is the latest word on the chain
         self._last_failure: str | None = None
@@ -86,6 +91,16 @@ class ChainFollower:
     def sync_once(self) -> None:
         """Bring the index up to the confirmed head, the head less ``confirmations``
         blocks (raises on chain trouble)."""
+        with self._sync_lock:
+            self._sync()
+
+    def consistent_index(self) -> GrantIndex | None:
+        """A copy of the index between two syncs (every applied event also handed to
+        ``on_events``), or None before the first sync."""
+        with self._sync_lock:
+            return self.index.copy() if self.index.block is not None else None
+
+    def _sync(self) -> None:
         head = self._source.block("latest")
         if self.confirmations:
             head = self._source.block(max(0, head.number - self.confirmations))
