@@ -24,7 +24,7 @@ from typing import Protocol
 
 import structlog
 
-from core.errors import KmsError, Unavailable
+from core.errors import ChainAnswerTooLarge, KmsError, Unavailable
 from core.grant_index import GrantIndex
 from core.registry_interface import RegistryReader
 from core.registry_types import (
@@ -39,7 +39,8 @@ from kms_node import metrics
 
 log = structlog.get_logger("medkms.node.chain")
 
-#: blocks fetched per eth_getLogs call while catching up
+#: blocks fetched per eth_getLogs call while catching up (halved, for good, each time the
+#: endpoint finds an answer too large)
 LOG_CHUNK_BLOCKS = 2000
 
 
@@ -79,6 +80,8 @@ class ChainFollower:
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
         self._sync_lock = threading.Lock()
+        #: blocks per eth_getLogs call, once the endpoint refused LOG_CHUNK_BLOCKS
+        self._chunk_blocks: int | None = None
         self._synced_at: float | None = None
         #: why the last background sync failed, while it is the latest word on the chain
         self._last_failure: str | None = None
@@ -117,8 +120,16 @@ class ChainFollower:
             # mined since the last poll do not count as lag.)
             self._head_seen = head.number
         while start <= head.number:
-            end = min(head.number, start + LOG_CHUNK_BLOCKS - 1)
-            events = self._source.events(start, end)
+            chunk = self._chunk_blocks or LOG_CHUNK_BLOCKS
+            end = min(head.number, start + chunk - 1)
+            try:
+                events = self._source.events(start, end)
+            except ChainAnswerTooLarge as e:
+                if end == start:
+                    raise  # one block's events are more than the endpoint will give
+                self._chunk_blocks = (end - start + 1) // 2
+                log.info("chain_log_chunk_halved", blocks=self._chunk_blocks, error=e.message)
+                continue
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
             if events and self.on_events is not None:
