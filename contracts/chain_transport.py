@@ -43,6 +43,7 @@ from contracts.json_rpc import BoundedHTTPProvider
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.did import did_of
 from core.errors import (
+    ChainAnswerTooLarge,
     ChainRejected,
     ChainUnavailable,
     InsufficientFunds,
@@ -70,6 +71,22 @@ _MALFORMED_ANSWER_ERRORS: tuple[type[BaseException], ...] = (
     AttributeError,
     RecursionError,
     eth_abi.exceptions.DecodingError,
+)
+
+
+#: how endpoints refuse an eth_getLogs that asks for too much (too many blocks or
+#: results), in their own words (lower case): geth, Besu, Erigon, Nethermind and hosted
+#: providers each have theirs
+_TOO_LARGE_WORDS: Final = (
+    "block range",
+    "range limit",
+    "exceeds maximum",
+    "exceed maximum",
+    "more than",
+    "too many",
+    "too large",
+    "response size",
+    "limit exceeded",
 )
 
 
@@ -145,7 +162,8 @@ class ChainTransport:
             yield
         except ChainUnavailable as e:
             # From the transport or a decoding check: name the operation too.
-            raise ChainUnavailable(f"{op}: {e.message}") from e
+            same = ChainAnswerTooLarge if isinstance(e, ChainAnswerTooLarge) else ChainUnavailable
+            raise same(f"{op}: {e.message}") from e
         except KmsError:
             raise
         except ContractLogicError as e:
@@ -163,6 +181,11 @@ class ChainTransport:
                 f"{op}: chain at {self.safe_url} failed: {_clip(e.message)}"
             ) from e
         except Web3RPCError as e:
+            said = (e.message or "").lower()
+            if op == "get_logs" and any(words in said for words in _TOO_LARGE_WORDS):
+                raise ChainAnswerTooLarge(
+                    f"{op}: chain at {self.safe_url} refused it as too large: {_clip(e.message)}"
+                ) from e
             # The node refused the request itself (nonce, funds, gas): not a contract revert.
             if sender is not None and _INSUFFICIENT_FUNDS in str(e.message).lower():
                 raise self._insufficient_funds(op, sender) from e

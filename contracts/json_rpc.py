@@ -33,7 +33,7 @@ from web3._utils.http_session_manager import HTTPSessionManager
 from web3.types import RPCResponse
 
 from core.bounded_json import JSON_RPC_MAX_DEPTH, loads_object
-from core.errors import ChainUnavailable, InvalidRequest
+from core.errors import ChainAnswerTooLarge, ChainUnavailable, InvalidRequest
 
 #: bytes read from the socket at a time
 _READ_CHUNK: Final = 64 * 1024
@@ -134,8 +134,10 @@ class JsonRpcTransport:
             conn.close()
             self._local.conn = None
 
-    def _too_large(self) -> ChainUnavailable:
-        return self.unavailable(f"answer larger than {self.max_bytes} bytes")
+    def _too_large(self) -> ChainAnswerTooLarge:
+        return ChainAnswerTooLarge(
+            f"chain at {self.safe_url}: answer larger than {self.max_bytes} bytes"
+        )
 
     def unavailable(self, why: str) -> ChainUnavailable:
         return ChainUnavailable(f"chain at {self.safe_url}: {why}")

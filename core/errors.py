@@ -80,6 +80,11 @@ class ChainUnavailable(Unavailable):
     """The chain's JSON-RPC endpoint cannot be reached or answered nonsense."""
 
 
+class ChainAnswerTooLarge(ChainUnavailable):
+    """The answer to a request would be too large: more than this client reads, or more
+    than the endpoint serves (a block range or result count over its limit). Ask for less."""
+
+
 class ChainRejected(KmsError):
     """The registry contract reverted a transaction or call (e.g. ``NotPatient``)."""
 

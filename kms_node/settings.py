@@ -134,6 +134,10 @@ class NodeSettings:
     #: judge by the registry as of this many blocks below the head (ADR 12): a grant and a
     #: revocation count only once this deep, so revocation takes k block times longer
     chain_confirmations: int = 0
+    #: how often the node saves its grant index (with the block it reflects) in the data
+    #: directory, signed by its HSM key; it saves once more at a clean shutdown, and a
+    #: restart replays only the events after the snapshot's block (ADR 15)
+    index_snapshot_interval_s: float = 60.0
     #: how far ahead a signed request's deadline may lie; nonces are kept this long
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
@@ -244,6 +248,7 @@ class NodeSettings:
                 chain_max_age_s=float(get("chain_max_age_s")),
                 chain_max_lag_blocks=int(get("chain_max_lag_blocks")),
                 chain_confirmations=int(get("chain_confirmations")),
+                index_snapshot_interval_s=float(get("index_snapshot_interval_s")),
                 max_workers=int(get("max_workers")),
                 processes=int(get("processes")),
                 anchoring=get("anchoring"),  # checked by validate()
@@ -279,6 +284,8 @@ class NodeSettings:
             raise ConfigurationError(
                 f"chain_confirmations must be between 0 and {MAX_CONFIRMATIONS}"
             )
+        if not self.index_snapshot_interval_s > 0:
+            raise ConfigurationError("index_snapshot_interval_s must be positive")
         if not 1 <= self.processes <= 64:
             raise ConfigurationError("processes must be between 1 and 64")
         if self.max_workers < 1:
