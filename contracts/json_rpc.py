@@ -76,12 +76,12 @@ class JsonRpcTransport:
                     raise ConnectionAbortedError
             except (OSError, http.client.HTTPException, ChainUnavailable) as e:
                 self._drop()
-                if deadline.expired:
+                # A socket timeout is the whole call's time too (each read may take
+                # timeout_s), even when the deadline's timer thread has not run yet.
+                if deadline.expired or isinstance(e, TimeoutError):
                     raise self.unavailable(f"no complete answer within {self.timeout_s:g}s") from e
                 if isinstance(e, ChainUnavailable):
                     raise
-                if isinstance(e, TimeoutError):
-                    raise self.unavailable(f"no answer for {self.timeout_s:g}s") from e
                 raise self.unavailable(f"unavailable ({type(e).__name__})") from e
         return answer
 
