@@ -110,7 +110,10 @@ def cmd_register_node(args: argparse.Namespace) -> None:
     )
     account = did_of(chain_id, node.account)
     print(f"registered {node.node_id} at {args.endpoint}, account {account} (transaction {tx})")
-    print(f"it pays for its checkpoint anchors: fund it, e.g. kmsctl admin fund {account}")
+    print(
+        f"it pays for its checkpoint anchors: fund it, e.g. kmsctl admin fund {account} "
+        "--ether AMOUNT (README: Funding)"
+    )
 
 
 def cmd_node_active(args: argparse.Namespace) -> None:

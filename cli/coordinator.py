@@ -108,7 +108,7 @@ def tls_install(settings: CoordinatorSettings, signed: dict[str, Path | None]) -
     return installed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kms-coordinator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     config = argparse.ArgumentParser(add_help=False)
@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     install.add_argument("--server-cert", type=Path, help="the signed server certificate")
     install.add_argument("--client-cert", type=Path, help="the signed client certificate")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         settings = CoordinatorSettings.from_toml(args.config)
         logs.configure("kms-coordinator", settings.log_level)

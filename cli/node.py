@@ -142,7 +142,7 @@ def _tls_file(path: Path | None, setting: str) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kms-node", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif name == "tls-install":
             cmd.add_argument("--cert", type=Path, required=True, help="the certificate received")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         settings = NodeSettings.from_toml(args.config, os.environ)
         component = f"kms-node/{settings.node_id}"

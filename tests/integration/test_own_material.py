@@ -405,6 +405,28 @@ def test_a_full_flow_from_each_partys_own_files(world: World) -> None:
     refused(kmsctl("provider", "read", lab_id, *reader), "revoked")
 
 
+def test_an_unfunded_then_unregistered_patient_is_told_what_to_run(world: World) -> None:
+    patient = new_party(world.root / "newcomer", world.profile)
+    own = patient.own(world.profile, world.blobs)
+    refused(
+        kmsctl("patient", "register", *own),
+        f"account {patient.did} cannot pay for the gas .*kmsctl admin fund {patient.did}",
+    )
+    _admin(world, "fund", patient.did, "--ether", "0.1")
+    lab = world.root / "newcomer" / "lab.json"
+    lab.write_bytes(lab_result())
+    blobs_before = set(world.blobs.iterdir()) if world.blobs.exists() else set()
+    stored = kmsctl("patient", "store", str(lab), "--type", "lab_result", *own)
+    refused(stored, "PatientNotRegistered")
+    assert stored.stderr.splitlines()[-1] == (
+        "kmsctl: next: the patient registers first: kmsctl patient register"
+    )
+    # The refused anchor left no blob behind.
+    assert set(world.blobs.iterdir()) == blobs_before
+    ok(kmsctl("patient", "register", *own))
+    ok(kmsctl("patient", "store", str(lab), "--type", "lab_result", *own))
+
+
 def test_emergency_roles_from_the_admins_keystore(world: World) -> None:
     patient = new_party(world.root / "patient-2", world.profile)
     responder = new_party(world.root / "responder", world.profile)
