@@ -27,14 +27,13 @@ from clients.sdk.connection_profile import ConnectionProfile
 from clients.sdk.identity import Identity
 from clients.sdk.input_files import load_json_object
 from contracts.build import load_artifact
-from contracts.chain_transport import ChainTransport
+from contracts.chain_transport import WEI_PER_ETHER, ChainTransport
 from contracts.registry import RegistryClient
 from core.did import did_of
 from core.endpoints import parse_host_port
 from core.errors import InvalidRequest
 from core.node_identity import MAX_NODE_IDENTITY_FILE_BYTES, parse_node_identity
 
-WEI_PER_ETHER: Final = 10**18
 #: a transfer larger than this is surely a typo (a node's anchors cost far less)
 MAX_FUND_ETHER: Final = Decimal(1000)
 _TIMEOUT_S: Final = 30.0

@@ -35,10 +35,11 @@ from typing import TextIO
 
 from cli import account, admin, ca_commands, parties
 from cli.audit_progress import AuditProgress
-from clients.audit.audit_report import failures, summary_lines, write_reports
+from clients.audit.audit_report import failures, summary_lines
 from clients.audit.auditor import ChannelFactory, audit_cluster, channel_factory
 from clients.audit.fhir_export import fhir_bundle
 from clients.audit.receipts_file import load_receipts, save_receipts
+from clients.audit.report_files import write_reports
 from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
 from clients.sdk.patient import PatientClient
@@ -46,7 +47,7 @@ from clients.sdk.provider import ProviderClient
 from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core import logs
 from core.audit_findings import Verdict
-from core.errors import IntegrityError, InvalidRequest, KmsError
+from core.errors import ChainRejected, IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.processes import grpc_serving
@@ -340,9 +341,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         start_block=int(cluster.data["chain"]["registry_start_block"]),
         progress=None if args.quiet else AuditProgress(sys.stderr),
     )
-    json_path, csv_path = write_reports(report, args.report_dir or args.state_dir / "audit")
+    paths = write_reports(
+        report,
+        args.report_dir or args.state_dir / "audit",
+        audited_at=int(time.time()),
+        # as recorded when the registry was deployed: no chain call that could fail after
+        # the audit and lose its report
+        chain_id=int(cluster.data["chain"]["chain_id"]),
+    )
     print("\n".join(summary_lines(report)))
-    print(f"report: {json_path}, {csv_path}")
+    print(f"report: {', '.join(str(p) for p in paths)}")
     if args.state_file:
         save_state(args.state_file, report, since)
         print(f"state: {args.state_file} (the next run with it starts where this one ended)")
@@ -514,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         "3 when nothing failed but some node could not be read",
     )
     verify.add_argument(
-        "--report-dir", type=Path, help="where report.json and report.csv go (default: STATE/audit)"
+        "--report-dir",
+        type=Path,
+        help="where report.json, report.csv and report.html go (default: STATE/audit)",
     )
     verify.add_argument("--receipts", type=Path, help="a JSON list of receipts to check too")
     verify.add_argument(
@@ -546,6 +556,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the registry's refusals a person can act on, by the contract's error name: who runs
+#: which command next (README "Running across hosts")
+_NEXT_STEPS: dict[str, str] = {
+    "PatientNotRegistered": "the patient registers first: kmsctl patient register",
+    "PatientAlreadyRegistered": "nothing to do: this account is registered already",
+    "GranteeNotProvider": "the registry admin makes the grantee a provider: "
+    "kmsctl admin grant-provider DID",
+    "WriterNotProvider": "the registry admin makes the writer a provider: "
+    "kmsctl admin grant-provider DID",
+    "NotRecordWriter": "the patient lets this provider anchor her records: "
+    "kmsctl patient allow-writer DID",
+    "ResponderNotEmergencyRole": "the registry admin gives the responder the role: "
+    "kmsctl admin grant-emergency DID",
+    "NotOptedIn": "the patient opts in for this responder: "
+    "kmsctl patient emergency-opt-in RESPONDER --types TYPES",
+    "EmergencyWindowsExhausted": "the patient opts in again: "
+    "kmsctl patient emergency-opt-in RESPONDER --types TYPES",
+    "GrantNotActive": "there is no active grant to this grantee: kmsctl patient grant",
+    "NodeNotRegistered": "the registry admin registers the node: "
+    "kmsctl admin register-node --identity FILE --endpoint HOST:PORT",
+    "NodeAlreadyRegistered": "a node id is registered once: choose another node_id, "
+    "or kmsctl admin activate-node NODE_ID",
+    "NodeAccountInUse": "each node needs its own account: run kms-node init for a new token",
+    "AccessControlUnauthorizedAccount": "only the registry admin may do this: "
+    "use the admin's keystore",
+}
+
+
+def _next_step(error: KmsError) -> str:
+    """What to run next after ``error``, or "" when the message says all there is."""
+    if isinstance(error, ChainRejected):
+        return _NEXT_STEPS.get(error.reason, "")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("kmsctl", "warning")
@@ -555,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         # The request id names the decisions in the nodes' audit logs (kmsctl audit).
         about = f" (request {e.request_id})" if e.request_id else ""
         print(f"kmsctl: {e.message}{about}", file=sys.stderr)
+        if step := _next_step(e):
+            print(f"kmsctl: next: {step}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"kmsctl: {e.strerror}: {e.filename}", file=sys.stderr)

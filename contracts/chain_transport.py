@@ -4,7 +4,8 @@ No web3, eth-* or requests exception leaves this module once a request is under 
 (:meth:`ChainTransport.translate`): transport trouble and answers of the wrong shape become
 ``ChainUnavailable``, a revert becomes ``ChainRejected`` whose ``reason`` is the contract's
 custom error name (decoded by matching the 4-byte selector against the ABI), and the chain's
-own refusal of a transaction (nonce, funds, gas) becomes ``ChainRejected`` too. Messages name
+own refusal of a transaction (nonce, gas) becomes ``ChainRejected`` too, and a sender that
+cannot pay ``InsufficientFunds``, naming the account and how to fund it. Messages name
 the endpoint by scheme, host and port only: hosted RPC URLs carry API keys.
 
 Transactions are signed locally by the sender passed to each call (a ``LocalAccount`` or a
@@ -40,7 +41,15 @@ from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
 from contracts.json_rpc import BoundedHTTPProvider
 from core.bounded_json import JSON_RPC_MAX_BYTES
-from core.errors import ChainRejected, ChainUnavailable, InvalidRequest, KmsError
+from core.did import did_of
+from core.errors import (
+    ChainAnswerTooLarge,
+    ChainRejected,
+    ChainUnavailable,
+    InsufficientFunds,
+    InvalidRequest,
+    KmsError,
+)
 from core.registry_interface import Sender
 from core.registry_types import BlockRef
 
@@ -65,6 +74,22 @@ _MALFORMED_ANSWER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: how endpoints refuse an eth_getLogs that asks for too much (too many blocks or
+#: results), in their own words (lower case): geth, Besu, Erigon, Nethermind and hosted
+#: providers each have theirs
+_TOO_LARGE_WORDS: Final = (
+    "block range",
+    "range limit",
+    "exceeds maximum",
+    "exceed maximum",
+    "more than",
+    "too many",
+    "too large",
+    "response size",
+    "limit exceeded",
+)
+
+
 def _redacted_url(url: str) -> str:
     """scheme://host:port only: hosted RPC URLs often carry an API key in the path or userinfo."""
     try:
@@ -74,6 +99,11 @@ def _redacted_url(url: str) -> str:
     except ValueError:
         return "(unparsable URL)"
 
+
+#: wei in one ether: the unit of every balance and amount shown to people
+WEI_PER_ETHER: Final = 10**18
+#: how a JSON-RPC node words a sender that cannot pay (geth, anvil, Besu, Hardhat)
+_INSUFFICIENT_FUNDS: Final = "insufficient funds"
 
 #: how long a sent transaction may wait to be mined: five blocks of a chain that mines
 #: every 12 s (anvil's default mines at once; `--block-time` makes it wait)
@@ -125,12 +155,15 @@ class ChainTransport:
         self._errors = _error_table(abi)
 
     @contextmanager
-    def translate(self, op: str) -> Iterator[None]:
+    def translate(self, op: str, sender: str | None = None) -> Iterator[None]:
+        """Translate what the web3 stack raises in the block; ``sender``, the address a
+        transaction is sent from, is named when the chain says it cannot pay."""
         try:
             yield
         except ChainUnavailable as e:
             # From the transport or a decoding check: name the operation too.
-            raise ChainUnavailable(f"{op}: {e.message}") from e
+            same = ChainAnswerTooLarge if isinstance(e, ChainAnswerTooLarge) else ChainUnavailable
+            raise same(f"{op}: {e.message}") from e
         except KmsError:
             raise
         except ContractLogicError as e:
@@ -148,7 +181,14 @@ class ChainTransport:
                 f"{op}: chain at {self.safe_url} failed: {_clip(e.message)}"
             ) from e
         except Web3RPCError as e:
+            said = (e.message or "").lower()
+            if op == "get_logs" and any(words in said for words in _TOO_LARGE_WORDS):
+                raise ChainAnswerTooLarge(
+                    f"{op}: chain at {self.safe_url} refused it as too large: {_clip(e.message)}"
+                ) from e
             # The node refused the request itself (nonce, funds, gas): not a contract revert.
+            if sender is not None and _INSUFFICIENT_FUNDS in str(e.message).lower():
+                raise self._insufficient_funds(op, sender) from e
             raise ChainRejected(f"chain refused {op}: {_clip(e.message)}") from e
         except _MALFORMED_ANSWER_ERRORS as e:
             kind = type(e).__name__
@@ -162,6 +202,23 @@ class ChainTransport:
             raise ChainUnavailable(
                 f"{op}: chain at {self.safe_url} unavailable ({type(e).__name__})"
             ) from e
+
+    def _insufficient_funds(self, op: str, sender: str) -> InsufficientFunds:
+        """The sender's DID (the chain id is cached by then) and balance, if the chain
+        still answers; its address alone otherwise."""
+        name, balance = sender, ""
+        try:
+            name = did_of(int(self.w3.eth.chain_id), sender)
+            wei = int(self.w3.eth.get_balance(Web3.to_checksum_address(sender)))
+            balance = f" (its balance is {wei / WEI_PER_ETHER:.6g} ether)"
+        except _CHAIN_ERRORS + _MALFORMED_ANSWER_ERRORS:
+            pass  # the refusal stands; only its detail is lost
+        return InsufficientFunds(
+            f"chain refused {op}: account {name} cannot pay for the gas{balance}; "
+            f"send it ether, e.g. from the registry admin: kmsctl admin fund {name} "
+            "--ether AMOUNT",
+            account=sender,
+        )
 
     def _rejected(self, op: str, e: ContractLogicError) -> ChainRejected:
         data = e.data if isinstance(e.data, str) else ""
@@ -196,9 +253,9 @@ class ChainTransport:
             getattr(sender, "sign_raw_transaction", None)
         ):
             raise InvalidRequest(f"{op}: sender must be a LocalAccount or a TxSigner")
-        with self.translate(op):
+        sender_address = Web3.to_checksum_address(sender.address)
+        with self.translate(op, sender_address):
             with self._send_lock:
-                sender_address = Web3.to_checksum_address(sender.address)
                 params: TxParams = {
                     "from": sender_address,
                     "chainId": self.w3.eth.chain_id,
@@ -230,9 +287,9 @@ class ChainTransport:
         how the registry admin funds a node's account for its checkpoint anchors."""
         if isinstance(wei, bool) or not isinstance(wei, int) or wei <= 0:
             raise InvalidRequest("transfer: the amount must be a positive number of wei")
-        with self.translate("transfer"):
+        sender_address = Web3.to_checksum_address(sender.address)
+        with self.translate("transfer", sender_address):
             with self._send_lock:
-                sender_address = Web3.to_checksum_address(sender.address)
                 tx: TxParams = {
                     "from": sender_address,
                     "to": Web3.to_checksum_address(to),

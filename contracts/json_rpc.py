@@ -33,7 +33,7 @@ from web3._utils.http_session_manager import HTTPSessionManager
 from web3.types import RPCResponse
 
 from core.bounded_json import JSON_RPC_MAX_DEPTH, loads_object
-from core.errors import ChainUnavailable, InvalidRequest
+from core.errors import ChainAnswerTooLarge, ChainUnavailable, InvalidRequest
 
 #: bytes read from the socket at a time
 _READ_CHUNK: Final = 64 * 1024
@@ -76,12 +76,12 @@ class JsonRpcTransport:
                     raise ConnectionAbortedError
             except (OSError, http.client.HTTPException, ChainUnavailable) as e:
                 self._drop()
-                if deadline.expired:
+                # A socket timeout is the whole call's time too (each read may take
+                # timeout_s), even when the deadline's timer thread has not run yet.
+                if deadline.expired or isinstance(e, TimeoutError):
                     raise self.unavailable(f"no complete answer within {self.timeout_s:g}s") from e
                 if isinstance(e, ChainUnavailable):
                     raise
-                if isinstance(e, TimeoutError):
-                    raise self.unavailable(f"no answer for {self.timeout_s:g}s") from e
                 raise self.unavailable(f"unavailable ({type(e).__name__})") from e
         return answer
 
@@ -134,8 +134,10 @@ class JsonRpcTransport:
             conn.close()
             self._local.conn = None
 
-    def _too_large(self) -> ChainUnavailable:
-        return self.unavailable(f"answer larger than {self.max_bytes} bytes")
+    def _too_large(self) -> ChainAnswerTooLarge:
+        return ChainAnswerTooLarge(
+            f"chain at {self.safe_url}: answer larger than {self.max_bytes} bytes"
+        )
 
     def unavailable(self, why: str) -> ChainUnavailable:
         return ChainUnavailable(f"chain at {self.safe_url}: {why}")

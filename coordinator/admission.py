@@ -102,6 +102,11 @@ class Admission:
                 while len(self._served) > MAX_SERVED:
                     self._served.popitem(last=False)
 
+    def charge_refusals(self, ticket: Ticket, refusals: int) -> None:
+        """Charge the ticket's requester for ``refusals`` more refused requests, after it
+        was settled (a false report of a bad fragment: ADR 14)."""
+        self._requesters.charge(ticket.requester, refusals * REFUSAL_COST)
+
 
 @dataclass(frozen=True)
 class Ticket:

@@ -1,6 +1,7 @@
 """Fan-out: ask the best nodes for a read's capsule fragments, replace failed ones
-and hedge slow ones, until every capsule has ``threshold`` verified fragments or
-cannot get them (ADR 3).
+and hedge slow ones, until every capsule has ``threshold`` fragments or cannot get
+them (ADR 3). Fragments are verified here only where the collection says so: all of
+them (``verify_every_fragment``), or those of suspected nodes (ADR 14).
 
 A read is one or more capsules under one signature; a single request is a batch of
 one, its node answers taken as answers to that batch (:func:`as_batch_response`).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import grpc
 import structlog
@@ -31,16 +32,25 @@ BAD_CFRAG = "returned a capsule fragment that does not verify"
 
 class ShareCollection:
     """The capsule fragments for each capsule of one read, as the nodes answer: each
-    verified, and counted toward its capsule's threshold."""
+    verified if ``verify`` says so for its node, and counted toward its capsule's
+    threshold."""
 
     def __init__(
-        self, threshold: int, node_ids: Sequence[str], verifiers: Mapping[bytes, CfragVerifier]
+        self,
+        needed: Mapping[bytes, int],
+        node_ids: Sequence[str],
+        verifiers: Mapping[bytes, CfragVerifier],
+        verify: Callable[[str], bool],
     ) -> None:
-        """``verifiers``: one per capsule asked for, by record id."""
-        self.collectors = {r: FragmentCollector(threshold, node_ids) for r in verifiers}
+        """``needed`` and ``verifiers``: how many fragments, and how to check them, for
+        each capsule asked for, by record id; ``node_ids``: the nodes that may be asked."""
+        self.collectors = {r: FragmentCollector(needed[r], node_ids) for r in verifiers}
         self._verifiers = verifiers
+        self._verify = verify
         #: (record id, node id) -> the audit receipt that came with the fragment
         self._receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
+        #: every node sent the request, answered or not
+        self.asked: set[str] = set()
 
     def _open(self) -> list[FragmentCollector]:
         return [c for c in self.collectors.values() if not (c.complete or c.hopeless)]
@@ -54,16 +64,18 @@ class ShareCollection:
 
     def take(self, node_id: str, response: node_pb2.ReencryptBatchResponse) -> None:
         answered = set()
+        verify = self._verify(node_id)
         for outcome in response.outcomes:
             record_id = bytes(outcome.record_id)
             collector = self.collectors.get(record_id)
             if collector is None or record_id in answered:
                 continue  # not asked for, or repeated: ignore rather than trust
             answered.add(record_id)
+            cfrag = bytes(outcome.fragment.cfrag)
             if outcome.status:
                 collector.reject(node_id, outcome.status, outcome.reason)
-            elif self._verifiers[record_id].check(bytes(outcome.fragment.cfrag)):
-                collector.accept(node_id, bytes(outcome.fragment.cfrag))
+            elif not verify or self._verifiers[record_id].check(cfrag):
+                collector.accept(node_id, cfrag)
                 self._receipts[(record_id, node_id)] = outcome.fragment.receipt
             else:
                 collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
@@ -100,14 +112,16 @@ async def fan_out(
     nodes: Mapping[str, RoundRobin],
     call: Callable[[NodeClient], Awaitable[node_pb2.ReencryptBatchResponse]],
     collection: ShareCollection,
+    exclude: Collection[str] = (),
 ) -> None:
-    """Ask nodes, best first, until the collection is finished or no node is left.
+    """Ask nodes but ``exclude``, best first, until the collection is finished or no
+    node is left.
 
     Starts with as many nodes as the threshold needs; asks one more whenever a
     node fails, and when the hedge delay passes without an answer.
     """
     loop = asyncio.get_running_loop()
-    queue = iter(pool.plan(time.monotonic()))
+    queue = iter(pool.plan(time.monotonic(), exclude))
     tasks: dict[asyncio.Future[node_pb2.ReencryptBatchResponse], tuple[str, float]] = {}
 
     def launch(count: int) -> None:
@@ -116,6 +130,7 @@ async def fan_out(
             if node_id is None:
                 return
             client = nodes[node_id].next()
+            collection.asked.add(node_id)
             tasks[asyncio.ensure_future(call(client))] = (node_id, loop.time())
 
     launch(collection.more_needed(0))
@@ -142,11 +157,11 @@ async def fan_out(
                     else:
                         metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
                     change = pool.answered(node_id, latency, error.grpc_status, time.monotonic())
-                    _rotation_changed(node_id, change)
+                    rotation_changed(node_id, change)
                     collection.fail(node_id, error.grpc_status, error.message)
                     continue
                 metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
-                _rotation_changed(node_id, pool.succeeded(node_id, latency))
+                rotation_changed(node_id, pool.succeeded(node_id, latency, time.monotonic()))
                 collection.take(node_id, response)
             launch(collection.more_needed(len(tasks)))
     finally:
@@ -159,10 +174,10 @@ async def fan_out(
             if now - started >= hedge_delay:
                 metrics.NODE_ABANDONED.labels(node=node_id).inc()
             change = pool.abandoned(node_id, now - started, hedge_delay, time.monotonic())
-            _rotation_changed(node_id, change)
+            rotation_changed(node_id, change)
 
 
-def _rotation_changed(node_id: str, change: Rotation | None) -> None:
+def rotation_changed(node_id: str, change: Rotation | None) -> None:
     if change is Rotation.OUT:
         metrics.NODE_IN_ROTATION.labels(node=node_id).set(0)
         log.warning("node_out_of_rotation", node_id=node_id)

@@ -14,17 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from coordinator.node_pool import NODE_FAULTS
 from proto.rpc import OUTCOMES
+from proto.stubs import COORDINATOR_SERVICE
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: the Coordinator service's methods (coordinator/server.py serves exactly these)
-METHODS = (
-    "GetClusterInfo",
-    "GetClusterStatus",
-    "Reencrypt",
-    "ReencryptBatch",
-    "EnrollKeyFragments",
-)
+METHODS = tuple(COORDINATOR_SERVICE.methods_by_name)
 
 REQUESTS = Counter(
     "kms_coordinator_requests_total",
@@ -72,6 +67,19 @@ NODE_IN_ROTATION = Gauge(
     registry=REGISTRY,
 )
 
+LYING_FRAGMENTS = Counter(
+    "kms_coordinator_lying_fragments_total",
+    "Fragments an app reported and the coordinator found not to verify, by the node "
+    "that sent them (the node is taken out of rotation: ADR 14)",
+    ["node"],
+    registry=REGISTRY,
+)
+FALSE_REPORTS = Counter(
+    "kms_coordinator_false_reports_total",
+    "Fragments an app reported as bad that verify: refused and charged to the requester",
+    registry=REGISTRY,
+)
+
 
 def start_at_zero(node_ids: Sequence[str]) -> None:
     """Create every labelled series at its starting value."""
@@ -83,6 +91,7 @@ def start_at_zero(node_ids: Sequence[str]) -> None:
         NODE_CALL_SECONDS.labels(node=node)
         NODE_ABANDONED.labels(node=node)
         NODE_IN_ROTATION.labels(node=node).set(1)
+        LYING_FRAGMENTS.labels(node=node)
         for status in sorted(NODE_FAULTS):
             NODE_FAULTS_TOTAL.labels(node=node, status=status.lower())
 

@@ -14,13 +14,18 @@ rotation it is asked only when the healthy nodes are not enough, for a cooldown
 that doubles with each consecutive strike. When the cooldown ends it is half-open:
 exactly one request probes it (others keep passing it over) and its answer puts
 it back in rotation, with the latency just measured, or out again for longer.
+
+A node found to have sent a fragment that does not verify (an app reported it and the
+coordinator checked: ADR 14) is suspected for ``SUSPICION_S``, doubled with each lie
+it is caught in: out of rotation as above, and every fragment it sends meanwhile is
+verified before it is relayed. After that it is probed back like a faulted node.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,12 +36,15 @@ MIN_HEDGE_S = 0.002
 EWMA_WEIGHT = 0.2
 BASE_COOLDOWN_S = 0.5
 MAX_COOLDOWN_S = 30.0
+#: how long a node caught lying is suspected; doubled for each further lie
+SUSPICION_S = 60.0
+MAX_SUSPICION_S = 3600.0
 
 
 class Rotation(Enum):
     """A change in whether the pool sends a node its share of requests."""
 
-    OUT = "out"  # faulted or hung: passed over until its cooldown ends
+    OUT = "out"  # faulted, hung or caught lying: passed over until its cooldown ends
     BACK = "back"  # answered its probe: in rotation again
 
 
@@ -47,9 +55,14 @@ class NodeHealth:
     cooldown_until: float = 0.0
     #: a request is probing this node after its cooldown; others pass it over
     probing: bool = False
+    #: fragments it was caught sending that do not verify, ever
+    lies: int = 0
+    suspect_until: float = 0.0
+    #: taken out for a lie and not yet back (its probe answers after the suspicion)
+    demoted: bool = False
 
     def out_of_rotation(self, now: float) -> bool:
-        return self.cooldown_until > now or self.probing
+        return self.cooldown_until > now or self.probing or self.suspect_until > now
 
 
 class NodePool:
@@ -59,12 +72,12 @@ class NodePool:
         self._recent: deque[float] = deque(maxlen=window)
         self._max_hedge_s = max_hedge_s
 
-    def plan(self, now: float) -> list[str]:
-        """All nodes, best first: one whose cooldown has just ended (its probe; it is
-        marked so that concurrent requests pass it over until it answers), then
-        healthy ones by latency (unknown first, to learn it), then those out of
+    def plan(self, now: float, exclude: Collection[str] = ()) -> list[str]:
+        """All nodes but ``exclude``, best first: one whose cooldown has just ended (its
+        probe; it is marked so that concurrent requests pass it over until it answers),
+        then healthy ones by latency (unknown first, to learn it), then those out of
         rotation, soonest-recovered first."""
-        order = self.node_ids[:]
+        order = [n for n in self.node_ids if n not in exclude]
         random.shuffle(order)  # spreads load between equally good nodes
         probe = next((n for n in order if self._due_for_probe(n, now)), None)
         if probe is not None:
@@ -75,14 +88,22 @@ class NodePool:
             if node_id == probe:
                 return (0, 0.0)
             if h.out_of_rotation(now):
-                return (2, h.cooldown_until)
+                return (2, max(h.cooldown_until, h.suspect_until))
             return (1, -1.0 if h.latency_s is None else h.latency_s)
 
         return sorted(order, key=rank)
 
     def _due_for_probe(self, node_id: str, now: float) -> bool:
         h = self.health[node_id]
-        return h.consecutive_faults > 0 and not h.probing and h.cooldown_until <= now
+        return (
+            (h.consecutive_faults > 0 or h.demoted)
+            and not h.probing
+            and max(h.cooldown_until, h.suspect_until) <= now
+        )
+
+    def suspect(self, node_id: str, now: float) -> bool:
+        """Whether the node's fragments are to be verified before they are relayed."""
+        return self.health[node_id].suspect_until > now
 
     def in_rotation(self, now: float) -> list[str]:
         """The nodes a request is sent to when all is well (for metrics and logs)."""
@@ -97,9 +118,13 @@ class NodePool:
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         return min(self._max_hedge_s, max(MIN_HEDGE_S, 1.5 * p95))
 
-    def succeeded(self, node_id: str, latency_s: float) -> Rotation | None:
+    def succeeded(self, node_id: str, latency_s: float, now: float) -> Rotation | None:
         h = self.health[node_id]
-        back = h.consecutive_faults > 0
+        if h.suspect_until > now:  # answered while suspected: it stays out
+            h.probing = False
+            return None
+        back = h.consecutive_faults > 0 or h.demoted
+        h.demoted = False
         h.latency_s = (
             # Back from a strike, the node is judged on what it does now.
             latency_s
@@ -115,7 +140,7 @@ class NodePool:
     def answered(self, node_id: str, latency_s: float, status: str, now: float) -> Rotation | None:
         """A call ended with an error ``status``; faults take the node out of rotation."""
         if status not in NODE_FAULTS:
-            return self.succeeded(node_id, latency_s)  # a refusal is a healthy answer
+            return self.succeeded(node_id, latency_s, now)  # a refusal is a healthy answer
         return self._strike(node_id, now)
 
     def abandoned(
@@ -137,4 +162,15 @@ class NodePool:
         h.probing = False
         backoff = BASE_COOLDOWN_S * 2 ** (h.consecutive_faults - 1)
         h.cooldown_until = now + min(MAX_COOLDOWN_S, backoff)
+        return Rotation.OUT if was_in else None
+
+    def lied(self, node_id: str, now: float) -> Rotation | None:
+        """The node sent a fragment that does not verify: suspected for ``SUSPICION_S``,
+        doubled for each lie before (never forgotten)."""
+        h = self.health[node_id]
+        was_in = not h.out_of_rotation(now)
+        h.lies += 1
+        h.demoted = True
+        h.probing = False
+        h.suspect_until = now + min(MAX_SUSPICION_S, SUSPICION_S * 2 ** (h.lies - 1))
         return Rotation.OUT if was_in else None

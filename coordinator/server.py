@@ -42,6 +42,10 @@ async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> N
         ),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, service.reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, service.reencrypt_batch),
+        rpc.Method("RetryReencrypt", coordinator_pb2.RetryReadRequest, service.retry_reencrypt),
+        rpc.Method(
+            "RetryReencryptBatch", coordinator_pb2.RetryReadRequest, service.retry_reencrypt_batch
+        ),
         rpc.Method(
             "EnrollKeyFragments",
             coordinator_pb2.RelayEnrollmentsRequest,

@@ -1,30 +1,41 @@
 """The coordinator's gRPC service: the methods it answers apps with.
 
 A read (Reencrypt, ReencryptBatch) is checked and admitted here (admission.py),
-fanned out to the nodes (fan_out.py) and answered with each capsule's verified
-fragments or the reason it has none; enrollments are relayed to the nodes they are
-sealed to. It holds no keys and cannot open anything.
+fanned out to the nodes (fan_out.py) and answered with each capsule's fragments or the
+reason it has none. The fragments are relayed unverified (unless
+``verify_every_fragment``) and kept briefly (relayed_reads.py): the app verifies them,
+and reports bad ones with RetryReencrypt, which verifies what it reports, takes a lying
+node out of rotation and answers with verified replacements (ADR 14). Enrollments are
+relayed to the nodes they are sealed to. It holds no keys and cannot open anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import structlog
 
+from coordinator import metrics
 from coordinator.admission import Admission, Ticket, peer_address
 from coordinator.cfrag_verifier import CfragVerifier
-from coordinator.fan_out import ShareCollection, as_batch_response, fan_out
+from coordinator.fan_out import ShareCollection, as_batch_response, fan_out, rotation_changed
 from coordinator.node_connections import NodeClient, NodeClientFactory, RoundRobin
 from coordinator.node_pool import NodePool
 from coordinator.patient_keys import PatientKeyCache, PatientReader
+from coordinator.relayed_reads import Ask, RelayedCapsule, RelayedRead, RelayedReads
 from coordinator.settings import CoordinatorSettings
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
-from core.errors import InvalidRequest, KmsError, PreconditionFailed, ResourceExhausted
+from core.errors import (
+    InsufficientFragments,
+    InvalidRequest,
+    KmsError,
+    PreconditionFailed,
+    ResourceExhausted,
+)
 from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Claims, Domain, authenticate
@@ -39,8 +50,8 @@ THROTTLED_ANSWER_DELAY_S = 1.0
 #: how long a cluster status round waits for each node
 STATUS_TIMEOUT_S = 1.0
 
-#: asks one node for a read's fragments, within a timeout
-_Ask = Callable[[NodeClient, float], Awaitable[node_pb2.ReencryptBatchResponse]]
+#: a capsule's fragments, or why it has none
+Outcome = list[common_pb2.CapsuleFragment] | KmsError
 
 
 class CoordinatorService:
@@ -76,6 +87,7 @@ class CoordinatorService:
             for node in settings.nodes
         }
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
+        self._relayed = RelayedReads()
 
     async def _signing_domain(self) -> Domain:
         """The registry's EIP-712 domain, which request ids are derived in: read from the
@@ -255,7 +267,7 @@ class CoordinatorService:
             response = await node.Reencrypt(outgoing, timeout=timeout)
             return as_batch_response(query.record_id, response)
 
-        collection, (outcome,) = await self._read(query.claims(), [query], ask, context)
+        collection, (outcome,), read_id = await self._read(query.claims(), [query], ask, context)
         collector = collection.collectors[query.record_id]
         bound = log.bind(request_id=query.request_id, record_id=query.record_id.hex())
         self._log_failures(bound, collector)
@@ -264,7 +276,7 @@ class CoordinatorService:
             raise outcome
         bound.info("reencrypt_served", nodes=[f.node_id for f in outcome])
         return coordinator_pb2.CoordinatorReencryptResponse(
-            fragments=outcome, threshold=self._settings.threshold
+            fragments=outcome, threshold=self._settings.threshold, read_id=read_id
         )
 
     async def reencrypt_batch(
@@ -278,18 +290,11 @@ class CoordinatorService:
         async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
             return await node.ReencryptBatch(outgoing, timeout=timeout)
 
-        _, outcomes = await self._read(batch.claims(), batch.items, ask, context)
-        results = []
-        for query, outcome in zip(batch.items, outcomes, strict=True):
-            if isinstance(outcome, KmsError):
-                result = coordinator_pb2.CapsuleFragments(
-                    record_id=query.record_id, status=outcome.grpc_status, reason=outcome.message
-                )
-            else:
-                result = coordinator_pb2.CapsuleFragments(
-                    record_id=query.record_id, fragments=outcome
-                )
-            results.append(result)
+        _, outcomes, read_id = await self._read(batch.claims(), batch.items, ask, context)
+        results = [
+            _capsule_result(query.record_id, outcome)
+            for query, outcome in zip(batch.items, outcomes, strict=True)
+        ]
         served = sum(1 for r in results if not r.status)
         log.info(
             "reencrypt_batch_served",
@@ -299,19 +304,19 @@ class CoordinatorService:
             refused=len(results) - served,
         )
         return coordinator_pb2.CoordinatorBatchResponse(
-            results=results, threshold=self._settings.threshold
+            results=results, threshold=self._settings.threshold, read_id=read_id
         )
 
     async def _read(
         self,
         claims: Claims,
         queries: Sequence[ReencryptionQuery],
-        ask: _Ask,
+        ask: Ask,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> tuple[ShareCollection, list[list[common_pb2.CapsuleFragment] | KmsError]]:
+    ) -> tuple[ShareCollection, list[Outcome], bytes]:
         """Serve the capsules of one signed read (a single is a batch of one): admit the
         requester, ask the nodes, and settle the admission with what was served. Each
-        capsule's outcome, in order."""
+        capsule's outcome, in order, and the read id it is kept under (empty if none)."""
         first = queries[0]
         ticket, patient = await self._admit(
             [(claims, first.signed.signature)],
@@ -321,18 +326,192 @@ class CoordinatorService:
             context,
         )
         timeout = self._timeout(context)
+        verifiers = {q.record_id: CfragVerifier(q, patient) for q in queries}
         collection = ShareCollection(
-            self._settings.threshold,
+            {q.record_id: self._settings.threshold for q in queries},
             self._pool.node_ids,
-            {q.record_id: CfragVerifier(q, patient) for q in queries},
+            verifiers,
+            self._verifies,
         )
         await fan_out(self._pool, self._nodes, lambda node: ask(node, timeout), collection)
         outcomes = [collection.outcome(q.record_id) for q in queries]
         refused = [o.grpc_status for o in outcomes if isinstance(o, KmsError)]
         self._settle(ticket, served=len(outcomes) - len(refused), refused=refused)
-        return collection, outcomes
+        relayed = {
+            q.record_id: RelayedCapsule(verifiers[q.record_id], {f.node_id: f for f in o})
+            for q, o in zip(queries, outcomes, strict=True)
+            if not isinstance(o, KmsError)
+        }
+        read_id = b""
+        if relayed and not self._settings.verify_every_fragment:
+            read = RelayedRead(
+                ticket=ticket,
+                request_id=first.request_id,
+                capsules=relayed,
+                asked=frozenset(collection.asked),
+                ask=ask,
+                record_ids=tuple(q.record_id for q in queries),
+            )
+            read_id = self._relayed.keep(read, time.monotonic())
+        return collection, outcomes, read_id
+
+    def _verifies(self, node_id: str) -> bool:
+        """Whether a fragment from ``node_id`` is verified before it is relayed."""
+        return self._settings.verify_every_fragment or self._pool.suspect(node_id, time.monotonic())
+
+    async def retry_reencrypt(
+        self, msg: coordinator_pb2.RetryReadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CoordinatorReencryptResponse:
+        """A single read's reported fragments checked and replaced (:meth:`_retry`)."""
+        ((_, outcome),) = await self._retry(msg, context)
+        if isinstance(outcome, KmsError):
+            raise outcome
+        return coordinator_pb2.CoordinatorReencryptResponse(
+            fragments=outcome, threshold=self._settings.threshold
+        )
+
+    async def retry_reencrypt_batch(
+        self, msg: coordinator_pb2.RetryReadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CoordinatorBatchResponse:
+        """A batch's reported capsules, each with its fragments or why it has none: only
+        the capsules reported, in the read's order."""
+        outcomes = await self._retry(msg, context)
+        return coordinator_pb2.CoordinatorBatchResponse(
+            results=[_capsule_result(r, o) for r, o in outcomes],
+            threshold=self._settings.threshold,
+        )
+
+    async def _retry(
+        self, msg: coordinator_pb2.RetryReadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> list[tuple[bytes, Outcome]]:
+        """Check the reported fragments of a kept read (ADR 14). Each one that does not
+        verify takes its node out of rotation (``node_lied``, counted per node) and is
+        replaced by a verified fragment from a node not yet asked. If any reported
+        fragment verifies, the report is false: charged to the read's requester as that
+        many refusals, and refused, with no replacements. The read is retried once."""
+        read_id = bytes(msg.read_id)
+        read = self._relayed.peek(read_id, time.monotonic())
+        if read is None:
+            raise PreconditionFailed(
+                "no read is kept under this read_id: unknown, already retried, or older "
+                f"than {self._relayed.keep_s:g} s; send the read again"
+            )
+        reported = _reported(msg, read)
+        self._relayed.take(read_id, time.monotonic())
+        lied: dict[bytes, list[str]] = {}
+        false: list[str] = []
+        for record_id, node_ids in reported.items():
+            capsule = read.capsules[record_id]
+            for node_id in node_ids:
+                if capsule.verifier.check(bytes(capsule.fragments[node_id].cfrag)):
+                    false.append(node_id)
+                else:
+                    lied.setdefault(record_id, []).append(node_id)
+        now = time.monotonic()
+        for record_id, node_ids in lied.items():
+            for node_id in node_ids:
+                metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+                log.warning(
+                    "node_lied",
+                    node_id=node_id,
+                    request_id=read.request_id,
+                    record_id=record_id.hex(),
+                )
+                rotation_changed(node_id, self._pool.lied(node_id, now))
+        if false:
+            metrics.FALSE_REPORTS.inc(len(false))
+            self._admission.charge_refusals(read.ticket, len(false))
+            log.warning(
+                "false_report",
+                requester=read.ticket.requester,
+                request_id=read.request_id,
+                nodes=false,
+            )
+            raise InvalidRequest(
+                f"reported fragments verify (from {', '.join(false)}): a false report, "
+                "charged to the requester as refused requests"
+            )
+        return await self._replace(read, lied, self._timeout(context))
+
+    async def _replace(
+        self, read: RelayedRead, lied: dict[bytes, list[str]], timeout: float
+    ) -> list[tuple[bytes, Outcome]]:
+        """Each capsule of ``lied``: its honest relayed fragments and verified
+        replacements for those of the liars, from nodes the read did not ask."""
+        candidates = [n for n in self._pool.node_ids if n not in read.asked]
+        needed = {r: len(nodes) for r, nodes in lied.items()}
+        replacements: dict[bytes, Outcome] = {}
+        if max(needed.values()) > len(candidates):
+            for record_id in lied:
+                replacements[record_id] = InsufficientFragments(
+                    f"{needed[record_id]} replacement fragments needed but only "
+                    f"{len(candidates)} nodes were not asked already"
+                )
+        else:
+            collection = ShareCollection(
+                needed,
+                candidates,
+                {r: read.capsules[r].verifier for r in lied},
+                lambda _node_id: True,
+            )
+            await fan_out(
+                self._pool,
+                self._nodes,
+                lambda node: read.ask(node, timeout),
+                collection,
+                exclude=read.asked,
+            )
+            replacements = {r: collection.outcome(r) for r in lied}
+        outcomes: list[tuple[bytes, Outcome]] = []
+        for record_id in read.record_ids:
+            if record_id not in lied:
+                continue
+            replaced = replacements[record_id]
+            if isinstance(replaced, KmsError):
+                outcomes.append((record_id, replaced))
+                continue
+            honest = [
+                f for n, f in read.capsules[record_id].fragments.items() if n not in lied[record_id]
+            ]
+            outcomes.append((record_id, honest + replaced))
+        log.info(
+            "reencrypt_retried",
+            request_id=read.request_id,
+            replaced={r.hex(): [f.node_id for f in o] for r, o in outcomes if isinstance(o, list)},
+        )
+        return outcomes
 
     @staticmethod
     def _log_failures(bound: Any, collector: FragmentCollector) -> None:
         for failure in collector.failures:
             bound.info("node_failed", node_id=failure.node_id, status=failure.status)
+
+
+def _capsule_result(record_id: bytes, outcome: Outcome) -> coordinator_pb2.CapsuleFragments:
+    if isinstance(outcome, KmsError):
+        return coordinator_pb2.CapsuleFragments(
+            record_id=record_id, status=outcome.grpc_status, reason=outcome.message
+        )
+    return coordinator_pb2.CapsuleFragments(record_id=record_id, fragments=outcome)
+
+
+def _reported(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> dict[bytes, list[str]]:
+    """The reported fragments, by record id (an empty one names a single read's capsule):
+    each must be one the read relayed, and at least one is."""
+    if not msg.reported:
+        raise InvalidRequest("report at least one fragment that does not verify")
+    reported: dict[bytes, list[str]] = {}
+    for fragment in msg.reported:
+        record_id = bytes(fragment.record_id)
+        if not record_id and len(read.record_ids) == 1:
+            record_id = read.record_ids[0]
+        capsule = read.capsules.get(record_id)
+        if capsule is None or fragment.node_id not in capsule.fragments:
+            raise InvalidRequest(
+                f"no fragment from {fragment.node_id[:32]!r} for record "
+                f"0x{record_id.hex()[:64]} was relayed in this read"
+            )
+        nodes = reported.setdefault(record_id, [])
+        if fragment.node_id not in nodes:
+            nodes.append(fragment.node_id)
+    return reported

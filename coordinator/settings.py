@@ -9,7 +9,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
-from core.settings_table import value_or_default
+from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from proto.transport import Transport, require_tls_settings
 
 
@@ -28,6 +28,9 @@ class CoordinatorSettings:
     registry_address: str
     #: how long to wait for any one node
     node_timeout_s: float = 3.0
+    #: verify every capsule fragment before relaying it; by default only those of
+    #: nodes suspected of lying are, and the app reports bad ones (ADR 14)
+    verify_every_fragment: bool = False
     #: how long a patient's registered keys are cached
     patient_cache_s: float = 60.0
     #: connections kept to each node; a node running several processes shares its
@@ -68,6 +71,13 @@ class CoordinatorSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigurationError(f"cannot read coordinator config {path}: {e}") from None
+        where = f"coordinator config {path}"
+        reject_unknown_keys(raw, field_names(cls), where=where)
+        for i, node in enumerate(raw.get("nodes", [])):
+            if isinstance(node, dict):
+                reject_unknown_keys(
+                    node, field_names(NodeAddress), where=f"{where} [[nodes]] {i + 1}"
+                )
         base = path.parent
 
         def rel(key: str) -> Path | None:
@@ -89,6 +99,7 @@ class CoordinatorSettings:
                 chain_rpc_url=str(raw["chain_rpc_url"]),
                 registry_address=str(raw["registry_address"]),
                 node_timeout_s=float(get("node_timeout_s")),
+                verify_every_fragment=get("verify_every_fragment"),  # checked by validate()
                 patient_cache_s=float(get("patient_cache_s")),
                 connections_per_node=int(get("connections_per_node")),
                 request_window_s=int(get("request_window_s")),
@@ -138,8 +149,9 @@ class CoordinatorSettings:
             )
         if self.requester_burst < 1 or self.peer_refusal_burst < 1:
             raise ConfigurationError("requester_burst and peer_refusal_burst must be at least 1")
-        if not isinstance(self.dev_plaintext, bool):
-            raise ConfigurationError("dev_plaintext must be true or false")
+        for flag in ("dev_plaintext", "verify_every_fragment"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{flag} must be true or false")
         require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)
 
     def _tls_files(self) -> dict[str, Path | None]:

@@ -399,8 +399,9 @@ class Checkpoint:
         )
 
 
-def _verify_signature(message: bytes, signature: bytes, public_key_der: bytes) -> bool:
-    """ECDSA P-256 / SHA-256, DER, low S only (each signature has one valid encoding)."""
+def verify_node_signature(message: bytes, signature: bytes, public_key_der: bytes) -> bool:
+    """Whether ``signature`` is the node key's (``public_key_der``, DER SPKI) over ``message``:
+    ECDSA P-256 / SHA-256, DER, low S only (each signature has one valid encoding)."""
     try:
         key = serialization.load_der_public_key(public_key_der)
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -421,12 +422,12 @@ def verify_receipt(receipt: Receipt, public_key_der: bytes) -> bool:
     a batch receipt, also whether its path leads to the signed batch root."""
     if receipt.batch_size > 1 and receipt.batch_root() is None:
         return False
-    return _verify_signature(receipt.canonical_bytes(), receipt.signature, public_key_der)
+    return verify_node_signature(receipt.canonical_bytes(), receipt.signature, public_key_der)
 
 
 def verify_checkpoint(checkpoint: Checkpoint, public_key_der: bytes) -> bool:
     """Whether the checkpoint was signed by the node key ``public_key_der`` (DER SPKI)."""
-    return _verify_signature(checkpoint.canonical_bytes(), checkpoint.signature, public_key_der)
+    return verify_node_signature(checkpoint.canonical_bytes(), checkpoint.signature, public_key_der)
 
 
 def verify_receipt_inclusion(

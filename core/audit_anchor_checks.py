@@ -61,6 +61,8 @@ class AnchorsChecked:
     count: int
     #: the block of the newest of them (or of those an earlier audit checked)
     block: int
+    #: the tree size the newest of them anchored; 0 if none verified
+    size: int = 0
 
 
 def check_anchors(
@@ -103,6 +105,7 @@ def check_anchors(
     checked = AnchorsChecked(
         len(verified),
         max([since.anchor_block if since is not None else 0] + [a.block for a, _ in verified]),
+        max(verified, key=lambda v: v[0].block)[0].tree_size if verified else 0,
     )
     # Anchors an earlier audit checked (``since``) are not checked again.
     if since is not None:

@@ -100,6 +100,10 @@ class NodeReport:
     warnings: tuple[str, ...]
     #: the first entry read: 0, or the end of the prefix an earlier audit verified
     start: int = 0
+    #: the tree size and block of the newest anchor whose signature verified (the block
+    #: may be an earlier audit's, see ``start``); 0 and 0 when there is none
+    anchored_size: int = 0
+    anchored_block: int = 0
     #: what this audit verified, for the next one to start from (None unless every check
     #: passed, decisions included, against a signed checkpoint)
     verified: VerifiedPrefix | None = None

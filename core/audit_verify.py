@@ -186,6 +186,8 @@ def _report(
         checkpoint=checkpoint,
         entries=results,
         anchors_checked=anchored.count,
+        anchored_size=anchored.size,
+        anchored_block=anchored.block,
         problems=tuple(findings.problems),
         warnings=tuple(warnings),
         start=served.start,

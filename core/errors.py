@@ -80,6 +80,11 @@ class ChainUnavailable(Unavailable):
     """The chain's JSON-RPC endpoint cannot be reached or answered nonsense."""
 
 
+class ChainAnswerTooLarge(ChainUnavailable):
+    """The answer to a request would be too large: more than this client reads, or more
+    than the endpoint serves (a block range or result count over its limit). Ask for less."""
+
+
 class ChainRejected(KmsError):
     """The registry contract reverted a transaction or call (e.g. ``NotPatient``)."""
 
@@ -89,6 +94,16 @@ class ChainRejected(KmsError):
         super().__init__(message)
         #: the contract's custom error name, e.g. "GrantNotFound", when known
         self.reason = reason
+
+
+class InsufficientFunds(ChainRejected):
+    """The chain refused a transaction because its sender cannot pay for the gas: the
+    message names the account and how to fund it."""
+
+    def __init__(self, message: str, account: str) -> None:
+        super().__init__(message)  # the chain refused it, not the contract: no reason
+        #: the sender's address (0x...), the account to fund
+        self.account = account
 
 
 class IntegrityError(KmsError):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages medkms needs (SoftHSM2, Python 3.11, Node.js).
+# Installs the Debian packages medkms needs (SoftHSM2, Python 3.11, Node.js, and for the
+# tests promtool and Chromium).
 # As root it installs what is missing; otherwise it names what is missing.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v ip >/dev/null || missing+=(iproute2)  # the multi-host tests (network namespaces)
 command -v promtool >/dev/null || missing+=(prometheus)  # promtool: the alert rules' unit tests
+command -v chromium >/dev/null || missing+=(chromium)  # headless: the audit report's tests
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Final
+
+#: the example record a new operator stores by hand (README "Running across hosts")
+LAB_RESULT_EXAMPLE: Final = Path(__file__).resolve().parent / "examples" / "observation-hba1c.json"
 
 
 def lab_result() -> bytes:
-    """A FHIR R4 Observation: an HbA1c result."""
-    return json.dumps(
-        {
-            "resourceType": "Observation",
-            "status": "final",
-            "category": [
-                {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                            "code": "laboratory",
-                        }
-                    ]
-                }
-            ],
-            "code": {
-                "coding": [{"system": "http://loinc.org", "code": "4548-4", "display": "HbA1c"}],
-                "text": "Hemoglobin A1c",
-            },
-            "subject": {"reference": "Patient/alice"},
-            "effectiveDateTime": "2026-11-20T09:30:00Z",
-            "valueQuantity": {
-                "value": 6.1,
-                "unit": "%",
-                "system": "http://unitsofmeasure.org",
-                "code": "%",
-            },
-        },
-        indent=2,
-    ).encode()
+    """A FHIR R4 Observation: an HbA1c result (the README's example record)."""
+    return LAB_RESULT_EXAMPLE.read_bytes()
 
 
 def diagnosis() -> bytes:

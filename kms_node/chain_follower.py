@@ -24,7 +24,7 @@ from typing import Protocol
 
 import structlog
 
-from core.errors import KmsError, Unavailable
+from core.errors import ChainAnswerTooLarge, KmsError, Unavailable
 from core.grant_index import GrantIndex
 from core.registry_interface import RegistryReader
 from core.registry_types import (
@@ -39,7 +39,8 @@ from kms_node import metrics
 
 log = structlog.get_logger("medkms.node.chain")
 
-#: blocks fetched per eth_getLogs call while catching up
+#: blocks fetched per eth_getLogs call while catching up (halved, for good, each time the
+#: endpoint finds an answer too large)
 LOG_CHUNK_BLOCKS = 2000
 
 
@@ -60,7 +61,10 @@ class ChainFollower:
         confirmations: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_events: Callable[[list[RegistryEvent]], None] | None = None,
+        index: GrantIndex | None = None,
     ) -> None:
+        """``index``: where to start from instead of ``start_block`` (a snapshot the node
+        saved, ``kms_node/index_snapshot.py``): only the events after its block are read."""
         self._source = source
         self._start_block = start_block
         self._poll_interval_s = poll_interval_s
@@ -73,7 +77,11 @@ class ChainFollower:
         self._clock = clock
         #: called with each applied batch of events (e.g. to shred revoked kfrags)
         self.on_events = on_events
-        self.index = GrantIndex()
+        self.index = index if index is not None else GrantIndex()
+        #: held while a sync applies events and hands them to ``on_events``
+        self._sync_lock = threading.Lock()
+        #: blocks per eth_getLogs call, once the endpoint refused LOG_CHUNK_BLOCKS
+        self._chunk_blocks: int | None = None
         self._synced_at: float | None = None
         #: why the last background sync failed, while it is the latest word on the chain
         self._last_failure: str | None = None
@@ -86,6 +94,16 @@ class ChainFollower:
     def sync_once(self) -> None:
         """Bring the index up to the confirmed head, the head less ``confirmations``
         blocks (raises on chain trouble)."""
+        with self._sync_lock:
+            self._sync()
+
+    def consistent_index(self) -> GrantIndex | None:
+        """A copy of the index between two syncs (every applied event also handed to
+        ``on_events``), or None before the first sync."""
+        with self._sync_lock:
+            return self.index.copy() if self.index.block is not None else None
+
+    def _sync(self) -> None:
         head = self._source.block("latest")
         if self.confirmations:
             head = self._source.block(max(0, head.number - self.confirmations))
@@ -102,8 +120,16 @@ class ChainFollower:
             # mined since the last poll do not count as lag.)
             self._head_seen = head.number
         while start <= head.number:
-            end = min(head.number, start + LOG_CHUNK_BLOCKS - 1)
-            events = self._source.events(start, end)
+            chunk = self._chunk_blocks or LOG_CHUNK_BLOCKS
+            end = min(head.number, start + chunk - 1)
+            try:
+                events = self._source.events(start, end)
+            except ChainAnswerTooLarge as e:
+                if end == start:
+                    raise  # one block's events are more than the endpoint will give
+                self._chunk_blocks = (end - start + 1) // 2
+                log.info("chain_log_chunk_halved", blocks=self._chunk_blocks, error=e.message)
+                continue
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
             if events and self.on_events is not None:
@@ -168,10 +194,10 @@ class ChainFollower:
             return f"registry index is {lag} blocks behind (bound {self.max_lag_blocks})"
         return None
 
-    def patient(self, address: str) -> PatientInfo | None:
-        """A registered patient's keys (they never change once registered, so the index's
-        copy needs no freshness bound)."""
-        return self.index.patient(address)
+    def is_registered(self, address: str) -> bool:
+        """Has the patient registered? (A registration is never undone, so a yes needs no
+        freshness bound; a no may be a registration mined since the last sync.)"""
+        return self.index.is_registered(address)
 
     def index_block(self) -> int:
         return self.index.block.number if self.index.block is not None else 0

@@ -22,6 +22,7 @@ from kms_node.capsule_cache import CapsuleCache
 from kms_node.chain_follower import ChainFollower, ConfirmedRegistry
 from kms_node.hardening import forbid_core_dumps
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots, IndexSnapshotter
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
 from kms_node.readiness import Readiness, data_dir_writable
@@ -130,6 +131,13 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     kfrags = KfragStore(settings.kfrag_db)
     audit = AuditLog(settings.audit_db, keystore, settings.node_id)
     registry = RegistryClient(settings.chain_rpc_url, settings.registry_address)
+    chain_id = registry.chain_id()
+    snapshots = IndexSnapshots(
+        settings.data_dir / SNAPSHOT_FILE,
+        keystore,
+        chain_id=chain_id,
+        registry_address=registry.address,
+    )
     follower = ChainFollower(
         registry,
         start_block=settings.registry_start_block,
@@ -137,6 +145,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         max_age_s=settings.chain_max_age_s,
         max_lag_blocks=settings.chain_max_lag_blocks,
         confirmations=settings.chain_confirmations,
+        index=snapshots.load(registry),
     )
     # Several processes on one port must share one replay memory, or a replay sent
     # on another connection would reach a process that has not seen the nonce.
@@ -161,7 +170,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         ),
         index=follower,
         registry_address=registry.address,
-        chain_id=registry.chain_id(),
+        chain_id=chain_id,
         replay=replay,
         limiter=RateLimiter.share_of(
             settings.rate_limit_per_s, settings.rate_limit_burst, settings.processes
@@ -180,6 +189,14 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     settings.transport().add_port(server, f"{host}:{port}", require_client_cert=True)
     follower.on_events = service.shred_revoked
     follower.start()
+    # One process per node writes the snapshot (all of them read it at start).
+    snapshotter = (
+        IndexSnapshotter(follower, snapshots, settings.index_snapshot_interval_s)
+        if not worker
+        else None
+    )
+    if snapshotter is not None:
+        snapshotter.start()
     # NOT_SERVING on health checks while the node cannot serve: a stale grant index, or
     # a data directory (the audit log's) that cannot be written.
     readiness = Readiness(
@@ -229,6 +246,8 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     server.stop(grace=2).wait()
     unwrapped.clear()
     follower.stop()
+    if snapshotter is not None:
+        snapshotter.stop()
     if anchorer is not None:
         # After the server, so that its last anchor covers every entry this process
         # wrote. With several processes, worker 0 anchors, and the supervisor stops it

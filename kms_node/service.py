@@ -83,7 +83,7 @@ class IndexedState(AccessStateSource, Protocol):
     its bound or it raises UNAVAILABLE."""
 
     def index_block(self) -> int: ...
-    def patient(self, address: str) -> PatientInfo | None: ...
+    def is_registered(self, address: str) -> bool: ...
 
 
 def kfrag_aad(
@@ -240,14 +240,14 @@ class NodeService:
         )
 
     def _registered_patient(self, address: str) -> PatientInfo:
-        """The patient's registered keys. They never change once registered, so the index's
-        copy is authoritative; a patient it does not know yet (registered a moment ago) is
-        read from the chain, within a node-wide budget (UNKNOWN_PATIENT_READS_PER_S), so
-        that signers who never registered cannot make every enrollment a chain read."""
-        patient = self._index.patient(address)
-        if patient is None:
+        """The patient's registered keys, read from the chain (the index keeps only who is
+        registered, issue 14: keys are needed at enrollment, not on the hot path). A patient
+        the index does not know (registered a moment ago, or never) costs a read from a
+        node-wide budget (UNKNOWN_PATIENT_READS_PER_S), so that signers who never registered
+        cannot make every enrollment a chain read."""
+        if not self._index.is_registered(address):
             self._unknown_patient_reads.spend("*")
-            patient = self._registry.get_patient(address)
+        patient = self._registry.get_patient(address)
         if patient is None:
             raise PreconditionFailed("patient is not registered in the registry")
         return patient

@@ -19,7 +19,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
-from core.settings_table import value_or_default
+from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from kms_node.hsm.softhsm_token import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
@@ -134,6 +134,10 @@ class NodeSettings:
     #: judge by the registry as of this many blocks below the head (ADR 12): a grant and a
     #: revocation count only once this deep, so revocation takes k block times longer
     chain_confirmations: int = 0
+    #: how often the node saves its grant index (with the block it reflects) in the data
+    #: directory, signed by its HSM key; it saves once more at a clean shutdown, and a
+    #: restart replays only the events after the snapshot's block (ADR 15)
+    index_snapshot_interval_s: float = 60.0
     #: how far ahead a signed request's deadline may lie; nonces are kept this long
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
@@ -213,6 +217,7 @@ class NodeSettings:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigurationError(f"cannot read node config {path}: {e}") from None
+        reject_unknown_keys(raw, node_config_keys(), where=f"node config {path}")
         base = path.parent
 
         def rel(value: object) -> Path:
@@ -243,6 +248,7 @@ class NodeSettings:
                 chain_max_age_s=float(get("chain_max_age_s")),
                 chain_max_lag_blocks=int(get("chain_max_lag_blocks")),
                 chain_confirmations=int(get("chain_confirmations")),
+                index_snapshot_interval_s=float(get("index_snapshot_interval_s")),
                 max_workers=int(get("max_workers")),
                 processes=int(get("processes")),
                 anchoring=get("anchoring"),  # checked by validate()
@@ -278,6 +284,8 @@ class NodeSettings:
             raise ConfigurationError(
                 f"chain_confirmations must be between 0 and {MAX_CONFIRMATIONS}"
             )
+        if not self.index_snapshot_interval_s > 0:
+            raise ConfigurationError("index_snapshot_interval_s must be positive")
         if not 1 <= self.processes <= 64:
             raise ConfigurationError("processes must be between 1 and 64")
         if self.max_workers < 1:
@@ -334,6 +342,12 @@ class NodeSettings:
                         ("the directory of softhsm_conf, which holds the tokens", conf_dir)
                     )
         return guarded
+
+
+def node_config_keys() -> frozenset[str]:
+    """The keys node.toml may set: the fields, each PIN as its two sources."""
+    pins = {f"{setting}_{source}" for setting in _PIN_NAMES for source in ("file", "env")}
+    return (field_names(NodeSettings) - _PIN_NAMES.keys()) | pins
 
 
 def _required_pin(source: PinSource | None) -> PinSource:

@@ -130,6 +130,20 @@ class CoordinatorStub:
             common_pb2.ReencryptionBatchRequest,
             coordinator_pb2.CoordinatorBatchResponse,
         )
+        self.RetryReencrypt = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "RetryReencrypt",
+            coordinator_pb2.RetryReadRequest,
+            coordinator_pb2.CoordinatorReencryptResponse,
+        )
+        self.RetryReencryptBatch = _unary(
+            channel,
+            COORDINATOR_SERVICE,
+            "RetryReencryptBatch",
+            coordinator_pb2.RetryReadRequest,
+            coordinator_pb2.CoordinatorBatchResponse,
+        )
         self.EnrollKeyFragments = _unary(
             channel,
             COORDINATOR_SERVICE,

@@ -26,6 +26,8 @@ class HostileRpc:
         #: bytes the hostile replies wrote before the client went away
         self.sent = 0
         self.methods: list[str] = []
+        #: the block ranges eth_getLogs was asked for (block_range_limit)
+        self.log_ranges: list[int] = []
         rpc = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,11 +41,7 @@ class HostileRpc:
                     if reply is not None:
                         reply(self, request)
                     elif rpc.upstream is not None:
-                        forward = urllib.request.Request(
-                            rpc.upstream, data=body, headers={"Content-Type": "application/json"}
-                        )
-                        with urllib.request.urlopen(forward, timeout=10) as response:
-                            send(self, response.read())
+                        forward(self, rpc.upstream, body)
                     else:
                         error = {"code": -32601, "message": f"no {method} here"}
                         send_json(self, {"jsonrpc": "2.0", "id": request["id"], "error": error})
@@ -84,6 +82,15 @@ def send(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200) -> Non
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+def forward(handler: BaseHTTPRequestHandler, upstream: str, body: bytes) -> None:
+    """Answer with what the upstream chain answers to ``body``."""
+    request = urllib.request.Request(
+        upstream, data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        send(handler, response.read())
 
 
 def send_json(handler: BaseHTTPRequestHandler, answer: object) -> None:
@@ -159,5 +166,23 @@ def trickle(interval_s: float, *, in_headers: bool = False) -> Reply:
             time.sleep(interval_s)
             out.write(b"a" if in_headers else b" ")
             out.flush()
+
+    return reply
+
+
+def block_range_limit(rpc: HostileRpc, max_blocks: int) -> Reply:
+    """eth_getLogs as geth serves it with a range limit: refused, in geth's words, over more
+    than ``max_blocks`` blocks; otherwise forwarded upstream."""
+
+    def reply(handler: BaseHTTPRequestHandler, request: dict[str, Any]) -> None:
+        query = request["params"][0]
+        blocks = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
+        rpc.log_ranges.append(blocks)
+        if blocks > max_blocks:
+            error = {"code": -32000, "message": f"exceed maximum block range: {max_blocks}"}
+            send_json(handler, {"jsonrpc": "2.0", "id": request["id"], "error": error})
+        else:
+            assert rpc.upstream is not None
+            forward(handler, rpc.upstream, json.dumps(request).encode())
 
     return reply

@@ -1,5 +1,6 @@
 """What an audit hands over: the per-request report (JSON and CSV), and the summary and
-failures ``kmsctl audit verify`` prints.
+failures ``kmsctl audit verify`` prints (the HTML report: clients/audit/report_html.py; the
+files: clients/audit/report_files.py).
 
 Each report row is one leaf of one node's log: who asked for whose record, why, what the
 node decided at which block, and whether the auditor found that entry sound.
@@ -11,7 +12,6 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Final
 
 from clients.audit.auditor import ClusterReport
@@ -36,7 +36,9 @@ CSV_COLUMNS: Final = (
 )
 
 
-def _row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
+def entry_row(node: NodeReport, result: EntryResult) -> dict[str, Any]:
+    """One leaf's row: the entry's fields as written in every report, the auditor's verdict
+    and its problems on one line."""
     entry = result.entry
     problems = "; ".join(p.message for p in result.problems)
     row: dict[str, Any] = {
@@ -87,7 +89,7 @@ def rows(report: ClusterReport) -> Iterator[dict[str, Any]]:
     node that could not be read, one row saying why."""
     for node in report.nodes:
         for result in node.entries:
-            yield _row(node, result)
+            yield entry_row(node, result)
         if node.could_not_read:
             yield _unread_row(node)
 
@@ -108,6 +110,8 @@ def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
         "granted": node.granted,
         "denied": node.denied,
         "anchors_checked": node.anchors_checked,
+        "anchored_size": node.anchored_size,
+        "anchored_block": node.anchored_block,
         "failed_entries": node.failed_entries,
         "first_failure": node.describe(first) if first is not None else None,
         "problems": [
@@ -129,7 +133,7 @@ def report_json(report: ClusterReport) -> str:
     entries = []
     for node in report.nodes:
         for result in node.entries:
-            row = _row(node, result)
+            row = entry_row(node, result)
             row["problems"] = [p.message for p in result.problems]
             row["warnings"] = list(result.warnings)
             del row["problem"]
@@ -161,18 +165,6 @@ def report_csv(report: ClusterReport) -> str:
     for row in rows(report):
         writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     return out.getvalue()
-
-
-def write_reports(report: ClusterReport, directory: Path) -> tuple[Path, Path]:
-    """``report.json`` and ``report.csv`` in ``directory`` (created, owner-only: the report
-    says who read whose records)."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    json_path, csv_path = directory / "report.json", directory / "report.csv"
-    for path, text in ((json_path, report_json(report)), (csv_path, report_csv(report))):
-        path.touch(mode=0o600)
-        path.chmod(0o600)  # also when an earlier report left it wider
-        path.write_text(text)
-    return json_path, csv_path
 
 
 def summary_lines(report: ClusterReport) -> list[str]:

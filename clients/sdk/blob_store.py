@@ -27,23 +27,34 @@ class LocalBlobStore:
 
     def put(self, data: bytes) -> str:
         """Store ``data``; return its storage URI (``blob:<cid>``)."""
+        return self.add(data)[0]
+
+    def add(self, data: bytes) -> tuple[str, bool]:
+        """Store ``data``; return its storage URI and whether this call wrote the file
+        (False: the store held it already), so that a writer whose anchor is refused
+        deletes only what it added."""
         cid = cid_for(data)
         path = self._path(cid)
-        if not path.exists():
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        return STORAGE_SCHEME + cid
+        if path.exists():
+            return STORAGE_SCHEME + cid, False
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return STORAGE_SCHEME + cid, True
 
     def get(self, uri: str) -> bytes:
         cid = _cid_of(uri)
+        path = self._path(cid)
         try:
-            data = self._path(cid).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"blob {cid} is not in the store (it may have been erased)") from None
+            raise NotFound(
+                f"blob {cid} is not in the blob store: no file {path} (erased, or the record "
+                "was stored in another blob directory: the patient's --blob-dir)"
+            ) from None
         if hashlib.sha256(data).digest() != digest_of(cid):
             raise IntegrityError(f"blob {cid} does not match its content address")
         return data

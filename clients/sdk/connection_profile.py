@@ -28,12 +28,13 @@ from clients.sdk.input_files import read_bounded
 from core import addresses
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError, InvalidRequest
+from core.settings_table import reject_unknown_keys
 
 #: a profile is a handful of short lines
 MAX_PROFILE_BYTES: Final = 16 * 1024
 #: the largest threshold a patient may ask for (the registry holds far fewer nodes)
 MAX_THRESHOLD: Final = 64
-_KEYS: Final = frozenset(
+PROFILE_KEYS: Final = frozenset(
     {
         "chain_id",
         "chain_rpc_url",
@@ -85,10 +86,7 @@ class ConnectionProfile:
 
     @classmethod
     def _from_table(cls, path: Path, raw: dict[str, Any]) -> ConnectionProfile:
-        unknown = sorted(set(raw) - _KEYS)
-        if unknown:
-            known = ", ".join(sorted(_KEYS))
-            raise ConfigurationError(f"unknown key {unknown[0]!r} (known: {known})")
+        reject_unknown_keys(raw, PROFILE_KEYS)  # load() names the file
         missing = [k for k in ("chain_id", "chain_rpc_url", "registry_address") if k not in raw]
         if missing:
             raise ConfigurationError(f"{missing[0]} is missing")

@@ -22,7 +22,7 @@ from clients.sdk.identity import Identity
 from clients.sdk.records import seal
 from clients.sdk.signed_requests import sealed_enrollment
 from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
-from core.errors import InvalidRequest, NotFound, Unavailable
+from core.errors import ChainRejected, InvalidRequest, NotFound, Unavailable
 from core.record_types import RecordType, to_mask
 from core.registry_interface import PatientRegistry
 from core.registry_types import NodeInfo
@@ -102,16 +102,23 @@ class PatientClient:
         """Validate, encrypt, store and anchor a FHIR record."""
         public_key = self.identity.record_public_key(record_type)
         sealed = seal(self.identity.address, record_type, document, public_key)
-        storage_uri = self._blobs.put(sealed.envelope)
+        storage_uri, written = self._blobs.add(sealed.envelope)
         capsule_hash = hash_capsule(sealed.capsule)
-        self._registry.anchor_record(
-            self.identity.account,
-            patient=self.identity.address,
-            content_hash=sealed.content_hash,
-            storage_uri=storage_uri,
-            record_type=record_type,
-            capsule_hash=capsule_hash,
-        )
+        try:
+            self._registry.anchor_record(
+                self.identity.account,
+                patient=self.identity.address,
+                content_hash=sealed.content_hash,
+                storage_uri=storage_uri,
+                record_type=record_type,
+                capsule_hash=capsule_hash,
+            )
+        except ChainRejected:
+            # Certainly not anchored (refused or reverted): no blob is left dangling. Not
+            # on ChainUnavailable, where the transaction may yet be mined.
+            if written:
+                self._blobs.delete(storage_uri)
+            raise
         return StoredRecord(
             record_id=sealed.record_id,
             record_type=record_type,

@@ -3,7 +3,10 @@
 The provider trusts neither the coordinator nor the blob store: the blob must
 hash to the content hash on-chain, the capsule must be the anchored one, and
 every capsule fragment is verified against the patient's registered keys
-before it is used.
+before it is used. The coordinator relays fragments without verifying them; the
+fragments that do not verify are reported back (RetryReencrypt, ADR 14), and the
+coordinator answers with verified replacements and takes the node that sent them
+out of rotation.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ class RecordRead:
         return f"RecordRead({len(self.plaintext)} bytes, {len(self.receipts)} receipts)"
 
 
+@dataclass(frozen=True)
+class CheckedFragments:
+    """A capsule's fragments as the app verified them: those that verify, and the nodes
+    of those that do not (to report)."""
+
+    verified: list[umbral.VerifiedCapsuleFrag]
+    bad: list[str]
+
+
 Signed = TypeVar("Signed", common_pb2.ReencryptionRequest, common_pb2.ReencryptionBatchRequest)
 Answer = TypeVar("Answer")
 #: a read that ended in one of these never reached a decision (the coordinator stopped
@@ -140,6 +152,8 @@ class ProviderClient:
             identity.umbral_public_key(),
             registry.signing_domain(),
         )
+        #: cfrags are re-encrypted to it (derived once: each derivation costs)
+        self._receiving_key = identity.umbral_secret_key().public_key()
         self._records: dict[bytes, RecordInfo] = {}
         self._patients: dict[str, PatientInfo] = {}
 
@@ -203,8 +217,31 @@ class ProviderClient:
             self._timeouts.fan_out_s,
         )
         with _answering(request.request_id):
-            dek = self._open_dek(patient, record, envelope, response.fragments)
+            checked = self._check(patient, record, envelope, response.fragments)
+            if checked.bad and response.read_id:
+                reported = coordinator_pb2.RetryReadRequest(
+                    read_id=response.read_id,
+                    reported=[
+                        coordinator_pb2.ReportedFragment(record_id=record_id, node_id=n)
+                        for n in checked.bad
+                    ],
+                )
+                response = self._retry(self._coordinator.RetryReencrypt, reported)
+                checked = self._check(patient, record, envelope, response.fragments)
+            dek = self._open_dek(patient, record, envelope, checked)
             return open_envelope(envelope, dek), (request, response)
+
+    def _retry(
+        self,
+        method: Callable[..., Answer],
+        reported: coordinator_pb2.RetryReadRequest,
+    ) -> Answer:
+        """Report the fragments that did not verify; the coordinator's answer with
+        verified replacements. Errors are ``KmsError`` naming the coordinator."""
+        try:
+            return method(reported, timeout=self._timeouts.fan_out_s)
+        except grpc.RpcError as e:
+            raise rpc.error_from_rpc(e, "coordinator") from None
 
     def read_records(
         self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"
@@ -235,19 +272,45 @@ class ProviderClient:
             for rec, _, _ in fetched
         }
         envelopes = {rec.record_id: (rec, env) for rec, env, _ in fetched}
-        for result in response.results:
-            record_id = bytes(result.record_id)
-            if record_id not in envelopes:
-                continue
-            if result.status:
-                results[record_id] = error_for_status(result.status, result.reason)
-                continue
-            record, envelope = envelopes[record_id]
+
+        def open_all(answers: Iterable[coordinator_pb2.CapsuleFragments]) -> dict[bytes, list[str]]:
+            """Open each answered record into ``results``; the nodes of the fragments
+            that did not verify, by record."""
+            bad: dict[bytes, list[str]] = {}
+            for result in answers:
+                record_id = bytes(result.record_id)
+                if record_id not in envelopes:
+                    continue
+                if result.status:
+                    results[record_id] = error_for_status(result.status, result.reason)
+                    continue
+                record, envelope = envelopes[record_id]
+                try:
+                    checked = self._check(patient, record, envelope, result.fragments)
+                    if checked.bad:
+                        bad[record_id] = checked.bad
+                    dek = self._open_dek(patient, record, envelope, checked)
+                    results[record_id] = open_envelope(envelope, dek)
+                except KmsError as e:
+                    results[record_id] = e
+            return bad
+
+        bad = open_all(response.results)
+        if bad and response.read_id:
+            reported = coordinator_pb2.RetryReadRequest(
+                read_id=response.read_id,
+                reported=[
+                    coordinator_pb2.ReportedFragment(record_id=r, node_id=n)
+                    for r, nodes in bad.items()
+                    for n in nodes
+                ],
+            )
             try:
-                dek = self._open_dek(patient, record, envelope, result.fragments)
-                results[record_id] = open_envelope(envelope, dek)
+                retried = self._retry(self._coordinator.RetryReencryptBatch, reported)
+                open_all(retried.results)
             except KmsError as e:
-                results[record_id] = e
+                for record_id in bad:
+                    results[record_id] = e
         for outcome in results.values():
             if isinstance(outcome, KmsError):
                 outcome.request_id = request.request_id
@@ -283,37 +346,54 @@ class ProviderClient:
             raise PreconditionFailed("the record's patient is not registered")
         return record, envelope, patient
 
-    def _open_dek(
+    def _check(
         self,
         patient: PatientInfo,
         record: RecordInfo,
         envelope: record_pb2.RecordEnvelope,
         fragments: Iterable[common_pb2.CapsuleFragment],
-    ) -> bytes:
-        """Verify the capsule fragments ourselves and decapsulate the DEK with the
-        patient's key for the record's type."""
+    ) -> CheckedFragments:
+        """Verify the capsule fragments ourselves, against the patient's registered keys
+        for the record's type and our own key."""
         capsule = umbral.Capsule.from_bytes(envelope.capsule)
         delegating_key = load_public_key(patient.umbral_key(record.record_type))
         verifying_key = load_public_key(patient.verifying_key)
-        secret_key = self.identity.umbral_secret_key()
-        verified = []
+        receiving_key = self._receiving_key
+        checked = CheckedFragments([], [])
         for fragment in fragments:
             try:
                 cfrag = load_cfrag(fragment.cfrag)
-                verified.append(
-                    cfrag.verify(capsule, verifying_key, delegating_key, secret_key.public_key())
+                checked.verified.append(
+                    cfrag.verify(capsule, verifying_key, delegating_key, receiving_key)
                 )
             except (InvalidRequest, VerificationError):
-                continue  # a bad fragment is dropped; decryption needs only the threshold
+                checked.bad.append(fragment.node_id)  # dropped, and reported
+        return checked
+
+    def _open_dek(
+        self,
+        patient: PatientInfo,
+        record: RecordInfo,
+        envelope: record_pb2.RecordEnvelope,
+        checked: CheckedFragments,
+    ) -> bytes:
+        """Decapsulate the DEK from verified fragments with the patient's key for the
+        record's type."""
+        capsule = umbral.Capsule.from_bytes(envelope.capsule)
+        delegating_key = load_public_key(patient.umbral_key(record.record_type))
         try:
             dek = umbral.decrypt_reencrypted(
-                secret_key, delegating_key, capsule, verified, envelope.encrypted_dek
+                self.identity.umbral_secret_key(),
+                delegating_key,
+                capsule,
+                checked.verified,
+                envelope.encrypted_dek,
             )
         except ValueError:
             dek = None
         if dek is None:
             raise IntegrityError(
-                f"could not open the record's key with {len(verified)} valid capsule fragments "
-                "from the coordinator"
+                f"could not open the record's key with {len(checked.verified)} valid capsule "
+                "fragments from the coordinator"
             )
         return bytes(dek)

@@ -24,6 +24,7 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient
 from clients.sdk.timeouts import Timeouts
+from core.errors import KmsError
 from core.kfrag_delivery import compressed
 from core.registry_types import NodeInfo
 from proto import rpc
@@ -115,6 +116,12 @@ class FakeCoordinator:
     #: the kfrags the "nodes" hold, one cfrag each per re-encryption
     kfrags: list[umbral.VerifiedKeyFrag] = field(default_factory=list)
     reencrypt_requests: list[common_pb2.ReencryptionRequest] = field(default_factory=list)
+    #: nodes whose fragments are corrupted in a read's first answer (not in a retry)
+    lying: set[str] = field(default_factory=set)
+    #: every retry the app sent (ADR 14)
+    retries: list[coordinator_pb2.RetryReadRequest] = field(default_factory=list)
+    #: the answer to a retry; None answers with the read's fragments, none corrupted
+    retry_error: KmsError | None = None
 
     def enroll(self, request: coordinator_pb2.RelayEnrollmentsRequest, _: Any) -> Any:
         results = []
@@ -141,13 +148,28 @@ class FakeCoordinator:
             ]
         )
 
+    def _fragments(self, request: common_pb2.ReencryptionRequest, *, lie: bool) -> Any:
+        capsule = umbral.Capsule.from_bytes(request.capsule)
+        fragments = []
+        for n, k in zip(NODE_IDS, self.kfrags, strict=False):
+            cfrag = bytes(umbral.reencrypt(capsule, k))
+            if lie and n in self.lying:
+                cfrag = cfrag[:-40] + bytes(40)
+            fragments.append(common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag))
+        return fragments
+
     def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:
         self.reencrypt_requests.append(request)
-        capsule = umbral.Capsule.from_bytes(request.capsule)
-        fragments = [
-            common_pb2.CapsuleFragment(node_id=n, cfrag=bytes(umbral.reencrypt(capsule, k)))
-            for n, k in zip(NODE_IDS, self.kfrags, strict=False)
-        ]
+        fragments = self._fragments(request, lie=True)
+        return coordinator_pb2.CoordinatorReencryptResponse(
+            fragments=fragments, threshold=len(fragments), read_id=b"r" * 16
+        )
+
+    def retry(self, request: coordinator_pb2.RetryReadRequest, _: Any) -> Any:
+        self.retries.append(request)
+        if self.retry_error is not None:
+            raise self.retry_error
+        fragments = self._fragments(self.reencrypt_requests[-1], lie=False)
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=fragments, threshold=len(fragments)
         )
@@ -162,6 +184,7 @@ def coordinator() -> Iterator[FakeCoordinator]:
             "GetClusterStatus", coordinator_pb2.GetClusterStatusRequest, fake.cluster_status
         ),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, fake.reencrypt),
+        rpc.Method("RetryReencrypt", coordinator_pb2.RetryReadRequest, fake.retry),
     ]
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers([rpc.service_handler(COORDINATOR_SERVICE, methods)])

@@ -13,15 +13,16 @@ from clients.audit.audit_report import (
     report_csv,
     report_json,
     summary_lines,
-    write_reports,
 )
 from clients.audit.auditor import ClusterReport
+from clients.audit.report_files import write_reports
 from core.audit_verify import verify_node
 from core.errors import Unavailable
 from tests.core.test_audit_verify import (
     DOCTOR,
     FIRST_BLOCK,
     NODE,
+    T0,
     Node,
     StopsAfter,
     make_entry,
@@ -75,13 +76,24 @@ def test_json_report_summarises_each_node(node: Node, tmp_path: Path) -> None:
     assert document["ok"] is False
     assert (summary["entries"], summary["granted"], summary["denied"]) == (40, 32, 8)
     assert summary["anchors_checked"] == 2 and summary["failed_entries"] == 8
+    assert (summary["verdict"], summary["anchored_size"], summary["anchored_block"]) == (
+        "failed",
+        32,
+        FIRST_BLOCK + 1001,
+    )
     assert summary["first_failure"].startswith("entry 30 (request req-30): granted, but")
     assert document["entries"][30]["problems"] == [
         "granted, but at block 130: grant has been revoked by the patient"
     ]
-    json_path, csv_path = write_reports(report, tmp_path / "audit")
-    assert json.loads(json_path.read_text()) == document
-    assert (json_path.stat().st_mode & 0o777, csv_path.stat().st_mode & 0o777) == (0o600, 0o600)
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "report.html").write_text("an earlier report, readable by all")
+    (tmp_path / "audit" / "report.html").chmod(0o644)
+    paths = write_reports(report, tmp_path / "audit", audited_at=T0, chain_id=31337)
+    assert [p.name for p in paths] == ["report.json", "report.csv", "report.html"]
+    assert json.loads(paths[0].read_text()) == document
+    assert paths[1].read_text() == report_csv(report)
+    assert "31337" in paths[2].read_text()
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o600, 0o600, 0o600]
 
 
 def test_a_node_that_could_not_be_read_is_reported_so_not_as_failed(node: Node) -> None:

@@ -15,8 +15,19 @@ def test_put_get_delete(tmp_path: Path) -> None:
     assert store.put(b"ciphertext") == uri  # content addressed: same bytes, same place
     assert store.get(uri) == b"ciphertext"
     assert store.delete(uri)
-    with pytest.raises(NotFound, match="erased"):
+    with pytest.raises(NotFound) as excinfo:
         store.get(uri)
+    # Which file is missing, and where it was looked for.
+    cid = uri.removeprefix("blob:")
+    assert f"blob {cid} is not in the blob store: no file {tmp_path / cid}" in excinfo.value.message
+    assert "erased, or the record was stored in another blob directory" in excinfo.value.message
+
+
+def test_add_says_whether_it_wrote_the_file(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    uri, written = store.add(b"ciphertext")
+    assert written and store.get(uri) == b"ciphertext"
+    assert store.add(b"ciphertext") == (uri, False)
 
 
 def test_a_tampered_blob_is_detected(tmp_path: Path) -> None:

@@ -14,7 +14,14 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import GrantOutcome, PatientClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.timeouts import Timeouts
-from core.errors import ChainRejected, ConfigurationError, InvalidRequest, NotFound, Unavailable
+from core.errors import (
+    ChainRejected,
+    ChainUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+)
 from core.record_types import RecordType, to_mask
 from core.registry_types import record_id_of
 from core.umbral_codec import capsule_hash
@@ -42,6 +49,30 @@ def test_register_writes_the_patients_keys_once(patient: PatientClient, twin: Re
     block = twin.latest_block()[0]
     patient.register()  # already registered: nothing is sent (a second one would revert)
     assert twin.latest_block()[0] == block
+
+
+def test_a_refused_anchor_leaves_no_blob_behind(
+    connect: Connect, alice: Identity, blobs: LocalBlobStore
+) -> None:
+    unregistered = connect(PatientClient, alice)
+    with pytest.raises(ChainRejected, match="PatientNotRegistered"):
+        unregistered.store_record(lab_result(), LAB)
+    assert list(blobs.root.iterdir()) == []
+
+
+def test_an_anchor_that_may_yet_be_mined_keeps_its_blob(
+    patient: PatientClient,
+    twin: RegistryTwin,
+    blobs: LocalBlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unanswered(*args: object, **kwargs: object) -> None:
+        raise ChainUnavailable("anchorRecord: transaction not mined within 60s")
+
+    monkeypatch.setattr(twin, "anchor_record", unanswered)
+    with pytest.raises(ChainUnavailable):
+        patient.store_record(lab_result(), LAB)
+    assert len(list(blobs.root.iterdir())) == 1
 
 
 def test_a_stored_record_is_anchored_as_its_envelope_says(

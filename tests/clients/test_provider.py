@@ -15,7 +15,13 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient
 from clients.sdk.records import SealedRecord, parse_envelope, seal
-from core.errors import ChainRejected, IntegrityError, InvalidRequest, NotFound
+from core.errors import (
+    ChainRejected,
+    IntegrityError,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+)
 from core.record_types import RecordType
 from core.registry_types import record_id_of
 from core.request_auth import signer_of
@@ -89,6 +95,39 @@ def test_fragments_for_another_patients_key_do_not_open_the_record(
     coordinator.kfrags = kfrags(Identity.generate("mallory"), LAB, doctor.umbral_public_key())
     with pytest.raises(IntegrityError, match="with 0 valid capsule fragments"):
         reader.read_record(stored.record_id)
+
+
+@pytest.fixture
+def granted(coordinator: FakeCoordinator, alice: Identity, doctor: Identity) -> FakeCoordinator:
+    """The coordinator, its nodes holding kfrags of alice's grant to the doctor."""
+    coordinator.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    return coordinator
+
+
+def test_fragments_that_do_not_verify_are_reported_and_replaced(
+    reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator
+) -> None:
+    coordinator = granted
+    coordinator.lying = {"node-2"}
+    assert reader.read_record(stored.record_id) == lab_result()
+    (report,) = coordinator.retries
+    assert report.read_id == b"r" * 16
+    assert [(r.record_id, r.node_id) for r in report.reported] == [(stored.record_id, "node-2")]
+    # Nothing to report: no retry.
+    coordinator.lying = set()
+    assert reader.read_record(stored.record_id) == lab_result()
+    assert len(coordinator.retries) == 1
+
+
+def test_a_refused_report_fails_the_read_with_the_coordinators_reason(
+    reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator
+) -> None:
+    coordinator = granted
+    coordinator.lying = {"node-1"}
+    coordinator.retry_error = PreconditionFailed("no read is kept")
+    with pytest.raises(PreconditionFailed, match="no read is kept") as caught:
+        reader.read_record(stored.record_id)
+    assert caught.value.request_id == coordinator.reencrypt_requests[-1].request_id
 
 
 def test_a_record_the_registry_does_not_know_is_not_found_and_nothing_is_sent(

@@ -16,11 +16,13 @@ from web3 import Web3
 from web3.logs import DISCARD
 
 from contracts.build import load_artifact
+from contracts.chain_transport import ChainTransport
 from contracts.registry import RegistryClient
 from contracts.registry_arguments import EMERGENCY_ROLE, MAX_EMERGENCY_DURATION_S, PROVIDER_ROLE
 from core.errors import (
     ChainRejected,
     ChainUnavailable,
+    InsufficientFunds,
     InvalidRequest,
     PreconditionFailed,
 )
@@ -141,6 +143,28 @@ def test_repr_shows_no_key_material_nor_url_path(
     assert deployer.key.hex() not in text
     secret_path_client = RegistryClient(registry.rpc_url + "/v3/api-key-123", registry.address)
     assert "api-key-123" not in repr(secret_path_client)
+
+
+@pytest.mark.parametrize("send", ["deploy", "register_patient", "transfer"])
+def test_an_unfunded_sender_is_named_with_how_to_fund_it(
+    anvil: AnvilProcess, registry: RegistryClient, send: str
+) -> None:
+    poor = Account.create()
+    did = f"did:pkh:eip155:31337:{poor.address}"
+    with pytest.raises(InsufficientFunds) as excinfo:
+        if send == "deploy":
+            RegistryClient.deploy(anvil.rpc_url, poor)
+        elif send == "register_patient":
+            registry.register_patient(poor, umbral_keys(), compressed_point())
+        else:
+            chain = ChainTransport(anvil.rpc_url, 10.0, load_artifact()["abi"])
+            chain.transfer(poor, Account.create().address, 1)
+    error = excinfo.value
+    # The chain refused it, not the contract: no custom error name.
+    assert error.account == poor.address and error.reason == ""
+    assert f"account {did} cannot pay for the gas (its balance is 0 ether)" in error.message
+    assert f"kmsctl admin fund {did} --ether AMOUNT" in error.message
+    assert poor.key.hex() not in error.message
 
 
 # ------------------------------------------------------------------ patients
@@ -1752,15 +1776,6 @@ def test_wrong_contract_address_is_chain_unavailable(
     nowhere = RegistryClient(registry.rpc_url, patient.address)  # an account, not a contract
     with pytest.raises(ChainUnavailable):
         nowhere.get_record(random32())
-
-
-def test_unfunded_sender_is_refused_by_the_chain(
-    registry: RegistryClient,
-) -> None:
-    broke: LocalAccount = Account.create()
-    with pytest.raises(ChainRejected) as excinfo:
-        registry.register_patient(broke, umbral_keys(), compressed_point())
-    assert excinfo.value.reason == ""
 
 
 def test_bad_constructor_arguments_are_invalid_requests(registry: RegistryClient) -> None:

@@ -86,6 +86,8 @@ class FakeNode:
             else:
                 capsule = umbral.Capsule.from_bytes(ref.capsule)
                 cfrag = bytes(umbral.reencrypt(capsule, self.kfrag))
+                if self.corrupt:
+                    cfrag = cfrag[:-40] + bytes(40)
                 outcome = common_pb2.CapsuleOutcome(
                     record_id=ref.record_id,
                     fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag),
@@ -131,6 +133,16 @@ class Registry:
 
 @pytest.fixture
 def world() -> World:
+    return make_world()
+
+
+@pytest.fixture
+def verifying_world() -> World:
+    """A coordinator configured to verify every fragment before relaying it."""
+    return make_world(verify_every_fragment=True)
+
+
+def make_world(*, verify_every_fragment: bool = False) -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
     kfrags = umbral.generate_kfrags(
@@ -149,6 +161,7 @@ def world() -> World:
         chain_rpc_url="http://127.0.0.1:1",
         registry_address="0x" + "00" * 19 + "01",
         node_timeout_s=2.0,
+        verify_every_fragment=verify_every_fragment,
     )
     info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
@@ -187,7 +200,7 @@ def test_only_threshold_nodes_are_asked_when_all_are_healthy(world: World) -> No
 def prefer(world: World, first: str) -> None:
     """Make ``first`` the pool's first choice: the best known latency."""
     for node_id in world.nodes:
-        world.pool.succeeded(node_id, 0.0001 if node_id == first else 0.001)
+        world.pool.succeeded(node_id, 0.0001 if node_id == first else 0.001, time.monotonic())
 
 
 def test_a_failed_node_is_replaced_at_once(world: World) -> None:
@@ -223,10 +236,14 @@ def test_a_hung_node_is_asked_once_not_on_every_request(world: World) -> None:
     assert "node-1" not in world.pool.in_rotation(time.monotonic())
 
 
-def test_corrupted_fragments_are_dropped_and_replaced(world: World) -> None:
+def test_corrupted_fragments_are_dropped_and_replaced_when_every_one_is_verified(
+    verifying_world: World,
+) -> None:
+    world = verifying_world
     world.nodes["node-2"].corrupt = True
     prefer(world, "node-2")
     response = world.run()
+    assert response.read_id == b""  # verified: nothing kept to report on
     assert "node-2" not in {f.node_id for f in response.fragments}
     assert len(response.fragments) == 3
 
@@ -297,7 +314,10 @@ def test_a_batch_answers_each_capsule_and_a_refused_one_does_not_fail_the_others
     assert sum(n.calls for n in world.nodes.values()) == 3  # each node answered both at once
 
 
-def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(world: World) -> None:
+def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(
+    verifying_world: World,
+) -> None:
+    world = verifying_world
     prefer(world, "node-2")
     capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
     # node-2 re-encrypts with a kfrag meant for another grantee: its fragments do not verify.

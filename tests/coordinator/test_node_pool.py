@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.node_pool import BASE_COOLDOWN_S, MAX_COOLDOWN_S, NodePool, Rotation
+from coordinator.node_pool import (
+    BASE_COOLDOWN_S,
+    MAX_COOLDOWN_S,
+    SUSPICION_S,
+    NodePool,
+    Rotation,
+)
 
 NODES = ["node-1", "node-2", "node-3", "node-4", "node-5"]
 HEDGE_S = 0.01
@@ -16,7 +22,7 @@ HEDGE_S = 0.01
 def pool() -> NodePool:
     pool = NodePool(NODES, max_hedge_s=0.5)
     for node_id in NODES:  # node-1 is known to be the fastest
-        pool.succeeded(node_id, 0.001 if node_id == "node-1" else 0.002)
+        pool.succeeded(node_id, 0.001 if node_id == "node-1" else 0.002, 0.0)
     return pool
 
 
@@ -57,7 +63,7 @@ def test_a_probe_answered_puts_the_node_back_judged_on_its_new_latency(pool: Nod
     pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)
     after = 100.0 + BASE_COOLDOWN_S + 0.01
     assert pool.plan(after)[0] == "node-1"
-    assert pool.succeeded("node-1", 0.0015) is Rotation.BACK
+    assert pool.succeeded("node-1", 0.0015, after) is Rotation.BACK
     assert "node-1" in pool.in_rotation(after)
     assert pool.health["node-1"].latency_s == 0.0015
     assert pool.plan(after)[0] == "node-1"  # ranked by the latency it has now
@@ -85,3 +91,28 @@ def test_the_cooldown_is_bounded(pool: NodePool) -> None:
     for _ in range(20):
         pool.answered("node-4", 0.001, "UNAVAILABLE", now)
     assert pool.health["node-4"].cooldown_until == now + MAX_COOLDOWN_S
+
+
+def test_a_node_caught_lying_is_suspected_for_a_doubling_time(pool: NodePool) -> None:
+    assert pool.lied("node-1", 100.0) is Rotation.OUT
+    assert pool.suspect("node-1", 100.0 + SUSPICION_S - 1)
+    assert pool.plan(100.0 + SUSPICION_S - 1)[-1] == "node-1"
+    # Answering while suspected does not bring it back.
+    assert pool.succeeded("node-1", 0.001, 100.0 + 1) is None
+    assert "node-1" not in pool.in_rotation(100.0 + 1)
+    # Then it is probed, and back on an answer.
+    after = 100.0 + SUSPICION_S + 0.01
+    assert not pool.suspect("node-1", after)
+    assert pool.plan(after)[0] == "node-1"
+    assert pool.succeeded("node-1", 0.001, after) is Rotation.BACK
+    # A second lie: twice as long.
+    assert pool.lied("node-1", 200.0) is Rotation.OUT
+    assert pool.suspect("node-1", 200.0 + 2 * SUSPICION_S - 1)
+    assert not pool.suspect("node-1", 200.0 + 2 * SUSPICION_S + 0.01)
+
+
+def test_excluded_nodes_are_not_planned_nor_probed(pool: NodePool) -> None:
+    pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)
+    after = 100.0 + BASE_COOLDOWN_S + 0.01
+    assert "node-1" not in pool.plan(after, exclude={"node-1"})
+    assert pool.plan(after)[0] == "node-1"  # still due for its probe

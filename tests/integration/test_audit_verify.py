@@ -42,6 +42,7 @@ from kms_node.settings import NodeSettings
 from proto.kms.v1 import audit_pb2, common_pb2
 from proto.stubs import AuditStub, NodeStub
 from tests.core.test_audit_verify import rebuild_tree
+from tests.headless_chromium import dump_dom
 from tests.integration.conftest import People, append_forged_entry
 
 pytestmark = pytest.mark.cluster
@@ -224,6 +225,7 @@ def _hex_digit_changed(data: bytes, field: bytes) -> bytes:
 # --- demo traffic, then the whole cluster ---------------------------------------------------
 
 
+@pytest.mark.chromium
 def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     world: World, run_kmsctl: Kmsctl, tmp_path: Path
 ) -> None:
@@ -248,6 +250,17 @@ def test_after_the_demo_the_whole_cluster_verifies_and_exports(
     assert {r["reason"] for r in rows} >= {"granted", "grant_revoked", "type_not_allowed"}
     csv_lines = (tmp_path / "report" / "report.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1
+    page = tmp_path / "report" / "report.html"
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    dom = dump_dom(page)
+    shown = {
+        section.find("h2", "node-id").text(): section.find("span", "verdict").text()
+        for section in dom.find_all("section", "node")
+    }
+    assert shown == {node.node_id: "passed" for node in cluster.nodes}
+    header = dom.find("table", "fields").text()
+    assert f"chain id{world.registry.chain_id()}" in header
+    assert f"registry{world.registry.address}" in header
 
     out = tmp_path / "audit-events.json"
     exported = run_kmsctl(cluster, "audit", "export", "--format", "fhir", "--out", str(out))
@@ -290,6 +303,7 @@ def test_an_incremental_audit_starts_where_the_last_one_ended(
 # --- tampering with a node's stored log -----------------------------------------------------
 
 
+@pytest.mark.chromium
 def test_one_changed_byte_names_the_entry_after_a_restart(
     clean: World, run_kmsctl: Kmsctl, tmp_path: Path
 ) -> None:
@@ -315,6 +329,14 @@ def test_one_changed_byte_names_the_entry_after_a_restart(
         failed = [r for r in report_rows(tmp_path) if r["verdict"] == "failed"]
         assert [(r["leaf_index"], r["request_id"]) for r in failed] == [
             (receipt.leaf_index, request_id)
+        ]
+        # the page a person opens says the same
+        (section,) = dump_dom(tmp_path / "report" / "report.html").find_all("section", "node")
+        assert section.find("span", "verdict").text() == "failed"
+        (row,) = section.find("table", "failing").find_all("tr")[1:]
+        assert [c.text() for c in row.find_all("td")][:2] == [
+            str(receipt.leaf_index),
+            request_id,
         ]
     finally:
         world.cluster.stop_node(node)

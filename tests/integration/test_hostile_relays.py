@@ -2,8 +2,11 @@
 accept a wrong key, and honest answers still get through.
 
 - A compromised node (its machine and TLS identity) returns corrupted capsule
-  fragments: the coordinator verifies every fragment, drops that node's and asks
-  another, so reads keep working.
+  fragments: the coordinator relays them unverified, the app finds them bad and reports
+  them (ADR 14); the coordinator checks, names the node (log, metric), takes it out of
+  rotation and answers with verified replacements, so reads keep working, and the node's
+  fragments are never relayed again while it is suspected.
+- A lying app reports an honest node's fragment: refused, counted, and the node stays.
 - A compromised coordinator returns one corrupted fragment among good ones: the app
   verifies every fragment itself and decrypts with the others. Returning garbage only
   gets it a clear IntegrityError at the app, never wrong plaintext.
@@ -14,12 +17,15 @@ accept a wrong key, and honest answers still get through.
 
 from __future__ import annotations
 
+import json
 import secrets
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ import grpc
 import pytest
 
 from clients.sdk.provider import ProviderClient
+from clients.sdk.records import parse_envelope
 from core.audit import AuditEntry
 from core.errors import AccessDenied, IntegrityError
 from core.record_types import RecordType
@@ -36,7 +43,7 @@ from deploy.certs import ClusterCa
 from deploy.local_cluster import HOST, LocalCluster
 from deploy.sample_records import lab_result
 from proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
-from proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, AuditStub, NodeStub
+from proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, AuditStub, CoordinatorStub, NodeStub
 from proto.transport import Transport
 from tests.integration.conftest import People
 from tests.kms_node.test_service import signed_claims
@@ -121,8 +128,31 @@ class LyingNode:
         self._upstream.close()
 
 
+@dataclass(frozen=True)
+class LiarsCoordinator:
+    """A second, real coordinator process whose node-1 is the liar."""
+
+    address: str
+    liar: LyingNode
+    metrics_url: str
+    log: Path
+
+    def metric(self, series: str) -> float:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as answer:
+            for line in answer.read().decode().splitlines():
+                name, _, value = line.rpartition(" ")
+                if name == series:
+                    return float(value)
+        raise AssertionError(f"{series} is not exported")
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        lines = self.log.read_text().splitlines()
+        found = [json.loads(line) for line in lines if line.startswith("{")]
+        return [e for e in found if e.get("event") == event]
+
+
 @pytest.fixture
-def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[tuple[str, LyingNode]]:
+def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[LiarsCoordinator]:
     """A second, real coordinator process whose node-1 is the liar."""
     liar = LyingNode(cluster)
     server, liar_address = _serve(
@@ -131,11 +161,14 @@ def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[tuple[str, 
     config_path = Path(cluster.data["coordinator"]["config"])
     config = tomllib.loads(config_path.read_text())
     address = f"{HOST}:{processes.free_port()}"
+    metrics_listen = f"{HOST}:{processes.free_port()}"
     lines = []
     for key, value in config.items():
         if key == "listen":
             value = address
-        if key not in ("nodes", "metrics_listen"):  # its own ports, no metrics
+        if key == "metrics_listen":
+            value = metrics_listen
+        if key != "nodes":
             lines.append(f"{key} = {_toml(value)}")
     for node in config["nodes"]:
         target = liar_address if node["node_id"] == liar.node.node_id else node["address"]
@@ -153,7 +186,7 @@ def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[tuple[str, 
             process,
             log,
         )
-        yield address, liar
+        yield LiarsCoordinator(address, liar, f"http://{metrics_listen}/metrics", log)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -169,17 +202,68 @@ def _toml(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def test_a_node_returning_corrupted_fragments_is_outvoted(
-    people: People, coordinator_with_a_lying_node: tuple[str, LyingNode]
+def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
+    people: People, coordinator_with_a_lying_node: LiarsCoordinator
 ) -> None:
-    address, liar = coordinator_with_a_lying_node
+    relay = coordinator_with_a_lying_node
+    liar = relay.liar.node.node_id
+    lies = f'kms_coordinator_lying_fragments_total{{node="{liar}"}}'
+    assert relay.metric(lies) == 0  # exported from the start: the alert sees the first
     people.grant_doctor()
-    with _app(people, address) as doctor:
+    with _app(people, relay.address) as doctor:
+        # Every read succeeds, the first the liar takes part in through the retry.
+        for _ in range(30):
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+            if relay.metric(lies):
+                break
+        assert relay.metric(lies) == 1
+        assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
+        (lied,) = relay.events("node_lied")
+        assert lied["node_id"] == liar
+        assert lied["record_id"] == people.lab.record_id.hex()
+        (retried,) = relay.events("reencrypt_retried")
+        assert liar not in retried["replaced"][people.lab.record_id.hex()]
+        # Suspected, it is asked only if the four others are not enough, and what it
+        # sends is verified first: nothing of it is relayed again, the app reports no
+        # more bad fragments.
         for _ in range(6):
             assert doctor.read_record(people.lab.record_id) == lab_result()
-    # The liar was asked (it is among the first three the coordinator tries) and every
-    # fragment it sent was dropped; the reads were served by the honest nodes.
-    assert liar.corrupted >= 1
+    assert relay.metric(lies) == 1
+    assert len(relay.events("reencrypt_retried")) == 1
+
+
+def test_a_false_report_is_refused_counted_and_the_node_kept(
+    people: People, coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    relay = coordinator_with_a_lying_node
+    people.grant_doctor()
+    capsule = parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule
+    request = people.doctor_signer().single(
+        people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+    )
+    with people.cluster.app_transport.channel(relay.address) as channel:
+        coordinator = CoordinatorStub(channel)
+        answer = coordinator.Reencrypt(request, timeout=10)
+        honest = next(f.node_id for f in answer.fragments if f.node_id != relay.liar.node.node_id)
+        report = coordinator_pb2.RetryReadRequest(
+            read_id=answer.read_id, reported=[coordinator_pb2.ReportedFragment(node_id=honest)]
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            coordinator.RetryReencrypt(report, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"reported fragments verify (from {honest}): a false report" in str(
+            caught.value.details()
+        )
+        # The read was retried once, falsely: it is gone.
+        with pytest.raises(grpc.RpcError) as again:
+            coordinator.RetryReencrypt(report, timeout=10)
+        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert relay.metric("kms_coordinator_false_reports_total") == 1
+    assert relay.metric(f'kms_coordinator_lying_fragments_total{{node="{honest}"}}') == 0
+    assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{honest}"}}') == 1
+    (false,) = relay.events("false_report")
+    assert false["nodes"] == [honest]
+    assert false["requester"].lower() == people.doctor.address.lower()
 
 
 # --- a compromised coordinator ------------------------------------------------------------

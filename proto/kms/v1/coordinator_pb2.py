@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"P\n\x17RelayEnrollmentsRequest\x12\x35\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32 .kms.v1.EnrollKeyFragmentRequest\"y\n\x11RelayedEnrollment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.kms.v1.EnrollKeyFragmentResponse\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x18RelayEnrollmentsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kms.v1.RelayedEnrollment\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"\x19\n\x17GetClusterStatusRequest\"R\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bindex_block\x18\x02 \x01(\x04\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"2\n\rClusterStatus\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.kms.v1.NodeStatus\"]\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r\"q\n\x10\x43\x61psuleFragments\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12*\n\tfragments\x18\x02 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18\x43oordinatorBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kms.v1.CapsuleFragments\x12\x11\n\tthreshold\x18\x02 \x01(\r2\x9e\x03\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12J\n\x10GetClusterStatus\x12\x1f.kms.v1.GetClusterStatusRequest\x1a\x15.kms.v1.ClusterStatus\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12T\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a .kms.v1.CoordinatorBatchResponse\x12W\n\x12\x45nrollKeyFragments\x12\x1f.kms.v1.RelayEnrollmentsRequest\x1a .kms.v1.RelayEnrollmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kms/v1/coordinator.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"P\n\x17RelayEnrollmentsRequest\x12\x35\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32 .kms.v1.EnrollKeyFragmentRequest\"y\n\x11RelayedEnrollment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.kms.v1.EnrollKeyFragmentResponse\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x18RelayEnrollmentsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kms.v1.RelayedEnrollment\"\x17\n\x15GetClusterInfoRequest\"0\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"E\n\x0b\x43lusterInfo\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12#\n\x05nodes\x18\x02 \x03(\x0b\x32\x14.kms.v1.NodeEndpoint\"\x19\n\x17GetClusterStatusRequest\"R\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bindex_block\x18\x02 \x01(\x04\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"2\n\rClusterStatus\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.kms.v1.NodeStatus\"n\n\x1c\x43oordinatorReencryptResponse\x12*\n\tfragments\x18\x01 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x0f\n\x07read_id\x18\x03 \x01(\x0c\"q\n\x10\x43\x61psuleFragments\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12*\n\tfragments\x18\x02 \x03(\x0b\x32\x17.kms.v1.CapsuleFragment\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"i\n\x18\x43oordinatorBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kms.v1.CapsuleFragments\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x0f\n\x07read_id\x18\x03 \x01(\x0c\"6\n\x10ReportedFragment\x12\x11\n\trecord_id\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"O\n\x10RetryReadRequest\x12\x0f\n\x07read_id\x18\x01 \x01(\x0c\x12*\n\x08reported\x18\x02 \x03(\x0b\x32\x18.kms.v1.ReportedFragment2\xc3\x04\n\x0b\x43oordinator\x12\x44\n\x0eGetClusterInfo\x12\x1d.kms.v1.GetClusterInfoRequest\x1a\x13.kms.v1.ClusterInfo\x12J\n\x10GetClusterStatus\x12\x1f.kms.v1.GetClusterStatusRequest\x1a\x15.kms.v1.ClusterStatus\x12N\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12T\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a .kms.v1.CoordinatorBatchResponse\x12P\n\x0eRetryReencrypt\x12\x18.kms.v1.RetryReadRequest\x1a$.kms.v1.CoordinatorReencryptResponse\x12Q\n\x13RetryReencryptBatch\x12\x18.kms.v1.RetryReadRequest\x1a .kms.v1.CoordinatorBatchResponse\x12W\n\x12\x45nrollKeyFragments\x12\x1f.kms.v1.RelayEnrollmentsRequest\x1a .kms.v1.RelayEnrollmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,11 +51,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUS']._serialized_start=591
   _globals['_CLUSTERSTATUS']._serialized_end=641
   _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_start=643
-  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_end=736
-  _globals['_CAPSULEFRAGMENTS']._serialized_start=738
-  _globals['_CAPSULEFRAGMENTS']._serialized_end=851
-  _globals['_COORDINATORBATCHRESPONSE']._serialized_start=853
-  _globals['_COORDINATORBATCHRESPONSE']._serialized_end=941
-  _globals['_COORDINATOR']._serialized_start=944
-  _globals['_COORDINATOR']._serialized_end=1358
+  _globals['_COORDINATORREENCRYPTRESPONSE']._serialized_end=753
+  _globals['_CAPSULEFRAGMENTS']._serialized_start=755
+  _globals['_CAPSULEFRAGMENTS']._serialized_end=868
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_start=870
+  _globals['_COORDINATORBATCHRESPONSE']._serialized_end=975
+  _globals['_REPORTEDFRAGMENT']._serialized_start=977
+  _globals['_REPORTEDFRAGMENT']._serialized_end=1031
+  _globals['_RETRYREADREQUEST']._serialized_start=1033
+  _globals['_RETRYREADREQUEST']._serialized_end=1112
+  _globals['_COORDINATOR']._serialized_start=1115
+  _globals['_COORDINATOR']._serialized_end=1694
 # @@protoc_insertion_point(module_scope)

@@ -74,12 +74,14 @@ class ClusterStatus(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
 
 class CoordinatorReencryptResponse(_message.Message):
-    __slots__ = ("fragments", "threshold")
+    __slots__ = ("fragments", "threshold", "read_id")
     FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    READ_ID_FIELD_NUMBER: _ClassVar[int]
     fragments: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleFragment]
     threshold: int
-    def __init__(self, fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...
+    read_id: bytes
+    def __init__(self, fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., threshold: _Optional[int] = ..., read_id: _Optional[bytes] = ...) -> None: ...
 
 class CapsuleFragments(_message.Message):
     __slots__ = ("record_id", "fragments", "status", "reason")
@@ -94,9 +96,27 @@ class CapsuleFragments(_message.Message):
     def __init__(self, record_id: _Optional[bytes] = ..., fragments: _Optional[_Iterable[_Union[_common_pb2.CapsuleFragment, _Mapping]]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CoordinatorBatchResponse(_message.Message):
-    __slots__ = ("results", "threshold")
+    __slots__ = ("results", "threshold", "read_id")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    READ_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[CapsuleFragments]
     threshold: int
-    def __init__(self, results: _Optional[_Iterable[_Union[CapsuleFragments, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...
+    read_id: bytes
+    def __init__(self, results: _Optional[_Iterable[_Union[CapsuleFragments, _Mapping]]] = ..., threshold: _Optional[int] = ..., read_id: _Optional[bytes] = ...) -> None: ...
+
+class ReportedFragment(_message.Message):
+    __slots__ = ("record_id", "node_id")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    record_id: bytes
+    node_id: str
+    def __init__(self, record_id: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class RetryReadRequest(_message.Message):
+    __slots__ = ("read_id", "reported")
+    READ_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    read_id: bytes
+    reported: _containers.RepeatedCompositeFieldContainer[ReportedFragment]
+    def __init__(self, read_id: _Optional[bytes] = ..., reported: _Optional[_Iterable[_Union[ReportedFragment, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,32 @@
+"""The files an audit leaves: ``report.json``, ``report.csv`` and ``report.html``, written
+in one place, owner-only (the report says who read whose records)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from clients.audit.audit_report import report_csv, report_json
+from clients.audit.auditor import ClusterReport
+from clients.audit.report_html import report_html
+
+REPORT_FILES: Final = ("report.json", "report.csv", "report.html")
+
+
+def write_reports(
+    report: ClusterReport, out_dir: Path, *, audited_at: int, chain_id: int
+) -> tuple[Path, ...]:
+    """The three reports in ``out_dir`` (created owner-only), in :data:`REPORT_FILES`
+    order; ``audited_at`` (unix seconds) and ``chain_id`` head the HTML report."""
+    texts = (
+        report_json(report),
+        report_csv(report),
+        report_html(report, audited_at=audited_at, chain_id=chain_id),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = tuple(out_dir / name for name in REPORT_FILES)
+    for path, text in zip(paths, texts, strict=True):
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # also when an earlier report left it wider
+        path.write_text(text, encoding="utf-8")
+    return paths

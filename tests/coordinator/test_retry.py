@@ -1,0 +1,169 @@
+"""The coordinator relays fragments unverified and verifies only what an app reports
+(ADR 14): a lying node is found, named, counted and taken out of rotation; a false
+report is refused and charged; a suspected node's fragments are verified before they
+are relayed. Nodes are the fakes of test_fan_out with real Umbral key fragments."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import umbral_pre as umbral
+
+from clients.sdk.signed_requests import RequestSigner
+from coordinator import metrics
+from coordinator.relayed_reads import RelayedReads
+from core.errors import InsufficientFragments, InvalidRequest, PreconditionFailed
+from core.record_types import RecordType
+from core.requests import ReencryptionQuery
+from proto.kms.v1 import coordinator_pb2
+from tests.coordinator.test_fan_out import DOMAIN, Context, World, make_world, prefer
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def retry(
+    world: World, read_id: bytes, *nodes: str
+) -> coordinator_pb2.CoordinatorReencryptResponse:
+    request = coordinator_pb2.RetryReadRequest(
+        read_id=read_id, reported=[coordinator_pb2.ReportedFragment(node_id=n) for n in nodes]
+    )
+    return asyncio.run(world.service.retry_reencrypt(request, Context()))  # type: ignore[arg-type]
+
+
+def lies(node_id: str) -> float:
+    return float(metrics.LYING_FRAGMENTS.labels(node=node_id)._value.get())
+
+
+def test_fragments_are_relayed_unverified_and_kept_under_a_read_id(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    assert "node-2" in {f.node_id for f in response.fragments}  # the app will find it
+    assert len(response.read_id) == 16
+
+
+def test_a_reported_lie_is_checked_replaced_and_its_node_taken_out(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    asked = {n for n, node in world.nodes.items() if node.calls}
+    retried = retry(world, response.read_id, "node-2")
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    fragments = {f.node_id: f.cfrag for f in retried.fragments}
+    assert len(fragments) == 3 and "node-2" not in fragments
+    # The honest fragments kept, and one from a node the read had not asked (a node
+    # asked twice would refuse the signed request as a replay).
+    (replacement,) = set(fragments) - asked
+    assert sum(n.calls for n in world.nodes.values()) == 4
+    capsule = umbral.Capsule.from_bytes(world.request.capsule)
+    keys = world.alice
+    for cfrag in fragments.values():
+        umbral.CapsuleFrag.from_bytes(cfrag).verify(
+            capsule,
+            umbral.PublicKey.from_compressed_bytes(keys.verifying_key()),
+            keys.record_public_key(RecordType.LAB_RESULT),
+            umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
+        )
+    # A read is retried once.
+    with pytest.raises(PreconditionFailed, match="already retried"):
+        retry(world, response.read_id, "node-2")
+
+
+def test_a_suspected_node_is_asked_only_when_needed_and_never_relayed_unverified(
+    world: World,
+) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    retry(world, world.run().read_id, "node-2")
+    world.nodes["node-2"].calls = 0
+    for _ in range(3):
+        assert "node-2" not in {f.node_id for f in world.run().fragments}
+    assert world.nodes["node-2"].calls == 0
+    # With two healthy nodes down it is asked, its fragment verified and dropped.
+    world.nodes["node-1"].fails = world.nodes["node-3"].fails = True
+    with pytest.raises(
+        InsufficientFragments,
+        match="node-2 \\(DATA_LOSS: returned a capsule fragment that does not verify",
+    ):
+        world.run()
+    assert world.nodes["node-2"].calls == 1
+
+
+def test_a_false_report_is_refused_counted_and_charged(world: World) -> None:
+    response = world.run()
+    honest = response.fragments[0].node_id
+    false_before = metrics.FALSE_REPORTS._value.get()
+    lies_before = lies(honest)
+    requesters = world.service._admission._requesters
+    requester = ReencryptionQuery.parse(world.request, DOMAIN).requester
+    budget = requesters._tokens(requester, time.monotonic())
+    with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+        retry(world, response.read_id, honest)
+    assert metrics.FALSE_REPORTS._value.get() == false_before + 1
+    assert lies(honest) == lies_before
+    assert honest in world.pool.in_rotation(time.monotonic())
+    assert requesters._tokens(requester, time.monotonic()) < budget - 5  # ten refusals' worth
+
+
+def test_a_report_naming_a_fragment_not_relayed_is_refused_and_the_read_kept(
+    world: World,
+) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    relayed = {f.node_id for f in response.fragments}
+    other = next(n for n in world.nodes if n not in relayed)
+    with pytest.raises(InvalidRequest, match="was relayed in this read"):
+        retry(world, response.read_id, other)
+    with pytest.raises(InvalidRequest, match="at least one"):
+        retry(world, response.read_id)
+    assert len(retry(world, response.read_id, "node-2").fragments) == 3
+    with pytest.raises(PreconditionFailed, match="no read is kept"):
+        retry(world, b"\x00" * 16, "node-2")
+
+
+def test_a_batch_retry_answers_the_reported_capsules_in_one_round(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
+    signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
+    records = [b"\x01" * 32, b"\x02" * 32, b"\x03" * 32]
+    request = signer.batch(
+        world.alice.address, [(r, RecordType.LAB_RESULT, bytes(capsule)) for r in records]
+    )
+    response = asyncio.run(world.service.reencrypt_batch(request, Context()))  # type: ignore[arg-type]
+    assert all("node-2" in {f.node_id for f in r.fragments} for r in response.results)
+    reported = coordinator_pb2.RetryReadRequest(
+        read_id=response.read_id,
+        reported=[
+            coordinator_pb2.ReportedFragment(record_id=r, node_id="node-2")
+            for r in (records[2], records[0])
+        ],
+    )
+    retried = asyncio.run(world.service.retry_reencrypt_batch(reported, Context()))  # type: ignore[arg-type]
+    # The reported capsules only, in the read's order, each replaced by one batch call.
+    assert [r.record_id for r in retried.results] == [records[0], records[2]]
+    for result in retried.results:
+        assert result.status == "" and len(result.fragments) == 3
+        assert "node-2" not in {f.node_id for f in result.fragments}
+    assert sum(n.calls for n in world.nodes.values()) == 4
+    assert lies("node-2") >= 2
+
+
+def test_kept_reads_expire_and_are_bounded(world: World) -> None:
+    read = world.service._relayed.peek(world.run().read_id, time.monotonic())
+    assert read is not None and len(read.capsules) == 1
+    reads = RelayedReads(keep_s=10.0, max_capsules=2)
+    first = reads.keep(read, 0.0)
+    assert reads.peek(first, 9.9) is read
+    assert reads.peek(first, 10.0) is None
+    ids = [reads.keep(read, 20.0) for _ in range(3)]
+    assert len(reads) == 2 and reads.peek(ids[0], 20.0) is None
+    assert reads.take(ids[2], 20.0) is read and reads.take(ids[2], 20.0) is None

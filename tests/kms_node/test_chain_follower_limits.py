@@ -1,0 +1,66 @@
+"""An endpoint that refuses eth_getLogs over too many blocks (geth's range limit, on a real
+anvil behind tests/hostile_rpc.py): the follower halves its range and catches up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from contracts.registry import RegistryClient
+from core.errors import ChainAnswerTooLarge
+from deploy.anvil import AnvilProcess, mine, set_balance
+from kms_node.chain_follower import ChainFollower
+from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
+from tests.hostile_rpc import HostileRpc, block_range_limit
+
+pytestmark = pytest.mark.anvil
+
+
+@pytest.fixture
+def anvil(tmp_path: Path) -> Iterator[AnvilProcess]:
+    with AnvilProcess(log_path=tmp_path / "anvil.log") as process:
+        yield process
+
+
+def test_a_range_the_endpoint_refuses_is_halved_until_it_answers(
+    anvil: AnvilProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin: LocalAccount = Account.create()
+    set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
+    registry = RegistryClient.deploy(anvil.rpc_url, admin)
+    patients = []
+    for _ in range(4):
+        patient: LocalAccount = Account.create()
+        set_balance(anvil.rpc_url, patient.address, FUNDING_WEI)
+        registry.register_patient(patient, umbral_keys(), compressed_point())
+        mine(anvil.rpc_url, 3)
+        patients.append(patient.address)
+    rpc = HostileRpc(upstream=anvil.rpc_url)
+    try:
+        rpc.misbehave(block_range_limit(rpc, 5), "eth_getLogs")
+        limited = RegistryClient(rpc.url, registry.address)
+        monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 40)
+        follower = ChainFollower(limited)
+        follower.sync_once()
+        assert all(follower.index.is_registered(p) for p in patients)
+        assert follower.index_block() == registry.latest_block()[0]
+        # The whole chain refused, then half of it, and so on until at most 5 blocks; every
+        # later call asks for no more.
+        halvings = [registry.latest_block()[0] + 1]
+        while halvings[-1] > 5:
+            halvings.append(halvings[-1] // 2)
+        assert len(halvings) > 2
+        assert rpc.log_ranges[: len(halvings)] == halvings
+        assert all(blocks <= 5 for blocks in rpc.log_ranges[len(halvings) :])
+
+        # One block's events refused: nothing smaller to ask for, so the sync fails.
+        rpc.misbehave(block_range_limit(rpc, 0), "eth_getLogs")
+        mine(anvil.rpc_url, 1)
+        with pytest.raises(ChainAnswerTooLarge, match="exceed maximum block range"):
+            follower.sync_once()
+    finally:
+        rpc.close()

@@ -1,0 +1,221 @@
+"""A node's grant index snapshot (ADR 15), on a real anvil chain and signed in real SoftHSM:
+used when it is this node's, for this registry, at a canonical block; otherwise refused with
+the reason, and the node replays every event and judges the same."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from structlog.testing import capture_logs
+
+from contracts.registry import RegistryClient
+from core.record_types import RecordType
+from core.registry_types import BlockRef, RegistryEvent, record_id_of
+from deploy.anvil import AnvilProcess, mine, rpc_call, set_balance
+from kms_node.chain_follower import ChainFollower
+from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
+from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots, IndexSnapshotter
+from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
+from tests.kms_node.conftest import SoftHsmDir
+
+pytestmark = [pytest.mark.anvil, pytest.mark.softhsm]
+
+
+class CountedReads:
+    """The registry as the follower reads it, remembering which block ranges it asked for."""
+
+    def __init__(self, registry: RegistryClient) -> None:
+        self.registry = registry
+        self.ranges: list[tuple[int, int]] = []
+
+    def block(self, identifier: int | str = "latest") -> BlockRef:
+        return self.registry.block(identifier)
+
+    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
+        self.ranges.append((from_block, to_block))
+        return self.registry.events(from_block, to_block)
+
+
+@dataclass
+class World:
+    anvil: AnvilProcess
+    registry: RegistryClient
+    patient: LocalAccount
+    doctor: LocalAccount
+    capsule: bytes
+    record: bytes
+    path: Path
+
+    def account(self) -> LocalAccount:
+        account: LocalAccount = Account.create()
+        set_balance(self.anvil.rpc_url, account.address, FUNDING_WEI)
+        return account
+
+    def snapshots(self, signer: Pkcs11KeyStore, **overrides: object) -> IndexSnapshots:
+        chain_id = overrides.get("chain_id", self.registry.chain_id())
+        registry = overrides.get("registry", self.registry.address)
+        assert isinstance(chain_id, int) and isinstance(registry, str)
+        return IndexSnapshots(self.path, signer, chain_id=chain_id, registry_address=registry)
+
+    def grant(self) -> None:
+        self.registry.grant_access(
+            self.patient,
+            grantee=self.doctor.address,
+            grantee_umbral_key=compressed_point(),
+            expires_at=self.registry.latest_block()[1] + 3600,
+            allowed_types_mask=1 << RecordType.LAB_RESULT,
+        )
+
+    def granted(self, follower: ChainFollower) -> bool:
+        state = follower.index.access_state(self.record, self.doctor.address, self.capsule)
+        grant = state.grant
+        return grant is not None and grant.active
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with AnvilProcess(log_path=tmp_path / "anvil.log") as anvil:
+        admin: LocalAccount = Account.create()
+        set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
+        registry = RegistryClient.deploy(anvil.rpc_url, admin)
+        w = World(anvil, registry, admin, admin, os.urandom(32), b"", tmp_path / SNAPSHOT_FILE)
+        w.patient, w.doctor = w.account(), w.account()
+        registry.grant_provider_role(admin, w.doctor.address)
+        registry.register_patient(w.patient, umbral_keys(), compressed_point())
+        registry.anchor_record(
+            w.patient,
+            patient=w.patient.address,
+            content_hash=os.urandom(32),
+            storage_uri="blob:test",
+            record_type=RecordType.LAB_RESULT,
+            capsule_hash=w.capsule,
+        )
+        w.record = record_id_of(w.patient.address, w.capsule)
+        w.grant()
+        yield w
+
+
+@pytest.fixture
+def signer(softhsm_dir: SoftHsmDir) -> Iterator[Pkcs11KeyStore]:
+    store = softhsm_dir.new_token().open()
+    yield store
+    store.close()
+
+
+def synced(world: World) -> ChainFollower:
+    follower = ChainFollower(world.registry)
+    follower.sync_once()
+    return follower
+
+
+def refused(snapshots: IndexSnapshots, world: World, reason: str) -> None:
+    """The snapshot is refused for ``reason``, and a full replay judges correctly."""
+    with capture_logs() as logs:
+        assert snapshots.load(world.registry) is None
+    assert [e["reason"] for e in logs if e["event"] == "index_snapshot_refused"] == [reason]
+    replayed = ChainFollower(world.registry, index=None)
+    replayed.sync_once()
+    assert replayed.index.is_registered(world.patient.address)
+    assert world.granted(replayed)
+
+
+def test_a_good_snapshot_is_used_and_only_later_events_are_read(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    snapshots = world.snapshots(signer)
+    saved_at = snapshots.save(synced(world).index)
+    assert stat.S_IMODE(world.path.stat().st_mode) == 0o600
+    world.registry.revoke_access(world.patient, world.doctor.address)
+    mine(world.anvil.rpc_url, 2)
+
+    with capture_logs() as logs:
+        index = snapshots.load(world.registry)
+    assert index is not None and index.block == saved_at
+    assert [e["block"] for e in logs if e["event"] == "index_snapshot_loaded"] == [saved_at.number]
+    reads = CountedReads(world.registry)
+    follower = ChainFollower(reads, index=index)
+    assert world.granted(follower)  # as of the snapshot's block, before the revocation
+    follower.sync_once()
+    assert reads.ranges and min(start for start, _ in reads.ranges) == saved_at.number + 1
+    assert not world.granted(follower)
+    assert follower.index.is_registered(world.patient.address)
+
+
+def test_a_tampered_snapshot_is_refused(world: World, signer: Pkcs11KeyStore) -> None:
+    snapshots = world.snapshots(signer)
+    snapshots.save(synced(world).index)
+    good = world.path.read_bytes()
+    world.path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # in the index bytes
+    refused(snapshots, world, "its index does not match its signed digest")
+    at = good.index(b'"block": ') + len(b'"block": ')
+    other_digit = str((int(chr(good[at])) + 1) % 10).encode()
+    world.path.write_bytes(good[:at] + other_digit + good[at + 1 :])  # another block, signed?
+    refused(snapshots, world, "its signature is not this node's")
+    world.path.write_bytes(good[:-10])
+    refused(snapshots, world, "its index does not match its signed digest")
+    world.path.write_bytes(good[:40])
+    refused(snapshots, world, "it is cut short")
+    world.path.write_bytes(b"not a snapshot")
+    refused(snapshots, world, "it is not an index snapshot (or another version)")
+
+
+def test_another_nodes_snapshot_is_refused(
+    world: World, signer: Pkcs11KeyStore, softhsm_dir: SoftHsmDir
+) -> None:
+    other = softhsm_dir.new_token().open()
+    try:
+        world.snapshots(other).save(synced(world).index)
+    finally:
+        other.close()
+    refused(world.snapshots(signer), world, "its signature is not this node's")
+
+
+def test_a_snapshot_of_another_registry_or_chain_is_refused(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    index = synced(world).index
+    other_registry = RegistryClient.deploy(world.anvil.rpc_url, world.account())
+    world.snapshots(signer, registry=other_registry.address).save(index)
+    refused(
+        world.snapshots(signer),
+        world,
+        f"it is for registry {other_registry.address.lower()}, "
+        f"not {world.registry.address.lower()}",
+    )
+    world.snapshots(signer, chain_id=1).save(index)
+    refused(world.snapshots(signer), world, f"it is for chain 1, not {world.registry.chain_id()}")
+
+
+def test_a_snapshot_of_a_block_reorganised_away_is_refused(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    mine(world.anvil.rpc_url, 3)
+    saved_at = world.snapshots(signer).save(synced(world).index)
+    # The last 2 blocks, the snapshot's among them, are replaced by empty ones.
+    rpc_call(world.anvil.rpc_url, "anvil_reorg", [2, []])
+    assert world.registry.block(saved_at.number).hash != saved_at.hash
+    refused(
+        world.snapshots(signer),
+        world,
+        f"its block {saved_at.number} is no longer canonical (a reorganisation)",
+    )
+
+
+def test_the_snapshotter_saves_once_more_when_stopped(world: World, signer: Pkcs11KeyStore) -> None:
+    follower = synced(world)
+    snapshotter = IndexSnapshotter(follower, world.snapshots(signer), interval_s=3600)
+    snapshotter.start()
+    world.registry.revoke_access(world.patient, world.doctor.address)
+    follower.sync_once()
+    assert not world.path.exists()
+    snapshotter.stop()
+    index = world.snapshots(signer).load(world.registry)
+    assert index is not None and index.block == follower.index.block
+    assert not world.granted(ChainFollower(world.registry, index=index))
