@@ -81,7 +81,7 @@ clean:
 
 # Benchmarks (issue 5): baseline, one node, the 3-of-5 cluster, scaling and
 # revocation in one run; writes benchmarks/results/ and the README's results.
-.PHONY: bench bench-quick bench-flood bench-hung-node bench-coordinator-restart chaos
+.PHONY: bench bench-quick bench-flood bench-hung-node bench-coordinator-restart chaos bench-audit-large
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness
@@ -102,6 +102,11 @@ bench-hung-node: setup
 # As root: one fault puts a node's data directory on a small tmpfs.
 chaos: setup
 	$(BIN)/python -m benchmarks.chaos --out benchmarks/results/chaos.json
+
+# `kmsctl audit verify` of 5 nodes with 100,000 entries each, against streaming alone
+# (issue 13). ENTRIES=N for fewer per node.
+bench-audit-large: setup
+	$(BIN)/python -m benchmarks.audit_large --entries $(or $(ENTRIES),100000) --out benchmarks/results/audit_large.json
 
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup

@@ -69,7 +69,7 @@ class Problem:
     primary: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per entry of every audited log
 class EntryResult:
     """One leaf of the log as served, or a placeholder for missing ones."""
 

@@ -62,12 +62,14 @@ class ServedLog:
         self.unparsed: dict[int, bytes] = {}
         #: the values entries repeat, held once (AuditEntry.from_canonical)
         self._shared: dict[object, object] = {}
+        self._trees: dict[int, merkle.CompactRange | None] = {}
         #: first index of each missing range -> its end
         self.missing: dict[int, int] = {}
 
     def read(self, log: LogSource, size: int, findings: Findings) -> None:
         """Read entries ``[start, size)``, naming what is out of order, missing or invalid.
         A read that fails in transit leaves the rest unread ("could not read"), not missing."""
+        self._trees.clear()
         expected = self.start
         try:
             for index, data in log.entries(self.start, size):
@@ -118,11 +120,15 @@ class ServedLog:
 
     def tree_through(self, size: int) -> merkle.CompactRange | None:
         """The compact range of the first ``size`` entries (the verified prefix, then the
-        served leaves), or None if a served leaf below ``size`` is missing."""
+        served leaves), or None if a served leaf below ``size`` is missing. Kept: the
+        checks ask for the checkpoint's more than once, and the leaves are read by then."""
+        if size in self._trees:
+            return self._trees[size]
         tree = self.base
         while tree.size < size and tree.size in self.leaves:
             tree = tree.append(self.leaves[tree.size])
-        return tree if tree.size == size else None
+        self._trees[size] = tree if tree.size == size else None
+        return self._trees[size]
 
     def request_id(self, index: int) -> str:
         """The entry's request id; read leniently when the entry does not parse, "" if

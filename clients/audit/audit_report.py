@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from clients.audit.auditor import ClusterReport
 from core.audit_findings import EntryResult, NodeReport, Verdict
@@ -129,25 +129,39 @@ def node_summary(report: ClusterReport, node: NodeReport) -> dict[str, Any]:
     }
 
 
-def report_json(report: ClusterReport) -> str:
-    entries = []
-    for node in report.nodes:
-        for result in node.entries:
-            row = entry_row(node, result)
-            row["problems"] = [p.message for p in result.problems]
-            row["warnings"] = list(result.warnings)
-            del row["problem"]
-            entries.append(row)
-    document = {
+def write_report_json(report: ClusterReport, out: TextIO) -> None:
+    """``report.json`` to ``out``, one entry at a time, so that a report of 100,000s of
+    entries is never held whole: indented as ``json.dumps(document, indent=2)`` would,
+    except that each entry is one line (json's C encoder, which indenting turns off, is
+    several times faster)."""
+    head = {
         "ok": report.ok,
         "verdict": str(report.verdict),
         "registry": report.registry_address,
         "block": report.block,
         "seconds": round(report.seconds, 3),
         "nodes": [node_summary(report, n) for n in report.nodes],
-        "entries": entries,
+        "entries": [],
     }
-    return json.dumps(document, indent=2) + "\n"
+    text = json.dumps(head, indent=2)
+    out.write(text[: text.rindex("[]")] + "[")
+    first = True
+    for node in report.nodes:
+        for result in node.entries:
+            row = entry_row(node, result)
+            row["problems"] = [p.message for p in result.problems]
+            row["warnings"] = list(result.warnings)
+            del row["problem"]
+            out.write("\n    " if first else ",\n    ")
+            out.write(json.dumps(row))
+            first = False
+    out.write("]\n}\n" if first else "\n  ]\n}\n")
+
+
+def report_json(report: ClusterReport) -> str:
+    out = io.StringIO()
+    write_report_json(report, out)
+    return out.getvalue()
 
 
 def _csv_cell(value: object) -> object:
@@ -158,12 +172,17 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-def report_csv(report: ClusterReport) -> str:
-    out = io.StringIO()
+def write_report_csv(report: ClusterReport, out: TextIO) -> None:
+    """``report.csv`` to ``out``, one row at a time."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows(report):
         writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+
+
+def report_csv(report: ClusterReport) -> str:
+    out = io.StringIO()
+    write_report_csv(report, out)
     return out.getvalue()
 
 

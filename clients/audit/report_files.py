@@ -3,10 +3,11 @@ in one place, owner-only (the report says who read whose records)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
-from clients.audit.audit_report import report_csv, report_json
+from clients.audit.audit_report import write_report_csv, write_report_json
 from clients.audit.auditor import ClusterReport
 from clients.audit.report_html import report_html
 
@@ -18,15 +19,17 @@ def write_reports(
 ) -> tuple[Path, ...]:
     """The three reports in ``out_dir`` (created owner-only), in :data:`REPORT_FILES`
     order; ``audited_at`` (unix seconds) and ``chain_id`` head the HTML report."""
-    texts = (
-        report_json(report),
-        report_csv(report),
-        report_html(report, audited_at=audited_at, chain_id=chain_id),
+    # JSON and CSV are written a row at a time: a large audit's report is never held whole.
+    writers: tuple[Callable[[TextIO], object], ...] = (
+        lambda out: write_report_json(report, out),
+        lambda out: write_report_csv(report, out),
+        lambda out: out.write(report_html(report, audited_at=audited_at, chain_id=chain_id)),
     )
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     paths = tuple(out_dir / name for name in REPORT_FILES)
-    for path, text in zip(paths, texts, strict=True):
+    for path, write in zip(paths, writers, strict=True):
         path.touch(mode=0o600)
         path.chmod(0o600)  # also when an earlier report left it wider
-        path.write_text(text, encoding="utf-8")
+        with path.open("w", encoding="utf-8", newline="") as out:
+            write(out)
     return paths

@@ -120,3 +120,15 @@ def test_a_node_that_could_not_be_read_is_reported_so_not_as_failed(node: Node) 
     assert lines[1].endswith(f"COULD NOT READ: {reason}")
     assert lines[-1].startswith("audit INCOMPLETE")
     assert failures(report) == f"{NODE} could not be read: {reason}"
+
+
+def test_the_json_report_has_one_line_per_entry(node: Node) -> None:
+    node.chain.revoked_at = FIRST_BLOCK + 30
+    text = report_json(cluster_report(node))
+    entries = json.loads(text)["entries"]
+    lines = text.splitlines()
+    start = lines.index('  "entries": [') + 1
+    rows = [f"    {json.dumps(row)}" for row in entries]
+    assert len(rows) == 40
+    assert lines[start:] == [row + "," for row in rows[:-1]] + [rows[-1], "  ]", "}"]
+    assert json.loads(report_json(ClusterReport("", 1, (), 0, {}, 0)))["entries"] == []
