@@ -160,6 +160,21 @@ class LiarsCoordinator:
                     return float(value)
         raise AssertionError(f"{series} is not exported")
 
+    def lies(self) -> float:
+        """The liar's fragments the coordinator found not to verify."""
+        return self.metric(
+            f'kms_coordinator_lying_fragments_total{{node="{self.liar.node.node_id}"}}'
+        )
+
+    def read_until_caught(self, read: Callable[[], None], tries: int = 30) -> float:
+        """``read`` (which checks what it read) until the liar is caught, at most
+        ``tries`` times; the lies counted then."""
+        for _ in range(tries):
+            read()
+            if self.lies():
+                break
+        return self.lies()
+
     def liar_calls(self) -> str:
         """What the coordinator saw of the liar, for a failure's message."""
         node = self.liar.node.node_id
@@ -234,16 +249,15 @@ def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
 ) -> None:
     relay = coordinator_with_a_lying_node
     liar = relay.liar.node.node_id
-    lies = f'kms_coordinator_lying_fragments_total{{node="{liar}"}}'
-    assert relay.metric(lies) == 0  # exported from the start: the alert sees the first
+    assert relay.lies() == 0  # exported from the start: the alert sees the first
     people.grant_doctor()
     with _app(people, relay.address) as doctor:
-        # Every read succeeds, the first the liar takes part in through the retry.
-        for _ in range(30):
+
+        def read() -> None:
             assert doctor.read_record(people.lab.record_id) == lab_result()
-            if relay.metric(lies):
-                break
-        assert relay.metric(lies) == 1, relay.liar_calls()
+
+        # Every read succeeds, the first the liar takes part in through the retry.
+        assert relay.read_until_caught(read) == 1, relay.liar_calls()
         assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
         (lied,) = relay.events("node_lied")
         assert lied["node_id"] == liar
@@ -254,8 +268,8 @@ def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
         # sends is verified first: nothing of it is relayed again, the app reports no
         # more bad fragments.
         for _ in range(6):
-            assert doctor.read_record(people.lab.record_id) == lab_result()
-    assert relay.metric(lies) == 1
+            read()
+    assert relay.lies() == 1
     assert len(relay.events("reencrypt_retried")) == 1
 
 
@@ -263,18 +277,16 @@ def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
     people: People, coordinator_with_a_lying_node: LiarsCoordinator
 ) -> None:
     relay = coordinator_with_a_lying_node
-    liar = relay.liar.node.node_id
-    lies = f'kms_coordinator_lying_fragments_total{{node="{liar}"}}'
     people.grant_doctor([RecordType.LAB_RESULT, RecordType.DIAGNOSIS])
     records = [people.lab.record_id, people.condition.record_id]
     with _app(people, relay.address) as doctor:
-        for _ in range(30):
-            read = doctor.read_records(records)
-            assert read == {records[0]: lab_result(), records[1]: diagnosis()}
-            if relay.metric(lies):
-                break
-    # One lie per record, found in one batch: one retry replaced both.
-    assert relay.metric(lies) == 2, relay.liar_calls()
+
+        def read() -> None:
+            plaintexts = doctor.read_records(records)
+            assert plaintexts == {records[0]: lab_result(), records[1]: diagnosis()}
+
+        # One lie per record, found in one batch: one retry replaced both.
+        assert relay.read_until_caught(read) == 2, relay.liar_calls()
     assert {e["record_id"] for e in relay.events("node_lied")} == {r.hex() for r in records}
     (retried,) = relay.events("reencrypt_retried")
     assert set(retried["replaced"]) == {r.hex() for r in records}
