@@ -108,6 +108,11 @@ chaos: setup
 bench-audit-large: setup
 	$(BIN)/python -m benchmarks.audit_large --entries $(or $(ENTRIES),100000) --out benchmarks/results/audit_large.json
 
+# The coordinator relaying fragments unverified vs verifying every one (ADR 14), in one run.
+.PHONY: bench-verify-once
+bench-verify-once: setup
+	$(BIN)/python -m benchmarks.verify_once --out benchmarks/results/verify_once.json
+
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup
 	$(BIN)/python -m benchmarks.coordinator_restart --out benchmarks/results/coordinator_restart.json

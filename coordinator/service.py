@@ -26,7 +26,13 @@ from coordinator.fan_out import ShareCollection, as_batch_response, fan_out, rot
 from coordinator.node_connections import NodeClient, NodeClientFactory, RoundRobin
 from coordinator.node_pool import NodePool
 from coordinator.patient_keys import PatientKeyCache, PatientReader
-from coordinator.relayed_reads import Ask, RelayedCapsule, RelayedRead, RelayedReads
+from coordinator.relayed_reads import (
+    READ_ID_BYTES,
+    Ask,
+    RelayedCapsule,
+    RelayedRead,
+    RelayedReads,
+)
 from coordinator.settings import CoordinatorSettings
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
 from core.errors import (
@@ -390,6 +396,8 @@ class CoordinatorService:
         fragment verifies, the report is false: charged to the read's requester as that
         many refusals, and refused, with no replacements. The read is retried once."""
         read_id = bytes(msg.read_id)
+        if len(read_id) != READ_ID_BYTES:
+            raise InvalidRequest(f"read_id must be {READ_ID_BYTES} bytes, as answered")
         read = self._relayed.peek(read_id, time.monotonic())
         if read is None:
             raise PreconditionFailed(

@@ -310,7 +310,8 @@ class ProviderClient:
                 open_all(retried.results)
             except KmsError as e:
                 for record_id in bad:
-                    results[record_id] = e
+                    if isinstance(results[record_id], KmsError):  # not opened without it
+                        results[record_id] = e
         for outcome in results.values():
             if isinstance(outcome, KmsError):
                 outcome.request_id = request.request_id

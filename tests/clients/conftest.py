@@ -116,6 +116,7 @@ class FakeCoordinator:
     #: the kfrags the "nodes" hold, one cfrag each per re-encryption
     kfrags: list[umbral.VerifiedKeyFrag] = field(default_factory=list)
     reencrypt_requests: list[common_pb2.ReencryptionRequest] = field(default_factory=list)
+    batch_requests: list[common_pb2.ReencryptionBatchRequest] = field(default_factory=list)
     #: nodes whose fragments are corrupted in a read's first answer (not in a retry)
     lying: set[str] = field(default_factory=set)
     #: every retry the app sent (ADR 14)
@@ -148,8 +149,8 @@ class FakeCoordinator:
             ]
         )
 
-    def _fragments(self, request: common_pb2.ReencryptionRequest, *, lie: bool) -> Any:
-        capsule = umbral.Capsule.from_bytes(request.capsule)
+    def _fragments(self, capsule_bytes: bytes, *, lie: bool) -> Any:
+        capsule = umbral.Capsule.from_bytes(capsule_bytes)
         fragments = []
         for n, k in zip(NODE_IDS, self.kfrags, strict=False):
             cfrag = bytes(umbral.reencrypt(capsule, k))
@@ -160,7 +161,7 @@ class FakeCoordinator:
 
     def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:
         self.reencrypt_requests.append(request)
-        fragments = self._fragments(request, lie=True)
+        fragments = self._fragments(request.capsule, lie=True)
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=fragments, threshold=len(fragments), read_id=b"r" * 16
         )
@@ -169,10 +170,34 @@ class FakeCoordinator:
         self.retries.append(request)
         if self.retry_error is not None:
             raise self.retry_error
-        fragments = self._fragments(self.reencrypt_requests[-1], lie=False)
+        fragments = self._fragments(self.reencrypt_requests[-1].capsule, lie=False)
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=fragments, threshold=len(fragments)
         )
+
+    def reencrypt_batch(self, request: common_pb2.ReencryptionBatchRequest, _: Any) -> Any:
+        self.batch_requests.append(request)
+        return coordinator_pb2.CoordinatorBatchResponse(
+            results=self._capsules(request, lie=True), threshold=len(self.kfrags), read_id=b"b" * 16
+        )
+
+    def retry_batch(self, request: coordinator_pb2.RetryReadRequest, _: Any) -> Any:
+        self.retries.append(request)
+        if self.retry_error is not None:
+            raise self.retry_error
+        reported = {bytes(r.record_id) for r in request.reported}
+        results = self._capsules(self.batch_requests[-1], lie=False)
+        return coordinator_pb2.CoordinatorBatchResponse(
+            results=[r for r in results if r.record_id in reported], threshold=len(self.kfrags)
+        )
+
+    def _capsules(self, request: common_pb2.ReencryptionBatchRequest, *, lie: bool) -> Any:
+        return [
+            coordinator_pb2.CapsuleFragments(
+                record_id=ref.record_id, fragments=self._fragments(ref.capsule, lie=lie)
+            )
+            for ref in request.capsules
+        ]
 
 
 @pytest.fixture
@@ -185,6 +210,8 @@ def coordinator() -> Iterator[FakeCoordinator]:
         ),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, fake.reencrypt),
         rpc.Method("RetryReencrypt", coordinator_pb2.RetryReadRequest, fake.retry),
+        rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, fake.reencrypt_batch),
+        rpc.Method("RetryReencryptBatch", coordinator_pb2.RetryReadRequest, fake.retry_batch),
     ]
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers([rpc.service_handler(COORDINATOR_SERVICE, methods)])

@@ -130,6 +130,34 @@ def test_a_refused_report_fails_the_read_with_the_coordinators_reason(
     assert caught.value.request_id == coordinator.reencrypt_requests[-1].request_id
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["replaced", "retry-refused"])
+def test_a_batch_reports_every_bad_fragment_in_one_retry(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+    refused: bool,
+) -> None:
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    granted.lying = {"node-2", "node-3"}  # one of three left: below the threshold of 2
+    if refused:
+        granted.retry_error = PreconditionFailed("no read is kept")
+    read = reader.read_records(records)
+    (report,) = granted.retries
+    assert report.read_id == b"b" * 16
+    reported = [(r.record_id, r.node_id) for r in report.reported]
+    assert reported == [(r, n) for r in records for n in ("node-2", "node-3")]
+    for record_id in records:
+        outcome = read[record_id]
+        if refused:
+            assert isinstance(outcome, PreconditionFailed)
+            assert outcome.request_id == granted.batch_requests[-1].request_id
+        else:
+            assert outcome == lab_result()
+
+
 def test_a_record_the_registry_does_not_know_is_not_found_and_nothing_is_sent(
     reader: ProviderClient, coordinator: FakeCoordinator
 ) -> None:

@@ -127,6 +127,8 @@ def test_a_report_naming_a_fragment_not_relayed_is_refused_and_the_read_kept(
     assert len(retry(world, response.read_id, "node-2").fragments) == 3
     with pytest.raises(PreconditionFailed, match="no read is kept"):
         retry(world, b"\x00" * 16, "node-2")
+    with pytest.raises(InvalidRequest, match="read_id must be 16 bytes"):
+        retry(world, b"\x00" * 17, "node-2")
 
 
 def test_a_batch_retry_answers_the_reported_capsules_in_one_round(world: World) -> None:

@@ -41,7 +41,7 @@ from core.request_auth import signing_digest
 from deploy import processes
 from deploy.certs import ClusterCa
 from deploy.local_cluster import HOST, LocalCluster
-from deploy.sample_records import lab_result
+from deploy.sample_records import diagnosis, lab_result
 from proto.kms.v1 import audit_pb2, common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import COORDINATOR_SERVICE, NODE_SERVICE, AuditStub, CoordinatorStub, NodeStub
 from proto.transport import Transport
@@ -117,11 +117,26 @@ class LyingNode:
         self.corrupted += 1
         return response
 
+    def reencrypt_batch(
+        self, request: common_pb2.ReencryptionBatchRequest, _ctx: object
+    ) -> node_pb2.ReencryptBatchResponse:
+        response = self._stub.ReencryptBatch(request, timeout=5)
+        for outcome in response.outcomes:
+            if not outcome.status:
+                outcome.fragment.cfrag = _corrupt(outcome.fragment.cfrag)
+        self.corrupted += 1
+        return response
+
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         return {
             "Reencrypt": _unary(
                 common_pb2.ReencryptionRequest, node_pb2.ReencryptResponse, self.reencrypt
-            )
+            ),
+            "ReencryptBatch": _unary(
+                common_pb2.ReencryptionBatchRequest,
+                node_pb2.ReencryptBatchResponse,
+                self.reencrypt_batch,
+            ),
         }
 
     def close(self) -> None:
@@ -144,6 +159,32 @@ class LiarsCoordinator:
                 if name == series:
                     return float(value)
         raise AssertionError(f"{series} is not exported")
+
+    def lies(self) -> float:
+        """The liar's fragments the coordinator found not to verify."""
+        return self.metric(
+            f'kms_coordinator_lying_fragments_total{{node="{self.liar.node.node_id}"}}'
+        )
+
+    def read_until_caught(self, read: Callable[[], None], tries: int = 30) -> float:
+        """``read`` (which checks what it read) until the liar is caught, at most
+        ``tries`` times; the lies counted then."""
+        for _ in range(tries):
+            read()
+            if self.lies():
+                break
+        return self.lies()
+
+    def liar_calls(self) -> str:
+        """What the coordinator saw of the liar, for a failure's message."""
+        node = self.liar.node.node_id
+        series = [
+            f'kms_coordinator_node_call_duration_seconds_count{{node="{node}"}}',
+            f'kms_coordinator_node_abandoned_total{{node="{node}"}}',
+            f'kms_coordinator_node_in_rotation{{node="{node}"}}',
+        ]
+        seen = ", ".join(f"{s.split('{')[0]} {self.metric(s)}" for s in series)
+        return f"the liar corrupted {self.liar.corrupted} answers; coordinator: {seen}"
 
     def events(self, event: str) -> list[dict[str, Any]]:
         lines = self.log.read_text().splitlines()
@@ -173,15 +214,16 @@ def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[LiarsCoordi
     for node in config["nodes"]:
         target = liar_address if node["node_id"] == liar.node.node_id else node["address"]
         lines += ["[[nodes]]", f'node_id = "{node["node_id"]}"', f'address = "{target}"']
-    second = config_path.with_name("coordinator-with-liar.toml")
+    name = f"coordinator-with-liar-{secrets.token_hex(4)}"  # its own log per test
+    second = config_path.with_name(f"{name}.toml")
     second.write_text("\n".join(lines) + "\n")
-    log = cluster.state_dir / "logs" / "coordinator-with-liar.log"
+    log = cluster.state_dir / "logs" / f"{name}.log"
     process = processes.spawn(
         [sys.executable, "-m", "cli.coordinator", "serve", "--config", str(second)], log
     )
     try:
         processes.wait_until(
-            "coordinator-with-liar",
+            name,
             lambda: processes.grpc_serving(address, cluster.app_transport),
             process,
             log,
@@ -207,16 +249,15 @@ def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
 ) -> None:
     relay = coordinator_with_a_lying_node
     liar = relay.liar.node.node_id
-    lies = f'kms_coordinator_lying_fragments_total{{node="{liar}"}}'
-    assert relay.metric(lies) == 0  # exported from the start: the alert sees the first
+    assert relay.lies() == 0  # exported from the start: the alert sees the first
     people.grant_doctor()
     with _app(people, relay.address) as doctor:
-        # Every read succeeds, the first the liar takes part in through the retry.
-        for _ in range(30):
+
+        def read() -> None:
             assert doctor.read_record(people.lab.record_id) == lab_result()
-            if relay.metric(lies):
-                break
-        assert relay.metric(lies) == 1
+
+        # Every read succeeds, the first the liar takes part in through the retry.
+        assert relay.read_until_caught(read) == 1, relay.liar_calls()
         assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
         (lied,) = relay.events("node_lied")
         assert lied["node_id"] == liar
@@ -227,9 +268,28 @@ def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
         # sends is verified first: nothing of it is relayed again, the app reports no
         # more bad fragments.
         for _ in range(6):
-            assert doctor.read_record(people.lab.record_id) == lab_result()
-    assert relay.metric(lies) == 1
+            read()
+    assert relay.lies() == 1
     assert len(relay.events("reencrypt_retried")) == 1
+
+
+def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
+    people: People, coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    relay = coordinator_with_a_lying_node
+    people.grant_doctor([RecordType.LAB_RESULT, RecordType.DIAGNOSIS])
+    records = [people.lab.record_id, people.condition.record_id]
+    with _app(people, relay.address) as doctor:
+
+        def read() -> None:
+            plaintexts = doctor.read_records(records)
+            assert plaintexts == {records[0]: lab_result(), records[1]: diagnosis()}
+
+        # One lie per record, found in one batch: one retry replaced both.
+        assert relay.read_until_caught(read) == 2, relay.liar_calls()
+    assert {e["record_id"] for e in relay.events("node_lied")} == {r.hex() for r in records}
+    (retried,) = relay.events("reencrypt_retried")
+    assert set(retried["replaced"]) == {r.hex() for r in records}
 
 
 def test_a_false_report_is_refused_counted_and_the_node_kept(
