@@ -4,7 +4,7 @@ Each patient registers, anchors one record and grants one of a few hundred provi
 registry's own functions, so the chain holds exactly the events a real registry would. Speed
 comes from anvil, not from shortcuts in the contract: every account is impersonated (no
 signing, gas price 0 so no funding), automine is off, and transactions go in JSON-RPC batches
-and are mined a thousand at a time. Calldata is encoded once per function and the
+and are mined 4 000 at a time. Calldata is encoded once per function and the
 per-patient words spliced in.
 
 The filled chain is dumped (``anvil_dumpState``, blocks and receipts included, gzipped) to
@@ -45,8 +45,12 @@ ANVIL_ARGS: Final = (
     "--disable-block-gas-limit",
 )
 PROVIDERS: Final = 200
-#: patients per mined block (each phase: registrations, then records, then grants)
-PER_BLOCK: Final = 1000
+#: patients per mined block (each phase: registrations, then records, then grants). Few,
+#: large blocks: anvil's time to mine a block grows with the whole state (about 1 s at
+#: 10 000 patients), but one block's logs must fit a node's 8 MiB answer bound.
+PER_BLOCK: Final = 4000
+#: transactions per JSON-RPC batch (anvil drops requests of a few MB)
+SEND_BATCH: Final = 1000
 _GAS: Final = hex(1_000_000)
 #: placeholders in the calldata templates, replaced per patient
 _ADDRESS: Final = "ab" * 20
@@ -165,7 +169,8 @@ def _tx(sender: str, nonce: int, to: str, data: str) -> tuple[str, list[Any]]:
 def _mined(batches: _Batches, registry: str, calls: list[tuple[str, list[Any]]]) -> None:
     """Send ``calls`` and mine them in one block. Every one must have succeeded: each emits
     one registry event (counted in one call; anvil looks receipts up slowly, one by one)."""
-    batches.call(calls)
+    for first in range(0, len(calls), SEND_BATCH):
+        batches.call(calls[first : first + SEND_BATCH])
     batches.call([("evm_mine", [])])
     (number,) = batches.call([("eth_blockNumber", [])])  # after: a batch's calls may overlap
     query = {"address": registry, "fromBlock": number, "toBlock": number}
