@@ -259,14 +259,18 @@ def cached_chain(patients: int, work_dir: Path) -> tuple[AnvilProcess, FilledCha
     anvil = AnvilProcess(
         log_path=work_dir / "anvil.log", extra_args=ANVIL_ARGS, startup_timeout_s=60
     ).start()
-    started = time.perf_counter()
-    registry = fill(anvil.rpc_url, patients)
-    fill_s = time.perf_counter() - started
-    batches = _Batches(anvil.rpc_url)  # the dump is larger than rpc_call reads, by design
     try:
-        (dumped,) = batches.call([("anvil_dumpState", [])])
-    finally:
-        batches.close()
+        started = time.perf_counter()
+        registry = fill(anvil.rpc_url, patients)
+        fill_s = time.perf_counter() - started
+        batches = _Batches(anvil.rpc_url)  # the dump is larger than rpc_call reads, by design
+        try:
+            (dumped,) = batches.call([("anvil_dumpState", [])])
+        finally:
+            batches.close()
+    except BaseException:
+        anvil.stop()  # the caller gets no process to stop
+        raise
     state.write_bytes(bytes.fromhex(dumped.removeprefix("0x")))  # gzip, as anvil gives it
     meta.write_text(json.dumps({"registry": registry, "patients": patients}) + "\n")
     return anvil, FilledChain(registry, patients, fill_s)
