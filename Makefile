@@ -81,7 +81,7 @@ clean:
 
 # Benchmarks (issue 5): baseline, one node, the 3-of-5 cluster, scaling and
 # revocation in one run; writes benchmarks/results/ and the README's results.
-.PHONY: bench bench-quick bench-flood bench-hung-node bench-coordinator-restart chaos bench-audit-large
+.PHONY: bench bench-quick bench-flood bench-hung-node bench-coordinator-restart chaos bench-audit-large bench-index-scale
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness
@@ -116,3 +116,11 @@ bench-verify-once: setup
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup
 	$(BIN)/python -m benchmarks.coordinator_restart --out benchmarks/results/coordinator_restart.json
+
+# The grant index with 10 000 and 100 000 patients (issue 14): memory per patient, restart
+# from a snapshot and by full replay, lookup p50, extrapolated to a million; adds
+# index_kb_per_patient and restart_s_100k_patients to latest.json. The filled chains are
+# cached in benchmarks/cache/ (the first run fills them: about 15 minutes in all).
+bench-index-scale: setup
+	$(BIN)/python -m benchmarks.index_scale --out benchmarks/results/index_scale.json \
+	  --latest benchmarks/results/latest.json

@@ -78,25 +78,12 @@ def _timed_appends(log: Any, node_id: str, size: int, duration_s: float) -> dict
 
 
 def _measure_in_child(duration_s: float, queue: Any) -> None:
+    from benchmarks.scratch_token import scratch_keystore
     from kms_node.audit_log import AuditLog
-    from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore, ensure_keys
-    from kms_node.hsm.softhsm_token import init_softhsm_token
-    from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 
     with tempfile.TemporaryDirectory(prefix="medkms-audit-bench-") as tmp:
         root = Path(tmp)
-        label, pin = "medkms-audit-bench", secrets.token_hex(8)
-        conf = root / "softhsm2.conf"
-        init_softhsm_token(
-            softhsm_conf=conf,
-            token_dir=root / "tokens",
-            module_path=DEFAULT_SOFTHSM_MODULE,
-            token_label=label,
-            so_pin=secrets.token_hex(8),
-            user_pin=pin,
-        )
-        ensure_keys(DEFAULT_SOFTHSM_MODULE, label, pin, softhsm_conf=conf)
-        keystore = Pkcs11KeyStore.open(DEFAULT_SOFTHSM_MODULE, label, pin, softhsm_conf=conf)
+        keystore = scratch_keystore(root, "medkms-audit-bench")
         log = AuditLog(root / "audit.sqlite", keystore, "bench-node")
         try:
             log.append_many(_entries("bench-node", 8))  # warm up
