@@ -124,4 +124,4 @@ def test_every_labelled_counter_starts_at_zero_for_every_value() -> None:
             assert line in exposed, line
     assert 'kms_coordinator_node_faults_total{node="node-2",status="unavailable"} 0.0' in exposed
     assert 'kms_coordinator_node_in_rotation{node="node-1"} 1.0' in exposed
-    assert 'kms_coordinator_lying_fragments_total{node="node-2"} 0.0' in exposed
+    assert 'kms_coordinator_lying_fragments_total{node="node-1"} 0.0' in exposed
