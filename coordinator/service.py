@@ -369,7 +369,7 @@ class CoordinatorService:
         self, msg: coordinator_pb2.RetryReadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
         """A single read's reported fragments checked and replaced (:meth:`_retry`)."""
-        ((_, outcome),) = await self._retry(msg, context)
+        ((_, outcome),) = await self._retry(msg, context, batch=False)
         if isinstance(outcome, KmsError):
             raise outcome
         return coordinator_pb2.CoordinatorReencryptResponse(
@@ -381,14 +381,18 @@ class CoordinatorService:
     ) -> coordinator_pb2.CoordinatorBatchResponse:
         """A batch's reported capsules, each with its fragments or why it has none: only
         the capsules reported, in the read's order."""
-        outcomes = await self._retry(msg, context)
+        outcomes = await self._retry(msg, context, batch=True)
         return coordinator_pb2.CoordinatorBatchResponse(
             results=[_capsule_result(r, o) for r, o in outcomes],
             threshold=self._settings.threshold,
         )
 
     async def _retry(
-        self, msg: coordinator_pb2.RetryReadRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        msg: coordinator_pb2.RetryReadRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        batch: bool,
     ) -> list[tuple[bytes, Outcome]]:
         """Check the reported fragments of a kept read (ADR 14). Each one that does not
         verify takes its node out of rotation (``node_lied``, counted per node) and is
@@ -405,6 +409,10 @@ class CoordinatorService:
                 f"than {self._relayed.keep_s:g} s; send the read again"
             )
         reported = _reported(msg, read)
+        if not batch and len(reported) > 1:
+            raise InvalidRequest(
+                "fragments of several records are reported with RetryReencryptBatch"
+            )
         self._relayed.take(read_id, time.monotonic())
         lied: dict[bytes, list[str]] = {}
         false: list[str] = []

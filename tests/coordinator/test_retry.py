@@ -149,6 +149,8 @@ def test_a_batch_retry_answers_the_reported_capsules_in_one_round(world: World) 
             for r in (records[2], records[0])
         ],
     )
+    with pytest.raises(InvalidRequest, match="with RetryReencryptBatch"):
+        asyncio.run(world.service.retry_reencrypt(reported, Context()))  # type: ignore[arg-type]
     retried = asyncio.run(world.service.retry_reencrypt_batch(reported, Context()))  # type: ignore[arg-type]
     # The reported capsules only, in the read's order, each replaced by one batch call.
     assert [r.record_id for r in retried.results] == [records[0], records[2]]
