@@ -47,6 +47,7 @@ from clients.sdk.provider import ProviderClient
 from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core import logs
 from core.audit_findings import Verdict
+from core.audit_sources import failed_in_transit
 from core.errors import ChainRejected, IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
@@ -330,17 +331,24 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     registry = cluster.registry()
     receipts = load_receipts(args.receipts) if args.receipts else []
-    since = load_state(args.state_file, registry.list_nodes()) if args.state_file else {}
-    report = audit_cluster(
-        registry,
-        _node_channels(cluster),
-        node_ids=args.node,
-        receipts=receipts,
-        since=since,
-        events=registry if args.state_from_events else None,
-        start_block=int(cluster.data["chain"]["registry_start_block"]),
-        progress=None if args.quiet else AuditProgress(sys.stderr),
-    )
+    try:
+        since = load_state(args.state_file, registry.list_nodes()) if args.state_file else {}
+        report = audit_cluster(
+            registry,
+            _node_channels(cluster),
+            node_ids=args.node,
+            receipts=receipts,
+            since=since,
+            events=registry if args.state_from_events else None,
+            start_block=int(cluster.data["chain"]["registry_start_block"]),
+            progress=None if args.quiet else AuditProgress(sys.stderr),
+        )
+    except KmsError as e:
+        if not failed_in_transit(e):
+            raise
+        # The chain could not be read before any node was: nothing was checked.
+        print(f"kmsctl: audit incomplete: could not read the chain: {e.message}", file=sys.stderr)
+        return EXIT_COULD_NOT_READ
     paths = write_reports(
         report,
         args.report_dir or args.state_dir / "audit",

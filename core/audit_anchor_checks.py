@@ -183,8 +183,7 @@ def _prefix_roots(served: ServedLog, sizes: set[int]) -> dict[int, bytes]:
     for size in sorted(sizes):
         if size < tree.size:
             continue  # inside the verified prefix: checked by consistency instead
-        while tree.size < size and tree.size in served.leaves:
-            tree = tree.append(served.leaves[tree.size])
+        tree = tree.extend(served.leaves_from(tree.size, size))
         if tree.size < size:
             break
         roots[size] = tree.root()

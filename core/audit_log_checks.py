@@ -8,6 +8,7 @@ caller holds vouch for entries the log has. Pure, no I/O beyond the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from core import bounded_json, merkle
@@ -124,11 +125,18 @@ class ServedLog:
         checks ask for the checkpoint's more than once, and the leaves are read by then."""
         if size in self._trees:
             return self._trees[size]
-        tree = self.base
-        while tree.size < size and tree.size in self.leaves:
-            tree = tree.append(self.leaves[tree.size])
+        tree = self.base.extend(self.leaves_from(self.base.size, size))
         self._trees[size] = tree if tree.size == size else None
         return self._trees[size]
+
+    def leaves_from(self, start: int, end: int) -> Iterator[bytes]:
+        """The served leaf hashes from ``start`` on, up to ``end`` or the first missing."""
+        leaves = self.leaves
+        for index in range(start, end):
+            leaf = leaves.get(index)
+            if leaf is None:
+                return
+            yield leaf
 
     def request_id(self, index: int) -> str:
         """The entry's request id; read leniently when the entry does not parse, "" if

@@ -242,6 +242,17 @@ def test_root_and_compact_range_at_every_size() -> None:
             compact = compact.append(LEAVES[n])
 
 
+def test_extending_a_range_is_appending_each_leaf() -> None:
+    for start in range(0, MAX_SIZE + 1, 3):
+        base = merkle.CompactRange.from_leaf_hashes(LEAVES[:start])
+        for end in range(start, MAX_SIZE + 1, 5):
+            assert base.extend(LEAVES[start:end]) == merkle.CompactRange.from_leaf_hashes(
+                LEAVES[:end]
+            )
+    with pytest.raises(InvalidRequest, match="leaf hash 2 is not a 32-byte hash"):
+        merkle.CompactRange.from_leaf_hashes(LEAVES[:2]).extend([b"short"])
+
+
 def test_append_reports_every_perfect_subtree_once() -> None:
     compact = merkle.CompactRange()
     seen: dict[tuple[int, int], bytes] = {}

@@ -23,6 +23,7 @@ from clients.sdk.records import parse_envelope
 from contracts.registry import RegistryClient
 from core.audit_findings import Check, NodeReport, Verdict
 from core.audit_sources import ReadPolicy
+from core.errors import ChainUnavailable, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import NodeInfo
 from deploy.local_cluster import LocalCluster
@@ -244,3 +245,26 @@ def could_not_read(report: NodeReport) -> str:
     (message,) = report.could_not_read
     assert message.startswith(prefix), message
     return message
+
+
+def test_a_chain_that_cannot_be_read_before_any_node_exits_3(
+    cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Failing in transit before any node is read is "could not read" (exit 3); any other
+    error is still an error (exit 1)."""
+    state = ["--state-dir", str(cluster.state_dir), "--report-dir", str(tmp_path)]
+    for error, code in (
+        (ChainUnavailable("latest block: chain at http://127.0.0.1:1 unavailable"), 3),
+        (InvalidRequest("not registered on-chain: node-9"), 1),
+    ):
+
+        def fail(*_args: object, error: Exception = error, **_kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(kmsctl, "audit_cluster", fail)
+        assert kmsctl.main(["audit", "verify", *state]) == code
+        err = capsys.readouterr().err
+        assert ("could not read the chain: latest block" in err) == (code == 3), err
