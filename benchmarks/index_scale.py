@@ -38,7 +38,7 @@ from typing import Any
 
 import umbral_pre as umbral
 
-from benchmarks import machine, registry_fill, stats
+from benchmarks import machine, registry_fill, report, stats
 from benchmarks.json_results import emit
 from benchmarks.scratch_token import scratch_keystore
 from contracts.registry import RegistryClient
@@ -148,6 +148,7 @@ def measure(patients: int, work_dir: Path, keystore: Pkcs11KeyStore) -> dict[str
         per_patient_b = _index_bytes_per_patient(
             restarted.index.to_bytes(), patients
         )  # the index as a restart holds it
+        restarted.sync_once()  # fresh again after the memory measurement (seconds)
         lookups = _lookup_s(restarted, patients)
     finally:
         anvil.stop()
@@ -215,7 +216,7 @@ def add_to_latest(latest: Path, results: dict[str, Any]) -> None:
     if largest["patients"] == 100_000:
         document["restart_s_100k_patients"] = round(largest["restart_from_snapshot_s"], 3)
     document["index_scale"] = results
-    latest.write_text(json.dumps(document, indent=2) + "\n")
+    latest.write_text(report.compact_json(document) + "\n")  # as the harness writes it
 
 
 def main(argv: list[str] | None = None) -> int:

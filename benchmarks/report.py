@@ -324,7 +324,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _compact_json(results: dict[str, Any]) -> str:
+def compact_json(results: dict[str, Any]) -> str:
     """Indented JSON with lists of numbers kept on one line (the CDFs)."""
     text = json.dumps(_finite(results), indent=2, allow_nan=False)
     return re.sub(
@@ -355,7 +355,7 @@ def render(results: dict[str, Any], out: Path, *, readme: bool) -> None:
 
 
 def write(results: dict[str, Any], out: Path, *, readme: bool) -> None:
-    (out / "latest.json").write_text(_compact_json(results) + "\n")
+    (out / "latest.json").write_text(compact_json(results) + "\n")
     render(results, out, readme=readme)
 
 
