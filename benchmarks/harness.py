@@ -326,12 +326,29 @@ def _headline(
             read["throughput_rps"], base["effective_cores"] / bound_s
         ),
         "cluster_p50_ms": phases["cluster_read_c1"]["p50_ms"],
+        # issue 14's keys: CPU per request over the bare operation's, and p50 over the bound
+        "node_single_cost_x": _inverse(
+            stats.node_ratio(single["count"], single["cpu_s"][node_id], wire_rate)
+        ),
+        "node_batch32_cost_x": (
+            _inverse(stats.node_ratio(batch["count"] * BATCH, batch["cpu_s"][node_id], wire_rate))
+            if batch
+            else None
+        ),
+        "cluster_p50_over_bound": stats.ratio(
+            phases["cluster_read_c1"]["p50_ms"], bound_s * 1000.0
+        ),
         "cluster_dek_p50_ms": phases["cluster_dek_c1"]["p50_ms"],
         "cluster_throughput_rps": read["throughput_rps"],
         "cluster_dek_throughput_rps": dek["throughput_rps"],
         "node_single_p50_ms": phases["node_single_c1"]["p50_ms"],
         "node_single_throughput_rps": single["throughput_rps"],
     }
+
+
+def _inverse(ratio: float | None) -> float | None:
+    """A cost (CPU per request over the bare operation's) from a rate ratio."""
+    return 1.0 / ratio if ratio else None
 
 
 def _median_headline(runs: list[dict[str, float | None]]) -> dict[str, float | None]:

@@ -49,6 +49,15 @@ HEADLINE = [
     ),
     ("node_batch32_ratio_wire", "one node, batches of 32: the same"),
     (
+        "node_single_cost_x",
+        "one node, single: node CPU per request / bare re-encryption from bytes (1 / ratio_wire)",
+    ),
+    ("node_batch32_cost_x", "one node, batches of 32: the same per capsule"),
+    (
+        "cluster_p50_over_bound",
+        "cluster 3-of-5, read p50 at concurrency 1 / the bare 3-of-5 request's CPU time",
+    ),
+    (
         "audit_overhead_ms",
         "audit log per single request: durable append + HSM-signed receipt, p50 (ms)",
     ),
