@@ -47,6 +47,7 @@ from benchmarks.harness import (
 )
 from benchmarks.json_results import add_out_option, emit
 from benchmarks.workload import prepare
+from clients.sdk import parsed_objects
 from clients.sdk import provider as provider_module
 from clients.sdk.identity import Identity
 from clients.sdk.provider import ProviderClient
@@ -115,7 +116,7 @@ def _timed_reads(provider: ProviderClient, timers: _Timers) -> ExitStack:
         (provider._coordinator, "Reencrypt", "grpc_call"),
         (provider, "_check", "verification"),
         (provider, "_open_dek", "decryption"),
-        (provider_module, "load_public_key", "key_parsing"),
+        (parsed_objects, "load_public_key", "key_parsing"),
         (Identity, "umbral_secret_key", "receiving_key"),
         (provider_module, "open_envelope", "record_decryption"),
         (provider, "_fetch", "blob_and_hash"),
