@@ -290,6 +290,8 @@ class ProviderClient:
         parse_purpose(purpose_of_use)
         if not 1 <= len(record_ids) <= MAX_BATCH:
             raise InvalidRequest(f"read 1 to {MAX_BATCH} records at a time")
+        if len(set(record_ids)) != len(record_ids):
+            raise InvalidRequest("a batch read names each record once (a record id is repeated)")
         fetched = [self._fetch(r) for r in record_ids]
         patients = {patient.address for _, _, patient in fetched}
         if len(patients) != 1:

@@ -260,6 +260,16 @@ def test_a_batch_covers_one_patients_records(
     assert coordinator.reencrypt_requests == []
 
 
+def test_a_batch_names_each_record_once(
+    reader: ProviderClient, stored: StoredRecord, coordinator: FakeCoordinator
+) -> None:
+    """The nodes refuse a batch holding a record twice: say so before anything is sent."""
+    for read in (reader.read_records, reader.read_records_with_receipts):
+        with pytest.raises(InvalidRequest, match="names each record once"):
+            read([stored.record_id, stored.record_id])
+    assert coordinator.reencrypt_requests == []
+
+
 def test_an_emergency_grant_opens_on_the_patients_opt_in(
     twin: RegistryTwin,
     connect: Connect,
