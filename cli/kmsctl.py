@@ -5,7 +5,7 @@
     kmsctl cluster status|down [--state-dir DIR]
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
-    kmsctl provider read RECORD_ID [--as NAME] [--out FILE]
+    kmsctl provider read RECORD_ID... [--as NAME] [--out FILE|DIR] [--receipts-out FILE]
     kmsctl provider probe RECORD_ID --seconds S [--readers N] --out FILE
     kmsctl patient|provider|emergency ... --keystore FILE --profile FILE --blob-dir DIR
     kmsctl account new|show|public --keystore FILE
@@ -43,13 +43,14 @@ from clients.audit.report_files import write_reports
 from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
 from clients.sdk.patient import PatientClient
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core import logs
 from core.audit_findings import Verdict
 from core.audit_sources import failed_in_transit
 from core.errors import ChainRejected, IntegrityError, InvalidRequest, KmsError
 from core.record_types import RecordType
+from core.requests import MAX_BATCH
 from deploy.local_cluster import LocalCluster
 from deploy.processes import grpc_serving
 
@@ -241,17 +242,36 @@ def _provider(me: parties.Party) -> ProviderClient:
     )
 
 
-def cmd_provider_read(args: argparse.Namespace) -> None:
+def cmd_provider_read(args: argparse.Namespace) -> int:
+    """One record, or several of one patient in one batch read; with ``--receipts-out``
+    the receipts of the nodes that served them are added to the receipts file."""
+    record_ids = [_record_id(r) for r in args.record_ids]
     with _provider(parties.party(args)) as provider:
-        read = provider.read_record_with_receipts(_record_id(args.record_id), args.purpose)
-    plaintext = read.plaintext
-    if args.receipts_out:
-        save_receipts(args.receipts_out, read.receipts)
-        print(f"receipts: {args.receipts_out} ({len(read.receipts)} nodes)", file=sys.stderr)
-    if args.out:
-        args.out.write_bytes(plaintext)
-    else:
-        sys.stdout.write(plaintext.decode() + "\n")
+        if len(record_ids) == 1:
+            reads: dict[bytes, RecordRead | KmsError] = {
+                record_ids[0]: provider.read_record_with_receipts(record_ids[0], args.purpose)
+            }
+        else:
+            reads = provider.read_records_with_receipts(record_ids, args.purpose)
+    read = [r for r in reads.values() if isinstance(r, RecordRead)]
+    if args.receipts_out and read:
+        receipts = [receipt for r in read for receipt in r.receipts]
+        save_receipts(args.receipts_out, receipts)
+        print(f"receipts: {args.receipts_out} ({len(receipts)} receipts)", file=sys.stderr)
+    if args.out and len(record_ids) > 1:
+        args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for record_id, outcome in reads.items():
+        if isinstance(outcome, KmsError):
+            failed += 1
+            about = f" (request {outcome.request_id})" if outcome.request_id else ""
+            print(f"kmsctl: 0x{record_id.hex()}: {outcome.message}{about}", file=sys.stderr)
+        elif args.out:
+            out = args.out if len(record_ids) == 1 else args.out / f"0x{record_id.hex()}.json"
+            out.write_bytes(outcome.plaintext)
+        else:
+            sys.stdout.write(outcome.plaintext.decode() + "\n")
+    return 1 if failed else 0
 
 
 #: a probe is a bounded check of a deployment, not a load generator left running
@@ -479,16 +499,23 @@ def build_parser() -> argparse.ArgumentParser:
     provider = sub.add_parser("provider", help="provider flows").add_subparsers(
         dest="action", required=True
     )
-    read = provider.add_parser("read", help="read a shared record")
+    read = provider.add_parser(
+        "read", help="read a shared record, or several of one patient in one batch"
+    )
     parties.add_party_options(read, default_name="doctor")
-    read.add_argument("record_id")
+    read.add_argument("record_ids", nargs="+", metavar="record_id", help=f"1 to {MAX_BATCH}")
     read.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
-    read.add_argument("--out", type=Path, help="write the record here instead of stdout")
+    read.add_argument(
+        "--out",
+        type=Path,
+        help="write the record here instead of stdout; with several records, a directory "
+        "to write each to as 0x<record id>.json",
+    )
     read.add_argument(
         "--receipts-out",
         type=Path,
-        help="add the nodes' signed audit receipts for this read to FILE (a JSON list that "
-        "`kmsctl audit verify --receipts FILE` checks against the nodes' logs)",
+        help="add the nodes' signed audit receipts for the records read to FILE (a JSON "
+        "list that `kmsctl audit verify --receipts FILE` checks against the nodes' logs)",
     )
     read.set_defaults(func=cmd_provider_read)
     probe = provider.add_parser(

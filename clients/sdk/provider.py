@@ -71,11 +71,36 @@ class RecordRead:
 
 @dataclass(frozen=True)
 class CheckedFragments:
-    """A capsule's fragments as the app verified them: those that verify, and the nodes
-    of those that do not (to report)."""
+    """A capsule's fragments as the app verified them: those that verify (and the
+    fragments they came in, with their receipts), and the nodes of those that do not
+    (to report)."""
 
     verified: list[umbral.VerifiedCapsuleFrag]
+    used: list[common_pb2.CapsuleFragment]
     bad: list[str]
+
+
+@dataclass(frozen=True)
+class OpenedRecord:
+    """A record opened: its plaintext and the fragments that opened it."""
+
+    plaintext: bytes
+    used: list[common_pb2.CapsuleFragment]
+
+    def __repr__(self) -> str:  # never the record's contents
+        return f"OpenedRecord({len(self.plaintext)} bytes, {len(self.used)} fragments)"
+
+
+def receipts_of(opened: OpenedRecord, request_id: str) -> RecordRead:
+    """The record as read, with the receipts of the fragments that opened it; a malformed
+    one is an ``IntegrityError`` naming the request."""
+    try:
+        receipts = tuple(Receipt.from_fields(f.receipt) for f in opened.used)
+    except InvalidRequest as e:
+        error = IntegrityError(f"the coordinator relayed a malformed receipt: {e.message}")
+        error.request_id = request_id
+        raise error from None
+    return RecordRead(opened.plaintext, receipts)
 
 
 Signed = TypeVar("Signed", common_pb2.ReencryptionRequest, common_pb2.ReencryptionBatchRequest)
@@ -166,30 +191,21 @@ class ProviderClient:
 
     def read_record(self, record_id: bytes, purpose_of_use: str = "TREAT") -> bytes:
         """The record's plaintext FHIR JSON, if the patient's grant allows it."""
-        plaintext, _ = self._read(record_id, purpose_of_use)
-        return plaintext
+        opened, _ = self._read(record_id, purpose_of_use)
+        return opened.plaintext
 
     def read_record_with_receipts(
         self, record_id: bytes, purpose_of_use: str = "TREAT"
     ) -> RecordRead:
         """The record's plaintext, with the audit receipt each node signed for the
         fragment it gave: the app's proof that those nodes logged its request, for an
-        auditor (``kmsctl audit verify --receipts``) to check against their logs."""
-        plaintext, (request, response) = self._read(record_id, purpose_of_use)
-        try:
-            receipts = tuple(Receipt.from_fields(f.receipt) for f in response.fragments)
-        except InvalidRequest as e:
-            error = IntegrityError(f"the coordinator relayed a malformed receipt: {e.message}")
-            error.request_id = request.request_id
-            raise error from None
-        return RecordRead(plaintext, receipts)
+        auditor (``kmsctl audit verify --receipts``) to check against their logs. After a
+        retry (ADR 14) they are the receipts of the fragments that opened the record."""
+        opened, request_id = self._read(record_id, purpose_of_use)
+        return receipts_of(opened, request_id)
 
-    def _read(
-        self, record_id: bytes, purpose_of_use: str
-    ) -> tuple[
-        bytes,
-        tuple[common_pb2.ReencryptionRequest, coordinator_pb2.CoordinatorReencryptResponse],
-    ]:
+    def _read(self, record_id: bytes, purpose_of_use: str) -> tuple[OpenedRecord, str]:
+        """The record opened, and the id of the signed request that read it."""
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
         request, response = send_read(
@@ -213,8 +229,7 @@ class ProviderClient:
                 )
                 response = self._retry(self._coordinator.RetryReencrypt, reported)
                 checked = self._check(patient, record, envelope, response.fragments)
-            dek = self._open_dek(patient, record, envelope, checked)
-            return open_envelope(envelope, dek), (request, response)
+            return self._open(patient, record, envelope, checked), request.request_id
 
     def _retry(
         self,
@@ -233,9 +248,35 @@ class ProviderClient:
     ) -> dict[bytes, bytes | KmsError]:
         """Many records of one patient in one round trip (e.g. a patient's history):
         each record's plaintext, or the error that record met."""
+        opened, _ = self._read_batch(record_ids, purpose_of_use)
+        return {r: o if isinstance(o, KmsError) else o.plaintext for r, o in opened.items()}
+
+    def read_records_with_receipts(
+        self, record_ids: Sequence[bytes], purpose_of_use: str = "TREAT"
+    ) -> dict[bytes, RecordRead | KmsError]:
+        """As :meth:`read_records`, each record read with the receipts of the nodes whose
+        fragments opened it (as :meth:`read_record_with_receipts`): they share each
+        node's one signature over the batch, each with its entry's path in it."""
+        opened, request_id = self._read_batch(record_ids, purpose_of_use)
+        results: dict[bytes, RecordRead | KmsError] = {}
+        for record_id, outcome in opened.items():
+            try:
+                results[record_id] = (
+                    outcome if isinstance(outcome, KmsError) else receipts_of(outcome, request_id)
+                )
+            except IntegrityError as e:
+                results[record_id] = e
+        return results
+
+    def _read_batch(
+        self, record_ids: Sequence[bytes], purpose_of_use: str
+    ) -> tuple[dict[bytes, OpenedRecord | KmsError], str]:
+        """Each record opened, or the error it met; and the id of the signed request."""
         parse_purpose(purpose_of_use)
         if not 1 <= len(record_ids) <= MAX_BATCH:
             raise InvalidRequest(f"read 1 to {MAX_BATCH} records at a time")
+        if len(set(record_ids)) != len(record_ids):
+            raise InvalidRequest("a batch read names each record once (a record id is repeated)")
         fetched = [self._fetch(r) for r in record_ids]
         patients = {patient.address for _, _, patient in fetched}
         if len(patients) != 1:
@@ -252,19 +293,20 @@ class ProviderClient:
             ),
             self._timeouts.fan_out_s,
         )
-        results: dict[bytes, bytes | KmsError] = {
+        results: dict[bytes, OpenedRecord | KmsError] = {
             rec.record_id: IntegrityError("the coordinator returned no result for this record")
             for rec, _, _ in fetched
         }
         envelopes = {rec.record_id: (rec, env) for rec, env, _ in fetched}
 
         def open_all(answers: Iterable[coordinator_pb2.CapsuleFragments]) -> dict[bytes, list[str]]:
-            """Open each answered record into ``results``; the nodes of the fragments
-            that did not verify, by record."""
+            """Open each answered record not opened yet into ``results`` (a record opened
+            keeps the fragments that opened it); the nodes of the fragments that did not
+            verify, by record."""
             bad: dict[bytes, list[str]] = {}
             for result in answers:
                 record_id = bytes(result.record_id)
-                if record_id not in envelopes:
+                if record_id not in envelopes or isinstance(results[record_id], OpenedRecord):
                     continue
                 if result.status:
                     results[record_id] = error_for_status(result.status, result.reason)
@@ -274,8 +316,7 @@ class ProviderClient:
                     checked = self._check(patient, record, envelope, result.fragments)
                     if checked.bad:
                         bad[record_id] = checked.bad
-                    dek = self._open_dek(patient, record, envelope, checked)
-                    results[record_id] = open_envelope(envelope, dek)
+                    results[record_id] = self._open(patient, record, envelope, checked)
                 except KmsError as e:
                     results[record_id] = e
             return bad
@@ -300,7 +341,7 @@ class ProviderClient:
         for outcome in results.values():
             if isinstance(outcome, KmsError):
                 outcome.request_id = request.request_id
-        return results
+        return results, request.request_id
 
     # A record's anchor (patient, hashes, storage URI) and a patient's registered keys
     # never change once on-chain, so they are read once. Whether a record is still
@@ -345,16 +386,28 @@ class ProviderClient:
         delegating_key = self._parsed.public_key(patient.umbral_key(record.record_type))
         verifying_key = self._parsed.public_key(patient.verifying_key)
         receiving_key = self._receiving_key
-        checked = CheckedFragments([], [])
+        checked = CheckedFragments([], [], [])
         for fragment in fragments:
             try:
                 cfrag = load_cfrag(fragment.cfrag)
                 checked.verified.append(
                     cfrag.verify(capsule, verifying_key, delegating_key, receiving_key)
                 )
+                checked.used.append(fragment)
             except (InvalidRequest, VerificationError):
                 checked.bad.append(fragment.node_id)  # dropped, and reported
         return checked
+
+    def _open(
+        self,
+        patient: PatientInfo,
+        record: RecordInfo,
+        envelope: record_pb2.RecordEnvelope,
+        checked: CheckedFragments,
+    ) -> OpenedRecord:
+        """The record opened with the verified fragments."""
+        dek = self._open_dek(patient, record, envelope, checked)
+        return OpenedRecord(open_envelope(envelope, dek), checked.used)
 
     def _open_dek(
         self,

@@ -123,6 +123,10 @@ class FakeCoordinator:
     retries: list[coordinator_pb2.RetryReadRequest] = field(default_factory=list)
     #: the answer to a retry; None answers with the read's fragments, none corrupted
     retry_error: KmsError | None = None
+    #: whether each fragment carries a receipt (well formed, not signed): leaf 0 of
+    #: its node's log for the first fragment relayed, 1 for the next, and so on
+    with_receipts: bool = False
+    relayed: int = 0
 
     def enroll(self, request: coordinator_pb2.RelayEnrollmentsRequest, _: Any) -> Any:
         results = []
@@ -156,7 +160,18 @@ class FakeCoordinator:
             cfrag = bytes(umbral.reencrypt(capsule, k))
             if lie and n in self.lying:
                 cfrag = cfrag[:-40] + bytes(40)
-            fragments.append(common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag))
+            fragment = common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag)
+            if self.with_receipts:
+                fragment.receipt.CopyFrom(
+                    common_pb2.AuditReceipt(
+                        node_id=n,
+                        leaf_index=self.relayed,
+                        tree_size=self.relayed + 1,
+                        entry_hash=hashlib.sha256(cfrag).digest(),
+                    )
+                )
+                self.relayed += 1
+            fragments.append(fragment)
         return fragments
 
     def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:

@@ -13,7 +13,7 @@ import umbral_pre as umbral
 from clients.sdk.blob_store import STORAGE_SCHEME, LocalBlobStore
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.records import SealedRecord, parse_envelope, seal
 from core.errors import (
     ChainRejected,
@@ -285,6 +285,16 @@ def test_a_batch_covers_one_patients_records(
     assert coordinator.reencrypt_requests == []
 
 
+def test_a_batch_names_each_record_once(
+    reader: ProviderClient, stored: StoredRecord, coordinator: FakeCoordinator
+) -> None:
+    """The nodes refuse a batch holding a record twice: say so before anything is sent."""
+    for read in (reader.read_records, reader.read_records_with_receipts):
+        with pytest.raises(InvalidRequest, match="names each record once"):
+            read([stored.record_id, stored.record_id])
+    assert coordinator.reencrypt_requests == []
+
+
 def test_an_emergency_grant_opens_on_the_patients_opt_in(
     twin: RegistryTwin,
     connect: Connect,
@@ -318,3 +328,72 @@ def test_fragments_without_valid_receipts_are_no_proof_for_the_app(
     with pytest.raises(IntegrityError, match="malformed receipt") as caught:
         reader.read_record_with_receipts(stored.record_id)
     assert caught.value.request_id
+
+
+@pytest.mark.parametrize(
+    ("lying", "used", "answer"),
+    [
+        ({"node-2"}, ["node-1", "node-3"], "first"),  # two verify: enough to open
+        ({"node-2", "node-3"}, ["node-1", "node-2", "node-3"], "retry"),
+    ],
+    ids=["opened-at-once", "opened-after-retry"],
+)
+def test_a_batch_read_returns_the_receipts_of_the_fragments_that_opened_each_record(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+    lying: set[str],
+    used: list[str],
+    answer: str,
+) -> None:
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    granted.lying, granted.with_receipts = lying, True
+    read = reader.read_records_with_receipts(records)
+    # The first answer relays leaves 0 to 5 (two records, three nodes); a retry's 6 to 11.
+    first_answer = range(0, 6)
+    assert len(granted.retries) == 1  # every bad fragment is reported, used or not
+    for record_id in records:
+        outcome = read[record_id]
+        assert isinstance(outcome, RecordRead), outcome
+        assert outcome.plaintext == lab_result()
+        assert [r.node_id for r in outcome.receipts] == used
+        leaves = [r.leaf_index for r in outcome.receipts]
+        assert all((leaf in first_answer) == (answer == "first") for leaf in leaves)
+    # The plain batch read is the same read without the receipts.
+    assert reader.read_records(records) == dict.fromkeys(records, lab_result())
+
+
+def test_a_single_read_after_a_retry_returns_the_replacements_receipts(
+    reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator
+) -> None:
+    granted.lying, granted.with_receipts = {"node-2", "node-3"}, True
+    read = reader.read_record_with_receipts(stored.record_id)
+    assert read.plaintext == lab_result()
+    assert [(r.node_id, r.leaf_index) for r in read.receipts] == [
+        ("node-1", 3),
+        ("node-2", 4),
+        ("node-3", 5),
+    ]
+
+
+def test_a_batch_without_receipts_opens_but_is_no_proof_for_the_app(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    """Each record asked with its receipts is an error naming the request when they are
+    missing; the plain batch read still opens them."""
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    assert reader.read_records(records) == dict.fromkeys(records, lab_result())
+    read = reader.read_records_with_receipts(records)
+    for record_id in records:
+        outcome = read[record_id]
+        assert isinstance(outcome, IntegrityError)
+        assert "malformed receipt" in outcome.message
+        assert outcome.request_id == granted.batch_requests[-1].request_id

@@ -32,10 +32,10 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.records import parse_envelope
-from core.audit import AuditEntry
-from core.errors import AccessDenied, IntegrityError
+from core.audit import AuditEntry, verify_receipt
+from core.errors import AccessDenied, IntegrityError, KmsError
 from core.record_types import RecordType
 from core.request_auth import signing_digest
 from deploy import processes
@@ -277,12 +277,15 @@ def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
     people: People, coordinator_with_a_lying_node: LiarsCoordinator
 ) -> None:
     relay = coordinator_with_a_lying_node
+    liar = relay.liar.node.node_id
     people.grant_doctor([RecordType.LAB_RESULT, RecordType.DIAGNOSIS])
     records = [people.lab.record_id, people.condition.record_id]
+    reads: list[dict[bytes, RecordRead | KmsError]] = []
     with _app(people, relay.address) as doctor:
 
         def read() -> None:
-            plaintexts = doctor.read_records(records)
+            reads.append(doctor.read_records_with_receipts(records))
+            plaintexts = {r: getattr(o, "plaintext", o) for r, o in reads[-1].items()}
             assert plaintexts == {records[0]: lab_result(), records[1]: diagnosis()}
 
         # One lie per record, found in one batch: one retry replaced both.
@@ -290,6 +293,17 @@ def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
     assert {e["record_id"] for e in relay.events("node_lied")} == {r.hex() for r in records}
     (retried,) = relay.events("reencrypt_retried")
     assert set(retried["replaced"]) == {r.hex() for r in records}
+    # The receipts returned are those of the fragments that opened each record: the
+    # replacements', not the liar's (its receipt is genuine: it did log the request).
+    keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
+    for record_id in records:
+        caught = reads[-1][record_id]
+        assert isinstance(caught, RecordRead)
+        used = sorted(r.node_id for r in caught.receipts)
+        assert used == sorted(retried["replaced"][record_id.hex()])
+        assert liar not in retried["replaced"][record_id.hex()]
+        assert len(caught.receipts) == people.cluster.threshold
+        assert all(verify_receipt(r, keys[r.node_id]) for r in caught.receipts)
 
 
 def test_a_false_report_is_refused_counted_and_the_node_kept(

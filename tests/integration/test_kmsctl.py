@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from clients.audit.receipts_file import save_receipts
+from clients.sdk.provider import RecordRead
+from core.audit import Receipt, verify_receipt
+from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
 from deploy.sample_records import lab_result
+from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster
 
@@ -76,6 +81,25 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
         assert out.read_bytes() == lab_result()
     kept = json.loads(receipts.read_text())
     assert len(kept) == 2 * cluster.threshold
+    # Several records are one batch read: each written to the directory, every receipt kept.
+    again = kmsctl(cluster, "patient", "store", str(document), "--type", "lab_result")
+    assert again.returncode == 0, again.stderr
+    both = [record_id, json.loads(again.stdout)["record_id"]]
+    records, batch_receipts = tmp_path / "records", tmp_path / "batch-receipts.json"
+    batch = kmsctl(
+        cluster,
+        "provider",
+        "read",
+        *both,
+        "--out",
+        str(records),
+        "--receipts-out",
+        str(batch_receipts),
+    )
+    assert batch.returncode == 0, batch.stderr
+    assert sorted(p.name for p in records.iterdir()) == sorted(f"{r}.json" for r in both)
+    assert all(p.read_bytes() == lab_result() for p in records.iterdir())
+    assert len(json.loads(batch_receipts.read_text())) == 2 * cluster.threshold
     # The app's receipts are the auditor's evidence: every one is in its node's log...
     verified = kmsctl(cluster, "audit", "verify", "--receipts", str(receipts))
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -169,3 +193,42 @@ def test_a_hostile_file_gets_a_message_not_a_crash(cluster: LocalCluster, tmp_pa
     result = kmsctl(state, "cluster", "status")
     assert result.returncode == 1, result.stderr
     assert "cluster.json nests deeper than 4 levels" in result.stderr
+
+
+def test_a_batch_reads_receipts_are_each_records_and_the_auditors_evidence(
+    people: People, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    records = [people.lab.record_id] + [
+        people.patient.store_record(lab_result(), RecordType.LAB_RESULT).record_id for _ in range(2)
+    ]
+    people.grant_doctor([RecordType.LAB_RESULT])
+    with people.provider() as doctor:
+        reads = doctor.read_records_with_receipts(records)
+    keys = {n.node_id: n.signing_public_key for n in people.registry.list_nodes()}
+    signatures: dict[str, set[bytes]] = {}
+    receipts: list[Receipt] = []
+    for record_id in records:
+        read = reads[record_id]
+        assert isinstance(read, RecordRead), read
+        assert read.plaintext == lab_result()
+        receipts += read.receipts
+        nodes = [r.node_id for r in read.receipts]
+        assert len(nodes) == len(set(nodes)) == cluster.threshold
+        for receipt in read.receipts:
+            assert verify_receipt(receipt, keys[receipt.node_id])
+            signatures.setdefault(receipt.node_id, set()).add(receipt.signature)
+    # Each node signed the batch's entries once, each receipt carrying its own path.
+    assert all(len(s) == 1 for s in signatures.values())
+
+    held = tmp_path / "receipts.json"
+    save_receipts(held, receipts)
+    verified = kmsctl(cluster, "audit", "verify", "--receipts", str(held))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    kept = json.loads(held.read_text())
+    batched = next(k for k in kept if k["batch_path"])
+    first = batched["batch_path"][0]
+    batched["batch_path"][0] = ("0" if first[0] != "0" else "1") + first[1:]
+    held.write_text(json.dumps(kept))
+    altered = kmsctl(cluster, "audit", "verify", "--receipts", str(held))
+    assert altered.returncode == 1
+    assert batched["node_id"] in altered.stdout + altered.stderr
