@@ -113,6 +113,11 @@ bench-audit-large: setup
 bench-verify-once: setup
 	$(BIN)/python -m benchmarks.verify_once --out benchmarks/results/verify_once.json
 
+# The app's CPU per read split by step, as ratios to the bare umbral work it must do (issue 14).
+.PHONY: bench-sdk-share
+bench-sdk-share: setup
+	$(BIN)/python -m benchmarks.sdk_share --out benchmarks/results/sdk_share.json
+
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup
 	$(BIN)/python -m benchmarks.coordinator_restart --out benchmarks/results/coordinator_restart.json

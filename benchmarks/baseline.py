@@ -112,6 +112,31 @@ def bound_ms(threshold: int, shares: int, *, duration_s: float) -> float:
     return cpu_s / len(latencies) * 1000.0
 
 
+def app_share_ms(threshold: int, shares: int, *, duration_s: float) -> dict[str, float]:
+    """CPU milliseconds of the app's share of one request's crypto: ``threshold`` cfrag
+    verifications (parsed from bytes, as they arrive) and one ``decrypt_reencrypted``,
+    each timed alone and both together."""
+    keys = _Keys(threshold, shares)
+    cfrags = [bytes(umbral.reencrypt(keys.capsule, k)) for k in keys.kfrags[:threshold]]
+    verified = [keys.verify(c) for c in cfrags]
+
+    def verify() -> object:
+        return [keys.verify(c) for c in cfrags]
+
+    def decrypt() -> object:
+        return keys.decrypt(verified)
+
+    def both() -> object:
+        return keys.decrypt([keys.verify(c) for c in cfrags])
+
+    result = {}
+    for name, op in (("verify_ms", verify), ("decrypt_ms", decrypt), ("total_ms", both)):
+        op()
+        latencies, cpu_s, _ = _timed(op, duration_s, MAX_OPS)
+        result[name] = cpu_s / len(latencies) * 1000.0
+    return result
+
+
 def _reencrypt_for(duration_s: float) -> tuple[int, float]:
     """Re-encryptions done in ``duration_s`` of wall time, and that time."""
     keys = _Keys(3, 5)

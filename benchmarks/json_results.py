@@ -3,6 +3,7 @@ their results: printed as JSON, and written to ``--out`` when given."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -13,3 +14,8 @@ def emit(results: dict[str, Any], out: Path | None) -> None:
     print(text)
     if out is not None:
         out.write_text(text + "\n")
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--out FILE`` option every such benchmark takes."""
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too")

@@ -46,6 +46,7 @@ from eth_hash.auto import keccak
 from eth_keys.backends.native.main import NativeECCBackend
 from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
+from eth_typing import Hash32
 from eth_utils.exceptions import ValidationError as EthValidationError
 
 from core.addresses import checksum
@@ -211,7 +212,12 @@ def request_id_of(domain: Domain, claims: Claims) -> str:
     so distinct requests get distinct ids (a collision takes about 2^64 signed requests
     of one's own, and gains nothing: every audit entry also names what was asked).
     """
-    return signing_digest(domain, claims)[:REQUEST_ID_BYTES].hex()
+    return id_of_digest(signing_digest(domain, claims))
+
+
+def id_of_digest(digest: bytes) -> str:
+    """:func:`request_id_of` from a signing digest already computed."""
+    return digest[:REQUEST_ID_BYTES].hex()
 
 
 def sign(account: LocalAccount, domain: Domain, claims: Claims) -> bytes:
@@ -220,6 +226,31 @@ def sign(account: LocalAccount, domain: Domain, claims: Claims) -> bytes:
     # which is exactly signing_digest(domain, claims).
     signable = SignableMessage(b"\x01", domain.separator, claims.hash_struct())
     return bytes(account.sign_message(signable).signature)
+
+
+class DigestSigner:
+    """One account's key, parsed once, signing EIP-712 digests: what :func:`sign` gives,
+    byte for byte (RFC 6979 nonces, low-S, v in {27, 28}), without eth_account parsing
+    the key and hashing the message again on every call (about 0.25 ms a request)."""
+
+    __slots__ = ("_account", "_key")
+
+    def __init__(self, account: LocalAccount) -> None:
+        self._account = account
+        self._key = coincurve.PrivateKey(bytes(account.key)) if _HAVE_COINCURVE else None
+
+    def __repr__(self) -> str:  # never the key
+        return f"DigestSigner({self._account.address})"
+
+    def sign(self, digest: bytes) -> bytes:
+        """The 65-byte ``r || s || v`` signature of ``digest`` (see :func:`signing_digest`)."""
+        if len(digest) != DIGEST_SIZE:
+            raise InvalidRequest(f"digest must be {DIGEST_SIZE} bytes")
+        if self._key is None:  # pragma: no cover - coincurve is a pinned dependency
+            return bytes(self._account.unsafe_sign_hash(Hash32(digest)).signature)
+        # libsecp256k1 signs low-S (EIP-2); its recovery id is 0 or 1, Ethereum's v 27 or 28
+        signature = self._key.sign_recoverable(digest, hasher=None)
+        return signature[:64] + bytes((signature[64] + 27,))
 
 
 # --- signer recovery ------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import umbral_pre as umbral
 
 from clients.sdk.blob_store import LocalBlobStore
 from clients.sdk.identity import Identity
-from clients.sdk.records import open_envelope, parse_envelope
+from clients.sdk.parsed_objects import ParsedObjects, cached
+from clients.sdk.records import open_envelope
 from clients.sdk.signed_requests import RequestSigner
 from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from core.audit import Receipt
@@ -39,29 +40,11 @@ from core.errors import (
 from core.registry_interface import ProviderRegistry
 from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
-from core.umbral_codec import VerificationError, capsule_hash, load_cfrag, load_public_key
+from core.umbral_codec import VerificationError, capsule_hash, load_cfrag
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, record_pb2
 from proto.stubs import CoordinatorStub
 from proto.transport import Transport
-
-#: anchors and patient keys kept per client
-CACHE_ENTRIES = 4096
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-def _cached(cache: dict[K, V], key: K, load: Callable[[K], V | None]) -> V | None:
-    """``cache[key]``, loading (and keeping) it on a miss; absent values are not kept."""
-    value = cache.get(key)
-    if value is None:
-        value = load(key)
-        if value is not None:
-            if len(cache) >= CACHE_ENTRIES:
-                cache.pop(next(iter(cache)))  # oldest first: dicts keep insertion order
-            cache[key] = value
-    return value
 
 
 @contextmanager
@@ -178,7 +161,9 @@ class ProviderClient:
             registry.signing_domain(),
         )
         #: cfrags are re-encrypted to it (derived once: each derivation costs)
-        self._receiving_key = identity.umbral_secret_key().public_key()
+        self._receiving_secret = identity.umbral_secret_key()
+        self._receiving_key = self._receiving_secret.public_key()
+        self._parsed = ParsedObjects()
         self._records: dict[bytes, RecordInfo] = {}
         self._patients: dict[str, PatientInfo] = {}
 
@@ -363,10 +348,10 @@ class ProviderClient:
     # active, and every grant, is judged by the nodes on each request.
 
     def _record(self, record_id: bytes) -> RecordInfo | None:
-        return _cached(self._records, record_id, self._registry.get_record)
+        return cached(self._records, record_id, self._registry.get_record)
 
     def _patient(self, address: str) -> PatientInfo | None:
-        return _cached(self._patients, address, self._registry.get_patient)
+        return cached(self._patients, address, self._registry.get_patient)
 
     def _fetch(self, record_id: bytes) -> tuple[RecordInfo, record_pb2.RecordEnvelope, PatientInfo]:
         """The record's envelope from the blob store, checked against the chain."""
@@ -378,7 +363,7 @@ class ProviderClient:
         blob = self._blobs.get(record.storage_uri)
         if not hmac.compare_digest(hashlib.sha256(blob).digest(), record.content_hash):
             raise IntegrityError("stored record does not match the content hash on-chain")
-        envelope = parse_envelope(blob)
+        envelope = self._parsed.envelope(blob)
         if envelope.record_id != record_id:
             raise IntegrityError("stored envelope names a different record")
         if not hmac.compare_digest(capsule_hash(envelope.capsule), record.capsule_hash):
@@ -397,9 +382,9 @@ class ProviderClient:
     ) -> CheckedFragments:
         """Verify the capsule fragments ourselves, against the patient's registered keys
         for the record's type and our own key."""
-        capsule = umbral.Capsule.from_bytes(envelope.capsule)
-        delegating_key = load_public_key(patient.umbral_key(record.record_type))
-        verifying_key = load_public_key(patient.verifying_key)
+        capsule = self._parsed.capsule(envelope.capsule)
+        delegating_key = self._parsed.public_key(patient.umbral_key(record.record_type))
+        verifying_key = self._parsed.public_key(patient.verifying_key)
         receiving_key = self._receiving_key
         checked = CheckedFragments([], [], [])
         for fragment in fragments:
@@ -433,11 +418,11 @@ class ProviderClient:
     ) -> bytes:
         """Decapsulate the DEK from verified fragments with the patient's key for the
         record's type."""
-        capsule = umbral.Capsule.from_bytes(envelope.capsule)
-        delegating_key = load_public_key(patient.umbral_key(record.record_type))
+        capsule = self._parsed.capsule(envelope.capsule)
+        delegating_key = self._parsed.public_key(patient.umbral_key(record.record_type))
         try:
             dek = umbral.decrypt_reencrypted(
-                self.identity.umbral_secret_key(),
+                self._receiving_secret,
                 delegating_key,
                 capsule,
                 checked.verified,

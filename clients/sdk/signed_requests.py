@@ -21,11 +21,13 @@ from core.record_types import RecordType
 from core.registry_types import NodeInfo
 from core.request_auth import (
     BatchClaims,
+    DigestSigner,
     Domain,
     EnrollmentClaims,
     RequestClaims,
-    request_id_of,
+    id_of_digest,
     sign,
+    signing_digest,
 )
 from core.requests import SealedKfrag, SignedRequestFields, address_bytes
 from core.umbral_codec import capsule_hash
@@ -46,6 +48,7 @@ class RequestSigner:
 
     def __init__(self, account: LocalAccount, umbral_public_key: bytes, domain: Domain) -> None:
         self._account = account
+        self._key = DigestSigner(account)
         self._umbral_key = umbral_public_key
         self._domain = domain
 
@@ -102,14 +105,15 @@ class RequestSigner:
     def _signed(self, request: _Request, claims: RequestClaims | BatchClaims) -> _Request:
         """``request`` with the rest of ``claims`` (whose records, the grantee's key, why,
         until when), the signature over them, and the id derived from it."""
-        request.request_id = request_id_of(self._domain, claims)
+        digest = signing_digest(self._domain, claims)  # once, for the id and the signature
+        request.request_id = id_of_digest(digest)
         request.patient = address_bytes(claims.patient)
         request.requester = address_bytes(self._account.address)
         request.requester_umbral_key = claims.requester_umbral_key
         request.purpose_of_use = claims.purpose_of_use
         request.deadline = claims.deadline
         request.nonce = claims.nonce
-        request.signature = sign(self._account, self._domain, claims)
+        request.signature = self._key.sign(digest)
         return request
 
 

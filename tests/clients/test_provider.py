@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import umbral_pre as umbral
 
-from clients.sdk.blob_store import LocalBlobStore
+from clients.sdk.blob_store import STORAGE_SCHEME, LocalBlobStore
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient, RecordRead
@@ -244,6 +244,31 @@ def test_anchors_and_patient_keys_are_read_from_the_registry_once(
     for _ in range(3):
         assert reader.read_record(stored.record_id) == lab_result()
     assert sorted(reads) == ["get_patient", "get_record"]
+
+
+def test_a_blob_changed_or_erased_after_a_read_is_checked_again(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    blobs: LocalBlobStore,
+    coordinator: FakeCoordinator,
+) -> None:
+    """The client keeps what it parsed (clients/sdk/parsed_objects.py), not what it
+    checked: every read fetches the blob again and checks it against the chain."""
+    coordinator.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    assert reader.read_record(stored.record_id) == lab_result()
+    path = blobs.root / stored.storage_uri.removeprefix(STORAGE_SCHEME)
+    blob = path.read_bytes()
+    path.write_bytes(sealed(alice).envelope)
+    with pytest.raises(IntegrityError):
+        reader.read_record(stored.record_id)
+    path.write_bytes(blob)
+    assert reader.read_record(stored.record_id) == lab_result()
+    assert blobs.delete(stored.storage_uri)
+    with pytest.raises(NotFound):
+        reader.read_record(stored.record_id)
+    assert len(coordinator.reencrypt_requests) == 2  # none for the refused reads
 
 
 def test_a_batch_covers_one_patients_records(

@@ -26,6 +26,7 @@ from core.request_auth import (
     SECP256K1_N,
     BatchClaims,
     Claims,
+    DigestSigner,
     Domain,
     EnrollmentClaims,
     RequestClaims,
@@ -282,6 +283,32 @@ def test_sign_recover_roundtrip(claims: Claims, requester: LocalAccount, backend
     message = encode_typed_data(full_message=typed_data(DOMAIN, claims))
     assert bytes(Account.sign_message(message, requester.key).signature) == signature
     assert Account.recover_message(message, signature=signature) == requester.address
+
+
+@pytest.mark.parametrize(
+    "claims", [SAMPLES[0], BATCH, ENROLLMENT], ids=["request", "batch", "enrollment"]
+)
+def test_a_digest_signer_signs_byte_for_byte_as_sign(
+    claims: Claims, requester: LocalAccount
+) -> None:
+    signer = DigestSigner(requester)
+    digest = signing_digest(DOMAIN, claims)
+    assert signer.sign(digest) == sign(requester, DOMAIN, claims)
+    assert recover_signer(digest, signer.sign(digest)) == requester.address
+    assert bytes(requester.key).hex() not in repr(signer)
+    with pytest.raises(InvalidRequest, match="digest must be 32 bytes"):
+        signer.sign(digest[:31])
+
+
+def test_a_digest_signer_gives_both_recovery_ids_as_eth_account_does() -> None:
+    seen_v = set()
+    for _ in range(16):
+        account = Account.create()
+        digest = signing_digest(DOMAIN, SAMPLES[0])
+        signature = DigestSigner(account).sign(digest)
+        assert signature == sign(account, DOMAIN, SAMPLES[0])
+        seen_v.add(signature[64])
+    assert seen_v == {27, 28}
 
 
 def test_another_key_recovers_another_address(requester: LocalAccount, backend: str) -> None:
