@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar, Final
 
 from eth_hash.auto import keccak
@@ -69,8 +70,25 @@ def _uint_word(value: int) -> bytes:
     return value.to_bytes(WORD, "big")
 
 
+# A ``bytes`` or ``string`` member is hashed on its own (encodeData), and the same values
+# come back request after request (a requester's Umbral key, a purpose of use): their
+# hashes are kept, a bounded number of short values only (one keccak256 costs about 5 us
+# through eth-hash, and a request has two such members).
+_HASHES_KEPT: Final = 4096
+_KEPT_UP_TO_BYTES: Final = 64
+
+
+@lru_cache(maxsize=_HASHES_KEPT)
+def _short_hash(value: bytes) -> bytes:
+    return keccak(value)
+
+
+def _bytes_hash(value: bytes) -> bytes:
+    return _short_hash(value) if len(value) <= _KEPT_UP_TO_BYTES else keccak(value)
+
+
 def _string_hash(value: str) -> bytes:
-    return keccak(value.encode("utf-8"))
+    return _bytes_hash(value.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,7 @@ BYTES32: Final = MemberType("bytes32", _checked_bytes32, bytes, hex_0x)
 UINT8: Final = _uint(8)
 UINT64: Final = _uint(64)
 UINT256: Final = _uint(256)
-BYTES: Final = MemberType("bytes", _checked_bytes, keccak, hex_0x)
+BYTES: Final = MemberType("bytes", _checked_bytes, _bytes_hash, hex_0x)
 STRING: Final = MemberType("string", _checked_string, _string_hash, str)
 
 

@@ -355,7 +355,30 @@ def authenticate(
 ) -> None:
     """Check the request is fresh and signed by ``requester``; raise Unauthenticated
     (or InvalidRequest for a deadline beyond the window) otherwise."""
-    check_deadline(claims.deadline, now, max_window_s)
-    if signer_of(domain, claims, signature) != requester:
-        who = "patient" if isinstance(claims, EnrollmentClaims) else "requester"
+    authenticate_digest(
+        signing_digest(domain, claims),
+        claims.deadline,
+        signature,
+        requester,
+        now=now,
+        max_window_s=max_window_s,
+        who="patient" if isinstance(claims, EnrollmentClaims) else "requester",
+    )
+
+
+def authenticate_digest(
+    digest: bytes,
+    deadline: int,
+    signature: bytes,
+    signer: str,
+    *,
+    now: float,
+    max_window_s: int,
+    who: str = "requester",
+) -> None:
+    """:func:`authenticate` for claims whose signing digest is already computed (a parsed
+    request's, :attr:`core.requests.ReencryptionQuery.digest`), so it is not hashed twice;
+    ``deadline`` must be the one the digest covers."""
+    check_deadline(deadline, now, max_window_s)
+    if recover_signer(digest, signature) != signer:
         raise Unauthenticated(f"signature is not by the {who}")

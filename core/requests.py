@@ -22,11 +22,11 @@ from core.record_types import RecordType
 from core.request_auth import (
     SIGNATURE_SIZE,
     BatchClaims,
-    Claims,
     Domain,
     EnrollmentClaims,
     RequestClaims,
-    request_id_of,
+    id_of_digest,
+    signing_digest,
 )
 from core.umbral_codec import capsule_hash, load_capsule, load_public_key
 
@@ -73,8 +73,8 @@ def parse_record_id(data: bytes) -> bytes:
     return data
 
 
-def parse_request_id(echo: str, domain: Domain, claims: Claims) -> str:
-    """The request's id: derived from what the requester signed
+def parse_request_id(echo: str, digest: bytes) -> str:
+    """The request's id: derived from the signing digest of what the requester signed
     (:func:`~core.request_auth.request_id_of`), never taken from the wire.
 
     The wire's ``request_id`` is an optional echo of it, which must be empty or equal.
@@ -83,7 +83,7 @@ def parse_request_id(echo: str, domain: Domain, claims: Claims) -> str:
     instead of being silently ignored, and so that the SDK's messages name the id the
     audit logs will carry. Checked last, so a malformed field is named first.
     """
-    derived = request_id_of(domain, claims)
+    derived = id_of_digest(digest)
     if echo and echo != derived:
         # The caller's value is not repeated: it may be anything, of any length.
         raise InvalidRequest(
@@ -168,6 +168,10 @@ class ReencryptionQuery:
     receiving_key: umbral.PublicKey
     purpose_of_use: str
     signed: Signed
+    #: the EIP-712 digest the requester signed (a batch's, for its items), computed once
+    #: from the checked fields above: the request id is derived from it and the signature
+    #: is checked against it, so neither hashes the claims again
+    digest: bytes
 
     @cached_property
     def capsule_hash(self) -> bytes:
@@ -198,6 +202,7 @@ class ReencryptionQuery:
         served, or ``load_capsule``)."""
         query = cls(
             request_id="",
+            digest=b"",
             patient=parse_address(msg.patient, "patient"),
             record_id=parse_record_id(msg.record_id),
             record_type=parse_record_type(msg.record_type),
@@ -209,8 +214,9 @@ class ReencryptionQuery:
             purpose_of_use=parse_purpose(msg.purpose_of_use),
             signed=Signed.parse(msg.deadline, msg.nonce, msg.signature),
         )
-        request_id = parse_request_id(msg.request_id, domain, query.claims())
-        return dataclasses.replace(query, request_id=request_id)
+        digest = signing_digest(domain, query.claims())
+        request_id = parse_request_id(msg.request_id, digest)
+        return dataclasses.replace(query, request_id=request_id, digest=digest)
 
 
 MAX_SEALED_KFRAG_BYTES = 512
@@ -376,6 +382,7 @@ class BatchQuery:
             items.append(
                 ReencryptionQuery(
                     request_id="",
+                    digest=b"",
                     patient=patient,
                     record_id=record_id,
                     record_type=parse_record_type(ref.record_type, f"capsules[{i}].record_type"),
@@ -388,5 +395,9 @@ class BatchQuery:
                     signed=signed,
                 )
             )
-        request_id = parse_request_id(msg.request_id, domain, cls("", tuple(items)).claims())
-        return cls(request_id, tuple(dataclasses.replace(q, request_id=request_id) for q in items))
+        digest = signing_digest(domain, cls("", tuple(items)).claims())
+        request_id = parse_request_id(msg.request_id, digest)
+        return cls(
+            request_id,
+            tuple(dataclasses.replace(q, request_id=request_id, digest=digest) for q in items),
+        )

@@ -8,6 +8,7 @@ umbral-pre raises bare ValueErrors with serde messages; callers get an
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 import umbral_pre as umbral
 
@@ -31,9 +32,20 @@ def _check_size(field: str, data: bytes, size: int) -> None:
 def load_public_key(data: bytes, field: str = "umbral public key") -> umbral.PublicKey:
     _check_size(field, data, PUBLIC_KEY_SIZE)
     try:
-        return umbral.PublicKey.from_compressed_bytes(data)
+        return _public_key(bytes(data))
     except ValueError:
         raise InvalidRequest(f"{field} is not a compressed secp256k1 point") from None
+
+
+#: a node sees the same requesters' keys in request after request; decompressing the point
+#: costs about 13 us each time. Bounded so that a stream of fresh keys cannot grow it;
+#: keys that fail to parse raise and are not kept.
+PUBLIC_KEYS_KEPT = 4096
+
+
+@lru_cache(maxsize=PUBLIC_KEYS_KEPT)
+def _public_key(data: bytes) -> umbral.PublicKey:
+    return umbral.PublicKey.from_compressed_bytes(data)
 
 
 def load_capsule(data: bytes, field: str = "capsule") -> umbral.Capsule:

@@ -8,6 +8,7 @@ starts, and the supervisor serves their sum.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from prometheus_client import (
     CollectorRegistry,
@@ -51,6 +52,40 @@ KFRAGS_STORED = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",  # every process sees the same database
 )
+
+
+# Each request touches three series; ``labels()`` validates and looks its labels up under
+# a lock every time, so the children are kept (prometheus_client's own advice for hot
+# paths). Label values come from fixed sets (method names, status names, Reason codes);
+# the bound only guards against a caller passing free text.
+_SERIES_KEPT = 512
+
+
+@lru_cache(maxsize=_SERIES_KEPT)
+def _requests(method: str, outcome: str) -> Counter:
+    return REQUESTS.labels(method=method, outcome=outcome)
+
+
+@lru_cache(maxsize=_SERIES_KEPT)
+def _request_seconds(method: str) -> Histogram:
+    return REQUEST_SECONDS.labels(method=method)
+
+
+@lru_cache(maxsize=_SERIES_KEPT)
+def _decisions(decision: str, reason: str) -> Counter:
+    return DECISIONS.labels(decision=decision, reason=reason)
+
+
+def observe_request(method: str, outcome: str, seconds: float) -> None:
+    """Count one RPC by method and outcome, and time it (``kms_node_requests_total``,
+    ``kms_node_request_duration_seconds``)."""
+    _requests(method, outcome).inc()
+    _request_seconds(method).observe(seconds)
+
+
+def count_decision(decision: str, reason: str) -> None:
+    """Count one durable decision (``kms_node_decisions_total``)."""
+    _decisions(decision, reason).inc()
 
 
 def start_at_zero(methods: Sequence[str], anchor_outcomes: Sequence[str]) -> None:

@@ -39,11 +39,6 @@ log = structlog.get_logger("medkms.node")
 SERVICE_NAME = NODE_SERVICE.full_name
 
 
-def _observe(method: str, outcome: str, seconds: float) -> None:
-    metrics.REQUESTS.labels(method=method, outcome=outcome).inc()
-    metrics.REQUEST_SECONDS.labels(method=method).observe(seconds)
-
-
 class CountedAudit:
     """The audit log as the service's sink, counting each decision once it is durable
     (``kms_node_decisions_total``), so the counts are exactly what the log holds."""
@@ -54,7 +49,7 @@ class CountedAudit:
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
         receipts = self._log.append_many(entries)
         for entry in entries:
-            metrics.DECISIONS.labels(decision=entry.decision, reason=entry.reason_code).inc()
+            metrics.count_decision(entry.decision, entry.reason_code)
         return receipts
 
 
@@ -96,8 +91,8 @@ def build_server(
     metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))
     server.add_generic_rpc_handlers(
         [
-            rpc.service_handler(NODE_SERVICE, methods, _observe),
-            rpc.service_handler(AUDIT_SERVICE, audit_methods, _observe),
+            rpc.service_handler(NODE_SERVICE, methods, metrics.observe_request),
+            rpc.service_handler(AUDIT_SERVICE, audit_methods, metrics.observe_request),
         ]
     )
     return server

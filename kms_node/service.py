@@ -46,7 +46,7 @@ from core.registry_types import (
     PatientInfo,
     RegistryEvent,
 )
-from core.request_auth import Claims, Domain, authenticate
+from core.request_auth import Domain, authenticate, authenticate_digest
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from kms_node.capsule_cache import CapsuleCache
@@ -342,7 +342,7 @@ class NodeService:
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
         query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
-        self._authenticate(query.claims(), query)
+        self._authenticate(query)
         self._limiter.spend(query.requester)
         ((result, receipt),) = self._serve([query])
         if isinstance(result, KmsError):
@@ -359,7 +359,7 @@ class NodeService:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
         batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
-        self._authenticate(batch.claims(), batch.items[0])
+        self._authenticate(batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
         outcomes = []
         for query, (result, receipt) in zip(batch.items, self._serve(batch.items), strict=True):
@@ -381,11 +381,12 @@ class NodeService:
             outcomes.append(outcome)
         return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
 
-    def _authenticate(self, claims: Claims, query: ReencryptionQuery) -> None:
-        """The signer must be the requester named, and the request fresh (EIP-712)."""
-        authenticate(
-            self._domain,
-            claims,
+    def _authenticate(self, query: ReencryptionQuery) -> None:
+        """The signer must be the requester named, and the request fresh (EIP-712). The
+        digest is the one parsing derived the request id from (a batch's, for its items)."""
+        authenticate_digest(
+            query.digest,
+            query.signed.deadline,
             query.signed.signature,
             query.requester,
             now=self._clock(),

@@ -89,12 +89,23 @@ def test_the_type_string_lists_the_members_in_declaration_order() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"larges": (0, 7, 2**255)}, {"owners": (), "blobs": (), "texts": ("x",)}],
-    ids=["sample", "large-array", "empty-arrays"],
+    [
+        {},
+        {"larges": (0, 7, 2**255)},
+        {"owners": (), "blobs": (), "texts": ("x",)},
+        # Either side of the length up to which bytes and string hashes are kept.
+        {"blob": b"\x07" * 64, "text": "t" * 64},
+        {"blob": b"\x07" * 65, "text": "t" * 65, "blobs": (b"\x08" * 1000,)},
+    ],
+    ids=["sample", "large-array", "empty-arrays", "kept-hashes", "long-values"],
 )
 def test_hash_struct_equals_eth_account(changes: dict[str, Any]) -> None:
     struct = everything(**changes)
     assert struct.hash_struct() == reference_hash_struct(struct)
+    # Hashed again (member hashes now kept), the same answer; another value, another one.
+    assert everything(**changes).hash_struct() == struct.hash_struct()
+    assert everything(**(changes | {"blob": b"\x09"})).hash_struct() != struct.hash_struct()
+    assert everything(**(changes | {"text": "other"})).hash_struct() != struct.hash_struct()
 
 
 def test_values_are_normalised_as_their_types_say() -> None:

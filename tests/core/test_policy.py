@@ -36,6 +36,7 @@ def _query(capsule: umbral.Capsule, receiving: umbral.PublicKey) -> Reencryption
     record_id = bytes(range(32))
     return ReencryptionQuery(
         request_id="r1",
+        digest=bytes(32),
         patient=PATIENT,
         record_id=record_id,
         record_type=RecordType.LAB_RESULT,

@@ -30,6 +30,8 @@ from core.request_auth import (
     Domain,
     EnrollmentClaims,
     RequestClaims,
+    authenticate,
+    authenticate_digest,
     check_deadline,
     recover_signer,
     request_id_of,
@@ -616,6 +618,39 @@ def test_deadline_rules() -> None:
         check_deadline(deadline=0, now=1000, max_window_s=300)
     with pytest.raises(InvalidRequest, match="deadline too far in the future; at most 300 s"):
         check_deadline(deadline=1301, now=1000, max_window_s=300)
+
+
+def test_authenticate_digest_checks_as_authenticate_does(requester: LocalAccount) -> None:
+    claims = SAMPLES[0]
+    signature = sign(requester, DOMAIN, claims)
+    digest = signing_digest(DOMAIN, claims)
+    now = claims.deadline - 10
+    authenticate(DOMAIN, claims, signature, requester.address, now=now, max_window_s=300)
+    authenticate_digest(
+        digest, claims.deadline, signature, requester.address, now=now, max_window_s=300
+    )
+    other = Account.create().address
+    with pytest.raises(Unauthenticated, match="signature is not by the requester"):
+        authenticate_digest(digest, claims.deadline, signature, other, now=now, max_window_s=300)
+    with pytest.raises(Unauthenticated, match="signature is not by the patient"):
+        authenticate_digest(
+            digest, claims.deadline, signature, other, now=now, max_window_s=300, who="patient"
+        )
+    # The digest of other claims (another domain) does not recover the requester.
+    elsewhere = signing_digest(Domain(chain_id=1, registry_address=DOMAIN.registry_address), claims)
+    with pytest.raises(Unauthenticated, match="signature is not by the requester"):
+        authenticate_digest(
+            elsewhere, claims.deadline, signature, requester.address, now=now, max_window_s=300
+        )
+    with pytest.raises(Unauthenticated, match="request deadline has passed"):
+        authenticate_digest(
+            digest,
+            claims.deadline,
+            signature,
+            requester.address,
+            now=claims.deadline,
+            max_window_s=300,
+        )
 
 
 def test_a_mixed_case_address_with_a_wrong_checksum_is_refused() -> None:

@@ -50,6 +50,8 @@ def test_the_request_id_is_derived_from_the_signed_request(
     # 128 bits of the EIP-712 digest the requester signs, as 32 hex digits.
     assert query.request_id == signing_digest(DOMAIN, query.claims())[:16].hex()
     assert query.request_id == request_id_of(DOMAIN, query.claims())
+    # The digest kept for the signature check is that of the claims, in this domain.
+    assert query.digest == signing_digest(DOMAIN, query.claims())
     # An echo of it is accepted; the same request in another domain has another id.
     echoed = _copy(valid)
     echoed.request_id = query.request_id
@@ -93,6 +95,8 @@ def test_a_batch_has_one_id_derived_from_its_signature(
     query = BatchQuery.parse(batch, DOMAIN)
     assert query.request_id == request_id_of(DOMAIN, query.claims())
     assert {q.request_id for q in query.items} == {query.request_id}
+    # Each item carries the batch's digest: the signature over the whole batch is checked.
+    assert {q.digest for q in query.items} == {signing_digest(DOMAIN, query.claims())}
     batch.request_id = "rewritten"
     with pytest.raises(InvalidRequest, match="request_id must be empty or"):
         BatchQuery.parse(batch, DOMAIN)
