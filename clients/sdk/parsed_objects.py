@@ -1,13 +1,14 @@
-"""What a provider reads with, parsed once: capsules, public keys and record envelopes.
+"""What a provider reads with, parsed once: capsules and record envelopes.
 
 Each is kept under the exact bytes it was parsed from (an envelope under the SHA-256 of
 its blob, worked out here, never taken from a caller). Parsing is deterministic, so a
 hit is what parsing those bytes again would give, and there is nothing to invalidate:
 a patient's new key, another capsule or a changed blob is other bytes, parsed and
-checked afresh. Keeping a parse changes none of a read's checks against the chain
-(the blob's hash, the envelope's record and capsule), which ``ProviderClient`` makes
-on every read; a capsule point decompression costs about a third of a cfrag
-verification (``benchmarks/sdk_share.py``), and a read used to do three.
+checked afresh. Public keys are kept process-wide by ``core.umbral_codec``, which the
+node shares, so they are not kept twice here. Keeping a parse changes none of a read's
+checks against the chain (the blob's hash, the envelope's record and capsule), which
+``ProviderClient`` makes on every read; a capsule point decompression costs about a
+third of a cfrag verification (``benchmarks/sdk_share.py``), and a read used to do three.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ class ParsedObjects:
 
     def __init__(self) -> None:
         self._capsules: dict[bytes, umbral.Capsule] = {}
-        self._public_keys: dict[bytes, umbral.PublicKey] = {}
         self._envelopes: dict[bytes, record_pb2.RecordEnvelope] = {}
 
     def capsule(self, data: bytes) -> umbral.Capsule:
         return _parsed(self._capsules, bytes(data), load_capsule)
 
     def public_key(self, data: bytes) -> umbral.PublicKey:
-        return _parsed(self._public_keys, bytes(data), load_public_key)
+        """Parsed (and kept, bounded) by :func:`core.umbral_codec.load_public_key`."""
+        return load_public_key(bytes(data))
 
     def envelope(self, blob: bytes) -> record_pb2.RecordEnvelope:
         """The envelope stored as ``blob``; callers must not change it (it is shared)."""

@@ -56,14 +56,20 @@ def test_what_does_not_parse_is_refused_every_time_and_never_kept() -> None:
             parsed.envelope(b"\xff" * 10)
 
 
+def capsule_bytes() -> bytes:
+    public_key = umbral.SecretKey.random().public_key()
+    capsule, _ = umbral.encrypt(public_key, b"dek")
+    return bytes(capsule)
+
+
 def test_each_cache_keeps_a_bounded_number_dropping_the_oldest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(parsed_objects, "CACHE_ENTRIES", 2)
     parsed = ParsedObjects()
-    keys = [key_bytes() for _ in range(3)]
-    kept = [parsed.public_key(k) for k in keys]
-    assert parsed.public_key(keys[2]) is kept[2]
-    assert parsed.public_key(keys[1]) is kept[1]
-    again = parsed.public_key(keys[0])  # dropped when the third came in
-    assert again is not kept[0] and again == kept[0]
+    capsules = [capsule_bytes() for _ in range(3)]
+    kept = [parsed.capsule(c) for c in capsules]
+    assert parsed.capsule(capsules[2]) is kept[2]
+    assert parsed.capsule(capsules[1]) is kept[1]
+    again = parsed.capsule(capsules[0])  # dropped when the third came in
+    assert again is not kept[0] and bytes(again) == bytes(kept[0])
