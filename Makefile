@@ -118,6 +118,11 @@ bench-verify-once: setup
 bench-sdk-share: setup
 	$(BIN)/python -m benchmarks.sdk_share --out benchmarks/results/sdk_share.json
 
+# The coordinator's own Python per read, without gRPC or node work (issue 14).
+.PHONY: bench-coordinator-share
+bench-coordinator-share: setup
+	$(BIN)/python -m benchmarks.coordinator_share --out benchmarks/results/coordinator_share.json
+
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup
 	$(BIN)/python -m benchmarks.coordinator_restart --out benchmarks/results/coordinator_restart.json

@@ -155,12 +155,12 @@ async def fan_out(
                         status = error.grpc_status.lower()
                         metrics.NODE_FAULTS_TOTAL.labels(node=node_id, status=status).inc()
                     else:
-                        metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
+                        metrics.node_call_seconds(node_id).observe(latency)
                     change = pool.answered(node_id, latency, error.grpc_status, time.monotonic())
                     rotation_changed(node_id, change)
                     collection.fail(node_id, error.grpc_status, error.message)
                     continue
-                metrics.NODE_CALL_SECONDS.labels(node=node_id).observe(latency)
+                metrics.node_call_seconds(node_id).observe(latency)
                 rotation_changed(node_id, pool.succeeded(node_id, latency, time.monotonic()))
                 collection.take(node_id, response)
             launch(collection.more_needed(len(tasks)))

@@ -9,6 +9,7 @@ of a kind is an increase that ``rate()`` sees and its alert fires on; a series b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -98,8 +99,29 @@ def start_at_zero(node_ids: Sequence[str]) -> None:
 
 def observe_request(method: str, outcome: str, seconds: float) -> None:
     """The coordinator server's observer (``proto.rpc.Observer``)."""
-    REQUESTS.labels(method=method, outcome=outcome).inc()
-    REQUEST_SECONDS.labels(method=method).observe(seconds)
+    _requests(method, outcome).inc()
+    _request_seconds(method).observe(seconds)
+
+
+# Labelled children kept, rather than looked up with labels() on every read: their label
+# values are the service's methods, the gRPC statuses and the configured nodes, so there
+# are few of them.
+
+
+@cache
+def _requests(method: str, outcome: str) -> Counter:
+    return REQUESTS.labels(method=method, outcome=outcome)
+
+
+@cache
+def _request_seconds(method: str) -> Histogram:
+    return REQUEST_SECONDS.labels(method=method)
+
+
+@cache
+def node_call_seconds(node: str) -> Histogram:
+    """``NODE_CALL_SECONDS`` of one node."""
+    return NODE_CALL_SECONDS.labels(node=node)
 
 
 def serve(host: str, port: int) -> None:

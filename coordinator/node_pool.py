@@ -23,6 +23,7 @@ verified before it is relayed. After that it is probed back like a faulted node.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import deque
 from collections.abc import Collection, Sequence
@@ -70,6 +71,9 @@ class NodePool:
         self.node_ids = list(node_ids)
         self.health = {n: NodeHealth() for n in node_ids}
         self._recent: deque[float] = deque(maxlen=window)
+        #: the same latencies, kept sorted (a read's hedge delay needs their 95th
+        #: percentile; sorting them on every read cost more than keeping them sorted)
+        self._ordered: list[float] = []
         self._max_hedge_s = max_hedge_s
 
     def plan(self, now: float, exclude: Collection[str] = ()) -> list[str]:
@@ -114,7 +118,7 @@ class NodePool:
         95th percentile of recent successful calls."""
         if len(self._recent) < 8:
             return self._max_hedge_s
-        ordered = sorted(self._recent)
+        ordered = self._ordered
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         return min(self._max_hedge_s, max(MIN_HEDGE_S, 1.5 * p95))
 
@@ -134,7 +138,10 @@ class NodePool:
         h.consecutive_faults = 0
         h.cooldown_until = 0.0
         h.probing = False
+        if len(self._recent) == self._recent.maxlen:
+            del self._ordered[bisect.bisect_left(self._ordered, self._recent[0])]
         self._recent.append(latency_s)
+        bisect.insort(self._ordered, latency_s)
         return Rotation.BACK if back else None
 
     def answered(self, node_id: str, latency_s: float, status: str, now: float) -> Rotation | None:

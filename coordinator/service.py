@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
@@ -44,8 +44,9 @@ from core.errors import (
 )
 from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
-from core.request_auth import Claims, Domain, authenticate
+from core.request_auth import Domain, authenticate_digest, signing_digest
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery
+from kms_node.capsule_cache import CapsuleCache
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
@@ -58,6 +59,15 @@ STATUS_TIMEOUT_S = 1.0
 
 #: a capsule's fragments, or why it has none
 Outcome = list[common_pb2.CapsuleFragment] | KmsError
+
+
+class SignedDigest(NamedTuple):
+    """What admission checks of a signed request: the EIP-712 digest of its claims
+    (computed once, as the request was parsed), the deadline it covers, the signature."""
+
+    digest: bytes
+    deadline: int
+    signature: bytes
 
 
 class CoordinatorService:
@@ -94,6 +104,9 @@ class CoordinatorService:
         }
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
         self._relayed = RelayedReads()
+        #: capsules of reads served, parsed (and their proofs checked) once: the nodes
+        #: judged them the anchored ones; a stranger's are parsed every time (ADR 13)
+        self._capsules = CapsuleCache()
 
     async def _signing_domain(self) -> Domain:
         """The registry's EIP-712 domain, which request ids are derived in: read from the
@@ -168,12 +181,19 @@ class CoordinatorService:
             raise InvalidRequest("every enrollment of one relay must be the same patient's")
         # Signed by the patient (checked here as at every node), and charged to her budget
         # once per relay, as one refusal if every node refuses it.
+        domain = await self._signing_domain()
         ticket, _ = await self._admit(
-            [(e.claims(), e.signed.signature) for e in parsed],
+            [
+                SignedDigest(
+                    signing_digest(domain, e.claims()), e.signed.deadline, e.signed.signature
+                )
+                for e in parsed
+            ],
             patient,
             patient,
             ENROLLMENT_COST,
             context,
+            who="patient",
         )
         timeout = self._timeout(context)
 
@@ -211,25 +231,26 @@ class CoordinatorService:
 
     async def _admit(
         self,
-        signed: Sequence[tuple[Claims, bytes]],
+        signed: Sequence[SignedDigest],
         party: str,
         patient: str,
         cost: float,
         context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        who: str = "requester",
     ) -> tuple[Ticket, PatientInfo]:
-        """Check that ``party`` signed each of the claims, fresh (as the nodes will), then
-        its and its peer's budgets (admission.py); the admission ticket and the patient's
-        keys."""
-        domain = await self._signing_domain()
+        """Check that ``party`` signed each digest, fresh (as the nodes will), then its and
+        its peer's budgets (admission.py); the admission ticket and the patient's keys."""
         now = time.time()
-        for claims, signature in signed:
-            authenticate(
-                domain,
-                claims,
+        for digest, deadline, signature in signed:
+            authenticate_digest(
+                digest,
+                deadline,
                 signature,
                 party,
                 now=now,
                 max_window_s=self._settings.request_window_s,
+                who=who,
             )
         peer = peer_address(context.peer() or "")
         try:
@@ -262,18 +283,17 @@ class CoordinatorService:
         self, msg: common_pb2.ReencryptionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorReencryptResponse:
         """One capsule, served as a batch of one; the nodes are sent the request as signed."""
-        query = ReencryptionQuery.parse(msg, await self._signing_domain())
-        outgoing = common_pb2.ReencryptionRequest()
-        outgoing.CopyFrom(msg)
-        # The id the nodes derive too, echoed so that each checks it: the nodes' audit
-        # entries and these logs carry the id the app was given.
-        outgoing.request_id = query.request_id
+        query = ReencryptionQuery.parse(msg, await self._signing_domain(), self._capsules.load)
+        # Sent on as signed (the message is this call's own, not copied), with the id the
+        # nodes derive too, echoed so that each checks it: the nodes' audit entries and
+        # these logs carry the id the app was given.
+        msg.request_id = query.request_id
 
         async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
-            response = await node.Reencrypt(outgoing, timeout=timeout)
+            response = await node.Reencrypt(msg, timeout=timeout)
             return as_batch_response(query.record_id, response)
 
-        collection, (outcome,), read_id = await self._read(query.claims(), [query], ask, context)
+        collection, (outcome,), read_id = await self._read([query], ask, context)
         collector = collection.collectors[query.record_id]
         bound = log.bind(request_id=query.request_id, record_id=query.record_id.hex())
         self._log_failures(bound, collector)
@@ -288,15 +308,13 @@ class CoordinatorService:
     async def reencrypt_batch(
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
-        batch = BatchQuery.parse(msg, await self._signing_domain())
-        outgoing = common_pb2.ReencryptionBatchRequest()
-        outgoing.CopyFrom(msg)
-        outgoing.request_id = batch.request_id
+        batch = BatchQuery.parse(msg, await self._signing_domain(), self._capsules.load)
+        msg.request_id = batch.request_id  # as for a single read
 
         async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
-            return await node.ReencryptBatch(outgoing, timeout=timeout)
+            return await node.ReencryptBatch(msg, timeout=timeout)
 
-        _, outcomes, read_id = await self._read(batch.claims(), batch.items, ask, context)
+        _, outcomes, read_id = await self._read(batch.items, ask, context)
         results = [
             _capsule_result(query.record_id, outcome)
             for query, outcome in zip(batch.items, outcomes, strict=True)
@@ -315,17 +333,17 @@ class CoordinatorService:
 
     async def _read(
         self,
-        claims: Claims,
         queries: Sequence[ReencryptionQuery],
         ask: Ask,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> tuple[ShareCollection, list[Outcome], bytes]:
         """Serve the capsules of one signed read (a single is a batch of one): admit the
         requester, ask the nodes, and settle the admission with what was served. Each
-        capsule's outcome, in order, and the read id it is kept under (empty if none)."""
+        capsule's outcome, in order, and the read id it is kept under (empty if none).
+        The capsules of those served are kept parsed, for the next read of them."""
         first = queries[0]
         ticket, patient = await self._admit(
-            [(claims, first.signed.signature)],
+            [SignedDigest(first.digest, first.signed.deadline, first.signed.signature)],
             first.requester,
             first.patient,
             request_cost(len(queries)),
@@ -348,6 +366,9 @@ class CoordinatorService:
             for q, o in zip(queries, outcomes, strict=True)
             if not isinstance(o, KmsError)
         }
+        for query in queries:
+            if query.record_id in relayed:
+                self._capsules.remember(query.capsule_hash, query.capsule)
         read_id = b""
         if relayed and not self._settings.verify_every_fragment:
             read = RelayedRead(

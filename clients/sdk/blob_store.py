@@ -47,7 +47,8 @@ class LocalBlobStore:
 
     def get(self, uri: str) -> bytes:
         cid = _cid_of(uri)
-        path = self._path(cid)
+        digest = digest_of(cid)  # validates the name before it touches the file system
+        path = self.root / cid
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -55,7 +56,7 @@ class LocalBlobStore:
                 f"blob {cid} is not in the blob store: no file {path} (erased, or the record "
                 "was stored in another blob directory: the patient's --blob-dir)"
             ) from None
-        if hashlib.sha256(data).digest() != digest_of(cid):
+        if hashlib.sha256(data).digest() != digest:
             raise IntegrityError(f"blob {cid} does not match its content address")
         return data
 

@@ -8,6 +8,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import patch
 
 import grpc
 import pytest
@@ -30,6 +31,8 @@ from core.record_types import RecordType
 from core.registry_types import PatientInfo
 from core.request_auth import Domain
 from core.requests import ReencryptionQuery
+from core.umbral_codec import load_capsule
+from kms_node import capsule_cache
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
 NODES = [f"node-{i}" for i in range(1, 6)]
@@ -267,6 +270,31 @@ def test_a_forged_signature_is_refused_before_any_node_is_asked(world: World) ->
     with pytest.raises(Unauthenticated, match="signature is not by the requester"):
         world.run()
     assert sum(n.calls for n in world.nodes.values()) == 0
+
+
+def test_a_served_capsule_is_parsed_once_and_a_refused_ones_every_time(world: World) -> None:
+    """As at a node (ADR 13): only capsules the nodes served are kept parsed, so a
+    stranger's capsules cannot push them out."""
+    with patch.object(capsule_cache, "load_capsule", wraps=load_capsule) as parse:
+        for node in world.nodes.values():
+            node.refuses = True
+        for _ in range(2):
+            with pytest.raises(AccessDenied):
+                world.run()
+        assert parse.call_count == 2
+        for node in world.nodes.values():
+            node.refuses = False
+        for _ in range(3):
+            assert len(world.run().fragments) == 3
+    assert parse.call_count == 3
+
+
+def test_a_malformed_capsule_is_refused_before_any_node_is_asked(world: World) -> None:
+    world.run()  # the well-formed capsule is served, and kept parsed
+    world.request.capsule = bytes(len(world.request.capsule))
+    with pytest.raises(InvalidRequest, match="capsule is not a valid Umbral capsule"):
+        world.run()
+    assert sum(n.calls for n in world.nodes.values()) == 3
 
 
 def test_a_requester_the_nodes_keep_refusing_is_stopped_at_the_coordinator(world: World) -> None:

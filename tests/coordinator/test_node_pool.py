@@ -9,6 +9,7 @@ import pytest
 from coordinator.node_pool import (
     BASE_COOLDOWN_S,
     MAX_COOLDOWN_S,
+    MIN_HEDGE_S,
     SUSPICION_S,
     NodePool,
     Rotation,
@@ -116,3 +117,21 @@ def test_excluded_nodes_are_not_planned_nor_probed(pool: NodePool) -> None:
     after = 100.0 + BASE_COOLDOWN_S + 0.01
     assert "node-1" not in pool.plan(after, exclude={"node-1"})
     assert pool.plan(after)[0] == "node-1"  # still due for its probe
+
+
+def test_the_hedge_delay_follows_the_window_of_recent_latencies() -> None:
+    """A little over the 95th percentile of the last ``window`` successful calls, within
+    [MIN_HEDGE_S, max_hedge_s]: older latencies no longer count."""
+    pool = NodePool(NODES, max_hedge_s=0.5, window=20)
+    assert pool.hedge_delay() == 0.5  # too few calls to judge by
+    slow = [0.2 - i * 0.001 for i in range(20)]
+    for latency in slow:
+        pool.succeeded("node-1", latency, 0.0)
+    assert pool.hedge_delay() == pytest.approx(min(0.5, 1.5 * max(slow)))
+    fast = [0.010 + (i % 7) * 0.001 for i in range(20)]
+    for latency in fast:  # the slow ones leave the window one by one
+        pool.succeeded("node-2", latency, 0.0)
+    assert pool.hedge_delay() == pytest.approx(1.5 * sorted(fast)[19])
+    for _ in range(20):
+        pool.succeeded("node-3", 0.0001, 0.0)
+    assert pool.hedge_delay() == MIN_HEDGE_S
