@@ -123,6 +123,12 @@ bench-sdk-share: setup
 bench-coordinator-share: setup
 	$(BIN)/python -m benchmarks.coordinator_share --out benchmarks/results/coordinator_share.json
 
+# One node's CPU per single request and per capsule in batches of 32, over the bare
+# re-encryption from bytes, alone on a 1-of-1 cluster (issue 14): medians of 3 rounds.
+.PHONY: bench-node-cost
+bench-node-cost: setup
+	$(BIN)/python -m benchmarks.node_cost --out benchmarks/results/node_cost.json
+
 # An app's reads across a 30 s coordinator outage (issue 13).
 bench-coordinator-restart: setup
 	$(BIN)/python -m benchmarks.coordinator_restart --out benchmarks/results/coordinator_restart.json

@@ -331,21 +331,26 @@ class AuditLog:
                 conn.executemany(
                     "INSERT INTO subtrees (level, idx, hash) VALUES (?, ?, ?)", subtree_rows
                 )
-                unsigned = [
-                    Receipt(
+                size = tree.size
+
+                def receipt(i: int, signature: bytes = b"") -> Receipt:
+                    return Receipt(
                         node_id=self._node_id,
                         leaf_index=start + i,
-                        tree_size=tree.size,
-                        entry_hash=leaf,
+                        tree_size=size,
+                        entry_hash=leaves[i],
+                        signature=signature,
                         batch_start=start if len(leaves) > 1 else None,
                         batch_size=len(leaves),
-                        batch_path=tuple(path),
+                        batch_path=tuple(paths[i]),
                     )
-                    for i, (leaf, path) in enumerate(zip(leaves, paths, strict=True))
-                ]
-                # Signed before the commit: if the key store fails, nothing is written.
-                signature = self._keystore.sign(unsigned[0].canonical_bytes())
-                receipts = [dataclasses.replace(r, signature=signature) for r in unsigned]
+
+                # Every receipt of the commit signs the same bytes (the lone entry, or the
+                # group's root): the first one's. Signed before the commit: if the key
+                # store fails, nothing is written. Each receipt is then made (and checked)
+                # once, with its signature.
+                signature = self._keystore.sign(receipt(0).canonical_bytes())
+                receipts = [receipt(i, signature) for i in range(len(leaves))]
                 conn.execute(
                     "UPDATE tree SET tree_size = ?, frontier = ? WHERE id = 1",
                     (tree.size, tree.to_bytes()),

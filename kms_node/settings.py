@@ -155,10 +155,14 @@ class NodeSettings:
     #: so that a grant's next reads skip the HSM (ADR 13); 0: unwrap on every request
     kfrag_cache_ttl_s: float = 60.0
     #: gRPC server threads per process. Crypto holds the GIL and PKCS#11 calls are
-    #: serialised, so more threads add only contention: measured on 2 cores, 8
-    #: threads cost 2.7 ms of node CPU per request, 2 threads 1.7 ms. Two keep one
-    #: request moving while another waits on the chain (a refusal being confirmed).
-    max_workers: int = 2
+    #: serialised, so threads do not add crypto; what they add is requests in the process
+    #: at once, whose audit entries then share one commit (one fsync, one HSM signature:
+    #: kms_node/audit_log.py). With two a commit never has company (the other thread is
+    #: the one waiting for it); with four, at the harness's concurrency 4, a node spent
+    #: about 0.8 of the CPU per single request it did with two
+    #: (``python -m benchmarks.node_cost``, issue 14). More threads than requests in
+    #: flight add only contention (8 cost 60% more than 2 before group commit).
+    max_workers: int = 4
     #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
     #: GIL and PKCS#11 calls are serialised per process, so one per core scales crypto
     processes: int = 1
