@@ -35,6 +35,7 @@ from coordinator.relayed_reads import (
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
+from core.capsule_cache import CapsuleCache
 from core.errors import (
     InsufficientFragments,
     InvalidRequest,
@@ -46,7 +47,6 @@ from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Domain, authenticate_digest, signing_digest
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery
-from kms_node.capsule_cache import CapsuleCache
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 

@@ -12,13 +12,13 @@ import structlog
 
 from contracts.registry import RegistryClient
 from core.audit import AuditEntry, Receipt
+from core.capsule_cache import CapsuleCache
 from core.endpoints import parse_host_port
 from core.rate_limit import RateLimiter
 from kms_node import data_lock, metrics
 from kms_node.anchoring import Anchorer, AnchorOutcome, HsmTxSigner, anchors_here
 from kms_node.audit_log import AuditLog
 from kms_node.audit_service import AuditService
-from kms_node.capsule_cache import CapsuleCache
 from kms_node.chain_follower import ChainFollower, ConfirmedRegistry
 from kms_node.hardening import forbid_core_dumps
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore

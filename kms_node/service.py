@@ -28,6 +28,7 @@ import structlog
 import umbral_pre as umbral
 
 from core.audit import DENIED, GRANTED, AuditEntry, Receipt
+from core.capsule_cache import CapsuleCache
 from core.errors import (
     AccessDenied,
     InvalidRequest,
@@ -49,7 +50,6 @@ from core.registry_types import (
 from core.request_auth import Domain, authenticate, authenticate_digest
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
-from kms_node.capsule_cache import CapsuleCache
 from kms_node.keystore import KeyStore
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore, StoredKfrag

@@ -19,6 +19,7 @@ from clients.sdk.signed_requests import RequestSigner
 from coordinator.node_pool import NodePool
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings, NodeAddress
+from core import capsule_cache
 from core.errors import (
     AccessDenied,
     InsufficientFragments,
@@ -32,7 +33,6 @@ from core.registry_types import PatientInfo
 from core.request_auth import Domain
 from core.requests import ReencryptionQuery
 from core.umbral_codec import load_capsule
-from kms_node import capsule_cache
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
 NODES = [f"node-{i}" for i in range(1, 6)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import umbral_pre as umbral
 
+from core.capsule_cache import CapsuleCache
 from core.errors import InvalidRequest
 from core.record_types import RecordType
 from core.umbral_codec import capsule_hash
-from kms_node.capsule_cache import CapsuleCache
 from kms_node.kfrag_cache import Key, KfragCache
 
 ALICE, BOB, CAROL = "0xA", "0xB", "0xC"

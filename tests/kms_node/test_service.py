@@ -15,6 +15,7 @@ import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import sealed_enrollment
+from core import capsule_cache
 from core.audit import Receipt, verify_receipt
 from core.errors import (
     AccessDenied,
@@ -42,7 +43,6 @@ from core.registry_types import (
 from core.request_auth import Domain, RequestClaims, request_id_of, sign
 from core.requests import address_bytes
 from core.umbral_codec import capsule_hash, load_capsule
-from kms_node import capsule_cache
 from kms_node.audit_log import AuditLog
 from kms_node.keystore import MemoryKeyStore
 from kms_node.kfrag_cache import KfragCache

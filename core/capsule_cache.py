@@ -1,6 +1,6 @@
 """Capsules the node has parsed and served, by hash, so that a record's repeated reads
 skip the parse (umbral-pre checks a capsule's proof as it parses it: about half the cost
-of the re-encryption itself).
+of the re-encryption itself). The node and the coordinator each keep one.
 
 A capsule's hash is anchored on-chain with its record and never changes, so the hash of
 the bytes a request carries names the capsule those bytes parse to. Only capsules of
