@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from core.errors import ChainAnswerTooLarge, KmsError, Unavailable
+from core.event_ranges import EventLog, EventRanges
 from core.grant_index import GrantIndex
 from core.registry_interface import RegistryReader
 from core.registry_types import (
@@ -39,14 +40,9 @@ from kms_node import metrics
 
 log = structlog.get_logger("medkms.node.chain")
 
-#: blocks fetched per eth_getLogs call while catching up (halved, for good, each time the
-#: endpoint finds an answer too large)
-LOG_CHUNK_BLOCKS = 2000
 
-
-class EventSource(Protocol):
+class EventSource(EventLog, Protocol):
     def block(self, identifier: int | str = "latest") -> BlockRef: ...
-    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]: ...
 
 
 class ChainFollower:
@@ -80,8 +76,8 @@ class ChainFollower:
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
         self._sync_lock = threading.Lock()
-        #: blocks per eth_getLogs call, once the endpoint refused LOG_CHUNK_BLOCKS
-        self._chunk_blocks: int | None = None
+        #: the blocks each eth_getLogs asks for, halved when the endpoint refuses a range
+        self._ranges = EventRanges(source, on_halved=_log_halved)
         self._synced_at: float | None = None
         #: why the last background sync failed, while it is the latest word on the chain
         self._last_failure: str | None = None
@@ -114,27 +110,16 @@ class ChainFollower:
             current = None
         start = self._start_block if current is None else current.number + 1
         index = self.index
-        if head.number - start + 1 > LOG_CHUNK_BLOCKS:
+        if head.number - start + 1 > self._ranges.range_blocks:
             # A long catch-up: the index is knowingly behind until it finishes. (A
             # routine poll publishes the head only once applied, so the blocks
             # mined since the last poll do not count as lag.)
             self._head_seen = head.number
-        while start <= head.number:
-            chunk = self._chunk_blocks or LOG_CHUNK_BLOCKS
-            end = min(head.number, start + chunk - 1)
-            try:
-                events = self._source.events(start, end)
-            except ChainAnswerTooLarge as e:
-                if end == start:
-                    raise  # one block's events are more than the endpoint will give
-                self._chunk_blocks = (end - start + 1) // 2
-                log.info("chain_log_chunk_halved", blocks=self._chunk_blocks, error=e.message)
-                continue
+        for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
             if events and self.on_events is not None:
                 self.on_events(events)
-            start = end + 1
         if index.block is None or index.block.number < head.number:
             index.apply([], head)
         self._head_seen = head.number
@@ -207,6 +192,10 @@ class ChainFollower:
         if problem is not None:
             raise Unavailable(f"cannot judge grants on stale chain state: {problem}")
         return self.index.access_state(record_id, grantee, capsule_hash)
+
+
+def _log_halved(blocks: int, error: ChainAnswerTooLarge) -> None:
+    log.info("chain_log_chunk_halved", blocks=blocks, error=error.message)
 
 
 class ConfirmedRegistry:

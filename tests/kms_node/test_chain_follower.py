@@ -246,7 +246,7 @@ def test_with_confirmations_a_reorg_deeper_than_k_rebuilds_the_index(
 def test_catch_up_reads_events_in_chunks(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 3)
+    monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 3)
     chain.mine(anchored(1))
     for _ in range(8):
         chain.mine()
@@ -270,7 +270,7 @@ def test_blocks_mined_between_polls_are_not_lag(chain: FakeChain, clock: Clock) 
 def test_a_long_catch_up_counts_as_lag(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 2)
     f = follower(chain, clock)
     f.sync_once()
     for _ in range(6):
