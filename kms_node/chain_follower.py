@@ -36,9 +36,13 @@ from core.registry_types import (
     PatientInfo,
     RegistryEvent,
 )
-from kms_node import metrics
+from kms_node import heap, metrics
 
 log = structlog.get_logger("medkms.node.chain")
+
+#: a sync that applies this many events gives the C heap's free memory back afterwards
+#: (the answers it parsed, freed: ``kms_node/heap.py``); a routine poll applies a few
+RELEASE_MEMORY_AFTER_EVENTS = 10_000
 
 
 class EventSource(EventLog, Protocol):
@@ -115,11 +119,15 @@ class ChainFollower:
             # routine poll publishes the head only once applied, so the blocks
             # mined since the last poll do not count as lag.)
             self._head_seen = head.number
+        applied = 0
         for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
             if events and self.on_events is not None:
                 self.on_events(events)
+            applied += len(events)
+        if applied >= RELEASE_MEMORY_AFTER_EVENTS:
+            heap.release_free_memory()
         if index.block is None or index.block.number < head.number:
             index.apply([], head)
         self._head_seen = head.number

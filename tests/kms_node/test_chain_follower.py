@@ -350,3 +350,24 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_sync_that_applied_many_events_gives_free_memory_back(
+    chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released: list[int] = []
+
+    def release() -> bool:
+        released.append(1)
+        return True
+
+    monkeypatch.setattr("kms_node.chain_follower.RELEASE_MEMORY_AFTER_EVENTS", 3)
+    monkeypatch.setattr("kms_node.heap.release_free_memory", release)
+    chain.mine(anchored(1), granted(1))
+    chain.mine(granted(2))
+    f = follower(chain, clock)
+    f.sync_once()  # a catch-up of 3 events
+    assert released == [1]
+    chain.mine(granted(3))
+    f.sync_once()  # a routine poll
+    assert released == [1]
