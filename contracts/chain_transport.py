@@ -40,7 +40,7 @@ from web3.exceptions import (
 from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
 from contracts.event_logs import MalformedLog
-from contracts.json_rpc import BoundedHTTPProvider
+from contracts.json_rpc import BoundedHTTPProvider, data, quantity
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.did import did_of
 from core.errors import (
@@ -222,9 +222,10 @@ class ChainTransport:
             error = answer.get("error")
             if error is None and "result" not in answer:
                 raise BadResponseFormat("a JSON-RPC answer with neither result nor error")
+            if error is not None and not isinstance(error.get("message"), str):
+                raise BadResponseFormat("a JSON-RPC error without a message")
         if error is not None:
-            message = error.get("message") if isinstance(error, dict) else None
-            raise self._refused(op, message if isinstance(message, str) else "", None)
+            raise self._refused(op, error["message"], None)
         return answer["result"]
 
     def _insufficient_funds(self, op: str, sender: str) -> InsufficientFunds:
@@ -364,14 +365,22 @@ def _error_table(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str],
     return table
 
 
-def block_ref(block: Any) -> BlockRef:
-    """The block an endpoint answered, checked for shape: a lying endpoint's nonsense is
-    refused here (with what was wrong), never judged by."""
-    number, block_hash, timestamp = block["number"], block["hash"], block["timestamp"]
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise ChainUnavailable(f"the chain answered a block numbered {str(number)[:40]!r}")
-    if not isinstance(block_hash, bytes) or len(block_hash) != 32:
+def block_ref(block: Any, asked: int | str) -> BlockRef:
+    """The block an endpoint answered to ``eth_getBlockByNumber`` for ``asked`` (its JSON),
+    checked for shape: a lying endpoint's nonsense is refused here (with what was wrong),
+    never judged by."""
+    if block is None:  # as web3 reported it: the chain's answer, not a failure
+        raise ChainRejected(f"chain refused get_block: block {asked} not found")
+    if not isinstance(block, dict):
+        raise ChainUnavailable("the chain answered a block that is not a JSON object")
+    number = quantity(block.get("number"))
+    if number is None:
+        shown = str(block.get("number"))[:40]
+        raise ChainUnavailable(f"the chain answered a block numbered {shown!r}")
+    block_hash = data(block.get("hash"), 32)
+    if block_hash is None:
         raise ChainUnavailable(f"the chain answered block {number} without a 32-byte hash")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
+    timestamp = quantity(block.get("timestamp"))
+    if timestamp is None:
         raise ChainUnavailable(f"the chain answered block {number} without a timestamp")
-    return BlockRef(number, bytes(block_hash), timestamp)
+    return BlockRef(number, block_hash, timestamp)

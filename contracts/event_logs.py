@@ -27,12 +27,11 @@ from eth_abi.abi import decode as abi_decode
 from eth_hash.auto import keccak
 from eth_utils.abi import collapse_if_tuple
 
+from contracts.json_rpc import data, quantity
 from core.addresses import eip55
 
 #: at most 4 topics: the signature and 3 indexed arguments (the EVM's LOG4)
 MAX_TOPICS: Final = 4
-#: the longest JSON-RPC quantity a block number is written as: 0x and 16 hex digits
-_MAX_QUANTITY_CHARS: Final = 18
 #: Solidity types an indexed argument is kept as, as such, in its topic (ABI spec, "Events")
 _VALUE_TYPE_PREFIXES: Final = ("address", "bool", "uint", "int", "bytes", "fixed", "ufixed")
 
@@ -88,34 +87,20 @@ def checked_logs(answer: Any, address: str, from_block: int, to_block: int) -> I
 
 
 def _block_number(value: Any, i: int) -> int:
-    if (
-        isinstance(value, str)
-        and value.isascii()
-        and value.startswith("0x")
-        and 2 < len(value) <= _MAX_QUANTITY_CHARS
-        and value[2:].isalnum()
-    ):
-        try:
-            return int(value, 16)
-        except ValueError:
-            pass
-    raise MalformedLog(f"log {i} of the answer has no block number")
+    number = quantity(value)
+    if number is None:
+        raise MalformedLog(f"log {i} of the answer has no block number")
+    return number
 
 
 def _hex(value: Any, i: int, block: int, length: int | None) -> bytes:
     """``0x``-prefixed hex of ``length`` bytes (any, if None), or MalformedLog."""
-    what = "a topic" if length is not None else "data"
-    if isinstance(value, str) and value.startswith("0x"):
-        try:
-            raw = bytes.fromhex(value[2:])
-        except ValueError:
-            raw = None
-        # fromhex skips whitespace: the length says whether every character was a digit
-        if raw is not None and 2 * len(raw) == len(value) - 2:
-            if length is None or len(raw) == length:
-                return raw
-    size = f"{length}-byte hex" if length is not None else "hex"
-    raise MalformedLog(f"log {i} of the answer (block {block}) has {what} that is not {size}")
+    raw = data(value, length)
+    if raw is None:
+        what = "a topic" if length is not None else "data"
+        size = f"{length}-byte hex" if length is not None else "hex"
+        raise MalformedLog(f"log {i} of the answer (block {block}) has {what} that is not {size}")
+    return raw
 
 
 class EventDecoder:

@@ -23,7 +23,6 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.contract.contract import Contract, ContractFunction
-from web3.types import BlockIdentifier
 
 from contracts import registry_arguments as arg
 from contracts import registry_views as views
@@ -112,9 +111,14 @@ class RegistryClient:
         """Number, hash and timestamp of a block ("latest" or a number)."""
         if isinstance(identifier, str) and identifier != "latest":
             raise InvalidRequest("block: identifier must be a block number or 'latest'")
-        which: BlockIdentifier = identifier if isinstance(identifier, int) else "latest"
+        if isinstance(identifier, int) and identifier < 0:
+            raise InvalidRequest("block: a block number is >= 0")
+        tag = hex(identifier) if isinstance(identifier, int) else "latest"
+        # Its JSON, not web3's formatted block: a block's transaction hashes (thousands in a
+        # full one) are not read, only its number, hash and timestamp.
+        answer = self._chain.request("get_block", "eth_getBlockByNumber", [tag, False])
         with self._chain.translate("get_block"):
-            return block_ref(self._chain.w3.eth.get_block(which))
+            return block_ref(answer, identifier)
 
     def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
         """The registry's patient, record and grant events in [from_block, to_block], in
@@ -132,8 +136,7 @@ class RegistryClient:
                 if followed is None:
                     continue
                 if log.block not in timestamps:
-                    block = self._chain.w3.eth.get_block(log.block)
-                    timestamps[log.block] = block_ref(block).timestamp
+                    timestamps[log.block] = self.block(log.block).timestamp
                 event = followed.decode(log, timestamps[log.block])
                 if event is not None:
                     decoded.append(event)
