@@ -39,8 +39,7 @@ from web3.exceptions import (
 )
 from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
-from contracts.event_logs import MalformedLog
-from contracts.json_rpc import BoundedHTTPProvider, data, quantity
+from contracts.json_rpc import BoundedHTTPProvider, MalformedAnswer, data, quantity
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.did import did_of
 from core.errors import (
@@ -183,7 +182,7 @@ class ChainTransport:
             ) from e
         except Web3RPCError as e:
             raise self._refused(op, e.message or "", sender) from e
-        except MalformedLog as e:
+        except MalformedAnswer as e:
             raise ChainUnavailable(
                 f"{op}: chain at {self.safe_url} answered malformed data: {e}"
             ) from e
@@ -372,15 +371,14 @@ def block_ref(block: Any, asked: int | str) -> BlockRef:
     if block is None:  # as web3 reported it: the chain's answer, not a failure
         raise ChainRejected(f"chain refused get_block: block {asked} not found")
     if not isinstance(block, dict):
-        raise ChainUnavailable("the chain answered a block that is not a JSON object")
+        raise MalformedAnswer("a block that is not a JSON object")
     number = quantity(block.get("number"))
     if number is None:
-        shown = str(block.get("number"))[:40]
-        raise ChainUnavailable(f"the chain answered a block numbered {shown!r}")
+        raise MalformedAnswer(f"a block numbered {str(block.get('number'))[:40]!r}")
     block_hash = data(block.get("hash"), 32)
     if block_hash is None:
-        raise ChainUnavailable(f"the chain answered block {number} without a 32-byte hash")
+        raise MalformedAnswer(f"block {number} without a 32-byte hash")
     timestamp = quantity(block.get("timestamp"))
     if timestamp is None:
-        raise ChainUnavailable(f"the chain answered block {number} without a timestamp")
+        raise MalformedAnswer(f"block {number} without a timestamp")
     return BlockRef(number, block_hash, timestamp)

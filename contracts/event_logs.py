@@ -2,10 +2,10 @@
 contract's ABI with eth_abi.
 
 The registry client reads logs this way rather than through web3's result formatters and
-contract events, which cost about 0.5 ms of CPU per log (a full replay of 100 000 patients
+contract events, which cost about 0.4 ms of CPU per log (a full replay of 100 000 patients
 reads 300 000 logs). The endpoint is not trusted (docs/threat-model.md): an answer that is
 not a list of logs of the contract asked about, in the blocks asked for, in chain order, or
-a log whose topics and data do not fit its event's ABI, raises :class:`MalformedLog` saying
+a log whose topics and data do not fit its event's ABI, raises :class:`MalformedAnswer` saying
 what was wrong and where; no log is skipped or read another way. (The transport reports it
 as ``ChainUnavailable``: ``contracts/chain_transport.py``.)
 
@@ -27,19 +27,13 @@ from eth_abi.abi import decode as abi_decode
 from eth_hash.auto import keccak
 from eth_utils.abi import collapse_if_tuple
 
-from contracts.json_rpc import data, quantity
+from contracts.json_rpc import MalformedAnswer, data, quantity
 from core.addresses import eip55
 
 #: at most 4 topics: the signature and 3 indexed arguments (the EVM's LOG4)
 MAX_TOPICS: Final = 4
 #: Solidity types an indexed argument is kept as, as such, in its topic (ABI spec, "Events")
 _VALUE_TYPE_PREFIXES: Final = ("address", "bool", "uint", "int", "bytes", "fixed", "ufixed")
-
-
-class MalformedLog(ValueError):
-    """An ``eth_getLogs`` answer, or a log in it, that is not what was asked for or does
-    not decode by its event's ABI. The message names the log and what is wrong with it,
-    never the endpoint's bytes."""
 
 
 @dataclass(frozen=True)
@@ -56,29 +50,30 @@ def checked_logs(answer: Any, address: str, from_block: int, to_block: int) -> I
     """The logs of an ``eth_getLogs`` answer for contract ``address`` over blocks
     [from_block, to_block], one by one, each checked: a JSON object, of that contract, in
     those blocks and not before the previous log's block, not marked removed, with at most
-    four 32-byte topics and hex data. :class:`MalformedLog` at the first that is not."""
+    four 32-byte topics and hex data. :class:`MalformedAnswer` at the first that is not."""
     if not isinstance(answer, list):
-        raise MalformedLog("the answer to eth_getLogs is not a list of logs")
+        raise MalformedAnswer("the answer to eth_getLogs is not a list of logs")
     wanted = address.lower()
     previous = from_block
     for i, log in enumerate(answer):
         if not isinstance(log, dict):
-            raise MalformedLog(f"log {i} of the answer is not a JSON object")
+            raise MalformedAnswer(f"log {i} of the answer is not a JSON object")
         emitter = log.get("address")
         if not isinstance(emitter, str) or emitter.lower() != wanted:
-            raise MalformedLog(f"log {i} of the answer is not from the contract asked about")
+            raise MalformedAnswer(f"log {i} of the answer is not from the contract asked about")
         block = _block_number(log.get("blockNumber"), i)
         if not previous <= block <= to_block:
-            raise MalformedLog(
+            raise MalformedAnswer(
                 f"log {i} of the answer is in block {block}: out of chain order or outside "
                 f"the blocks asked for ({from_block} to {to_block})"
             )
         previous = block
-        if log.get("removed", False) is not False:
-            raise MalformedLog(f"log {i} of the answer (block {block}) is marked removed")
+        removed = log.get("removed")
+        if removed is not None and removed is not False:
+            raise MalformedAnswer(f"log {i} of the answer (block {block}) is marked removed")
         topics = log.get("topics")
         if not isinstance(topics, list) or len(topics) > MAX_TOPICS:
-            raise MalformedLog(f"log {i} of the answer (block {block}) has no list of topics")
+            raise MalformedAnswer(f"log {i} of the answer (block {block}) has no list of topics")
         yield Log(
             block,
             tuple(_hex(topic, i, block, 32) for topic in topics),
@@ -89,17 +84,18 @@ def checked_logs(answer: Any, address: str, from_block: int, to_block: int) -> I
 def _block_number(value: Any, i: int) -> int:
     number = quantity(value)
     if number is None:
-        raise MalformedLog(f"log {i} of the answer has no block number")
+        raise MalformedAnswer(f"log {i} of the answer has no block number")
     return number
 
 
 def _hex(value: Any, i: int, block: int, length: int | None) -> bytes:
-    """``0x``-prefixed hex of ``length`` bytes (any, if None), or MalformedLog."""
+    """``0x``-prefixed hex of ``length`` bytes (any, if None), or MalformedAnswer."""
     raw = data(value, length)
     if raw is None:
         what = "a topic" if length is not None else "data"
         size = f"{length}-byte hex" if length is not None else "hex"
-        raise MalformedLog(f"log {i} of the answer (block {block}) has {what} that is not {size}")
+        where = f"log {i} of the answer (block {block})"
+        raise MalformedAnswer(f"{where} has {what} that is not {size}")
     return raw
 
 
@@ -126,10 +122,10 @@ class EventDecoder:
         return f"EventDecoder({self.name!r})"
 
     def decode(self, log: Log) -> dict[str, Any]:
-        """The log's arguments by name; :class:`MalformedLog` if it is not one of this
+        """The log's arguments by name; :class:`MalformedAnswer` if it is not one of this
         event's logs as the ABI encodes them."""
         if len(log.topics) != 1 + len(self._topic_types) or log.topics[0] != self.topic:
-            raise MalformedLog(
+            raise MalformedAnswer(
                 f"a {self.name} log in block {log.block} has {len(log.topics)} topics, "
                 f"not {1 + len(self._topic_types)}"
             )
@@ -142,7 +138,7 @@ class EventDecoder:
         except (eth_abi.exceptions.DecodingError, ValueError) as e:
             # DecodingError: short data, bad offsets, non-zero padding, a value out of its
             # type's range; ValueError: a string that is not UTF-8.
-            raise MalformedLog(
+            raise MalformedAnswer(
                 f"a {self.name} log in block {log.block} does not decode by the ABI "
                 f"({type(e).__name__})"
             ) from None

@@ -41,6 +41,13 @@ _READ_CHUNK: Final = 64 * 1024
 _MAX_QUANTITY_CHARS: Final = 18
 
 
+class MalformedAnswer(ValueError):
+    """An answer that is not what was asked for (a block that is not one, a log of another
+    contract, a log that does not decode by its event's ABI). The message says what is
+    wrong and where, never the endpoint's bytes; ``ChainTransport`` reports it as
+    ``ChainUnavailable`` ("answered malformed data: ...")."""
+
+
 def quantity(value: Any) -> int | None:
     """A JSON-RPC QUANTITY (``0x``-prefixed hex, at most 64 bits) as an int; None if
     ``value`` is not one."""

@@ -28,7 +28,8 @@ from contracts import registry_arguments as arg
 from contracts import registry_views as views
 from contracts.build import load_artifact
 from contracts.chain_transport import ChainTransport, block_ref
-from contracts.event_logs import EventDecoder, Log, MalformedLog, checked_logs
+from contracts.event_logs import EventDecoder, Log, checked_logs
+from contracts.json_rpc import MalformedAnswer
 from contracts.registry_events import FollowedEvent, checkpoint_anchor, followed_events
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.errors import ChainUnavailable, InvalidRequest
@@ -426,7 +427,7 @@ class RegistryClient:
     def _only_of(self, log: Log, node_key: bytes) -> None:
         """A log answered for a query by (anchor topic, node key) must be one."""
         if log.topics[:2] != (self._anchors.topic, node_key):
-            raise MalformedLog(f"a log in block {log.block} is not the node's checkpoint anchor")
+            raise MalformedAnswer(f"a log in block {log.block} is not the node's checkpoint anchor")
 
     def list_nodes(self) -> list[NodeInfo]:
         """All registered nodes (active or not), read at one block so the list is consistent."""

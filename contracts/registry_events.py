@@ -25,7 +25,8 @@ from typing import Any, get_type_hints
 
 from eth_utils.abi import collapse_if_tuple
 
-from contracts.event_logs import EventDecoder, Log, MalformedLog
+from contracts.event_logs import EventDecoder, Log
+from contracts.json_rpc import MalformedAnswer
 from contracts.registry_arguments import EMERGENCY_ROLE
 from contracts.registry_views import patient_keys
 from core.errors import ChainUnavailable
@@ -122,7 +123,7 @@ class FollowedEvent:
 
     def decode(self, log: Log, timestamp: int) -> RegistryEvent | None:
         """The log as its core value; None if the row follows another role than the log's.
-        :class:`MalformedLog` if the log does not decode, or holds a value its core type
+        :class:`MalformedAnswer` if the log does not decode, or holds a value its core type
         refuses (a record type this code does not know)."""
         args = self.event.decode(log)
         if self.row.of_role is not None and args["role"] != self.row.of_role:
@@ -130,7 +131,7 @@ class FollowedEvent:
         try:
             values = {name: convert(args[argument]) for name, argument, convert in self.reads}
         except (ValueError, ChainUnavailable) as e:
-            raise MalformedLog(
+            raise MalformedAnswer(
                 f"a {self.name} log in block {log.block} holds a value this node cannot "
                 f"take ({e.message if isinstance(e, ChainUnavailable) else type(e).__name__})"
             ) from None

@@ -1,5 +1,5 @@
 """An eth_getLogs answer is checked before any log in it is decoded, and a log that does not
-fit its event's ABI is refused: a malformed log is a clear MalformedLog, never a log
+fit its event's ABI is refused: a malformed log is a clear MalformedAnswer, never a log
 skipped or read another way. No chain: answers are written here as an endpoint would."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from eth_abi.abi import encode
 
 from contracts.build import load_artifact
-from contracts.event_logs import EventDecoder, Log, MalformedLog, checked_logs, event_topic
+from contracts.event_logs import EventDecoder, Log, checked_logs, event_topic
+from contracts.json_rpc import MalformedAnswer
 from contracts.registry_events import followed_events
 from core.record_types import RecordType
 
@@ -49,7 +50,7 @@ def granted(block: int = 5, **changes: Any) -> dict[str, Any]:
 def refused(answer: Any, reason: str, from_block: int = 0, to_block: int = 10) -> None:
     """``answer`` is refused, naming ``reason``, before or when its logs are decoded."""
     decoder = EventDecoder(EVENTS["AccessGranted"])
-    with pytest.raises(MalformedLog, match=reason):
+    with pytest.raises(MalformedAnswer, match=reason):
         for log in checked_logs(answer, REGISTRY, from_block, to_block):
             decoder.decode(log)
 
@@ -130,11 +131,11 @@ def test_a_value_out_of_its_types_range_is_refused() -> None:
     topics = (event_topic(entry), b"\x07" * 32, bytes.fromhex(word(PATIENT, "address")[2:]))
     wide = ["uint256", "address", "bytes32", "bytes32"]
     data = encode(wide, [300, GRANTEE, b"c" * 32, b"d" * 32])
-    with pytest.raises(MalformedLog, match="RecordAnchored log in block 5 does not decode"):
+    with pytest.raises(MalformedAnswer, match="RecordAnchored log in block 5 does not decode"):
         decoder.decode(Log(5, topics, data), 1005)
     # Within uint8, but no record type this node knows: refused, not guessed.
     data = encode(["uint8", "address", "bytes32", "bytes32"], [200, GRANTEE, b"c" * 32, b"d" * 32])
-    with pytest.raises(MalformedLog, match="holds a value this node cannot take"):
+    with pytest.raises(MalformedAnswer, match="holds a value this node cannot take"):
         decoder.decode(Log(5, topics, data), 1005)
     data = encode(
         ["uint8", "address", "bytes32", "bytes32"],

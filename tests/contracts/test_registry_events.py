@@ -17,7 +17,8 @@ from eth_utils.abi import collapse_if_tuple
 from web3 import Web3
 
 from contracts.build import load_artifact
-from contracts.event_logs import Log, MalformedLog, event_topic
+from contracts.event_logs import Log, event_topic
+from contracts.json_rpc import MalformedAnswer
 from contracts.registry_arguments import EMERGENCY_ROLE, PROVIDER_ROLE
 from contracts.registry_events import (
     FOLLOWED_EVENTS,
@@ -180,7 +181,7 @@ def test_a_record_type_and_a_patients_keys_decode_to_their_core_types() -> None:
     )
     assert registered.decode(log, 1007) == PatientRegistered(7, 1007, PATIENT, keys, verifying)
     short = log_of("PatientRegistered", patient=PATIENT, umbralKeys=keys[0], verifyingKey=verifying)
-    with pytest.raises(MalformedLog, match="patient key list of the wrong length"):
+    with pytest.raises(MalformedAnswer, match="patient key list of the wrong length"):
         registered.decode(short, 1007)
 
 
