@@ -78,6 +78,12 @@ def peak_rss_mb(pid: int) -> float | None:
     return None if kib is None else kib / 1024.0
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of ``pid`` now, in MiB, or None if it is gone."""
+    kib = _status_kib(pid, "VmRSS")
+    return None if kib is None else kib / 1024.0
+
+
 def self_peak_rss_mb() -> float | None:
     return peak_rss_mb(os.getpid())
 

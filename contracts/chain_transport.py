@@ -39,7 +39,7 @@ from web3.exceptions import (
 )
 from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt, Wei
 
-from contracts.json_rpc import BoundedHTTPProvider
+from contracts.json_rpc import BoundedHTTPProvider, MalformedAnswer, data, quantity
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.did import did_of
 from core.errors import (
@@ -181,15 +181,11 @@ class ChainTransport:
                 f"{op}: chain at {self.safe_url} failed: {_clip(e.message)}"
             ) from e
         except Web3RPCError as e:
-            said = (e.message or "").lower()
-            if op == "get_logs" and any(words in said for words in _TOO_LARGE_WORDS):
-                raise ChainAnswerTooLarge(
-                    f"{op}: chain at {self.safe_url} refused it as too large: {_clip(e.message)}"
-                ) from e
-            # The node refused the request itself (nonce, funds, gas): not a contract revert.
-            if sender is not None and _INSUFFICIENT_FUNDS in str(e.message).lower():
-                raise self._insufficient_funds(op, sender) from e
-            raise ChainRejected(f"chain refused {op}: {_clip(e.message)}") from e
+            raise self._refused(op, e.message or "", sender) from e
+        except MalformedAnswer as e:
+            raise ChainUnavailable(
+                f"{op}: chain at {self.safe_url} answered malformed data: {e}"
+            ) from e
         except _MALFORMED_ANSWER_ERRORS as e:
             kind = type(e).__name__
             if type(e).__module__ != "builtins":
@@ -202,6 +198,34 @@ class ChainTransport:
             raise ChainUnavailable(
                 f"{op}: chain at {self.safe_url} unavailable ({type(e).__name__})"
             ) from e
+
+    def _refused(self, op: str, message: str, sender: str | None) -> KmsError:
+        """The endpoint's JSON-RPC error for ``op``, as the error it stands for."""
+        said = message.lower()
+        if op == "get_logs" and any(words in said for words in _TOO_LARGE_WORDS):
+            return ChainAnswerTooLarge(
+                f"{op}: chain at {self.safe_url} refused it as too large: {_clip(message)}"
+            )
+        # The node refused the request itself (nonce, funds, gas): not a contract revert.
+        if sender is not None and _INSUFFICIENT_FUNDS in said:
+            return self._insufficient_funds(op, sender)
+        return ChainRejected(f"chain refused {op}: {_clip(message)}")
+
+    def request(self, op: str, method: str, params: list[Any]) -> Any:
+        """One JSON-RPC call's result as the endpoint's JSON, without web3's result
+        formatters (for answers read in bulk, checked by the caller: ``eth_getLogs``). An
+        error answer is refused as web3's would be (a range too large for ``get_logs``)."""
+        with self.translate(op):
+            # A JSON object (contracts/json_rpc.py decodes it so, or raises).
+            answer = self.w3.provider.make_request(RPCEndpoint(method), params)
+            error = answer.get("error")
+            if error is None and "result" not in answer:
+                raise BadResponseFormat("a JSON-RPC answer with neither result nor error")
+            if error is not None and not isinstance(error.get("message"), str):
+                raise BadResponseFormat("a JSON-RPC error without a message")
+        if error is not None:
+            raise self._refused(op, error["message"], None)
+        return answer["result"]
 
     def _insufficient_funds(self, op: str, sender: str) -> InsufficientFunds:
         """The sender's DID (the chain id is cached by then) and balance, if the chain
@@ -340,14 +364,21 @@ def _error_table(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str],
     return table
 
 
-def block_ref(block: Any) -> BlockRef:
-    """The block an endpoint answered, checked for shape: a lying endpoint's nonsense is
-    refused here (with what was wrong), never judged by."""
-    number, block_hash, timestamp = block["number"], block["hash"], block["timestamp"]
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise ChainUnavailable(f"the chain answered a block numbered {str(number)[:40]!r}")
-    if not isinstance(block_hash, bytes) or len(block_hash) != 32:
-        raise ChainUnavailable(f"the chain answered block {number} without a 32-byte hash")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
-        raise ChainUnavailable(f"the chain answered block {number} without a timestamp")
-    return BlockRef(number, bytes(block_hash), timestamp)
+def block_ref(block: Any, asked: int | str) -> BlockRef:
+    """The block an endpoint answered to ``eth_getBlockByNumber`` for ``asked`` (its JSON),
+    checked for shape: a lying endpoint's nonsense is refused here (with what was wrong),
+    never judged by."""
+    if block is None:  # as web3 reported it: the chain's answer, not a failure
+        raise ChainRejected(f"chain refused get_block: block {asked} not found")
+    if not isinstance(block, dict):
+        raise MalformedAnswer("a block that is not a JSON object")
+    number = quantity(block.get("number"))
+    if number is None:
+        raise MalformedAnswer(f"a block numbered {str(block.get('number'))[:40]!r}")
+    block_hash = data(block.get("hash"), 32)
+    if block_hash is None:
+        raise MalformedAnswer(f"block {number} without a 32-byte hash")
+    timestamp = quantity(block.get("timestamp"))
+    if timestamp is None:
+        raise MalformedAnswer(f"block {number} without a timestamp")
+    return BlockRef(number, block_hash, timestamp)

@@ -37,6 +37,47 @@ from core.errors import ChainAnswerTooLarge, ChainUnavailable, InvalidRequest
 
 #: bytes read from the socket at a time
 _READ_CHUNK: Final = 64 * 1024
+#: the longest quantity read (a block number, a timestamp): 0x and 16 hex digits, 64 bits
+_MAX_QUANTITY_CHARS: Final = 18
+
+
+class MalformedAnswer(ValueError):
+    """An answer that is not what was asked for (a block that is not one, a log of another
+    contract, a log that does not decode by its event's ABI). The message says what is
+    wrong and where, never the endpoint's bytes; ``ChainTransport`` reports it as
+    ``ChainUnavailable`` ("answered malformed data: ...")."""
+
+
+def quantity(value: Any) -> int | None:
+    """A JSON-RPC QUANTITY (``0x``-prefixed hex, at most 64 bits) as an int; None if
+    ``value`` is not one."""
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and value.startswith("0x")
+        and 2 < len(value) <= _MAX_QUANTITY_CHARS
+        and value[2:].isalnum()
+    ):
+        try:
+            return int(value, 16)
+        except ValueError:
+            return None
+    return None
+
+
+def data(value: Any, length: int | None = None) -> bytes | None:
+    """A JSON-RPC DATA (``0x``-prefixed hex) as bytes, of ``length`` bytes if given; None
+    if ``value`` is not one."""
+    if not isinstance(value, str) or not value.startswith("0x"):
+        return None
+    try:
+        raw = bytes.fromhex(value[2:])
+    except ValueError:
+        return None
+    # fromhex skips whitespace: the length says whether every character was a digit
+    if 2 * len(raw) != len(value) - 2 or (length is not None and len(raw) != length):
+        return None
+    return raw
 
 
 class JsonRpcTransport:

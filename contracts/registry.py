@@ -17,24 +17,20 @@ no key and its repr shows only the chain endpoint and the contract address.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
-from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import Contract, ContractFunction
-from web3.types import BlockIdentifier
 
 from contracts import registry_arguments as arg
 from contracts import registry_views as views
 from contracts.build import load_artifact
 from contracts.chain_transport import ChainTransport, block_ref
-from contracts.registry_events import (
-    FollowedEvent,
-    checkpoint_anchor,
-    event_topic,
-    followed_events,
-)
+from contracts.event_logs import EventDecoder, Log, checked_logs
+from contracts.json_rpc import MalformedAnswer
+from contracts.registry_events import FollowedEvent, checkpoint_anchor, followed_events
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.errors import ChainUnavailable, InvalidRequest
 from core.record_types import RecordType
@@ -75,11 +71,9 @@ class RegistryClient:
             abi=abi,
             decode_tuples=True,  # structs come back as named tuples
         )
-        self._anchor_topic = next(
-            event_topic(e) for e in abi if e.get("name") == "CheckpointAnchored"
-        )
+        self._anchors = EventDecoder(next(e for e in abi if e.get("name") == "CheckpointAnchored"))
         # topic0 -> the decoder of an event a grant index follows
-        self._followed: dict[bytes, FollowedEvent] = followed_events(self._contract)
+        self._followed: dict[bytes, FollowedEvent] = followed_events(abi)
 
     def __repr__(self) -> str:
         return f"RegistryClient(rpc_url={self._chain.safe_url!r}, address={self.address!r})"
@@ -118,33 +112,48 @@ class RegistryClient:
         """Number, hash and timestamp of a block ("latest" or a number)."""
         if isinstance(identifier, str) and identifier != "latest":
             raise InvalidRequest("block: identifier must be a block number or 'latest'")
-        which: BlockIdentifier = identifier if isinstance(identifier, int) else "latest"
+        if isinstance(identifier, int) and identifier < 0:
+            raise InvalidRequest("block: a block number is >= 0")
+        tag = hex(identifier) if isinstance(identifier, int) else "latest"
+        # Its JSON, not web3's formatted block: a block's transaction hashes (thousands in a
+        # full one) are not read, only its number, hash and timestamp.
+        answer = self._chain.request("get_block", "eth_getBlockByNumber", [tag, False])
         with self._chain.translate("get_block"):
-            return block_ref(self._chain.w3.eth.get_block(which))
+            return block_ref(answer, identifier)
 
     def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
         """The registry's patient, record and grant events in [from_block, to_block], in
-        chain order, each with its block's timestamp; other events are skipped."""
+        chain order, each with its block's timestamp; other events are skipped. Logs are
+        checked and decoded by the ABI (``contracts/event_logs.py``): a malformed one is
+        ``ChainUnavailable``, never skipped."""
         if not 0 <= from_block <= to_block:
             raise InvalidRequest("events: need 0 <= from_block <= to_block")
+        answer = self._logs(from_block, to_block)
+        timestamps: dict[int, int] = {}
+        decoded: list[RegistryEvent] = []
         with self._chain.translate("get_logs"):
-            logs = self._chain.w3.eth.get_logs(
-                {"address": self.address, "fromBlock": from_block, "toBlock": to_block}
-            )
-            timestamps: dict[int, int] = {}
-            decoded: list[RegistryEvent] = []
-            for log in logs:
-                topics = log.get("topics") or []
-                followed = self._followed.get(bytes(topics[0])) if topics else None
+            for log in checked_logs(answer, self.address, from_block, to_block):
+                followed = self._followed.get(log.topics[0]) if log.topics else None
                 if followed is None:
                     continue
-                number = int(log["blockNumber"])
-                if number not in timestamps:
-                    timestamps[number] = block_ref(self._chain.w3.eth.get_block(number)).timestamp
-                event = followed.decode(log, number, timestamps[number])
+                if log.block not in timestamps:
+                    timestamps[log.block] = self.block(log.block).timestamp
+                event = followed.decode(log, timestamps[log.block])
                 if event is not None:
                     decoded.append(event)
-            return decoded
+        return decoded
+
+    def _logs(self, from_block: int, to_block: int, *topics: bytes) -> Any:
+        """The registry's logs in [from_block, to_block] (with these leading topics), as
+        the endpoint's JSON: each is checked where it is read."""
+        query: dict[str, Any] = {
+            "address": self.address,
+            "fromBlock": hex(from_block),
+            "toBlock": hex(to_block),
+        }
+        if topics:
+            query["topics"] = ["0x" + topic.hex() for topic in topics]
+        return self._chain.request("get_logs", "eth_getLogs", [query])
 
     def block_of_transaction(self, tx_hash: str) -> int:
         """The block a mined transaction is in."""
@@ -399,22 +408,26 @@ class RegistryClient:
         self, node_id: str, from_block: int = 0, to_block: int | None = None
     ) -> list[CheckpointAnchor]:
         """Every checkpoint the node anchored in [from_block, to_block], in chain order."""
-        key = Web3.keccak(text=arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES))
+        key = bytes(Web3.keccak(text=arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES)))
+        if to_block is None:
+            with self._chain.translate("get_logs"):
+                to_block = int(self._chain.w3.eth.block_number)
+        if from_block < 0:
+            raise InvalidRequest("checkpoint_anchors: from_block must be >= 0")
+        if from_block > to_block:
+            return []
+        answer = self._logs(from_block, to_block, self._anchors.topic, key)
         with self._chain.translate("get_logs"):
-            last = self._chain.w3.eth.block_number if to_block is None else to_block
-            logs = self._chain.w3.eth.get_logs(
-                {
-                    "address": self.address,
-                    "fromBlock": from_block,
-                    "toBlock": last,
-                    "topics": [HexBytes(self._anchor_topic), key],
-                }
-            )
             anchors = []
-            for log in logs:
-                args = self._contract.events.CheckpointAnchored().process_log(log)["args"]
-                anchors.append(checkpoint_anchor(args, int(log["blockNumber"])))
+            for log in checked_logs(answer, self.address, from_block, to_block):
+                self._only_of(log, key)
+                anchors.append(checkpoint_anchor(self._anchors.decode(log), log.block))
             return anchors
+
+    def _only_of(self, log: Log, node_key: bytes) -> None:
+        """A log answered for a query by (anchor topic, node key) must be one."""
+        if log.topics[:2] != (self._anchors.topic, node_key):
+            raise MalformedAnswer(f"a log in block {log.block} is not the node's checkpoint anchor")
 
     def list_nodes(self) -> list[NodeInfo]:
         """All registered nodes (active or not), read at one block so the list is consistent."""

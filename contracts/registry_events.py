@@ -19,17 +19,17 @@ that no field takes), so a drift fails when a client is made and in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from eth_utils.abi import collapse_if_tuple
-from web3 import Web3
-from web3.contract.contract import Contract, ContractEvent
-from web3.types import LogReceipt
 
+from contracts.event_logs import EventDecoder, Log
+from contracts.json_rpc import MalformedAnswer
 from contracts.registry_arguments import EMERGENCY_ROLE
 from contracts.registry_views import patient_keys
+from core.errors import ChainUnavailable
 from core.record_types import RecordType
 from core.registry_types import (
     AccessGranted,
@@ -93,17 +93,13 @@ FOLLOWED_EVENTS: Mapping[str, EventRow] = {
 _MINED = ("block", "timestamp")
 
 
-def _checksum_address(value: Any) -> str:
-    return str(Web3.to_checksum_address(value))
-
-
 def _patient_keys(value: Any) -> tuple[bytes, ...]:
     return patient_keys(bytes(value))
 
 
 # (ABI type, dataclass field type) -> how the decoded argument becomes the field's value.
 _CONVERSIONS: Mapping[tuple[str, object], Callable[[Any], Any]] = {
-    ("address", str): _checksum_address,
+    ("address", str): str,  # EIP-55 already (contracts/event_logs.py)
     ("bytes32", bytes): bytes,
     ("bytes", bytes): bytes,
     ("bytes", tuple[bytes, ...]): _patient_keys,  # as getPatient answers them
@@ -120,24 +116,32 @@ class FollowedEvent:
 
     name: str
     row: EventRow
-    #: web3's decoder of the log's topics and data, by the ABI
-    event: ContractEvent
+    #: the decoder of the log's topics and data, by the ABI
+    event: EventDecoder
     #: (field, event argument, conversion) for each field read from the log
     reads: tuple[tuple[str, str, Callable[[Any], Any]], ...]
 
-    def decode(self, log: LogReceipt, block: int, timestamp: int) -> RegistryEvent | None:
-        """The log as its core value; None if the row follows another role than the log's."""
-        args = self.event.process_log(log)["args"]
-        if self.row.of_role is not None and bytes(args["role"]) != self.row.of_role:
+    def decode(self, log: Log, timestamp: int) -> RegistryEvent | None:
+        """The log as its core value; None if the row follows another role than the log's.
+        :class:`MalformedAnswer` if the log does not decode, or holds a value its core type
+        refuses (a record type this code does not know)."""
+        args = self.event.decode(log)
+        if self.row.of_role is not None and args["role"] != self.row.of_role:
             return None
-        values = {name: convert(args[argument]) for name, argument, convert in self.reads}
-        return self.row.type(block=block, timestamp=timestamp, **values, **self.row.fixed)
+        try:
+            values = {name: convert(args[argument]) for name, argument, convert in self.reads}
+        except (ValueError, ChainUnavailable) as e:
+            raise MalformedAnswer(
+                f"a {self.name} log in block {log.block} holds a value this node cannot "
+                f"take ({e.message if isinstance(e, ChainUnavailable) else type(e).__name__})"
+            ) from None
+        return self.row.type(block=log.block, timestamp=timestamp, **values, **self.row.fixed)
 
 
-def followed_events(contract: Contract) -> dict[bytes, FollowedEvent]:
+def followed_events(abi: Sequence[Mapping[str, Any]]) -> dict[bytes, FollowedEvent]:
     """topic0 -> decoder, for each row of ``FOLLOWED_EVENTS``; ``TypeError`` naming every way
     in which the table does not fit the contract's ABI."""
-    declared = {e["name"]: e for e in contract.abi if e["type"] == "event"}
+    declared = {e["name"]: e for e in abi if e["type"] == "event"}
     problems: list[str] = []
     decoders: dict[bytes, FollowedEvent] = {}
     for name, row in FOLLOWED_EVENTS.items():
@@ -146,7 +150,8 @@ def followed_events(contract: Contract) -> dict[bytes, FollowedEvent]:
             problems.append(f"{name}: no such event in the ABI")
             continue
         reads = _reads(name, row, entry, problems)
-        decoders[event_topic(entry)] = FollowedEvent(name, row, contract.events[name], reads)
+        event = EventDecoder(entry)
+        decoders[event.topic] = FollowedEvent(name, row, event, reads)
     if problems:
         raise TypeError("the followed events do not fit the registry's ABI: " + "; ".join(problems))
     return decoders
@@ -195,19 +200,13 @@ def _camel_case(snake: str) -> str:
     return first + "".join(word.capitalize() for word in rest)
 
 
-def event_topic(entry: Mapping[str, Any]) -> bytes:
-    """topic0 of an ABI event: the keccak of its signature."""
-    types = ",".join(collapse_if_tuple(i) for i in entry.get("inputs", []))
-    return bytes(Web3.keccak(text=f"{entry['name']}({types})"))
-
-
-def checkpoint_anchor(args: Any, block: int) -> CheckpointAnchor:
-    """A ``CheckpointAnchored`` event mined in ``block``."""
+def checkpoint_anchor(args: Mapping[str, Any], block: int) -> CheckpointAnchor:
+    """A ``CheckpointAnchored`` event mined in ``block``, from its decoded arguments."""
     return CheckpointAnchor(
-        node_id=str(args.nodeId),
-        tree_size=int(args.treeSize),
-        root_hash=bytes(args.rootHash),
-        timestamp=int(args.timestamp),
-        signature=bytes(args.signature),
+        node_id=str(args["nodeId"]),
+        tree_size=int(args["treeSize"]),
+        root_hash=bytes(args["rootHash"]),
+        timestamp=int(args["timestamp"]),
+        signature=bytes(args["signature"]),
         block=block,
     )

@@ -20,6 +20,12 @@ _HEX_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 def checksum(address: bytes | str) -> str:
     """EIP-55 form of a 20-byte address or a hex string (which must be valid:
     ``ValueError`` otherwise)."""
+    return eip55(address)
+
+
+def eip55(address: bytes | str) -> str:
+    """:func:`checksum`, not cached: for a stream of addresses each seen about once (a
+    replay of the registry's events), which would only push the hot ones out of the cache."""
     if isinstance(address, bytes):
         if len(address) != 20:
             raise ValueError("an address is 20 bytes")

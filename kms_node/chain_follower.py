@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from core.errors import ChainAnswerTooLarge, KmsError, Unavailable
+from core.event_ranges import EventLog, EventRanges
 from core.grant_index import GrantIndex
 from core.registry_interface import RegistryReader
 from core.registry_types import (
@@ -35,18 +36,17 @@ from core.registry_types import (
     PatientInfo,
     RegistryEvent,
 )
-from kms_node import metrics
+from kms_node import heap, metrics
 
 log = structlog.get_logger("medkms.node.chain")
 
-#: blocks fetched per eth_getLogs call while catching up (halved, for good, each time the
-#: endpoint finds an answer too large)
-LOG_CHUNK_BLOCKS = 2000
+#: a sync that applies this many events gives the C heap's free memory back afterwards
+#: (the answers it parsed, freed: ``kms_node/heap.py``); a routine poll applies a few
+RELEASE_MEMORY_AFTER_EVENTS = 10_000
 
 
-class EventSource(Protocol):
+class EventSource(EventLog, Protocol):
     def block(self, identifier: int | str = "latest") -> BlockRef: ...
-    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]: ...
 
 
 class ChainFollower:
@@ -80,8 +80,8 @@ class ChainFollower:
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
         self._sync_lock = threading.Lock()
-        #: blocks per eth_getLogs call, once the endpoint refused LOG_CHUNK_BLOCKS
-        self._chunk_blocks: int | None = None
+        #: the blocks each eth_getLogs asks for, halved when the endpoint refuses a range
+        self._ranges = EventRanges(source, on_halved=_log_halved)
         self._synced_at: float | None = None
         #: why the last background sync failed, while it is the latest word on the chain
         self._last_failure: str | None = None
@@ -114,27 +114,20 @@ class ChainFollower:
             current = None
         start = self._start_block if current is None else current.number + 1
         index = self.index
-        if head.number - start + 1 > LOG_CHUNK_BLOCKS:
+        if head.number - start + 1 > self._ranges.range_blocks:
             # A long catch-up: the index is knowingly behind until it finishes. (A
             # routine poll publishes the head only once applied, so the blocks
             # mined since the last poll do not count as lag.)
             self._head_seen = head.number
-        while start <= head.number:
-            chunk = self._chunk_blocks or LOG_CHUNK_BLOCKS
-            end = min(head.number, start + chunk - 1)
-            try:
-                events = self._source.events(start, end)
-            except ChainAnswerTooLarge as e:
-                if end == start:
-                    raise  # one block's events are more than the endpoint will give
-                self._chunk_blocks = (end - start + 1) // 2
-                log.info("chain_log_chunk_halved", blocks=self._chunk_blocks, error=e.message)
-                continue
+        applied = 0
+        for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
             index.apply(events, through)
             if events and self.on_events is not None:
                 self.on_events(events)
-            start = end + 1
+            applied += len(events)
+        if applied >= RELEASE_MEMORY_AFTER_EVENTS:
+            heap.release_free_memory()
         if index.block is None or index.block.number < head.number:
             index.apply([], head)
         self._head_seen = head.number
@@ -207,6 +200,10 @@ class ChainFollower:
         if problem is not None:
             raise Unavailable(f"cannot judge grants on stale chain state: {problem}")
         return self.index.access_state(record_id, grantee, capsule_hash)
+
+
+def _log_halved(blocks: int, error: ChainAnswerTooLarge) -> None:
+    log.info("chain_log_chunk_halved", blocks=blocks, error=error.message)
 
 
 class ConfirmedRegistry:

@@ -186,3 +186,22 @@ def block_range_limit(rpc: HostileRpc, max_blocks: int) -> Reply:
             forward(handler, rpc.upstream, json.dumps(request).encode())
 
     return reply
+
+
+def tampered(rpc: HostileRpc, edit: Callable[[Any], Any]) -> Reply:
+    """The upstream chain's answer, its result passed through ``edit`` (a lying endpoint
+    that alters what an honest one says)."""
+
+    def reply(handler: BaseHTTPRequestHandler, request: dict[str, Any]) -> None:
+        assert rpc.upstream is not None
+        upstream = urllib.request.Request(
+            rpc.upstream,
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(upstream, timeout=10) as response:
+            answer = json.loads(response.read())
+        answer["result"] = edit(answer["result"])
+        send_json(handler, answer)
+
+    return reply

@@ -23,12 +23,13 @@ from typing import TypeVar
 
 import grpc
 
-from clients.audit.replayed_state import EventLog, ReplayedState
+from clients.audit.replayed_state import ReplayedState
 from core.audit import Checkpoint, Receipt
 from core.audit_findings import Check, NodeReport, Problem, Verdict, VerifiedPrefix
 from core.audit_sources import DEFAULT_READ_POLICY, LogSource, ReadPolicy, failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import InvalidRequest, KmsError
+from core.event_ranges import EventLog
 from core.registry_interface import RegistryReader
 from core.registry_types import AccessState, BlockRef, CheckpointAnchor, NodeInfo
 from proto import rpc

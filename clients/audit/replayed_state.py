@@ -7,7 +7,8 @@ node judges by, so the state an entry is judged against here is the state its no
 held at that block. (An archive node's ``accessState`` at the block, the auditor's default,
 is the contract's own view and so also checks that interpretation: ADR 12.)
 
-How: the events from the registry's first block to the head are read once, in chunks. Each
+How: the events from the registry's first block to the head are read once, in ranges the
+endpoint accepts (``core/event_ranges.py``, as a node's follower reads them). Each
 thread keeps a cursor, an index replayed up to some block, and moves it forward for the next
 entry's block (one node's entries mostly come in block order); for an earlier block it
 restarts from the nearest of the copies kept every ``SNAPSHOT_EVERY`` blocks with events.
@@ -18,22 +19,15 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from core.errors import InvalidRequest
+from core.event_ranges import EventLog, EventRanges
 from core.grant_index import GrantIndex
 from core.registry_types import AccessState, BlockRef, RegistryEvent
 
-#: blocks per eth_getLogs call: hosted nodes commonly cap a call's range
-LOG_CHUNK_BLOCKS: Final = 2000
 #: a copy of the replayed index is kept every this many blocks with events
 SNAPSHOT_EVERY: Final = 256
-
-
-class EventLog(Protocol):
-    """The registry's followed events (``RegistryClient.events``), in chain order."""
-
-    def events(self, from_block: int, to_block: int) -> list[RegistryEvent]: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,7 @@ class ReplayedState:
     def __init__(self, log: EventLog, *, start_block: int, through_block: int) -> None:
         if not 0 <= start_block <= through_block:
             raise InvalidRequest("need 0 <= start_block <= through_block")
-        self._log = log
+        self._ranges = EventRanges(log)
         self._start_block = start_block
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -89,11 +83,8 @@ class ReplayedState:
             if through_block <= read.through:
                 return
             events = list(read.events)
-            start = read.through + 1
-            while start <= through_block:
-                end = min(through_block, start + LOG_CHUNK_BLOCKS - 1)
-                events.extend(self._log.events(start, end))
-                start = end + 1
+            for _, more in self._ranges.read(read.through + 1, through_block):
+                events.extend(more)
             self._read = _Events(tuple(events), tuple(e.block for e in events), through_block)
 
     def access_state(

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from clients.audit import replayed_state
 from clients.audit.replayed_state import ReplayedState
-from core.errors import InvalidRequest
+from contracts.registry import RegistryClient
+from core.errors import ChainAnswerTooLarge, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import (
     AccessGranted,
@@ -20,6 +24,9 @@ from core.registry_types import (
     RecordAnchored,
     RegistryEvent,
 )
+from deploy.anvil import AnvilProcess, mine, set_balance
+from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
+from tests.hostile_rpc import HostileRpc, block_range_limit
 
 PATIENT = "0x" + "11" * 20
 GRANTEE = "0x" + "22" * 20
@@ -71,7 +78,7 @@ def active_at(state: ReplayedState, block: int) -> bool | None:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replayed_state, "LOG_CHUNK_BLOCKS", 50)
+    monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 50)
     monkeypatch.setattr(replayed_state, "SNAPSHOT_EVERY", 16)
 
 
@@ -114,3 +121,55 @@ def test_a_block_before_the_registry_is_refused() -> None:
     state = ReplayedState(Events(), start_block=START, through_block=HEAD)
     with pytest.raises(InvalidRequest, match="before the registry's first block 10"):
         state.access_state(RECORD, GRANTEE, CAPSULE, at=at(START - 1))
+
+
+def test_a_range_the_source_refuses_is_halved_and_every_event_read() -> None:
+    class Limited(Events):
+        def events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
+            if to_block - from_block + 1 > 12:
+                self.calls.append((from_block, to_block))
+                raise ChainAnswerTooLarge("exceed maximum block range: 12")
+            return super().events(from_block, to_block)
+
+    events = Limited()
+    state = ReplayedState(events, start_block=START, through_block=HEAD)
+    # 50 blocks refused, then 25; 12 accepted, and asked for from then on.
+    assert events.calls[:4] == [(10, 59), (10, 34), (10, 21), (22, 33)]
+    assert all(b - a + 1 <= 12 for a, b in events.calls[2:])
+    assert state.events_read == HEAD - START + 1
+    assert active_at(state, HEAD) is True and active_at(state, HEAD - 1) is False
+
+
+@pytest.mark.anvil
+def test_an_endpoint_that_refuses_large_ranges_is_read_in_halves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a node's follower (tests/kms_node/test_chain_follower_limits.py): geth's range
+    limit, on a real anvil behind tests/hostile_rpc.py."""
+    with AnvilProcess(log_path=tmp_path / "anvil.log") as anvil:
+        admin: LocalAccount = Account.create()
+        set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
+        registry = RegistryClient.deploy(anvil.rpc_url, admin)
+        patients = []
+        for _ in range(4):
+            patient: LocalAccount = Account.create()
+            set_balance(anvil.rpc_url, patient.address, FUNDING_WEI)
+            registry.register_patient(patient, umbral_keys(), compressed_point())
+            mine(anvil.rpc_url, 3)
+            patients.append(patient.address)
+        head = registry.latest_block()[0]
+        rpc = HostileRpc(upstream=anvil.rpc_url)
+        try:
+            rpc.misbehave(block_range_limit(rpc, 5), "eth_getLogs")
+            monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 40)
+            limited = RegistryClient(rpc.url, registry.address)
+            state = ReplayedState(limited, start_block=0, through_block=head)
+            assert state.events_read == len(registry.events(0, head)) >= len(patients)
+            halvings = [head + 1]
+            while halvings[-1] > 5:
+                halvings.append(halvings[-1] // 2)
+            assert len(halvings) > 2
+            assert rpc.log_ranges[: len(halvings)] == halvings
+            assert all(blocks <= 5 for blocks in rpc.log_ranges[len(halvings) :])
+        finally:
+            rpc.close()

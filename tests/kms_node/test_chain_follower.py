@@ -246,7 +246,7 @@ def test_with_confirmations_a_reorg_deeper_than_k_rebuilds_the_index(
 def test_catch_up_reads_events_in_chunks(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 3)
+    monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 3)
     chain.mine(anchored(1))
     for _ in range(8):
         chain.mine()
@@ -270,7 +270,7 @@ def test_blocks_mined_between_polls_are_not_lag(chain: FakeChain, clock: Clock) 
 def test_a_long_catch_up_counts_as_lag(
     chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("kms_node.chain_follower.LOG_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr("core.event_ranges.FIRST_RANGE_BLOCKS", 2)
     f = follower(chain, clock)
     f.sync_once()
     for _ in range(6):
@@ -350,3 +350,24 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_sync_that_applied_many_events_gives_free_memory_back(
+    chain: FakeChain, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released: list[int] = []
+
+    def release() -> bool:
+        released.append(1)
+        return True
+
+    monkeypatch.setattr("kms_node.chain_follower.RELEASE_MEMORY_AFTER_EVENTS", 3)
+    monkeypatch.setattr("kms_node.heap.release_free_memory", release)
+    chain.mine(anchored(1), granted(1))
+    chain.mine(granted(2))
+    f = follower(chain, clock)
+    f.sync_once()  # a catch-up of 3 events
+    assert released == [1]
+    chain.mine(granted(3))
+    f.sync_once()  # a routine poll
+    assert released == [1]
