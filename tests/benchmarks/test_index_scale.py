@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks import report
 from benchmarks.index_scale import add_to_latest, extrapolated
 
 
@@ -41,3 +42,18 @@ def test_latest_json_keeps_its_keys_and_gains_the_headline_figures(tmp_path: Pat
     assert document["index_kb_per_patient"] == 0.4
     assert document["restart_s_100k_patients"] == 1.235
     assert document["index_scale"] == results
+
+
+def test_a_harness_run_keeps_the_index_figures_it_does_not_measure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    latest = tmp_path / "latest.json"
+    latest.write_text(json.dumps({"cluster_p50_ms": 11.5}))
+    add_to_latest(latest, {"sizes": [size(10_000, 0.2, 20.0), size(100_000, 0.5, 200.0)]})
+    monkeypatch.setattr(report, "render", lambda *args, **kwargs: None)  # no plot here
+    report.write({"cluster_p50_ms": 9.0, "index_kb_per_patient": 0.3}, tmp_path, readme=False)
+    document = json.loads(latest.read_text())
+    assert document["cluster_p50_ms"] == 9.0  # the new run's own figure
+    assert document["index_kb_per_patient"] == 0.3  # measured by this run: not replaced
+    assert document["restart_s_100k_patients"] == 0.5  # not measured by it: kept
+    assert document["index_scale"]["sizes"][1]["patients"] == 100_000
