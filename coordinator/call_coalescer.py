@@ -120,7 +120,8 @@ class CoalescingClient:
     def _leave(self, read: _Read) -> None:
         """A read gave up: out of the queue; its call cancelled if no read is left in it."""
         if read.call is None:
-            self._waiting.remove(read)
+            if read in self._waiting:  # unless _send_next dropped it already
+                self._waiting.remove(read)
         elif all(r.answer.cancelled() for r in read.group):
             read.call.cancel()
 
@@ -164,20 +165,22 @@ class CoalescingClient:
 
     def _send_next(self) -> None:
         """The waiting reads, oldest first, as many as one call holds, go out now."""
-        if not self._waiting:
-            self._busy = False
-            return
-        reads = [self._waiting.popleft()]
-        capsules = reads[0].capsules
-        while (
-            self._waiting
-            and len(reads) < MAX_MANY_READS
-            and capsules + self._waiting[0].capsules <= MAX_BATCH
-        ):
-            read = self._waiting.popleft()
-            reads.append(read)
+        reads: list[_Read] = []
+        capsules = 0
+        while self._waiting and len(reads) < MAX_MANY_READS:
+            read = self._waiting[0]
+            if read.answer.done():
+                # Gave up, its cancellation not yet run to _leave.
+                self._waiting.popleft()
+                continue
+            if reads and capsules + read.capsules > MAX_BATCH:
+                break
+            reads.append(self._waiting.popleft())
             capsules += read.capsules
-        self._send(reads)
+        if reads:
+            self._send(reads)
+        else:
+            self._busy = False
 
 
 def _answer(read: _Read, result: node_pb2.NodeReadResult) -> Response | Exception:
