@@ -222,7 +222,9 @@ async def test_a_shared_calls_failure_is_each_reads_failure() -> None:
     client = CoalescingClient(node)
     lone = asyncio.ensure_future(client.Reencrypt(single(1), timeout=5.0))
     await settle()
-    reads = [asyncio.ensure_future(client.Reencrypt(single(n), timeout=5.0)) for n in (2, 3)]
+    reads: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(client.Reencrypt(single(n), timeout=5.0)) for n in (2, 3)
+    ]
     reads.append(asyncio.ensure_future(client.ReencryptBatch(batch(4, 2), timeout=5.0)))
     await settle()
     node.fail_with = grpc.StatusCode.UNAVAILABLE
@@ -256,7 +258,9 @@ async def test_a_call_holds_at_most_sixteen_reads_and_sixty_four_capsules() -> N
     client = CoalescingClient(node)
     lone = asyncio.ensure_future(client.Reencrypt(single(1), timeout=5.0))
     await settle()
-    reads = [asyncio.ensure_future(client.Reencrypt(single(n), timeout=5.0)) for n in range(20)]
+    reads: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(client.Reencrypt(single(n), timeout=5.0)) for n in range(20)
+    ]
     reads += [
         asyncio.ensure_future(client.ReencryptBatch(batch(n, 40), timeout=5.0)) for n in (30, 31)
     ]

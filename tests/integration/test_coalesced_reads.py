@@ -1,0 +1,40 @@
+"""Reads of different doctors meeting at a node go as one call (ADR 16), on the real
+cluster: each is judged, audited and answered as if it had gone alone."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from deploy.sample_records import lab_result
+from tests.integration.conftest import People
+
+pytestmark = pytest.mark.cluster
+
+
+def _calls_and_reads(metrics_url: str) -> tuple[float, float]:
+    """Re-encryption calls the coordinator made to nodes, and the reads they carried."""
+    found: dict[str, float] = {}
+    with urllib.request.urlopen(metrics_url, timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                found[name] = float(value)
+    return (
+        found["kms_coordinator_node_call_reads_count"],
+        found["kms_coordinator_node_call_reads_sum"],
+    )
+
+
+def test_concurrent_reads_of_different_doctors_all_succeed(people: People) -> None:
+    doctors = [people.granted_doctor(f"dr-{i}") for i in range(6)]
+    metrics_url = people.cluster.coordinator_metrics_url
+    calls_before, reads_before = _calls_and_reads(metrics_url)
+    results = people.read_at_once(doctors, rounds=5)
+    assert results == [lab_result()] * 30
+    calls, reads = _calls_and_reads(metrics_url)
+    # Every read asked at least the threshold of nodes; some of those calls carried
+    # several reads (six doctors at once on a cluster of five single-process nodes).
+    assert reads - reads_before >= 30 * people.cluster.threshold
+    assert calls - calls_before < reads - reads_before
