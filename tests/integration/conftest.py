@@ -17,7 +17,7 @@ import pytest
 
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
 from core.record_types import RecordType
@@ -115,12 +115,12 @@ class People:
 
     def read_at_once(
         self, doctors: list[Identity], rounds: int, coordinator_address: str | None = None
-    ) -> list[bytes | Exception]:
+    ) -> list[RecordRead | Exception]:
         """Each doctor, in a thread of its own, reads the lab record ``rounds`` times,
         all starting together: what every read returned, or raised."""
         start = threading.Barrier(len(doctors))
 
-        def reads(doctor: Identity) -> list[bytes | Exception]:
+        def reads(doctor: Identity) -> list[RecordRead | Exception]:
             with ProviderClient(
                 doctor,
                 registry=self.registry,
@@ -129,10 +129,10 @@ class People:
                 transport=self.cluster.app_transport,
             ) as app:
                 start.wait(timeout=30)
-                results: list[bytes | Exception] = []
+                results: list[RecordRead | Exception] = []
                 for _ in range(rounds):
                     try:
-                        results.append(app.read_record(self.lab.record_id))
+                        results.append(app.read_record_with_receipts(self.lab.record_id))
                     except Exception as e:  # noqa: BLE001 - the test reports it
                         results.append(e)
                 return results
