@@ -99,13 +99,19 @@ class CoalescingClient:
         return response
 
     async def _submit(self, request: Request, timeout: float) -> Response:
+        if not self._busy:
+            # Nothing in flight: the read goes at once, by its own call, awaited here as
+            # without coalescing (its cancellation cancels the call, its timeout is the
+            # call's); those that arrive meanwhile go together when it returns.
+            self._busy = True
+            metrics.NODE_CALL_READS.observe(1)
+            try:
+                return await self._alone(request, timeout)
+            finally:
+                self._send_next()
         loop = asyncio.get_running_loop()
         read = _Read(request, loop.time() + timeout, loop.create_future())
-        if self._busy:
-            self._waiting.append(read)
-        else:
-            self._busy = True
-            self._send([read])
+        self._waiting.append(read)
         try:
             # wait_for cancels the answer when the read times out or is cancelled.
             return await asyncio.wait_for(read.answer, timeout)
@@ -116,6 +122,11 @@ class CoalescingClient:
         finally:
             if read.answer.cancelled():
                 self._leave(read)
+
+    async def _alone(self, request: Request, timeout: float) -> Response:
+        if isinstance(request, common_pb2.ReencryptionBatchRequest):
+            return await self._inner.ReencryptBatch(request, timeout=timeout)
+        return await self._inner.Reencrypt(request, timeout=timeout)
 
     def _leave(self, read: _Read) -> None:
         """A read gave up: out of the queue; its call cancelled if no read is left in it."""
@@ -138,12 +149,7 @@ class CoalescingClient:
             timeout = max(timeout, 0.001)
             if len(reads) == 1:
                 (read,) = reads
-                response: Response
-                if isinstance(read.request, common_pb2.ReencryptionBatchRequest):
-                    response = await self._inner.ReencryptBatch(read.request, timeout=timeout)
-                else:
-                    response = await self._inner.Reencrypt(read.request, timeout=timeout)
-                _settle(read, response)
+                _settle(read, await self._alone(read.request, timeout))
             else:
                 request = node_pb2.ReencryptManyRequest(reads=[r.as_node_read() for r in reads])
                 many = await self._inner.ReencryptMany(request, timeout=timeout)
