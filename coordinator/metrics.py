@@ -55,6 +55,13 @@ NODE_ABANDONED = Counter(
     ["node"],
     registry=REGISTRY,
 )
+NODE_CALL_READS = Histogram(
+    "kms_coordinator_node_call_reads",
+    "Reads sent in one re-encryption call to a node: more than one when reads met at "
+    "a connection while a call was in flight and went together (ADR 16)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+    registry=REGISTRY,
+)
 HEDGES = Counter(
     "kms_coordinator_hedges_total",
     "Extra nodes asked because the hedge delay passed without enough answers",

@@ -41,6 +41,10 @@ class NodeClient(Protocol):
         self, request: common_pb2.ReencryptionBatchRequest, *, timeout: float
     ) -> Awaitable[node_pb2.ReencryptBatchResponse]: ...
 
+    def ReencryptMany(
+        self, request: node_pb2.ReencryptManyRequest, *, timeout: float
+    ) -> Awaitable[node_pb2.ReencryptManyResponse]: ...
+
 
 #: opens one connection to a node; called inside the running event loop
 NodeClientFactory = Callable[[NodeAddress], NodeClient]

@@ -21,6 +21,7 @@ import structlog
 
 from coordinator import metrics
 from coordinator.admission import Admission, Ticket, peer_address
+from coordinator.call_coalescer import CoalescingClient
 from coordinator.cfrag_verifier import CfragVerifier
 from coordinator.fan_out import ShareCollection, as_batch_response, fan_out, rotation_changed
 from coordinator.node_connections import NodeClient, NodeClientFactory, RoundRobin
@@ -98,8 +99,15 @@ class CoordinatorService:
             peer_refusal_burst=settings.peer_refusal_burst,
             served_memory_s=settings.served_memory_s,
         )
+        # Reads meeting at a connection while a call is in flight go together (ADR 16).
+        coalesce = settings.coalesce_node_calls
         self._nodes = {
-            node.node_id: RoundRobin([connect(node) for _ in range(settings.connections_per_node)])
+            node.node_id: RoundRobin(
+                [
+                    CoalescingClient(connect(node)) if coalesce else connect(node)
+                    for _ in range(settings.connections_per_node)
+                ]
+            )
             for node in settings.nodes
         }
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None

@@ -36,6 +36,9 @@ class CoordinatorSettings:
     #: connections kept to each node; a node running several processes shares its
     #: port between them per connection, so this should match its process count
     connections_per_node: int = 1
+    #: send the reads that meet at a node connection while a call is in flight as one
+    #: ReencryptMany call when it returns (ADR 16); a lone read always goes at once
+    coalesce_node_calls: bool = True
     #: how far ahead a signed request's deadline may lie (as at the nodes)
     request_window_s: int = 300
     #: each requester's budget, in single requests (a batch of n capsules costs
@@ -102,6 +105,7 @@ class CoordinatorSettings:
                 verify_every_fragment=get("verify_every_fragment"),  # checked by validate()
                 patient_cache_s=float(get("patient_cache_s")),
                 connections_per_node=int(get("connections_per_node")),
+                coalesce_node_calls=get("coalesce_node_calls"),  # checked by validate()
                 request_window_s=int(get("request_window_s")),
                 requester_rate_per_s=float(get("requester_rate_per_s")),
                 requester_burst=int(get("requester_burst")),
@@ -149,7 +153,7 @@ class CoordinatorSettings:
             )
         if self.requester_burst < 1 or self.peer_refusal_burst < 1:
             raise ConfigurationError("requester_burst and peer_refusal_burst must be at least 1")
-        for flag in ("dev_plaintext", "verify_every_fragment"):
+        for flag in ("dev_plaintext", "verify_every_fragment", "coalesce_node_calls"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigurationError(f"{flag} must be true or false")
         require_tls_settings("coordinator config", self._tls_files(), self.dev_plaintext)

@@ -325,6 +325,10 @@ class Enrollment:
 
 
 MAX_BATCH = 64
+#: a node's ReencryptMany call: at most this many independently signed reads, and
+#: at most MAX_BATCH capsules in all (so that one call costs a node no more than
+#: one full batch)
+MAX_MANY_READS = 16
 
 
 class CapsuleRefFields(Protocol):

@@ -81,11 +81,17 @@ def build_server(
     ) -> node_pb2.ReencryptBatchResponse:
         return service.reencrypt_batch(msg)
 
+    def reencrypt_many(
+        msg: node_pb2.ReencryptManyRequest, _ctx: object
+    ) -> node_pb2.ReencryptManyResponse:
+        return service.reencrypt_many(msg)
+
     methods = [
         rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, node_info),
         rpc.Method("EnrollKeyFragment", common_pb2.EnrollKeyFragmentRequest, enroll),
         rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
         rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
+        rpc.Method("ReencryptMany", node_pb2.ReencryptManyRequest, reencrypt_many),
     ]
     audit_methods = audit.rpc_methods()
     metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))

@@ -48,7 +48,14 @@ from core.registry_types import (
     RegistryEvent,
 )
 from core.request_auth import Domain, authenticate, authenticate_digest
-from core.requests import BatchQuery, Enrollment, ReencryptionQuery, SealedKfrag
+from core.requests import (
+    MAX_BATCH,
+    MAX_MANY_READS,
+    BatchQuery,
+    Enrollment,
+    ReencryptionQuery,
+    SealedKfrag,
+)
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from kms_node.keystore import KeyStore
 from kms_node.kfrag_cache import KfragCache
@@ -70,6 +77,16 @@ UNKNOWN_RECORD_READS_PER_S = 10.0
 ENROLLMENT_REPLAYED = (
     "enrollment already received (nonce already used); the patient must sign a new one"
 )
+
+
+@dataclasses.dataclass
+class _Judged:
+    """One read judged and served, its audit entries not yet durable: no answer may
+    leave before they are."""
+
+    queries: Sequence[ReencryptionQuery]
+    results: list[bytes | KmsError]
+    entries: list[AuditEntry]
 
 
 class AuditSink(Protocol):
@@ -341,10 +358,19 @@ class NodeService:
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
+        judged = self._judge_single(msg)
+        return self._single_response(judged, self._commit([judged])[0])
+
+    def _judge_single(self, msg: common_pb2.ReencryptionRequest) -> _Judged:
         query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(query)
         self._limiter.spend(query.requester)
-        ((result, receipt),) = self._serve([query])
+        return self._judge([query])
+
+    def _single_response(
+        self, judged: _Judged, receipts: Sequence[Receipt]
+    ) -> node_pb2.ReencryptResponse:
+        ((result, receipt),) = zip(judged.results, receipts, strict=True)
         if isinstance(result, KmsError):
             raise result
         return node_pb2.ReencryptResponse(
@@ -358,11 +384,20 @@ class NodeService:
     ) -> node_pb2.ReencryptBatchResponse:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
+        judged = self._judge_batch(msg)
+        return self._batch_response(judged, self._commit([judged])[0])
+
+    def _judge_batch(self, msg: common_pb2.ReencryptionBatchRequest) -> _Judged:
         batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
+        return self._judge(batch.items)
+
+    def _batch_response(
+        self, judged: _Judged, receipts: Sequence[Receipt]
+    ) -> node_pb2.ReencryptBatchResponse:
         outcomes = []
-        for query, (result, receipt) in zip(batch.items, self._serve(batch.items), strict=True):
+        for query, result, receipt in zip(judged.queries, judged.results, receipts, strict=True):
             signed = _receipt_message(receipt)
             if isinstance(result, KmsError):
                 outcome = common_pb2.CapsuleOutcome(
@@ -380,6 +415,50 @@ class NodeService:
                 )
             outcomes.append(outcome)
         return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
+
+    def reencrypt_many(self, msg: node_pb2.ReencryptManyRequest) -> node_pb2.ReencryptManyResponse:
+        """Several independently signed reads in one call (ADR 16): each judged exactly
+        as if it came alone (same checks, rate limits, replay memory, audit entries and
+        receipts), its refusal its own; the audit entries of the whole call are made
+        durable in one commit before any answer leaves. Only a failure of that commit
+        (audit fails closed) fails the call as a whole."""
+        reads = msg.reads
+        if not 1 <= len(reads) <= MAX_MANY_READS:
+            raise InvalidRequest(f"a call holds 1 to {MAX_MANY_READS} reads, got {len(reads)}")
+        capsules = sum(len(r.batch.capsules) if r.HasField("batch") else 1 for r in reads)
+        if capsules > MAX_BATCH:
+            raise InvalidRequest(
+                f"a call holds at most {MAX_BATCH} capsules in all, got {capsules}"
+            )
+        judged: list[_Judged | KmsError] = []
+        for i, read in enumerate(reads):
+            kind = read.WhichOneof("read")
+            try:
+                if kind == "single":
+                    judged.append(self._judge_single(read.single))
+                elif kind == "batch":
+                    judged.append(self._judge_batch(read.batch))
+                else:
+                    judged.append(InvalidRequest(f"reads[{i}] holds no request"))
+            except KmsError as e:
+                judged.append(e)
+        served = [j for j in judged if isinstance(j, _Judged)]
+        receipts = iter(self._commit(served))
+        results = []
+        for read, j in zip(reads, judged, strict=True):
+            try:
+                if isinstance(j, KmsError):
+                    raise j
+                if read.HasField("single"):
+                    single = self._single_response(j, next(receipts))
+                    results.append(node_pb2.NodeReadResult(single=single))
+                else:
+                    batch = self._batch_response(j, next(receipts))
+                    results.append(node_pb2.NodeReadResult(batch=batch))
+            except KmsError as e:
+                refusal = node_pb2.ReadRefusal(status=e.grpc_status, message=e.message)
+                results.append(node_pb2.NodeReadResult(refusal=refusal))
+        return node_pb2.ReencryptManyResponse(results=results)
 
     def _authenticate(self, query: ReencryptionQuery) -> None:
         """The signer must be the requester named, and the request fresh (EIP-712). The
@@ -429,11 +508,9 @@ class NodeService:
             decision = dataclasses.replace(decision, block_hash=block_hash)
         return decision
 
-    def _serve(
-        self, queries: Sequence[ReencryptionQuery]
-    ) -> list[tuple[bytes | KmsError, Receipt]]:
-        """A cfrag or the refusal for each query, with its audit receipt; all share
-        patient, requester and key."""
+    def _judge(self, queries: Sequence[ReencryptionQuery]) -> _Judged:
+        """A cfrag or the refusal for each query of one read, with its audit entry (not
+        yet durable: see _commit); all share patient, requester and key."""
         first = queries[0]
         decisions = [self._decide(q) for q in queries]
         # Refusals now; allowed entries are filled in below.
@@ -453,9 +530,6 @@ class NodeService:
             for i in allowed:
                 if not isinstance(results[i], KmsError):
                     self._capsules.remember(queries[i].capsule_hash, queries[i].capsule)
-        # Audit fails closed: every decision is durable in the log before any
-        # answer leaves; if the append fails, so does the whole request. A batch's
-        # entries share one transaction (one fsync).
         now = int(self._clock())
         entries = []
         for query, decision, result in zip(queries, decisions, results, strict=True):
@@ -485,14 +559,29 @@ class NodeService:
                     requester_umbral_key=query.requester_umbral_key,
                 )
             )
-        receipts = self._audit.append_many(entries)
-        refused = sum(1 for r in results if isinstance(r, KmsError))
-        if refused:
-            # A refusal costs the node an audit entry and may cost a chain read.
-            self._limiter.charge(first.requester, refused * (REFUSAL_COST - 1))
-        if log.is_enabled_for(logging.DEBUG):
-            _log_decisions(first, entries, receipts)
-        answers: list[tuple[bytes | KmsError, Receipt]] = list(zip(results, receipts, strict=True))
+        return _Judged(queries, results, entries)
+
+    def _commit(self, reads: Sequence[_Judged]) -> list[list[Receipt]]:
+        """Make the reads' audit entries durable, then charge their refusals; each read's
+        receipts. Audit fails closed: every decision is durable in the log before any
+        answer leaves; if the append fails, so does the whole call. The entries of a
+        call (a batch's, or a ReencryptMany's) share one transaction (one fsync)."""
+        if not reads:
+            return []
+        receipts = self._audit.append_many([e for read in reads for e in read.entries])
+        answers = []
+        offset = 0
+        for read in reads:
+            own = receipts[offset : offset + len(read.entries)]
+            offset += len(read.entries)
+            first = read.queries[0]
+            refused = sum(1 for r in read.results if isinstance(r, KmsError))
+            if refused:
+                # A refusal costs the node an audit entry and may cost a chain read.
+                self._limiter.charge(first.requester, refused * (REFUSAL_COST - 1))
+            if log.is_enabled_for(logging.DEBUG):
+                _log_decisions(first, read.entries, own)
+            answers.append(own)
         return answers
 
     def _reencrypt_with(

@@ -70,6 +70,13 @@ class NodeStub:
             common_pb2.ReencryptionBatchRequest,
             node_pb2.ReencryptBatchResponse,
         )
+        self.ReencryptMany = _unary(
+            channel,
+            NODE_SERVICE,
+            "ReencryptMany",
+            node_pb2.ReencryptManyRequest,
+            node_pb2.ReencryptManyResponse,
+        )
 
 
 class AioNodeStub:
@@ -97,6 +104,13 @@ class AioNodeStub:
             "ReencryptBatch",
             common_pb2.ReencryptionBatchRequest,
             node_pb2.ReencryptBatchResponse,
+        )
+        self.ReencryptMany = _aio_unary(
+            channel,
+            NODE_SERVICE,
+            "ReencryptMany",
+            node_pb2.ReencryptManyRequest,
+            node_pb2.ReencryptManyResponse,
         )
 
 

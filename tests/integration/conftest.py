@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
-from clients.sdk.provider import ProviderClient
+from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.signed_requests import RequestSigner
 from contracts.registry import RegistryClient
 from core.record_types import RecordType
@@ -98,6 +100,45 @@ class People:
             duration_s=duration_s,
             threshold=self.cluster.threshold,
         )
+
+    def granted_doctor(self, name: str) -> Identity:
+        """Another provider, granted the patient's lab results."""
+        doctor = self.new_identity(name, provider=True)
+        self.patient.grant(
+            doctor.address,
+            doctor.umbral_public_key(),
+            [RecordType.LAB_RESULT],
+            duration_s=3600,
+            threshold=self.cluster.threshold,
+        )
+        return doctor
+
+    def read_at_once(
+        self, doctors: list[Identity], rounds: int, coordinator_address: str | None = None
+    ) -> list[RecordRead | Exception]:
+        """Each doctor, in a thread of its own, reads the lab record ``rounds`` times,
+        all starting together: what every read returned, or raised."""
+        start = threading.Barrier(len(doctors))
+
+        def reads(doctor: Identity) -> list[RecordRead | Exception]:
+            with ProviderClient(
+                doctor,
+                registry=self.registry,
+                blobs=self.cluster.blob_store(),
+                coordinator_address=coordinator_address or self.cluster.coordinator_address,
+                transport=self.cluster.app_transport,
+            ) as app:
+                start.wait(timeout=30)
+                results: list[RecordRead | Exception] = []
+                for _ in range(rounds):
+                    try:
+                        results.append(app.read_record_with_receipts(self.lab.record_id))
+                    except Exception as e:  # noqa: BLE001 - the test reports it
+                        results.append(e)
+                return results
+
+        with futures.ThreadPoolExecutor(len(doctors)) as pool:
+            return [r for rs in pool.map(reads, doctors) for r in rs]
 
     def doctor_signer(self) -> RequestSigner:
         """Signs requests as the test's doctor, the way the SDK does."""

@@ -103,6 +103,8 @@ class LyingNode:
     def __init__(self, cluster: LocalCluster) -> None:
         self.node = cluster.nodes[0]
         self.corrupted = 0
+        #: ReencryptMany calls: reads that met at the liar and went together (ADR 16)
+        self.many_calls = 0
         self._upstream = cluster.transport.channel(self.node.address, server_name=self.node.node_id)
         self._stub = NodeStub(self._upstream)
         ca = ClusterCa.ensure(cluster.state_dir / "tls")
@@ -127,8 +129,25 @@ class LyingNode:
         self.corrupted += 1
         return response
 
+    def reencrypt_many(
+        self, request: node_pb2.ReencryptManyRequest, _ctx: object
+    ) -> node_pb2.ReencryptManyResponse:
+        response = self._stub.ReencryptMany(request, timeout=5)
+        for result in response.results:
+            if result.HasField("single"):
+                result.single.fragment.cfrag = _corrupt(result.single.fragment.cfrag)
+            for outcome in result.batch.outcomes:
+                if not outcome.status:
+                    outcome.fragment.cfrag = _corrupt(outcome.fragment.cfrag)
+        self.corrupted += 1
+        self.many_calls += 1
+        return response
+
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         return {
+            "ReencryptMany": _unary(
+                node_pb2.ReencryptManyRequest, node_pb2.ReencryptManyResponse, self.reencrypt_many
+            ),
             "Reencrypt": _unary(
                 common_pb2.ReencryptionRequest, node_pb2.ReencryptResponse, self.reencrypt
             ),
@@ -304,6 +323,22 @@ def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
         assert liar not in retried["replaced"][record_id.hex()]
         assert len(caught.receipts) == people.cluster.threshold
         assert all(verify_receipt(r, keys[r.node_id]) for r in caught.receipts)
+
+
+def test_a_lying_node_is_caught_while_reads_of_several_doctors_go_together(
+    people: People, coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    """Reads of different doctors coalesced into one call to the liar (ADR 16) are each
+    verified by their app and retried on their own: every read gets the record."""
+    relay = coordinator_with_a_lying_node
+    liar = relay.liar.node.node_id
+    doctors = [people.granted_doctor(f"dr-{i}") for i in range(4)]
+    results = people.read_at_once(doctors, rounds=4, coordinator_address=relay.address)
+    plaintexts = [getattr(r, "plaintext", r) for r in results]
+    assert plaintexts == [lab_result()] * 16, relay.liar_calls()
+    assert relay.lies() >= 1, relay.liar_calls()
+    assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
+    assert {e["node_id"] for e in relay.events("node_lied")} == {liar}
 
 
 def test_a_false_report_is_refused_counted_and_the_node_kept(

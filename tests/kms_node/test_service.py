@@ -40,7 +40,7 @@ from core.registry_types import (
     PatientInfo,
     RecordInfo,
 )
-from core.request_auth import Domain, RequestClaims, request_id_of, sign
+from core.request_auth import BatchClaims, Domain, RequestClaims, request_id_of, sign
 from core.requests import address_bytes
 from core.umbral_codec import capsule_hash, load_capsule
 from kms_node.audit_log import AuditLog
@@ -54,7 +54,7 @@ from kms_node.service import (
     UNKNOWN_RECORD_READS_PER_S,
     NodeService,
 )
-from proto.kms.v1 import common_pb2
+from proto.kms.v1 import common_pb2, node_pb2
 
 NOW = 1_800_000_000
 #: the test node's rate limit burst (its clock stands still: nothing refills)
@@ -878,3 +878,156 @@ def test_a_new_enrollment_is_served_with_the_new_kfrag(world: World) -> None:
     with patch.object(world.keystore, "unwrap", wraps=world.keystore.unwrap) as unwrap:
         _cfrag_verifies(world, world.node.reencrypt(world.request(nonce=b"\x02" * 32)))
     assert unwrap.call_count == 1
+
+
+# --- several signed reads in one call (ReencryptMany, ADR 16) ------------------------------
+
+
+def batch_request(
+    world: World, nonce: bytes, count: int = 2
+) -> common_pb2.ReencryptionBatchRequest:
+    """Bob's batch asking for the world's one capsule ``count`` times over distinct ids
+    (the ids after the first are unknown to the registry: refused, each on its own)."""
+    record_ids = [world.record_id] + [bytes([0x70 + i]) * 32 for i in range(1, count)]
+    hash_ = capsule_hash(bytes(world.capsule))
+    claims = BatchClaims(
+        patient=world.alice.address,
+        record_ids=tuple(record_ids),
+        capsule_hashes=(hash_,) * count,
+        requester_umbral_key=world.bob.umbral_public_key(),
+        nonce=nonce,
+        deadline=NOW + 60,
+        purpose_of_use="TREAT",
+    )
+    return common_pb2.ReencryptionBatchRequest(
+        patient=address_bytes(world.alice.address),
+        capsules=[
+            common_pb2.CapsuleRef(
+                record_id=r, capsule=bytes(world.capsule), record_type=RecordType.LAB_RESULT
+            )
+            for r in record_ids
+        ],
+        requester=address_bytes(world.bob.address),
+        requester_umbral_key=claims.requester_umbral_key,
+        purpose_of_use="TREAT",
+        deadline=NOW + 60,
+        nonce=nonce,
+        signature=sign(world.bob.account, DOMAIN, claims),
+    )
+
+
+def many(*reads: common_pb2.ReencryptionRequest | common_pb2.ReencryptionBatchRequest) -> Any:
+    return node_pb2.ReencryptManyRequest(
+        reads=[
+            node_pb2.NodeRead(single=r)
+            if isinstance(r, common_pb2.ReencryptionRequest)
+            else node_pb2.NodeRead(batch=r)
+            for r in reads
+        ]
+    )
+
+
+def test_one_call_of_many_reads_judges_each_as_if_alone(world: World) -> None:
+    """Good, forged, malformed, replayed and refused reads side by side: each gets what
+    its lone call would have, and only the judged ones leave audit entries, all made
+    durable in one commit."""
+    world.enroll(world.kfrag())
+    replayed = world.request(nonce=b"\x51" * 32)
+    world.node.reencrypt(replayed)
+    malformed = world.request(nonce=b"\x52" * 32)
+    malformed.requester_umbral_key = b"\x02" * 5
+    size_before = world.audit.size()
+    with patch.object(world.audit, "append_many", wraps=world.audit.append_many) as appends:
+        response = world.node.reencrypt_many(
+            many(
+                world.request(nonce=b"\x53" * 32),
+                world.request(nonce=b"\x54" * 32, signer=world.alice),
+                malformed,
+                replayed,
+                batch_request(world, b"\x55" * 32, count=3),
+                world.request(nonce=b"\x56" * 32, deadline=NOW - 1),
+                world.request(nonce=b"\x57" * 32),
+            )
+        )
+    assert appends.call_count == 1
+    kinds = [r.WhichOneof("result") for r in response.results]
+    assert kinds == ["single", "refusal", "refusal", "refusal", "batch", "refusal", "single"]
+    refusals = [response.results[i].refusal for i in (1, 2, 3, 5)]
+    assert [r.status for r in refusals] == [
+        "UNAUTHENTICATED",
+        "INVALID_ARGUMENT",
+        "UNAUTHENTICATED",
+        "UNAUTHENTICATED",
+    ]
+    assert "nonce already used" in refusals[2].message
+    assert "deadline has passed" in refusals[3].message
+    # Two singles and a batch of three were judged: five entries, each with its receipt.
+    assert world.audit.size() == size_before + 5
+    key = world.node.node_info().signing_public_key
+    granted = [response.results[0].single.fragment, response.results[6].single.fragment]
+    outcomes = response.results[4].batch.outcomes
+    assert outcomes[0].fragment.cfrag and [o.status for o in outcomes[1:]] == ["NOT_FOUND"] * 2
+    for fragment in [*granted, outcomes[0].fragment]:
+        entry = world.audit.entry(fragment.receipt.leaf_index)
+        assert entry.decision == "granted"
+        assert entry.cfrag_hash == hashlib.sha256(fragment.cfrag).digest()
+        assert verify_receipt(Receipt.from_fields(fragment.receipt), key)
+        _cfrag_verifies(world, node_pb2.ReencryptResponse(fragment=fragment))
+    for outcome in outcomes[1:]:
+        entry = world.audit.entry(outcome.receipt.leaf_index)
+        assert (entry.decision, entry.record_id) == ("denied", bytes(outcome.record_id))
+        assert verify_receipt(Receipt.from_fields(outcome.receipt), key)
+
+
+def test_the_same_read_twice_in_one_call_is_served_once(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = world.request(nonce=b"\x61" * 32)
+    response = world.node.reencrypt_many(many(request, request))
+    first, second = response.results
+    assert first.single.fragment.cfrag
+    assert (second.refusal.status, second.refusal.message) == (
+        "UNAUTHENTICATED",
+        "nonce already used",
+    )
+
+
+def test_reads_in_one_call_spend_the_same_rate_as_alone(world: World) -> None:
+    world.enroll(world.kfrag())
+    reads = [world.request(nonce=i.to_bytes(32, "big")) for i in range(BURST + 2)]
+    served = 0
+    for start in range(0, len(reads), 16):
+        response = world.node.reencrypt_many(many(*reads[start : start + 16]))
+        served += sum(1 for r in response.results if r.HasField("single"))
+        exhausted = [r.refusal for r in response.results if r.HasField("refusal")]
+        assert all(r.status == "RESOURCE_EXHAUSTED" for r in exhausted)
+    assert served == BURST
+
+
+def test_a_call_too_large_is_refused_as_a_whole(world: World) -> None:
+    world.enroll(world.kfrag())
+    with pytest.raises(InvalidRequest, match="1 to 16 reads"):
+        world.node.reencrypt_many(many(*[world.request(nonce=bytes([i]) * 32) for i in range(17)]))
+    with pytest.raises(InvalidRequest, match="1 to 16 reads"):
+        world.node.reencrypt_many(node_pb2.ReencryptManyRequest())
+    big = batch_request(world, b"\x62" * 32, count=40)
+    with pytest.raises(InvalidRequest, match="at most 64 capsules"):
+        world.node.reencrypt_many(many(big, big))
+    assert world.audit.size() == 0
+
+
+def test_an_empty_read_is_refused_alone(world: World) -> None:
+    world.enroll(world.kfrag())
+    request = many(world.request(nonce=b"\x63" * 32))
+    request.reads.add()
+    good, empty = world.node.reencrypt_many(request).results
+    assert good.single.fragment.cfrag
+    assert empty.refusal.status == "INVALID_ARGUMENT"
+
+
+def test_a_call_whose_audit_fails_answers_nothing(world: World) -> None:
+    world.enroll(world.kfrag())
+    world.audit.close()
+    with pytest.raises(Unavailable, match="audit"):
+        world.node.reencrypt_many(
+            many(world.request(nonce=b"\x64" * 32), world.request(nonce=b"\x65" * 32))
+        )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.kms.v1 import common_pb2 as kms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kms/v1/node.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x14\n\x12GetNodeInfoRequest\"\xdb\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x19\n\x11signing_algorithm\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65livery_public_key\x18\x08 \x01(\x0c\x12\x0f\n\x07\x61\x63\x63ount\x18\t \x01(\x0c\x12\x18\n\x10registry_address\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hain_id\x18\x06 \x01(\x04\x12\x13\n\x0bindex_block\x18\x07 \x01(\x04\">\n\x11ReencryptResponse\x12)\n\x08\x66ragment\x18\x01 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\"B\n\x16ReencryptBatchResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.kms.v1.CapsuleOutcome2\xb9\x02\n\x07KmsNode\x12;\n\x0bGetNodeInfo\x12\x1a.kms.v1.GetNodeInfoRequest\x1a\x10.kms.v1.NodeInfo\x12X\n\x11\x45nrollKeyFragment\x12 .kms.v1.EnrollKeyFragmentRequest\x1a!.kms.v1.EnrollKeyFragmentResponse\x12\x43\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a\x19.kms.v1.ReencryptResponse\x12R\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a\x1e.kms.v1.ReencryptBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kms/v1/node.proto\x12\x06kms.v1\x1a\x13kms/v1/common.proto\"\x14\n\x12GetNodeInfoRequest\"\xdb\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x19\n\x11signing_algorithm\x18\x04 \x01(\t\x12\x1b\n\x13\x64\x65livery_public_key\x18\x08 \x01(\x0c\x12\x0f\n\x07\x61\x63\x63ount\x18\t \x01(\x0c\x12\x18\n\x10registry_address\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hain_id\x18\x06 \x01(\x04\x12\x13\n\x0bindex_block\x18\x07 \x01(\x04\">\n\x11ReencryptResponse\x12)\n\x08\x66ragment\x18\x01 \x01(\x0b\x32\x17.kms.v1.CapsuleFragment\"B\n\x16ReencryptBatchResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.kms.v1.CapsuleOutcome\"t\n\x08NodeRead\x12-\n\x06single\x18\x01 \x01(\x0b\x32\x1b.kms.v1.ReencryptionRequestH\x00\x12\x31\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32 .kms.v1.ReencryptionBatchRequestH\x00\x42\x06\n\x04read\"7\n\x14ReencryptManyRequest\x12\x1f\n\x05reads\x18\x01 \x03(\x0b\x32\x10.kms.v1.NodeRead\".\n\x0bReadRefusal\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa0\x01\n\x0eNodeReadResult\x12+\n\x06single\x18\x01 \x01(\x0b\x32\x19.kms.v1.ReencryptResponseH\x00\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1e.kms.v1.ReencryptBatchResponseH\x00\x12&\n\x07refusal\x18\x03 \x01(\x0b\x32\x13.kms.v1.ReadRefusalH\x00\x42\x08\n\x06result\"@\n\x15ReencryptManyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.kms.v1.NodeReadResult2\x87\x03\n\x07KmsNode\x12;\n\x0bGetNodeInfo\x12\x1a.kms.v1.GetNodeInfoRequest\x1a\x10.kms.v1.NodeInfo\x12X\n\x11\x45nrollKeyFragment\x12 .kms.v1.EnrollKeyFragmentRequest\x1a!.kms.v1.EnrollKeyFragmentResponse\x12\x43\n\tReencrypt\x12\x1b.kms.v1.ReencryptionRequest\x1a\x19.kms.v1.ReencryptResponse\x12R\n\x0eReencryptBatch\x12 .kms.v1.ReencryptionBatchRequest\x1a\x1e.kms.v1.ReencryptBatchResponse\x12L\n\rReencryptMany\x12\x1c.kms.v1.ReencryptManyRequest\x1a\x1d.kms.v1.ReencryptManyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REENCRYPTRESPONSE']._serialized_end=356
   _globals['_REENCRYPTBATCHRESPONSE']._serialized_start=358
   _globals['_REENCRYPTBATCHRESPONSE']._serialized_end=424
-  _globals['_KMSNODE']._serialized_start=427
-  _globals['_KMSNODE']._serialized_end=740
+  _globals['_NODEREAD']._serialized_start=426
+  _globals['_NODEREAD']._serialized_end=542
+  _globals['_REENCRYPTMANYREQUEST']._serialized_start=544
+  _globals['_REENCRYPTMANYREQUEST']._serialized_end=599
+  _globals['_READREFUSAL']._serialized_start=601
+  _globals['_READREFUSAL']._serialized_end=647
+  _globals['_NODEREADRESULT']._serialized_start=650
+  _globals['_NODEREADRESULT']._serialized_end=810
+  _globals['_REENCRYPTMANYRESPONSE']._serialized_start=812
+  _globals['_REENCRYPTMANYRESPONSE']._serialized_end=876
+  _globals['_KMSNODE']._serialized_start=879
+  _globals['_KMSNODE']._serialized_end=1270
 # @@protoc_insertion_point(module_scope)

@@ -44,3 +44,41 @@ class ReencryptBatchResponse(_message.Message):
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.CapsuleOutcome]
     def __init__(self, outcomes: _Optional[_Iterable[_Union[_common_pb2.CapsuleOutcome, _Mapping]]] = ...) -> None: ...
+
+class NodeRead(_message.Message):
+    __slots__ = ("single", "batch")
+    SINGLE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    single: _common_pb2.ReencryptionRequest
+    batch: _common_pb2.ReencryptionBatchRequest
+    def __init__(self, single: _Optional[_Union[_common_pb2.ReencryptionRequest, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.ReencryptionBatchRequest, _Mapping]] = ...) -> None: ...
+
+class ReencryptManyRequest(_message.Message):
+    __slots__ = ("reads",)
+    READS_FIELD_NUMBER: _ClassVar[int]
+    reads: _containers.RepeatedCompositeFieldContainer[NodeRead]
+    def __init__(self, reads: _Optional[_Iterable[_Union[NodeRead, _Mapping]]] = ...) -> None: ...
+
+class ReadRefusal(_message.Message):
+    __slots__ = ("status", "message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    message: str
+    def __init__(self, status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class NodeReadResult(_message.Message):
+    __slots__ = ("single", "batch", "refusal")
+    SINGLE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    single: ReencryptResponse
+    batch: ReencryptBatchResponse
+    refusal: ReadRefusal
+    def __init__(self, single: _Optional[_Union[ReencryptResponse, _Mapping]] = ..., batch: _Optional[_Union[ReencryptBatchResponse, _Mapping]] = ..., refusal: _Optional[_Union[ReadRefusal, _Mapping]] = ...) -> None: ...
+
+class ReencryptManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[NodeReadResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[NodeReadResult, _Mapping]]] = ...) -> None: ...
