@@ -343,11 +343,11 @@ def _headline(
         ),
         "cluster_p50_ms": phases["cluster_read_c1"]["p50_ms"],
         # issue 14's keys: CPU per request over the bare operation's, and p50 over the bound
-        "node_single_cost_x": _inverse(
-            stats.node_ratio(single["count"], single["cpu_s"][node_id], wire_rate)
+        "node_single_cost_x": stats.node_cost_x(
+            single["count"], single["cpu_s"][node_id], wire_rate
         ),
         "node_batch32_cost_x": (
-            _inverse(stats.node_ratio(batch["count"] * BATCH, batch["cpu_s"][node_id], wire_rate))
+            stats.node_cost_x(batch["count"] * BATCH, batch["cpu_s"][node_id], wire_rate)
             if batch
             else None
         ),
@@ -363,11 +363,6 @@ def _headline(
         "bare_wire_reencrypt_rate_per_core": wire_rate,
         "bare_bound_ms": bound_s * 1000.0,
     }
-
-
-def _inverse(ratio: float | None) -> float | None:
-    """A cost (CPU per request over the bare operation's) from a rate ratio."""
-    return 1.0 / ratio if ratio else None
 
 
 def _median_headline(runs: list[dict[str, float | None]]) -> dict[str, float | None]:

@@ -46,11 +46,6 @@ def _wire_rate(duration_s: float) -> float:
     return rate
 
 
-def _cost(units: int, node_cpu_s: float, wire_rate: float) -> float | None:
-    ratio = stats.node_ratio(units, node_cpu_s, wire_rate)
-    return 1.0 / ratio if ratio else None
-
-
 def run(
     rounds: int, seconds: float, hold_s: float, node_settings: dict[str, object]
 ) -> dict[str, Any]:
@@ -102,10 +97,10 @@ def run(
                         "single_rps": single["throughput_rps"],
                         "batch_node_cpu_ms_per_capsule": batch["cpu_ms_per_request"]["nodes"]
                         / BATCH,
-                        "node_single_cost_x": _cost(
+                        "node_single_cost_x": stats.node_cost_x(
                             single["count"], single["cpu_s"][node_id], wire
                         ),
-                        "node_batch32_cost_x": _cost(
+                        "node_batch32_cost_x": stats.node_cost_x(
                             batch["count"] * BATCH, batch["cpu_s"][node_id], wire
                         ),
                         "errors": single["errors"] + batch["errors"],

@@ -111,6 +111,13 @@ def node_ratio(units: float, node_cpu_s: float, bare_rate_per_core: float) -> fl
     return ratio(per_cpu_second(units, node_cpu_s), bare_rate_per_core)
 
 
+def node_cost_x(units: float, node_cpu_s: float, bare_rate_per_core: float) -> float | None:
+    """Node cost: node-process CPU per unit of work over the bare library's CPU per
+    re-encryption (``1 / node_ratio``). 1.0 means the node spends nothing beyond it."""
+    efficiency = node_ratio(units, node_cpu_s, bare_rate_per_core)
+    return 1.0 / efficiency if efficiency else None
+
+
 def cluster_ratio(throughput_rps: float, bound_s: float, cores: int) -> float | None:
     """Cluster throughput over the crypto-only bound's throughput on ``cores``
     cores: one bound request takes ``bound_s`` of one core, so the machine

@@ -73,6 +73,13 @@ def test_node_ratio_is_work_per_node_cpu_second_over_bare_rate() -> None:
     assert stats.node_ratio(10, 0.0, 4000.0) is None
 
 
+def test_node_cost_is_node_cpu_per_unit_over_the_bare_cpu_per_reencryption() -> None:
+    # 1000 units in 2 CPU-seconds = 2 ms each; bare does 4000/s = 0.25 ms: 8 times.
+    assert stats.node_cost_x(1000, 2.0, 4000.0) == pytest.approx(8.0)
+    assert stats.node_cost_x(4000, 1.0, 4000.0) == pytest.approx(1.0)
+    assert stats.node_cost_x(10, 0.0, 4000.0) is None
+
+
 def test_cluster_ratio_counts_every_core_of_the_bound() -> None:
     # A 3 ms bound on 2 cores allows 666.7 requests/s; 66.67/s is a tenth of that.
     assert stats.cluster_ratio(2 / 0.003 / 10, 0.003, 2) == pytest.approx(0.1)
