@@ -188,6 +188,17 @@ def block_range_limit(rpc: HostileRpc, max_blocks: int) -> Reply:
     return reply
 
 
+def assert_halved_down_to(rpc: HostileRpc, first_blocks: int, max_blocks: int) -> None:
+    """What a reader behind :func:`block_range_limit` asked for: ``first_blocks``, then
+    half of it, and so on until at most ``max_blocks``; every later call no more."""
+    halvings = [first_blocks]
+    while halvings[-1] > max_blocks:
+        halvings.append(halvings[-1] // 2)
+    assert len(halvings) > 2
+    assert rpc.log_ranges[: len(halvings)] == halvings
+    assert all(blocks <= max_blocks for blocks in rpc.log_ranges[len(halvings) :])
+
+
 def tampered(rpc: HostileRpc, edit: Callable[[Any], Any]) -> Reply:
     """The upstream chain's answer, its result passed through ``edit`` (a lying endpoint
     that alters what an honest one says)."""

@@ -9,8 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 
 from clients.audit import replayed_state
 from clients.audit.replayed_state import ReplayedState
@@ -24,9 +22,11 @@ from core.registry_types import (
     RecordAnchored,
     RegistryEvent,
 )
-from deploy.anvil import AnvilProcess, mine, set_balance
-from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
-from tests.hostile_rpc import HostileRpc, block_range_limit
+from deploy.anvil import AnvilProcess
+from tests.contracts.conftest import (
+    registry_with_spread_patients,
+)
+from tests.hostile_rpc import HostileRpc, assert_halved_down_to, block_range_limit
 
 PATIENT = "0x" + "11" * 20
 GRANTEE = "0x" + "22" * 20
@@ -147,16 +147,7 @@ def test_an_endpoint_that_refuses_large_ranges_is_read_in_halves(
     """As a node's follower (tests/kms_node/test_chain_follower_limits.py): geth's range
     limit, on a real anvil behind tests/hostile_rpc.py."""
     with AnvilProcess(log_path=tmp_path / "anvil.log") as anvil:
-        admin: LocalAccount = Account.create()
-        set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
-        registry = RegistryClient.deploy(anvil.rpc_url, admin)
-        patients = []
-        for _ in range(4):
-            patient: LocalAccount = Account.create()
-            set_balance(anvil.rpc_url, patient.address, FUNDING_WEI)
-            registry.register_patient(patient, umbral_keys(), compressed_point())
-            mine(anvil.rpc_url, 3)
-            patients.append(patient.address)
+        registry, patients = registry_with_spread_patients(anvil.rpc_url)
         head = registry.latest_block()[0]
         rpc = HostileRpc(upstream=anvil.rpc_url)
         try:
@@ -165,11 +156,6 @@ def test_an_endpoint_that_refuses_large_ranges_is_read_in_halves(
             limited = RegistryClient(rpc.url, registry.address)
             state = ReplayedState(limited, start_block=0, through_block=head)
             assert state.events_read == len(registry.events(0, head)) >= len(patients)
-            halvings = [head + 1]
-            while halvings[-1] > 5:
-                halvings.append(halvings[-1] // 2)
-            assert len(halvings) > 2
-            assert rpc.log_ranges[: len(halvings)] == halvings
-            assert all(blocks <= 5 for blocks in rpc.log_ranges[len(halvings) :])
+            assert_halved_down_to(rpc, head + 1, 5)
         finally:
             rpc.close()

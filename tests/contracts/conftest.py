@@ -15,7 +15,7 @@ from eth_keys.datatypes import PrivateKey
 
 from contracts.registry import RegistryClient
 from core.record_types import RecordType
-from deploy.anvil import AnvilProcess, set_balance
+from deploy.anvil import AnvilProcess, mine, set_balance
 from tests.hostile_rpc import HostileRpc
 
 FUNDING_WEI = 10**21  # 1000 ether: far more than any test spends on gas
@@ -29,6 +29,24 @@ def compressed_point() -> bytes:
 def umbral_keys() -> tuple[bytes, ...]:
     """A patient's Umbral public keys: one fresh compressed point per record type."""
     return tuple(compressed_point() for _ in RecordType)
+
+
+def registry_with_spread_patients(
+    rpc_url: str, patients: int = 4, blocks_between: int = 3
+) -> tuple[RegistryClient, list[str]]:
+    """A fresh registry whose ``patients`` registered ``blocks_between`` blocks apart, so
+    that their events span many blocks (for readers in ranges); their addresses."""
+    admin: LocalAccount = Account.create()
+    set_balance(rpc_url, admin.address, FUNDING_WEI)
+    registry = RegistryClient.deploy(rpc_url, admin)
+    addresses: list[str] = []
+    for _ in range(patients):
+        patient: LocalAccount = Account.create()
+        set_balance(rpc_url, patient.address, FUNDING_WEI)
+        registry.register_patient(patient, umbral_keys(), compressed_point())
+        mine(rpc_url, blocks_between)
+        addresses.append(patient.address)
+    return registry, addresses
 
 
 def p256_point() -> bytes:

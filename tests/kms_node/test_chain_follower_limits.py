@@ -16,8 +16,13 @@ from contracts.registry import RegistryClient
 from core.errors import ChainAnswerTooLarge, ChainUnavailable
 from deploy.anvil import AnvilProcess, mine, set_balance
 from kms_node.chain_follower import ChainFollower
-from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
-from tests.hostile_rpc import HostileRpc, block_range_limit, tampered
+from tests.contracts.conftest import (
+    FUNDING_WEI,
+    compressed_point,
+    registry_with_spread_patients,
+    umbral_keys,
+)
+from tests.hostile_rpc import HostileRpc, assert_halved_down_to, block_range_limit, tampered
 
 pytestmark = pytest.mark.anvil
 
@@ -31,16 +36,7 @@ def anvil(tmp_path: Path) -> Iterator[AnvilProcess]:
 def test_a_range_the_endpoint_refuses_is_halved_until_it_answers(
     anvil: AnvilProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    admin: LocalAccount = Account.create()
-    set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
-    registry = RegistryClient.deploy(anvil.rpc_url, admin)
-    patients = []
-    for _ in range(4):
-        patient: LocalAccount = Account.create()
-        set_balance(anvil.rpc_url, patient.address, FUNDING_WEI)
-        registry.register_patient(patient, umbral_keys(), compressed_point())
-        mine(anvil.rpc_url, 3)
-        patients.append(patient.address)
+    registry, patients = registry_with_spread_patients(anvil.rpc_url)
     rpc = HostileRpc(upstream=anvil.rpc_url)
     try:
         rpc.misbehave(block_range_limit(rpc, 5), "eth_getLogs")
@@ -52,12 +48,7 @@ def test_a_range_the_endpoint_refuses_is_halved_until_it_answers(
         assert follower.index_block() == registry.latest_block()[0]
         # The whole chain refused, then half of it, and so on until at most 5 blocks; every
         # later call asks for no more.
-        halvings = [registry.latest_block()[0] + 1]
-        while halvings[-1] > 5:
-            halvings.append(halvings[-1] // 2)
-        assert len(halvings) > 2
-        assert rpc.log_ranges[: len(halvings)] == halvings
-        assert all(blocks <= 5 for blocks in rpc.log_ranges[len(halvings) :])
+        assert_halved_down_to(rpc, registry.latest_block()[0] + 1, 5)
 
         # One block's events refused: nothing smaller to ask for, so the sync fails.
         rpc.misbehave(block_range_limit(rpc, 0), "eth_getLogs")
