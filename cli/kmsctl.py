@@ -6,7 +6,7 @@
     kmsctl demo [--state-dir DIR]
     kmsctl patient register|store|grant|revoke|deactivate ... [--as NAME]
     kmsctl provider read RECORD_ID... [--as NAME] [--out FILE|DIR] [--receipts-out FILE]
-    kmsctl provider probe RECORD_ID --seconds S [--readers N] --out FILE
+    kmsctl provider probe RECORD_ID --seconds S [--readers N] [--rate R] --out FILE
     kmsctl patient|provider|emergency ... --keystore FILE --profile FILE --blob-dir DIR
     kmsctl account new|show|public --keystore FILE
     kmsctl admin deploy|grant-provider|grant-emergency|revoke-emergency|register-node|
@@ -275,19 +275,45 @@ def cmd_provider_read(args: argparse.Namespace) -> int:
 
 
 #: a probe is a bounded check of a deployment, not a load generator left running
-MAX_PROBE_SECONDS, MAX_PROBE_READERS = 3600, 64
+MAX_PROBE_SECONDS, MAX_PROBE_READERS, MAX_PROBE_RATE = 3600, 64, 1000.0
+#: reads per second a probe starts by default, over all its readers: well inside a
+#: requester's budget at the coordinator (``requester_rate_per_s``), so that a check of
+#: a deployment is not refused as a flood
+DEFAULT_PROBE_RATE = 20.0
+
+
+class _Pacer:
+    """Start times ``1 / rate`` apart, shared by the probe's readers. A reader that
+    falls behind (a slow read) starts its next read at once, and the schedule does not
+    try to catch up with a burst: ``rate`` is the most the probe sends."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def wait_turn(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + self._interval
+        time.sleep(max(0.0, start - time.monotonic()))
 
 
 def cmd_provider_probe(args: argparse.Namespace) -> None:
     """Read one record over and over from ``--readers`` threads for ``--seconds``: a
-    deployment's check from an app's host. Each read's start (Unix time), latency and
-    outcome is a JSON line of ``--out``, written as it ends; a summary goes to stdout; it
-    fails (exit status 1) if any read failed."""
+    deployment's check from an app's host, starting at most ``--rate`` reads a second.
+    Each read's start (Unix time), latency and outcome is a JSON line of ``--out``,
+    written as it ends; a summary goes to stdout; it fails (exit status 1) if any read
+    failed."""
     if not 0 < args.seconds <= MAX_PROBE_SECONDS:
         raise InvalidRequest(f"--seconds must be in (0, {MAX_PROBE_SECONDS}]")
     if not 0 < args.readers <= MAX_PROBE_READERS:
         raise InvalidRequest(f"--readers must be in [1, {MAX_PROBE_READERS}]")
+    if not 0 < args.rate <= MAX_PROBE_RATE:
+        raise InvalidRequest(f"--rate must be in (0, {MAX_PROBE_RATE:g}] reads per second")
     me, record_id = parties.party(args), _record_id(args.record_id)
+    pacer = _Pacer(args.rate)
     deadline = time.monotonic() + args.seconds
     lock = threading.Lock()
     latencies: list[float] = []
@@ -295,7 +321,10 @@ def cmd_provider_probe(args: argparse.Namespace) -> None:
 
     def reader(out: TextIO) -> None:
         with _provider(me) as provider:
-            while time.monotonic() < deadline:
+            while True:
+                pacer.wait_turn()
+                if time.monotonic() >= deadline:
+                    break
                 started, t0 = time.time(), time.perf_counter()
                 error = None
                 try:
@@ -526,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--purpose", default="TREAT", help="HL7 purpose of use (default TREAT)")
     probe.add_argument("--seconds", type=float, required=True, help="how long to read")
     probe.add_argument("--readers", type=int, default=2, help="concurrent readers (default 2)")
+    probe.add_argument(
+        "--rate",
+        type=float,
+        default=DEFAULT_PROBE_RATE,
+        help=f"most reads started per second, over all readers (default {DEFAULT_PROBE_RATE:g})",
+    )
     probe.add_argument("--out", type=Path, required=True, help="each read as a JSON line")
     probe.set_defaults(func=cmd_provider_probe)
 

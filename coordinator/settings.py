@@ -42,11 +42,16 @@ class CoordinatorSettings:
     #: how far ahead a signed request's deadline may lie (as at the nodes)
     request_window_s: int = 300
     #: each requester's budget, in single requests (a batch of n capsules costs
-    #: 1 + (n - 1) / 4); a refused request costs 10. As at a node (100/s, a fifth of one
-    #: node process's capacity): the 3-of-5 cluster serves about 150 reads/s on 2 cores
-    #: (benchmarks/README.md), and an app reading more should send batches
-    requester_rate_per_s: float = 100.0
-    requester_burst: int = 200
+    #: 1 + (n - 1) / 4); a refused request costs 10. Half a node's default budget
+    #: (``rate_limit_per_s`` 100, burst 200): the coordinator is where a requester is
+    #: held to its budget, a node's limit is the backstop against a coordinator that
+    #: does not, and a requester admitted here must not meet it (the coordinator's
+    #: hedges, retries and its clock's jitter against the node's all spend at the node;
+    #: with equal budgets, two readers at the limit were refused by a node during a
+    #: partition, when no other node could answer instead). An app reading more
+    #: should send batches.
+    requester_rate_per_s: float = 50.0
+    requester_burst: int = 100
     #: refusals per second (and burst) one peer address gets for requesters not served
     #: lately: throw-away keys from one host are held to this
     peer_refusals_per_s: float = 5.0

@@ -3,11 +3,15 @@ drain ten times faster, and per-address refusal budgets for requesters not yet s
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from coordinator.admission import Admission, peer_address
+from coordinator.settings import CoordinatorSettings
 from core.errors import ResourceExhausted
 from core.rate_limit import request_cost
+from kms_node.settings import NodeSettings
 
 
 class Clock:
@@ -115,3 +119,14 @@ def test_a_served_requester_is_exempt_only_for_a_while() -> None:
         refuse(gate, f"0xstranger{i}", "6.6.6.6")
     with pytest.raises(ResourceExhausted, match="not yet served from this address"):
         gate.admit("0xdoctor", "6.6.6.6", 1)
+
+
+def test_a_requester_the_coordinator_admits_stays_inside_a_nodes_default_budget() -> None:
+    """The coordinator holds requesters to their budget; a node's is the backstop. With
+    the defaults, what the coordinator admits (plus its retries and hedges) must fit
+    well inside what a node allows, or a node refuses an honest requester when no other
+    node can answer (as it did in a partition of n - m nodes)."""
+    coordinator = {f.name: f.default for f in fields(CoordinatorSettings)}
+    node = {f.name: f.default for f in fields(NodeSettings)}
+    assert coordinator["requester_rate_per_s"] * 2 <= node["rate_limit_per_s"]
+    assert coordinator["requester_burst"] * 2 <= node["rate_limit_burst"]

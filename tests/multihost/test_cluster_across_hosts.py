@@ -356,18 +356,23 @@ def test_a_patient_and_a_doctor_on_their_own_host_share_a_record(
 #: the partition's phases, in seconds: reads before the links go down, while they are
 #: down, and after they are back
 BEFORE_S, DURING_S, AFTER_S = 4.0, 8.0, 4.0
+#: the probe's reads per second: a steady load inside the doctor's budget at the
+#: coordinator (the default ``requester_rate_per_s``), so that a refusal for the rate
+#: is never what fails a read, however fast this machine serves
+PROBE_RATE = 40
 
 
 def test_a_partition_of_n_minus_m_nodes_under_load_fails_no_read(
     world: World, record_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two readers on the app host (`kmsctl provider probe`) while the links of n - m
+    """Two readers on the app host (`kmsctl provider probe`, 40 reads/s) while the links of n - m
     nodes go down and come back: no read fails in any phase. The figures are printed
     (and kept in the test's directory as partition.json)."""
     app, cut = world.root / "app", ("node-4", "node-5")
     reads_file = app / "probe.jsonl"
     probe = world.hosts["app"].spawn(
         [PY, "-m", "cli.kmsctl", "provider", "probe", record_id, "--readers", "2",
+         "--rate", str(PROBE_RATE),
          "--seconds", str(BEFORE_S + DURING_S + AFTER_S + 2), "--out", str(reads_file),
          *_as("doctor", world)],
         app / "probe.log",
