@@ -126,7 +126,16 @@ def test_a_requester_the_coordinator_admits_stays_inside_a_nodes_default_budget(
     the defaults, what the coordinator admits (plus its retries and hedges) must fit
     well inside what a node allows, or a node refuses an honest requester when no other
     node can answer (as it did in a partition of n - m nodes)."""
-    coordinator = {f.name: f.default for f in fields(CoordinatorSettings)}
-    node = {f.name: f.default for f in fields(NodeSettings)}
+    coordinator = _defaults(CoordinatorSettings)
+    node = _defaults(NodeSettings)
     assert coordinator["requester_rate_per_s"] * 2 <= node["rate_limit_per_s"]
     assert coordinator["requester_burst"] * 2 <= node["rate_limit_burst"]
+
+
+def _defaults(settings: type) -> dict[str, float]:
+    """The numeric defaults of a settings dataclass."""
+    return {
+        f.name: float(f.default)
+        for f in fields(settings)
+        if isinstance(f.default, int | float) and not isinstance(f.default, bool)
+    }
