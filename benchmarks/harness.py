@@ -18,11 +18,12 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from benchmarks.process_stats import CLIENT, CpuMeter, self_peak_rss_mb, tree_pe
 from benchmarks.workload import NodeTarget, Workload, prepare
 from clients.sdk.provider import ProviderClient
 from core.errors import Unavailable
+from deploy import metrics_scrape
 from deploy.local_cluster import LocalCluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -123,14 +125,17 @@ def measure(
     plan: Plan,
     units: int = 1,
     node: NodeTarget | None = None,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Warm up, then one closed-loop phase with the CPU of every process metered.
 
     ``units`` is the work per request (capsules per batch); ``node``, when
-    given, is asked for its own handler time over the phase.
+    given, is asked for its own handler time over the phase; ``counters``, when given,
+    is read before and after it, and its growth per request reported.
     """
     warm_up(request, plan.warmup)
     handler0 = node.handler_seconds(_handler_method(units)) if node else None
+    counted0 = counters() if counters else None
     meter = CpuMeter(pids)
     meter.start()
     result = run_closed_loop(
@@ -151,6 +156,9 @@ def measure(
         "cores_used": {k: v / result.wall_s for k, v in grouped.items()},
         "cdf_ms": stats.cdf_ms(result.latencies_s),
     }
+    if counters is not None and counted0 is not None:
+        counted = counters()
+        phase["per_request"] = {k: (counted[k] - counted0[k]) / count for k in counted}
     if node is not None and handler0 is not None:
         total, n = node.handler_seconds(_handler_method(units))
         served = n - handler0[1]
@@ -258,6 +266,7 @@ def _main_phases(
 
     providers = [workload.provider(d) for d in workload.doctors]
     dek = workload.dek_path()
+    counters = functools.partial(_cluster_counters, workload.cluster)
     try:
         say("cluster: DEK path")
         phases["cluster_dek_c1"] = measure(
@@ -272,13 +281,34 @@ def _main_phases(
             read, pids=pids, concurrency=1, duration_s=plan.latency_s, plan=plan
         )
         phases[f"cluster_read_c{c}"] = measure(
-            read, pids=pids, concurrency=c, duration_s=plan.throughput_s, plan=plan
+            read,
+            pids=pids,
+            concurrency=c,
+            duration_s=plan.throughput_s,
+            plan=plan,
+            counters=counters,
         )
     finally:
         dek.close()
         for provider in providers:
             provider.close()
     return phases
+
+
+def _cluster_counters(cluster: LocalCluster) -> dict[str, float]:
+    """What a cluster has done so far, from its /metrics: the fragments its nodes judged
+    (every decision, granted or refused), and the coordinator's hedges and node calls it
+    gave up on. Per read, they show whether a read costs the nodes more than the threshold's
+    fragments."""
+    coordinator = metrics_scrape.scrape(cluster.coordinator_metrics_url)
+    return {
+        "fragments": sum(
+            metrics_scrape.total(metrics_scrape.scrape(n.metrics_url), "kms_node_decisions_total")
+            for n in cluster.nodes
+        ),
+        "hedges": metrics_scrape.total(coordinator, "kms_coordinator_hedges_total"),
+        "abandoned": metrics_scrape.total(coordinator, "kms_coordinator_node_abandoned_total"),
+    }
 
 
 def _reader(workload: Workload, providers: list[ProviderClient]) -> Request:
@@ -342,6 +372,9 @@ def _headline(
             read["throughput_rps"], base["effective_cores"] / bound_s
         ),
         "cluster_p50_ms": phases["cluster_read_c1"]["p50_ms"],
+        # node work per read: the threshold's fragments, plus what hedging added
+        "cluster_fragments_per_read": read.get("per_request", {}).get("fragments"),
+        "cluster_hedges_per_read": read.get("per_request", {}).get("hedges"),
         # issue 14's keys: CPU per request over the bare operation's, and p50 over the bound
         "node_single_cost_x": stats.node_cost_x(
             single["count"], single["cpu_s"][node_id], wire_rate

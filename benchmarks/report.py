@@ -58,6 +58,14 @@ HEADLINE = [
         "cluster 3-of-5, read p50 at concurrency 1 / the bare 3-of-5 request's CPU time",
     ),
     (
+        "cluster_fragments_per_read",
+        "cluster 3-of-5, read_record at concurrency 4: fragments the nodes judged per read",
+    ),
+    (
+        "cluster_hedges_per_read",
+        "the same: extra nodes the coordinator asked per read after its hedge delay",
+    ),
+    (
         "audit_overhead_ms",
         "audit log per single request: durable append + HSM-signed receipt, p50 (ms)",
     ),

@@ -22,7 +22,6 @@ builds them (EIP-712 signature, fresh nonce, deadline).
 from __future__ import annotations
 
 import threading
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ from core.umbral_codec import (
     load_cfrag,
     load_public_key,
 )
+from deploy import metrics_scrape
 from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
 from deploy.sample_records import lab_result
@@ -296,15 +296,10 @@ class NodeTarget:
     def handler_seconds(self, method: str = "Reencrypt") -> tuple[float, int]:
         """(sum of seconds, count) the node's own metrics report for ``method``:
         time inside the handler, without gRPC transport and queueing."""
-        with urllib.request.urlopen(self.node.metrics_url, timeout=5) as reply:  # noqa: S310 (loopback)
-            text = reply.read().decode()
-        total, count = 0.0, 0
+        samples = metrics_scrape.scrape(self.node.metrics_url)
         label = f'{{method="{method}"}}'
-        for line in text.splitlines():
-            if line.startswith(f"{HANDLER_METRIC}_sum{label}"):
-                total = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(f"{HANDLER_METRIC}_count{label}"):
-                count = int(float(line.rsplit(" ", 1)[1]))
+        total = samples.get(f"{HANDLER_METRIC}_sum{label}", 0.0)
+        count = int(samples.get(f"{HANDLER_METRIC}_count{label}", 0.0))
         return total, count
 
     def batch_unsupported(self) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import urllib.request
 
 import pytest
 
@@ -13,6 +12,7 @@ from clients.sdk.records import parse_envelope
 from core.audit import Checkpoint, verify_checkpoint, verify_checkpoint_consistency
 from core.record_types import RecordType
 from deploy.local_cluster import LocalCluster
+from deploy.metrics_scrape import scrape
 from deploy.sample_records import lab_result
 from proto.kms.v1 import audit_pb2
 from proto.stubs import AuditStub, NodeStub
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.cluster
 
 #: the local cluster anchors every 2 s (deploy/local_cluster.py); generous for a loaded CI
 ANCHOR_WAIT_S = 20.0
-
-
-def metric(cluster: LocalCluster, node_id: str, name: str) -> float:
-    body = urllib.request.urlopen(cluster.node(node_id).metrics_url, timeout=5).read().decode()
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{node_id} exposes no {name}")
 
 
 def test_every_nodes_anchors_verify_against_its_key_and_its_log(
@@ -81,12 +73,10 @@ def test_every_nodes_anchors_verify_against_its_key_and_its_log(
                 )
                 assert verify_checkpoint_consistency(old, new, list(proof.hashes))
 
-        assert metric(cluster, node.node_id, "kms_node_audit_log_diverges_from_anchor") == 0
+        assert scrape(node.metrics_url)["kms_node_audit_log_diverges_from_anchor"] == 0
         # The node sets its gauge once it has the transaction's receipt, a poll after the
         # block that the registry read above already saw.
         deadline = time.monotonic() + ANCHOR_WAIT_S
-        while metric(cluster, node.node_id, "kms_node_audit_anchored_tree_size") < (
-            served.tree_size
-        ):
+        while scrape(node.metrics_url)["kms_node_audit_anchored_tree_size"] < (served.tree_size):
             assert time.monotonic() < deadline, f"{node.node_id} never reported its anchor"
             time.sleep(0.1)

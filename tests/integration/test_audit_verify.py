@@ -14,7 +14,6 @@ import sqlite3
 import stat
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from core.record_types import RecordType
 from deploy import sample_records
 from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from deploy.metrics_scrape import scrape
 from kms_node.settings import NodeSettings
 from proto.kms.v1 import audit_pb2, common_pb2
 from proto.stubs import AuditStub, NodeStub
@@ -49,6 +49,9 @@ pytestmark = pytest.mark.cluster
 
 #: the local clusters anchor every 2 s; generous for a loaded machine
 ANCHOR_WAIT_S = 20.0
+
+#: the gauge a node sets while its audit log and its last anchor disagree
+DIVERGES = "kms_node_audit_log_diverges_from_anchor"
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,6 @@ def wait_anchored(registry: RegistryClient, node_id: str, size: int) -> None:
     while (registry.latest_checkpoint(node_id) or (0,))[0] < size:
         assert time.monotonic() < deadline, f"{node_id} did not anchor {size} entries in time"
         time.sleep(0.2)
-
-
-def metric(cluster: LocalCluster, node_id: str, name: str) -> float:
-    body = urllib.request.urlopen(cluster.node(node_id).metrics_url, timeout=5).read().decode()
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{node_id} exposes no {name}")
 
 
 def _receipt(r: common_pb2.AuditReceipt) -> Receipt:
@@ -426,7 +421,7 @@ def test_a_truncated_and_reappended_log_names_where_history_was_rewritten(
         # The node sees it too: its log no longer extends its last anchor; it stops anchoring.
         # (It compares at start-up, in its anchoring thread: give that round a moment.)
         deadline = time.monotonic() + ANCHOR_WAIT_S
-        while metric(world.cluster, node, "kms_node_audit_log_diverges_from_anchor") != 1:
+        while scrape(world.cluster.node(node).metrics_url)[DIVERGES] != 1:
             assert time.monotonic() < deadline, f"{node} never reported the divergence"
             time.sleep(0.1)
         ran = run_kmsctl(world.cluster, "audit", "verify", "--node", node)
@@ -506,7 +501,7 @@ def test_a_node_killed_under_load_keeps_every_receipt_it_issued(
             )
             assert verify_receipt_inclusion(receipt, now, list(proof.hashes))
     wait_anchored(world.registry, node, now.tree_size)
-    assert metric(world.cluster, node, "kms_node_audit_log_diverges_from_anchor") == 0
+    assert scrape(world.cluster.node(node).metrics_url)[DIVERGES] == 0
 
     held = tmp_path / "receipts.json"
     held.write_text(json.dumps([receipt_to_json(r) for r in receipts]))
