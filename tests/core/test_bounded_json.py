@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -158,3 +159,56 @@ def test_json_rpc_bounds_fit_real_answers() -> None:
         )
         == receipt
     )
+
+
+def _reference_depth_check(text: str, max_depth: int) -> str | None:
+    """The rule, one character at a time: brackets outside strings, escapes honoured;
+    the first violation's message, or None."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                return "nests deeper"
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                return "unbalanced"
+    return "unterminated string" if in_string else None
+
+
+@pytest.mark.parametrize(
+    "alphabet",
+    [
+        '[]{}"\\a,',  # with escapes
+        '[]{}"a,\u00e9\u20ac',  # without (the scan's fast path), with text beyond Latin-1
+    ],
+)
+def test_the_scan_agrees_with_the_rule_on_random_text(alphabet: str) -> None:
+    """Any text (brackets, quotes, escapes, letters), against the rule applied one
+    character at a time: the same verdict and the same first violation."""
+    rng = random.Random(20261204)
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        max_depth = rng.randint(0, 4)
+        if text.count("[") + text.count("{") <= max_depth:
+            continue  # too few brackets to nest too deep: not scanned, json.loads judges
+        expected = _reference_depth_check(text, max_depth)
+        try:
+            check_depth(text, max_depth=max_depth, what="x")
+            found = None
+        except InvalidRequest as e:
+            found = e.message
+        if expected is None:
+            assert found is None, (text, max_depth, found)
+        else:
+            assert found is not None and expected in found, (text, max_depth, expected, found)
