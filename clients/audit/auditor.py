@@ -60,7 +60,7 @@ class GrpcLogSource:
     read as ``policy`` says: entries in pages of about ``policy.page_bytes`` (sized by the
     mean entry read so far), each call with its own deadline, and a call that fails in
     transit retried (a page resumes after the last entry received: none is yielded twice
-    or skipped)."""
+    or skipped; ``policy.retries`` counts attempts in a row that received nothing)."""
 
     def __init__(
         self,
@@ -110,6 +110,7 @@ class GrpcLogSource:
             page_end = min(end, page + policy.page_entries(mean))
             resume, attempt = page, 1
             while True:
+                started_at = resume
                 request = audit_pb2.GetEntriesRequest(start=resume, end=page_end)
                 deadline = policy.page_deadline_s(page_end - resume, mean)
                 try:
@@ -123,6 +124,10 @@ class GrpcLogSource:
                     break
                 except grpc.RpcError as e:
                     error = rpc.error_from_rpc(e, self._node_id)
+                # An attempt that received entries made progress: the link works, if
+                # badly, and the next one is the first of a fresh count (the page is
+                # finite, so this ends).
+                attempt = 1 if resume > started_at else attempt
                 if resume >= page_end or not self._retry(error, attempt):
                     raise error
                 attempt += 1

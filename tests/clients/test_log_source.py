@@ -137,6 +137,17 @@ def test_a_page_that_keeps_failing_in_transit_gives_up_after_the_retries(
     assert len({r for r in node.requests[1:]}) == 1  # the same page each time: no progress
 
 
+def test_a_link_that_drops_often_but_makes_progress_is_read_to_the_end(
+    node: FlakyAudit, log: AuditLog
+) -> None:
+    """More drops in one page than the retries allow, each after a few entries: each
+    attempt that received entries starts a fresh count, so the whole log is read."""
+    node.drop_calls, node.drop_after = set(range(2, 2 + 3 * SMALL_PAGES.retries)), 3
+    rows, retries = read_all(node, SMALL_PAGES)
+    assert rows == list(log.entries(0, ENTRIES))
+    assert retries == 3 * SMALL_PAGES.retries
+
+
 def test_a_refusal_is_not_retried(node: FlakyAudit) -> None:
     node.drop_calls, node.drop_after = {1}, 0
     node.status = grpc.StatusCode.INVALID_ARGUMENT
