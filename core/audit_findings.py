@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 
 from core import merkle
 from core.audit import GRANTED, AuditEntry, Checkpoint, verify_checkpoint
@@ -142,10 +143,17 @@ class NodeReport:
         return self.problems[0] if self.problems else None
 
     def request_id(self, leaf_index: int) -> str:
+        """The request id of the first entry at ``leaf_index``; "" if there is none."""
+        return self._request_ids.get(leaf_index, "")
+
+    @cached_property
+    def _request_ids(self) -> dict[int, str]:
+        """Each leaf's request id (the first entry's, where a node served one twice),
+        indexed once: a failing audit names the request of every problem."""
+        ids: dict[int, str] = {}
         for result in self.entries:
-            if result.leaf_index == leaf_index:
-                return result.request_id
-        return ""
+            ids.setdefault(result.leaf_index, result.request_id)
+        return ids
 
     def describe(self, problem: Problem) -> str:
         """``entry 17 (request abc): message``, or the message of a log-wide problem."""
