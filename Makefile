@@ -5,6 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# every package pinned, dependencies' dependencies too (python -m deploy.generated_files)
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	--constraint deploy/dev-constraints.txt
 STATE_DIR ?= .demo
 NODES ?= 5
 THRESHOLD ?= 3
@@ -17,9 +20,9 @@ system-deps:
 	@deploy/install-system-deps.sh
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/dev-constraints.txt
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	@touch $@
 
 npm: node_modules/.installed
@@ -83,11 +86,11 @@ clean:
 # revocation in one run; writes benchmarks/results/ and the README's results.
 .PHONY: bench bench-quick bench-flood bench-hung-node bench-coordinator-restart chaos bench-audit-large bench-index-scale
 bench: setup
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PIP_INSTALL) -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness
 
 bench-quick: setup
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PIP_INSTALL) -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.harness --quick
 
 # Flood resistance (issue 10): a granted doctor's p50 idle and under two floods.

@@ -69,7 +69,7 @@ def test_constraints_pin_exactly_what_the_tests_run_with() -> None:
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pinned[canonicalize_name(name)] = version
-    closure = generated_files.runtime_closure()
+    closure = generated_files.closure()
     assert pinned == closure
     # and it agrees with pyproject.toml's own pins
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -78,6 +78,24 @@ def test_constraints_pin_exactly_what_the_tests_run_with() -> None:
         assert closure[canonicalize_name(name)] == version, requirement
     constraints = generated_files.CONSTRAINTS
     assert generated_files.stale({constraints: generated_files.GENERATED[constraints]}) == []
+
+
+def test_make_setup_pins_everything_it_installs() -> None:
+    """``make setup`` installs under deploy/dev-constraints.txt, which pins the dev extra's
+    whole closure at the versions installed here: a fresh machine gets them, not what was
+    published since (a new release of a dependency's dependency once failed the check
+    above on a fresh clone)."""
+    pins = generated_files.DEV_CONSTRAINTS
+    assert generated_files.stale({pins: generated_files.GENERATED[pins]}) == []
+    pinned = pins.read_text()
+    runtime = generated_files.CONSTRAINTS.read_text().split("\n", 3)[-1]
+    assert all(line in pinned.splitlines() for line in runtime.splitlines() if line)
+    for name in ("pytest", "mypy", "regex", "pycryptodome"):
+        assert f"\n{name}==" in pinned, name
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.count("--constraint deploy/dev-constraints.txt") == makefile.count(
+        "pip install"
+    )
 
 
 def test_the_image_user_is_the_one_the_pods_run_as() -> None:
