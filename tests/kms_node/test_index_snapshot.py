@@ -176,6 +176,9 @@ def test_another_nodes_snapshot_is_refused(
         index = synced(world).index
         world.snapshots(other).save(index)
         refused(world.snapshots(signer), world, "its signature is not this node's")
+        # The signature is checked first: what an unsigned header claims is not read.
+        world.snapshots(other, chain_id=1).save(index)
+        refused(world.snapshots(signer), world, "its signature is not this node's")
     finally:
         other.close()
 
@@ -222,6 +225,24 @@ def test_the_snapshotter_saves_once_more_when_stopped(world: World, signer: Pkcs
     index = world.snapshots(signer).load(world.registry)
     assert index is not None and index.block == follower.index.block
     assert not world.granted(ChainFollower(world.registry, index=index))
+
+
+def test_a_snapshot_of_a_block_above_the_head_is_refused(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    """A chain rolled back below the snapshot's block (another chain with the same id,
+    restarted): the head is below it."""
+    before = rpc_call(world.anvil.rpc_url, "evm_snapshot", [])
+    head = world.registry.block("latest").number
+    mine(world.anvil.rpc_url, 3)
+    saved_at = world.snapshots(signer).save(synced(world).index)
+    assert rpc_call(world.anvil.rpc_url, "evm_revert", [before]) is True
+    assert world.registry.block("latest").number == head < saved_at.number
+    refused(
+        world.snapshots(signer),
+        world,
+        f"its block {saved_at.number} is ahead of the chain's head {head}",
+    )
 
 
 def test_a_huge_file_is_refused_without_being_read(world: World, signer: Pkcs11KeyStore) -> None:
@@ -276,3 +297,15 @@ def test_the_node_signs_a_snapshot_under_a_label_of_its_own(
     refused(snapshots, world, "its header is malformed")
     world.path.write_bytes(_assembled(magic, b" " * 5000, b"", body))
     refused(snapshots, world, "its header is too large")
+
+
+def test_a_snapshot_is_written_with_mode_0600_over_a_wider_leftover(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    leftover = world.path.with_name(world.path.name + ".tmp")
+    leftover.write_bytes(b"from a crash")
+    leftover.chmod(0o644)
+    world.snapshots(signer).save(synced(world).index)
+    assert stat.S_IMODE(world.path.stat().st_mode) == 0o600
+    assert not leftover.exists()
+    assert world.snapshots(signer).load(world.registry) is not None
