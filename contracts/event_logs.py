@@ -49,12 +49,15 @@ class Log:
 def checked_logs(answer: Any, address: str, from_block: int, to_block: int) -> Iterator[Log]:
     """The logs of an ``eth_getLogs`` answer for contract ``address`` over blocks
     [from_block, to_block], one by one, each checked: a JSON object, of that contract, in
-    those blocks and not before the previous log's block, not marked removed, with at most
-    four 32-byte topics and hex data. :class:`MalformedAnswer` at the first that is not."""
+    those blocks and after the previous log (by block, then index in the block), not marked
+    removed, with at most four 32-byte topics and hex data. :class:`MalformedAnswer` at the
+    first that is not: a log out of order or given twice would be applied so."""
     if not isinstance(answer, list):
         raise MalformedAnswer("the answer to eth_getLogs is not a list of logs")
     wanted = address.lower()
     previous = from_block
+    #: the log index of the previous log, while in the same block
+    previous_index = -1
     for i, log in enumerate(answer):
         if not isinstance(log, dict):
             raise MalformedAnswer(f"log {i} of the answer is not a JSON object")
@@ -67,7 +70,15 @@ def checked_logs(answer: Any, address: str, from_block: int, to_block: int) -> I
                 f"log {i} of the answer is in block {block}: out of chain order or outside "
                 f"the blocks asked for ({from_block} to {to_block})"
             )
-        previous = block
+        index = quantity(log.get("logIndex"))
+        if index is None:
+            raise MalformedAnswer(f"log {i} of the answer (block {block}) has no log index")
+        if block == previous and index <= previous_index:
+            raise MalformedAnswer(
+                f"log {i} of the answer is log {index} of block {block}: out of chain order "
+                "(or given twice)"
+            )
+        previous, previous_index = block, index
         removed = log.get("removed")
         if removed is not None and removed is not False:
             raise MalformedAnswer(f"log {i} of the answer (block {block}) is marked removed")

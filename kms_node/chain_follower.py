@@ -75,7 +75,8 @@ class ChainFollower:
         #: the index reflects the block this far below the head (0: the head itself)
         self.confirmations = confirmations
         self._clock = clock
-        #: called with each applied batch of events (e.g. to shred revoked kfrags)
+        #: called with each batch of events before it is applied (e.g. to shred revoked
+        #: kfrags); a batch it raises on is handed over again by the next sync
         self.on_events = on_events
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
@@ -98,8 +99,8 @@ class ChainFollower:
             self._sync()
 
     def consistent_index(self) -> GrantIndex | None:
-        """A copy of the index between two syncs (every applied event also handed to
-        ``on_events``), or None before the first sync."""
+        """A copy of the index between two syncs (every applied event handed to
+        ``on_events`` first, and handled), or None before the first sync."""
         with self._sync_lock:
             return self.index.copy() if self.index.block is not None else None
 
@@ -122,9 +123,13 @@ class ChainFollower:
         applied = 0
         for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
-            index.apply(events, through)
             if events and self.on_events is not None:
+                # Before the index moves past them: if this fails (shredding reads the
+                # chain), the next sync hands the same events over again, and neither the
+                # index nor a snapshot of it (ADR 15) holds a revocation whose kfrags are
+                # still stored. Meanwhile the freshness bound makes the node refuse.
                 self.on_events(events)
+            index.apply(events, through)
             applied += len(events)
         if applied >= RELEASE_MEMORY_AFTER_EVENTS:
             heap.release_free_memory()

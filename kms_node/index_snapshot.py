@@ -7,9 +7,12 @@ Rules this module follows:
   the SHA-256 of the index bytes: only this node's HSM could have written it, whoever can
   write the data directory.
 - It is used only if, in this order: the signature verifies under this node's key; it was
-  written for this chain id and this registry; the index bytes hash to the signed digest and
-  parse; and the block it reflects is still canonical (its hash at that height is the
-  chain's now). Otherwise the node replays every event, and says why (``index_snapshot_refused``).
+  written for this chain id and this registry; the index bytes are the signed size, hash to
+  the signed digest and parse; and the block it reflects is still canonical (its hash at that
+  height is the chain's now). Otherwise the node replays every event, and says why
+  (``index_snapshot_refused``).
+- Reading is bounded: the header and signature by fixed limits, the index bytes by the size
+  the signed header gives, so a huge file costs no more memory than the node's own snapshot.
 - It is written whole to a temporary file (mode 0600), synced, and renamed over the last one:
   a crash leaves the old snapshot or the new, never a mix.
 - It is taken from the follower between two syncs (:meth:`ChainFollower.consistent_index`), so
@@ -25,7 +28,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Final, Protocol
+from typing import BinaryIO, Final, Protocol
 
 import structlog
 
@@ -88,6 +91,7 @@ class IndexSnapshots:
                 "block": block.number,
                 "block_hash": block.hash.hex(),
                 "index_sha256": hashlib.sha256(body).hexdigest(),
+                "index_bytes": len(body),
                 "written_at": int(time.time()),
             },
             sort_keys=True,
@@ -122,7 +126,8 @@ class IndexSnapshots:
             log.info("index_snapshot_absent", path=str(self.path))
             return None
         try:
-            index = self._checked(self.path.read_bytes(), chain)
+            with self.path.open("rb") as file:
+                index = self._checked(file, chain)
         except (SnapshotRefused, OSError) as e:
             why = str(e) if isinstance(e, SnapshotRefused) else f"unreadable ({type(e).__name__})"
             log.warning("index_snapshot_refused", path=str(self.path), reason=why)
@@ -138,8 +143,8 @@ class IndexSnapshots:
         )
         return index
 
-    def _checked(self, data: bytes, chain: BlockSource) -> GrantIndex:
-        header_bytes, signature, body = _split(data)
+    def _checked(self, file: BinaryIO, chain: BlockSource) -> GrantIndex:
+        header_bytes, signature = _read_head(file)
         if not verify_node_signature(
             _SIGNED_LABEL + header_bytes, signature, self._signer.signing_public_key()
         ):
@@ -148,13 +153,16 @@ class IndexSnapshots:
             header = json.loads(header_bytes)
             chain_id, registry = int(header["chain_id"]), str(header["registry"])
             number, block_hash = int(header["block"]), bytes.fromhex(header["block_hash"])
-            digest = bytes.fromhex(header["index_sha256"])
+            digest, size = bytes.fromhex(header["index_sha256"]), int(header["index_bytes"])
         except (ValueError, KeyError, TypeError):
             raise SnapshotRefused("its header is malformed") from None
         if chain_id != self._chain_id:
             raise SnapshotRefused(f"it is for chain {chain_id}, not {self._chain_id}")
         if registry != self._registry:
             raise SnapshotRefused(f"it is for registry {registry}, not {self._registry}")
+        body = file.read(size + 1)  # no more than the node wrote, and one byte to see more
+        if len(body) != size:
+            raise SnapshotRefused("its index is not the size its header was signed with")
         if hashlib.sha256(body).digest() != digest:
             raise SnapshotRefused("its index does not match its signed digest")
         try:
@@ -171,26 +179,23 @@ class IndexSnapshots:
         return index
 
 
-def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """(header, signature, index bytes) of a snapshot file."""
-    if not data.startswith(_MAGIC):
+def _read_head(file: BinaryIO) -> tuple[bytes, bytes]:
+    """(header, signature) of a snapshot file, read from its start; the index bytes follow."""
+    if file.read(len(_MAGIC)) != _MAGIC:
         raise SnapshotRefused("it is not an index snapshot (or another version)")
-    at = len(_MAGIC)
-    try:
-        (header_len,) = _HEADER_LEN.unpack_from(data, at)
-        at += _HEADER_LEN.size
-        if header_len > _MAX_HEADER_BYTES:
-            raise SnapshotRefused("its header is too large")
-        header = data[at : at + header_len]
-        at += header_len
-        (signature_len,) = _SIGNATURE_LEN.unpack_from(data, at)
-        at += _SIGNATURE_LEN.size
-    except struct.error:
-        raise SnapshotRefused("it is cut short") from None
-    signature = data[at : at + signature_len]
-    if len(header) != header_len or len(signature) != signature_len:
+    (header_len,) = _HEADER_LEN.unpack(_read_exactly(file, _HEADER_LEN.size))
+    if header_len > _MAX_HEADER_BYTES:
+        raise SnapshotRefused("its header is too large")
+    header = _read_exactly(file, header_len)
+    (signature_len,) = _SIGNATURE_LEN.unpack(_read_exactly(file, _SIGNATURE_LEN.size))
+    return header, _read_exactly(file, signature_len)
+
+
+def _read_exactly(file: BinaryIO, size: int) -> bytes:
+    data = file.read(size)
+    if len(data) != size:
         raise SnapshotRefused("it is cut short")
-    return header, signature, data[at + signature_len :]
+    return data
 
 
 class ConsistentIndex(Protocol):

@@ -74,6 +74,12 @@ BAD_ANSWERS: dict[str, tuple[Any, str]] = {
     "no-address": ([{k: v for k, v in granted().items() if k != "address"}], "not from the"),
     "block-after-the-range": ([granted(11)], "in block 11: out of chain order or outside"),
     "blocks-out-of-order": ([granted(6), granted(5)], "log 1 of the answer is in block 5"),
+    "out-of-order-in-a-block": (
+        [granted(5, logIndex="0x1"), granted(5, logIndex="0x0")],
+        "log 1 of the answer is log 0 of block 5: out of chain order",
+    ),
+    "a-log-twice": ([granted(5), granted(5)], "log 1 of the answer is log 0 of block 5: out of"),
+    "no-log-index": ([granted(logIndex=None)], "has no log index"),
     "block-as-number": ([granted(blockNumber=5)], "has no block number"),
     "block-negative": ([granted(blockNumber="-0x5")], "has no block number"),
     "block-with-spaces": ([granted(blockNumber="0x 5")], "has no block number"),
@@ -94,6 +100,11 @@ BAD_ANSWERS: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize(("answer", "reason"), BAD_ANSWERS.values(), ids=BAD_ANSWERS.keys())
 def test_an_answer_of_the_wrong_shape_is_refused(answer: Any, reason: str) -> None:
     refused(answer, reason, to_block=10)
+
+
+def test_logs_in_chain_order_pass() -> None:
+    answer = [granted(5, logIndex="0x0"), granted(5, logIndex="0x2"), granted(6, logIndex="0x0")]
+    assert [log.block for log in checked_logs(answer, REGISTRY, 0, 10)] == [5, 5, 6]
 
 
 def test_a_log_before_the_range_is_refused() -> None:

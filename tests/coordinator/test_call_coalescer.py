@@ -28,6 +28,10 @@ class GatedNode:
     fail_with: grpc.StatusCode | None = None
     #: results dropped from each ReencryptMany answer (a broken or lying node)
     drop_results: int = 0
+    #: results added to each ReencryptMany answer, and whether each read is answered with
+    #: the other kind of result (a single read's with a batch's, and the other way round)
+    extra_results: int = 0
+    wrong_kind: bool = False
 
     async def _wait(self) -> None:
         try:
@@ -71,6 +75,9 @@ class GatedNode:
         self.calls.append(("ReencryptMany", [nonce_of(r) for r in request.reads]))
         await self._wait()
         results = [answer(r) for r in request.reads]
+        if self.wrong_kind:
+            results = [swapped_kind(r) for r in results]
+        results += results[: self.extra_results]
         return node_pb2.ReencryptManyResponse(results=results[self.drop_results :])
 
 
@@ -90,6 +97,12 @@ def answer(read: node_pb2.NodeRead) -> node_pb2.NodeReadResult:
         outcomes = [common_pb2.CapsuleOutcome(record_id=c.record_id) for c in read.batch.capsules]
         return node_pb2.NodeReadResult(batch=node_pb2.ReencryptBatchResponse(outcomes=outcomes))
     return node_pb2.NodeReadResult(single=node_pb2.ReencryptResponse(fragment=fragment))
+
+
+def swapped_kind(result: node_pb2.NodeReadResult) -> node_pb2.NodeReadResult:
+    if result.HasField("single"):
+        return node_pb2.NodeReadResult(batch=node_pb2.ReencryptBatchResponse())
+    return node_pb2.NodeReadResult(single=node_pb2.ReencryptResponse())
 
 
 def single(n: int) -> common_pb2.ReencryptionRequest:
@@ -250,6 +263,42 @@ async def test_an_answer_with_results_missing_fails_every_read_of_the_call() -> 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await read
         assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+@pytest.mark.parametrize(
+    ("lie", "details"),
+    [
+        ({"extra_results": 1}, "answered a call with too many or few results"),
+        ({"wrong_kind": True}, "answered a read with another kind of result"),
+    ],
+    ids=["too-many", "wrong-kind"],
+)
+def test_an_answer_that_does_not_fit_the_call_fails_its_reads(
+    lie: dict[str, Any], details: str
+) -> None:
+    """Too many results, or a single read answered with a batch's result (and the other
+    way round): DATA_LOSS, never another read's answer taken for one's own."""
+
+    async def run() -> None:
+        node = GatedNode(**lie)
+        client = CoalescingClient(node)
+        lone = asyncio.ensure_future(client.Reencrypt(single(1), timeout=5.0))
+        await settle()
+        reads: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(client.Reencrypt(single(2), timeout=5.0)),
+            asyncio.ensure_future(client.ReencryptBatch(batch(3, 2), timeout=5.0)),
+        ]
+        await settle()
+        node.gate.set()
+        await lone
+        for read in reads:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await read
+            assert raised.value.code() == grpc.StatusCode.DATA_LOSS
+            assert raised.value.details() == details
+        assert [c[0] for c in node.calls] == ["Reencrypt", "ReencryptMany"]
+
+    asyncio.run(run())
 
 
 @in_loop

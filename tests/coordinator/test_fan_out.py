@@ -16,6 +16,7 @@ import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import RequestSigner
+from coordinator.call_coalescer import CoalescingClient
 from coordinator.node_pool import NodePool
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings, NodeAddress
@@ -50,10 +51,26 @@ class FakeNode:
     request_ids: list[str] = field(default_factory=list)
     #: records this node refuses in a batch
     denied: set[bytes] = field(default_factory=set)
+    #: while set, every call waits for it to open
+    gate: asyncio.Event | None = None
+    #: calls in flight now, the most ever, and ReencryptMany calls
+    in_flight: int = 0
+    most_in_flight: int = 0
+    many_calls: int = 0
+
+    async def _enter(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        finally:
+            self.in_flight -= 1
 
     async def Reencrypt(self, msg: common_pb2.ReencryptionRequest, timeout: float) -> Any:
         self.calls += 1
         self.request_ids.append(msg.request_id)
+        await self._enter()
         await asyncio.sleep(self.delay_s)
         if self.fails:
             raise grpc.aio.AioRpcError(
@@ -97,6 +114,30 @@ class FakeNode:
                 )
             outcomes.append(outcome)
         return node_pb2.ReencryptBatchResponse(outcomes=outcomes)
+
+    async def ReencryptMany(
+        self, msg: node_pb2.ReencryptManyRequest, timeout: float
+    ) -> node_pb2.ReencryptManyResponse:
+        """Each read answered as its lone call would be, in one call."""
+        self.many_calls += 1
+        await self._enter()
+        gate, self.gate = self.gate, None  # the reads below are part of this call
+        try:
+            results = []
+            for read in msg.reads:
+                try:
+                    if read.HasField("batch"):
+                        batch = await self.ReencryptBatch(read.batch, timeout)
+                        results.append(node_pb2.NodeReadResult(batch=batch))
+                    else:
+                        single = await self.Reencrypt(read.single, timeout)
+                        results.append(node_pb2.NodeReadResult(single=single))
+                except grpc.aio.AioRpcError as e:
+                    refusal = node_pb2.ReadRefusal(status=e.code().name, message=e.details())
+                    results.append(node_pb2.NodeReadResult(refusal=refusal))
+        finally:
+            self.gate = gate
+        return node_pb2.ReencryptManyResponse(results=results)
 
 
 class Context:
@@ -145,7 +186,7 @@ def verifying_world() -> World:
     return make_world(verify_every_fragment=True)
 
 
-def make_world(*, verify_every_fragment: bool = False) -> World:
+def make_world(*, verify_every_fragment: bool = False, coalesce_node_calls: bool = True) -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
     kfrags = umbral.generate_kfrags(
@@ -165,6 +206,7 @@ def make_world(*, verify_every_fragment: bool = False) -> World:
         registry_address="0x" + "00" * 19 + "01",
         node_timeout_s=2.0,
         verify_every_fragment=verify_every_fragment,
+        coalesce_node_calls=coalesce_node_calls,
     )
     info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
@@ -368,3 +410,54 @@ def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(
     assert result.status == "" and len(result.fragments) == 3
     assert "node-2" not in {f.node_id for f in result.fragments}
     assert sum(n.calls for n in world.nodes.values()) == 4
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "coalesce_node_calls=false"])
+def test_reads_meeting_at_a_node_wait_for_its_call_only_when_coalescing(coalesce: bool) -> None:
+    """ADR 16: with coalescing, a node connection has one call in flight at a time and the
+    reads meeting there go together when it returns; ``coalesce_node_calls = false``
+    sends each read by its own call at once. Either way every read is served."""
+    world = make_world(coalesce_node_calls=coalesce)
+    signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
+    capsule = world.request.capsule
+    requests = [
+        signer.single(world.alice.address, b"\x01" * 32, RecordType.LAB_RESULT, capsule)
+        for _ in range(8)  # a requester not yet served pays 10 of its 100 up front
+    ]
+    submitted = 0
+    submit = CoalescingClient._submit
+
+    async def counted(client: CoalescingClient, request: Any, timeout: float) -> Any:
+        nonlocal submitted
+        submitted += 1
+        return await submit(client, request, timeout)
+
+    async def run() -> list[coordinator_pb2.CoordinatorReencryptResponse]:
+        gate = asyncio.Event()
+        for node in world.nodes.values():
+            node.gate = gate
+        reads = [
+            asyncio.ensure_future(world.service.reencrypt(r, Context()))  # type: ignore[arg-type]
+            for r in requests
+        ]
+        # Until each read has been handed to its three nodes' connections (with
+        # coalescing most of them wait there; without, each is a call at its node).
+        handed = 3 * len(reads)
+        for _ in range(1000):
+            if (submitted if coalesce else sum(n.calls for n in world.nodes.values())) >= handed:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the reads did not all reach their nodes' connections")
+        gate.set()
+        return await asyncio.gather(*reads)
+
+    with patch.object(CoalescingClient, "_submit", counted):
+        responses = asyncio.run(run())
+    assert all(len(r.fragments) == 3 for r in responses)
+    most = max(n.most_in_flight for n in world.nodes.values())
+    many = sum(n.many_calls for n in world.nodes.values())
+    if coalesce:
+        assert most == 1 and many >= 1
+    else:
+        assert most > 1 and many == 0

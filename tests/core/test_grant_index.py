@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from core.grant_index import GrantIndex
 from core.record_types import RecordType
 from core.registry_types import (
@@ -114,3 +116,52 @@ def test_a_copy_is_independent() -> None:
     index.apply([AccessRevoked(3, 1003, ALICE, BOB)], BLOCK)
     grant = twin.access_state(RECORD, BOB, CAPSULE).grant
     assert grant is not None and grant.active
+
+
+def _every_kind_of_entry() -> GrantIndex:
+    """An index holding each kind of entry: a registered patient and one known only by a
+    grant, active, revoked and emergency grants, an active and a deactivated record, and a
+    responder without the emergency role."""
+    index = GrantIndex()
+    other = b"\x06" * 32
+    index.apply(
+        [
+            PatientRegistered(1, 1001, ALICE, (b"\x02" * 33,), b"\x03" * 33),
+            anchored(),
+            anchored(other, b"d" * 32),
+            granted(BOB, b"\x02" * 33),
+            granted(CAROL, b"\x03" * 33, expires_at=7000),
+            AccessRevoked(2, 1002, ALICE, CAROL),
+            AccessGranted(2, 1002, BOB, CAROL, b"\x04" * 33, 8000, 0b1),
+            EmergencyAccessOpened(3, 1003, ALICE, ALICE, b"\x05" * 33, 6000, 0b10),
+            EmergencyRoleChanged(3, 1003, ALICE, False),
+            RecordDeactivated(4, 1004, other, ALICE),
+        ],
+        BLOCK,
+    )
+    return index
+
+
+def test_an_index_read_back_from_its_bytes_answers_every_question_the_same() -> None:
+    index = _every_kind_of_entry()
+    back = GrantIndex.from_bytes(index.to_bytes())
+    assert back.block == index.block and back.sizes() == index.sizes() == (1, 2, 4)
+    for record_id in (RECORD, b"\x06" * 32, b"\x07" * 32):
+        for grantee in (ALICE, BOB, CAROL):
+            for capsule in (CAPSULE, b"d" * 32):
+                asked = (record_id, grantee, capsule)
+                assert back.access_state(*asked) == index.access_state(*asked)
+    for address in (ALICE, BOB, CAROL):
+        assert back.is_registered(address) == index.is_registered(address)
+    assert back.to_bytes() == index.to_bytes()
+
+
+def test_bytes_cut_short_or_run_on_are_refused_with_value_error() -> None:
+    """Every prefix of a snapshot's index bytes, and the bytes with more after them, are a
+    ValueError (the snapshot is then refused), never another exception."""
+    data = _every_kind_of_entry().to_bytes()
+    for end in range(len(data)):
+        with pytest.raises(ValueError):
+            GrantIndex.from_bytes(data[:end])
+    with pytest.raises(ValueError, match="does not end where its counts say"):
+        GrantIndex.from_bytes(data + b"\x00")

@@ -18,12 +18,13 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner, sealed_enrollment
+from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, ChainRejected, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import EmergencyAccessOpened, NodeInfo
 from deploy.anvil import increase_time
 from deploy.sample_records import lab_result
-from proto.kms.v1 import common_pb2, coordinator_pb2
+from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
 
@@ -475,3 +476,50 @@ def test_throw_away_keys_are_held_to_their_address_budget(
         assert_still_serving(people)  # served lately: not held to the address's budget
     finally:
         refill_the_address_budget()
+
+
+# --- a hostile ReencryptMany call (ADR 16) ----------------------------------------------------
+
+
+def test_a_hostile_many_call_has_each_read_judged_alone(people: People) -> None:
+    """Sent straight to a node by a holder of a client certificate: a call larger than
+    allowed, or empty, is refused whole; in one call the same signed read twice is served
+    once, and a stranger's read and a tampered one are refused alone, while the doctor's
+    read is served with a receipt of its own."""
+    people.grant_doctor([LAB])
+    capsule = capsule_of(people, people.lab.storage_uri)
+    patient, record_id = people.patient.identity.address, people.lab.record_id
+    doctor = people.doctor_signer()
+    stranger = people.new_identity("stranger", provider=True)
+    domain = people.registry.signing_domain()
+    stranger_read = RequestSigner(stranger.account, stranger.umbral_public_key(), domain).single(
+        patient, record_id, LAB, capsule
+    )
+    read = doctor.single(patient, record_id, LAB, capsule)
+    tampered = doctor.single(patient, record_id, LAB, capsule)
+    tampered.deadline += 1  # no longer what the doctor signed
+    tampered.request_id = ""  # the node derives it from what is sent
+    reads = [read, read, stranger_read, tampered]
+    call = node_pb2.ReencryptManyRequest(reads=[node_pb2.NodeRead(single=r) for r in reads])
+    with people.cluster.transport.channel(people.cluster.nodes[0].address) as channel:
+        node = NodeStub(channel)
+        results = node.ReencryptMany(call, timeout=10).results
+        for too_large in (
+            node_pb2.ReencryptManyRequest(reads=[node_pb2.NodeRead(single=read)] * 17),
+            node_pb2.ReencryptManyRequest(),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                node.ReencryptMany(too_large, timeout=5)
+            assert isinstance(caught.value, grpc.Call)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "a call holds 1 to 16 reads" in (caught.value.details() or "")
+    assert [r.WhichOneof("result") for r in results] == ["single", "refusal", "refusal", "refusal"]
+    fragment = results[0].single.fragment
+    assert verify_receipt(
+        Receipt.from_fields(fragment.receipt), registered_node(people).signing_public_key
+    )
+    refusals = [(r.refusal.status, r.refusal.message) for r in results[1:]]
+    assert refusals[0] == ("UNAUTHENTICATED", "nonce already used")
+    assert refusals[1][0] == "PERMISSION_DENIED"
+    assert refusals[2][0] == "UNAUTHENTICATED"
+    assert_still_serving(people)

@@ -16,7 +16,7 @@ from proto.stubs import CoordinatorStub, NodeStub
 
 pytestmark = pytest.mark.cluster
 
-NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt", "ReencryptBatch"]
+NODE_METHODS = ["GetNodeInfo", "EnrollKeyFragment", "Reencrypt", "ReencryptBatch", "ReencryptMany"]
 COORDINATOR_METHODS = [
     "GetClusterInfo",
     "GetClusterStatus",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import stat
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
@@ -21,6 +24,7 @@ from deploy import processes
 from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
 from deploy.sample_records import lab_result
+from kms_node.index_snapshot import SNAPSHOT_FILE
 from kms_node.settings import NodeSettings
 from proto.stubs import NodeStub
 
@@ -155,3 +159,46 @@ def test_killing_the_supervisor_takes_its_workers_down(multi: LocalCluster) -> N
     for pid in workers:
         processes.wait_gone(pid, timeout_s=10)
     multi.start_node(node.node_id)
+
+
+def test_a_node_restarts_from_its_snapshot_in_every_process(
+    multi: LocalCluster, granted: tuple[Identity, StoredRecord]
+) -> None:
+    """ADR 15 on the real node: a clean stop leaves the signed snapshot (mode 0600); at
+    restart each server process loads it, then reads the events mined since and judges by
+    them (a record anchored while the node was down is served at once)."""
+    alice, _ = granted
+    bob, node = multi.identity("doctor"), multi.nodes[0]
+    snapshot = NodeSettings.from_toml(Path(node.config)).data_dir / SNAPSHOT_FILE
+    multi.stop_node(node.node_id)
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600
+    with PatientClient(
+        alice,
+        registry=multi.registry(),
+        blobs=multi.blob_store(),
+        coordinator_address=multi.coordinator_address,
+        transport=multi.app_transport,
+    ) as patient:
+        newer = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+    log = Path(node.log)
+    restarted_at = log.stat().st_size
+    multi.start_node(node.node_id)
+
+    def since_restart(prefix: str) -> list[str]:
+        with log.open("rb") as f:
+            f.seek(restarted_at)
+            lines = f.read().decode(errors="replace").splitlines()
+        names = [str(json.loads(line).get("event")) for line in lines if line.startswith("{")]
+        return [n for n in names if n.startswith(prefix)]
+
+    # The node serves once one process does; the other may still be starting.
+    deadline = time.monotonic() + 30
+    while len(since_restart("node_started")) < 2:
+        assert time.monotonic() < deadline, "the node's second process did not start"
+        time.sleep(0.1)
+    assert since_restart("index_snapshot") == ["index_snapshot_loaded"] * 2
+    capsule = parse_envelope(multi.blob_store().get(newer.storage_uri)).capsule
+    signer = RequestSigner(bob.account, bob.umbral_public_key(), multi.registry().signing_domain())
+    request = signer.single(alice.address, newer.record_id, RecordType.LAB_RESULT, capsule)
+    with multi.transport.channel(node.address, server_name=node.node_id) as channel:
+        assert NodeStub(channel).Reencrypt(request, timeout=5).fragment.cfrag

@@ -4,8 +4,10 @@ the reason, and the node replays every event and judges the same."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +161,7 @@ def test_a_tampered_snapshot_is_refused(world: World, signer: Pkcs11KeyStore) ->
     world.path.write_bytes(good[:at] + other_digit + good[at + 1 :])  # another block, signed?
     refused(snapshots, world, "its signature is not this node's")
     world.path.write_bytes(good[:-10])
-    refused(snapshots, world, "its index does not match its signed digest")
+    refused(snapshots, world, "its index is not the size its header was signed with")
     world.path.write_bytes(good[:40])
     refused(snapshots, world, "it is cut short")
     world.path.write_bytes(b"not a snapshot")
@@ -171,10 +173,14 @@ def test_another_nodes_snapshot_is_refused(
 ) -> None:
     other = softhsm_dir.new_token().open()
     try:
-        world.snapshots(other).save(synced(world).index)
+        index = synced(world).index
+        world.snapshots(other).save(index)
+        refused(world.snapshots(signer), world, "its signature is not this node's")
+        # The signature is checked first: what an unsigned header claims is not read.
+        world.snapshots(other, chain_id=1).save(index)
+        refused(world.snapshots(signer), world, "its signature is not this node's")
     finally:
         other.close()
-    refused(world.snapshots(signer), world, "its signature is not this node's")
 
 
 def test_a_snapshot_of_another_registry_or_chain_is_refused(
@@ -219,3 +225,87 @@ def test_the_snapshotter_saves_once_more_when_stopped(world: World, signer: Pkcs
     index = world.snapshots(signer).load(world.registry)
     assert index is not None and index.block == follower.index.block
     assert not world.granted(ChainFollower(world.registry, index=index))
+
+
+def test_a_snapshot_of_a_block_above_the_head_is_refused(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    """A chain rolled back below the snapshot's block (another chain with the same id,
+    restarted): the head is below it."""
+    before = rpc_call(world.anvil.rpc_url, "evm_snapshot", [])
+    head = world.registry.block("latest").number
+    mine(world.anvil.rpc_url, 3)
+    saved_at = world.snapshots(signer).save(synced(world).index)
+    assert rpc_call(world.anvil.rpc_url, "evm_revert", [before]) is True
+    assert world.registry.block("latest").number == head < saved_at.number
+    refused(
+        world.snapshots(signer),
+        world,
+        f"its block {saved_at.number} is ahead of the chain's head {head}",
+    )
+
+
+def test_a_huge_file_is_refused_without_being_read(world: World, signer: Pkcs11KeyStore) -> None:
+    """The index bytes are read only up to the size the node signed: a file grown to a
+    terabyte (sparse: no disk is used) is refused, not loaded into memory."""
+    snapshots = world.snapshots(signer)
+    snapshots.save(synced(world).index)
+    os.truncate(world.path, 1 << 40)
+    refused(snapshots, world, "its index is not the size its header was signed with")
+
+
+def _parts(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(magic line, header, signature, index bytes) of a snapshot file, as the format
+    lays them out: the magic line, a 4-byte header length, the header, a 2-byte signature
+    length, the signature, the index bytes."""
+    at = data.index(b"\n") + 1
+    (header_len,) = struct.unpack_from(">I", data, at)
+    header = data[at + 4 : at + 4 + header_len]
+    after = at + 4 + header_len
+    (signature_len,) = struct.unpack_from(">H", data, after)
+    signature = data[after + 2 : after + 2 + signature_len]
+    return data[:at], header, signature, data[after + 2 + signature_len :]
+
+
+def _assembled(magic: bytes, header: bytes, signature: bytes, body: bytes) -> bytes:
+    return (
+        magic
+        + struct.pack(">I", len(header))
+        + header
+        + struct.pack(">H", len(signature))
+        + signature
+        + body
+    )
+
+
+def test_the_node_signs_a_snapshot_under_a_label_of_its_own(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    """What the node's key signed without the snapshot's label (a receipt's or a
+    checkpoint's bytes) is no snapshot; and a header the node did sign is still checked."""
+    snapshots = world.snapshots(signer)
+    snapshots.save(synced(world).index)
+    magic, header, signature, body = _parts(world.path.read_bytes())
+    label = b"medkms/index-snapshot/v1\x00"
+    world.path.write_bytes(_assembled(magic, header, signer.sign(header), body))
+    refused(snapshots, world, "its signature is not this node's")
+    # Signed under the label, but without the size of the index bytes (an older format).
+    fields = json.loads(header)
+    del fields["index_bytes"]
+    short = json.dumps(fields, sort_keys=True).encode()
+    world.path.write_bytes(_assembled(magic, short, signer.sign(label + short), body))
+    refused(snapshots, world, "its header is malformed")
+    world.path.write_bytes(_assembled(magic, b" " * 5000, b"", body))
+    refused(snapshots, world, "its header is too large")
+
+
+def test_a_snapshot_is_written_with_mode_0600_over_a_wider_leftover(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    leftover = world.path.with_name(world.path.name + ".tmp")
+    leftover.write_bytes(b"from a crash")
+    leftover.chmod(0o644)
+    world.snapshots(signer).save(synced(world).index)
+    assert stat.S_IMODE(world.path.stat().st_mode) == 0o600
+    assert not leftover.exists()
+    assert world.snapshots(signer).load(world.registry) is not None

@@ -203,13 +203,16 @@ class World:
         nonce: bytes = b"\x07" * 32,
         deadline: int = NOW + 60,
         umbral_key: bytes | None = None,
+        requester: Identity | None = None,
     ) -> common_pb2.ReencryptionRequest:
-        """A request by bob, signed by ``signer`` (bob unless given)."""
+        """A request by ``requester`` (bob unless given), signed by ``signer`` (the
+        requester unless given)."""
+        requester = requester or self.bob
         claims = RequestClaims(
             patient=self.alice.address,
             record_id=self.record_id,
             capsule_hash=capsule_hash(bytes(self.capsule)),
-            requester_umbral_key=umbral_key or self.bob.umbral_public_key(),
+            requester_umbral_key=umbral_key or requester.umbral_public_key(),
             nonce=nonce,
             deadline=deadline,
             purpose_of_use="TREAT",
@@ -219,12 +222,12 @@ class World:
             record_id=self.record_id,
             record_type=RecordType.LAB_RESULT,
             capsule=bytes(self.capsule),
-            requester=address_bytes(self.bob.address),
+            requester=address_bytes(requester.address),
             requester_umbral_key=claims.requester_umbral_key,
             purpose_of_use="TREAT",
             deadline=deadline,
             nonce=nonce,
-            signature=sign((signer or self.bob).account, DOMAIN, claims),
+            signature=sign((signer or requester).account, DOMAIN, claims),
         )
 
 
@@ -1001,6 +1004,25 @@ def test_reads_in_one_call_spend_the_same_rate_as_alone(world: World) -> None:
         exhausted = [r.refusal for r in response.results if r.HasField("refusal")]
         assert all(r.status == "RESOURCE_EXHAUSTED" for r in exhausted)
     assert served == BURST
+
+
+def test_reads_of_another_requester_in_one_call_are_charged_to_that_requester(
+    world: World,
+) -> None:
+    """A stranger's refused reads riding in the doctor's call cost the stranger, not the
+    doctor: the doctor's budget afterwards is what one lone read would have left."""
+    world.enroll(world.kfrag())
+    carol = Identity.generate("carol")
+    strangers = [world.request(nonce=bytes([0x80 + i]) * 32, requester=carol) for i in range(15)]
+    response = world.node.reencrypt_many(many(world.request(nonce=b"\x71" * 32), *strangers))
+    assert response.results[0].single.fragment.cfrag
+    assert {r.refusal.status for r in response.results[1:]} == {"PERMISSION_DENIED"}
+    with pytest.raises(ResourceExhausted):
+        world.node.reencrypt(world.request(nonce=b"\x72" * 32, requester=carol))
+    for i in range(BURST - 1):
+        assert world.node.reencrypt(world.request(nonce=(1000 + i).to_bytes(32, "big")))
+    with pytest.raises(ResourceExhausted):
+        world.node.reencrypt(world.request(nonce=b"\x73" * 32))
 
 
 def test_a_call_too_large_is_refused_as_a_whole(world: World) -> None:
