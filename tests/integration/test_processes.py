@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
@@ -10,16 +12,20 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner
+from core.audit import DENIED, GRANTED
+from core.policy import Reason
 from core.record_types import RecordType
 from deploy import processes
 from deploy.anvil import set_balance
-from deploy.local_cluster import FUNDING_WEI, LocalCluster
+from deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
 from deploy.sample_records import lab_result
 from kms_node.settings import NodeSettings
 from proto.stubs import NodeStub
@@ -53,6 +59,11 @@ def _children(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def granted(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
     """A patient's lab result, granted to the cluster's doctor."""
+    return _grant_lab_result(multi)
+
+
+def _grant_lab_result(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
+    """A new patient's lab result, granted to the cluster's doctor."""
     alice, bob = Identity.generate("alice"), multi.identity("doctor")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
     with PatientClient(
@@ -120,6 +131,85 @@ def test_a_replay_is_refused_by_every_process_of_a_node(
                 outcomes.append("replay refused")
     assert outcomes.count("served") == 1
     assert outcomes.count("replay refused") == 7
+
+
+def _decisions_by_process(
+    node: NodeEntry, scratch: Path, decision: str, reason: str
+) -> list[float]:
+    """``kms_node_decisions_total{decision, reason}`` of each of the node's server
+    processes, read from its own metrics file (the node's endpoint serves their sum)."""
+    metrics_dir = NodeSettings.from_toml(Path(node.config)).data_dir / "metrics"
+    counts = []
+    for pid in sorted(_children(node.pid)):
+        own = scratch / f"{pid}-{time.monotonic_ns()}"
+        own.mkdir()
+        written = metrics_dir / f"counter_{pid}.db"
+        if written.exists():
+            shutil.copy(written, own / written.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(own))
+        value = registry.get_sample_value(
+            "kms_node_decisions_total", {"decision": decision, "reason": reason}
+        )
+        counts.append(value or 0.0)
+    return counts
+
+
+def _merged_metric(node: NodeEntry, name: str) -> float:
+    body = urllib.request.urlopen(node.metrics_url, timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
+
+
+def test_every_process_refuses_the_next_read_once_it_has_indexed_a_revocation(
+    multi: LocalCluster, tmp_path: Path
+) -> None:
+    """Both processes of a node serve a grant (each keeps the unwrapped kfrag, ADR 13);
+    the patient revokes it; once the node's most behind process has indexed the
+    revocation, every read is refused, by each process, well within kfrag_cache_ttl_s."""
+    alice, record = _grant_lab_result(multi)
+    bob, node = multi.identity("doctor"), multi.nodes[0]
+    registry = multi.registry()
+    capsule = parse_envelope(multi.blob_store().get(record.storage_uri)).capsule
+    signer = RequestSigner(bob.account, bob.umbral_public_key(), registry.signing_domain())
+
+    def read() -> str:
+        """One freshly signed read, on a fresh connection (the kernel spreads those
+        over the processes): "served", or the refusal."""
+        request = signer.single(alice.address, record.record_id, RecordType.LAB_RESULT, capsule)
+        with multi.transport.channel(node.address, server_name=node.node_id) as channel:
+            try:
+                NodeStub(channel).Reencrypt(request, timeout=5)
+                return "served"
+            except grpc.RpcError as e:
+                return f"{e.code().name}: {e.details()}"
+
+    started = time.monotonic()
+    served = [0.0, 0.0]
+    for _ in range(40):
+        assert read() == "served"
+        served = _decisions_by_process(node, tmp_path, GRANTED, Reason.GRANTED)
+        if all(served):
+            break
+    assert len(served) == 2 and all(served), f"granted by process: {served}"
+
+    revoked = registry.block_of_transaction(registry.revoke_access(alice.account, bob.address))
+    deadline = time.monotonic() + 10
+    while _merged_metric(node, "kms_node_chain_index_block") < revoked:
+        assert time.monotonic() < deadline, "the node's processes did not index the revocation"
+        time.sleep(0.02)
+    refused = [0.0, 0.0]
+    for _ in range(40):
+        outcome = read()
+        assert outcome.startswith("PERMISSION_DENIED") and "revoked" in outcome, outcome
+        refused = _decisions_by_process(node, tmp_path, DENIED, Reason.GRANT_REVOKED)
+        if all(refused):
+            break
+    assert len(refused) == 2 and all(refused), f"refused by process: {refused}"
+    ttl_s = NodeSettings.from_toml(Path(node.config)).kfrag_cache_ttl_s
+    assert time.monotonic() - started < ttl_s  # the kfrags were still kept when refused
 
 
 def test_a_stopped_node_has_anchored_every_entry_its_processes_wrote(
