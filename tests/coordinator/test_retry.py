@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from unittest.mock import patch
 
 import pytest
 import umbral_pre as umbral
@@ -15,6 +18,7 @@ from clients.sdk.signed_requests import RequestSigner
 from coordinator import metrics
 from coordinator.relayed_reads import RelayedReads
 from core.errors import InsufficientFragments, InvalidRequest, PreconditionFailed
+from core.rate_limit import REFUSAL_COST
 from core.record_types import RecordType
 from core.requests import ReencryptionQuery
 from proto.kms.v1 import coordinator_pb2
@@ -96,20 +100,57 @@ def test_a_suspected_node_is_asked_only_when_needed_and_never_relayed_unverified
     assert world.nodes["node-2"].calls == 1
 
 
+@contextmanager
+def frozen_budget(world: World) -> Iterator[Callable[[], float]]:
+    """The requester's budget at the coordinator, its clock stopped (no refill) while
+    the block runs: what the tokens are now."""
+    requesters = world.service._admission._requesters
+    requester = ReencryptionQuery.parse(world.request, DOMAIN).requester
+    now = time.monotonic()
+    with patch.object(requesters, "_clock", lambda: now):
+        yield lambda: requesters._tokens(requester, now)
+
+
 def test_a_false_report_is_refused_counted_and_charged(world: World) -> None:
     response = world.run()
     honest = response.fragments[0].node_id
     false_before = metrics.FALSE_REPORTS._value.get()
     lies_before = lies(honest)
-    requesters = world.service._admission._requesters
-    requester = ReencryptionQuery.parse(world.request, DOMAIN).requester
-    budget = requesters._tokens(requester, time.monotonic())
-    with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
-        retry(world, response.read_id, honest)
+    with frozen_budget(world) as tokens:
+        budget = tokens()
+        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+            retry(world, response.read_id, honest)
+        # As ten single requests (REFUSAL_COST), as a refused capsule costs.
+        assert tokens() == budget - REFUSAL_COST
     assert metrics.FALSE_REPORTS._value.get() == false_before + 1
     assert lies(honest) == lies_before
     assert honest in world.pool.in_rotation(time.monotonic())
-    assert requesters._tokens(requester, time.monotonic()) < budget - 5  # ten refusals' worth
+    assert sum(n.calls for n in world.nodes.values()) == 3  # no replacement asked
+
+
+def test_a_report_with_a_lie_and_a_false_one_acts_on_the_lie_and_is_refused(
+    world: World,
+) -> None:
+    """ADR 14 step 4: true lies in a false report are still acted on; the report is
+    refused without replacements and charged for its false part."""
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    honest = next(f.node_id for f in response.fragments if f.node_id != "node-2")
+    false_before = metrics.FALSE_REPORTS._value.get()
+    liar_before, honest_before = lies("node-2"), lies(honest)
+    with frozen_budget(world) as tokens:
+        budget = tokens()
+        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+            retry(world, response.read_id, "node-2", honest)
+        assert tokens() == budget - REFUSAL_COST
+    assert (lies("node-2"), lies(honest)) == (liar_before + 1, honest_before)
+    assert metrics.FALSE_REPORTS._value.get() == false_before + 1
+    in_rotation = world.pool.in_rotation(time.monotonic())
+    assert "node-2" not in in_rotation and honest in in_rotation
+    assert sum(n.calls for n in world.nodes.values()) == 3
+    with pytest.raises(PreconditionFailed, match="already retried"):
+        retry(world, response.read_id, "node-2")
 
 
 def test_a_report_naming_a_fragment_not_relayed_is_refused_and_the_read_kept(
