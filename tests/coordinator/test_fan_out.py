@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import patch
@@ -46,6 +47,8 @@ class FakeNode:
     fails: bool = False
     refuses: bool = False
     corrupt: bool = False
+    #: what the node sends instead of the cfrag it computed (a lie that may parse)
+    lie: Callable[[bytes], bytes] | None = None
     calls: int = 0
     request_ids: list[str] = field(default_factory=list)
     #: records this node refuses in a batch
@@ -69,6 +72,8 @@ class FakeNode:
         cfrag = bytes(umbral.reencrypt(umbral.Capsule.from_bytes(msg.capsule), self.kfrag))
         if self.corrupt:
             cfrag = cfrag[:-40] + bytes(40)
+        if self.lie is not None:
+            cfrag = self.lie(cfrag)
         return node_pb2.ReencryptResponse(
             fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag)
         )

@@ -14,6 +14,7 @@ from unittest.mock import patch
 import pytest
 import umbral_pre as umbral
 
+from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import RequestSigner
 from coordinator import metrics
 from coordinator.relayed_reads import RelayedReads
@@ -66,18 +67,82 @@ def test_a_reported_lie_is_checked_replaced_and_its_node_taken_out(world: World)
     # asked twice would refuse the signed request as a replay).
     (replacement,) = set(fragments) - asked
     assert sum(n.calls for n in world.nodes.values()) == 4
+    _all_verify(world, retried)
+    # A read is retried once.
+    with pytest.raises(PreconditionFailed, match="already retried"):
+        retry(world, response.read_id, "node-2")
+
+
+def _kfrag(world: World, record_type: RecordType, receiving: Identity) -> umbral.VerifiedKeyFrag:
+    """One of a fresh set of the patient's kfrags: for ``record_type``, to ``receiving``."""
+    return umbral.generate_kfrags(
+        delegating_sk=world.alice.record_secret_key(record_type),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving.umbral_public_key()),
+        signer=world.alice.kfrag_signer(),
+        threshold=3,
+        shares=5,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )[0]
+
+
+def _lie(world: World, how: str) -> Callable[[bytes], bytes]:
+    """What a lying node sends instead of its fragment of the world's capsule."""
+    capsule = umbral.Capsule.from_bytes(world.request.capsule)
+    if how == "a flipped bit":
+        return lambda cfrag: cfrag[:60] + bytes([cfrag[60] ^ 1]) + cfrag[61:]
+    if how == "garbage":
+        return lambda _cfrag: b"not a capsule fragment"
+    if how == "a fragment of another capsule":
+        other, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"o" * 32)
+        kfrag = world.nodes["node-2"].kfrag
+        return lambda _cfrag: bytes(umbral.reencrypt(other, kfrag))
+    if how == "a fragment of the patient's kfrag for another record type":
+        kfrag = _kfrag(world, RecordType.DIAGNOSIS, world.bob)
+        return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
+    if how == "a fragment of the patient's kfrag for another grantee":
+        kfrag = _kfrag(world, RecordType.LAB_RESULT, Identity.generate("carol"))
+        return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "a flipped bit",
+        "garbage",
+        "a fragment of another capsule",
+        "a fragment of the patient's kfrag for another record type",
+        "a fragment of the patient's kfrag for another grantee",
+    ],
+)
+def test_every_kind_of_bad_fragment_is_caught_and_replaced(world: World, how: str) -> None:
+    world.nodes["node-2"].lie = _lie(world, how)
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    assert "node-2" in {f.node_id for f in response.fragments}
+    retried = retry(world, response.read_id, "node-2")
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    assert len(retried.fragments) == 3 and "node-2" not in {f.node_id for f in retried.fragments}
+    _all_verify(world, retried)
+
+
+def _all_verify(world: World, response: coordinator_pb2.CoordinatorReencryptResponse) -> None:
+    """As the app checks them: every fragment verifies, each from another kfrag."""
     capsule = umbral.Capsule.from_bytes(world.request.capsule)
     keys = world.alice
-    for cfrag in fragments.values():
-        umbral.CapsuleFrag.from_bytes(cfrag).verify(
+    verified = [
+        umbral.CapsuleFrag.from_bytes(f.cfrag).verify(
             capsule,
             umbral.PublicKey.from_compressed_bytes(keys.verifying_key()),
             keys.record_public_key(RecordType.LAB_RESULT),
             umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
         )
-    # A read is retried once.
-    with pytest.raises(PreconditionFailed, match="already retried"):
-        retry(world, response.read_id, "node-2")
+        for f in response.fragments
+    ]
+    assert len({bytes(v) for v in verified}) == 3
 
 
 def test_a_suspected_node_is_asked_only_when_needed_and_never_relayed_unverified(
