@@ -17,6 +17,7 @@ import umbral_pre as umbral
 from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import RequestSigner
 from coordinator import metrics
+from coordinator.node_pool import SUSPICION_S
 from coordinator.relayed_reads import RelayedReads
 from core.errors import InsufficientFragments, InvalidRequest, PreconditionFailed
 from core.rate_limit import REFUSAL_COST
@@ -174,6 +175,52 @@ def frozen_budget(world: World) -> Iterator[Callable[[], float]]:
     now = time.monotonic()
     with patch.object(requesters, "_clock", lambda: now):
         yield lambda: requesters._tokens(requester, now)
+
+
+def test_a_node_caught_lying_while_every_fragment_is_verified_is_named_and_taken_out() -> None:
+    """ADR 3 as kept by ``verify_every_fragment``: a node whose fragment does not verify
+    is replaced at once and leaves rotation, named as any lying node is (ADR 14)."""
+    world = make_world(verify_every_fragment=True)
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    assert "node-2" not in {f.node_id for f in response.fragments}
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    world.nodes["node-2"].calls = 0
+    world.run()
+    assert world.nodes["node-2"].calls == 0  # not asked while the others are enough
+
+
+def test_a_suspected_node_caught_lying_again_is_suspected_twice_as_long(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    retry(world, world.run().read_id, "node-2")
+    before = lies("node-2")
+    world.nodes["node-1"].fails = world.nodes["node-3"].fails = True
+    with pytest.raises(InsufficientFragments):
+        world.run()  # node-2 asked, as the others are not enough; its lie verified
+    assert lies("node-2") == before + 1
+    assert world.pool.health["node-2"].lies == 2
+    assert world.pool.suspect("node-2", time.monotonic() + 1.5 * SUSPICION_S)
+
+
+def test_a_replacement_that_does_not_verify_is_not_relayed_and_its_node_is_named(
+    world: World,
+) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    unasked = [n for n, node in world.nodes.items() if not node.calls]
+    world.nodes[unasked[0]].corrupt = True
+    world.pool.succeeded(unasked[0], 0.00001, time.monotonic())  # asked first
+    before = lies(unasked[0])
+    retried = retry(world, response.read_id, "node-2")
+    assert {f.node_id for f in retried.fragments}.isdisjoint({"node-2", unasked[0]})
+    _all_verify(world, retried)
+    assert lies(unasked[0]) == before + 1
+    assert unasked[0] not in world.pool.in_rotation(time.monotonic())
 
 
 def test_a_false_report_is_refused_counted_and_charged(world: World) -> None:
