@@ -241,14 +241,26 @@ def coordinator_with_a_replaying_node(cluster: LocalCluster) -> Iterator[LiarsCo
         yield relay
 
 
+@pytest.fixture
+def verifying_coordinator_with_a_lying_node(
+    cluster: LocalCluster,
+) -> Iterator[LiarsCoordinator]:
+    """The same, verifying every fragment before relaying it."""
+    with _coordinator_with(cluster, LyingNode(cluster), verify_every_fragment=True) as relay:
+        yield relay
+
+
 @contextmanager
-def _coordinator_with(cluster: LocalCluster, liar: LyingNode) -> Iterator[LiarsCoordinator]:
-    """A second, real coordinator process whose node-1 is ``liar``."""
+def _coordinator_with(
+    cluster: LocalCluster, liar: LyingNode, **settings: object
+) -> Iterator[LiarsCoordinator]:
+    """A second, real coordinator process whose node-1 is ``liar``, with ``settings``
+    over the cluster coordinator's."""
     server, liar_address = _serve(
         NODE_SERVICE.full_name, liar.handlers(), liar.transport, mtls=True
     )
     config_path = Path(cluster.data["coordinator"]["config"])
-    config = tomllib.loads(config_path.read_text())
+    config = {**tomllib.loads(config_path.read_text()), **settings}
     address = f"{HOST}:{processes.free_port()}"
     metrics_listen = f"{HOST}:{processes.free_port()}"
     lines = []
@@ -319,6 +331,29 @@ def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
             read()
     assert relay.lies() == 1
     assert len(relay.events("reencrypt_retried")) == 1
+
+
+def test_a_lying_node_is_named_and_taken_out_when_every_fragment_is_verified(
+    people: People, verifying_coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    """With ``verify_every_fragment`` the coordinator drops the liar's fragment before
+    relaying it, names the node as if an app had reported it, and takes it out."""
+    relay = verifying_coordinator_with_a_lying_node
+    liar = relay.liar.node.node_id
+    people.grant_doctor()
+    with _app(people, relay.address) as doctor:
+
+        def read() -> None:
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+
+        assert relay.read_until_caught(read) == 1, relay.liar_calls()
+        assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
+        (lied,) = relay.events("node_lied")
+        assert lied["node_id"] == liar
+        for _ in range(6):
+            read()
+    assert relay.lies() == 1
+    assert relay.events("reencrypt_retried") == []  # nothing bad reached the app
 
 
 def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
