@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sqlite3
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import umbral_pre as umbral
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -28,6 +30,7 @@ from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster, NodeEntry
 from deploy.sample_records import lab_result
 from kms_node.settings import NodeSettings
+from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import NodeStub
 
 pytestmark = pytest.mark.cluster
@@ -64,25 +67,31 @@ def granted(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
 
 def _grant_lab_result(multi: LocalCluster) -> tuple[Identity, StoredRecord]:
     """A new patient's lab result, granted to the cluster's doctor."""
-    alice, bob = Identity.generate("alice"), multi.identity("doctor")
+    alice = Identity.generate("alice")
     set_balance(multi.rpc_url, alice.address, FUNDING_WEI)
-    with PatientClient(
+    with _patient(multi, alice) as patient:
+        patient.register()
+        record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
+        _grant_doctor(multi, patient)
+    return alice, record
+
+
+def _patient(multi: LocalCluster, alice: Identity) -> PatientClient:
+    return PatientClient(
         alice,
         registry=multi.registry(),
         blobs=multi.blob_store(),
         coordinator_address=multi.coordinator_address,
         transport=multi.app_transport,
-    ) as patient:
-        patient.register()
-        record = patient.store_record(lab_result(), RecordType.LAB_RESULT)
-        patient.grant(
-            bob.address,
-            bob.umbral_public_key(),
-            [RecordType.LAB_RESULT],
-            duration_s=3600,
-            threshold=2,
-        )
-    return alice, record
+    )
+
+
+def _grant_doctor(multi: LocalCluster, patient: PatientClient) -> None:
+    """Grant the cluster's doctor the patient's lab results (a new set of kfrags)."""
+    bob = multi.identity("doctor")
+    patient.grant(
+        bob.address, bob.umbral_public_key(), [RecordType.LAB_RESULT], duration_s=3600, threshold=2
+    )
 
 
 def test_workers_share_the_port_and_metrics_are_summed(
@@ -163,6 +172,19 @@ def _merged_metric(node: NodeEntry, name: str) -> float:
     raise AssertionError(f"{name} is not exported")
 
 
+def _reencrypt_at(
+    multi: LocalCluster, node: NodeEntry, request: common_pb2.ReencryptionRequest
+) -> node_pb2.ReencryptResponse | grpc.RpcError:
+    """``request`` sent to ``node`` on a fresh connection (the kernel spreads those over
+    the node's processes): the answer, or the refusal."""
+    with multi.transport.channel(node.address, server_name=node.node_id) as channel:
+        try:
+            answer: node_pb2.ReencryptResponse = NodeStub(channel).Reencrypt(request, timeout=5)
+        except grpc.RpcError as e:
+            return e
+    return answer
+
+
 def test_every_process_refuses_the_next_read_once_it_has_indexed_a_revocation(
     multi: LocalCluster, tmp_path: Path
 ) -> None:
@@ -176,15 +198,12 @@ def test_every_process_refuses_the_next_read_once_it_has_indexed_a_revocation(
     signer = RequestSigner(bob.account, bob.umbral_public_key(), registry.signing_domain())
 
     def read() -> str:
-        """One freshly signed read, on a fresh connection (the kernel spreads those
-        over the processes): "served", or the refusal."""
+        """One freshly signed read: "served", or the refusal."""
         request = signer.single(alice.address, record.record_id, RecordType.LAB_RESULT, capsule)
-        with multi.transport.channel(node.address, server_name=node.node_id) as channel:
-            try:
-                NodeStub(channel).Reencrypt(request, timeout=5)
-                return "served"
-            except grpc.RpcError as e:
-                return f"{e.code().name}: {e.details()}"
+        answer = _reencrypt_at(multi, node, request)
+        if isinstance(answer, grpc.RpcError):
+            return f"{answer.code().name}: {answer.details()}"
+        return "served"
 
     started = time.monotonic()
     served = [0.0, 0.0]
@@ -197,8 +216,8 @@ def test_every_process_refuses_the_next_read_once_it_has_indexed_a_revocation(
 
     revoked = registry.block_of_transaction(registry.revoke_access(alice.account, bob.address))
     deadline = time.monotonic() + 10
-    while _merged_metric(node, "kms_node_chain_index_block") < revoked:
-        assert time.monotonic() < deadline, "the node's processes did not index the revocation"
+    while (indexed := _merged_metric(node, "kms_node_chain_index_block")) < revoked:
+        assert time.monotonic() < deadline, f"processes indexed {indexed}, not {revoked}"
         time.sleep(0.02)
     refused = [0.0, 0.0]
     for _ in range(40):
@@ -245,3 +264,54 @@ def test_killing_the_supervisor_takes_its_workers_down(multi: LocalCluster) -> N
     for pid in workers:
         processes.wait_gone(pid, timeout_s=10)
     multi.start_node(node.node_id)
+
+
+def test_a_renewed_grant_is_served_with_its_new_kfrags_by_every_process(
+    multi: LocalCluster, tmp_path: Path
+) -> None:
+    """Every process of two nodes keeps the grant's unwrapped kfrag; the patient renews
+    the grant (a new set of kfrags, enrolled through one process of each node); then
+    every fragment of either node combines with every fragment of the other. A process
+    serving its kept kfrag of the old set would break that: fragments of two sets do
+    not combine (ADR 13: the cache key holds the wrapped bytes)."""
+    alice, record = _grant_lab_result(multi)
+    bob = multi.identity("doctor")
+    registry = multi.registry()
+    envelope = parse_envelope(multi.blob_store().get(record.storage_uri))
+    signer = RequestSigner(bob.account, bob.umbral_public_key(), registry.signing_domain())
+    capsule = umbral.Capsule.from_bytes(envelope.capsule)
+    delegating = alice.record_public_key(RecordType.LAB_RESULT)
+    verifying = umbral.PublicKey.from_compressed_bytes(alice.verifying_key())
+    receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
+
+    def served_by_every_process(node: NodeEntry) -> list[umbral.VerifiedCapsuleFrag]:
+        """Fragments of freshly signed reads at ``node``, until each of its processes
+        has served one."""
+        before = _decisions_by_process(node, tmp_path, GRANTED, Reason.GRANTED)
+        fragments = []
+        for _ in range(40):
+            request = signer.single(
+                alice.address, record.record_id, RecordType.LAB_RESULT, envelope.capsule
+            )
+            answer = _reencrypt_at(multi, node, request)
+            assert isinstance(answer, node_pb2.ReencryptResponse), answer
+            cfrag = umbral.CapsuleFrag.from_bytes(answer.fragment.cfrag)
+            fragments.append(cfrag.verify(capsule, verifying, delegating, receiving))
+            after = _decisions_by_process(node, tmp_path, GRANTED, Reason.GRANTED)
+            if len(after) == 2 and all(a > b for a, b in zip(after, before, strict=True)):
+                return fragments
+        raise AssertionError(f"not every process of {node.node_id} served: {before}, {after}")
+
+    nodes = multi.nodes[:2]  # the cluster's threshold
+    for node in nodes:
+        served_by_every_process(node)
+    with _patient(multi, alice) as patient:
+        _grant_doctor(multi, patient)
+    first, second = (served_by_every_process(node) for node in nodes)
+    opened = {
+        umbral.decrypt_reencrypted(
+            bob.umbral_secret_key(), delegating, capsule, list(pair), envelope.encrypted_dek
+        )
+        for pair in itertools.product(first, second)
+    }
+    assert len(opened) == 1 and None not in opened  # one DEK, whichever processes served
