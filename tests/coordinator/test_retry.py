@@ -19,7 +19,12 @@ from clients.sdk.signed_requests import RequestSigner
 from coordinator import metrics
 from coordinator.node_pool import SUSPICION_S
 from coordinator.relayed_reads import RelayedReads
-from core.errors import InsufficientFragments, InvalidRequest, PreconditionFailed
+from core.errors import (
+    InsufficientFragments,
+    InvalidRequest,
+    PreconditionFailed,
+    ResourceExhausted,
+)
 from core.rate_limit import REFUSAL_COST
 from core.record_types import RecordType
 from core.requests import ReencryptionQuery
@@ -263,6 +268,26 @@ def test_a_report_with_a_lie_and_a_false_one_acts_on_the_lie_and_is_refused(
     assert sum(n.calls for n in world.nodes.values()) == 3
     with pytest.raises(PreconditionFailed, match="already retried"):
         retry(world, response.read_id, "node-2")
+
+
+def test_a_flood_of_false_reports_is_paid_for_in_the_reporters_own_reads(world: World) -> None:
+    """Each false report costs ten requests, so an app that reports honest nodes gets a
+    tenth of the reads it would have had, then is refused before any node is asked."""
+    burst = world.service._settings.requester_burst
+    reports = 0
+    with frozen_budget(world):
+        while True:
+            try:
+                response = world.run()
+            except ResourceExhausted:
+                break
+            with pytest.raises(InvalidRequest, match="a false report"):
+                retry(world, response.read_id, response.fragments[0].node_id)
+            reports += 1
+            assert reports <= burst
+    assert 0 < reports <= burst / REFUSAL_COST
+    assert sum(n.calls for n in world.nodes.values()) == 3 * reports
+    assert all(node_id in world.pool.in_rotation(time.monotonic()) for node_id in world.nodes)
 
 
 def test_a_report_naming_a_fragment_not_relayed_is_refused_and_the_read_kept(
