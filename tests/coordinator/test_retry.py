@@ -349,3 +349,16 @@ def test_kept_reads_expire_and_are_bounded(world: World) -> None:
     ids = [reads.keep(read, 20.0) for _ in range(3)]
     assert len(reads) == 2 and reads.peek(ids[0], 20.0) is None
     assert reads.take(ids[2], 20.0) is read and reads.take(ids[2], 20.0) is None
+
+
+def test_a_coordinator_keeps_reads_ten_seconds_and_fifty_thousand_capsules(world: World) -> None:
+    """ADR 14's figures are the coordinator's: kept 10 s, at most 50,000 capsules."""
+    kept = world.service._relayed
+    assert kept.keep_s == 10.0
+    read = kept.peek(world.run().read_id, time.monotonic())
+    assert read is not None and len(read.capsules) == 1
+    now = time.monotonic()
+    first = kept.keep(read, now)
+    for _ in range(50_000):
+        kept.keep(read, now)
+    assert len(kept) == 50_000 and kept.peek(first, now) is None

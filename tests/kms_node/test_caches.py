@@ -70,6 +70,20 @@ def test_the_oldest_unwrap_goes_first_beyond_max_entries() -> None:
     assert cache.get(key(wrapped=b"3")) is not None
 
 
+def test_the_caches_hold_at_most_the_documented_ten_thousand_entries_by_default() -> None:
+    """ADR 13: 10,000 unwrapped kfrags and 10,000 served capsules per server process (the
+    server builds both with their defaults)."""
+    unwrapped, k = KfragCache(clock=Clock()), kfrag()
+    for i in range(10_001):
+        unwrapped.put(key(wrapped=i.to_bytes(4, "big")), k, unwrapped.generation())
+    assert len(unwrapped) == 10_000
+    assert unwrapped.get(key(wrapped=(0).to_bytes(4, "big"))) is None
+    capsules, (_, capsule) = CapsuleCache(), _capsule()
+    for i in range(10_001):
+        capsules.remember(i.to_bytes(32, "big"), capsule)
+    assert len(capsules) == 10_000
+
+
 def test_evicting_a_grant_drops_its_entries_only() -> None:
     cache = KfragCache(clock=Clock())
     cache.put(key(ALICE, BOB), kfrag(), cache.generation())
