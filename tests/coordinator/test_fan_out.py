@@ -150,18 +150,24 @@ def verifying_world() -> World:
     return make_world(verify_every_fragment=True)
 
 
-def make_world(*, verify_every_fragment: bool = False) -> World:
-    alice, bob = Identity.generate("alice"), Identity.generate("bob")
-    receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
-    kfrags = umbral.generate_kfrags(
-        delegating_sk=alice.record_secret_key(RecordType.LAB_RESULT),
-        receiving_pk=receiving,
-        signer=alice.kfrag_signer(),
+def patient_kfrags(
+    patient: Identity, record_type: RecordType, receiving: Identity
+) -> list[umbral.VerifiedKeyFrag]:
+    """A fresh 3-of-5 set of ``patient``'s kfrags for ``record_type``, to ``receiving``."""
+    return umbral.generate_kfrags(
+        delegating_sk=patient.record_secret_key(record_type),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving.umbral_public_key()),
+        signer=patient.kfrag_signer(),
         threshold=3,
         shares=5,
         sign_delegating_key=True,
         sign_receiving_key=True,
     )
+
+
+def make_world(*, verify_every_fragment: bool = False) -> World:
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    kfrags = patient_kfrags(alice, RecordType.LAB_RESULT, bob)
     settings = CoordinatorSettings(
         listen="127.0.0.1:1",
         threshold=3,
@@ -355,15 +361,7 @@ def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(
     capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
     # node-2 re-encrypts with a kfrag meant for another grantee: its fragments do not verify.
     carol = Identity.generate("carol")
-    world.nodes["node-2"].kfrag = umbral.generate_kfrags(
-        delegating_sk=world.alice.record_secret_key(RecordType.LAB_RESULT),
-        receiving_pk=umbral.PublicKey.from_compressed_bytes(carol.umbral_public_key()),
-        signer=world.alice.kfrag_signer(),
-        threshold=3,
-        shares=5,
-        sign_delegating_key=True,
-        sign_receiving_key=True,
-    )[0]
+    world.nodes["node-2"].kfrag = patient_kfrags(world.alice, RecordType.LAB_RESULT, carol)[0]
     signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
     request = signer.batch(
         world.alice.address, [(b"\x01" * 32, RecordType.LAB_RESULT, bytes(capsule))]

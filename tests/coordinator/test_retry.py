@@ -29,7 +29,14 @@ from core.rate_limit import REFUSAL_COST
 from core.record_types import RecordType
 from core.requests import ReencryptionQuery
 from proto.kms.v1 import coordinator_pb2
-from tests.coordinator.test_fan_out import DOMAIN, Context, World, make_world, prefer
+from tests.coordinator.test_fan_out import (
+    DOMAIN,
+    Context,
+    World,
+    make_world,
+    patient_kfrags,
+    prefer,
+)
 
 
 @pytest.fixture
@@ -79,19 +86,6 @@ def test_a_reported_lie_is_checked_replaced_and_its_node_taken_out(world: World)
         retry(world, response.read_id, "node-2")
 
 
-def _kfrag(world: World, record_type: RecordType, receiving: Identity) -> umbral.VerifiedKeyFrag:
-    """One of a fresh set of the patient's kfrags: for ``record_type``, to ``receiving``."""
-    return umbral.generate_kfrags(
-        delegating_sk=world.alice.record_secret_key(record_type),
-        receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving.umbral_public_key()),
-        signer=world.alice.kfrag_signer(),
-        threshold=3,
-        shares=5,
-        sign_delegating_key=True,
-        sign_receiving_key=True,
-    )[0]
-
-
 def _lie(world: World, how: str) -> Callable[[bytes], bytes]:
     """What a lying node sends instead of its fragment of the world's capsule."""
     capsule = umbral.Capsule.from_bytes(world.request.capsule)
@@ -104,10 +98,11 @@ def _lie(world: World, how: str) -> Callable[[bytes], bytes]:
         kfrag = world.nodes["node-2"].kfrag
         return lambda _cfrag: bytes(umbral.reencrypt(other, kfrag))
     if how == "a fragment of the patient's kfrag for another record type":
-        kfrag = _kfrag(world, RecordType.DIAGNOSIS, world.bob)
+        kfrag = patient_kfrags(world.alice, RecordType.DIAGNOSIS, world.bob)[0]
         return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
     if how == "a fragment of the patient's kfrag for another grantee":
-        kfrag = _kfrag(world, RecordType.LAB_RESULT, Identity.generate("carol"))
+        carol = Identity.generate("carol")
+        kfrag = patient_kfrags(world.alice, RecordType.LAB_RESULT, carol)[0]
         return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
     raise AssertionError(how)
 

@@ -327,13 +327,7 @@ def test_erasure_deletes_the_blob_and_every_node_refuses(people: People) -> None
     request = people.doctor_signer().single(
         people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
     )
-    for node in people.cluster.nodes:
-        with people.cluster.transport.channel(node.address) as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                NodeStub(channel).Reencrypt(request, timeout=5)
-        assert isinstance(caught.value, grpc.Call)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, node.node_id
-        assert "deactivated" in (caught.value.details() or ""), node.node_id
+    people.every_node_refuses(request, "deactivated")
 
 
 def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(
