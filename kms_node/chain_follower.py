@@ -75,7 +75,8 @@ class ChainFollower:
         #: the index reflects the block this far below the head (0: the head itself)
         self.confirmations = confirmations
         self._clock = clock
-        #: called with each applied batch of events (e.g. to shred revoked kfrags)
+        #: called with each batch of events just before it is applied (to shred revoked
+        #: kfrags); if it raises, the batch is not applied and comes again next sync
         self.on_events = on_events
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
@@ -122,9 +123,12 @@ class ChainFollower:
         applied = 0
         for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
-            index.apply(events, through)
+            # Handed over (shredding) before they are applied: if that fails, the index
+            # stays before them and the next sync hands them over again, rather than
+            # keeping a revoked grant's kfrags for good (or in a snapshot).
             if events and self.on_events is not None:
                 self.on_events(events)
+            index.apply(events, through)
             applied += len(events)
         if applied >= RELEASE_MEMORY_AFTER_EVENTS:
             heap.release_free_memory()

@@ -304,6 +304,36 @@ def test_a_deactivated_records_capsule_is_retired_under_any_record_id(
     assert f.access_state(other, GRANTEE, b"k" * 32).capsule_retired is False
 
 
+def test_events_whose_shredding_failed_are_handed_over_again(
+    chain: FakeChain, clock: Clock
+) -> None:
+    """A revocation whose shredding failed (its chain read, or the store) stays out of
+    the index, so the next sync hands it over again: the kfrags are not kept for good,
+    and no snapshot (consistent_index) holds a revocation whose kfrags were not shredded."""
+    chain.mine(anchored(1), granted(1))
+    f = follower(chain, clock)
+    f.sync_once()
+    handed: list[RegistryEvent] = []
+    failures = [Unavailable("chain read failed")]
+
+    def shred(events: list[RegistryEvent]) -> None:
+        if failures:
+            raise failures.pop()
+        handed.extend(events)
+
+    f.on_events = shred
+    revoked = AccessRevoked(2, 1002, PATIENT, GRANTEE)
+    chain.mine(revoked)
+    with pytest.raises(Unavailable):
+        f.sync_once()
+    saved = f.consistent_index()
+    assert saved is not None and saved.block is not None and saved.block.number == 1
+    f.sync_once()
+    assert handed == [revoked]
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
+    assert state.grant is not None and not state.grant.active
+
+
 @pytest.mark.parametrize(
     "failure",
     [ChainUnavailable("chain at http://127.0.0.1:1 sent a bad JSON-RPC answer"), TypeError("x")],
