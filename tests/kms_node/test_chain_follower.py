@@ -307,9 +307,9 @@ def test_a_deactivated_records_capsule_is_retired_under_any_record_id(
 def test_events_whose_shredding_failed_are_handed_over_again(
     chain: FakeChain, clock: Clock
 ) -> None:
-    """A revocation whose shredding failed (its chain read, or the store) stays out of
-    the index, so the next sync hands it over again: the kfrags are not kept for good,
-    and no snapshot (consistent_index) holds a revocation whose kfrags were not shredded."""
+    """A revocation whose shredding failed (its chain read, or the store) is judged by at
+    once, and handed over again at the next sync: the kfrags are not kept for good, and
+    no snapshot (consistent_index) holds a revocation whose kfrags were not shredded."""
     chain.mine(anchored(1), granted(1))
     f = follower(chain, clock)
     f.sync_once()
@@ -326,12 +326,13 @@ def test_events_whose_shredding_failed_are_handed_over_again(
     chain.mine(revoked)
     with pytest.raises(Unavailable):
         f.sync_once()
-    saved = f.consistent_index()
-    assert saved is not None and saved.block is not None and saved.block.number == 1
-    f.sync_once()
-    assert handed == [revoked]
     state = f.access_state(RECORD, GRANTEE, CAPSULE)
     assert state.grant is not None and not state.grant.active
+    assert f.consistent_index() is None
+    f.sync_once()
+    assert handed == [revoked]
+    saved = f.consistent_index()
+    assert saved is not None and saved.block is not None and saved.block.number == 2
 
 
 @pytest.mark.parametrize(
