@@ -41,12 +41,15 @@ class ShareCollection:
         node_ids: Sequence[str],
         verifiers: Mapping[bytes, CfragVerifier],
         verify: Callable[[str], bool],
+        lied: Callable[[str, bytes], None],
     ) -> None:
         """``needed`` and ``verifiers``: how many fragments, and how to check them, for
-        each capsule asked for, by record id; ``node_ids``: the nodes that may be asked."""
+        each capsule asked for, by record id; ``node_ids``: the nodes that may be asked;
+        ``lied``: told of each fragment found not to verify (node id, record id)."""
         self.collectors = {r: FragmentCollector(needed[r], node_ids) for r in verifiers}
         self._verifiers = verifiers
         self._verify = verify
+        self._lied = lied
         #: (record id, node id) -> the audit receipt that came with the fragment
         self._receipts: dict[tuple[bytes, str], common_pb2.AuditReceipt] = {}
         #: every node sent the request, answered or not
@@ -79,6 +82,7 @@ class ShareCollection:
                 self._receipts[(record_id, node_id)] = outcome.fragment.receipt
             else:
                 collector.reject(node_id, "DATA_LOSS", BAD_CFRAG)
+                self._lied(node_id, record_id)
         for record_id, collector in self.collectors.items():
             if record_id not in answered:
                 collector.reject(node_id, "DATA_LOSS", "answered without this capsule")

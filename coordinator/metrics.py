@@ -77,8 +77,8 @@ NODE_IN_ROTATION = Gauge(
 
 LYING_FRAGMENTS = Counter(
     "kms_coordinator_lying_fragments_total",
-    "Fragments an app reported and the coordinator found not to verify, by the node "
-    "that sent them (the node is taken out of rotation: ADR 14)",
+    "Fragments the coordinator found not to verify (reported by an app, or checked "
+    "before relaying), by the node that sent them (taken out of rotation: ADR 14)",
     ["node"],
     registry=REGISTRY,
 )

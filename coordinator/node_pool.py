@@ -16,9 +16,10 @@ exactly one request probes it (others keep passing it over) and its answer puts
 it back in rotation, with the latency just measured, or out again for longer.
 
 A node found to have sent a fragment that does not verify (an app reported it and the
-coordinator checked: ADR 14) is suspected for ``SUSPICION_S``, doubled with each lie
-it is caught in: out of rotation as above, and every fragment it sends meanwhile is
-verified before it is relayed. After that it is probed back like a faulted node.
+coordinator checked, or the coordinator checked it before relaying: ADR 14) is
+suspected for ``SUSPICION_S``, doubled with each lie it is caught in: out of rotation
+as above, and every fragment it sends meanwhile is verified before it is relayed.
+After that it is probed back like a faulted node.
 """
 
 from __future__ import annotations

@@ -364,6 +364,7 @@ class CoordinatorService:
             self._pool.node_ids,
             verifiers,
             self._verifies,
+            lambda node_id, record_id: self._lied(node_id, first.request_id, record_id),
         )
         await fan_out(self._pool, self._nodes, lambda node: ask(node, timeout), collection)
         outcomes = [collection.outcome(q.record_id) for q in queries]
@@ -389,6 +390,14 @@ class CoordinatorService:
             )
             read_id = self._relayed.keep(read, time.monotonic())
         return collection, outcomes, read_id
+
+    def _lied(self, node_id: str, request_id: str, record_id: bytes) -> None:
+        """A fragment from ``node_id`` was found not to verify: reported by an app and
+        checked, or checked before relaying (a suspected node's, a replacement, or
+        ``verify_every_fragment``). The node is named and suspected (ADR 14)."""
+        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+        log.warning("node_lied", node_id=node_id, request_id=request_id, record_id=record_id.hex())
+        rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
     def _verifies(self, node_id: str) -> bool:
         """Whether a fragment from ``node_id`` is verified before it is relayed."""
@@ -452,17 +461,9 @@ class CoordinatorService:
                     false.append(node_id)
                 else:
                     lied.setdefault(record_id, []).append(node_id)
-        now = time.monotonic()
         for record_id, node_ids in lied.items():
             for node_id in node_ids:
-                metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
-                log.warning(
-                    "node_lied",
-                    node_id=node_id,
-                    request_id=read.request_id,
-                    record_id=record_id.hex(),
-                )
-                rotation_changed(node_id, self._pool.lied(node_id, now))
+                self._lied(node_id, read.request_id, record_id)
         if false:
             metrics.FALSE_REPORTS.inc(len(false))
             self._admission.charge_refusals(read.ticket, len(false))
@@ -498,6 +499,7 @@ class CoordinatorService:
                 candidates,
                 {r: read.capsules[r].verifier for r in lied},
                 lambda _node_id: True,
+                lambda node_id, record_id: self._lied(node_id, read.request_id, record_id),
             )
             await fan_out(
                 self._pool,

@@ -75,9 +75,11 @@ class ChainFollower:
         #: the index reflects the block this far below the head (0: the head itself)
         self.confirmations = confirmations
         self._clock = clock
-        #: called with each batch of events before it is applied (e.g. to shred revoked
-        #: kfrags); a batch it raises on is handed over again by the next sync
+        #: called with each applied batch of events (to shred revoked kfrags); if it
+        #: raises, the batch is handed over again at the start of each sync until it is
+        #: handled, and consistent_index gives nothing meanwhile
         self.on_events = on_events
+        self._unhanded: list[RegistryEvent] = []
         self.index = index if index is not None else GrantIndex()
         #: held while a sync applies events and hands them to ``on_events``
         self._sync_lock = threading.Lock()
@@ -99,10 +101,12 @@ class ChainFollower:
             self._sync()
 
     def consistent_index(self) -> GrantIndex | None:
-        """A copy of the index between two syncs (every applied event handed to
-        ``on_events`` first, and handled), or None before the first sync."""
+        """A copy of the index between two syncs (every applied event also handed to
+        ``on_events``), or None before the first sync or while an event waits."""
         with self._sync_lock:
-            return self.index.copy() if self.index.block is not None else None
+            if self.index.block is None or self._unhanded:
+                return None  # a snapshot must not hold a revocation not yet shredded
+            return self.index.copy()
 
     def _sync(self) -> None:
         head = self._source.block("latest")
@@ -113,6 +117,9 @@ class ChainFollower:
             log.warning("chain_reorg", index_block=current.number, head=head.number)
             self.index = GrantIndex()
             current = None
+        # Events applied but not handed over (their shredding failed) go first: the
+        # index is past them, so no later read of the chain would bring them back.
+        self._hand_over([])
         start = self._start_block if current is None else current.number + 1
         index = self.index
         if head.number - start + 1 > self._ranges.range_blocks:
@@ -123,13 +130,8 @@ class ChainFollower:
         applied = 0
         for end, events in self._ranges.read(start, head.number):
             through = head if end == head.number else self._source.block(end)
-            if events and self.on_events is not None:
-                # Before the index moves past them: if this fails (shredding reads the
-                # chain), the next sync hands the same events over again, and neither the
-                # index nor a snapshot of it (ADR 15) holds a revocation whose kfrags are
-                # still stored. Meanwhile the freshness bound makes the node refuse.
-                self.on_events(events)
             index.apply(events, through)
+            self._hand_over(events)
             applied += len(events)
         if applied >= RELEASE_MEMORY_AFTER_EVENTS:
             heap.release_free_memory()
@@ -138,6 +140,14 @@ class ChainFollower:
         self._head_seen = head.number
         self._synced_at = self._clock()
         metrics.CHAIN_INDEX_BLOCK.set(head.number)
+
+    def _hand_over(self, events: list[RegistryEvent]) -> None:
+        """Hand ``events``, after any still waiting, to ``on_events``; if it raises they
+        all wait for the next sync (which raises again until they are handled)."""
+        self._unhanded += events
+        if self._unhanded and self.on_events is not None:
+            self.on_events(self._unhanded)
+        self._unhanded = []
 
     def _reorged(self, current: BlockRef, head: BlockRef) -> bool:
         """Is the block the index reflects no longer canonical? Costs a call only

@@ -1,5 +1,5 @@
 """Process hardening for a node: its memory holds unwrapped kfrags (for up to
-``kfrag_cache_ttl_s`` after use, ADR 13), the HSM session and the user PIN, so it must
+``kfrag_cache_ttl_s`` after their unwrap, ADR 13), the HSM session and the user PIN, so it must
 not end up in a core dump or be readable by other processes of the same user.
 
 - ``RLIMIT_CORE`` 0: a crash writes no core file;

@@ -1,8 +1,9 @@
 """Unwrapped key fragments kept for a short while (ADR 13), so that a grant's repeated
 reads do not each pay the HSM unwrap and the parse.
 
-An entry lives at most ``ttl_s`` after its unwrap, whether used or not, and the cache
-holds at most ``max_entries`` of them (the oldest goes first). A revocation's shredding
+An entry lives at most ``ttl_s`` after its unwrap, whether used or not (the server
+drops expired entries twice a second, with or without requests), and the cache holds at
+most ``max_entries`` of them (the oldest goes first). A revocation's shredding
 evicts the grant's entries at once; so does a new enrollment of the grant, and the
 node's stop. The key includes the wrapped bytes, so a kfrag replaced or re-wrapped in the
 store is never served from an older entry.
@@ -82,12 +83,25 @@ class KfragCache:
                 return
             self._entries[key] = (self._clock() + self._ttl_s, kfrag)
             self._entries.move_to_end(key)
-            now = self._clock()
-            while self._entries:
-                oldest_key, (expiry, _) = next(iter(self._entries.items()))
-                if len(self._entries) <= self._max_entries and expiry > now:
-                    break
-                del self._entries[oldest_key]
+            self._drop_oldest()
+
+    def drop_expired(self) -> int:
+        """Drop the entries older than ``ttl_s``; how many. The server calls this every
+        half second, so an entry does not outlive its TTL when no request comes."""
+        with self._lock:
+            before = len(self._entries)
+            self._drop_oldest()
+            return before - len(self._entries)
+
+    def _drop_oldest(self) -> None:
+        """Drop expired entries, and the oldest beyond ``max_entries`` (lock held).
+        Entries are in unwrap order, so the expired ones are the first."""
+        now = self._clock()
+        while self._entries:
+            oldest_key, (expiry, _) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._max_entries and expiry > now:
+                break
+            del self._entries[oldest_key]
 
     def evict(self, patient: str, grantee: str) -> int:
         """Drop every entry of the grant of ``patient`` to ``grantee``; how many."""

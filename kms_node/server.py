@@ -239,9 +239,10 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     # Python runs signal handlers in the main thread, but the kernel may deliver the
     # signal to one of gRPC's threads, which does not wake a main thread blocked in an
-    # untimed wait: poll, so that SIGTERM is acted on within half a second.
+    # untimed wait: poll, so that SIGTERM is acted on within half a second. Each poll
+    # drops the unwrapped kfrags older than kfrag_cache_ttl_s (ADR 13), requests or not.
     while not stopping.wait(0.5):
-        pass
+        unwrapped.drop_expired()
     readiness.stop()
     health.enter_graceful_shutdown()
     server.stop(grace=2).wait()

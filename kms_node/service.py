@@ -343,11 +343,18 @@ class NodeService:
                 event.patient,
                 (event.grantee if isinstance(event, AccessRevoked) else event.responder),
             )
-            # Replaying history (at start-up) meets revocations that a later grant
-            # superseded: only shred what the chain says nothing covers now.
-            covered = self._covered_types(patient, grantee)
-            self._unwrapped.evict(patient, grantee)
-            if self._kfrags.delete(patient, grantee, keep_types=covered):
+            try:
+                # Replaying history (at start-up) meets revocations that a later grant
+                # superseded: only shred what the chain says nothing covers now.
+                covered = self._covered_types(patient, grantee)
+                shredded = self._kfrags.delete(patient, grantee, keep_types=covered)
+            finally:
+                # After the delete: a read that fetched the stored kfrag before it went
+                # read the cache's generation before this eviction, so its unwrap is not
+                # kept; one that fetches it now finds none. Even if the chain read or the
+                # delete failed, this process's unwrapped copies go.
+                self._unwrapped.evict(patient, grantee)
+            if shredded:
                 log.info(
                     "kfrag_shredded",
                     patient=patient,

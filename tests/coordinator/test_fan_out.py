@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import patch
@@ -47,6 +48,8 @@ class FakeNode:
     fails: bool = False
     refuses: bool = False
     corrupt: bool = False
+    #: what the node sends instead of the cfrag it computed (a lie that may parse)
+    lie: Callable[[bytes], bytes] | None = None
     calls: int = 0
     request_ids: list[str] = field(default_factory=list)
     #: records this node refuses in a batch
@@ -86,6 +89,8 @@ class FakeNode:
         cfrag = bytes(umbral.reencrypt(umbral.Capsule.from_bytes(msg.capsule), self.kfrag))
         if self.corrupt:
             cfrag = cfrag[:-40] + bytes(40)
+        if self.lie is not None:
+            cfrag = self.lie(cfrag)
         return node_pb2.ReencryptResponse(
             fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag)
         )
@@ -186,18 +191,24 @@ def verifying_world() -> World:
     return make_world(verify_every_fragment=True)
 
 
-def make_world(*, verify_every_fragment: bool = False, coalesce_node_calls: bool = True) -> World:
-    alice, bob = Identity.generate("alice"), Identity.generate("bob")
-    receiving = umbral.PublicKey.from_compressed_bytes(bob.umbral_public_key())
-    kfrags = umbral.generate_kfrags(
-        delegating_sk=alice.record_secret_key(RecordType.LAB_RESULT),
-        receiving_pk=receiving,
-        signer=alice.kfrag_signer(),
+def patient_kfrags(
+    patient: Identity, record_type: RecordType, receiving: Identity
+) -> list[umbral.VerifiedKeyFrag]:
+    """A fresh 3-of-5 set of ``patient``'s kfrags for ``record_type``, to ``receiving``."""
+    return umbral.generate_kfrags(
+        delegating_sk=patient.record_secret_key(record_type),
+        receiving_pk=umbral.PublicKey.from_compressed_bytes(receiving.umbral_public_key()),
+        signer=patient.kfrag_signer(),
         threshold=3,
         shares=5,
         sign_delegating_key=True,
         sign_receiving_key=True,
     )
+
+
+def make_world(*, verify_every_fragment: bool = False, coalesce_node_calls: bool = True) -> World:
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    kfrags = patient_kfrags(alice, RecordType.LAB_RESULT, bob)
     settings = CoordinatorSettings(
         listen="127.0.0.1:1",
         threshold=3,
@@ -392,15 +403,7 @@ def test_a_batch_with_a_fragment_that_does_not_verify_asks_another_node(
     capsule, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"j" * 32)
     # node-2 re-encrypts with a kfrag meant for another grantee: its fragments do not verify.
     carol = Identity.generate("carol")
-    world.nodes["node-2"].kfrag = umbral.generate_kfrags(
-        delegating_sk=world.alice.record_secret_key(RecordType.LAB_RESULT),
-        receiving_pk=umbral.PublicKey.from_compressed_bytes(carol.umbral_public_key()),
-        signer=world.alice.kfrag_signer(),
-        threshold=3,
-        shares=5,
-        sign_delegating_key=True,
-        sign_receiving_key=True,
-    )[0]
+    world.nodes["node-2"].kfrag = patient_kfrags(world.alice, RecordType.LAB_RESULT, carol)[0]
     signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
     request = signer.batch(
         world.alice.address, [(b"\x01" * 32, RecordType.LAB_RESULT, bytes(capsule))]

@@ -7,18 +7,36 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from unittest.mock import patch
 
 import pytest
 import umbral_pre as umbral
 
+from clients.sdk.identity import Identity
 from clients.sdk.signed_requests import RequestSigner
 from coordinator import metrics
+from coordinator.node_pool import SUSPICION_S
 from coordinator.relayed_reads import RelayedReads
-from core.errors import InsufficientFragments, InvalidRequest, PreconditionFailed
+from core.errors import (
+    InsufficientFragments,
+    InvalidRequest,
+    PreconditionFailed,
+    ResourceExhausted,
+)
+from core.rate_limit import REFUSAL_COST
 from core.record_types import RecordType
 from core.requests import ReencryptionQuery
 from proto.kms.v1 import coordinator_pb2
-from tests.coordinator.test_fan_out import DOMAIN, Context, World, make_world, prefer
+from tests.coordinator.test_fan_out import (
+    DOMAIN,
+    Context,
+    World,
+    make_world,
+    patient_kfrags,
+    prefer,
+)
 
 
 @pytest.fixture
@@ -62,18 +80,70 @@ def test_a_reported_lie_is_checked_replaced_and_its_node_taken_out(world: World)
     # asked twice would refuse the signed request as a replay).
     (replacement,) = set(fragments) - asked
     assert sum(n.calls for n in world.nodes.values()) == 4
+    _all_verify(world, retried)
+    # A read is retried once.
+    with pytest.raises(PreconditionFailed, match="already retried"):
+        retry(world, response.read_id, "node-2")
+
+
+def _lie(world: World, how: str) -> Callable[[bytes], bytes]:
+    """What a lying node sends instead of its fragment of the world's capsule."""
+    capsule = umbral.Capsule.from_bytes(world.request.capsule)
+    if how == "a flipped bit":
+        return lambda cfrag: cfrag[:60] + bytes([cfrag[60] ^ 1]) + cfrag[61:]
+    if how == "garbage":
+        return lambda _cfrag: b"not a capsule fragment"
+    if how == "a fragment of another capsule":
+        other, _ = umbral.encrypt(world.alice.record_public_key(RecordType.LAB_RESULT), b"o" * 32)
+        kfrag = world.nodes["node-2"].kfrag
+        return lambda _cfrag: bytes(umbral.reencrypt(other, kfrag))
+    if how == "a fragment of the patient's kfrag for another record type":
+        kfrag = patient_kfrags(world.alice, RecordType.DIAGNOSIS, world.bob)[0]
+        return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
+    if how == "a fragment of the patient's kfrag for another grantee":
+        carol = Identity.generate("carol")
+        kfrag = patient_kfrags(world.alice, RecordType.LAB_RESULT, carol)[0]
+        return lambda _cfrag: bytes(umbral.reencrypt(capsule, kfrag))
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "a flipped bit",
+        "garbage",
+        "a fragment of another capsule",
+        "a fragment of the patient's kfrag for another record type",
+        "a fragment of the patient's kfrag for another grantee",
+    ],
+)
+def test_every_kind_of_bad_fragment_is_caught_and_replaced(world: World, how: str) -> None:
+    world.nodes["node-2"].lie = _lie(world, how)
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    assert "node-2" in {f.node_id for f in response.fragments}
+    retried = retry(world, response.read_id, "node-2")
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    assert len(retried.fragments) == 3 and "node-2" not in {f.node_id for f in retried.fragments}
+    _all_verify(world, retried)
+
+
+def _all_verify(world: World, response: coordinator_pb2.CoordinatorReencryptResponse) -> None:
+    """As the app checks them: every fragment verifies, each from another kfrag."""
     capsule = umbral.Capsule.from_bytes(world.request.capsule)
     keys = world.alice
-    for cfrag in fragments.values():
-        umbral.CapsuleFrag.from_bytes(cfrag).verify(
+    verified = [
+        umbral.CapsuleFrag.from_bytes(f.cfrag).verify(
             capsule,
             umbral.PublicKey.from_compressed_bytes(keys.verifying_key()),
             keys.record_public_key(RecordType.LAB_RESULT),
             umbral.PublicKey.from_compressed_bytes(world.bob.umbral_public_key()),
         )
-    # A read is retried once.
-    with pytest.raises(PreconditionFailed, match="already retried"):
-        retry(world, response.read_id, "node-2")
+        for f in response.fragments
+    ]
+    assert len({bytes(v) for v in verified}) == 3
 
 
 def test_a_suspected_node_is_asked_only_when_needed_and_never_relayed_unverified(
@@ -96,20 +166,123 @@ def test_a_suspected_node_is_asked_only_when_needed_and_never_relayed_unverified
     assert world.nodes["node-2"].calls == 1
 
 
+@contextmanager
+def frozen_budget(world: World) -> Iterator[Callable[[], float]]:
+    """The requester's budget at the coordinator, its clock stopped (no refill) while
+    the block runs: what the tokens are now."""
+    requesters = world.service._admission._requesters
+    requester = ReencryptionQuery.parse(world.request, DOMAIN).requester
+    now = time.monotonic()
+    with patch.object(requesters, "_clock", lambda: now):
+        yield lambda: requesters._tokens(requester, now)
+
+
+def test_a_node_caught_lying_while_every_fragment_is_verified_is_named_and_taken_out() -> None:
+    """ADR 3 as kept by ``verify_every_fragment``: a node whose fragment does not verify
+    is replaced at once and leaves rotation, named as any lying node is (ADR 14)."""
+    world = make_world(verify_every_fragment=True)
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    assert "node-2" not in {f.node_id for f in response.fragments}
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    world.nodes["node-2"].calls = 0
+    world.run()
+    assert world.nodes["node-2"].calls == 0  # not asked while the others are enough
+
+
+def test_a_suspected_node_caught_lying_again_is_suspected_twice_as_long(world: World) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    retry(world, world.run().read_id, "node-2")
+    before = lies("node-2")
+    world.nodes["node-1"].fails = world.nodes["node-3"].fails = True
+    with pytest.raises(InsufficientFragments):
+        world.run()  # node-2 asked, as the others are not enough; its lie verified
+    assert lies("node-2") == before + 1
+    assert world.pool.health["node-2"].lies == 2
+    assert world.pool.suspect("node-2", time.monotonic() + 1.5 * SUSPICION_S)
+
+
+def test_a_replacement_that_does_not_verify_is_not_relayed_and_its_node_is_named(
+    world: World,
+) -> None:
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    unasked = [n for n, node in world.nodes.items() if not node.calls]
+    world.nodes[unasked[0]].corrupt = True
+    world.pool.succeeded(unasked[0], 0.00001, time.monotonic())  # asked first
+    before = lies(unasked[0])
+    retried = retry(world, response.read_id, "node-2")
+    assert {f.node_id for f in retried.fragments}.isdisjoint({"node-2", unasked[0]})
+    _all_verify(world, retried)
+    assert lies(unasked[0]) == before + 1
+    assert unasked[0] not in world.pool.in_rotation(time.monotonic())
+
+
 def test_a_false_report_is_refused_counted_and_charged(world: World) -> None:
     response = world.run()
     honest = response.fragments[0].node_id
     false_before = metrics.FALSE_REPORTS._value.get()
     lies_before = lies(honest)
-    requesters = world.service._admission._requesters
-    requester = ReencryptionQuery.parse(world.request, DOMAIN).requester
-    budget = requesters._tokens(requester, time.monotonic())
-    with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
-        retry(world, response.read_id, honest)
+    with frozen_budget(world) as tokens:
+        budget = tokens()
+        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+            retry(world, response.read_id, honest)
+        # As ten single requests (REFUSAL_COST), as a refused capsule costs.
+        assert tokens() == budget - REFUSAL_COST
     assert metrics.FALSE_REPORTS._value.get() == false_before + 1
     assert lies(honest) == lies_before
     assert honest in world.pool.in_rotation(time.monotonic())
-    assert requesters._tokens(requester, time.monotonic()) < budget - 5  # ten refusals' worth
+    assert sum(n.calls for n in world.nodes.values()) == 3  # no replacement asked
+
+
+def test_a_report_with_a_lie_and_a_false_one_acts_on_the_lie_and_is_refused(
+    world: World,
+) -> None:
+    """ADR 14 step 4: true lies in a false report are still acted on; the report is
+    refused without replacements and charged for its false part."""
+    world.nodes["node-2"].corrupt = True
+    prefer(world, "node-2")
+    response = world.run()
+    honest = next(f.node_id for f in response.fragments if f.node_id != "node-2")
+    false_before = metrics.FALSE_REPORTS._value.get()
+    liar_before, honest_before = lies("node-2"), lies(honest)
+    with frozen_budget(world) as tokens:
+        budget = tokens()
+        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+            retry(world, response.read_id, "node-2", honest)
+        assert tokens() == budget - REFUSAL_COST
+    assert (lies("node-2"), lies(honest)) == (liar_before + 1, honest_before)
+    assert metrics.FALSE_REPORTS._value.get() == false_before + 1
+    in_rotation = world.pool.in_rotation(time.monotonic())
+    assert "node-2" not in in_rotation and honest in in_rotation
+    assert sum(n.calls for n in world.nodes.values()) == 3
+    with pytest.raises(PreconditionFailed, match="already retried"):
+        retry(world, response.read_id, "node-2")
+
+
+def test_a_flood_of_false_reports_is_paid_for_in_the_reporters_own_reads(world: World) -> None:
+    """Each false report costs ten requests, so an app that reports honest nodes gets a
+    tenth of the reads it would have had, then is refused before any node is asked."""
+    burst = world.service._settings.requester_burst
+    reports = 0
+    with frozen_budget(world):
+        while True:
+            try:
+                response = world.run()
+            except ResourceExhausted:
+                break
+            with pytest.raises(InvalidRequest, match="a false report"):
+                retry(world, response.read_id, response.fragments[0].node_id)
+            reports += 1
+            assert reports <= burst
+    assert 0 < reports <= burst / REFUSAL_COST
+    assert sum(n.calls for n in world.nodes.values()) == 3 * reports
+    assert all(node_id in world.pool.in_rotation(time.monotonic()) for node_id in world.nodes)
 
 
 def test_a_report_naming_a_fragment_not_relayed_is_refused_and_the_read_kept(
@@ -171,3 +344,16 @@ def test_kept_reads_expire_and_are_bounded(world: World) -> None:
     ids = [reads.keep(read, 20.0) for _ in range(3)]
     assert len(reads) == 2 and reads.peek(ids[0], 20.0) is None
     assert reads.take(ids[2], 20.0) is read and reads.take(ids[2], 20.0) is None
+
+
+def test_a_coordinator_keeps_reads_ten_seconds_and_fifty_thousand_capsules(world: World) -> None:
+    """ADR 14's figures are the coordinator's: kept 10 s, at most 50,000 capsules."""
+    kept = world.service._relayed
+    assert kept.keep_s == 10.0
+    read = kept.peek(world.run().read_id, time.monotonic())
+    assert read is not None and len(read.capsules) == 1
+    now = time.monotonic()
+    first = kept.keep(read, now)
+    for _ in range(50_000):
+        kept.keep(read, now)
+    assert len(kept) == 50_000 and kept.peek(first, now) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import umbral_pre as umbral
 
+from core import umbral_codec
 from core.errors import InvalidRequest
 from core.umbral_codec import load_public_key
 
@@ -28,3 +29,21 @@ def test_a_point_off_the_curve_is_refused_every_time() -> None:
             load_public_key(bad, "requester_umbral_key")
     with pytest.raises(InvalidRequest, match="must be 33 bytes, got 32"):
         load_public_key(bad[:32])
+
+
+def test_at_most_4096_parsed_keys_are_kept_and_a_bad_one_is_not() -> None:
+    """ADR 13: requesters' keys are kept parsed, 4,096 at most, least recently used out."""
+    umbral_codec._public_key.cache_clear()
+    keys = [
+        bytes(umbral.SecretKey.random().public_key().to_compressed_bytes()) for _ in range(4097)
+    ]
+    for data in keys:
+        load_public_key(data)
+    assert umbral_codec._public_key.cache_info().currsize == 4096
+    with pytest.raises(InvalidRequest):
+        load_public_key(b"\x02" + b"\xff" * 32)
+    assert umbral_codec._public_key.cache_info().currsize == 4096
+    hits = umbral_codec._public_key.cache_info().hits
+    load_public_key(keys[-1])
+    load_public_key(keys[0])  # the least recently used: parsed again
+    assert umbral_codec._public_key.cache_info().hits == hits + 1

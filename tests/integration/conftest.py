@@ -13,6 +13,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from clients.sdk.identity import Identity
@@ -24,7 +25,8 @@ from core.record_types import RecordType
 from deploy.anvil import set_balance
 from deploy.local_cluster import FUNDING_WEI, LocalCluster
 from deploy.sample_records import diagnosis, lab_result
-from proto.stubs import CoordinatorStub
+from proto.kms.v1 import common_pb2
+from proto.stubs import CoordinatorStub, NodeStub
 
 #: every identity the session created, so the final log scan knows what to look for
 CREATED_IDENTITIES: list[Identity] = []
@@ -145,6 +147,17 @@ class People:
         return RequestSigner(
             self.doctor.account, self.doctor.umbral_public_key(), self.registry.signing_domain()
         )
+
+    def every_node_refuses(self, request: common_pb2.ReencryptionRequest, reason: str) -> None:
+        """Each node, asked directly, refuses ``request`` as PERMISSION_DENIED, saying
+        ``reason``."""
+        for node in self.cluster.nodes:
+            with self.cluster.transport.channel(node.address) as channel:
+                with pytest.raises(grpc.RpcError) as caught:
+                    NodeStub(channel).Reencrypt(request, timeout=5)
+            assert isinstance(caught.value, grpc.Call)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, node.node_id
+            assert reason in (caught.value.details() or ""), node.node_id
 
     def provider(self, identity: Identity | None = None) -> ProviderClient:
         return ProviderClient(

@@ -189,13 +189,7 @@ def test_every_node_refuses_a_retired_capsule_whatever_record_is_named(people: P
     request = people.doctor_signer().single(
         people.patient.identity.address, second.record_id, LAB, retired_capsule
     )
-    for node in people.cluster.nodes:
-        with people.cluster.transport.channel(node.address) as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                NodeStub(channel).Reencrypt(request, timeout=5)
-        assert isinstance(caught.value, grpc.Call)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, node.node_id
-        assert "capsule belongs to a record the patient deactivated" in caught.value.details()
+    people.every_node_refuses(request, "capsule belongs to a record the patient deactivated")
     with people.provider() as doctor:
         assert doctor.read_record(second.record_id) == lab_result()
 

@@ -308,13 +308,26 @@ def test_batch_of_64_through_one_node(people: People, cluster: LocalCluster) -> 
 
 
 def test_erasure_deletes_the_blob_and_every_node_refuses(people: People) -> None:
+    """The doctor read the record (every node keeps its capsule and the grant's kfrag,
+    ADR 13) and kept its capsule; after the erasure no node re-encrypts it again."""
     people.grant_doctor()
+    capsule = parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule
+    request = people.doctor_signer().single(
+        people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+    )
+    for node in people.cluster.nodes:  # every node serves it, and keeps what it used
+        with people.cluster.transport.channel(node.address) as channel:
+            NodeStub(channel).Reencrypt(request, timeout=5)
     people.patient.await_nodes(people.patient.erase(people.lab.record_id))
     with pytest.raises(NotFound, match="erased"):
         people.cluster.blob_store().get(people.lab.storage_uri)
     record = people.registry.get_record(people.lab.record_id)
     assert record is not None and not record.active
     assert record.content_hash == people.lab.content_hash  # the chain keeps the hash
+    request = people.doctor_signer().single(
+        people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+    )
+    people.every_node_refuses(request, "deactivated")
 
 
 def test_every_fragment_carries_a_receipt_signed_by_its_registered_node(

@@ -21,6 +21,7 @@ from clients.sdk.records import parse_envelope
 from core.record_types import RecordType
 from deploy import processes
 from deploy.local_cluster import LocalCluster, NodeEntry
+from kms_node.kfrag_store import KfragStore
 from proto.kms.v1 import common_pb2
 from proto.stubs import NodeStub
 from tests.hostile_rpc import HostileRpc, Reply, huge, nested, result, trickle
@@ -152,3 +153,33 @@ def test_a_node_whose_chain_lies_stays_up_refuses_and_logs_why(
     # The anchoring worker met the same answers and survived them as failed rounds.
     assert not hostile.events("audit_anchor_crashed")
     assert not hostile.events("chain_sync_crashed")
+
+
+def test_a_revocation_met_while_the_chain_cannot_be_read_is_shredded_once_it_can(
+    people: People, hostile: HostileChainNode
+) -> None:
+    """The follower indexes the revocation but the shredding's chain read (which grants
+    still cover the kfrags) fails: the read is refused at once, the kfrag waits, and it is
+    shredded at a later sync once the endpoint answers again."""
+    people.grant_doctor([RecordType.LAB_RESULT])
+    alice, bob = people.patient.identity.address, people.doctor.address
+    capsule = bytes(parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule)
+    signer = people.doctor_signer()
+
+    def request() -> common_pb2.ReencryptionRequest:
+        return signer.single(alice, people.lab.record_id, RecordType.LAB_RESULT, capsule)
+
+    store = KfragStore(Path(hostile.node.config).parent / "kfrags.sqlite")
+    try:
+        assert hostile.reencrypt(request()) == "OK"
+        hostile.rpc.misbehave(result("0x1"), "eth_call")
+        failed = len(hostile.events("chain_sync_failed"))  # the log is the fixture's
+        people.patient.revoke(bob)
+        _until(lambda: len(hostile.events("chain_sync_failed")) > failed, "the shredding's failure")
+        assert hostile.reencrypt(request()) != "OK"
+        assert store.get(alice, bob, RecordType.LAB_RESULT) is not None  # not shredded yet
+        hostile.rpc.behave()
+        _until(lambda: store.get(alice, bob, RecordType.LAB_RESULT) is None, "the shredding")
+        assert hostile.reencrypt(request()).startswith("PERMISSION_DENIED: ")
+    finally:
+        store.close()

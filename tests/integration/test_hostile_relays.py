@@ -111,11 +111,15 @@ class LyingNode:
         identity = ca.server_cert(self.node.node_id)
         self.transport = Transport.tls(ca.ca_cert, identity.cert, identity.key)
 
+    def tamper(self, cfrag: bytes) -> bytes:
+        """What the liar returns instead of the real node's ``cfrag``."""
+        return _corrupt(cfrag)
+
     def reencrypt(
         self, request: common_pb2.ReencryptionRequest, _ctx: object
     ) -> node_pb2.ReencryptResponse:
         response = self._stub.Reencrypt(request, timeout=5)
-        response.fragment.cfrag = _corrupt(response.fragment.cfrag)
+        response.fragment.cfrag = self.tamper(response.fragment.cfrag)
         self.corrupted += 1
         return response
 
@@ -125,7 +129,7 @@ class LyingNode:
         response = self._stub.ReencryptBatch(request, timeout=5)
         for outcome in response.outcomes:
             if not outcome.status:
-                outcome.fragment.cfrag = _corrupt(outcome.fragment.cfrag)
+                outcome.fragment.cfrag = self.tamper(outcome.fragment.cfrag)
         self.corrupted += 1
         return response
 
@@ -135,10 +139,10 @@ class LyingNode:
         response = self._stub.ReencryptMany(request, timeout=5)
         for result in response.results:
             if result.HasField("single"):
-                result.single.fragment.cfrag = _corrupt(result.single.fragment.cfrag)
+                result.single.fragment.cfrag = self.tamper(result.single.fragment.cfrag)
             for outcome in result.batch.outcomes:
                 if not outcome.status:
-                    outcome.fragment.cfrag = _corrupt(outcome.fragment.cfrag)
+                    outcome.fragment.cfrag = self.tamper(outcome.fragment.cfrag)
         self.corrupted += 1
         self.many_calls += 1
         return response
@@ -160,6 +164,18 @@ class LyingNode:
 
     def close(self) -> None:
         self._upstream.close()
+
+
+class ReplayingNode(LyingNode):
+    """Answers every read with the fragment ``replayed`` (once the test has set it): one
+    the real node-1 gave earlier."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(cluster)
+        self.replayed: bytes | None = None
+
+    def tamper(self, cfrag: bytes) -> bytes:
+        return cfrag if self.replayed is None else self.replayed
 
 
 @dataclass(frozen=True)
@@ -214,12 +230,37 @@ class LiarsCoordinator:
 @pytest.fixture
 def coordinator_with_a_lying_node(cluster: LocalCluster) -> Iterator[LiarsCoordinator]:
     """A second, real coordinator process whose node-1 is the liar."""
-    liar = LyingNode(cluster)
+    with _coordinator_with(cluster, LyingNode(cluster)) as relay:
+        yield relay
+
+
+@pytest.fixture
+def coordinator_with_a_replaying_node(cluster: LocalCluster) -> Iterator[LiarsCoordinator]:
+    """A second, real coordinator process whose node-1 replays its first fragment."""
+    with _coordinator_with(cluster, ReplayingNode(cluster)) as relay:
+        yield relay
+
+
+@pytest.fixture
+def verifying_coordinator_with_a_lying_node(
+    cluster: LocalCluster,
+) -> Iterator[LiarsCoordinator]:
+    """The same, verifying every fragment before relaying it."""
+    with _coordinator_with(cluster, LyingNode(cluster), verify_every_fragment=True) as relay:
+        yield relay
+
+
+@contextmanager
+def _coordinator_with(
+    cluster: LocalCluster, liar: LyingNode, **settings: object
+) -> Iterator[LiarsCoordinator]:
+    """A second, real coordinator process whose node-1 is ``liar``, with ``settings``
+    over the cluster coordinator's."""
     server, liar_address = _serve(
         NODE_SERVICE.full_name, liar.handlers(), liar.transport, mtls=True
     )
     config_path = Path(cluster.data["coordinator"]["config"])
-    config = tomllib.loads(config_path.read_text())
+    config = {**tomllib.loads(config_path.read_text()), **settings}
     address = f"{HOST}:{processes.free_port()}"
     metrics_listen = f"{HOST}:{processes.free_port()}"
     lines = []
@@ -263,33 +304,48 @@ def _toml(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
-    people: People, coordinator_with_a_lying_node: LiarsCoordinator
-) -> None:
-    relay = coordinator_with_a_lying_node
+def _read_until_caught_and_after(people: People, relay: LiarsCoordinator) -> None:
+    """The doctor reads through ``relay`` until its liar is caught, then six times more;
+    every read opens the record. The liar was named once and is out of rotation: while
+    suspected it is asked only if the four others are not enough, and what it sends is
+    verified first."""
     liar = relay.liar.node.node_id
-    assert relay.lies() == 0  # exported from the start: the alert sees the first
     people.grant_doctor()
     with _app(people, relay.address) as doctor:
 
         def read() -> None:
             assert doctor.read_record(people.lab.record_id) == lab_result()
 
-        # Every read succeeds, the first the liar takes part in through the retry.
         assert relay.read_until_caught(read) == 1, relay.liar_calls()
         assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{liar}"}}') == 0
-        (lied,) = relay.events("node_lied")
-        assert lied["node_id"] == liar
-        assert lied["record_id"] == people.lab.record_id.hex()
-        (retried,) = relay.events("reencrypt_retried")
-        assert liar not in retried["replaced"][people.lab.record_id.hex()]
-        # Suspected, it is asked only if the four others are not enough, and what it
-        # sends is verified first: nothing of it is relayed again, the app reports no
-        # more bad fragments.
         for _ in range(6):
             read()
     assert relay.lies() == 1
-    assert len(relay.events("reencrypt_retried")) == 1
+    (lied,) = relay.events("node_lied")
+    assert lied["node_id"] == liar
+    assert lied["record_id"] == people.lab.record_id.hex()
+
+
+def test_a_node_returning_corrupted_fragments_is_caught_named_and_taken_out(
+    people: People, coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    relay = coordinator_with_a_lying_node
+    assert relay.lies() == 0  # exported from the start: the alert sees the first
+    _read_until_caught_and_after(people, relay)
+    # The read the liar took part in succeeded through one retry, which replaced it;
+    # nothing of it was relayed again.
+    (retried,) = relay.events("reencrypt_retried")
+    assert relay.liar.node.node_id not in retried["replaced"][people.lab.record_id.hex()]
+
+
+def test_a_lying_node_is_named_and_taken_out_when_every_fragment_is_verified(
+    people: People, verifying_coordinator_with_a_lying_node: LiarsCoordinator
+) -> None:
+    """With ``verify_every_fragment`` the coordinator drops the liar's fragment before
+    relaying it, names the node as if an app had reported it, and takes it out."""
+    relay = verifying_coordinator_with_a_lying_node
+    _read_until_caught_and_after(people, relay)
+    assert relay.events("reencrypt_retried") == []  # nothing bad reached the app
 
 
 def test_a_batch_read_meeting_a_lying_node_is_retried_once_for_all_its_records(
@@ -373,6 +429,43 @@ def test_a_false_report_is_refused_counted_and_the_node_kept(
     (false,) = relay.events("false_report")
     assert false["nodes"] == [honest]
     assert false["requester"].lower() == people.doctor.address.lower()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IntegrityError,
+    reason="ADR 14 finds only fragments that do not verify: a verifying fragment of an "
+    "earlier kfrag set makes the app's decryption fail with nobody named",
+)
+def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
+    people: People, coordinator_with_a_replaying_node: LiarsCoordinator
+) -> None:
+    """A compromised node keeps the fragment it gave for a record under the patient's
+    grant and, once she renews the grant (every node gets a kfrag of a new set), sends
+    that one again. It verifies (same capsule, same keys), so the app has nothing to
+    report, but it does not combine with the new set's fragments. ADR 14: a lying node
+    cannot make a read fail while m honest nodes remain that the read had not asked."""
+    relay = coordinator_with_a_replaying_node
+    liar = relay.liar
+    assert isinstance(liar, ReplayingNode)
+    people.grant_doctor()
+    capsule = parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule
+    request = people.doctor_signer().single(
+        people.patient.identity.address, people.lab.record_id, RecordType.LAB_RESULT, capsule
+    )
+    node = liar.node
+    with people.cluster.transport.channel(node.address, server_name=node.node_id) as channel:
+        liar.replayed = NodeStub(channel).Reencrypt(request, timeout=10).fragment.cfrag
+    people.grant_doctor()  # renewed: a new set of kfrags at every node
+    with _app(people, relay.address) as doctor:
+        # The coordinator asks a node it has no latency for first: the liar is in the
+        # first read.
+        for _ in range(30):
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+            if liar.corrupted:
+                break
+    assert liar.corrupted, relay.liar_calls()
+    assert relay.lies() == 1
 
 
 # --- a compromised coordinator ------------------------------------------------------------

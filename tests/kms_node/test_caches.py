@@ -45,6 +45,22 @@ def test_an_unwrapped_kfrag_lives_ttl_seconds_from_its_unwrap_used_or_not() -> N
     assert len(cache) == 0
 
 
+def test_expired_kfrags_are_dropped_without_further_traffic() -> None:
+    """Exposure is bounded by the TTL, not by the next request: the server drops expired
+    entries on its own (kms_node/server.py), whether or not anything is read again."""
+    clock = Clock()
+    cache = KfragCache(ttl_s=60, clock=clock)
+    cache.put(key(wrapped=b"1"), kfrag(), cache.generation())
+    clock.now += 30
+    cache.put(key(wrapped=b"2"), kfrag(), cache.generation())
+    clock.now += 30
+    assert cache.drop_expired() == 1
+    assert len(cache) == 1 and cache.get(key(wrapped=b"2")) is not None
+    clock.now += 30
+    assert cache.drop_expired() == 1
+    assert len(cache) == 0
+
+
 def test_the_oldest_unwrap_goes_first_beyond_max_entries() -> None:
     cache = KfragCache(ttl_s=60, max_entries=2, clock=Clock())
     for wrapped in (b"1", b"2", b"3"):
@@ -52,6 +68,20 @@ def test_the_oldest_unwrap_goes_first_beyond_max_entries() -> None:
     assert cache.get(key(wrapped=b"1")) is None
     assert cache.get(key(wrapped=b"2")) is not None
     assert cache.get(key(wrapped=b"3")) is not None
+
+
+def test_the_caches_hold_at_most_the_documented_ten_thousand_entries_by_default() -> None:
+    """ADR 13: 10,000 unwrapped kfrags and 10,000 served capsules per server process (the
+    server builds both with their defaults)."""
+    unwrapped, k = KfragCache(clock=Clock()), kfrag()
+    for i in range(10_001):
+        unwrapped.put(key(wrapped=i.to_bytes(4, "big")), k, unwrapped.generation())
+    assert len(unwrapped) == 10_000
+    assert unwrapped.get(key(wrapped=(0).to_bytes(4, "big"))) is None
+    capsules, (_, capsule) = CapsuleCache(), _capsule()
+    for i in range(10_001):
+        capsules.remember(i.to_bytes(32, "big"), capsule)
+    assert len(capsules) == 10_000
 
 
 def test_evicting_a_grant_drops_its_entries_only() -> None:

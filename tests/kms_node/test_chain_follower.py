@@ -304,6 +304,37 @@ def test_a_deactivated_records_capsule_is_retired_under_any_record_id(
     assert f.access_state(other, GRANTEE, b"k" * 32).capsule_retired is False
 
 
+def test_events_whose_shredding_failed_are_handed_over_again(
+    chain: FakeChain, clock: Clock
+) -> None:
+    """A revocation whose shredding failed (its chain read, or the store) is judged by at
+    once, and handed over again at the next sync: the kfrags are not kept for good, and
+    no snapshot (consistent_index) holds a revocation whose kfrags were not shredded."""
+    chain.mine(anchored(1), granted(1))
+    f = follower(chain, clock)
+    f.sync_once()
+    handed: list[RegistryEvent] = []
+    failures = [Unavailable("chain read failed")]
+
+    def shred(events: list[RegistryEvent]) -> None:
+        if failures:
+            raise failures.pop()
+        handed.extend(events)
+
+    f.on_events = shred
+    revoked = AccessRevoked(2, 1002, PATIENT, GRANTEE)
+    chain.mine(revoked)
+    with pytest.raises(Unavailable):
+        f.sync_once()
+    state = f.access_state(RECORD, GRANTEE, CAPSULE)
+    assert state.grant is not None and not state.grant.active
+    assert f.consistent_index() is None
+    f.sync_once()
+    assert handed == [revoked]
+    saved = f.consistent_index()
+    assert saved is not None and saved.block is not None and saved.block.number == 2
+
+
 @pytest.mark.parametrize(
     "failure",
     [ChainUnavailable("chain at http://127.0.0.1:1 sent a bad JSON-RPC answer"), TypeError("x")],
@@ -371,35 +402,3 @@ def test_a_sync_that_applied_many_events_gives_free_memory_back(
     chain.mine(granted(3))
     f.sync_once()  # a routine poll
     assert released == [1]
-
-
-def test_events_whose_handling_failed_are_handed_again_and_not_indexed_meanwhile(
-    chain: FakeChain, clock: Clock
-) -> None:
-    """A revocation whose shredding failed (``on_events`` reads the chain) is handed over
-    again by the next sync; until then neither the index nor a copy of it for a snapshot
-    (ADR 15) holds it, so no restart from a snapshot can skip the shredding."""
-    chain.mine(anchored(1), granted(1))
-    handed: list[list[RegistryEvent]] = []
-    shredding_fails = True
-
-    def on_events(events: list[RegistryEvent]) -> None:
-        if shredding_fails and any(isinstance(e, AccessRevoked) for e in events):
-            raise ChainUnavailable("chain down while shredding")
-        handed.append(events)
-
-    f = ChainFollower(chain, clock=clock, on_events=on_events)
-    f.sync_once()
-    revoked = AccessRevoked(2, 1002, PATIENT, GRANTEE)
-    chain.mine(revoked)
-    with pytest.raises(ChainUnavailable, match="while shredding"):
-        f.sync_once()
-    copy = f.consistent_index()
-    assert copy is not None and copy.block == chain.blocks[1][0]
-    grant = copy.access_state(RECORD, GRANTEE, CAPSULE).grant
-    assert grant is not None and grant.active
-    shredding_fails = False
-    f.sync_once()
-    assert handed[-1] == [revoked]
-    grant = f.access_state(RECORD, GRANTEE, CAPSULE).grant
-    assert grant is not None and not grant.active

@@ -873,6 +873,45 @@ def test_shredding_drops_the_unwrapped_kfrag_at_once(world: World) -> None:
     assert len(world.unwrapped) == 0
 
 
+def test_a_read_that_reaches_the_store_while_it_is_shredded_keeps_no_kfrag(
+    world: World,
+) -> None:
+    """A read judged before the revocation reached the index, whose re-encryption runs
+    while the shredding is under way (after the cache was emptied, before the stored
+    kfrag is deleted): it is served, as judged, but its unwrapped kfrag must not stay
+    in the cache after the shredding."""
+    world.enroll(world.kfrag())
+    key = (world.alice.address, world.bob.address)
+    granted = world.registry.grants[key]
+    delete = world.kfrags.delete
+
+    def delete_after_a_racing_read(*args: Any, **kwargs: Any) -> bool:
+        world.registry.grants[key] = granted  # as the racing read was judged
+        _cfrag_verifies(world, world.node.reencrypt(world.request()))
+        world.registry.grants[key] = dataclasses.replace(granted, active=False)
+        return delete(*args, **kwargs)
+
+    world.registry.grants[key] = dataclasses.replace(granted, active=False)
+    with patch.object(world.kfrags, "delete", side_effect=delete_after_a_racing_read):
+        world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
+    assert world.kfrags.get(*key, RecordType.LAB_RESULT) is None
+    assert len(world.unwrapped) == 0
+
+
+def test_a_shredding_that_cannot_read_the_chain_still_drops_the_unwrapped_kfrag(
+    world: World,
+) -> None:
+    world.enroll(world.kfrag())
+    world.node.reencrypt(world.request())
+    key = (world.alice.address, world.bob.address)
+    with (
+        patch.object(world.registry, "get_grant", side_effect=Unavailable("chain down")),
+        pytest.raises(Unavailable),
+    ):
+        world.node.shred_revoked([AccessRevoked(9, NOW, *key)])
+    assert len(world.unwrapped) == 0
+
+
 def test_a_new_enrollment_is_served_with_the_new_kfrag(world: World) -> None:
     world.enroll(world.kfrag())
     world.node.reencrypt(world.request(nonce=b"\x01" * 32))
