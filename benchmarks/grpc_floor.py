@@ -1,12 +1,11 @@
 """What one gRPC call costs a server that does nothing, over the node's transport.
 
-The node answers each ``Reencrypt`` through a threaded ``grpc.server`` behind mutual
-TLS. This module starts that kind of server, with the same options and a handler
-that only returns a node-sized answer, in a child process, and calls it from this
-one over TLS connections with client certificates from a throwaway CA. The server
+The node answers each ``Reencrypt`` in the event loop of a ``grpc.aio`` server behind
+mutual TLS (ADR 17). This module starts that kind of server, with the same options and
+a handler that only returns a node-sized answer, in a child process, and calls it from
+this one over TLS connections with client certificates from a throwaway CA. The server
 process's CPU per call is the framework's floor: what a node would spend per request
-if its own work cost nothing. (An asyncio server measured the same on this machine,
-which is why the node keeps the threaded one.)
+if its own work cost nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import os
 import tempfile
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +31,14 @@ _SERVER_NAME = "floor-node"
 
 
 def _serve(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
+    import asyncio
+
+    asyncio.run(_serve_async(ca_dir, ready, stop, port_out))
+
+
+async def _serve_async(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
+    import asyncio
+
     import grpc
 
     from deploy.certs import ClusterCa
@@ -43,20 +49,21 @@ def _serve(ca_dir: Path, ready: Any, stop: Any, port_out: Any) -> None:
     files = ca.server_cert(_SERVER_NAME)
     answer = os.urandom(RESPONSE_BYTES)
 
-    def call(_raw: bytes, _context: object) -> bytes:
+    async def call(_raw: bytes, _context: object) -> bytes:
         return answer
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=rpc.CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(call)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("medkms.bench.Floor", {"Call": handler})]
     )
     transport = Transport.tls(ca.ca_cert, files.cert, files.key)
     port_out.value = transport.add_port(server, "127.0.0.1:0", require_client_cert=True)
-    server.start()
+    await server.start()
     ready.set()
-    stop.wait()
-    server.stop(grace=0)
+    # ``stop`` is a process-shared event: wait for it off the loop.
+    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+    await server.stop(grace=0)
 
 
 def _phase(calls: list[Any], concurrency: int, pid: int) -> dict[str, float]:
@@ -83,7 +90,7 @@ def _phase(calls: list[Any], concurrency: int, pid: int) -> dict[str, float]:
 
 
 def measure(connections: int = 4) -> dict[str, Any]:
-    """Server CPU per empty call at concurrency 1 and 4, mutual TLS, threaded server."""
+    """Server CPU per empty call at concurrency 1 and 4, mutual TLS, asyncio server."""
     from deploy.certs import ClusterCa
     from proto.transport import Transport
 

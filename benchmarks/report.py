@@ -75,7 +75,7 @@ HEADLINE = [
     ),
     (
         "grpc_floor_server_cpu_ms",
-        "server CPU of an empty mTLS gRPC call, threaded server, at the node phases' "
+        "server CPU of an empty mTLS gRPC call, asyncio server, at the node phases' "
         "concurrency (ms)",
     ),
 ]

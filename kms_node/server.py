@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import signal
-import threading
 from collections.abc import Sequence
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -25,13 +26,13 @@ from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots, IndexSnapshotter
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
+from kms_node.loop_service import LoopCommitter, LoopNodeService, in_pool_methods
 from kms_node.readiness import Readiness, data_dir_writable
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from kms_node.service import NodeService
 from kms_node.settings import NodeSettings
 from kms_node.supervisor import die_with_parent
 from proto import rpc
-from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import AUDIT_SERVICE, NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
@@ -54,51 +55,22 @@ class CountedAudit:
 
 
 def build_server(
-    service: NodeService, audit: AuditService, kfrags: KfragStore, max_workers: int
-) -> grpc.Server:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+    service: LoopNodeService, audit: AuditService, kfrags: KfragStore, pool: ThreadPoolExecutor
+) -> grpc.aio.Server:
+    """The node's gRPC server (asyncio, ADR 17): reads in the loop, what may block in
+    ``pool``. Call inside the running loop."""
+    server = grpc.aio.server(
         # Several processes of one node share the port; the kernel spreads
         # connections between them.
         options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
     )
-
-    def node_info(_msg: node_pb2.GetNodeInfoRequest, _ctx: object) -> node_pb2.NodeInfo:
-        return service.node_info()
-
-    def enroll(
-        msg: common_pb2.EnrollKeyFragmentRequest, _ctx: object
-    ) -> common_pb2.EnrollKeyFragmentResponse:
-        response = service.enroll(msg)
-        metrics.KFRAGS_STORED.set(kfrags.count())
-        return response
-
-    def reencrypt(msg: common_pb2.ReencryptionRequest, _ctx: object) -> node_pb2.ReencryptResponse:
-        return service.reencrypt(msg)
-
-    def reencrypt_batch(
-        msg: common_pb2.ReencryptionBatchRequest, _ctx: object
-    ) -> node_pb2.ReencryptBatchResponse:
-        return service.reencrypt_batch(msg)
-
-    def reencrypt_many(
-        msg: node_pb2.ReencryptManyRequest, _ctx: object
-    ) -> node_pb2.ReencryptManyResponse:
-        return service.reencrypt_many(msg)
-
-    methods = [
-        rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, node_info),
-        rpc.Method("EnrollKeyFragment", common_pb2.EnrollKeyFragmentRequest, enroll),
-        rpc.Method("Reencrypt", common_pb2.ReencryptionRequest, reencrypt),
-        rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, reencrypt_batch),
-        rpc.Method("ReencryptMany", node_pb2.ReencryptManyRequest, reencrypt_many),
-    ]
-    audit_methods = audit.rpc_methods()
+    methods = service.rpc_methods(on_enrolled=lambda: metrics.KFRAGS_STORED.set(kfrags.count()))
+    audit_methods = in_pool_methods(audit.rpc_methods(), pool)
     metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))
     server.add_generic_rpc_handlers(
         [
-            rpc.service_handler(NODE_SERVICE, methods, metrics.observe_request),
-            rpc.service_handler(AUDIT_SERVICE, audit_methods, metrics.observe_request),
+            rpc.aio_service_handler(NODE_SERVICE, methods, metrics.observe_request),
+            rpc.aio_service_handler(AUDIT_SERVICE, audit_methods, metrics.observe_request),
         ]
     )
     return server
@@ -181,8 +153,46 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         capsules=CapsuleCache(),
         unwrapped=unwrapped,
     )
-    server = build_server(service, AuditService(audit), kfrags, settings.max_workers)
-    health = rpc.add_health_and_reflection(server, [SERVICE_NAME, AUDIT_SERVICE.full_name])
+    opened = _Opened(keystore, kfrags, audit, registry, snapshots, follower, unwrapped, service)
+    try:
+        asyncio.run(_serve_until_signalled(settings, worker, opened))
+    finally:
+        follower.stop()
+        kfrags.close()
+        audit.close()
+        keystore.close()
+    log.info("node_stopped", node_id=settings.node_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """What ``serve`` opened before the event loop starts."""
+
+    keystore: Pkcs11KeyStore
+    kfrags: KfragStore
+    audit: AuditLog
+    registry: RegistryClient
+    snapshots: IndexSnapshots
+    follower: ChainFollower
+    unwrapped: KfragCache
+    service: NodeService
+
+
+async def _serve_until_signalled(
+    settings: NodeSettings, worker: int | None, opened: _Opened
+) -> None:
+    """Serve in this thread's event loop until SIGTERM or SIGINT, then stop gracefully."""
+    service, audit, kfrags, follower = opened.service, opened.audit, opened.kfrags, opened.follower
+    loop = asyncio.get_running_loop()
+    # What may block (chain reads, enrollments, the auditor's pages) runs here, never in
+    # the loop: max_workers of them at once.
+    pool = ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
+    committer = LoopCommitter(CountedAudit(audit))
+    server = build_server(
+        LoopNodeService(service, committer, pool), AuditService(audit), kfrags, pool
+    )
+    services = [SERVICE_NAME, AUDIT_SERVICE.full_name]
+    health = await rpc.aio_add_health_and_reflection(server, services)
     host, port = parse_host_port(settings.listen, "listen")
     # Mutual TLS: only holders of a certificate from the cluster CA (the
     # coordinator, operators' tools) can connect at all. Bound before the
@@ -192,18 +202,20 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     follower.start()
     # One process per node writes the snapshot (all of them read it at start).
     snapshotter = (
-        IndexSnapshotter(follower, snapshots, settings.index_snapshot_interval_s)
+        IndexSnapshotter(follower, opened.snapshots, settings.index_snapshot_interval_s)
         if not worker
         else None
     )
     if snapshotter is not None:
         snapshotter.start()
+
+    def report(serving: bool) -> None:
+        # From the readiness thread: the health servicer belongs to the loop.
+        asyncio.run_coroutine_threadsafe(rpc.aio_set_health(health, services, serving), loop)
+
     # NOT_SERVING on health checks while the node cannot serve: a stale grant index, or
     # a data directory (the audit log's) that cannot be written.
-    readiness = Readiness(
-        [follower.staleness, data_dir_writable(settings.data_dir)],
-        lambda serving: rpc.set_health(health, [SERVICE_NAME, AUDIT_SERVICE.full_name], serving),
-    )
+    readiness = Readiness([follower.staleness, data_dir_writable(settings.data_dir)], report)
     readiness.start()
     if settings.metrics_listen and worker is None:
         metrics.serve(*parse_host_port(settings.metrics_listen, "metrics_listen"))
@@ -212,13 +224,13 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     if anchors_here(settings.anchoring, worker):
         anchorer = Anchorer(
             audit,
-            registry,
-            HsmTxSigner(keystore),
+            opened.registry,
+            HsmTxSigner(opened.keystore),
             every_entries=settings.anchor_every_entries,
             interval_s=settings.anchor_interval_s,
         )
         anchorer.start()
-    server.start()
+    await server.start()
     log.info(
         "node_started",
         worker=worker,
@@ -226,27 +238,30 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         listen=settings.listen,
         tls=not settings.dev_plaintext,
         metrics=settings.metrics_listen,
-        registry=registry.address,
+        registry=opened.registry.address,
     )
 
-    stopping = threading.Event()
+    stopping = asyncio.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("node_stopping", signal=signal.Signals(signum).name)
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("node_stopping", signal=signum.name)
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # Python runs signal handlers in the main thread, but the kernel may deliver the
-    # signal to one of gRPC's threads, which does not wake a main thread blocked in an
-    # untimed wait: poll, so that SIGTERM is acted on within half a second. Each poll
-    # drops the unwrapped kfrags older than kfrag_cache_ttl_s (ADR 13), requests or not.
-    while not stopping.wait(0.5):
-        unwrapped.drop_expired()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    # Every half second, the unwrapped kfrags older than kfrag_cache_ttl_s go (ADR 13),
+    # requests or not.
+    while not stopping.is_set():
+        try:
+            await asyncio.wait_for(stopping.wait(), 0.5)
+        except TimeoutError:
+            pass
+        opened.unwrapped.drop_expired()
     readiness.stop()
-    health.enter_graceful_shutdown()
-    server.stop(grace=2).wait()
-    unwrapped.clear()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    pool.shutdown(wait=True, cancel_futures=True)
+    opened.unwrapped.clear()
     follower.stop()
     if snapshotter is not None:
         snapshotter.stop()
@@ -255,7 +270,3 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         # wrote. With several processes, worker 0 anchors, and the supervisor stops it
         # after the others, so that this covers theirs too.
         anchorer.stop()
-    kfrags.close()
-    audit.close()
-    keystore.close()
-    log.info("node_stopped", node_id=settings.node_id)

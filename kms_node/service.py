@@ -80,13 +80,19 @@ ENROLLMENT_REPLAYED = (
 
 
 @dataclasses.dataclass
-class _Judged:
+class JudgedRead:
     """One read judged and served, its audit entries not yet durable: no answer may
     leave before they are."""
 
     queries: Sequence[ReencryptionQuery]
     results: list[bytes | KmsError]
     entries: list[AuditEntry]
+
+
+class NeedsChain(Exception):
+    """Judging this read needs a chain read (a refusal to confirm, a record the index does
+    not know, a block's hash): raised by ``judge(..., chain_ok=False)`` before any side
+    effect, so the server judges the read again where a thread may wait on the chain."""
 
 
 class AuditSink(Protocol):
@@ -365,17 +371,18 @@ class NodeService:
 
     def reencrypt(self, msg: common_pb2.ReencryptionRequest) -> node_pb2.ReencryptResponse:
         """One capsule: a fragment, or the refusal as the RPC's status."""
-        judged = self._judge_single(msg)
-        return self._single_response(judged, self._commit([judged])[0])
+        judged = self.judge(self.admit_single(msg))
+        return self.single_response(judged, self._commit([judged])[0])
 
-    def _judge_single(self, msg: common_pb2.ReencryptionRequest) -> _Judged:
+    def admit_single(self, msg: common_pb2.ReencryptionRequest) -> list[ReencryptionQuery]:
+        """A single read parsed, authenticated and charged to its requester's rate."""
         query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(query)
         self._limiter.spend(query.requester)
-        return self._judge([query])
+        return [query]
 
-    def _single_response(
-        self, judged: _Judged, receipts: Sequence[Receipt]
+    def single_response(
+        self, judged: JudgedRead, receipts: Sequence[Receipt]
     ) -> node_pb2.ReencryptResponse:
         ((result, receipt),) = zip(judged.results, receipts, strict=True)
         if isinstance(result, KmsError):
@@ -391,17 +398,18 @@ class NodeService:
     ) -> node_pb2.ReencryptBatchResponse:
         """Many capsules of one patient for one grantee: one outcome each. The kfrag is
         unwrapped once for the whole batch."""
-        judged = self._judge_batch(msg)
-        return self._batch_response(judged, self._commit([judged])[0])
+        judged = self.judge(self.admit_batch(msg))
+        return self.batch_response(judged, self._commit([judged])[0])
 
-    def _judge_batch(self, msg: common_pb2.ReencryptionBatchRequest) -> _Judged:
+    def admit_batch(self, msg: common_pb2.ReencryptionBatchRequest) -> Sequence[ReencryptionQuery]:
+        """A batch parsed, authenticated and charged to its requester's rate."""
         batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(batch.items[0])
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
-        return self._judge(batch.items)
+        return batch.items
 
-    def _batch_response(
-        self, judged: _Judged, receipts: Sequence[Receipt]
+    def batch_response(
+        self, judged: JudgedRead, receipts: Sequence[Receipt]
     ) -> node_pb2.ReencryptBatchResponse:
         outcomes = []
         for query, result, receipt in zip(judged.queries, judged.results, receipts, strict=True):
@@ -429,6 +437,16 @@ class NodeService:
         receipts), its refusal its own; the audit entries of the whole call are made
         durable in one commit before any answer leaves. Only a failure of that commit
         (audit fails closed) fails the call as a whole."""
+        admitted = self.admit_many(msg)
+        judged = [r if isinstance(r, KmsError) else self._judge_read(r) for r in admitted]
+        served = [j for j in judged if isinstance(j, JudgedRead)]
+        return self.many_response(msg, judged, self._commit(served))
+
+    def admit_many(
+        self, msg: node_pb2.ReencryptManyRequest
+    ) -> list[Sequence[ReencryptionQuery] | KmsError]:
+        """Each read of a ReencryptMany call admitted as if it came alone (admit_single,
+        admit_batch), or its refusal. The call as a whole is refused if it is too large."""
         reads = msg.reads
         if not 1 <= len(reads) <= MAX_MANY_READS:
             raise InvalidRequest(f"a call holds 1 to {MAX_MANY_READS} reads, got {len(reads)}")
@@ -437,30 +455,45 @@ class NodeService:
             raise InvalidRequest(
                 f"a call holds at most {MAX_BATCH} capsules in all, got {capsules}"
             )
-        judged: list[_Judged | KmsError] = []
+        admitted: list[Sequence[ReencryptionQuery] | KmsError] = []
         for i, read in enumerate(reads):
             kind = read.WhichOneof("read")
             try:
                 if kind == "single":
-                    judged.append(self._judge_single(read.single))
+                    admitted.append(self.admit_single(read.single))
                 elif kind == "batch":
-                    judged.append(self._judge_batch(read.batch))
+                    admitted.append(self.admit_batch(read.batch))
                 else:
-                    judged.append(InvalidRequest(f"reads[{i}] holds no request"))
+                    admitted.append(InvalidRequest(f"reads[{i}] holds no request"))
             except KmsError as e:
-                judged.append(e)
-        served = [j for j in judged if isinstance(j, _Judged)]
-        receipts = iter(self._commit(served))
+                admitted.append(e)
+        return admitted
+
+    def _judge_read(self, queries: Sequence[ReencryptionQuery]) -> JudgedRead | KmsError:
+        try:
+            return self.judge(queries)
+        except KmsError as e:
+            return e
+
+    def many_response(
+        self,
+        msg: node_pb2.ReencryptManyRequest,
+        judged: Sequence[JudgedRead | KmsError],
+        receipts: Sequence[Sequence[Receipt]],
+    ) -> node_pb2.ReencryptManyResponse:
+        """The call's answer: each read's outcome; ``receipts`` are those of the reads
+        judged, in order."""
+        served = iter(receipts)
         results = []
-        for read, j in zip(reads, judged, strict=True):
+        for read, j in zip(msg.reads, judged, strict=True):
             try:
                 if isinstance(j, KmsError):
                     raise j
                 if read.HasField("single"):
-                    single = self._single_response(j, next(receipts))
+                    single = self.single_response(j, next(served))
                     results.append(node_pb2.NodeReadResult(single=single))
                 else:
-                    batch = self._batch_response(j, next(receipts))
+                    batch = self.batch_response(j, next(served))
                     results.append(node_pb2.NodeReadResult(batch=batch))
             except KmsError as e:
                 refusal = node_pb2.ReadRefusal(status=e.grpc_status, message=e.message)
@@ -479,7 +512,7 @@ class NodeService:
             max_window_s=self._request_window_s,
         )
 
-    def _decide(self, query: ReencryptionQuery) -> Decision:
+    def _decide(self, query: ReencryptionQuery, chain_ok: bool) -> Decision:
         # The hot path judges by the local grant index (fresh within its bound, or it
         # raises UNAVAILABLE). The index may lag the chain by up to that bound, so a
         # refusal the chain could already have lifted (a grant written a moment ago) is
@@ -490,36 +523,42 @@ class NodeService:
         # except that a record the index does not know yet (anchored a moment ago) is
         # looked up within a node-wide budget, so that its refusal names the real
         # reason.
+        #
+        # Without ``chain_ok``, NeedsChain is raised where the chain would be read, before
+        # the unknown-record budget is spent.
         state = self._index.access_state(query.record_id, query.requester, query.capsule_hash)
         decision = judge(query, state, int(self._clock()))
-        if (
-            not decision.allowed
-            and decision.code not in FINAL_DENIALS
-            and (
-                self._kfrags.holds(query.patient, query.requester)
-                or (
-                    decision.code == Reason.RECORD_UNKNOWN
-                    and self._unknown_record_reads.try_spend("*")
+        if not decision.allowed and decision.code not in FINAL_DENIALS:
+            holds = self._kfrags.holds(query.patient, query.requester)
+            if (holds or decision.code == Reason.RECORD_UNKNOWN) and not chain_ok:
+                raise NeedsChain
+            if holds or (
+                decision.code == Reason.RECORD_UNKNOWN and self._unknown_record_reads.try_spend("*")
+            ):
+                # Read at the chain's latest block, never from a cache: a cache keyed by
+                # the index's block would hide exactly the newer block a confirmation is
+                # for.
+                state = self._registry.access_state(
+                    query.record_id, query.requester, query.capsule_hash
                 )
-            )
-        ):
-            # Read at the chain's latest block, never from a cache: a cache keyed by the
-            # index's block would hide exactly the newer block a confirmation is for.
-            state = self._registry.access_state(
-                query.record_id, query.requester, query.capsule_hash
-            )
-            decision = judge(query, state, int(self._clock()))
+                decision = judge(query, state, int(self._clock()))
         if decision.block_hash is None:
+            if not chain_ok:
+                raise NeedsChain
             # The audit entry names the block judged at by number and hash.
             block_hash = self._registry.block(decision.block_number).hash
             decision = dataclasses.replace(decision, block_hash=block_hash)
         return decision
 
-    def _judge(self, queries: Sequence[ReencryptionQuery]) -> _Judged:
-        """A cfrag or the refusal for each query of one read, with its audit entry (not
-        yet durable: see _commit); all share patient, requester and key."""
+    def judge(self, queries: Sequence[ReencryptionQuery], *, chain_ok: bool = True) -> JudgedRead:
+        """A cfrag or the refusal for each query of one admitted read, with its audit
+        entry (not yet durable: see commit); all share patient, requester and key.
+
+        Without ``chain_ok`` nothing here waits on the network (the local index, the kfrag
+        store, the HSM only): a read that needs the chain raises NeedsChain before any side
+        effect (its nonce is not spent)."""
         first = queries[0]
-        decisions = [self._decide(q) for q in queries]
+        decisions = [self._decide(q, chain_ok) for q in queries]
         # Refusals now; allowed entries are filled in below.
         results: list[bytes | KmsError] = [b"" if d.allowed else d.error() for d in decisions]
         allowed = [i for i, d in enumerate(decisions) if d.allowed]
@@ -566,16 +605,22 @@ class NodeService:
                     requester_umbral_key=query.requester_umbral_key,
                 )
             )
-        return _Judged(queries, results, entries)
+        return JudgedRead(queries, results, entries)
 
-    def _commit(self, reads: Sequence[_Judged]) -> list[list[Receipt]]:
+    def _commit(self, reads: Sequence[JudgedRead]) -> list[Sequence[Receipt]]:
         """Make the reads' audit entries durable, then charge their refusals; each read's
         receipts. Audit fails closed: every decision is durable in the log before any
         answer leaves; if the append fails, so does the whole call. The entries of a
         call (a batch's, or a ReencryptMany's) share one transaction (one fsync)."""
         if not reads:
             return []
-        receipts = self._audit.append_many([e for read in reads for e in read.entries])
+        return self.settle(reads, self._audit.append_many(audit_entries(reads)))
+
+    def settle(
+        self, reads: Sequence[JudgedRead], receipts: Sequence[Receipt]
+    ) -> list[Sequence[Receipt]]:
+        """Once the reads' entries are durable (``receipts``, in order): charge their
+        refusals; each read's receipts."""
         answers = []
         offset = 0
         for read in reads:
@@ -624,6 +669,11 @@ class NodeService:
         for i in indices:
             results[i] = bytes(umbral.reencrypt(queries[i].capsule, verified))
         del verified
+
+
+def audit_entries(reads: Sequence[JudgedRead]) -> list[AuditEntry]:
+    """The audit entries of judged reads, in order: what one commit makes durable."""
+    return [e for read in reads for e in read.entries]
 
 
 def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:

@@ -154,14 +154,10 @@ class NodeSettings:
     #: how long an unwrapped kfrag stays in a server process's memory after its unwrap,
     #: so that a grant's next reads skip the HSM (ADR 13); 0: unwrap on every request
     kfrag_cache_ttl_s: float = 60.0
-    #: gRPC server threads per process. Crypto holds the GIL and PKCS#11 calls are
-    #: serialised, so threads do not add crypto; what they add is requests in the process
-    #: at once, whose audit entries then share one commit (one fsync, one HSM signature:
-    #: kms_node/audit_log.py). With two a commit never has company (the other thread is
-    #: the one waiting for it); with four, at the harness's concurrency 4, a node spent
-    #: about 0.8 of the CPU per single request it did with two
-    #: (``python -m benchmarks.node_cost``, issue 14). More threads than requests in
-    #: flight add only contention (8 cost 60% more than 2 before group commit).
+    #: threads per process for what may wait on the network or take long: chain reads
+    #: (a refusal confirmed against the chain, a record the index does not know yet),
+    #: enrollments and the auditor's RPCs. Reads themselves are served in the process's
+    #: event loop, one thread (ADR 17), so these threads add no crypto.
     max_workers: int = 4
     #: server processes sharing the listen port (SO_REUSEPORT); umbral-pre holds the
     #: GIL and PKCS#11 calls are serialised per process, so one per core scales crypto

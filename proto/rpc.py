@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,10 +149,11 @@ def service_handler(
 def aio_service_handler(
     service: Any, methods: list[Method], observe: Observer = _ignore
 ) -> grpc.GenericRpcHandler:
-    """Handlers for a ``grpc.aio`` server; each handler is a coroutine function."""
+    """Handlers for a ``grpc.aio`` server; each handler is a coroutine function (a
+    ``streaming`` one's returns the list of responses, as for :func:`service_handler`)."""
 
     def wrap(method: Method) -> grpc.RpcMethodHandler[Any, Any]:
-        async def behaviour(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        async def behaviour(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
             request = _parse(method, raw)
             if isinstance(request, str):
@@ -172,6 +173,15 @@ def aio_service_handler(
             observe(method.name, "ok", time.perf_counter() - start)
             return response
 
+        if method.streaming:
+
+            async def stream(
+                raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Message]:
+                for message in await behaviour(raw, context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(stream, response_serializer=_serialize)
         return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
 
     return _generic_handler(service, methods, wrap)
@@ -195,18 +205,25 @@ def add_health_and_reflection(server: grpc.Server, services: list[str]) -> Any:
     return servicer
 
 
+def _health_status(serving: bool) -> Any:
+    from grpc_health.v1 import health_pb2
+
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def set_health(servicer: Any, services: list[str], serving: bool) -> None:
     """Report every service (and the server as a whole, "") SERVING or NOT_SERVING on a
     threaded server's health servicer."""
-    from grpc_health.v1 import health_pb2
-
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
     for name in ["", *services]:
-        servicer.set(name, status)
+        servicer.set(name, _health_status(serving))
+
+
+async def aio_set_health(servicer: Any, services: list[str], serving: bool) -> None:
+    """The same on a ``grpc.aio`` server's health servicer."""
+    for name in ["", *services]:
+        await servicer.set(name, _health_status(serving))
 
 
 async def aio_add_health_and_reflection(server: grpc.aio.Server, services: list[str]) -> Any:

@@ -124,8 +124,14 @@ class MemoryRegistry:
         retired = any(
             r.capsule_hash == capsule_hash and not r.active for r in self.records.values()
         )
+        # At block 7, named by its hash as the node's grant index names it.
         return AccessState(
-            record, grant, block_number=7, block_timestamp=NOW, capsule_retired=retired
+            record,
+            grant,
+            block_number=7,
+            block_timestamp=NOW,
+            block_hash=self.block(7).hash,
+            capsule_retired=retired,
         )
 
 

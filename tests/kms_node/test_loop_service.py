@@ -1,0 +1,219 @@
+"""The node's RPCs on the event loop (kms_node/loop_service.py, ADR 17): reads of one
+loop pass share one audit commit, a failed commit fails them all, and whatever needs
+the chain waits in the pool, never in the loop. On the in-memory twins of
+test_service.py; the real server runs in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.audit import MAX_RECEIPT_BATCH, AuditEntry, Receipt, verify_receipt
+from core.errors import NotFound, Unavailable
+from core.rate_limit import RateLimiter
+from core.registry_types import AccessState
+from kms_node.audit_log import AuditLog
+from kms_node.loop_service import LoopCommitter, LoopNodeService
+from kms_node.replay import ReplayGuard
+from kms_node.service import NodeService
+from tests.kms_node.test_service import (
+    DOMAIN,
+    NOW,
+    ChainReads,
+    MemoryRegistry,
+    StaleIndex,
+    World,
+    world,  # noqa: F401 - the fixture
+)
+
+POOL_PREFIX = "test-blocking"
+
+
+@pytest.fixture
+def pool() -> Any:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix=POOL_PREFIX) as executor:
+        yield executor
+
+
+def node_with(
+    world: World, tmp_path: Path, *, chain: Any, index: Any
+) -> tuple[NodeService, AuditLog]:
+    audit = AuditLog(tmp_path / "audit-loop.sqlite", world.keystore, "node-t")
+    node = NodeService(
+        node_id="node-t",
+        keystore=world.keystore,
+        kfrags=world.kfrags,
+        registry=chain,
+        index=index,
+        registry_address=DOMAIN.registry_address,
+        chain_id=DOMAIN.chain_id,
+        replay=ReplayGuard(max_window_s=300, max_entries=100),
+        limiter=RateLimiter(rate_per_s=1, burst=100, clock=lambda: NOW),
+        audit=audit,
+        clock=lambda: NOW,
+    )
+    return node, audit
+
+
+def nonce(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+def test_the_reads_of_one_loop_pass_share_one_commit(
+    world: World, pool: ThreadPoolExecutor
+) -> None:  # noqa: F811
+    world.enroll(world.kfrag())
+    committer = LoopCommitter(world.audit)
+    service = LoopNodeService(world.node, committer, pool)
+
+    async def five_reads() -> list[Any]:
+        return await asyncio.gather(
+            *(service.reencrypt(world.request(nonce=nonce(i)), None) for i in range(1, 6))
+        )
+
+    responses = asyncio.run(five_reads())
+    assert (committer.commits, committer.entries) == (1, 5)
+    receipts = [r.fragment.receipt for r in responses]
+    assert sorted(r.leaf_index for r in receipts) == list(range(5))
+    assert {r.batch_size for r in receipts} == {5}
+    signing_key = world.node.node_info().signing_public_key
+    for response in responses:
+        receipt = Receipt.from_fields(response.fragment.receipt)
+        assert verify_receipt(receipt, signing_key)
+        assert world.audit.entry(receipt.leaf_index).decision == "granted"
+
+
+class FailingSink:
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        raise Unavailable("audit log unavailable: disk full")
+
+
+def test_a_failed_commit_fails_every_read_of_its_group(
+    world: World, pool: ThreadPoolExecutor
+) -> None:  # noqa: F811
+    world.enroll(world.kfrag())
+    service = LoopNodeService(world.node, LoopCommitter(FailingSink()), pool)
+
+    async def three_reads() -> list[Any]:
+        calls = (service.reencrypt(world.request(nonce=nonce(i)), None) for i in range(1, 4))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(three_reads())
+    assert [type(o) for o in outcomes] == [Unavailable] * 3
+    assert world.audit.checkpoint().tree_size == 0
+
+
+class SizeSink:
+    """Records each commit's size; every receipt is the same (only sizes matter here)."""
+
+    def __init__(self, receipt: Receipt) -> None:
+        self.receipt = receipt
+        self.sizes: list[int] = []
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        if len(entries) > MAX_RECEIPT_BATCH:
+            raise AssertionError("more entries than one receipt batch holds")
+        self.sizes.append(len(entries))
+        return [self.receipt] * len(entries)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "commits"),
+    [([600, 600, 600], [600, 600, 600]), ([400, 400, 400], [800, 400]), ([1024], [1024])],
+)
+def test_a_loop_pass_beyond_one_receipt_batch_commits_in_several(
+    world: World, jobs: list[int], commits: list[int]
+) -> None:  # noqa: F811
+    world.enroll(world.kfrag())
+    judged = world.node.judge(world.node.admit_single(world.request()))
+    (entry,) = judged.entries
+    (receipt,) = world.audit.append_many([entry])
+    sink = SizeSink(receipt)
+    committer = LoopCommitter(sink)
+
+    async def submit() -> list[list[Receipt]]:
+        return await asyncio.gather(*(committer.append_many([entry] * n) for n in jobs))
+
+    answers = asyncio.run(submit())
+    assert sink.sizes == commits
+    assert [len(a) for a in answers] == jobs
+
+
+class ChainReadThreads(ChainReads):
+    """Chain reads counted, with the thread each ran in."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.threads: list[str] = []
+
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
+    ) -> AccessState:
+        self.threads.append(threading.current_thread().name)
+        return super().access_state(record_id, grantee, capsule_hash)
+
+
+def test_a_read_that_needs_the_chain_is_judged_in_the_pool_and_spends_its_nonce_once(
+    world: World, tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:  # noqa: F811
+    world.enroll(world.kfrag())
+    # The index has not seen the grant yet: the refusal is confirmed against the chain.
+    chain = ChainReadThreads(world.registry)
+    node, audit = node_with(world, tmp_path, chain=chain, index=StaleIndex(world.registry))
+    committer = LoopCommitter(audit)
+    service = LoopNodeService(node, committer, pool)
+    response = asyncio.run(service.reencrypt(world.request(), None))
+    assert response.fragment.cfrag
+    assert len(chain.threads) == 1
+    assert chain.threads[0].startswith(POOL_PREFIX)
+    assert committer.entries == 1
+
+
+class HangingChain(ChainReads):
+    """A chain endpoint that does not answer until ``answer`` is set."""
+
+    def __init__(self, registry: MemoryRegistry) -> None:
+        super().__init__(registry)
+        self.answer = threading.Event()
+        self.reached = threading.Event()
+
+    def access_state(
+        self, record_id: bytes, grantee: str, capsule_hash: bytes, *, block: int | None = None
+    ) -> AccessState:
+        self.reached.set()
+        if not self.answer.wait(10):
+            raise AssertionError("never released")
+        return super().access_state(record_id, grantee, capsule_hash)
+
+
+def test_a_hanging_chain_endpoint_holds_a_pool_thread_never_the_loop(
+    world: World, tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:  # noqa: F811
+    world.enroll(world.kfrag())
+    chain = HangingChain(world.registry)
+    node, audit = node_with(world, tmp_path, chain=chain, index=world.registry)
+    service = LoopNodeService(node, LoopCommitter(audit), pool)
+    # A record the index does not know yet: looked up on the chain, which hangs.
+    unknown = dataclasses.replace(world, record_id=b"\x0a" * 32).request(nonce=nonce(1))
+
+    async def scenario() -> None:
+        stuck = asyncio.ensure_future(service.reencrypt(unknown, None))
+        while not chain.reached.is_set():
+            await asyncio.sleep(0.01)
+        # Meanwhile, a read the index allows is served at once.
+        served = await asyncio.wait_for(service.reencrypt(world.request(nonce=nonce(2)), None), 5)
+        assert served.fragment.cfrag
+        assert not stuck.done()
+        chain.answer.set()
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(stuck, 5)
+
+    asyncio.run(scenario())
+    assert audit.checkpoint().tree_size == 2
