@@ -33,6 +33,7 @@ from benchmarks.harness import (
 )
 from benchmarks.load import run_closed_loop
 from benchmarks.workload import prepare
+from deploy import metrics_scrape
 from deploy.local_cluster import LocalCluster
 
 SINGLE_CONCURRENCY = 4
@@ -44,6 +45,15 @@ def _wire_rate(duration_s: float) -> float:
     base = baseline.measure(duration_s=duration_s, threshold=1, shares=1)
     rate: float = base["wire_reencrypt_rate_per_core"]
     return rate
+
+
+def _commits(cluster: LocalCluster) -> tuple[float, float]:
+    """The audit commits node 1 has made, and the entries they held (its /metrics)."""
+    samples = metrics_scrape.scrape(cluster.nodes[0].metrics_url)
+    return (
+        samples.get("kms_node_audit_commit_entries_count", 0.0),
+        samples.get("kms_node_audit_commit_entries_sum", 0.0),
+    )
 
 
 def run(
@@ -75,12 +85,17 @@ def run(
                 results = []
                 for i in range(rounds):
                     wire = _wire_rate(1.0)
+                    commits_before = _commits(cluster)
                     single = measure(
                         node.single,
                         pids=pids,
                         concurrency=SINGLE_CONCURRENCY,
                         duration_s=seconds,
                         plan=plan,
+                    )
+                    commits, entries = (
+                        after - before
+                        for after, before in zip(_commits(cluster), commits_before, strict=True)
                     )
                     batch = measure(
                         lambda j: node.batch(j, BATCH),
@@ -95,6 +110,7 @@ def run(
                         "single_node_cpu_ms": single["cpu_ms_per_request"]["nodes"],
                         "single_client_cpu_ms": single["cpu_ms_per_request"]["client"],
                         "single_rps": single["throughput_rps"],
+                        "single_entries_per_commit": entries / commits if commits else None,
                         "batch_node_cpu_ms_per_capsule": batch["cpu_ms_per_request"]["nodes"]
                         / BATCH,
                         "node_single_cost_x": stats.node_cost_x(

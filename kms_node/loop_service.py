@@ -22,9 +22,13 @@ than the handler itself (issue 14's notes: perf, strace).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+import grpc
 
 from core.audit import MAX_RECEIPT_BATCH, AuditEntry, Receipt
 from core.errors import KmsError
@@ -38,15 +42,68 @@ T = TypeVar("T")
 _Waiting = tuple[Sequence[AuditEntry], "asyncio.Future[list[Receipt]]"]
 
 
-class LoopCommitter:
-    """Group commit on the event loop: the entries handed in during one pass of the loop
-    are appended by one call of the sink, scheduled with ``call_soon`` to run once the
-    pass is over. If that commit fails, every read of the group gets the error (audit
-    fails closed)."""
+#: longest the first read of a commit waits for other reads to join it (ADR 17)
+MAX_HOLD_S = 0.001
 
-    def __init__(self, sink: AuditSink) -> None:
+
+class Arrivals:
+    """Reads that have reached the server (an RPC accepted, ``arrived``) but not yet the
+    service's code (``started``): a commit is worth holding for them. One that never
+    starts (its client sent no message) stops counting after ``expiry_s``."""
+
+    def __init__(
+        self, expiry_s: float = MAX_HOLD_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._expiry_s = expiry_s
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def arrived(self) -> None:
+        self._times.append(self._clock())
+
+    def started(self) -> None:
+        if self._times:
+            self._times.popleft()
+
+    def expected(self) -> bool:
+        """Whether a read has arrived, not started, and not expired."""
+        cutoff = self._clock() - self._expiry_s
+        while self._times and self._times[0] < cutoff:
+            self._times.popleft()
+        return bool(self._times)
+
+
+class LoopCommitter:
+    """Group commit on the event loop: the entries handed in are appended by one call of
+    the sink (split only where a receipt batch would overflow), one transaction, one fsync,
+    one HSM signature. If the commit fails, every read of the group gets the error (audit
+    fails closed).
+
+    When entries are committed, like PostgreSQL's ``commit_delay`` with
+    ``commit_siblings``: at the end of the pass of the loop in which they were handed
+    in, unless other reads are known to be coming. Then the commit waits for them, at
+    most ``max_hold_s`` after its first entry. Reads are known to be coming when one has
+    arrived at the server but not yet reached the service (``arrivals``), or, once the
+    last group had company, while groups keep having it ("busy"): the loop serves reads
+    one after the other, so at concurrency above one the next read is always on its way,
+    although gRPC hands it to the loop only after the answer before it is sent. A group
+    that waited and had no company ends "busy": a lone caller (concurrency 1) never
+    waits."""
+
+    def __init__(
+        self,
+        sink: AuditSink,
+        arrivals: Arrivals | None = None,
+        max_hold_s: float = MAX_HOLD_S,
+    ) -> None:
         self._sink = sink
+        self._arrivals = arrivals if arrivals is not None else Arrivals()
+        self._max_hold_s = max_hold_s
         self._waiting: list[_Waiting] = []
+        self._first_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._check_scheduled = False
+        self._busy = False
         #: commits made and entries they held (for tests and the harness)
         self.commits = 0
         self.entries = 0
@@ -55,11 +112,30 @@ class LoopCommitter:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Receipt]] = loop.create_future()
         if not self._waiting:
-            loop.call_soon(self._commit_waiting)
+            self._first_at = loop.time()
+            self._timer = loop.call_later(self._max_hold_s, self._commit_when_due)
         self._waiting.append((entries, done))
+        self.poke()
         return await done
 
-    def _commit_waiting(self) -> None:
+    def poke(self) -> None:
+        """Check, once the running step of the loop is over, whether the waiting entries
+        are due: called when a read joins, and when a read that arrived starts."""
+        if self._waiting and not self._check_scheduled:
+            self._check_scheduled = True
+            asyncio.get_running_loop().call_soon(self._commit_when_due)
+
+    def _commit_when_due(self) -> None:
+        self._check_scheduled = False
+        if not self._waiting:
+            return
+        held_s = asyncio.get_running_loop().time() - self._first_at
+        if held_s < self._max_hold_s and (self._busy or self._arrivals.expected()):
+            return  # the timer bounds the wait
+        self._busy = len(self._waiting) > 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiting, self._waiting = self._waiting, []
         group: list[_Waiting] = []
         size = 0
@@ -88,6 +164,43 @@ class LoopCommitter:
             if not done.cancelled():
                 done.set_result(receipts[offset : offset + len(job)])
             offset += len(job)
+
+
+class ReadArrivals(grpc.aio.ServerInterceptor):
+    """Counts the read RPCs (``methods``, full paths) as the server accepts them, before
+    their message is received, and marks each started when its handler is entered, so
+    that a commit can wait for reads already on their way (``LoopCommitter``)."""
+
+    def __init__(
+        self, methods: Iterable[str], arrivals: Arrivals, committer: LoopCommitter
+    ) -> None:
+        self._methods = frozenset(methods)
+        self._arrivals = arrivals
+        self._committer = committer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None or details.method not in self._methods:
+            return handler
+        self._arrivals.arrived()
+        behaviour: Any = handler.unary_unary
+
+        async def started(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._arrivals.started()
+            self._committer.poke()
+            return await behaviour(raw, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            started,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class LoopNodeService:

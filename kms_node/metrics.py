@@ -46,6 +46,14 @@ DECISIONS = Counter(
     registry=REGISTRY,
 )
 
+AUDIT_COMMIT_ENTRIES = Histogram(
+    "kms_node_audit_commit_entries",
+    "Audit entries made durable by one commit (one fsync, one HSM signature): the reads "
+    "of one pass of the node's event loop (ADR 17)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    registry=REGISTRY,
+)
+
 KFRAGS_STORED = Gauge(
     "kms_node_kfrags_stored",
     "Key fragments currently held (wrapped) by this node",

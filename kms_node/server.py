@@ -26,7 +26,13 @@ from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots, IndexSnapshotter
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
-from kms_node.loop_service import LoopCommitter, LoopNodeService, in_pool_methods
+from kms_node.loop_service import (
+    Arrivals,
+    LoopCommitter,
+    LoopNodeService,
+    ReadArrivals,
+    in_pool_methods,
+)
 from kms_node.readiness import Readiness, data_dir_writable
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
 from kms_node.service import NodeService
@@ -42,24 +48,35 @@ SERVICE_NAME = NODE_SERVICE.full_name
 
 class CountedAudit:
     """The audit log as the service's sink, counting each decision once it is durable
-    (``kms_node_decisions_total``), so the counts are exactly what the log holds."""
+    (``kms_node_decisions_total``), so the counts are exactly what the log holds, and the
+    entries of each commit (``kms_node_audit_commit_entries``)."""
 
     def __init__(self, log: AuditLog) -> None:
         self._log = log
 
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
         receipts = self._log.append_many(entries)
+        metrics.AUDIT_COMMIT_ENTRIES.observe(len(entries))
         for entry in entries:
             metrics.count_decision(entry.decision, entry.reason_code)
         return receipts
 
 
+#: the RPCs whose audit entries a commit may wait for (ADR 17)
+READ_METHODS = ("Reencrypt", "ReencryptBatch", "ReencryptMany")
+
+
 def build_server(
-    service: LoopNodeService, audit: AuditService, kfrags: KfragStore, pool: ThreadPoolExecutor
+    service: LoopNodeService,
+    audit: AuditService,
+    kfrags: KfragStore,
+    pool: ThreadPoolExecutor,
+    arrivals: ReadArrivals,
 ) -> grpc.aio.Server:
     """The node's gRPC server (asyncio, ADR 17): reads in the loop, what may block in
     ``pool``. Call inside the running loop."""
     server = grpc.aio.server(
+        interceptors=[arrivals],
         # Several processes of one node share the port; the kernel spreads
         # connections between them.
         options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
@@ -187,9 +204,14 @@ async def _serve_until_signalled(
     # What may block (chain reads, enrollments, the auditor's pages) runs here, never in
     # the loop: max_workers of them at once.
     pool = ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
-    committer = LoopCommitter(CountedAudit(audit))
+    arrivals = Arrivals()
+    committer = LoopCommitter(CountedAudit(audit), arrivals)
     server = build_server(
-        LoopNodeService(service, committer, pool), AuditService(audit), kfrags, pool
+        LoopNodeService(service, committer, pool),
+        AuditService(audit),
+        kfrags,
+        pool,
+        ReadArrivals([f"/{SERVICE_NAME}/{name}" for name in READ_METHODS], arrivals, committer),
     )
     services = [SERVICE_NAME, AUDIT_SERVICE.full_name]
     health = await rpc.aio_add_health_and_reflection(server, services)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ from core.errors import NotFound, Unavailable
 from core.rate_limit import RateLimiter
 from core.registry_types import AccessState
 from kms_node.audit_log import AuditLog
-from kms_node.loop_service import LoopCommitter, LoopNodeService
+from kms_node.loop_service import Arrivals, LoopCommitter, LoopNodeService
 from kms_node.replay import ReplayGuard
 from kms_node.service import NodeService
 from tests.kms_node.test_service import (
@@ -30,10 +31,15 @@ from tests.kms_node.test_service import (
     MemoryRegistry,
     StaleIndex,
     World,
-    world,  # noqa: F401 - the fixture
+    make_world,
 )
 
 POOL_PREFIX = "test-blocking"
+
+
+@pytest.fixture(name="world")
+def world_fixture(tmp_path: Path) -> World:
+    return make_world(tmp_path)
 
 
 @pytest.fixture
@@ -68,7 +74,7 @@ def nonce(i: int) -> bytes:
 
 def test_the_reads_of_one_loop_pass_share_one_commit(
     world: World, pool: ThreadPoolExecutor
-) -> None:  # noqa: F811
+) -> None:
     world.enroll(world.kfrag())
     committer = LoopCommitter(world.audit)
     service = LoopNodeService(world.node, committer, pool)
@@ -97,7 +103,7 @@ class FailingSink:
 
 def test_a_failed_commit_fails_every_read_of_its_group(
     world: World, pool: ThreadPoolExecutor
-) -> None:  # noqa: F811
+) -> None:
     world.enroll(world.kfrag())
     service = LoopNodeService(world.node, LoopCommitter(FailingSink()), pool)
 
@@ -130,7 +136,7 @@ class SizeSink:
 )
 def test_a_loop_pass_beyond_one_receipt_batch_commits_in_several(
     world: World, jobs: list[int], commits: list[int]
-) -> None:  # noqa: F811
+) -> None:
     world.enroll(world.kfrag())
     judged = world.node.judge(world.node.admit_single(world.request()))
     (entry,) = judged.entries
@@ -144,6 +150,114 @@ def test_a_loop_pass_beyond_one_receipt_batch_commits_in_several(
     answers = asyncio.run(submit())
     assert sink.sizes == commits
     assert [len(a) for a in answers] == jobs
+
+
+class CountingSink:
+    """Records each commit's size; every receipt is the same (only timing matters here)."""
+
+    def __init__(self, receipt: Receipt) -> None:
+        self.receipt = receipt
+        self.sizes: list[int] = []
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        self.sizes.append(len(entries))
+        return [self.receipt] * len(entries)
+
+
+@pytest.fixture
+def one_entry(world: World) -> tuple[AuditEntry, Receipt]:
+    world.enroll(world.kfrag())
+    (entry,) = world.node.judge(world.node.admit_single(world.request())).entries
+    (receipt,) = world.audit.append_many([entry])
+    return entry, receipt
+
+
+def test_a_lone_read_is_committed_without_waiting(one_entry: tuple[AuditEntry, Receipt]) -> None:
+    entry, receipt = one_entry
+    sink = CountingSink(receipt)
+    committer = LoopCommitter(sink, Arrivals(), max_hold_s=30)
+
+    async def lone() -> float:
+        start = time.monotonic()
+        await asyncio.wait_for(committer.append_many([entry]), 5)
+        return time.monotonic() - start
+
+    assert asyncio.run(lone()) < 5
+    assert sink.sizes == [1]
+
+
+def test_a_commit_waits_for_a_read_that_has_arrived(one_entry: tuple[AuditEntry, Receipt]) -> None:
+    entry, receipt = one_entry
+    sink = CountingSink(receipt)
+    arrivals = Arrivals(expiry_s=30)
+    committer = LoopCommitter(sink, arrivals, max_hold_s=30)
+
+    async def second_read_later() -> list[Receipt]:
+        await asyncio.sleep(0.05)  # its message is still on the wire
+        arrivals.started()
+        committer.poke()
+        return await committer.append_many([entry, entry])
+
+    async def scenario() -> None:
+        arrivals.arrived()
+        first = asyncio.ensure_future(committer.append_many([entry]))
+        second = asyncio.ensure_future(second_read_later())
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    asyncio.run(scenario())
+    assert sink.sizes == [3]
+
+
+def test_a_read_that_never_comes_holds_a_commit_at_most_max_hold(
+    one_entry: tuple[AuditEntry, Receipt],
+) -> None:
+    entry, receipt = one_entry
+    sink = CountingSink(receipt)
+    arrivals = Arrivals(expiry_s=30)
+    committer = LoopCommitter(sink, arrivals, max_hold_s=0.05)
+
+    async def scenario() -> float:
+        arrivals.arrived()  # and its client never sends the message
+        start = time.monotonic()
+        await asyncio.wait_for(committer.append_many([entry]), 5)
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) >= 0.05
+    assert sink.sizes == [1]
+
+
+def test_an_arrival_stops_counting_after_its_expiry() -> None:
+    now = [100.0]
+    arrivals = Arrivals(expiry_s=0.5, clock=lambda: now[0])
+    arrivals.arrived()
+    assert arrivals.expected()
+    now[0] += 0.6
+    assert not arrivals.expected()
+
+
+def test_groups_with_company_keep_the_next_commit_waiting_until_one_is_alone(
+    one_entry: tuple[AuditEntry, Receipt],
+) -> None:
+    entry, receipt = one_entry
+    sink = CountingSink(receipt)
+    committer = LoopCommitter(sink, Arrivals(), max_hold_s=0.3)
+
+    async def timed_lone_commit() -> float:
+        start = time.monotonic()
+        await asyncio.wait_for(committer.append_many([entry]), 5)
+        return time.monotonic() - start
+
+    async def scenario() -> list[float]:
+        # Two reads in one pass: a group with company, so the loop counts as busy.
+        await asyncio.gather(committer.append_many([entry]), committer.append_many([entry]))
+        busy_alone = await timed_lone_commit()  # waits for company that does not come...
+        idle = await timed_lone_commit()  # ...so the next lone read is committed at once
+        return [busy_alone, idle]
+
+    busy_alone, idle = asyncio.run(scenario())
+    assert sink.sizes == [2, 1, 1]
+    assert busy_alone >= 0.3
+    assert idle < 0.3
 
 
 class ChainReadThreads(ChainReads):
@@ -162,7 +276,7 @@ class ChainReadThreads(ChainReads):
 
 def test_a_read_that_needs_the_chain_is_judged_in_the_pool_and_spends_its_nonce_once(
     world: World, tmp_path: Path, pool: ThreadPoolExecutor
-) -> None:  # noqa: F811
+) -> None:
     world.enroll(world.kfrag())
     # The index has not seen the grant yet: the refusal is confirmed against the chain.
     chain = ChainReadThreads(world.registry)
@@ -195,7 +309,7 @@ class HangingChain(ChainReads):
 
 def test_a_hanging_chain_endpoint_holds_a_pool_thread_never_the_loop(
     world: World, tmp_path: Path, pool: ThreadPoolExecutor
-) -> None:  # noqa: F811
+) -> None:
     world.enroll(world.kfrag())
     chain = HangingChain(world.registry)
     node, audit = node_with(world, tmp_path, chain=chain, index=world.registry)

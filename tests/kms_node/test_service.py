@@ -239,6 +239,11 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path: Path) -> World:
+    """A node with one enrolled-to-be patient (alice), grantee (bob) and record."""
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     registry = MemoryRegistry()
     registry.patients[alice.address] = PatientInfo(
