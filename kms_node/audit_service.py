@@ -17,7 +17,8 @@ class AuditService:
         self._log = log
 
     def rpc_methods(self) -> list[rpc.Method]:
-        """The ``kms.v1.Audit`` service's methods, for ``rpc.service_handler``."""
+        """The ``kms.v1.Audit`` service's methods (synchronous: the node runs them in its
+        pool, kms_node/loop_service.py ``in_pool_methods``)."""
         return [
             rpc.Method(
                 "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _c: self.checkpoint(m)

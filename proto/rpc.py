@@ -187,47 +187,25 @@ def aio_service_handler(
     return _generic_handler(service, methods, wrap)
 
 
-def add_health_and_reflection(server: grpc.Server, services: list[str]) -> Any:
-    """Standard health checking and server reflection on a threaded server.
-
-    Returns the health servicer so the caller can flip to NOT_SERVING on shutdown.
-    """
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for name in ["", *services]:
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    return servicer
-
-
-def _health_status(serving: bool) -> Any:
+async def aio_set_health(servicer: Any, services: list[str], serving: bool) -> None:
+    """Report every service (and the server as a whole, "") SERVING or NOT_SERVING on a
+    ``grpc.aio`` server's health servicer."""
     from grpc_health.v1 import health_pb2
 
-    if serving:
-        return health_pb2.HealthCheckResponse.SERVING
-    return health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def set_health(servicer: Any, services: list[str], serving: bool) -> None:
-    """Report every service (and the server as a whole, "") SERVING or NOT_SERVING on a
-    threaded server's health servicer."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ["", *services]:
-        servicer.set(name, _health_status(serving))
-
-
-async def aio_set_health(servicer: Any, services: list[str], serving: bool) -> None:
-    """The same on a ``grpc.aio`` server's health servicer."""
-    for name in ["", *services]:
-        await servicer.set(name, _health_status(serving))
+        await servicer.set(name, status)
 
 
 async def aio_add_health_and_reflection(server: grpc.aio.Server, services: list[str]) -> Any:
-    """The same for a ``grpc.aio`` server."""
+    """Standard health checking and server reflection on a ``grpc.aio`` server.
+
+    Returns the health servicer so the caller can flip to NOT_SERVING on shutdown.
+    """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
