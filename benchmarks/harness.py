@@ -241,6 +241,7 @@ def _main_phases(
     phases["node_single_c1"] = measure(
         node.single, pids=node_pids, concurrency=1, duration_s=plan.latency_s, plan=plan, node=node
     )
+    commits_before = audit_commits(node.node.metrics_url)
     phases[f"node_single_c{c}"] = measure(
         node.single,
         pids=node_pids,
@@ -248,6 +249,9 @@ def _main_phases(
         duration_s=plan.throughput_s,
         plan=plan,
         node=node,
+    )
+    phases[f"node_single_c{c}"]["entries_per_commit"] = entries_per_commit(
+        commits_before, audit_commits(node.node.metrics_url)
     )
     why_not = node.batch_unsupported()
     if why_not is None:
@@ -293,6 +297,22 @@ def _main_phases(
         for provider in providers:
             provider.close()
     return phases
+
+
+def audit_commits(metrics_url: str) -> tuple[float, float]:
+    """The audit commits a node has made so far, and the entries they held (its
+    ``kms_node_audit_commit_entries`` histogram)."""
+    samples = metrics_scrape.scrape(metrics_url)
+    return (
+        samples.get("kms_node_audit_commit_entries_count", 0.0),
+        samples.get("kms_node_audit_commit_entries_sum", 0.0),
+    )
+
+
+def entries_per_commit(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Entries per audit commit between two ``audit_commits`` readings."""
+    commits, entries = after[0] - before[0], after[1] - before[1]
+    return entries / commits if commits else None
 
 
 def _cluster_counters(cluster: LocalCluster) -> dict[str, float]:

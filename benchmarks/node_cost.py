@@ -28,12 +28,13 @@ from benchmarks.harness import (
     BENCH_NODE_SETTINGS,
     FULL,
     Plan,
+    audit_commits,
+    entries_per_commit,
     measure,
     say,
 )
 from benchmarks.load import run_closed_loop
 from benchmarks.workload import prepare
-from deploy import metrics_scrape
 from deploy.local_cluster import LocalCluster
 
 SINGLE_CONCURRENCY = 4
@@ -45,15 +46,6 @@ def _wire_rate(duration_s: float) -> float:
     base = baseline.measure(duration_s=duration_s, threshold=1, shares=1)
     rate: float = base["wire_reencrypt_rate_per_core"]
     return rate
-
-
-def _commits(cluster: LocalCluster) -> tuple[float, float]:
-    """The audit commits node 1 has made, and the entries they held (its /metrics)."""
-    samples = metrics_scrape.scrape(cluster.nodes[0].metrics_url)
-    return (
-        samples.get("kms_node_audit_commit_entries_count", 0.0),
-        samples.get("kms_node_audit_commit_entries_sum", 0.0),
-    )
 
 
 def run(
@@ -85,7 +77,7 @@ def run(
                 results = []
                 for i in range(rounds):
                     wire = _wire_rate(1.0)
-                    commits_before = _commits(cluster)
+                    commits_before = audit_commits(cluster.nodes[0].metrics_url)
                     single = measure(
                         node.single,
                         pids=pids,
@@ -93,9 +85,8 @@ def run(
                         duration_s=seconds,
                         plan=plan,
                     )
-                    commits, entries = (
-                        after - before
-                        for after, before in zip(_commits(cluster), commits_before, strict=True)
+                    grouped = entries_per_commit(
+                        commits_before, audit_commits(cluster.nodes[0].metrics_url)
                     )
                     batch = measure(
                         lambda j: node.batch(j, BATCH),
@@ -110,7 +101,7 @@ def run(
                         "single_node_cpu_ms": single["cpu_ms_per_request"]["nodes"],
                         "single_client_cpu_ms": single["cpu_ms_per_request"]["client"],
                         "single_rps": single["throughput_rps"],
-                        "single_entries_per_commit": entries / commits if commits else None,
+                        "single_entries_per_commit": grouped,
                         "batch_node_cpu_ms_per_capsule": batch["cpu_ms_per_request"]["nodes"]
                         / BATCH,
                         "node_single_cost_x": stats.node_cost_x(
