@@ -91,6 +91,13 @@ class ShareCollection:
         for collector in self.collectors.values():
             collector.reject(node_id, status, message)
 
+    def valid(self, record_id: bytes) -> list[common_pb2.CapsuleFragment]:
+        """Every valid fragment of the capsule so far, in arrival order, threshold or not."""
+        return [
+            common_pb2.CapsuleFragment(node_id=n, cfrag=c, receipt=self._receipts[(record_id, n)])
+            for n, c in self.collectors[record_id].valid.items()
+        ]
+
     def outcome(self, record_id: bytes) -> list[common_pb2.CapsuleFragment] | KmsError:
         """The capsule's first ``threshold`` valid fragments, or why there are not as many."""
         collector = self.collectors[record_id]

@@ -77,8 +77,9 @@ NODE_IN_ROTATION = Gauge(
 
 LYING_FRAGMENTS = Counter(
     "kms_coordinator_lying_fragments_total",
-    "Fragments the coordinator found not to verify (reported by an app, or checked "
-    "before relaying), by the node that sent them (taken out of rotation: ADR 14)",
+    "Fragments the coordinator found unusable, by the node that sent them (taken out "
+    "of rotation: ADR 14): not verifying (reported by an app, or checked before "
+    "relaying), or of another kfrag set than the one m nodes agree on",
     ["node"],
     registry=REGISTRY,
 )

@@ -48,6 +48,7 @@ from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Domain, authenticate_digest, signing_digest
 from core.requests import BatchQuery, Enrollment, ReencryptionQuery
+from core.umbral_codec import cfrag_precursor, load_cfrag
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 
@@ -399,6 +400,22 @@ class CoordinatorService:
         log.warning("node_lied", node_id=node_id, request_id=request_id, record_id=record_id.hex())
         rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
+    def _stale(self, node_id: str, request_id: str, record_id: bytes) -> None:
+        """A fragment from ``node_id`` verified but was of another kfrag set than ``m``
+        others of the same capsule: replayed from an earlier set, or its node missed the
+        patient's last enrollment. Either way it cannot serve the grant; named, counted
+        and suspected as a lie is (ADR 14)."""
+        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+        log.warning(
+            "node_stale_fragment",
+            node_id=node_id,
+            request_id=request_id,
+            record_id=record_id.hex(),
+            why="its fragment is of another kfrag set than the other nodes': replayed, or "
+            "the node missed the patient's last enrollment",
+        )
+        rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
+
     def _verifies(self, node_id: str) -> bool:
         """Whether a fragment from ``node_id`` is verified before it is relayed."""
         return self._settings.verify_every_fragment or self._pool.suspect(node_id, time.monotonic())
@@ -434,9 +451,12 @@ class CoordinatorService:
     ) -> list[tuple[bytes, Outcome]]:
         """Check the reported fragments of a kept read (ADR 14). Each one that does not
         verify takes its node out of rotation (``node_lied``, counted per node) and is
-        replaced by a verified fragment from a node not yet asked. If any reported
-        fragment verifies, the report is false: charged to the read's requester as that
-        many refusals, and refused, with no replacements. The read is retried once."""
+        replaced by a verified fragment from a node not yet asked. A record reported
+        inconsistent (its fragments verify but do not combine) is settled by
+        :meth:`_agree`. If any reported fragment verifies, or an inconsistent record's
+        fragments are of one kfrag set, the report is false: charged to the read's
+        requester as that many refusals, and refused, with no replacements. The read is
+        retried once."""
         read_id = bytes(msg.read_id)
         if len(read_id) != READ_ID_BYTES:
             raise InvalidRequest(f"read_id must be {READ_ID_BYTES} bytes, as answered")
@@ -447,13 +467,17 @@ class CoordinatorService:
                 f"than {self._relayed.keep_s:g} s; send the read again"
             )
         reported = _reported(msg, read)
-        if not batch and len(reported) > 1:
+        inconsistent = _inconsistent(msg, read)
+        if not reported and not inconsistent:
+            raise InvalidRequest("report at least one fragment or inconsistent record")
+        if not batch and len(set(reported) | set(inconsistent)) > 1:
             raise InvalidRequest(
                 "fragments of several records are reported with RetryReencryptBatch"
             )
         self._relayed.take(read_id, time.monotonic())
         lied: dict[bytes, list[str]] = {}
-        false: list[str] = []
+        false: list[str] = []  # nodes whose reported fragment verifies
+        one_set: list[bytes] = []  # records reported inconsistent whose fragments agree
         for record_id, node_ids in reported.items():
             capsule = read.capsules[record_id]
             for node_id in node_ids:
@@ -461,23 +485,104 @@ class CoordinatorService:
                     false.append(node_id)
                 else:
                     lied.setdefault(record_id, []).append(node_id)
+        # record id -> kfrag set (precursor) -> the nodes whose verified fragments are of it
+        sets: dict[bytes, dict[bytes, list[str]]] = {}
+        for record_id in inconsistent:
+            capsule = read.capsules[record_id]
+            by_set: dict[bytes, list[str]] = {}
+            for node_id, fragment in capsule.fragments.items():
+                if node_id in lied.get(record_id, ()):
+                    continue
+                cfrag = bytes(fragment.cfrag)
+                if capsule.verifier.check(cfrag):
+                    by_set.setdefault(cfrag_precursor(load_cfrag(cfrag)), []).append(node_id)
+                elif node_id not in lied.setdefault(record_id, []):
+                    lied[record_id].append(node_id)
+            if len(by_set) > 1:
+                sets[record_id] = by_set
+            else:
+                one_set.append(record_id)
         for record_id, node_ids in lied.items():
             for node_id in node_ids:
                 self._lied(node_id, read.request_id, record_id)
-        if false:
-            metrics.FALSE_REPORTS.inc(len(false))
-            self._admission.charge_refusals(read.ticket, len(false))
+        if false or one_set:
+            claims = len(false) + len(one_set)
+            metrics.FALSE_REPORTS.inc(claims)
+            self._admission.charge_refusals(read.ticket, claims)
             log.warning(
                 "false_report",
                 requester=read.ticket.requester,
                 request_id=read.request_id,
                 nodes=false,
+                records=[r.hex() for r in one_set],
             )
+            why = [f"the fragment from {n} verifies" for n in false]
+            why += [f"the fragments of record 0x{r.hex()} are of one kfrag set" for r in one_set]
             raise InvalidRequest(
-                f"reported fragments verify (from {', '.join(false)}): a false report, "
-                "charged to the requester as refused requests"
+                f"a false report ({'; '.join(why)}), charged to the requester as refused requests"
             )
-        return await self._replace(read, lied, self._timeout(context))
+        timeout = self._timeout(context)
+        outcomes = dict(await self._agree(read, sets, lied, timeout)) if sets else {}
+        rest = {r: nodes for r, nodes in lied.items() if r not in sets}
+        if rest:
+            outcomes.update(await self._replace(read, rest, timeout))
+        return [(r, outcomes[r]) for r in read.record_ids if r in outcomes]
+
+    async def _agree(
+        self,
+        read: RelayedRead,
+        sets: dict[bytes, dict[bytes, list[str]]],
+        lied: dict[bytes, list[str]],
+        timeout: float,
+    ) -> list[tuple[bytes, Outcome]]:
+        """Each capsule of ``sets`` (relayed fragments that verify but come from different
+        kfrag sets): every node the read did not ask is asked too, its fragment verified,
+        and the set that the most nodes' fragments are of, if ``m`` of them, answers.
+        Fragments of any other set cannot combine with it: their nodes (a replayed
+        fragment of an earlier set, or a node that missed the patient's last enrollment)
+        are named and suspected as a lying node is (``node_stale_fragment``)."""
+        m = self._settings.threshold
+        candidates = [n for n in self._pool.node_ids if n not in read.asked]
+        collection = None
+        if candidates:
+            collection = await self._ask_unasked(
+                read, {r: len(candidates) for r in sets}, candidates, timeout
+            )
+        outcomes: list[tuple[bytes, Outcome]] = []
+        for record_id, by_set in sets.items():
+            liars = lied.get(record_id, [])
+            fragments = {
+                n: f for n, f in read.capsules[record_id].fragments.items() if n not in liars
+            }
+            groups = {precursor: list(nodes) for precursor, nodes in by_set.items()}
+            for fragment in collection.valid(record_id) if collection else []:
+                fragments[fragment.node_id] = fragment
+                precursor = cfrag_precursor(load_cfrag(bytes(fragment.cfrag)))
+                groups.setdefault(precursor, []).append(fragment.node_id)
+            agreed = max(groups.values(), key=len)
+            if len(agreed) < m:
+                sizes = ", ".join(str(len(nodes)) for nodes in groups.values())
+                outcomes.append(
+                    (
+                        record_id,
+                        InsufficientFragments(
+                            f"the nodes' fragments come from {len(groups)} kfrag sets "
+                            f"({sizes} nodes): no {m} of them agree"
+                        ),
+                    )
+                )
+                continue
+            for nodes in groups.values():
+                if nodes is not agreed:
+                    for node_id in nodes:
+                        self._stale(node_id, read.request_id, record_id)
+            outcomes.append((record_id, [fragments[n] for n in agreed[:m]]))
+        log.info(
+            "reencrypt_agreed",
+            request_id=read.request_id,
+            records=[r.hex() for r in sets],
+        )
+        return outcomes
 
     async def _replace(
         self, read: RelayedRead, lied: dict[bytes, list[str]], timeout: float
@@ -494,20 +599,7 @@ class CoordinatorService:
                     f"{len(candidates)} nodes were not asked already"
                 )
         else:
-            collection = ShareCollection(
-                needed,
-                candidates,
-                {r: read.capsules[r].verifier for r in lied},
-                lambda _node_id: True,
-                lambda node_id, record_id: self._lied(node_id, read.request_id, record_id),
-            )
-            await fan_out(
-                self._pool,
-                self._nodes,
-                lambda node: read.ask(node, timeout),
-                collection,
-                exclude=read.asked,
-            )
+            collection = await self._ask_unasked(read, needed, candidates, timeout)
             replacements = {r: collection.outcome(r) for r in lied}
         outcomes: list[tuple[bytes, Outcome]] = []
         for record_id in read.record_ids:
@@ -528,6 +620,28 @@ class CoordinatorService:
         )
         return outcomes
 
+    async def _ask_unasked(
+        self, read: RelayedRead, needed: dict[bytes, int], candidates: list[str], timeout: float
+    ) -> ShareCollection:
+        """``needed`` verified fragments of each capsule from ``candidates``, nodes the
+        read had not asked (a node refuses a signed request it has seen); a fragment that
+        does not verify is a lie caught."""
+        collection = ShareCollection(
+            needed,
+            candidates,
+            {r: read.capsules[r].verifier for r in needed},
+            lambda _node_id: True,
+            lambda node_id, record_id: self._lied(node_id, read.request_id, record_id),
+        )
+        await fan_out(
+            self._pool,
+            self._nodes,
+            lambda node: read.ask(node, timeout),
+            collection,
+            exclude=read.asked,
+        )
+        return collection
+
     @staticmethod
     def _log_failures(bound: Any, collector: FragmentCollector) -> None:
         for failure in collector.failures:
@@ -544,9 +658,7 @@ def _capsule_result(record_id: bytes, outcome: Outcome) -> coordinator_pb2.Capsu
 
 def _reported(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> dict[bytes, list[str]]:
     """The reported fragments, by record id (an empty one names a single read's capsule):
-    each must be one the read relayed, and at least one is."""
-    if not msg.reported:
-        raise InvalidRequest("report at least one fragment that does not verify")
+    each must be one the read relayed."""
     reported: dict[bytes, list[str]] = {}
     for fragment in msg.reported:
         record_id = bytes(fragment.record_id)
@@ -562,3 +674,20 @@ def _reported(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> dict[
         if fragment.node_id not in nodes:
             nodes.append(fragment.node_id)
     return reported
+
+
+def _inconsistent(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> list[bytes]:
+    """The records reported inconsistent (an empty id names a single read's capsule), in
+    the read's order: each must be one the read relayed."""
+    named = set()
+    for raw in msg.inconsistent:
+        record_id = bytes(raw)
+        if not record_id and len(read.record_ids) == 1:
+            record_id = read.record_ids[0]
+        if record_id not in read.capsules:
+            raise InvalidRequest(
+                f"record 0x{record_id.hex()[:64]} was not relayed in this read: it cannot be "
+                "reported inconsistent"
+            )
+        named.add(record_id)
+    return [r for r in read.record_ids if r in named]

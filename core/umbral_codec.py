@@ -72,6 +72,18 @@ def load_cfrag(data: bytes, field: str = "cfrag") -> umbral.CapsuleFrag:
         raise InvalidRequest(f"{field} is not a valid Umbral capsule fragment") from None
 
 
+#: where a cfrag's precursor lies in umbral-pre 0.11's simple serialisation (``to_bytes_simple``:
+#: point E1, point V1, the kfrag id, then the precursor, a compressed point)
+_PRECURSOR = slice(33 + 33 + 32, 33 + 33 + 32 + PUBLIC_KEY_SIZE)
+
+
+def cfrag_precursor(cfrag: umbral.CapsuleFrag | umbral.VerifiedCapsuleFrag) -> bytes:
+    """The precursor of the kfrag set a cfrag was made with: every kfrag of one set (one
+    ``generate_kfrags`` call) shares it, and cfrags of different sets cannot be combined
+    (umbral-pre: "CapsuleFrags are not pairwise consistent")."""
+    return bytes(cfrag.to_bytes_simple()[_PRECURSOR])
+
+
 def capsule_hash(capsule_bytes: bytes) -> bytes:
     """The 32-byte hash of a capsule as anchored in the registry (SHA-256)."""
     return hashlib.sha256(capsule_bytes).digest()

@@ -6,7 +6,9 @@ every capsule fragment is verified against the patient's registered keys
 before it is used. The coordinator relays fragments without verifying them; the
 fragments that do not verify are reported back (RetryReencrypt, ADR 14), and the
 coordinator answers with verified replacements and takes the node that sent them
-out of rotation.
+out of rotation. So are fragments that verify but come from different kfrag sets
+(they cannot be combined): the coordinator then answers with fragments of the set
+that m nodes agree on, and takes the others out of rotation.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from core.errors import (
 from core.registry_interface import ProviderRegistry
 from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
-from core.umbral_codec import VerificationError, capsule_hash, load_cfrag
+from core.umbral_codec import VerificationError, capsule_hash, cfrag_precursor, load_cfrag
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, record_pb2
 from proto.stubs import CoordinatorStub
@@ -78,6 +80,13 @@ class CheckedFragments:
     verified: list[umbral.VerifiedCapsuleFrag]
     used: list[common_pb2.CapsuleFragment]
     bad: list[str]
+
+    @property
+    def inconsistent(self) -> bool:
+        """Whether the verified fragments come from different kfrag sets, so that they
+        cannot be combined (to report: one node replays a fragment of an earlier set, or
+        missed the patient's last enrollment)."""
+        return len({cfrag_precursor(c) for c in self.verified}) > 1
 
 
 @dataclass(frozen=True)
@@ -219,13 +228,15 @@ class ProviderClient:
         )
         with _answering(request.request_id):
             checked = self._check(patient, record, envelope, response.fragments)
-            if checked.bad and response.read_id:
+            inconsistent = checked.inconsistent
+            if (checked.bad or inconsistent) and response.read_id:
                 reported = coordinator_pb2.RetryReadRequest(
                     read_id=response.read_id,
                     reported=[
                         coordinator_pb2.ReportedFragment(record_id=record_id, node_id=n)
                         for n in checked.bad
                     ],
+                    inconsistent=[record_id] if inconsistent else [],
                 )
                 response = self._retry(self._coordinator.RetryReencrypt, reported)
                 checked = self._check(patient, record, envelope, response.fragments)
@@ -299,11 +310,14 @@ class ProviderClient:
         }
         envelopes = {rec.record_id: (rec, env) for rec, env, _ in fetched}
 
-        def open_all(answers: Iterable[coordinator_pb2.CapsuleFragments]) -> dict[bytes, list[str]]:
+        def open_all(
+            answers: Iterable[coordinator_pb2.CapsuleFragments],
+        ) -> tuple[dict[bytes, list[str]], list[bytes]]:
             """Open each answered record not opened yet into ``results`` (a record opened
             keeps the fragments that opened it); the nodes of the fragments that did not
-            verify, by record."""
+            verify, by record, and the records whose fragments do not combine."""
             bad: dict[bytes, list[str]] = {}
+            inconsistent: list[bytes] = []
             for result in answers:
                 record_id = bytes(result.record_id)
                 if record_id not in envelopes or isinstance(results[record_id], OpenedRecord):
@@ -316,13 +330,15 @@ class ProviderClient:
                     checked = self._check(patient, record, envelope, result.fragments)
                     if checked.bad:
                         bad[record_id] = checked.bad
+                    if checked.inconsistent:
+                        inconsistent.append(record_id)
                     results[record_id] = self._open(patient, record, envelope, checked)
                 except KmsError as e:
                     results[record_id] = e
-            return bad
+            return bad, inconsistent
 
-        bad = open_all(response.results)
-        if bad and response.read_id:
+        bad, inconsistent = open_all(response.results)
+        if (bad or inconsistent) and response.read_id:
             reported = coordinator_pb2.RetryReadRequest(
                 read_id=response.read_id,
                 reported=[
@@ -330,12 +346,13 @@ class ProviderClient:
                     for r, nodes in bad.items()
                     for n in nodes
                 ],
+                inconsistent=inconsistent,
             )
             try:
                 retried = self._retry(self._coordinator.RetryReencryptBatch, reported)
                 open_all(retried.results)
             except KmsError as e:
-                for record_id in bad:
+                for record_id in [*bad, *inconsistent]:
                     if isinstance(results[record_id], KmsError):  # not opened without it
                         results[record_id] = e
         for outcome in results.values():

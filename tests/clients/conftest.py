@@ -119,6 +119,9 @@ class FakeCoordinator:
     batch_requests: list[common_pb2.ReencryptionBatchRequest] = field(default_factory=list)
     #: nodes whose fragments are corrupted in a read's first answer (not in a retry)
     lying: set[str] = field(default_factory=set)
+    #: node id -> a kfrag of another set, which that node re-encrypts with in a read's
+    #: first answer (a replayed or stale fragment: it verifies but does not combine)
+    stale: dict[str, umbral.VerifiedKeyFrag] = field(default_factory=dict)
     #: every retry the app sent (ADR 14)
     retries: list[coordinator_pb2.RetryReadRequest] = field(default_factory=list)
     #: the answer to a retry; None answers with the read's fragments, none corrupted
@@ -157,6 +160,8 @@ class FakeCoordinator:
         capsule = umbral.Capsule.from_bytes(capsule_bytes)
         fragments = []
         for n, k in zip(NODE_IDS, self.kfrags, strict=False):
+            if lie and n in self.stale:
+                k = self.stale[n]
             cfrag = bytes(umbral.reencrypt(capsule, k))
             if lie and n in self.lying:
                 cfrag = cfrag[:-40] + bytes(40)
@@ -201,6 +206,7 @@ class FakeCoordinator:
         if self.retry_error is not None:
             raise self.retry_error
         reported = {bytes(r.record_id) for r in request.reported}
+        reported |= {bytes(r) for r in request.inconsistent}
         results = self._capsules(self.batch_requests[-1], lie=False)
         return coordinator_pb2.CoordinatorBatchResponse(
             results=[r for r in results if r.record_id in reported], threshold=len(self.kfrags)

@@ -119,6 +119,41 @@ def test_fragments_that_do_not_verify_are_reported_and_replaced(
     assert len(coordinator.retries) == 1
 
 
+def test_fragments_of_different_kfrag_sets_are_reported_inconsistent_and_replaced(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    """node-2 answers with a fragment of an earlier kfrag set: it verifies, but the
+    fragments cannot be combined. The app reports the record, not a node (it cannot tell
+    which set is current), and reads the coordinator's replacements."""
+    earlier = kfrags(alice, LAB, doctor.umbral_public_key())
+    granted.stale = {"node-2": earlier[1]}
+    assert reader.read_record(stored.record_id) == lab_result()
+    (report,) = granted.retries
+    assert list(report.reported) == []
+    assert [bytes(r) for r in report.inconsistent] == [stored.record_id]
+
+
+def test_a_batch_reports_its_inconsistent_records_in_one_retry(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    granted.stale = {"node-3": kfrags(alice, LAB, doctor.umbral_public_key())[2]}
+    read = reader.read_records(records)
+    assert read == {r: lab_result() for r in records}
+    (report,) = granted.retries
+    assert [bytes(r) for r in report.inconsistent] == records
+
+
 def test_a_refused_report_fails_the_read_with_the_coordinators_reason(
     reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator
 ) -> None:

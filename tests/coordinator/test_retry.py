@@ -28,6 +28,7 @@ from core.errors import (
 from core.rate_limit import REFUSAL_COST
 from core.record_types import RecordType
 from core.requests import ReencryptionQuery
+from core.umbral_codec import cfrag_precursor, load_cfrag
 from proto.kms.v1 import coordinator_pb2
 from tests.coordinator.test_fan_out import (
     DOMAIN,
@@ -51,6 +52,11 @@ def retry(
         read_id=read_id, reported=[coordinator_pb2.ReportedFragment(node_id=n) for n in nodes]
     )
     return asyncio.run(world.service.retry_reencrypt(request, Context()))  # type: ignore[arg-type]
+
+
+def false_report_of(node_id: str) -> str:
+    """The refusal of a report that names ``node_id``'s fragment, which verifies."""
+    return f"a false report \\(the fragment from {node_id} verifies\\)"
 
 
 def lies(node_id: str) -> float:
@@ -230,7 +236,7 @@ def test_a_false_report_is_refused_counted_and_charged(world: World) -> None:
     lies_before = lies(honest)
     with frozen_budget(world) as tokens:
         budget = tokens()
-        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+        with pytest.raises(InvalidRequest, match=false_report_of(honest)):
             retry(world, response.read_id, honest)
         # As ten single requests (REFUSAL_COST), as a refused capsule costs.
         assert tokens() == budget - REFUSAL_COST
@@ -253,7 +259,7 @@ def test_a_report_with_a_lie_and_a_false_one_acts_on_the_lie_and_is_refused(
     liar_before, honest_before = lies("node-2"), lies(honest)
     with frozen_budget(world) as tokens:
         budget = tokens()
-        with pytest.raises(InvalidRequest, match=f"verify \\(from {honest}\\): a false report"):
+        with pytest.raises(InvalidRequest, match=false_report_of(honest)):
             retry(world, response.read_id, "node-2", honest)
         assert tokens() == budget - REFUSAL_COST
     assert (lies("node-2"), lies(honest)) == (liar_before + 1, honest_before)
@@ -357,3 +363,99 @@ def test_a_coordinator_keeps_reads_ten_seconds_and_fifty_thousand_capsules(world
     for _ in range(50_000):
         kept.keep(read, now)
     assert len(kept) == 50_000 and kept.peek(first, now) is None
+
+
+# --- fragments that verify but do not combine (a replayed or stale kfrag set) ---------------
+
+
+def first_choices(world: World, *nodes: str) -> None:
+    """Make ``nodes`` the pool's first choices: the best known latencies."""
+    for node_id in world.nodes:
+        latency = 0.0001 if node_id in nodes else 0.001
+        world.pool.succeeded(node_id, latency, time.monotonic())
+
+
+def retry_inconsistent(
+    world: World, read_id: bytes
+) -> coordinator_pb2.CoordinatorReencryptResponse:
+    request = coordinator_pb2.RetryReadRequest(read_id=read_id, inconsistent=[b""])
+    return asyncio.run(world.service.retry_reencrypt(request, Context()))  # type: ignore[arg-type]
+
+
+def precursors(response: coordinator_pb2.CoordinatorReencryptResponse) -> dict[str, bytes]:
+    return {f.node_id: cfrag_precursor(load_cfrag(f.cfrag)) for f in response.fragments}
+
+
+def test_a_node_replaying_an_earlier_kfrag_set_is_found_and_the_read_served(
+    world: World,
+) -> None:
+    earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    world.nodes["node-2"].kfrag = earlier[1]
+    prefer(world, "node-2")
+    before = lies("node-2")
+    response = world.run()
+    _all_verify(world, response)  # every fragment verifies: nothing to report as a lie...
+    assert len(set(precursors(response).values())) == 2  # ...but they do not combine
+    retried = retry_inconsistent(world, response.read_id)
+    assert len(retried.fragments) == 3
+    assert "node-2" not in precursors(retried)
+    assert len(set(precursors(retried).values())) == 1
+    _all_verify(world, retried)
+    assert lies("node-2") == before + 1
+    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    # Every node the read had not asked was asked, to find the set m nodes agree on.
+    assert sum(n.calls for n in world.nodes.values()) == 5
+
+
+def test_two_nodes_replaying_one_earlier_set_are_outvoted_by_the_rest(world: World) -> None:
+    """Two of the three nodes first asked agree with each other on an earlier set: the
+    app cannot tell which set is current; the coordinator asks the other two nodes, and
+    the set three nodes agree on answers."""
+    earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    world.nodes["node-2"].kfrag, world.nodes["node-3"].kfrag = earlier[1], earlier[2]
+    first_choices(world, "node-2", "node-3")
+    response = world.run()
+    assert {"node-2", "node-3"} <= set(precursors(response))
+    retried = retry_inconsistent(world, response.read_id)
+    agreed = precursors(retried)
+    assert len(agreed) == 3 and not {"node-2", "node-3"} & set(agreed)
+    assert len(set(agreed.values())) == 1
+    _all_verify(world, retried)
+    in_rotation = world.pool.in_rotation(time.monotonic())
+    assert "node-2" not in in_rotation and "node-3" not in in_rotation
+
+
+def test_when_no_m_nodes_agree_on_a_set_the_read_fails_and_says_why(world: World) -> None:
+    first_set = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    second_set = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    world.nodes["node-2"].kfrag, world.nodes["node-3"].kfrag = first_set[1], first_set[2]
+    world.nodes["node-4"].kfrag, world.nodes["node-5"].kfrag = second_set[3], second_set[4]
+    first_choices(world, "node-1", "node-2", "node-3")
+    response = world.run()
+    with pytest.raises(InsufficientFragments, match="from 3 kfrag sets .* no 3 of them agree"):
+        retry_inconsistent(world, response.read_id)
+
+
+def test_a_false_claim_of_inconsistency_is_refused_and_charged(world: World) -> None:
+    response = world.run()
+    false_before = metrics.FALSE_REPORTS._value.get()
+    with frozen_budget(world) as tokens:
+        budget = tokens()
+        with pytest.raises(InvalidRequest, match="a false report .* are of one kfrag set"):
+            retry_inconsistent(world, response.read_id)
+        assert tokens() == budget - REFUSAL_COST
+    assert metrics.FALSE_REPORTS._value.get() == false_before + 1
+    assert sum(n.calls for n in world.nodes.values()) == 3  # nobody else asked
+    assert len(world.pool.in_rotation(time.monotonic())) == 5
+
+
+def test_an_inconsistent_record_must_be_one_the_read_relayed(world: World) -> None:
+    response = world.run()
+    request = coordinator_pb2.RetryReadRequest(
+        read_id=response.read_id, inconsistent=[b"\x05" * 32]
+    )
+    with pytest.raises(InvalidRequest, match="was not relayed in this read"):
+        asyncio.run(world.service.retry_reencrypt(request, Context()))  # type: ignore[arg-type]
+    empty = coordinator_pb2.RetryReadRequest(read_id=response.read_id)
+    with pytest.raises(InvalidRequest, match="report at least one fragment or inconsistent"):
+        asyncio.run(world.service.retry_reencrypt(empty, Context()))  # type: ignore[arg-type]

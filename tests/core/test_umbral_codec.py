@@ -47,3 +47,58 @@ def test_at_most_4096_parsed_keys_are_kept_and_a_bad_one_is_not() -> None:
     load_public_key(keys[-1])
     load_public_key(keys[0])  # the least recently used: parsed again
     assert umbral_codec._public_key.cache_info().hits == hits + 1
+
+
+def _cfrags_of_a_new_kfrag_set(
+    delegating: umbral.SecretKey,
+    receiving: umbral.SecretKey,
+    signer: umbral.Signer,
+    capsule: umbral.Capsule,
+) -> list[umbral.VerifiedCapsuleFrag]:
+    kfrags = umbral.generate_kfrags(
+        delegating_sk=delegating,
+        receiving_pk=receiving.public_key(),
+        signer=signer,
+        threshold=2,
+        shares=3,
+        sign_delegating_key=True,
+        sign_receiving_key=True,
+    )
+    return [umbral.reencrypt(capsule, k) for k in kfrags]
+
+
+def test_cfrags_of_one_kfrag_set_share_a_precursor_and_others_do_not_combine() -> None:
+    delegating, receiving = umbral.SecretKey.random(), umbral.SecretKey.random()
+    signer = umbral.Signer(umbral.SecretKey.random())
+    capsule, ciphertext = umbral.encrypt(delegating.public_key(), b"the dek")
+    first = _cfrags_of_a_new_kfrag_set(delegating, receiving, signer, capsule)
+    renewed = _cfrags_of_a_new_kfrag_set(delegating, receiving, signer, capsule)
+    precursors = {umbral_codec.cfrag_precursor(c) for c in first}
+    assert len(precursors) == 1
+    (precursor,) = precursors
+    assert len(precursor) == umbral_codec.PUBLIC_KEY_SIZE
+    assert (
+        {umbral_codec.cfrag_precursor(c) for c in renewed}
+        == {umbral_codec.cfrag_precursor(renewed[0])}
+        != precursors
+    )
+    # From the bytes a node sends, unverified, the same.
+    wire = umbral_codec.load_cfrag(bytes(first[1]))
+    assert umbral_codec.cfrag_precursor(wire) == precursor
+    # What the precursor tells apart is what cannot be combined.
+    with pytest.raises(ValueError, match="not pairwise consistent"):
+        umbral.decrypt_reencrypted(
+            receiving_sk=receiving,
+            delegating_pk=delegating.public_key(),
+            capsule=capsule,
+            verified_cfrags=[first[0], renewed[1]],
+            ciphertext=ciphertext,
+        )
+    opened = umbral.decrypt_reencrypted(
+        receiving_sk=receiving,
+        delegating_pk=delegating.public_key(),
+        capsule=capsule,
+        verified_cfrags=[renewed[0], renewed[2]],
+        ciphertext=ciphertext,
+    )
+    assert opened is not None and bytes(opened) == b"the dek"

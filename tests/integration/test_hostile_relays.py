@@ -416,7 +416,7 @@ def test_a_false_report_is_refused_counted_and_the_node_kept(
         with pytest.raises(grpc.RpcError) as caught:
             coordinator.RetryReencrypt(report, timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"reported fragments verify (from {honest}): a false report" in str(
+        assert f"a false report (the fragment from {honest} verifies)" in str(
             caught.value.details()
         )
         # The read was retried once, falsely: it is gone.
@@ -431,20 +431,14 @@ def test_a_false_report_is_refused_counted_and_the_node_kept(
     assert false["requester"].lower() == people.doctor.address.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IntegrityError,
-    reason="ADR 14 finds only fragments that do not verify: a verifying fragment of an "
-    "earlier kfrag set makes the app's decryption fail with nobody named",
-)
 def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
     people: People, coordinator_with_a_replaying_node: LiarsCoordinator
 ) -> None:
     """A compromised node keeps the fragment it gave for a record under the patient's
     grant and, once she renews the grant (every node gets a kfrag of a new set), sends
-    that one again. It verifies (same capsule, same keys), so the app has nothing to
-    report, but it does not combine with the new set's fragments. ADR 14: a lying node
-    cannot make a read fail while m honest nodes remain that the read had not asked."""
+    that one again. It verifies (same capsule, same keys) but does not combine with the
+    new set's fragments: the app reports the record inconsistent, and the coordinator
+    finds the set m nodes agree on, answers with it and names the liar (ADR 14)."""
     relay = coordinator_with_a_replaying_node
     liar = relay.liar
     assert isinstance(liar, ReplayingNode)
@@ -466,6 +460,8 @@ def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
                 break
     assert liar.corrupted, relay.liar_calls()
     assert relay.lies() == 1
+    (stale,) = relay.events("node_stale_fragment")
+    assert stale["node_id"] == liar.node.node_id
 
 
 # --- a compromised coordinator ------------------------------------------------------------

@@ -114,9 +114,11 @@ class ReportedFragment(_message.Message):
     def __init__(self, record_id: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class RetryReadRequest(_message.Message):
-    __slots__ = ("read_id", "reported")
+    __slots__ = ("read_id", "reported", "inconsistent")
     READ_ID_FIELD_NUMBER: _ClassVar[int]
     REPORTED_FIELD_NUMBER: _ClassVar[int]
+    INCONSISTENT_FIELD_NUMBER: _ClassVar[int]
     read_id: bytes
     reported: _containers.RepeatedCompositeFieldContainer[ReportedFragment]
-    def __init__(self, read_id: _Optional[bytes] = ..., reported: _Optional[_Iterable[_Union[ReportedFragment, _Mapping]]] = ...) -> None: ...
+    inconsistent: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, read_id: _Optional[bytes] = ..., reported: _Optional[_Iterable[_Union[ReportedFragment, _Mapping]]] = ..., inconsistent: _Optional[_Iterable[bytes]] = ...) -> None: ...
