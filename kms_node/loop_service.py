@@ -210,6 +210,8 @@ class LoopNodeService:
         self._service = service
         self._committer = committer
         self._pool = pool
+        #: commits of reads whose calls were cancelled, held until done
+        self._unanswered: set[asyncio.Future[Any]] = set()
 
     def rpc_methods(self, on_enrolled: Callable[[], None]) -> list[rpc.Method]:
         """The ``kms.v1.KmsNode`` service's methods; ``on_enrolled`` runs (in the pool)
@@ -273,11 +275,28 @@ class LoopNodeService:
         return self._service.many_response(msg, judged, receipts)
 
     async def _judge(self, queries: Sequence[ReencryptionQuery]) -> JudgedRead:
-        """Judged in the loop, or in the pool if the judgement needs the chain."""
+        """Judged in the loop, or in the pool if the judgement needs the chain. A read
+        whose call is cancelled while the pool judges it is still committed once judged
+        (its nonce is spent, its decision made), as one cancelled later is: no decision
+        goes unlogged, although no answer leaves."""
         try:
             return self._service.judge(queries, chain_ok=False)
         except NeedsChain:
-            return await self.in_pool(self._service.judge, queries)
+            pass
+        loop = asyncio.get_running_loop()
+        judging = loop.run_in_executor(self._pool, self._service.judge, queries)
+        try:
+            return await asyncio.shield(judging)
+        except asyncio.CancelledError:
+            judging.add_done_callback(self._commit_unanswered)
+            raise
+
+    def _commit_unanswered(self, judging: asyncio.Future[JudgedRead]) -> None:
+        if judging.cancelled() or judging.exception() is not None:
+            return  # nothing was decided
+        commit = asyncio.ensure_future(self._commit([judging.result()]))
+        self._unanswered.add(commit)
+        commit.add_done_callback(self._unanswered.discard)
 
     async def _commit(self, reads: Sequence[JudgedRead]) -> list[Sequence[Receipt]]:
         receipts = await self._committer.append_many(audit_entries(reads))

@@ -331,3 +331,31 @@ def test_a_hanging_chain_endpoint_holds_a_pool_thread_never_the_loop(
 
     asyncio.run(scenario())
     assert audit.checkpoint().tree_size == 2
+
+
+def test_a_read_cancelled_while_the_pool_judges_it_is_still_logged(
+    world: World, tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    """The caller gives up while the chain is read: the read is judged all the same (its
+    nonce spent) and its decision committed to the audit log; no answer leaves."""
+    world.enroll(world.kfrag())
+    chain = HangingChain(world.registry)
+    node, audit = node_with(world, tmp_path, chain=chain, index=StaleIndex(world.registry))
+    service = LoopNodeService(node, LoopCommitter(audit), pool)
+
+    async def scenario() -> None:
+        call = asyncio.ensure_future(service.reencrypt(world.request(nonce=nonce(1)), None))
+        while not chain.reached.is_set():
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        chain.answer.set()
+        for _ in range(500):
+            if audit.checkpoint().tree_size:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert audit.checkpoint().tree_size == 1
+    assert audit.entry(0).decision == "granted"
