@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from deploy.local_cluster import LocalCluster, NodeEntry
 from kms_node.kfrag_store import KfragStore
 from proto.kms.v1 import common_pb2
 from proto.stubs import NodeStub
-from tests.hostile_rpc import HostileRpc, Reply, huge, nested, result, trickle
+from tests.hostile_rpc import HostileRpc, Reply, huge, nested, result, slow, trickle
 from tests.integration.conftest import People
 
 pytestmark = pytest.mark.cluster
@@ -183,3 +184,30 @@ def test_a_revocation_met_while_the_chain_cannot_be_read_is_shredded_once_it_can
         assert hostile.reencrypt(request()).startswith("PERMISSION_DENIED: ")
     finally:
         store.close()
+
+
+def test_a_chain_read_that_hangs_holds_up_no_read_the_index_can_judge(
+    people: People, hostile: HostileChainNode
+) -> None:
+    """ADR 17: a read whose judgement needs the chain (here, a record the index does not
+    know) waits for it in the node's pool, never in the loop that serves the others. The
+    endpoint hangs on that read's eth_call; a read the index judges is served meanwhile."""
+    people.grant_doctor([RecordType.LAB_RESULT])
+    capsule = bytes(parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri)).capsule)
+    signer = people.doctor_signer()
+    patient = people.patient.identity.address
+
+    def request(record_id: bytes) -> common_pb2.ReencryptionRequest:
+        return signer.single(patient, record_id, RecordType.LAB_RESULT, capsule)
+
+    assert hostile.reencrypt(request(people.lab.record_id)) == "OK"
+    hostile.rpc.misbehave(slow(8), "eth_call")  # then hangs up without an answer
+    calls = hostile.rpc.methods.count("eth_call")
+    with ThreadPoolExecutor(max_workers=1) as caller:
+        stuck = caller.submit(hostile.reencrypt, request(bytes(range(32))))
+        _until(lambda: hostile.rpc.methods.count("eth_call") > calls, "the chain read")
+        assert hostile.reencrypt(request(people.lab.record_id)) == "OK"
+        assert not stuck.done()
+        assert stuck.result(timeout=30).startswith("UNAVAILABLE: ")
+    hostile.rpc.behave()
+    assert hostile.process.poll() is None
