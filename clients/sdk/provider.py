@@ -85,7 +85,8 @@ class CheckedFragments:
     def inconsistent(self) -> bool:
         """Whether the verified fragments come from different kfrag sets, so that they
         cannot be combined (to report: one node replays a fragment of an earlier set, or
-        missed the patient's last enrollment)."""
+        missed the patient's last enrollment). About 0.04 ms a fragment: asked only when
+        there is something to report or the record did not open."""
         return len({cfrag_precursor(c) for c in self.verified}) > 1
 
 
@@ -228,18 +229,26 @@ class ProviderClient:
         )
         with _answering(request.request_id):
             checked = self._check(patient, record, envelope, response.fragments)
-            inconsistent = checked.inconsistent
-            if (checked.bad or inconsistent) and response.read_id:
-                reported = coordinator_pb2.RetryReadRequest(
-                    read_id=response.read_id,
-                    reported=[
-                        coordinator_pb2.ReportedFragment(record_id=record_id, node_id=n)
-                        for n in checked.bad
-                    ],
-                    inconsistent=[record_id] if inconsistent else [],
-                )
-                response = self._retry(self._coordinator.RetryReencrypt, reported)
-                checked = self._check(patient, record, envelope, response.fragments)
+            if not response.read_id:
+                return self._open(patient, record, envelope, checked), request.request_id
+            if not checked.bad:
+                try:
+                    return self._open(patient, record, envelope, checked), request.request_id
+                except IntegrityError:
+                    # Whether the fragments combine is asked only now: it costs about
+                    # 0.04 ms a fragment, for what is rare.
+                    if not checked.inconsistent:
+                        raise
+            reported = coordinator_pb2.RetryReadRequest(
+                read_id=response.read_id,
+                reported=[
+                    coordinator_pb2.ReportedFragment(record_id=record_id, node_id=n)
+                    for n in checked.bad
+                ],
+                inconsistent=[record_id] if checked.inconsistent else [],
+            )
+            response = self._retry(self._coordinator.RetryReencrypt, reported)
+            checked = self._check(patient, record, envelope, response.fragments)
             return self._open(patient, record, envelope, checked), request.request_id
 
     def _retry(
@@ -330,9 +339,15 @@ class ProviderClient:
                     checked = self._check(patient, record, envelope, result.fragments)
                     if checked.bad:
                         bad[record_id] = checked.bad
-                    if checked.inconsistent:
-                        inconsistent.append(record_id)
-                    results[record_id] = self._open(patient, record, envelope, checked)
+                        if checked.inconsistent:
+                            inconsistent.append(record_id)
+                    try:
+                        results[record_id] = self._open(patient, record, envelope, checked)
+                    except IntegrityError:
+                        # As for a single read: asked only when the record did not open.
+                        if not checked.bad and checked.inconsistent:
+                            inconsistent.append(record_id)
+                        raise
                 except KmsError as e:
                     results[record_id] = e
             return bad, inconsistent
