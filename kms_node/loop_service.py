@@ -2,9 +2,10 @@
 
 A read is served in the loop's one thread from start to answer: parse, authenticate,
 rate limit, judge by the local grant index, unwrap (HSM) and re-encrypt. Its audit
-entries join those of every read served in the same pass of the loop, and one commit
-(one transaction, one fsync, one HSM signature: kms_node/audit_log.py) makes the whole
-group durable before any of them is answered.
+entries join those of the other reads served in the same pass of the loop (and, while
+reads keep coming, of those that follow within ``MAX_HOLD_S``: ``LoopCommitter``), and
+one commit (one transaction, one fsync, one HSM signature: kms_node/audit_log.py) makes
+the whole group durable before any of them is answered.
 
 The loop never waits on the network. A read whose judgement needs the chain (a refusal
 to confirm, a record the index does not know yet, a block's hash) is judged again in a
