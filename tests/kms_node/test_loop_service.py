@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from core.audit import MAX_RECEIPT_BATCH, AuditEntry, Receipt, verify_receipt
@@ -21,9 +22,12 @@ from core.errors import NotFound, Unavailable
 from core.rate_limit import RateLimiter
 from core.registry_types import AccessState
 from kms_node.audit_log import AuditLog
-from kms_node.loop_service import Arrivals, LoopCommitter, LoopNodeService
+from kms_node.loop_service import Arrivals, LoopCommitter, LoopNodeService, ReadArrivals
 from kms_node.replay import ReplayGuard
 from kms_node.service import NodeService
+from proto import rpc
+from proto.kms.v1 import node_pb2
+from proto.stubs import NODE_SERVICE, AioNodeStub
 from tests.kms_node.test_service import (
     DOMAIN,
     NOW,
@@ -359,3 +363,60 @@ def test_a_read_cancelled_while_the_pool_judges_it_is_still_logged(
     asyncio.run(scenario())
     assert audit.checkpoint().tree_size == 1
     assert audit.entry(0).decision == "granted"
+
+
+class CountedArrivals(Arrivals):
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals = self.starts = 0
+
+    def arrived(self) -> None:
+        self.arrivals += 1
+        super().arrived()
+
+    def started(self) -> None:
+        self.starts += 1
+        super().started()
+
+
+def test_the_server_counts_read_rpcs_as_they_arrive_and_as_they_start(
+    world: World, pool: ThreadPoolExecutor
+) -> None:
+    """ReadArrivals on a real grpc.aio server: each read RPC (even one whose message does
+    not parse) counts as arrived, then started when its handler is entered; other RPCs
+    do not count."""
+    world.enroll(world.kfrag())
+    arrivals = CountedArrivals()
+    committer = LoopCommitter(world.audit, arrivals)
+    service = LoopNodeService(world.node, committer, pool)
+    read_path = f"/{NODE_SERVICE.full_name}/Reencrypt"
+
+    async def scenario() -> list[tuple[int, int]]:
+        server = grpc.aio.server(interceptors=[ReadArrivals([read_path], arrivals, committer)])
+        methods = service.rpc_methods(on_enrolled=lambda: None)
+        server.add_generic_rpc_handlers([rpc.aio_service_handler(NODE_SERVICE, methods)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        seen = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = AioNodeStub(channel)
+                answer = await stub.Reencrypt(world.request(nonce=nonce(1)), timeout=5)
+                assert answer.fragment.cfrag
+                seen.append((arrivals.arrivals, arrivals.starts))
+                await stub.GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
+                seen.append((arrivals.arrivals, arrivals.starts))
+                garbage: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    read_path
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await garbage(b"\xff\xff not a request", timeout=5)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                seen.append((arrivals.arrivals, arrivals.starts))
+        finally:
+            await server.stop(None)
+        return seen
+
+    assert asyncio.run(scenario()) == [(1, 1), (1, 1), (2, 2)]
+    assert not arrivals.expected()
+    assert committer.entries == 1
