@@ -211,7 +211,7 @@ class LoopNodeService:
         self._service = service
         self._committer = committer
         self._pool = pool
-        #: commits of reads whose calls were cancelled, held until done
+        #: reads whose calls were cancelled: judging in the pool, then committing
         self._unanswered: set[asyncio.Future[Any]] = set()
 
     def rpc_methods(self, on_enrolled: Callable[[], None]) -> list[rpc.Method]:
@@ -240,6 +240,12 @@ class LoopNodeService:
             rpc.Method("ReencryptBatch", common_pb2.ReencryptionBatchRequest, self.reencrypt_batch),
             rpc.Method("ReencryptMany", node_pb2.ReencryptManyRequest, self.reencrypt_many),
         ]
+
+    async def finish_unanswered(self) -> None:
+        """Wait until every read whose call was cancelled while the pool judged it is
+        judged and committed (at shutdown, before the loop closes)."""
+        while self._unanswered:
+            await asyncio.gather(*self._unanswered, return_exceptions=True)
 
     async def in_pool(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in the pool, for what may block."""
@@ -289,10 +295,12 @@ class LoopNodeService:
         try:
             return await asyncio.shield(judging)
         except asyncio.CancelledError:
+            self._unanswered.add(judging)
             judging.add_done_callback(self._commit_unanswered)
             raise
 
     def _commit_unanswered(self, judging: asyncio.Future[JudgedRead]) -> None:
+        self._unanswered.discard(judging)
         if judging.cancelled() or judging.exception() is not None:
             return  # nothing was decided
         commit = asyncio.ensure_future(self._commit([judging.result()]))

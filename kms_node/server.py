@@ -206,8 +206,9 @@ async def _serve_until_signalled(
     pool = ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
     arrivals = Arrivals()
     committer = LoopCommitter(CountedAudit(audit), arrivals)
+    reads = LoopNodeService(service, committer, pool)
     server = build_server(
-        LoopNodeService(service, committer, pool),
+        reads,
         AuditService(audit),
         kfrags,
         pool,
@@ -282,7 +283,9 @@ async def _serve_until_signalled(
     readiness.stop()
     await health.enter_graceful_shutdown()
     await server.stop(grace=2)
-    pool.shutdown(wait=True, cancel_futures=True)
+    # Off the loop, so that reads the pool finishes for callers who left are committed.
+    await loop.run_in_executor(None, lambda: pool.shutdown(wait=True, cancel_futures=True))
+    await reads.finish_unanswered()
     opened.unwrapped.clear()
     follower.stop()
     if snapshotter is not None:
