@@ -396,23 +396,30 @@ class CoordinatorService:
         """A fragment from ``node_id`` was found not to verify: reported by an app and
         checked, or checked before relaying (a suspected node's, a replacement, or
         ``verify_every_fragment``). The node is named and suspected (ADR 14)."""
-        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
-        log.warning("node_lied", node_id=node_id, request_id=request_id, record_id=record_id.hex())
-        rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
+        self._suspect("node_lied", node_id, request_id, record_id)
 
     def _stale(self, node_id: str, request_id: str, record_id: bytes) -> None:
         """A fragment from ``node_id`` verified but was of another kfrag set than ``m``
         others of the same capsule: replayed from an earlier set, or its node missed the
         patient's last enrollment. Either way it cannot serve the grant; named, counted
         and suspected as a lie is (ADR 14)."""
-        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
-        log.warning(
+        self._suspect(
             "node_stale_fragment",
-            node_id=node_id,
-            request_id=request_id,
-            record_id=record_id.hex(),
+            node_id,
+            request_id,
+            record_id,
             why="its fragment is of another kfrag set than the other nodes': replayed, or "
             "the node missed the patient's last enrollment",
+        )
+
+    def _suspect(
+        self, event: str, node_id: str, request_id: str, record_id: bytes, **details: str
+    ) -> None:
+        """Name ``node_id`` in the log (``event``), count its unusable fragment and take it
+        out of rotation as suspected."""
+        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+        log.warning(
+            event, node_id=node_id, request_id=request_id, record_id=record_id.hex(), **details
         )
         rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
@@ -656,14 +663,20 @@ def _capsule_result(record_id: bytes, outcome: Outcome) -> coordinator_pb2.Capsu
     return coordinator_pb2.CapsuleFragments(record_id=record_id, fragments=outcome)
 
 
+def _record_named(raw: bytes, read: RelayedRead) -> bytes:
+    """The record a report names: its id, or (empty) a single read's capsule."""
+    record_id = bytes(raw)
+    if not record_id and len(read.record_ids) == 1:
+        return read.record_ids[0]
+    return record_id
+
+
 def _reported(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> dict[bytes, list[str]]:
     """The reported fragments, by record id (an empty one names a single read's capsule):
     each must be one the read relayed."""
     reported: dict[bytes, list[str]] = {}
     for fragment in msg.reported:
-        record_id = bytes(fragment.record_id)
-        if not record_id and len(read.record_ids) == 1:
-            record_id = read.record_ids[0]
+        record_id = _record_named(fragment.record_id, read)
         capsule = read.capsules.get(record_id)
         if capsule is None or fragment.node_id not in capsule.fragments:
             raise InvalidRequest(
@@ -681,9 +694,7 @@ def _inconsistent(msg: coordinator_pb2.RetryReadRequest, read: RelayedRead) -> l
     the read's order: each must be one the read relayed."""
     named = set()
     for raw in msg.inconsistent:
-        record_id = bytes(raw)
-        if not record_id and len(read.record_ids) == 1:
-            record_id = read.record_ids[0]
+        record_id = _record_named(raw, read)
         if record_id not in read.capsules:
             raise InvalidRequest(
                 f"record 0x{record_id.hex()[:64]} was not relayed in this read: it cannot be "
