@@ -105,9 +105,6 @@ class LoopCommitter:
         self._timer: asyncio.TimerHandle | None = None
         self._check_scheduled = False
         self._busy = False
-        #: commits made and entries they held (for tests and the harness)
-        self.commits = 0
-        self.entries = 0
 
     async def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
         loop = asyncio.get_running_loop()
@@ -158,8 +155,6 @@ class LoopCommitter:
                 if not done.cancelled():
                     done.set_exception(e)
             return
-        self.commits += 1
-        self.entries += len(entries)
         offset = 0
         for job, done in group:
             if not done.cancelled():

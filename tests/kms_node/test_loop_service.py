@@ -19,23 +19,20 @@ import pytest
 
 from core.audit import MAX_RECEIPT_BATCH, AuditEntry, Receipt, verify_receipt
 from core.errors import NotFound, Unavailable
-from core.rate_limit import RateLimiter
 from core.registry_types import AccessState
 from kms_node.audit_log import AuditLog
 from kms_node.loop_service import Arrivals, LoopCommitter, LoopNodeService, ReadArrivals
-from kms_node.replay import ReplayGuard
-from kms_node.service import NodeService
+from kms_node.service import IndexedState, NodeService
 from proto import rpc
 from proto.kms.v1 import node_pb2
 from proto.stubs import NODE_SERVICE, AioNodeStub
 from tests.kms_node.test_service import (
-    DOMAIN,
-    NOW,
     ChainReads,
     MemoryRegistry,
     StaleIndex,
     World,
     make_world,
+    node_on,
 )
 
 POOL_PREFIX = "test-blocking"
@@ -53,23 +50,24 @@ def pool() -> Any:
 
 
 def node_with(
-    world: World, tmp_path: Path, *, chain: Any, index: Any
-) -> tuple[NodeService, AuditLog]:
+    world: World, tmp_path: Path, *, chain: ChainReads, index: IndexedState
+) -> tuple[NodeService, RecordedAudit]:
+    """A node on ``chain`` and ``index``, and its audit log, recorded."""
     audit = AuditLog(tmp_path / "audit-loop.sqlite", world.keystore, "node-t")
-    node = NodeService(
-        node_id="node-t",
-        keystore=world.keystore,
-        kfrags=world.kfrags,
-        registry=chain,
-        index=index,
-        registry_address=DOMAIN.registry_address,
-        chain_id=DOMAIN.chain_id,
-        replay=ReplayGuard(max_window_s=300, max_entries=100),
-        limiter=RateLimiter(rate_per_s=1, burst=100, clock=lambda: NOW),
-        audit=audit,
-        clock=lambda: NOW,
-    )
-    return node, audit
+    return node_on(world, tmp_path, chain, index, audit=audit), RecordedAudit(audit)
+
+
+class RecordedAudit:
+    """The audit log as a commit's sink, with the size of each commit it made."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self.sizes: list[int] = []
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        receipts = self.log.append_many(entries)
+        self.sizes.append(len(entries))
+        return receipts
 
 
 def nonce(i: int) -> bytes:
@@ -80,8 +78,8 @@ def test_the_reads_of_one_loop_pass_share_one_commit(
     world: World, pool: ThreadPoolExecutor
 ) -> None:
     world.enroll(world.kfrag())
-    committer = LoopCommitter(world.audit)
-    service = LoopNodeService(world.node, committer, pool)
+    recorded = RecordedAudit(world.audit)
+    service = LoopNodeService(world.node, LoopCommitter(recorded), pool)
 
     async def five_reads() -> list[Any]:
         return await asyncio.gather(
@@ -89,7 +87,7 @@ def test_the_reads_of_one_loop_pass_share_one_commit(
         )
 
     responses = asyncio.run(five_reads())
-    assert (committer.commits, committer.entries) == (1, 5)
+    assert recorded.sizes == [5]
     receipts = [r.fragment.receipt for r in responses]
     assert sorted(r.leaf_index for r in receipts) == list(range(5))
     assert {r.batch_size for r in receipts} == {5}
@@ -121,7 +119,8 @@ def test_a_failed_commit_fails_every_read_of_its_group(
 
 
 class SizeSink:
-    """Records each commit's size; every receipt is the same (only sizes matter here)."""
+    """Records each commit's size; every receipt is the same (only sizes and timing
+    matter here)."""
 
     def __init__(self, receipt: Receipt) -> None:
         self.receipt = receipt
@@ -156,18 +155,6 @@ def test_a_loop_pass_beyond_one_receipt_batch_commits_in_several(
     assert [len(a) for a in answers] == jobs
 
 
-class CountingSink:
-    """Records each commit's size; every receipt is the same (only timing matters here)."""
-
-    def __init__(self, receipt: Receipt) -> None:
-        self.receipt = receipt
-        self.sizes: list[int] = []
-
-    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
-        self.sizes.append(len(entries))
-        return [self.receipt] * len(entries)
-
-
 @pytest.fixture
 def one_entry(world: World) -> tuple[AuditEntry, Receipt]:
     world.enroll(world.kfrag())
@@ -178,7 +165,7 @@ def one_entry(world: World) -> tuple[AuditEntry, Receipt]:
 
 def test_a_lone_read_is_committed_without_waiting(one_entry: tuple[AuditEntry, Receipt]) -> None:
     entry, receipt = one_entry
-    sink = CountingSink(receipt)
+    sink = SizeSink(receipt)
     committer = LoopCommitter(sink, Arrivals(), max_hold_s=30)
 
     async def lone() -> float:
@@ -192,7 +179,7 @@ def test_a_lone_read_is_committed_without_waiting(one_entry: tuple[AuditEntry, R
 
 def test_a_commit_waits_for_a_read_that_has_arrived(one_entry: tuple[AuditEntry, Receipt]) -> None:
     entry, receipt = one_entry
-    sink = CountingSink(receipt)
+    sink = SizeSink(receipt)
     arrivals = Arrivals(expiry_s=30)
     committer = LoopCommitter(sink, arrivals, max_hold_s=30)
 
@@ -216,7 +203,7 @@ def test_a_read_that_never_comes_holds_a_commit_at_most_max_hold(
     one_entry: tuple[AuditEntry, Receipt],
 ) -> None:
     entry, receipt = one_entry
-    sink = CountingSink(receipt)
+    sink = SizeSink(receipt)
     arrivals = Arrivals(expiry_s=30)
     committer = LoopCommitter(sink, arrivals, max_hold_s=0.05)
 
@@ -243,7 +230,7 @@ def test_groups_with_company_keep_the_next_commit_waiting_until_one_is_alone(
     one_entry: tuple[AuditEntry, Receipt],
 ) -> None:
     entry, receipt = one_entry
-    sink = CountingSink(receipt)
+    sink = SizeSink(receipt)
     committer = LoopCommitter(sink, Arrivals(), max_hold_s=0.3)
 
     async def timed_lone_commit() -> float:
@@ -285,13 +272,12 @@ def test_a_read_that_needs_the_chain_is_judged_in_the_pool_and_spends_its_nonce_
     # The index has not seen the grant yet: the refusal is confirmed against the chain.
     chain = ChainReadThreads(world.registry)
     node, audit = node_with(world, tmp_path, chain=chain, index=StaleIndex(world.registry))
-    committer = LoopCommitter(audit)
-    service = LoopNodeService(node, committer, pool)
+    service = LoopNodeService(node, LoopCommitter(audit), pool)
     response = asyncio.run(service.reencrypt(world.request(), None))
     assert response.fragment.cfrag
     assert len(chain.threads) == 1
     assert chain.threads[0].startswith(POOL_PREFIX)
-    assert committer.entries == 1
+    assert audit.sizes == [1]
 
 
 class HangingChain(ChainReads):
@@ -334,7 +320,7 @@ def test_a_hanging_chain_endpoint_holds_a_pool_thread_never_the_loop(
             await asyncio.wait_for(stuck, 5)
 
     asyncio.run(scenario())
-    assert audit.checkpoint().tree_size == 2
+    assert audit.log.checkpoint().tree_size == 2
 
 
 def test_a_read_cancelled_while_the_pool_judges_it_is_still_logged(
@@ -354,14 +340,14 @@ def test_a_read_cancelled_while_the_pool_judges_it_is_still_logged(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        assert audit.checkpoint().tree_size == 0  # still judging
+        assert audit.log.checkpoint().tree_size == 0  # still judging
         chain.answer.set()
         # As at shutdown: wait for what the pool finishes for callers who left.
         await service.finish_unanswered()
 
     asyncio.run(scenario())
-    assert audit.checkpoint().tree_size == 1
-    assert audit.entry(0).decision == "granted"
+    assert audit.log.checkpoint().tree_size == 1
+    assert audit.log.entry(0).decision == "granted"
 
 
 class CountedArrivals(Arrivals):
@@ -386,7 +372,8 @@ def test_the_server_counts_read_rpcs_as_they_arrive_and_as_they_start(
     do not count."""
     world.enroll(world.kfrag())
     arrivals = CountedArrivals()
-    committer = LoopCommitter(world.audit, arrivals)
+    recorded = RecordedAudit(world.audit)
+    committer = LoopCommitter(recorded, arrivals)
     service = LoopNodeService(world.node, committer, pool)
     read_path = f"/{NODE_SERVICE.full_name}/Reencrypt"
 
@@ -418,4 +405,4 @@ def test_the_server_counts_read_rpcs_as_they_arrive_and_as_they_start(
 
     assert asyncio.run(scenario()) == [(1, 1), (1, 1), (2, 2)]
     assert not arrivals.expected()
-    assert committer.entries == 1
+    assert recorded.sizes == [1]

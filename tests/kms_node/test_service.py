@@ -52,6 +52,7 @@ from kms_node.service import (
     ENROLLMENT_REPLAYED,
     UNKNOWN_PATIENT_READS_PER_S,
     UNKNOWN_RECORD_READS_PER_S,
+    IndexedState,
     NodeService,
 )
 from proto.kms.v1 import common_pb2, node_pb2
@@ -676,7 +677,13 @@ class StaleIndex:
 
 
 def node_on(
-    world: World, tmp_path: Path, chain: ChainReads, index: StaleIndex, *, burst: int = 100
+    world: World,
+    tmp_path: Path,
+    chain: ChainReads,
+    index: IndexedState,
+    *,
+    burst: int = 100,
+    audit: AuditLog | None = None,
 ) -> NodeService:
     return NodeService(
         node_id="node-t",
@@ -688,7 +695,7 @@ def node_on(
         chain_id=DOMAIN.chain_id,
         replay=ReplayGuard(max_window_s=300, max_entries=100),
         limiter=RateLimiter(rate_per_s=1, burst=burst, clock=lambda: NOW),
-        audit=AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
+        audit=audit or AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
         clock=lambda: NOW,
     )
 
