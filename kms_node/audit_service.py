@@ -18,7 +18,7 @@ class AuditService:
 
     def rpc_methods(self) -> list[rpc.Method]:
         """The ``kms.v1.Audit`` service's methods (synchronous: the node runs them in its
-        pool, kms_node/loop_service.py ``in_pool_methods``)."""
+        pool, kms_node/loop_service.py ``LoopNodeService.in_pool_methods``)."""
         return [
             rpc.Method(
                 "GetCheckpoint", audit_pb2.GetCheckpointRequest, lambda m, _c: self.checkpoint(m)

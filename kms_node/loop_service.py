@@ -173,6 +173,8 @@ class ReadArrivals(grpc.aio.ServerInterceptor):
         self._methods = frozenset(methods)
         self._arrivals = arrivals
         self._committer = committer
+        #: method path -> its handler wrapped, made once
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -181,10 +183,21 @@ class ReadArrivals(grpc.aio.ServerInterceptor):
         ],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None or details.method not in self._methods:
-            return handler
+        if details.method not in self._methods:
+            return await continuation(details)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[details.method] = self._started_first(handler)
         self._arrivals.arrived()
+        return wrapped
+
+    def _started_first(
+        self, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler``, marking its read started (and poking the committer) on entry."""
         behaviour: Any = handler.unary_unary
 
         async def started(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -246,6 +259,18 @@ class LoopNodeService:
         """``call(*args)`` in the pool, for what may block."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
 
+    def in_pool_methods(self, methods: Sequence[rpc.Method]) -> list[rpc.Method]:
+        """Synchronous RPC methods (the auditor's) as coroutines that run them in the
+        pool. The context belongs to the loop: the handlers given here take none."""
+
+        def wrapped(method: rpc.Method) -> rpc.Method:
+            async def handler(msg: Any, _ctx: Any) -> Any:
+                return await self.in_pool(method.handler, msg, None)
+
+            return rpc.Method(method.name, method.request_type, handler, method.streaming)
+
+        return [wrapped(m) for m in methods]
+
     async def reencrypt(
         self, msg: common_pb2.ReencryptionRequest, _ctx: object
     ) -> node_pb2.ReencryptResponse:
@@ -305,17 +330,3 @@ class LoopNodeService:
     async def _commit(self, reads: Sequence[JudgedRead]) -> list[Sequence[Receipt]]:
         receipts = await self._committer.append_many(audit_entries(reads))
         return self._service.settle(reads, receipts)
-
-
-def in_pool_methods(methods: Sequence[rpc.Method], pool: ThreadPoolExecutor) -> list[rpc.Method]:
-    """Synchronous RPC methods (the auditor's) as coroutines that run them in ``pool``."""
-
-    def wrapped(method: rpc.Method) -> rpc.Method:
-        async def handler(msg: Any, _ctx: Any) -> Any:
-            loop = asyncio.get_running_loop()
-            # The context belongs to the loop: the handlers given here take none.
-            return await loop.run_in_executor(pool, method.handler, msg, None)
-
-        return rpc.Method(method.name, method.request_type, handler, method.streaming)
-
-    return [wrapped(m) for m in methods]

@@ -31,7 +31,6 @@ from kms_node.loop_service import (
     LoopCommitter,
     LoopNodeService,
     ReadArrivals,
-    in_pool_methods,
 )
 from kms_node.readiness import Readiness, data_dir_writable
 from kms_node.replay import NonceMemory, ReplayGuard, SharedReplayGuard
@@ -70,11 +69,10 @@ def build_server(
     service: LoopNodeService,
     audit: AuditService,
     kfrags: KfragStore,
-    pool: ThreadPoolExecutor,
     arrivals: ReadArrivals,
 ) -> grpc.aio.Server:
     """The node's gRPC server (asyncio, ADR 17): reads in the loop, what may block in
-    ``pool``. Call inside the running loop."""
+    ``service``'s pool. Call inside the running loop."""
     server = grpc.aio.server(
         interceptors=[arrivals],
         # Several processes of one node share the port; the kernel spreads
@@ -82,7 +80,7 @@ def build_server(
         options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
     )
     methods = service.rpc_methods(on_enrolled=lambda: metrics.KFRAGS_STORED.set(kfrags.count()))
-    audit_methods = in_pool_methods(audit.rpc_methods(), pool)
+    audit_methods = service.in_pool_methods(audit.rpc_methods())
     metrics.start_at_zero([m.name for m in [*methods, *audit_methods]], list(AnchorOutcome))
     server.add_generic_rpc_handlers(
         [
@@ -211,7 +209,6 @@ async def _serve_until_signalled(
         reads,
         AuditService(audit),
         kfrags,
-        pool,
         ReadArrivals([f"/{SERVICE_NAME}/{name}" for name in READ_METHODS], arrivals, committer),
     )
     services = [SERVICE_NAME, AUDIT_SERVICE.full_name]
