@@ -20,6 +20,12 @@ coordinator checked, or the coordinator checked it before relaying: ADR 14) is
 suspected for ``SUSPICION_S``, doubled with each lie it is caught in: out of rotation
 as above, and every fragment it sends meanwhile is verified before it is relayed.
 After that it is probed back like a faulted node.
+
+A latency learnt more than ``LATENCY_STALE_S`` ago is refreshed: one request asks that
+node first among the healthy ones. Without it, the nodes outside the fastest
+``threshold`` would never be asked while all is well: a node that answered one probe
+slowly would stay passed over, and a node that hung while passed over would show as in
+rotation for as long as it hangs.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ MAX_COOLDOWN_S = 30.0
 #: how long a node caught lying is suspected; doubled for each further lie
 SUSPICION_S = 60.0
 MAX_SUSPICION_S = 3600.0
+#: how old a node's latency may be before a request asks it again to refresh it
+LATENCY_STALE_S = 5.0
 
 
 class Rotation(Enum):
@@ -53,6 +61,10 @@ class Rotation(Enum):
 @dataclass
 class NodeHealth:
     latency_s: float | None = None
+    #: when its latency was last measured
+    measured_at: float = 0.0
+    #: when its latency was last measured, or a request last planned to refresh it
+    checked_at: float = 0.0
     consecutive_faults: int = 0
     cooldown_until: float = 0.0
     #: a request is probing this node after its cooldown; others pass it over
@@ -87,6 +99,9 @@ class NodePool:
         probe = next((n for n in order if self._due_for_probe(n, now)), None)
         if probe is not None:
             self.health[probe].probing = True
+        refresh = next((n for n in order if self._due_for_refresh(n, now)), None)
+        if refresh is not None:
+            self.health[refresh].checked_at = now  # the next request leaves it be
 
         def rank(node_id: str) -> tuple[int, float]:
             h = self.health[node_id]
@@ -94,7 +109,9 @@ class NodePool:
                 return (0, 0.0)
             if h.out_of_rotation(now):
                 return (2, max(h.cooldown_until, h.suspect_until))
-            return (1, -1.0 if h.latency_s is None else h.latency_s)
+            if h.latency_s is None or node_id == refresh:
+                return (1, -1.0)  # to learn its latency
+            return (1, h.latency_s)
 
         return sorted(order, key=rank)
 
@@ -104,6 +121,14 @@ class NodePool:
             (h.consecutive_faults > 0 or h.demoted)
             and not h.probing
             and max(h.cooldown_until, h.suspect_until) <= now
+        )
+
+    def _due_for_refresh(self, node_id: str, now: float) -> bool:
+        h = self.health[node_id]
+        return (
+            h.latency_s is not None
+            and not h.out_of_rotation(now)
+            and now - h.checked_at > LATENCY_STALE_S
         )
 
     def suspect(self, node_id: str, now: float) -> bool:
@@ -131,11 +156,12 @@ class NodePool:
         back = h.consecutive_faults > 0 or h.demoted
         h.demoted = False
         h.latency_s = (
-            # Back from a strike, the node is judged on what it does now.
+            # Back from a strike, or not asked for a while: judged on what it does now.
             latency_s
-            if h.latency_s is None or back
+            if h.latency_s is None or back or now - h.measured_at > LATENCY_STALE_S
             else ((1 - EWMA_WEIGHT) * h.latency_s + EWMA_WEIGHT * latency_s)
         )
+        h.measured_at = h.checked_at = now
         h.consecutive_faults = 0
         h.cooldown_until = 0.0
         h.probing = False

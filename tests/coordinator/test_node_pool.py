@@ -1,5 +1,6 @@
 """Rotation: a node that faults or hangs is passed over, then probed by exactly one
-request when its cooldown ends, and put back in rotation by its answer
+request when its cooldown ends, and put back in rotation by its answer; a node passed
+over while all is well is asked again once its latency is stale
 (coordinator/node_pool.py; time is passed in)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import pytest
 
 from coordinator.node_pool import (
     BASE_COOLDOWN_S,
+    LATENCY_STALE_S,
     MAX_COOLDOWN_S,
     MIN_HEDGE_S,
     SUSPICION_S,
@@ -23,7 +25,7 @@ HEDGE_S = 0.01
 def pool() -> NodePool:
     pool = NodePool(NODES, max_hedge_s=0.5)
     for node_id in NODES:  # node-1 is known to be the fastest
-        pool.succeeded(node_id, 0.001 if node_id == "node-1" else 0.002, 0.0)
+        pool.succeeded(node_id, 0.001 if node_id == "node-1" else 0.002, 99.0)
     return pool
 
 
@@ -117,6 +119,27 @@ def test_excluded_nodes_are_not_planned_nor_probed(pool: NodePool) -> None:
     after = 100.0 + BASE_COOLDOWN_S + 0.01
     assert "node-1" not in pool.plan(after, exclude={"node-1"})
     assert pool.plan(after)[0] == "node-1"  # still due for its probe
+
+
+def test_a_node_passed_over_is_asked_again_once_its_latency_is_stale() -> None:
+    pool = NodePool(NODES, max_hedge_s=0.5)
+    for node_id in NODES:  # node-4 and node-5 answered slowly once
+        pool.succeeded(node_id, 0.05 if node_id in ("node-4", "node-5") else 0.001, 0.0)
+    for now in (1.0, 2.0, LATENCY_STALE_S - 0.1):  # the threshold's three keep answering
+        assert set(pool.plan(now)[:3]) == {"node-1", "node-2", "node-3"}
+        for node_id in ("node-1", "node-2", "node-3"):
+            pool.succeeded(node_id, 0.001, now)
+    stale = LATENCY_STALE_S + 0.1
+    # One request each asks a stale node first; the next finds none left to refresh.
+    refreshed = {pool.plan(stale)[0], pool.plan(stale)[0]}
+    assert refreshed == {"node-4", "node-5"}
+    assert set(pool.plan(stale)[:3]) == {"node-1", "node-2", "node-3"}
+    # Unanswered past the hedge delay (it hung while passed over): out of rotation.
+    assert pool.abandoned("node-4", 1.0, HEDGE_S, stale + 1.0) is Rotation.OUT
+    # Answered: ranked by what it measures now, and not stale again before its time.
+    pool.succeeded("node-5", 0.0005, stale + 0.001)
+    assert pool.plan(stale + 0.002)[0] == "node-5"
+    assert "node-4" not in pool.in_rotation(stale + 1.0)
 
 
 def test_the_hedge_delay_follows_the_window_of_recent_latencies() -> None:

@@ -17,6 +17,7 @@ import umbral_pre as umbral
 from clients.sdk.provider import ProviderClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.timeouts import Timeouts
+from coordinator.node_pool import LATENCY_STALE_S
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, NotFound, Unavailable
 from core.record_types import RecordType
@@ -160,15 +161,19 @@ def test_a_hung_node_leaves_rotation_and_is_probed_back_when_it_recovers(
     people.grant_doctor()
     with people.provider() as doctor:
         assert doctor.read_record(people.lab.record_id) == lab_result()
-    # The node the coordinator asked first for that read: it is asked first again.
+    # A node that served that read: most likely asked first again; if the pool passes
+    # it over, it is asked anyway once its latency is stale.
     hung = _last_served_by(cluster)[0]
     pid = cluster.node(hung).pid
     before = _rotation_events(cluster, hung)
     os.kill(pid, signal.SIGSTOP)  # hung: it holds its connections and answers nothing
     try:
+        deadline = time.monotonic() + 3 * LATENCY_STALE_S
         with people.provider() as doctor:
-            for _ in range(10):
+            while not _rotation_events(cluster, hung)[len(before) :]:
+                assert time.monotonic() < deadline, "the hung node never left rotation"
                 assert doctor.read_record(people.lab.record_id) == lab_result()
+                time.sleep(0.05)
         assert _rotation_events(cluster, hung)[len(before) :] == ["node_out_of_rotation"]
         # Operators see it too: the coordinator's /metrics.
         exposed = _coordinator_metrics(cluster)
