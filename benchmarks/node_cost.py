@@ -9,6 +9,11 @@ of 32 at concurrency 2), and in each round, just before them, the bare
 medians are reported. With ``--hold S`` the single-request load runs for ``S``
 seconds first, with the node's pid printed, so that a profiler can attach to it
 (``py-spy record --native --pid PID``).
+
+With ``--gap-ms G`` each round also measures the node at concurrency 1, back to back
+and then with ``G`` ms of idle between requests (a node of a 3-of-5 cluster serving
+100 reads/s sees one call every 10 ms or so): what a request costs a node that is woken
+for it, as a ratio to the same request served back to back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +54,23 @@ def _wire_rate(duration_s: float) -> float:
     return rate
 
 
+def _paced(request: Callable[[int], object], gap_s: float) -> Callable[[int], object]:
+    """``request``, then ``gap_s`` of idle before the next."""
+
+    def paced(index: int) -> object:
+        answer = request(index)
+        time.sleep(gap_s)
+        return answer
+
+    return paced
+
+
 def run(
-    rounds: int, seconds: float, hold_s: float, node_settings: dict[str, object]
+    rounds: int,
+    seconds: float,
+    hold_s: float,
+    node_settings: dict[str, object],
+    gap_ms: float = 0.0,
 ) -> dict[str, Any]:
     plan = Plan(**{**FULL.__dict__, "throughput_s": seconds})
     with tempfile.TemporaryDirectory(prefix="medkms-node-cost-") as tmp:
@@ -112,6 +133,8 @@ def run(
                         ),
                         "errors": single["errors"] + batch["errors"],
                     }
+                    if gap_ms > 0:
+                        row.update(_idle_cost(node.single, pids, node_id, seconds, plan, gap_ms))
                     say(f"round {i + 1}: {json.dumps(row)}")
                     results.append(row)
             finally:
@@ -126,11 +149,34 @@ def run(
     return {"rounds": results, "medians": medians}
 
 
+def _idle_cost(
+    single: Callable[[int], object],
+    pids: dict[str, int],
+    node_id: str,
+    seconds: float,
+    plan: Plan,
+    gap_ms: float,
+) -> dict[str, float]:
+    """The node's CPU per single request at concurrency 1, back to back and paced."""
+    cpu_ms = {}
+    for name, request in (("c1", single), ("paced", _paced(single, gap_ms / 1000.0))):
+        phase = measure(request, pids=pids, concurrency=1, duration_s=seconds, plan=plan)
+        cpu_ms[name] = phase["cpu_s"][node_id] / phase["count"] * 1000.0
+    return {
+        "c1_node_cpu_ms": cpu_ms["c1"],
+        "paced_node_cpu_ms": cpu_ms["paced"],
+        "paced_over_c1": cpu_ms["paced"] / cpu_ms["c1"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.node_cost", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each phase")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds of load to profile")
+    parser.add_argument(
+        "--gap-ms", type=float, default=0.0, help="also measure requests this far apart"
+    )
     parser.add_argument("--out", type=Path, help="write the rounds and medians as JSON here")
     parser.add_argument(
         "--node-setting",
@@ -145,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         settings[key] = float(value) if "." in value else int(value)
     started = time.perf_counter()
-    result = run(args.rounds, args.seconds, args.hold, settings)
+    result = run(args.rounds, args.seconds, args.hold, settings, args.gap_ms)
     say(f"medians: {json.dumps(result['medians'])} ({time.perf_counter() - started:.0f}s)")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
