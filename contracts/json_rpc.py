@@ -233,18 +233,17 @@ class _Watchdog:
     expires what has not."""
 
     def __init__(self) -> None:
-        self._start()
+        self._reset()
+        # A forked child would have the heap but not the thread: it starts afresh.
+        os.register_at_fork(after_in_child=self._reset)
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Deadline]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
 
     def watch(self, at: float, deadline: _Deadline) -> None:
-        if self._pid != os.getpid():
-            self._start()  # a forked child has the heap but not the thread
         with self._cond:
             earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (at, next(self._order), deadline))

@@ -6,6 +6,8 @@ so no chain is needed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -139,12 +141,38 @@ def test_a_shorter_deadline_fires_before_a_longer_one_already_waiting(
 
     waiting = threading.Thread(target=wait_patiently)
     waiting.start()
-    time.sleep(0.2)  # its 3 s deadline is the watchdog's earliest
+    time.sleep(0.2)  # its 3 s deadline is the earliest unfinished one the watchdog keeps
     began = time.perf_counter()
     refused(client.latest_block, f"no complete answer within {TIMEOUT_S:g}s")
     assert time.perf_counter() - began < 2 * TIMEOUT_S
     waiting.join(10)
     assert len(ended) == 1 and 3 * TIMEOUT_S <= ended[0] < 5 * TIMEOUT_S
+
+
+def test_a_forked_child_keeps_its_own_deadlines(rpc: HostileRpc, client: RegistryClient) -> None:
+    """The parent's watchdog thread does not exist in a forked child: the child's calls
+    are still cut at their deadline."""
+    rpc.misbehave(result(BLOCK))
+    client.latest_block()  # the parent's watchdog is running
+    rpc.misbehave(trickle(0.2))  # every read within its timeout: only the deadline cuts
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the call was cut in time
+        began = time.perf_counter()
+        try:
+            client.latest_block()
+        except ChainUnavailable:
+            os._exit(0 if time.perf_counter() - began < 2 * TIMEOUT_S else 3)
+        except BaseException:  # noqa: BLE001 - anything else fails the test
+            os._exit(4)
+        os._exit(2)
+    waited_until = time.monotonic() + 10 * TIMEOUT_S
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > waited_until:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's call was never cut at its deadline")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0
 
 
 BAD_BLOCKS: dict[str, Any] = {
