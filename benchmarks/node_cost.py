@@ -134,7 +134,7 @@ def run(
                         "errors": single["errors"] + batch["errors"],
                     }
                     if gap_ms > 0:
-                        row.update(_idle_cost(node.single, pids, node_id, seconds, plan, gap_ms))
+                        row.update(_idle_cost(node.single, pids, seconds, plan, gap_ms))
                     say(f"round {i + 1}: {json.dumps(row)}")
                     results.append(row)
             finally:
@@ -152,7 +152,6 @@ def run(
 def _idle_cost(
     single: Callable[[int], object],
     pids: dict[str, int],
-    node_id: str,
     seconds: float,
     plan: Plan,
     gap_ms: float,
@@ -161,7 +160,7 @@ def _idle_cost(
     cpu_ms = {}
     for name, request in (("c1", single), ("paced", _paced(single, gap_ms / 1000.0))):
         phase = measure(request, pids=pids, concurrency=1, duration_s=seconds, plan=plan)
-        cpu_ms[name] = phase["cpu_s"][node_id] / phase["count"] * 1000.0
+        cpu_ms[name] = phase["cpu_ms_per_request"]["nodes"]
     return {
         "c1_node_cpu_ms": cpu_ms["c1"],
         "paced_node_cpu_ms": cpu_ms["paced"],
