@@ -103,7 +103,6 @@ UNTESTED_ALERTS = {
     "KmsNodeUnavailable",
     "KmsNodeChainSyncFailing",
     "KmsNodeProbingRefusals",
-    "KmsNodeSlow",
 }
 
 
