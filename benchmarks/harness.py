@@ -407,6 +407,12 @@ def _headline(
         "cluster_p50_over_bound": stats.ratio(
             phases["cluster_read_c1"]["p50_ms"], bound_s * 1000.0
         ),
+        # CPU per read of every process (app, coordinator, nodes, anvil) over the bound's:
+        # what the cluster spends per read, whatever the machine's cores deliver
+        "cluster_cpu_cost_x": stats.ratio(read["cpu_ms_per_request"]["total"], bound_s * 1000.0),
+        "cluster_cpu_cost_x_c1": stats.ratio(
+            phases["cluster_read_c1"]["cpu_ms_per_request"]["total"], bound_s * 1000.0
+        ),
         "cluster_dek_p50_ms": phases["cluster_dek_c1"]["p50_ms"],
         "cluster_throughput_rps": read["throughput_rps"],
         "cluster_dek_throughput_rps": dek["throughput_rps"],

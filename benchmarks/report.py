@@ -58,6 +58,11 @@ HEADLINE = [
         "cluster 3-of-5, read p50 at concurrency 1 / the bare 3-of-5 request's CPU time",
     ),
     (
+        "cluster_cpu_cost_x",
+        "cluster 3-of-5, read_record at concurrency 4: CPU per read of all processes / the bound's",
+    ),
+    ("cluster_cpu_cost_x_c1", "the same at concurrency 1"),
+    (
         "cluster_fragments_per_read",
         "cluster 3-of-5, read_record at concurrency 4: fragments the nodes judged per read",
     ),
