@@ -357,6 +357,23 @@ def _bare_now(base: dict[str, Any], plan: Plan) -> dict[str, Any]:
     }
 
 
+def _faster(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Of the bare figures measured just before and just after a repeat, the faster of
+    each: a disturbance (another process, the host) only ever slows the bare library, so
+    the faster is the nearer to its cost. One second's measurement has read a bound 1.5
+    times the next one's while the cluster's p50 did not move."""
+    bound = str(MAIN_THRESHOLD)
+    rates = ("reencrypt_rate_per_core", "wire_reencrypt_rate_per_core")
+    return {
+        **before,
+        **{key: max(before[key], after[key]) for key in rates},
+        "bounds_ms": {
+            **before["bounds_ms"],
+            bound: min(before["bounds_ms"][bound], after["bounds_ms"][bound]),
+        },
+    }
+
+
 def _headline(
     phases: dict[str, dict[str, Any]], base: dict[str, Any], node_id: str, plan: Plan
 ) -> dict[str, float | None]:
@@ -458,12 +475,15 @@ def run_main_cluster(
         node = workload.node_target(cluster.nodes[0])
         try:
             runs, headlines = [], []
+            after = _bare_now(base, plan)
             for repeat in range(plan.repeats):
                 if plan.repeats > 1:
                     say(f"main phases, repeat {repeat + 1} of {plan.repeats}")
-                bare = _bare_now(base, plan)
+                before = after
                 phases = _main_phases(workload, node, pids, plan, notes)
+                after = _bare_now(base, plan)
                 runs.append(phases)
+                bare = _faster(before, after)
                 headlines.append(_headline(phases, bare, node.node.node_id, plan))
         finally:
             node.close()

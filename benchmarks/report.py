@@ -287,7 +287,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "Repeats (headline values are their medians; each repeat's ratios are taken "
-            "against the bare figures measured just before it):",
+            "against the faster of the bare figures measured just before and just after it):",
             "",
         ]
         keys = [
