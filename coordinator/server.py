@@ -21,8 +21,8 @@ log = structlog.get_logger("medkms.coordinator")
 
 SERVICE_NAME = COORDINATOR_SERVICE.full_name
 #: calls one connection may have in flight: bounds what one client holds open (a throttled
-#: call is answered after THROTTLED_ANSWER_DELAY_S)
-MAX_STREAMS_PER_CONNECTION = 64
+#: call is answered after THROTTLED_ANSWER_DELAY_S); one more is refused (UNAVAILABLE)
+MAX_STREAMS_PER_CONNECTION = rpc.MAX_CALLS_PER_CONNECTION
 
 
 async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> None:

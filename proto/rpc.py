@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -217,6 +219,78 @@ async def aio_add_health_and_reflection(server: grpc.aio.Server, services: list[
         [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     return servicer
+
+
+#: calls one client connection may have in flight at the coordinator: its server refuses
+#: more (coordinator/server.py)
+MAX_CALLS_PER_CONNECTION = 64
+#: calls an app's channel sends at once (:func:`bounded`): half the server's limit. A
+#: server still counts a call for a moment after its answer has reached the client, so a
+#: client at the full limit that sends a call in place of one just answered meets a
+#: refusal (measured at the coordinator: 8 to 10 of 100 calls at once); at half, the
+#: calls just answered and those sent in their place fit together.
+APP_CALLS_PER_CONNECTION = MAX_CALLS_PER_CONNECTION // 2
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class InFlightBound(grpc.UnaryUnaryClientInterceptor):
+    """At most ``limit`` unary calls of a channel in flight; a call past it waits, within
+    its own timeout, for one to end.
+
+    An HTTP/2 client should hold back streams past the server's advertised limit;
+    grpcio's sometimes sends them, and the server refuses each (``UNAVAILABLE``,
+    "Stream removed"): an app with more reads at once than the limit saw some fail for
+    nothing.
+    A call whose timeout passes while it waits is sent with what is left of it, so it
+    fails with gRPC's own ``DEADLINE_EXCEEDED``."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        started = time.monotonic()
+        if not self._slots.acquire(timeout=details.timeout):
+            return continuation(_with_timeout(details, 0.0), request)
+        if details.timeout is not None:
+            left = max(details.timeout - (time.monotonic() - started), 0.0)
+            details = _with_timeout(details, left)
+        try:
+            call = continuation(details, request)
+        except BaseException:
+            self._slots.release()
+            raise
+        call.add_done_callback(lambda _call: self._slots.release())
+        return call
+
+
+def _with_timeout(details: grpc.ClientCallDetails, timeout: float) -> _CallDetails:
+    return _CallDetails(
+        details.method,
+        timeout,
+        details.metadata,
+        details.credentials,
+        details.wait_for_ready,
+        details.compression,
+    )
+
+
+def bounded(channel: grpc.Channel, limit: int = APP_CALLS_PER_CONNECTION) -> grpc.Channel:
+    """``channel`` with at most ``limit`` unary calls in flight (:class:`InFlightBound`)."""
+    return grpc.intercept_channel(channel, InFlightBound(limit))
 
 
 #: Default channel/server options: bounded message sizes on every hop.

@@ -163,7 +163,9 @@ class ProviderClient:
         self._registry = registry
         self._blobs = blobs
         self._timeouts = timeouts
-        self._channel = transport.channel(coordinator_address)
+        # The coordinator refuses calls past its limit per connection: they wait here
+        # (at most rpc.APP_CALLS_PER_CONNECTION in flight).
+        self._channel = rpc.bounded(transport.channel(coordinator_address))
         self._coordinator = CoordinatorStub(self._channel)
         self._signer = RequestSigner(
             identity.account,

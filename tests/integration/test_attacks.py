@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from core.record_types import RecordType
 from core.registry_types import EmergencyAccessOpened, NodeInfo
 from deploy.anvil import increase_time
 from deploy.sample_records import lab_result
+from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
@@ -468,6 +470,85 @@ def test_throw_away_keys_are_held_to_their_address_budget(
         assert codes[grpc.StatusCode.PERMISSION_DENIED] <= PEER_REFUSAL_BURST + 2
         assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 40 - PEER_REFUSAL_BURST - 2
         assert_still_serving(people)  # served lately: not held to the address's budget
+    finally:
+        refill_the_address_budget()
+
+
+def _throw_away_reads(people: People, count: int) -> list[common_pb2.ReencryptionRequest]:
+    """Reads of the lab record signed by ``count`` fresh keys nobody granted."""
+    capsule = capsule_of(people, people.lab.storage_uri)
+    patient = people.patient.identity.address
+    domain = people.registry.signing_domain()
+    return [
+        RequestSigner(Account.create(), Identity.generate("x").umbral_public_key(), domain).single(
+            patient, people.lab.record_id, LAB, capsule
+        )
+        for _ in range(count)
+    ]
+
+
+def _answered_at(
+    stub: CoordinatorStub, requests: list[common_pb2.ReencryptionRequest]
+) -> list[tuple[grpc.StatusCode, float]]:
+    """Every request sent at once on ``stub``'s connection: each one's status and when
+    (seconds after the first was sent) it was answered."""
+    started = time.monotonic()
+    calls = [stub.Reencrypt.future(r, timeout=10) for r in requests]
+    at: dict[int, float] = {}
+
+    def answered(i: int) -> Callable[[object], None]:
+        def note(_call: object) -> None:
+            at[i] = time.monotonic() - started
+
+        return note
+
+    for i, call in enumerate(calls):
+        call.add_done_callback(answered(i))
+    codes = [call.exception().code() for call in calls]  # type: ignore[union-attr]
+    while len(at) < len(calls):  # the callbacks run on gRPC's threads
+        time.sleep(0.01)
+    return [(code, at[i]) for i, code in enumerate(codes)]
+
+
+def test_one_connection_holds_at_most_64_calls_at_the_coordinator(people: People) -> None:
+    """The threat model's "a connection holds at most 64 calls": throw-away keys past
+    their address's budget are each answered after THROTTLED_ANSWER_DELAY_S (1 s),
+    holding their call meanwhile. Of 100 sent at once on one plain connection, at most
+    64 are held together (those answered in the first second's wave); the others wait
+    for a turn, or are refused (UNAVAILABLE) when grpcio's client sends them past the
+    limit anyway."""
+    try:
+        with people.cluster.coordinator_channel() as channel:
+            stub = CoordinatorStub(channel)
+            flood(stub, _throw_away_reads(people, PEER_REFUSAL_BURST + 5))  # budget spent
+            answers = _answered_at(stub, _throw_away_reads(people, 100))
+        held = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(held) >= 60, Counter(code for code, _ in answers)
+        first_wave = [t for t in held if t < 1.5]
+        assert 50 <= len(first_wave) <= 64, sorted(held)
+    finally:
+        refill_the_address_budget()
+
+
+def test_an_apps_channel_never_sends_more_calls_than_the_coordinator_holds(
+    people: People,
+) -> None:
+    """The SDK's channel (proto/rpc.py ``bounded``) holds back calls past half the 64 a
+    connection may have in flight: 100 at once are all answered (in waves), none refused
+    for want of a slot. (A bound of 64 itself still met refusals, 8 to 10 of 100: the
+    coordinator still counts a call the app has seen answered, and refuses the one sent
+    in its place.)"""
+    try:
+        with rpc.bounded(people.cluster.coordinator_channel()) as channel:
+            stub = CoordinatorStub(channel)
+            flood(stub, _throw_away_reads(people, PEER_REFUSAL_BURST + 5))  # budget spent
+            answers = _answered_at(stub, _throw_away_reads(people, 100))
+        codes = Counter(code for code, _ in answers)
+        assert set(codes) <= {
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        }, codes
+        assert max(t for _, t in answers) >= 1.8  # the last went in a second wave
     finally:
         refill_the_address_budget()
 
