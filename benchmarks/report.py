@@ -287,7 +287,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "Repeats (headline values are their medians; each repeat's ratios are taken "
-            "against the faster of the bare figures measured just before and just after it):",
+            "against the mean of the bare figures measured just before and just after it):",
             "",
         ]
         keys = [
@@ -297,6 +297,8 @@ def markdown(results: dict[str, Any]) -> str:
             "cluster_p50_ms",
             "bare_wire_reencrypt_rate_per_core",
             "bare_bound_ms",
+            "bare_bound_before_ms",
+            "bare_bound_after_ms",
         ]
         lines += _table(
             ["repeat", *keys],
