@@ -450,30 +450,6 @@ def test_one_requester_flooding_refused_requests_is_stopped_at_the_coordinator(
         refill_the_address_budget()
 
 
-def test_throw_away_keys_are_held_to_their_address_budget(
-    people: People, coordinator: CoordinatorStub
-) -> None:
-    people.grant_doctor([LAB])
-    assert_still_serving(people)
-    capsule = capsule_of(people, people.lab.storage_uri)
-    patient = people.patient.identity.address
-    domain = people.registry.signing_domain()
-    requests = [
-        RequestSigner(Account.create(), Identity.generate("x").umbral_public_key(), domain).single(
-            patient, people.lab.record_id, LAB, capsule
-        )
-        for _ in range(40)
-    ]
-    try:
-        codes = flood(coordinator, requests)
-        assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert codes[grpc.StatusCode.PERMISSION_DENIED] <= PEER_REFUSAL_BURST + 2
-        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 40 - PEER_REFUSAL_BURST - 2
-        assert_still_serving(people)  # served lately: not held to the address's budget
-    finally:
-        refill_the_address_budget()
-
-
 def _throw_away_reads(people: People, count: int) -> list[common_pb2.ReencryptionRequest]:
     """Reads of the lab record signed by ``count`` fresh keys nobody granted."""
     capsule = capsule_of(people, people.lab.storage_uri)
@@ -485,6 +461,22 @@ def _throw_away_reads(people: People, count: int) -> list[common_pb2.Reencryptio
         )
         for _ in range(count)
     ]
+
+
+def test_throw_away_keys_are_held_to_their_address_budget(
+    people: People, coordinator: CoordinatorStub
+) -> None:
+    people.grant_doctor([LAB])
+    assert_still_serving(people)
+    requests = _throw_away_reads(people, 40)
+    try:
+        codes = flood(coordinator, requests)
+        assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes[grpc.StatusCode.PERMISSION_DENIED] <= PEER_REFUSAL_BURST + 2
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 40 - PEER_REFUSAL_BURST - 2
+        assert_still_serving(people)  # served lately: not held to the address's budget
+    finally:
+        refill_the_address_budget()
 
 
 def _answered_at(
