@@ -62,6 +62,20 @@ def test_every_label_value_is_one_the_node_sets() -> None:
     assert methods and methods <= set(COORDINATOR_SERVICE.methods_by_name)
 
 
+def test_every_node_read_selector_includes_the_reads_sent_together() -> None:
+    """Since ADR 16 a coordinator under load sends most reads as ``ReencryptMany``: an
+    alert on the node's ``Reencrypt`` that leaves it out watches only the lone reads."""
+    reads = [
+        set(value.split("|"))
+        for matchers in re.findall(r"kms_node_[a-z_]+\{([^}]*)\}", RULES)
+        for value in re.findall(r'method=~?"([^"]*)"', matchers)
+        if "Reencrypt" in value.split("|")
+    ]
+    assert reads, "no rule watches the node's reads"
+    for methods in reads:
+        assert "ReencryptMany" in methods, methods
+
+
 def test_every_rule_has_an_expression_a_severity_and_a_summary() -> None:
     rules = RULES.split("- alert: ")[1:]
     assert len(rules) >= 5

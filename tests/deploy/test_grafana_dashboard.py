@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from coordinator import metrics as coordinator_metrics
 from kms_node import metrics as node_metrics
 from kms_node.anchoring import AnchorOutcome
+from kms_node.server import READ_METHODS
 from proto.stubs import NODE_SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,22 @@ def test_the_dashboard_shows_what_operators_need() -> None:
         "kms_node_audit_log_diverges_from_anchor",
     ):
         assert needed in named, needed
+
+
+def test_every_node_read_panel_shows_every_read_method() -> None:
+    """A panel of the node's reads names all three read methods: since ADR 16 most reads
+    under load arrive as ``ReencryptMany``, and a panel that names only ``Reencrypt``
+    shows only the lone ones."""
+    reads = [
+        set(value.split("|"))
+        for query in _queries()
+        for matchers in re.findall(r"kms_node_[a-z_]+\{([^}]*)\}", query)
+        for value in re.findall(r'method=~?"([^"]*)"', matchers)
+        if set(value.split("|")) & set(READ_METHODS)
+    ]
+    assert reads, "no panel shows the node's reads"
+    for methods in reads:
+        assert set(READ_METHODS) <= methods, methods
 
 
 def test_every_query_is_promql_that_prometheus_parses(tmp_path: Path) -> None:
