@@ -23,6 +23,7 @@ import structlog
 
 from core.endpoints import parse_host_port
 from kms_node import metrics
+from kms_node.hardening import forbid_core_dumps
 from kms_node.settings import NodeSettings
 
 log = structlog.get_logger("medkms.node.supervisor")
@@ -46,7 +47,12 @@ def die_with_parent() -> None:
 
 def supervise(settings: NodeSettings, worker_command: Sequence[str]) -> None:
     """Run ``settings.processes`` server processes, each started with ``worker_command``
-    plus ``--worker N`` (the entry point that called this knows how it is started)."""
+    plus ``--worker N`` (the entry point that called this knows how it is started).
+
+    The supervisor holds the user PIN (its settings, and the environment it hands the
+    workers), so it is hardened as a worker is (``kms_node.hardening``); the workers
+    inherit the core limit and set their own ``PR_SET_DUMPABLE``."""
+    forbid_core_dumps()
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, mode=0o700)

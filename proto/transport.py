@@ -92,8 +92,8 @@ class Transport:
     ) -> grpc.Channel:
         """A channel to ``target`` (HOST:PORT); ``options`` are added to
         :data:`proto.rpc.CHANNEL_OPTIONS` and the bounded reconnect backoff
-        (:data:`proto.rpc.RECONNECT_OPTIONS`). See :meth:`_options` for
-        ``server_name``."""
+        (:data:`proto.rpc.RECONNECT_OPTIONS`), replacing any of the same name. See
+        :meth:`_options` for ``server_name``."""
         opts = self._options(options, server_name)
         if self.is_plaintext:
             return grpc.insecure_channel(target, options=opts)
@@ -109,7 +109,12 @@ class Transport:
         return grpc.aio.secure_channel(target, self._channel_credentials(), options=opts)
 
     def _options(self, extra: Options, server_name: str | None) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [*rpc.CHANNEL_OPTIONS, *rpc.RECONNECT_OPTIONS, *extra]
+        # gRPC takes the first of two values given for one option: ``extra`` replaces a
+        # default instead of following it.
+        given = {name for name, _ in extra}
+        defaults = [*rpc.CHANNEL_OPTIONS, *rpc.RECONNECT_OPTIONS]
+        options: list[tuple[str, Any]] = [o for o in defaults if o[0] not in given]
+        options += extra
         if server_name is not None and not self.is_plaintext:
             # Check the server's certificate names ``server_name`` (a node id)
             # instead of the host in ``target``. Nodes on one machine all share

@@ -4,6 +4,7 @@ party installs, and a serving node takes a rotated certificate."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from concurrent import futures
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_a_node_operator_gets_a_certificate_and_rotates_it_while_serving(
     key = hosts["node"] / "tls" / "node.key"
     assert Path(made["key"]) == key and key.stat().st_mode & 0o777 == 0o600
     signed = ca_sign(hosts, Path(made["csr"]), "node", capsys)
+    # The threat model's "valid 90 days by default" (besides 5 minutes' backdating).
+    cert = x509.load_pem_x509_certificate(signed.read_bytes())
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime == datetime.timedelta(days=90, minutes=5)
     code, out = run(
         node_cli.main, ["tls-install", "--config", node_toml, "--cert", str(signed)], capsys
     )

@@ -226,3 +226,10 @@ def append_forged_entry(cluster: LocalCluster, node_id: str, fields: dict[str, o
     assert appended.returncode == 0, appended.stderr
     cluster.start_node(node_id)
     return int(appended.stdout)
+
+
+def core_file_limit(pid: int) -> list[str]:
+    """Process ``pid``'s soft and hard core file size limits, as ``/proc`` shows them."""
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    (core,) = [line for line in limits if line.startswith("Max core file size")]
+    return core.split()[4:6]

@@ -184,13 +184,40 @@ def test_bad_enrollments_are_invalid_argument(
     assert fragment in error.details()
 
 
-def test_messages_over_the_size_bound_are_refused_before_parsing(
-    node_channel: grpc.Channel,
+#: a client that does not hold itself to the bound (ours do: proto.rpc.CHANNEL_OPTIONS)
+UNBOUNDED_SENDER = [("grpc.max_send_message_length", -1)]
+
+
+@pytest.mark.parametrize("server", ["node", "coordinator"])
+def test_messages_over_the_size_bound_are_refused_by_the_server(
+    cluster: LocalCluster, server: str
 ) -> None:
-    request = _valid_request()
-    request.capsule = b"\x07" * (MAX_MESSAGE_BYTES + 1)
-    error = _raw_call(node_channel, "KmsNode", "Reencrypt", request.SerializeToString())
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    """The threat model's "bounded message sizes (256 KiB)", held by each server itself:
+    a sender without the bound gets RESOURCE_EXHAUSTED from the server for a byte more
+    ("Received", not the client's own "Sent message larger than max"); a message just
+    under it is parsed and judged on its fields."""
+    assert MAX_MESSAGE_BYTES == 256 * 1024
+    if server == "node":
+        channel = cluster.transport.channel(cluster.nodes[0].address, options=UNBOUNDED_SENDER)
+        service = "KmsNode"
+    else:
+        channel = cluster.app_transport.channel(
+            cluster.coordinator_address, options=UNBOUNDED_SENDER
+        )
+        service = "Coordinator"
+    with channel:
+        request = _valid_request()
+        request.capsule = b""
+        request.capsule = b"\x07" * (MAX_MESSAGE_BYTES + 1 - request.ByteSize() - 4)
+        over = request.SerializeToString()
+        assert len(over) == MAX_MESSAGE_BYTES + 1
+        error = _raw_call(channel, service, "Reencrypt", over)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Received message larger than max" in (error.details() or ""), error.details()
+        request.capsule = b"\x07" * (len(request.capsule) - 1024)
+        error = _raw_call(channel, service, "Reencrypt", request.SerializeToString())
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "capsule" in (error.details() or ""), error.details()
 
 
 def test_servers_keep_serving_after_bad_input(

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clients.sdk.identity import umbral_seed
+from clients.sdk.records import parse_envelope
 from core.record_types import RecordType
 from deploy.local_cluster import DEMO_ACCOUNTS, LocalCluster
 from deploy.sample_records import lab_result
@@ -222,12 +223,21 @@ def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys
 def test_logs_hold_no_key_material(people: People, cluster: LocalCluster) -> None:
     """After the whole suite: scan every log the cluster wrote for the secrets of every
     party the suite created (Ethereum keys, Umbral seeds and derived keys), the nodes'
-    PINs and the TLS private keys, in hex and raw."""
+    PINs and the TLS private keys, and a record's DEK and plaintext, in hex and raw."""
     people.grant_doctor()
     with people.provider() as doctor:
-        doctor.read_record(people.lab.record_id)
+        plaintext = doctor.read_record(people.lab.record_id)
     people.patient.await_nodes(people.patient.revoke(people.doctor.address))
-    secrets_to_find: list[bytes] = []
+    envelope = parse_envelope(people.cluster.blob_store().get(people.lab.storage_uri))
+    dek = umbral.decrypt_original(
+        people.patient.identity.record_secret_key(RecordType.LAB_RESULT),
+        umbral.Capsule.from_bytes(bytes(envelope.capsule)),
+        bytes(envelope.encrypted_dek),
+    )
+    assert plaintext == lab_result()  # the suite's sample lab result: read in many tests
+    # The plaintext as a JSON log line would carry it, too (its quotes escaped).
+    escaped = json.dumps(plaintext.decode())[1:-1].encode()
+    secrets_to_find: list[bytes] = [bytes(dek), plaintext, escaped]
     demo_accounts = [cluster.identity(name) for name in DEMO_ACCOUNTS]
     for identity in [*CREATED_IDENTITIES, *demo_accounts]:
         secrets_to_find.append(bytes(identity.account.key))

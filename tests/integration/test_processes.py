@@ -35,6 +35,7 @@ from kms_node.index_snapshot import SNAPSHOT_FILE
 from kms_node.settings import NodeSettings
 from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import NodeStub
+from tests.integration.conftest import core_file_limit
 
 pytestmark = pytest.mark.cluster
 
@@ -117,6 +118,16 @@ def test_workers_share_the_port_and_metrics_are_summed(
     body = urllib.request.urlopen(node.metrics_url, timeout=5).read().decode()
     assert 'kms_node_requests_total{method="Reencrypt",outcome="ok"}' in body
     assert "kms_node_kfrags_stored" in body
+
+
+def test_no_process_of_a_node_writes_a_core_dump(multi: LocalCluster) -> None:
+    """The supervisor holds the user PIN too (it hands it to its workers): it is
+    hardened as they are (kms_node/hardening.py)."""
+    for node in multi.nodes:
+        workers = _children(node.pid)
+        assert len(workers) == 2
+        for pid in [node.pid, *workers]:
+            assert core_file_limit(pid) == ["0", "0"], (node.node_id, pid)
 
 
 def test_a_replay_is_refused_by_every_process_of_a_node(

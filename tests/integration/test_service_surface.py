@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -15,7 +14,7 @@ from core.errors import AccessDenied
 from deploy.local_cluster import LocalCluster
 from proto.kms.v1 import node_pb2
 from proto.stubs import NodeStub
-from tests.integration.conftest import People
+from tests.integration.conftest import People, core_file_limit
 
 pytestmark = pytest.mark.cluster
 
@@ -95,6 +94,4 @@ def test_metrics_count_requests_by_outcome(people: People, cluster: LocalCluster
 
 def test_node_processes_write_no_core_dumps(cluster: LocalCluster) -> None:
     for node in cluster.nodes:
-        limits = Path(f"/proc/{node.pid}/limits").read_text().splitlines()
-        (core,) = [line for line in limits if line.startswith("Max core file size")]
-        assert core.split()[4:6] == ["0", "0"], core
+        assert core_file_limit(node.pid) == ["0", "0"], node.node_id

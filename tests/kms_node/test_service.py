@@ -26,7 +26,7 @@ from core.errors import (
     Unauthenticated,
     Unavailable,
 )
-from core.rate_limit import RateLimiter
+from core.rate_limit import ENROLLMENT_COST, RateLimiter
 from core.record_types import RecordType, to_mask
 from core.registry_types import (
     AccessRevoked,
@@ -773,6 +773,25 @@ def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) ->
     world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
     assert reads.count == 1
     assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
+
+
+def test_enrollments_cost_the_patient_ten_requests_each(world: World) -> None:
+    """An enrollment spends ENROLLMENT_COST (10) of the patient's budget, before its
+    nonce is looked at: once she has spent it, even a replay of her enrollment is
+    RESOURCE_EXHAUSTED (the nonce memory is not consulted). The grantee's budget is
+    untouched."""
+    assert ENROLLMENT_COST == 10
+    enrollments = BURST // ENROLLMENT_COST
+    first = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    world.node.enroll(first)
+    for _ in range(enrollments - 1):
+        world.enroll(world.kfrag())
+    with pytest.raises(ResourceExhausted, match="rate limit"):
+        world.enroll(world.kfrag())
+    with pytest.raises(ResourceExhausted, match="rate limit"):
+        world.node.enroll(first)
+    for i in range(BURST):
+        world.node.reencrypt(world.request(nonce=i.to_bytes(32, "big")))
 
 
 def test_an_enrollment_nobody_could_grant_spends_no_nonce(world: World) -> None:
