@@ -1,10 +1,14 @@
 """The servers' RPC wrapper (proto/rpc.py): a refusal for want of a dependency is
-logged, a judgement on the request is not, and every outcome is observed."""
+logged, a judgement on the request is not, and every outcome is observed. An
+unexpected exception reaches the caller as ``INTERNAL`` with a fixed sentence, on the
+threaded and the asyncio server alike; its detail goes to the server's log only."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -13,9 +17,9 @@ from structlog.testing import capture_logs
 from core.errors import AccessDenied, KmsError, Unavailable
 from proto import rpc
 from proto.kms.v1 import node_pb2
-from proto.stubs import NODE_SERVICE, NodeStub
+from proto.stubs import NODE_SERVICE, AioNodeStub, NodeStub
 
-RAISED: list[KmsError] = []
+RAISED: list[Exception] = []
 OBSERVED: list[tuple[str, str]] = []
 
 
@@ -40,12 +44,79 @@ def stub() -> Iterator[NodeStub]:
         server.stop(None)
 
 
-def _call(stub: NodeStub, error: KmsError) -> grpc.StatusCode:
+def _failed_call(stub: NodeStub, error: Exception) -> Any:
+    """The ``grpc.Call`` error of a GetNodeInfo whose handler raised ``error``."""
     RAISED[:] = [error]
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
-    code: grpc.StatusCode = caught.value.code()
+    return caught.value
+
+
+def _call(stub: NodeStub, error: KmsError) -> grpc.StatusCode:
+    code: grpc.StatusCode = _failed_call(stub, error).code()
     return code
+
+
+async def _aio_node_info(_msg: node_pb2.GetNodeInfoRequest, _ctx: object) -> node_pb2.NodeInfo:
+    raise RAISED[0]
+
+
+def _aio_failed_call(error: Exception) -> grpc.aio.AioRpcError:
+    """The error of a GetNodeInfo on a real ``grpc.aio`` server whose handler raised
+    ``error``."""
+    RAISED[:] = [error]
+
+    async def scenario() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server()
+        methods = [rpc.Method("GetNodeInfo", node_pb2.GetNodeInfoRequest, _aio_node_info)]
+        server.add_generic_rpc_handlers(
+            [
+                rpc.aio_service_handler(
+                    NODE_SERVICE, methods, lambda m, o, _s: OBSERVED.append((m, o))
+                )
+            ]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await AioNodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
+                return caught.value
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(scenario())
+
+
+def _everything_sent(error: Any) -> str:
+    """All a caller is told of a failed call: its details, both sets of metadata and
+    gRPC's own description of the error."""
+    return repr(
+        (
+            error.details(),
+            tuple(error.initial_metadata() or ()),
+            tuple(error.trailing_metadata() or ()),
+            error.debug_error_string(),
+            str(error),
+        )
+    )
+
+
+def _assert_internal_and_logged(error: Any, logs: list[Any]) -> None:
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == rpc.INTERNAL_MESSAGE
+    sent = _everything_sent(error)
+    assert "s3cret" not in sent
+    assert "RuntimeError" not in sent
+    assert "Traceback" not in sent
+    (entry,) = [e for e in logs if e["event"] == "rpc_failed"]
+    assert entry["service"] == NODE_SERVICE.full_name
+    assert entry["method"] == "GetNodeInfo"
+    assert entry["log_level"] == "error"
+    # log.exception: the traceback (and so the detail) is the server log's to keep
+    assert entry["exc_info"] is True
+    assert OBSERVED == [("GetNodeInfo", "internal")]
 
 
 def test_a_refusal_for_a_missing_dependency_is_logged(stub: NodeStub) -> None:
@@ -66,3 +137,38 @@ def test_a_judgement_on_the_request_is_not_logged_as_trouble(stub: NodeStub) -> 
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert not [e for e in logs if e["event"] == "rpc_unavailable"]
     assert OBSERVED == [("GetNodeInfo", "permission_denied")]
+
+
+def test_an_unexpected_exception_is_internal_with_no_detail(stub: NodeStub) -> None:
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _failed_call(stub, RuntimeError("s3cret-detail"))
+    _assert_internal_and_logged(error, logs)
+
+
+def test_an_unexpected_exception_is_internal_with_no_detail_on_the_aio_server() -> None:
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _aio_failed_call(RuntimeError("s3cret-detail"))
+    _assert_internal_and_logged(error, logs)
+
+
+def _assert_own_status_and_message(error: Any, logs: list[Any]) -> None:
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "grant has been revoked by the patient"
+    assert not [e for e in logs if e["event"] == "rpc_failed"]
+    assert OBSERVED == [("GetNodeInfo", "permission_denied")]
+
+
+def test_a_kms_error_keeps_its_status_and_safe_message(stub: NodeStub) -> None:
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _failed_call(stub, AccessDenied("grant has been revoked by the patient"))
+    _assert_own_status_and_message(error, logs)
+
+
+def test_a_kms_error_keeps_its_status_and_safe_message_on_the_aio_server() -> None:
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _aio_failed_call(AccessDenied("grant has been revoked by the patient"))
+    _assert_own_status_and_message(error, logs)
