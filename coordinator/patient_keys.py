@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from core.errors import PreconditionFailed
@@ -29,16 +30,26 @@ MAX_PATIENTS = 100_000
 
 class PatientKeyCache:
     """Patients' registered keys, read from the chain at most once per TTL. Unknown
-    patients are remembered too (for a few seconds), so requests naming made-up patients
-    cost no chain read each; the memory is bounded."""
+    patients are remembered too (for :data:`UNKNOWN_PATIENT_TTL_S`), so repeated requests
+    naming one made-up patient cost one chain read per few seconds; each distinct made-up
+    patient still costs a read (what bounds those is the requester's and its address's
+    admission budgets, charged before the lookup: service.py). The memory is bounded
+    (:data:`MAX_PATIENTS`, the least recently read go first)."""
 
-    def __init__(self, registry: PatientReader, ttl_s: float) -> None:
+    def __init__(
+        self,
+        registry: PatientReader,
+        ttl_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._registry = registry
         self._ttl_s = ttl_s
+        self._clock = clock
         self._entries: OrderedDict[str, tuple[float, PatientInfo | None]] = OrderedDict()
 
     async def get(self, address: str) -> PatientInfo:
-        now = time.monotonic()
+        now = self._clock()
         hit = self._entries.get(address)
         if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else UNKNOWN_PATIENT_TTL_S):
             info = hit[1]

@@ -9,6 +9,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
+from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from proto.transport import Transport, require_tls_settings
 
@@ -39,7 +40,8 @@ class CoordinatorSettings:
     #: send the reads that meet at a node connection while a call is in flight as one
     #: ReencryptMany call when it returns (ADR 16); a lone read always goes at once
     coalesce_node_calls: bool = True
-    #: how far ahead a signed request's deadline may lie (as at the nodes)
+    #: how far ahead a signed request's deadline may lie (as at the nodes; 1 s to
+    #: core.request_auth.MAX_REQUEST_WINDOW_S)
     request_window_s: int = 300
     #: each requester's budget, in single requests (a batch of n capsules costs
     #: 1 + (n - 1) / 4); a refused request costs 10. Half a node's default budget
@@ -150,8 +152,12 @@ class CoordinatorSettings:
             raise ConfigurationError("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:
             raise ConfigurationError("node_timeout_s must be positive")
-        if self.request_window_s < 1 or self.served_memory_s < 0:
-            raise ConfigurationError("need request_window_s >= 1 and served_memory_s >= 0")
+        if not 1 <= self.request_window_s <= MAX_REQUEST_WINDOW_S:
+            raise ConfigurationError(
+                f"request_window_s must be between 1 and {MAX_REQUEST_WINDOW_S} seconds"
+            )
+        if self.served_memory_s < 0:
+            raise ConfigurationError("served_memory_s must be >= 0")
         if not (self.requester_rate_per_s > 0 and self.peer_refusals_per_s > 0):
             raise ConfigurationError(
                 "requester_rate_per_s and peer_refusals_per_s must be positive"

@@ -331,6 +331,17 @@ def signer_of(domain: Domain, claims: Claims, signature: bytes) -> str:
 # --- freshness ------------------------------------------------------------------------------
 
 
+#: the longest ``request_window_s`` a node or coordinator may be configured with. The
+#: window is how long a signed request stays usable (a copy of one can be replayed at a
+#: node that has not seen its nonce until its deadline), and how long a node keeps its
+#: nonce (kms_node/replay.py): live nonces are up to the accepted rate times the window,
+#: and at ``replay_max_entries`` (1 000 000 by default) the node refuses every new
+#: request until some expire. With full-window deadlines the default memory fills at
+#: 278 accepted requests/s with an hour's window, below what one node process serves
+#: (about 450/s); at the default 300 s, only at 3333/s.
+MAX_REQUEST_WINDOW_S = 3600
+
+
 def check_deadline(deadline: int, now: float, max_window_s: int) -> None:
     """Refuse a request whose deadline has passed, or lies more than ``max_window_s`` ahead.
 

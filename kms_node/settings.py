@@ -19,6 +19,7 @@ from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
+from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from kms_node.hsm.softhsm_token import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
@@ -139,6 +140,7 @@ class NodeSettings:
     #: restart replays only the events after the snapshot's block (ADR 15)
     index_snapshot_interval_s: float = 60.0
     #: how far ahead a signed request's deadline may lie; nonces are kept this long
+    #: (1 s to core.request_auth.MAX_REQUEST_WINDOW_S)
     request_window_s: int = 300
     #: most nonces remembered at once (a memory bound; beyond it: RESOURCE_EXHAUSTED)
     replay_max_entries: int = 1_000_000
@@ -294,6 +296,14 @@ class NodeSettings:
             raise ConfigurationError("anchoring must be true or false")
         if self.anchor_every_entries < 1 or not self.anchor_interval_s > 0:
             raise ConfigurationError("need anchor_every_entries >= 1 and anchor_interval_s > 0")
+        if not 1 <= self.request_window_s <= MAX_REQUEST_WINDOW_S:
+            # 0 would leave the replay memory unable to hold any nonce (it refuses to
+            # start), and no request could ever be fresh
+            raise ConfigurationError(
+                f"request_window_s must be between 1 and {MAX_REQUEST_WINDOW_S} seconds"
+            )
+        if self.replay_max_entries < 1:
+            raise ConfigurationError("replay_max_entries must be at least 1")
         if not 0 <= self.kfrag_cache_ttl_s <= MAX_KFRAG_CACHE_TTL_S:
             raise ConfigurationError(
                 f"kfrag_cache_ttl_s must be between 0 and {MAX_KFRAG_CACHE_TTL_S:.0f} seconds"

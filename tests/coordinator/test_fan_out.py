@@ -206,7 +206,12 @@ def patient_kfrags(
     )
 
 
-def make_world(*, verify_every_fragment: bool = False, coalesce_node_calls: bool = True) -> World:
+def make_world(
+    *,
+    verify_every_fragment: bool = False,
+    coalesce_node_calls: bool = True,
+    request_window_s: int = CoordinatorSettings.request_window_s,
+) -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     kfrags = patient_kfrags(alice, RecordType.LAB_RESULT, bob)
     settings = CoordinatorSettings(
@@ -218,6 +223,7 @@ def make_world(*, verify_every_fragment: bool = False, coalesce_node_calls: bool
         node_timeout_s=2.0,
         verify_every_fragment=verify_every_fragment,
         coalesce_node_calls=coalesce_node_calls,
+        request_window_s=request_window_s,
     )
     info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}

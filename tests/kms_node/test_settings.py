@@ -278,6 +278,10 @@ def test_confirmations_default_to_none_and_are_read(tmp_path: Path) -> None:
         ("chain_confirmations", "1001", "0 and 1000"),
         ("kfrag_cache_ttl_s", "-1", "0 and 3600 seconds"),  # ADR 13
         ("kfrag_cache_ttl_s", "3601", "0 and 3600 seconds"),
+        # 0 used to pass here and crash the replay memory at start-up, unnamed
+        ("request_window_s", "0", "1 and 3600 seconds"),
+        ("request_window_s", "-300", "1 and 3600 seconds"),
+        ("request_window_s", "3601", "1 and 3600 seconds"),
     ],
 )
 def test_bounded_settings_out_of_range_are_refused(
@@ -288,6 +292,14 @@ def test_bounded_settings_out_of_range_are_refused(
         _load(tmp_path, f'hsm_pin_file = "secrets/user.pin"\n{setting} = {value}\n')
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_replay_memory_that_holds_no_nonce_is_refused(tmp_path: Path, value: str) -> None:
+    """0 used to pass here and crash the replay memory at start-up, unnamed."""
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    with pytest.raises(ConfigurationError, match="replay_max_entries must be at least 1"):
+        _load(tmp_path, f'hsm_pin_file = "secrets/user.pin"\nreplay_max_entries = {value}\n')
+
+
 # --- unwrapped kfrags kept in memory (ADR 13) ------------------------------------------------
 
 
@@ -296,3 +308,16 @@ def test_the_kfrag_cache_ttl_defaults_to_a_minute_and_is_read(tmp_path: Path) ->
     pin = 'hsm_pin_file = "secrets/user.pin"\n'
     assert _load(tmp_path, pin).kfrag_cache_ttl_s == 60.0
     assert _load(tmp_path, pin + "kfrag_cache_ttl_s = 0\n").kfrag_cache_ttl_s == 0.0
+
+
+# --- how far ahead a signed request's deadline may lie -------------------------------------
+
+
+def test_the_request_window_defaults_to_five_minutes_and_is_read_within_its_bounds(
+    tmp_path: Path,
+) -> None:
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    pin = 'hsm_pin_file = "secrets/user.pin"\n'
+    assert _load(tmp_path, pin).request_window_s == 300
+    for value in (1, 3600):
+        assert _load(tmp_path, pin + f"request_window_s = {value}\n").request_window_s == value

@@ -1,0 +1,44 @@
+"""The coordinator's settings: bounds checked at start-up, naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.settings import CoordinatorSettings
+from core.errors import ConfigurationError
+
+MINIMAL = (
+    'listen = "127.0.0.1:7000"\nthreshold = 1\n'
+    'chain_rpc_url = "http://127.0.0.1:8545"\n'
+    'registry_address = "0x' + "ab" * 20 + '"\ndev_plaintext = true\n'
+)
+NODE = '[[nodes]]\nnode_id = "node-1"\naddress = "127.0.0.1:7001"\n'
+
+
+def _load(tmp_path: Path, extra: str = "") -> CoordinatorSettings:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(MINIMAL + extra + NODE)  # top-level keys before the [[nodes]] table
+    return CoordinatorSettings.from_toml(config)
+
+
+def test_the_request_window_defaults_to_five_minutes_and_is_read_within_its_bounds(
+    tmp_path: Path,
+) -> None:
+    assert _load(tmp_path).request_window_s == 300
+    for value in (1, 3600):
+        assert _load(tmp_path, f"request_window_s = {value}\n").request_window_s == value
+
+
+@pytest.mark.parametrize("value", ["0", "-300", "3601"])
+def test_a_request_window_out_of_bounds_is_refused_naming_it(tmp_path: Path, value: str) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"^request_window_s must be between 1 and 3600 seconds$"
+    ):
+        _load(tmp_path, f"request_window_s = {value}\n")
+
+
+def test_a_negative_served_memory_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"^served_memory_s must be >= 0$"):
+        _load(tmp_path, "served_memory_s = -1\n")
