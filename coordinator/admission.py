@@ -19,6 +19,7 @@ limiters' and by ``MAX_SERVED`` remembered requesters.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -32,14 +33,28 @@ from core.rate_limit import REFUSAL_COST, RateLimiter
 MAX_SERVED = 100_000
 
 
+#: an IPv6 host is charged by its /64: one subscriber or host is commonly given a whole
+#: /64, so keyed by full address, it would have 2**64 refusal budgets to draw on
+IPV6_PREFIX = 64
+
+
 def peer_address(peer: str) -> str:
-    """The address part of a gRPC peer string (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``,
-    ``unix:/path``): connections from one host share it, whatever their port."""
+    """Who a gRPC peer string (``ipv4:1.2.3.4:5678``, ``ipv6:[2001:db8::1]:5678``,
+    ``unix:/path``) is charged as: its IPv4 address, its IPv6 /64 (an IPv4-mapped one as
+    IPv4), or the string itself; connections from one host share it, whatever their
+    port."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
+        host = rest.rsplit(":", 1)[0].strip("[]").split("%")[0]  # without a zone
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            return peer[:128]
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
     return peer[:128]
 
 

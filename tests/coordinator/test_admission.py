@@ -34,8 +34,32 @@ def admission(clock: Clock) -> Admission:
 
 def test_peer_addresses_drop_the_port() -> None:
     assert peer_address("ipv4:10.1.2.3:45678") == "10.1.2.3"
-    assert peer_address("ipv6:[2001:db8::1]:443") == "2001:db8::1"
     assert peer_address("unix:/run/app.sock") == "unix:/run/app.sock"
+
+
+def test_an_ipv6_host_is_charged_by_its_64() -> None:
+    """A host given a /64 (as most are) cannot draw on 2**64 refusal budgets: every
+    address in it shares one; the next /64 is another party."""
+    assert peer_address("ipv6:[2001:db8::1]:443") == "2001:db8::/64"
+    assert peer_address("ipv6:[2001:db8::ffff:1:2:3]:443") == "2001:db8::/64"
+    assert peer_address("ipv6:[2001:db8:0:1::1]:443") == "2001:db8:0:1::/64"
+    assert peer_address("ipv6:[fe80::1%25eth0]:443") == "fe80::/64"  # the zone dropped
+    assert peer_address("ipv6:[::ffff:10.1.2.3]:443") == "10.1.2.3"  # as IPv4
+    assert peer_address("ipv6:[not-an-address]:443") == "ipv6:[not-an-address]:443"
+
+
+def test_new_requesters_from_one_ipv6_64_share_one_refusal_budget() -> None:
+    gate = admission(Clock())  # an address's burst of refusals: 3
+    admitted = 0
+    for i in range(100):
+        peer = peer_address(f"ipv6:[2001:db8::{i + 1:x}:1]:443")
+        try:
+            gate.admit(f"0x{i:040x}", peer, cost=1)
+            admitted += 1
+        except ResourceExhausted:
+            pass
+    assert admitted == 3
+    gate.admit("0x" + "ff" * 20, peer_address("ipv6:[2001:db8:0:1::1]:443"), cost=1)
 
 
 def test_a_batch_costs_a_quarter_per_extra_capsule() -> None:
