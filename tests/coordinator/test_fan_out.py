@@ -60,6 +60,7 @@ class FakeNode:
     in_flight: int = 0
     most_in_flight: int = 0
     many_calls: int = 0
+    enrollments: int = 0
 
     async def _enter(self) -> None:
         self.in_flight += 1
@@ -94,6 +95,13 @@ class FakeNode:
         return node_pb2.ReencryptResponse(
             fragment=common_pb2.CapsuleFragment(node_id="x", cfrag=cfrag)
         )
+
+    async def EnrollKeyFragment(
+        self, msg: common_pb2.EnrollKeyFragmentRequest, timeout: float
+    ) -> common_pb2.EnrollKeyFragmentResponse:
+        """Stored, as far as the coordinator can tell (it cannot open the kfrags)."""
+        self.enrollments += 1
+        return common_pb2.EnrollKeyFragmentResponse(node_id=msg.node_id)
 
     async def ReencryptBatch(
         self, msg: common_pb2.ReencryptionBatchRequest, timeout: float
@@ -211,6 +219,7 @@ def make_world(
     verify_every_fragment: bool = False,
     coalesce_node_calls: bool = True,
     request_window_s: int = CoordinatorSettings.request_window_s,
+    requester_rate_per_s: float = CoordinatorSettings.requester_rate_per_s,
 ) -> World:
     alice, bob = Identity.generate("alice"), Identity.generate("bob")
     kfrags = patient_kfrags(alice, RecordType.LAB_RESULT, bob)
@@ -224,6 +233,7 @@ def make_world(
         verify_every_fragment=verify_every_fragment,
         coalesce_node_calls=coalesce_node_calls,
         request_window_s=request_window_s,
+        requester_rate_per_s=requester_rate_per_s,
     )
     info = PatientInfo(alice.address, alice.record_public_keys(), alice.verifying_key())
     nodes = {n: FakeNode(k) for n, k in zip(NODES, kfrags, strict=True)}
