@@ -42,6 +42,7 @@ from clients.audit.receipts_file import load_receipts, save_receipts
 from clients.audit.report_files import write_reports
 from clients.audit.state_file import load_state, save_state
 from clients.sdk.input_files import read_bounded
+from clients.sdk.output_files import private_dir, private_file
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.records import MAX_DOCUMENT_BYTES
@@ -259,7 +260,7 @@ def cmd_provider_read(args: argparse.Namespace) -> int:
         save_receipts(args.receipts_out, receipts)
         print(f"receipts: {args.receipts_out} ({len(receipts)} receipts)", file=sys.stderr)
     if args.out and len(record_ids) > 1:
-        args.out.mkdir(parents=True, exist_ok=True)
+        private_dir(args.out)
     failed = 0
     for record_id, outcome in reads.items():
         if isinstance(outcome, KmsError):
@@ -268,7 +269,7 @@ def cmd_provider_read(args: argparse.Namespace) -> int:
             print(f"kmsctl: 0x{record_id.hex()}: {outcome.message}{about}", file=sys.stderr)
         elif args.out:
             out = args.out if len(record_ids) == 1 else args.out / f"0x{record_id.hex()}.json"
-            out.write_bytes(outcome.plaintext)
+            private_file(out).write_bytes(outcome.plaintext)  # health data: the owner's alone
         else:
             sys.stdout.write(outcome.plaintext.decode() + "\n")
     return 1 if failed else 0
@@ -430,9 +431,7 @@ def cmd_audit_export(args: argparse.Namespace) -> None:
     sound = [n for n in report.nodes if n.ok]
     bundle = fhir_bundle(sound, registry.chain_id(), now=int(time.time()))
     if args.out:
-        args.out.touch(mode=0o600)
-        args.out.chmod(0o600)
-        args.out.write_text(bundle)
+        private_file(args.out).write_text(bundle)
     else:
         sys.stdout.write(bundle)
     exported = sum(len(n.entries) for n in sound)

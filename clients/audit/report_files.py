@@ -10,6 +10,7 @@ from typing import Final, TextIO
 from clients.audit.audit_report import write_report_csv, write_report_json
 from clients.audit.auditor import ClusterReport
 from clients.audit.report_html import report_html
+from clients.sdk.output_files import private_dir, private_file
 
 REPORT_FILES: Final = ("report.json", "report.csv", "report.html")
 
@@ -25,11 +26,8 @@ def write_reports(
         lambda out: write_report_csv(report, out),
         lambda out: out.write(report_html(report, audited_at=audited_at, chain_id=chain_id)),
     )
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    paths = tuple(out_dir / name for name in REPORT_FILES)
+    paths = tuple(private_dir(out_dir) / name for name in REPORT_FILES)
     for path, write in zip(paths, writers, strict=True):
-        path.touch(mode=0o600)
-        path.chmod(0o600)  # also when an earlier report left it wider
-        with path.open("w", encoding="utf-8", newline="") as out:
+        with private_file(path).open("w", encoding="utf-8", newline="") as out:
             write(out)
     return paths
