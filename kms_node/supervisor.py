@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import structlog
 
 from core.endpoints import parse_host_port
-from kms_node import metrics
+from kms_node import data_lock, metrics
 from kms_node.hardening import forbid_core_dumps
 from kms_node.settings import NodeSettings
 
@@ -53,6 +53,7 @@ def supervise(settings: NodeSettings, worker_command: Sequence[str]) -> None:
     workers), so it is hardened as a worker is (``kms_node.hardening``); the workers
     inherit the core limit and set their own ``PR_SET_DUMPABLE``."""
     forbid_core_dumps()
+    data_lock.hold_as_the_serving_instance(settings.data_dir)
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, mode=0o700)

@@ -4,6 +4,8 @@ real cluster. Each attack gets its exact status, and the node keeps serving."""
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import time
 
 import grpc
@@ -17,7 +19,7 @@ from core.requests import address_bytes
 from core.umbral_codec import capsule_hash
 from deploy.local_cluster import LocalCluster
 from deploy.sample_records import lab_result
-from proto.kms.v1 import common_pb2
+from proto.kms.v1 import common_pb2, node_pb2
 from proto.stubs import NodeStub
 from tests.integration.conftest import People
 
@@ -81,6 +83,43 @@ def test_a_replayed_request_is_unauthenticated(people: People, cluster: LocalClu
     assert caught.value.details() == "nonce already used"
     with cluster.transport.channel(cluster.nodes[1].address) as channel:
         assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
+
+
+def test_a_request_seen_before_a_node_restarted_is_still_a_replay(
+    people: People, cluster: LocalCluster
+) -> None:
+    """The replay memory is on disk (kms_node/replay.py SharedReplayGuard): a node killed
+    and started again within the request's window still knows the nonce."""
+    node = cluster.nodes[1]
+    request = signed_request(people)
+    with cluster.transport.channel(node.address) as channel:
+        assert NodeStub(channel).Reencrypt(request, timeout=5).fragment.cfrag
+    cluster.stop_node(node.node_id, kill=True)
+    cluster.start_node(node.node_id)
+    with cluster.transport.channel(node.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            NodeStub(channel).Reencrypt(request, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert caught.value.details() == "nonce already used"
+        assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
+
+
+def test_a_second_instance_on_a_nodes_data_directory_is_refused(cluster: LocalCluster) -> None:
+    """Started on the config of a node that serves, a second ``kms-node serve`` stops
+    before it opens the HSM; it would otherwise share the port (SO_REUSEPORT) with its
+    own rate budgets and a second anchorer."""
+    node = cluster.nodes[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.node", "serve", "--config", node.config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "another kms-node serves from it" in done.stderr
+    with cluster.transport.channel(node.address) as channel:
+        info = NodeStub(channel).GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=5)
+    assert info.node_id == node.node_id
 
 
 def test_an_expired_deadline_is_unauthenticated(people: People) -> None:
