@@ -34,7 +34,9 @@ class PatientKeyCache:
     naming one made-up patient cost one chain read per few seconds; each distinct made-up
     patient still costs a read (what bounds those is the requester's and its address's
     admission budgets, charged before the lookup: service.py). The memory is bounded
-    (:data:`MAX_PATIENTS`, the least recently read go first)."""
+    (:data:`MAX_PATIENTS`, the least recently read go first). Lookups of one patient
+    that meet while her read is on its way share it: a burst of reads as her entry
+    expires costs one chain read, not one each."""
 
     def __init__(
         self,
@@ -47,6 +49,8 @@ class PatientKeyCache:
         self._ttl_s = ttl_s
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, PatientInfo | None]] = OrderedDict()
+        #: chain reads on their way, by patient
+        self._reading: dict[str, asyncio.Future[PatientInfo | None]] = {}
 
     async def get(self, address: str) -> PatientInfo:
         now = self._clock()
@@ -54,11 +58,21 @@ class PatientKeyCache:
         if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else UNKNOWN_PATIENT_TTL_S):
             info = hit[1]
         else:
-            info = await asyncio.to_thread(self._registry.get_patient, address)
-            self._entries[address] = (now, info)
-            self._entries.move_to_end(address)
-            while len(self._entries) > MAX_PATIENTS:
-                self._entries.popitem(last=False)
+            reading = self._reading.get(address)
+            if reading is None:
+                reading = asyncio.ensure_future(self._read(address, now))
+                self._reading[address] = reading
+                reading.add_done_callback(lambda _done: self._reading.pop(address, None))
+            # Shielded: a caller that gives up does not cancel the read the others share.
+            info = await asyncio.shield(reading)
         if info is None:
             raise PreconditionFailed("patient is not registered in the registry")
+        return info
+
+    async def _read(self, address: str, now: float) -> PatientInfo | None:
+        info = await asyncio.to_thread(self._registry.get_patient, address)
+        self._entries[address] = (now, info)
+        self._entries.move_to_end(address)
+        while len(self._entries) > MAX_PATIENTS:
+            self._entries.popitem(last=False)
         return info

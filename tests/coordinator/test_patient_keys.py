@@ -6,6 +6,7 @@ made-up patients, the admission budgets charged before the lookup do (service.py
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -138,3 +139,35 @@ def test_the_cache_is_bounded_and_forgets_the_oldest_read_first(
     assert len(registry.reads) == 5
     refused(cache, made_up(0))
     assert registry.reads[-1] == made_up(0) and len(registry.reads) == 6
+
+
+class GatedRegistry(CountingRegistry):
+    """Its chain reads wait until ``release`` is set (they run in threads)."""
+
+    def __init__(self, *known: str) -> None:
+        super().__init__(*known)
+        self.release = threading.Event()
+
+    def get_patient(self, address: str) -> PatientInfo | None:
+        assert self.release.wait(10)
+        return super().get_patient(address)
+
+
+def test_lookups_that_meet_share_one_read_and_one_giving_up_cancels_none(clock: Clock) -> None:
+    """Ten reads of a patient whose entry is not cached, while her read is on its way:
+    one chain read; a caller that gives up meanwhile does not cancel it for the others."""
+    registry = GatedRegistry(KNOWN)
+    cache = PatientKeyCache(registry, TTL_S, clock=clock)
+
+    async def burst() -> list[PatientInfo]:
+        waiting = [asyncio.ensure_future(cache.get(KNOWN)) for _ in range(10)]
+        await asyncio.sleep(0)  # every lookup has started and met the first's read
+        waiting[0].cancel()
+        registry.release.set()
+        return await asyncio.gather(*waiting[1:])
+
+    found = asyncio.run(burst())
+    assert [info.address for info in found] == [KNOWN] * 9
+    assert registry.reads == [KNOWN]
+    assert get(cache, KNOWN).address == KNOWN  # and it is cached
+    assert registry.reads == [KNOWN]
