@@ -76,9 +76,14 @@ def check_anchors(
     findings: Findings,
 ) -> AnchorsChecked:
     """Step 6: every anchor verifies and the log (and the node's tree) extends each of
-    them. ``signed`` says whether ``checkpoint`` verified (step 2)."""
+    them. ``signed`` says whether ``checkpoint`` verified (step 2).
+
+    After a read failed in transit, the anchors are still compared with the entries served
+    before it (a mismatch is evidence, and needs nothing more from the node), but no proof
+    is asked of the node."""
     size = checkpoint.tree_size
     since = served.since
+    offline = bool(findings.could_not_read)
     verified: list[tuple[CheckpointAnchor, Checkpoint]] = []
     for anchor in anchors:
         try:
@@ -102,14 +107,16 @@ def check_anchors(
             )
             continue
         verified.append((anchor, anchored))
+    # Anchors an earlier audit checked (``since``) are not checked again.
+    skipped = _checked_before(since, verified, log, findings, offline=offline)
     checked = AnchorsChecked(
         len(verified),
-        max([since.anchor_block if since is not None else 0] + [a.block for a, _ in verified]),
+        max([skipped] + [a.block for a, _ in verified]),
         max(verified, key=lambda v: v[0].block)[0].tree_size if verified else 0,
     )
-    # Anchors an earlier audit checked (``since``) are not checked again.
-    if since is not None:
-        verified = [(a, c) for a, c in verified if a.block > since.anchor_block]
+    if findings.could_not_read and not offline:
+        return checked
+    verified = [(a, c) for a, c in verified if a.block > skipped]
     roots = _prefix_roots(served, {a.tree_size for a, _ in verified if a.tree_size <= size})
     matched, named = served.start, False
     beyond: list[CheckpointAnchor] = []
@@ -129,18 +136,20 @@ def check_anchors(
         elif anchor.tree_size in roots:
             matched = anchor.tree_size
             _check_times(anchor, where, served, findings)
+        elif offline:
+            pass  # the rest asks the node for proofs
         elif since is not None and anchor.tree_size < since.tree_size:
             inconsistent += _consistency(
                 log, anchored, since.checkpoint, f"{where} and the verified prefix", findings
             )
-        if previous is not None and anchor.tree_size <= size:
+        if previous is not None and anchor.tree_size <= size and not offline:
             inconsistent += _consistency(
                 log, previous[1], anchored, f"{where} and the one before", findings
             )
         previous = anchor, anchored
-        if findings.could_not_read:
+        if findings.could_not_read and not offline:
             return checked
-    if previous is not None and signed and previous[0].tree_size <= size:
+    if previous is not None and signed and previous[0].tree_size <= size and not offline:
         inconsistent += _consistency(
             log,
             previous[1],
@@ -172,7 +181,67 @@ def check_anchors(
         findings.fail(Check.ANCHOR, inconsistent[0] + _more(len(inconsistent) - 1, "pair"))
     if previous is not None and previous[0].tree_size < size:
         findings.warn(f"entries {previous[0].tree_size} to {size - 1} are not anchored yet")
+    if offline:  # count only the anchors compared with what was served
+        compared = sum(1 for a, _ in verified if a.tree_size > size or a.tree_size in roots)
+        checked = AnchorsChecked(compared, checked.block, checked.size)
     return checked
+
+
+def _checked_before(
+    since: VerifiedPrefix | None,
+    verified: list[tuple[CheckpointAnchor, Checkpoint]],
+    log: LogSource,
+    findings: Findings,
+    *,
+    offline: bool,
+) -> int:
+    """The block up to which anchors are not checked again: the verified prefix's
+    ``anchor_block`` if the chain bears it out, else 0 (every anchor is checked).
+
+    The state file's checkpoint is signed by the node, its ``anchor_block`` by no one. An
+    audit that passed records the block of the newest anchor it checked, all of whose
+    anchors were at most its checkpoint's size (they were read before it) and were extended
+    by it. So ``anchor_block`` is trusted only if it is not after the node's newest anchor
+    on-chain, and the prefix's checkpoint extends the newest anchor at or before it (one
+    comparison or consistency proof). The anchors before that one are then covered by it:
+    the audit that wrote the state checked that each extends the one before (a forged
+    state could hide only a fork the node itself anchored, which a full audit names)."""
+    if since is None or since.anchor_block == 0:
+        return 0
+    block = since.anchor_block
+    newest = max((a.block for a, _ in verified), default=None)
+    if newest is None or block > newest:
+        after = f"block {newest}" if newest is not None else "there is none"
+        findings.fail(
+            Check.ANCHOR,
+            f"the audit state's anchor_block {block} is after the node's newest anchor "
+            f"({after}): no audit of this chain wrote it; every anchor is checked",
+        )
+        return 0
+    earlier = [(a, c) for a, c in verified if a.block <= block]
+    if not earlier:
+        return 0  # no anchor to skip
+    if offline:
+        return 0  # the prefix's consistency with the anchor cannot be asked for
+    anchor, anchored = earlier[-1]
+    prefix = since.checkpoint
+    if anchor.tree_size < prefix.tree_size:
+        what = f"the checkpoint anchored in block {anchor.block} and the verified prefix"
+        extends = not _consistency(log, anchored, prefix, what, findings)
+        if findings.could_not_read:
+            return 0
+    else:
+        extends = (anchor.tree_size, anchor.root_hash) == (prefix.tree_size, prefix.root)
+    if extends:
+        return block
+    findings.fail(
+        Check.ANCHOR,
+        f"the audit state's verified prefix (a checkpoint of {prefix.tree_size} entries the "
+        f"node signed) does not extend the checkpoint of {anchor.tree_size} entries "
+        f"anchored in block {anchor.block}, the newest at or before its anchor_block "
+        f"{block}: every anchor is checked",
+    )
+    return 0
 
 
 def _prefix_roots(served: ServedLog, sizes: set[int]) -> dict[int, bytes]:

@@ -8,7 +8,8 @@ into a :class:`NodeReport`. Problems are values, not exceptions (ADR 5).
 A read that failed in transit (a deadline, a dropped connection: see
 :func:`core.audit_sources.failed_in_transit`) is not a problem: it is no evidence about the
 log. It is kept apart, as a reason the node "could not be read", and the audit of that node
-stops there, so that what was not read is never reported as missing.
+stops there, so that what was not read is never reported as missing (only the anchors are
+still compared with the entries served before it: that asks nothing more of the node).
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ class VerifiedPrefix:
     """What an audit established of a node's log, for the next one to start from: the
     first ``checkpoint.tree_size`` entries passed every check against ``checkpoint`` (signed
     by the node), ``frontier`` is their compact range (from which the root of any extension
-    follows without them), and the anchors up to block ``anchor_block`` were checked.
+    follows without them), and the anchors up to block ``anchor_block`` were checked. Nothing
+    signs ``anchor_block``: the next audit trusts it only as far as the chain bears it out
+    (core/audit_anchor_checks.py).
 
     An incremental audit (:func:`core.audit_verify.verify_node` with ``since``) checks that
     the node's current tree extends this prefix (a consistency proof) and reads only the

@@ -36,7 +36,8 @@ core/audit_anchor_checks.py, step 7 core/audit_decisions.py):
 Incremental audits: a run that passed returns what it verified
 (:class:`~core.audit_findings.VerifiedPrefix`); given to the next run, step 3 reads only the
 entries after it, once the node's consistency proof shows its tree extends it (steps 4 to 7
-then cover the new entries and new anchors).
+then cover the new entries and new anchors). The prefix's ``anchor_block`` is not signed:
+anchors up to it are skipped only if the prefix extends the newest of them (step 6).
 
 What can be named, and what cannot. A tamperer who edits stored entries but not the node's
 Merkle state (the stored leaf hashes and subtree roots the node signs from) leaves the
@@ -93,7 +94,8 @@ def verify_node(
     # 1. Anchors before the checkpoint: every anchor read first is covered by the
     # checkpoint read after it, unless the log shrank.
     # A read that fails in transit ends the node's audit: what was not read is reported
-    # as such ("could not read"), never as missing or altered.
+    # as such ("could not read"), never as missing or altered. Only the anchors are still
+    # compared with what was served before it, which asks nothing more of the node.
     anchors = _read_anchors(chain, node.node_id, findings)
     checkpoint = _read_checkpoint(log, findings) if not findings.could_not_read else None
     if checkpoint is not None:
@@ -103,16 +105,16 @@ def verify_node(
             if signed and not findings.could_not_read:
                 check_inclusion(served, log, checkpoint, findings)
             check_receipts(list(receipts), served, log, node, checkpoint, findings)
-            if not findings.could_not_read:
-                anchored = check_anchors(
-                    anchors,
-                    checkpoint,
-                    signed=signed,
-                    served=served,
-                    log=log,
-                    node=node,
-                    findings=findings,
-                )
+            # Even after a failed read: a served prefix the anchors disown is evidence.
+            anchored = check_anchors(
+                anchors,
+                checkpoint,
+                signed=signed,
+                served=served,
+                log=log,
+                node=node,
+                findings=findings,
+            )
             check_against_chain(served, chain, findings, rejudge_decisions=rejudge_decisions)
             rejudged = rejudge_decisions
     verified = None

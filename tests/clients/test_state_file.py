@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from clients.audit.state_file import load_state
+from core.audit_findings import Verdict
 from core.errors import InvalidRequest
 from tests.clients.test_receipts_file import NESTED
+from tests.core.test_audit_verify import NODE, forged_prefix, open_node, rewrite_from
 
 
 def test_a_hostile_state_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
@@ -22,3 +25,31 @@ def test_a_hostile_state_file_is_refused_before_it_is_parsed(tmp_path: Path) -> 
     path.write_bytes(b'{"nodes": []}')
     with pytest.raises(InvalidRequest, match="not an audit state file"):
         load_state(path, [])
+
+
+def test_a_forged_anchor_block_is_read_and_then_refused_by_the_audit(tmp_path: Path) -> None:
+    """A state file's checkpoint must be the node's, but nothing signs its anchor_block. A
+    tamperer who rewrote a node's log (tree rebuilt, so the node signs it) writes the state
+    of the rewritten log, claiming every anchor up to a far block was checked: the audit
+    refuses the claim and checks every anchor, which shows the rewrite."""
+    node = open_node(tmp_path)
+    try:
+        rewrite_from(node, 20, 45)
+        path = tmp_path / "state.json"
+        forged = forged_prefix(node, 10**12)
+        path.write_text(json.dumps({"registry": "0x01", "nodes": {NODE: forged.to_json()}}))
+        since = load_state(path, [node.info])
+        assert since[NODE].anchor_block == 10**12  # signed by the node where it is signed
+
+        report = node.verify(since=since[NODE])
+
+        assert report.verdict is Verdict.FAILED and report.verified is None
+        assert [p.message for p in report.problems] == [
+            "the audit state's anchor_block 1000000000000 is after the node's newest anchor "
+            "(block 1101): no audit of this chain wrote it; every anchor is checked",
+            "the node's tree is not consistent between the checkpoint of 32 entries anchored "
+            "in block 1101 and the verified prefix (32 and 45 entries; RFC 9162 2.1.4) (and 2 "
+            "later pairs)",
+        ]
+    finally:
+        node.log.close()

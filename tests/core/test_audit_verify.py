@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -196,9 +196,9 @@ class Node:
         self.reopen()
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    """40 entries, anchored at 16 and 32."""
+def open_node(tmp_path: Path) -> Node:
+    """40 entries, anchored at 16 and 32 (in blocks 1100 and 1101); the caller closes its
+    log."""
     path, keys, clock = tmp_path / "audit.sqlite", MemoryKeyStore(), Clock()
     n = Node(path, keys, AuditLog(path, keys, NODE, clock=clock), clock, FakeChain(), [])
     n.append([make_entry(i) for i in range(16)])
@@ -206,6 +206,13 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n.append([make_entry(i) for i in range(16, 32)])
     n.anchor()
     n.append([make_entry(i) for i in range(32, 40)])
+    return n
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """40 entries, anchored at 16 and 32."""
+    n = open_node(tmp_path)
     yield n
     n.log.close()
 
@@ -480,6 +487,124 @@ def test_a_block_hash_that_is_not_the_chains_is_named(node: Node) -> None:
     assert (problem.leaf_index, problem.check) == (40, Check.BLOCK)
 
 
+# --- a node that serves what is not its log ------------------------------------------------
+
+
+class Serving:
+    """A LogSource of a hostile node: the node's log, but with ``checkpoint`` served as its
+    checkpoint (if given) and its entry stream edited by ``rows`` (if given)."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        *,
+        checkpoint: Checkpoint | None = None,
+        rows: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]] | None = None,
+    ) -> None:
+        self.log, self.served_checkpoint, self.rows = log, checkpoint, rows
+
+    def checkpoint(self) -> Checkpoint:
+        return self.served_checkpoint or self.log.checkpoint()
+
+    def entries(self, start: int, end: int, /) -> list[tuple[int, bytes]]:
+        rows = list(self.log.entries(start, end))
+        return self.rows(rows) if self.rows is not None else rows
+
+    def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:
+        return self.log.inclusion_proof(leaf_index, tree_size)
+
+    def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
+        return self.log.consistency_proof(old_size, new_size)
+
+
+@pytest.mark.parametrize("anchored", [True, False], ids=["anchored", "no-anchor"])
+def test_a_checkpoint_of_another_node_fails_though_the_nodes_key_signed_it(
+    node: Node, anchored: bool
+) -> None:
+    if not anchored:
+        node.chain.anchors.clear()  # nothing else then ties the checkpoint to this node
+    own = node.log.checkpoint()
+    other = dataclasses.replace(own, node_id="node-2")
+    other = dataclasses.replace(other, signature=node.keys.sign(other.canonical_bytes()))
+
+    report = verify_node(node.info, Serving(node.log, checkpoint=other), node.chain)
+
+    assert report.verdict is Verdict.FAILED
+    assert report.problems == (Problem(Check.CHECKPOINT, "the checkpoint is of node 'node-2'"),)
+    assert report.checkpoint == other and report.verified is None
+
+
+def test_an_entry_naming_another_node_is_named(node: Node) -> None:
+    """Another node's entry in this node's log (tree rebuilt, so the node signs it): the
+    auditor does not count another node's decision as this one's."""
+    node.append([make_entry(40)])
+    foreign = dataclasses.replace(make_entry(40), node_id="node-2").canonical_bytes()
+    with closing(node.sql()) as conn:
+        conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 40", (foreign,))
+        rebuild_tree(conn)
+    node.reopen()
+
+    report = node.verify()
+
+    assert report.verdict is Verdict.FAILED
+    assert report.problems == (Problem(Check.FORMAT, "the entry names node 'node-2'", 40),)
+    assert report.describe(first(report)) == (
+        "entry 40 (request req-40): the entry names node 'node-2'"
+    )
+
+
+def test_an_entry_served_beyond_the_checkpoint_is_refused_and_not_taken(node: Node) -> None:
+    extra = make_entry(40, tag="forged").canonical_bytes()
+    hostile = Serving(node.log, rows=lambda rows: [*rows, (40, extra)])
+
+    report = verify_node(node.info, hostile, node.chain)
+
+    assert report.verdict is Verdict.FAILED
+    assert report.problems == (
+        Problem(Check.SEQUENCE, "the node served entry 40, beyond its checkpoint of 40"),
+    )
+    assert [r.leaf_index for r in report.entries] == list(range(40))
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        # Entry 5 again after entry 9, with other bytes: the first one served counts.
+        (
+            lambda rows: [
+                *rows[:10],
+                (5, make_entry(5, tag="forged").canonical_bytes()),
+                *rows[10:],
+            ],
+            [Problem(Check.SEQUENCE, "served again or out of order, after entry 9", 5)],
+        ),
+        # Entries 5 and 6 swapped: 5 is missing where it belongs, and out of order after 6.
+        (
+            lambda rows: [*rows[:5], rows[6], rows[5], *rows[7:]],
+            [
+                Problem(
+                    Check.SEQUENCE,
+                    "missing: the entry is not served after request req-4 (next the node "
+                    "serves entry 6)",
+                    5,
+                ),
+                Problem(Check.SEQUENCE, "served again or out of order, after entry 6", 5),
+            ],
+        ),
+    ],
+    ids=["again", "out-of-order"],
+)
+def test_an_entry_served_again_or_out_of_order_is_named(
+    node: Node,
+    stream: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]],
+    expected: list[Problem],
+) -> None:
+    report = verify_node(node.info, Serving(node.log, rows=stream), node.chain)
+    assert report.verdict is Verdict.FAILED
+    assert list(report.problems) == expected
+    assert report.request_id(5) == ("req-5" if len(expected) == 1 else "")
+
+
 def test_an_unreachable_node_could_not_be_read_and_is_not_failed(node: Node) -> None:
     refused = "node-1 unavailable: connection refused"
 
@@ -551,6 +676,38 @@ def test_a_stream_cut_in_transit_could_not_be_read_and_is_never_missing(
     assert reason.startswith("the node stopped serving entries at entry 10: ")
     assert report.verified is None
     assert node.chain.calls == 0  # the node's audit stopped at the failed read
+
+
+def rewrite_from(node: Node, size: int, total: int) -> None:
+    """The tamperer cuts the log at ``size`` (tree rebuilt); the node appends new requests
+    up to ``total`` entries, later, and signs the rewritten log."""
+    node.truncate(size)
+    node.clock.now = T0 + 500
+    node.append([make_entry(i, tag="new", time=T0 + 500 + i) for i in range(size, total)])
+
+
+def test_a_rewritten_prefix_then_a_failed_read_fails_on_the_anchors(node: Node) -> None:
+    """A node that serves a rewritten log and then answers UNAVAILABLE: the entries it
+    served before are compared with the anchors (no more is asked of the node), and their
+    mismatch is evidence. Only what the node did not serve is "could not read"."""
+    rewrite_from(node, 20, 45)
+    unavailable = Unavailable("node-1 unavailable: connection reset")
+
+    report = verify_node(node.info, StopsAfter(node.log, 36, unavailable), node.chain)
+
+    assert report.verdict is Verdict.FAILED
+    assert report.could_not_read == (
+        "the node stopped serving entries at entry 36: node-1 unavailable: connection reset",
+    )
+    problem = first(report)
+    assert (problem.leaf_index, problem.check) == (20, Check.REWRITTEN)
+    assert [p.message for p in report.problems if p.leaf_index is None] == [
+        "the first 32 entries differ from the checkpoint anchored in block 1101"
+    ]
+    assert node.chain.calls == 0  # nothing else is read after the failed read
+    # A node that stops before the first anchor it no longer matches leaves no evidence.
+    early = verify_node(node.info, StopsAfter(node.log, 30, unavailable), node.chain)
+    assert early.problems == () and early.verdict is Verdict.COULD_NOT_READ
 
 
 def test_a_stream_cut_by_the_node_is_still_a_finding(node: Node) -> None:
@@ -788,6 +945,90 @@ def test_an_anchor_below_the_prefix_is_checked_for_consistency(node: Node) -> No
 
     assert [p.check for p in report.problems] == [Check.ANCHOR]
     assert "and the verified prefix" in report.problems[0].message
+
+
+def forged_prefix(node: Node, anchor_block: int) -> VerifiedPrefix:
+    """A state a forger writes: the node's current checkpoint (the node signs whatever log
+    it holds) and its frontier, as a state file holds them, and any ``anchor_block``."""
+    checkpoint = node.log.checkpoint()
+    leaves = (merkle.leaf_hash(data) for _, data in node.log.entries(0, checkpoint.tree_size))
+    frontier = merkle.CompactRange().extend(leaves).hashes
+    state = {**VerifiedPrefix(checkpoint, frontier).to_json(), "anchor_block": anchor_block}
+    return VerifiedPrefix.from_json(state, node.keys.signing_public_key())
+
+
+@pytest.mark.parametrize(
+    ("anchor_block", "refused"),
+    [
+        (
+            10**12,
+            "the audit state's anchor_block 1000000000000 is after the node's newest anchor "
+            "(block 1101): no audit of this chain wrote it; every anchor is checked",
+        ),
+        (
+            1101,
+            "the audit state's verified prefix (a checkpoint of 45 entries the node signed) "
+            "does not extend the checkpoint of 32 entries anchored in block 1101, the newest "
+            "at or before its anchor_block 1101: every anchor is checked",
+        ),
+    ],
+    ids=["after-the-newest-anchor", "the-newest-anchor"],
+)
+def test_a_forged_state_does_not_skip_the_anchors_of_a_rewritten_log(
+    node: Node, anchor_block: int, refused: str
+) -> None:
+    """The state's checkpoint must be the node's, but its anchor_block is not signed: a
+    state of the rewritten log (the node signs it) claiming the anchors were checked would
+    skip every anchor that shows the rewrite."""
+    rewrite_from(node, 20, 45)
+
+    report = node.verify(since=forged_prefix(node, anchor_block))
+
+    assert report.verdict is Verdict.FAILED and report.verified is None
+    assert report.problems[0] == Problem(Check.ANCHOR, refused)
+    # Every anchor is then checked, as by a full audit: the one at 32 shows the rewrite.
+    assert report.problems[1] == Problem(
+        Check.ANCHOR,
+        "the node's tree is not consistent between the checkpoint of 32 entries anchored in "
+        "block 1101 and the verified prefix (32 and 45 entries; RFC 9162 2.1.4) (and 2 later "
+        "pairs)",
+    )
+    assert len(report.problems) == 2
+
+
+def test_an_honest_state_still_skips_the_anchors_it_checked(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None and prefix.anchor_block == 1101
+    node.append([make_entry(40)])
+    asked: list[tuple[int, int]] = []
+
+    class Counting(Serving):
+        def consistency_proof(self, old_size: int, new_size: int, /) -> list[bytes]:
+            asked.append((old_size, new_size))
+            return super().consistency_proof(old_size, new_size)
+
+    report = verify_node(node.info, Counting(node.log), node.chain, since=prefix)
+
+    assert report.ok and report.verified is not None
+    assert report.verified.anchor_block == 1101
+    # The prefix extends the newest anchor it records (32 -> 40), and the log the prefix
+    # (40 -> 41); the anchor at 16 is not checked again.
+    assert sorted(asked) == [(32, 40), (40, 41)]
+
+
+def test_a_state_whose_anchor_cannot_be_proven_in_transit_could_not_be_read(node: Node) -> None:
+    prefix = node.verify().verified
+    assert prefix is not None
+    timeout = Unavailable("node-1: Deadline Exceeded")
+    hostile = StopsAfter(node.log, 40, timeout, proofs=True)
+
+    report = verify_node(node.info, hostile, node.chain, since=prefix)
+
+    assert report.problems == () and report.verdict is Verdict.COULD_NOT_READ
+    assert report.could_not_read == (
+        "the consistency proof of the checkpoint anchored in block 1101 and the verified "
+        "prefix: node-1: Deadline Exceeded",
+    )
 
 
 def test_a_verified_prefix_round_trips_and_must_be_the_nodes(node: Node) -> None:
