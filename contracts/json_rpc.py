@@ -127,6 +127,14 @@ class JsonRpcTransport:
                     raise self.unavailable(f"no complete answer within {self.timeout_s:g}s") from e
                 if isinstance(e, ChainUnavailable):
                     raise
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    # OpenSSL's reason (self-signed, unknown issuer, expired, hostname
+                    # mismatch) names no more than the host: enough to act on.
+                    reason = str(e.verify_message or e.reason or "not verified").rstrip(".")
+                    raise self.unavailable(
+                        f"TLS certificate refused ({reason}): it must chain to a certificate "
+                        f"authority this system trusts and name {self._host}"
+                    ) from e
                 raise self.unavailable(f"unavailable ({type(e).__name__})") from e
         return answer
 
