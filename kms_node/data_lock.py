@@ -25,17 +25,16 @@ LOCK_FILE = "node.lock"
 INSTANCE_LOCK_FILE = "instance.lock"
 
 
-def _lock(data_dir: Path, *, exclusive: bool) -> int:
-    """The locked file descriptor; :class:`PreconditionFailed` at once if the lock cannot
-    be had (exclusive while the node serves, shared during maintenance)."""
+def _lock(data_dir: Path, name: str, *, exclusive: bool, in_use: str) -> int:
+    """The descriptor of ``data_dir/name``, locked; :class:`PreconditionFailed` saying
+    ``in_use`` at once if the lock cannot be had."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(data_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        what = "the node is running: stop it first" if exclusive else "maintenance is under way"
-        raise PreconditionFailed(f"{data_dir} is in use: {what}") from None
+        raise PreconditionFailed(f"{data_dir} is in use: {in_use}") from None
     return fd
 
 
@@ -43,28 +42,23 @@ def hold_as_the_serving_instance(data_dir: Path) -> int:
     """The serving instance's exclusive lock, held until the process ends (or the
     returned descriptor is closed); :class:`PreconditionFailed` at once if another
     instance serves from ``data_dir``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / INSTANCE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PreconditionFailed(
-            f"{data_dir} is in use: another kms-node serves from it (one node, one "
-            "serving instance: stop it first)"
-        ) from None
-    return fd
+    return _lock(
+        data_dir,
+        INSTANCE_LOCK_FILE,
+        exclusive=True,
+        in_use="another kms-node serves from it (one node, one serving instance: stop it first)",
+    )
 
 
 def hold_while_serving(data_dir: Path) -> None:
     """A server process's shared lock, held until the process ends."""
-    _lock(data_dir, exclusive=False)
+    _lock(data_dir, LOCK_FILE, exclusive=False, in_use="maintenance is under way")
 
 
 @contextmanager
 def alone(data_dir: Path) -> Iterator[None]:
     """The exclusive lock, for the ``with`` block: no server process runs meanwhile."""
-    fd = _lock(data_dir, exclusive=True)
+    fd = _lock(data_dir, LOCK_FILE, exclusive=True, in_use="the node is running: stop it first")
     try:
         yield
     finally:

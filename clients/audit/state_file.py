@@ -11,6 +11,7 @@ from typing import Final
 
 from clients.audit.auditor import ClusterReport
 from clients.sdk.input_files import load_json_object
+from clients.sdk.output_files import private_dir, private_file
 from core.audit_findings import VerifiedPrefix
 from core.errors import InvalidRequest
 from core.registry_types import NodeInfo
@@ -56,7 +57,5 @@ def save_state(path: Path, report: ClusterReport, earlier: dict[str, VerifiedPre
         "registry": report.registry_address,
         "nodes": {node_id: p.to_json() for node_id, p in sorted(prefixes.items())},
     }
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    private_dir(path.parent)
+    private_file(path).write_text(json.dumps(document, indent=2) + "\n")

@@ -6,11 +6,9 @@ test_kfrag_protection.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 import pytest
@@ -411,10 +409,9 @@ def test_an_emergency_window_longer_than_the_maximum_is_refused(people: People) 
 # --- floods are stopped at the coordinator (issue 10) ---------------------------------------
 
 #: the coordinator's default budgets (coordinator/settings.py), which the cluster runs with
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(CoordinatorSettings)}
-REQUESTER_BURST = int(_DEFAULTS["requester_burst"])
-PEER_REFUSAL_BURST = int(_DEFAULTS["peer_refusal_burst"])
-PEER_REFUSALS_PER_S = float(_DEFAULTS["peer_refusals_per_s"])
+REQUESTER_BURST = CoordinatorSettings.requester_burst
+PEER_REFUSAL_BURST = CoordinatorSettings.peer_refusal_burst
+PEER_REFUSALS_PER_S = CoordinatorSettings.peer_refusals_per_s
 
 
 def flood(
