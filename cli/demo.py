@@ -88,7 +88,10 @@ def run(cluster: LocalCluster, say: Callable[[str], None] = print) -> None:
         say("6. patient revokes the grant on-chain")
         block = patient.revoke(bob.address)
         waited = patient.await_nodes(block)
-        say(f"   mined in block {block}; in force at every node {waited * 1000:.0f} ms later")
+        say(
+            f"   mined in block {block}; in force at every node (as the coordinator reports) "
+            f"{waited * 1000:.0f} ms later"
+        )
 
         say("7. doctor asks for the lab result again")
         _expect_refusal(lambda: doctor.read_record(lab.record_id), say)

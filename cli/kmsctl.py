@@ -209,11 +209,17 @@ def _patient_action(args: argparse.Namespace, me: parties.Party, client: Patient
     elif args.action == "emergency-opt-out":
         block = client.opt_out_emergency(me.address_of(args.responder))
         waited = client.await_nodes(block)
-        print(f"opted out in block {block}; in force at every node after {waited * 1000:.0f} ms")
+        print(
+            f"opted out in block {block}; in force at every node (as the coordinator reports) "
+            f"after {waited * 1000:.0f} ms"
+        )
     elif args.action == "revoke":
         block = client.revoke(me.address_of(args.grantee))
         waited = client.await_nodes(block)
-        print(f"revoked in block {block}; in force at every node after {waited * 1000:.0f} ms")
+        print(
+            f"revoked in block {block}; in force at every node (as the coordinator reports) "
+            f"after {waited * 1000:.0f} ms"
+        )
     elif args.action == "allow-writer":
         writer = me.address_of(args.writer)
         block = client.allow_writer(writer, allowed=not args.stop)
@@ -225,11 +231,17 @@ def _patient_action(args: argparse.Namespace, me: parties.Party, client: Patient
     elif args.action == "erase":
         block = client.erase(_record_id(args.record_id))
         waited = client.await_nodes(block)
-        print(f"erased: blob deleted, record inactive at every node after {waited * 1000:.0f} ms")
+        print(
+            "erased: blob deleted, record inactive at every node (as the coordinator reports) "
+            f"after {waited * 1000:.0f} ms"
+        )
     elif args.action == "deactivate":
         block = client.deactivate(_record_id(args.record_id))
         waited = client.await_nodes(block)
-        print(f"deactivated in block {block}; in force at every node after {waited * 1000:.0f} ms")
+        print(
+            f"deactivated in block {block}; in force at every node (as the coordinator "
+            f"reports) after {waited * 1000:.0f} ms"
+        )
 
 
 def _provider(me: parties.Party) -> ProviderClient:

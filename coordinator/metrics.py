@@ -77,9 +77,16 @@ NODE_IN_ROTATION = Gauge(
 
 LYING_FRAGMENTS = Counter(
     "kms_coordinator_lying_fragments_total",
-    "Fragments the coordinator found unusable, by the node that sent them (taken out "
-    "of rotation: ADR 14): not verifying (reported by an app, or checked before "
-    "relaying), or of another kfrag set than the one m nodes agree on",
+    "Fragments that do not verify, by the node that sent them (reported by an app and "
+    "checked, or checked before relaying); the node is taken out of rotation (ADR 14)",
+    ["node"],
+    registry=REGISTRY,
+)
+STALE_FRAGMENTS = Counter(
+    "kms_coordinator_stale_fragments_total",
+    "Fragments that verify but are of another kfrag set than the one m nodes agree on, "
+    "by the node that sent them: it missed the patient's last enrollment (or replays an "
+    "earlier set). Not combined; the node stays in rotation (ADR 14, amended)",
     ["node"],
     registry=REGISTRY,
 )
@@ -101,6 +108,7 @@ def start_at_zero(node_ids: Sequence[str]) -> None:
         NODE_ABANDONED.labels(node=node)
         NODE_IN_ROTATION.labels(node=node).set(1)
         LYING_FRAGMENTS.labels(node=node)
+        STALE_FRAGMENTS.labels(node=node)
         for status in sorted(NODE_FAULTS):
             NODE_FAULTS_TOTAL.labels(node=node, status=status.lower())
 

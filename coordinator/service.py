@@ -395,33 +395,28 @@ class CoordinatorService:
     def _lied(self, node_id: str, request_id: str, record_id: bytes) -> None:
         """A fragment from ``node_id`` was found not to verify: reported by an app and
         checked, or checked before relaying (a suspected node's, a replacement, or
-        ``verify_every_fragment``). The node is named and suspected (ADR 14)."""
-        self._suspect("node_lied", node_id, request_id, record_id)
+        ``verify_every_fragment``). The node is named, counted and taken out of rotation
+        as suspected (ADR 14)."""
+        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+        log.warning("node_lied", node_id=node_id, request_id=request_id, record_id=record_id.hex())
+        rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
     def _stale(self, node_id: str, request_id: str, record_id: bytes) -> None:
         """A fragment from ``node_id`` verified but was of another kfrag set than ``m``
-        others of the same capsule: replayed from an earlier set, or its node missed the
-        patient's last enrollment. Either way it cannot serve the grant; named, counted
-        and suspected as a lie is (ADR 14)."""
-        self._suspect(
-            "node_stale_fragment",
-            node_id,
-            request_id,
-            record_id,
-            why="its fragment is of another kfrag set than the other nodes': replayed, or "
-            "the node missed the patient's last enrollment",
-        )
-
-    def _suspect(
-        self, event: str, node_id: str, request_id: str, record_id: bytes, **details: str
-    ) -> None:
-        """Name ``node_id`` in the log (``event``), count its unusable fragment and take it
-        out of rotation as suspected."""
-        metrics.LYING_FRAGMENTS.labels(node=node_id).inc()
+        others of the same capsule: its node missed the patient's last enrollment (a
+        re-grant that did not reach it), or replays an earlier set. It cannot serve the
+        grant, so it is named and counted, but not suspected: the patient decides which
+        nodes get which set, so suspecting would let her (or a re-grant a node was down
+        for) get honest nodes taken out of rotation for everyone (ADR 14, amended)."""
+        metrics.STALE_FRAGMENTS.labels(node=node_id).inc()
         log.warning(
-            event, node_id=node_id, request_id=request_id, record_id=record_id.hex(), **details
+            "node_stale_fragment",
+            node_id=node_id,
+            request_id=request_id,
+            record_id=record_id.hex(),
+            why="its fragment is of another kfrag set than the other nodes': the node "
+            "missed the patient's last enrollment, or replays an earlier set",
         )
-        rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
     def _verifies(self, node_id: str) -> bool:
         """Whether a fragment from ``node_id`` is verified before it is relayed."""
@@ -545,9 +540,9 @@ class CoordinatorService:
         """Each capsule of ``sets`` (relayed fragments that verify but come from different
         kfrag sets): every node the read did not ask is asked too, its fragment verified,
         and the set that the most nodes' fragments are of, if ``m`` of them, answers.
-        Fragments of any other set cannot combine with it: their nodes (a replayed
-        fragment of an earlier set, or a node that missed the patient's last enrollment)
-        are named and suspected as a lying node is (``node_stale_fragment``)."""
+        Fragments of any other set cannot combine with it: their nodes (a node that
+        missed the patient's last enrollment, or replays an earlier set) are named and
+        counted (``node_stale_fragment``), not suspected."""
         m = self._settings.threshold
         candidates = [n for n in self._pool.node_ids if n not in read.asked]
         collection = None

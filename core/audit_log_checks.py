@@ -2,7 +2,8 @@
 core/audit_verify.py): the checkpoint is this node's and signed with its registered key;
 the entries as served (:class:`ServedLog`) are in order, none missing, canonical, this
 node's; each is the one the signed checkpoint holds at its index; and the receipts the
-caller holds vouch for entries the log has. Pure, no I/O beyond the
+caller holds that the node signed vouch for entries the log has (one it did not sign is
+no evidence against it: a warning). Pure, no I/O beyond the
 :class:`~core.audit_sources.LogSource` it is given.
 """
 
@@ -27,6 +28,9 @@ from core.registry_types import NodeInfo
 
 #: how deep an entry that does not parse may nest for its request id still to be read
 _LENIENT_ENTRY_DEPTH: Final = 8
+#: receipts that do not verify are named one by one in the node's warnings up to this
+#: many, the rest counted: anyone can write them, and a receipts file holds 100,000s
+MAX_NAMED_UNSIGNED_RECEIPTS: Final = 20
 
 
 def check_checkpoint(checkpoint: Checkpoint, node: NodeInfo, findings: Findings) -> bool:
@@ -207,21 +211,31 @@ def check_receipts(
     checkpoint: Checkpoint,
     findings: Findings,
 ) -> None:
-    """Step 5: each of ``node``'s receipts is signed by its registered key, and its entry
-    is in the log with the hash the receipt vouches for (other nodes' are ignored)."""
+    """Step 5: each of ``node``'s receipts signed by its registered key has its entry in
+    the log with the hash the receipt vouches for (other nodes' are ignored).
+
+    A receipt that does not verify with that key is no evidence against the node: anyone
+    (an app, a coordinator relaying fragments) can write one, unsigned or badly signed.
+    It is a warning naming the receipt, as bad evidence, and the node is judged without it.
+    """
     size = checkpoint.tree_size
     vouched: dict[int, bytes] = {}
+    unsigned = 0
     for receipt in receipts:
         if findings.could_not_read:
-            return
+            break
         if receipt.node_id != node.node_id:
             continue
         index = receipt.leaf_index
         if not verify_receipt(receipt, node.signing_public_key):
-            findings.fail(
-                Check.RECEIPT,
-                f"the receipt for entry {index} does not verify with the node's registered key",
-            )
+            unsigned += 1
+            if unsigned <= MAX_NAMED_UNSIGNED_RECEIPTS:
+                findings.warn(
+                    f"bad evidence, ignored: the receipt for entry {index} (entry hash "
+                    f"{receipt.entry_hash.hex()[:16]}..., tree size {receipt.tree_size}) does "
+                    "not verify with the node's registered key, so it does not show the node "
+                    "issued it (anyone can write a receipt)"
+                )
             continue
         previous = vouched.setdefault(index, receipt.entry_hash)
         if previous != receipt.entry_hash:
@@ -242,6 +256,11 @@ def check_receipts(
             )
         elif index < served.start:
             _check_receipt_by_proof(receipt, log, checkpoint, findings)
+    if unsigned > MAX_NAMED_UNSIGNED_RECEIPTS:
+        findings.warn(
+            f"bad evidence, ignored: {unsigned - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts "
+            "that do not verify with the node's registered key"
+        )
 
 
 def _check_receipt_by_proof(

@@ -22,8 +22,9 @@ core/audit_anchor_checks.py, step 7 core/audit_decisions.py):
    to every leaf and its position). Only when it is not does the auditor ask the node for
    each entry's inclusion proof (RFC 9162 2.1.3.2), to name the entries the signed tree does
    not hold.
-5. Receipts the caller holds (optional): each signed by the registered key, each entry
-   present with the hash the receipt vouches for.
+5. Receipts the caller holds (optional): each signed by the registered key has its entry
+   present with the hash the receipt vouches for; one that does not verify with that key
+   is no evidence against the node (anyone can write one), only a warning.
 6. Anchors: each anchor's signature; the root of the first ``s`` served entries is the root
    anchored at size ``s``; the node's consistency proofs (RFC 9162 2.1.4.2) between
    successive anchors and from the last anchor to the checkpoint. Where the log differs

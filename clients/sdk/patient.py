@@ -10,6 +10,7 @@ read none of them.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class GrantOutcome:
     expires_at: int
     allowed_types: frozenset[RecordType]
     threshold: int
-    #: node id -> SHA-256 of each kfrag that node stored (one per record type)
+    #: node id -> SHA-256 of each clear kfrag that node stored (one per record type, in
+    #: record-type order): counted only when the node's confirmation, relayed by the
+    #: coordinator, names that node and these hashes of what the SDK sealed to it
     enrolled: dict[str, list[bytes]]
     #: node id -> why enrollment failed there
     failed: dict[str, str]
@@ -207,6 +210,11 @@ class PatientClient:
         """Make kfrags for each type, seal each node's share to it, and have the
         coordinator relay them; (node id -> stored kfrag hashes, node id -> failure).
 
+        The coordinator cannot open the sealed kfrags, so it cannot know their SHA-256: a
+        node counts as enrolled only when its answer names it and lists exactly the hashes
+        of the clear kfrags sealed to it, in the order sent. Any other answer is a failure
+        there, whatever its status says.
+
         Every call signs new enrollments, each with a fresh nonce: a node accepts one
         signed enrollment once, so calling again after a failure is a new enrollment,
         never a replay."""
@@ -226,6 +234,12 @@ class PatientClient:
             for shares, kfrag in zip(per_node, kfrags, strict=True):
                 shares[record_type] = bytes(kfrag)
             del kfrags
+        # What each node must confirm: the SHA-256 of each clear kfrag, in the order
+        # sealed (sealed_enrollment seals them in the mapping's order).
+        sent = {
+            node.node_id: [hashlib.sha256(k).digest() for k in shares.values()]
+            for node, shares in zip(nodes, per_node, strict=True)
+        }
         domain = self._registry.signing_domain()
         request = coordinator_pb2.RelayEnrollmentsRequest(
             enrollments=[
@@ -249,9 +263,16 @@ class PatientClient:
                 continue
             if result.status:
                 failed[result.node_id] = f"{result.status}: {result.reason}"
-            else:
-                del failed[result.node_id]
-                enrolled[result.node_id] = [bytes(h) for h in result.response.kfrag_sha256]
+                continue
+            confirmed = [bytes(h) for h in result.response.kfrag_sha256]
+            if result.response.node_id != result.node_id or confirmed != sent[result.node_id]:
+                failed[result.node_id] = (
+                    "the node's confirmation does not match what was sent "
+                    "(another node id, or other kfrag hashes than those sealed to it)"
+                )
+                continue
+            del failed[result.node_id]
+            enrolled[result.node_id] = confirmed
         if len(enrolled) < threshold:
             details = "; ".join(f"{n}: {m}" for n, m in failed.items())
             raise Unavailable(
@@ -289,18 +310,23 @@ class PatientClient:
 
     def await_nodes(self, block: int, timeout_s: float = 5.0) -> float:
         """Wait until every node's grant index reflects ``block`` (so a revocation or
-        deactivation mined there is in force everywhere); return the seconds waited.
+        deactivation mined there is in force at each node), as the coordinator reports it;
+        return the seconds waited.
 
         Asks the coordinator, which asks the nodes (:meth:`cluster_status`): an app needs
-        no certificate for the nodes themselves."""
+        no certificate for the nodes themselves. Every node active in the registry (read
+        from the chain, not from the coordinator) must appear in the status exactly once,
+        at or past ``block``, and so must any other node the status names; until then this
+        keeps asking, and after ``timeout_s`` raises :class:`Unavailable` naming the nodes
+        missing, named twice, failing or behind. So the coordinator cannot end the wait by
+        leaving nodes out. The block numbers themselves are still the coordinator's word
+        (the nodes do not sign them): a dishonest coordinator can claim a node is current
+        when it is not. This bounds an honest cluster's lag; it proves nothing against a
+        lying coordinator."""
         start = time.monotonic()
+        active = [n.node_id for n in self._registry.list_nodes() if n.active]
         while True:
-            status = self.cluster_status()
-            behind = {
-                n.node_id: (f"{n.status}: {n.reason}" if n.status else f"at block {n.index_block}")
-                for n in status.nodes
-                if n.status or n.index_block < block
-            }
+            behind = _not_at(block, active, self.cluster_status())
             waited = time.monotonic() - start
             if not behind:
                 return waited
@@ -319,3 +345,26 @@ class PatientClient:
             )
         except grpc.RpcError as e:
             raise rpc.error_from_rpc(e, "coordinator") from None
+
+
+def _not_at(block: int, active: list[str], status: coordinator_pb2.ClusterStatus) -> dict[str, str]:
+    """Node id -> why ``status`` does not show it at ``block``: each of the ``active``
+    nodes must be in it exactly once, and every node in it, once and at the block."""
+    reported: dict[str, list[coordinator_pb2.NodeStatus]] = {}
+    for n in status.nodes:
+        reported.setdefault(n.node_id, []).append(n)
+    behind: dict[str, str] = {}
+    for node_id in active:
+        if node_id not in reported:
+            behind[node_id] = "missing from the coordinator's status"
+    for node_id, entries in reported.items():
+        shown = node_id if node_id in active else repr(node_id[:64])
+        if len(entries) > 1:
+            behind[shown] = f"named {len(entries)} times in the coordinator's status"
+            continue
+        n = entries[0]
+        if n.status:
+            behind[shown] = f"{n.status}: {n.reason}"
+        elif n.index_block < block:
+            behind[shown] = f"at block {n.index_block}"
+    return behind

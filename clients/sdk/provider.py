@@ -8,7 +8,13 @@ fragments that do not verify are reported back (RetryReencrypt, ADR 14), and the
 coordinator answers with verified replacements and takes the node that sent them
 out of rotation. So are fragments that verify but come from different kfrag sets
 (they cannot be combined): the coordinator then answers with fragments of the set
-that m nodes agree on, and takes the others out of rotation.
+that m nodes agree on, and takes the others out of rotation. A fragment relayed twice
+(the same bytes, or a second one under a node's name) is used once.
+
+The receipts returned with a read are the app's evidence for an auditor, so they are
+checked too: each must name the node whose fragment it came with and verify with that
+node's signing key as registered on-chain; the coordinator could otherwise hand the app
+receipts no node signed.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 import grpc
@@ -30,7 +36,7 @@ from clients.sdk.parsed_objects import ParsedObjects, cached
 from clients.sdk.records import open_envelope
 from clients.sdk.signed_requests import RequestSigner
 from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
-from core.audit import Receipt
+from core.audit import Receipt, verify_receipt
 from core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -39,7 +45,7 @@ from core.errors import (
     PreconditionFailed,
     error_for_status,
 )
-from core.registry_interface import ProviderRegistry
+from core.registry_interface import ProviderRegistry, RegistryReader
 from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
 from core.umbral_codec import VerificationError, capsule_hash, cfrag_precursor, load_cfrag
@@ -74,12 +80,13 @@ class RecordRead:
 @dataclass(frozen=True)
 class CheckedFragments:
     """A capsule's fragments as the app verified them: those that verify (and the
-    fragments they came in, with their receipts), and the nodes of those that do not
-    (to report)."""
+    fragments they came in, with their receipts), the nodes of those that do not (to
+    report), and the nodes of those dropped as repeats (umbral refuses a fragment twice)."""
 
     verified: list[umbral.VerifiedCapsuleFrag]
     used: list[common_pb2.CapsuleFragment]
     bad: list[str]
+    repeated: list[str] = field(default_factory=list)
 
     @property
     def inconsistent(self) -> bool:
@@ -101,16 +108,82 @@ class OpenedRecord:
         return f"OpenedRecord({len(self.plaintext)} bytes, {len(self.used)} fragments)"
 
 
-def receipts_of(opened: OpenedRecord, request_id: str) -> RecordRead:
-    """The record as read, with the receipts of the fragments that opened it; a malformed
-    one is an ``IntegrityError`` naming the request."""
-    try:
-        receipts = tuple(Receipt.from_fields(f.receipt) for f in opened.used)
-    except InvalidRequest as e:
-        error = IntegrityError(f"the coordinator relayed a malformed receipt: {e.message}")
+#: where a cfrag's kfrag id lies in umbral-pre 0.11's simple serialisation (point E1,
+#: point V1, then the kfrag id; see core.umbral_codec.cfrag_precursor)
+_KFRAG_ID: Final = slice(33 + 33, 33 + 33 + 32)
+
+
+def _kfrag_id(cfrag: umbral.VerifiedCapsuleFrag) -> bytes:
+    """The id of the kfrag a cfrag was made with: umbral refuses two cfrags of one kfrag
+    ("Some of the CapsuleFrags are repeated"), e.g. an earlier read's fragment relayed
+    again under another node's name. About 0.05 ms: asked only when a record did not open."""
+    return bytes(cfrag.to_bytes_simple()[_KFRAG_ID])
+
+
+class NodeKeys:
+    """The nodes' signing keys as registered on-chain, read once and kept: a key changes
+    only when its node re-registers. The registry is read again when a receipt names a
+    node not known, or does not verify with the key kept, at most once per read (see
+    :meth:`checker`), so that a coordinator relaying forged receipts cannot make the app
+    read the registry more than once a read."""
+
+    def __init__(self, registry: RegistryReader) -> None:
+        self._registry = registry
+        self._keys: dict[str, bytes] = {}
+
+    def checker(self) -> Callable[[Receipt], bool]:
+        """For one read: whether a receipt verifies with its node's registered key. A batch
+        receipt's signature is shared by every receipt of that node in the batch, so each
+        distinct signed statement is verified once."""
+        reread = False
+        judged: dict[tuple[str, bytes, bytes], bool] = {}
+
+        def verifies(receipt: Receipt) -> bool:
+            nonlocal reread
+            statement = (receipt.node_id, receipt.canonical_bytes(), receipt.signature)
+            if statement in judged:
+                return judged[statement]
+            key = self._keys.get(receipt.node_id)
+            ok = key is not None and verify_receipt(receipt, key)
+            if not ok and not reread:
+                reread = True
+                self._keys = {n.node_id: n.signing_public_key for n in self._registry.list_nodes()}
+                fresh = self._keys.get(receipt.node_id)
+                ok = fresh is not None and fresh != key and verify_receipt(receipt, fresh)
+            judged[statement] = ok
+            return ok
+
+        return verifies
+
+
+def receipts_of(
+    opened: OpenedRecord, request_id: str, verifies: Callable[[Receipt], bool]
+) -> RecordRead:
+    """The record as read, with the receipts of the fragments that opened it. A receipt
+    that is malformed, names another node than its fragment's, or does not verify with
+    that node's registered key (``verifies``) is an ``IntegrityError`` naming the request
+    and the node: it would be no evidence for an auditor."""
+
+    def refused(problem: str) -> IntegrityError:
+        error = IntegrityError(f"the coordinator relayed {problem}")
         error.request_id = request_id
-        raise error from None
-    return RecordRead(opened.plaintext, receipts)
+        return error
+
+    receipts = []
+    for fragment in opened.used:
+        node = fragment.node_id
+        try:
+            receipt = Receipt.from_fields(fragment.receipt)
+        except InvalidRequest as e:
+            raise refused(f"a malformed receipt for node {node!r}: {e.message}") from None
+        if receipt.node_id != node:
+            raise refused(f"a receipt of node {receipt.node_id!r} for node {node!r}'s fragment")
+        if not verifies(receipt):
+            raise refused(
+                f"a receipt for node {node!r} that does not verify with its registered signing key"
+            )
+        receipts.append(receipt)
+    return RecordRead(opened.plaintext, tuple(receipts))
 
 
 Signed = TypeVar("Signed", common_pb2.ReencryptionRequest, common_pb2.ReencryptionBatchRequest)
@@ -118,6 +191,12 @@ Answer = TypeVar("Answer")
 #: a read that ended in one of these never reached a decision (the coordinator stopped
 #: while the call was open): it is signed again and sent again while its timeout lasts
 RESENT_ON: Final = frozenset({grpc.StatusCode.CANCELLED})
+#: at most this many resends of one read. Each resend is a freshly signed read that
+#: the coordinator may keep and forward to the nodes for as long as it is valid (up to
+#: 300 s, clients/sdk/signed_requests.py): a coordinator answering CANCELLED on purpose
+#: must not collect one every pause for the whole timeout (some 20 in 10 s). A few cover
+#: a coordinator that stopped and restarted.
+MAX_RESENDS: Final = 3
 #: the pause before the first resend, doubled after each one up to the maximum
 RESEND_PAUSE_S: Final = 0.05
 MAX_RESEND_PAUSE_S: Final = 0.5
@@ -127,21 +206,31 @@ def send_read(
     sign: Callable[[], Signed], send: Callable[[Signed, float], Answer], timeout_s: float
 ) -> tuple[Signed, Answer]:
     """Sign a read and send it with what is left of ``timeout_s``; again, freshly signed
-    (a new nonce, so no node takes it for a replay), if it ended in :data:`RESENT_ON`.
-    Errors are ``KmsError`` naming the coordinator and the id of the request sent."""
+    (a new nonce, so no node takes it for a replay), if it ended in :data:`RESENT_ON`, at
+    most :data:`MAX_RESENDS` times. Errors are ``KmsError`` naming the coordinator and the
+    id of the last request sent."""
     deadline = time.monotonic() + timeout_s
     pause = RESEND_PAUSE_S
+    resends = 0
     while True:
         request = sign()
         try:
             return request, send(request, max(0.001, deadline - time.monotonic()))
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
-            if code in RESENT_ON and deadline - time.monotonic() > pause:
+            resent = code in RESENT_ON
+            if resent and resends < MAX_RESENDS and deadline - time.monotonic() > pause:
                 time.sleep(pause)
                 pause = min(2 * pause, MAX_RESEND_PAUSE_S)
+                resends += 1
                 continue
             error = rpc.error_from_rpc(e, "coordinator")
+            if resent and resends == MAX_RESENDS:
+                error = error_for_status(
+                    error.grpc_status,
+                    f"{error.message} (the read was signed and sent {1 + resends} times, "
+                    "each cancelled by the coordinator: not sent again)",
+                )
             error.request_id = request.request_id
             raise error from None
 
@@ -176,6 +265,7 @@ class ProviderClient:
         self._receiving_secret = identity.umbral_secret_key()
         self._receiving_key = self._receiving_secret.public_key()
         self._parsed = ParsedObjects()
+        self._node_keys = NodeKeys(registry)
         self._records: dict[bytes, RecordInfo] = {}
         self._patients: dict[str, PatientInfo] = {}
 
@@ -212,9 +302,11 @@ class ProviderClient:
         """The record's plaintext, with the audit receipt each node signed for the
         fragment it gave: the app's proof that those nodes logged its request, for an
         auditor (``kmsctl audit verify --receipts``) to check against their logs. After a
-        retry (ADR 14) they are the receipts of the fragments that opened the record."""
+        retry (ADR 14) they are the receipts of the fragments that opened the record. Each
+        is verified with its node's registered key (about 0.1 ms a receipt): one that does
+        not verify is an ``IntegrityError`` naming the request and the node."""
         opened, request_id = self._read(record_id, purpose_of_use)
-        return receipts_of(opened, request_id)
+        return receipts_of(opened, request_id, self._node_keys.checker())
 
     def _read(self, record_id: bytes, purpose_of_use: str) -> tuple[OpenedRecord, str]:
         """The record opened, and the id of the signed request that read it."""
@@ -278,13 +370,17 @@ class ProviderClient:
     ) -> dict[bytes, RecordRead | KmsError]:
         """As :meth:`read_records`, each record read with the receipts of the nodes whose
         fragments opened it (as :meth:`read_record_with_receipts`): they share each
-        node's one signature over the batch, each with its entry's path in it."""
+        node's one signature over the batch, each with its entry's path in it (verified
+        once a node)."""
         opened, request_id = self._read_batch(record_ids, purpose_of_use)
+        verifies = self._node_keys.checker()
         results: dict[bytes, RecordRead | KmsError] = {}
         for record_id, outcome in opened.items():
             try:
                 results[record_id] = (
-                    outcome if isinstance(outcome, KmsError) else receipts_of(outcome, request_id)
+                    outcome
+                    if isinstance(outcome, KmsError)
+                    else receipts_of(outcome, request_id, verifies)
                 )
             except IntegrityError as e:
                 results[record_id] = e
@@ -415,19 +511,28 @@ class ProviderClient:
         fragments: Iterable[common_pb2.CapsuleFragment],
     ) -> CheckedFragments:
         """Verify the capsule fragments ourselves, against the patient's registered keys
-        for the record's type and our own key."""
+        for the record's type and our own key. A fragment relayed again (the same bytes, or
+        a second verified one of a node) is dropped, not reported: the coordinator repeated
+        it, and umbral would refuse to combine it."""
         capsule = self._parsed.capsule(envelope.capsule)
         delegating_key = self._parsed.public_key(patient.umbral_key(record.record_type))
         verifying_key = self._parsed.public_key(patient.verifying_key)
         receiving_key = self._receiving_key
         checked = CheckedFragments([], [], [])
+        seen: set[bytes] = set()
+        nodes: set[str] = set()
         for fragment in fragments:
+            if fragment.cfrag in seen or fragment.node_id in nodes:
+                checked.repeated.append(fragment.node_id)
+                continue
+            seen.add(fragment.cfrag)
             try:
                 cfrag = load_cfrag(fragment.cfrag)
                 checked.verified.append(
                     cfrag.verify(capsule, verifying_key, delegating_key, receiving_key)
                 )
                 checked.used.append(fragment)
+                nodes.add(fragment.node_id)
             except (InvalidRequest, VerificationError):
                 checked.bad.append(fragment.node_id)  # dropped, and reported
         return checked
@@ -451,22 +556,52 @@ class ProviderClient:
         checked: CheckedFragments,
     ) -> bytes:
         """Decapsulate the DEK from verified fragments with the patient's key for the
-        record's type."""
+        record's type. Should umbral refuse them, fragments of one kfrag (relayed under
+        different nodes' names) are dropped from ``checked`` and it is tried again."""
         capsule = self._parsed.capsule(envelope.capsule)
         delegating_key = self._parsed.public_key(patient.umbral_key(record.record_type))
-        try:
-            dek = umbral.decrypt_reencrypted(
-                self._receiving_secret,
-                delegating_key,
-                capsule,
-                checked.verified,
-                envelope.encrypted_dek,
-            )
-        except ValueError:
-            dek = None
+
+        def decrypt() -> bytes | None:
+            try:
+                dek = umbral.decrypt_reencrypted(
+                    self._receiving_secret,
+                    delegating_key,
+                    capsule,
+                    checked.verified,
+                    envelope.encrypted_dek,
+                )
+            except ValueError:
+                return None
+            return None if dek is None else bytes(dek)
+
+        dek = decrypt()
+        if dek is None and self._drop_repeated_kfrags(checked):
+            dek = decrypt()
         if dek is None:
+            repeated = (
+                f" ({len(checked.repeated)} repeated fragments dropped)" if checked.repeated else ""
+            )
             raise IntegrityError(
                 f"could not open the record's key with {len(checked.verified)} valid capsule "
-                "fragments from the coordinator"
+                f"fragments from the coordinator{repeated}"
             )
-        return bytes(dek)
+        return dek
+
+    @staticmethod
+    def _drop_repeated_kfrags(checked: CheckedFragments) -> bool:
+        """Keep the first verified fragment of each kfrag; whether any was dropped."""
+        kept: set[bytes] = set()
+        dropped = False
+        keep = []
+        for cfrag, fragment in zip(checked.verified, checked.used, strict=True):
+            kfrag_id = _kfrag_id(cfrag)
+            if kfrag_id in kept:
+                checked.repeated.append(fragment.node_id)
+                dropped = True
+            else:
+                kept.add(kfrag_id)
+                keep.append((cfrag, fragment))
+        if dropped:
+            checked.verified[:] = [c for c, _ in keep]
+            checked.used[:] = [f for _, f in keep]
+        return dropped

@@ -6,9 +6,10 @@ SDK client against them."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -24,9 +25,11 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient
 from clients.sdk.timeouts import Timeouts
+from core.audit import Receipt
 from core.errors import KmsError
-from core.kfrag_delivery import compressed
+from core.kfrag_delivery import compressed, delivery_binding, open_with_shared_secret
 from core.registry_types import NodeInfo
+from kms_node.keystore import MemoryKeyStore
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2
 from proto.stubs import COORDINATOR_SERVICE
@@ -53,6 +56,52 @@ def twin(admin: LocalAccount) -> RegistryTwin:
     return registry
 
 
+@cache
+def delivery_key(node_id: str) -> ec.EllipticCurvePrivateKey:
+    """The delivery key ``register_node`` registers for ``node_id`` (one per node id in a
+    test session), so that the fake coordinator can open kfrags sealed to it, as the node
+    would."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def clear_kfrag_hashes(enrollment: common_pb2.EnrollKeyFragmentRequest) -> list[bytes]:
+    """What a node answers to ``enrollment``: the SHA-256 of each kfrag it opens, in order."""
+    key = delivery_key(enrollment.node_id)
+    hashes = []
+    for sealed in enrollment.kfrags:
+        binding = delivery_binding(
+            enrollment.node_id,
+            "0x" + enrollment.patient.hex(),
+            "0x" + enrollment.grantee.hex(),
+            enrollment.receiving_key,
+            sealed.record_type,
+        )
+        shared_x = key.exchange(
+            ec.ECDH(),
+            ec.EllipticCurvePublicKey.from_encoded_point(
+                ec.SECP256R1(), sealed.ephemeral_public_key
+            ),
+        )
+        clear = open_with_shared_secret(
+            shared_x,
+            sealed.ephemeral_public_key,
+            compressed(key.public_key()),
+            sealed.sealed,
+            info=binding,
+            aad=binding,
+        )
+        hashes.append(hashlib.sha256(clear).digest())
+    return hashes
+
+
+@cache
+def node_keys(node_id: str) -> MemoryKeyStore:
+    """The key store whose signing key ``register_node`` registers for ``node_id`` (one per
+    node id in a test session): the fake coordinator signs its receipts with it, as the node
+    would."""
+    return MemoryKeyStore()
+
+
 def register_node(
     registry: RegistryTwin,
     admin: LocalAccount,
@@ -62,12 +111,12 @@ def register_node(
     signing_public_key: bytes | None = None,
     account: str | None = None,
 ) -> NodeInfo:
-    delivery = ec.generate_private_key(ec.SECP256R1()).public_key()
+    delivery = delivery_key(node_id).public_key()
     registry.register_node(
         admin,
         node_id=node_id,
         endpoint=endpoint,
-        signing_public_key=signing_public_key or b"signing key of " + node_id.encode(),
+        signing_public_key=signing_public_key or node_keys(node_id).signing_public_key(),
         delivery_public_key=compressed(delivery),
         account=account or Account.create().address,
     )
@@ -104,15 +153,25 @@ def responder(twin: RegistryTwin, admin: LocalAccount) -> Identity:
 @dataclass
 class FakeCoordinator:
     """A coordinator on loopback (plaintext gRPC) that answers as the test sets it: which
-    nodes refuse an enrollment, the block every node's index is at, and the kfrags it
-    re-encrypts with (standing in for the nodes)."""
+    nodes refuse an enrollment (the others open their kfrags and confirm them as a node
+    does), the block every node's index is at, and the kfrags it re-encrypts with
+    (standing in for the nodes); or, as a hostile coordinator, what it makes up."""
 
     address: str = ""
     #: every enrollment relayed, in order
     enrollments: list[common_pb2.EnrollKeyFragmentRequest] = field(default_factory=list)
     #: node id -> why that node refuses enrollments
     refusing: dict[str, str] = field(default_factory=dict)
+    #: node id -> the answer a hostile coordinator makes up for that node's enrollment
+    #: (relayed as a success) instead of relaying it
+    forged: dict[
+        str,
+        Callable[[common_pb2.EnrollKeyFragmentRequest], common_pb2.EnrollKeyFragmentResponse],
+    ] = field(default_factory=dict)
     index_block: int = 0
+    #: the cluster status a hostile coordinator makes up; None reports every node of
+    #: NODE_IDS at index_block
+    statuses: list[coordinator_pb2.NodeStatus] | None = None
     #: the kfrags the "nodes" hold, one cfrag each per re-encryption
     kfrags: list[umbral.VerifiedKeyFrag] = field(default_factory=list)
     reencrypt_requests: list[common_pb2.ReencryptionRequest] = field(default_factory=list)
@@ -126,10 +185,19 @@ class FakeCoordinator:
     retries: list[coordinator_pb2.RetryReadRequest] = field(default_factory=list)
     #: the answer to a retry; None answers with the read's fragments, none corrupted
     retry_error: KmsError | None = None
-    #: whether each fragment carries a receipt (well formed, not signed): leaf 0 of
-    #: its node's log for the first fragment relayed, 1 for the next, and so on
+    #: whether each fragment carries a receipt, signed with its node's registered key
+    #: (node_keys): leaf 0 of its node's log for the first fragment relayed, 1 for the
+    #: next, and so on
     with_receipts: bool = False
     relayed: int = 0
+    #: what a hostile coordinator does to a receipt it relays (given the fragment's node
+    #: id and the signed receipt, which it may change in place)
+    tamper_receipt: Callable[[str, common_pb2.AuditReceipt], None] | None = None
+    #: nodes whose fragment (the same bytes, with its receipt) is relayed twice
+    echoed: set[str] = field(default_factory=set)
+    #: label -> node id: a second fragment of that node's kfrag (re-encrypted again, so
+    #: other bytes) relayed under ``label``, after the others
+    again: dict[str, str] = field(default_factory=dict)
 
     def enroll(self, request: coordinator_pb2.RelayEnrollmentsRequest, _: Any) -> Any:
         results = []
@@ -143,12 +211,21 @@ class FakeCoordinator:
                     )
                 )
                 continue
-            hashes = [hashlib.sha256(k.sealed).digest() for k in enrollment.kfrags]
+            if node_id in self.forged:
+                results.append(
+                    coordinator_pb2.RelayedEnrollment(
+                        node_id=node_id, response=self.forged[node_id](enrollment)
+                    )
+                )
+                continue
+            hashes = clear_kfrag_hashes(enrollment)
             response = common_pb2.EnrollKeyFragmentResponse(node_id=node_id, kfrag_sha256=hashes)
             results.append(coordinator_pb2.RelayedEnrollment(node_id=node_id, response=response))
         return coordinator_pb2.RelayEnrollmentsResponse(results=results)
 
     def cluster_status(self, _request: Any, _: Any) -> Any:
+        if self.statuses is not None:
+            return coordinator_pb2.ClusterStatus(nodes=self.statuses)
         return coordinator_pb2.ClusterStatus(
             nodes=[
                 coordinator_pb2.NodeStatus(node_id=n, index_block=self.index_block)
@@ -158,8 +235,10 @@ class FakeCoordinator:
 
     def _fragments(self, capsule_bytes: bytes, *, lie: bool) -> Any:
         capsule = umbral.Capsule.from_bytes(capsule_bytes)
+        kfrags = dict(zip(NODE_IDS, self.kfrags, strict=False))
         fragments = []
-        for n, k in zip(NODE_IDS, self.kfrags, strict=False):
+        again = [(label, kfrags[node]) for label, node in self.again.items()]
+        for n, k in [*kfrags.items(), *again]:
             if lie and n in self.stale:
                 k = self.stale[n]
             cfrag = bytes(umbral.reencrypt(capsule, k))
@@ -167,17 +246,31 @@ class FakeCoordinator:
                 cfrag = cfrag[:-40] + bytes(40)
             fragment = common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag)
             if self.with_receipts:
-                fragment.receipt.CopyFrom(
-                    common_pb2.AuditReceipt(
-                        node_id=n,
-                        leaf_index=self.relayed,
-                        tree_size=self.relayed + 1,
-                        entry_hash=hashlib.sha256(cfrag).digest(),
-                    )
-                )
-                self.relayed += 1
+                fragment.receipt.CopyFrom(self._receipt(n, cfrag))
             fragments.append(fragment)
+            if n in self.echoed:
+                fragments.append(fragment)
         return fragments
+
+    def _receipt(self, node_id: str, cfrag: bytes) -> common_pb2.AuditReceipt:
+        """The receipt ``node_id`` signs for the next leaf of its log (the fake's count)."""
+        receipt = Receipt(
+            node_id=node_id,
+            leaf_index=self.relayed,
+            tree_size=self.relayed + 1,
+            entry_hash=hashlib.sha256(cfrag).digest(),
+        )
+        self.relayed += 1
+        signed = common_pb2.AuditReceipt(
+            node_id=node_id,
+            leaf_index=receipt.leaf_index,
+            tree_size=receipt.tree_size,
+            entry_hash=receipt.entry_hash,
+            signature=node_keys(node_id).sign(receipt.canonical_bytes()),
+        )
+        if self.tamper_receipt is not None:
+            self.tamper_receipt(node_id, signed)
+        return signed
 
     def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:
         self.reencrypt_requests.append(request)

@@ -17,9 +17,10 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from clients.audit.audit_report import failures, summary_lines
 from clients.audit.auditor import CachedChain, audit_cluster, channel_factory
 from clients.sdk.identity import Identity
-from core.audit import AuditEntry
+from core.audit import AuditEntry, Receipt
 from core.audit_findings import Check, Verdict
 from core.errors import ChainRejected, InvalidRequest
 from core.policy import judge
@@ -175,6 +176,22 @@ def test_a_node_whose_decisions_the_registry_bears_out_passes(world: World) -> N
     (node,) = report.nodes
     assert node.node_id == NODE and (node.granted, node.denied) == (1, 1)
     assert report.chain_reads > 0
+
+
+def test_a_receipt_the_node_did_not_sign_is_reported_as_bad_evidence_not_failed(
+    world: World,
+) -> None:
+    """An app hands the auditor a receipt for the node's entry 0 that the node did not sign
+    (a well-formed receipt with a made-up signature): the node passes, so that
+    ``kmsctl audit verify`` exits 0, and the summary names the receipt as bad evidence."""
+    entry_hash = world.entries[0].leaf_hash()
+    forged = Receipt(NODE, 0, 2, entry_hash, signature=b"\x30\x06\x02\x01\x01\x02\x01\x01")
+    report = audit_cluster(world.twin, channel_factory(Transport.plaintext()), receipts=[forged])
+    assert report.verdict is Verdict.PASSED, report.nodes[0].problems
+    assert failures(report) == ""
+    (warning,) = [line for line in summary_lines(report) if "bad evidence" in line]
+    assert warning.startswith(f"  warning {NODE}: ")
+    assert f"the receipt for entry 0 (entry hash {entry_hash.hex()[:16]}" in warning
 
 
 def test_progress_is_told_of_every_entry_read(world: World) -> None:

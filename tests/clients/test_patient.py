@@ -5,6 +5,8 @@ the real chain and cluster: tests/integration."""
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Callable
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -26,9 +28,10 @@ from core.record_types import RecordType, to_mask
 from core.registry_types import record_id_of
 from core.umbral_codec import capsule_hash
 from deploy.sample_records import diagnosis, lab_result
+from proto.kms.v1 import common_pb2, coordinator_pb2
 from tests.registry_twin import RegistryTwin
 
-from .conftest import NODE_IDS, Connect, FakeCoordinator
+from .conftest import NODE_IDS, Connect, FakeCoordinator, clear_kfrag_hashes
 
 LAB = RecordType.LAB_RESULT
 
@@ -114,17 +117,78 @@ def test_a_grant_is_written_on_chain_then_enrolled_at_every_active_node(
     assert grant.grantee_umbral_key == doctor.umbral_public_key()
     assert [e.node_id for e in coordinator.enrollments] == ["node-1", "node-2"]
     assert all(len(e.kfrags) == 2 for e in coordinator.enrollments)
+    # Each node confirms the SHA-256 of the clear kfrags it opened (which the coordinator
+    # cannot compute), not of the sealed bytes it was handed.
     assert outcome == GrantOutcome(
         grantee=doctor.address,
         expires_at=grant.expires_at,
         allowed_types=frozenset({LAB, RecordType.DIAGNOSIS}),
         threshold=2,
-        enrolled={
-            e.node_id: [hashlib.sha256(k.sealed).digest() for k in e.kfrags]
-            for e in coordinator.enrollments
-        },
+        enrolled={e.node_id: clear_kfrag_hashes(e) for e in coordinator.enrollments},
         failed={},
     )
+    sealed = {hashlib.sha256(k.sealed).digest() for e in coordinator.enrollments for k in e.kfrags}
+    assert sealed.isdisjoint(h for hashes in outcome.enrolled.values() for h in hashes)
+
+
+Forgery = Callable[[common_pb2.EnrollKeyFragmentRequest], common_pb2.EnrollKeyFragmentResponse]
+
+
+def _claim(hashes: Callable[[common_pb2.EnrollKeyFragmentRequest], list[bytes]]) -> Forgery:
+    """A made-up success for the enrolling node, with ``hashes`` of its enrollment."""
+    return lambda e: common_pb2.EnrollKeyFragmentResponse(node_id=e.node_id, kfrag_sha256=hashes(e))
+
+
+#: what a hostile coordinator may claim a node answered, none of it what the node stored
+FORGERIES: dict[str, Forgery] = {
+    "hashes of the sealed kfrags": _claim(
+        lambda e: [hashlib.sha256(k.sealed).digest() for k in e.kfrags]
+    ),
+    "no hashes": _claim(lambda e: []),
+    "made-up hashes": _claim(lambda e: [bytes(32)] * len(e.kfrags)),
+    "one hash short": _claim(lambda e: clear_kfrag_hashes(e)[:-1]),
+    "one hash too many": _claim(lambda e: [*clear_kfrag_hashes(e), clear_kfrag_hashes(e)[0]]),
+    "the hashes out of order": _claim(lambda e: clear_kfrag_hashes(e)[::-1]),
+    "another node's id": lambda e: common_pb2.EnrollKeyFragmentResponse(
+        node_id="node-1", kfrag_sha256=clear_kfrag_hashes(e)
+    ),
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES.values(), ids=FORGERIES.keys())
+def test_a_claimed_enrollment_the_node_did_not_confirm_is_a_failure(
+    patient: PatientClient, doctor: Identity, coordinator: FakeCoordinator, forgery: Forgery
+) -> None:
+    coordinator.forged = {"node-2": forgery}
+    outcome = patient.grant(
+        doctor.address,
+        doctor.umbral_public_key(),
+        [LAB, RecordType.DIAGNOSIS],
+        duration_s=60,
+        threshold=2,
+    )
+    assert sorted(outcome.enrolled) == ["node-1", "node-3"]
+    assert list(outcome.failed) == ["node-2"]
+    assert "the node's confirmation does not match what was sent" in outcome.failed["node-2"]
+
+
+def test_a_coordinator_claiming_every_node_stored_the_kfrags_does_not_make_a_grant(
+    patient: PatientClient, twin: RegistryTwin, doctor: Identity, coordinator: FakeCoordinator
+) -> None:
+    coordinator.forged = {
+        "node-1": FORGERIES["hashes of the sealed kfrags"],
+        "node-2": FORGERIES["no hashes"],
+        "node-3": FORGERIES["made-up hashes"],
+    }
+    with pytest.raises(Unavailable) as raised:
+        patient.grant(doctor.address, doctor.umbral_public_key(), [LAB], duration_s=60, threshold=2)
+    assert "written on-chain but only 0 of 2 required nodes accepted kfrags" in raised.value.message
+    for node_id in NODE_IDS:
+        assert f"{node_id}: the node's confirmation does not match what was sent" in (
+            raised.value.message
+        )
+    grant = twin.get_grant(patient.identity.address, doctor.address)
+    assert grant is not None and grant.active
 
 
 def test_a_grant_fewer_nodes_accepted_than_the_threshold_is_unavailable_but_on_chain(
@@ -284,6 +348,62 @@ def test_await_nodes_names_the_nodes_still_behind(
 ) -> None:
     coordinator.index_block = 11
     with pytest.raises(Unavailable, match="nodes not at block 12 after 0.1s: node-1: at block 11"):
+        patient.await_nodes(12, timeout_s=0.1)
+
+
+def _at(block: int, *node_ids: str) -> list[coordinator_pb2.NodeStatus]:
+    return [coordinator_pb2.NodeStatus(node_id=n, index_block=block) for n in node_ids]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "lagging"),
+    [
+        (
+            [],
+            "node-1: missing from the coordinator's status; node-2: missing from the "
+            "coordinator's status; node-3: missing from the coordinator's status",
+        ),
+        (_at(12, "node-1", "node-2"), "node-3: missing from the coordinator's status"),
+        (
+            _at(12, "node-1", "node-2", "node-2", "node-3"),
+            "node-2: named 2 times in the coordinator's status",
+        ),
+        (
+            _at(12, "node-1", "node-2", "node-2"),
+            "node-3: missing from the coordinator's status; "
+            "node-2: named 2 times in the coordinator's status",
+        ),
+    ],
+    ids=["no nodes", "a node missing", "a node twice", "a node twice in place of another"],
+)
+def test_await_nodes_is_not_satisfied_by_a_status_that_does_not_name_every_node_once(
+    patient: PatientClient,
+    coordinator: FakeCoordinator,
+    statuses: list[coordinator_pb2.NodeStatus],
+    lagging: str,
+) -> None:
+    coordinator.statuses = statuses
+    with pytest.raises(Unavailable) as raised:
+        patient.await_nodes(12, timeout_s=0.1)
+    assert raised.value.message == f"nodes not at block 12 after 0.1s: {lagging}"
+
+
+def test_await_nodes_waits_for_the_nodes_active_in_the_registry(
+    patient: PatientClient, twin: RegistryTwin, admin: LocalAccount, coordinator: FakeCoordinator
+) -> None:
+    coordinator.statuses = []
+    fill = threading.Timer(0.3, lambda: setattr(coordinator, "statuses", _at(12, *NODE_IDS)))
+    fill.start()
+    try:
+        assert patient.await_nodes(12, timeout_s=5.0) >= 0.3  # kept asking until all came
+    finally:
+        fill.cancel()
+    # A node no longer active in the registry is not waited for.
+    twin.set_node_active(admin, node_id="node-3", active=False)
+    coordinator.statuses = _at(12, "node-1", "node-2")
+    assert patient.await_nodes(12) < 1.0
+    coordinator.statuses = _at(12, "node-1", "node-3")
+    with pytest.raises(Unavailable, match="node-2: missing from the coordinator's status$"):
         patient.await_nodes(12, timeout_s=0.1)
 
 

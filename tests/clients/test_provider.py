@@ -4,6 +4,7 @@ client on the real chain and cluster: tests/integration."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient, RecordRead
 from clients.sdk.records import SealedRecord, parse_envelope, seal
+from core.audit import Receipt, verify_receipt
 from core.errors import (
     ChainRejected,
     IntegrityError,
@@ -23,14 +25,16 @@ from core.errors import (
     PreconditionFailed,
 )
 from core.record_types import RecordType
-from core.registry_types import record_id_of
+from core.registry_types import NodeInfo, record_id_of
 from core.request_auth import signer_of
 from core.requests import ReencryptionQuery
 from core.umbral_codec import capsule_hash
 from deploy.sample_records import lab_result
+from kms_node.keystore import MemoryKeyStore
+from proto.kms.v1 import common_pb2
 from tests.registry_twin import RegistryTwin
 
-from .conftest import Connect, FakeCoordinator
+from .conftest import NODE_IDS, Connect, FakeCoordinator, node_keys
 
 LAB = RecordType.LAB_RESULT
 
@@ -432,3 +436,170 @@ def test_a_batch_without_receipts_opens_but_is_no_proof_for_the_app(
         assert isinstance(outcome, IntegrityError)
         assert "malformed receipt" in outcome.message
         assert outcome.request_id == granted.batch_requests[-1].request_id
+
+
+# --- receipts the coordinator relays are verified ------------------------------------------
+
+
+def resign(receipt: common_pb2.AuditReceipt, keys: MemoryKeyStore) -> None:
+    """Sign ``receipt`` (in place) with ``keys``, as a node holding them would."""
+    receipt.signature = keys.sign(Receipt.from_fields(receipt).canonical_bytes())
+
+
+def forge(how: str) -> Callable[[str, common_pb2.AuditReceipt], None]:
+    """What a hostile coordinator does to node-1's receipt (valid format each time)."""
+
+    def tamper(node_id: str, receipt: common_pb2.AuditReceipt) -> None:
+        if node_id != "node-1":
+            return
+        if how == "another node's receipt":  # node-2 did sign it, but not for this fragment
+            receipt.node_id = "node-2"
+            resign(receipt, node_keys("node-2"))
+        elif how == "no signature":
+            receipt.signature = b""
+        elif how == "garbage signature":
+            receipt.signature = b"\x30" * 70
+        elif how == "a key not registered":
+            resign(receipt, MemoryKeyStore())
+        elif how == "another hash":
+            receipt.entry_hash = bytes(32)
+
+    return tamper
+
+
+FORGERIES = [
+    "another node's receipt",
+    "no signature",
+    "garbage signature",
+    "a key not registered",
+    "another hash",
+]
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_a_receipt_node_1_did_not_sign_for_its_fragment_is_refused(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+    how: str,
+) -> None:
+    """The coordinator relays node-1's valid fragment with a receipt node-1 did not sign:
+    the app is told, naming the request and the node, instead of keeping it as evidence
+    against node-1. The plain read (no receipts asked) still opens the record."""
+    granted.with_receipts, granted.tamper_receipt = True, forge(how)
+    with pytest.raises(IntegrityError, match="'node-1'") as caught:
+        reader.read_record_with_receipts(stored.record_id)
+    assert caught.value.request_id == granted.reencrypt_requests[-1].request_id
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    read = reader.read_records_with_receipts(records)
+    for record_id in records:
+        outcome = read[record_id]
+        assert isinstance(outcome, IntegrityError), outcome
+        assert "'node-1'" in outcome.message
+        assert outcome.request_id == granted.batch_requests[-1].request_id
+    assert reader.read_record(stored.record_id) == lab_result()
+
+
+def test_node_keys_are_read_once_and_again_only_when_a_node_re_registers(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    twin: RegistryTwin,
+    granted: FakeCoordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node's key changes only when it re-registers: the registry is read on the first
+    receipt, then again once a read when a receipt does not verify with the key kept."""
+    nodes = twin.list_nodes()
+    listed: list[int] = []
+
+    def list_nodes() -> list[NodeInfo]:
+        listed.append(1)
+        return list(nodes)
+
+    monkeypatch.setattr(twin, "list_nodes", list_nodes)
+    granted.with_receipts = True
+    assert reader.read_record(stored.record_id) == lab_result()
+    assert listed == []  # the plain read verifies no receipt
+    for _ in range(3):
+        read = reader.read_record_with_receipts(stored.record_id)
+        assert [r.node_id for r in read.receipts] == list(NODE_IDS)
+        assert all(
+            verify_receipt(r, node_keys(r.node_id).signing_public_key()) for r in read.receipts
+        )
+    assert len(listed) == 1
+    # node-1 re-registers with a new key, and signs with it.
+    rotated = MemoryKeyStore()
+    nodes[0] = dataclasses.replace(nodes[0], signing_public_key=rotated.signing_public_key())
+    granted.tamper_receipt = lambda n, r: resign(r, rotated) if n == "node-1" else None
+    read = reader.read_record_with_receipts(stored.record_id)
+    assert read.receipts[0].node_id == "node-1"
+    assert len(listed) == 2
+    # A coordinator forging every receipt costs the app one registry read a read, at most.
+    granted.tamper_receipt = lambda _n, r: setattr(r, "signature", b"")
+    for _ in range(2):
+        with pytest.raises(IntegrityError):
+            reader.read_record_with_receipts(stored.record_id)
+    assert len(listed) == 4
+
+
+# --- fragments relayed twice ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("echoed", "again"),
+    [({"node-1"}, {}), (set(), {"node-1": "node-1"})],
+    ids=["same-bytes-twice", "second-fragment-of-a-node"],
+)
+def test_a_fragment_relayed_twice_is_used_once(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+    echoed: set[str],
+    again: dict[str, str],
+) -> None:
+    """umbral refuses a fragment twice ("Some of the CapsuleFrags are repeated"): the app
+    drops the repeat and opens the record with the distinct ones, keeping one receipt a
+    node, and reports nothing (no node sent a bad fragment)."""
+    granted.echoed, granted.again, granted.with_receipts = echoed, again, True
+    assert reader.read_record(stored.record_id) == lab_result()
+    read = reader.read_record_with_receipts(stored.record_id)
+    assert [r.node_id for r in read.receipts] == list(NODE_IDS)
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    records = [stored.record_id, second.record_id]
+    assert reader.read_records(records) == dict.fromkeys(records, lab_result())
+    assert granted.retries == []
+
+
+def test_a_fragment_relayed_again_under_another_nodes_name_is_used_once(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    """Two nodes answer (2 of 3); the coordinator adds node-1's fragment of another
+    re-encryption (other bytes, the same kfrag) as node-3's. It verifies, but umbral
+    refuses it with node-1's: it is dropped and the record opens with the two."""
+    granted.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())[:2]
+    granted.again, granted.with_receipts = {"node-3": "node-1"}, True
+    assert reader.read_record(stored.record_id) == lab_result()
+    read = reader.read_record_with_receipts(stored.record_id)
+    assert [r.node_id for r in read.receipts] == ["node-1", "node-2"]
+
+
+def test_too_few_distinct_fragments_say_how_many_repeats_were_dropped(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    granted.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())[:1]
+    granted.echoed = {"node-1"}
+    with pytest.raises(IntegrityError, match=r"with 1 valid .* \(1 repeated fragments dropped\)"):
+        reader.read_record(stored.record_id)

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.sdk.provider import send_read
+from clients.sdk.provider import MAX_RESENDS, send_read
 from core.errors import AccessDenied, KmsError
 from proto.kms.v1 import common_pb2
 
@@ -96,3 +96,26 @@ def test_resending_stops_when_the_timeout_is_spent() -> None:
         send_read(signer(), coordinator.send, 0.3)
     # Paused 0.05, 0.1 s between sends: not a tight loop against a failing coordinator.
     assert 2 <= len(coordinator.sent) <= 4
+
+
+def test_a_coordinator_cancelling_every_read_gets_at_most_1_plus_3_signed_reads() -> None:
+    """Each resend is a freshly signed read, valid for minutes: a coordinator answering
+    CANCELLED on purpose must not collect one every pause for the whole timeout. After
+    MAX_RESENDS resends the app is told why it stopped."""
+    coordinator = Coordinator(*[Failed(grpc.StatusCode.CANCELLED, "CANCELLED")] * 1000)
+    signed: list[str] = []
+    sign = signer()
+
+    def counted() -> common_pb2.ReencryptionRequest:
+        request: common_pb2.ReencryptionRequest = sign()
+        signed.append(request.request_id)
+        return request
+
+    with pytest.raises(KmsError) as caught:
+        send_read(counted, coordinator.send, 10.0)
+    assert MAX_RESENDS == 3
+    assert len(signed) == len(coordinator.sent) == 1 + MAX_RESENDS
+    assert caught.value.grpc_status == "CANCELLED"
+    assert caught.value.message.startswith("coordinator: CANCELLED")
+    assert "signed and sent 4 times, each cancelled by the coordinator" in caught.value.message
+    assert caught.value.request_id == signed[-1]

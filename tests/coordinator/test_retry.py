@@ -63,6 +63,10 @@ def lies(node_id: str) -> float:
     return float(metrics.LYING_FRAGMENTS.labels(node=node_id)._value.get())
 
 
+def stale(node_id: str) -> float:
+    return float(metrics.STALE_FRAGMENTS.labels(node=node_id)._value.get())
+
+
 def test_fragments_are_relayed_unverified_and_kept_under_a_read_id(world: World) -> None:
     world.nodes["node-2"].corrupt = True
     prefer(world, "node-2")
@@ -392,7 +396,7 @@ def test_a_node_replaying_an_earlier_kfrag_set_is_found_and_the_read_served(
     earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
     world.nodes["node-2"].kfrag = earlier[1]
     prefer(world, "node-2")
-    before = lies("node-2")
+    lies_before, stale_before = lies("node-2"), stale("node-2")
     response = world.run()
     _all_verify(world, response)  # every fragment verifies: nothing to report as a lie...
     assert len(set(precursors(response).values())) == 2  # ...but they do not combine
@@ -401,8 +405,10 @@ def test_a_node_replaying_an_earlier_kfrag_set_is_found_and_the_read_served(
     assert "node-2" not in precursors(retried)
     assert len(set(precursors(retried).values())) == 1
     _all_verify(world, retried)
-    assert lies("node-2") == before + 1
-    assert "node-2" not in world.pool.in_rotation(time.monotonic())
+    # Named and counted as stale, not as a lie: a node that missed the patient's last
+    # enrollment is not suspected, and stays in rotation for everyone else's reads.
+    assert (lies("node-2"), stale("node-2")) == (lies_before, stale_before + 1)
+    assert "node-2" in world.pool.in_rotation(time.monotonic())
     # Every node the read had not asked was asked, to find the set m nodes agree on.
     assert sum(n.calls for n in world.nodes.values()) == 5
 
@@ -422,7 +428,31 @@ def test_two_nodes_replaying_one_earlier_set_are_outvoted_by_the_rest(world: Wor
     assert len(set(agreed.values())) == 1
     _all_verify(world, retried)
     in_rotation = world.pool.in_rotation(time.monotonic())
-    assert "node-2" not in in_rotation and "node-3" not in in_rotation
+    assert "node-2" in in_rotation and "node-3" in in_rotation
+
+
+def test_a_patient_who_gives_nodes_different_sets_gets_no_honest_node_suspected(
+    world: World,
+) -> None:
+    """The patient decides which node gets which kfrag set (a re-grant that reached
+    only some nodes does the same): the two nodes left on the other set serve that
+    grant no more, but are not named liars, and stay in rotation for every other
+    read. Repeated, it never suspects them."""
+    earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    world.nodes["node-4"].kfrag, world.nodes["node-5"].kfrag = earlier[3], earlier[4]
+    before = {n: lies(n) for n in world.nodes}
+    for _ in range(3):
+        first_choices(world, "node-1", "node-4", "node-5")
+        signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
+        world.request = signer.single(
+            world.alice.address, b"\x01" * 32, RecordType.LAB_RESULT, world.request.capsule
+        )
+        response = world.run()
+        retried = retry_inconsistent(world, response.read_id)
+        assert not {"node-4", "node-5"} & set(precursors(retried))
+    assert {n: lies(n) for n in world.nodes} == before
+    assert all(not world.pool.suspect(n, time.monotonic()) for n in world.nodes)
+    assert set(world.pool.in_rotation(time.monotonic())) == set(world.nodes)
 
 
 def test_when_no_m_nodes_agree_on_a_set_the_read_fails_and_says_why(world: World) -> None:

@@ -16,7 +16,7 @@ import pytest
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
 from core.audit_findings import Check, Findings, NodeReport, Problem, Verdict, VerifiedPrefix
-from core.audit_log_checks import ServedLog
+from core.audit_log_checks import MAX_NAMED_UNSIGNED_RECEIPTS, ServedLog
 from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import (
@@ -453,10 +453,61 @@ def test_receipts_for_entries_the_log_no_longer_has_are_named(node: Node) -> Non
     assert (problem.leaf_index, problem.check) == (35, Check.RECEIPT)
 
 
-def test_a_receipt_signed_by_someone_else_is_refused(node: Node) -> None:
-    forged = dataclasses.replace(node.receipts[3], signature=MemoryKeyStore().sign(b"x"))
-    report = node.verify(receipts=[forged])
-    assert [p.check for p in report.problems] == [Check.RECEIPT]
+def forgeries(receipt: Receipt) -> dict[str, Receipt]:
+    """Receipts anyone can write, none signed by the node: well formed, badly signed."""
+    other_hash = hashlib.sha256(b"an entry the node never wrote").digest()
+    return {
+        "someone else's key": dataclasses.replace(
+            receipt, signature=MemoryKeyStore().sign(receipt.canonical_bytes())
+        ),
+        "no signature": dataclasses.replace(receipt, signature=b""),
+        "garbage signature": dataclasses.replace(receipt, signature=b"\x30" * 70),
+        # The node's signature over another statement: the hash the log contradicts.
+        "another entry's hash": dataclasses.replace(receipt, entry_hash=other_hash),
+    }
+
+
+@pytest.mark.parametrize(
+    "how", ["someone else's key", "no signature", "garbage signature", "another entry's hash"]
+)
+def test_a_receipt_the_node_did_not_sign_is_bad_evidence_not_a_failure(
+    node: Node, how: str
+) -> None:
+    """Anyone (an app, a coordinator relaying fragments) can write a receipt: one that does
+    not verify with the node's registered key does not fail an honest node. It is named in
+    a warning, as bad evidence, and the node passes (its prefix verified for the next run)."""
+    forged = forgeries(node.receipts[3])[how]
+    report = node.verify(receipts=[forged, *node.receipts])
+    assert report.verdict is Verdict.PASSED, [report.describe(p) for p in report.problems]
+    assert report.verified is not None
+    (warning,) = [w for w in report.warnings if "bad evidence" in w]
+    assert "the receipt for entry 3" in warning
+    assert forged.entry_hash.hex()[:16] in warning
+    assert "does not verify with the node's registered key" in warning
+
+
+def test_a_genuine_receipt_the_log_contradicts_still_fails_the_node(node: Node) -> None:
+    """A receipt the node did sign, for entry 3 with a hash its log does not hold, fails it
+    as before, whatever forged receipts come with it."""
+    genuine = dataclasses.replace(
+        node.receipts[3], entry_hash=make_entry(3, tag="other").leaf_hash()
+    )
+    genuine = dataclasses.replace(genuine, signature=node.keys.sign(genuine.canonical_bytes()))
+    forged = forgeries(node.receipts[5])["garbage signature"]
+    report = node.verify(receipts=[forged, genuine])
+    assert report.verdict is Verdict.FAILED
+    assert [(p.check, p.leaf_index) for p in report.problems] == [(Check.RECEIPT, 3)]
+    assert "not the entry the node's signed receipt vouches for" in report.problems[0].message
+    assert [w for w in report.warnings if "bad evidence" in w and "entry 5" in w]
+
+
+def test_receipts_that_do_not_verify_are_named_up_to_a_bound_then_counted(node: Node) -> None:
+    forged = [dataclasses.replace(r, signature=b"") for r in node.receipts for _ in range(2)]  # 80
+    report = node.verify(receipts=forged)
+    assert report.ok
+    bad = [w for w in report.warnings if "bad evidence" in w]
+    assert len(bad) == MAX_NAMED_UNSIGNED_RECEIPTS + 1
+    assert f"{80 - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts" in bad[-1]
 
 
 # --- keys, anchors and the chain -----------------------------------------------------------

@@ -201,6 +201,12 @@ class LiarsCoordinator:
             f'kms_coordinator_lying_fragments_total{{node="{self.liar.node.node_id}"}}'
         )
 
+    def stale(self) -> float:
+        """The liar's fragments the coordinator found of another kfrag set than m nodes'."""
+        return self.metric(
+            f'kms_coordinator_stale_fragments_total{{node="{self.liar.node.node_id}"}}'
+        )
+
     def read_until_caught(self, read: Callable[[], None], tries: int = 30) -> float:
         """``read`` (which checks what it read) until the liar is caught, at most
         ``tries`` times; the lies counted then."""
@@ -438,7 +444,10 @@ def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
     grant and, once she renews the grant (every node gets a kfrag of a new set), sends
     that one again. It verifies (same capsule, same keys) but does not combine with the
     new set's fragments: the app reports the record inconsistent, and the coordinator
-    finds the set m nodes agree on, answers with it and names the liar (ADR 14)."""
+    finds the set m nodes agree on, answers with it and names the node. It is counted as
+    stale, not as a liar, and stays in rotation: an honest node that missed a re-grant
+    looks the same, and the patient chooses who gets which set (ADR 14, amended). Every
+    read still opens the record."""
     relay = coordinator_with_a_replaying_node
     liar = relay.liar
     assert isinstance(liar, ReplayingNode)
@@ -458,10 +467,17 @@ def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
             assert doctor.read_record(people.lab.record_id) == lab_result()
             if liar.corrupted:
                 break
-    assert liar.corrupted, relay.liar_calls()
-    assert relay.lies() == 1
-    (stale,) = relay.events("node_stale_fragment")
-    assert stale["node_id"] == liar.node.node_id
+        assert liar.corrupted, relay.liar_calls()
+        assert relay.stale() == 1 and relay.lies() == 0
+        (stale,) = relay.events("node_stale_fragment")
+        assert stale["node_id"] == liar.node.node_id
+        assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{node.node_id}"}}') == 1
+        assert relay.events("node_lied") == []
+        # Still in rotation, so asked again: each stale answer costs the read a retry,
+        # never the record.
+        for _ in range(10):
+            assert doctor.read_record(people.lab.record_id) == lab_result()
+    assert liar.corrupted >= 1
 
 
 # --- a compromised coordinator ------------------------------------------------------------

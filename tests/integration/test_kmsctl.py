@@ -103,13 +103,15 @@ def test_patient_and_provider_commands(cluster: LocalCluster, tmp_path: Path) ->
     # The app's receipts are the auditor's evidence: every one is in its node's log...
     verified = kmsctl(cluster, "audit", "verify", "--receipts", str(receipts))
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    # ...and one the node did not sign (here: naming another entry's hash) fails the audit.
+    # ...and one the node did not sign (here: naming another entry's hash) is no evidence
+    # against it (anyone can write one): named as bad evidence, the node still passes.
     hashed = kept[0]["entry_hash"]
     kept[0]["entry_hash"] = ("0" if hashed[0] != "0" else "1") + hashed[1:]
     receipts.write_text(json.dumps(kept))
     forged = kmsctl(cluster, "audit", "verify", "--receipts", str(receipts))
-    assert forged.returncode == 1
-    assert kept[0]["node_id"] in forged.stdout + forged.stderr
+    assert forged.returncode == 0, forged.stdout + forged.stderr
+    assert f"warning {kept[0]['node_id']}: bad evidence" in forged.stdout
+    assert kept[0]["entry_hash"][:16] in forged.stdout
 
     opted_in = kmsctl(cluster, "patient", "emergency-opt-in", "responder", "--types", "lab_result")
     assert opted_in.returncode == 0, opted_in.stderr
@@ -229,6 +231,7 @@ def test_a_batch_reads_receipts_are_each_records_and_the_auditors_evidence(
     first = batched["batch_path"][0]
     batched["batch_path"][0] = ("0" if first[0] != "0" else "1") + first[1:]
     held.write_text(json.dumps(kept))
+    # A path altered no longer leads to the root the node signed: bad evidence, not a failure.
     altered = kmsctl(cluster, "audit", "verify", "--receipts", str(held))
-    assert altered.returncode == 1
-    assert batched["node_id"] in altered.stdout + altered.stderr
+    assert altered.returncode == 0, altered.stdout + altered.stderr
+    assert f"warning {batched['node_id']}: bad evidence" in altered.stdout
