@@ -12,8 +12,13 @@ timer around each step (the parts); a step's time excludes the steps timed insid
 
 - ``signing``: the EIP-712 request (``RequestSigner.single``);
 - ``grpc_call``: the coordinator call, client side (``Reencrypt``);
-- ``verification``: the cfrags parsed and verified (``ProviderClient._check``);
-- ``decryption``: ``decrypt_reencrypted`` (``ProviderClient._open_dek``);
+- ``verification``: the cfrags verified one by one (``ProviderClient._check``): on the
+  first read of a kfrag set only, or when the fragments as relayed do not open the record
+  (ADR 19);
+- ``cfrag_parsing``: the cfrags parsed (``load_cfrag``);
+- ``precursor_reading``: each cfrag's kfrag set read, to see whether the app verified
+  it before (``cfrag_precursor``);
+- ``decryption``: ``decrypt_reencrypted`` (``provider._decrypt``);
 - ``key_parsing``: the patient's public keys parsed (``load_public_key``);
 - ``receiving_key``: the app's Umbral secret key derived (``Identity.umbral_secret_key``);
 - ``record_decryption``: the record's AES-GCM (``open_envelope``);
@@ -62,6 +67,8 @@ PARTS = (
     "signing",
     "grpc_call",
     "verification",
+    "cfrag_parsing",
+    "precursor_reading",
     "decryption",
     "key_parsing",
     "receiving_key",
@@ -118,7 +125,9 @@ def _timed_reads(provider: ProviderClient, timers: _Timers) -> ExitStack:
         (provider._signer, "single", "signing"),
         (provider._coordinator, "Reencrypt", "grpc_call"),
         (provider, "_check", "verification"),
-        (provider, "_open_dek", "decryption"),
+        (provider_module, "load_cfrag", "cfrag_parsing"),
+        (provider_module, "cfrag_precursor", "precursor_reading"),
+        (provider_module, "_decrypt", "decryption"),
         (parsed_objects, "load_public_key", "key_parsing"),
         (Identity, "umbral_secret_key", "receiving_key"),
         (provider_module, "open_envelope", "record_decryption"),

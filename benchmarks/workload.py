@@ -183,9 +183,10 @@ class _OpenRecord:
 
 
 class DekPath:
-    """The DEK part of ``ProviderClient.read_record``: a signed request, one
-    coordinator RPC, the grantee's cfrag verification and decryption, per call
-    (call ``index`` goes to record and grantee ``index``, cycling)."""
+    """The DEK part of a read as an app that verifies every fragment would do it (the
+    SDK does so on the first read of a kfrag set, ADR 19): a signed request, one
+    coordinator RPC, the grantee's cfrag verification and decryption, per call (call
+    ``index`` goes to record and grantee ``index``, cycling)."""
 
     def __init__(
         self, workload: Workload, identities: list[Identity], *, keep_receipts: bool = False

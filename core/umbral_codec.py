@@ -84,6 +84,15 @@ def cfrag_precursor(cfrag: umbral.CapsuleFrag | umbral.VerifiedCapsuleFrag) -> b
     return bytes(cfrag.to_bytes_simple()[_PRECURSOR])
 
 
+def is_umbral_panic(error: BaseException) -> bool:
+    """Whether ``error`` is a panic inside umbral-pre, raised by PyO3 as
+    ``pyo3_runtime.PanicException``: a ``BaseException``, not an ``Exception``, so it
+    passes ``except Exception``. umbral-pre 0.11 panics, for one, when fragments that pass
+    its consistency check combine to the point at infinity (``decrypt_reencrypted``):
+    anyone can craft such fragments under a precursor of their own making."""
+    return type(error).__name__ == "PanicException" and not isinstance(error, Exception)
+
+
 def capsule_hash(capsule_bytes: bytes) -> bytes:
     """The 32-byte hash of a capsule as anchored in the registry (SHA-256)."""
     return hashlib.sha256(capsule_bytes).digest()

@@ -181,6 +181,12 @@ class FakeCoordinator:
     #: node id -> a kfrag of another set, which that node re-encrypts with in a read's
     #: first answer (a replayed or stale fragment: it verifies but does not combine)
     stale: dict[str, umbral.VerifiedKeyFrag] = field(default_factory=dict)
+    #: node id -> another capsule, which that node re-encrypts with its own kfrag in a
+    #: read's first answer (a well-formed fragment, of the right kfrag, for the wrong capsule)
+    foreign: dict[str, umbral.Capsule] = field(default_factory=dict)
+    #: what a hostile coordinator relays in a read's first answer instead of the nodes'
+    #: fragments: cfrags it makes up for the capsule (tests/forged_cfrags.py), one a node
+    forge: Callable[[umbral.Capsule], list[bytes]] | None = None
     #: every retry the app sent (ADR 14)
     retries: list[coordinator_pb2.RetryReadRequest] = field(default_factory=list)
     #: the answer to a retry; None answers with the read's fragments, none corrupted
@@ -235,13 +241,19 @@ class FakeCoordinator:
 
     def _fragments(self, capsule_bytes: bytes, *, lie: bool) -> Any:
         capsule = umbral.Capsule.from_bytes(capsule_bytes)
+        if lie and self.forge is not None:
+            forged = self.forge(capsule)
+            return [
+                common_pb2.CapsuleFragment(node_id=n, cfrag=c)
+                for n, c in zip(NODE_IDS, forged, strict=False)
+            ]
         kfrags = dict(zip(NODE_IDS, self.kfrags, strict=False))
         fragments = []
         again = [(label, kfrags[node]) for label, node in self.again.items()]
         for n, k in [*kfrags.items(), *again]:
             if lie and n in self.stale:
                 k = self.stale[n]
-            cfrag = bytes(umbral.reencrypt(capsule, k))
+            cfrag = bytes(umbral.reencrypt(self.foreign.get(n, capsule) if lie else capsule, k))
             if lie and n in self.lying:
                 cfrag = cfrag[:-40] + bytes(40)
             fragment = common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag)

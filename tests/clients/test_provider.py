@@ -7,15 +7,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import umbral_pre as umbral
 
+from clients.sdk import provider as provider_module
 from clients.sdk.blob_store import STORAGE_SCHEME, LocalBlobStore
 from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient, StoredRecord
 from clients.sdk.provider import ProviderClient, RecordRead
-from clients.sdk.records import SealedRecord, parse_envelope, seal
+from clients.sdk.records import SealedRecord, open_envelope, parse_envelope, seal
 from core.audit import Receipt, verify_receipt
 from core.errors import (
     ChainRejected,
@@ -28,10 +30,11 @@ from core.record_types import RecordType
 from core.registry_types import NodeInfo, record_id_of
 from core.request_auth import signer_of
 from core.requests import ReencryptionQuery
-from core.umbral_codec import capsule_hash
+from core.umbral_codec import capsule_hash, is_umbral_panic
 from deploy.sample_records import lab_result
 from kms_node.keystore import MemoryKeyStore
-from proto.kms.v1 import common_pb2
+from proto.kms.v1 import common_pb2, record_pb2
+from tests.forged_cfrags import forged_by_a_reader, forged_to_panic
 from tests.registry_twin import RegistryTwin
 
 from .conftest import NODE_IDS, Connect, FakeCoordinator, node_keys
@@ -121,6 +124,143 @@ def test_fragments_that_do_not_verify_are_reported_and_replaced(
     coordinator.lying = set()
     assert reader.read_record(stored.record_id) == lab_result()
     assert len(coordinator.retries) == 1
+
+
+def test_fragments_that_open_the_record_are_not_verified_one_by_one(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ADR 19: the first read of a kfrag set verifies its fragments; once they opened a
+    record, the set's fragments are combined as relayed, and a read that opens verifies
+    no fragment on its own (single and batch, any record of the set's type)."""
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    checked = []
+    check = ProviderClient._check
+
+    def counted(self: ProviderClient, *args: Any) -> Any:
+        checked.append(args)
+        return check(self, *args)
+
+    monkeypatch.setattr(ProviderClient, "_check", counted)
+    assert reader.read_record(stored.record_id) == lab_result()
+    assert len(checked) == 1
+    assert reader.read_record(stored.record_id) == lab_result()
+    records = [stored.record_id, second.record_id]
+    assert reader.read_records(records) == dict.fromkeys(records, lab_result())
+    assert len(checked) == 1
+    assert granted.retries == []
+    # A renewed grant is a new set: verified once again.
+    granted.kfrags = kfrags(alice, LAB, doctor.umbral_public_key())
+    assert reader.read_record(stored.record_id) == lab_result()
+    assert len(checked) == 2
+
+
+def test_fragments_a_past_reader_forged_are_verified_and_refused_though_they_would_open(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+    blobs: LocalBlobStore,
+) -> None:
+    """Another grantee who opened the capsule can work out its key seed and make
+    fragments, under a precursor of her own, that pass umbral's check and open the true
+    DEK for this app, whom the patient may never have delegated to (ADR 19). They are
+    of no kfrag set the app verified, so they are verified first: none does, all are
+    reported, and the record opens only with the genuine replacements. Even after the
+    app has verified the genuine set."""
+    carol = Identity.generate("carol")
+    carol_sk = carol.umbral_secret_key()
+    carols = kfrags(alice, LAB, carol.umbral_public_key())
+    pk_a = alice.record_public_key(LAB)
+    bob = umbral.PublicKey.from_compressed_bytes(doctor.umbral_public_key())
+    envelope = parse_envelope(blobs.get(stored.storage_uri))
+    capsule = umbral.Capsule.from_bytes(envelope.capsule)
+
+    def forge(capsule: umbral.Capsule) -> list[bytes]:
+        own = [umbral.reencrypt(capsule, k) for k in carols[:2]]
+        return forged_by_a_reader(capsule, pk_a, carol_sk, own, bob)
+
+    forged = forge(capsule)
+    # Unverified, they would open the record's true key for the doctor.
+    cfrags = [umbral.CapsuleFrag.from_bytes(c).skip_verification() for c in forged]
+    dek = umbral.decrypt_reencrypted(
+        doctor.umbral_secret_key(), pk_a, capsule, cfrags, envelope.encrypted_dek
+    )
+    assert dek is not None and open_envelope(envelope, bytes(dek)) == lab_result()
+
+    assert reader.read_record(stored.record_id) == lab_result()  # the genuine set, verified
+    granted.forge = forge
+    assert reader.read_record(stored.record_id) == lab_result()
+    (report,) = granted.retries
+    assert sorted(r.node_id for r in report.reported) == ["node-1", "node-2"]
+    # Without replacements the read fails: the forgery opened nothing.
+    granted.retry_error = PreconditionFailed("no read is kept")
+    with pytest.raises(PreconditionFailed):
+        reader.read_record(stored.record_id)
+
+
+def test_fragments_crafted_to_make_umbral_panic_are_refused_and_reported(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    alice: Identity,
+    doctor: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    """Fragments that pass umbral's check and combine to the point at infinity make
+    umbral-pre 0.11 panic (a BaseException) instead of refusing them. They are of no
+    verified set, so they never reach it: verified, refused and reported."""
+    pk_a = alice.record_public_key(LAB)
+    bob = umbral.PublicKey.from_compressed_bytes(doctor.umbral_public_key())
+    template = umbral.reencrypt(
+        umbral.encrypt(pk_a, b"any")[0], kfrags(alice, LAB, doctor.umbral_public_key())[0]
+    )
+    assert reader.read_record(stored.record_id) == lab_result()
+    granted.forge = lambda capsule: forged_to_panic(capsule, pk_a, template, bob, 2)
+    assert reader.read_record(stored.record_id) == lab_result()
+    (report,) = granted.retries
+    assert sorted(r.node_id for r in report.reported) == ["node-1", "node-2"]
+
+
+def test_a_panic_in_umbral_is_a_refusal_to_open_not_a_crash(
+    alice: Identity, doctor: Identity
+) -> None:
+    """Should such fragments reach decryption at all, the panic is caught as umbral's
+    refusal would be (the read then verifies them one by one)."""
+    pk_a = alice.record_public_key(LAB)
+    bob = umbral.PublicKey.from_compressed_bytes(doctor.umbral_public_key())
+    capsule, encrypted_dek = umbral.encrypt(pk_a, bytes(32))
+    template = umbral.reencrypt(capsule, kfrags(alice, LAB, doctor.umbral_public_key())[0])
+    forged = [
+        umbral.CapsuleFrag.from_bytes(c).skip_verification()
+        for c in forged_to_panic(capsule, pk_a, template, bob, 2)
+    ]
+    envelope = record_pb2.RecordEnvelope(encrypted_dek=encrypted_dek)
+    with pytest.raises(BaseException) as raised:
+        umbral.decrypt_reencrypted(doctor.umbral_secret_key(), pk_a, capsule, forged, encrypted_dek)
+    assert is_umbral_panic(raised.value)
+    assert (
+        provider_module._decrypt(doctor.umbral_secret_key(), pk_a, capsule, forged, envelope)
+        is None
+    )
+
+
+def test_a_fragment_for_another_capsule_is_found_reported_and_replaced(
+    reader: ProviderClient, stored: StoredRecord, alice: Identity, granted: FakeCoordinator
+) -> None:
+    """A node re-encrypts another of the patient's capsules with its real kfrag: a
+    well-formed fragment that parses, and that does not open this record. Only then is
+    each fragment verified: the node is reported and its fragment replaced."""
+    other, _ = umbral.encrypt(alice.record_secret_key(LAB).public_key(), b"another record")
+    granted.foreign = {"node-3": other}
+    assert reader.read_record(stored.record_id) == lab_result()
+    (report,) = granted.retries
+    assert [(r.record_id, r.node_id) for r in report.reported] == [(stored.record_id, "node-3")]
 
 
 def test_fragments_of_different_kfrag_sets_are_reported_inconsistent_and_replaced(
