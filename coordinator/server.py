@@ -33,7 +33,10 @@ async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> N
             warning="DEVELOPMENT MODE (dev_plaintext): no TLS to apps or to nodes",
         )
     server = grpc.aio.server(
-        options=[*rpc.CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+        options=[
+            *rpc.coordinator_server_options(settings.threshold),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ]
     )
     methods = [
         rpc.Method("GetClusterInfo", coordinator_pb2.GetClusterInfoRequest, service.cluster_info),

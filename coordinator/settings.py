@@ -11,6 +11,7 @@ from core.endpoints import parse_host_port
 from core.errors import ConfigurationError
 from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import field_names, reject_unknown_keys, value_or_default
+from proto import rpc
 from proto.transport import Transport, require_tls_settings
 
 
@@ -148,6 +149,11 @@ class CoordinatorSettings:
             parse_host_port(node.address, f"address of {node.node_id}")
         if not 1 <= self.threshold <= len(self.nodes):
             raise ConfigurationError(f"threshold must be between 1 and {len(self.nodes)}")
+        if self.threshold > rpc.MAX_THRESHOLD:
+            raise ConfigurationError(
+                f"threshold must be at most {rpc.MAX_THRESHOLD}: a coordinator's answers are "
+                "sized by it, and apps accept answers of that threshold at most"
+            )
         if not 1 <= self.connections_per_node <= 64:
             raise ConfigurationError("connections_per_node must be between 1 and 64")
         if self.node_timeout_s <= 0:

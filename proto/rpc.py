@@ -25,6 +25,7 @@ import structlog
 from google.protobuf.message import DecodeError, Message
 
 from core import errors
+from core.requests import MAX_BATCH
 
 log = structlog.get_logger("medkms.rpc")
 
@@ -299,6 +300,42 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# A coordinator's answers to apps are the one exception: a batch answer carries the
+# threshold's fragments for each of up to MAX_BATCH capsules, each with its receipt, so
+# it grows with the threshold (7-of-7 and 64 records: about 320 KiB). What a coordinator
+# receives stays bounded as above.
+#: a capsule fragment with its receipt, as relayed, at most: a 381-byte cfrag, node ids
+#: of 32 bytes, a signature of 72 and a batch path of 10 hashes come to 936 bytes
+MAX_FRAGMENT_MESSAGE_BYTES = 1024
+#: the highest threshold a coordinator may be configured with (it sizes the answers)
+MAX_THRESHOLD = 64
+
+
+def coordinator_answer_bytes(threshold: int) -> int:
+    """The largest answer a coordinator at ``threshold`` sends honestly: ``threshold``
+    fragments for each of :data:`~core.requests.MAX_BATCH` capsules, and the rest of the
+    answer (record ids, refusals' reasons) within :data:`MAX_MESSAGE_BYTES`."""
+    return MAX_MESSAGE_BYTES + MAX_BATCH * threshold * MAX_FRAGMENT_MESSAGE_BYTES
+
+
+#: what an app accepts in one answer from a coordinator: the largest at MAX_THRESHOLD
+#: (4.25 MiB), whatever the coordinator's threshold (the app does not know it in advance)
+APP_ANSWER_BYTES = coordinator_answer_bytes(MAX_THRESHOLD)
+#: the options of an app's channel to a coordinator (replacing the receive bound)
+APP_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", APP_ANSWER_BYTES)]
+
+
+def coordinator_server_options(threshold: int) -> list[tuple[str, int]]:
+    """A coordinator server's message bounds: requests as every hop's, answers sized by
+    its threshold (gRPC keeps the first value it is given for an option, so the
+    defaults are not repeated here)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", coordinator_answer_bytes(threshold)),
+    ]
+
+
 # A server that comes back must be reached again at once: gRPC's default reconnect
 # backoff grows to two minutes, during which every call on the channel fails at once
 # (an app stayed down 10-15 s after a 30 s coordinator outage). Every client channel

@@ -81,7 +81,9 @@ class PatientClient:
         self._timeouts = timeouts
         # The coordinator refuses calls past its limit per connection: they wait here
         # (at most rpc.APP_CALLS_PER_CONNECTION in flight).
-        self._channel = rpc.bounded(transport.channel(coordinator_address))
+        self._channel = rpc.bounded(
+            transport.channel(coordinator_address, options=rpc.APP_CHANNEL_OPTIONS)
+        )
         self._coordinator = CoordinatorStub(self._channel)
 
     def close(self) -> None:

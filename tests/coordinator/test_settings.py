@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.settings import CoordinatorSettings
 from core.errors import ConfigurationError
+from proto import rpc
 
 MINIMAL = (
     'listen = "127.0.0.1:7000"\nthreshold = 1\n'
@@ -42,3 +43,21 @@ def test_a_request_window_out_of_bounds_is_refused_naming_it(tmp_path: Path, val
 def test_a_negative_served_memory_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"^served_memory_s must be >= 0$"):
         _load(tmp_path, "served_memory_s = -1\n")
+
+
+def test_a_threshold_above_what_apps_accept_answers_for_is_refused(tmp_path: Path) -> None:
+    """A coordinator's batch answers grow with its threshold, and apps accept answers of
+    threshold MAX_THRESHOLD at most (proto/rpc.py)."""
+    nodes = "".join(
+        f'[[nodes]]\nnode_id = "node-{i}"\naddress = "127.0.0.1:{7001 + i}"\n'
+        for i in range(rpc.MAX_THRESHOLD + 1)
+    )
+    config = tmp_path / "coordinator.toml"
+    at_most = MINIMAL.replace("threshold = 1", f"threshold = {rpc.MAX_THRESHOLD}")
+    config.write_text(at_most + nodes)
+    assert CoordinatorSettings.from_toml(config).threshold == rpc.MAX_THRESHOLD
+    config.write_text(
+        at_most.replace(f"= {rpc.MAX_THRESHOLD}", f"= {rpc.MAX_THRESHOLD + 1}") + nodes
+    )
+    with pytest.raises(ConfigurationError, match=r"^threshold must be at most 64: "):
+        CoordinatorSettings.from_toml(config)

@@ -14,9 +14,13 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from core.audit import MAX_RECEIPT_BATCH
 from core.errors import AccessDenied, KmsError, Unavailable
+from core.node_identity import MAX_NODE_ID_BYTES
+from core.requests import MAX_BATCH
+from core.umbral_codec import CFRAG_SIZE
 from proto import rpc
-from proto.kms.v1 import node_pb2
+from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import NODE_SERVICE, AioNodeStub, NodeStub
 
 RAISED: list[Exception] = []
@@ -172,3 +176,40 @@ def test_a_kms_error_keeps_its_status_and_safe_message_on_the_aio_server() -> No
     with capture_logs() as logs:
         error = _aio_failed_call(AccessDenied("grant has been revoked by the patient"))
     _assert_own_status_and_message(error, logs)
+
+
+def _largest_fragment() -> common_pb2.CapsuleFragment:
+    """A relayed fragment as large as one can honestly be: 32-byte node ids, a 72-byte
+    DER signature, a receipt in the largest batch (a path of 10 hashes), 64-bit indexes."""
+    node_id = "n" * MAX_NODE_ID_BYTES
+    return common_pb2.CapsuleFragment(
+        node_id=node_id,
+        cfrag=bytes(CFRAG_SIZE),
+        receipt=common_pb2.AuditReceipt(
+            node_id=node_id,
+            leaf_index=2**64 - 1,
+            tree_size=2**64 - 1,
+            entry_hash=bytes(32),
+            signature=bytes(72),
+            batch_start=2**64 - 1,
+            batch_size=MAX_RECEIPT_BATCH,
+            batch_path=[bytes(32)] * MAX_RECEIPT_BATCH.bit_length(),
+        ),
+    )
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 7, rpc.MAX_THRESHOLD])
+def test_a_coordinators_largest_honest_answer_fits_the_bound_for_its_threshold(
+    threshold: int,
+) -> None:
+    fragment = _largest_fragment()
+    assert fragment.ByteSize() + 3 <= rpc.MAX_FRAGMENT_MESSAGE_BYTES  # with its field's framing
+    answer = coordinator_pb2.CoordinatorBatchResponse(
+        results=[
+            coordinator_pb2.CapsuleFragments(record_id=bytes(32), fragments=[fragment] * threshold)
+            for _ in range(MAX_BATCH)
+        ],
+        threshold=threshold,
+        read_id=bytes(16),
+    )
+    assert answer.ByteSize() <= rpc.coordinator_answer_bytes(threshold) <= rpc.APP_ANSWER_BYTES
