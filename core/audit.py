@@ -16,6 +16,8 @@ Entries carry identifiers and hashes only: no key material, no record content.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 import struct
@@ -301,6 +303,13 @@ class Receipt:
     batch_size: int = 1
     #: the entry's audit path in the batch's tree (empty if alone)
     batch_path: tuple[bytes, ...] = ()
+    #: Not signed, not part of the node's statement: what the holder kept the receipt
+    #: for, the id of its request and the SHA-256 of the fragment it came with (the SDK
+    #: notes both, ``clients/sdk/provider.py``). A receipt names its entry only by hash,
+    #: so a relay could attach another read's genuine receipt; an auditor who reads the
+    #: entry compares these with it and names such a receipt (core/audit_log_checks.py).
+    kept_for_request: str | None = None
+    kept_cfrag_hash: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
@@ -321,6 +330,16 @@ class Receipt:
             raise InvalidRequest("the batch must hold leaf_index and lie within tree_size")
         for i, node in enumerate(self.batch_path):
             _check_hash(node, f"batch_path[{i}]")
+        if self.kept_for_request is not None:
+            _check_text(self.kept_for_request, "kept_for_request", max_len=128)
+        if self.kept_cfrag_hash is not None:
+            _check_hash(self.kept_cfrag_hash, "kept_cfrag_hash")
+
+    def kept_for(self, request_id: str, cfrag: bytes) -> Receipt:
+        """This receipt with its holder's note: kept for ``request_id``, with ``cfrag``."""
+        return dataclasses.replace(
+            self, kept_for_request=request_id, kept_cfrag_hash=hashlib.sha256(cfrag).digest()
+        )
 
     @classmethod
     def from_fields(cls, msg: ReceiptFields) -> Receipt:

@@ -221,6 +221,7 @@ def check_receipts(
     size = checkpoint.tree_size
     vouched: dict[int, bytes] = {}
     unsigned = 0
+    misattributed = 0
     for receipt in receipts:
         if findings.could_not_read:
             break
@@ -256,11 +257,41 @@ def check_receipts(
             )
         elif index < served.start:
             _check_receipt_by_proof(receipt, log, checkpoint, findings)
+        elif (why := _kept_for_another(receipt, served.parsed.get(index))) is not None:
+            misattributed += 1
+            if misattributed <= MAX_NAMED_UNSIGNED_RECEIPTS:
+                findings.warn(
+                    f"bad evidence for its holder: the receipt for entry {index} was kept "
+                    f"for {why}: the node logged another read than the one it was kept "
+                    "for (a relay attached another read's receipt, or the holder's file "
+                    "is wrong); the node is not at fault"
+                )
     if unsigned > MAX_NAMED_UNSIGNED_RECEIPTS:
         findings.warn(
             f"bad evidence, ignored: {unsigned - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts "
             "that do not verify with the node's registered key"
         )
+    if misattributed > MAX_NAMED_UNSIGNED_RECEIPTS:
+        findings.warn(
+            f"bad evidence for its holder: {misattributed - MAX_NAMED_UNSIGNED_RECEIPTS} more "
+            "receipts kept for another read than the entry's"
+        )
+
+
+def _kept_for_another(receipt: Receipt, entry: AuditEntry | None) -> str | None:
+    """Why a receipt's holder's note (the request it was kept for, the fragment it came
+    with) does not fit the entry it vouches for; None if it fits, or says nothing."""
+    if entry is None:
+        return None
+    wanted, kept_cfrag = receipt.kept_for_request, receipt.kept_cfrag_hash
+    if wanted is not None and wanted != entry.request_id:
+        return f"request {wanted[:64]}, but the entry is request {entry.request_id}'s"
+    if kept_cfrag is not None and kept_cfrag != entry.cfrag_hash:
+        return (
+            f"a fragment with SHA-256 {kept_cfrag.hex()[:16]}..., but the entry logs "
+            f"{entry.cfrag_hash.hex()[:16] or 'none'}..."
+        )
+    return None
 
 
 def _check_receipt_by_proof(

@@ -32,6 +32,11 @@ def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
         "batch_start": receipt.batch_start,
         "batch_size": receipt.batch_size,
         "batch_path": [node.hex() for node in receipt.batch_path],
+        # the holder's note, not signed (core.audit.Receipt); absent in older files
+        "kept_for_request": receipt.kept_for_request,
+        "kept_cfrag_hash": None
+        if receipt.kept_cfrag_hash is None
+        else receipt.kept_cfrag_hash.hex(),
     }
 
 
@@ -53,6 +58,14 @@ def load_receipts(path: Path) -> list[Receipt]:
                 batch_start=(None if item.get("batch_start") is None else int(item["batch_start"])),
                 batch_size=int(item.get("batch_size", 1)),
                 batch_path=tuple(bytes.fromhex(h) for h in item.get("batch_path", [])),
+                kept_for_request=(
+                    None if item.get("kept_for_request") is None else str(item["kept_for_request"])
+                ),
+                kept_cfrag_hash=(
+                    None
+                    if item.get("kept_cfrag_hash") is None
+                    else bytes.fromhex(item["kept_cfrag_hash"])
+                ),
             )
             for item in items
         ]

@@ -192,7 +192,8 @@ def receipts_of(
             raise refused(
                 f"a receipt for node {node!r} that does not verify with its registered signing key"
             )
-        receipts.append(receipt)
+        # Noted, for an auditor to compare with the entry (the receipt names it by hash).
+        receipts.append(receipt.kept_for(request_id, fragment.cfrag))
     return RecordRead(opened.plaintext, tuple(receipts))
 
 

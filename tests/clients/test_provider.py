@@ -545,6 +545,29 @@ def test_a_batch_read_returns_the_receipts_of_the_fragments_that_opened_each_rec
     assert reader.read_records(records) == dict.fromkeys(records, lab_result())
 
 
+def test_each_receipt_notes_the_request_and_fragment_it_was_kept_for(
+    reader: ProviderClient,
+    stored: StoredRecord,
+    connect: Connect,
+    alice: Identity,
+    granted: FakeCoordinator,
+) -> None:
+    """A receipt names its entry only by hash; the app notes its request id and the
+    SHA-256 of the fragment each came with, for an auditor to compare with the entry."""
+    granted.with_receipts = True  # the fake's entry hash is the SHA-256 of the cfrag
+    read = reader.read_record_with_receipts(stored.record_id)
+    single = granted.reencrypt_requests[-1].request_id
+    assert {r.kept_for_request for r in read.receipts} == {single}
+    assert all(r.kept_cfrag_hash == r.entry_hash for r in read.receipts)
+    second = connect(PatientClient, alice).store_record(lab_result(), LAB)
+    batch = reader.read_records_with_receipts([stored.record_id, second.record_id])
+    batch_id = granted.batch_requests[-1].request_id
+    for outcome in batch.values():
+        assert isinstance(outcome, RecordRead)
+        assert {r.kept_for_request for r in outcome.receipts} == {batch_id}
+        assert all(r.kept_cfrag_hash == r.entry_hash for r in outcome.receipts)
+
+
 def test_a_single_read_after_a_retry_returns_the_replacements_receipts(
     reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator
 ) -> None:

@@ -19,6 +19,11 @@ def test_receipts_round_trip_through_their_file(node: Node, tmp_path: Path) -> N
     path = tmp_path / "receipts.json"
     path.write_text(json.dumps([receipt_to_json(r) for r in node.receipts]))
     assert load_receipts(path) == node.receipts
+    # With the holder's notes (what each was kept for), and added to a file without them.
+    kept = [r.kept_for(f"req-{r.leaf_index}", b"cfrag") for r in node.receipts[:3]]
+    save_receipts(path, kept)
+    assert load_receipts(path) == [*node.receipts, *kept]
+    assert load_receipts(path)[-1].kept_for_request == "req-2"
     path.write_text('[{"node_id": "node-1"}]')
     with pytest.raises(InvalidRequest, match="not a receipts file"):
         load_receipts(path)

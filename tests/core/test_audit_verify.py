@@ -510,6 +510,27 @@ def test_receipts_that_do_not_verify_are_named_up_to_a_bound_then_counted(node: 
     assert f"{80 - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts" in bad[-1]
 
 
+def test_a_receipt_kept_for_another_read_is_named_for_its_holder_not_against_the_node(
+    node: Node,
+) -> None:
+    """A receipt names its entry only by hash: a relay can hand an app the node's genuine
+    receipt of another read. The app notes the request and fragment it kept the receipt
+    for; the auditor compares the note with the entry and names the mismatch as bad
+    evidence for the holder. The node, which signed a true statement, passes."""
+    own = node.receipts[3].kept_for("req-3", b"cfrag 3")
+    other_read = node.receipts[6].kept_for("req-3", b"cfrag 3")
+    other_fragment = node.receipts[8].kept_for("req-8", b"cfrag 3")
+    report = node.verify(receipts=[own, other_read, other_fragment])
+    assert report.verdict is Verdict.PASSED, [report.describe(p) for p in report.problems]
+    named = [w for w in report.warnings if "bad evidence for its holder" in w]
+    assert len(named) == 2
+    assert "entry 6 was kept for request req-3, but the entry is request req-6's" in named[0]
+    assert "entry 8 was kept for a fragment with SHA-256" in named[1]
+    assert "the node is not at fault" in named[0]
+    # Receipts without a note (older receipts files) are judged as before.
+    assert not [w for w in node.verify(receipts=node.receipts).warnings if "holder" in w]
+
+
 # --- keys, anchors and the chain -----------------------------------------------------------
 
 

@@ -226,7 +226,16 @@ def test_a_batch_reads_receipts_are_each_records_and_the_auditors_evidence(
     save_receipts(held, receipts)
     verified = kmsctl(cluster, "audit", "verify", "--receipts", str(held))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    # Each receipt was noted as kept for this read and its fragment, as the entries say.
+    assert "bad evidence" not in verified.stdout
     kept = json.loads(held.read_text())
+    assert {k["kept_for_request"] for k in kept} == {receipts[0].kept_for_request}
+    # Noted for another read (as if a relay had attached another read's receipts).
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps([{**k, "kept_for_request": "another-read"} for k in kept]))
+    misattributed = kmsctl(cluster, "audit", "verify", "--receipts", str(elsewhere))
+    assert misattributed.returncode == 0, misattributed.stdout + misattributed.stderr
+    assert "was kept for request another-read, but the entry is request" in misattributed.stdout
     batched = next(k for k in kept if k["batch_path"])
     first = batched["batch_path"][0]
     batched["batch_path"][0] = ("0" if first[0] != "0" else "1") + first[1:]
