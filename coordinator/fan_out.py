@@ -124,15 +124,16 @@ async def fan_out(
     call: Callable[[NodeClient], Awaitable[node_pb2.ReencryptBatchResponse]],
     collection: ShareCollection,
     exclude: Collection[str] = (),
+    last: Collection[str] = (),
 ) -> None:
-    """Ask nodes but ``exclude``, best first, until the collection is finished or no
-    node is left.
+    """Ask nodes but ``exclude``, best first (``last`` after every other:
+    :meth:`NodePool.plan`), until the collection is finished or no node is left.
 
     Starts with as many nodes as the threshold needs; asks one more whenever a
     node fails, and when the hedge delay passes without an answer.
     """
     loop = asyncio.get_running_loop()
-    queue = iter(pool.plan(time.monotonic(), exclude))
+    queue = iter(pool.plan(time.monotonic(), exclude, last))
     tasks: dict[asyncio.Future[node_pb2.ReencryptBatchResponse], tuple[str, float]] = {}
 
     def launch(count: int) -> None:

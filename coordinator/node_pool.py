@@ -89,22 +89,28 @@ class NodePool:
         self._ordered: list[float] = []
         self._max_hedge_s = max_hedge_s
 
-    def plan(self, now: float, exclude: Collection[str] = ()) -> list[str]:
+    def plan(
+        self, now: float, exclude: Collection[str] = (), last: Collection[str] = ()
+    ) -> list[str]:
         """All nodes but ``exclude``, best first: one whose cooldown has just ended (its
         probe; it is marked so that concurrent requests pass it over until it answers),
         then healthy ones by latency (unknown first, to learn it), then those out of
-        rotation, soonest-recovered first."""
+        rotation, soonest-recovered first, then ``last`` (nodes that cannot serve this
+        read's grant well: stale_nodes.py), which are neither probed nor refreshed by it."""
         order = [n for n in self.node_ids if n not in exclude]
         random.shuffle(order)  # spreads load between equally good nodes
-        probe = next((n for n in order if self._due_for_probe(n, now)), None)
+        usual = [n for n in order if n not in last]
+        probe = next((n for n in usual if self._due_for_probe(n, now)), None)
         if probe is not None:
             self.health[probe].probing = True
-        refresh = next((n for n in order if self._due_for_refresh(n, now)), None)
+        refresh = next((n for n in usual if self._due_for_refresh(n, now)), None)
         if refresh is not None:
             self.health[refresh].checked_at = now  # the next request leaves it be
 
         def rank(node_id: str) -> tuple[int, float]:
             h = self.health[node_id]
+            if node_id in last:
+                return (3, 0.0)
             if node_id == probe:
                 return (0, 0.0)
             if h.out_of_rotation(now):

@@ -50,6 +50,8 @@ class RelayedRead:
     ticket: Ticket
     #: the id of the signed request, for logs
     request_id: str
+    #: whose records (the requester is the ticket's): the grant a stale node is found for
+    patient: str
     #: record id -> what was relayed for it (capsules that were served only)
     capsules: Mapping[bytes, RelayedCapsule]
     #: every node that was sent the signed request (a node refuses it a second time)

@@ -35,6 +35,7 @@ from coordinator.relayed_reads import (
     RelayedReads,
 )
 from coordinator.settings import CoordinatorSettings
+from coordinator.stale_nodes import StaleNodes
 from coordinator.threshold import DECISION_STATUSES, FragmentCollector
 from core.capsule_cache import CapsuleCache
 from core.errors import (
@@ -113,6 +114,8 @@ class CoordinatorService:
         }
         self._status_round: asyncio.Future[coordinator_pb2.ClusterStatus] | None = None
         self._relayed = RelayedReads()
+        #: nodes found holding an earlier kfrag set of a grant, asked last for it
+        self._stale_nodes = StaleNodes()
         #: capsules of reads served, parsed (and their proofs checked) once: the nodes
         #: judged them the anchored ones; a stranger's are parsed every time (ADR 13)
         self._capsules = CapsuleCache()
@@ -222,6 +225,9 @@ class CoordinatorService:
             return coordinator_pb2.RelayedEnrollment(node_id=node_id, response=response)
 
         results = await asyncio.gather(*(relay(e) for e in msg.enrollments))
+        for enrollment, result in zip(parsed, results, strict=True):
+            if not result.status:  # the node holds this grantee's kfrags of hers now
+                self._stale_nodes.forget(patient, enrollment.grantee, enrollment.node_id)
         accepted = sum(1 for r in results if not r.status)
         self._settle(ticket, served=accepted, refused=[] if accepted else [results[0].status])
         log.info(
@@ -367,7 +373,10 @@ class CoordinatorService:
             self._verifies,
             lambda node_id, record_id: self._lied(node_id, first.request_id, record_id),
         )
-        await fan_out(self._pool, self._nodes, lambda node: ask(node, timeout), collection)
+        stale = self._stale_nodes.avoided(first.patient, first.requester, time.monotonic())
+        await fan_out(
+            self._pool, self._nodes, lambda node: ask(node, timeout), collection, last=stale
+        )
         outcomes = [collection.outcome(q.record_id) for q in queries]
         refused = [o.grpc_status for o in outcomes if isinstance(o, KmsError)]
         self._settle(ticket, served=len(outcomes) - len(refused), refused=refused)
@@ -384,6 +393,7 @@ class CoordinatorService:
             read = RelayedRead(
                 ticket=ticket,
                 request_id=first.request_id,
+                patient=first.patient,
                 capsules=relayed,
                 asked=frozenset(collection.asked),
                 ask=ask,
@@ -401,18 +411,20 @@ class CoordinatorService:
         log.warning("node_lied", node_id=node_id, request_id=request_id, record_id=record_id.hex())
         rotation_changed(node_id, self._pool.lied(node_id, time.monotonic()))
 
-    def _stale(self, node_id: str, request_id: str, record_id: bytes) -> None:
+    def _stale(self, node_id: str, read: RelayedRead, record_id: bytes) -> None:
         """A fragment from ``node_id`` verified but was of another kfrag set than ``m``
         others of the same capsule: its node missed the patient's last enrollment (a
         re-grant that did not reach it), or replays an earlier set. It cannot serve the
-        grant, so it is named and counted, but not suspected: the patient decides which
-        nodes get which set, so suspecting would let her (or a re-grant a node was down
-        for) get honest nodes taken out of rotation for everyone (ADR 14, amended)."""
+        grant, so it is named and counted, and asked last for this grant's reads
+        (stale_nodes.py), but not suspected: the patient decides which nodes get which
+        set, so suspecting would let her (or a re-grant a node was down for) get honest
+        nodes taken out of rotation for everyone (ADR 14, amended)."""
         metrics.STALE_FRAGMENTS.labels(node=node_id).inc()
+        self._stale_nodes.mark(read.patient, read.ticket.requester, node_id, time.monotonic())
         log.warning(
             "node_stale_fragment",
             node_id=node_id,
-            request_id=request_id,
+            request_id=read.request_id,
             record_id=record_id.hex(),
             why="its fragment is of another kfrag set than the other nodes': the node "
             "missed the patient's last enrollment, or replays an earlier set",
@@ -577,7 +589,7 @@ class CoordinatorService:
             for nodes in groups.values():
                 if nodes is not agreed:
                     for node_id in nodes:
-                        self._stale(node_id, read.request_id, record_id)
+                        self._stale(node_id, read, record_id)
             outcomes.append((record_id, [fragments[n] for n in agreed[:m]]))
         log.info(
             "reencrypt_agreed",

@@ -121,6 +121,20 @@ def test_excluded_nodes_are_not_planned_nor_probed(pool: NodePool) -> None:
     assert pool.plan(after)[0] == "node-1"  # still due for its probe
 
 
+def test_nodes_planned_last_come_after_those_out_of_rotation_and_are_not_probed(
+    pool: NodePool,
+) -> None:
+    """A node stale for the read's grant (stale_nodes.py) is asked only when every other
+    node, even one out of rotation, is not enough; it is not used to probe."""
+    pool.abandoned("node-1", 1.0, HEDGE_S, 100.0)  # out of rotation, due for its probe soon
+    pool.abandoned("node-2", 1.0, HEDGE_S, 100.0)
+    after = 100.0 + BASE_COOLDOWN_S + 0.01
+    plan = pool.plan(after, last={"node-1", "node-3"})
+    assert set(plan[-2:]) == {"node-1", "node-3"}
+    assert plan[0] == "node-2"  # probed instead
+    assert pool.plan(after)[0] == "node-1"  # still due for its probe in other reads
+
+
 def test_a_node_passed_over_is_asked_again_once_its_latency_is_stale() -> None:
     pool = NodePool(NODES, max_hedge_s=0.5)
     for node_id in NODES:  # node-4 and node-5 answered slowly once

@@ -30,6 +30,7 @@ from core.record_types import RecordType
 from core.requests import ReencryptionQuery
 from core.umbral_codec import cfrag_precursor, load_cfrag
 from proto.kms.v1 import coordinator_pb2
+from tests.coordinator.test_enrollment_relay import relay, relay_request
 from tests.coordinator.test_fan_out import (
     DOMAIN,
     Context,
@@ -437,22 +438,60 @@ def test_a_patient_who_gives_nodes_different_sets_gets_no_honest_node_suspected(
     """The patient decides which node gets which kfrag set (a re-grant that reached
     only some nodes does the same): the two nodes left on the other set serve that
     grant no more, but are not named liars, and stay in rotation for every other
-    read. Repeated, it never suspects them."""
+    read. The grant's next reads ask them last, so need no retry, though they are the
+    fastest nodes."""
     earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
     world.nodes["node-4"].kfrag, world.nodes["node-5"].kfrag = earlier[3], earlier[4]
     before = {n: lies(n) for n in world.nodes}
+    first_choices(world, "node-1", "node-4", "node-5")
+    response = world.run()
+    retried = retry_inconsistent(world, response.read_id)
+    assert not {"node-4", "node-5"} & set(precursors(retried))
     for _ in range(3):
         first_choices(world, "node-1", "node-4", "node-5")
-        signer = RequestSigner(world.bob.account, world.bob.umbral_public_key(), DOMAIN)
-        world.request = signer.single(
-            world.alice.address, b"\x01" * 32, RecordType.LAB_RESULT, world.request.capsule
-        )
+        read_again(world)
         response = world.run()
-        retried = retry_inconsistent(world, response.read_id)
-        assert not {"node-4", "node-5"} & set(precursors(retried))
+        assert set(precursors(response)) == {"node-1", "node-2", "node-3"}
+        assert len(set(precursors(response).values())) == 1  # they combine: no retry
     assert {n: lies(n) for n in world.nodes} == before
     assert all(not world.pool.suspect(n, time.monotonic()) for n in world.nodes)
     assert set(world.pool.in_rotation(time.monotonic())) == set(world.nodes)
+
+
+def read_again(world: World, requester: Identity | None = None) -> None:
+    """A fresh signed read of the same record (a node refuses a request it has seen)."""
+    who = requester or world.bob
+    signer = RequestSigner(who.account, who.umbral_public_key(), DOMAIN)
+    world.request = signer.single(
+        world.alice.address, b"\x01" * 32, RecordType.LAB_RESULT, world.request.capsule
+    )
+
+
+def test_a_stale_node_is_asked_last_for_that_grant_only_and_first_again_once_enrolled(
+    world: World,
+) -> None:
+    """node-2 missed bob's last enrollment. Once found, bob's reads ask it last; another
+    requester's reads (another grant, which node-2 holds) ask it as before; when alice
+    enrolls node-2 again through the coordinator, bob's reads ask it first again."""
+    earlier = patient_kfrags(world.alice, RecordType.LAB_RESULT, world.bob)
+    current = world.nodes["node-2"].kfrag
+    world.nodes["node-2"].kfrag = earlier[1]
+    first_choices(world, "node-1", "node-2", "node-3")
+    retry_inconsistent(world, world.run().read_id)
+    first_choices(world, "node-1", "node-2", "node-3")
+    read_again(world)
+    assert "node-2" not in precursors(world.run())
+    # Another grantee of alice's: node-2 is not stale for that grant.
+    carol = Identity.generate("carol")
+    world.nodes["node-2"].kfrag = current  # (the fake nodes serve one kfrag each)
+    first_choices(world, "node-1", "node-2", "node-3")
+    read_again(world, carol)
+    assert "node-2" in precursors(world.run())
+    # alice enrolls node-2 again for bob, through the coordinator.
+    relay(world, relay_request(world))
+    first_choices(world, "node-1", "node-2", "node-3")
+    read_again(world)
+    assert set(precursors(world.run())) == {"node-1", "node-2", "node-3"}
 
 
 def test_when_no_m_nodes_agree_on_a_set_the_read_fails_and_says_why(world: World) -> None:

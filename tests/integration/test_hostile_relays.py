@@ -446,8 +446,8 @@ def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
     new set's fragments: the app reports the record inconsistent, and the coordinator
     finds the set m nodes agree on, answers with it and names the node. It is counted as
     stale, not as a liar, and stays in rotation: an honest node that missed a re-grant
-    looks the same, and the patient chooses who gets which set (ADR 14, amended). Every
-    read still opens the record."""
+    looks the same, and the patient chooses who gets which set (ADR 14, amended). It is
+    asked last for this grant's reads after that. Every read opens the record."""
     relay = coordinator_with_a_replaying_node
     liar = relay.liar
     assert isinstance(liar, ReplayingNode)
@@ -473,11 +473,13 @@ def test_a_node_replaying_a_fragment_of_an_earlier_grant_cannot_make_reads_fail(
         assert stale["node_id"] == liar.node.node_id
         assert relay.metric(f'kms_coordinator_node_in_rotation{{node="{node.node_id}"}}') == 1
         assert relay.events("node_lied") == []
-        # Still in rotation, so asked again: each stale answer costs the read a retry,
-        # never the record.
+        # In rotation for everyone else, but asked last for this grant's reads: they go
+        # to the other nodes and need no retry (without that, the liar answered about
+        # 3 reads in 5). A hedge on a loaded machine may still reach it now and then.
+        corrupted = liar.corrupted
         for _ in range(10):
             assert doctor.read_record(people.lab.record_id) == lab_result()
-    assert liar.corrupted >= 1
+        assert liar.corrupted - corrupted <= 2, relay.liar_calls()
 
 
 # --- a compromised coordinator ------------------------------------------------------------
