@@ -5,8 +5,9 @@
   raw bytes and are parsed here, so a garbage payload is answered with
   ``INVALID_ARGUMENT`` rather than gRPC's generic deserialisation failure.
 - :class:`core.errors.KmsError` becomes the status it names, with its
-  safe message; anything else becomes ``INTERNAL`` with no details (the
-  traceback goes to the server's log only). This is the one place where errors
+  safe message; anything else (any ``Exception``, and a panic in umbral-pre, which
+  is a ``BaseException``) becomes ``INTERNAL`` with no details (the traceback goes
+  to the server's log only). This is the one place where errors
   turn into statuses.
 - Clients turn a failed call back into a ``KmsError`` with :func:`error_from_rpc`.
 """
@@ -26,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 
 from core import errors
 from core.requests import MAX_BATCH
+from core.umbral_codec import is_umbral_panic
 
 log = structlog.get_logger("medkms.rpc")
 
@@ -131,7 +133,9 @@ def service_handler(
                 observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
                 _log_unavailable(service, method, e)
                 context.abort(status_of(e), e.message)
-            except Exception:
+            except BaseException as e:
+                if not _unexpected(e):
+                    raise
                 observe(method.name, "internal", time.perf_counter() - start)
                 log.exception("rpc_failed", service=service.full_name, method=method.name)
                 context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
@@ -147,6 +151,13 @@ def service_handler(
         return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=_serialize)
 
     return _generic_handler(service, methods, wrap)
+
+
+def _unexpected(error: BaseException) -> bool:
+    """Whether a handler's error is answered ``INTERNAL``: any ``Exception``, and a panic
+    in umbral-pre (a ``BaseException``, which would otherwise leave the call unanswered
+    until its deadline on a threaded server). Cancellation, exit and interrupts pass."""
+    return isinstance(error, Exception) or is_umbral_panic(error)
 
 
 def aio_service_handler(
@@ -169,7 +180,9 @@ def aio_service_handler(
                 observe(method.name, status_of(e).name.lower(), time.perf_counter() - start)
                 _log_unavailable(service, method, e)
                 await context.abort(status_of(e), e.message)
-            except Exception:
+            except BaseException as e:
+                if not _unexpected(e):
+                    raise
                 observe(method.name, "internal", time.perf_counter() - start)
                 log.exception("rpc_failed", service=service.full_name, method=method.name)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -12,18 +12,20 @@ from typing import Any
 
 import grpc
 import pytest
+import umbral_pre as umbral
 from structlog.testing import capture_logs
 
 from core.audit import MAX_RECEIPT_BATCH
 from core.errors import AccessDenied, KmsError, Unavailable
 from core.node_identity import MAX_NODE_ID_BYTES
 from core.requests import MAX_BATCH
-from core.umbral_codec import CFRAG_SIZE
+from core.umbral_codec import CFRAG_SIZE, is_umbral_panic
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import NODE_SERVICE, AioNodeStub, NodeStub
+from tests.forged_cfrags import forged_to_panic
 
-RAISED: list[Exception] = []
+RAISED: list[BaseException] = []
 OBSERVED: list[tuple[str, str]] = []
 
 
@@ -48,7 +50,7 @@ def stub() -> Iterator[NodeStub]:
         server.stop(None)
 
 
-def _failed_call(stub: NodeStub, error: Exception) -> Any:
+def _failed_call(stub: NodeStub, error: BaseException) -> Any:
     """The ``grpc.Call`` error of a GetNodeInfo whose handler raised ``error``."""
     RAISED[:] = [error]
     with pytest.raises(grpc.RpcError) as caught:
@@ -65,7 +67,7 @@ async def _aio_node_info(_msg: node_pb2.GetNodeInfoRequest, _ctx: object) -> nod
     raise RAISED[0]
 
 
-def _aio_failed_call(error: Exception) -> grpc.aio.AioRpcError:
+def _aio_failed_call(error: BaseException) -> grpc.aio.AioRpcError:
     """The error of a GetNodeInfo on a real ``grpc.aio`` server whose handler raised
     ``error``."""
     RAISED[:] = [error]
@@ -155,6 +157,45 @@ def test_an_unexpected_exception_is_internal_with_no_detail_on_the_aio_server() 
     with capture_logs() as logs:
         error = _aio_failed_call(RuntimeError("s3cret-detail"))
     _assert_internal_and_logged(error, logs)
+
+
+def umbral_panic() -> BaseException:
+    """A real panic of umbral-pre (``pyo3_runtime.PanicException``, a BaseException):
+    fragments crafted to combine to the point at infinity (tests/forged_cfrags.py)."""
+    sk = umbral.SecretKey.random()
+    receiving = umbral.SecretKey.random()
+    capsule, ciphertext = umbral.encrypt(sk.public_key(), b"k" * 32)
+    kfrag = umbral.generate_kfrags(sk, receiving.public_key(), umbral.Signer(sk), 2, 2, True, True)[
+        0
+    ]
+    template = umbral.reencrypt(capsule, kfrag)
+    forged = forged_to_panic(capsule, sk.public_key(), template, receiving.public_key(), 2)
+    cfrags = [umbral.CapsuleFrag.from_bytes(c).skip_verification() for c in forged]
+    try:
+        umbral.decrypt_reencrypted(receiving, sk.public_key(), capsule, cfrags, ciphertext)
+    except BaseException as e:
+        assert is_umbral_panic(e)
+        return e
+    raise AssertionError("umbral did not panic")
+
+
+def test_a_panic_in_umbral_is_internal_with_no_detail(stub: NodeStub) -> None:
+    """A panic is no Exception: without care it would pass the handler's net."""
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _failed_call(stub, umbral_panic())
+    _assert_internal_and_logged(error, logs)
+    assert "left" not in _everything_sent(error)  # the panic's assertion text
+    # The server still serves.
+    assert _call(stub, AccessDenied("no")) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_panic_in_umbral_is_internal_with_no_detail_on_the_aio_server() -> None:
+    OBSERVED.clear()
+    with capture_logs() as logs:
+        error = _aio_failed_call(umbral_panic())
+    _assert_internal_and_logged(error, logs)
+    assert "left" not in _everything_sent(error)
 
 
 def _assert_own_status_and_message(error: Any, logs: list[Any]) -> None:
