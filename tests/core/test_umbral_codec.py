@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import umbral_pre as umbral
@@ -134,12 +135,13 @@ def test_what_servers_parse_does_not_make_umbral_panic(kind: str) -> None:
     def use_cfrag(data: bytes) -> None:
         umbral.CapsuleFrag.from_bytes(data).verify(capsule, *keys)
 
-    sample, use = {
+    cases: dict[str, tuple[bytes, Callable[[bytes], object]]] = {
         "capsule": (bytes(capsule), use_capsule),
         "kfrag": (bytes(kfrag.unverify()), use_kfrag),
         "cfrag": (bytes(cfrag), use_cfrag),
         "public key": (bytes(receiving.to_compressed_bytes()), load_public_key),
-    }[kind]
+    }
+    sample, use = cases[kind]
     rng = random.Random(kind)
     for _ in range(MUTANTS):
         data = bytearray(sample)
