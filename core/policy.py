@@ -74,6 +74,8 @@ class Reason(StrEnum):
 
 #: every refusal :func:`judge` gives, which the grant state at a block confirms (an auditor
 #: judges again)
+#: the sentence of every granted decision (sent with each receipt: proto/rpc.py sizes it)
+GRANTED_REASON: Final = "grant is active and covers this record"
 POLICY_DENIALS: Final = frozenset(Reason) - {Reason.GRANTED, Reason.NO_KFRAG}
 
 #: refusals no later registry event can lift: a record's patient, capsule and type never
@@ -162,7 +164,7 @@ def judge(query: Request, state: AccessState, wall_clock: int) -> Decision:
     return Decision(
         True,
         Reason.GRANTED,
-        "grant is active and covers this record",
+        GRANTED_REASON,
         state.block_number,
         state.block_hash,
     )

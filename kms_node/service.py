@@ -384,12 +384,12 @@ class NodeService:
     def single_response(
         self, judged: JudgedRead, receipts: Sequence[Receipt]
     ) -> node_pb2.ReencryptResponse:
-        ((result, receipt),) = zip(judged.results, receipts, strict=True)
+        ((result, receipt, entry),) = zip(judged.results, receipts, judged.entries, strict=True)
         if isinstance(result, KmsError):
             raise result
         return node_pb2.ReencryptResponse(
             fragment=common_pb2.CapsuleFragment(
-                node_id=self.node_id, cfrag=result, receipt=_receipt_message(receipt)
+                node_id=self.node_id, cfrag=result, receipt=_receipt_message(receipt, entry)
             )
         )
 
@@ -412,8 +412,10 @@ class NodeService:
         self, judged: JudgedRead, receipts: Sequence[Receipt]
     ) -> node_pb2.ReencryptBatchResponse:
         outcomes = []
-        for query, result, receipt in zip(judged.queries, judged.results, receipts, strict=True):
-            signed = _receipt_message(receipt)
+        for query, result, receipt, entry in zip(
+            judged.queries, judged.results, receipts, judged.entries, strict=True
+        ):
+            signed = _receipt_message(receipt, entry)
             if isinstance(result, KmsError):
                 outcome = common_pb2.CapsuleOutcome(
                     record_id=query.record_id,
@@ -676,7 +678,9 @@ def audit_entries(reads: Sequence[JudgedRead]) -> list[AuditEntry]:
     return [e for read in reads for e in read.entries]
 
 
-def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:
+def _receipt_message(receipt: Receipt, entry: AuditEntry) -> common_pb2.AuditReceipt:
+    """The receipt as sent, with what its entry holds that the requester cannot know
+    beforehand (``EntryFacts``: core.audit.entry_of_read rebuilds the entry from them)."""
     return common_pb2.AuditReceipt(
         node_id=receipt.node_id,
         leaf_index=receipt.leaf_index,
@@ -686,6 +690,13 @@ def _receipt_message(receipt: Receipt) -> common_pb2.AuditReceipt:
         batch_start=receipt.batch_start or 0,
         batch_size=receipt.batch_size,
         batch_path=list(receipt.batch_path),
+        entry=common_pb2.EntryFacts(
+            time=entry.time,
+            block_number=entry.block_number,
+            block_hash=entry.block_hash,
+            reason_code=entry.reason_code,
+            reason=entry.reason,
+        ),
     )
 
 

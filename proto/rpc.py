@@ -319,8 +319,9 @@ CHANNEL_OPTIONS = [
 # it grows with the threshold (7-of-7 and 64 records: about 320 KiB). What a coordinator
 # receives stays bounded as above.
 #: a capsule fragment with its receipt, as relayed, at most: a 381-byte cfrag, node ids
-#: of 32 bytes, a signature of 72 and a batch path of 10 hashes come to 936 bytes
-MAX_FRAGMENT_MESSAGE_BYTES = 1024
+#: of 32 bytes, a signature of 72, a batch path of 10 hashes and the entry's facts (a
+#: 64-character reason code and reason) come to 1,164 bytes
+MAX_FRAGMENT_MESSAGE_BYTES = 1280
 #: the highest threshold a coordinator may be configured with (it sizes the answers)
 MAX_THRESHOLD = 64
 
@@ -333,7 +334,7 @@ def coordinator_answer_bytes(threshold: int) -> int:
 
 
 #: what an app accepts in one answer from a coordinator: the largest at MAX_THRESHOLD
-#: (4.25 MiB), whatever the coordinator's threshold (the app does not know it in advance)
+#: (5.25 MiB), whatever the coordinator's threshold (the app does not know it in advance)
 APP_ANSWER_BYTES = coordinator_answer_bytes(MAX_THRESHOLD)
 #: the options of an app's channel to a coordinator (replacing the receive bound)
 APP_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", APP_ANSWER_BYTES)]

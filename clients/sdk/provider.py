@@ -40,7 +40,8 @@ from clients.sdk.records import open_envelope
 from clients.sdk.signed_requests import RequestSigner
 from clients.sdk.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from clients.sdk.verified_sets import VerifiedSets
-from core.audit import Receipt, verify_receipt
+from core.addresses import checksum
+from core.audit import GRANTED, AuditEntry, Receipt, verify_receipt
 from core.errors import (
     IntegrityError,
     InvalidRequest,
@@ -49,6 +50,7 @@ from core.errors import (
     PreconditionFailed,
     error_for_status,
 )
+from core.record_types import RecordType
 from core.registry_interface import ProviderRegistry, RegistryReader
 from core.registry_types import PatientInfo, RecordInfo
 from core.requests import MAX_BATCH, parse_purpose
@@ -166,13 +168,93 @@ class NodeKeys:
         return verifies
 
 
+@dataclass(frozen=True)
+class ReadOfRecord:
+    """What the app itself signed for one record of a read: with the facts a node sends
+    with its receipt (``EntryFacts``), the audit entry that node logged for it."""
+
+    request_id: str
+    requester: str
+    patient: str
+    record_id: bytes
+    capsule_hash: bytes
+    record_type: RecordType
+    purpose_of_use: str
+    requester_umbral_key: bytes
+
+    @classmethod
+    def of(
+        cls,
+        request: common_pb2.ReencryptionRequest | common_pb2.ReencryptionBatchRequest,
+        ref: common_pb2.CapsuleRef | None = None,
+    ) -> ReadOfRecord:
+        """Of a signed single request, or of one capsule (``ref``) of a signed batch."""
+        if isinstance(request, common_pb2.ReencryptionRequest):
+            record_id, capsule, record_type = (
+                request.record_id,
+                request.capsule,
+                request.record_type,
+            )
+        else:
+            assert ref is not None
+            record_id, capsule, record_type = ref.record_id, ref.capsule, ref.record_type
+        return cls(
+            request_id=request.request_id,
+            requester=checksum(bytes(request.requester)),
+            patient=checksum(bytes(request.patient)),
+            record_id=bytes(record_id),
+            capsule_hash=capsule_hash(bytes(capsule)),
+            record_type=RecordType(record_type),
+            purpose_of_use=request.purpose_of_use,
+            requester_umbral_key=bytes(request.requester_umbral_key),
+        )
+
+    def logged(self, fragment: common_pb2.CapsuleFragment) -> bool | None:
+        """Whether ``fragment`` is the one its node logged for this read, by the entry its
+        receipt vouches for (rebuilt from this read, the fragment and the receipt's
+        facts); None if the receipt carries no facts to tell. Not whether the node signed
+        the receipt: see :class:`NodeKeys`."""
+        receipt = fragment.receipt
+        if not receipt.HasField("entry"):
+            return None
+        try:
+            entry = self.entry(fragment.node_id, receipt.entry, fragment.cfrag)
+        except InvalidRequest:
+            return False
+        return hmac.compare_digest(entry.leaf_hash(), bytes(receipt.entry_hash))
+
+    def entry(self, node_id: str, facts: common_pb2.EntryFacts, cfrag: bytes) -> AuditEntry:
+        """The entry ``node_id`` logged when it served ``cfrag`` for this read, as it says."""
+        return AuditEntry(
+            request_id=self.request_id,
+            node_id=node_id,
+            time=int(facts.time),
+            requester=self.requester,
+            patient=self.patient,
+            record_id=self.record_id,
+            capsule_hash=self.capsule_hash,
+            purpose_of_use=self.purpose_of_use,
+            decision=GRANTED,
+            reason_code=facts.reason_code,
+            reason=facts.reason,
+            block_number=int(facts.block_number),
+            block_hash=bytes(facts.block_hash),
+            cfrag_hash=hashlib.sha256(cfrag).digest(),
+            record_type=self.record_type,
+            requester_umbral_key=self.requester_umbral_key,
+        )
+
+
 def receipts_of(
-    opened: OpenedRecord, request_id: str, verifies: Callable[[Receipt], bool]
+    opened: OpenedRecord, read: ReadOfRecord, verifies: Callable[[Receipt], bool]
 ) -> RecordRead:
     """The record as read, with the receipts of the fragments that opened it. A receipt
-    that is malformed, names another node than its fragment's, or does not verify with
-    that node's registered key (``verifies``) is an ``IntegrityError`` naming the request
-    and the node: it would be no evidence for an auditor."""
+    that is malformed, names another node than its fragment's, does not verify with that
+    node's registered key (``verifies``), or is not for this read and this fragment (the
+    entry rebuilt from ``read``, the fragment and the facts sent with the receipt does not
+    hash to the receipt's entry hash) is an ``IntegrityError`` naming the request and the
+    node: it would be no evidence for an auditor."""
+    request_id = read.request_id
 
     def refused(problem: str) -> IntegrityError:
         error = IntegrityError(f"the coordinator relayed {problem}")
@@ -192,7 +274,12 @@ def receipts_of(
             raise refused(
                 f"a receipt for node {node!r} that does not verify with its registered signing key"
             )
-        # Noted, for an auditor to compare with the entry (the receipt names it by hash).
+        if not read.logged(fragment):
+            raise refused(
+                f"a receipt for node {node!r} that is not for this request and its fragment "
+                "(the node's entry it vouches for is another)"
+            )
+        # Noted too, for an auditor to compare with the entry in the node's log.
         receipts.append(receipt.kept_for(request_id, fragment.cfrag))
     return RecordRead(opened.plaintext, tuple(receipts))
 
@@ -319,11 +406,13 @@ class ProviderClient:
         retry (ADR 14) they are the receipts of the fragments that opened the record. Each
         is verified with its node's registered key (about 0.1 ms a receipt): one that does
         not verify is an ``IntegrityError`` naming the request and the node."""
-        opened, request_id = self._read(record_id, purpose_of_use)
-        return receipts_of(opened, request_id, self._node_keys.checker())
+        opened, request = self._read(record_id, purpose_of_use)
+        return receipts_of(opened, ReadOfRecord.of(request), self._node_keys.checker())
 
-    def _read(self, record_id: bytes, purpose_of_use: str) -> tuple[OpenedRecord, str]:
-        """The record opened, and the id of the signed request that read it."""
+    def _read(
+        self, record_id: bytes, purpose_of_use: str
+    ) -> tuple[OpenedRecord, common_pb2.ReencryptionRequest]:
+        """The record opened, and the signed request that read it."""
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
         request, response = send_read(
@@ -336,15 +425,17 @@ class ProviderClient:
             self._timeouts.fan_out_s,
         )
         with _answering(request.request_id):
-            opened = self._open_as_relayed(patient, record, envelope, response.fragments)
+            opened = self._open_as_relayed(
+                patient, record, envelope, response.fragments, ReadOfRecord.of(request)
+            )
             if opened is not None:
-                return opened, request.request_id
+                return opened, request
             checked = self._check(patient, record, envelope, response.fragments)
             if not response.read_id:
-                return self._open(patient, record, envelope, checked), request.request_id
+                return self._open(patient, record, envelope, checked), request
             if not checked.bad:
                 try:
-                    return self._open(patient, record, envelope, checked), request.request_id
+                    return self._open(patient, record, envelope, checked), request
                 except IntegrityError:
                     # Whether the fragments combine is asked only now: it costs about
                     # 0.04 ms a fragment, for what is rare.
@@ -360,7 +451,7 @@ class ProviderClient:
             )
             response = self._retry(self._coordinator.RetryReencrypt, reported)
             checked = self._check(patient, record, envelope, response.fragments)
-            return self._open(patient, record, envelope, checked), request.request_id
+            return self._open(patient, record, envelope, checked), request
 
     def _retry(
         self,
@@ -389,15 +480,16 @@ class ProviderClient:
         fragments opened it (as :meth:`read_record_with_receipts`): they share each
         node's one signature over the batch, each with its entry's path in it (verified
         once a node)."""
-        opened, request_id = self._read_batch(record_ids, purpose_of_use)
+        opened, request = self._read_batch(record_ids, purpose_of_use)
         verifies = self._node_keys.checker()
+        reads = {bytes(ref.record_id): ReadOfRecord.of(request, ref) for ref in request.capsules}
         results: dict[bytes, RecordRead | KmsError] = {}
         for record_id, outcome in opened.items():
             try:
                 results[record_id] = (
                     outcome
                     if isinstance(outcome, KmsError)
-                    else receipts_of(outcome, request_id, verifies)
+                    else receipts_of(outcome, reads[record_id], verifies)
                 )
             except IntegrityError as e:
                 results[record_id] = e
@@ -405,8 +497,8 @@ class ProviderClient:
 
     def _read_batch(
         self, record_ids: Sequence[bytes], purpose_of_use: str
-    ) -> tuple[dict[bytes, OpenedRecord | KmsError], str]:
-        """Each record opened, or the error it met; and the id of the signed request."""
+    ) -> tuple[dict[bytes, OpenedRecord | KmsError], common_pb2.ReencryptionBatchRequest]:
+        """Each record opened, or the error it met; and the signed request."""
         parse_purpose(purpose_of_use)
         if not 1 <= len(record_ids) <= MAX_BATCH:
             raise InvalidRequest(f"read 1 to {MAX_BATCH} records at a time")
@@ -433,6 +525,7 @@ class ProviderClient:
             for rec, _, _ in fetched
         }
         envelopes = {rec.record_id: (rec, env) for rec, env, _ in fetched}
+        reads = {bytes(ref.record_id): ReadOfRecord.of(request, ref) for ref in request.capsules}
 
         def open_all(
             answers: Iterable[coordinator_pb2.CapsuleFragments],
@@ -450,7 +543,9 @@ class ProviderClient:
                     results[record_id] = error_for_status(result.status, result.reason)
                     continue
                 record, envelope = envelopes[record_id]
-                opened = self._open_as_relayed(patient, record, envelope, result.fragments)
+                opened = self._open_as_relayed(
+                    patient, record, envelope, result.fragments, reads[record_id]
+                )
                 if opened is not None:
                     results[record_id] = opened
                     continue
@@ -492,7 +587,7 @@ class ProviderClient:
         for outcome in results.values():
             if isinstance(outcome, KmsError):
                 outcome.request_id = request.request_id
-        return results, request.request_id
+        return results, request
 
     # A record's anchor (patient, hashes, storage URI) and a patient's registered keys
     # never change once on-chain, so they are read once. Whether a record is still
@@ -530,11 +625,15 @@ class ProviderClient:
         record: RecordInfo,
         envelope: record_pb2.RecordEnvelope,
         fragments: Iterable[common_pb2.CapsuleFragment],
+        read: ReadOfRecord,
     ) -> OpenedRecord | None:
         """The record opened with the fragments as relayed (a repeat used once), none
         verified first, if every one is of a kfrag set this client verified before
-        (:class:`VerifiedSets`); None otherwise, or if they do not open it: they are then
-        verified one by one (:meth:`_check`) to find and report the bad ones (ADR 19).
+        (:class:`VerifiedSets`) and, where its receipt says what its node logged, is that
+        fragment (:meth:`ReadOfRecord.logged`, about 0.03 ms); None otherwise, or if they
+        do not open it: they are then verified one by one (:meth:`_check`) to find and
+        report the bad ones (ADR 19). A fragment changed after its node logged it (say,
+        a flipped bit in its proof, which decryption does not use) is so still found.
 
         Why it is safe: umbral's ``decrypt_reencrypted`` checks one equation, which
         anyone can satisfy under a precursor of their own (they can compute its shared
@@ -555,6 +654,8 @@ class ProviderClient:
                 continue
             seen.add(fragment.cfrag)
             nodes.add(fragment.node_id)
+            if read.logged(fragment) is False:
+                return None
             try:
                 cfrag = load_cfrag(fragment.cfrag)
             except InvalidRequest:

@@ -25,9 +25,11 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient
 from clients.sdk.timeouts import Timeouts
-from core.audit import Receipt
+from core.addresses import checksum
+from core.audit import AuditEntry, Receipt
 from core.errors import KmsError
 from core.kfrag_delivery import compressed, delivery_binding, open_with_shared_secret
+from core.record_types import RecordType
 from core.registry_types import NodeInfo
 from kms_node.keystore import MemoryKeyStore
 from proto import rpc
@@ -178,6 +180,10 @@ class FakeCoordinator:
     batch_requests: list[common_pb2.ReencryptionBatchRequest] = field(default_factory=list)
     #: nodes whose fragments are corrupted in a read's first answer (not in a retry)
     lying: set[str] = field(default_factory=set)
+    #: nodes whose fragment is changed in a read's first answer after its receipt was
+    #: made (one bit of its kfrag signature: it still opens the record, and no longer
+    #: verifies)
+    changed_after_logging: set[str] = field(default_factory=set)
     #: node id -> a kfrag of another set, which that node re-encrypts with in a read's
     #: first answer (a replayed or stale fragment: it verifies but does not combine)
     stale: dict[str, umbral.VerifiedKeyFrag] = field(default_factory=dict)
@@ -196,6 +202,8 @@ class FakeCoordinator:
     #: next, and so on
     with_receipts: bool = False
     relayed: int = 0
+    #: leaf index -> the entry the fake's node logged for it
+    entries: dict[int, AuditEntry] = field(default_factory=dict)
     #: what a hostile coordinator does to a receipt it relays (given the fragment's node
     #: id and the signed receipt, which it may change in place)
     tamper_receipt: Callable[[str, common_pb2.AuditReceipt], None] | None = None
@@ -239,7 +247,11 @@ class FakeCoordinator:
             ]
         )
 
-    def _fragments(self, capsule_bytes: bytes, *, lie: bool) -> Any:
+    def _fragments(
+        self, request: Any, ref: common_pb2.CapsuleRef | None = None, *, lie: bool
+    ) -> Any:
+        """The fragments for ``request`` (a single request, or ``ref`` of a batch)."""
+        capsule_bytes = (ref if ref is not None else request).capsule
         capsule = umbral.Capsule.from_bytes(capsule_bytes)
         if lie and self.forge is not None:
             forged = self.forge(capsule)
@@ -258,20 +270,54 @@ class FakeCoordinator:
                 cfrag = cfrag[:-40] + bytes(40)
             fragment = common_pb2.CapsuleFragment(node_id=n, cfrag=cfrag)
             if self.with_receipts:
-                fragment.receipt.CopyFrom(self._receipt(n, cfrag))
+                fragment.receipt.CopyFrom(self._receipt(n, cfrag, request, ref))
+            if lie and n in self.changed_after_logging:
+                # the last bit of its kfrag signature: it parses, and decryption does not
+                # use it
+                fragment.cfrag = cfrag[:-1] + bytes([cfrag[-1] ^ 1])
             fragments.append(fragment)
             if n in self.echoed:
                 fragments.append(fragment)
         return fragments
 
-    def _receipt(self, node_id: str, cfrag: bytes) -> common_pb2.AuditReceipt:
-        """The receipt ``node_id`` signs for the next leaf of its log (the fake's count)."""
+    def _receipt(
+        self, node_id: str, cfrag: bytes, request: Any, ref: common_pb2.CapsuleRef | None
+    ) -> common_pb2.AuditReceipt:
+        """The receipt ``node_id`` signs for the next leaf of its log (the fake's count),
+        for the 'granted' entry a node logs (kms_node/service.py), with its facts."""
+        source = ref if ref is not None else request
+        facts = common_pb2.EntryFacts(
+            time=1_700_000_000 + self.relayed,
+            block_number=7,
+            block_hash=bytes(32),
+            reason_code="granted",
+            reason="grant is active and covers this record",
+        )
+        entry = AuditEntry(
+            request_id=request.request_id,
+            node_id=node_id,
+            time=facts.time,
+            requester=checksum(bytes(request.requester)),
+            patient=checksum(bytes(request.patient)),
+            record_id=bytes(source.record_id),
+            capsule_hash=hashlib.sha256(source.capsule).digest(),
+            purpose_of_use=request.purpose_of_use,
+            decision="granted",
+            reason_code=facts.reason_code,
+            reason=facts.reason,
+            block_number=facts.block_number,
+            block_hash=facts.block_hash,
+            cfrag_hash=hashlib.sha256(cfrag).digest(),
+            record_type=RecordType(source.record_type),
+            requester_umbral_key=bytes(request.requester_umbral_key),
+        )
         receipt = Receipt(
             node_id=node_id,
             leaf_index=self.relayed,
             tree_size=self.relayed + 1,
-            entry_hash=hashlib.sha256(cfrag).digest(),
+            entry_hash=entry.leaf_hash(),
         )
+        self.entries[receipt.leaf_index] = entry
         self.relayed += 1
         signed = common_pb2.AuditReceipt(
             node_id=node_id,
@@ -279,6 +325,7 @@ class FakeCoordinator:
             tree_size=receipt.tree_size,
             entry_hash=receipt.entry_hash,
             signature=node_keys(node_id).sign(receipt.canonical_bytes()),
+            entry=facts,
         )
         if self.tamper_receipt is not None:
             self.tamper_receipt(node_id, signed)
@@ -286,7 +333,7 @@ class FakeCoordinator:
 
     def reencrypt(self, request: common_pb2.ReencryptionRequest, _: Any) -> Any:
         self.reencrypt_requests.append(request)
-        fragments = self._fragments(request.capsule, lie=True)
+        fragments = self._fragments(request, lie=True)
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=fragments, threshold=len(fragments), read_id=b"r" * 16
         )
@@ -295,7 +342,7 @@ class FakeCoordinator:
         self.retries.append(request)
         if self.retry_error is not None:
             raise self.retry_error
-        fragments = self._fragments(self.reencrypt_requests[-1].capsule, lie=False)
+        fragments = self._fragments(self.reencrypt_requests[-1], lie=False)
         return coordinator_pb2.CoordinatorReencryptResponse(
             fragments=fragments, threshold=len(fragments)
         )
@@ -320,7 +367,7 @@ class FakeCoordinator:
     def _capsules(self, request: common_pb2.ReencryptionBatchRequest, *, lie: bool) -> Any:
         return [
             coordinator_pb2.CapsuleFragments(
-                record_id=ref.record_id, fragments=self._fragments(ref.capsule, lie=lie)
+                record_id=ref.record_id, fragments=self._fragments(request, ref, lie=lie)
             )
             for ref in request.capsules
         ]

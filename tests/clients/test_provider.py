@@ -552,20 +552,88 @@ def test_each_receipt_notes_the_request_and_fragment_it_was_kept_for(
     alice: Identity,
     granted: FakeCoordinator,
 ) -> None:
-    """A receipt names its entry only by hash; the app notes its request id and the
-    SHA-256 of the fragment each came with, for an auditor to compare with the entry."""
-    granted.with_receipts = True  # the fake's entry hash is the SHA-256 of the cfrag
+    """Each receipt is checked to be for this read and its fragment (the entry rebuilt
+    from the request, the fragment and the facts sent with the receipt hashes to the
+    receipt's entry hash), and notes both, for an auditor holding a receipts file."""
+    granted.with_receipts = True
     read = reader.read_record_with_receipts(stored.record_id)
     single = granted.reencrypt_requests[-1].request_id
     assert {r.kept_for_request for r in read.receipts} == {single}
-    assert all(r.kept_cfrag_hash == r.entry_hash for r in read.receipts)
+    for r in read.receipts:
+        assert granted.entries[r.leaf_index].request_id == single
+        assert r.kept_cfrag_hash == granted.entries[r.leaf_index].cfrag_hash
     second = connect(PatientClient, alice).store_record(lab_result(), LAB)
     batch = reader.read_records_with_receipts([stored.record_id, second.record_id])
     batch_id = granted.batch_requests[-1].request_id
-    for outcome in batch.values():
+    for record_id, outcome in batch.items():
         assert isinstance(outcome, RecordRead)
         assert {r.kept_for_request for r in outcome.receipts} == {batch_id}
-        assert all(r.kept_cfrag_hash == r.entry_hash for r in outcome.receipts)
+        for r in outcome.receipts:
+            assert granted.entries[r.leaf_index].record_id == record_id
+            assert r.kept_cfrag_hash == granted.entries[r.leaf_index].cfrag_hash
+
+
+@pytest.mark.parametrize("receipts", [True, False], ids=["with-receipts", "without"])
+def test_a_fragment_changed_after_its_node_logged_it_is_verified_and_reported(
+    reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator, receipts: bool
+) -> None:
+    """node-2's fragment has a bit of its kfrag signature flipped on the way (decryption
+    does not use it, so the fragment would open the record). Its receipt says what node-2 logged,
+    so the fragment is verified, found bad, reported and replaced, even on a kfrag set
+    the app verified before (ADR 19). Without receipts nothing tells, and it opens the
+    record unreported: no harm to what the app reads."""
+    granted.with_receipts = receipts
+    assert reader.read_record(stored.record_id) == lab_result()  # the set, verified
+    granted.changed_after_logging = {"node-2"}
+    assert reader.read_record(stored.record_id) == lab_result()
+    if receipts:
+        (report,) = granted.retries
+        assert [r.node_id for r in report.reported] == ["node-2"]
+    else:
+        assert granted.retries == []
+
+
+@pytest.mark.parametrize("how", ["another read's receipt", "facts altered"])
+def test_a_receipt_not_for_this_read_is_refused_at_read_time(
+    reader: ProviderClient, stored: StoredRecord, granted: FakeCoordinator, how: str
+) -> None:
+    """A relay hands the app node-2's genuine receipt of an earlier read of the same
+    record (signed by node-2, for another request), or alters the facts sent with it:
+    the entry rebuilt for this read does not hash to what the receipt vouches for."""
+    granted.with_receipts = True
+    earlier = reader.read_record_with_receipts(stored.record_id)
+    kept = next(r for r in earlier.receipts if r.node_id == "node-2")
+    facts = granted.entries[kept.leaf_index]
+
+    def swap(node_id: str, receipt: common_pb2.AuditReceipt) -> None:
+        if node_id != "node-2":
+            return
+        if how == "facts altered":
+            receipt.entry.time += 1
+            return
+        receipt.CopyFrom(
+            common_pb2.AuditReceipt(
+                node_id=kept.node_id,
+                leaf_index=kept.leaf_index,
+                tree_size=kept.tree_size,
+                entry_hash=kept.entry_hash,
+                signature=kept.signature,
+                entry=common_pb2.EntryFacts(
+                    time=facts.time,
+                    block_number=facts.block_number,
+                    block_hash=facts.block_hash,
+                    reason_code=facts.reason_code,
+                    reason=facts.reason,
+                ),
+            )
+        )
+
+    granted.tamper_receipt = swap
+    with pytest.raises(IntegrityError, match="node 'node-2' that is not for this request") as e:
+        reader.read_record_with_receipts(stored.record_id)
+    assert e.value.request_id == granted.reencrypt_requests[-1].request_id
+    # The record alone is still read: the receipts are the app's evidence, not its key.
+    assert reader.read_record(stored.record_id) == lab_result()
 
 
 def test_a_single_read_after_a_retry_returns_the_replacements_receipts(

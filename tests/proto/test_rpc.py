@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from core.audit import MAX_RECEIPT_BATCH
 from core.errors import AccessDenied, KmsError, Unavailable
 from core.node_identity import MAX_NODE_ID_BYTES
+from core.policy import GRANTED_REASON
 from core.requests import MAX_BATCH
 from core.umbral_codec import CFRAG_SIZE, is_umbral_panic
 from proto import rpc
@@ -221,7 +222,8 @@ def test_a_kms_error_keeps_its_status_and_safe_message_on_the_aio_server() -> No
 
 def _largest_fragment() -> common_pb2.CapsuleFragment:
     """A relayed fragment as large as one can honestly be: 32-byte node ids, a 72-byte
-    DER signature, a receipt in the largest batch (a path of 10 hashes), 64-bit indexes."""
+    DER signature, a receipt in the largest batch (a path of 10 hashes), 64-bit indexes,
+    and its entry's facts."""
     node_id = "n" * MAX_NODE_ID_BYTES
     return common_pb2.CapsuleFragment(
         node_id=node_id,
@@ -235,6 +237,13 @@ def _largest_fragment() -> common_pb2.CapsuleFragment:
             batch_start=2**64 - 1,
             batch_size=MAX_RECEIPT_BATCH,
             batch_path=[bytes(32)] * MAX_RECEIPT_BATCH.bit_length(),
+            entry=common_pb2.EntryFacts(
+                time=2**64 - 1,
+                block_number=2**64 - 1,
+                block_hash=bytes(32),
+                reason_code="r" * 64,  # core.audit's longest
+                reason="r" * 64,  # a granted entry's sentence (asserted below)
+            ),
         ),
     )
 
@@ -244,6 +253,7 @@ def test_a_coordinators_largest_honest_answer_fits_the_bound_for_its_threshold(
     threshold: int,
 ) -> None:
     fragment = _largest_fragment()
+    assert len(GRANTED_REASON) <= len(fragment.receipt.entry.reason)
     assert fragment.ByteSize() + 3 <= rpc.MAX_FRAGMENT_MESSAGE_BYTES  # with its field's framing
     answer = coordinator_pb2.CoordinatorBatchResponse(
         results=[

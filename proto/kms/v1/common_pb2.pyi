@@ -43,7 +43,7 @@ class CapsuleFragment(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., cfrag: _Optional[bytes] = ..., receipt: _Optional[_Union[AuditReceipt, _Mapping]] = ...) -> None: ...
 
 class AuditReceipt(_message.Message):
-    __slots__ = ("node_id", "leaf_index", "tree_size", "entry_hash", "signature", "batch_start", "batch_size", "batch_path")
+    __slots__ = ("node_id", "leaf_index", "tree_size", "entry_hash", "signature", "batch_start", "batch_size", "batch_path", "entry")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class AuditReceipt(_message.Message):
     BATCH_START_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_PATH_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     leaf_index: int
     tree_size: int
@@ -60,7 +61,22 @@ class AuditReceipt(_message.Message):
     batch_start: int
     batch_size: int
     batch_path: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., batch_start: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    entry: EntryFacts
+    def __init__(self, node_id: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., entry_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., batch_start: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_path: _Optional[_Iterable[bytes]] = ..., entry: _Optional[_Union[EntryFacts, _Mapping]] = ...) -> None: ...
+
+class EntryFacts(_message.Message):
+    __slots__ = ("time", "block_number", "block_hash", "reason_code", "reason")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time: int
+    block_number: int
+    block_hash: bytes
+    reason_code: str
+    reason: str
+    def __init__(self, time: _Optional[int] = ..., block_number: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CapsuleRef(_message.Message):
     __slots__ = ("record_id", "capsule", "record_type")
