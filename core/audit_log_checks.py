@@ -28,9 +28,10 @@ from core.registry_types import NodeInfo
 
 #: how deep an entry that does not parse may nest for its request id still to be read
 _LENIENT_ENTRY_DEPTH: Final = 8
-#: receipts that do not verify are named one by one in the node's warnings up to this
-#: many, the rest counted: anyone can write them, and a receipts file holds 100,000s
-MAX_NAMED_UNSIGNED_RECEIPTS: Final = 20
+#: receipts that are bad evidence (not verifying, or kept for another read) are named one
+#: by one in the node's warnings up to this many of each kind, the rest counted: anyone
+#: can write them, and a receipts file holds 100,000s
+MAX_NAMED_BAD_RECEIPTS: Final = 20
 
 
 def check_checkpoint(checkpoint: Checkpoint, node: NodeInfo, findings: Findings) -> bool:
@@ -230,7 +231,7 @@ def check_receipts(
         index = receipt.leaf_index
         if not verify_receipt(receipt, node.signing_public_key):
             unsigned += 1
-            if unsigned <= MAX_NAMED_UNSIGNED_RECEIPTS:
+            if unsigned <= MAX_NAMED_BAD_RECEIPTS:
                 findings.warn(
                     f"bad evidence, ignored: the receipt for entry {index} (entry hash "
                     f"{receipt.entry_hash.hex()[:16]}..., tree size {receipt.tree_size}) does "
@@ -259,21 +260,21 @@ def check_receipts(
             _check_receipt_by_proof(receipt, log, checkpoint, findings)
         elif (why := _kept_for_another(receipt, served.parsed.get(index))) is not None:
             misattributed += 1
-            if misattributed <= MAX_NAMED_UNSIGNED_RECEIPTS:
+            if misattributed <= MAX_NAMED_BAD_RECEIPTS:
                 findings.warn(
                     f"bad evidence for its holder: the receipt for entry {index} was kept "
                     f"for {why}: the node logged another read than the one it was kept "
                     "for (a relay attached another read's receipt, or the holder's file "
                     "is wrong); the node is not at fault"
                 )
-    if unsigned > MAX_NAMED_UNSIGNED_RECEIPTS:
+    if unsigned > MAX_NAMED_BAD_RECEIPTS:
         findings.warn(
-            f"bad evidence, ignored: {unsigned - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts "
+            f"bad evidence, ignored: {unsigned - MAX_NAMED_BAD_RECEIPTS} more receipts "
             "that do not verify with the node's registered key"
         )
-    if misattributed > MAX_NAMED_UNSIGNED_RECEIPTS:
+    if misattributed > MAX_NAMED_BAD_RECEIPTS:
         findings.warn(
-            f"bad evidence for its holder: {misattributed - MAX_NAMED_UNSIGNED_RECEIPTS} more "
+            f"bad evidence for its holder: {misattributed - MAX_NAMED_BAD_RECEIPTS} more "
             "receipts kept for another read than the entry's"
         )
 

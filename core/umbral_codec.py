@@ -72,9 +72,17 @@ def load_cfrag(data: bytes, field: str = "cfrag") -> umbral.CapsuleFrag:
         raise InvalidRequest(f"{field} is not a valid Umbral capsule fragment") from None
 
 
-#: where a cfrag's precursor lies in umbral-pre 0.11's simple serialisation (``to_bytes_simple``:
-#: point E1, point V1, the kfrag id, then the precursor, a compressed point)
+#: where a cfrag's kfrag id and precursor lie in umbral-pre 0.11's simple serialisation
+#: (``to_bytes_simple``: point E1, point V1, the kfrag id, then the precursor, a
+#: compressed point)
+_KFRAG_ID = slice(33 + 33, 33 + 33 + 32)
 _PRECURSOR = slice(33 + 33 + 32, 33 + 33 + 32 + PUBLIC_KEY_SIZE)
+
+
+def cfrag_kfrag_id(cfrag: umbral.CapsuleFrag | umbral.VerifiedCapsuleFrag) -> bytes:
+    """The id of the kfrag a cfrag was made with (about 0.04 ms): umbral refuses two
+    cfrags of one kfrag in one decryption."""
+    return bytes(cfrag.to_bytes_simple()[_KFRAG_ID])
 
 
 def cfrag_precursor(cfrag: umbral.CapsuleFrag | umbral.VerifiedCapsuleFrag) -> bytes:

@@ -680,7 +680,8 @@ def audit_entries(reads: Sequence[JudgedRead]) -> list[AuditEntry]:
 
 def _receipt_message(receipt: Receipt, entry: AuditEntry) -> common_pb2.AuditReceipt:
     """The receipt as sent, with what its entry holds that the requester cannot know
-    beforehand (``EntryFacts``: core.audit.entry_of_read rebuilds the entry from them)."""
+    beforehand (``EntryFacts``, from which the SDK rebuilds the entry:
+    ``clients.sdk.provider.ReadOfRecord``)."""
     return common_pb2.AuditReceipt(
         node_id=receipt.node_id,
         leaf_index=receipt.leaf_index,

@@ -57,6 +57,7 @@ from core.requests import MAX_BATCH, parse_purpose
 from core.umbral_codec import (
     VerificationError,
     capsule_hash,
+    cfrag_kfrag_id,
     cfrag_precursor,
     is_umbral_panic,
     load_cfrag,
@@ -118,18 +119,6 @@ class OpenedRecord:
 
     def __repr__(self) -> str:  # never the record's contents
         return f"OpenedRecord({len(self.plaintext)} bytes, {len(self.used)} fragments)"
-
-
-#: where a cfrag's kfrag id lies in umbral-pre 0.11's simple serialisation (point E1,
-#: point V1, then the kfrag id; see core.umbral_codec.cfrag_precursor)
-_KFRAG_ID: Final = slice(33 + 33, 33 + 33 + 32)
-
-
-def _kfrag_id(cfrag: umbral.VerifiedCapsuleFrag) -> bytes:
-    """The id of the kfrag a cfrag was made with: umbral refuses two cfrags of one kfrag
-    ("Some of the CapsuleFrags are repeated"), e.g. an earlier read's fragment relayed
-    again under another node's name. About 0.05 ms: asked only when a record did not open."""
-    return bytes(cfrag.to_bytes_simple()[_KFRAG_ID])
 
 
 class NodeKeys:
@@ -406,13 +395,11 @@ class ProviderClient:
         retry (ADR 14) they are the receipts of the fragments that opened the record. Each
         is verified with its node's registered key (about 0.1 ms a receipt): one that does
         not verify is an ``IntegrityError`` naming the request and the node."""
-        opened, request = self._read(record_id, purpose_of_use)
-        return receipts_of(opened, ReadOfRecord.of(request), self._node_keys.checker())
+        opened, read = self._read(record_id, purpose_of_use)
+        return receipts_of(opened, read, self._node_keys.checker())
 
-    def _read(
-        self, record_id: bytes, purpose_of_use: str
-    ) -> tuple[OpenedRecord, common_pb2.ReencryptionRequest]:
-        """The record opened, and the signed request that read it."""
+    def _read(self, record_id: bytes, purpose_of_use: str) -> tuple[OpenedRecord, ReadOfRecord]:
+        """The record opened, and what the app signed to read it."""
         parse_purpose(purpose_of_use)
         record, envelope, patient = self._fetch(record_id)
         request, response = send_read(
@@ -424,18 +411,17 @@ class ProviderClient:
             ),
             self._timeouts.fan_out_s,
         )
+        read = ReadOfRecord.of(request)
         with _answering(request.request_id):
-            opened = self._open_as_relayed(
-                patient, record, envelope, response.fragments, ReadOfRecord.of(request)
-            )
+            opened = self._open_as_relayed(patient, record, envelope, response.fragments, read)
             if opened is not None:
-                return opened, request
+                return opened, read
             checked = self._check(patient, record, envelope, response.fragments)
             if not response.read_id:
-                return self._open(patient, record, envelope, checked), request
+                return self._open(patient, record, envelope, checked), read
             if not checked.bad:
                 try:
-                    return self._open(patient, record, envelope, checked), request
+                    return self._open(patient, record, envelope, checked), read
                 except IntegrityError:
                     # Whether the fragments combine is asked only now: it costs about
                     # 0.04 ms a fragment, for what is rare.
@@ -451,7 +437,7 @@ class ProviderClient:
             )
             response = self._retry(self._coordinator.RetryReencrypt, reported)
             checked = self._check(patient, record, envelope, response.fragments)
-            return self._open(patient, record, envelope, checked), request
+            return self._open(patient, record, envelope, checked), read
 
     def _retry(
         self,
@@ -480,9 +466,8 @@ class ProviderClient:
         fragments opened it (as :meth:`read_record_with_receipts`): they share each
         node's one signature over the batch, each with its entry's path in it (verified
         once a node)."""
-        opened, request = self._read_batch(record_ids, purpose_of_use)
+        opened, reads = self._read_batch(record_ids, purpose_of_use)
         verifies = self._node_keys.checker()
-        reads = {bytes(ref.record_id): ReadOfRecord.of(request, ref) for ref in request.capsules}
         results: dict[bytes, RecordRead | KmsError] = {}
         for record_id, outcome in opened.items():
             try:
@@ -497,8 +482,8 @@ class ProviderClient:
 
     def _read_batch(
         self, record_ids: Sequence[bytes], purpose_of_use: str
-    ) -> tuple[dict[bytes, OpenedRecord | KmsError], common_pb2.ReencryptionBatchRequest]:
-        """Each record opened, or the error it met; and the signed request."""
+    ) -> tuple[dict[bytes, OpenedRecord | KmsError], dict[bytes, ReadOfRecord]]:
+        """Each record opened, or the error it met; and what the app signed to read each."""
         parse_purpose(purpose_of_use)
         if not 1 <= len(record_ids) <= MAX_BATCH:
             raise InvalidRequest(f"read 1 to {MAX_BATCH} records at a time")
@@ -587,7 +572,7 @@ class ProviderClient:
         for outcome in results.values():
             if isinstance(outcome, KmsError):
                 outcome.request_id = request.request_id
-        return results, request
+        return results, reads
 
     # A record's anchor (patient, hashes, storage URI) and a patient's registered keys
     # never change once on-chain, so they are read once. Whether a record is still
@@ -766,7 +751,9 @@ class ProviderClient:
         dropped = False
         keep = []
         for cfrag, fragment in zip(checked.verified, checked.used, strict=True):
-            kfrag_id = _kfrag_id(cfrag)
+            # umbral refuses two cfrags of one kfrag ("Some of the CapsuleFrags are
+            # repeated"), e.g. an earlier read's relayed again under another node's name.
+            kfrag_id = cfrag_kfrag_id(cfrag)
             if kfrag_id in kept:
                 checked.repeated.append(fragment.node_id)
                 dropped = True

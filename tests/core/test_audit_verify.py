@@ -16,7 +16,7 @@ import pytest
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
 from core.audit_findings import Check, Findings, NodeReport, Problem, Verdict, VerifiedPrefix
-from core.audit_log_checks import MAX_NAMED_UNSIGNED_RECEIPTS, ServedLog
+from core.audit_log_checks import MAX_NAMED_BAD_RECEIPTS, ServedLog
 from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import (
@@ -506,8 +506,8 @@ def test_receipts_that_do_not_verify_are_named_up_to_a_bound_then_counted(node: 
     report = node.verify(receipts=forged)
     assert report.ok
     bad = [w for w in report.warnings if "bad evidence" in w]
-    assert len(bad) == MAX_NAMED_UNSIGNED_RECEIPTS + 1
-    assert f"{80 - MAX_NAMED_UNSIGNED_RECEIPTS} more receipts" in bad[-1]
+    assert len(bad) == MAX_NAMED_BAD_RECEIPTS + 1
+    assert f"{80 - MAX_NAMED_BAD_RECEIPTS} more receipts" in bad[-1]
 
 
 def test_a_receipt_kept_for_another_read_is_named_for_its_holder_not_against_the_node(
