@@ -53,6 +53,7 @@ from deploy.anvil import rpc_call
 from kms_node.chain_follower import ChainFollower
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots
+from kms_node.kfrag_store import KfragStore
 
 DEFAULT_SIZES = (10_000, 100_000)
 MILLION = 1_000_000
@@ -144,6 +145,8 @@ def _reencrypt_s() -> list[float]:
 
 def measure(patients: int, work_dir: Path, keystore: Pkcs11KeyStore) -> dict[str, Any]:
     anvil, chain = registry_fill.cached_chain(patients, work_dir)
+    # The node's kfrag store records how far its shredding reached with each snapshot.
+    kfrags = KfragStore(work_dir / "kfrags.sqlite")
     try:
         registry = RegistryClient(anvil.rpc_url, chain.registry, timeout_s=CHAIN_TIMEOUT_S)
         assert anvil.pid is not None
@@ -160,6 +163,7 @@ def measure(patients: int, work_dir: Path, keystore: Pkcs11KeyStore) -> dict[str
         snapshots = IndexSnapshots(
             work_dir / SNAPSHOT_FILE,
             keystore,
+            kfrags,
             chain_id=registry.chain_id(),
             registry_address=registry.address,
         )
@@ -185,6 +189,7 @@ def measure(patients: int, work_dir: Path, keystore: Pkcs11KeyStore) -> dict[str
         restarted.sync_once()  # fresh again after the memory measurement (seconds)
         lookups = _lookup_s(restarted, patients)
     finally:
+        kfrags.close()
         anvil.stop()
     return {
         "patients": patients,

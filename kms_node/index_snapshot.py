@@ -16,7 +16,12 @@ Rules this module follows:
 - It is written whole to a temporary file (mode 0600), synced, and renamed over the last one:
   a crash leaves the old snapshot or the new, never a mix.
 - It is taken from the follower between two syncs (:meth:`ChainFollower.consistent_index`), so
-  it never holds an event whose revoked kfrags were not yet shredded.
+  it never holds an event whose revoked kfrags were not yet shredded. Before it is written, the
+  kfrag store records its block as the one its shredding has reached; at start-up the snapshot
+  is used only if the kfrag store's record reaches its block. A kfrag store restored from a
+  copy older than the snapshot (which would hold again the kfrags of grants revoked since,
+  and the snapshot's block is past their revocations) makes the node replay every event,
+  shredding them again.
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ class SnapshotSigner(Protocol):
     def signing_public_key(self) -> bytes: ...
 
 
+class ShreddingRecord(Protocol):
+    """How far the node's kfrag store has shredded revoked kfrags
+    (``kms_node.kfrag_store.KfragStore``)."""
+
+    def shredded_through(self) -> int | None: ...
+    def record_shredded_through(self, block: int) -> None: ...
+
+
 class BlockSource(Protocol):
     def block(self, identifier: int | str = "latest") -> BlockRef: ...
 
@@ -67,10 +80,17 @@ class IndexSnapshots:
     """Writes and reads one node's snapshot file for one chain and registry."""
 
     def __init__(
-        self, path: Path, signer: SnapshotSigner, *, chain_id: int, registry_address: str
+        self,
+        path: Path,
+        signer: SnapshotSigner,
+        shredding: ShreddingRecord,
+        *,
+        chain_id: int,
+        registry_address: str,
     ) -> None:
         self.path = path
         self._signer = signer
+        self._shredding = shredding
         self._chain_id = chain_id
         self._registry = registry_address.lower()
 
@@ -80,10 +100,13 @@ class IndexSnapshots:
     # -- writing ---------------------------------------------------------------------------
 
     def save(self, index: GrantIndex) -> BlockRef:
-        """Write ``index`` (synced) as the snapshot; the block it reflects."""
+        """Write ``index`` (synced, every event through its block already handed to the
+        shredding) as the snapshot; the block it reflects. The kfrag store records that
+        block first: a crash in between leaves it ahead of the snapshot, which is safe."""
         body = index.to_bytes()
         block = index.block
         assert block is not None  # to_bytes refuses an unsynced index
+        self._shredding.record_shredded_through(block.number)
         header = json.dumps(
             {
                 "chain_id": self._chain_id,
@@ -171,6 +194,18 @@ class IndexSnapshots:
             raise SnapshotRefused(str(e)) from None
         if index.block is None or (index.block.number, index.block.hash) != (number, block_hash):
             raise SnapshotRefused("its index reflects another block than its header")
+        shredded = self._shredding.shredded_through()
+        if shredded is None:
+            raise SnapshotRefused(
+                "the kfrag store records no block its shredding has reached (written by a "
+                "node version before that record, or a copy of such a store)"
+            )
+        if shredded < number:
+            raise SnapshotRefused(
+                f"the kfrag store has shredded revoked kfrags through block {shredded} only, "
+                f"before the snapshot's block {number} (a kfrag store restored from an "
+                "older copy)"
+            )
         head = chain.block("latest")
         if head.number < number:
             raise SnapshotRefused(f"its block {number} is ahead of the chain's head {head.number}")

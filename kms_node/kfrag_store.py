@@ -7,6 +7,12 @@ of the node (and a power cut). ``secure_delete`` overwrites the pages a deleted 
 in the database file, and a shred then checkpoints and empties the WAL, whose frames from
 the kfrag's writing still hold it.
 
+The store also records the block through which this node has shredded the kfrags of
+every revocation (:meth:`KfragStore.record_shredded_through`, written with each grant
+index snapshot): a snapshot is used at start-up only if the kfrags are shredded at least
+that far (``kms_node/index_snapshot.py``), so a kfrag store restored from an older copy
+is caught rather than left holding kfrags revoked since.
+
 Addresses are Ethereum addresses (``0x`` + 40 hex digits, usually EIP-55 checksummed). They
 are keyed in lower case, so that any spelling of an address finds the same row, and returned
 as they were stored.
@@ -25,9 +31,9 @@ from pathlib import Path
 from core.errors import InvalidRequest, PreconditionFailed, Unavailable
 from kms_node.sqlite_db import open_durable, unavailable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
-_SCHEMA = """
+_KFRAGS_TABLE = """
 CREATE TABLE kfrags (
     patient_key   TEXT    NOT NULL,  -- lower-case address
     grantee_key   TEXT    NOT NULL,  -- lower-case address
@@ -43,8 +49,18 @@ CREATE TABLE kfrags (
 ) WITHOUT ROWID
 """
 
+_SHREDDING_TABLE = """
+CREATE TABLE shredding (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    through_block INTEGER NOT NULL CHECK (through_block >= 0)  -- every revocation mined up
+                                                               -- to this block is shredded
+)
+"""
+
 # Version 2 stores (before key-encryption keys had generations) were all wrapped by the first.
 _MIGRATE_2_TO_3 = "ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1"
+# Version 3 stores recorded no shredding block: their first snapshot check replays all.
+_MIGRATE_3_TO_4 = _SHREDDING_TABLE
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _BUSY_TIMEOUT_MS = 5000
@@ -154,15 +170,17 @@ class KfragStore:
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version == 0:
-                conn.execute(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version == 2:
-                conn.execute(_MIGRATE_2_TO_3)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(_KFRAGS_TABLE)
+                conn.execute(_SHREDDING_TABLE)
+            elif version in (2, 3):
+                if version == 2:
+                    conn.execute(_MIGRATE_2_TO_3)
+                conn.execute(_MIGRATE_3_TO_4)
             elif version != SCHEMA_VERSION:
                 raise PreconditionFailed(
                     f"kfrag store has schema version {version}; this node knows {SCHEMA_VERSION}"
                 )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -293,6 +311,33 @@ class KfragStore:
             if removed:
                 self._checkpoint_wal(conn)
         return removed
+
+    def shredded_through(self) -> int | None:
+        """The block through which every revocation on the chain has had its kfrags
+        shredded here, as last recorded; None if never recorded (a store written before
+        version 4, or a copy of one)."""
+        with self._lock:
+            try:
+                row = (
+                    self._connection()
+                    .execute("SELECT through_block FROM shredding WHERE id = 1")
+                    .fetchone()
+                )
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return None if row is None else int(row[0])
+
+    def record_shredded_through(self, block: int) -> None:
+        """Record that every revocation mined up to ``block`` has had its kfrags shredded
+        here; durable on return. The caller vouches for it (the grant index snapshot, taken
+        between two syncs of the chain follower, every event of them handed to the
+        shredding)."""
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise InvalidRequest("the shredding block must be a block number (an integer >= 0)")
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO shredding (id, through_block) VALUES (1, ?)", (block,)
+            )
 
     @staticmethod
     def _checkpoint_wal(conn: sqlite3.Connection) -> None:

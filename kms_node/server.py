@@ -125,6 +125,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
     snapshots = IndexSnapshots(
         settings.data_dir / SNAPSHOT_FILE,
         keystore,
+        kfrags,
         chain_id=chain_id,
         registry_address=registry.address,
     )

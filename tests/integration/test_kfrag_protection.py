@@ -34,13 +34,18 @@ def _db(cluster: LocalCluster, index: int) -> Path:
     return Path(cluster.nodes[index].config).parent / "kfrags.sqlite"
 
 
+def _copy_db(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database (its WAL included), as a backup takes."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
 def test_a_copied_node_database_reveals_no_usable_kfrag(
     people: People, cluster: LocalCluster, tmp_path: Path
 ) -> None:
     people.grant_doctor()
     copy = tmp_path / "stolen.sqlite"
-    with sqlite3.connect(_db(cluster, 0)) as source, sqlite3.connect(copy) as target:
-        source.backup(target)
+    _copy_db(_db(cluster, 0), copy)
     blobs = [bytes(row[0]) for row in sqlite3.connect(copy).execute("SELECT wrapped FROM kfrags")]
     assert blobs
     for blob in blobs:
@@ -175,6 +180,55 @@ def test_revocation_shreds_the_kfrag_at_every_node(people: People, cluster: Loca
             store.close()
 
 
+def test_a_kfrag_store_restored_older_than_the_snapshot_is_shredded_again(
+    people: People, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """An operator restores a node's kfrag store from a backup taken before a revocation,
+    beside the snapshot the node wrote after it (README, "Restoring a node"). The copy
+    holds the revoked grant's kfrag again, and the snapshot's block is past the
+    revocation, so starting from it would never shred that kfrag. The node sees that the
+    store's shredding stops short of the snapshot, replays every event instead, and
+    shreds the kfrag again."""
+    people.grant_doctor()
+    alice, bob = people.patient.identity.address, people.doctor.address
+    node = cluster.nodes[0]
+    backup = tmp_path / "kfrags-backup.sqlite"
+    cluster.stop_node(node.node_id)  # a clean stop saves the snapshot
+    try:
+        _copy_db(_db(cluster, 0), backup)
+    finally:
+        cluster.start_node(node.node_id)
+    people.patient.await_nodes(people.patient.revoke(bob))
+    cluster.stop_node(node.node_id)
+    restarted_at = Path(node.log).stat().st_size
+    try:
+        for leftover in ("-wal", "-shm"):
+            Path(str(_db(cluster, 0)) + leftover).unlink(missing_ok=True)
+        shutil.copyfile(backup, _db(cluster, 0))
+        restored = KfragStore(_db(cluster, 0))
+        try:
+            assert restored.get(alice, bob, RecordType.LAB_RESULT) is not None
+        finally:
+            restored.close()
+    finally:
+        cluster.start_node(node.node_id)
+    with Path(node.log).open("rb") as log:
+        log.seek(restarted_at)
+        events = [json.loads(line) for line in log.read().splitlines() if line.startswith(b"{")]
+    refusals = [e["reason"] for e in events if e.get("event") == "index_snapshot_refused"]
+    assert len(refusals) == 1 and refusals[0].startswith(
+        "the kfrag store has shredded revoked kfrags through block "
+    ), refusals
+    store = KfragStore(_db(cluster, 0))
+    try:
+        deadline = time.monotonic() + 10
+        while store.get(alice, bob, RecordType.LAB_RESULT) is not None:
+            assert time.monotonic() < deadline, "the restored kfrag of a revoked grant stays"
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
 def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys(
     people: People, cluster: LocalCluster, tmp_path: Path
 ) -> None:
@@ -184,8 +238,7 @@ def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys
     refused = _kms_node("rotate-kek", "--config", node.config)
     assert refused.returncode == 1 and "the node is running: stop it first" in refused.stderr
     before = tmp_path / "before.sqlite"
-    with sqlite3.connect(_db(cluster, 0)) as source, sqlite3.connect(before) as target:
-        source.backup(target)
+    _copy_db(_db(cluster, 0), before)
     cluster.stop_node(node.node_id)
     try:
         ran = _kms_node("rotate-kek", "--config", node.config)

@@ -24,6 +24,7 @@ from deploy.anvil import AnvilProcess, mine, rpc_call, set_balance
 from kms_node.chain_follower import ChainFollower
 from kms_node.hsm.pkcs11_key_store import Pkcs11KeyStore
 from kms_node.index_snapshot import SNAPSHOT_FILE, IndexSnapshots, IndexSnapshotter
+from kms_node.kfrag_store import KfragStore
 from tests.contracts.conftest import FUNDING_WEI, compressed_point, umbral_keys
 from tests.kms_node.conftest import SoftHsmDir
 
@@ -54,6 +55,7 @@ class World:
     capsule: bytes
     record: bytes
     path: Path
+    kfrags: KfragStore
 
     def account(self) -> LocalAccount:
         account: LocalAccount = Account.create()
@@ -64,7 +66,9 @@ class World:
         chain_id = overrides.get("chain_id", self.registry.chain_id())
         registry = overrides.get("registry", self.registry.address)
         assert isinstance(chain_id, int) and isinstance(registry, str)
-        return IndexSnapshots(self.path, signer, chain_id=chain_id, registry_address=registry)
+        return IndexSnapshots(
+            self.path, signer, self.kfrags, chain_id=chain_id, registry_address=registry
+        )
 
     def grant(self) -> None:
         self.registry.grant_access(
@@ -87,7 +91,10 @@ def world(tmp_path: Path) -> Iterator[World]:
         admin: LocalAccount = Account.create()
         set_balance(anvil.rpc_url, admin.address, FUNDING_WEI)
         registry = RegistryClient.deploy(anvil.rpc_url, admin)
-        w = World(anvil, registry, admin, admin, os.urandom(32), b"", tmp_path / SNAPSHOT_FILE)
+        kfrags = KfragStore(tmp_path / "kfrags.sqlite")
+        w = World(
+            anvil, registry, admin, admin, os.urandom(32), b"", tmp_path / SNAPSHOT_FILE, kfrags
+        )
         w.patient, w.doctor = w.account(), w.account()
         registry.grant_provider_role(admin, w.doctor.address)
         registry.register_patient(w.patient, umbral_keys(), compressed_point())
@@ -102,6 +109,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         w.record = record_id_of(w.patient.address, w.capsule)
         w.grant()
         yield w
+        kfrags.close()
 
 
 @pytest.fixture
@@ -148,6 +156,65 @@ def test_a_good_snapshot_is_used_and_only_later_events_are_read(
     assert reads.ranges and min(start for start, _ in reads.ranges) == saved_at.number + 1
     assert not world.granted(follower)
     assert follower.index.is_registered(world.patient.address)
+
+
+def test_saving_a_snapshot_records_its_block_in_the_kfrag_store(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    assert world.kfrags.shredded_through() is None
+    saved_at = world.snapshots(signer).save(synced(world).index)
+    assert world.kfrags.shredded_through() == saved_at.number
+
+
+def test_a_snapshot_ahead_of_the_kfrag_stores_shredding_is_refused(
+    world: World, signer: Pkcs11KeyStore
+) -> None:
+    """A kfrag store restored from a copy older than the snapshot: it holds again the
+    kfrags of grants revoked since its copy, and the snapshot's block is past those
+    revocations, so starting from the snapshot would never shred them. The node replays
+    every event instead (the shredding of kfrags is tested on a real node in
+    tests/integration/test_kfrag_protection.py)."""
+    snapshots = world.snapshots(signer)
+    first = snapshots.save(synced(world).index)
+    world.registry.revoke_access(world.patient, world.doctor.address)
+    second = snapshots.save(synced(world).index)
+    assert second.number > first.number
+    world.kfrags.record_shredded_through(first.number)  # the older copy's record
+    with capture_logs() as logs:
+        assert snapshots.load(world.registry) is None
+    assert [e["reason"] for e in logs if e["event"] == "index_snapshot_refused"] == [
+        f"the kfrag store has shredded revoked kfrags through block {first.number} only, "
+        f"before the snapshot's block {second.number} (a kfrag store restored from an "
+        "older copy)"
+    ]
+    world.kfrags.record_shredded_through(second.number + 5)  # ahead of it: a crash between
+    index = snapshots.load(world.registry)
+    assert index is not None and index.block == second
+
+
+def test_a_snapshot_beside_a_kfrag_store_with_no_shredding_record_is_refused(
+    world: World, signer: Pkcs11KeyStore, tmp_path: Path
+) -> None:
+    """A store written before the record existed (schema version 3), or a copy of one:
+    nothing says how far its shredding reached."""
+    world.snapshots(signer).save(synced(world).index)
+    unrecorded = KfragStore(tmp_path / "unrecorded.sqlite")
+    try:
+        snapshots = IndexSnapshots(
+            world.path,
+            signer,
+            unrecorded,
+            chain_id=world.registry.chain_id(),
+            registry_address=world.registry.address,
+        )
+        refused(
+            snapshots,
+            world,
+            "the kfrag store records no block its shredding has reached (written by a "
+            "node version before that record, or a copy of such a store)",
+        )
+    finally:
+        unrecorded.close()
 
 
 def test_a_tampered_snapshot_is_refused(world: World, signer: Pkcs11KeyStore) -> None:

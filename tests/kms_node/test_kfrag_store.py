@@ -184,11 +184,47 @@ def test_a_version_2_store_opens_with_its_kfrags_under_the_first_kek(db_path: Pa
     try:
         assert store.get(PATIENT, GRANTEE, LAB) == dataclasses.replace(item, kek_generation=1)
         assert store.generations() == {1}
+        assert store.shredded_through() is None
     finally:
         store.close()
     check = sqlite3.connect(db_path)
     assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     check.close()
+
+
+def test_a_version_3_store_opens_with_no_shredding_record(db_path: Path) -> None:
+    """Stores written before the shredding record: the grant index snapshot beside one is
+    not trusted (kms_node/index_snapshot.py), until the node records a block."""
+    old = sqlite3.connect(db_path)
+    old.execute(_VERSION_2_SCHEMA)
+    old.execute("ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1")
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    store = KfragStore(db_path)
+    try:
+        assert store.shredded_through() is None
+        store.record_shredded_through(1234)
+    finally:
+        store.close()
+    reopened = KfragStore(db_path)
+    try:
+        assert reopened.shredded_through() == 1234
+    finally:
+        reopened.close()
+
+
+def test_the_shredding_record_holds_the_last_block_recorded(store: KfragStore) -> None:
+    assert store.shredded_through() is None
+    store.record_shredded_through(0)
+    assert store.shredded_through() == 0
+    store.record_shredded_through(90)
+    store.record_shredded_through(70)  # after a reorganisation: the snapshot's block, as is
+    assert store.shredded_through() == 70
+    for bad in (-1, True, 1.5, "90"):
+        with pytest.raises(InvalidRequest, match="shredding block"):
+            store.record_shredded_through(bad)  # type: ignore[arg-type]
+    assert store.shredded_through() == 70
 
 
 def test_a_shredded_kfrag_is_in_neither_the_database_nor_its_wal(
