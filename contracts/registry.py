@@ -33,6 +33,7 @@ from contracts.json_rpc import MalformedAnswer
 from contracts.registry_events import FollowedEvent, checkpoint_anchor, followed_events
 from core.bounded_json import JSON_RPC_MAX_BYTES
 from core.errors import ChainUnavailable, InvalidRequest
+from core.node_identity import MAX_NODE_ID_BYTES
 from core.record_types import RecordType
 from core.registry_interface import Sender
 from core.registry_types import (
@@ -309,7 +310,7 @@ class RegistryClient:
         if not isinstance(key, bytes) or not 1 <= len(key) <= arg.MAX_SIGNING_KEY_BYTES:
             raise InvalidRequest(f"signing_public_key must be 1..{arg.MAX_SIGNING_KEY_BYTES} bytes")
         fn = self._contract.functions.registerNode(
-            arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES),
+            arg.text(node_id, "node_id", MAX_NODE_ID_BYTES),
             arg.text(endpoint, "endpoint", arg.MAX_ENDPOINT_BYTES),
             key,
             arg.delivery_key(delivery_public_key),
@@ -341,7 +342,7 @@ class RegistryClient:
         ):
             raise InvalidRequest(f"signature must be 1..{arg.MAX_CHECKPOINT_SIGNATURE_BYTES} bytes")
         fn = self._contract.functions.anchorCheckpoint(
-            arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES),
+            arg.text(node_id, "node_id", MAX_NODE_ID_BYTES),
             tree_size,
             arg.bytes32(root_hash, "root_hash", nonzero=False),
             timestamp,
@@ -351,7 +352,7 @@ class RegistryClient:
 
     def set_node_active(self, admin: LocalAccount, *, node_id: str, active: bool) -> str:
         fn = self._contract.functions.setNodeActive(
-            arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES), bool(active)
+            arg.text(node_id, "node_id", MAX_NODE_ID_BYTES), bool(active)
         )
         return self._transact(admin, "setNodeActive", fn)
 
@@ -399,7 +400,7 @@ class RegistryClient:
         c = self._chain.call(
             "latestCheckpoint",
             self._contract.functions.latestCheckpoint(
-                arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES)
+                arg.text(node_id, "node_id", MAX_NODE_ID_BYTES)
             ),
         )
         return views.checkpoint(c)
@@ -408,7 +409,7 @@ class RegistryClient:
         self, node_id: str, from_block: int = 0, to_block: int | None = None
     ) -> list[CheckpointAnchor]:
         """Every checkpoint the node anchored in [from_block, to_block], in chain order."""
-        key = bytes(Web3.keccak(text=arg.text(node_id, "node_id", arg.MAX_NODE_ID_BYTES)))
+        key = bytes(Web3.keccak(text=arg.text(node_id, "node_id", MAX_NODE_ID_BYTES)))
         if to_block is None:
             with self._chain.translate("get_logs"):
                 to_block = int(self._chain.w3.eth.block_number)

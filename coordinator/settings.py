@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from core.endpoints import parse_host_port
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, InvalidRequest
+from core.node_identity import check_node_id
 from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from proto import rpc
@@ -146,6 +147,10 @@ class CoordinatorSettings:
         if len(set(ids)) != len(ids):
             raise ConfigurationError("node ids must be unique")
         for node in self.nodes:
+            try:
+                check_node_id(node.node_id)
+            except InvalidRequest as e:
+                raise ConfigurationError(f"[[nodes]]: {e.message}") from None
             parse_host_port(node.address, f"address of {node.node_id}")
         if not 1 <= self.threshold <= len(self.nodes):
             raise ConfigurationError(f"threshold must be between 1 and {len(self.nodes)}")

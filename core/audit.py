@@ -37,6 +37,7 @@ from core import bounded_json, merkle
 from core.addresses import is_checksummed
 from core.errors import IntegrityError, InvalidRequest
 from core.formats import hex_0x
+from core.node_identity import MAX_NODE_ID_BYTES
 from core.record_types import RecordType
 
 #: version 2 entries record the request's record type and receiving key; version 1
@@ -55,7 +56,6 @@ DENIED: Final = "denied"
 DECISIONS: Final = (GRANTED, DENIED)
 
 HASH_SIZE: Final = 32
-MAX_NODE_ID_BYTES: Final = 255
 MAX_TEXT = 1024
 # Above the largest valid entry (every text field at its limit, non-ASCII escaped): a bound
 # on what is parsed (core/bounded_json.py).

@@ -62,6 +62,21 @@ def _hex(data: dict[str, Any], name: str, size: int) -> bytes:
         raise InvalidRequest(f"{name} must be {size} bytes of hex") from None
 
 
+def check_node_id(node_id: object) -> str:
+    """``node_id`` if it is one the registry accepts (and a file or metric label may
+    carry): 1 to ``MAX_NODE_ID_BYTES`` letters, digits, '.', '_' or '-'."""
+    if (
+        not isinstance(node_id, str)
+        or not _NODE_ID.fullmatch(node_id)
+        or len(node_id.encode()) > MAX_NODE_ID_BYTES
+    ):
+        raise InvalidRequest(
+            f"node_id must be 1..{MAX_NODE_ID_BYTES} letters, digits, '.', '_' or '-', "
+            f"got {str(node_id)[: MAX_NODE_ID_BYTES + 8]!r}"
+        )
+    return node_id
+
+
 def parse_node_identity(data: dict[str, Any]) -> NodeIdentity:
     """A node identity from its JSON object, every field checked."""
     missing = [f for f in _FIELDS if f not in data]
@@ -70,15 +85,7 @@ def parse_node_identity(data: dict[str, Any]) -> NodeIdentity:
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0]!r}")
-    node_id = data["node_id"]
-    if (
-        not isinstance(node_id, str)
-        or not _NODE_ID.fullmatch(node_id)
-        or len(node_id.encode()) > MAX_NODE_ID_BYTES
-    ):
-        raise InvalidRequest(
-            f"node_id must be 1..{MAX_NODE_ID_BYTES} letters, digits, '.', '_' or '-'"
-        )
+    node_id = check_node_id(data["node_id"])
     signing = _hex(data, "signing_public_key", SIGNING_KEY_DER_BYTES)
     try:
         key = serialization.load_der_public_key(signing)

@@ -18,6 +18,7 @@ import umbral_pre as umbral
 
 from core.addresses import checksum
 from core.errors import InvalidRequest
+from core.node_identity import MAX_NODE_ID_BYTES
 from core.record_types import RecordType
 from core.request_auth import (
     SIGNATURE_SIZE,
@@ -283,8 +284,8 @@ class Enrollment:
 
     @classmethod
     def parse(cls, msg: EnrollmentFields) -> Enrollment:
-        if not 1 <= len(msg.node_id) <= 32:
-            raise InvalidRequest("node_id must be 1-32 characters")
+        if not 1 <= len(msg.node_id.encode()) <= MAX_NODE_ID_BYTES:
+            raise InvalidRequest(f"node_id must be 1-{MAX_NODE_ID_BYTES} bytes")
         patient = parse_address(msg.patient, "patient")
         grantee = parse_address(msg.grantee, "grantee")
         if patient == grantee:

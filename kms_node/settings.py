@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from core.endpoints import parse_host_port
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, InvalidRequest
+from core.node_identity import check_node_id
 from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import field_names, reject_unknown_keys, value_or_default
 from kms_node.hsm.softhsm_token import softhsm_token_dir
@@ -273,8 +274,10 @@ class NodeSettings:
         return settings
 
     def validate(self) -> None:
-        if not 1 <= len(self.node_id.encode()) <= 32:
-            raise ConfigurationError("node_id must be 1-32 bytes")
+        try:
+            check_node_id(self.node_id)
+        except InvalidRequest as e:
+            raise ConfigurationError(e.message) from None
         parse_host_port(self.listen, "listen")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")

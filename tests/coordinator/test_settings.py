@@ -61,3 +61,17 @@ def test_a_threshold_above_what_apps_accept_answers_for_is_refused(tmp_path: Pat
     )
     with pytest.raises(ConfigurationError, match=r"^threshold must be at most 64: "):
         CoordinatorSettings.from_toml(config)
+
+
+@pytest.mark.parametrize("node_id", ["", "node 1", "../node-1", "n" * 33])
+def test_a_node_id_the_registry_would_refuse_is_refused_naming_it(
+    tmp_path: Path, node_id: str
+) -> None:
+    """The registry's rule for node ids (core/node_identity.py): a coordinator naming a
+    node by an id no node can hold would never reach it."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text(MINIMAL + NODE.replace('"node-1"', f'"{node_id}"'))
+    with pytest.raises(ConfigurationError, match=r"^\[\[nodes\]\]: node_id must be 1\.\.32 "):
+        CoordinatorSettings.from_toml(config)
+    config.write_text(MINIMAL + NODE.replace('"node-1"', '"n' + "1" * 31 + '"'))
+    assert CoordinatorSettings.from_toml(config).nodes[0].node_id == "n" + "1" * 31

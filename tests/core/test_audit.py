@@ -33,6 +33,7 @@ from core.audit import (
     verify_receipt_inclusion,
 )
 from core.errors import IntegrityError, InvalidRequest
+from core.node_identity import MAX_NODE_ID_BYTES
 from core.policy import Reason
 from core.record_types import RecordType
 from kms_node.keystore import P256_ORDER, MemoryKeyStore
@@ -248,7 +249,7 @@ def test_the_largest_valid_entry_is_within_the_bound() -> None:
     entry = dataclasses.replace(
         make_entry(1),
         request_id=wide * 2,
-        node_id="n" * 255,
+        node_id="n" * MAX_NODE_ID_BYTES,
         purpose_of_use=wide,
         reason=wide * 16,
         reason_code="r" * 64,
@@ -281,7 +282,7 @@ def test_a_field_missing_is_named() -> None:
         ({"reason_code": "Grant Revoked"}, "reason_code must be"),
         ({"reason": ""}, "reason must be a non-empty string"),
         ({"reason": "line\nbreak"}, "printable"),
-        ({"node_id": "n" * 256}, "node_id must be"),
+        ({"node_id": "n" * (MAX_NODE_ID_BYTES + 1)}, "node_id must be"),
         ({"request_id": ""}, "request_id must be a non-empty string"),
     ],
 )

@@ -321,3 +321,17 @@ def test_the_request_window_defaults_to_five_minutes_and_is_read_within_its_boun
     assert _load(tmp_path, pin).request_window_s == 300
     for value in (1, 3600):
         assert _load(tmp_path, pin + f"request_window_s = {value}\n").request_window_s == value
+
+
+@pytest.mark.parametrize("node_id", ["", "node 1", "../node-1", "n" * 33, "nöde"])
+def test_a_node_id_the_registry_would_refuse_is_refused_at_start_up(
+    tmp_path: Path, node_id: str
+) -> None:
+    """The registry's rule (core/node_identity.py), checked before the node opens anything:
+    the id names its files, its metrics and its entries in every audit log."""
+    _pin_file(tmp_path / "secrets" / "user.pin")
+    config = _config(tmp_path, 'hsm_pin_file = "secrets/user.pin"\n')
+    assert NodeSettings.from_toml(config).node_id == "node-1"
+    config.write_text(config.read_text().replace('"node-1"', f'"{node_id}"'))
+    with pytest.raises(ConfigurationError, match=r"^node_id must be 1\.\.32 letters, digits"):
+        NodeSettings.from_toml(config)
