@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,20 @@ def _db(cluster: LocalCluster, index: int) -> Path:
 
 
 def _copy_db(source: Path, target: Path) -> None:
-    """A consistent copy of a SQLite database (its WAL included), as a backup takes."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+    """A consistent copy of a SQLite database (its WAL included), as a backup takes.
+
+    Both connections are closed here: a connection's ``with`` block commits but does not
+    close, and a connection left open to the node's file shares SQLite's per-process
+    lock and shared-memory state with a later connection to the same file, even after
+    the test has replaced the file under it (a "disk I/O error" when garbage collection
+    runs late)."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
         src.backup(dst)
+
+
+def _rows(db: Path, query: str) -> list[Any]:
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute(query).fetchall()
 
 
 def test_a_copied_node_database_reveals_no_usable_kfrag(
@@ -46,7 +58,7 @@ def test_a_copied_node_database_reveals_no_usable_kfrag(
     people.grant_doctor()
     copy = tmp_path / "stolen.sqlite"
     _copy_db(_db(cluster, 0), copy)
-    blobs = [bytes(row[0]) for row in sqlite3.connect(copy).execute("SELECT wrapped FROM kfrags")]
+    blobs = [bytes(row[0]) for row in _rows(copy, "SELECT wrapped FROM kfrags")]
     assert blobs
     for blob in blobs:
         for start in range(0, len(blob) - 310 + 1):
@@ -268,7 +280,7 @@ def test_a_rotated_kek_keeps_serving_and_old_database_copies_need_destroyed_keys
         time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.3)
     # A copy of the store from before the rotation: wrapped under keys the rotation destroyed
     # in the live token (a copy of the old token would still hold them, with the PIN).
-    old = sqlite3.connect(before).execute("SELECT DISTINCT kek_generation FROM kfrags").fetchall()
+    old = _rows(before, "SELECT DISTINCT kek_generation FROM kfrags")
     assert {g for (g,) in old} <= set(rotation["destroyed"])
 
 
