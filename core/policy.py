@@ -72,10 +72,11 @@ class Reason(StrEnum):
     NO_KFRAG = "no_kfrag"
 
 
-#: every refusal :func:`judge` gives, which the grant state at a block confirms (an auditor
-#: judges again)
 #: the sentence of every granted decision (sent with each receipt: proto/rpc.py sizes it)
 GRANTED_REASON: Final = "grant is active and covers this record"
+
+#: every refusal :func:`judge` gives, which the grant state at a block confirms (an auditor
+#: judges again)
 POLICY_DENIALS: Final = frozenset(Reason) - {Reason.GRANTED, Reason.NO_KFRAG}
 
 #: refusals no later registry event can lift: a record's patient, capsule and type never

@@ -183,17 +183,7 @@ class IndexSnapshots:
             raise SnapshotRefused(f"it is for chain {chain_id}, not {self._chain_id}")
         if registry != self._registry:
             raise SnapshotRefused(f"it is for registry {registry}, not {self._registry}")
-        body = file.read(size + 1)  # no more than the node wrote, and one byte to see more
-        if len(body) != size:
-            raise SnapshotRefused("its index is not the size its header was signed with")
-        if hashlib.sha256(body).digest() != digest:
-            raise SnapshotRefused("its index does not match its signed digest")
-        try:
-            index = GrantIndex.from_bytes(body)
-        except ValueError as e:
-            raise SnapshotRefused(str(e)) from None
-        if index.block is None or (index.block.number, index.block.hash) != (number, block_hash):
-            raise SnapshotRefused("its index reflects another block than its header")
+        # One local read, before the index bytes are read, hashed and parsed.
         shredded = self._shredding.shredded_through()
         if shredded is None:
             raise SnapshotRefused(
@@ -206,6 +196,17 @@ class IndexSnapshots:
                 f"before the snapshot's block {number} (a kfrag store restored from an "
                 "older copy)"
             )
+        body = file.read(size + 1)  # no more than the node wrote, and one byte to see more
+        if len(body) != size:
+            raise SnapshotRefused("its index is not the size its header was signed with")
+        if hashlib.sha256(body).digest() != digest:
+            raise SnapshotRefused("its index does not match its signed digest")
+        try:
+            index = GrantIndex.from_bytes(body)
+        except ValueError as e:
+            raise SnapshotRefused(str(e)) from None
+        if index.block is None or (index.block.number, index.block.hash) != (number, block_hash):
+            raise SnapshotRefused("its index reflects another block than its header")
         head = chain.block("latest")
         if head.number < number:
             raise SnapshotRefused(f"its block {number} is ahead of the chain's head {head.number}")

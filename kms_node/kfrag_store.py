@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.errors import InvalidRequest, PreconditionFailed, Unavailable
 from kms_node.sqlite_db import open_durable, unavailable
@@ -59,8 +60,6 @@ CREATE TABLE shredding (
 
 # Version 2 stores (before key-encryption keys had generations) were all wrapped by the first.
 _MIGRATE_2_TO_3 = "ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1"
-# Version 3 stores recorded no shredding block: their first snapshot check replays all.
-_MIGRATE_3_TO_4 = _SHREDDING_TABLE
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _BUSY_TIMEOUT_MS = 5000
@@ -175,7 +174,9 @@ class KfragStore:
             elif version in (2, 3):
                 if version == 2:
                     conn.execute(_MIGRATE_2_TO_3)
-                conn.execute(_MIGRATE_3_TO_4)
+                # Version 3 stores recorded no shredding block: the snapshot beside one is
+                # refused once, and the node replays every event.
+                conn.execute(_SHREDDING_TABLE)
             elif version != SCHEMA_VERSION:
                 raise PreconditionFailed(
                     f"kfrag store has schema version {version}; this node knows {SCHEMA_VERSION}"
@@ -195,6 +196,16 @@ class KfragStore:
         if self._conn is None:
             raise Unavailable("kfrag store is closed")
         return self._conn
+
+    def _rows(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """What a read ``query`` returns, under the lock; SQLite errors become
+        :class:`Unavailable`."""
+        with self._lock:
+            try:
+                rows: list[tuple[Any, ...]] = self._connection().execute(query, params).fetchall()
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+        return rows
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -255,23 +266,14 @@ class KfragStore:
 
     def get(self, patient: str, grantee: str, record_type: int) -> StoredKfrag | None:
         keys = (_key(patient, "patient"), _key(grantee, "grantee"), record_type)
-        with self._lock:
-            try:
-                row = self._connection().execute(_GET, keys).fetchone()
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
-        return None if row is None else StoredKfrag(*row)
+        rows = self._rows(_GET, keys)
+        return StoredKfrag(*rows[0]) if rows else None
 
     def holds(self, patient: str, grantee: str) -> bool:
         """Whether any kfrag of this patient's for this grantee is stored (no key material
         read)."""
         keys = (_key(patient, "patient"), _key(grantee, "grantee"))
-        with self._lock:
-            try:
-                row = self._connection().execute(_HOLDS, keys).fetchone()
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
-        return row is not None
+        return bool(self._rows(_HOLDS, keys))
 
     def rewrap_all(self, rewrap: Callable[[StoredKfrag], tuple[bytes, int]]) -> int:
         """Replace every kfrag's wrapping by what ``rewrap`` gives (wrapped bytes and the
@@ -287,16 +289,7 @@ class KfragStore:
 
     def generations(self) -> set[int]:
         """The key-encryption key generations the stored kfrags are wrapped under."""
-        with self._lock:
-            try:
-                rows = (
-                    self._connection()
-                    .execute("SELECT DISTINCT kek_generation FROM kfrags")
-                    .fetchall()
-                )
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
-        return {int(g) for (g,) in rows}
+        return {int(g) for (g,) in self._rows("SELECT DISTINCT kek_generation FROM kfrags")}
 
     def delete(self, patient: str, grantee: str, *, keep_types: Collection[int] = ()) -> bool:
         """Remove the kfrags for (patient, grantee), all of them or those whose record type
@@ -316,16 +309,8 @@ class KfragStore:
         """The block through which every revocation on the chain has had its kfrags
         shredded here, as last recorded; None if never recorded (a store written before
         version 4, or a copy of one)."""
-        with self._lock:
-            try:
-                row = (
-                    self._connection()
-                    .execute("SELECT through_block FROM shredding WHERE id = 1")
-                    .fetchone()
-                )
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
-        return None if row is None else int(row[0])
+        rows = self._rows("SELECT through_block FROM shredding WHERE id = 1")
+        return int(rows[0][0]) if rows else None
 
     def record_shredded_through(self, block: int) -> None:
         """Record that every revocation mined up to ``block`` has had its kfrags shredded
@@ -355,11 +340,7 @@ class KfragStore:
             return  # the kfrag is deleted either way; its old frames go at a later checkpoint
 
     def count(self) -> int:
-        with self._lock:
-            try:
-                (n,) = self._connection().execute("SELECT count(*) FROM kfrags").fetchone()
-            except sqlite3.Error as e:
-                raise _unavailable(e) from e
+        ((n,),) = self._rows("SELECT count(*) FROM kfrags")
         return int(n)
 
     def close(self) -> None:
