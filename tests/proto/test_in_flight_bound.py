@@ -18,7 +18,12 @@ import pytest
 
 from proto import rpc
 
-LIMIT = 4
+#: the server's calls per connection, and the channel's bound: half of it, as an app's
+#: channel against the coordinator (rpc.APP_CALLS_PER_CONNECTION), because the server
+#: counts a call for a moment after its answer reached the client (a bound equal to the
+#: server's limit had a call refused now and then)
+SERVER_LIMIT = 8
+LIMIT = SERVER_LIMIT // 2
 HOLD_S = 0.3
 METHOD = "/t.Slow/Hold"
 
@@ -26,7 +31,7 @@ METHOD = "/t.Slow/Hold"
 @pytest.fixture(name="address")
 def address_fixture() -> Iterator[str]:
     """A ``grpc.aio`` server, as the coordinator's, that answers each call after HOLD_S,
-    at most LIMIT calls per connection; its loop runs in a thread of its own."""
+    at most SERVER_LIMIT calls per connection; its loop runs in a thread of its own."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -36,7 +41,7 @@ def address_fixture() -> Iterator[str]:
         return request
 
     async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", LIMIT)])
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", SERVER_LIMIT)])
         handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(hold)
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("t.Slow", {"Hold": handler})]
