@@ -438,6 +438,15 @@ class AuditLog:
         _check_within(start, end, "start")
         return self._rows(start, end)
 
+    def newest_first(self) -> Iterator[tuple[int, bytes]]:
+        """``(leaf_index, canonical entry bytes)`` from the last leaf back to the first, as
+        stored; the lock is taken per batch, as in :meth:`entries`."""
+        end = self.size()
+        while end > 0:
+            start = max(0, end - _BATCH)
+            yield from reversed(list(self._rows(start, end)))
+            end = start
+
     def _rows(self, position: int, end: int) -> Iterator[tuple[int, bytes]]:
         while position < end:
             with self._lock:

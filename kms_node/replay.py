@@ -20,17 +20,26 @@ all its processes share, so a replay routed to another process is refused too.
 Enrollments use the same memory, keyed by the patient who signed them; the node
 takes a cheap look (``check_unused``) before its chain reads and spends the nonce
 only once the chain shows the signer may enroll (see the node service).
+
+The shared memory is not fsync'd, and an operator may delete ``replay.sqlite`` or put
+an older copy back. The node's audit log is durable and names every read it granted
+by its request id, so at start-up :class:`ServedBeforeStart` takes from it the reads
+granted within one window before the start, and the node refuses those again
+whatever its replay memory lost.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import sqlite3
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
-from core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
+from core.audit import GRANTED
+from core.errors import IntegrityError, InvalidRequest, ResourceExhausted, Unauthenticated
 from core.request_auth import check_deadline
 from kms_node.sqlite_db import open_durable, unavailable
 
@@ -157,7 +166,8 @@ class SharedReplayGuard:
     shares (``<data_dir>/replay.sqlite``); thread- and process-safe.
 
     Writes are not fsync'd (``synchronous = OFF``): like the in-process guard, the
-    memory does not survive a crash of the machine, only of a process. ``max_entries``
+    memory does not survive a crash of the machine, only of a process; what it loses,
+    :class:`ServedBeforeStart` takes from the audit log at the next start. ``max_entries``
     is enforced on the count taken at each sweep, so it may be overshot by at most
     ``_SWEEP_EVERY`` entries.
     """
@@ -218,3 +228,90 @@ class SharedReplayGuard:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+#: how many entries older than the window :meth:`ServedBeforeStart.from_audit_log`
+#: reads, one after the other, before it stops looking further back (the entries' times
+#: are the node's wall clock, which may have stepped back while it served)
+OLDER_ENTRIES_READ: Final = 1024
+
+
+class ServedBeforeStart:
+    """The reads this node granted within one request window before it started, by
+    request id, from its audit log: refused again as replays, whatever the replay
+    memory lost (deleted, restored from an older copy, or cut short by a machine
+    crash, since it is not fsync'd).
+
+    A request id is the first 16 bytes of the request's signing digest, which covers the
+    nonce, so a replay carries the id of the read it repeats. A read whose deadline was
+    accepted at time ``t`` expired by ``t + window``; so does its entry here. Only
+    granted entries count: the node spends a nonce only on a read it grants, and a
+    refused read may be judged again, as before a restart. Empty (and free) once the
+    window has passed.
+    """
+
+    def __init__(self, served: dict[str, int], window_s: int) -> None:
+        """``served`` maps a request id to the time (unix seconds) it was granted."""
+        self._until = {request_id: t + window_s for request_id, t in served.items()}
+        self._ends = max(self._until.values(), default=0)
+        self._latest_now: float = float("-inf")
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_audit_log(
+        cls, newest_first: Iterable[tuple[int, bytes]], window_s: int, now: float
+    ) -> ServedBeforeStart:
+        """Read ``(leaf_index, canonical entry)`` pairs from the newest back, until
+        :data:`OLDER_ENTRIES_READ` entries in a row are older than ``now - window_s``.
+
+        Only three fields are read from each entry (the node wrote them; its log's
+        integrity is checked when it opens). An entry that is not such JSON is an
+        :class:`IntegrityError` naming its index: the node does not start on it."""
+        cutoff = now - window_s
+        served: dict[str, int] = {}
+        older_in_a_row = 0
+        for index, data in newest_first:
+            request_id, granted_at, decision = _served_fields(index, data)
+            if granted_at < cutoff:
+                older_in_a_row += 1
+                if older_in_a_row >= OLDER_ENTRIES_READ:
+                    break
+                continue
+            older_in_a_row = 0
+            if decision == GRANTED:
+                served[request_id] = max(granted_at, served.get(request_id, granted_at))
+        return cls(served, window_s)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._until)
+
+    def check(self, request_id: str, now: float) -> None:
+        """Raise :class:`NonceReused` if this read was granted before the start and its
+        window has not passed. The clock only moves forward, as the replay guard's."""
+        with self._lock:
+            if not self._until:
+                return
+            now = max(now, self._latest_now)
+            self._latest_now = now
+            if now >= self._ends:
+                self._until = {}
+                return
+            until = self._until.get(request_id)
+        if until is not None and until > now:
+            raise NonceReused()
+
+
+def _served_fields(index: int, data: bytes) -> tuple[str, int, str]:
+    try:
+        fields = json.loads(data)
+        request_id, granted_at, decision = (
+            fields["request_id"],
+            fields["time"],
+            fields["decision"],
+        )
+    except (ValueError, TypeError, KeyError):
+        raise IntegrityError(f"audit log is damaged: entry {index} is not an audit entry") from None
+    if not (isinstance(request_id, str) and type(granted_at) is int and isinstance(decision, str)):
+        raise IntegrityError(f"audit log is damaged: entry {index} is not an audit entry")
+    return request_id, granted_at, decision

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +34,7 @@ from kms_node.loop_service import (
     ReadArrivals,
 )
 from kms_node.readiness import Readiness, data_dir_writable
-from kms_node.replay import NonceMemory, SharedReplayGuard
+from kms_node.replay import NonceMemory, ServedBeforeStart, SharedReplayGuard
 from kms_node.service import NodeService
 from kms_node.settings import NodeSettings
 from kms_node.supervisor import die_with_parent
@@ -147,6 +148,11 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         settings.request_window_s,
         settings.replay_max_entries,
     )
+    # The durable record of what was granted covers what the replay memory may have lost.
+    served = ServedBeforeStart.from_audit_log(
+        audit.newest_first(), settings.request_window_s, time.time()
+    )
+    log.info("replays_refused_from_audit_log", node_id=settings.node_id, reads=len(served))
     unwrapped = KfragCache(settings.kfrag_cache_ttl_s)
     service = NodeService(
         node_id=settings.node_id,
@@ -161,6 +167,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         registry_address=registry.address,
         chain_id=chain_id,
         replay=replay,
+        served_before_start=served,
         limiter=RateLimiter.share_of(
             settings.rate_limit_per_s, settings.rate_limit_burst, settings.processes
         ),

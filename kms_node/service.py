@@ -60,7 +60,7 @@ from core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from kms_node.keystore import KeyStore
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore, StoredKfrag
-from kms_node.replay import NonceMemory, NonceReused
+from kms_node.replay import NonceMemory, NonceReused, ServedBeforeStart
 from proto.kms.v1 import common_pb2, node_pb2
 
 log = structlog.get_logger("medkms.node")
@@ -131,6 +131,7 @@ class NodeService:
         chain_id: int,
         replay: NonceMemory,
         limiter: RateLimiter,
+        served_before_start: ServedBeforeStart | None = None,
         audit: AuditSink,
         request_window_s: int = 300,
         clock: Callable[[], float] = time.time,
@@ -147,6 +148,9 @@ class NodeService:
         # Signatures are valid for this registry on this chain only (EIP-712 domain).
         self._domain = Domain(chain_id, registry_address)
         self._replay = replay
+        self._served_before_start = (
+            served_before_start if served_before_start is not None else ServedBeforeStart({}, 0)
+        )
         self._limiter = limiter
         self._unknown_record_reads = RateLimiter(
             UNKNOWN_RECORD_READS_PER_S, int(UNKNOWN_RECORD_READS_PER_S), clock=clock
@@ -570,6 +574,9 @@ class NodeService:
             self._replay.check_and_remember(
                 first.requester, first.signed.nonce, first.signed.deadline, self._clock()
             )
+            # After the deadline check, so an expired request is told so; a replay the
+            # memory lost is remembered again on the way.
+            self._served_before_start.check(first.request_id, self._clock())
             by_type: dict[RecordType, list[int]] = {}
             for i in allowed:
                 by_type.setdefault(queries[i].record_type, []).append(i)

@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -85,17 +86,29 @@ def test_a_replayed_request_is_unauthenticated(people: People, cluster: LocalClu
         assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
 
 
+@pytest.mark.parametrize("memory_lost", [False, True], ids=["memory-kept", "memory-lost"])
 def test_a_request_seen_before_a_node_restarted_is_still_a_replay(
-    people: People, cluster: LocalCluster
+    people: People, cluster: LocalCluster, memory_lost: bool
 ) -> None:
     """The replay memory is on disk (kms_node/replay.py SharedReplayGuard): a node killed
-    and started again within the request's window still knows the nonce."""
+    and started again within the request's window still knows the nonce. An operator may
+    also delete replay.sqlite while the node is stopped (or the machine crashed before
+    the unsynced memory reached the disk): at start-up the node takes the reads it
+    granted within the window from its audit log (ServedBeforeStart), and refuses them
+    again."""
     node = cluster.nodes[1]
     request = signed_request(people)
     with cluster.transport.channel(node.address) as channel:
         assert NodeStub(channel).Reencrypt(request, timeout=5).fragment.cfrag
     cluster.stop_node(node.node_id, kill=True)
-    cluster.start_node(node.node_id)
+    try:
+        memory = Path(node.config).parent / "replay.sqlite"
+        assert memory.exists()
+        if memory_lost:
+            for lost in (memory, Path(f"{memory}-wal"), Path(f"{memory}-shm")):
+                lost.unlink(missing_ok=True)
+    finally:
+        cluster.start_node(node.node_id)
     with cluster.transport.channel(node.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)

@@ -113,6 +113,16 @@ def test_append_returns_a_signed_receipt(log: AuditLog, keys: MemoryKeyStore) ->
     assert list(log.entries(5, 5)) == []
 
 
+def test_newest_first_reads_every_entry_back_across_batches(log: AuditLog) -> None:
+    assert list(log.newest_first()) == []
+    entries = [make_entry(i) for i in range(2345)]
+    for start in range(0, len(entries), 1000):
+        log.append_many(entries[start : start + 1000])
+    assert list(log.newest_first()) == [
+        (i, entries[i].canonical_bytes()) for i in reversed(range(2345))
+    ]
+
+
 def test_roots_at_every_size(log: AuditLog) -> None:
     assert log.root() == merkle.EMPTY_ROOT
     leaves = leaf_hashes(40)

@@ -1,15 +1,27 @@
-"""The replay guard refuses a nonce seen before, forgets it after its deadline, and is bounded."""
+"""The replay guard refuses a nonce seen before, forgets it after its deadline, and is
+bounded; what the audit log shows was granted before a start is refused again."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from core.errors import InvalidRequest, ResourceExhausted, Unauthenticated
-from kms_node.replay import NonceReused, ReplayGuard, SharedReplayGuard
+from core.errors import IntegrityError, InvalidRequest, ResourceExhausted, Unauthenticated
+from kms_node.audit_log import AuditLog
+from kms_node.keystore import MemoryKeyStore
+from kms_node.replay import (
+    OLDER_ENTRIES_READ,
+    NonceReused,
+    ReplayGuard,
+    ServedBeforeStart,
+    SharedReplayGuard,
+)
+from tests.kms_node.test_audit_log import NODE, make_entry
 
 ALICE = "0x" + "a1" * 20
 BOB = "0x" + "b2" * 20
@@ -217,3 +229,87 @@ def test_check_unused_looks_without_remembering(tmp_path: Path, kind: str) -> No
         # Another process of the node sees the nonce too.
         with pytest.raises(NonceReused):
             _shared(tmp_path).check_unused(ALICE, nonce, NOW + 9)
+
+
+# --- the reads the audit log shows were granted before a start --------------------------
+
+WINDOW = 300
+
+
+def _granted(log: AuditLog, request_id: str, at: int, *, granted: bool = True) -> None:
+    n = 0 if granted else 3  # make_entry grants n % 4 != 3
+    log.append(dataclasses.replace(make_entry(n), request_id=request_id, time=at))
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit.sqlite", MemoryKeyStore(), NODE)
+    yield log
+    log.close()
+
+
+def test_a_read_granted_within_the_window_before_a_start_is_a_replay(audit: AuditLog) -> None:
+    _granted(audit, "old", NOW - WINDOW - 1)
+    _granted(audit, "recent", NOW - 10)
+    _granted(audit, "refused", NOW - 5, granted=False)
+    served = ServedBeforeStart.from_audit_log(audit.newest_first(), WINDOW, NOW)
+    assert len(served) == 1
+    with pytest.raises(NonceReused, match="nonce already used"):
+        served.check("recent", NOW)
+    served.check("old", NOW)  # its deadline had passed by the start
+    served.check("refused", NOW)  # a refused read spent no nonce: judged again
+    served.check("another", NOW)
+
+
+def test_a_served_read_is_forgotten_when_its_window_ends(audit: AuditLog) -> None:
+    _granted(audit, "recent", NOW - 10)
+    served = ServedBeforeStart.from_audit_log(audit.newest_first(), WINDOW, NOW)
+    with pytest.raises(NonceReused):
+        served.check("recent", NOW - 10 + WINDOW - 1)
+    served.check("recent", NOW - 10 + WINDOW)
+    assert len(served) == 0
+    # The clock only moves forward: stepping it back revives nothing.
+    served.check("recent", NOW)
+
+
+def test_entries_after_a_clock_step_back_are_still_found(audit: AuditLog) -> None:
+    """Entry times are the node's wall clock; one that stepped back leaves old-looking
+    entries after recent ones. The scan goes on past up to OLDER_ENTRIES_READ of them."""
+    _granted(audit, "before the step", NOW - 20)
+    audit.append_many(
+        [
+            dataclasses.replace(make_entry(0), request_id=f"stepped-{i}", time=NOW - 4000)
+            for i in range(OLDER_ENTRIES_READ - 1)
+        ]
+    )
+    served = ServedBeforeStart.from_audit_log(audit.newest_first(), WINDOW, NOW)
+    with pytest.raises(NonceReused):
+        served.check("before the step", NOW)
+
+
+def test_the_scan_stops_after_enough_older_entries(audit: AuditLog) -> None:
+    _granted(audit, "behind the step", NOW - 20)
+    audit.append_many(
+        [
+            dataclasses.replace(make_entry(0), request_id=f"stepped-{i}", time=NOW - 4000)
+            for i in range(OLDER_ENTRIES_READ)
+        ]
+    )
+    read: list[int] = []
+
+    def newest_first() -> Iterator[tuple[int, bytes]]:
+        for index, data in audit.newest_first():
+            read.append(index)
+            yield index, data
+
+    served = ServedBeforeStart.from_audit_log(newest_first(), WINDOW, NOW)
+    assert len(served) == 0 and len(read) == OLDER_ENTRIES_READ
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b"[]", b'{"request_id": "r", "time": "1", "decision": "granted"}', b"{}"],
+)
+def test_a_damaged_entry_stops_the_start(data: bytes) -> None:
+    with pytest.raises(IntegrityError, match="audit log is damaged: entry 7 is not an audit entry"):
+        ServedBeforeStart.from_audit_log([(7, data)], WINDOW, NOW)

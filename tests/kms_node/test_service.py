@@ -47,7 +47,7 @@ from kms_node.audit_log import AuditLog
 from kms_node.keystore import MemoryKeyStore
 from kms_node.kfrag_cache import KfragCache
 from kms_node.kfrag_store import KfragStore
-from kms_node.replay import ReplayGuard
+from kms_node.replay import ReplayGuard, ServedBeforeStart
 from kms_node.service import (
     ENROLLMENT_REPLAYED,
     UNKNOWN_PATIENT_READS_PER_S,
@@ -384,6 +384,35 @@ def test_a_replayed_request_is_refused(world: World) -> None:
         world.node.reencrypt(request)
 
 
+def test_a_replay_the_replay_memory_lost_is_refused_from_the_audit_log(
+    world: World, tmp_path: Path
+) -> None:
+    """The node restarts on a fresh replay memory (deleted, an older copy, a machine
+    crash before it reached the disk): the audit log names the read it granted."""
+    world.enroll(world.kfrag())
+    request = world.request(nonce=b"\x43" * 32)
+    world.node.reencrypt(request)
+    key = (world.alice.address, world.bob.address)
+    grant = world.registry.grants[key]
+    world.registry.grants[key] = dataclasses.replace(grant, active=False)
+    refused = world.request(nonce=b"\x44" * 32)
+    with pytest.raises(AccessDenied):
+        world.node.reencrypt(refused)
+    world.registry.grants[key] = grant
+    restarted = node_on(
+        world,
+        tmp_path,
+        ChainReads(world.registry),
+        world.registry,
+        audit=world.audit,
+        served_before_start=ServedBeforeStart.from_audit_log(world.audit.newest_first(), 300, NOW),
+    )
+    with pytest.raises(Unauthenticated, match="nonce already used"):
+        restarted.reencrypt(request)
+    assert restarted.reencrypt(refused).fragment.cfrag  # a refusal spent no nonce
+    assert restarted.reencrypt(world.request(nonce=b"\x45" * 32)).fragment.cfrag
+
+
 def test_an_expired_deadline_is_refused(world: World) -> None:
     world.enroll(world.kfrag())
     with pytest.raises(Unauthenticated, match="deadline has passed"):
@@ -684,6 +713,7 @@ def node_on(
     *,
     burst: int = 100,
     audit: AuditLog | None = None,
+    served_before_start: ServedBeforeStart | None = None,
 ) -> NodeService:
     return NodeService(
         node_id="node-t",
@@ -697,6 +727,7 @@ def node_on(
         limiter=RateLimiter(rate_per_s=1, burst=burst, clock=lambda: NOW),
         audit=audit or AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
         clock=lambda: NOW,
+        served_before_start=served_before_start,
     )
 
 
