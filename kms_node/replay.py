@@ -305,13 +305,9 @@ class ServedBeforeStart:
 def _served_fields(index: int, data: bytes) -> tuple[str, int, str]:
     try:
         fields = json.loads(data)
-        request_id, granted_at, decision = (
-            fields["request_id"],
-            fields["time"],
-            fields["decision"],
-        )
+        request_id, granted_at, decision = fields["request_id"], fields["time"], fields["decision"]
+        if isinstance(request_id, str) and type(granted_at) is int and isinstance(decision, str):
+            return request_id, granted_at, decision
     except (ValueError, TypeError, KeyError):
-        raise IntegrityError(f"audit log is damaged: entry {index} is not an audit entry") from None
-    if not (isinstance(request_id, str) and type(granted_at) is int and isinstance(decision, str)):
-        raise IntegrityError(f"audit log is damaged: entry {index} is not an audit entry")
-    return request_id, granted_at, decision
+        pass
+    raise IntegrityError(f"audit log is damaged: entry {index} is not an audit entry")

@@ -241,6 +241,16 @@ def _granted(log: AuditLog, request_id: str, at: int, *, granted: bool = True) -
     log.append(dataclasses.replace(make_entry(n), request_id=request_id, time=at))
 
 
+def _clock_stepped_back(log: AuditLog, entries: int) -> None:
+    """``entries`` granted reads logged after the wall clock stepped back over an hour."""
+    log.append_many(
+        [
+            dataclasses.replace(make_entry(0), request_id=f"stepped-{i}", time=NOW - 4000)
+            for i in range(entries)
+        ]
+    )
+
+
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditLog]:
     log = AuditLog(tmp_path / "audit.sqlite", MemoryKeyStore(), NODE)
@@ -276,12 +286,7 @@ def test_entries_after_a_clock_step_back_are_still_found(audit: AuditLog) -> Non
     """Entry times are the node's wall clock; one that stepped back leaves old-looking
     entries after recent ones. The scan goes on past up to OLDER_ENTRIES_READ of them."""
     _granted(audit, "before the step", NOW - 20)
-    audit.append_many(
-        [
-            dataclasses.replace(make_entry(0), request_id=f"stepped-{i}", time=NOW - 4000)
-            for i in range(OLDER_ENTRIES_READ - 1)
-        ]
-    )
+    _clock_stepped_back(audit, OLDER_ENTRIES_READ - 1)
     served = ServedBeforeStart.from_audit_log(audit.newest_first(), WINDOW, NOW)
     with pytest.raises(NonceReused):
         served.check("before the step", NOW)
@@ -289,12 +294,7 @@ def test_entries_after_a_clock_step_back_are_still_found(audit: AuditLog) -> Non
 
 def test_the_scan_stops_after_enough_older_entries(audit: AuditLog) -> None:
     _granted(audit, "behind the step", NOW - 20)
-    audit.append_many(
-        [
-            dataclasses.replace(make_entry(0), request_id=f"stepped-{i}", time=NOW - 4000)
-            for i in range(OLDER_ENTRIES_READ)
-        ]
-    )
+    _clock_stepped_back(audit, OLDER_ENTRIES_READ)
     read: list[int] = []
 
     def newest_first() -> Iterator[tuple[int, bytes]]:
