@@ -13,6 +13,13 @@ index snapshot): a snapshot is used at start-up only if the kfrags are shredded 
 that far (``kms_node/index_snapshot.py``), so a kfrag store restored from an older copy
 is caught rather than left holding kfrags revoked since.
 
+Each kfrag row keeps the deadline of the patient's signed enrollment that delivered it,
+and the store keeps the nonces of the enrollments it stored (until an hour past their
+deadline), written in the same transaction as their kfrags (:meth:`KfragStore.put_enrollment`).
+So an enrollment is stored once, whatever the node's replay memory (not fsync'd) has
+lost, and an older enrollment of a grant (replayed, or relayed late) never replaces the
+kfrags of one the patient signed after it.
+
 Addresses are Ethereum addresses (``0x`` + 40 hex digits, usually EIP-55 checksummed). They
 are keyed in lower case, so that any spelling of an address finds the same row, and returned
 as they were stored.
@@ -29,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidRequest, PreconditionFailed, Unavailable
+from core.errors import InvalidRequest, PreconditionFailed, Unauthenticated, Unavailable
 from kms_node.sqlite_db import open_durable, unavailable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _KFRAGS_TABLE = """
 CREATE TABLE kfrags (
@@ -46,6 +53,8 @@ CREATE TABLE kfrags (
     receiving_key BLOB    NOT NULL,  -- the grantee's Umbral public key
     created_at    INTEGER NOT NULL,  -- unix seconds
     kek_generation INTEGER NOT NULL DEFAULT 1,  -- the HSM key-encryption key that wrapped it
+    enrolled_deadline INTEGER NOT NULL DEFAULT 0,  -- deadline of the patient's signed
+                                                   -- enrollment that delivered it (0: unknown)
     PRIMARY KEY (patient_key, grantee_key, record_type)
 ) WITHOUT ROWID
 """
@@ -58,20 +67,42 @@ CREATE TABLE shredding (
 )
 """
 
+_ENROLLMENTS_TABLE = """
+CREATE TABLE enrollments (
+    patient_key TEXT    NOT NULL,  -- lower-case address of the patient who signed it
+    nonce       BLOB    NOT NULL CHECK (length(nonce) = 32),
+    deadline    INTEGER NOT NULL,  -- unix seconds; the row is kept an hour past it
+    PRIMARY KEY (patient_key, nonce)
+) WITHOUT ROWID
+"""
+_ENROLLMENTS_BY_DEADLINE = "CREATE INDEX enrollments_by_deadline ON enrollments (deadline)"
+
 # Version 2 stores (before key-encryption keys had generations) were all wrapped by the first.
 _MIGRATE_2_TO_3 = "ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1"
+# Kfrags stored before version 5 have no known enrollment deadline: any enrollment may
+# replace them.
+_MIGRATE_4_TO_5 = "ALTER TABLE kfrags ADD COLUMN enrolled_deadline INTEGER NOT NULL DEFAULT 0"
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _BUSY_TIMEOUT_MS = 5000
 #: how long a checkpoint after a shred waits for other processes' readers
 _CHECKPOINT_WAIT_MS = 100
+#: how long past its deadline an enrollment's nonce is kept: a node clock stepped back by
+#: less than this revives none (an enrollment is refused past its deadline anyway)
+ENROLLMENT_NONCE_KEPT_S = 3600
 
 _PUT = """
 INSERT OR REPLACE INTO kfrags
     (patient_key, grantee_key, record_type, patient, grantee, wrapped, kfrag_sha256,
-     receiving_key, created_at, kek_generation)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+     receiving_key, created_at, kek_generation, enrolled_deadline)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+_LATEST_ENROLLMENT = """
+SELECT max(enrolled_deadline) FROM kfrags WHERE patient_key = ? AND grantee_key = ?
+"""
+_FORGET_ENROLLMENTS = "DELETE FROM enrollments WHERE deadline < ?"
+_REMEMBER_ENROLLMENT = "INSERT INTO enrollments (patient_key, nonce, deadline) VALUES (?, ?, ?)"
 
 # A pair's kfrags whose record type is not in a bitmask of types to keep (types are 0..5).
 _DELETE_OTHER_TYPES = """
@@ -83,13 +114,13 @@ SELECT 1 FROM kfrags WHERE patient_key = ? AND grantee_key = ? LIMIT 1
 """
 _GET = """
 SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
-       kek_generation
+       kek_generation, enrolled_deadline
 FROM kfrags WHERE patient_key = ? AND grantee_key = ? AND record_type = ?
 """
 
 _ALL = """
 SELECT patient, grantee, record_type, wrapped, kfrag_sha256, receiving_key, created_at,
-       kek_generation
+       kek_generation, enrolled_deadline
 FROM kfrags
 """
 
@@ -112,6 +143,29 @@ class StoredKfrag:
     created_at: int
     #: generation of the HSM key-encryption key that wrapped it
     kek_generation: int = 1
+    #: deadline of the patient's signed enrollment that delivered it (0: not known)
+    enrolled_deadline: int = 0
+
+
+class EnrollmentAlreadyStored(Unauthenticated):
+    """This store has stored the kfrags of this signed enrollment before."""
+
+    def __init__(self) -> None:
+        super().__init__("enrollment already received (nonce already used)")
+
+
+class EnrollmentSuperseded(PreconditionFailed):
+    """The store holds kfrags of this grant from an enrollment signed after this one."""
+
+    def __init__(self, deadline: int, stored_deadline: int) -> None:
+        super().__init__(
+            f"this node holds kfrags of this grant from a later enrollment (deadline "
+            f"{stored_deadline}) than this one (deadline {deadline}): an older enrollment, "
+            "replayed or relayed late, is refused; to replace them, the patient signs a new "
+            "enrollment (with a correct clock)"
+        )
+        self.deadline = deadline
+        self.stored_deadline = stored_deadline
 
 
 def _key(address: str, what: str) -> str:
@@ -135,6 +189,32 @@ def _check_item(item: StoredKfrag) -> None:
         raise InvalidRequest("kek_generation must be an integer")
     if item.kek_generation < 1:
         raise InvalidRequest("kek_generation starts at 1")
+    if isinstance(item.enrolled_deadline, bool) or not isinstance(item.enrolled_deadline, int):
+        raise InvalidRequest("enrolled_deadline must be an integer (unix seconds)")
+    if item.enrolled_deadline < 0:
+        raise InvalidRequest("enrolled_deadline must not be negative")
+
+
+def _rows_of(items: list[StoredKfrag]) -> list[tuple[object, ...]]:
+    """The rows that store ``items`` (each checked first)."""
+    for item in items:
+        _check_item(item)
+    return [
+        (
+            _key(i.patient, "patient"),
+            _key(i.grantee, "grantee"),
+            i.record_type,
+            i.patient,
+            i.grantee,
+            bytes(i.wrapped),
+            bytes(i.kfrag_sha256),
+            bytes(i.receiving_key),
+            i.created_at,
+            i.kek_generation,
+            i.enrolled_deadline,
+        )
+        for i in items
+    ]
 
 
 def _type_mask(types: Collection[int]) -> int:
@@ -171,12 +251,18 @@ class KfragStore:
             if version == 0:
                 conn.execute(_KFRAGS_TABLE)
                 conn.execute(_SHREDDING_TABLE)
-            elif version in (2, 3):
+                conn.execute(_ENROLLMENTS_TABLE)
+                conn.execute(_ENROLLMENTS_BY_DEADLINE)
+            elif 2 <= version < SCHEMA_VERSION:
                 if version == 2:
                     conn.execute(_MIGRATE_2_TO_3)
-                # Version 3 stores recorded no shredding block: the snapshot beside one is
-                # refused once, and the node replays every event.
-                conn.execute(_SHREDDING_TABLE)
+                if version <= 3:
+                    # Version 3 stores recorded no shredding block: the snapshot beside one
+                    # is refused once, and the node replays every event.
+                    conn.execute(_SHREDDING_TABLE)
+                conn.execute(_MIGRATE_4_TO_5)
+                conn.execute(_ENROLLMENTS_TABLE)
+                conn.execute(_ENROLLMENTS_BY_DEADLINE)
             elif version != SCHEMA_VERSION:
                 raise PreconditionFailed(
                     f"kfrag store has schema version {version}; this node knows {SCHEMA_VERSION}"
@@ -230,38 +316,44 @@ class KfragStore:
         on return."""
         self.put_many([item])
 
-    def put_many(
-        self, items: list[StoredKfrag], *, retain_types: Collection[int] | None = None
-    ) -> None:
-        """Store several kfrags in one transaction (all or none); durable on return.
-
-        With ``retain_types``, the items must all be for one patient and grantee, and this
-        node's other kfrags for that pair whose record type is not in ``retain_types`` are
-        deleted in the same transaction: enrolling for a narrower grant leaves no kfrag
-        behind for a type nothing covers any more."""
-        for item in items:
-            _check_item(item)
-        pairs = {(_key(i.patient, "patient"), _key(i.grantee, "grantee")) for i in items}
-        if retain_types is not None and len(pairs) != 1:
-            raise InvalidRequest("retain_types needs the kfrags of exactly one grant")
-        rows = [
-            (
-                _key(i.patient, "patient"),
-                _key(i.grantee, "grantee"),
-                i.record_type,
-                i.patient,
-                i.grantee,
-                bytes(i.wrapped),
-                bytes(i.kfrag_sha256),
-                bytes(i.receiving_key),
-                i.created_at,
-                i.kek_generation,
-            )
-            for i in items
-        ]
+    def put_many(self, items: list[StoredKfrag]) -> None:
+        """Store several kfrags in one transaction (all or none); durable on return."""
+        rows = _rows_of(items)
         with self._transaction() as conn:
-            if retain_types is not None:
-                conn.execute(_DELETE_OTHER_TYPES, (*next(iter(pairs)), _type_mask(retain_types)))
+            conn.executemany(_PUT, rows)
+
+    def put_enrollment(
+        self, items: list[StoredKfrag], *, nonce: bytes, retain_types: Collection[int], now: int
+    ) -> None:
+        """Store the kfrags of one signed enrollment (one patient and grantee, each item
+        carrying the enrollment's deadline), in one transaction; durable on return.
+
+        Refused with :class:`EnrollmentAlreadyStored` if this store has stored this
+        enrollment (the patient's ``nonce``) before, and with :class:`EnrollmentSuperseded`
+        if it holds kfrags of this grant from an enrollment with a later deadline. This
+        grant's kfrags whose record type is not in ``retain_types`` are deleted in the same
+        transaction: enrolling for a narrower grant leaves no kfrag behind for a type
+        nothing covers any more."""
+        rows = _rows_of(items)
+        pairs = {(row[0], row[1]) for row in rows}
+        deadlines = {i.enrolled_deadline for i in items}
+        if len(pairs) != 1 or len(deadlines) != 1:
+            raise InvalidRequest("an enrollment holds the kfrags of exactly one grant")
+        ((patient_key, grantee_key),), (deadline,) = pairs, deadlines
+        if deadline < 1:
+            raise InvalidRequest("an enrollment's kfrags carry its deadline")
+        if not isinstance(nonce, bytes) or len(nonce) != 32:
+            raise InvalidRequest("an enrollment's nonce is 32 bytes")
+        with self._transaction() as conn:
+            conn.execute(_FORGET_ENROLLMENTS, (now - ENROLLMENT_NONCE_KEPT_S,))
+            try:
+                conn.execute(_REMEMBER_ENROLLMENT, (patient_key, nonce, deadline))
+            except sqlite3.IntegrityError:
+                raise EnrollmentAlreadyStored() from None
+            ((latest,),) = conn.execute(_LATEST_ENROLLMENT, (patient_key, grantee_key))
+            if latest is not None and latest > deadline:
+                raise EnrollmentSuperseded(deadline, int(latest))
+            conn.execute(_DELETE_OTHER_TYPES, (patient_key, grantee_key, _type_mask(retain_types)))
             conn.executemany(_PUT, rows)
 
     def get(self, patient: str, grantee: str, record_type: int) -> StoredKfrag | None:

@@ -59,7 +59,7 @@ from core.requests import (
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from kms_node.keystore import KeyStore
 from kms_node.kfrag_cache import KfragCache
-from kms_node.kfrag_store import KfragStore, StoredKfrag
+from kms_node.kfrag_store import EnrollmentAlreadyStored, KfragStore, StoredKfrag
 from kms_node.replay import NonceMemory, NonceReused, ServedBeforeStart
 from proto.kms.v1 import common_pb2, node_pb2
 
@@ -245,12 +245,19 @@ class NodeService:
                     receiving_key=enrollment.receiving_key_bytes,
                     created_at=now,
                     kek_generation=self._keystore.kek_generation(),
+                    enrolled_deadline=enrollment.signed.deadline,
                 )
             )
             del clear
         # Kfrags for types that no grant or opt-in covers any more (a narrower re-grant)
-        # go in the same transaction.
-        self._kfrags.put_many(items, retain_types=allowed)
+        # go in the same transaction. The store refuses an enrollment it stored before
+        # (whatever the replay memory lost) or older than the one its kfrags came with.
+        try:
+            self._kfrags.put_enrollment(
+                items, nonce=enrollment.signed.nonce, retain_types=allowed, now=now
+            )
+        except EnrollmentAlreadyStored:
+            raise Unauthenticated(ENROLLMENT_REPLAYED) from None
         # This process's unwrapped copies of the replaced (or dropped) kfrags go too; the
         # node's other processes never serve them again either (the cache key holds the
         # wrapped bytes) and forget them within kfrag_cache_ttl_s.

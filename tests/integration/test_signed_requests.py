@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
 from clients.sdk.records import parse_envelope
+from clients.sdk.signed_requests import sealed_enrollment
 from core.record_types import RecordType
 from core.request_auth import RequestClaims, sign
 from core.requests import address_bytes
@@ -68,6 +70,22 @@ def refused(people: People, request: common_pb2.ReencryptionRequest) -> grpc.Rpc
     return caught.value
 
 
+def kill_and_restart(cluster: LocalCluster, node_id: str, *, replay_memory_lost: bool) -> None:
+    """Kill the node (kill -9) and start it again; with ``replay_memory_lost``, its
+    replay.sqlite deleted in between (as an operator may, or a crash before the unsynced
+    memory reached the disk)."""
+    node = next(n for n in cluster.nodes if n.node_id == node_id)
+    cluster.stop_node(node_id, kill=True)
+    try:
+        memory = Path(node.config).parent / "replay.sqlite"
+        assert memory.exists()
+        if replay_memory_lost:
+            for lost in (memory, Path(f"{memory}-wal"), Path(f"{memory}-shm")):
+                lost.unlink(missing_ok=True)
+    finally:
+        cluster.start_node(node_id)
+
+
 @pytest.fixture(autouse=True)
 def granted(people: People) -> None:
     people.grant_doctor()
@@ -100,20 +118,56 @@ def test_a_request_seen_before_a_node_restarted_is_still_a_replay(
     request = signed_request(people)
     with cluster.transport.channel(node.address) as channel:
         assert NodeStub(channel).Reencrypt(request, timeout=5).fragment.cfrag
-    cluster.stop_node(node.node_id, kill=True)
-    try:
-        memory = Path(node.config).parent / "replay.sqlite"
-        assert memory.exists()
-        if memory_lost:
-            for lost in (memory, Path(f"{memory}-wal"), Path(f"{memory}-shm")):
-                lost.unlink(missing_ok=True)
-    finally:
-        cluster.start_node(node.node_id)
+    kill_and_restart(cluster, node.node_id, replay_memory_lost=memory_lost)
     with cluster.transport.channel(node.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             NodeStub(channel).Reencrypt(request, timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert caught.value.details() == "nonce already used"
+        assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
+
+
+def test_an_enrollment_received_before_the_replay_memory_was_lost_is_still_refused(
+    people: People, cluster: LocalCluster
+) -> None:
+    """Enrollments are not in the audit log; the kfrag store keeps the nonce of each one
+    it stored, in the transaction that stores its kfrags (kms_node/kfrag_store.py). With
+    replay.sqlite deleted under the stopped node, an enrollment it received before is
+    refused, rather than stored over the patient's later one."""
+    node = cluster.nodes[1]
+    alice = people.patient.identity
+    doctor_key = people.doctor.umbral_public_key()
+    registered = next(n for n in people.registry.list_nodes() if n.node_id == node.node_id)
+
+    def enrollment() -> common_pb2.EnrollKeyFragmentRequest:
+        kfrag = umbral.generate_kfrags(
+            delegating_sk=alice.record_secret_key(RecordType.LAB_RESULT),
+            receiving_pk=umbral.PublicKey.from_compressed_bytes(doctor_key),
+            signer=alice.kfrag_signer(),
+            threshold=1,
+            shares=1,
+            sign_delegating_key=True,
+            sign_receiving_key=True,
+        )[0]
+        return sealed_enrollment(
+            alice.account,
+            people.registry.signing_domain(),
+            registered,
+            people.doctor.address,
+            doctor_key,
+            {RecordType.LAB_RESULT: bytes(kfrag)},
+        )
+
+    first, second = enrollment(), enrollment()
+    with cluster.transport.channel(node.address) as channel:
+        for sent in (first, second):
+            assert NodeStub(channel).EnrollKeyFragment(sent, timeout=10).kfrag_sha256
+    kill_and_restart(cluster, node.node_id, replay_memory_lost=True)
+    with cluster.transport.channel(node.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            NodeStub(channel).EnrollKeyFragment(first, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (caught.value.details() or "").startswith("enrollment already received")
         assert NodeStub(channel).Reencrypt(signed_request(people), timeout=5).fragment.cfrag
 
 

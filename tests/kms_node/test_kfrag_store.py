@@ -11,12 +11,21 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from core.errors import InvalidRequest, PreconditionFailed, Unavailable
-from kms_node.kfrag_store import SCHEMA_VERSION, KfragStore, StoredKfrag
+from core.errors import InvalidRequest, PreconditionFailed, Unauthenticated, Unavailable
+from kms_node.kfrag_store import (
+    ENROLLMENT_NONCE_KEPT_S,
+    SCHEMA_VERSION,
+    EnrollmentAlreadyStored,
+    EnrollmentSuperseded,
+    KfragStore,
+    StoredKfrag,
+)
 
 PATIENT = "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"
 GRANTEE = "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2"
@@ -192,6 +201,36 @@ def test_a_version_2_store_opens_with_its_kfrags_under_the_first_kek(db_path: Pa
     check.close()
 
 
+def test_a_version_4_store_opens_with_its_kfrags_replaceable_by_any_enrollment(
+    db_path: Path,
+) -> None:
+    """Stores written before enrollments were recorded: their kfrags' enrollment deadline
+    is unknown (0), so the next enrollment replaces them whatever its deadline."""
+    old = sqlite3.connect(db_path)
+    old.execute(_VERSION_2_SCHEMA)
+    old.execute("ALTER TABLE kfrags ADD COLUMN kek_generation INTEGER NOT NULL DEFAULT 1")
+    old.execute("CREATE TABLE shredding (id INTEGER PRIMARY KEY, through_block INTEGER)")
+    old.execute("INSERT INTO shredding VALUES (1, 77)")
+    item = _item()
+    old.execute(
+        "INSERT INTO kfrags VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 2)",
+        (PATIENT.lower(), GRANTEE.lower(), LAB, PATIENT, GRANTEE, item.wrapped,
+         item.kfrag_sha256, item.receiving_key, item.created_at),
+    )  # fmt: skip
+    old.execute("PRAGMA user_version = 4")
+    old.commit()
+    old.close()
+    store = KfragStore(db_path)
+    try:
+        assert store.get(PATIENT, GRANTEE, LAB) == dataclasses.replace(item, kek_generation=2)
+        assert store.shredded_through() == 77
+        enrolled = _enrolled(1, n=2)
+        store.put_enrollment([enrolled], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+        assert store.get(PATIENT, GRANTEE, LAB) == enrolled
+    finally:
+        store.close()
+
+
 def test_a_version_3_store_opens_with_no_shredding_record(db_path: Path) -> None:
     """Stores written before the shredding record: the grant index snapshot beside one is
     not trusted (kms_node/index_snapshot.py), until the node records a block."""
@@ -350,19 +389,127 @@ def test_put_many_is_all_or_nothing(store: KfragStore) -> None:
     assert store.count() == 0
 
 
+def _enrolled(deadline: int, n: int = 1, **changes: Any) -> StoredKfrag:
+    return dataclasses.replace(_item(n=n), enrolled_deadline=deadline, **changes)
+
+
+def _nonce(n: int) -> bytes:
+    return bytes([n]) * 32
+
+
+NOW = 1_700_000_000
+
+
 def test_a_grant_replacement_drops_the_types_it_no_longer_covers(store: KfragStore) -> None:
-    diagnosis = dataclasses.replace(_item(n=2), record_type=0)
-    store.put_many([_item(), diagnosis])
+    diagnosis = _enrolled(NOW + 300, n=2, record_type=0)
+    store.put_enrollment(
+        [_enrolled(NOW + 300), diagnosis], nonce=_nonce(1), retain_types={0, LAB}, now=NOW
+    )
     store.put(_item(grantee=OTHER_GRANTEE))
-    imaging = dataclasses.replace(_item(n=4), record_type=2)
+    imaging = _enrolled(NOW + 300, n=4, record_type=2)
     store.put(imaging)
-    store.put_many([_item(n=3)], retain_types={LAB, 2})
-    assert store.get(PATIENT, GRANTEE, LAB) == _item(n=3)
+    replacement = _enrolled(NOW + 300, n=3)
+    store.put_enrollment([replacement], nonce=_nonce(2), retain_types={LAB, 2}, now=NOW)
+    assert store.get(PATIENT, GRANTEE, LAB) == replacement
     assert store.get(PATIENT, GRANTEE, 0) is None  # no longer covered: shredded
     assert store.get(PATIENT, GRANTEE, 2) == imaging  # still covered: kept
     assert store.get(PATIENT, OTHER_GRANTEE, LAB) is not None  # another grant is untouched
-    with pytest.raises(InvalidRequest, match="exactly one grant"):
-        store.put_many([_item(), _item(grantee=OTHER_GRANTEE)], retain_types={LAB})
+
+
+@pytest.mark.parametrize(
+    ("items", "nonce", "message"),
+    [
+        ([_enrolled(NOW), _enrolled(NOW, grantee=OTHER_GRANTEE)], _nonce(1), "one grant"),
+        ([_enrolled(NOW), _enrolled(NOW + 1, n=2, record_type=0)], _nonce(1), "one grant"),
+        ([], _nonce(1), "one grant"),
+        ([_item()], _nonce(1), "carry its deadline"),
+        ([_enrolled(NOW)], b"\x01" * 31, "32 bytes"),
+        ([_enrolled(-1)], _nonce(1), "must not be negative"),
+    ],
+)
+def test_refuses_a_malformed_enrollment(
+    store: KfragStore, items: list[StoredKfrag], nonce: bytes, message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        store.put_enrollment(items, nonce=nonce, retain_types={LAB}, now=NOW)
+    assert store.count() == 0
+
+
+def test_an_enrollment_is_stored_once_even_across_a_restart(db_path: Path) -> None:
+    """The nonce is written with the kfrags, durably: the node's replay memory (not
+    fsync'd, and an operator may delete it) is not what stops a replay."""
+    first, second = _enrolled(NOW + 300, n=1), _enrolled(NOW + 300, n=2)
+    store = KfragStore(db_path)
+    store.put_enrollment([first], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+    store.put_enrollment([second], nonce=_nonce(2), retain_types={LAB}, now=NOW)
+    store.close()
+    reopened = KfragStore(db_path)
+    try:
+        with pytest.raises(Unauthenticated, match="enrollment already received"):
+            reopened.put_enrollment([first], nonce=_nonce(1), retain_types={LAB}, now=NOW + 1)
+        with pytest.raises(EnrollmentAlreadyStored):  # for another grantee too: one nonce
+            reopened.put_enrollment(
+                [_enrolled(NOW + 300, grantee=OTHER_GRANTEE)],
+                nonce=_nonce(2),
+                retain_types={LAB},
+                now=NOW + 1,
+            )
+        assert reopened.get(PATIENT, GRANTEE, LAB) == second
+        assert reopened.count() == 1
+    finally:
+        reopened.close()
+
+
+def test_an_older_enrollment_never_replaces_a_later_one(store: KfragStore) -> None:
+    later = _enrolled(NOW + 300, n=2)
+    store.put_enrollment([later], nonce=_nonce(2), retain_types={LAB}, now=NOW)
+    relayed_late = _enrolled(NOW + 290, n=1)
+    with pytest.raises(PreconditionFailed, match=r"later enrollment \(deadline 1700000300\)"):
+        store.put_enrollment([relayed_late], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+    assert store.get(PATIENT, GRANTEE, LAB) == later
+    # Refused whole: its nonce is not kept, and it is refused again for what it is.
+    with pytest.raises(EnrollmentSuperseded):
+        store.put_enrollment([relayed_late], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+    # One with the same deadline (signed in the same second) may replace it; so may a
+    # later one, and one for another grantee is not compared with it.
+    same_second = _enrolled(NOW + 300, n=3)
+    store.put_enrollment([same_second], nonce=_nonce(3), retain_types={LAB}, now=NOW)
+    assert store.get(PATIENT, GRANTEE, LAB) == same_second
+    newest = _enrolled(NOW + 400, n=4)
+    store.put_enrollment([newest], nonce=_nonce(4), retain_types={LAB}, now=NOW + 100)
+    other = _enrolled(NOW + 200, n=5, grantee=OTHER_GRANTEE)
+    store.put_enrollment([other], nonce=_nonce(5), retain_types={LAB}, now=NOW + 100)
+    assert store.get(PATIENT, GRANTEE, LAB) == newest
+    assert store.get(PATIENT, OTHER_GRANTEE, LAB) == other
+
+
+def test_an_enrollment_after_a_shred_is_not_compared_with_the_shredded_kfrags(
+    store: KfragStore,
+) -> None:
+    store.put_enrollment([_enrolled(NOW + 300)], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+    assert store.delete(PATIENT, GRANTEE)  # revoked; the patient grants again
+    regranted = _enrolled(NOW + 280, n=2)  # signed on a device whose clock is behind
+    store.put_enrollment([regranted], nonce=_nonce(2), retain_types={LAB}, now=NOW + 10)
+    assert store.get(PATIENT, GRANTEE, LAB) == regranted
+    # The enrollment before the revocation is still refused by its nonce.
+    with pytest.raises(EnrollmentAlreadyStored):
+        store.put_enrollment([_enrolled(NOW + 300)], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+
+
+def test_enrollment_nonces_are_forgotten_an_hour_past_their_deadline(
+    store: KfragStore, db_path: Path
+) -> None:
+    store.put_enrollment([_enrolled(NOW + 300)], nonce=_nonce(1), retain_types={LAB}, now=NOW)
+    kept_until = NOW + 300 + ENROLLMENT_NONCE_KEPT_S
+    store.put_enrollment(
+        [_enrolled(kept_until + 300, n=2)], nonce=_nonce(2), retain_types={LAB}, now=kept_until
+    )
+    store.put_enrollment(
+        [_enrolled(kept_until + 301, n=3)], nonce=_nonce(3), retain_types={LAB}, now=kept_until + 1
+    )
+    with closing(sqlite3.connect(db_path)) as check:
+        kept = check.execute("SELECT nonce FROM enrollments ORDER BY deadline").fetchall()
+    assert kept == [(_nonce(2),), (_nonce(3),)]
 
 
 def test_delete_can_keep_some_types(store: KfragStore) -> None:

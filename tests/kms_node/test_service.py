@@ -14,7 +14,7 @@ import pytest
 import umbral_pre as umbral
 
 from clients.sdk.identity import Identity
-from clients.sdk.signed_requests import sealed_enrollment
+from clients.sdk.signed_requests import REQUEST_VALIDITY_S, sealed_enrollment
 from core import capsule_cache
 from core.audit import Receipt, verify_receipt
 from core.errors import (
@@ -176,8 +176,10 @@ class World:
         patient: Identity | None = None,
         receiving_key: bytes | None = None,
         node: NodeInfo | None = None,
+        signed_at: int = NOW,
     ) -> common_pb2.EnrollKeyFragmentRequest:
-        """Sealed to this node and signed by ``patient`` (alice unless given), for alice."""
+        """Sealed to this node and signed by ``patient`` (alice unless given) at
+        ``signed_at``, for alice."""
         info = self.node.node_info()
         node = node or NodeInfo(
             node_id=info.node_id,
@@ -194,7 +196,7 @@ class World:
             self.bob.address,
             receiving_key or self.bob.umbral_public_key(),
             kfrags,
-            now=NOW,
+            now=signed_at,
         )
         request.patient = address_bytes(self.alice.address)
         return request
@@ -804,6 +806,33 @@ def test_a_replayed_enrollment_is_refused_before_any_chain_read(world: World) ->
     world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
     assert reads.count == 1
     assert ENROLLMENT_REPLAYED.startswith("enrollment already received")
+
+
+def test_an_enrollment_the_replay_memory_lost_is_refused_by_the_kfrag_store(
+    world: World, tmp_path: Path
+) -> None:
+    """The node restarts on a fresh replay memory: the enrollment it stored before is
+    still refused, and the kfrags of her later enrollment stay."""
+    first = world.enrollment({RecordType.LAB_RESULT: world.kfrag()})
+    world.node.enroll(first)
+    second = world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
+    restarted = node_on(world, tmp_path, ChainReads(world.registry), world.registry)
+    with pytest.raises(Unauthenticated, match="enrollment already received"):
+        restarted.enroll(first)
+    stored = world.kfrags.get(world.alice.address, world.bob.address, RecordType.LAB_RESULT)
+    assert stored is not None and [stored.kfrag_sha256] == list(second.kfrag_sha256)
+
+
+def test_an_older_enrollment_relayed_late_does_not_replace_a_later_one(world: World) -> None:
+    """A relay holds back the patient's enrollment and delivers it after the one she
+    signed next: its kfrags would not combine with the other nodes' new set."""
+    held_back = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, signed_at=NOW - 20)
+    later = world.node.enroll(world.enrollment({RecordType.LAB_RESULT: world.kfrag()}))
+    with pytest.raises(PreconditionFailed, match="from a later enrollment"):
+        world.node.enroll(held_back)
+    stored = world.kfrags.get(world.alice.address, world.bob.address, RecordType.LAB_RESULT)
+    assert stored is not None and [stored.kfrag_sha256] == list(later.kfrag_sha256)
+    assert stored.enrolled_deadline == NOW + REQUEST_VALIDITY_S
 
 
 def test_enrollments_cost_the_patient_ten_requests_each(world: World) -> None:
