@@ -48,8 +48,14 @@ def _public_key(data: bytes) -> umbral.PublicKey:
     return umbral.PublicKey.from_compressed_bytes(data)
 
 
-def load_capsule(data: bytes, field: str = "capsule") -> umbral.Capsule:
+def check_capsule_size(data: bytes, field: str = "capsule") -> None:
+    """What can be checked of a capsule without parsing it (which costs two curve
+    multiplications): its size."""
     _check_size(field, data, CAPSULE_SIZE)
+
+
+def load_capsule(data: bytes, field: str = "capsule") -> umbral.Capsule:
+    check_capsule_size(data, field)
     try:
         return umbral.Capsule.from_bytes(data)
     except ValueError:

@@ -13,7 +13,7 @@ from core.errors import AccessDenied, NotFound
 from core.policy import FINAL_DENIALS, POLICY_DENIALS, Reason, judge
 from core.record_types import RecordType, to_mask
 from core.registry_types import AccessState, GrantInfo, RecordInfo
-from core.requests import ReencryptionQuery, Signed
+from core.requests import LazyCapsule, ReencryptionQuery, Signed
 from core.umbral_codec import capsule_hash
 
 PATIENT = "0x" + "11" * 20
@@ -40,8 +40,7 @@ def _query(capsule: umbral.Capsule, receiving: umbral.PublicKey) -> Reencryption
         patient=PATIENT,
         record_id=record_id,
         record_type=RecordType.LAB_RESULT,
-        capsule_bytes=bytes(capsule),
-        capsule=capsule,
+        lazy_capsule=LazyCapsule(bytes(capsule)),
         requester=GRANTEE,
         requester_umbral_key=bytes(receiving.to_compressed_bytes()),
         receiving_key=receiving,
