@@ -148,6 +148,39 @@ def test_proofs_verify_and_equal_the_pure_ones(log: AuditLog) -> None:
             assert merkle.verify_consistency(old, size, merkle.root(leaves[:old]), root, proof)
 
 
+def test_a_checkpoint_asked_again_in_its_second_is_not_signed_again(
+    db_path: Path, keys: MemoryKeyStore
+) -> None:
+    """An auditor (or anyone holding an auditor certificate) looping on GetCheckpoint
+    costs one HSM signature per second and tree, not one per call."""
+    clock = FixedClock()
+    audit = AuditLog(db_path, keys, NODE, clock=clock)
+    signed: list[bytes] = []
+    sign = keys.sign
+
+    def counted(message: bytes) -> bytes:
+        signed.append(message)
+        return sign(message)
+
+    keys.sign = counted  # type: ignore[method-assign]
+    try:
+        fill(audit, 3)
+        first = audit.checkpoint()
+        assert [audit.checkpoint() for _ in range(100)] == [first] * 100
+        assert len(signed) == 1 + 3  # the checkpoint, and the three receipts
+        fill(audit, 1, start=3)
+        grown = audit.checkpoint()
+        assert grown.tree_size == 4 and len(signed) == 1 + 4 + 1
+        clock.now += 1
+        later = audit.checkpoint()
+        assert (later.tree_size, later.timestamp) == (4, grown.timestamp + 1)
+        assert len(signed) == 7
+        key = keys.signing_public_key()
+        assert all(verify_checkpoint(c, key) for c in (first, grown, later))
+    finally:
+        audit.close()
+
+
 def test_receipts_are_included_in_later_checkpoints(log: AuditLog, keys: MemoryKeyStore) -> None:
     key = keys.signing_public_key()
     receipts = fill(log, 11)
