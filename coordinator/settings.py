@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,15 @@ from core.endpoints import parse_host_port
 from core.errors import ConfigurationError, InvalidRequest
 from core.node_identity import check_node_id
 from core.request_auth import MAX_REQUEST_WINDOW_S
-from core.settings_table import field_names, reject_unknown_keys, value_or_default
+from core.settings_table import (
+    SettingsTable,
+    check_float_settings,
+    check_log_level,
+    checked,
+    field_names,
+    read_settings_file,
+    reject_unknown_keys,
+)
 from proto import rpc
 from proto.transport import Transport, require_tls_settings
 
@@ -79,56 +86,36 @@ class CoordinatorSettings:
 
     @classmethod
     def from_toml(cls, path: Path) -> CoordinatorSettings:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigurationError(f"cannot read coordinator config {path}: {e}") from None
+        raw = read_settings_file(path, what="coordinator config")
         where = f"coordinator config {path}"
         reject_unknown_keys(raw, field_names(cls), where=where)
-        for i, node in enumerate(raw.get("nodes", [])):
-            if isinstance(node, dict):
-                reject_unknown_keys(
-                    node, field_names(NodeAddress), where=f"{where} [[nodes]] {i + 1}"
-                )
-        base = path.parent
-
-        def rel(key: str) -> Path | None:
-            if key not in raw:
-                return None
-            p = Path(str(raw[key]))
-            return p if p.is_absolute() else base / p
-
-        def get(name: str) -> Any:
-            return value_or_default(raw, cls, name)
-
+        table = SettingsTable(raw, cls, where=where, base=path.parent)
         try:
             settings = cls(
-                listen=str(raw["listen"]),
-                threshold=int(raw["threshold"]),
-                nodes=tuple(
-                    NodeAddress(str(n["node_id"]), str(n["address"])) for n in raw["nodes"]
-                ),
-                chain_rpc_url=str(raw["chain_rpc_url"]),
-                registry_address=str(raw["registry_address"]),
-                node_timeout_s=float(get("node_timeout_s")),
-                verify_every_fragment=get("verify_every_fragment"),  # checked by validate()
-                patient_cache_s=float(get("patient_cache_s")),
-                connections_per_node=int(get("connections_per_node")),
-                coalesce_node_calls=get("coalesce_node_calls"),  # checked by validate()
-                request_window_s=int(get("request_window_s")),
-                requester_rate_per_s=float(get("requester_rate_per_s")),
-                requester_burst=int(get("requester_burst")),
-                peer_refusals_per_s=float(get("peer_refusals_per_s")),
-                peer_refusal_burst=int(get("peer_refusal_burst")),
-                served_memory_s=float(get("served_memory_s")),
-                metrics_listen=str(get("metrics_listen")),
-                log_level=str(get("log_level")),
-                tls_ca_cert=rel("tls_ca_cert"),
-                tls_cert=rel("tls_cert"),
-                tls_key=rel("tls_key"),
-                tls_client_cert=rel("tls_client_cert"),
-                tls_client_key=rel("tls_client_key"),
-                dev_plaintext=get("dev_plaintext"),  # checked by validate()
+                listen=table.get("listen", str),
+                threshold=table.get("threshold", int),
+                nodes=_node_addresses(table),
+                chain_rpc_url=table.get("chain_rpc_url", str),
+                registry_address=table.get("registry_address", str),
+                node_timeout_s=table.get("node_timeout_s", float),
+                verify_every_fragment=table.get("verify_every_fragment", bool),
+                patient_cache_s=table.get("patient_cache_s", float),
+                connections_per_node=table.get("connections_per_node", int),
+                coalesce_node_calls=table.get("coalesce_node_calls", bool),
+                request_window_s=table.get("request_window_s", int),
+                requester_rate_per_s=table.get("requester_rate_per_s", float),
+                requester_burst=table.get("requester_burst", int),
+                peer_refusals_per_s=table.get("peer_refusals_per_s", float),
+                peer_refusal_burst=table.get("peer_refusal_burst", int),
+                served_memory_s=table.get("served_memory_s", float),
+                metrics_listen=table.get("metrics_listen", str),
+                log_level=table.get("log_level", str),
+                tls_ca_cert=table.optional_path("tls_ca_cert"),
+                tls_cert=table.optional_path("tls_cert"),
+                tls_key=table.optional_path("tls_key"),
+                tls_client_cert=table.optional_path("tls_client_cert"),
+                tls_client_key=table.optional_path("tls_client_key"),
+                dev_plaintext=table.get("dev_plaintext", bool),
             )
         except KeyError as e:
             raise ConfigurationError(
@@ -139,6 +126,9 @@ class CoordinatorSettings:
 
     def validate(self) -> None:
         parse_host_port(self.listen, "listen")
+        check_log_level(self.log_level)
+        # NaN and infinity first: NaN fails no "<= 0" test
+        check_float_settings(self)
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")
         if not self.nodes:
@@ -161,8 +151,10 @@ class CoordinatorSettings:
             )
         if not 1 <= self.connections_per_node <= 64:
             raise ConfigurationError("connections_per_node must be between 1 and 64")
-        if self.node_timeout_s <= 0:
+        if not self.node_timeout_s > 0:
             raise ConfigurationError("node_timeout_s must be positive")
+        if self.patient_cache_s < 0:
+            raise ConfigurationError("patient_cache_s must be >= 0")
         if not 1 <= self.request_window_s <= MAX_REQUEST_WINDOW_S:
             raise ConfigurationError(
                 f"request_window_s must be between 1 and {MAX_REQUEST_WINDOW_S} seconds"
@@ -205,3 +197,17 @@ class CoordinatorSettings:
                 "coordinator TLS settings are incomplete"
             )  # validate() says which
         return Transport.tls(self.tls_ca_cert, cert, key)
+
+
+def _node_addresses(table: SettingsTable) -> tuple[NodeAddress, ...]:
+    """The ``[[nodes]]`` array of tables, each checked like the top-level table."""
+    nodes = table.get("nodes", list)
+    addresses = []
+    for i, node in enumerate(nodes, start=1):
+        at = f"[[nodes]] {i}"
+        entry: dict[str, Any] = checked(node, dict, name=at, where=table.where)
+        where = f"{table.where} {at}"
+        reject_unknown_keys(entry, field_names(NodeAddress), where=where)
+        fields = SettingsTable(entry, NodeAddress, where=where, base=table.base)
+        addresses.append(NodeAddress(fields.get("node_id", str), fields.get("address", str)))
+    return tuple(addresses)

@@ -11,17 +11,22 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError, InvalidRequest
 from core.node_identity import check_node_id
 from core.request_auth import MAX_REQUEST_WINDOW_S
-from core.settings_table import field_names, reject_unknown_keys, value_or_default
+from core.settings_table import (
+    SettingsTable,
+    check_float_settings,
+    check_log_level,
+    field_names,
+    read_settings_file,
+    reject_unknown_keys,
+)
 from kms_node.hsm.softhsm_token import softhsm_token_dir
 from proto.transport import Transport, require_tls_settings
 
@@ -69,23 +74,19 @@ class PinSource:
 
     @classmethod
     def from_config(
-        cls,
-        setting: str,
-        raw: Mapping[str, object],
-        path_of: Callable[[object], Path],
-        environ: Mapping[str, str],
+        cls, setting: str, table: SettingsTable, environ: Mapping[str, str]
     ) -> PinSource | None:
-        """The source ``raw`` names for ``setting``; None if it names none."""
+        """The source ``table`` names for ``setting``; None if it names none."""
         file_key, env_key = f"{setting}_file", f"{setting}_env"
-        if file_key in raw and env_key in raw:
+        if file_key in table and env_key in table:
             raise ConfigurationError(
                 f"node config sets both {file_key} and {env_key}: name exactly one source "
                 f"for {_PIN_NAMES[setting]}"
             )
-        if file_key in raw:
-            return cls(setting, file=path_of(raw[file_key]))
-        if env_key in raw:
-            name = str(raw[env_key])
+        if file_key in table:
+            return cls(setting, file=table.path(file_key))
+        if env_key in table:
+            name = table.get(env_key, str)
             if not _ENV_NAME.fullmatch(name):
                 raise ConfigurationError(f"{env_key} must name an environment variable")
             return cls(setting, env=name, env_value=environ.get(name))
@@ -216,57 +217,48 @@ class NodeSettings:
         """Read ``path``; ``environ`` (the CLI passes ``os.environ``) holds the variables a
         ``*_pin_env`` key may name, and is read only here."""
         environ = {} if environ is None else environ
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigurationError(f"cannot read node config {path}: {e}") from None
+        raw = read_settings_file(path, what="node config")
         reject_unknown_keys(raw, node_config_keys(), where=f"node config {path}")
-        base = path.parent
-
-        def rel(value: object) -> Path:
-            p = Path(str(value))
-            return p if p.is_absolute() else base / p
-
-        def get(name: str) -> Any:
-            return value_or_default(raw, cls, name)
-
+        table = SettingsTable(raw, cls, where=f"node config {path}", base=path.parent)
         try:
             settings = cls(
-                node_id=str(raw["node_id"]),
-                listen=str(raw["listen"]),
-                metrics_listen=str(get("metrics_listen")),
-                chain_rpc_url=str(raw["chain_rpc_url"]),
-                registry_address=str(raw["registry_address"]),
-                data_dir=rel(raw["data_dir"]),
-                hsm_module=str(raw.get("hsm_module", DEFAULT_SOFTHSM_MODULE)),
-                hsm_token_label=str(raw["hsm_token_label"]),
-                hsm_pin=_required_pin(PinSource.from_config("hsm_pin", raw, rel, environ)),
-                hsm_so_pin=PinSource.from_config("hsm_so_pin", raw, rel, environ),
-                softhsm_conf=rel(raw["softhsm_conf"]) if "softhsm_conf" in raw else None,
-                softhsm_token_dir=(
-                    rel(raw["softhsm_token_dir"]) if "softhsm_token_dir" in raw else None
+                node_id=table.get("node_id", str),
+                listen=table.get("listen", str),
+                metrics_listen=table.get("metrics_listen", str),
+                chain_rpc_url=table.get("chain_rpc_url", str),
+                registry_address=table.get("registry_address", str),
+                data_dir=table.path("data_dir"),
+                hsm_module=(
+                    table.get("hsm_module", str)
+                    if "hsm_module" in table
+                    else DEFAULT_SOFTHSM_MODULE
                 ),
-                registry_start_block=int(get("registry_start_block")),
-                chain_poll_interval_s=float(get("chain_poll_interval_s")),
-                chain_max_age_s=float(get("chain_max_age_s")),
-                chain_max_lag_blocks=int(get("chain_max_lag_blocks")),
-                chain_confirmations=int(get("chain_confirmations")),
-                index_snapshot_interval_s=float(get("index_snapshot_interval_s")),
-                max_workers=int(get("max_workers")),
-                processes=int(get("processes")),
-                anchoring=get("anchoring"),  # checked by validate()
-                anchor_every_entries=int(get("anchor_every_entries")),
-                anchor_interval_s=float(get("anchor_interval_s")),
-                request_window_s=int(get("request_window_s")),
-                rate_limit_per_s=float(get("rate_limit_per_s")),
-                rate_limit_burst=int(get("rate_limit_burst")),
-                kfrag_cache_ttl_s=float(get("kfrag_cache_ttl_s")),
-                replay_max_entries=int(get("replay_max_entries")),
-                log_level=str(get("log_level")),
-                tls_ca_cert=rel(raw["tls_ca_cert"]) if "tls_ca_cert" in raw else None,
-                tls_cert=rel(raw["tls_cert"]) if "tls_cert" in raw else None,
-                tls_key=rel(raw["tls_key"]) if "tls_key" in raw else None,
-                dev_plaintext=get("dev_plaintext"),  # checked by validate()
+                hsm_token_label=table.get("hsm_token_label", str),
+                hsm_pin=_required_pin(PinSource.from_config("hsm_pin", table, environ)),
+                hsm_so_pin=PinSource.from_config("hsm_so_pin", table, environ),
+                softhsm_conf=table.optional_path("softhsm_conf"),
+                softhsm_token_dir=table.optional_path("softhsm_token_dir"),
+                registry_start_block=table.get("registry_start_block", int),
+                chain_poll_interval_s=table.get("chain_poll_interval_s", float),
+                chain_max_age_s=table.get("chain_max_age_s", float),
+                chain_max_lag_blocks=table.get("chain_max_lag_blocks", int),
+                chain_confirmations=table.get("chain_confirmations", int),
+                index_snapshot_interval_s=table.get("index_snapshot_interval_s", float),
+                max_workers=table.get("max_workers", int),
+                processes=table.get("processes", int),
+                anchoring=table.get("anchoring", bool),
+                anchor_every_entries=table.get("anchor_every_entries", int),
+                anchor_interval_s=table.get("anchor_interval_s", float),
+                request_window_s=table.get("request_window_s", int),
+                rate_limit_per_s=table.get("rate_limit_per_s", float),
+                rate_limit_burst=table.get("rate_limit_burst", int),
+                kfrag_cache_ttl_s=table.get("kfrag_cache_ttl_s", float),
+                replay_max_entries=table.get("replay_max_entries", int),
+                log_level=table.get("log_level", str),
+                tls_ca_cert=table.optional_path("tls_ca_cert"),
+                tls_cert=table.optional_path("tls_cert"),
+                tls_key=table.optional_path("tls_key"),
+                dev_plaintext=table.get("dev_plaintext", bool),
             )
         except KeyError as e:
             raise ConfigurationError(f"node config {path} is missing {e.args[0]!r}") from None
@@ -279,6 +271,10 @@ class NodeSettings:
         except InvalidRequest as e:
             raise ConfigurationError(e.message) from None
         parse_host_port(self.listen, "listen")
+        check_log_level(self.log_level)
+        # NaN and infinity first: NaN fails no "< bound" test, and NaN as a rate turns
+        # rate limiting off
+        check_float_settings(self)
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "metrics_listen")
         if not 0 < self.chain_poll_interval_s < self.chain_max_age_s:
@@ -299,6 +295,10 @@ class NodeSettings:
             raise ConfigurationError("anchoring must be true or false")
         if self.anchor_every_entries < 1 or not self.anchor_interval_s > 0:
             raise ConfigurationError("need anchor_every_entries >= 1 and anchor_interval_s > 0")
+        if not self.rate_limit_per_s > 0:
+            raise ConfigurationError("rate_limit_per_s must be positive")
+        if self.rate_limit_burst < 1:
+            raise ConfigurationError("rate_limit_burst must be at least 1")
         if not 1 <= self.request_window_s <= MAX_REQUEST_WINDOW_S:
             # 0 would leave the replay memory unable to hold any nonce (it refuses to
             # start), and no request could ever be fresh
@@ -403,8 +403,10 @@ def _read_pin_file(path: Path, key: str) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    try:
+        # on the raw descriptor: fdopen refuses a directory with an error naming only the
+        # descriptor's number
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigurationError(f"{key} {path} is not a regular file")
         groups = frozenset([os.getegid(), *os.getgroups()])
@@ -413,6 +415,10 @@ def _read_pin_file(path: Path, key: str) -> str:
         )
         if problem is not None:
             raise ConfigurationError(f"{key} {path} {problem}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(MAX_PIN_FILE_BYTES + 1)
         except OSError as e:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from coordinator.settings import CoordinatorSettings
 from core.errors import ConfigurationError
+from core.settings_table import MAX_SETTINGS_FILE_BYTES
 from proto import rpc
 
 MINIMAL = (
@@ -75,3 +78,124 @@ def test_a_node_id_the_registry_would_refuse_is_refused_naming_it(
         CoordinatorSettings.from_toml(config)
     config.write_text(MINIMAL + NODE.replace('"node-1"', '"n' + "1" * 31 + '"'))
     assert CoordinatorSettings.from_toml(config).nodes[0].node_id == "n" + "1" * 31
+
+
+def _refused(config: Path) -> str:
+    with pytest.raises(ConfigurationError) as caught:
+        CoordinatorSettings.from_toml(config)
+    return caught.value.message
+
+
+# --- the file itself: refused naming it, never a traceback or a hang ------------------------
+
+
+@pytest.mark.timeout(10)  # a plain read of a FIFO waits for a writer forever
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_config_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    config = tmp_path / "coordinator.toml"
+    if kind == "fifo":
+        os.mkfifo(config)
+    elif kind == "device":
+        config = Path("/dev/zero")  # a plain read fills the memory, then MemoryError
+    else:
+        config.mkdir()
+    assert _refused(config) == f"coordinator config {config} is not a regular file"
+
+
+def test_a_config_larger_than_the_bound_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(MINIMAL + NODE + "#" * MAX_SETTINGS_FILE_BYTES + "\n")
+    assert _refused(config) == f"coordinator config {config} is larger than 65536 bytes"
+
+
+def test_a_config_that_is_not_utf8_or_not_toml_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_bytes(b"\xff" + (MINIMAL + NODE).encode())
+    assert _refused(config) == (
+        f"cannot read coordinator config {config}: not UTF-8 text (at byte 0)"
+    )
+    config.write_text("threshold = \n")
+    assert _refused(config).startswith(f"cannot read coordinator config {config}: not TOML: ")
+
+
+def test_arrays_nested_deeper_than_the_parser_recurses_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text("nodes = " + "[" * 20_000 + "]" * 20_000 + "\n")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)  # Python's own: importing py_ecc raises it to 100,000
+    try:
+        message = _refused(config)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert message == f"cannot read coordinator config {config}: arrays or tables nested too deep"
+
+
+# --- each value's type -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # used to escape as TypeError: 'int' object is not iterable
+        (MINIMAL + "nodes = 5\n", "nodes must be an array, got int"),
+        (MINIMAL + 'nodes = ["a"]\n', "[[nodes]] 1 must be a table, got str"),
+        (MINIMAL + NODE + '[[nodes]]\nnode_id = 2\naddress = "h:1"\n', None),
+        (MINIMAL.replace("threshold = 1", 'threshold = "1"') + NODE, "threshold must be an "),
+        (MINIMAL.replace("threshold = 1", "threshold = true") + NODE, "threshold must be an "),
+        (MINIMAL.replace("threshold = 1", "threshold = 1.0") + NODE, "threshold must be an "),
+        (MINIMAL + 'node_timeout_s = "3"\n' + NODE, "node_timeout_s must be a number, got str"),
+        (MINIMAL + "requester_burst = 1e3\n" + NODE, "requester_burst must be an integer, got"),
+        (MINIMAL + 'verify_every_fragment = "yes"\n' + NODE, "verify_every_fragment must be "),
+        (MINIMAL + "tls_cert = 5\n" + NODE, "tls_cert must be a string, got int"),
+        (MINIMAL + "log_level = []\n" + NODE, "log_level must be a string, got list"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_naming_the_key_and_the_type(
+    tmp_path: Path, text: str, message: str | None
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(text)
+    if message is None:  # a key of a [[nodes]] table: named with the table's place
+        assert _refused(config) == (
+            f"coordinator config {config} [[nodes]] 2: node_id must be a string, got int"
+        )
+    else:
+        assert _refused(config).startswith(f"coordinator config {config}: {message}")
+
+
+def test_an_integer_for_a_number_setting_is_read_as_a_number(tmp_path: Path) -> None:
+    settings = _load(tmp_path, "node_timeout_s = 2\n")
+    assert settings.node_timeout_s == 2.0 and type(settings.node_timeout_s) is float
+
+
+# --- each value's range ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("node_timeout_s = nan", "node_timeout_s must be a finite number"),
+        ("node_timeout_s = inf", "node_timeout_s must be a finite number"),
+        ("served_memory_s = nan", "served_memory_s must be a finite number"),
+        ("served_memory_s = inf", "served_memory_s must be a finite number"),
+        ("patient_cache_s = inf", "patient_cache_s must be a finite number"),
+        ("patient_cache_s = -1", "patient_cache_s must be >= 0"),
+        ("requester_rate_per_s = nan", "requester_rate_per_s must be a finite number"),
+        ("peer_refusals_per_s = -inf", "peer_refusals_per_s must be a finite number"),
+        ("node_timeout_s = 0", "node_timeout_s must be positive"),
+        ("requester_burst = 0", "requester_burst and peer_refusal_burst must be at least 1"),
+        ("peer_refusal_burst = -5", "requester_burst and peer_refusal_burst must be at least 1"),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _load(tmp_path, line + "\n")
+    assert caught.value.message == message
+
+
+def test_an_unknown_log_level_is_refused_at_validation(tmp_path: Path) -> None:
+    """It used to pass here and fail at logging set-up with a ValueError traceback."""
+    with pytest.raises(ConfigurationError) as caught:
+        _load(tmp_path, 'log_level = "bogus"\n')
+    assert caught.value.message == "log_level must be one of debug, info, warning, error, critical"
+    assert _load(tmp_path, 'log_level = "DEBUG"\n').log_level == "DEBUG"

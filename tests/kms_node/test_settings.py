@@ -261,6 +261,18 @@ def test_a_pin_file_must_be_a_regular_file_of_bounded_size(tmp_path: Path) -> No
         settings.user_pin()
 
 
+def test_a_pin_file_that_is_a_directory_is_named_by_its_key_and_path(tmp_path: Path) -> None:
+    """It used to fail as ``kms-node: Is a directory: 3``: the descriptor, not the file."""
+    (tmp_path / "secrets").mkdir(mode=0o700)
+    settings = _load(tmp_path, 'hsm_pin_file = "secrets"\n')
+    with pytest.raises(ConfigurationError) as caught:
+        settings.user_pin()
+    assert caught.value.message == f"hsm_pin_file {tmp_path}/secrets is not a regular file"
+    ran = _kms_node("init", _config(tmp_path, 'hsm_pin_file = "secrets"\n'))
+    assert ran.returncode == 1
+    assert ran.stderr == f"kms-node: hsm_pin_file {tmp_path}/secrets is not a regular file\n"
+
+
 # --- confirmation depth (issue 12) -----------------------------------------------------------
 
 
