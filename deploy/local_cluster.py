@@ -7,7 +7,8 @@ nodes on-chain, starts them and the coordinator, and writes ``cluster.json``.
 
 State directory layout::
 
-    cluster.json            addresses, pids, account addresses (no secrets)
+    cluster.json            addresses, pids, account addresses (no secrets); its shape is
+                            checked when it is opened (``_check_state``)
     accounts/NAME.json      demo identities (mode 0600)
     blobs/                  the content-addressed blob store
     logs/*.log              one JSON log per process
@@ -33,19 +34,20 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import grpc
 
 from clients.sdk.blob_store import LocalBlobStore
 from clients.sdk.identity import Identity
-from clients.sdk.input_files import load_json_object
 from contracts.registry import RegistryClient
 from core import bounded_json
-from core.errors import KmsError, PreconditionFailed, Unavailable
+from core.errors import InvalidRequest, KmsError, PreconditionFailed, Unavailable
+from core.local_files import read_regular_file
 from core.node_identity import NodeIdentity, parse_node_identity
 from deploy import processes
 from deploy.anvil import AnvilProcess, set_balance
@@ -55,6 +57,8 @@ from kms_node.settings import DEFAULT_SOFTHSM_MODULE
 from proto.transport import Transport
 
 CLUSTER_FILE = "cluster.json"
+#: the ``version`` field of cluster.json: the shape :func:`_check_state` accepts
+STATE_VERSION = 1
 #: cluster.json names a chain, a coordinator and each node (a few hundred bytes each)
 MAX_CLUSTER_FILE_BYTES = 1024 * 1024
 #: {"nodes": [{...}], "node_settings": {...}}: objects in lists in objects
@@ -86,6 +90,138 @@ class ServiceEntry:
     log: str
     pid: int
     metrics_url: str
+
+
+# -- the shape of cluster.json ----------------------------------------------------------
+#
+# Only this module writes the file, and every `kmsctl` command on the cluster reads it: it is
+# checked once, in LocalCluster.open, against what `up` writes, so that a command meets a
+# named field, never a KeyError. `up` writes the file as the cluster comes up: the first
+# fields at once, each section (tls, chain, accounts, nodes, coordinator) as it is made, so
+# a cluster that stopped part way lacks some sections (its accessors say so).
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a field must hold: ``accepts`` checks it, ``expected`` says it in an error."""
+
+    expected: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_STRING: Final = _Kind("a string", lambda v: isinstance(v, str))
+_COUNT: Final = _Kind("a whole number, 0 or more", lambda v: _is_int(v) and v >= 0)
+_POSITIVE: Final = _Kind("a whole number, 1 or more", lambda v: _is_int(v) and v >= 1)
+_COUNT_OR_NULL: Final = _Kind(
+    "a whole number, 0 or more, or null", lambda v: v is None or (_is_int(v) and v >= 0)
+)
+_OBJECT: Final = _Kind("an object", lambda v: isinstance(v, dict))
+_LIST: Final = _Kind("a list", lambda v: isinstance(v, list))
+_VERSION: Final = _Kind(str(STATE_VERSION), lambda v: _is_int(v) and v == STATE_VERSION)
+
+#: what `up` writes first, so every cluster.json holds
+_STATE_FIELDS: Final = {
+    "version": _VERSION,
+    "threshold": _POSITIVE,
+    "processes_per_node": _POSITIVE,
+    "node_settings": _OBJECT,
+    "nodes": _LIST,
+}
+#: the sections, each written once its part is made
+_SECTIONS: Final = ("coordinator_settings", "tls", "chain", "accounts", "coordinator")
+_TLS_FIELDS: Final = {"ca_cert": _STRING, "operator_cert": _STRING, "operator_key": _STRING}
+_CHAIN_FIELDS: Final = {
+    "rpc_url": _STRING,
+    "port": _COUNT,
+    "pid": _COUNT,
+    "block_time_s": _COUNT_OR_NULL,
+}
+#: added to "chain", all together, once the registry is deployed
+_REGISTRY_FIELDS: Final = {
+    "registry_address": _STRING,
+    "chain_id": _COUNT,
+    "registry_start_block": _COUNT,
+}
+_ACCOUNT_FIELDS: Final = {"address": _STRING, "role": _STRING, "identity_file": _STRING}
+
+
+def _entry_fields(entry: type[NodeEntry] | type[ServiceEntry]) -> dict[str, _Kind]:
+    """An entry's fields, from its dataclass (annotations are strings here)."""
+    kinds = {"str": _STRING, "int": _COUNT}
+    return {f.name: kinds[str(f.type)] for f in fields(entry)}
+
+
+_NODE_FIELDS: Final = _entry_fields(NodeEntry)
+_COORDINATOR_FIELDS: Final = _entry_fields(ServiceEntry)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else "a number"
+
+
+def _check_state(path: Path, data: dict[str, Any]) -> None:
+    """Refuse, with :class:`InvalidRequest` naming the file and the field, a cluster.json
+    that is not as :meth:`LocalCluster.up` writes it."""
+
+    def refuse(field: str, kind: _Kind, value: object) -> NoReturn:
+        raise InvalidRequest(
+            f"cluster state file {path}: {field} must be {kind.expected}, not {_json_kind(value)}"
+        )
+
+    def check(obj: dict[str, Any], where: str, kinds: dict[str, _Kind], *, only: bool) -> None:
+        for name, kind in kinds.items():
+            if name not in obj:
+                raise InvalidRequest(
+                    f"cluster state file {path}: {where}{name} is missing ({kind.expected})"
+                )
+            if not kind.accepts(obj[name]):
+                refuse(where + name, kind, obj[name])
+        unknown = sorted(set(obj) - set(kinds)) if only else []
+        if unknown:
+            raise InvalidRequest(
+                f"cluster state file {path}: {where}{unknown[0]} is not a field of this "
+                f"entry ({', '.join(kinds)})"
+            )
+
+    def entry(value: object, where: str, kinds: dict[str, _Kind], *, only: bool) -> None:
+        if not isinstance(value, dict):
+            refuse(where, _OBJECT, value)
+        check(value, f"{where}.", kinds, only=only)
+
+    check(data, "", _STATE_FIELDS, only=False)
+    for name in _SECTIONS:
+        if name in data and not isinstance(data[name], dict):
+            refuse(name, _OBJECT, data[name])
+    for i, node in enumerate(data["nodes"]):
+        # The dataclass's fields and no others: NodeEntry(**node) takes nothing else.
+        entry(node, f"nodes[{i}]", _NODE_FIELDS, only=True)
+    if data["nodes"] and data["threshold"] > len(data["nodes"]):
+        raise InvalidRequest(
+            f"cluster state file {path}: threshold must be at most the number of nodes "
+            f"({len(data['nodes'])}), not {data['threshold']}"
+        )
+    if "tls" in data:
+        check(data["tls"], "tls.", _TLS_FIELDS, only=False)
+    if "chain" in data:
+        check(data["chain"], "chain.", _CHAIN_FIELDS, only=False)
+        if any(name in data["chain"] for name in _REGISTRY_FIELDS):
+            check(data["chain"], "chain.", _REGISTRY_FIELDS, only=False)
+    for name, account in data.get("accounts", {}).items():
+        entry(account, f"accounts.{name}", _ACCOUNT_FIELDS, only=False)
+    if "coordinator" in data:
+        check(data["coordinator"], "coordinator.", _COORDINATOR_FIELDS, only=True)
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -122,32 +258,52 @@ class LocalCluster:
 
     @classmethod
     def open(cls, state_dir: Path) -> LocalCluster:
+        """The cluster recorded in ``state_dir``; :class:`InvalidRequest` naming the field if
+        its cluster.json is not as :meth:`up` writes it (``OSError`` is the caller's)."""
         path = state_dir / CLUSTER_FILE
         try:
-            data = load_json_object(
-                path, max_bytes=MAX_CLUSTER_FILE_BYTES, max_depth=CLUSTER_FILE_DEPTH, what="state"
+            raw = read_regular_file(
+                path, max_bytes=MAX_CLUSTER_FILE_BYTES, what="cluster state file"
             )
         except FileNotFoundError:
             raise PreconditionFailed(
                 f"no cluster in {state_dir}; run `kmsctl cluster up`"
             ) from None
+        data = bounded_json.loads_object(
+            raw,
+            max_bytes=MAX_CLUSTER_FILE_BYTES,
+            max_depth=CLUSTER_FILE_DEPTH,
+            what=f"cluster state file {path}",
+        )
+        _check_state(path, data)
         return cls(state_dir, data)
+
+    def _recorded(self, section: str, field: str) -> Any:
+        """``field`` of a section :meth:`up` writes as the cluster comes up (its shape was
+        checked in :meth:`open`)."""
+        entry = self.data.get(section)
+        if entry is None or field not in entry:
+            raise PreconditionFailed(
+                f"the cluster in {self.state_dir} records no {section} {field}: it stopped "
+                "before it was up; run `kmsctl cluster up --reset`"
+            )
+        return entry[field]
 
     @property
     def rpc_url(self) -> str:
-        return str(self.data["chain"]["rpc_url"])
+        return str(self._recorded("chain", "rpc_url"))
 
     @property
     def registry_address(self) -> str:
-        return str(self.data["chain"]["registry_address"])
+        return str(self._recorded("chain", "registry_address"))
 
     @property
     def coordinator_address(self) -> str:
-        return str(self.data["coordinator"]["address"])
+        return str(self._recorded("coordinator", "address"))
 
     @property
     def coordinator_metrics_url(self) -> str:
-        return str(self.data["coordinator"]["metrics_url"])
+        return str(self._recorded("coordinator", "metrics_url"))
 
     @property
     def threshold(self) -> int:
@@ -262,7 +418,7 @@ class LocalCluster:
         cluster = cls(
             state_dir,
             {
-                "version": 1,
+                "version": STATE_VERSION,
                 "threshold": threshold,
                 "processes_per_node": processes,
                 "node_settings": dict(node_settings or {}),

@@ -59,7 +59,7 @@ def test_a_node_that_does_not_answer_fails(
     assert f"node at 127.0.0.1:{free} is not serving: UNAVAILABLE" in capsys.readouterr().err
 
 
-def test_the_node_refuses_a_probe_without_a_certificate_from_its_ca(
+def test_a_probe_without_a_certificate_from_the_nodes_ca_is_misconfigured(
     cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = cluster.node("node-1").config
@@ -67,8 +67,9 @@ def test_the_node_refuses_a_probe_without_a_certificate_from_its_ca(
     assert "pass --client-cert and --client-key" in capsys.readouterr().err
     stranger = ClusterCa.ensure(tmp_path / "other-ca").client_cert("probe")
     argv = ["--client-cert", str(stranger.cert), "--client-key", str(stranger.key)]
-    assert main(["node", "--config", config, "--timeout", "2", *argv]) == 1
-    assert "is not serving: UNAVAILABLE" in capsys.readouterr().err
+    # checked against the node's CA before dialling: the probe's configuration, not "down"
+    assert main(["node", "--config", config, "--timeout", "2", *argv]) == 2
+    assert f"TLS certificate {stranger.cert} (issuer" in capsys.readouterr().err
 
 
 def test_the_coordinator_passes_with_the_name_its_certificate_carries(
