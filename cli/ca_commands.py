@@ -19,10 +19,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, InvalidRequest
 from deploy.certificate_authority import (
     DEFAULT_VALIDITY,
     MAX_CSR_BYTES,
+    MAX_VALIDITY,
     ROLES,
     CertificateAuthority,
 )
@@ -52,9 +53,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     sign.add_argument(
         "--days",
-        type=int,
+        type=_days,
         default=DEFAULT_VALIDITY.days,
-        help=f"validity in days (default {DEFAULT_VALIDITY.days})",
+        help=f"validity in days, 1 to {MAX_VALIDITY.days} (default {DEFAULT_VALIDITY.days})",
     )
     sign.set_defaults(func=cmd_ca_sign)
 
@@ -75,13 +76,17 @@ def cmd_ca_sign(args: argparse.Namespace) -> None:
     csr_pem = read_pem(args.csr, "CSR")
     if len(csr_pem) > MAX_CSR_BYTES:
         raise ConfigurationError(f"CSR {args.csr} is larger than {MAX_CSR_BYTES} bytes")
-    cert = ca.sign(
-        csr_pem,
-        args.role,
-        _now(),
-        datetime.timedelta(days=args.days),
-        expected_name=args.name,
-    )
+    try:
+        cert = ca.sign(
+            csr_pem,
+            args.role,
+            _now(),
+            datetime.timedelta(days=args.days),
+            expected_name=args.name,
+        )
+    except InvalidRequest as e:
+        # The CA's refusals speak of "the request": name the file it came from.
+        raise InvalidRequest(f"CSR {args.csr}: {e.message}") from None
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     tmp.replace(args.out)
@@ -90,6 +95,19 @@ def cmd_ca_sign(args: argparse.Namespace) -> None:
     print(f"  names      {', '.join(str(n.value) for n in names)}")
     print(f"  serial     {cert.serial_number:x}")
     print(f"  valid to   {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+
+
+def _days(text: str) -> int:
+    """``--days``, checked while parsing: a number beyond ``timedelta``'s range would
+    otherwise end in a traceback, not a usage message."""
+    try:
+        days = int(text)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= MAX_VALIDITY.days:
+        # Not the value: it may be thousands of digits.
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_VALIDITY.days}")
+    return days
 
 
 def _now() -> datetime.datetime:

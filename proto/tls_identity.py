@@ -3,7 +3,9 @@ certificate and its private key.
 
 Rules this module follows:
 
-- every file is read with a size bound, and parsed before anything uses it;
+- every file is read as :mod:`core.local_files` reads one (a regular file only, so a
+  FIFO cannot hang a program at start; with a size bound), and parsed before anything
+  uses it;
 - a bundle may hold several CA certificates (so a CA can be rotated: trust the
   old and the new one while certificates move over), and nothing but CAs;
 - a certificate is used only with its own key, while it is valid, for the role
@@ -24,7 +26,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, InvalidRequest
+from core.local_files import read_regular_file
 
 #: a PEM file larger than this is not a certificate, key or CA bundle of ours
 MAX_PEM_BYTES = 256 * 1024
@@ -43,15 +46,14 @@ class TlsIdentity:
 
 
 def read_pem(path: Path, what: str) -> bytes:
-    """The bytes of ``path``, at most :data:`MAX_PEM_BYTES`."""
+    """The bytes of ``path``, a regular file of at most :data:`MAX_PEM_BYTES`."""
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PEM_BYTES + 1)
+        return read_regular_file(path, max_bytes=MAX_PEM_BYTES, what=what)
+    except InvalidRequest as e:
+        # Not a regular file, or too large: a setting names the wrong file.
+        raise ConfigurationError(e.message) from None
     except OSError as e:
         raise ConfigurationError(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigurationError(f"{what} {path} is larger than {MAX_PEM_BYTES} bytes")
-    return data
 
 
 def load_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]]:

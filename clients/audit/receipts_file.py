@@ -1,6 +1,11 @@
 """The receipts file an auditor may bring: the signed receipts a requester kept, as a JSON
 list (``kmsctl provider read --receipts-out FILE`` adds to it, ``kmsctl audit verify
 --receipts FILE`` checks it).
+
+It is read bounded in size, nesting and count: parsing builds a Python object for every
+array and object, some 60 bytes of memory for the 3 bytes of ``{},``, so a file of
+empty objects would cost 20 times its size before anything could refuse it. It is
+written owner-only (mode 0600): receipts say who read which record.
 """
 
 from __future__ import annotations
@@ -11,13 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from clients.sdk.input_files import load_json
+from clients.sdk.input_files import read_bounded
+from core import bounded_json
 from core.audit import Receipt
 from core.errors import InvalidRequest
 
 # Bounds on the file (clients/sdk/input_files.py).
-#: a receipt is under 1 KiB (its batch path at most 10 hashes): some 100 000 receipts
-MAX_RECEIPTS_FILE_BYTES: Final = 64 * 1024 * 1024
+#: the most receipts a file holds: a read adds one per node that served it (the
+#: threshold, say 3), so some 3 300 reads; a longer history is kept in several files
+MAX_RECEIPTS: Final = 10_000
+#: a receipt as save_receipts writes it is 600 to 1 000 bytes (a 72-byte DER signature,
+#: up to 6 hashes of batch path for a batch of 64 records, a request id); 1.5 KiB leaves
+#: room for the longest ids: 10 000 x 1536 bytes, some 14.6 MiB. Loading 10 000 such
+#: receipts peaks at some 40 MiB; the costliest JSON per byte (short strings, distinct
+#: keys, quotes around brackets) at some 25 times the file, some 360 MiB, where 64 MiB
+#: of ``[{},{},...]`` took 1.75 GB before the count below.
+MAX_RECEIPTS_FILE_BYTES: Final = MAX_RECEIPTS * 1536
+#: a receipt is one object holding one array (its batch path), in one list
+MAX_RECEIPTS_FILE_CONTAINERS: Final = 2 * MAX_RECEIPTS + 1
 #: a list of receipts, each an object, its batch path a list
 RECEIPTS_FILE_DEPTH: Final = 3
 
@@ -42,12 +58,19 @@ def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
 
 def load_receipts(path: Path) -> list[Receipt]:
     """A JSON list of receipts as :func:`receipt_to_json` writes them."""
+    # Each refusal up to the parsed list names the file (InvalidRequest); OSError is the
+    # caller's to report.
+    data = read_bounded(path, max_bytes=MAX_RECEIPTS_FILE_BYTES, what="receipts file")
+    _check_count(data, path)
+    items = bounded_json.loads(
+        data,
+        max_bytes=MAX_RECEIPTS_FILE_BYTES,
+        max_depth=RECEIPTS_FILE_DEPTH,
+        what=f"receipts file {path}",
+    )
+    if not isinstance(items, list):
+        raise InvalidRequest(f"{path} is not a receipts file: it must hold a JSON list")
     try:
-        items = load_json(
-            path, max_bytes=MAX_RECEIPTS_FILE_BYTES, max_depth=RECEIPTS_FILE_DEPTH, what="receipts"
-        )
-        if not isinstance(items, list):
-            raise InvalidRequest(f"{path} must hold a JSON list of receipts")
         return [
             Receipt(
                 node_id=str(item["node_id"]),
@@ -69,17 +92,54 @@ def load_receipts(path: Path) -> list[Receipt]:
             )
             for item in items
         ]
-    except (ValueError, KeyError, TypeError) as e:
-        # InvalidRequest is a ValueError too: keep its message.
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
+        # InvalidRequest is a ValueError too: keep its message. OverflowError: int() of a
+        # float too large, should a number ever get past bounded_json as one.
         message = e.message if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
         raise InvalidRequest(f"{path} is not a receipts file: {message}") from None
 
 
+def _check_count(data: bytes, path: Path) -> None:
+    """Refuse a file of more than :data:`MAX_RECEIPTS` receipts before parsing it."""
+    # Two byte counts bound the arrays and objects from above (brackets in strings too);
+    # only a file over the bound is scanned for the exact count.
+    if data.count(b"[") + data.count(b"{") <= MAX_RECEIPTS_FILE_CONTAINERS:
+        return
+    # A byte that is not UTF-8 is no bracket or quote: replaced, it changes no count
+    # (and bounded_json refuses the file for it, if it gets that far).
+    text = data.decode("utf-8", "replace")
+    # Too deep is the plainer diagnosis of a file that is also too many.
+    bounded_json.check_depth(text, max_depth=RECEIPTS_FILE_DEPTH, what=f"receipts file {path}")
+    containers = bounded_json.count_containers(text)
+    if containers > MAX_RECEIPTS_FILE_CONTAINERS:
+        raise InvalidRequest(
+            f"receipts file {path} holds more than {MAX_RECEIPTS} receipts ({containers} "
+            "arrays and objects, where a receipt is one object and one array); keep "
+            "receipts in several files"
+        )
+
+
 def save_receipts(path: Path, receipts: Sequence[Receipt]) -> None:
     """Add ``receipts`` to the receipts file at ``path`` (made if absent), written whole
-    to a temporary file and renamed over it, so a crash leaves the old list or the new."""
+    to a new temporary file (mode 0600) and renamed over it, so a crash leaves the old
+    list or the new. A file :func:`load_receipts` could not read back is not written."""
     kept = load_receipts(path) if path.exists() else []
-    text = json.dumps([receipt_to_json(r) for r in [*kept, *receipts]], indent=1) + "\n"
+    everything = [*kept, *receipts]
+    text = json.dumps([receipt_to_json(r) for r in everything], indent=1) + "\n"
+    if len(everything) > MAX_RECEIPTS or len(text) > MAX_RECEIPTS_FILE_BYTES:
+        raise InvalidRequest(
+            f"receipts file {path} would hold more than {MAX_RECEIPTS} receipts or "
+            f"{MAX_RECEIPTS_FILE_BYTES} bytes; keep these in a new file"
+        )
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # A temporary left by a crash is ours to replace; O_EXCL then makes sure the file
+    # written is a new one, so its mode is 0600 whatever the umask or the old file's.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -39,11 +39,20 @@ def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefi
     if not isinstance(data.get("nodes"), dict):
         raise InvalidRequest(f"{path} is not an audit state file")
     keys = {n.node_id: n.signing_public_key for n in nodes}
-    return {
-        node_id: VerifiedPrefix.from_json(item, keys[node_id])
-        for node_id, item in data["nodes"].items()
-        if node_id in keys
-    }
+    prefixes: dict[str, VerifiedPrefix] = {}
+    for node_id, item in data["nodes"].items():
+        if node_id not in keys:
+            continue
+        try:
+            prefixes[node_id] = VerifiedPrefix.from_json(item, keys[node_id])
+        except (InvalidRequest, OverflowError) as e:
+            # OverflowError: int() of a float too large, should one get past bounded_json.
+            # The node id is a registered node's (in keys), not any text of the file.
+            message = e.message if isinstance(e, InvalidRequest) else "a number out of range"
+            raise InvalidRequest(
+                f"audit state {path}, entry of node {node_id}: {message}"
+            ) from None
+    return prefixes
 
 
 def save_state(path: Path, report: ClusterReport, earlier: dict[str, VerifiedPrefix]) -> None:

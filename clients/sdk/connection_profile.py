@@ -77,6 +77,10 @@ class ConnectionProfile:
             raise ConfigurationError(f"profile {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"profile {path} is not TOML: {e}") from None
+        except (ValueError, RecursionError) as e:
+            # ValueError: an integer of more digits than Python converts (4300); its text
+            # is not TOML's, so the kind only. RecursionError: arrays nested thousands deep.
+            raise ConfigurationError(f"profile {path} is not TOML ({type(e).__name__})") from None
         except OSError as e:
             raise ConfigurationError(f"cannot read profile {path}: {e.strerror}") from None
         try:

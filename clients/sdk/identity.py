@@ -68,13 +68,14 @@ class PublicIdentity:
 
     @classmethod
     def load(cls, path: Path) -> PublicIdentity:
+        # Its refusals name the file already; the checks after are given its name once.
+        data = load_json_object(
+            path,
+            max_bytes=MAX_PUBLIC_IDENTITY_FILE_BYTES,
+            max_depth=1,
+            what="public identity file",
+        )
         try:
-            data = load_json_object(
-                path,
-                max_bytes=MAX_PUBLIC_IDENTITY_FILE_BYTES,
-                max_depth=1,
-                what="public identity file",
-            )
             if set(data) != {"did", "umbral_public_key"}:
                 raise InvalidRequest("it must hold exactly 'did' and 'umbral_public_key'")
             did = parse_did(data["did"])

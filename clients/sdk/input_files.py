@@ -1,6 +1,7 @@
 """Reading a local file the SDK or ``kmsctl`` is pointed at: a file is input like any other,
-so it is read bounded in size (a 2 GB "receipts file" is refused after ``max_bytes + 1``
-bytes, not read into memory) and, if JSON, parsed bounded in nesting
+so it is read as :mod:`core.local_files` reads one (a regular file only: a FIFO or a device
+is refused, never waited on; bounded in size: a 2 GB "receipts file" is refused after
+``max_bytes + 1`` bytes, not read into memory) and, if JSON, parsed bounded in nesting
 (:mod:`core.bounded_json`). ``OSError`` is the caller's to report."""
 
 from __future__ import annotations
@@ -9,27 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from core import bounded_json
-from core.errors import InvalidRequest
+from core.local_files import read_regular_file
 
 
 def read_bounded(path: Path, *, max_bytes: int, what: str) -> bytes:
-    """The bytes of ``path``, refused if it holds more than ``max_bytes``."""
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise InvalidRequest(f"{what} {path} is larger than {max_bytes} bytes")
-    return data
+    """The bytes of ``path``, refused if it is not a regular file or holds more than
+    ``max_bytes`` (:func:`core.local_files.read_regular_file`, kept under this name for the
+    SDK's callers)."""
+    return read_regular_file(path, max_bytes=max_bytes, what=what)
 
 
 def load_json(path: Path, *, max_bytes: int, max_depth: int, what: str) -> Any:
     """The JSON document in ``path``, within both bounds."""
-    data = read_bounded(path, max_bytes=max_bytes, what=what)
+    data = read_regular_file(path, max_bytes=max_bytes, what=what)
     return bounded_json.loads(data, max_bytes=max_bytes, max_depth=max_depth, what=f"{what} {path}")
 
 
 def load_json_object(path: Path, *, max_bytes: int, max_depth: int, what: str) -> dict[str, Any]:
     """:func:`load_json`, for a file that must hold a JSON object."""
-    data = read_bounded(path, max_bytes=max_bytes, what=what)
+    data = read_regular_file(path, max_bytes=max_bytes, what=what)
     return bounded_json.loads_object(
         data, max_bytes=max_bytes, max_depth=max_depth, what=f"{what} {path}"
     )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ from eth_account import Account
 
 from clients.sdk.connection_profile import ConnectionProfile
 from core.errors import ConfigurationError
+from tests.core.test_local_files import refuses_without_waiting
 
 REGISTRY = str(Account.create().address)
 FULL = f'''chain_id = 31337
@@ -99,3 +102,34 @@ def test_a_profile_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
 def test_a_missing_profile_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="cannot read profile .*nothing.toml"):
         ConnectionProfile.load(tmp_path / "nothing.toml")
+
+
+def test_an_integer_of_more_digits_than_python_converts_is_refused(tmp_path: Path) -> None:
+    """tomllib raises ValueError (not TOMLDecodeError) past 4300 digits: it was a
+    traceback, and its text is no TOML message."""
+    path = _write(tmp_path, FULL.replace("chain_id = 31337", "chain_id = " + "9" * 5000))
+    with pytest.raises(ConfigurationError) as raised:
+        ConnectionProfile.load(path)
+    assert raised.value.message == f"profile {path} is not TOML (ValueError)"
+
+
+def test_arrays_nested_too_deep_for_the_parser_are_refused(tmp_path: Path) -> None:
+    """tomllib recurses per ``[``: past the recursion limit it raises RecursionError (at
+    Python's default; web3, imported by the suite, raises the limit to 100 000)."""
+    path = _write(tmp_path, "chain_id = " + "[" * 5000 + "]" * 5000 + "\n")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            ConnectionProfile.load(path)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert raised.value.message == f"profile {path} is not TOML (RecursionError)"
+
+
+def test_a_fifo_given_as_the_profile_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "profile.toml"
+    os.mkfifo(fifo)
+    error = refuses_without_waiting(fifo, lambda: ConnectionProfile.load(fifo))
+    assert isinstance(error, ConfigurationError)
+    assert error.message == f"profile {fifo} is not a regular file"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import umbral_pre as umbral
 
-from clients.sdk.identity import Identity, umbral_seed
+from clients.sdk.identity import Identity, PublicIdentity, umbral_seed
 from core.errors import InvalidRequest
 from core.record_types import RecordType
 from core.umbral_codec import VerificationError
@@ -101,3 +101,25 @@ def test_a_broken_identity_file_is_an_invalid_request(
     with pytest.raises(InvalidRequest, match=fragment) as excinfo:
         Identity.load(path)
     assert excinfo.value.message.startswith("cannot load identity")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\x00\x01 not json", " is not JSON: "),
+        (b"[]", " is not a JSON object"),
+        (b'{"did": "x"}', ": it must hold exactly 'did' and 'umbral_public_key'"),
+    ],
+    ids=["not-json", "a-list", "a-missing-key"],
+)
+def test_a_broken_public_identity_file_is_named_once(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    """It said ``public identity file bad.bin: public identity file bad.bin is not JSON``."""
+    path = tmp_path / "bad.bin"
+    path.write_bytes(content)
+    with pytest.raises(InvalidRequest) as raised:
+        PublicIdentity.load(path)
+    message = raised.value.message
+    assert message.startswith(f"public identity file {path}{problem}")
+    assert message.count(str(path)) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,13 @@ import pytest
 from clients.audit.state_file import load_state
 from core.audit_findings import Verdict
 from core.errors import InvalidRequest
+from core.registry_types import NodeInfo
 from tests.clients.test_receipts_file import NESTED
 from tests.core.test_audit_verify import NODE, forged_prefix, open_node, rewrite_from
+from tests.core.test_local_files import refuses_without_waiting
+
+#: a registered node; its keys are never reached by the refusals below
+REGISTERED = NodeInfo(NODE, "10.0.0.1:7001", b"spki", b"delivery", "0x" + "11" * 20, True)
 
 
 def test_a_hostile_state_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
@@ -53,3 +59,34 @@ def test_a_forged_anchor_block_is_read_and_then_refused_by_the_audit(tmp_path: P
         ]
     finally:
         node.log.close()
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"NaN"], ids=bytes.decode)
+def test_a_number_that_is_not_finite_is_refused_not_a_traceback(
+    tmp_path: Path, number: bytes
+) -> None:
+    """``"tree_size": 1e400`` became float infinity, and int() of it an OverflowError
+    traceback out of ``kmsctl audit verify --state-file``."""
+    path = tmp_path / "state.json"
+    path.write_bytes(b'{"nodes": {"node-1": {"tree_size": ' + number + b"}}}")
+    with pytest.raises(InvalidRequest, match=f"^audit state {path} is not JSON: "):
+        load_state(path, [REGISTERED])
+
+
+def test_a_bad_entry_is_named_by_its_file_and_node(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"nodes": {NODE: {"tree_size": 3}, "unregistered": 1}}))
+    with pytest.raises(InvalidRequest) as raised:
+        load_state(path, [REGISTERED])
+    assert raised.value.message == (
+        f"audit state {path}, entry of node {NODE}: not a verified prefix "
+        "(an earlier audit's state)"
+    )
+
+
+def test_a_fifo_given_as_the_state_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    error = refuses_without_waiting(fifo, lambda: load_state(fifo, [REGISTERED]))
+    assert isinstance(error, InvalidRequest)
+    assert error.message == f"audit state {fifo} is not a regular file"

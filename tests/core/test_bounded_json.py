@@ -105,6 +105,49 @@ def test_wrong_top_level_type_is_refused(document: bytes) -> None:
     assert loads_object(b'{"a": [1]}', **LIMITS) == {"a": [1]}
 
 
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (b'{"leaf_index": 1e400}', "a number too large for a float"),
+        (b"[-1e400]", "a number too large for a float"),
+        (b"[1" + b"0" * 400 + b".5]", "a number too large for a float"),
+        (b'{"a": NaN}', "NaN is not a JSON number"),
+        (b"[Infinity]", "Infinity is not a JSON number"),
+        (b"[-Infinity]", "-Infinity is not a JSON number"),
+    ],
+    ids=["1e400", "-1e400", "401-digit-decimal", "NaN", "Infinity", "-Infinity"],
+)
+def test_a_number_that_is_no_finite_float_is_refused_naming_the_document(
+    document: bytes, message: str
+) -> None:
+    """Python reads 1e400 as infinity, and a caller's int() of it raises OverflowError (the
+    auditor's traceback on a receipts file): refused as not JSON, the number unquoted."""
+    with pytest.raises(InvalidRequest) as raised:
+        loads(document, **LIMITS)
+    assert raised.value.message == f"test document is not JSON: {message}"
+
+
+def test_finite_floats_still_parse() -> None:
+    assert loads(b"[1e308, -2.5e-400, 0.1, 1E2]", **LIMITS) == [1e308, -0.0, 0.1, 100.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("1", 0),
+        ("[]", 1),
+        ('[{}, {"a": [1, {}]}]', 5),
+        (r'["[{", "\\"]', 1),  # brackets in strings, an escaped backslash
+        (r'["\"[{"]', 1),  # an escaped quote
+        ('[{"a": "[[', 2),  # up to a string that never ends
+    ],
+)
+def test_count_containers_counts_only_brackets_that_open_outside_strings(
+    text: str, count: int
+) -> None:
+    assert bounded_json.count_containers(text) == count
+
+
 def test_the_scan_is_linear() -> None:
     """Millions of structural characters and escapes scan in well under a second, and an
     unterminated string full of escaped quotes is not rescanned from each quote."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.audit.receipts_file import save_receipts
+from clients.audit.receipts_file import MAX_RECEIPTS_FILE_BYTES, save_receipts
 from clients.sdk.provider import RecordRead
 from core.audit import Receipt, verify_receipt
 from core.record_types import RecordType
@@ -173,7 +173,10 @@ def test_a_hostile_file_gets_a_message_not_a_crash(cluster: LocalCluster, tmp_pa
     (accounts / "hostile.json").write_bytes(b"[" * 60_000)
     cases = [
         (["audit", "verify", "--receipts", str(nested)], "nests deeper than 3 levels"),
-        (["audit", "verify", "--receipts", str(sparse)], "larger than 67108864 bytes"),
+        (
+            ["audit", "verify", "--receipts", str(sparse)],
+            f"larger than {MAX_RECEIPTS_FILE_BYTES} bytes",
+        ),
         (["audit", "verify", "--state-file", str(nested)], "larger than|nests deeper"),
         (["patient", "store", str(fhir), "--type", "lab_result"], "nests deeper than 64 levels"),
         (["patient", "store", str(sparse), "--type", "lab_result"], "larger than 4194304 bytes"),

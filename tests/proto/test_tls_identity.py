@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from core.errors import ConfigurationError
 from deploy.certificate_authority import CertificateAuthority
 from deploy.certificate_requests import build_request, write_private_key
-from proto.tls_identity import MAX_PEM_BYTES, load_identity
+from proto.tls_identity import MAX_PEM_BYTES, load_identity, read_pem
+from tests.core.test_local_files import refuses_without_waiting
 
 NOW = datetime.datetime.now(datetime.UTC)
 PEM = serialization.Encoding.PEM
@@ -71,3 +73,18 @@ def test_an_encrypted_key_is_refused_without_its_bytes_in_the_error(tmp_path: Pa
     with pytest.raises(ConfigurationError, match="not an unencrypted PEM private key") as e:
         load_identity(bundle, cert, key, usage=SERVER)
     assert encrypted.decode().splitlines()[1] not in str(e.value)
+
+
+def test_a_fifo_named_as_a_key_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO (or a device) where a PEM file belongs would hang the program at start."""
+    bundle, cert, key = identity_files(tmp_path, NOW)
+    key.unlink()
+    os.mkfifo(key)
+    error = refuses_without_waiting(key, lambda: load_identity(bundle, cert, key, usage=SERVER))
+    assert isinstance(error, ConfigurationError)
+    assert error.message == f"TLS key {key} is not a regular file"
+
+
+def test_a_missing_file_is_named() -> None:
+    with pytest.raises(ConfigurationError, match="^cannot read CSR /nonexistent/x.csr: No such"):
+        read_pem(Path("/nonexistent/x.csr"), "CSR")
