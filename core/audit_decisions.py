@@ -71,11 +71,15 @@ def check_against_chain(
 ) -> None:
     """Step 7 for every served entry that parsed: its block, then (unless
     ``rejudge_decisions`` is False) its decision. Stops at the first read of the chain that
-    fails in transit."""
-    for index in sorted(served.parsed):
-        entry = served.parsed[index]
-        if entry is None:
-            continue
+    fails in transit.
+
+    Entries are judged in block order, not log order: the grant state at a block is
+    rebuilt forward from the one before (``--state-from-events``), and a node whose
+    entries jump back and forth between early and late blocks would otherwise make it
+    replay the chain's events for every entry."""
+    entries = [(entry, index) for index, entry in served.parsed.items() if entry is not None]
+    entries.sort(key=lambda item: (item[0].block_number, item[1]))
+    for entry, index in entries:
         if findings.could_not_read:
             return
         _check_block(index, entry, chain, findings)

@@ -32,6 +32,15 @@ _LENIENT_ENTRY_DEPTH: Final = 8
 #: by one in the node's warnings up to this many of each kind, the rest counted: anyone
 #: can write them, and a receipts file holds 100,000s
 MAX_NAMED_BAD_RECEIPTS: Final = 20
+#: a node whose served log shows this many problems (entries out of order, beyond its
+#: checkpoint, or not valid) has failed: the rest is not read, so that a hostile node
+#: streaming junk costs the auditor bounded time and memory
+MAX_READ_PROBLEMS: Final = 1000
+#: the most entries one audit reads of a node (beyond the prefix an earlier audit
+#: verified): the auditor holds about 0.65 KB of each until the audit ends (measured on
+#: test entries, 3.2 GB at the bound), and a node's checkpoint may claim any size. A
+#: checkpoint beyond it is "could not read", not a failure of the node.
+MAX_ENTRIES_PER_AUDIT: Final = 5_000_000
 
 
 def check_checkpoint(checkpoint: Checkpoint, node: NodeInfo, findings: Findings) -> bool:
@@ -60,12 +69,13 @@ class ServedLog:
         self.start = since.tree_size if since is not None else 0
         #: the verified prefix's tree, which the served leaves extend
         self.base = since.compact_range() if since is not None else merkle.CompactRange()
-        #: leaf index -> parsed entry (None if invalid), leaf hash; the served bytes only
-        #: of entries that do not parse (the others are their canonical bytes), so that a
-        #: log of 100,000s of entries stays within bounds
+        #: leaf index -> parsed entry (None if invalid), leaf hash; of entries that do
+        #: not parse, only the request id their JSON may still name (not their bytes, up
+        #: to a message's 256 KiB each), so that a log of 100,000s of entries stays
+        #: within bounds
         self.parsed: dict[int, AuditEntry | None] = {}
         self.leaves: dict[int, bytes] = {}
-        self.unparsed: dict[int, bytes] = {}
+        self.unparsed_ids: dict[int, str] = {}
         #: the values entries repeat, held once (AuditEntry.from_canonical)
         self._shared: dict[object, object] = {}
         self._trees: dict[int, merkle.CompactRange | None] = {}
@@ -74,9 +84,18 @@ class ServedLog:
 
     def read(self, log: LogSource, size: int, findings: Findings) -> None:
         """Read entries ``[start, size)``, naming what is out of order, missing or invalid.
-        A read that fails in transit leaves the rest unread ("could not read"), not missing."""
+        A read that fails in transit leaves the rest unread ("could not read"), not missing.
+        So does a checkpoint of more than :data:`MAX_ENTRIES_PER_AUDIT` entries to read; and
+        after :data:`MAX_READ_PROBLEMS` problems the rest is not read (a failed node)."""
         self._trees.clear()
         expected = self.start
+        if size - self.start > MAX_ENTRIES_PER_AUDIT:
+            findings.cannot_read(
+                f"the checkpoint covers {size - self.start} entries not verified yet; one "
+                f"audit reads at most {MAX_ENTRIES_PER_AUDIT}"
+            )
+            return
+        problems = len(findings.problems)
         try:
             for index, data in log.entries(self.start, size):
                 if index >= size:
@@ -84,18 +103,26 @@ class ServedLog:
                         Check.SEQUENCE,
                         f"the node served entry {index}, beyond its checkpoint of {size}",
                     )
-                    continue
-                if index < expected:
+                elif index < expected:
                     findings.fail(
                         Check.SEQUENCE,
                         f"served again or out of order, after entry {expected - 1}",
                         index,
                     )
-                    continue
-                if index > expected:
-                    self._missing(expected, index, f"next the node serves entry {index}", findings)
-                expected = index + 1
-                self._take(index, data, findings)
+                else:
+                    if index > expected:
+                        why = f"next the node serves entry {index}"
+                        self._missing(expected, index, why, findings)
+                    expected = index + 1
+                    self._take(index, data, findings)
+                if len(findings.problems) - problems >= MAX_READ_PROBLEMS:
+                    findings.fail(
+                        Check.SEQUENCE,
+                        f"the rest of the log, from entry {expected}, was not read: the node "
+                        f"served {MAX_READ_PROBLEMS} entries out of order, beyond its "
+                        "checkpoint or not valid",
+                    )
+                    return
         except KmsError as e:
             stopped = f"the node stopped serving entries at entry {expected}: {e.message}"
             if failed_in_transit(e):
@@ -118,7 +145,7 @@ class ServedLog:
             entry: AuditEntry | None = AuditEntry.from_canonical(data, shared=self._shared)
         except InvalidRequest as e:
             entry = None
-            self.unparsed[index] = data
+            self.unparsed_ids[index] = _lenient_request_id(data)
             findings.fail(Check.FORMAT, f"not a valid audit entry: {e.message}", index)
         if entry is not None and entry.node_id != self.node_id:
             findings.fail(Check.FORMAT, f"the entry names node {entry.node_id!r}", index)
@@ -149,7 +176,7 @@ class ServedLog:
         entry = self.parsed.get(index)
         if entry is not None:
             return entry.request_id
-        return _lenient_request_id(self.unparsed.get(index, b""))
+        return self.unparsed_ids.get(index, "")
 
 
 def _lenient_request_id(data: bytes) -> str:

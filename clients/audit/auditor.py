@@ -60,7 +60,12 @@ class GrpcLogSource:
     read as ``policy`` says: entries in pages of about ``policy.page_bytes`` (sized by the
     mean entry read so far), each call with its own deadline, and a call that fails in
     transit retried (a page resumes after the last entry received: none is yielded twice
-    or skipped; ``policy.retries`` counts attempts in a row that received nothing)."""
+    or skipped; ``policy.retries`` counts attempts in a row that received nothing).
+
+    A node serves every entry of a page below its checkpoint's size: a page that ends
+    short without an error ends the reading (the checks name the rest as missing, once),
+    so a checkpoint claiming 2^63 entries does not make the auditor ask page after empty
+    page."""
 
     def __init__(
         self,
@@ -113,8 +118,9 @@ class GrpcLogSource:
                 started_at = resume
                 request = audit_pb2.GetEntriesRequest(start=resume, end=page_end)
                 deadline = policy.page_deadline_s(page_end - resume, mean)
+                rows = self._stub.GetEntries(request, timeout=deadline)
                 try:
-                    for row in self._stub.GetEntries(request, timeout=deadline):
+                    for row in rows:
                         # Resume after the last entry received (what the node serves is
                         # passed on as served: the checks name what is out of order).
                         resume = max(resume, min(row.leaf_index + 1, page_end))
@@ -124,6 +130,8 @@ class GrpcLogSource:
                     break
                 except grpc.RpcError as e:
                     error = rpc.error_from_rpc(e, self._node_id)
+                finally:
+                    rows.cancel()  # the reader stopped early: the node streams no more
                 # An attempt that received entries made progress: the link works, if
                 # badly, and the next one is the first of a fresh count (the page is
                 # finite, so this ends).
@@ -131,6 +139,8 @@ class GrpcLogSource:
                 if resume >= page_end or not self._retry(error, attempt):
                     raise error
                 attempt += 1
+            if resume < page_end:
+                return  # the page ended short: the node serves nothing more
             page = page_end
 
     def inclusion_proof(self, leaf_index: int, tree_size: int, /) -> list[bytes]:

@@ -40,11 +40,16 @@ class FlakyAudit:
         self.drop_after = 0
         self.status = grpc.StatusCode.UNAVAILABLE
         self.checkpoint_failures = 0
+        #: serve what the log holds of a range that runs past its end, not a refusal
+        self.clip = False
 
         def entries(
             request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
         ) -> Iterator[audit_pb2.AuditLogEntry]:
             self.requests.append((request.start, request.end))
+            if self.clip:
+                request.start = min(request.start, log.size())
+                request.end = min(request.end, log.size())
             rows = service.entries(request)
             if len(self.requests) in self.drop_calls:
                 yield from rows[: self.drop_after]
@@ -102,6 +107,18 @@ def read_all(node: FlakyAudit, policy: ReadPolicy, start: int = 0) -> tuple[list
         source = GrpcLogSource(channel, NODE, policy=policy)
         rows = list(source.entries(start, ENTRIES))
     return rows, source.retries
+
+
+def test_a_page_that_ends_short_ends_the_reading(node: FlakyAudit, log: AuditLog) -> None:
+    """A node whose checkpoint claims 2^63 entries, and serves none of them past its log:
+    the source stops at the first page that ends short, not page after empty page."""
+    node.clip = True
+    with Transport.plaintext().channel(node.address) as channel:
+        source = GrpcLogSource(channel, NODE, policy=SMALL_PAGES)
+        rows = list(source.entries(0, 2**63))
+    assert rows == list(log.entries(0, ENTRIES))
+    assert node.requests[-1][0] < ENTRIES  # the page holding the last entry ended short
+    assert len(node.requests) < ENTRIES
 
 
 def test_pages_are_sized_by_bytes(node: FlakyAudit, log: AuditLog) -> None:

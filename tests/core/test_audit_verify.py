@@ -15,8 +15,14 @@ import pytest
 
 from core import merkle
 from core.audit import AuditEntry, Checkpoint, Receipt
+from core.audit_decisions import check_against_chain
 from core.audit_findings import Check, Findings, NodeReport, Problem, Verdict, VerifiedPrefix
-from core.audit_log_checks import MAX_NAMED_BAD_RECEIPTS, ServedLog
+from core.audit_log_checks import (
+    MAX_ENTRIES_PER_AUDIT,
+    MAX_NAMED_BAD_RECEIPTS,
+    MAX_READ_PROBLEMS,
+    ServedLog,
+)
 from core.audit_sources import failed_in_transit
 from core.audit_verify import verify_node
 from core.errors import (
@@ -345,12 +351,71 @@ def test_a_hostile_entry_fails_that_entry_and_the_audit_goes_on(node: Node, host
     assert len(report.entries) == 40
 
 
-def test_the_served_log_keeps_bytes_only_of_entries_that_do_not_parse(node: Node) -> None:
+class StrayRows:
+    """A hostile node's entries: row after row beyond its checkpoint, without end."""
+
+    def __init__(self) -> None:
+        self.served = 0
+
+    def entries(self, start: int, end: int, /) -> Iterator[tuple[int, bytes]]:
+        while True:
+            self.served += 1
+            yield end + self.served, b"{}"
+
+
+def test_a_node_streaming_junk_is_read_only_up_to_a_bound_of_problems() -> None:
+    hostile, findings = StrayRows(), Findings()
+    ServedLog(NODE, None).read(hostile, 40, findings)  # type: ignore[arg-type]
+    assert hostile.served == MAX_READ_PROBLEMS
+    assert len(findings.problems) == MAX_READ_PROBLEMS + 1
+    assert findings.problems[-1].message.startswith(
+        "the rest of the log, from entry 0, was not read: the node served 1000 entries"
+    )
+
+
+def test_a_checkpoint_beyond_what_one_audit_reads_is_not_read() -> None:
+    """A checkpoint may claim any size (the node signs it): the auditor does not page
+    through 2^63 entries. Not evidence against the node: it could not be read."""
+    hostile, findings = StrayRows(), Findings()
+    ServedLog(NODE, None).read(hostile, MAX_ENTRIES_PER_AUDIT + 1, findings)  # type: ignore[arg-type]
+    assert hostile.served == 0 and findings.problems == []
+    assert findings.could_not_read == [
+        f"the checkpoint covers {MAX_ENTRIES_PER_AUDIT + 1} entries not verified yet; one "
+        f"audit reads at most {MAX_ENTRIES_PER_AUDIT}"
+    ]
+
+
+def test_entries_are_judged_against_the_chain_in_block_order(node: Node) -> None:
+    """The grant state at a block is rebuilt forward from the one before: a log whose
+    blocks jump back and forth would make every entry replay the chain's events."""
+    entries = {i: make_entry(i) for i in range(6)}
+    jumping = {i: entries[j] for i, j in enumerate([5, 0, 4, 1, 3, 2])}
+    served = ServedLog(NODE, None)
+    served.parsed = dict(jumping)
+    asked: list[int] = []
+    access_state = node.chain.access_state
+
+    def recorded(record_id: bytes, grantee: str, capsule_hash: bytes, /, *, block: int) -> Any:
+        asked.append(block)
+        return access_state(record_id, grantee, capsule_hash, block=block)
+
+    node.chain.access_state = recorded  # type: ignore[method-assign]
+    findings = Findings()
+    check_against_chain(served, node.chain, findings, rejudge_decisions=True)
+    assert findings.problems == []
+    assert asked == sorted(asked) and len(asked) == 6
+
+
+def test_the_served_log_keeps_no_bytes_of_entries(node: Node) -> None:
     with node.sql() as conn:
         conn.execute("UPDATE entries SET entry = ? WHERE leaf_index = 7", (b"[1]",))
+        conn.execute(
+            "UPDATE entries SET entry = ? WHERE leaf_index = 9", (b'{"request_id": "req-9"}',)
+        )
     served = ServedLog(NODE, None)
     served.read(node.log, 40, Findings())
-    assert served.unparsed == {7: b"[1]"} and len(served.leaves) == 40
+    # Of entries that do not parse, only what a report names: the request id, if any.
+    assert served.unparsed_ids == {7: "", 9: "req-9"} and len(served.leaves) == 40
     # What entries repeat is held once.
     one, other = served.parsed[0], served.parsed[1]
     assert one is not None and other is not None
