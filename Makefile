@@ -12,12 +12,17 @@ STATE_DIR ?= .demo
 NODES ?= 5
 THRESHOLD ?= 3
 
-.PHONY: setup system-deps venv npm test test-fast test-multihost demo lint proto contracts clean
+.PHONY: setup system-deps test-system-deps venv npm test test-fast test-multihost demo lint proto contracts clean
 
+# What every host needs (a node, a coordinator, an app, a developer's machine).
 setup: system-deps venv npm
 
 system-deps:
 	@deploy/install-system-deps.sh
+
+# And what only the tests use: network namespaces, promtool, a headless Chromium.
+test-system-deps:
+	@deploy/install-system-deps.sh --tests
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml deploy/dev-constraints.txt
@@ -30,7 +35,7 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: setup
+test: setup test-system-deps
 	$(BIN)/pytest
 
 # The tests that need no HSM, chain or cluster (markers in pyproject.toml): under a minute.
@@ -39,7 +44,7 @@ test-fast: venv
 
 # The cluster across separate network hosts (Linux network namespaces; needs root).
 # Where namespaces cannot be made it says why and fails: it never passes by doing nothing.
-test-multihost: setup
+test-multihost: setup test-system-deps
 	$(BIN)/python -m deploy.netns check
 	$(BIN)/pytest -m multihost tests/multihost
 
@@ -55,7 +60,7 @@ BLOCK_TIME_TESTS := \
   tests/integration/test_attacks.py::test_emergency_access_is_served_only_inside_its_window
 
 .PHONY: test-block-times
-test-block-times: setup
+test-block-times: setup test-system-deps
 	MEDKMS_TEST_BLOCK_TIME=2 $(BIN)/pytest $(BLOCK_TIME_TESTS)
 	MEDKMS_TEST_BLOCK_TIME=12 $(BIN)/pytest $(BLOCK_TIME_TESTS)
 	$(BIN)/python -m benchmarks.block_times --out benchmarks/results/block_times.json

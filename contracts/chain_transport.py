@@ -325,8 +325,9 @@ class ChainTransport:
                 tx["gas"] = self.w3.eth.estimate_gas(tx)
                 raw = bytes(sender.sign_transaction(tx).raw_transaction)  # type: ignore[arg-type]
                 tx_hash = self.w3.eth.send_raw_transaction(raw)
+            # Mined on the chain's time, as every transaction here (a 12 s block may wait).
             receipt = self.w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=self.timeout_s, poll_latency=0.05
+                tx_hash, timeout=MINING_TIMEOUT_S, poll_latency=0.05
             )
         if receipt["status"] != 1:
             raise ChainRejected(f"transfer {Web3.to_hex(tx_hash)} failed")

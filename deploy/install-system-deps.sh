@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Installs the Debian packages medkms needs (SoftHSM2, Python 3.11, Node.js, and for the
-# tests promtool and Chromium).
+# Installs the Debian packages medkms needs: SoftHSM2, Python 3.11, Node.js; with --tests,
+# also what only the tests use (iproute2, promtool, Chromium), which a node or app host
+# does without.
 # As root it installs what is missing; otherwise it names what is missing.
 set -euo pipefail
+
+tests=false
+case "${1:-}" in
+  "") ;;
+  --tests) tests=true ;;
+  *) echo "usage: $0 [--tests]" >&2; exit 2 ;;
+esac
 
 missing=()
 command -v softhsm2-util >/dev/null || missing+=(softhsm2)
@@ -11,9 +19,11 @@ command -v python3.11 >/dev/null || python3 -c 'import sys; assert sys.version_i
   || missing+=(python3 python3-venv)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
-command -v ip >/dev/null || missing+=(iproute2)  # the multi-host tests (network namespaces)
-command -v promtool >/dev/null || missing+=(prometheus)  # promtool: the alert rules' unit tests
-command -v chromium >/dev/null || missing+=(chromium)  # headless: the audit report's tests
+if $tests; then
+  command -v ip >/dev/null || missing+=(iproute2)  # the multi-host tests (network namespaces)
+  command -v promtool >/dev/null || missing+=(prometheus)  # promtool: the alert rules' unit tests
+  command -v chromium >/dev/null || missing+=(chromium)  # headless: the audit report's tests
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
