@@ -59,6 +59,8 @@ log = structlog.get_logger("medkms.coordinator")
 THROTTLED_ANSWER_DELAY_S = 1.0
 #: how long a cluster status round waits for each node
 STATUS_TIMEOUT_S = 1.0
+#: how long a failed read of the registry's signing domain stands as the answer
+DOMAIN_RETRY_S = 1.0
 
 #: a capsule's fragments, or why it has none
 Outcome = list[common_pb2.CapsuleFragment] | KmsError
@@ -94,6 +96,10 @@ class CoordinatorService:
         self._pool = pool
         self._registry = registry
         self._domain: Domain | None = None
+        #: one chain read for the domain at a time; after a failure, its error is the
+        #: answer until DOMAIN_RETRY_S have passed
+        self._domain_lock = asyncio.Lock()
+        self._domain_failure: tuple[float, KmsError] | None = None
         self._admission = Admission(
             requester_rate_per_s=settings.requester_rate_per_s,
             requester_burst=settings.requester_burst,
@@ -122,9 +128,22 @@ class CoordinatorService:
 
     async def _signing_domain(self) -> Domain:
         """The registry's EIP-712 domain, which request ids are derived in: read from the
-        chain on first use (so the coordinator starts without it), then kept."""
-        if self._domain is None:
-            self._domain = await asyncio.to_thread(self._registry.signing_domain)
+        chain on first use (so the coordinator starts without it), then kept. Until it
+        is read, calls wait for one read rather than each making its own, and a failed
+        read is the answer for DOMAIN_RETRY_S: with the chain down, a flood of forged
+        requests costs no chain read each."""
+        if self._domain is not None:
+            return self._domain
+        async with self._domain_lock:
+            if self._domain is None:
+                failure = self._domain_failure
+                if failure is not None and time.monotonic() < failure[0] + DOMAIN_RETRY_S:
+                    raise failure[1]
+                try:
+                    self._domain = await asyncio.to_thread(self._registry.signing_domain)
+                except KmsError as e:
+                    self._domain_failure = (time.monotonic(), e)
+                    raise
         return self._domain
 
     async def cluster_info(

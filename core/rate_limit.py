@@ -74,6 +74,7 @@ class RateLimiter:
         burst: int,
         processes: int,
         *,
+        what: str = "this requester",
         clock: Callable[[], float] = time.monotonic,
     ) -> RateLimiter:
         """One server process's share of a node's limit of ``rate_per_s`` and ``burst``
@@ -81,7 +82,7 @@ class RateLimiter:
         ``burst // processes``, at least 1."""
         if processes < 1:
             raise ValueError("processes must be at least 1")
-        return cls(rate_per_s / processes, max(1, burst // processes), clock=clock)
+        return cls(rate_per_s / processes, max(1, burst // processes), what=what, clock=clock)
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self._burst, now))

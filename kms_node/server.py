@@ -175,6 +175,7 @@ def serve(settings: NodeSettings, *, worker: int | None = None) -> None:
         request_window_s=settings.request_window_s,
         capsules=CapsuleCache(),
         unwrapped=unwrapped,
+        processes=settings.processes,
     )
     opened = _Opened(keystore, kfrags, audit, registry, snapshots, follower, unwrapped, service)
     try:

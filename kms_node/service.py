@@ -137,7 +137,11 @@ class NodeService:
         clock: Callable[[], float] = time.time,
         capsules: CapsuleCache | None = None,
         unwrapped: KfragCache | None = None,
+        processes: int = 1,
     ) -> None:
+        """``processes``: how many server processes serve this node, each with its own
+        NodeService; the node-wide budgets below are split between them, as ``limiter``
+        (a requester's) is by the caller (RateLimiter.share_of)."""
         self.node_id = node_id
         self._keystore = keystore
         self._kfrags = kfrags
@@ -152,12 +156,13 @@ class NodeService:
             served_before_start if served_before_start is not None else ServedBeforeStart({}, 0)
         )
         self._limiter = limiter
-        self._unknown_record_reads = RateLimiter(
-            UNKNOWN_RECORD_READS_PER_S, int(UNKNOWN_RECORD_READS_PER_S), clock=clock
+        self._unknown_record_reads = RateLimiter.share_of(
+            UNKNOWN_RECORD_READS_PER_S, int(UNKNOWN_RECORD_READS_PER_S), processes, clock=clock
         )
-        self._unknown_patient_reads = RateLimiter(
+        self._unknown_patient_reads = RateLimiter.share_of(
             UNKNOWN_PATIENT_READS_PER_S,
             int(UNKNOWN_PATIENT_READS_PER_S),
+            processes,
             what="enrollments by patients this node has not seen register",
             clock=clock,
         )

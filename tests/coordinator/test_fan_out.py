@@ -24,6 +24,7 @@ from coordinator.settings import CoordinatorSettings, NodeAddress
 from core import capsule_cache
 from core.errors import (
     AccessDenied,
+    ChainUnavailable,
     InsufficientFragments,
     InvalidRequest,
     ResourceExhausted,
@@ -372,6 +373,33 @@ def test_a_malformed_capsule_is_refused_before_any_node_is_asked(world: World) -
     with pytest.raises(InvalidRequest, match="capsule is not a valid Umbral capsule"):
         world.run()
     assert sum(n.calls for n in world.nodes.values()) == 3
+
+
+def test_with_the_chain_down_calls_share_one_read_of_the_signing_domain() -> None:
+    """The coordinator reads the registry's domain on first use: a flood of (forged)
+    requests while the chain is down costs one chain read a second, not one each."""
+    world = make_world()
+    reads = 0
+
+    def down() -> Domain:
+        nonlocal reads
+        reads += 1
+        raise ChainUnavailable("chain at http://127.0.0.1:1: connection refused")
+
+    world.service._registry.signing_domain = down  # type: ignore[method-assign]
+
+    async def flood() -> list[BaseException | coordinator_pb2.CoordinatorReencryptResponse]:
+        calls = [world.service.reencrypt(world.request, Context()) for _ in range(20)]  # type: ignore[arg-type]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(flood())
+    assert all(isinstance(o, ChainUnavailable) for o in outcomes)
+    assert reads == 1
+    # Once DOMAIN_RETRY_S have passed, the next call reads it again, and is served.
+    world.service._registry.signing_domain = lambda: DOMAIN  # type: ignore[method-assign]
+    real = time.monotonic
+    with patch.object(time, "monotonic", lambda: real() + 2):
+        assert len(world.run().fragments) == 3
 
 
 def test_a_batch_is_authenticated_before_any_capsule_is_parsed(world: World) -> None:

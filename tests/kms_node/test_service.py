@@ -716,6 +716,7 @@ def node_on(
     burst: int = 100,
     audit: AuditLog | None = None,
     served_before_start: ServedBeforeStart | None = None,
+    processes: int = 1,
 ) -> NodeService:
     return NodeService(
         node_id="node-t",
@@ -730,6 +731,7 @@ def node_on(
         audit=audit or AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
         clock=lambda: NOW,
         served_before_start=served_before_start,
+        processes=processes,
     )
 
 
@@ -885,6 +887,25 @@ def test_an_enrollment_that_fails_in_the_hsm_spends_its_nonce(world: World) -> N
     with pytest.raises(Unauthenticated, match="enrollment already received"):
         world.node.enroll(bad)
     assert world.kfrags.count() == 0
+
+
+def test_a_node_of_several_processes_splits_its_node_wide_chain_budgets(
+    world: World, tmp_path: Path
+) -> None:
+    """Each server process has its own NodeService: the budget for chain reads about
+    patients the node has not seen register is the node's, split between them."""
+    processes = 2
+    node = node_on(world, tmp_path, ChainReads(world.registry), world.registry, processes=processes)
+    reads = count_patient_reads(world.registry)
+    share = int(UNKNOWN_PATIENT_READS_PER_S) // processes
+    for i in range(share + 1):
+        stranger = Identity.generate(f"stranger-{i}")
+        request = world.enrollment({RecordType.LAB_RESULT: world.kfrag()}, patient=stranger)
+        request.patient = address_bytes(stranger.address)
+        expected = PreconditionFailed if i < share else ResourceExhausted
+        with pytest.raises(expected):
+            node.enroll(request)
+    assert reads.count == share
 
 
 def test_enrollments_by_unregistered_signers_get_a_few_chain_reads_a_second(
