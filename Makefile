@@ -63,7 +63,7 @@ BLOCK_TIME_TESTS := \
 test-block-times: setup test-system-deps
 	MEDKMS_TEST_BLOCK_TIME=2 $(BIN)/pytest $(BLOCK_TIME_TESTS)
 	MEDKMS_TEST_BLOCK_TIME=12 $(BIN)/pytest $(BLOCK_TIME_TESTS)
-	$(BIN)/python -m benchmarks.block_times --out benchmarks/results/block_times.json
+	$(BIN)/python -m benchmarks.block_times --trials 5 --out benchmarks/results/block_times.json
 
 demo: setup
 	$(BIN)/kmsctl cluster up --reset --detach --nodes $(NODES) --threshold $(THRESHOLD) --state-dir $(STATE_DIR)
