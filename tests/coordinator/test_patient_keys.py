@@ -11,8 +11,11 @@ import threading
 import pytest
 
 from coordinator import patient_keys
+from coordinator.admission import Admission
 from coordinator.patient_keys import UNKNOWN_PATIENT_TTL_S, PatientKeyCache
-from core.errors import PreconditionFailed
+from coordinator.settings import CoordinatorSettings
+from core.errors import PreconditionFailed, ResourceExhausted
+from core.rate_limit import REFUSAL_COST
 from core.registry_types import PatientInfo
 from core.request_auth import Domain
 
@@ -171,3 +174,79 @@ def test_lookups_that_meet_share_one_read_and_one_giving_up_cancels_none(clock: 
     assert registry.reads == [KNOWN]
     assert get(cache, KNOWN).address == KNOWN  # and it is cached
     assert registry.reads == [KNOWN]
+
+
+# --- what bounds made-up patients: the admission budgets, with their defaults ----------------
+
+DEFAULTS = CoordinatorSettings
+PEER = "6.6.6.6"
+
+
+def default_admission(clock: Clock) -> Admission:
+    return Admission(
+        requester_rate_per_s=DEFAULTS.requester_rate_per_s,
+        requester_burst=DEFAULTS.requester_burst,
+        peer_refusals_per_s=DEFAULTS.peer_refusals_per_s,
+        peer_refusal_burst=DEFAULTS.peer_refusal_burst,
+        served_memory_s=DEFAULTS.served_memory_s,
+        clock=clock,
+    )
+
+
+def made_up_at_once(
+    gate: Admission, cache: PatientKeyCache, requesters: list[str], registry: CountingRegistry
+) -> int:
+    """Calls sent at once, each naming a new made-up patient, handled as service.py's
+    ``_admit`` handles them: all admitted before any lookup, each lookup refused and
+    settled as a refused request. How many got through to a chain read."""
+    tickets = []
+    for requester in requesters:
+        try:
+            tickets.append(gate.admit(requester, PEER, 1))
+        except ResourceExhausted:
+            break
+    for ticket in tickets:
+        refused(cache, made_up(10_000 + len(registry.reads)))
+        gate.settle(ticket, served=0, refused=1)
+    return len(tickets)
+
+
+def test_requesters_not_served_lately_get_about_5_made_up_patients_a_second_per_address(
+    registry: CountingRegistry, cache: PatientKeyCache, clock: Clock
+) -> None:
+    """Throw-away keys from one address send all they can every 10 ms for 10 s. Each not
+    served lately spends one of the address's refusals (peer_refusals_per_s = 5/s, after
+    a burst of peer_refusal_burst), whatever its own budget: 20 + 5 x 10 chain reads."""
+    gate = default_admission(clock)
+    start = clock.now
+    for tick in range(1000):
+        clock.now = start + tick / 100
+        made_up_at_once(gate, cache, [f"0xkey-{tick}-{i}" for i in range(30)], registry)
+    expected = DEFAULTS.peer_refusal_burst + DEFAULTS.peer_refusals_per_s * 10
+    assert DEFAULTS.peer_refusals_per_s == 5
+    assert abs(len(registry.reads) - expected) <= 1
+
+
+def test_a_requester_served_lately_gets_at_most_about_25_made_up_patients_a_second(
+    registry: CountingRegistry, cache: PatientKeyCache, clock: Clock
+) -> None:
+    """A served requester is exempt from its address's budget and admitted at a single
+    request's price (1 token, requester_burst = 100 at once); each made-up patient is
+    then charged as refused (REFUSAL_COST = 10 in all), down to one burst of debt. Its
+    best is a burst of 100 calls at once whenever the bucket is full again: from -100 to
+    +100 at requester_rate_per_s = 50/s takes 4 s, so 100 per 4 s = rate / 2 = 25/s."""
+    gate = default_admission(clock)
+    gate.settle(gate.admit("0xdoctor", PEER, 1), served=1, refused=0)
+    burst, rate = DEFAULTS.requester_burst, DEFAULTS.requester_rate_per_s
+    assert burst * (REFUSAL_COST - 1) >= burst  # one burst's refusals reach the debt bound
+    refill_s = 2 * burst / rate
+    start = clock.now + 1  # the bucket full again after its served request
+    bursts = []
+    for n in range(5):
+        clock.now = start + n * refill_s
+        bursts.append(made_up_at_once(gate, cache, ["0xdoctor"] * 2 * burst, registry))
+    assert bursts == [burst] * 5
+    assert len(registry.reads) / (5 * refill_s) == rate / 2 == 25
+    # A burst sent before the bucket is full again gets less, not more: 25/s is the most.
+    clock.now += refill_s - 0.5
+    assert made_up_at_once(gate, cache, ["0xdoctor"] * 2 * burst, registry) < burst

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from core.grant_index import GrantIndex
-from core.record_types import RecordType
+from core.policy import EMERGENCY_PURPOSE, Reason, judge
+from core.record_types import RecordType, to_mask
 from core.registry_types import (
     AccessGranted,
     AccessRevoked,
@@ -15,6 +18,7 @@ from core.registry_types import (
     PatientRegistered,
     RecordAnchored,
     RecordDeactivated,
+    RegistryEvent,
 )
 
 # EIP-55 forms, as the chain adapter gives them
@@ -96,6 +100,51 @@ def test_an_emergency_window_is_out_of_force_while_its_responder_lacks_the_role(
     index.apply([anchored(), opened, EmergencyRoleChanged(3, 1003, BOB, False)], BLOCK)
     grant = index.access_state(RECORD, BOB, CAPSULE).grant
     assert grant is not None and grant.emergency and not grant.active
+
+
+@dataclass(frozen=True)
+class Read:
+    """The responder's ETREAT read of RECORD, as core.policy.judge sees it."""
+
+    record_id: bytes = RECORD
+    patient: str = ALICE
+    capsule_hash: bytes = CAPSULE
+    record_type: RecordType = RecordType.IMAGING
+    requester_umbral_key: bytes = b"\x02" * 33
+    purpose_of_use: str = EMERGENCY_PURPOSE
+
+
+def _decided_at(index: GrantIndex, events: list[RegistryEvent], when: int) -> Reason:
+    """What a node decides for BOB's read once ``events`` are applied in a block at ``when``."""
+    index.apply(events, BlockRef(when, when.to_bytes(32, "big"), when))
+    return judge(Read(), index.access_state(RECORD, BOB, CAPSULE), when).code
+
+
+def _window_until(end: int) -> GrantIndex:
+    index = GrantIndex()
+    opened = EmergencyAccessOpened(
+        2, 1002, ALICE, BOB, b"\x02" * 33, end, to_mask([RecordType.IMAGING])
+    )
+    assert _decided_at(index, [anchored(), opened], 1002) == Reason.GRANTED
+    return index
+
+
+def test_a_responder_given_the_role_back_before_the_windows_end_is_served_until_it() -> None:
+    index = _window_until(5000)
+    lost = EmergencyRoleChanged(3, 1003, BOB, False)
+    assert _decided_at(index, [lost], 1003) == Reason.EMERGENCY_ACCESS_CLOSED
+    back = EmergencyRoleChanged(4, 4000, BOB, True)
+    assert _decided_at(index, [back], 4000) == Reason.GRANTED
+    assert _decided_at(index, [], 5000) == Reason.GRANT_EXPIRED
+
+
+def test_a_role_given_back_after_the_windows_end_reopens_nothing() -> None:
+    index = _window_until(5000)
+    assert _decided_at(index, [EmergencyRoleChanged(3, 1003, BOB, False)], 1003) == (
+        Reason.EMERGENCY_ACCESS_CLOSED
+    )
+    back = EmergencyRoleChanged(4, 6000, BOB, True)
+    assert _decided_at(index, [back], 6000) != Reason.GRANTED
 
 
 def test_registration_is_known_by_address_in_any_case() -> None:

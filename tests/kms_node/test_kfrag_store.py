@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -282,6 +283,33 @@ def test_a_shredded_kfrag_is_in_neither_the_database_nor_its_wal(
     assert store.delete(PATIENT, GRANTEE)
     assert marker not in on_disk()
     assert store.get(PATIENT, OTHER_GRANTEE, LAB) == kept  # the others are untouched
+
+
+def test_a_reader_defers_a_shreds_checkpoint_but_not_the_shred(
+    store: KfragStore, db_path: Path
+) -> None:
+    """Best effort: with another connection reading the store, a shred still deletes and
+    returns at once (not after the 5 s busy timeout), leaving the kfrag's frames in the
+    WAL; the next shred after the reader is done empties them out."""
+    marker = b"SHRED-ME" * 40
+    store.put(dataclasses.replace(_item(), wrapped=marker))
+    store.put(_item(grantee=OTHER_GRANTEE, n=7))
+
+    def on_disk() -> bytes:
+        wal = Path(f"{db_path}-wal")
+        return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM kfrags").fetchone()  # holds its snapshot
+        started = time.monotonic()
+        assert store.delete(PATIENT, GRANTEE)
+        assert time.monotonic() - started < 1
+        assert store.get(PATIENT, GRANTEE, LAB) is None
+        assert marker in on_disk()  # the checkpoint could not empty the WAL
+        reader.execute("COMMIT")
+    assert store.delete(PATIENT, OTHER_GRANTEE)
+    assert marker not in on_disk()
 
 
 def test_closed_store_refuses(store: KfragStore) -> None:

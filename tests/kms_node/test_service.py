@@ -1210,3 +1210,81 @@ def test_a_call_whose_audit_fails_answers_nothing(world: World) -> None:
         world.node.reencrypt_many(
             many(world.request(nonce=b"\x64" * 32), world.request(nonce=b"\x65" * 32))
         )
+
+
+# --- a kfrag holder's refused capsules, against the node's default limits ------------------
+
+
+class LimiterClock:
+    """The requester limiter's clock; the node's own stands still at NOW."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def expired_holder_node(world: World, tmp_path: Path, clock: LimiterClock) -> NodeService:
+    """A node where bob holds a kfrag but his grant has expired (every capsule he asks
+    for is refused), with the requester limiter server.py builds from the default
+    settings for a node of one process."""
+    from kms_node.settings import NodeSettings
+
+    world.enroll(world.kfrag())
+    key = (world.alice.address, world.bob.address)
+    world.registry.grants[key] = dataclasses.replace(world.registry.grants[key], expires_at=NOW)
+    limiter = RateLimiter.share_of(
+        NodeSettings.rate_limit_per_s, NodeSettings.rate_limit_burst, 1, clock=clock
+    )
+    return NodeService(
+        node_id="node-t",
+        keystore=world.keystore,
+        kfrags=world.kfrags,
+        registry=world.registry,
+        index=world.registry,
+        registry_address=DOMAIN.registry_address,
+        chain_id=DOMAIN.chain_id,
+        replay=ReplayGuard(max_window_s=300, max_entries=100),
+        limiter=limiter,
+        audit=AuditLog(tmp_path / "audit-limits.sqlite", world.keystore, "node-t"),
+        clock=lambda: NOW,
+    )
+
+
+def test_a_kfrag_holders_refused_request_costs_ten_of_the_default_burst(
+    world: World, tmp_path: Path
+) -> None:
+    """The clock standing still, the default burst (200) pays for 200 / 10 = 20 refused
+    requests; the 21st is over the rate."""
+    from core.rate_limit import REFUSAL_COST
+    from kms_node.settings import NodeSettings
+
+    node = expired_holder_node(world, tmp_path, LimiterClock())
+    assert world.kfrags.holds(world.alice.address, world.bob.address)
+    refusals = NodeSettings.rate_limit_burst // REFUSAL_COST
+    for i in range(refusals):
+        with pytest.raises(AccessDenied, match="grant expired"):
+            node.reencrypt(world.request(nonce=bytes([0x80, i]) * 16))
+    with pytest.raises(ResourceExhausted, match="rate limit for this requester"):
+        node.reencrypt(world.request(nonce=b"\x81" * 32))
+
+
+def test_a_fully_refused_64_capsule_batch_leaves_at_most_one_burst_of_debt(
+    world: World, tmp_path: Path
+) -> None:
+    """64 refused capsules cost 1 + 63/4 + 64 x 9 = 592.75 tokens, but the debt stops at
+    one burst (200): the next request is admitted once that burst and its own token
+    have refilled, (200 + 1) / 100 s later, not (392.75 + 1) / 100 s."""
+    from kms_node.settings import NodeSettings
+
+    clock = LimiterClock()
+    node = expired_holder_node(world, tmp_path, clock)
+    outcomes = node.reencrypt_batch(batch_request(world, b"\x82" * 32, count=64)).outcomes
+    assert len(outcomes) == 64 and all(o.status and not o.fragment.cfrag for o in outcomes)
+    rate, burst = NodeSettings.rate_limit_per_s, NodeSettings.rate_limit_burst
+    clock.now = burst / rate - 0.01  # still in debt
+    with pytest.raises(ResourceExhausted, match="rate limit for this requester"):
+        node.reencrypt(world.request(nonce=b"\x83" * 32))
+    clock.now = burst / rate + 2 / rate  # the burst of debt repaid: admitted, and judged
+    with pytest.raises(AccessDenied, match="grant expired"):
+        node.reencrypt(world.request(nonce=b"\x84" * 32))
