@@ -47,9 +47,14 @@ _NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
 _STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
-def loads(data: bytes, *, max_bytes: int, max_depth: int, what: str) -> Any:
-    """Parse ``data`` (UTF-8 JSON) if it is at most ``max_bytes`` long and nests at most
-    ``max_depth`` arrays and objects deep (a scalar is depth 0, ``[]`` depth 1)."""
+def loads(
+    data: bytes, *, max_bytes: int, max_depth: int, what: str, max_containers: int | None = None
+) -> Any:
+    """Parse ``data`` (UTF-8 JSON) if it is at most ``max_bytes`` long, nests at most
+    ``max_depth`` arrays and objects deep (a scalar is depth 0, ``[]`` depth 1) and, with
+    ``max_containers``, opens at most that many arrays and objects in all
+    (:class:`TooManyContainers`): parsing builds an object for each, some 60 bytes of
+    memory for the 3 bytes of ``{},``."""
     if not isinstance(data, bytes):
         raise InvalidRequest(f"{what} must be bytes, not {type(data).__name__}")
     if len(data) > max_bytes:
@@ -58,7 +63,7 @@ def loads(data: bytes, *, max_bytes: int, max_depth: int, what: str) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest(f"{what} is not JSON: not UTF-8 text") from None
-    check_depth(text, max_depth=max_depth, what=what)
+    check_depth(text, max_depth=max_depth, what=what, max_containers=max_containers)
     try:
         return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except _NotJsonNumber as e:
@@ -78,24 +83,31 @@ def loads_object(data: bytes, *, max_bytes: int, max_depth: int, what: str) -> d
     return value
 
 
-def count_containers(text: str) -> int:
-    """How many arrays and objects ``text`` opens outside its strings (up to a string that
-    never ends). Linear, as :func:`check_depth`: a caller bounds what parsing would build
-    (an empty object costs some 60 bytes of memory for 3 bytes of text)."""
-    brackets, _ = _brackets_outside_strings(text)
-    return brackets.count("[") + brackets.count("{")
+class TooManyContainers(InvalidRequest):
+    """A document that opens more arrays and objects than its reader allows."""
+
+    def __init__(self, what: str, count: int, max_containers: int) -> None:
+        super().__init__(f"{what} holds {count} arrays and objects, more than {max_containers}")
+        #: how many it opens outside its strings (up to a string that never ends)
+        self.count = count
 
 
-def check_depth(text: str, *, max_depth: int, what: str) -> None:
-    """Refuse ``text`` if its arrays and objects nest deeper than ``max_depth``. Linear in
-    the length; exact for any prefix a JSON parser accepts, so the parser never goes deeper
-    than this allowed, whatever follows."""
-    # Fewer brackets in all than the bound (strings included): nothing to scan.
-    if text.count("[") + text.count("{") <= max_depth:
+def check_depth(text: str, *, max_depth: int, what: str, max_containers: int | None = None) -> None:
+    """Refuse ``text`` if its arrays and objects nest deeper than ``max_depth`` or, with
+    ``max_containers``, are more than that many (:class:`TooManyContainers`; too deep is
+    named first). Linear in the length, one scan for both; exact for any prefix a JSON
+    parser accepts, so the parser never goes deeper than this allowed, whatever follows."""
+    # Fewer brackets in all than the bounds (strings included): nothing to scan.
+    upper = text.count("[") + text.count("{")
+    if upper <= max_depth and (max_containers is None or upper <= max_containers):
         return
     brackets, unterminated = _brackets_outside_strings(text)
     if not _nests_within(brackets, max_depth):
         _refuse_first_violation(brackets, max_depth, what)
+    if max_containers is not None:
+        count = brackets.count("[") + brackets.count("{")
+        if count > max_containers:
+            raise TooManyContainers(what, count, max_containers)
     if unterminated:
         raise InvalidRequest(f"{what} is not JSON: unterminated string")
 

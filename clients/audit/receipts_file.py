@@ -30,7 +30,7 @@ MAX_RECEIPTS: Final = 10_000
 #: room for the longest ids: 10 000 x 1536 bytes, some 14.6 MiB. Loading 10 000 such
 #: receipts peaks at some 40 MiB; the costliest JSON per byte (short strings, distinct
 #: keys, quotes around brackets) at some 25 times the file, some 360 MiB, where 64 MiB
-#: of ``[{},{},...]`` took 1.75 GB before the count below.
+#: of ``[{},{},...]`` took 1.75 GB before they were counted (MAX_RECEIPTS_FILE_CONTAINERS).
 MAX_RECEIPTS_FILE_BYTES: Final = MAX_RECEIPTS * 1536
 #: a receipt is one object holding one array (its batch path), in one list
 MAX_RECEIPTS_FILE_CONTAINERS: Final = 2 * MAX_RECEIPTS + 1
@@ -61,13 +61,20 @@ def load_receipts(path: Path) -> list[Receipt]:
     # Each refusal up to the parsed list names the file (InvalidRequest); OSError is the
     # caller's to report.
     data = read_bounded(path, max_bytes=MAX_RECEIPTS_FILE_BYTES, what="receipts file")
-    _check_count(data, path)
-    items = bounded_json.loads(
-        data,
-        max_bytes=MAX_RECEIPTS_FILE_BYTES,
-        max_depth=RECEIPTS_FILE_DEPTH,
-        what=f"receipts file {path}",
-    )
+    try:
+        items = bounded_json.loads(
+            data,
+            max_bytes=MAX_RECEIPTS_FILE_BYTES,
+            max_depth=RECEIPTS_FILE_DEPTH,
+            what=f"receipts file {path}",
+            max_containers=MAX_RECEIPTS_FILE_CONTAINERS,
+        )
+    except bounded_json.TooManyContainers as e:
+        raise InvalidRequest(
+            f"receipts file {path} holds more than {MAX_RECEIPTS} receipts ({e.count} "
+            "arrays and objects, where a receipt is one object and one array); keep "
+            "receipts in several files"
+        ) from None
     if not isinstance(items, list):
         raise InvalidRequest(f"{path} is not a receipts file: it must hold a JSON list")
     try:
@@ -97,26 +104,6 @@ def load_receipts(path: Path) -> list[Receipt]:
         # float too large, should a number ever get past bounded_json as one.
         message = e.message if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
         raise InvalidRequest(f"{path} is not a receipts file: {message}") from None
-
-
-def _check_count(data: bytes, path: Path) -> None:
-    """Refuse a file of more than :data:`MAX_RECEIPTS` receipts before parsing it."""
-    # Two byte counts bound the arrays and objects from above (brackets in strings too);
-    # only a file over the bound is scanned for the exact count.
-    if data.count(b"[") + data.count(b"{") <= MAX_RECEIPTS_FILE_CONTAINERS:
-        return
-    # A byte that is not UTF-8 is no bracket or quote: replaced, it changes no count
-    # (and bounded_json refuses the file for it, if it gets that far).
-    text = data.decode("utf-8", "replace")
-    # Too deep is the plainer diagnosis of a file that is also too many.
-    bounded_json.check_depth(text, max_depth=RECEIPTS_FILE_DEPTH, what=f"receipts file {path}")
-    containers = bounded_json.count_containers(text)
-    if containers > MAX_RECEIPTS_FILE_CONTAINERS:
-        raise InvalidRequest(
-            f"receipts file {path} holds more than {MAX_RECEIPTS} receipts ({containers} "
-            "arrays and objects, where a receipt is one object and one array); keep "
-            "receipts in several files"
-        )
 
 
 def save_receipts(path: Path, receipts: Sequence[Receipt]) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from clients.sdk.records import MAX_DOCUMENT_BYTES
 from core.cid import cid_for, digest_of
-from core.errors import IntegrityError, NotFound
+from core.errors import IntegrityError, InvalidRequest, NotFound
+from core.local_files import read_regular_file
 
 STORAGE_SCHEME = "blob:"
 #: the largest blob read: a record envelope holds a document of at most
@@ -58,16 +58,16 @@ class LocalBlobStore:
         digest = digest_of(cid)  # validates the name before it touches the file system
         path = self.root / cid
         try:
-            data = _read_regular(path, MAX_BLOB_BYTES)
+            data = read_regular_file(path, max_bytes=MAX_BLOB_BYTES, what="blob")
         except FileNotFoundError:
             raise NotFound(
                 f"blob {cid} is not in the blob store: no file {path} (erased, or the record "
                 "was stored in another blob directory: the patient's --blob-dir)"
             ) from None
-        if data is None:
+        except InvalidRequest:  # a FIFO, a device, a directory, or too large
             raise IntegrityError(
                 f"blob {cid} is not a regular file of at most {MAX_BLOB_BYTES} bytes: {path}"
-            )
+            ) from None
         if hashlib.sha256(data).digest() != digest:
             raise IntegrityError(f"blob {cid} does not match its content address")
         return data
@@ -78,18 +78,6 @@ class LocalBlobStore:
         except FileNotFoundError:
             return False
         return True
-
-
-def _read_regular(path: Path, max_bytes: int) -> bytes | None:
-    """The bytes of ``path``, or None if it is not a regular file (a FIFO, a device) or
-    holds more than ``max_bytes``. Opened without blocking, so a FIFO cannot hang the
-    read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        data = f.read(max_bytes + 1)
-    return data if len(data) <= max_bytes else None
 
 
 def _cid_of(uri: str) -> str:

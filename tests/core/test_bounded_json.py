@@ -142,10 +142,12 @@ def test_finite_floats_still_parse() -> None:
         ('[{"a": "[[', 2),  # up to a string that never ends
     ],
 )
-def test_count_containers_counts_only_brackets_that_open_outside_strings(
+def test_containers_are_counted_only_where_brackets_open_outside_strings(
     text: str, count: int
 ) -> None:
-    assert bounded_json.count_containers(text) == count
+    with pytest.raises(bounded_json.TooManyContainers) as raised:
+        bounded_json.check_depth(text, max_depth=8, what="x", max_containers=count - 1)
+    assert raised.value.count == count
 
 
 def test_the_scan_is_linear() -> None:
