@@ -41,7 +41,6 @@ from clients.audit.fhir_export import fhir_bundle
 from clients.audit.receipts_file import load_receipts, save_receipts
 from clients.audit.report_files import write_reports
 from clients.audit.state_file import load_state, save_state
-from clients.sdk.input_files import read_bounded
 from clients.sdk.output_files import private_dir, private_file
 from clients.sdk.patient import PatientClient
 from clients.sdk.provider import ProviderClient, RecordRead
@@ -50,6 +49,7 @@ from core import logs
 from core.audit_findings import Verdict
 from core.audit_sources import failed_in_transit
 from core.errors import ChainRejected, IntegrityError, InvalidRequest, KmsError
+from core.local_files import read_regular_file
 from core.record_types import RecordType
 from core.requests import MAX_BATCH
 from deploy.local_cluster import LocalCluster
@@ -154,7 +154,7 @@ def _patient_action(args: argparse.Namespace, me: parties.Party, client: Patient
         client.register()
         print(f"registered {me.did(me.identity.address)}")
     elif args.action == "store":
-        document = read_bounded(args.file, max_bytes=MAX_DOCUMENT_BYTES, what="record file")
+        document = read_regular_file(args.file, max_bytes=MAX_DOCUMENT_BYTES, what="record file")
         stored = client.store_record(document, RecordType.parse(args.type))
         print(
             json.dumps(

@@ -25,11 +25,11 @@ from typing import Final
 from clients.sdk.blob_store import LocalBlobStore
 from clients.sdk.connection_profile import ConnectionProfile
 from clients.sdk.identity import Identity, PublicIdentity
-from clients.sdk.input_files import read_bounded
 from contracts.registry import RegistryClient
 from core import addresses
 from core.did import did_of, parse_did
 from core.errors import ConfigurationError, InvalidRequest
+from core.local_files import read_regular_file
 from deploy.local_cluster import LocalCluster
 from proto.transport import Transport
 
@@ -103,7 +103,7 @@ def _password_file(path: Path) -> str:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigurationError(f"password file {path} is open to others: chmod 600 {path}")
-    raw = read_bounded(path, max_bytes=MAX_PASSWORD_FILE_BYTES, what="password file")
+    raw = read_regular_file(path, max_bytes=MAX_PASSWORD_FILE_BYTES, what="password file")
     try:
         text = raw.decode()
     except UnicodeDecodeError:

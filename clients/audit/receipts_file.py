@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from clients.sdk.input_files import read_bounded
 from core import bounded_json
 from core.audit import Receipt
 from core.errors import InvalidRequest
+from core.local_files import read_regular_file
 
 # Bounds on the file (clients/sdk/input_files.py).
 #: the most receipts a file holds: a read adds one per node that served it (the
@@ -60,7 +60,7 @@ def load_receipts(path: Path) -> list[Receipt]:
     """A JSON list of receipts as :func:`receipt_to_json` writes them."""
     # Each refusal up to the parsed list names the file (InvalidRequest); OSError is the
     # caller's to report.
-    data = read_bounded(path, max_bytes=MAX_RECEIPTS_FILE_BYTES, what="receipts file")
+    data = read_regular_file(path, max_bytes=MAX_RECEIPTS_FILE_BYTES, what="receipts file")
     try:
         items = bounded_json.loads(
             data,

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from clients.sdk.input_files import read_bounded
 from core import addresses
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError, InvalidRequest
+from core.local_files import read_regular_file
 from core.settings_table import reject_unknown_keys
 
 #: a profile is a handful of short lines
@@ -69,7 +69,7 @@ class ConnectionProfile:
     @classmethod
     def load(cls, path: Path) -> ConnectionProfile:
         try:
-            text = read_bounded(path, max_bytes=MAX_PROFILE_BYTES, what="profile").decode()
+            text = read_regular_file(path, max_bytes=MAX_PROFILE_BYTES, what="profile").decode()
             raw = tomllib.loads(text)
         except InvalidRequest as e:
             raise ConfigurationError(e.message) from None

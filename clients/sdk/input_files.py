@@ -13,13 +13,6 @@ from core import bounded_json
 from core.local_files import read_regular_file
 
 
-def read_bounded(path: Path, *, max_bytes: int, what: str) -> bytes:
-    """The bytes of ``path``, refused if it is not a regular file or holds more than
-    ``max_bytes`` (:func:`core.local_files.read_regular_file`, kept under this name for the
-    SDK's callers)."""
-    return read_regular_file(path, max_bytes=max_bytes, what=what)
-
-
 def load_json(path: Path, *, max_bytes: int, max_depth: int, what: str) -> Any:
     """The JSON document in ``path``, within both bounds."""
     data = read_regular_file(path, max_bytes=max_bytes, what=what)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from clients.sdk.input_files import load_json, load_json_object, read_bounded
+from clients.sdk.input_files import load_json, load_json_object
 from core.errors import InvalidRequest
 from tests.core.test_local_files import refuses_without_waiting
 
 #: each reader of the module, on a file given as a "record file"
 READERS: dict[str, Callable[[Path], object]] = {
-    "read_bounded": lambda path: read_bounded(path, max_bytes=100, what="record file"),
     "load_json": lambda path: load_json(path, max_bytes=100, max_depth=2, what="record file"),
     "load_json_object": lambda path: load_json_object(
         path, max_bytes=100, max_depth=2, what="record file"
@@ -32,16 +31,6 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(
     error = refuses_without_waiting(fifo, lambda: read(fifo))
     assert isinstance(error, InvalidRequest)
     assert error.message == f"record file {fifo} is not a regular file"
-
-
-def test_read_bounded_keeps_its_contract(tmp_path: Path) -> None:
-    path = tmp_path / "password"
-    path.write_bytes(b"x" * 10)
-    assert read_bounded(path, max_bytes=10, what="password file") == b"x" * 10
-    with pytest.raises(InvalidRequest, match=f"^password file {path} is larger than 9 bytes$"):
-        read_bounded(path, max_bytes=9, what="password file")
-    with pytest.raises(FileNotFoundError):
-        read_bounded(tmp_path / "absent", max_bytes=10, what="password file")
 
 
 def test_a_number_json_makes_infinite_is_refused_naming_the_file(tmp_path: Path) -> None:
