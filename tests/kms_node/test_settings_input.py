@@ -17,17 +17,10 @@ import pytest
 from core.errors import ConfigurationError
 from core.settings_table import MAX_SETTINGS_FILE_BYTES
 from kms_node.settings import NodeSettings
+from tests.kms_node import test_settings
 
-BASE = """\
-node_id = "node-1"
-listen = "127.0.0.1:1"
-chain_rpc_url = "http://127.0.0.1:2"
-registry_address = "0x0000000000000000000000000000000000000001"
-data_dir = "data"
-hsm_token_label = "medkms-node-1"
-hsm_pin_file = "secrets/user.pin"
-dev_plaintext = true
-"""
+#: the PIN tests' minimal node.toml, with its PIN file named
+BASE = test_settings.BASE + 'hsm_pin_file = "secrets/user.pin"\n'
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
