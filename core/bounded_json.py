@@ -43,6 +43,13 @@ _STRING: Final = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _NOT_STRUCTURE: Final = bytes(c for c in range(256) if chr(c) not in '[]{}"')
 # Everything but the brackets, once strings are gone.
 _NOT_BRACKET: Final = re.compile(r"[^\[\]{}]+")
+# From a point outside any string: runs of what is not a quote, and whole strings, up to
+# the first string that does not close (possessive throughout: one pass, no backtracking).
+_OUTSIDE_AND_WHOLE_STRINGS: Final = re.compile(
+    r'(?:[^"]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL
+)
+#: characters (or bytes) of a document scanned at a time (see ``_brackets_outside_strings``)
+_WINDOW: Final = 1 << 16
 #: each bracket as its step of the depth, a signed byte: +1 opens, -1 (0xff) closes
 _STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
@@ -116,22 +123,48 @@ def _brackets_outside_strings(text: str) -> tuple[str, bool]:
     """The brackets of ``text`` outside its strings, in order, up to a string that never
     ends (what follows its quote is inside it, and a parser stops there); and whether
     there is one. Each step is one pass in C, so that a large answer (an ``eth_getLogs``
-    of thousands of logs, a few hundred strings for each bracket) scans fast."""
-    if "\\" in text:
-        outside = _STRING.sub("", text)
-        quote = outside.find('"')
-        if quote >= 0:
-            outside = outside[:quote]
-        return _NOT_BRACKET.sub("", outside), quote >= 0
-    # No escapes: a string is a quote, anything but a quote, a quote. Keep only brackets
-    # and quotes (UTF-8 puts no other character on their bytes). Two quotes side by side
-    # are an empty string, or two strings with nothing between them: dropping them leaves
-    # the brackets outside strings as they were. Then the pieces between the quotes left
-    # are, in turn, outside and inside a string; with an odd number of quotes the last
-    # piece is in a string that never ends.
+    of thousands of logs, a few hundred strings for each bracket) scans fast; and the
+    passes that make an object for each string (some 35 bytes) take a window of the text
+    at a time, so that those never add up to more than a window's worth (over a whole
+    document of brackets and strings in turns of a few bytes, they made some 30 times
+    its size)."""
+    if "\\" not in text:
+        return _brackets_outside_strings_without_escapes(text)
+    found: list[str] = []
+    start = 0
+    while start < len(text):
+        window = text[start : start + _WINDOW]
+        # Up to the first string that opens in the window and does not close in it.
+        matched = _OUTSIDE_AND_WHOLE_STRINGS.match(window)  # always, if only empty
+        end = matched.end() if matched else 0
+        found.append(_NOT_BRACKET.sub("", _STRING.sub("", window[:end])))
+        if end == len(window):
+            start += end  # the window ends outside any string
+            continue
+        string = _STRING.match(text, start + end)
+        if string is None:
+            return "".join(found), True
+        start = string.end()
+    return "".join(found), False
+
+
+def _brackets_outside_strings_without_escapes(text: str) -> tuple[str, bool]:
+    """``_brackets_outside_strings`` of a text with no backslash: a string is a quote,
+    anything but a quote, a quote. Keep only brackets and quotes (UTF-8 puts no other
+    character on their bytes). Two quotes side by side are an empty string, or two
+    strings with nothing between them: dropping them leaves the brackets outside strings
+    as they were. Then the pieces between the quotes left are, in turn, outside and
+    inside a string; where the last quote leaves the text inside one, that string never
+    ends."""
     structure = text.encode("utf-8", "surrogatepass").translate(None, _NOT_STRUCTURE)
-    pieces = structure.replace(b'""', b"").split(b'"')
-    return b"".join(pieces[::2]).decode("ascii"), len(pieces) % 2 == 0
+    structure = structure.replace(b'""', b"")
+    found: list[bytes] = []
+    inside = False
+    for start in range(0, len(structure), _WINDOW):
+        pieces = structure[start : start + _WINDOW].split(b'"')
+        found.append(b"".join(pieces[1 if inside else 0 :: 2]))
+        inside ^= len(pieces) % 2 == 0  # an odd number of quotes in the window
+    return b"".join(found).decode("ascii"), inside
 
 
 def _nests_within(brackets: str, max_depth: int) -> bool:

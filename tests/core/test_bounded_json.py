@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import time
+import tracemalloc
 from typing import TypedDict
 
 import pytest
@@ -166,6 +167,27 @@ def test_the_scan_is_linear() -> None:
         assert time.perf_counter() - started < 2.0
 
 
+@pytest.mark.parametrize(
+    "unit",
+    [
+        '"[["[]',  # brackets in short strings between short runs of brackets
+        '"\\"[["{}',  # the same with escapes
+    ],
+)
+def test_the_scan_holds_about_the_documents_size_in_memory(unit: str) -> None:
+    """Scanned whole, such a document made an object for each of its strings: 2 MiB of
+    it took some 60 MiB to scan (30 times its size). A window at a time, at most about
+    twice its size: the brackets found outside strings."""
+    text = unit * ((2 << 20) // len(unit))
+    tracemalloc.start()
+    try:
+        check_depth(text, max_depth=2, what="x", max_containers=10**7)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(text)
+
+
 def test_a_deep_document_is_refused_where_json_loads_would_kill_the_process() -> None:
     """With web3 imported (recursion limit 100 000) plain json.loads of deep nesting dies
     with SIGSEGV; the bounded parser refuses the same bytes and the process lives on."""
@@ -241,9 +263,24 @@ def _reference_depth_check(text: str, max_depth: int) -> str | None:
 def test_the_scan_agrees_with_the_rule_on_random_text(alphabet: str) -> None:
     """Any text (brackets, quotes, escapes, letters), against the rule applied one
     character at a time: the same verdict and the same first violation."""
+    _agrees_with_the_rule_on_random_text(alphabet, runs=20_000, longest=24)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("alphabet", ['[]{}"\\a,', '[]{}"a,\u00e9'])
+def test_the_scan_agrees_with_the_rule_across_windows(
+    alphabet: str, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanned a few characters at a time, strings, escapes and unterminated strings
+    cross the windows' edges anywhere: the verdicts are the rule's still."""
+    monkeypatch.setattr(bounded_json, "_WINDOW", window)
+    _agrees_with_the_rule_on_random_text(alphabet, runs=3_000, longest=40)
+
+
+def _agrees_with_the_rule_on_random_text(alphabet: str, *, runs: int, longest: int) -> None:
     rng = random.Random(20261204)
-    for _ in range(20_000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+    for _ in range(runs):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
         max_depth = rng.randint(0, 4)
         if text.count("[") + text.count("{") <= max_depth:
             continue  # too few brackets to nest too deep: not scanned, json.loads judges
