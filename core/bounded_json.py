@@ -82,9 +82,13 @@ def loads(
         raise InvalidRequest(f"{what} is not JSON ({type(e).__name__})") from None
 
 
-def loads_object(data: bytes, *, max_bytes: int, max_depth: int, what: str) -> dict[str, Any]:
+def loads_object(
+    data: bytes, *, max_bytes: int, max_depth: int, what: str, max_containers: int | None = None
+) -> dict[str, Any]:
     """:func:`loads`, for a document that must be a JSON object."""
-    value = loads(data, max_bytes=max_bytes, max_depth=max_depth, what=what)
+    value = loads(
+        data, max_bytes=max_bytes, max_depth=max_depth, what=what, max_containers=max_containers
+    )
     if not isinstance(value, dict):
         raise InvalidRequest(f"{what} is not a JSON object")
     return value

@@ -29,7 +29,7 @@ MAX_RECEIPTS: Final = 10_000
 #: up to 6 hashes of batch path for a batch of 64 records, a request id); 1.5 KiB leaves
 #: room for the longest ids: 10 000 x 1536 bytes, some 14.6 MiB. Loading 10 000 such
 #: receipts peaks at some 40 MiB; the costliest JSON per byte (short strings, distinct
-#: keys, quotes around brackets) at some 25 times the file, some 360 MiB, where 64 MiB
+#: keys, small numbers) at some 11 to 14 times the file, some 170 MiB, where 64 MiB
 #: of ``[{},{},...]`` took 1.75 GB before they were counted (MAX_RECEIPTS_FILE_CONTAINERS).
 MAX_RECEIPTS_FILE_BYTES: Final = MAX_RECEIPTS * 1536
 #: a receipt is one object holding one array (its batch path), in one list

@@ -21,6 +21,11 @@ from core.registry_types import NodeInfo
 MAX_STATE_FILE_BYTES: Final = 16 * 1024 * 1024
 #: {"nodes": {node id: {"frontier": [...]}}}
 STATE_FILE_DEPTH: Final = 4
+#: the most nodes whose prefixes a state file holds; far more than a registry registers
+MAX_STATE_FILE_NODES: Final = 4096
+#: the document and its "nodes", then per node an object and its frontier: a file that
+#: opens more (some 60 bytes of memory for the 3 of ``{},``) is refused before parsing
+MAX_STATE_FILE_CONTAINERS: Final = 2 + 2 * MAX_STATE_FILE_NODES
 
 
 def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefix]:
@@ -30,7 +35,11 @@ def load_state(path: Path, nodes: Sequence[NodeInfo]) -> dict[str, VerifiedPrefi
         return {}
     try:
         data = load_json_object(
-            path, max_bytes=MAX_STATE_FILE_BYTES, max_depth=STATE_FILE_DEPTH, what="audit state"
+            path,
+            max_bytes=MAX_STATE_FILE_BYTES,
+            max_depth=STATE_FILE_DEPTH,
+            what="audit state",
+            max_containers=MAX_STATE_FILE_CONTAINERS,
         )
     except InvalidRequest:
         raise

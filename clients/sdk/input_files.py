@@ -19,9 +19,16 @@ def load_json(path: Path, *, max_bytes: int, max_depth: int, what: str) -> Any:
     return bounded_json.loads(data, max_bytes=max_bytes, max_depth=max_depth, what=f"{what} {path}")
 
 
-def load_json_object(path: Path, *, max_bytes: int, max_depth: int, what: str) -> dict[str, Any]:
-    """:func:`load_json`, for a file that must hold a JSON object."""
+def load_json_object(
+    path: Path, *, max_bytes: int, max_depth: int, what: str, max_containers: int | None = None
+) -> dict[str, Any]:
+    """:func:`load_json`, for a file that must hold a JSON object; with ``max_containers``,
+    one that opens at most that many arrays and objects in all."""
     data = read_regular_file(path, max_bytes=max_bytes, what=what)
     return bounded_json.loads_object(
-        data, max_bytes=max_bytes, max_depth=max_depth, what=f"{what} {path}"
+        data,
+        max_bytes=max_bytes,
+        max_depth=max_depth,
+        what=f"{what} {path}",
+        max_containers=max_containers,
     )

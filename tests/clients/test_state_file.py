@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.audit.state_file import load_state
+from clients.audit.state_file import MAX_STATE_FILE_NODES, load_state
 from core.audit_findings import Verdict
 from core.errors import InvalidRequest
 from core.registry_types import NodeInfo
@@ -30,6 +30,22 @@ def test_a_hostile_state_file_is_refused_before_it_is_parsed(tmp_path: Path) -> 
         load_state(path, [])
     path.write_bytes(b'{"nodes": []}')
     with pytest.raises(InvalidRequest, match="not an audit state file"):
+        load_state(path, [])
+
+
+def test_a_state_file_of_more_containers_than_nodes_need_is_refused_before_parsing(
+    tmp_path: Path,
+) -> None:
+    """Each node's prefix is an object and its frontier: the most nodes a file holds
+    load; one more object than they would open is refused, not parsed (some 60 bytes of
+    memory for each 3 bytes of ``{},``)."""
+    path = tmp_path / "state.json"
+    most: dict[str, object] = {f"node-{i}": {"frontier": []} for i in range(MAX_STATE_FILE_NODES)}
+    path.write_text(json.dumps({"nodes": most}))
+    assert load_state(path, []) == {}  # none of them registered
+    more = ",".join(f'"n{i}": {{}}' for i in range(2 * MAX_STATE_FILE_NODES + 1))
+    path.write_text('{"nodes": {' + more + "}}")
+    with pytest.raises(InvalidRequest, match=r"audit state .* holds 8195 arrays and objects"):
         load_state(path, [])
 
 
