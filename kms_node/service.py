@@ -391,9 +391,12 @@ class NodeService:
         return self.single_response(judged, self._commit([judged])[0])
 
     def admit_single(self, msg: common_pb2.ReencryptionRequest) -> list[ReencryptionQuery]:
-        """A single read parsed, authenticated and charged to its requester's rate."""
-        query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
+        """A single read parsed, authenticated and charged to its requester's rate. Its
+        capsule is parsed (the costly check, about 0.25 ms) only once its signature is
+        found good, as the coordinator does: a forged read costs the signature check."""
+        query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load, parse_capsule=False)
         self._authenticate(query)
+        query.lazy_capsule.parsed()
         self._limiter.spend(query.requester)
         return [query]
 
@@ -418,9 +421,12 @@ class NodeService:
         return self.batch_response(judged, self._commit([judged])[0])
 
     def admit_batch(self, msg: common_pb2.ReencryptionBatchRequest) -> Sequence[ReencryptionQuery]:
-        """A batch parsed, authenticated and charged to its requester's rate."""
-        batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
+        """A batch parsed, authenticated and charged to its requester's rate; its capsules
+        parsed once its signature is found good (as ``admit_single``)."""
+        batch = BatchQuery.parse(msg, self._domain, self._capsules.load, parse_capsules=False)
         self._authenticate(batch.items[0])
+        for query in batch.items:
+            query.lazy_capsule.parsed()
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
         return batch.items
 
