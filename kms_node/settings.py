@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.endpoints import parse_host_port
 from core.errors import ConfigurationError, InvalidRequest
+from core.local_files import read_regular_file
 from core.node_identity import check_node_id
 from core.request_auth import MAX_REQUEST_WINDOW_S
 from core.settings_table import (
@@ -399,32 +400,19 @@ def pin_file_mode_problem(
 def _read_pin_file(path: Path, key: str) -> str:
     """Read a PIN file, checking its mode on the opened file. Symlinks are followed: a
     mounted secret is one (its target was checked against the guarded directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
-    try:
-        # on the raw descriptor: fdopen refuses a directory with an error naming only the
-        # descriptor's number
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigurationError(f"{key} {path} is not a regular file")
-        groups = frozenset([os.getegid(), *os.getgroups()])
-        problem = pin_file_mode_problem(
+    groups = frozenset([os.getegid(), *os.getgroups()])
+
+    def mode_problem(info: os.stat_result) -> str | None:
+        return pin_file_mode_problem(
             info.st_mode, info.st_uid, info.st_gid, euid=os.geteuid(), groups=groups
         )
-        if problem is not None:
-            raise ConfigurationError(f"{key} {path} {problem}")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(MAX_PIN_FILE_BYTES + 1)
-        except OSError as e:
-            raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
-    if len(data) > MAX_PIN_FILE_BYTES:
-        raise ConfigurationError(f"{key} {path} is longer than {MAX_PIN_FILE_BYTES} bytes")
+
+    try:
+        data = read_regular_file(path, max_bytes=MAX_PIN_FILE_BYTES, what=key, check=mode_problem)
+    except InvalidRequest as e:
+        raise ConfigurationError(e.message) from None
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {key} {path}: {e.strerror}") from None
     try:
         value = data.decode().strip()
     except UnicodeDecodeError:

@@ -104,3 +104,26 @@ def test_the_descriptor_is_not_left_open(tmp_path: Path, fifo: Path) -> None:
         with pytest.raises(InvalidRequest):
             read_regular_file(fifo, max_bytes=5, what="f")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_check_judges_the_file_opened_and_its_problem_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "pin"
+    path.write_bytes(b"1234")
+    path.chmod(0o644)
+    seen: list[int] = []
+
+    def no_others(info: os.stat_result) -> str | None:
+        seen.append(info.st_ino)
+        return "is readable by others" if info.st_mode & 0o004 else None
+
+    with pytest.raises(InvalidRequest, match=f"^pin {path} is readable by others$"):
+        read_regular_file(path, max_bytes=100, what="pin", check=no_others)
+    assert seen == [path.stat().st_ino]
+    path.chmod(0o600)
+    assert read_regular_file(path, max_bytes=100, what="pin", check=no_others) == b"1234"
+    # a FIFO is refused before any check sees it
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidRequest, match="is not a regular file"):
+        read_regular_file(fifo, max_bytes=100, what="pin", check=no_others)
+    assert len(seen) == 2

@@ -257,7 +257,7 @@ def test_a_pin_file_must_be_a_regular_file_of_bounded_size(tmp_path: Path) -> No
     (tmp_path / "secrets" / "user.pin").unlink()
     _pin_file(tmp_path / "secrets" / "user.pin")
     (tmp_path / "secrets" / "user.pin").write_text("x" * 5000)
-    with pytest.raises(ConfigurationError, match="is longer than 4096 bytes"):
+    with pytest.raises(ConfigurationError, match="is larger than 4096 bytes"):
         settings.user_pin()
 
 
