@@ -136,9 +136,10 @@ def test_bad_fields_are_invalid_argument(
     channel, service = (
         (node_channel, "KmsNode") if target == "node" else (coordinator_channel, "Coordinator")
     )
-    if target == "coordinator" and fragment == "not a valid Umbral capsule":
-        # The coordinator parses a capsule of the right size only once the read's
-        # signature and budget let it in (tests/coordinator/test_fan_out.py); this
+    if fragment == "not a valid Umbral capsule":
+        # The coordinator and the nodes parse a capsule of the right size only once the
+        # read's signature (and at the coordinator its budget) lets it in
+        # (tests/coordinator/test_fan_out.py, tests/kms_node/test_service.py); this
         # request's id is not the one its fields derive, which is checked first.
         fragment = "request_id must be empty or the id derived from the signed request"
     error = _raw_call(channel, service, "Reencrypt", request.SerializeToString())

@@ -400,6 +400,28 @@ def test_a_forged_read_is_refused_before_its_capsules_are_parsed(world: World) -
         assert parse.call_count == 0
         world.node.reencrypt(world.request(nonce=b"\x84" * 32))
         assert parse.call_count == 1
+        signed_over_zeros = _signed_over(world, world.request(nonce=b"\x85" * 32), zeros)
+        with pytest.raises(InvalidRequest, match="^capsule is not a valid Umbral capsule"):
+            world.node.reencrypt(signed_over_zeros)
+        assert parse.call_count == 2
+
+
+def _signed_over(
+    world: World, request: common_pb2.ReencryptionRequest, capsule: bytes
+) -> common_pb2.ReencryptionRequest:
+    """``request`` carrying ``capsule`` instead, signed again by bob over it."""
+    request.capsule = capsule
+    claims = RequestClaims(
+        patient=world.alice.address,
+        record_id=bytes(request.record_id),
+        capsule_hash=capsule_hash(capsule),
+        requester_umbral_key=bytes(request.requester_umbral_key),
+        nonce=bytes(request.nonce),
+        deadline=request.deadline,
+        purpose_of_use=request.purpose_of_use,
+    )
+    request.signature = sign(world.bob.account, DOMAIN, claims)
+    return request
 
 
 def test_a_replayed_request_is_refused(world: World) -> None:
