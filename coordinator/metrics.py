@@ -95,6 +95,13 @@ FALSE_REPORTS = Counter(
     "Fragments an app reported as bad that verify: refused and charged to the requester",
     registry=REGISTRY,
 )
+CALLS_WITHOUT_REQUEST = Counter(
+    "kms_coordinator_calls_without_request_total",
+    "Calls ended because their request message had not come within a few seconds of "
+    "the call (coordinator/server.py FIRST_MESSAGE_TIMEOUT_S): half-open calls, which "
+    "would otherwise hold the coordinator's memory; a flood of them shows here",
+    registry=REGISTRY,
+)
 
 
 def start_at_zero(node_ids: Sequence[str]) -> None:

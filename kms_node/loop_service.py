@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from core.errors import KmsError
 from core.requests import ReencryptionQuery
 from kms_node.service import AuditSink, JudgedRead, NeedsChain, NodeService, audit_entries
 from proto import rpc
+from proto.interceptors import Handler, HandlerWrapper
 from proto.kms.v1 import common_pb2, node_pb2
 
 T = TypeVar("T")
@@ -162,7 +163,7 @@ class LoopCommitter:
             offset += len(job)
 
 
-class ReadArrivals(grpc.aio.ServerInterceptor):
+class ReadArrivals(HandlerWrapper):
     """Counts the read RPCs (``methods``, full paths) as the server accepts them, before
     their message is received, and marks each started when its handler is entered, so
     that a commit can wait for reads already on their way (``LoopCommitter``)."""
@@ -170,33 +171,19 @@ class ReadArrivals(grpc.aio.ServerInterceptor):
     def __init__(
         self, methods: Iterable[str], arrivals: Arrivals, committer: LoopCommitter
     ) -> None:
+        super().__init__()
         self._methods = frozenset(methods)
         self._arrivals = arrivals
         self._committer = committer
-        #: method path -> its handler wrapped, made once
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if details.method not in self._methods:
-            return await continuation(details)
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None:
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            wrapped = self._wrapped[details.method] = self._started_first(handler)
-        self._arrivals.arrived()
-        return wrapped
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        return self._started_first(handler) if method in self._methods else handler
 
-    def _started_first(
-        self, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def arrived(self, method: str) -> None:
+        if method in self._methods:
+            self._arrivals.arrived()
+
+    def _started_first(self, handler: Handler) -> Handler:
         """``handler``, marking its read started (and poking the committer) on entry."""
         behaviour: Any = handler.unary_unary
 

@@ -6,9 +6,11 @@ test_kfrag_protection.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -19,11 +21,13 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner, sealed_enrollment
+from coordinator.server import FIRST_MESSAGE_TIMEOUT_S
 from coordinator.settings import CoordinatorSettings
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, ChainRejected, InvalidRequest
 from core.record_types import RecordType
 from core.registry_types import EmergencyAccessOpened, NodeInfo
+from deploy import metrics_scrape
 from deploy.anvil import increase_time
 from deploy.sample_records import lab_result
 from proto import rpc
@@ -560,6 +564,53 @@ def test_an_apps_channel_never_sends_more_calls_than_the_coordinator_holds(
 
 
 # --- a hostile ReencryptMany call (ADR 16) ----------------------------------------------------
+
+
+def test_calls_that_never_send_their_request_are_ended_at_the_coordinator(
+    people: People,
+) -> None:
+    """Half-open calls (headers, then nothing) held the coordinator's memory for as long
+    as their connection lived (3,200 of them: 70 MiB, none ended). On two connections
+    of their own, 16 calls each to Reencrypt and to the health check: every one is
+    ended DEADLINE_EXCEEDED at FIRST_MESSAGE_TIMEOUT_S, and counted; an honest doctor
+    reads meanwhile."""
+    people.grant_doctor([LAB])
+    url = people.cluster.coordinator_metrics_url
+    counted = "kms_coordinator_calls_without_request_total"
+    before = metrics_scrape.total(metrics_scrape.scrape(url), counted)
+    never = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never.wait()
+        yield from ()
+
+    channels = [
+        people.cluster.app_transport.channel(
+            people.cluster.coordinator_address,
+            options=[("grpc.use_local_subchannel_pool", 1), ("medkms.test.connection", i)],
+        )
+        for i in range(2)
+    ]
+    try:
+        started = time.monotonic()
+        calls: list[Any] = [
+            channel.stream_unary(path).future(nothing())  # type: ignore[arg-type]
+            for channel in channels
+            for path in ("/kms.v1.Coordinator/Reencrypt", "/grpc.health.v1.Health/Check")
+            for _ in range(16)
+        ]
+        assert_still_serving(people)
+        errors = [call.exception(timeout=FIRST_MESSAGE_TIMEOUT_S + 20) for call in calls]
+        ended = time.monotonic() - started
+        assert all(isinstance(e, grpc.Call) for e in errors), errors
+        assert {e.code() for e in errors} == {grpc.StatusCode.DEADLINE_EXCEEDED}, errors
+        assert FIRST_MESSAGE_TIMEOUT_S <= ended < FIRST_MESSAGE_TIMEOUT_S + 10
+        after = metrics_scrape.total(metrics_scrape.scrape(url), counted)
+        assert after - before == len(calls) == 64
+    finally:
+        never.set()
+        for channel in channels:
+            channel.close()
 
 
 def test_a_hostile_many_call_has_each_read_judged_alone(people: People) -> None:
