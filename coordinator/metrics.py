@@ -98,7 +98,7 @@ FALSE_REPORTS = Counter(
 CALLS_WITHOUT_REQUEST = Counter(
     "kms_coordinator_calls_without_request_total",
     "Calls ended because their request message had not come within a few seconds of "
-    "the call (coordinator/server.py FIRST_MESSAGE_TIMEOUT_S): half-open calls, which "
+    "the call (proto/half_open_calls.py FIRST_MESSAGE_TIMEOUT_S): half-open calls, which "
     "would otherwise hold the coordinator's memory; a flood of them shows here",
     registry=REGISTRY,
 )

@@ -14,7 +14,11 @@ from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from core.endpoints import parse_host_port
 from proto import rpc
-from proto.half_open_calls import FirstMessageDeadline
+from proto.half_open_calls import (
+    FIRST_MESSAGE_TIMEOUT_S,
+    HANDSHAKE_OPTION,
+    FirstMessageDeadline,
+)
 from proto.kms.v1 import common_pb2, coordinator_pb2
 from proto.stubs import COORDINATOR_SERVICE
 
@@ -24,11 +28,6 @@ SERVICE_NAME = COORDINATOR_SERVICE.full_name
 #: calls one connection may have in flight: bounds what one client holds open (a throttled
 #: call is answered after THROTTLED_ANSWER_DELAY_S); one more is refused (UNAVAILABLE)
 MAX_STREAMS_PER_CONNECTION = rpc.MAX_CALLS_PER_CONNECTION
-#: seconds a call may wait for its request message, and a connection for its TLS
-#: handshake: apps send both at once; a party that opens calls or connections and then
-#: sends nothing holds the coordinator's memory only this long (proto/half_open_calls.py)
-FIRST_MESSAGE_TIMEOUT_S = 10.0
-HANDSHAKE_TIMEOUT_MS = 10_000
 
 
 async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> None:
@@ -47,7 +46,7 @@ async def serve(settings: CoordinatorSettings, service: CoordinatorService) -> N
         options=[
             *rpc.coordinator_server_options(settings.threshold),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            HANDSHAKE_OPTION,
         ],
     )
     methods = [

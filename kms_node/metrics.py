@@ -46,6 +46,14 @@ DECISIONS = Counter(
     registry=REGISTRY,
 )
 
+CALLS_WITHOUT_REQUEST = Counter(
+    "kms_node_calls_without_request_total",
+    "Calls ended because their request message had not come within a few seconds of "
+    "the call (proto/half_open_calls.py FIRST_MESSAGE_TIMEOUT_S): half-open calls from "
+    "a certificate holder, which would otherwise hold the node's memory",
+    registry=REGISTRY,
+)
+
 AUDIT_COMMIT_ENTRIES = Histogram(
     "kms_node_audit_commit_entries",
     "Audit entries made durable by one commit (one fsync, one HSM signature): the reads "

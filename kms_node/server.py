@@ -39,6 +39,12 @@ from kms_node.service import NodeService
 from kms_node.settings import NodeSettings
 from kms_node.supervisor import die_with_parent
 from proto import rpc
+from proto.half_open_calls import (
+    FIRST_MESSAGE_TIMEOUT_S,
+    HANDSHAKE_OPTION,
+    FirstMessageDeadline,
+)
+from proto.interceptors import WrapperChain
 from proto.stubs import AUDIT_SERVICE, NODE_SERVICE
 
 log = structlog.get_logger("medkms.node")
@@ -75,10 +81,19 @@ def build_server(
     """The node's gRPC server (asyncio, ADR 17): reads in the loop, what may block in
     ``service``'s pool. Call inside the running loop."""
     server = grpc.aio.server(
-        interceptors=[arrivals],
+        # The deadline for a call's message first: it hands the message to the read's
+        # handler as ReadArrivals wrapped it, which marks the read started.
+        interceptors=[
+            WrapperChain(
+                FirstMessageDeadline(
+                    FIRST_MESSAGE_TIMEOUT_S, lambda _method: metrics.CALLS_WITHOUT_REQUEST.inc()
+                ),
+                arrivals,
+            )
+        ],
         # Several processes of one node share the port; the kernel spreads
         # connections between them.
-        options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
+        options=[*rpc.CHANNEL_OPTIONS, ("grpc.so_reuseport", 1), HANDSHAKE_OPTION],
     )
     methods = service.rpc_methods(on_enrolled=lambda: metrics.KFRAGS_STORED.set(kfrags.count()))
     audit_methods = service.in_pool_methods(audit.rpc_methods())

@@ -27,6 +27,13 @@ from proto.interceptors import Handler, HandlerWrapper
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+#: seconds a call may wait for its request message, and a connection for its TLS
+#: handshake (``HANDSHAKE_OPTION``), at the coordinator and the nodes: clients send both
+#: at once; a party that opens calls or connections and then sends nothing holds a
+#: server's memory only this long
+FIRST_MESSAGE_TIMEOUT_S = 10.0
+HANDSHAKE_OPTION = ("grpc.server_handshake_timeout_ms", 10_000)
+
 
 class FirstMessageDeadline(HandlerWrapper):
     """End a call whose first request message has not come within ``timeout_s``;

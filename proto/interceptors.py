@@ -42,3 +42,22 @@ class HandlerWrapper(grpc.aio.ServerInterceptor):
 
     def arrived(self, method: str) -> None:
         """A call of ``method`` has been accepted."""
+
+
+class WrapperChain(HandlerWrapper):
+    """Several wrappers as one interceptor: grpc.aio awaits each interceptor on every
+    call, so one that applies them all costs a call less. The first wraps outermost (its
+    handler runs first), as it would as the first of the server's interceptors."""
+
+    def __init__(self, *wrappers: HandlerWrapper) -> None:
+        super().__init__()
+        self._wrappers = wrappers
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        for wrapper in reversed(self._wrappers):
+            handler = wrapper.wrap(method, handler)
+        return handler
+
+    def arrived(self, method: str) -> None:
+        for wrapper in self._wrappers:
+            wrapper.arrived(method)

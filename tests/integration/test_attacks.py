@@ -21,7 +21,6 @@ from clients.sdk.identity import Identity
 from clients.sdk.patient import PatientClient
 from clients.sdk.records import parse_envelope
 from clients.sdk.signed_requests import RequestSigner, sealed_enrollment
-from coordinator.server import FIRST_MESSAGE_TIMEOUT_S
 from coordinator.settings import CoordinatorSettings
 from core.audit import Receipt, verify_receipt
 from core.errors import AccessDenied, ChainRejected, InvalidRequest
@@ -31,6 +30,7 @@ from deploy import metrics_scrape
 from deploy.anvil import increase_time
 from deploy.sample_records import lab_result
 from proto import rpc
+from proto.half_open_calls import FIRST_MESSAGE_TIMEOUT_S
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
 from proto.stubs import CoordinatorStub, NodeStub
 from tests.integration.conftest import People
@@ -566,17 +566,30 @@ def test_an_apps_channel_never_sends_more_calls_than_the_coordinator_holds(
 # --- a hostile ReencryptMany call (ADR 16) ----------------------------------------------------
 
 
-def test_calls_that_never_send_their_request_are_ended_at_the_coordinator(
-    people: People,
-) -> None:
-    """Half-open calls (headers, then nothing) held the coordinator's memory for as long
-    as their connection lived (3,200 of them: 70 MiB, none ended). On two connections
-    of their own, 16 calls each to Reencrypt and to the health check: every one is
-    ended DEADLINE_EXCEEDED at FIRST_MESSAGE_TIMEOUT_S, and counted; an honest doctor
-    reads meanwhile."""
+@pytest.mark.parametrize("target", ["coordinator", "node"])
+def test_calls_that_never_send_their_request_are_ended(people: People, target: str) -> None:
+    """Half-open calls (headers, then nothing) held a server's memory for as long as
+    their connection lived (3,200 of them: 70 MiB of the coordinator, none ended). On
+    two connections of their own, 16 calls each to a read method and to the health
+    check (at the coordinator, as an app; at a node, with the operator's certificate,
+    and to the audit service too): every one is ended DEADLINE_EXCEEDED at
+    FIRST_MESSAGE_TIMEOUT_S, and counted; an honest doctor reads meanwhile."""
     people.grant_doctor([LAB])
-    url = people.cluster.coordinator_metrics_url
-    counted = "kms_coordinator_calls_without_request_total"
+    cluster = people.cluster
+    if target == "coordinator":
+        transport, address, server_name = cluster.app_transport, cluster.coordinator_address, None
+        url = cluster.coordinator_metrics_url
+        counted = "kms_coordinator_calls_without_request_total"
+        paths = ["/kms.v1.Coordinator/Reencrypt", "/grpc.health.v1.Health/Check"]
+    else:
+        node = cluster.nodes[0]
+        transport, address, server_name = cluster.transport, node.address, node.node_id
+        url, counted = node.metrics_url, "kms_node_calls_without_request_total"
+        paths = [
+            "/kms.v1.KmsNode/Reencrypt",
+            "/kms.v1.Audit/GetCheckpoint",
+            "/grpc.health.v1.Health/Check",
+        ]
     before = metrics_scrape.total(metrics_scrape.scrape(url), counted)
     never = threading.Event()
 
@@ -585,8 +598,9 @@ def test_calls_that_never_send_their_request_are_ended_at_the_coordinator(
         yield from ()
 
     channels = [
-        people.cluster.app_transport.channel(
-            people.cluster.coordinator_address,
+        transport.channel(
+            address,
+            server_name=server_name,
             options=[("grpc.use_local_subchannel_pool", 1), ("medkms.test.connection", i)],
         )
         for i in range(2)
@@ -596,7 +610,7 @@ def test_calls_that_never_send_their_request_are_ended_at_the_coordinator(
         calls: list[Any] = [
             channel.stream_unary(path).future(nothing())  # type: ignore[arg-type]
             for channel in channels
-            for path in ("/kms.v1.Coordinator/Reencrypt", "/grpc.health.v1.Health/Check")
+            for path in paths
             for _ in range(16)
         ]
         assert_still_serving(people)
@@ -606,7 +620,7 @@ def test_calls_that_never_send_their_request_are_ended_at_the_coordinator(
         assert {e.code() for e in errors} == {grpc.StatusCode.DEADLINE_EXCEEDED}, errors
         assert FIRST_MESSAGE_TIMEOUT_S <= ended < FIRST_MESSAGE_TIMEOUT_S + 10
         after = metrics_scrape.total(metrics_scrape.scrape(url), counted)
-        assert after - before == len(calls) == 64
+        assert after - before == len(calls) == 32 * len(paths)
     finally:
         never.set()
         for channel in channels:
