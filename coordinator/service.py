@@ -48,7 +48,7 @@ from core.errors import (
 from core.rate_limit import ENROLLMENT_COST, request_cost
 from core.registry_types import PatientInfo
 from core.request_auth import Domain, authenticate_digest, signing_digest
-from core.requests import BatchQuery, Enrollment, ReencryptionQuery
+from core.requests import BatchQuery, Enrollment, ReencryptionQuery, parse_capsules
 from core.umbral_codec import cfrag_precursor, load_cfrag
 from proto import rpc
 from proto.kms.v1 import common_pb2, coordinator_pb2, node_pb2
@@ -322,9 +322,7 @@ class CoordinatorService:
         # nodes are sent what was checked and signed, and a read padded with them cannot
         # make a node call it shares with other reads (call_coalescer.py) too large to send.
         msg.DiscardUnknownFields()
-        query = ReencryptionQuery.parse(
-            msg, await self._signing_domain(), self._capsules.load, parse_capsule=False
-        )
+        query = ReencryptionQuery.parse(msg, await self._signing_domain(), self._capsules.load)
         # Sent on as signed (the message is this call's own, not copied), with the id the
         # nodes derive too, echoed so that each checks it: the nodes' audit entries and
         # these logs carry the id the app was given.
@@ -350,9 +348,7 @@ class CoordinatorService:
         self, msg: common_pb2.ReencryptionBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CoordinatorBatchResponse:
         msg.DiscardUnknownFields()  # as in reencrypt
-        batch = BatchQuery.parse(
-            msg, await self._signing_domain(), self._capsules.load, parse_capsules=False
-        )
+        batch = BatchQuery.parse(msg, await self._signing_domain(), self._capsules.load)
         msg.request_id = batch.request_id  # as for a single read
 
         async def ask(node: NodeClient, timeout: float) -> node_pb2.ReencryptBatchResponse:
@@ -396,8 +392,7 @@ class CoordinatorService:
         # Capsules are parsed only now (about 0.25 ms each): a read whose signature or
         # budget fails costs no more than its signature check, however many it carries.
         try:
-            for query in queries:
-                query.lazy_capsule.parsed()
+            parse_capsules(queries)
         except InvalidRequest:
             self._admission.settle(ticket, served=0, refused=1)
             raise

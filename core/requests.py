@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -137,8 +137,9 @@ class Signed:
 class LazyCapsule:
     """A capsule's bytes (their size checked), parsed on first use and kept: parsing is
     the one costly check of a request (two curve multiplications, about 0.25 ms), which
-    the coordinator makes only once the requester's signature and budget let the read
-    in. Copies of a query share it, so it is parsed at most once."""
+    the coordinator and the nodes make only once the read's signature (and at the
+    coordinator its budget) let it in (:func:`parse_capsules`). Copies of a query share
+    it, so it is parsed at most once."""
 
     __slots__ = ("_capsule", "_field", "_load", "data")
 
@@ -159,6 +160,15 @@ class LazyCapsule:
 
     def __repr__(self) -> str:
         return f"LazyCapsule({self._field!r}, parsed={self._capsule is not None})"
+
+
+def parse_capsules(queries: Iterable[ReencryptionQuery]) -> None:
+    """Parse each query's capsule, in order (kept parsed): :class:`InvalidRequest` naming
+    the first malformed one. Parsing a request leaves its capsules unparsed; a server
+    calls this once the read's signature is found good, so that a forged read costs it
+    the signature check, not a parse per capsule."""
+    for query in queries:
+        query.lazy_capsule.parsed()
 
 
 class SignedRequestFields(Protocol):
@@ -232,19 +242,15 @@ class ReencryptionQuery:
         msg: ReencryptionRequestFields,
         domain: Domain,
         load: CapsuleLoader = load_capsule,
-        *,
-        parse_capsule: bool = True,
     ) -> ReencryptionQuery:
-        """Check every field; ``domain`` is the registry's EIP-712 domain, which the
-        request id is derived in; ``load`` parses the capsule (a node's cache of those it
-        served, or ``load_capsule``), here unless ``parse_capsule`` is False (then at
-        its first use, see :class:`LazyCapsule`)."""
+        """Check every field but the capsule's content (its size is checked);
+        ``domain`` is the registry's EIP-712 domain, which the request id is derived in;
+        ``load`` parses the capsule (a node's cache of those it served, or
+        ``load_capsule``) at its first use, or at :func:`parse_capsules`."""
         patient = parse_address(msg.patient, "patient")
         record_id = parse_record_id(msg.record_id)
         record_type = parse_record_type(msg.record_type)
         capsule = LazyCapsule(bytes(msg.capsule), "capsule", load)
-        if parse_capsule:
-            capsule.parsed()
         query = cls(
             request_id="",
             digest=b"",
@@ -412,8 +418,6 @@ class BatchQuery:
         msg: BatchFields,
         domain: Domain,
         load: CapsuleLoader = load_capsule,
-        *,
-        parse_capsules: bool = True,
     ) -> BatchQuery:
         """As :meth:`ReencryptionQuery.parse`; the batch has one id, its signature's."""
         if not 1 <= len(msg.capsules) <= MAX_BATCH:
@@ -434,8 +438,6 @@ class BatchQuery:
             seen.add(record_id)
             record_type = parse_record_type(ref.record_type, f"capsules[{i}].record_type")
             capsule = LazyCapsule(bytes(ref.capsule), f"capsules[{i}].capsule", load)
-            if parse_capsules:
-                capsule.parsed()
             items.append(
                 ReencryptionQuery(
                     request_id="",

@@ -55,6 +55,7 @@ from core.requests import (
     Enrollment,
     ReencryptionQuery,
     SealedKfrag,
+    parse_capsules,
 )
 from core.umbral_codec import VerificationError, load_kfrag, load_public_key
 from kms_node.keystore import KeyStore
@@ -394,9 +395,9 @@ class NodeService:
         """A single read parsed, authenticated and charged to its requester's rate. Its
         capsule is parsed (the costly check, about 0.25 ms) only once its signature is
         found good, as the coordinator does: a forged read costs the signature check."""
-        query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load, parse_capsule=False)
+        query = ReencryptionQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(query)
-        query.lazy_capsule.parsed()
+        parse_capsules([query])
         self._limiter.spend(query.requester)
         return [query]
 
@@ -423,10 +424,9 @@ class NodeService:
     def admit_batch(self, msg: common_pb2.ReencryptionBatchRequest) -> Sequence[ReencryptionQuery]:
         """A batch parsed, authenticated and charged to its requester's rate; its capsules
         parsed once its signature is found good (as ``admit_single``)."""
-        batch = BatchQuery.parse(msg, self._domain, self._capsules.load, parse_capsules=False)
+        batch = BatchQuery.parse(msg, self._domain, self._capsules.load)
         self._authenticate(batch.items[0])
-        for query in batch.items:
-            query.lazy_capsule.parsed()
+        parse_capsules(batch.items)
         self._limiter.spend(batch.items[0].requester, cost=request_cost(len(batch.items)))
         return batch.items
 
