@@ -51,7 +51,7 @@ class FirstMessageDeadline(HandlerWrapper):
         """``handler`` served from the request stream: unary requests become streams of
         one message, read here under the deadline. Handlers are coroutine functions (or,
         for responses streamed, async generator functions), as on any ``grpc.aio`` server."""
-        first = _FirstMessage(method, self._timeout_s, self)
+        first = _FirstMessage(method, self._timeout_s, self._on_expired)
         inner: Any
         if handler.unary_unary is not None or handler.stream_unary is not None:
             if handler.unary_unary is not None:
@@ -86,17 +86,14 @@ class FirstMessageDeadline(HandlerWrapper):
             response_serializer=handler.response_serializer,
         )
 
-    def expired(self, method: str) -> None:
-        self._on_expired(method)
-
 
 class _FirstMessage:
     """Reads a call's first request message within the deadline."""
 
-    def __init__(self, method: str, timeout_s: float, deadline: FirstMessageDeadline) -> None:
+    def __init__(self, method: str, timeout_s: float, on_expired: Callable[[str], None]) -> None:
         self._method = method
         self._timeout_s = timeout_s
-        self._deadline = deadline
+        self._on_expired = on_expired
 
     async def requests(self, context: Context, streamed: bool) -> Any:
         """The request for the method's handler: its one message, or (``streamed``) an
@@ -133,7 +130,7 @@ class _FirstMessage:
             if not expired:
                 raise  # the call itself was cancelled
             task.uncancel()
-            self._deadline.expired(self._method)
+            self._on_expired(self._method)
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no request message came within {self._timeout_s:g} s of the call",

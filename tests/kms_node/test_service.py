@@ -28,6 +28,7 @@ from core.errors import (
 )
 from core.rate_limit import ENROLLMENT_COST, RateLimiter
 from core.record_types import RecordType, to_mask
+from core.registry_interface import GrantReader
 from core.registry_types import (
     AccessRevoked,
     AccessState,
@@ -756,14 +757,17 @@ class StaleIndex:
 def node_on(
     world: World,
     tmp_path: Path,
-    chain: ChainReads,
+    chain: GrantReader,
     index: IndexedState,
     *,
     burst: int = 100,
+    limiter: RateLimiter | None = None,
     audit: AuditLog | None = None,
     served_before_start: ServedBeforeStart | None = None,
     processes: int = 1,
 ) -> NodeService:
+    """A node of the world's keystore and kfrags reading ``chain`` and ``index``; its
+    requester limiter allows ``burst`` at 1/s unless ``limiter`` is given."""
     return NodeService(
         node_id="node-t",
         keystore=world.keystore,
@@ -773,7 +777,7 @@ def node_on(
         registry_address=DOMAIN.registry_address,
         chain_id=DOMAIN.chain_id,
         replay=ReplayGuard(max_window_s=300, max_entries=100),
-        limiter=RateLimiter(rate_per_s=1, burst=burst, clock=lambda: NOW),
+        limiter=limiter or RateLimiter(rate_per_s=1, burst=burst, clock=lambda: NOW),
         audit=audit or AuditLog(tmp_path / "audit-2.sqlite", world.keystore, "node-t"),
         clock=lambda: NOW,
         served_before_start=served_before_start,
@@ -1282,19 +1286,7 @@ def expired_holder_node(world: World, tmp_path: Path, clock: LimiterClock) -> No
     limiter = RateLimiter.share_of(
         NodeSettings.rate_limit_per_s, NodeSettings.rate_limit_burst, 1, clock=clock
     )
-    return NodeService(
-        node_id="node-t",
-        keystore=world.keystore,
-        kfrags=world.kfrags,
-        registry=world.registry,
-        index=world.registry,
-        registry_address=DOMAIN.registry_address,
-        chain_id=DOMAIN.chain_id,
-        replay=ReplayGuard(max_window_s=300, max_entries=100),
-        limiter=limiter,
-        audit=AuditLog(tmp_path / "audit-limits.sqlite", world.keystore, "node-t"),
-        clock=lambda: NOW,
-    )
+    return node_on(world, tmp_path, world.registry, world.registry, limiter=limiter)
 
 
 def test_a_kfrag_holders_refused_request_costs_ten_of_the_default_burst(
